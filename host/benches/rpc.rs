@@ -1,0 +1,266 @@
+//! `calc.add` through the broker and the host, beside a raw lapin echo in the same run.
+//!
+//! ```sh
+//! scripts/broker start && scripts/build-plugins
+//! cargo bench -p callme --bench rpc
+//! ```
+//!
+//! Measures sequential latency (p50, p99, calls/s) and throughput with 64
+//! calls in flight, for callme (proxy -> server -> fresh wasm sandbox ->
+//! reply) and for a minimal echo server/client written directly on lapin
+//! (no wasm, no JSON, no confirms), then prints the ratios.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use callme::protocol::Args;
+use callme::{
+    ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
+};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+use tokio::sync::{Mutex, oneshot};
+
+const SEQUENTIAL: usize = 2_000;
+const IN_FLIGHT: usize = 64;
+const PARALLEL_CALLS: usize = 10_000;
+
+fn url() -> String {
+    std::env::var("CALLME_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
+}
+
+fn plugin_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("plugins").join(format!("{name}.wasm"))
+}
+
+struct Figures {
+    p50: Duration,
+    p99: Duration,
+    seq_rate: f64,
+    par_rate: f64,
+}
+
+fn print(label: &str, f: &Figures) {
+    println!(
+        "{label:<14} sequential p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} calls/s   |  {IN_FLIGHT} in flight {:>7.0} calls/s",
+        f.p50.as_secs_f64() * 1e6,
+        f.p99.as_secs_f64() * 1e6,
+        f.seq_rate,
+        f.par_rate
+    );
+}
+
+async fn measure<F, Fut>(call: F) -> anyhow::Result<Figures>
+where
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    for i in 0..200 {
+        call(i).await?;
+    }
+    let mut samples = Vec::with_capacity(SEQUENTIAL);
+    let started = Instant::now();
+    for i in 0..SEQUENTIAL as u64 {
+        let t = Instant::now();
+        call(i).await?;
+        samples.push(t.elapsed());
+    }
+    let seq_rate = SEQUENTIAL as f64 / started.elapsed().as_secs_f64();
+    samples.sort();
+
+    let started = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    let mut next = 0u64;
+    let mut done = 0;
+    while done < PARALLEL_CALLS {
+        while inflight.len() < IN_FLIGHT && (next as usize) < PARALLEL_CALLS {
+            inflight.push(call(next));
+            next += 1;
+        }
+        if let Some(r) = inflight.next().await {
+            r?;
+            done += 1;
+        }
+    }
+    let par_rate = PARALLEL_CALLS as f64 / started.elapsed().as_secs_f64();
+    Ok(Figures {
+        p50: samples[samples.len() / 2],
+        p99: samples[samples.len() * 99 / 100],
+        seq_rate,
+        par_rate,
+    })
+}
+
+/// The raw baseline: a lapin server that echoes bodies to `reply_to`.
+async fn raw_echo() -> anyhow::Result<Figures> {
+    let queue = format!("bench_echo_{}", uuid::Uuid::new_v4().simple());
+    let server = Connection::connect(&url(), ConnectionProperties::default()).await?;
+    let sch = server.create_channel().await?;
+    sch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    sch.basic_qos(IN_FLIGHT as u16, BasicQosOptions::default())
+        .await?;
+    let mut consumer = sch
+        .basic_consume(
+            queue.as_str().into(),
+            "echo".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let reply_ch = server.create_channel().await?;
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let reply_ch = reply_ch.clone();
+            tokio::spawn(async move {
+                let to = d.properties.reply_to().clone().unwrap_or_default();
+                let props = BasicProperties::default()
+                    .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
+                let _ = reply_ch
+                    .basic_publish(
+                        "".into(),
+                        to,
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        props,
+                    )
+                    .await;
+                let _ = d.ack(BasicAckOptions::default()).await;
+            });
+        }
+    });
+
+    let client = Connection::connect(&url(), ConnectionProperties::default()).await?;
+    let cch = client.create_channel().await?;
+    let reply_q = cch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let reply_name = reply_q.name().clone();
+    let mut replies = cch
+        .basic_consume(
+            reply_name.clone(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let pending: Arc<Mutex<std::collections::HashMap<String, oneshot::Sender<()>>>> =
+        Arc::default();
+    let p2 = pending.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = replies.next().await {
+            if let Some(c) = d.properties.correlation_id()
+                && let Some(tx) = p2.lock().await.remove(c.as_str())
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let pch = client.create_channel().await?;
+    measure(|i| {
+        let (pch, pending, queue, reply_name) = (
+            pch.clone(),
+            pending.clone(),
+            queue.clone(),
+            reply_name.clone(),
+        );
+        async move {
+            let corr = uuid::Uuid::new_v4().to_string();
+            let (tx, rx) = oneshot::channel();
+            pending.lock().await.insert(corr.clone(), tx);
+            let body = i.to_le_bytes();
+            let props = BasicProperties::default()
+                .with_correlation_id(corr.as_str().into())
+                .with_reply_to(reply_name);
+            pch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?;
+            rx.await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn through_callme() -> anyhow::Result<Figures> {
+    let runtime = Runtime::with_config(RuntimeConfig::default())?;
+    let bytes = std::fs::read(plugin_path("calc"))
+        .map_err(|e| anyhow::anyhow!("calc.wasm: {e} (run scripts/build-plugins)"))?;
+    let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let plugin = Plugin::load(&runtime, &id, &bytes, Limits::default())?;
+    let server = Server::connect(
+        &ConnectOptions::new(url()),
+        ServerOptions {
+            concurrency: IN_FLIGHT,
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    server.serve_plugin(plugin).await?;
+    let proxy = Proxy::connect(&url()).await?;
+    let sp = proxy.use_server(&id);
+    let figures = measure(|i| {
+        let sp = sp.clone();
+        async move {
+            let v = sp
+                .call("add", Args::positional(vec![json!(i), json!(1)]))
+                .await?;
+            anyhow::ensure!(v == json!(i + 1), "wrong answer {v}");
+            Ok(())
+        }
+    })
+    .await?;
+    server.shutdown(Duration::from_secs(5)).await;
+    Ok(figures)
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        println!("broker: {}", callme::redact_uri(&url()));
+        let raw = raw_echo().await?;
+        let callme = through_callme().await?;
+        print("raw lapin echo", &raw);
+        print("callme calc.add", &callme);
+        println!(
+            "\nsequential p50: callme / raw = {:.2}x (target <= 1.15x)\n{IN_FLIGHT}-in-flight throughput: callme / raw = {:.2}x (target >= 0.85x)",
+            callme.p50.as_secs_f64() / raw.p50.as_secs_f64(),
+            callme.par_rate / raw.par_rate
+        );
+        anyhow::Ok(())
+    })
+}

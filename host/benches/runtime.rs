@@ -1,0 +1,100 @@
+//! Per-call cost of the plugin runtime: a fresh sandbox per call versus one reused instance.
+//!
+//! ```sh
+//! scripts/build-plugins && cargo bench -p callme --bench runtime
+//! ```
+//!
+//! Prints median, p99 and mean per call of `calc.add` for both modes, and
+//! their ratio. Nothing is asserted: these machines are noisy.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use callme::protocol::Args;
+use callme::{Limits, Plugin, Runtime, RuntimeConfig};
+use serde_json::json;
+
+const WARMUP: usize = 2_000;
+const CALLS: usize = 20_000;
+
+fn plugin_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("plugins").join(format!("{name}.wasm"))
+}
+
+fn summary(label: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    let p99 = samples[samples.len() * 99 / 100];
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    println!(
+        "{label:<28} median {:>8.2} µs   p99 {:>8.2} µs   mean {:>8.2} µs   ({} calls)",
+        median.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
+        mean.as_secs_f64() * 1e6,
+        samples.len()
+    );
+    median
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let runtime = Runtime::with_config(RuntimeConfig {
+            cache_dir: None,
+            ..RuntimeConfig::default()
+        })?;
+        let path = plugin_path("calc");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/build-plugins)", path.display()))?;
+
+        let started = Instant::now();
+        let plugin = Plugin::load(&runtime, "calc", &bytes, Limits::default())?;
+        println!(
+            "load (compile, no cache)     {:>8.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        println!("pooling allocator: {}", runtime.is_pooling());
+
+        let args = Args::positional(vec![json!(1), json!(2)]);
+
+        // Baseline: one instance, reused.
+        let mut session = plugin.session().await?;
+        for _ in 0..WARMUP {
+            session.call("add", &args).await?;
+        }
+        let mut reuse = Vec::with_capacity(CALLS);
+        for _ in 0..CALLS {
+            let t = Instant::now();
+            let v = session.call("add", &args).await?;
+            reuse.push(t.elapsed());
+            debug_assert_eq!(v, json!(3));
+        }
+        drop(session);
+
+        // Default: a fresh store and instance per call.
+        for _ in 0..WARMUP {
+            plugin.call("add", &args).await?;
+        }
+        let mut fresh = Vec::with_capacity(CALLS);
+        for _ in 0..CALLS {
+            let t = Instant::now();
+            let v = plugin.call("add", &args).await?;
+            fresh.push(t.elapsed());
+            debug_assert_eq!(v, json!(3));
+        }
+
+        println!();
+        let r = summary("calc.add, reused instance", reuse);
+        let f = summary("calc.add, fresh sandbox", fresh);
+        println!(
+            "\nfresh / reuse (median): {:.2}x   target: fresh median <= 10 µs",
+            f.as_secs_f64() / r.as_secs_f64()
+        );
+        anyhow::Ok(())
+    })
+}

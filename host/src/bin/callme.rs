@@ -1,0 +1,356 @@
+//! The `callme` command: serve plugins, call servers, inspect and invoke plugins locally.
+//!
+//! A thin layer over the `callme` library: it parses arguments, sets up
+//! logging, and prints results as JSON (errors as JSON on stderr with a
+//! non-zero exit code).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use callme::protocol::Args;
+use callme::{ConnectOptions, Limits, Plugin, Proxy, RemoteError, Runtime, RuntimeConfig};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "callme",
+    version,
+    about = "RPC over AMQP with sandboxed WebAssembly plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Broker {
+    /// Broker URI: amqp://user:pass@host:port/vhost or amqps://...
+    #[arg(
+        long,
+        env = "CALLME_AMQP_URL",
+        default_value = "amqp://guest:guest@localhost:5672/%2f",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+    /// PEM file of the CA that signed the broker's certificate.
+    #[arg(long, env = "CALLME_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS, EXTERNAL authentication).
+    #[arg(long, env = "CALLME_CERT_FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "CALLME_KEY_FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+}
+
+impl Broker {
+    fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            uri: self.amqp_url.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            auto_recover: false,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct CallArgs {
+    /// Function name (dotted for interface functions: `stats.mean`).
+    func: String,
+    /// Positional arguments, each parsed as JSON (`1`, `"text"`, `[1,2]`).
+    args: Vec<String>,
+    /// Keyword arguments as a JSON object: `--kwargs '{"a": 1, "b": 2}'`.
+    #[arg(long)]
+    kwargs: Option<String>,
+}
+
+impl CallArgs {
+    fn parse(&self) -> anyhow::Result<Args> {
+        let mut args = Args::default();
+        for (i, a) in self.args.iter().enumerate() {
+            let v: Value = serde_json::from_str(a)
+                .with_context(|| format!("argument {} is not JSON: {a}", i + 1))?;
+            args.args.push(v);
+        }
+        if let Some(k) = &self.kwargs {
+            args.kwargs = serde_json::from_str(k).context("--kwargs is not a JSON object")?;
+        }
+        Ok(args)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every NAME.wasm of a directory as server id NAME, following
+    /// changes to the directory.
+    Serve {
+        #[command(flatten)]
+        broker: Broker,
+        /// The plugins directory.
+        #[arg(long, env = "CALLME_PLUGINS", default_value = "plugins")]
+        plugins: PathBuf,
+        /// Calls in flight per server id.
+        #[arg(long, env = "CALLME_CONCURRENCY", default_value_t = 8)]
+        concurrency: usize,
+        /// Declare exchanges and queues durable.
+        #[arg(long)]
+        durable: bool,
+        /// Keep exchanges and queues when the server stops.
+        #[arg(long)]
+        no_auto_delete: bool,
+        /// Seconds to finish running calls after SIGTERM or Ctrl-C.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+        /// Compiled-artifact cache directory.
+        #[arg(long, env = "CALLME_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Call a function of a server and print its JSON result.
+    Call {
+        #[command(flatten)]
+        broker: Broker,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// The server id.
+        server: String,
+        #[command(flatten)]
+        call: CallArgs,
+    },
+    /// Print the functions a server offers, with their WIT signatures.
+    Describe {
+        #[command(flatten)]
+        broker: Broker,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// The server id.
+        server: String,
+    },
+    /// Print every callable function of a plugin with its WIT signature.
+    Inspect {
+        /// The component file.
+        plugin: PathBuf,
+    },
+    /// Call a plugin function locally, without a broker.
+    Invoke {
+        /// The component file.
+        plugin: PathBuf,
+        #[command(flatten)]
+        call: CallArgs,
+        /// Fuel for the call.
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Deadline of the call, in milliseconds.
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+        /// Memory cap of the call, in bytes.
+        #[arg(long)]
+        memory_bytes: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail_local(&anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Serve {
+            broker,
+            plugins,
+            concurrency,
+            durable,
+            no_auto_delete,
+            grace,
+            cache_dir,
+        } => {
+            let mut config = RuntimeConfig::default();
+            if cache_dir.is_some() {
+                config.cache_dir = cache_dir;
+            }
+            let serve = callme::serve::ServeOptions {
+                connect: broker.options(),
+                plugins_dir: plugins,
+                server: callme::ServerOptions {
+                    concurrency,
+                    durable,
+                    auto_delete: !no_auto_delete,
+                    ..Default::default()
+                },
+                runtime: config,
+                grace: Duration::from_secs(grace),
+            };
+            match callme::serve::run(serve).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail_local(&anyhow::Error::new(e)),
+            }
+        }
+        Command::Call {
+            broker,
+            timeout,
+            server,
+            call,
+        } => {
+            let args = match call.parse() {
+                Ok(a) => a,
+                Err(e) => return fail_local(&e),
+            };
+            remote(&broker, timeout, |proxy, t| async move {
+                proxy
+                    .use_server(&server)
+                    .call_timeout(&call.func, args, t)
+                    .await
+            })
+            .await
+        }
+        Command::Describe {
+            broker,
+            timeout,
+            server,
+        } => {
+            remote(&broker, timeout, |proxy, t| async move {
+                proxy
+                    .use_server(&server)
+                    .call_timeout(callme::protocol::DESCRIBE, Args::default(), t)
+                    .await
+            })
+            .await
+        }
+        Command::Inspect { plugin } => match load(&plugin, Limits::default()) {
+            Ok(p) => {
+                for f in p.functions() {
+                    println!("{}: {}", f.name, f.signature);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail_plugin(e),
+        },
+        Command::Invoke {
+            plugin,
+            call,
+            fuel,
+            deadline_ms,
+            memory_bytes,
+        } => {
+            let args = match call.parse() {
+                Ok(a) => a,
+                Err(e) => return fail_local(&e),
+            };
+            let mut limits = Limits::default();
+            if let Some(f) = fuel {
+                limits.fuel = f;
+            }
+            if let Some(d) = deadline_ms {
+                limits.deadline = Duration::from_millis(d);
+            }
+            if let Some(m) = memory_bytes {
+                limits.memory_bytes = m;
+            }
+            let p = match load(&plugin, limits) {
+                Ok(p) => p,
+                Err(e) => return fail_plugin(e),
+            };
+            match p.call(&call.func, &args).await {
+                Ok(v) => {
+                    println!("{v}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail_plugin(e),
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path, limits: Limits) -> Result<Plugin, callme::PluginError> {
+    let runtime = Runtime::new()?;
+    Plugin::load_file(&runtime, path, limits)
+}
+
+async fn remote<F, Fut>(broker: &Broker, timeout: f64, f: F) -> ExitCode
+where
+    F: FnOnce(Proxy, Duration) -> Fut,
+    Fut: Future<Output = Result<Value, callme::Error>>,
+{
+    let timeout = match Duration::try_from_secs_f64(timeout) {
+        Ok(t) if !t.is_zero() => t,
+        _ => {
+            return fail_local(&anyhow::anyhow!(
+                "--timeout must be a positive number of seconds"
+            ));
+        }
+    };
+    let proxy = match Proxy::connect_with(&broker.options(), timeout).await {
+        Ok(p) => p,
+        Err(e) => return fail_error(&e),
+    };
+    match f(proxy, timeout).await {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail_error(&e),
+    }
+}
+
+/// Prints a remote-style error as JSON on stderr.
+fn fail(e: RemoteError) -> ExitCode {
+    eprintln!(
+        "{}",
+        json!({"type": e.kind, "message": e.message, "data": e.data})
+    );
+    ExitCode::FAILURE
+}
+
+/// Prints a local plugin error as JSON on stderr, with its own type name.
+fn fail_plugin(e: callme::PluginError) -> ExitCode {
+    let kind = e.type_name();
+    let r = RemoteError::from(e);
+    eprintln!(
+        "{}",
+        json!({"type": kind, "message": r.message, "data": r.data})
+    );
+    ExitCode::FAILURE
+}
+
+fn fail_error(e: &callme::Error) -> ExitCode {
+    let (kind, data) = match e {
+        callme::Error::Remote(r) => return fail(r.clone()),
+        callme::Error::Timeout { .. } => ("Timeout", Value::Null),
+        callme::Error::NoSuchServer(s) => ("NoSuchServer", json!(s)),
+        callme::Error::AccessRefused(_) => ("AccessRefused", Value::Null),
+        callme::Error::Connection(_) | callme::Error::Disconnected(_) => {
+            ("Connection", Value::Null)
+        }
+        _ => ("Error", Value::Null),
+    };
+    eprintln!(
+        "{}",
+        json!({"type": kind, "message": e.to_string(), "data": data})
+    );
+    ExitCode::FAILURE
+}
+
+fn fail_local(e: &anyhow::Error) -> ExitCode {
+    eprintln!(
+        "{}",
+        json!({"type": "Error", "message": format!("{e:#}"), "data": null})
+    );
+    ExitCode::FAILURE
+}

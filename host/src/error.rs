@@ -1,0 +1,187 @@
+//! Errors: [`PluginError`] for the plugin runtime, [`Error`] for the proxy and server.
+//!
+//! A plugin call fails in one of a few ways a caller can match on; each
+//! maps to one [`ErrorKind`] on the wire, so a remote caller sees the same
+//! distinction as a local one.
+
+use serde_json::Value;
+
+use crate::protocol::{ErrorKind, RemoteError};
+
+/// Which limit stopped a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutCause {
+    /// The call spent its fuel (CPU work).
+    Fuel,
+    /// The call ran past its wall-clock deadline.
+    Deadline,
+}
+
+/// Why loading or calling a plugin failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// There is no function of that name.
+    #[error("no function `{name}` (available: {})", available.join(", "))]
+    NoSuchFunction {
+        /// The name asked for.
+        name: String,
+        /// The names there are.
+        available: Vec<String>,
+    },
+    /// Wrong arity, unknown keyword, wrong type or out-of-range value; the
+    /// message names the parameter and the expected type.
+    #[error("invalid arguments: {message}")]
+    InvalidArguments {
+        /// What is wrong.
+        message: String,
+    },
+    /// The call ran out of fuel or past its deadline.
+    #[error("{message}")]
+    Timeout {
+        /// Which limit.
+        cause: TimeoutCause,
+        /// Details.
+        message: String,
+    },
+    /// The call hit its memory cap, or its result its size cap.
+    #[error("memory limit: {message}")]
+    MemoryLimit {
+        /// Details.
+        message: String,
+    },
+    /// The guest trapped: a panic (its message included), an abort, a
+    /// stack overflow.
+    #[error("trap: {message}")]
+    Trap {
+        /// The trap and what the guest wrote to stderr before it.
+        message: String,
+    },
+    /// The function returned `result::err`.
+    #[error("{message}")]
+    GuestError {
+        /// The payload as text.
+        message: String,
+        /// The payload as JSON.
+        payload: Value,
+    },
+    /// The component was refused at load time.
+    #[error("invalid plugin: {message}")]
+    InvalidPlugin {
+        /// Why.
+        message: String,
+    },
+    /// The host failed for a reason of its own (no sandbox free, ...).
+    #[error("internal error: {message}")]
+    Internal {
+        /// Why.
+        message: String,
+    },
+}
+
+impl PluginError {
+    pub(crate) fn invalid_plugin(message: String) -> Self {
+        PluginError::InvalidPlugin { message }
+    }
+
+    pub(crate) fn internal(message: String) -> Self {
+        PluginError::Internal { message }
+    }
+
+    /// The variant's name: the wire kind, or `InvalidPlugin` for a load error.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PluginError::InvalidPlugin { .. } => "InvalidPlugin",
+            other => other.kind().as_str(),
+        }
+    }
+
+    /// The wire kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PluginError::NoSuchFunction { .. } => ErrorKind::NoSuchFunction,
+            PluginError::InvalidArguments { .. } => ErrorKind::InvalidArguments,
+            PluginError::Timeout { .. } => ErrorKind::Timeout,
+            PluginError::MemoryLimit { .. } => ErrorKind::MemoryLimit,
+            PluginError::Trap { .. } => ErrorKind::Trap,
+            PluginError::GuestError { .. } => ErrorKind::GuestError,
+            PluginError::InvalidPlugin { .. } | PluginError::Internal { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<PluginError> for RemoteError {
+    fn from(e: PluginError) -> Self {
+        let kind = e.kind();
+        let data = match &e {
+            PluginError::GuestError { payload, .. } => payload.clone(),
+            PluginError::Timeout { cause, .. } => Value::String(
+                match cause {
+                    TimeoutCause::Fuel => "fuel",
+                    TimeoutCause::Deadline => "deadline",
+                }
+                .into(),
+            ),
+            _ => Value::Null,
+        };
+        let message = match &e {
+            PluginError::InvalidArguments { message }
+            | PluginError::MemoryLimit { message }
+            | PluginError::Trap { message }
+            | PluginError::GuestError { message, .. }
+            | PluginError::Timeout { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        RemoteError {
+            kind,
+            message,
+            data,
+        }
+    }
+}
+
+/// Why a proxy or server operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No reply within the call's timeout.
+    #[error("no reply from `{server}` within {timeout:?}")]
+    Timeout {
+        /// The server id called.
+        server: String,
+        /// The timeout that passed.
+        timeout: std::time::Duration,
+    },
+    /// No server with that id is bound: nobody would ever answer.
+    #[error("no server `{0}` is running")]
+    NoSuchServer(String),
+    /// The broker's permission system refused.
+    #[error("access refused by the broker: {0}")]
+    AccessRefused(String),
+    /// The server answered with an error.
+    #[error("remote {}: {}", .0.kind, .0.message)]
+    Remote(RemoteError),
+    /// The connection to the broker failed or was lost.
+    #[error("broker connection: {0}")]
+    Connection(#[source] lapin::Error),
+    /// The connection was lost while the call waited for its reply; the
+    /// call may or may not have run.
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    /// A setting is invalid (an AMQP URI, a TLS file, a server id).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A value could not be converted to or from JSON.
+    #[error("JSON: {0}")]
+    Json(#[source] serde_json::Error),
+}
+
+impl Error {
+    /// The remote error, if the server answered with one.
+    pub fn remote(&self) -> Option<&RemoteError> {
+        match self {
+            Error::Remote(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! callme: RPC over AMQP, serving sandboxed WebAssembly plugins and native functions.
+//!
+//! A server consumes requests for a server id from RabbitMQ and answers
+//! them by calling a function: an export of a WebAssembly component (a
+//! plugin, run in a fresh sandbox per call) or a native Rust function. A
+//! [`Proxy`] calls them by server id and function name with JSON arguments.
+//! The exchange and queue names follow the seed's design, so the broker's
+//! own permission system decides who may call which server.
+//!
+//! # Layout
+//!
+//! - `protocol`: wire format and names of exchanges and queues.
+//! - `error`: [`PluginError`] (runtime) and [`Error`] (proxy and server).
+//! - `plugin`: the plugin runtime (feature `server`).
+//! - `connection_builder`: AMQP connections from URIs, with TLS.
+//! - `proxy`: the client, async and blocking.
+//! - `server`: consume, dispatch, reply (feature `server`).
+//! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
+//! - `serve`: the `callme serve` loop: signals, graceful shutdown.
+
+mod connection_builder;
+mod error;
+#[cfg(feature = "server")]
+pub mod plugin;
+pub mod protocol;
+mod proxy;
+#[cfg(feature = "server")]
+pub mod serve;
+#[cfg(feature = "server")]
+mod server;
+#[cfg(feature = "server")]
+mod watcher;
+
+pub use connection_builder::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
+pub use error::{Error, PluginError, TimeoutCause};
+#[cfg(feature = "server")]
+pub use plugin::{FunctionInfo, Limits, Plugin, Runtime, RuntimeConfig};
+pub use protocol::{Args, ErrorKind, RemoteError};
+pub use proxy::{BlockingProxy, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
+#[cfg(feature = "server")]
+pub use server::{NativeFunctions, Server, ServerOptions};

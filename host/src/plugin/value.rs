@@ -1,0 +1,482 @@
+//! JSON <-> component values: the one mapping between WIT types and JSON.
+//!
+//! `docs/values.md` is the table a caller reads; this module is its
+//! implementation. Conversion is driven by the WIT type, so every value is
+//! checked against what the function declares: integers are range-checked,
+//! `char` is one scalar, records must have exactly their fields. Errors name
+//! the path to the offending value (`p.label`, `xs[3]`) and the expected type.
+
+use serde_json::{Map, Number, Value};
+use wasmtime::component::{Type, Val};
+
+use super::signature::type_name;
+
+/// A value that does not fit its WIT type: where, and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mismatch {
+    /// Path from the parameter to the value, e.g. `p.label` or `xs[3]`.
+    pub path: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+fn mismatch(path: &str, ty: &Type, got: &Value) -> Mismatch {
+    Mismatch {
+        path: path.to_string(),
+        message: format!("expected {}, got {}", type_name(ty), describe_json(got)),
+    }
+}
+
+fn describe_json(v: &Value) -> String {
+    let text = v.to_string();
+    if text.chars().count() > 40 {
+        let short: String = text.chars().take(37).collect();
+        format!("{short}...")
+    } else {
+        text
+    }
+}
+
+/// Whether the JSON form of `ty` can be `null`, which decides whether an
+/// `option` around it needs the `{"some": ...}` wrapper to stay unambiguous.
+fn can_be_null(ty: &Type) -> bool {
+    matches!(ty, Type::Option(_))
+}
+
+/// Converts JSON to a value of type `ty`.
+pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mismatch> {
+    let err = || mismatch(path, ty, json);
+    Ok(match ty {
+        Type::Bool => Val::Bool(json.as_bool().ok_or_else(err)?),
+        Type::S8 => Val::S8(
+            signed(json)
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(err)?,
+        ),
+        Type::S16 => Val::S16(
+            signed(json)
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(err)?,
+        ),
+        Type::S32 => Val::S32(
+            signed(json)
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(err)?,
+        ),
+        Type::S64 => Val::S64(signed(json).ok_or_else(err)?),
+        Type::U8 => Val::U8(
+            json.as_u64()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(err)?,
+        ),
+        Type::U16 => Val::U16(
+            json.as_u64()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(err)?,
+        ),
+        Type::U32 => Val::U32(
+            json.as_u64()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(err)?,
+        ),
+        Type::U64 => Val::U64(json.as_u64().ok_or_else(err)?),
+        Type::Float32 => {
+            let v = float(json).ok_or_else(err)?;
+            if v.is_finite() && (v as f32).is_infinite() {
+                return Err(Mismatch {
+                    path: path.to_string(),
+                    message: format!("{v} is out of range for f32"),
+                });
+            }
+            Val::Float32(v as f32)
+        }
+        Type::Float64 => Val::Float64(float(json).ok_or_else(err)?),
+        Type::Char => {
+            let s = json.as_str().ok_or_else(err)?;
+            let mut chars = s.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => Val::Char(c),
+                _ => {
+                    return Err(Mismatch {
+                        path: path.to_string(),
+                        message: format!(
+                            "expected char (exactly one Unicode scalar value), got {}",
+                            describe_json(json)
+                        ),
+                    });
+                }
+            }
+        }
+        Type::String => Val::String(json.as_str().ok_or_else(err)?.to_string()),
+        Type::List(list) => {
+            let items = json.as_array().ok_or_else(err)?;
+            let elem = list.ty();
+            Val::List(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| from_json(&elem, v, &format!("{path}[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        Type::FixedLengthList(list) => {
+            let items = json.as_array().ok_or_else(err)?;
+            if items.len() != list.len() as usize {
+                return Err(err());
+            }
+            let elem = list.ty();
+            Val::FixedLengthList(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| from_json(&elem, v, &format!("{path}[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        Type::Map(map) => {
+            let (kt, vt) = (map.key(), map.value());
+            let mut out = Vec::new();
+            match json {
+                Value::Object(obj) if kt == Type::String => {
+                    for (k, v) in obj {
+                        out.push((
+                            Val::String(k.clone()),
+                            from_json(&vt, v, &format!("{path}.{k}"))?,
+                        ));
+                    }
+                }
+                Value::Array(pairs) => {
+                    for (i, pair) in pairs.iter().enumerate() {
+                        let p = format!("{path}[{i}]");
+                        match pair.as_array().map(Vec::as_slice) {
+                            Some([k, v]) => out.push((
+                                from_json(&kt, k, &format!("{p}[0]"))?,
+                                from_json(&vt, v, &format!("{p}[1]"))?,
+                            )),
+                            _ => {
+                                return Err(Mismatch {
+                                    path: p,
+                                    message: format!(
+                                        "expected a [key, value] pair, got {}",
+                                        describe_json(pair)
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                }
+                _ => return Err(err()),
+            }
+            Val::Map(out)
+        }
+        Type::Tuple(tuple) => {
+            let items = json.as_array().ok_or_else(err)?;
+            let types: Vec<Type> = tuple.types().collect();
+            if items.len() != types.len() {
+                return Err(err());
+            }
+            Val::Tuple(
+                types
+                    .iter()
+                    .zip(items)
+                    .enumerate()
+                    .map(|(i, (t, v))| from_json(t, v, &format!("{path}[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        Type::Record(record) => {
+            let obj = json.as_object().ok_or_else(err)?;
+            let mut fields = Vec::new();
+            for field in record.fields() {
+                let p = format!("{path}.{}", field.name);
+                match obj.get(field.name) {
+                    Some(v) => fields.push((field.name.to_string(), from_json(&field.ty, v, &p)?)),
+                    // An absent optional field is `none`: records grow
+                    // optional fields without breaking old callers.
+                    None if matches!(field.ty, Type::Option(_)) => {
+                        fields.push((field.name.to_string(), Val::Option(None)))
+                    }
+                    None => {
+                        return Err(Mismatch {
+                            path: p,
+                            message: format!("missing field of type {}", type_name(&field.ty)),
+                        });
+                    }
+                }
+            }
+            if let Some(extra) = obj
+                .keys()
+                .find(|k| !record.fields().any(|f| f.name == k.as_str()))
+            {
+                return Err(Mismatch {
+                    path: format!("{path}.{extra}"),
+                    message: format!("unknown field for {}", type_name(ty)),
+                });
+            }
+            Val::Record(fields)
+        }
+        Type::Variant(variant) => {
+            let (name, payload) = single_key(json).ok_or_else(err)?;
+            let case = variant
+                .cases()
+                .find(|c| c.name == name)
+                .ok_or_else(|| Mismatch {
+                    path: path.to_string(),
+                    message: format!("unknown case `{name}` for {}", type_name(ty)),
+                })?;
+            let payload = match (&case.ty, payload) {
+                (None, None | Some(Value::Null)) => None,
+                (Some(t), Some(v)) => Some(Box::new(from_json(t, v, &format!("{path}.{name}"))?)),
+                _ => return Err(err()),
+            };
+            Val::Variant(name.to_string(), payload)
+        }
+        Type::Enum(e) => {
+            let name = json.as_str().ok_or_else(err)?;
+            if !e.names().any(|n| n == name) {
+                return Err(err());
+            }
+            Val::Enum(name.to_string())
+        }
+        Type::Flags(flags) => {
+            let items = json.as_array().ok_or_else(err)?;
+            let mut set = Vec::new();
+            for item in items {
+                let name = item.as_str().ok_or_else(err)?;
+                if !flags.names().any(|n| n == name) {
+                    return Err(Mismatch {
+                        path: path.to_string(),
+                        message: format!("unknown flag `{name}` for {}", type_name(ty)),
+                    });
+                }
+                if !set.iter().any(|s: &String| s == name) {
+                    set.push(name.to_string());
+                }
+            }
+            Val::Flags(set)
+        }
+        Type::Option(opt) => {
+            let inner = opt.ty();
+            match json {
+                Value::Null => Val::Option(None),
+                _ if can_be_null(&inner) => {
+                    let obj = json.as_object().filter(|o| o.len() == 1).ok_or_else(err)?;
+                    let v = obj.get("some").ok_or_else(err)?;
+                    Val::Option(Some(Box::new(from_json(&inner, v, path)?)))
+                }
+                _ => Val::Option(Some(Box::new(from_json(&inner, json, path)?))),
+            }
+        }
+        Type::Result(result) => {
+            let (name, payload) = single_key(json).ok_or_else(err)?;
+            let side = match name {
+                "ok" => result.ok(),
+                "err" => result.err(),
+                _ => return Err(err()),
+            };
+            let value = match (side, payload) {
+                (None, None | Some(Value::Null)) => None,
+                (Some(t), Some(v)) => Some(Box::new(from_json(&t, v, &format!("{path}.{name}"))?)),
+                _ => return Err(err()),
+            };
+            Val::Result(if name == "ok" { Ok(value) } else { Err(value) })
+        }
+        Type::Own(_) | Type::Borrow(_) | Type::Future(_) | Type::Stream(_) | Type::ErrorContext => {
+            return Err(Mismatch {
+                path: path.to_string(),
+                message: format!("{} has no JSON form", type_name(ty)),
+            });
+        }
+    })
+}
+
+/// `{"name": payload}` (payload may be absent for a bare `"name"` string).
+fn single_key(json: &Value) -> Option<(&str, Option<&Value>)> {
+    match json {
+        Value::String(s) => Some((s.as_str(), None)),
+        Value::Object(obj) if obj.len() == 1 => {
+            let (k, v) = obj.iter().next()?;
+            Some((k.as_str(), Some(v)))
+        }
+        _ => None,
+    }
+}
+
+fn signed(json: &Value) -> Option<i64> {
+    json.as_i64()
+}
+
+fn float(json: &Value) -> Option<f64> {
+    match json {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn float_json(v: f64) -> Value {
+    match Number::from_f64(v) {
+        Some(n) => Value::Number(n),
+        None if v.is_nan() => Value::String("NaN".into()),
+        None if v > 0.0 => Value::String("Infinity".into()),
+        None => Value::String("-Infinity".into()),
+    }
+}
+
+/// Bytes a JSON value is allowed to take, spent as it is built.
+pub(crate) struct Budget {
+    left: usize,
+}
+
+/// The result did not fit the result size cap.
+#[derive(Debug)]
+pub(crate) struct TooLarge;
+
+impl Budget {
+    pub(crate) fn new(bytes: usize) -> Self {
+        Budget { left: bytes }
+    }
+
+    fn spend(&mut self, bytes: usize) -> Result<(), TooLarge> {
+        self.left = self.left.checked_sub(bytes).ok_or(TooLarge)?;
+        Ok(())
+    }
+}
+
+/// Converts a value of type `ty` to JSON, failing once the encoded size
+/// would exceed `budget` (estimated: exact for strings, a small constant
+/// for scalars and punctuation).
+pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value, TooLarge> {
+    budget.spend(8)?;
+    Ok(match (ty, val) {
+        (_, Val::Bool(b)) => Value::Bool(*b),
+        (_, Val::S8(v)) => Value::from(*v),
+        (_, Val::S16(v)) => Value::from(*v),
+        (_, Val::S32(v)) => Value::from(*v),
+        (_, Val::S64(v)) => Value::from(*v),
+        (_, Val::U8(v)) => Value::from(*v),
+        (_, Val::U16(v)) => Value::from(*v),
+        (_, Val::U32(v)) => Value::from(*v),
+        (_, Val::U64(v)) => Value::from(*v),
+        (_, Val::Float32(v)) => float_json(f64::from(*v)),
+        (_, Val::Float64(v)) => float_json(*v),
+        (_, Val::Char(c)) => Value::String(c.to_string()),
+        (_, Val::String(s)) => {
+            budget.spend(s.len())?;
+            Value::String(s.clone())
+        }
+        (Type::List(l), Val::List(items)) => {
+            let t = l.ty();
+            Value::Array(list_json(&t, items, budget)?)
+        }
+        (Type::FixedLengthList(l), Val::FixedLengthList(items)) => {
+            let t = l.ty();
+            Value::Array(list_json(&t, items, budget)?)
+        }
+        (Type::Map(m), Val::Map(pairs)) => {
+            let (kt, vt) = (m.key(), m.value());
+            if kt == Type::String {
+                let mut obj = Map::new();
+                for (k, v) in pairs {
+                    if let Val::String(k) = k {
+                        budget.spend(k.len())?;
+                        obj.insert(k.clone(), to_json(&vt, v, budget)?);
+                    }
+                }
+                Value::Object(obj)
+            } else {
+                let mut out = Vec::with_capacity(pairs.len());
+                for (k, v) in pairs {
+                    out.push(Value::Array(vec![
+                        to_json(&kt, k, budget)?,
+                        to_json(&vt, v, budget)?,
+                    ]));
+                }
+                Value::Array(out)
+            }
+        }
+        (Type::Tuple(t), Val::Tuple(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (t, v) in t.types().zip(items) {
+                out.push(to_json(&t, v, budget)?);
+            }
+            Value::Array(out)
+        }
+        (Type::Record(r), Val::Record(fields)) => {
+            let mut obj = Map::new();
+            for (field, (name, v)) in r.fields().zip(fields) {
+                budget.spend(name.len())?;
+                obj.insert(name.clone(), to_json(&field.ty, v, budget)?);
+            }
+            Value::Object(obj)
+        }
+        (Type::Variant(var), Val::Variant(name, payload)) => {
+            let case_ty = var.cases().find(|c| c.name == name).and_then(|c| c.ty);
+            let inner = match (case_ty, payload) {
+                (Some(t), Some(p)) => to_json(&t, p, budget)?,
+                _ => Value::Null,
+            };
+            budget.spend(name.len())?;
+            let mut obj = Map::new();
+            obj.insert(name.clone(), inner);
+            Value::Object(obj)
+        }
+        (_, Val::Enum(name)) => {
+            budget.spend(name.len())?;
+            Value::String(name.clone())
+        }
+        (Type::Flags(flags), Val::Flags(set)) => Value::Array(
+            flags
+                .names()
+                .filter(|n| set.iter().any(|s| s == n))
+                .map(|n| Value::String(n.to_string()))
+                .collect(),
+        ),
+        (Type::Option(_), Val::Option(None)) => Value::Null,
+        (Type::Option(o), Val::Option(Some(v))) => {
+            let inner = o.ty();
+            let json = to_json(&inner, v, budget)?;
+            if can_be_null(&inner) {
+                let mut obj = Map::new();
+                obj.insert("some".into(), json);
+                Value::Object(obj)
+            } else {
+                json
+            }
+        }
+        (Type::Result(r), Val::Result(v)) => {
+            let (name, side, payload) = match v {
+                Ok(p) => ("ok", r.ok(), p),
+                Err(p) => ("err", r.err(), p),
+            };
+            let inner = match (side, payload) {
+                (Some(t), Some(p)) => to_json(&t, p, budget)?,
+                _ => Value::Null,
+            };
+            let mut obj = Map::new();
+            obj.insert(name.into(), inner);
+            Value::Object(obj)
+        }
+        // Types without a JSON form are refused when the plugin loads, and
+        // lifted values always match their type, so nothing else arrives.
+        _ => Value::Null,
+    })
+}
+
+fn list_json(ty: &Type, items: &[Val], budget: &mut Budget) -> Result<Vec<Value>, TooLarge> {
+    let mut out = Vec::with_capacity(items.len());
+    for v in items {
+        out.push(to_json(ty, v, budget)?);
+    }
+    Ok(out)
+}
+
+/// A default value of type `ty`, used to size the results slice before a call.
+pub(crate) fn placeholder() -> Val {
+    Val::Bool(false)
+}

@@ -1,0 +1,312 @@
+//! The wire protocol: names of exchanges and queues, request and response bodies.
+//!
+//! Everything a program in another language needs to speak to callme is
+//! here and in `docs/protocol.md`: a request is a JSON object published to
+//! the server's exchange, a response is a JSON object published to the
+//! exchange named in the request's `reply_to`. This module is pure data and
+//! codec: no broker, no plugin runtime.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The content type of every request and response body.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// The reserved function every server answers with the list of its functions.
+pub const DESCRIBE: &str = "_describe";
+
+/// Requests larger than this are refused with `BadRequest` before they are
+/// parsed: a plugin call takes its arguments in memory, and a few MiB is far
+/// beyond any sane argument list while small enough that a burst of them
+/// cannot exhaust the host.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The exchange a server with id `server_id` consumes requests from.
+pub fn server_exchange(server_id: &str) -> String {
+    format!("server_{server_id}_ex")
+}
+
+/// The queue bound to [`server_exchange`].
+pub fn server_queue(server_id: &str) -> String {
+    format!("server_{server_id}_queue")
+}
+
+/// The exchange a proxy receives replies on.
+pub fn client_exchange(user: &str, uid: &str) -> String {
+    format!("client_{user}_ex_{uid}")
+}
+
+/// The queue bound to [`client_exchange`].
+pub fn client_queue(user: &str, uid: &str) -> String {
+    format!("client_{user}_queue_{uid}")
+}
+
+/// Whether `id` can name a server: the broker limits names to 255 bytes and
+/// the permission regexes of the seed's recipes assume no `.*` surprises, so
+/// ids are restricted to letters, digits, `-`, `_` and `.`.
+pub fn is_valid_server_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 200
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The arguments of a call: positional, by name, or both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Args {
+    /// Positional arguments, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<Value>,
+    /// Arguments by parameter name.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub kwargs: Map<String, Value>,
+}
+
+impl Args {
+    /// Positional arguments only.
+    pub fn positional(args: Vec<Value>) -> Self {
+        Args {
+            args,
+            kwargs: Map::new(),
+        }
+    }
+
+    /// Arguments by name only.
+    pub fn keywords(kwargs: Map<String, Value>) -> Self {
+        Args {
+            args: Vec::new(),
+            kwargs,
+        }
+    }
+}
+
+/// A request body: `{"func": "add", "args": [1, 2], "kwargs": {}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The function to call, dotted for functions of exported interfaces.
+    pub func: String,
+    /// The arguments.
+    #[serde(flatten)]
+    pub args: Args,
+}
+
+impl Request {
+    /// Decodes a request body.
+    ///
+    /// # Errors
+    ///
+    /// A [`RemoteError`] of kind [`ErrorKind::BadRequest`] saying what is
+    /// wrong: too large, not UTF-8, not JSON, or not a request object.
+    pub fn decode(body: &[u8], max_bytes: usize) -> Result<Request, RemoteError> {
+        if body.len() > max_bytes {
+            return Err(RemoteError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "request body is {} bytes, the limit is {max_bytes}",
+                    body.len()
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(body).map_err(|e| {
+            RemoteError::new(
+                ErrorKind::BadRequest,
+                format!("request body is not UTF-8: {e}"),
+            )
+        })?;
+        serde_json::from_str(text).map_err(|e| {
+            RemoteError::new(
+                ErrorKind::BadRequest,
+                format!("request body is not a valid request: {e}"),
+            )
+        })
+    }
+
+    /// Encodes a request body.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising a struct of strings and JSON values cannot fail.
+        serde_json::to_vec(self).expect("request serialises")
+    }
+}
+
+/// The kind of a remote error, as it travels in `error.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The server has no function of that name.
+    NoSuchFunction,
+    /// Wrong arity, unknown keyword, wrong type or out-of-range value.
+    InvalidArguments,
+    /// The call ran out of fuel or past its deadline.
+    Timeout,
+    /// The call hit its memory cap or its result was too large.
+    MemoryLimit,
+    /// The guest trapped (a panic, an abort, a stack overflow).
+    Trap,
+    /// The function returned `result::err`; `data` holds the payload.
+    GuestError,
+    /// The request could not be decoded.
+    BadRequest,
+    /// The server failed for a reason of its own.
+    Internal,
+    /// A kind this version does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorKind {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NoSuchFunction => "NoSuchFunction",
+            ErrorKind::InvalidArguments => "InvalidArguments",
+            ErrorKind::Timeout => "Timeout",
+            ErrorKind::MemoryLimit => "MemoryLimit",
+            ErrorKind::Trap => "Trap",
+            ErrorKind::GuestError => "GuestError",
+            ErrorKind::BadRequest => "BadRequest",
+            ErrorKind::Internal => "Internal",
+            ErrorKind::Unknown => "Unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as it travels in a response: `{"type", "message", "data"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct RemoteError {
+    /// What went wrong, for a program.
+    #[serde(rename = "type")]
+    pub kind: ErrorKind,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// Details: the guest's `result::err` payload, or null.
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl RemoteError {
+    /// An error without data.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        RemoteError {
+            kind,
+            message: message.into(),
+            data: Value::Null,
+        }
+    }
+
+    /// Attaches data.
+    pub fn with_data(mut self, data: Value) -> Self {
+        self.data = data;
+        self
+    }
+}
+
+/// A response body: `{"result": ...}` or `{"error": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// The function returned.
+    Result(Value),
+    /// The call failed.
+    Error(RemoteError),
+}
+
+impl Response {
+    /// Encodes a response body.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising JSON values and strings cannot fail.
+        serde_json::to_vec(self).expect("response serialises")
+    }
+
+    /// Decodes a response body.
+    ///
+    /// # Errors
+    ///
+    /// The serde error when the body is not a response.
+    pub fn decode(body: &[u8]) -> Result<Response, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// The response as a `Result`.
+    pub fn into_result(self) -> Result<Value, RemoteError> {
+        match self {
+            Response::Result(v) => Ok(v),
+            Response::Error(e) => Err(e),
+        }
+    }
+}
+
+impl From<Result<Value, RemoteError>> for Response {
+    fn from(r: Result<Value, RemoteError>) -> Self {
+        match r {
+            Ok(v) => Response::Result(v),
+            Err(e) => Response::Error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_follow_the_seed() {
+        assert_eq!(server_exchange("fooserver"), "server_fooserver_ex");
+        assert_eq!(server_queue("fooserver"), "server_fooserver_queue");
+        assert_eq!(client_exchange("olivia", "u1"), "client_olivia_ex_u1");
+        assert_eq!(client_queue("olivia", "u1"), "client_olivia_queue_u1");
+    }
+
+    #[test]
+    fn request_round_trip_and_optional_fields() {
+        let r = Request::decode(br#"{"func":"add","args":[1,2]}"#, 1024).unwrap();
+        assert_eq!(r.func, "add");
+        assert_eq!(r.args.args, vec![json!(1), json!(2)]);
+        let r = Request::decode(br#"{"func":"f"}"#, 1024).unwrap();
+        assert!(r.args.args.is_empty() && r.args.kwargs.is_empty());
+        let again = Request::decode(&r.encode(), 1024).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn bad_requests_are_typed() {
+        for body in [
+            &b"\xff\xfe"[..],
+            b"not json",
+            b"[1,2]",
+            br#"{"args":[]}"#,
+            br#"{"func":1}"#,
+            br#"{"func":"f","args":{}}"#,
+            br#"{"func":"f","extra":1}"#,
+        ] {
+            let e = Request::decode(body, 1024).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{body:?}");
+        }
+        let e = Request::decode(&[b' '; 2000], 1024).unwrap_err();
+        assert!(e.message.contains("limit"));
+    }
+
+    #[test]
+    fn response_shapes() {
+        let ok = Response::Result(json!(3));
+        assert_eq!(serde_json::to_value(&ok).unwrap(), json!({"result": 3}));
+        let err = Response::Error(RemoteError::new(ErrorKind::Trap, "boom"));
+        assert_eq!(
+            serde_json::to_value(&err).unwrap(),
+            json!({"error": {"type": "Trap", "message": "boom", "data": null}})
+        );
+        let unknown = Response::decode(br#"{"error":{"type":"Weird","message":"m"}}"#).unwrap();
+        assert_eq!(unknown.into_result().unwrap_err().kind, ErrorKind::Unknown);
+    }
+}

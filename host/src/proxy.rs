@@ -1,0 +1,515 @@
+//! The proxy: calls functions of servers by id, over one shared connection.
+//!
+//! A [`Proxy`] declares its own reply exchange and queue
+//! (`client_USER_ex_UUID`, `client_USER_queue_UUID`), publishes requests to
+//! `server_ID_ex` with publisher confirms and `mandatory` set, and matches
+//! replies to calls by correlation id. Many tasks share one proxy; calls
+//! are multiplexed on its connection. A request nobody can route fails at
+//! once with [`Error::NoSuchServer`]; a reply that arrives after its call
+//! timed out is dropped. [`BlockingProxy`] wraps it for non-async code.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::connection_builder::{ConnectOptions, classify_lapin};
+use crate::protocol::{
+    Args, CONTENT_TYPE, DESCRIBE, Request, Response, client_exchange, client_queue, server_exchange,
+};
+use crate::{Error, ErrorKind, RemoteError};
+
+/// The seed's default: a call waits this long for its reply.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Response>>>>;
+
+/// A client of callme servers. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Arc<Connection>,
+    publisher: Mutex<Channel>,
+    reply_exchange: String,
+    pending: Pending,
+    timeout: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let conn = self.conn.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = conn.close(200, "proxy dropped".into()).await;
+            });
+        }
+    }
+}
+
+impl Proxy {
+    /// Connects to the broker at `uri` (plain AMQP or TLS without client
+    /// certificate) with the default timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connection`], [`Error::AccessRefused`] or [`Error::Config`]
+    /// when the broker cannot be reached, refuses, or the URI is invalid.
+    pub async fn connect(uri: &str) -> Result<Proxy, Error> {
+        Proxy::connect_with(&ConnectOptions::new(uri), DEFAULT_TIMEOUT).await
+    }
+
+    /// Connects with full options and a default timeout for every call.
+    ///
+    /// # Errors
+    ///
+    /// As [`Proxy::connect`].
+    pub async fn connect_with(options: &ConnectOptions, timeout: Duration) -> Result<Proxy, Error> {
+        let uri = options.parse()?;
+        let user = options.user(&uri);
+        let uid = uuid::Uuid::new_v4().to_string();
+        let conn = options.connect("callme proxy").await?;
+        let reply_exchange = client_exchange(&user, &uid);
+        let reply_queue = client_queue(&user, &uid);
+
+        let consume = conn.create_channel().await.map_err(classify_lapin)?;
+        consume
+            .exchange_declare(
+                reply_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        consume
+            .queue_declare(
+                reply_queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        consume
+            .queue_bind(
+                reply_queue.as_str().into(),
+                reply_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        let mut consumer = consume
+            .basic_consume(
+                reply_queue.as_str().into(),
+                format!("callme-proxy-{uid}").into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+
+        let pending: Pending = Arc::default();
+        let replies = pending.clone();
+        tokio::spawn(async move {
+            // Keep the channel alive as long as the consumer runs.
+            let _consume = consume;
+            while let Some(delivery) = consumer.next().await {
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(target: "callme::proxy", error = %e, "reply consumer stopped");
+                        break;
+                    }
+                };
+                let Some(corr) = delivery.properties.correlation_id().as_ref() else {
+                    debug!(target: "callme::proxy", "reply without correlation id dropped");
+                    continue;
+                };
+                let waiter = replies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(corr.as_str());
+                match waiter {
+                    Some(tx) => {
+                        let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
+                            Response::Error(RemoteError::new(
+                                ErrorKind::Internal,
+                                format!("malformed reply: {e}"),
+                            ))
+                        });
+                        let _ = tx.send(response);
+                    }
+                    None => {
+                        debug!(target: "callme::proxy", correlation_id = %corr, "late or unknown reply dropped")
+                    }
+                }
+            }
+            // Fail every waiting call at once instead of letting it time out.
+            replies.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        });
+
+        let publisher = open_publisher(&conn).await?;
+        debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %reply_exchange, "proxy ready");
+        Ok(Proxy {
+            inner: Arc::new(Inner {
+                conn: Arc::new(conn),
+                publisher: Mutex::new(publisher),
+                reply_exchange,
+                pending,
+                timeout,
+            }),
+        })
+    }
+
+    /// A handle on the server `server_id` (the seed's `use_server`).
+    pub fn use_server(&self, server_id: &str) -> ServerProxy {
+        ServerProxy {
+            proxy: self.clone(),
+            server: server_id.to_string(),
+            timeout: self.inner.timeout,
+        }
+    }
+
+    /// The exchange this proxy receives replies on.
+    pub fn reply_exchange(&self) -> &str {
+        &self.inner.reply_exchange
+    }
+
+    /// Calls `func` on `server` with `args`, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], [`Error::NoSuchServer`], [`Error::AccessRefused`],
+    /// [`Error::Remote`] (the server's error) or [`Error::Connection`].
+    pub async fn call(
+        &self,
+        server: &str,
+        func: &str,
+        args: Args,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        let corr = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        let guard = PendingGuard {
+            pending: &self.inner.pending,
+            corr: &corr,
+        };
+        guard.insert(tx);
+        let body = Request {
+            func: func.to_string(),
+            args,
+        }
+        .encode();
+        let millis = timeout.as_millis().max(1);
+        let props = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_correlation_id(corr.as_str().into())
+            .with_reply_to(self.inner.reply_exchange.as_str().into())
+            .with_expiration(millis.to_string().into());
+
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || Error::Timeout {
+            server: server.to_string(),
+            timeout,
+        };
+        // Wait for the publisher confirm and the reply together: the
+        // confirm tells an unroutable request (no server) at once, and the
+        // reply needs no confirm to be trusted, so neither adds latency.
+        let publish = self.publish(server, &body, props);
+        tokio::pin!(publish);
+        let mut rx = rx;
+        let mut confirmed = false;
+        let outcome = tokio::time::timeout_at(deadline, async {
+            loop {
+                tokio::select! {
+                    sent = &mut publish, if !confirmed => {
+                        sent?;
+                        confirmed = true;
+                        debug!(target: "callme::proxy", server, func, correlation_id = %corr, "request confirmed");
+                    }
+                    reply = &mut rx => {
+                        return match reply {
+                            Ok(response) => response.into_result().map_err(Error::Remote),
+                            Err(_) => Err(Error::Disconnected(
+                                "the reply consumer stopped: the connection to the broker was lost".into(),
+                            )),
+                        };
+                    }
+                }
+            }
+        })
+        .await;
+        outcome.unwrap_or_else(|_| Err(timed_out()))
+    }
+
+    async fn publish(
+        &self,
+        server: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), Error> {
+        let channel = self
+            .inner
+            .publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let exchange = server_exchange(server);
+        let result = async {
+            channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        }
+        .await;
+        match result {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) | Ok(Confirmation::Nack(Some(_))) => {
+                Err(Error::NoSuchServer(server.to_string()))
+            }
+            Ok(Confirmation::Nack(None)) => Err(Error::Config(format!(
+                "the broker refused the request for `{server}`"
+            ))),
+            Err(e) => {
+                // A refused or missing exchange closes the channel: open a
+                // fresh one for the calls that follow.
+                self.replace_publisher(&channel).await;
+                let text = e.to_string();
+                if text.contains("NOT_FOUND") || text.contains("NOTFOUND") {
+                    Err(Error::NoSuchServer(server.to_string()))
+                } else {
+                    Err(classify_lapin(e))
+                }
+            }
+        }
+    }
+
+    async fn replace_publisher(&self, broken: &Channel) {
+        if broken.status().connected() {
+            return;
+        }
+        match open_publisher(&self.inner.conn).await {
+            Ok(fresh) => {
+                let mut current = self
+                    .inner
+                    .publisher
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if current.id() == broken.id() || !current.status().connected() {
+                    *current = fresh;
+                }
+            }
+            Err(e) => {
+                warn!(target: "callme::proxy", error = %e, "cannot reopen the publish channel")
+            }
+        }
+    }
+}
+
+async fn open_publisher(conn: &Connection) -> Result<Channel, Error> {
+    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    Ok(channel)
+}
+
+/// Removes a call's entry from the pending map however the call ends.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    corr: &'a str,
+}
+
+impl PendingGuard<'_> {
+    fn insert(&self, tx: oneshot::Sender<Response>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.corr.to_string(), tx);
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.corr);
+    }
+}
+
+/// A proxy bound to one server id (the seed's `proxy.use_server(id)`).
+#[derive(Clone)]
+pub struct ServerProxy {
+    proxy: Proxy,
+    server: String,
+    timeout: Duration,
+}
+
+impl ServerProxy {
+    /// The same server with another default timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The server id.
+    pub fn server_id(&self) -> &str {
+        &self.server
+    }
+
+    /// Calls `func` with JSON arguments.
+    ///
+    /// # Errors
+    ///
+    /// See [`Proxy::call`].
+    pub async fn call(&self, func: &str, args: Args) -> Result<Value, Error> {
+        self.proxy
+            .call(&self.server, func, args, self.timeout)
+            .await
+    }
+
+    /// Calls `func` with JSON arguments and a timeout for this call only.
+    ///
+    /// # Errors
+    ///
+    /// See [`Proxy::call`].
+    pub async fn call_timeout(
+        &self,
+        func: &str,
+        args: Args,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        self.proxy.call(&self.server, func, args, timeout).await
+    }
+
+    /// Calls `func` with serde values: `args` serialises to a JSON array
+    /// (a tuple: `(1, 2)`) or object (keyword arguments); the result
+    /// deserialises into `R`.
+    ///
+    /// # Errors
+    ///
+    /// See [`Proxy::call`]; [`Error::Json`] when the arguments or result do
+    /// not convert.
+    pub async fn invoke<A: Serialize, R: DeserializeOwned>(
+        &self,
+        func: &str,
+        args: A,
+    ) -> Result<R, Error> {
+        let args = args_from(args)?;
+        let value = self.call(func, args).await?;
+        serde_json::from_value(value).map_err(Error::Json)
+    }
+
+    /// The functions the server offers, with their WIT signatures.
+    ///
+    /// # Errors
+    ///
+    /// See [`Proxy::call`].
+    pub async fn describe(&self) -> Result<Value, Error> {
+        self.call(DESCRIBE, Args::default()).await
+    }
+}
+
+/// Turns a serialisable value into call arguments.
+///
+/// # Errors
+///
+/// [`Error::Json`] when it does not serialise, [`Error::Config`] when it is
+/// neither an array, an object nor null.
+pub fn args_from<A: Serialize>(args: A) -> Result<Args, Error> {
+    match serde_json::to_value(args).map_err(Error::Json)? {
+        Value::Array(a) => Ok(Args::positional(a)),
+        Value::Object(o) => Ok(Args::keywords(o)),
+        Value::Null => Ok(Args::default()),
+        single => Ok(Args::positional(vec![single])),
+    }
+}
+
+/// A proxy for code that is not async: it runs its own small runtime.
+pub struct BlockingProxy {
+    runtime: tokio::runtime::Runtime,
+    proxy: Proxy,
+}
+
+impl BlockingProxy {
+    /// Connects; see [`Proxy::connect_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Proxy::connect`], or [`Error::Config`] when the runtime cannot start.
+    pub fn connect(options: &ConnectOptions, timeout: Duration) -> Result<BlockingProxy, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("callme-proxy")
+            .build()
+            .map_err(|e| Error::Config(format!("cannot start a runtime: {e}")))?;
+        let proxy = runtime.block_on(Proxy::connect_with(options, timeout))?;
+        Ok(BlockingProxy { runtime, proxy })
+    }
+
+    /// Calls `func` on `server`; see [`Proxy::call`].
+    ///
+    /// # Errors
+    ///
+    /// See [`Proxy::call`].
+    pub fn call(&self, server: &str, func: &str, args: Args) -> Result<Value, Error> {
+        let timeout = self.proxy.inner.timeout;
+        self.runtime
+            .block_on(self.proxy.call(server, func, args, timeout))
+    }
+
+    /// Calls with a timeout for this call only.
+    ///
+    /// # Errors
+    ///
+    /// See [`Proxy::call`].
+    pub fn call_timeout(
+        &self,
+        server: &str,
+        func: &str,
+        args: Args,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        self.runtime
+            .block_on(self.proxy.call(server, func, args, timeout))
+    }
+}

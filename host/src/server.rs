@@ -1,0 +1,627 @@
+//! The server: consumes requests for server ids, dispatches them to plugins or native functions, replies.
+//!
+//! Each served id gets its exchange `server_ID_ex` and queue
+//! `server_ID_queue`, a consumer on its own channel with a prefetch equal
+//! to the concurrency, and up to that many calls in flight. Plugin calls
+//! run on a dedicated executor, so CPU-heavy guests never starve the tasks
+//! that talk to the broker. A request is acked only after its reply is
+//! confirmed by the broker: a host that dies mid-call leaves the request to
+//! be redelivered. Bad messages are answered with `BadRequest` (or logged
+//! and dropped when they cannot be answered); they never stop the server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tracing::{debug, error, info, warn};
+
+use crate::connection_builder::{ConnectOptions, classify_lapin};
+use crate::plugin::Plugin;
+use crate::protocol::{
+    Args, CONTENT_TYPE, DEFAULT_MAX_REQUEST_BYTES, DESCRIBE, Request, Response, is_valid_server_id,
+    server_exchange, server_queue,
+};
+use crate::{Error, ErrorKind, RemoteError};
+
+/// How a server declares its queues and runs calls.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Calls in flight per server id (the seed's `threaded`); also the
+    /// consumer prefetch, so the broker hands out no more than can run.
+    pub concurrency: usize,
+    /// Declare exchange and queue durable.
+    pub durable: bool,
+    /// Declare exchange and queue auto-delete (the seed's default).
+    pub auto_delete: bool,
+    /// Largest request body accepted.
+    pub max_request_bytes: usize,
+    /// Threads that run plugin code.
+    pub executor_threads: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            concurrency: 8,
+            durable: false,
+            auto_delete: true,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            executor_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+type NativeFn = dyn Fn(Args) -> Result<Value, RemoteError> + Send + Sync;
+
+/// Native Rust functions served under one server id (the seed's
+/// `register_function`).
+#[derive(Default, Clone)]
+pub struct NativeFunctions {
+    functions: HashMap<String, (String, Arc<NativeFn>)>,
+}
+
+impl NativeFunctions {
+    /// An empty set.
+    pub fn new() -> Self {
+        NativeFunctions::default()
+    }
+
+    /// Registers `f` as `name`. `signature` is what `_describe` shows
+    /// (e.g. `func(a: s64, b: s64) -> s64`). `f` runs on a blocking
+    /// thread, so it may compute or block.
+    pub fn register(
+        &mut self,
+        name: &str,
+        signature: &str,
+        f: impl Fn(Args) -> Result<Value, RemoteError> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.functions
+            .insert(name.to_string(), (signature.to_string(), Arc::new(f)));
+        self
+    }
+
+    fn describe(&self) -> Vec<Value> {
+        let mut list: Vec<_> = self
+            .functions
+            .iter()
+            .map(|(name, (sig, _))| json!({"name": name, "signature": sig}))
+            .collect();
+        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        list
+    }
+}
+
+/// What answers a server id.
+enum Service {
+    Plugin(ArcSwap<Plugin>),
+    Native(NativeFunctions),
+}
+
+struct Served {
+    service: Arc<Service>,
+    channel: Channel,
+    consumer_tag: String,
+}
+
+/// A callme server: serves plugins and native functions by server id.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Connection,
+    options: ServerOptions,
+    served: Mutex<HashMap<String, Served>>,
+    executor: Executor,
+    in_flight: Arc<Semaphore>,
+}
+
+/// The runtime plugin code runs on, shut down without blocking when the
+/// server goes away (dropping a runtime inside async code would panic).
+struct Executor(Option<tokio::runtime::Runtime>);
+
+impl Executor {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        // Only `Drop` takes the runtime out.
+        self.0.as_ref().expect("executor is running").handle()
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Calls in flight across the whole server; far above any concurrency
+/// setting, it only exists so shutdown can wait for them.
+const MAX_IN_FLIGHT: u32 = 1 << 20;
+
+impl Server {
+    /// Connects to the broker.
+    ///
+    /// # Errors
+    ///
+    /// As [`ConnectOptions::connect`], or [`Error::Config`] for an invalid
+    /// option.
+    pub async fn connect(
+        connect: &ConnectOptions,
+        options: ServerOptions,
+    ) -> Result<Server, Error> {
+        if options.concurrency == 0 || options.concurrency > u16::MAX as usize {
+            return Err(Error::Config(
+                "concurrency must be between 1 and 65535".into(),
+            ));
+        }
+        let conn = connect.connect("callme server").await?;
+        let executor = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.executor_threads.max(1))
+            .thread_name("callme-plugin")
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Config(format!("cannot start the plugin executor: {e}")))?;
+        info!(target: "callme::server", broker = %connect.redacted(), "connected");
+        Ok(Server {
+            inner: Arc::new(Inner {
+                conn,
+                options,
+                served: Mutex::new(HashMap::new()),
+                executor: Executor(Some(executor)),
+                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+            }),
+        })
+    }
+
+    /// Serves `plugin` under its name, or swaps it in atomically if that
+    /// server id is already served by a plugin: calls running finish on
+    /// the old version, new calls use the new one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid id or one served by native
+    /// functions; broker errors when declaring or consuming fails
+    /// ([`Error::AccessRefused`] when the broker's permissions forbid it).
+    pub async fn serve_plugin(&self, plugin: Plugin) -> Result<(), Error> {
+        let id = plugin.name().to_string();
+        {
+            let served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(existing) = served.get(&id) {
+                return match &*existing.service {
+                    Service::Plugin(slot) => {
+                        let old = slot.swap(Arc::new(plugin));
+                        debug!(target: "callme::server", server_id = %id, old = %old.hash(), "swapped");
+                        Ok(())
+                    }
+                    Service::Native(_) => Err(Error::Config(format!(
+                        "server id `{id}` is served by native functions"
+                    ))),
+                };
+            }
+        }
+        self.start(id, Service::Plugin(ArcSwap::from_pointee(plugin)))
+            .await
+    }
+
+    /// Serves native functions under `server_id`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::serve_plugin`].
+    pub async fn serve_native(
+        &self,
+        server_id: &str,
+        functions: NativeFunctions,
+    ) -> Result<(), Error> {
+        if self.is_serving(server_id) {
+            return Err(Error::Config(format!(
+                "server id `{server_id}` is already served"
+            )));
+        }
+        self.start(server_id.to_string(), Service::Native(functions))
+            .await
+    }
+
+    /// Whether `server_id` is served.
+    pub fn is_serving(&self, server_id: &str) -> bool {
+        self.inner
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(server_id)
+    }
+
+    /// The plugin serving `server_id`, if a plugin does.
+    pub fn plugin(&self, server_id: &str) -> Option<Arc<Plugin>> {
+        let served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
+        match &*served.get(server_id)?.service {
+            Service::Plugin(slot) => Some(slot.load_full()),
+            Service::Native(_) => None,
+        }
+    }
+
+    /// Stops serving `server_id`: its consumer is cancelled, calls running
+    /// finish, and requests still queued stay for another host.
+    ///
+    /// # Errors
+    ///
+    /// Broker errors while cancelling.
+    pub async fn stop_serving(&self, server_id: &str) -> Result<bool, Error> {
+        let served = self
+            .inner
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server_id);
+        let Some(served) = served else {
+            return Ok(false);
+        };
+        served
+            .channel
+            .basic_cancel(
+                served.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        info!(target: "callme::server", server_id, "stopped serving");
+        Ok(true)
+    }
+
+    /// Stops taking requests and waits up to `grace` for the calls in
+    /// flight to be answered and acked.
+    pub async fn shutdown(&self, grace: Duration) {
+        let ids: Vec<String> = self
+            .inner
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Err(e) = self.stop_serving(&id).await {
+                warn!(target: "callme::server", server_id = %id, error = %e, "cancel failed");
+            }
+        }
+        let all = tokio::time::timeout(grace, self.inner.in_flight.acquire_many(MAX_IN_FLIGHT));
+        match all.await {
+            Ok(_) => info!(target: "callme::server", "all calls answered"),
+            Err(_) => {
+                warn!(target: "callme::server", ?grace, "grace period over with calls still running")
+            }
+        }
+        let _ = self.inner.conn.close(200, "shutdown".into()).await;
+    }
+
+    /// Resolves when the broker connection is lost for good.
+    pub async fn closed(&self) {
+        loop {
+            if !self.inner.conn.status().connected() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn start(&self, id: String, service: Service) -> Result<(), Error> {
+        if !is_valid_server_id(&id) {
+            return Err(Error::Config(format!(
+                "invalid server id `{id}`: use letters, digits, `-`, `_` and `.`"
+            )));
+        }
+        let opts = &self.inner.options;
+        let channel = self
+            .inner
+            .conn
+            .create_channel()
+            .await
+            .map_err(classify_lapin)?;
+        let exchange = server_exchange(&id);
+        let queue = server_queue(&id);
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: opts.durable,
+                    auto_delete: opts.auto_delete,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refused(&id, e))?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: opts.durable,
+                    auto_delete: opts.auto_delete,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refused(&id, e))?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refused(&id, e))?;
+        channel
+            .basic_qos(opts.concurrency as u16, BasicQosOptions::default())
+            .await
+            .map_err(classify_lapin)?;
+        let tag = format!("callme-server-{id}-{}", uuid::Uuid::new_v4());
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refused(&id, e))?;
+        let replier = Replier::open(&self.inner.conn).await?;
+        let service = Arc::new(service);
+        self.inner
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                Served {
+                    service: service.clone(),
+                    channel: channel.clone(),
+                    consumer_tag: tag,
+                },
+            );
+        info!(target: "callme::server", server_id = %id, concurrency = opts.concurrency, "serving");
+
+        let slots = Arc::new(Semaphore::new(opts.concurrency));
+        let server = self.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(e) => {
+                        error!(target: "callme::server", server_id = %id, error = %e, "consumer failed");
+                        break;
+                    }
+                };
+                // Both semaphores stay open for the server's lifetime.
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let Ok(flight) = server.inner.in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let job = Job {
+                    server: server.clone(),
+                    id: id.clone(),
+                    service: service.clone(),
+                    replier: replier.clone(),
+                };
+                tokio::spawn(async move {
+                    job.handle(delivery).await;
+                    drop((slot, flight));
+                });
+            }
+            debug!(target: "callme::server", server_id = %id, "consumer ended");
+            // Keep the channel open until the consumer ends.
+            drop(channel);
+        });
+        Ok(())
+    }
+}
+
+fn refused(id: &str, e: lapin::Error) -> Error {
+    match classify_lapin(e) {
+        Error::AccessRefused(text) => Error::AccessRefused(format!(
+            "this user may not serve `{id}` (the broker refused access to its exchange or queue): {text}"
+        )),
+        other => other,
+    }
+}
+
+struct Job {
+    server: Server,
+    id: String,
+    service: Arc<Service>,
+    replier: Replier,
+}
+
+impl Job {
+    async fn handle(self, delivery: Delivery) {
+        let started = Instant::now();
+        let props = &delivery.properties;
+        let reply_to = props.reply_to().as_ref().map(|s| s.to_string());
+        let corr = props.correlation_id().as_ref().map(|s| s.to_string());
+        let (Some(reply_to), Some(corr)) = (reply_to, corr) else {
+            warn!(target: "callme::server", server_id = %self.id, "request without reply_to or correlation_id dropped");
+            ack(&delivery).await;
+            return;
+        };
+        let content_type = props.content_type().as_ref().map(|s| s.to_string());
+        let outcome = match content_type.as_deref() {
+            Some(ct) if ct != CONTENT_TYPE => Err(RemoteError::new(
+                ErrorKind::BadRequest,
+                format!("content type `{ct}` is not {CONTENT_TYPE}"),
+            )),
+            _ => match Request::decode(&delivery.data, self.server.inner.options.max_request_bytes)
+            {
+                Ok(request) => self.dispatch(request).await,
+                Err(e) => Err(e),
+            },
+        };
+        let failed = outcome.as_ref().err().map(|e| e.kind);
+        let body = Response::from(outcome).encode();
+        match self
+            .replier
+            .reply(&self.server.inner.conn, &reply_to, &corr, &body)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(target: "callme::server", server_id = %self.id, reply_to = %reply_to, error = %e, "reply not delivered (caller gone?)")
+            }
+        }
+        ack(&delivery).await;
+        debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
+    }
+
+    async fn dispatch(&self, request: Request) -> Result<Value, RemoteError> {
+        let Request { func, args } = request;
+        match &*self.service {
+            Service::Plugin(slot) => {
+                // Load once: the whole call runs on this version even if a
+                // new one is swapped in meanwhile.
+                let plugin = slot.load_full();
+                if func == DESCRIBE {
+                    return Ok(json!({
+                        "server": self.id,
+                        "version": plugin.hash(),
+                        "functions": plugin.functions(),
+                    }));
+                }
+                let task = self
+                    .server
+                    .inner
+                    .executor
+                    .handle()
+                    .spawn(async move { plugin.call(&func, &args).await });
+                match task.await {
+                    Ok(r) => r.map_err(RemoteError::from),
+                    Err(e) => Err(RemoteError::new(
+                        ErrorKind::Internal,
+                        format!("the call's task failed: {e}"),
+                    )),
+                }
+            }
+            Service::Native(functions) => {
+                if func == DESCRIBE {
+                    return Ok(json!({
+                        "server": self.id,
+                        "version": "native",
+                        "functions": functions.describe(),
+                    }));
+                }
+                let Some((_, f)) = functions.functions.get(&func) else {
+                    let mut names: Vec<_> = functions.functions.keys().cloned().collect();
+                    names.sort();
+                    return Err(RemoteError::new(
+                        ErrorKind::NoSuchFunction,
+                        format!("no function `{func}` (available: {})", names.join(", ")),
+                    ));
+                };
+                let f = f.clone();
+                match tokio::task::spawn_blocking(move || f(args)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(RemoteError::new(
+                        ErrorKind::Internal,
+                        format!("the function panicked: {e}"),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        warn!(target: "callme::server", error = %e, "ack failed; the broker will redeliver");
+    }
+}
+
+/// Publishes replies with confirms on a channel of its own, reopened when
+/// a reply to a vanished caller closes it.
+#[derive(Clone)]
+struct Replier {
+    channel: Arc<Mutex<Channel>>,
+}
+
+impl Replier {
+    async fn open(conn: &Connection) -> Result<Replier, Error> {
+        Ok(Replier {
+            channel: Arc::new(Mutex::new(open_confirming(conn).await?)),
+        })
+    }
+
+    async fn reply(
+        &self,
+        conn: &Connection,
+        exchange: &str,
+        corr: &str,
+        body: &[u8],
+    ) -> Result<(), Error> {
+        let channel = self
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let props = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_correlation_id(corr.into());
+        let sent = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        }
+        .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if !channel.status().connected() && conn.status().connected() {
+                    match open_confirming(conn).await {
+                        Ok(fresh) => {
+                            let mut current =
+                                self.channel.lock().unwrap_or_else(|p| p.into_inner());
+                            if current.id() == channel.id() {
+                                *current = fresh;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(target: "callme::server", error = %e, "cannot reopen the reply channel")
+                        }
+                    }
+                }
+                Err(classify_lapin(e))
+            }
+        }
+    }
+}
+
+async fn open_confirming(conn: &Connection) -> Result<Channel, Error> {
+    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    Ok(channel)
+}

@@ -1,0 +1,272 @@
+//! The plugins directory: initial load, and following it as files are copied, renamed and deleted.
+//!
+//! Every `NAME.wasm` is served as server id `NAME`, with limits from an
+//! optional sidecar `NAME.toml`. Events are reduced to "something about
+//! NAME changed"; the reconciler then compares the directory with what is
+//! served. A new or changed plugin is compiled off the serving path and
+//! swapped in only when it loads; a broken file leaves the previous version
+//! serving and is logged once per content. A `cp` over a served file is
+//! acted on when the writer closes it, so a half-written file is never
+//! served (and if one is seen, it fails validation and the next event
+//! retries).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::plugin::{Limits, Plugin, Runtime, content_hash};
+use crate::{Error, Server};
+
+/// Quiet time after an event before the directory is looked at: events of
+/// one copy or rename arrive in a burst.
+const SETTLE: Duration = Duration::from_millis(15);
+
+/// The server id a file in the plugins directory belongs to, if any.
+pub(crate) fn plugin_name(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    if file.starts_with('.') || file.ends_with('~') {
+        return None;
+    }
+    let (stem, ext) = file.rsplit_once('.')?;
+    if !matches!(ext, "wasm" | "toml") || stem.is_empty() {
+        return None;
+    }
+    // Editors' and copy tools' temporaries: `calc.wasm.tmp`, `calc.part.wasm`.
+    if stem.contains(".tmp") || stem.ends_with(".part") || stem.ends_with(".swp") {
+        return None;
+    }
+    Some(stem.to_string())
+}
+
+/// Reads the sidecar `NAME.toml`, if present.
+///
+/// # Errors
+///
+/// A message naming the file and what is wrong (unknown keys included).
+pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<Limits, String> {
+    let path = dir.join(format!("{name}.toml"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Limits::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// What is known about one plugin file.
+#[derive(Default)]
+struct Known {
+    /// Hash and settings of the version serving.
+    serving: Option<(String, Limits)>,
+    /// Hash and settings that failed last, so a broken file is reported once.
+    refused: Option<(String, Option<Limits>)>,
+}
+
+/// Keeps a server in step with a plugins directory.
+pub(crate) struct Deployer {
+    dir: PathBuf,
+    runtime: Runtime,
+    server: Server,
+    known: HashMap<String, Known>,
+}
+
+impl Deployer {
+    pub(crate) fn new(dir: PathBuf, runtime: Runtime, server: Server) -> Self {
+        Deployer {
+            dir,
+            runtime,
+            server,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Loads and serves every plugin in the directory.
+    pub(crate) async fn load_all(&mut self) -> Result<(), Error> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| {
+            Error::Config(format!(
+                "cannot read plugins directory {}: {e}",
+                self.dir.display()
+            ))
+        })?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "wasm"))
+            .filter_map(|e| plugin_name(&e.path()))
+            .collect();
+        names.sort();
+        for name in names {
+            self.reconcile(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings server id `name` in line with the directory.
+    ///
+    /// # Errors
+    ///
+    /// Only broker errors: a bad file is logged, not returned.
+    pub(crate) async fn reconcile(&mut self, name: &str) -> Result<(), Error> {
+        let path = self.dir.join(format!("{name}.wasm"));
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.known.remove(name);
+                if self.server.stop_serving(name).await? {
+                    info!(target: "callme::server", plugin = name, "removed");
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                error!(target: "callme::server", file = %path.display(), error = %e, "cannot read plugin");
+                return Ok(());
+            }
+        };
+        let hash = content_hash(&bytes);
+        let known = self.known.entry(name.to_string()).or_default();
+        let limits = match read_settings(&self.dir, name) {
+            Ok(l) => l,
+            Err(reason) => {
+                let previous = known.serving.as_ref().map(|(_, l)| l.clone());
+                if known
+                    .refused
+                    .as_ref()
+                    .is_none_or(|(h, l)| h != &hash || l.is_some())
+                {
+                    error!(target: "callme::server", plugin = name, reason = %reason, "invalid settings: keeping the previous ones");
+                    known.refused = Some((hash.clone(), None));
+                }
+                previous.unwrap_or_default()
+            }
+        };
+        if known.serving.as_ref() == Some(&(hash.clone(), limits.clone())) {
+            return Ok(());
+        }
+        if known
+            .refused
+            .as_ref()
+            .is_some_and(|(h, l)| h == &hash && l.as_ref() == Some(&limits))
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let runtime = self.runtime.clone();
+        let owned_name = name.to_string();
+        let lim = limits.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || Plugin::load(&runtime, &owned_name, &bytes, lim))
+                .await
+                .map_err(|e| Error::Config(format!("loading task failed: {e}")))?;
+        match loaded {
+            Ok(plugin) => {
+                let swapped = known.serving.is_some();
+                self.server.serve_plugin(plugin).await?;
+                known.serving = Some((hash.clone(), limits));
+                known.refused = None;
+                info!(
+                    target: "callme::server",
+                    plugin = name,
+                    version = %&hash[..12],
+                    elapsed = ?started.elapsed(),
+                    "{}", if swapped { "swapped in" } else { "loaded" }
+                );
+            }
+            Err(e) => {
+                error!(
+                    target: "callme::server",
+                    plugin = name,
+                    file = %path.display(),
+                    version = %&hash[..12],
+                    reason = %e,
+                    "refused: {}", if known.serving.is_some() { "the previous version keeps serving" } else { "not served" }
+                );
+                known.refused = Some((hash, Some(limits)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the directory until the watcher fails.
+    pub(crate) async fn watch(mut self) -> Result<(), Error> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                let relevant = matches!(
+                    event.kind,
+                    EventKind::Access(AccessKind::Close(AccessMode::Write))
+                        | EventKind::Modify(ModifyKind::Name(_))
+                        | EventKind::Remove(_)
+                        | EventKind::Create(_)
+                );
+                if relevant {
+                    for path in &event.paths {
+                        if let Some(name) = plugin_name(path) {
+                            let _ = tx.send(name);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", self.dir.display())))?;
+        watcher
+            .watch(&self.dir, RecursiveMode::NonRecursive)
+            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", self.dir.display())))?;
+        info!(target: "callme::server", dir = %self.dir.display(), "watching for plugins");
+        while let Some(first) = rx.recv().await {
+            let mut names = HashSet::from([first]);
+            tokio::time::sleep(SETTLE).await;
+            while let Ok(n) = rx.try_recv() {
+                names.insert(n);
+            }
+            for name in names {
+                if let Err(e) = self.reconcile(&name).await {
+                    warn!(target: "callme::server", plugin = %name, error = %e, "could not apply change");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_ignored_files() {
+        assert_eq!(
+            plugin_name(Path::new("/p/calc.wasm")).as_deref(),
+            Some("calc")
+        );
+        assert_eq!(
+            plugin_name(Path::new("/p/calc.toml")).as_deref(),
+            Some("calc")
+        );
+        for ignored in [
+            "/p/.calc.wasm",
+            "/p/calc.wasm~",
+            "/p/calc.wasm.tmp",
+            "/p/calc.tmp.wasm",
+            "/p/calc.part.wasm",
+            "/p/calc.txt",
+            "/p/.wasm",
+        ] {
+            assert_eq!(plugin_name(Path::new(ignored)), None, "{ignored}");
+        }
+    }
+
+    #[test]
+    fn sidecar_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("callme-sidecar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "fuel = 5\n").unwrap();
+        assert_eq!(read_settings(&dir, "a").unwrap().fuel, 5);
+        std::fs::write(dir.join("b.toml"), "fuel = 5\nfeul = 6\n").unwrap();
+        assert!(read_settings(&dir, "b").unwrap_err().contains("feul"));
+        assert_eq!(read_settings(&dir, "none").unwrap(), Limits::default());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

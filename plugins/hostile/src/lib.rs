@@ -1,0 +1,88 @@
+//! The `hostile` test plugin: functions that loop, leak, overflow the stack,
+//! panic, return too much, or reach for files, environment and network, so
+//! the host can prove that its sandbox and limits contain them.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+callme_guest::generate!();
+
+const MIB: usize = 1 << 20;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn spin() {
+        let mut i = 0u64;
+        loop {
+            i = black_box(i.wrapping_add(1));
+        }
+    }
+
+    fn bomb() -> u64 {
+        let mut leaked = 0u64;
+        loop {
+            let block = vec![1u8; MIB];
+            black_box(&block);
+            Vec::leak(block);
+            leaked = black_box(leaked + 1);
+        }
+    }
+
+    fn recurse(n: u64) -> u64 {
+        dive(n)
+    }
+
+    fn boom(message: String) {
+        panic!("{message}");
+    }
+
+    fn huge(mb: u32) -> String {
+        "x".repeat(mb as usize * MIB)
+    }
+
+    fn read_file(path: String) -> Result<String, String> {
+        std::fs::read_to_string(path).map_err(|e| e.to_string())
+    }
+
+    fn read_env(name: String) -> Result<String, String> {
+        std::env::var(name).map_err(|e| e.to_string())
+    }
+
+    fn connect(addr: String) -> Result<String, String> {
+        std::net::TcpStream::connect(addr)
+            .map(|_| "connected".to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    fn sleep(ms: u64) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+
+    fn counter() -> u64 {
+        COUNTER.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn print(text: String) {
+        // Errors are ignored: a host without stdio must not turn this into a trap.
+        let mut out = std::io::stdout();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        let mut err = std::io::stderr();
+        let _ = err.write_all(text.as_bytes());
+        let _ = err.flush();
+    }
+}
+
+/// One level deeper, forever; the addition after the call keeps it from
+/// being a tail call and `black_box` keeps it from becoming a loop.
+#[allow(unconditional_recursion, reason = "overflowing the stack is the point")]
+fn dive(depth: u64) -> u64 {
+    black_box(dive(black_box(depth.wrapping_add(1)))).wrapping_add(depth)
+}
+
+export!(Hostile);

@@ -1,0 +1,237 @@
+//! Support for the integration tests: the broker, built plugins, hosts and proxies.
+//!
+//! The tests talk to the project's own RabbitMQ node (`scripts/broker`)
+//! and call plugins built from `plugins/` by `scripts/build-plugins` in the
+//! same run. Each test uses its own server ids, so tests run in parallel
+//! without seeing each other's traffic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use callme::{
+    ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
+};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+}
+
+/// The built plugin `name` (`target/plugins/NAME.wasm`).
+pub fn plugin_path(name: &str) -> PathBuf {
+    let path = target_dir().join("plugins").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-plugins first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The bytes of the built plugin `name`.
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(plugin_path(name)).expect("read plugin")
+}
+
+/// The `callme` binary built by `cargo build -p callme`.
+pub fn callme_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/integration-HASH -> target/debug/callme
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/PROFILE/deps")
+        .join("callme");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p callme` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The broker URL the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("CALLME_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".to_string())
+}
+
+/// Connection options for the test broker as `user`/`password`.
+pub fn amqp_url_as(user: &str, password: &str) -> String {
+    let url = amqp_url();
+    let rest = url
+        .split_once('@')
+        .map(|(_, r)| r)
+        .unwrap_or("127.0.0.1:5682/%2f");
+    format!("amqp://{user}:{password}@{rest}")
+}
+
+/// The TLS port and certificate directory of the test broker.
+pub fn tls_dir() -> PathBuf {
+    std::env::var_os("CALLME_TEST_TLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("broker").join("tls"))
+}
+
+/// The AMQPS port of the test broker.
+pub fn amqps_port() -> u16 {
+    std::env::var("CALLME_TEST_AMQPS_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5681)
+}
+
+/// Runs `scripts/broker ctl ARGS` (rabbitmqctl against the test node).
+pub fn broker_ctl(args: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/broker"))
+        .arg("ctl")
+        .args(args)
+        .output()
+        .expect("run scripts/broker");
+    assert!(
+        out.status.success(),
+        "scripts/broker ctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh unique id with a readable prefix: `calc-1a2b3c4d`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// The runtime shared by the tests, with its cache under `target/`.
+pub fn runtime() -> Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        Runtime::with_config(RuntimeConfig {
+            cache_dir: Some(target_dir().join("test-cache")),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime")
+    })
+    .clone()
+}
+
+/// Loads a built plugin under `name` with `limits`.
+pub fn load(plugin: &str, name: &str, limits: Limits) -> Plugin {
+    Plugin::load(&runtime(), name, &plugin_bytes(plugin), limits).expect("plugin loads")
+}
+
+/// Connection options for the test broker.
+pub fn connect_options() -> ConnectOptions {
+    ConnectOptions::new(amqp_url())
+}
+
+/// A server connected to the test broker.
+pub async fn server(options: ServerOptions) -> Server {
+    Server::connect(&connect_options(), options)
+        .await
+        .expect("server connects to the test broker (is scripts/broker running?)")
+}
+
+/// A proxy connected to the test broker with a default timeout.
+pub async fn proxy(timeout: Duration) -> Proxy {
+    Proxy::connect_with(&connect_options(), timeout)
+        .await
+        .expect("proxy connects to the test broker")
+}
+
+/// A `callme` child process, killed when dropped.
+pub struct Host {
+    /// The process.
+    pub child: Child,
+}
+
+impl Host {
+    /// Starts `callme serve --plugins DIR` with extra arguments.
+    pub fn serve(dir: &Path, extra: &[&str]) -> Host {
+        let child = Command::new(callme_bin())
+            .arg("serve")
+            .arg("--plugins")
+            .arg(dir)
+            .args(extra)
+            .env("CALLME_AMQP_URL", amqp_url())
+            .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
+            .env("RUST_LOG", "callme=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start callme serve");
+        Host { child }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sets up logging for a test binary once (`RUST_LOG` applies).
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}

@@ -1,0 +1,7 @@
+//! The integration tests: one binary, a real RabbitMQ, real plugins.
+//!
+//! Run through `scripts/test`, which starts the broker node and builds the
+//! plugins and the `callme` binary first.
+
+mod rpc;
+mod runtime;

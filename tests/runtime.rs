@@ -1,0 +1,416 @@
+//! The plugin runtime without a broker: types, arguments, limits, containment.
+
+use std::time::Duration;
+
+use callme::protocol::Args;
+use callme::{Limits, Plugin, PluginError, TimeoutCause};
+use callme_tests::{load, plugin_bytes, runtime};
+use serde_json::{Value, json};
+
+fn pos(args: Vec<Value>) -> Args {
+    Args::positional(args)
+}
+
+fn kw(v: Value) -> Args {
+    Args::keywords(v.as_object().expect("object").clone())
+}
+
+async fn echo(p: &Plugin, func: &str, v: Value) -> Value {
+    p.call(func, &pos(vec![v.clone()]))
+        .await
+        .unwrap_or_else(|e| panic!("{func}({v}) failed: {e}"))
+}
+
+#[tokio::test]
+async fn every_wit_type_round_trips() {
+    let p = load("types", "types", Limits::default());
+    let cases = [
+        ("echo-bool", json!(true)),
+        ("echo-s8", json!(-128)),
+        ("echo-s16", json!(-32768)),
+        ("echo-s32", json!(-2147483648i64)),
+        ("echo-s64", json!(i64::MIN)),
+        ("echo-u8", json!(255)),
+        ("echo-u16", json!(65535)),
+        ("echo-u32", json!(4294967295u64)),
+        ("echo-u64", json!(u64::MAX)),
+        ("echo-f32", json!(1.5)),
+        ("echo-f64", json!(-2.25e100)),
+        ("echo-f64", json!("NaN")),
+        ("echo-f64", json!("-Infinity")),
+        ("echo-char", json!("🦀")),
+        ("echo-string", json!("héllo\nworld")),
+        ("echo-list", json!([1, -2, 3])),
+        ("echo-bytes", json!([0, 255, 7])),
+        ("echo-tuple", json!([7, "seven", false])),
+        ("echo-record", json!({"x": 1, "y": -2, "label": "p"})),
+        ("echo-variant", json!({"circle": 2.5})),
+        (
+            "echo-variant",
+            json!({"rect": {"x": 1, "y": 2, "label": "r"}}),
+        ),
+        ("echo-variant", json!({"empty": null})),
+        ("echo-enum", json!("green")),
+        ("echo-flags", json!(["read", "exec"])),
+        ("echo-flags", json!([])),
+        ("echo-option", json!("some text")),
+        ("echo-option", json!(null)),
+        ("echo-nested", json!([{"x": 0, "y": 0, "label": ""}, null])),
+    ];
+    for (func, v) in cases {
+        assert_eq!(echo(&p, func, v.clone()).await, v, "{func}");
+    }
+    // Flags come back in declaration order, duplicates folded.
+    assert_eq!(
+        echo(&p, "echo-flags", json!(["exec", "read", "exec"])).await,
+        json!(["read", "exec"])
+    );
+    // A payload-less case may be written as a bare string.
+    assert_eq!(
+        echo(&p, "echo-variant", json!("empty")).await,
+        json!({"empty": null})
+    );
+    // A top-level result is the function's own outcome: ok is the value...
+    assert_eq!(echo(&p, "echo-result", json!({"ok": 5})).await, json!(5));
+    // ...and err is a GuestError.
+    let err = p
+        .call("echo-result", &pos(vec![json!({"err": "no"})]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PluginError::GuestError { payload, .. } if payload == &json!("no")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_arguments_name_parameter_and_type() {
+    let p = load("types", "types", Limits::default());
+    let cases = [
+        ("echo-u8", pos(vec![json!(256)]), "u8"),
+        ("echo-u8", pos(vec![json!(-1)]), "u8"),
+        ("echo-s8", pos(vec![json!(1.5)]), "s8"),
+        ("echo-char", pos(vec![json!("ab")]), "char"),
+        ("echo-bool", pos(vec![json!("true")]), "bool"),
+        ("echo-record", pos(vec![json!({"x": 1, "y": 2})]), "label"),
+        (
+            "echo-record",
+            pos(vec![json!({"x": 1, "y": 2, "label": "", "z": 0})]),
+            "z",
+        ),
+        ("echo-enum", pos(vec![json!("purple")]), "enum"),
+        ("echo-flags", pos(vec![json!(["fly"])]), "fly"),
+        (
+            "echo-variant",
+            pos(vec![json!({"triangle": 1})]),
+            "triangle",
+        ),
+        ("echo-tuple", pos(vec![json!([1, "x"])]), "tuple"),
+        ("echo-list", pos(vec![json!([1, "x"])]), "x[1]"),
+        (
+            "describe-point",
+            pos(vec![json!({"x": 1, "y": 2, "label": "a"})]),
+            "scale",
+        ),
+        (
+            "echo-bool",
+            pos(vec![json!(true), json!(false)]),
+            "takes 1 argument",
+        ),
+        (
+            "echo-bool",
+            kw(json!({"y": true})),
+            "unknown keyword argument `y`",
+        ),
+    ];
+    for (func, args, needle) in cases {
+        match p.call(func, &args).await {
+            Err(PluginError::InvalidArguments { message }) => {
+                assert!(
+                    message.contains(needle),
+                    "{func}: `{message}` lacks `{needle}`"
+                )
+            }
+            other => panic!("{func}: expected InvalidArguments, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn keyword_positional_and_dotted_calls() {
+    let calc = load("calc", "calc", Limits::default());
+    assert_eq!(
+        calc.call("add", &pos(vec![json!(1), json!(2)]))
+            .await
+            .unwrap(),
+        json!(3)
+    );
+    assert_eq!(
+        calc.call("add", &kw(json!({"a": 40, "b": 2})))
+            .await
+            .unwrap(),
+        json!(42)
+    );
+    let mixed = Args {
+        args: vec![json!(10)],
+        kwargs: json!({"b": 5}).as_object().unwrap().clone(),
+    };
+    assert_eq!(calc.call("add", &mixed).await.unwrap(), json!(15));
+    assert_eq!(
+        calc.call("stats.mean", &pos(vec![json!([1.0, 2.0, 6.0])]))
+            .await
+            .unwrap(),
+        json!(3.0)
+    );
+    assert_eq!(
+        calc.call("stats.mean", &pos(vec![json!([])]))
+            .await
+            .unwrap(),
+        json!(null)
+    );
+    assert_eq!(
+        calc.call("fib", &pos(vec![json!(20)])).await.unwrap(),
+        json!(6765)
+    );
+    assert_eq!(
+        calc.call("divide", &pos(vec![json!(1.0), json!(4.0)]))
+            .await
+            .unwrap(),
+        json!(0.25)
+    );
+    match calc
+        .call("divide", &pos(vec![json!(1.0), json!(0.0)]))
+        .await
+    {
+        Err(PluginError::GuestError { message, payload }) => {
+            assert!(message.contains("division by zero"));
+            assert_eq!(payload, json!("division by zero"));
+        }
+        other => panic!("expected GuestError, got {other:?}"),
+    }
+    match calc.call("nope", &Args::default()).await {
+        Err(PluginError::NoSuchFunction { name, available }) => {
+            assert_eq!(name, "nope");
+            assert!(available.contains(&"stats.mean".to_string()));
+        }
+        other => panic!("expected NoSuchFunction, got {other:?}"),
+    }
+    let t = load("types", "types", Limits::default());
+    assert_eq!(
+        t.call(
+            "describe-point",
+            &kw(json!({"scale": 3, "p": {"x": 1, "y": 2, "label": "a"}}))
+        )
+        .await
+        .unwrap(),
+        json!("a@(3,6)")
+    );
+}
+
+#[tokio::test]
+async fn exports_are_listed_with_signatures() {
+    let calc = load("calc", "calc", Limits::default());
+    let fns = calc.functions();
+    let sig = |n: &str| {
+        fns.iter()
+            .find(|f| f.name == n)
+            .map(|f| f.signature.clone())
+    };
+    assert_eq!(sig("add").as_deref(), Some("func(a: s64, b: s64) -> s64"));
+    assert_eq!(
+        sig("stats.mean").as_deref(),
+        Some("func(xs: list<f64>) -> option<f64>")
+    );
+    assert_eq!(
+        sig("divide").as_deref(),
+        Some("func(a: f64, b: f64) -> result<f64, string>")
+    );
+    assert_eq!(sig("fib").as_deref(), Some("func(n: u32) -> u64"));
+}
+
+/// Each hostile call, then a good call on the same runtime.
+async fn contained(p: &Plugin, func: &str, args: Args) -> PluginError {
+    let err = p.call(func, &args).await.expect_err(func);
+    let ok = p.call("counter", &Args::default()).await;
+    assert_eq!(ok.unwrap(), json!(1), "the next call after {func} works");
+    err
+}
+
+#[tokio::test]
+async fn runaway_loop_runs_out_of_fuel() {
+    let p = load("hostile", "hostile", Limits::default());
+    let e = contained(&p, "spin", Args::default()).await;
+    assert!(
+        matches!(
+            e,
+            PluginError::Timeout {
+                cause: TimeoutCause::Fuel,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn deadline_stops_a_loop_with_unlimited_fuel() {
+    let limits = Limits {
+        fuel: u64::MAX,
+        deadline: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let p = load("hostile", "hostile", limits);
+    let e = contained(&p, "spin", Args::default()).await;
+    assert!(
+        matches!(
+            e,
+            PluginError::Timeout {
+                cause: TimeoutCause::Deadline,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn blocking_sleep_hits_the_deadline() {
+    let limits = Limits {
+        deadline: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let p = load("hostile", "hostile", limits);
+    let started = std::time::Instant::now();
+    let e = contained(&p, "sleep", pos(vec![json!(60_000)])).await;
+    assert!(
+        matches!(
+            e,
+            PluginError::Timeout {
+                cause: TimeoutCause::Deadline,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn memory_bomb_is_contained() {
+    let p = load("hostile", "hostile", Limits::default());
+    let e = contained(&p, "bomb", Args::default()).await;
+    assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn unbounded_recursion_traps() {
+    let p = load("hostile", "hostile", Limits::default());
+    let e = contained(&p, "recurse", pos(vec![json!(1)])).await;
+    match e {
+        PluginError::Trap { message } => assert!(message.contains("stack"), "{message}"),
+        other => panic!("expected Trap, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn panic_message_reaches_the_caller() {
+    let p = load("hostile", "hostile", Limits::default());
+    let e = contained(&p, "boom", pos(vec![json!("the sky is falling")])).await;
+    match e {
+        PluginError::Trap { message } => {
+            assert!(message.contains("the sky is falling"), "{message}")
+        }
+        other => panic!("expected Trap, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn huge_results_are_refused() {
+    // 200 MiB cannot even be built under the 64 MiB memory cap.
+    let p = load("hostile", "hostile", Limits::default());
+    let e = contained(&p, "huge", pos(vec![json!(200)])).await;
+    assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
+    // 20 MiB fits in memory but not under the 16 MiB result cap.
+    let e = contained(&p, "huge", pos(vec![json!(20)])).await;
+    match e {
+        PluginError::MemoryLimit { message } => assert!(message.contains("result"), "{message}"),
+        other => panic!("expected MemoryLimit, got {other:?}"),
+    }
+    // Under the cap it comes through whole.
+    let v = p.call("huge", &pos(vec![json!(1)])).await.unwrap();
+    assert_eq!(v.as_str().map(str::len), Some(1 << 20));
+}
+
+#[tokio::test]
+async fn files_environment_and_network_are_denied() {
+    let p = load("hostile", "hostile", Limits::default());
+    for (func, arg) in [
+        ("read-file", "/etc/passwd"),
+        ("read-file", "Cargo.toml"),
+        ("read-env", "PATH"),
+        ("connect", "127.0.0.1:5682"),
+    ] {
+        let e = contained(&p, func, pos(vec![json!(arg)])).await;
+        assert!(
+            matches!(e, PluginError::GuestError { .. }),
+            "{func}({arg}): {e:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_state_leaks_between_calls() {
+    let p = load("hostile", "hostile", Limits::default());
+    for _ in 0..5 {
+        assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+    }
+    // A session keeps its instance: the baseline that shows the counter
+    // really counts.
+    let mut s = p.session().await.unwrap();
+    assert_eq!(s.call("counter", &Args::default()).await.unwrap(), json!(1));
+    assert_eq!(s.call("counter", &Args::default()).await.unwrap(), json!(2));
+}
+
+#[tokio::test]
+async fn chatty_guests_are_captured_not_failed() {
+    let p = load("hostile", "hostile", Limits::default());
+    let text = "x".repeat(200_000);
+    assert_eq!(
+        p.call("print", &pos(vec![json!(text)])).await.unwrap(),
+        json!(null)
+    );
+}
+
+#[tokio::test]
+async fn unknown_import_is_refused_at_load() {
+    let e = Plugin::load(
+        &runtime(),
+        "bad",
+        &plugin_bytes("bad-import"),
+        Limits::default(),
+    )
+    .unwrap_err();
+    match e {
+        PluginError::InvalidPlugin { message } => assert!(message.contains("evil"), "{message}"),
+        other => panic!("expected InvalidPlugin, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn garbage_is_refused_at_load() {
+    for bytes in [&b"not wasm"[..], &plugin_bytes("calc")[..1000]] {
+        let e = Plugin::load(&runtime(), "junk", bytes, Limits::default()).unwrap_err();
+        assert!(matches!(e, PluginError::InvalidPlugin { .. }), "{e:?}");
+    }
+}
+
+#[tokio::test]
+async fn second_load_hits_the_compilation_cache() {
+    let rt = runtime();
+    let bytes = plugin_bytes("types");
+    Plugin::load(&rt, "t1", &bytes, Limits::default()).unwrap();
+    let (hits, _) = rt.cache_stats();
+    Plugin::load(&rt, "t2", &bytes, Limits::default()).unwrap();
+    let (hits_after, _) = rt.cache_stats();
+    assert!(hits_after > hits, "cache hits {hits} -> {hits_after}");
+}
