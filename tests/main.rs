@@ -3,5 +3,7 @@
 //! Run through `scripts/test`, which starts the broker node and builds the
 //! plugins and the `callme` binary first.
 
+mod cli;
 mod rpc;
 mod runtime;
+mod security;

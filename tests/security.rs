@@ -1,0 +1,172 @@
+//! TLS, mutual TLS with EXTERNAL auth, and the seed's permission recipes with real broker users.
+
+use std::time::{Duration, Instant};
+
+use callme::protocol::Args;
+use callme::{ConnectOptions, Error, Limits, NativeFunctions, Proxy, Server, ServerOptions};
+use callme_tests::{amqp_url_as, amqps_port, broker_ctl, load, server, tls_dir, unique};
+use serde_json::json;
+
+fn tls(uri: String, client_cert: bool) -> ConnectOptions {
+    let dir = tls_dir();
+    ConnectOptions {
+        uri,
+        ca_file: Some(dir.join("ca.pem")),
+        cert_file: client_cert.then(|| dir.join("client.pem")),
+        key_file: client_cert.then(|| dir.join("client.key")),
+        auto_recover: false,
+    }
+}
+
+async fn round_trip(server_opts: &ConnectOptions, proxy_opts: &ConnectOptions) {
+    let id = unique("tls");
+    let s = Server::connect(server_opts, ServerOptions::default())
+        .await
+        .expect("server over TLS");
+    s.serve_plugin(load("calc", &id, Limits::default()))
+        .await
+        .unwrap();
+    let p = Proxy::connect_with(proxy_opts, Duration::from_secs(10))
+        .await
+        .expect("proxy over TLS");
+    let v: i64 = p.use_server(&id).invoke("add", (20, 22)).await.unwrap();
+    assert_eq!(v, 42);
+}
+
+#[tokio::test]
+async fn tls_with_custom_ca() {
+    let opts = tls(
+        format!("amqps://guest:guest@localhost:{}/%2f", amqps_port()),
+        false,
+    );
+    round_trip(&opts, &opts).await;
+}
+
+#[tokio::test]
+async fn mutual_tls_with_external_auth() {
+    // No user or password in the URI: the broker takes the user from the
+    // client certificate's common name.
+    let opts = tls(format!("amqps://localhost:{}/%2f", amqps_port()), true);
+    round_trip(&opts, &opts).await;
+}
+
+#[tokio::test]
+async fn tls_without_the_ca_is_refused() {
+    let opts = ConnectOptions::new(format!(
+        "amqps://guest:guest@localhost:{}/%2f",
+        amqps_port()
+    ));
+    let e = Proxy::connect_with(&opts, Duration::from_secs(5))
+        .await
+        .err()
+        .expect("untrusted certificate");
+    assert!(
+        matches!(e, Error::Connection(_) | Error::Config(_)),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused_without_showing_it() {
+    let e = Proxy::connect(&amqp_url_as("guest", "not-the-password-xyzzy"))
+        .await
+        .err()
+        .expect("bad password");
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("xyzzy"), "{text}");
+}
+
+fn add_user(user: &str, password: &str) {
+    broker_ctl(&["add_user", user, password]);
+}
+
+fn natives() -> NativeFunctions {
+    let mut f = NativeFunctions::new();
+    f.register("add", "func(a: s64, b: s64) -> s64", |a: Args| {
+        Ok(json!(a.args.iter().filter_map(|v| v.as_i64()).sum::<i64>()))
+    });
+    f
+}
+
+/// The seed's recipes: carl may serve only fooserver; olivia may call only
+/// fooserver. Server ids and users are made unique per run.
+#[tokio::test]
+async fn permission_recipes_decide_who_calls_and_serves_what() {
+    let tag = unique("p").replace('-', "");
+    let (foo, bar) = (format!("foo{tag}"), format!("bar{tag}"));
+    let (carl, olivia) = (format!("carl{tag}"), format!("olivia{tag}"));
+    add_user(&carl, "carl-pw");
+    add_user(&olivia, "olivia-pw");
+    broker_ctl(&[
+        "set_permissions",
+        &carl,
+        &format!("server_{foo}_.*"),
+        &format!("server_{foo}_.*|client_.*_ex_.*"),
+        &format!("server_{foo}_.*"),
+    ]);
+    broker_ctl(&[
+        "set_permissions",
+        &olivia,
+        &format!("client_{olivia}_.*"),
+        &format!("client_{olivia}_.*|server_{foo}_ex"),
+        &format!("client_{olivia}_.*"),
+    ]);
+
+    // carl serves fooserver.
+    let carl_host = Server::connect(
+        &ConnectOptions::new(amqp_url_as(&carl, "carl-pw")),
+        ServerOptions::default(),
+    )
+    .await
+    .expect("carl connects");
+    carl_host
+        .serve_native(&foo, natives())
+        .await
+        .expect("carl may serve fooserver");
+    // carl may not serve barserver, and is told so.
+    let e = carl_host.serve_native(&bar, natives()).await.unwrap_err();
+    match &e {
+        Error::AccessRefused(msg) => assert!(msg.contains(&bar), "{msg}"),
+        other => panic!("expected AccessRefused, got {other:?}"),
+    }
+    // Someone allowed to serves barserver.
+    let guest_host = server(ServerOptions::default()).await;
+    guest_host.serve_native(&bar, natives()).await.unwrap();
+
+    // olivia calls fooserver (answered by carl's host).
+    let olivia_proxy = Proxy::connect_with(
+        &ConnectOptions::new(amqp_url_as(&olivia, "olivia-pw")),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("olivia connects");
+    let v: i64 = olivia_proxy
+        .use_server(&foo)
+        .invoke("add", (1, 1))
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    // olivia may not call barserver: refused at once, not a timeout.
+    let started = Instant::now();
+    let e = olivia_proxy
+        .use_server(&bar)
+        .call("add", Args::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::AccessRefused(_)), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the refusal does not break her proxy.
+    let v: i64 = olivia_proxy
+        .use_server(&foo)
+        .invoke("add", (2, 2))
+        .await
+        .unwrap();
+    assert_eq!(v, 4);
+
+    broker_ctl(&["delete_user", &carl]);
+    broker_ctl(&["delete_user", &olivia]);
+}
