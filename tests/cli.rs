@@ -3,7 +3,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use callme_tests::{Host, amqp_url, callme_bin, eventually, plugin_path, unique};
+use callme_tests::{Host, amqp_url, callme_bin, eventually, plugin_path, tempdir, unique};
 use serde_json::Value;
 
 fn callme(args: &[&str]) -> Output {
@@ -104,13 +104,4 @@ async fn serve_call_and_describe_end_to_end() {
     host.terminate();
     assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");
     std::fs::remove_dir_all(&dir).ok();
-}
-
-/// A fresh directory under the target dir.
-pub fn tempdir() -> std::path::PathBuf {
-    let dir = callme_tests::target_dir()
-        .join("test-dirs")
-        .join(unique("d"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

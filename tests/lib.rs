@@ -157,24 +157,61 @@ pub async fn proxy(timeout: Duration) -> Proxy {
 pub struct Host {
     /// The process.
     pub child: Child,
+    /// Where its log goes.
+    pub log: PathBuf,
 }
 
 impl Host {
-    /// Starts `callme serve --plugins DIR` with extra arguments.
+    /// Starts `callme serve --plugins DIR` with extra arguments; its log
+    /// goes to `DIR.log`.
     pub fn serve(dir: &Path, extra: &[&str]) -> Host {
+        Host::serve_with_cache(dir, extra, &target_dir().join("test-cache"))
+    }
+
+    /// As [`Host::serve`], with its own compilation cache directory.
+    pub fn serve_with_cache(dir: &Path, extra: &[&str], cache: &Path) -> Host {
+        let log = dir.with_extension("log");
+        let log_file = std::fs::File::create(&log).expect("create host log");
         let child = Command::new(callme_bin())
             .arg("serve")
             .arg("--plugins")
             .arg(dir)
             .args(extra)
             .env("CALLME_AMQP_URL", amqp_url())
-            .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
+            .env("CALLME_CACHE_DIR", cache)
             .env("RUST_LOG", "callme=info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file)
             .spawn()
             .expect("start callme serve");
-        Host { child }
+        Host { child, log }
+    }
+
+    /// The host's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the host logs that it is ready (every plugin already in
+    /// the directory served); panics with the log if it exits or takes
+    /// longer than `limit`.
+    pub fn wait_ready(&mut self, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(" ready") {
+                return start.elapsed();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("callme serve exited with {status}: {}", self.log_text());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "host not ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends SIGTERM.
@@ -202,6 +239,20 @@ impl Drop for Host {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A fresh directory under the target dir.
+pub fn tempdir() -> PathBuf {
+    let dir = target_dir().join("test-dirs").join(unique("d"));
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// Copies `from` into `dir/name` the safe way: a dotfile, then a rename.
+pub fn deploy(from: &Path, dir: &Path, name: &str) {
+    let tmp = dir.join(format!(".{name}.incoming"));
+    std::fs::copy(from, &tmp).expect("copy plugin");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename plugin into place");
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `limit` passes.

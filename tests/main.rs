@@ -4,6 +4,7 @@
 //! plugins and the `callme` binary first.
 
 mod cli;
+mod deploy;
 mod rpc;
 mod runtime;
 mod security;

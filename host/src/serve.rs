@@ -1,11 +1,13 @@
 //! `callme serve`: a host that serves a plugins directory until told to stop.
 //!
-//! Connects, serves every plugin already in the directory (reporting ready
-//! only then), follows the directory, and on SIGTERM or Ctrl-C stops
-//! taking requests, finishes the calls it has, and returns.
+//! [`Host::start`] connects, serves every plugin already in the directory
+//! and only then returns (so "ready" means every plugin answers);
+//! [`Host::run_until`] follows the directory until a stop signal, then
+//! stops taking requests and finishes the calls it has. [`run`] is both,
+//! stopped by SIGTERM or Ctrl-C.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::info;
 
@@ -28,38 +30,103 @@ pub struct ServeOptions {
     pub grace: Duration,
 }
 
+/// A running host: connected, serving its plugins directory.
+pub struct Host {
+    server: Server,
+    runtime: Runtime,
+    deployer: Deployer,
+    grace: Duration,
+}
+
+impl Host {
+    /// Connects and serves every plugin in the directory; returns when all
+    /// of them are served.
+    ///
+    /// # Errors
+    ///
+    /// When the engine, the broker or the plugins directory cannot be used.
+    pub async fn start(options: ServeOptions) -> Result<Host, Error> {
+        let started = Instant::now();
+        let runtime = Runtime::with_config(options.runtime.clone())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let server = Server::connect(&options.connect, options.server.clone()).await?;
+        let mut deployer =
+            Deployer::new(options.plugins_dir.clone(), runtime.clone(), server.clone())?;
+        let count = deployer.load_all().await?;
+        let (hits, misses) = runtime.cache_stats();
+        info!(
+            target: "callme::server",
+            dir = %options.plugins_dir.display(),
+            plugins = count,
+            cache_hits = hits,
+            cache_misses = misses,
+            elapsed = ?started.elapsed(),
+            "ready"
+        );
+        Ok(Host {
+            server,
+            runtime,
+            deployer,
+            grace: options.grace,
+        })
+    }
+
+    /// The server, to serve more (native functions, say) beside the directory.
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// The plugin runtime.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Follows the directory until `stop` resolves, then shuts down
+    /// gracefully.
+    ///
+    /// # Errors
+    ///
+    /// When the broker connection is lost or the directory can no longer
+    /// be watched.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), Error> {
+        let Host {
+            server,
+            deployer,
+            grace,
+            ..
+        } = self;
+        let watch = tokio::spawn(deployer.watch());
+        let outcome = tokio::select! {
+            _ = stop => {
+                info!(target: "callme::server", ?grace, "stopping: finishing running calls");
+                server.shutdown(grace).await;
+                Ok(())
+            }
+            _ = server.closed() => Err(Error::Config("the broker connection was lost".into())),
+            r = watch => match r {
+                Ok(Err(e)) => Err(e),
+                _ => Err(Error::Config("the plugins directory watcher stopped".into())),
+            },
+        };
+        info!(target: "callme::server", "stopped");
+        outcome
+    }
+}
+
 /// Runs the host until SIGTERM/Ctrl-C or the loss of the broker.
 ///
 /// # Errors
 ///
-/// When the broker or the plugins directory cannot be used at start, or
-/// the connection is lost.
+/// As [`Host::start`] and [`Host::run_until`].
 pub async fn run(options: ServeOptions) -> Result<(), Error> {
-    let runtime =
-        Runtime::with_config(options.runtime.clone()).map_err(|e| Error::Config(e.to_string()))?;
-    let server = Server::connect(&options.connect, options.server.clone()).await?;
-    let mut deployer = Deployer::new(options.plugins_dir.clone(), runtime, server.clone());
-    deployer.load_all().await?;
-    info!(target: "callme::server", dir = %options.plugins_dir.display(), "ready");
-
-    let watch = tokio::spawn(deployer.watch());
-    let outcome = tokio::select! {
-        _ = shutdown_signal() => {
-            info!(target: "callme::server", grace = ?options.grace, "stopping: finishing running calls");
-            server.shutdown(options.grace).await;
-            Ok(())
-        }
-        _ = server.closed() => Err(Error::Config("the broker connection was lost".into())),
-        r = watch => match r {
-            Ok(Err(e)) => Err(e),
-            _ => Err(Error::Config("the plugins directory watcher stopped".into())),
-        },
-    };
-    info!(target: "callme::server", "stopped");
-    outcome
+    Host::start(options)
+        .await?
+        .run_until(shutdown_signal())
+        .await
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

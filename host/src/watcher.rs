@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-use notify::{RecursiveMode, Watcher};
+use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -72,20 +72,55 @@ pub(crate) struct Deployer {
     runtime: Runtime,
     server: Server,
     known: HashMap<String, Known>,
+    events: mpsc::UnboundedReceiver<String>,
+    _watcher: notify::RecommendedWatcher,
 }
 
 impl Deployer {
-    pub(crate) fn new(dir: PathBuf, runtime: Runtime, server: Server) -> Self {
-        Deployer {
+    /// Starts watching `dir` at once, so nothing that changes while the
+    /// initial load runs is missed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the directory cannot be watched.
+    pub(crate) fn new(dir: PathBuf, runtime: Runtime, server: Server) -> Result<Self, Error> {
+        let (tx, events) = mpsc::unbounded_channel::<String>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                // A `cp` over a file shows as create/modify events and then a
+                // close-after-write: act on the close, never on a file still
+                // being written. Renames and moves are atomic.
+                let relevant = matches!(
+                    event.kind,
+                    EventKind::Access(AccessKind::Close(AccessMode::Write))
+                        | EventKind::Modify(ModifyKind::Name(_))
+                        | EventKind::Remove(_)
+                );
+                if relevant {
+                    for path in &event.paths {
+                        if let Some(name) = plugin_name(path) {
+                            let _ = tx.send(name);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", dir.display())))?;
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", dir.display())))?;
+        Ok(Deployer {
             dir,
             runtime,
             server,
             known: HashMap::new(),
-        }
+            events,
+            _watcher: watcher,
+        })
     }
 
-    /// Loads and serves every plugin in the directory.
-    pub(crate) async fn load_all(&mut self) -> Result<(), Error> {
+    /// Loads and serves every plugin in the directory; how many serve.
+    pub(crate) async fn load_all(&mut self) -> Result<usize, Error> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| {
             Error::Config(format!(
                 "cannot read plugins directory {}: {e}",
@@ -98,10 +133,10 @@ impl Deployer {
             .filter_map(|e| plugin_name(&e.path()))
             .collect();
         names.sort();
-        for name in names {
-            self.reconcile(&name).await?;
+        for name in &names {
+            self.reconcile(name).await?;
         }
-        Ok(())
+        Ok(names.iter().filter(|n| self.server.is_serving(n)).count())
     }
 
     /// Brings server id `name` in line with the directory.
@@ -189,36 +224,13 @@ impl Deployer {
         Ok(())
     }
 
-    /// Follows the directory until the watcher fails.
+    /// Follows the directory until the watcher stops.
     pub(crate) async fn watch(mut self) -> Result<(), Error> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                let relevant = matches!(
-                    event.kind,
-                    EventKind::Access(AccessKind::Close(AccessMode::Write))
-                        | EventKind::Modify(ModifyKind::Name(_))
-                        | EventKind::Remove(_)
-                        | EventKind::Create(_)
-                );
-                if relevant {
-                    for path in &event.paths {
-                        if let Some(name) = plugin_name(path) {
-                            let _ = tx.send(name);
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", self.dir.display())))?;
-        watcher
-            .watch(&self.dir, RecursiveMode::NonRecursive)
-            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", self.dir.display())))?;
         info!(target: "callme::server", dir = %self.dir.display(), "watching for plugins");
-        while let Some(first) = rx.recv().await {
+        while let Some(first) = self.events.recv().await {
             let mut names = HashSet::from([first]);
             tokio::time::sleep(SETTLE).await;
-            while let Ok(n) = rx.try_recv() {
+            while let Ok(n) = self.events.try_recv() {
                 names.insert(n);
             }
             for name in names {

@@ -29,6 +29,11 @@ impl Guest for Calc {
         Ok(a / b)
     }
 
+    fn slow_version(ms: u32) -> String {
+        std::thread::sleep(std::time::Duration::from_millis(u64::from(ms)));
+        Self::version()
+    }
+
     fn version() -> String {
         option_env!("CALC_VERSION").unwrap_or("1").to_string()
     }

@@ -1,0 +1,268 @@
+//! Hot deploy: copy, rename, move, swap under load, broken files, delete, sidecars.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use callme::protocol::Args;
+use callme::{Error, ErrorKind, Proxy};
+use callme_tests::{Host, deploy, eventually, plugin_path, proxy, tempdir, unique};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn version(p: &Proxy, id: &str) -> Result<Value, Error> {
+    p.use_server(id).call("version", Args::default()).await
+}
+
+/// Waits until `id` answers `version` with `want`.
+async fn wait_version(p: &Proxy, id: &str, want: &str) {
+    let got = eventually(WAIT, || async {
+        (version(p, id).await.ok() == Some(json!(want))).then_some(())
+    })
+    .await;
+    assert!(got.is_some(), "{id} never answered version {want}");
+}
+
+/// Deploys a good plugin under another name and waits for it: the host
+/// handles changes in order, so everything before it has been handled.
+async fn barrier(p: &Proxy, dir: &Path) {
+    let id = unique("barrier");
+    deploy(&plugin_path("calc"), dir, &format!("{id}.wasm"));
+    wait_version(p, &id, "1").await;
+}
+
+#[tokio::test]
+async fn deploy_by_cp_rename_and_move() {
+    let dir = tempdir();
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+
+    let by_cp = unique("cp");
+    std::fs::copy(plugin_path("calc"), dir.join(format!("{by_cp}.wasm"))).unwrap();
+    let by_rename = unique("rename");
+    deploy(&plugin_path("calc"), &dir, &format!("{by_rename}.wasm"));
+    let by_move = unique("move");
+    let elsewhere = tempdir();
+    let staged = elsewhere.join(format!("{by_move}.wasm"));
+    std::fs::copy(plugin_path("calc"), &staged).unwrap();
+    std::fs::rename(&staged, dir.join(format!("{by_move}.wasm"))).unwrap();
+
+    for id in [&by_cp, &by_rename, &by_move] {
+        wait_version(&p, id, "1").await;
+    }
+    // Ignored names are never served.
+    std::fs::copy(plugin_path("calc"), dir.join(".hidden.wasm")).unwrap();
+    barrier(&p, &dir).await;
+    let e = version(&p, "hidden").await.unwrap_err();
+    assert!(matches!(e, Error::NoSuchServer(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn swap_under_load_never_fails_a_call() {
+    let dir = tempdir();
+    let id = unique("swap");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--concurrency", "16"]);
+    host.wait_ready(WAIT);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut callers = Vec::new();
+    for _ in 0..4 {
+        let p = proxy(Duration::from_secs(20)).await;
+        let (id, stop, ok, failed) = (id.clone(), stop.clone(), ok.clone(), failed.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match version(&p, &id).await {
+                    Ok(v) if v == json!("1") || v == json!("2") => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        eprintln!("bad answer during swaps: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+
+    let p = proxy(Duration::from_secs(20)).await;
+    let swaps = 50;
+    for i in 0..swaps {
+        let (file, want) = if i % 2 == 0 {
+            ("calc-v2", "2")
+        } else {
+            ("calc", "1")
+        };
+        // Alternate the two ways users deploy: rename into place, and cp over.
+        if i % 4 < 2 {
+            deploy(&plugin_path(file), &dir, &format!("{id}.wasm"));
+        } else {
+            std::fs::copy(plugin_path(file), dir.join(format!("{id}.wasm"))).unwrap();
+        }
+        wait_version(&p, &id, want).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("swaps: {swaps}, calls answered: {ok}, failed: {failed}");
+    assert_eq!(failed, 0, "calls failed during swaps");
+    assert!(ok > 100, "the load was real: {ok} calls");
+    // The last swap put version 1 in place: only it answers now.
+    for _ in 0..20 {
+        assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
+    }
+}
+
+#[tokio::test]
+async fn broken_files_leave_the_old_version_serving() {
+    let dir = tempdir();
+    let id = unique("broken");
+    let file = format!("{id}.wasm");
+    deploy(&plugin_path("calc"), &dir, &file);
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    let v2 = std::fs::read(plugin_path("calc-v2")).unwrap();
+    let junk = tempdir();
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("corrupt", b"\0asm this is not a component".to_vec()),
+        ("truncated", v2[..v2.len() / 2].to_vec()),
+        (
+            "unknown import",
+            std::fs::read(plugin_path("bad-import")).unwrap(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let staged = junk.join(format!("{what}.wasm"));
+        std::fs::write(&staged, bytes).unwrap();
+        deploy(&staged, &dir, &file);
+        barrier(&p, &dir).await;
+        assert_eq!(
+            version(&p, &id).await.unwrap(),
+            json!("1"),
+            "after a {what} file"
+        );
+        let log = host.log_text();
+        assert!(
+            log.contains("refused") && log.contains(&id),
+            "no clear error for {what}: {log}"
+        );
+    }
+    // A good file after the broken ones is picked up.
+    deploy(&plugin_path("calc-v2"), &dir, &file);
+    wait_version(&p, &id, "2").await;
+}
+
+#[tokio::test]
+async fn delete_then_restore() {
+    let dir = tempdir();
+    let id = unique("delete");
+    let file = dir.join(format!("{id}.wasm"));
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    std::fs::remove_file(&file).unwrap();
+    let gone = eventually(WAIT, || async {
+        matches!(version(&p, &id).await, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "deleted plugin still answers");
+
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    wait_version(&p, &id, "1").await;
+}
+
+#[tokio::test]
+async fn sidecar_limits_apply_and_revert() {
+    let dir = tempdir();
+    let id = unique("sidecar");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(20)).await;
+    let fib35 = || async {
+        p.use_server(&id)
+            .call("fib", Args::positional(vec![json!(35)]))
+            .await
+    };
+    assert_eq!(fib35().await.unwrap(), json!(9227465));
+
+    let sidecar = dir.join(format!("{id}.toml"));
+    std::fs::write(&sidecar, "fuel = 10000000\n").unwrap();
+    let limited = eventually(WAIT, || async {
+        match fib35().await {
+            Err(Error::Remote(r)) if r.kind == ErrorKind::Timeout => Some(r.data),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(limited, Some(json!("fuel")));
+
+    // An invalid sidecar keeps the previous settings and says why.
+    std::fs::write(&sidecar, "fuel = 10000000\nfeul = 1\n").unwrap();
+    barrier(&p, &dir).await;
+    assert!(matches!(fib35().await, Err(Error::Remote(r)) if r.kind == ErrorKind::Timeout));
+    assert!(host.log_text().contains("feul"), "{}", host.log_text());
+
+    std::fs::remove_file(&sidecar).unwrap();
+    let restored = eventually(WAIT, || async { fib35().await.ok() }).await;
+    assert_eq!(restored, Some(json!(9227465)));
+}
+
+#[tokio::test]
+async fn running_call_finishes_on_the_old_version() {
+    let dir = tempdir();
+    let id = unique("inflight");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(20)).await;
+    wait_version(&p, &id, "1").await;
+
+    let slow = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move {
+            sp.call("slow-version", Args::positional(vec![json!(1500)]))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let swapped_at = Instant::now();
+    deploy(&plugin_path("calc-v2"), &dir, &format!("{id}.wasm"));
+    wait_version(&p, &id, "2").await;
+    assert!(
+        swapped_at.elapsed() < Duration::from_millis(1200),
+        "swap finished while the call ran"
+    );
+    assert_eq!(slow.await.unwrap().unwrap(), json!("1"));
+}
+
+#[tokio::test]
+async fn start_serves_everything_before_ready_and_describe_shows_version() {
+    let dir = tempdir();
+    let ids: Vec<String> = (0..3).map(|_| unique("boot")).collect();
+    for id in &ids {
+        deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    }
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    let hash = callme::plugin::content_hash(&std::fs::read(plugin_path("calc")).unwrap());
+    for id in &ids {
+        // No retry: ready means serving.
+        assert_eq!(version(&p, id).await.unwrap(), json!("1"));
+        let d = p.use_server(id).describe().await.unwrap();
+        assert_eq!(d["version"], json!(hash));
+    }
+}
