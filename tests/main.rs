@@ -5,6 +5,7 @@
 
 mod cli;
 mod deploy;
+mod reliability;
 mod rpc;
 mod runtime;
 mod security;

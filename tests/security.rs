@@ -14,7 +14,7 @@ fn tls(uri: String, client_cert: bool) -> ConnectOptions {
         ca_file: Some(dir.join("ca.pem")),
         cert_file: client_cert.then(|| dir.join("client.pem")),
         key_file: client_cert.then(|| dir.join("client.key")),
-        auto_recover: false,
+        auto_recover: true,
     }
 }
 

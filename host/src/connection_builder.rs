@@ -16,7 +16,7 @@ use crate::Error;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 
 /// How to reach the broker.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ConnectOptions {
     /// `amqp://user:pass@host:port/vhost` or `amqps://...`.
     pub uri: String,
@@ -27,8 +27,21 @@ pub struct ConnectOptions {
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
-    /// Reconnect by itself when the connection is lost.
+    /// Reconnect by itself when the connection is lost, re-declaring
+    /// exchanges, queues and consumers (on by default).
     pub auto_recover: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            uri: DEFAULT_AMQP_URL.to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            auto_recover: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for ConnectOptions {

@@ -63,7 +63,8 @@ impl Drop for Inner {
 
 impl Proxy {
     /// Connects to the broker at `uri` (plain AMQP or TLS without client
-    /// certificate) with the default timeout.
+    /// certificate) with the default timeout. The connection recovers by
+    /// itself when the broker comes back after an outage.
     ///
     /// # Errors
     ///
@@ -138,14 +139,26 @@ impl Proxy {
         let pending: Pending = Arc::default();
         let replies = pending.clone();
         tokio::spawn(async move {
-            // Keep the channel alive as long as the consumer runs.
-            let _consume = consume;
             while let Some(delivery) = consumer.next().await {
                 let delivery = match delivery {
                     Ok(d) => d,
                     Err(e) => {
-                        warn!(target: "callme::proxy", error = %e, "reply consumer stopped");
-                        break;
+                        // Replies to calls made before the outage are lost
+                        // with the broker's non-durable queues: fail those
+                        // calls now rather than let them wait out their
+                        // timeouts.
+                        replies.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                        warn!(target: "callme::proxy", error = %e, "lost the broker: waiting for recovery");
+                        match consume.wait_for_recovery(e).await {
+                            Ok(()) => {
+                                debug!(target: "callme::proxy", "recovered");
+                                continue;
+                            }
+                            Err(e) => {
+                                warn!(target: "callme::proxy", error = %e, "reply consumer stopped");
+                                break;
+                            }
+                        }
                     }
                 };
                 let Some(corr) = delivery.properties.correlation_id().as_ref() else {

@@ -307,10 +307,12 @@ impl Server {
         let _ = self.inner.conn.close(200, "shutdown".into()).await;
     }
 
-    /// Resolves when the broker connection is lost for good.
+    /// Resolves when the broker connection is lost for good (not while it
+    /// is being recovered).
     pub async fn closed(&self) {
         loop {
-            if !self.inner.conn.status().connected() {
+            let status = self.inner.conn.status();
+            if status.closed() || (status.errored() && !status.reconnecting()) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -404,8 +406,17 @@ impl Server {
                 let delivery = match delivery {
                     Ok(d) => d,
                     Err(e) => {
-                        error!(target: "callme::server", server_id = %id, error = %e, "consumer failed");
-                        break;
+                        warn!(target: "callme::server", server_id = %id, error = %e, "lost the broker: waiting for recovery");
+                        match channel.wait_for_recovery(e).await {
+                            Ok(()) => {
+                                info!(target: "callme::server", server_id = %id, "recovered: consuming again");
+                                continue;
+                            }
+                            Err(e) => {
+                                error!(target: "callme::server", server_id = %id, error = %e, "consumer failed");
+                                break;
+                            }
+                        }
                     }
                 };
                 // Both semaphores stay open for the server's lifetime.

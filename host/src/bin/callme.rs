@@ -47,13 +47,14 @@ struct Broker {
 }
 
 impl Broker {
-    fn options(&self) -> ConnectOptions {
+    /// One-shot commands fail fast; `serve` rides out broker restarts.
+    fn options(&self, recover: bool) -> ConnectOptions {
         ConnectOptions {
             uri: self.amqp_url.clone(),
             ca_file: self.ca_file.clone(),
             cert_file: self.cert_file.clone(),
             key_file: self.key_file.clone(),
-            auto_recover: false,
+            auto_recover: recover,
         }
     }
 }
@@ -187,7 +188,7 @@ async fn run(command: Command) -> ExitCode {
                 config.cache_dir = cache_dir;
             }
             let serve = callme::serve::ServeOptions {
-                connect: broker.options(),
+                connect: broker.options(true),
                 plugins_dir: plugins,
                 server: callme::ServerOptions {
                     concurrency,
@@ -297,7 +298,7 @@ where
             ));
         }
     };
-    let proxy = match Proxy::connect_with(&broker.options(), timeout).await {
+    let proxy = match Proxy::connect_with(&broker.options(false), timeout).await {
         Ok(p) => p,
         Err(e) => return fail_error(&e),
     };

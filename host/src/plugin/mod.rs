@@ -257,6 +257,16 @@ impl Plugin {
         self.finish(store, export, outcome, started)
     }
 
+    /// Checks `args` against `func`'s parameters without calling it.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::NoSuchFunction`] or [`PluginError::InvalidArguments`],
+    /// exactly as [`Plugin::call`] would report them.
+    pub fn check_args(&self, func: &str, args: &Args) -> Result<(), PluginError> {
+        bind_args(self.export(func)?, args).map(drop)
+    }
+
     /// Starts a session: one instance that serves several calls in
     /// sequence. Limits still apply per call; the session must be dropped
     /// after any error, since the guest may be left in a broken state.

@@ -1,0 +1,625 @@
+//! The bad day: malformed messages, crashes, shutdowns, runaway neighbours, fuzzed input.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use callme::protocol::{Args, Request, server_exchange};
+use callme::{Error, ErrorKind, Limits, ServerOptions};
+use callme_tests::{Host, deploy, load, plugin_path, proxy, server, tempdir, unique};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use serde_json::{Value, json};
+
+/// A raw AMQP client that sends arbitrary bytes and collects replies.
+struct RawClient {
+    _conn: Connection,
+    channel: lapin::Channel,
+    reply_exchange: String,
+    replies: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+}
+
+impl RawClient {
+    async fn connect() -> RawClient {
+        let conn = Connection::connect(&callme_tests::amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let uid = uuid::Uuid::new_v4().simple().to_string();
+        let reply_exchange = format!("client_guest_ex_{uid}");
+        let queue = format!("client_guest_queue_{uid}");
+        channel
+            .exchange_declare(
+                reply_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                reply_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "raw".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let corr = d
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                let body: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
+                let _ = tx.send((corr, body));
+            }
+        });
+        RawClient {
+            _conn: conn,
+            channel,
+            reply_exchange,
+            replies,
+        }
+    }
+
+    async fn send(
+        &self,
+        server: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        reply: bool,
+        corr: Option<&str>,
+    ) {
+        let mut props = BasicProperties::default();
+        if let Some(ct) = content_type {
+            props = props.with_content_type(ct.into());
+        }
+        if reply {
+            props = props.with_reply_to(self.reply_exchange.as_str().into());
+        }
+        if let Some(c) = corr {
+            props = props.with_correlation_id(c.into());
+        }
+        self.channel
+            .basic_publish(
+                server_exchange(server).as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    async fn reply(&mut self, corr: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.replies.recv()).await {
+                Ok(Some((c, body))) if c == corr => return body,
+                Ok(Some(_)) => continue,
+                _ => panic!("no reply for {corr}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
+    let id = unique("badmsg");
+    let s = server(ServerOptions::default()).await;
+    s.serve_plugin(load("calc", &id, Limits::default()))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let mut raw = RawClient::connect().await;
+
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let huge = format!(r#"{{"func":"add","args":["{}"]}}"#, "x".repeat(5 << 20));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        (
+            "garbage",
+            vec![0, 159, 146, 150, 1, 2, 3],
+            Some("application/json"),
+        ),
+        (
+            "invalid utf-8",
+            b"{\"func\": \"\xff\xfe\"}".to_vec(),
+            Some("application/json"),
+        ),
+        ("too large", huge.into_bytes(), Some("application/json")),
+        (
+            "deeply nested",
+            nested.into_bytes(),
+            Some("application/json"),
+        ),
+        (
+            "wrong content type",
+            br#"{"func":"add","args":[1,2]}"#.to_vec(),
+            Some("text/plain"),
+        ),
+        ("not a request", br#"{"fn":"add"}"#.to_vec(), None),
+    ];
+    for (what, body, ct) in cases {
+        let corr = unique("c");
+        raw.send(&id, &body, ct, true, Some(&corr)).await;
+        let reply = raw.reply(&corr).await;
+        assert_eq!(reply["error"]["type"], "BadRequest", "{what}: {reply}");
+        let v: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+        assert_eq!(v, 3, "serving after {what}");
+    }
+    // Unanswerable requests are dropped, and nothing else is disturbed.
+    raw.send(
+        &id,
+        br#"{"func":"add","args":[1,2]}"#,
+        Some("application/json"),
+        false,
+        Some("x"),
+    )
+    .await;
+    raw.send(
+        &id,
+        br#"{"func":"add","args":[1,2]}"#,
+        Some("application/json"),
+        true,
+        None,
+    )
+    .await;
+    let v: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
+    assert_eq!(v, 4);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
+    let dir = tempdir();
+    let id = unique("graceful");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut a = Host::serve(&dir, &["--concurrency", "2", "--grace", "20"]);
+    a.wait_ready(Duration::from_secs(30));
+    let dir_b = tempdir();
+    deploy(&plugin_path("calc"), &dir_b, &format!("{id}.wasm"));
+    let mut b = Host::serve(&dir_b, &["--concurrency", "2"]);
+    b.wait_ready(Duration::from_secs(30));
+
+    let p = proxy(Duration::from_secs(30)).await;
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move {
+                sp.call("slow-version", Args::positional(vec![json!(800)]))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.terminate();
+    let results = join_all(calls).await;
+    let answered = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
+        .count();
+    eprintln!(
+        "graceful shutdown: calls 10, answered {answered}, lost {}",
+        10 - answered
+    );
+    assert_eq!(answered, 10, "{results:?}");
+    assert_eq!(
+        a.wait(Duration::from_secs(25)),
+        Some(0),
+        "exit 0 after SIGTERM: {}",
+        a.log_text()
+    );
+    assert!(
+        a.log_text().contains("all calls answered"),
+        "{}",
+        a.log_text()
+    );
+    drop(b);
+}
+
+#[tokio::test]
+async fn host_killed_mid_call_loses_nothing() {
+    let (dir_a, dir_b) = (tempdir(), tempdir());
+    let id = unique("crash");
+    deploy(&plugin_path("calc"), &dir_a, &format!("{id}.wasm"));
+    deploy(&plugin_path("calc"), &dir_b, &format!("{id}.wasm"));
+    let mut a = Host::serve(&dir_a, &["--concurrency", "4"]);
+    let mut b = Host::serve(&dir_b, &["--concurrency", "4"]);
+    a.wait_ready(Duration::from_secs(30));
+    b.wait_ready(Duration::from_secs(30));
+
+    let p = proxy(Duration::from_secs(30)).await;
+    let n = 24;
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move {
+                sp.call("slow-version", Args::positional(vec![json!(500)]))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    a.child.kill().unwrap();
+    let results = join_all(calls).await;
+    let answered = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
+        .count();
+    eprintln!(
+        "host crash: calls {n}, answered {answered}, lost {}",
+        n - answered
+    );
+    assert_eq!(answered, n, "{results:?}");
+    drop(b);
+}
+
+#[tokio::test]
+async fn runaway_plugin_does_not_starve_its_neighbours() {
+    let (good, bad) = (unique("good"), unique("runaway"));
+    let s = server(ServerOptions {
+        concurrency: 4,
+        ..ServerOptions::default()
+    })
+    .await;
+    s.serve_plugin(load("calc", &good, Limits::default()))
+        .await
+        .unwrap();
+    s.serve_plugin(load("hostile", &bad, Limits::default()))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+
+    let baseline = latencies(&p, &good, 50).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammers: Vec<_> = (0..8)
+        .map(|i| {
+            let (sp, stop) = (p.use_server(&bad), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let f = if i % 2 == 0 { "spin" } else { "bomb" };
+                    let e = sp.call(f, Args::default()).await.unwrap_err();
+                    let kind = e.remote().map(|r| r.kind);
+                    assert!(
+                        matches!(kind, Some(ErrorKind::Timeout | ErrorKind::MemoryLimit)),
+                        "{e:?}"
+                    );
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let under_load = latencies(&p, &good, 50).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runaway: i32 = join_all(hammers)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .sum();
+    eprintln!(
+        "isolation: add p50 {:?} alone, {:?} beside {runaway} runaway calls (p99 {:?} -> {:?})",
+        baseline.0, under_load.0, baseline.1, under_load.1
+    );
+}
+
+/// p50 and p99 of `n` sequential `add` calls, all of which must succeed.
+async fn latencies(p: &callme::Proxy, id: &str, n: usize) -> (Duration, Duration) {
+    let mut samples = Vec::new();
+    for i in 0..n as i64 {
+        let t = Instant::now();
+        let v: i64 = p.use_server(id).invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(v, i + 1);
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    (samples[n / 2], samples[n * 99 / 100])
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        ".{0,8}".prop_map(Value::from),
+        prop_oneof![
+            Just("NaN"),
+            Just("Infinity"),
+            Just("read"),
+            Just("green"),
+            Just("empty"),
+            Just("ok")
+        ]
+        .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    ".{0,6}".boxed(),
+                    prop_oneof![
+                        Just("x".to_string()),
+                        Just("y".to_string()),
+                        Just("label".to_string()),
+                        Just("some".to_string()),
+                        Just("err".to_string()),
+                        Just("rect".to_string()),
+                        Just("circle".to_string())
+                    ]
+                    .boxed()
+                ],
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+const TYPES_FUNCS: &[&str] = &[
+    "echo-bool",
+    "echo-s8",
+    "echo-u16",
+    "echo-s64",
+    "echo-u64",
+    "echo-f32",
+    "echo-char",
+    "echo-string",
+    "echo-list",
+    "echo-bytes",
+    "echo-tuple",
+    "echo-record",
+    "echo-variant",
+    "echo-enum",
+    "echo-flags",
+    "echo-option",
+    "echo-result",
+    "echo-nested",
+    "describe-point",
+];
+
+proptest! {
+    // PROPTEST_CASES sets the count: small in CI, 1,000,000 in the
+    // dedicated run (see docs/reliability.md).
+    #[test]
+    fn request_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = Request::decode(&bytes, 1 << 20);
+    }
+
+    #[test]
+    fn request_decoder_accepts_exactly_requests(v in arb_json()) {
+        let body = serde_json::to_vec(&v).unwrap();
+        if let Ok(r) = Request::decode(&body, 1 << 20) {
+            prop_assert!(v.get("func").is_some_and(Value::is_string));
+            prop_assert_eq!(Request::decode(&r.encode(), 1 << 20).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn json_to_wit_conversion_never_panics(
+        func in prop::sample::select(TYPES_FUNCS),
+        args in prop::collection::vec(arb_json(), 0..3),
+    ) {
+        let plugin = types_plugin();
+        match plugin.check_args(func, &Args::positional(args)) {
+            Ok(()) | Err(callme::PluginError::InvalidArguments { .. }) => {}
+            Err(other) => prop_assert!(false, "unexpected {other:?}"),
+        }
+    }
+}
+
+fn types_plugin() -> &'static callme::Plugin {
+    static P: std::sync::OnceLock<callme::Plugin> = std::sync::OnceLock::new();
+    P.get_or_init(|| load("types", "types", Limits::default()))
+}
+
+#[tokio::test]
+async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
+    // The full path (bind, call, lift, convert back) for a sample of
+    // generated inputs; whatever passes the check must round-trip.
+    let plugin = types_plugin();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    let strategy = (prop::sample::select(TYPES_FUNCS), arb_json());
+    let mut called = HashSet::new();
+    for _ in 0..300 {
+        let (func, arg) = strategy.new_tree(&mut runner).unwrap().current();
+        let args = Args::positional(vec![arg.clone()]);
+        if plugin.check_args(func, &args).is_ok() {
+            let result = plugin.call(func, &args).await;
+            assert!(
+                matches!(
+                    result,
+                    Ok(_)
+                        | Err(callme::PluginError::GuestError { .. })
+                        | Err(callme::PluginError::InvalidArguments { .. })
+                ),
+                "{func}({arg}): {result:?}"
+            );
+            called.insert(func);
+        }
+    }
+    let _ = called;
+}
+
+#[tokio::test]
+async fn unknown_server_and_refusals_leave_a_proxy_usable() {
+    let p = proxy(Duration::from_secs(5)).await;
+    for _ in 0..3 {
+        let e = p
+            .use_server(&unique("ghost"))
+            .call("f", Args::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSuchServer(_)), "{e:?}");
+    }
+    let id = unique("still");
+    let s = server(ServerOptions::default()).await;
+    s.serve_plugin(load("calc", &id, Limits::default()))
+        .await
+        .unwrap();
+    let v: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(v, 2);
+}
+
+/// A second broker node of the project's own, so restarting it disturbs
+/// no other test.
+struct SpareBroker;
+
+impl SpareBroker {
+    const PORT: u16 = 5692;
+
+    fn run(cmd: &str) {
+        let out = std::process::Command::new(callme_tests::repo().join("scripts/broker"))
+            .arg(cmd)
+            .env(
+                "CALLME_BROKER_DIR",
+                callme_tests::target_dir().join("broker-spare"),
+            )
+            .env("CALLME_BROKER_PORT", Self::PORT.to_string())
+            .env("CALLME_BROKER_TLS_PORT", "5691")
+            .env("CALLME_BROKER_DIST_PORT", "25692")
+            .env("CALLME_BROKER_NODENAME", "callme-spare@localhost")
+            .output()
+            .expect("run scripts/broker");
+        assert!(
+            out.status.success(),
+            "scripts/broker {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url() -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", Self::PORT)
+    }
+}
+
+#[tokio::test]
+async fn broker_restart_is_survived_by_hosts_and_proxies() {
+    tokio::task::spawn_blocking(|| SpareBroker::run("start"))
+        .await
+        .unwrap();
+    let dir = tempdir();
+    let id = unique("restart");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let log = dir.with_extension("log");
+    let child = std::process::Command::new(callme_tests::callme_bin())
+        .args(["serve", "--plugins"])
+        .arg(&dir)
+        .env("CALLME_AMQP_URL", SpareBroker::url())
+        .env(
+            "CALLME_CACHE_DIR",
+            callme_tests::target_dir().join("test-cache"),
+        )
+        .env("RUST_LOG", "callme=info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut host = Host { child, log };
+    host.wait_ready(Duration::from_secs(30));
+    let p = callme::Proxy::connect_with(
+        &callme::ConnectOptions::new(SpareBroker::url()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let sp = p.use_server(&id);
+    let v: i64 = sp.invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(v, 2);
+
+    // Calls keep going while the broker restarts: each ends within its
+    // timeout, by an answer or an error, never hanging.
+    let restart = tokio::task::spawn_blocking(|| SpareBroker::run("restart"));
+    let (mut made, mut answered, mut failed) = (0, 0, 0);
+    let started = Instant::now();
+    while !restart.is_finished() {
+        made += 1;
+        let t = Instant::now();
+        match sp
+            .call("add", Args::positional(vec![json!(1), json!(2)]))
+            .await
+        {
+            Ok(v) => {
+                assert_eq!(v, json!(3));
+                answered += 1;
+            }
+            Err(_) => {
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(7),
+            "a call hung for {:?}",
+            t.elapsed()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "restart took too long"
+        );
+    }
+    restart.await.unwrap();
+
+    // After the broker is back, calls succeed without restarting anything.
+    let back = callme_tests::eventually(Duration::from_secs(60), || async {
+        sp.call("add", Args::positional(vec![json!(2), json!(2)]))
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(back, Some(json!(4)), "host log: {}", host.log_text());
+    let mut after = 0;
+    for i in 0..20i64 {
+        let v: i64 = sp.invoke("add", (i, i)).await.unwrap();
+        assert_eq!(v, 2 * i);
+        after += 1;
+    }
+    eprintln!(
+        "broker restart: calls during the outage {made} (answered {answered}, failed fast {failed}, hung 0); after recovery {after}/20 answered"
+    );
+}
