@@ -266,3 +266,57 @@ async fn start_serves_everything_before_ready_and_describe_shows_version() {
         assert_eq!(d["version"], json!(hash));
     }
 }
+
+#[tokio::test]
+async fn sidecar_sets_concurrency_reuse_and_guest_log_level() {
+    let dir = tempdir();
+    let id = unique("settings");
+    deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--concurrency", "8"]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(10)).await;
+    let print = |text: &'static str| {
+        let sp = p.use_server(&id);
+        async move { sp.call("print", Args::positional(vec![json!(text)])).await }
+    };
+    print("marker-before").await.unwrap();
+    let d = p.use_server(&id).describe().await.unwrap();
+    assert_eq!(d["concurrency"], json!(8));
+    assert_eq!(d["reuse_instances"], json!(false));
+
+    std::fs::write(
+        dir.join(format!("{id}.toml")),
+        "concurrency = 3\nreuse_instances = true\nlog_level = \"warn\"\n",
+    )
+    .unwrap();
+    let applied = eventually(WAIT, || async {
+        let d = p.use_server(&id).describe().await.ok()?;
+        (d["concurrency"] == json!(3) && d["reuse_instances"] == json!(true)).then_some(())
+    })
+    .await;
+    assert!(
+        applied.is_some(),
+        "settings not applied: {}",
+        host.log_text()
+    );
+    // Reused instances keep state between calls.
+    let a = p
+        .use_server(&id)
+        .call("counter", Args::default())
+        .await
+        .unwrap();
+    let b = p
+        .use_server(&id)
+        .call("counter", Args::default())
+        .await
+        .unwrap();
+    assert!(b.as_u64() > a.as_u64(), "{a} then {b}");
+    print("marker-after").await.unwrap();
+    barrier(&p, &dir).await;
+    let log = host.log_text();
+    assert!(log.contains("marker-before"), "{log}");
+    assert!(
+        !log.contains("marker-after"),
+        "guest output below the log level leaked: {log}"
+    );
+}

@@ -414,3 +414,51 @@ async fn second_load_hits_the_compilation_cache() {
     let (hits_after, _) = rt.cache_stats();
     assert!(hits_after > hits, "cache hits {hits} -> {hits_after}");
 }
+
+#[tokio::test]
+async fn reused_instances_keep_limits_per_call_and_are_dropped_after_errors() {
+    let limits = Limits {
+        reuse_instances: true,
+        ..Limits::default()
+    };
+    let p = load("hostile", "hostile", limits);
+    // One call at a time, so the same instance serves each: state is kept
+    // (that is what reuse means), which the counter shows.
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(2));
+    // Limits still apply per call...
+    let e = p.call("spin", &Args::default()).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PluginError::Timeout {
+                cause: TimeoutCause::Fuel,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // ...and the instance that failed is gone: the next call starts fresh.
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+    let e = p.call("bomb", &Args::default()).await.unwrap_err();
+    assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+    // Fuel is refilled per call: many cheap calls never add up to a timeout.
+    let calc = load(
+        "calc",
+        "calc",
+        Limits {
+            fuel: 1_000_000,
+            reuse_instances: true,
+            ..Limits::default()
+        },
+    );
+    for i in 0..200i64 {
+        assert_eq!(
+            calc.call("add", &pos(vec![json!(i), json!(1)]))
+                .await
+                .unwrap(),
+            json!(i + 1)
+        );
+    }
+}

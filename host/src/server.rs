@@ -112,6 +112,8 @@ struct Served {
     service: Arc<Service>,
     channel: Channel,
     consumer_tag: String,
+    slots: Arc<Semaphore>,
+    concurrency: usize,
 }
 
 /// A callme server: serves plugins and native functions by server id.
@@ -197,23 +199,49 @@ impl Server {
     /// ([`Error::AccessRefused`] when the broker's permissions forbid it).
     pub async fn serve_plugin(&self, plugin: Plugin) -> Result<(), Error> {
         let id = plugin.name().to_string();
-        {
-            let served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(existing) = served.get(&id) {
-                return match &*existing.service {
+        let wanted = plugin
+            .limits()
+            .concurrency
+            .unwrap_or(self.inner.options.concurrency);
+        let mut incoming = Some(plugin);
+        let resize = {
+            let mut served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
+            match served.get_mut(&id) {
+                Some(existing) => match &*existing.service {
                     Service::Plugin(slot) => {
-                        let old = slot.swap(Arc::new(plugin));
-                        debug!(target: "callme::server", server_id = %id, old = %old.hash(), "swapped");
-                        Ok(())
+                        if let Some(plugin) = incoming.take() {
+                            let old = slot.swap(Arc::new(plugin));
+                            debug!(target: "callme::server", server_id = %id, old = %old.hash(), "swapped");
+                        }
+                        let before = existing.concurrency;
+                        existing.concurrency = wanted;
+                        Some((existing.channel.clone(), existing.slots.clone(), before))
                     }
-                    Service::Native(_) => Err(Error::Config(format!(
-                        "server id `{id}` is served by native functions"
-                    ))),
-                };
+                    Service::Native(_) => {
+                        return Err(Error::Config(format!(
+                            "server id `{id}` is served by native functions"
+                        )));
+                    }
+                },
+                None => None,
             }
+        };
+        match resize {
+            Some((channel, slots, before)) => {
+                if before != wanted {
+                    resize_share(&channel, &slots, before, wanted).await?;
+                    info!(target: "callme::server", server_id = %id, concurrency = wanted, "concurrency changed");
+                }
+                Ok(())
+            }
+            None => match incoming {
+                Some(plugin) => {
+                    self.start(id, Service::Plugin(ArcSwap::from_pointee(plugin)), wanted)
+                        .await
+                }
+                None => Ok(()),
+            },
         }
-        self.start(id, Service::Plugin(ArcSwap::from_pointee(plugin)))
-            .await
     }
 
     /// Serves native functions under `server_id`.
@@ -231,8 +259,13 @@ impl Server {
                 "server id `{server_id}` is already served"
             )));
         }
-        self.start(server_id.to_string(), Service::Native(functions))
-            .await
+        let concurrency = self.inner.options.concurrency;
+        self.start(
+            server_id.to_string(),
+            Service::Native(functions),
+            concurrency,
+        )
+        .await
     }
 
     /// Whether `server_id` is served.
@@ -319,7 +352,12 @@ impl Server {
         }
     }
 
-    async fn start(&self, id: String, service: Service) -> Result<(), Error> {
+    async fn start(&self, id: String, service: Service, concurrency: usize) -> Result<(), Error> {
+        if concurrency == 0 || concurrency > u16::MAX as usize {
+            return Err(Error::Config(
+                "concurrency must be between 1 and 65535".into(),
+            ));
+        }
         if !is_valid_server_id(&id) {
             return Err(Error::Config(format!(
                 "invalid server id `{id}`: use letters, digits, `-`, `_` and `.`"
@@ -370,7 +408,7 @@ impl Server {
             .await
             .map_err(|e| refused(&id, e))?;
         channel
-            .basic_qos(opts.concurrency as u16, BasicQosOptions::default())
+            .basic_qos(concurrency as u16, BasicQosOptions::default())
             .await
             .map_err(classify_lapin)?;
         let tag = format!("callme-server-{id}-{}", uuid::Uuid::new_v4());
@@ -385,6 +423,7 @@ impl Server {
             .map_err(|e| refused(&id, e))?;
         let replier = Replier::open(&self.inner.conn).await?;
         let service = Arc::new(service);
+        let slots = Arc::new(Semaphore::new(concurrency));
         self.inner
             .served
             .lock()
@@ -395,11 +434,12 @@ impl Server {
                     service: service.clone(),
                     channel: channel.clone(),
                     consumer_tag: tag,
+                    slots: slots.clone(),
+                    concurrency,
                 },
             );
-        info!(target: "callme::server", server_id = %id, concurrency = opts.concurrency, "serving");
+        info!(target: "callme::server", server_id = %id, concurrency, "serving");
 
-        let slots = Arc::new(Semaphore::new(opts.concurrency));
         let server = self.clone();
         tokio::spawn(async move {
             while let Some(delivery) = consumer.next().await {
@@ -443,6 +483,37 @@ impl Server {
         });
         Ok(())
     }
+}
+
+/// Changes the calls in flight of one server id: the prefetch, and the
+/// permits of its semaphore (taken back as running calls finish).
+async fn resize_share(
+    channel: &Channel,
+    slots: &Arc<Semaphore>,
+    before: usize,
+    after: usize,
+) -> Result<(), Error> {
+    if after == 0 || after > u16::MAX as usize {
+        return Err(Error::Config(
+            "concurrency must be between 1 and 65535".into(),
+        ));
+    }
+    channel
+        .basic_qos(after as u16, BasicQosOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    if after > before {
+        slots.add_permits(after - before);
+    } else {
+        let slots = slots.clone();
+        let fewer = (before - after) as u32;
+        tokio::spawn(async move {
+            if let Ok(permits) = slots.acquire_many(fewer).await {
+                permits.forget();
+            }
+        });
+    }
+    Ok(())
 }
 
 fn refused(id: &str, e: lapin::Error) -> Error {
@@ -508,9 +579,15 @@ impl Job {
                 // new one is swapped in meanwhile.
                 let plugin = slot.load_full();
                 if func == DESCRIBE {
+                    let concurrency = plugin
+                        .limits()
+                        .concurrency
+                        .unwrap_or(self.server.inner.options.concurrency);
                     return Ok(json!({
                         "server": self.id,
                         "version": plugin.hash(),
+                        "concurrency": concurrency,
+                        "reuse_instances": plugin.limits().reuse_instances,
                         "functions": plugin.functions(),
                     }));
                 }

@@ -45,6 +45,36 @@ pub struct Limits {
     pub result_bytes: usize,
     /// Captured stdout/stderr per stream, in bytes.
     pub output_bytes: usize,
+    /// Keep instances between calls instead of a fresh sandbox per call.
+    /// Faster for big guests (interpreters), but state a guest keeps in
+    /// memory is seen by the next call it serves; an instance is
+    /// discarded after any error. Off by default.
+    pub reuse_instances: bool,
+    /// Calls in flight for this plugin, overriding the server's
+    /// `--concurrency` (its share of the host).
+    pub concurrency: Option<usize>,
+    /// Lowest level of the guest's log lines (host import and captured
+    /// stdout/stderr) that reach the host log.
+    pub log_level: GuestLogLevel,
+}
+
+/// Lowest level of guest log lines kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestLogLevel {
+    /// Everything.
+    #[default]
+    Trace,
+    /// Debug and above.
+    Debug,
+    /// Info and above (captured stdout/stderr is info).
+    Info,
+    /// Warnings and errors.
+    Warn,
+    /// Errors only.
+    Error,
+    /// Nothing.
+    Off,
 }
 
 impl Default for Limits {
@@ -55,6 +85,9 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             result_bytes: DEFAULT_RESULT_BYTES,
             output_bytes: DEFAULT_OUTPUT_BYTES,
+            reuse_instances: false,
+            concurrency: None,
+            log_level: GuestLogLevel::Trace,
         }
     }
 }

@@ -41,7 +41,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 pub use engine::{EPOCH_TICK, Runtime, RuntimeConfig, default_cache_dir};
 pub use limits::{
     DEFAULT_DEADLINE, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES,
-    DEFAULT_RESULT_BYTES, Limits,
+    DEFAULT_RESULT_BYTES, GuestLogLevel, Limits,
 };
 
 use crate::protocol::Args;
@@ -75,7 +75,19 @@ pub struct Plugin {
     pre: InstancePre<CallState>,
     exports: BTreeMap<String, Export>,
     limits: Limits,
+    /// Idle instances, when the plugin opts in to reuse.
+    idle: std::sync::Mutex<Vec<Warm>>,
 }
+
+/// An instance kept for the next call.
+struct Warm {
+    store: Store<CallState>,
+    instance: Instance,
+}
+
+/// Idle instances kept per plugin: enough for the usual concurrency
+/// without holding many pool slots.
+const MAX_IDLE: usize = 16;
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -210,6 +222,7 @@ impl Plugin {
             pre,
             exports,
             limits,
+            idle: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -243,6 +256,9 @@ impl Plugin {
     pub async fn call(&self, func: &str, args: &Args) -> Result<Value, PluginError> {
         let export = self.export(func)?;
         let params = bind_args(export, args)?;
+        if self.limits.reuse_instances {
+            return self.call_warm(export, &params).await;
+        }
         let mut store = self.new_store();
         let started = Instant::now();
         let outcome = {
@@ -255,6 +271,50 @@ impl Plugin {
             .await
         };
         self.finish(store, export, outcome, started)
+    }
+
+    /// A call on a kept instance (or a new one, kept afterwards if the call
+    /// succeeds): limits are re-armed per call, and an instance that saw
+    /// any error is dropped.
+    async fn call_warm(&self, export: &Export, params: &[Val]) -> Result<Value, PluginError> {
+        let warm = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let started = Instant::now();
+        let (mut store, instance) = match warm {
+            Some(Warm {
+                mut store,
+                instance,
+            }) => {
+                self.arm(&mut store);
+                (store, Some(instance))
+            }
+            None => (self.new_store(), None),
+        };
+        let outcome = {
+            let pre = &self.pre;
+            let store = &mut store;
+            self.with_deadline(async move {
+                let instance = match instance {
+                    Some(i) => i,
+                    None => pre.instantiate_async(&mut *store).await?,
+                };
+                let results = invoke(store, &instance, export, params).await?;
+                Ok((instance, results))
+            })
+            .await
+        };
+        match outcome {
+            Ok(Ok((instance, results))) => {
+                let result = self.convert_results(export, &results);
+                log_output(store.data());
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < MAX_IDLE {
+                    idle.push(Warm { store, instance });
+                }
+                result
+            }
+            Ok(Err(e)) => self.finish(store, export, Ok(Err(e)), started),
+            Err(limit) => self.finish(store, export, Err(limit), started),
+        }
     }
 
     /// Checks `args` against `func`'s parameters without calling it.
@@ -304,6 +364,7 @@ impl Plugin {
                 self.name.clone(),
                 self.limits.memory_bytes,
                 self.limits.output_bytes,
+                self.limits.log_level,
             ),
         );
         store.limiter(|s| &mut s.limiter);
@@ -614,6 +675,11 @@ fn last_lines(text: &str, n: usize) -> String {
 }
 
 fn log_output(state: &CallState) {
+    if state.log_level > GuestLogLevel::Info {
+        state.stdout.take();
+        state.stderr.take();
+        return;
+    }
     for (stream, out) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
         let text = out.take();
         for line in text.lines().filter(|l| !l.is_empty()) {

@@ -13,6 +13,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::limits::GuestLogLevel;
 use super::output::CapturedOutput;
 
 /// Host bindings of `wit/callme.wit`.
@@ -39,10 +40,16 @@ pub(crate) struct CallState {
     pub(crate) stderr: CapturedOutput,
     /// Set when the epoch callback stopped the guest at its deadline.
     pub(crate) deadline_hit: bool,
+    pub(crate) log_level: GuestLogLevel,
 }
 
 impl CallState {
-    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize, output_bytes: usize) -> Self {
+    pub(crate) fn new(
+        plugin: Arc<str>,
+        memory_bytes: usize,
+        output_bytes: usize,
+        log_level: GuestLogLevel,
+    ) -> Self {
         let stdout = CapturedOutput::new(output_bytes);
         let stderr = CapturedOutput::new(output_bytes);
         // Nothing is granted: the builder's defaults are a closed stdin, no
@@ -65,6 +72,7 @@ impl CallState {
             stdout,
             stderr,
             deadline_hit: false,
+            log_level,
         }
     }
 }
@@ -80,6 +88,16 @@ impl WasiView for CallState {
 
 impl Host for CallState {
     fn log(&mut self, level: Level, message: String) {
+        let wanted = match level {
+            Level::Trace => GuestLogLevel::Trace,
+            Level::Debug => GuestLogLevel::Debug,
+            Level::Info => GuestLogLevel::Info,
+            Level::Warn => GuestLogLevel::Warn,
+            Level::Error => GuestLogLevel::Error,
+        };
+        if wanted < self.log_level {
+            return;
+        }
         let plugin = &*self.plugin;
         match level {
             Level::Trace => tracing::trace!(target: "callme::plugin", plugin, "{message}"),
