@@ -9,7 +9,13 @@
 
 import { log } from 'callme:plugin/host@0.1.0';
 
-/** `a + b`, wrapping on overflow (s64 arrives and leaves as BigInt). */
+/**
+ * `a + b`, wrapping on overflow (s64 arrives and leaves as BigInt).
+ *
+ * componentize-js 0.23.0 cannot return a negative s64: the guest traps
+ * while lowering it (upstream ComponentizeJS issue #343), so `add(-1, -2)`
+ * traps here where the Rust and Python plugins answer -3.
+ */
 export function add(a, b) {
   log('debug', `add ${a} ${b}`);
   return BigInt.asIntN(64, a + b);
