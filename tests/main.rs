@@ -5,6 +5,7 @@
 
 mod cli;
 mod deploy;
+mod languages;
 mod reliability;
 mod rpc;
 mod runtime;
