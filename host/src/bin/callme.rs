@@ -157,19 +157,30 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One-shot commands print JSON on stdout and stderr: keep the broker
+    // client's own chatter out of it unless RUST_LOG asks for it.
+    let default_filter = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn,lapin=off",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail_local(&anyhow::anyhow!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(run(cli.command))
+    let code = runtime.block_on(run(cli.command));
+    // Leave without tearing the runtime down under the broker client's
+    // background tasks, which do not expect it.
+    runtime.shutdown_background();
+    code
 }
 
 async fn run(command: Command) -> ExitCode {

@@ -190,6 +190,12 @@ impl Plugin {
                     let e = describe(export_name.to_string(), index, &func)?;
                     exports.insert(e.info.name.clone(), e);
                 }
+                // Toolchain plumbing, not the author's functions:
+                // componentize-py exports its interpreter set-up as a bare
+                // `exports` instance (so a plugin cannot name its own
+                // interface `exports`).
+                ComponentItem::ComponentInstance(_)
+                    if export_name.starts_with("componentize-py:") || export_name == "exports" => {}
                 ComponentItem::ComponentInstance(inst) => {
                     let short = interface_short_name(export_name);
                     let inst_index = component
