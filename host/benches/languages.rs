@@ -1,0 +1,119 @@
+//! `add` end to end through the broker for each plugin language, fresh and reused instances.
+//!
+//! ```sh
+//! scripts/broker start && scripts/build-plugins
+//! cargo bench -p callme --bench languages
+//! ```
+//!
+//! Serves `calc` (Rust), `calc-py` and `calc-js` in one host, each twice
+//! (fresh sandbox per call, and `reuse_instances`), then times sequential
+//! `add` calls through a proxy and prints each median beside the Rust
+//! plugin's in the default mode, with compile and cached-load times.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use callme::protocol::Args;
+use callme::{
+    ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
+};
+use serde_json::json;
+
+const CALLS: usize = 200;
+
+fn url() -> String {
+    std::env::var("CALLME_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
+}
+
+fn target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cache = target().join(format!(
+            "bench-lang-cache-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let config = RuntimeConfig {
+            cache_dir: Some(cache.clone()),
+            ..RuntimeConfig::default()
+        };
+        let server = Server::connect(&ConnectOptions::new(url()), ServerOptions::default()).await?;
+        let proxy = Proxy::connect(&url()).await?;
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        let mut rows = Vec::new();
+        for lang in ["calc", "calc-py", "calc-js"] {
+            let bytes = std::fs::read(target().join("plugins").join(format!("{lang}.wasm")))?;
+            let t = Instant::now();
+            let cold = Runtime::with_config(config.clone())?;
+            Plugin::load(&cold, lang, &bytes, Limits::default())?;
+            let compile = t.elapsed();
+            let warm = Runtime::with_config(config.clone())?;
+            let t = Instant::now();
+            Plugin::load(&warm, lang, &bytes, Limits::default())?;
+            let cached = t.elapsed();
+            for reuse in [false, true] {
+                let id = format!("{lang}-{}-{tag}", if reuse { "reuse" } else { "fresh" });
+                let limits = Limits {
+                    reuse_instances: reuse,
+                    ..Limits::default()
+                };
+                server
+                    .serve_plugin(Plugin::load(&warm, &id, &bytes, limits)?)
+                    .await?;
+                let sp = proxy.use_server(&id);
+                for i in 0..20 {
+                    sp.call("add", Args::positional(vec![json!(i), json!(1)]))
+                        .await?;
+                }
+                let mut samples = Vec::with_capacity(CALLS);
+                for i in 0..CALLS as i64 {
+                    let t = Instant::now();
+                    let v = sp
+                        .call("add", Args::positional(vec![json!(i), json!(1)]))
+                        .await?;
+                    samples.push(t.elapsed());
+                    anyhow::ensure!(v == json!(i + 1), "{id}: wrong answer {v}");
+                }
+                samples.sort();
+                rows.push((
+                    lang,
+                    reuse,
+                    samples[CALLS / 2],
+                    samples[CALLS * 99 / 100],
+                    compile,
+                    cached,
+                ));
+            }
+        }
+        let rust = rows[0].2;
+        println!(
+            "{:<8} {:<6} {:>10} {:>10} {:>8} {:>10} {:>10}",
+            "plugin", "mode", "p50", "p99", "vs Rust", "compile", "cached"
+        );
+        for (lang, reuse, p50, p99, compile, cached) in &rows {
+            println!(
+                "{lang:<8} {:<6} {:>8.2}ms {:>8.2}ms {:>7.2}x {:>9.1}s {:>9.2}s",
+                if *reuse { "reuse" } else { "fresh" },
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+                p50.as_secs_f64() / rust.as_secs_f64(),
+                compile.as_secs_f64(),
+                cached.as_secs_f64(),
+            );
+        }
+        println!(
+            "target: Python and JavaScript add, default (fresh) mode, <= 1.5x the Rust plugin"
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+        std::fs::remove_dir_all(&cache).ok();
+        anyhow::Ok(())
+    })
+}
