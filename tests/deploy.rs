@@ -233,7 +233,7 @@ async fn running_call_finishes_on_the_old_version() {
     let slow = {
         let sp = p.use_server(&id);
         tokio::spawn(async move {
-            sp.call("slow-version", Args::positional(vec![json!(1500)]))
+            sp.call("slow-version", Args::positional(vec![json!(4000)]))
                 .await
         })
     };
