@@ -268,7 +268,7 @@ async fn start_serves_everything_before_ready_and_describe_shows_version() {
 }
 
 #[tokio::test]
-async fn sidecar_sets_concurrency_reuse_and_guest_log_level() {
+async fn sidecar_sets_concurrency_reuse_prewarm_and_guest_log_level() {
     let dir = tempdir();
     let id = unique("settings");
     deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
@@ -283,15 +283,24 @@ async fn sidecar_sets_concurrency_reuse_and_guest_log_level() {
     let d = p.use_server(&id).describe().await.unwrap();
     assert_eq!(d["concurrency"], json!(8));
     assert_eq!(d["reuse_instances"], json!(false));
+    assert_eq!(d["prewarm"], json!(2));
+    // Spare instances are fresh too: nothing carries over between calls.
+    for _ in 0..5 {
+        let n = p.use_server(&id).call("counter", Args::default()).await;
+        assert_eq!(n.unwrap(), json!(1));
+    }
 
     std::fs::write(
         dir.join(format!("{id}.toml")),
-        "concurrency = 3\nreuse_instances = true\nlog_level = \"warn\"\n",
+        "concurrency = 3\nreuse_instances = true\nprewarm = 0\nlog_level = \"warn\"\n",
     )
     .unwrap();
     let applied = eventually(WAIT, || async {
         let d = p.use_server(&id).describe().await.ok()?;
-        (d["concurrency"] == json!(3) && d["reuse_instances"] == json!(true)).then_some(())
+        (d["concurrency"] == json!(3)
+            && d["reuse_instances"] == json!(true)
+            && d["prewarm"] == json!(0))
+        .then_some(())
     })
     .await;
     assert!(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use callme::protocol::Args;
 use callme::{Limits, Plugin, PluginError, TimeoutCause};
-use callme_tests::{load, plugin_bytes, runtime};
+use callme_tests::{eventually, load, plugin_bytes, runtime};
 use serde_json::{Value, json};
 
 fn pos(args: Vec<Value>) -> Args {
@@ -461,4 +461,48 @@ async fn reused_instances_keep_limits_per_call_and_are_dropped_after_errors() {
             json!(i + 1)
         );
     }
+}
+
+#[tokio::test]
+async fn spares_are_fresh_and_get_their_limits_when_taken() {
+    let limits = Limits {
+        prewarm: 3,
+        deadline: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let p = load("hostile", "hostile", limits);
+    // Nothing is made ahead of time until a server (here: the test) asks.
+    assert_eq!(p.spares(), 0);
+    p.call("counter", &Args::default()).await.unwrap();
+    assert_eq!(p.spares(), 0);
+    p.start_prewarm(&tokio::runtime::Handle::current());
+    let ready = || async { (p.spares() == 3).then_some(()) };
+    assert!(
+        eventually(Duration::from_secs(30), ready).await.is_some(),
+        "spares made: {}",
+        p.spares()
+    );
+    // A spare is armed when taken, not when made: one that waited longer
+    // than the deadline still gets the whole deadline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.call("sleep", &pos(vec![json!(50)])).await.unwrap(),
+        json!(null)
+    );
+    // Every call gets an instance of its own, spare or not, and each one
+    // taken is replaced.
+    for _ in 0..20 {
+        assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+    }
+    assert!(
+        eventually(Duration::from_secs(30), ready).await.is_some(),
+        "spares after the calls: {}",
+        p.spares()
+    );
+    // Limits apply to calls on spares; the spare that failed is gone.
+    let e = p.call("spin", &Args::default()).await.unwrap_err();
+    assert!(matches!(e, PluginError::Timeout { .. }), "{e:?}");
+    let e = p.call("bomb", &Args::default()).await.unwrap_err();
+    assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
 }

@@ -199,6 +199,7 @@ impl Server {
     /// ([`Error::AccessRefused`] when the broker's permissions forbid it).
     pub async fn serve_plugin(&self, plugin: Plugin) -> Result<(), Error> {
         let id = plugin.name().to_string();
+        plugin.start_prewarm(self.inner.executor.handle());
         let wanted = plugin
             .limits()
             .concurrency
@@ -588,6 +589,7 @@ impl Job {
                         "version": plugin.hash(),
                         "concurrency": concurrency,
                         "reuse_instances": plugin.limits().reuse_instances,
+                        "prewarm": plugin.limits().prewarm,
                         "functions": plugin.functions(),
                     }));
                 }

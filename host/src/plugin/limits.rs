@@ -30,6 +30,11 @@ pub const DEFAULT_RESULT_BYTES: usize = 16 << 20;
 /// is dropped (the guest is not told, so printing never fails).
 pub const DEFAULT_OUTPUT_BYTES: usize = 64 << 10;
 
+/// Spare instances a served plugin keeps by default: enough to answer a
+/// small burst without waiting for instantiation, while holding few pool
+/// slots and little memory.
+pub const DEFAULT_PREWARM: usize = 2;
+
 /// The limits of each call of one plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -50,6 +55,11 @@ pub struct Limits {
     /// memory is seen by the next call it serves; an instance is
     /// discarded after any error. Off by default.
     pub reuse_instances: bool,
+    /// Spare instances kept ready, fresh and never called, so a call need
+    /// not wait for its instance to be made; each one a call takes is
+    /// replaced in the background. Every call still runs in an instance of
+    /// its own. Only a server keeps spares (see `Plugin::start_prewarm`).
+    pub prewarm: usize,
     /// Calls in flight for this plugin, overriding the server's
     /// `--concurrency` (its share of the host).
     pub concurrency: Option<usize>,
@@ -86,6 +96,7 @@ impl Default for Limits {
             result_bytes: DEFAULT_RESULT_BYTES,
             output_bytes: DEFAULT_OUTPUT_BYTES,
             reuse_instances: false,
+            prewarm: DEFAULT_PREWARM,
             concurrency: None,
             log_level: GuestLogLevel::Trace,
         }

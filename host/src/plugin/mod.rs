@@ -11,6 +11,8 @@
 //! # Layout
 //!
 //! - `engine`: the shared [`Runtime`] (engine, linker, epoch ticker).
+//! - `instances`: where a call's store and instance come from (new, a
+//!   spare made ahead of time, or kept from an earlier call).
 //! - `limits`: per-call [`Limits`] and their defaults.
 //! - `sandbox`: the store data of one call (WASI with nothing granted, memory limiter, host imports).
 //! - `output`: bounded capture of guest stdout/stderr.
@@ -18,6 +20,7 @@
 //! - `signature`: WIT signatures as text.
 
 mod engine;
+mod instances;
 mod limits;
 mod output;
 mod sandbox;
@@ -34,18 +37,19 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{
-    Component, ComponentExportIndex, Instance, InstancePre, Type, Val, types::ComponentItem,
+    Component, ComponentExportIndex, Instance, Type, Val, types::ComponentItem,
 };
-use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime::{Store, Trap};
 
 pub use engine::{EPOCH_TICK, Runtime, RuntimeConfig, default_cache_dir};
 pub use limits::{
-    DEFAULT_DEADLINE, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES,
+    DEFAULT_DEADLINE, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_PREWARM,
     DEFAULT_RESULT_BYTES, GuestLogLevel, Limits,
 };
 
 use crate::protocol::Args;
 use crate::{PluginError, TimeoutCause};
+use instances::{Instances, Ready};
 use sandbox::CallState;
 use signature::{func_signature, type_name, unsupported};
 use value::{Budget, Mismatch, from_json, placeholder, to_json};
@@ -69,30 +73,15 @@ struct Export {
 
 /// A loaded, validated, pre-instantiated plugin.
 pub struct Plugin {
-    name: Arc<str>,
     hash: String,
-    runtime: Runtime,
-    pre: InstancePre<CallState>,
     exports: BTreeMap<String, Export>,
-    limits: Limits,
-    /// Idle instances, when the plugin opts in to reuse.
-    idle: std::sync::Mutex<Vec<Warm>>,
+    instances: Arc<Instances>,
 }
-
-/// An instance kept for the next call.
-struct Warm {
-    store: Store<CallState>,
-    instance: Instance,
-}
-
-/// Idle instances kept per plugin: enough for the usual concurrency
-/// without holding many pool slots.
-const MAX_IDLE: usize = 16;
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
-            .field("name", &self.name)
+            .field("name", &self.instances.name)
             .field("hash", &self.hash)
             .field("functions", &self.exports.keys().collect::<Vec<_>>())
             .finish()
@@ -222,19 +211,15 @@ impl Plugin {
             .instantiate_pre(&component)
             .map_err(|e| PluginError::invalid_plugin(format!("cannot be linked: {e:#}")))?;
         Ok(Plugin {
-            name: name.into(),
             hash,
-            runtime: runtime.clone(),
-            pre,
             exports,
-            limits,
-            idle: std::sync::Mutex::new(Vec::new()),
+            instances: Arc::new(Instances::new(runtime.clone(), name.into(), limits, pre)),
         })
     }
 
     /// The plugin's name (its server id when served).
     pub fn name(&self) -> &str {
-        &self.name
+        &self.instances.name
     }
 
     /// SHA-256 of the component bytes, hex.
@@ -244,7 +229,7 @@ impl Plugin {
 
     /// The per-call limits.
     pub fn limits(&self) -> &Limits {
-        &self.limits
+        &self.instances.limits
     }
 
     /// Every callable function, sorted by name.
@@ -262,65 +247,47 @@ impl Plugin {
     pub async fn call(&self, func: &str, args: &Args) -> Result<Value, PluginError> {
         let export = self.export(func)?;
         let params = bind_args(export, args)?;
-        if self.limits.reuse_instances {
-            return self.call_warm(export, &params).await;
-        }
-        let mut store = self.new_store();
+        let instances = &self.instances;
+        let ready = instances.take();
         let started = Instant::now();
-        let outcome = {
-            let pre = &self.pre;
-            let store = &mut store;
-            self.with_deadline(async move {
-                let instance = pre.instantiate_async(&mut *store).await?;
-                invoke(store, &instance, export, &params).await
-            })
-            .await
-        };
-        self.finish(store, export, outcome, started)
-    }
-
-    /// A call on a kept instance (or a new one, kept afterwards if the call
-    /// succeeds): limits are re-armed per call, and an instance that saw
-    /// any error is dropped.
-    async fn call_warm(&self, export: &Export, params: &[Val]) -> Result<Value, PluginError> {
-        let warm = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let started = Instant::now();
-        let (mut store, instance) = match warm {
-            Some(Warm {
-                mut store,
-                instance,
-            }) => {
-                self.arm(&mut store);
-                (store, Some(instance))
-            }
-            None => (self.new_store(), None),
+        let (mut store, instance) = match ready {
+            Some(Ready { store, instance }) => (store, Some(instance)),
+            None => (instances.new_store(), None),
         };
         let outcome = {
-            let pre = &self.pre;
             let store = &mut store;
-            self.with_deadline(async move {
-                let instance = match instance {
-                    Some(i) => i,
-                    None => pre.instantiate_async(&mut *store).await?,
-                };
-                let results = invoke(store, &instance, export, params).await?;
-                Ok((instance, results))
-            })
-            .await
+            instances
+                .with_deadline(async move {
+                    let instance = match instance {
+                        Some(i) => i,
+                        None => instances.pre().instantiate_async(&mut *store).await?,
+                    };
+                    let results = invoke(store, &instance, export, &params).await?;
+                    Ok((instance, results))
+                })
+                .await
         };
         match outcome {
             Ok(Ok((instance, results))) => {
-                let result = self.convert_results(export, &results);
-                log_output(store.data());
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < MAX_IDLE {
-                    idle.push(Warm { store, instance });
-                }
+                let result = self.finish(&store, export, Ok(Ok(results)), started);
+                instances.give_back(Ready { store, instance });
                 result
             }
-            Ok(Err(e)) => self.finish(store, export, Ok(Err(e)), started),
-            Err(limit) => self.finish(store, export, Err(limit), started),
+            Ok(Err(e)) => self.finish(&store, export, Ok(Err(e)), started),
+            Err(limit) => self.finish(&store, export, Err(limit), started),
         }
+    }
+
+    /// Starts keeping the spare instances the plugin's `prewarm` setting
+    /// asks for, made on `handle` (see [`Limits::prewarm`]). A server does
+    /// this for each plugin it serves; one-shot users need not.
+    pub fn start_prewarm(&self, handle: &tokio::runtime::Handle) {
+        self.instances.start_prewarm(handle);
+    }
+
+    /// Spare instances ready for calls right now.
+    pub fn spares(&self) -> usize {
+        self.instances.spares()
     }
 
     /// Checks `args` against `func`'s parameters without calling it.
@@ -341,9 +308,10 @@ impl Plugin {
     ///
     /// As [`Plugin::call`], for the instantiation.
     pub async fn session(&self) -> Result<Session<'_>, PluginError> {
-        let mut store = self.new_store();
+        let mut store = self.instances.new_store();
         let instance = self
-            .pre
+            .instances
+            .pre()
             .instantiate_async(&mut store)
             .await
             .map_err(|e| classify(e, store.data()))?;
@@ -363,56 +331,9 @@ impl Plugin {
             })
     }
 
-    fn new_store(&self) -> Store<CallState> {
-        let mut store = Store::new(
-            &self.runtime.inner.engine,
-            CallState::new(
-                self.name.clone(),
-                self.limits.memory_bytes,
-                self.limits.output_bytes,
-                self.limits.log_level,
-            ),
-        );
-        store.limiter(|s| &mut s.limiter);
-        self.arm(&mut store);
-        store
-    }
-
-    /// Refills fuel and sets the deadline for the next call in `store`.
-    fn arm(&self, store: &mut Store<CallState>) {
-        // Fuel is enabled on the engine, so setting it cannot fail.
-        let _ = store.set_fuel(self.limits.fuel);
-        let deadline = Instant::now() + self.limits.deadline;
-        store.data_mut().deadline_hit = false;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut cx| {
-            if Instant::now() >= deadline {
-                cx.data_mut().deadline_hit = true;
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                // Yield so a CPU-bound guest never holds an executor
-                // thread for longer than one tick.
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-    }
-
-    /// Runs `fut` under the plugin's deadline. The epoch callback stops
-    /// running guest code; this timeout also stops a guest blocked in a
-    /// WASI call (a sleep, a poll), where no guest code runs.
-    async fn with_deadline<T>(
-        &self,
-        fut: impl Future<Output = wasmtime::Result<T>>,
-    ) -> Result<wasmtime::Result<T>, Duration> {
-        let limit = self.limits.deadline;
-        tokio::time::timeout(limit + EPOCH_TICK * 2, fut)
-            .await
-            .map_err(|_| limit)
-    }
-
     fn finish(
         &self,
-        store: Store<CallState>,
+        store: &Store<CallState>,
         export: &Export,
         outcome: Result<wasmtime::Result<Vec<Val>>, Duration>,
         started: Instant,
@@ -433,17 +354,17 @@ impl Plugin {
         let func = &export.info.name;
         match &result {
             Ok(_) => {
-                tracing::debug!(target: "callme::plugin", plugin = &*self.name, func, ?elapsed, "call")
+                tracing::debug!(target: "callme::plugin", plugin = &*self.instances.name, func, ?elapsed, "call")
             }
             Err(e) => {
-                tracing::debug!(target: "callme::plugin", plugin = &*self.name, func, ?elapsed, error = %e, "call failed")
+                tracing::debug!(target: "callme::plugin", plugin = &*self.instances.name, func, ?elapsed, error = %e, "call failed")
             }
         }
         result
     }
 
     fn convert_results(&self, export: &Export, results: &[Val]) -> Result<Value, PluginError> {
-        let cap = self.limits.result_bytes;
+        let cap = self.instances.limits.result_bytes;
         let mut budget = Budget::new(cap);
         let too_large = |_| PluginError::MemoryLimit {
             message: format!("the result exceeds the result size cap of {cap} bytes"),
@@ -506,12 +427,13 @@ impl Session<'_> {
         let mut store = self.store.take().ok_or_else(|| {
             PluginError::internal("this session ended after an earlier error".to_string())
         })?;
-        plugin.arm(&mut store);
+        plugin.instances.arm(&mut store);
         let started = Instant::now();
         let instance = self.instance;
         let outcome = {
             let store = &mut store;
             plugin
+                .instances
                 .with_deadline(async move { invoke(store, &instance, export, &params).await })
                 .await
         };
@@ -522,7 +444,7 @@ impl Session<'_> {
                 self.store = Some(store);
                 result
             }
-            other => plugin.finish(store, export, other, started),
+            other => plugin.finish(&store, export, other, started),
         }
     }
 }
