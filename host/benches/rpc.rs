@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{
-    ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
+    ConnectOptions, Limits, NativeFunctions, Plugin, Proxy, Runtime, RuntimeConfig, Server,
+    ServerOptions,
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -101,7 +102,10 @@ where
 }
 
 /// The raw baseline: a lapin server that echoes bodies to `reply_to`.
-async fn raw_echo() -> anyhow::Result<Figures> {
+/// With `confirms`, both publishes wait for the broker's confirm and the
+/// server acks a request after its reply is confirmed: the guarantees
+/// callme gives, without anything else callme does.
+async fn raw_echo(confirms: bool) -> anyhow::Result<Figures> {
     let queue = format!("bench_echo_{}", uuid::Uuid::new_v4().simple());
     let server = Connection::connect(&url(), ConnectionProperties::default()).await?;
     let sch = server.create_channel().await?;
@@ -125,6 +129,11 @@ async fn raw_echo() -> anyhow::Result<Figures> {
         )
         .await?;
     let reply_ch = server.create_channel().await?;
+    if confirms {
+        reply_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+    }
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             let reply_ch = reply_ch.clone();
@@ -132,7 +141,7 @@ async fn raw_echo() -> anyhow::Result<Figures> {
                 let to = d.properties.reply_to().clone().unwrap_or_default();
                 let props = BasicProperties::default()
                     .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
-                let _ = reply_ch
+                let published = reply_ch
                     .basic_publish(
                         "".into(),
                         to,
@@ -141,6 +150,11 @@ async fn raw_echo() -> anyhow::Result<Figures> {
                         props,
                     )
                     .await;
+                if let Ok(confirm) = published
+                    && confirms
+                {
+                    let _ = confirm.await;
+                }
                 let _ = d.ack(BasicAckOptions::default()).await;
             });
         }
@@ -184,6 +198,9 @@ async fn raw_echo() -> anyhow::Result<Figures> {
         }
     });
     let pch = client.create_channel().await?;
+    if confirms {
+        pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    }
     measure(|i| {
         let (pch, pending, queue, reply_name) = (
             pch.clone(),
@@ -199,27 +216,32 @@ async fn raw_echo() -> anyhow::Result<Figures> {
             let props = BasicProperties::default()
                 .with_correlation_id(corr.as_str().into())
                 .with_reply_to(reply_name);
-            pch.basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?;
-            rx.await?;
+            let confirm = pch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?;
+            if confirms {
+                let (confirmed, replied) = tokio::join!(confirm, rx);
+                confirmed?;
+                replied?;
+            } else {
+                rx.await?;
+            }
             Ok(())
         }
     })
     .await
 }
 
-async fn through_callme() -> anyhow::Result<Figures> {
-    let runtime = Runtime::with_config(RuntimeConfig::default())?;
-    let bytes = std::fs::read(plugin_path("calc"))
-        .map_err(|e| anyhow::anyhow!("calc.wasm: {e} (run scripts/build-plugins)"))?;
+/// `add` served by callme: from the calc plugin, or as a native function
+/// (which leaves the sandbox out and shows what the messaging costs).
+async fn through_callme(native: bool) -> anyhow::Result<Figures> {
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let plugin = Plugin::load(&runtime, &id, &bytes, Limits::default())?;
     let server = Server::connect(
         &ConnectOptions::new(url()),
         ServerOptions {
@@ -228,7 +250,20 @@ async fn through_callme() -> anyhow::Result<Figures> {
         },
     )
     .await?;
-    server.serve_plugin(plugin).await?;
+    if native {
+        let mut functions = NativeFunctions::new();
+        functions.register("add", "func(a: s64, b: s64) -> s64", |args| {
+            let n = |i: usize| args.args.get(i).and_then(|v| v.as_i64()).unwrap_or(0);
+            Ok(json!(n(0) + n(1)))
+        });
+        server.serve_native(&id, functions).await?;
+    } else {
+        let runtime = Runtime::with_config(RuntimeConfig::default())?;
+        let bytes = std::fs::read(plugin_path("calc"))
+            .map_err(|e| anyhow::anyhow!("calc.wasm: {e} (run scripts/build-plugins)"))?;
+        let plugin = Plugin::load(&runtime, &id, &bytes, Limits::default())?;
+        server.serve_plugin(plugin).await?;
+    }
     let proxy = Proxy::connect(&url()).await?;
     let sp = proxy.use_server(&id);
     let figures = measure(|i| {
@@ -252,14 +287,33 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!("broker: {}", callme::redact_uri(&url()));
-        let raw = raw_echo().await?;
-        let callme = through_callme().await?;
+        let raw = raw_echo(false).await?;
+        let confirmed = raw_echo(true).await?;
+        let native = through_callme(true).await?;
+        let callme = through_callme(false).await?;
         print("raw lapin echo", &raw);
+        print("raw + confirms", &confirmed);
+        print("callme native", &native);
         print("callme calc.add", &callme);
         println!(
             "\nsequential p50: callme / raw = {:.2}x (target <= 1.15x)\n{IN_FLIGHT}-in-flight throughput: callme / raw = {:.2}x (target >= 0.85x)",
             callme.p50.as_secs_f64() / raw.p50.as_secs_f64(),
             callme.par_rate / raw.par_rate
+        );
+        println!(
+            "raw with confirms and ack-after-confirm: sequential p50 {:.2}x raw, throughput {:.2}x raw",
+            confirmed.p50.as_secs_f64() / raw.p50.as_secs_f64(),
+            confirmed.par_rate / raw.par_rate
+        );
+        println!(
+            "callme against raw with the same guarantees: sequential p50 {:.2}x, throughput {:.2}x",
+            callme.p50.as_secs_f64() / confirmed.p50.as_secs_f64(),
+            callme.par_rate / confirmed.par_rate
+        );
+        println!(
+            "native add (no sandbox): sequential p50 {:.2}x raw, throughput {:.2}x raw",
+            native.p50.as_secs_f64() / raw.p50.as_secs_f64(),
+            native.par_rate / raw.par_rate
         );
         anyhow::Ok(())
     })

@@ -30,7 +30,7 @@ fn summary(label: &str, mut samples: Vec<Duration>) -> Duration {
     let p99 = samples[samples.len() * 99 / 100];
     let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
     println!(
-        "{label:<28} median {:>8.2} µs   p99 {:>8.2} µs   mean {:>8.2} µs   ({} calls)",
+        "{label:<32} median {:>8.2} µs   p99 {:>8.2} µs   mean {:>8.2} µs   ({} calls)",
         median.as_secs_f64() * 1e6,
         p99.as_secs_f64() * 1e6,
         mean.as_secs_f64() * 1e6,

@@ -106,13 +106,25 @@ impl Instances {
     }
 
     /// Keeps an instance that has just served a call successfully, when
-    /// the plugin reuses instances.
+    /// the plugin reuses instances; discards it otherwise.
     pub(super) fn give_back(&self, ready: Ready) {
         if self.limits.reuse_instances {
             let mut pool = self.pool();
             if pool.ready.len() < MAX_IDLE {
                 pool.ready.push(ready);
             }
+        } else {
+            self.discard(ready.store);
+        }
+    }
+
+    /// Drops a used store. Giving its memory back to the pool takes as
+    /// long as a small call, so where spares are made (off the caller's
+    /// path) the drop happens there too.
+    pub(super) fn discard(&self, store: Store<CallState>) {
+        match self.maker.get() {
+            Some(handle) => drop(handle.spawn(async move { drop(store) })),
+            None => drop(store),
         }
     }
 

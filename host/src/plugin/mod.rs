@@ -273,8 +273,16 @@ impl Plugin {
                 instances.give_back(Ready { store, instance });
                 result
             }
-            Ok(Err(e)) => self.finish(&store, export, Ok(Err(e)), started),
-            Err(limit) => self.finish(&store, export, Err(limit), started),
+            Ok(Err(e)) => {
+                let result = self.finish(&store, export, Ok(Err(e)), started);
+                instances.discard(store);
+                result
+            }
+            Err(limit) => {
+                let result = self.finish(&store, export, Err(limit), started);
+                instances.discard(store);
+                result
+            }
         }
     }
 
