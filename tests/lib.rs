@@ -10,9 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use callme::protocol::Args;
 use callme::{
-    ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
+    ConnectOptions, ErrorKind, Limits, NativeFunctions, Plugin, Proxy, RemoteError, Runtime,
+    RuntimeConfig, Server, ServerOptions,
 };
+use serde_json::json;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -106,6 +109,25 @@ pub fn broker_ctl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Native functions with the seed's `add(a, b)`, which refuses anything
+/// but two integers with `InvalidArguments`.
+pub fn native_add() -> NativeFunctions {
+    let mut f = NativeFunctions::new();
+    f.register("add", "func(a: s64, b: s64) -> s64", |args: Args| {
+        let sum = match args.args.as_slice() {
+            [a, b] => a.as_i64().zip(b.as_i64()).map(|(a, b)| a + b),
+            _ => None,
+        };
+        sum.map(|n| json!(n)).ok_or_else(|| {
+            RemoteError::new(
+                ErrorKind::InvalidArguments,
+                format!("add takes 2 integers, got {}", args.args.len()),
+            )
+        })
+    });
+    f
 }
 
 /// A fresh unique id with a readable prefix: `calc-1a2b3c4d`.

@@ -31,8 +31,9 @@ impl RawClient {
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
         let uid = uuid::Uuid::new_v4().simple().to_string();
-        let reply_exchange = format!("client_guest_ex_{uid}");
-        let queue = format!("client_guest_queue_{uid}");
+        // The proxy's own names, so the broker treats this client like one.
+        let reply_exchange = callme::protocol::client_exchange("guest", &uid);
+        let queue = callme::protocol::client_queue("guest", &uid);
         channel
             .exchange_declare(
                 reply_exchange.as_str().into(),

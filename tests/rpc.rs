@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
-use callme::{Error, ErrorKind, Limits, NativeFunctions, RemoteError, ServerOptions};
-use callme_tests::{load, proxy, server, unique};
+use callme::{Error, ErrorKind, Limits, NativeFunctions, ServerOptions};
+use callme_tests::{load, native_add, proxy, server, unique};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
@@ -15,20 +15,7 @@ fn pos(args: Vec<Value>) -> Args {
 
 /// Native functions like the seed's examples: `add`, and a slow `sleep`.
 fn natives(tag: &'static str) -> NativeFunctions {
-    let mut f = NativeFunctions::new();
-    f.register("add", "func(a: s64, b: s64) -> s64", |args: Args| {
-        let (a, b) = match args.args.as_slice() {
-            [a, b] => (a.as_i64(), b.as_i64()),
-            _ => (None, None),
-        };
-        match (a, b) {
-            (Some(a), Some(b)) => Ok(json!(a + b)),
-            _ => Err(RemoteError::new(
-                ErrorKind::InvalidArguments,
-                format!("add takes 2 integers, got {}", args.args.len()),
-            )),
-        }
-    });
+    let mut f = native_add();
     f.register("sleep", "func(ms: u64) -> string", move |args: Args| {
         let ms = args.args.first().and_then(Value::as_u64).unwrap_or(0);
         std::thread::sleep(Duration::from_millis(ms));

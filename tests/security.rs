@@ -3,9 +3,10 @@
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
-use callme::{ConnectOptions, Error, Limits, NativeFunctions, Proxy, Server, ServerOptions};
-use callme_tests::{amqp_url_as, amqps_port, broker_ctl, load, server, tls_dir, unique};
-use serde_json::json;
+use callme::{ConnectOptions, Error, Limits, Proxy, Server, ServerOptions};
+use callme_tests::{
+    amqp_url_as, amqps_port, broker_ctl, load, native_add, server, tls_dir, unique,
+};
 
 fn tls(uri: String, client_cert: bool) -> ConnectOptions {
     let dir = tls_dir();
@@ -80,14 +81,6 @@ fn add_user(user: &str, password: &str) {
     broker_ctl(&["add_user", user, password]);
 }
 
-fn natives() -> NativeFunctions {
-    let mut f = NativeFunctions::new();
-    f.register("add", "func(a: s64, b: s64) -> s64", |a: Args| {
-        Ok(json!(a.args.iter().filter_map(|v| v.as_i64()).sum::<i64>()))
-    });
-    f
-}
-
 /// The seed's recipes: carl may serve only fooserver; olivia may call only
 /// fooserver. Server ids and users are made unique per run.
 #[tokio::test]
@@ -120,18 +113,21 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
     .await
     .expect("carl connects");
     carl_host
-        .serve_native(&foo, natives())
+        .serve_native(&foo, native_add())
         .await
         .expect("carl may serve fooserver");
     // carl may not serve barserver, and is told so.
-    let e = carl_host.serve_native(&bar, natives()).await.unwrap_err();
+    let e = carl_host
+        .serve_native(&bar, native_add())
+        .await
+        .unwrap_err();
     match &e {
         Error::AccessRefused(msg) => assert!(msg.contains(&bar), "{msg}"),
         other => panic!("expected AccessRefused, got {other:?}"),
     }
     // Someone allowed to serves barserver.
     let guest_host = server(ServerOptions::default()).await;
-    guest_host.serve_native(&bar, natives()).await.unwrap();
+    guest_host.serve_native(&bar, native_add()).await.unwrap();
 
     // olivia calls fooserver (answered by carl's host).
     let olivia_proxy = Proxy::connect_with(

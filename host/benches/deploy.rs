@@ -8,6 +8,8 @@
 //! Runs a host in-process on a temporary plugins directory against the
 //! project's broker node (`CALLME_AMQP_URL`, default the dev node).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,23 +17,9 @@ use callme::protocol::Args;
 use callme::serve::{Host, ServeOptions};
 use callme::{ConnectOptions, Proxy, RuntimeConfig, ServerOptions};
 use serde_json::json;
+use support::{plugin_path, target, url};
 
 const SWAPS: usize = 21;
-
-fn url() -> String {
-    std::env::var("CALLME_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
-}
-
-fn target() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-fn plugin(name: &str) -> PathBuf {
-    target().join("plugins").join(format!("{name}.wasm"))
-}
 
 fn fresh_dir(name: &str) -> PathBuf {
     let dir = target()
@@ -74,7 +62,7 @@ async fn rename_to_serving() -> anyhow::Result<Vec<Duration>> {
         "benchswap{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    deploy(&plugin("calc"), &dir, &format!("{id}.wasm"));
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
     let host = Host::start(options(&dir, &cache)).await?;
     let server = host.server().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -92,7 +80,7 @@ async fn rename_to_serving() -> anyhow::Result<Vec<Duration>> {
         } else {
             ("calc", "1")
         };
-        let t = deploy(&plugin(file), &dir, &format!("{id}.wasm"));
+        let t = deploy(&plugin_path(file), &dir, &format!("{id}.wasm"));
         loop {
             let v = sp.call("version", Args::default()).await?;
             if v == json!(want) {
@@ -145,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         let mut distinct = 0;
         let sources: Vec<PathBuf> = ["calc", "calc-v2", "types", "hostile", "calc-py", "calc-js"]
             .iter()
-            .map(|n| plugin(n))
+            .map(|n| plugin_path(n))
             .filter(|p| p.exists())
             .collect();
         for i in 0..10 {

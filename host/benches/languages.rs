@@ -13,7 +13,8 @@
 //! proxy and prints each median beside the Rust plugin's in the same mode,
 //! with compile and cached-load times.
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
@@ -21,6 +22,7 @@ use callme::{
     ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
 };
 use serde_json::json;
+use support::{plugin_bytes, target, url};
 
 const CALLS: usize = 200;
 
@@ -30,17 +32,6 @@ const MODES: [(&str, usize, bool); 3] = [
     ("spares", 2, false),
     ("reuse", 0, true),
 ];
-
-fn url() -> String {
-    std::env::var("CALLME_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
-}
-
-fn target() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -60,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
         let mut rows = Vec::new();
         for lang in ["calc", "calc-py", "calc-js"] {
-            let bytes = std::fs::read(target().join("plugins").join(format!("{lang}.wasm")))?;
+            let bytes = plugin_bytes(lang)?;
             let t = Instant::now();
             let cold = Runtime::with_config(config.clone())?;
             Plugin::load(&cold, lang, &bytes, Limits::default())?;

@@ -7,10 +7,14 @@
 //!
 //! Measures sequential latency (p50, p99, calls/s) and throughput with 64
 //! calls in flight, for callme (proxy -> server -> fresh wasm sandbox ->
-//! reply) and for a minimal echo server/client written directly on lapin
-//! (no wasm, no JSON, no confirms), then prints the ratios.
+//! reply), for callme with a native `add` (no sandbox), and for a minimal
+//! echo server/client written directly on lapin, once bare (no wasm, no
+//! JSON, no confirms) and once with callme's delivery guarantees (publisher
+//! confirms both ways, ack after the reply is confirmed); then prints the
+//! ratios.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,23 +29,12 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
+use support::{plugin_bytes, url};
 use tokio::sync::{Mutex, oneshot};
 
 const SEQUENTIAL: usize = 2_000;
 const IN_FLIGHT: usize = 64;
 const PARALLEL_CALLS: usize = 10_000;
-
-fn url() -> String {
-    std::env::var("CALLME_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
-}
-
-fn plugin_path(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("plugins").join(format!("{name}.wasm"))
-}
 
 struct Figures {
     p50: Duration,
@@ -259,8 +252,7 @@ async fn through_callme(native: bool) -> anyhow::Result<Figures> {
         server.serve_native(&id, functions).await?;
     } else {
         let runtime = Runtime::with_config(RuntimeConfig::default())?;
-        let bytes = std::fs::read(plugin_path("calc"))
-            .map_err(|e| anyhow::anyhow!("calc.wasm: {e} (run scripts/build-plugins)"))?;
+        let bytes = plugin_bytes("calc")?;
         let plugin = Plugin::load(&runtime, &id, &bytes, Limits::default())?;
         server.serve_plugin(plugin).await?;
     }

@@ -7,22 +7,17 @@
 //! Prints median, p99 and mean per call of `calc.add` for each mode, and
 //! the ratios to the reused instance. Nothing is asserted: these machines are noisy.
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{Limits, Plugin, Runtime, RuntimeConfig};
 use serde_json::json;
+use support::plugin_bytes;
 
 const WARMUP: usize = 2_000;
 const CALLS: usize = 20_000;
-
-fn plugin_path(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("plugins").join(format!("{name}.wasm"))
-}
 
 fn summary(label: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -48,9 +43,7 @@ fn main() -> anyhow::Result<()> {
             cache_dir: None,
             ..RuntimeConfig::default()
         })?;
-        let path = plugin_path("calc");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/build-plugins)", path.display()))?;
+        let bytes = plugin_bytes("calc")?;
 
         let started = Instant::now();
         let plugin = Plugin::load(&runtime, "calc", &bytes, Limits::default())?;

@@ -58,7 +58,8 @@ pub struct Limits {
     /// Spare instances kept ready, fresh and never called, so a call need
     /// not wait for its instance to be made; each one a call takes is
     /// replaced in the background. Every call still runs in an instance of
-    /// its own. Only a server keeps spares (see `Plugin::start_prewarm`).
+    /// its own. Only a server keeps spares (see `Plugin::start_prewarm`);
+    /// with `reuse_instances` there are none.
     pub prewarm: usize,
     /// Calls in flight for this plugin, overriding the server's
     /// `--concurrency` (its share of the host).
