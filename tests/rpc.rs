@@ -394,3 +394,38 @@ fn blocking_proxy_calls_from_plain_code() {
         json!(4)
     );
 }
+
+#[tokio::test]
+async fn serving_one_id_twice_at_once_starts_one_consumer() {
+    let id = unique("twice");
+    let s = server(ServerOptions::default()).await;
+    let (a, b) = tokio::join!(
+        s.serve_plugin(load("calc", &id, Limits::default())),
+        s.serve_plugin(load("calc", &id, Limits::default())),
+    );
+    a.unwrap();
+    b.unwrap();
+    // Ask the broker how many consumers the server's queue has.
+    let conn = lapin::Connection::connect(
+        &callme_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            callme::protocol::server_queue(&id).as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(queue.consumer_count(), 1);
+    let p = proxy(Duration::from_secs(10)).await;
+    let v: i64 = p.use_server(&id).invoke("add", (2, 3)).await.unwrap();
+    assert_eq!(v, 5);
+}

@@ -126,6 +126,10 @@ struct Inner {
     conn: Connection,
     options: ServerOptions,
     served: Mutex<HashMap<String, Served>>,
+    /// Held by whatever starts, swaps or stops a server id, so two of them
+    /// for the same id never interleave (two consumers for one id, or a
+    /// stop between a start's declare and its consume).
+    changes: tokio::sync::Mutex<()>,
     executor: Executor,
     in_flight: Arc<Semaphore>,
 }
@@ -182,6 +186,7 @@ impl Server {
                 conn,
                 options,
                 served: Mutex::new(HashMap::new()),
+                changes: tokio::sync::Mutex::new(()),
                 executor: Executor(Some(executor)),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
             }),
@@ -198,6 +203,7 @@ impl Server {
     /// functions; broker errors when declaring or consuming fails
     /// ([`Error::AccessRefused`] when the broker's permissions forbid it).
     pub async fn serve_plugin(&self, plugin: Plugin) -> Result<(), Error> {
+        let _changing = self.inner.changes.lock().await;
         let id = plugin.name().to_string();
         plugin.start_prewarm(self.inner.executor.handle());
         let wanted = plugin
@@ -255,6 +261,7 @@ impl Server {
         server_id: &str,
         functions: NativeFunctions,
     ) -> Result<(), Error> {
+        let _changing = self.inner.changes.lock().await;
         if self.is_serving(server_id) {
             return Err(Error::Config(format!(
                 "server id `{server_id}` is already served"
@@ -294,6 +301,7 @@ impl Server {
     ///
     /// Broker errors while cancelling.
     pub async fn stop_serving(&self, server_id: &str) -> Result<bool, Error> {
+        let _changing = self.inner.changes.lock().await;
         let served = self
             .inner
             .served
