@@ -515,8 +515,9 @@ struct SpareBroker;
 impl SpareBroker {
     const PORT: u16 = 5692;
 
-    fn run(cmd: &str) {
-        let out = std::process::Command::new(callme_tests::repo().join("scripts/broker"))
+    fn command(cmd: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(callme_tests::repo().join("scripts/broker"));
+        command
             .arg(cmd)
             .env(
                 "CALLME_BROKER_DIR",
@@ -525,9 +526,12 @@ impl SpareBroker {
             .env("CALLME_BROKER_PORT", Self::PORT.to_string())
             .env("CALLME_BROKER_TLS_PORT", "5691")
             .env("CALLME_BROKER_DIST_PORT", "25692")
-            .env("CALLME_BROKER_NODENAME", "callme-spare@localhost")
-            .output()
-            .expect("run scripts/broker");
+            .env("CALLME_BROKER_NODENAME", "callme-spare@localhost");
+        command
+    }
+
+    fn run(cmd: &str) {
+        let out = Self::command(cmd).output().expect("run scripts/broker");
         assert!(
             out.status.success(),
             "scripts/broker {cmd}: {}",
@@ -540,11 +544,22 @@ impl SpareBroker {
     }
 }
 
+/// Stops the spare node when the test ends, passed or failed, so it holds
+/// no ports afterwards.
+struct StopsSpareBroker;
+
+impl Drop for StopsSpareBroker {
+    fn drop(&mut self) {
+        let _ = SpareBroker::command("stop").output();
+    }
+}
+
 #[tokio::test]
 async fn broker_restart_is_survived_by_hosts_and_proxies() {
     tokio::task::spawn_blocking(|| SpareBroker::run("start"))
         .await
         .unwrap();
+    let _stop = StopsSpareBroker;
     let dir = tempdir();
     let id = unique("restart");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
