@@ -53,6 +53,14 @@ fn print(label: &str, f: &Figures) {
     );
 }
 
+fn ratios(label: &str, of: &Figures, to: &Figures) {
+    println!(
+        "{label}: sequential p50 {:.2}x, throughput {:.2}x",
+        of.p50.as_secs_f64() / to.p50.as_secs_f64(),
+        of.par_rate / to.par_rate
+    );
+}
+
 async fn measure<F, Fut>(call: F) -> anyhow::Result<Figures>
 where
     F: Fn(u64) -> Fut,
@@ -287,26 +295,19 @@ fn main() -> anyhow::Result<()> {
         print("raw + confirms", &confirmed);
         print("callme native", &native);
         print("callme calc.add", &callme);
-        println!(
-            "\nsequential p50: callme / raw = {:.2}x (target <= 1.15x)\n{IN_FLIGHT}-in-flight throughput: callme / raw = {:.2}x (target >= 0.85x)",
-            callme.p50.as_secs_f64() / raw.p50.as_secs_f64(),
-            callme.par_rate / raw.par_rate
+        println!();
+        ratios(
+            "callme / raw echo (targets: p50 <= 1.15x, throughput >= 0.85x)",
+            &callme,
+            &raw,
         );
-        println!(
-            "raw with confirms and ack-after-confirm: sequential p50 {:.2}x raw, throughput {:.2}x raw",
-            confirmed.p50.as_secs_f64() / raw.p50.as_secs_f64(),
-            confirmed.par_rate / raw.par_rate
+        ratios("raw + confirms / raw echo", &confirmed, &raw);
+        ratios(
+            "callme / raw + confirms (the same guarantees)",
+            &callme,
+            &confirmed,
         );
-        println!(
-            "callme against raw with the same guarantees: sequential p50 {:.2}x, throughput {:.2}x",
-            callme.p50.as_secs_f64() / confirmed.p50.as_secs_f64(),
-            callme.par_rate / confirmed.par_rate
-        );
-        println!(
-            "native add (no sandbox): sequential p50 {:.2}x raw, throughput {:.2}x raw",
-            native.p50.as_secs_f64() / raw.p50.as_secs_f64(),
-            native.par_rate / raw.par_rate
-        );
+        ratios("callme native / raw echo (no sandbox)", &native, &raw);
         anyhow::Ok(())
     })
 }
