@@ -267,23 +267,18 @@ impl Plugin {
                 })
                 .await
         };
-        match outcome {
-            Ok(Ok((instance, results))) => {
-                let result = self.finish(&store, export, Ok(Ok(results)), started);
-                instances.give_back(Ready { store, instance });
-                result
-            }
-            Ok(Err(e)) => {
-                let result = self.finish(&store, export, Ok(Err(e)), started);
-                instances.discard(store);
-                result
-            }
-            Err(limit) => {
-                let result = self.finish(&store, export, Err(limit), started);
-                instances.discard(store);
-                result
-            }
+        // Only an instance whose call returned may be kept for another.
+        let (instance, outcome) = match outcome {
+            Ok(Ok((instance, results))) => (Some(instance), Ok(Ok(results))),
+            Ok(Err(e)) => (None, Ok(Err(e))),
+            Err(limit) => (None, Err(limit)),
+        };
+        let result = self.finish(&store, export, outcome, started);
+        match instance {
+            Some(instance) => instances.give_back(Ready { store, instance }),
+            None => instances.discard(store),
         }
+        result
     }
 
     /// Starts keeping the spare instances the plugin's `prewarm` setting
