@@ -157,6 +157,43 @@ impl Drop for Executor {
 /// setting, it only exists so shutdown can wait for them.
 const MAX_IN_FLIGHT: u32 = 1 << 20;
 
+/// How often the connection's state is looked at.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// How long the connection may be down before that is logged as an error.
+const DOWN_REPORT_AFTER: Duration = Duration::from_secs(30);
+
+/// Logs a connection to the broker that stays down. Reconnecting is
+/// lapin's automatic recovery, which can wait forever after a broker
+/// restart without telling the consumers (amqp-rs/lapin#450); this makes
+/// such a host visible in its log, at error level, until it is restarted.
+fn watch_connection(inner: std::sync::Weak<Inner>) {
+    tokio::spawn(async move {
+        let mut down_since: Option<Instant> = None;
+        let mut reported = false;
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let status = inner.conn.status();
+            if status.connected() {
+                if reported {
+                    info!(target: "callme::server", "the connection to the broker is back");
+                }
+                down_since = None;
+                reported = false;
+                continue;
+            }
+            let since = *down_since.get_or_insert_with(Instant::now);
+            if !reported && since.elapsed() >= DOWN_REPORT_AFTER {
+                error!(target: "callme::server", reconnecting = status.reconnecting(), down_for = ?since.elapsed(), "the connection to the broker has not recovered: nothing is served until it does (restarting the host reconnects)");
+                reported = true;
+            }
+        }
+    });
+}
+
 impl Server {
     /// Connects to the broker.
     ///
@@ -181,7 +218,7 @@ impl Server {
             .build()
             .map_err(|e| Error::Config(format!("cannot start the plugin executor: {e}")))?;
         info!(target: "callme::server", broker = %connect.redacted(), "connected");
-        Ok(Server {
+        let server = Server {
             inner: Arc::new(Inner {
                 conn,
                 options,
@@ -190,7 +227,9 @@ impl Server {
                 executor: Executor(Some(executor)),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
             }),
-        })
+        };
+        watch_connection(Arc::downgrade(&server.inner));
+        Ok(server)
     }
 
     /// Serves `plugin` under its name, or swaps it in atomically if that
