@@ -96,9 +96,8 @@ impl Instances {
     /// spare or an idle instance, if there is one.
     pub(super) fn take(self: &Arc<Self>) -> Option<Ready> {
         let taken = self.pool().ready.pop();
-        if !self.limits.reuse_instances {
-            self.replenish();
-        }
+        // A no-op unless spares are kept (never with reuse).
+        self.replenish();
         taken.map(|mut ready| {
             self.arm(&mut ready.store);
             ready
