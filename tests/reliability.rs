@@ -531,7 +531,14 @@ impl SpareBroker {
     }
 
     fn run(cmd: &str) {
-        let out = Self::command(cmd).output().expect("run scripts/broker");
+        Self::run_with(cmd, &[]);
+    }
+
+    fn run_with(cmd: &str, args: &[&str]) {
+        let out = Self::command(cmd)
+            .args(args)
+            .output()
+            .expect("run scripts/broker");
         assert!(
             out.status.success(),
             "scripts/broker {cmd}: {}",
@@ -588,13 +595,67 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
     let v: i64 = sp.invoke("add", (1, 1)).await.unwrap();
     assert_eq!(v, 2);
 
-    // Calls keep going while the broker restarts: each ends within its
-    // timeout, by an answer or an error, never hanging.
+    // Calls keep going while the broker restarts, and again while it
+    // closes every connection: each call ends within its timeout, by an
+    // answer or an error, never hanging; then calls succeed again without
+    // restarting anything.
     let restart = tokio::task::spawn_blocking(|| SpareBroker::run("restart"));
-    let (mut made, mut answered, mut failed) = (0, 0, 0);
+    let outage = calls_through(&sp, restart).await;
+    let recovery = recovered(&sp, &host).await;
+    eprintln!("broker restart: {outage}; back after {recovery:?}");
+
+    // A longer outage: the broker stays away past the longest backoff.
+    let away = tokio::task::spawn_blocking(|| {
+        SpareBroker::run("stop");
+        std::thread::sleep(Duration::from_secs(8));
+        SpareBroker::run("start");
+    });
+    let outage = calls_through(&sp, away).await;
+    let recovery = recovered(&sp, &host).await;
+    eprintln!("broker stopped for 8 s: {outage}; back after {recovery:?}");
+
+    let close = tokio::task::spawn_blocking(|| {
+        SpareBroker::run_with("ctl", &["close_all_connections", "closed by a test"])
+    });
+    let outage = calls_through(&sp, close).await;
+    let recovery = recovered(&sp, &host).await;
+    eprintln!("connections closed by the broker: {outage}; back after {recovery:?}");
+    assert!(
+        host.log_text().contains("reconnected"),
+        "host log: {}",
+        host.log_text()
+    );
+}
+
+/// What happened to calls made one after another until `event` finished.
+struct Outage {
+    made: usize,
+    answered: usize,
+    /// Calls that ended with an error within their timeout, by kind.
+    failed: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "calls during the outage {} (answered {}, ended by an error in time {:?}, hung 0)",
+            self.made, self.answered, self.failed
+        )
+    }
+}
+
+/// Makes calls until `event` finishes; asserts each ends within its
+/// timeout (5 s) with the right answer or an error.
+async fn calls_through(sp: &callme::ServerProxy, event: tokio::task::JoinHandle<()>) -> Outage {
+    let mut outage = Outage {
+        made: 0,
+        answered: 0,
+        failed: Default::default(),
+    };
     let started = Instant::now();
-    while !restart.is_finished() {
-        made += 1;
+    while !event.is_finished() {
+        outage.made += 1;
         let t = Instant::now();
         match sp
             .call("add", Args::positional(vec![json!(1), json!(2)]))
@@ -602,10 +663,17 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
         {
             Ok(v) => {
                 assert_eq!(v, json!(3));
-                answered += 1;
+                outage.answered += 1;
             }
-            Err(_) => {
-                failed += 1;
+            Err(e) => {
+                let kind = match e {
+                    Error::Disconnected(_) => "Disconnected",
+                    Error::Connection(_) => "Connection",
+                    Error::NoSuchServer(_) => "NoSuchServer",
+                    Error::Timeout { .. } => "Timeout",
+                    other => panic!("a call during the outage failed with {other:?}"),
+                };
+                *outage.failed.entry(kind).or_default() += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -616,12 +684,17 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
         );
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "restart took too long"
+            "the broker took too long"
         );
     }
-    restart.await.unwrap();
+    event.await.unwrap();
+    outage
+}
 
-    // After the broker is back, calls succeed without restarting anything.
+/// Waits for calls to be answered again, then checks 20 in a row are;
+/// returns how long the first answer took.
+async fn recovered(sp: &callme::ServerProxy, host: &Host) -> Duration {
+    let started = Instant::now();
     let back = callme_tests::eventually(Duration::from_secs(60), || async {
         sp.call("add", Args::positional(vec![json!(2), json!(2)]))
             .await
@@ -629,13 +702,10 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
     })
     .await;
     assert_eq!(back, Some(json!(4)), "host log: {}", host.log_text());
-    let mut after = 0;
+    let took = started.elapsed();
     for i in 0..20i64 {
         let v: i64 = sp.invoke("add", (i, i)).await.unwrap();
         assert_eq!(v, 2 * i);
-        after += 1;
     }
-    eprintln!(
-        "broker restart: calls during the outage {made} (answered {answered}, failed fast {failed}, hung 0); after recovery {after}/20 answered"
-    );
+    took
 }

@@ -27,8 +27,9 @@ pub struct ConnectOptions {
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
-    /// Reconnect by itself when the connection is lost, re-declaring
-    /// exchanges, queues and consumers (on by default).
+    /// Proxies and servers reconnect by themselves when the connection is
+    /// lost, with backoff, re-declaring their exchanges, queues and
+    /// consumers (on by default). Off, a lost connection is final.
     pub auto_recover: bool,
 }
 
@@ -126,7 +127,7 @@ impl ConnectOptions {
         })
     }
 
-    /// Opens a connection.
+    /// Opens one connection (which does not reconnect by itself).
     ///
     /// # Errors
     ///
@@ -136,10 +137,7 @@ impl ConnectOptions {
     pub async fn connect(&self, name: &str) -> Result<Connection, Error> {
         let uri = self.parse()?;
         let tls = self.tls(&uri)?;
-        let mut props = ConnectionProperties::default().with_connection_name(name.into());
-        if self.auto_recover {
-            props = props.enable_auto_recover();
-        }
+        let props = ConnectionProperties::default().with_connection_name(name.into());
         let runtime = lapin::runtime::default_runtime().map_err(Error::Connection)?;
         let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {

@@ -164,8 +164,9 @@ pub enum Error {
     /// The connection to the broker failed or was lost.
     #[error("broker connection: {0}")]
     Connection(#[source] lapin::Error),
-    /// The connection was lost while the call waited for its reply; the
-    /// call may or may not have run.
+    /// The connection was lost while the call waited for its reply (the
+    /// call may or may not have run), or it was down, being re-established,
+    /// for the whole of the call's timeout (the call was not sent).
     #[error("connection lost: {0}")]
     Disconnected(String),
     /// A setting is invalid (an AMQP URI, a TLS file, a server id).

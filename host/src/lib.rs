@@ -13,6 +13,7 @@
 //! - `error`: [`PluginError`] (runtime) and [`Error`] (proxy and server).
 //! - `plugin`: the plugin runtime (feature `server`).
 //! - `connection_builder`: AMQP connections from URIs, with TLS.
+//! - `link`: a connection that replaces itself when lost.
 //! - `proxy`: the client, async and blocking.
 //! - `server`: consume, dispatch, reply (feature `server`).
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
@@ -20,6 +21,7 @@
 
 mod connection_builder;
 mod error;
+mod link;
 #[cfg(feature = "server")]
 pub mod plugin;
 pub mod protocol;

@@ -6,11 +6,15 @@
 //! replies to calls by correlation id. Many tasks share one proxy; calls
 //! are multiplexed on its connection. A request nobody can route fails at
 //! once with [`Error::NoSuchServer`]; a reply that arrives after its call
-//! timed out is dropped. [`BlockingProxy`] wraps it for non-async code.
+//! timed out is dropped. When the broker connection is lost, calls
+//! waiting for replies fail at once with [`Error::Disconnected`]; the proxy
+//! reconnects, declares its reply queue again under the same name, and
+//! calls made meanwhile wait for that within their timeouts.
+//! [`BlockingProxy`] wraps it for non-async code.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -18,14 +22,15 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ExchangeKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::connection_builder::{ConnectOptions, classify_lapin};
+use crate::link::{self, Link};
 use crate::protocol::{
     Args, CONTENT_TYPE, DESCRIBE, Request, Response, client_exchange, client_queue, server_exchange,
 };
@@ -43,27 +48,21 @@ pub struct Proxy {
 }
 
 struct Inner {
-    conn: Arc<Connection>,
-    publisher: Mutex<Channel>,
+    /// Held for its connection, which closes when the proxy is dropped.
+    _link: Link,
+    /// The connection the reply queue is consumed on, while there is one.
+    ready: watch::Receiver<Option<Arc<Connection>>>,
+    /// The confirming channel requests are published on, opened on the
+    /// ready connection and opened again when it closes.
+    publisher: tokio::sync::Mutex<Option<Channel>>,
     reply_exchange: String,
     pending: Pending,
     timeout: Duration,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let conn = self.conn.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = conn.close(200, "proxy dropped".into()).await;
-            });
-        }
-    }
-}
-
 impl Proxy {
     /// Connects to the broker at `uri` (plain AMQP or TLS without client
-    /// certificate) with the default timeout. The connection recovers by
+    /// certificate) with the default timeout. The proxy reconnects by
     /// itself when the broker comes back after an outage.
     ///
     /// # Errors
@@ -83,118 +82,32 @@ impl Proxy {
         let uri = options.parse()?;
         let user = options.user(&uri);
         let uid = uuid::Uuid::new_v4().to_string();
-        let conn = options.connect("callme proxy").await?;
-        let reply_exchange = client_exchange(&user, &uid);
-        let reply_queue = client_queue(&user, &uid);
-
-        let consume = conn.create_channel().await.map_err(classify_lapin)?;
-        consume
-            .exchange_declare(
-                reply_exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
-        consume
-            .queue_declare(
-                reply_queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    exclusive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
-        consume
-            .queue_bind(
-                reply_queue.as_str().into(),
-                reply_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
-        let mut consumer = consume
-            .basic_consume(
-                reply_queue.as_str().into(),
-                format!("callme-proxy-{uid}").into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
-
+        let link = Link::connect(options, "callme proxy").await?;
+        let names = ReplyNames {
+            exchange: client_exchange(&user, &uid),
+            queue: client_queue(&user, &uid),
+            consumer_tag: format!("callme-proxy-{uid}"),
+        };
+        let conn = link
+            .current()
+            .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
+        let (channel, consumer) = names.declare(&conn).await?;
         let pending: Pending = Arc::default();
-        let replies = pending.clone();
-        tokio::spawn(async move {
-            while let Some(delivery) = consumer.next().await {
-                let delivery = match delivery {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // Replies to calls made before the outage are lost
-                        // with the broker's non-durable queues: fail those
-                        // calls now rather than let them wait out their
-                        // timeouts.
-                        replies.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                        warn!(target: "callme::proxy", error = %e, "lost the broker: waiting for recovery");
-                        match consume.wait_for_recovery(e).await {
-                            Ok(()) => {
-                                debug!(target: "callme::proxy", "recovered");
-                                continue;
-                            }
-                            Err(e) => {
-                                warn!(target: "callme::proxy", error = %e, "reply consumer stopped");
-                                break;
-                            }
-                        }
-                    }
-                };
-                let Some(corr) = delivery.properties.correlation_id().as_ref() else {
-                    debug!(target: "callme::proxy", "reply without correlation id dropped");
-                    continue;
-                };
-                let waiter = replies
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(corr.as_str());
-                match waiter {
-                    Some(tx) => {
-                        let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
-                            Response::Error(RemoteError::new(
-                                ErrorKind::Internal,
-                                format!("malformed reply: {e}"),
-                            ))
-                        });
-                        let _ = tx.send(response);
-                    }
-                    None => {
-                        debug!(target: "callme::proxy", correlation_id = %corr, "late or unknown reply dropped")
-                    }
-                }
-            }
-            // Fail every waiting call at once instead of letting it time out.
-            replies.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        });
-
-        let publisher = open_publisher(&conn).await?;
-        debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %reply_exchange, "proxy ready");
+        let (ready_tx, ready) = watch::channel(Some(conn.clone()));
+        let replies = Replies {
+            link: link.subscribe(),
+            names: names.clone(),
+            pending: pending.clone(),
+            ready: ready_tx,
+        };
+        tokio::spawn(replies.run(conn, channel, consumer));
+        debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %names.exchange, "proxy ready");
         Ok(Proxy {
             inner: Arc::new(Inner {
-                conn: Arc::new(conn),
-                publisher: Mutex::new(publisher),
-                reply_exchange,
+                _link: link,
+                ready,
+                publisher: tokio::sync::Mutex::default(),
+                reply_exchange: names.exchange,
                 pending,
                 timeout,
             }),
@@ -217,10 +130,14 @@ impl Proxy {
 
     /// Calls `func` on `server` with `args`, waiting at most `timeout`.
     ///
+    /// While the broker connection is being re-established, the call
+    /// waits for it within its timeout.
+    ///
     /// # Errors
     ///
     /// [`Error::Timeout`], [`Error::NoSuchServer`], [`Error::AccessRefused`],
-    /// [`Error::Remote`] (the server's error) or [`Error::Connection`].
+    /// [`Error::Remote`] (the server's error), [`Error::Disconnected`] or
+    /// [`Error::Connection`].
     pub async fn call(
         &self,
         server: &str,
@@ -228,6 +145,8 @@ impl Proxy {
         args: Args,
         timeout: Duration,
     ) -> Result<Value, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = self.ready(deadline, timeout).await?;
         let corr = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
         let guard = PendingGuard {
@@ -247,7 +166,6 @@ impl Proxy {
             .with_reply_to(self.inner.reply_exchange.as_str().into())
             .with_expiration(millis.to_string().into());
 
-        let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || Error::Timeout {
             server: server.to_string(),
             timeout,
@@ -255,7 +173,7 @@ impl Proxy {
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.
-        let publish = self.publish(server, &body, props);
+        let publish = self.publish(&conn, server, &body, props);
         tokio::pin!(publish);
         let mut rx = rx;
         let mut confirmed = false;
@@ -271,7 +189,7 @@ impl Proxy {
                         return match reply {
                             Ok(response) => response.into_result().map_err(Error::Remote),
                             Err(_) => Err(Error::Disconnected(
-                                "the reply consumer stopped: the connection to the broker was lost".into(),
+                                "the connection to the broker was lost before the reply came".into(),
                             )),
                         };
                     }
@@ -282,18 +200,47 @@ impl Proxy {
         outcome.unwrap_or_else(|_| Err(timed_out()))
     }
 
+    /// The connection the reply queue is consumed on, waiting for one
+    /// until `deadline` while the link is re-established.
+    async fn ready(
+        &self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Arc<Connection>, Error> {
+        let mut ready = self.inner.ready.clone();
+        let wait = tokio::time::timeout_at(deadline, ready.wait_for(Option::is_some));
+        match wait.await {
+            Ok(Ok(conn)) => Ok(conn.clone().expect("waited for a connection")),
+            Ok(Err(_)) => Err(Error::Disconnected(
+                "the proxy's broker connection is closed".into(),
+            )),
+            Err(_) => Err(Error::Disconnected(format!(
+                "no connection to the broker within the call's timeout of {timeout:?} (reconnecting)"
+            ))),
+        }
+    }
+
+    /// The open publish channel on `conn`, opening one when there is none.
+    async fn publisher(&self, conn: &Connection) -> Result<Channel, Error> {
+        let mut slot = self.inner.publisher.lock().await;
+        if let Some(channel) = &*slot
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = open_publisher(conn).await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
     async fn publish(
         &self,
+        conn: &Connection,
         server: &str,
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), Error> {
-        let channel = self
-            .inner
-            .publisher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let channel = self.publisher(conn).await?;
         let exchange = server_exchange(server);
         let result = async {
             channel
@@ -320,36 +267,14 @@ impl Proxy {
                 "the broker refused the request for `{server}`"
             ))),
             Err(e) => {
-                // A refused or missing exchange closes the channel: open a
-                // fresh one for the calls that follow.
-                self.replace_publisher(&channel).await;
+                // A refused or missing exchange closes the channel; the
+                // next call opens a fresh one.
                 let text = e.to_string();
                 if text.contains("NOT_FOUND") || text.contains("NOTFOUND") {
                     Err(Error::NoSuchServer(server.to_string()))
                 } else {
                     Err(classify_lapin(e))
                 }
-            }
-        }
-    }
-
-    async fn replace_publisher(&self, broken: &Channel) {
-        if broken.status().connected() {
-            return;
-        }
-        match open_publisher(&self.inner.conn).await {
-            Ok(fresh) => {
-                let mut current = self
-                    .inner
-                    .publisher
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if current.id() == broken.id() || !current.status().connected() {
-                    *current = fresh;
-                }
-            }
-            Err(e) => {
-                warn!(target: "callme::proxy", error = %e, "cannot reopen the publish channel")
             }
         }
     }
@@ -362,6 +287,171 @@ async fn open_publisher(conn: &Connection) -> Result<Channel, Error> {
         .await
         .map_err(classify_lapin)?;
     Ok(channel)
+}
+
+/// The proxy's reply exchange and queue, the same across reconnections so
+/// a caller's `reply_to` never changes.
+#[derive(Clone)]
+struct ReplyNames {
+    exchange: String,
+    queue: String,
+    consumer_tag: String,
+}
+
+impl ReplyNames {
+    /// Declares the reply exchange and queue on `conn`, binds them and
+    /// starts consuming.
+    async fn declare(&self, conn: &Connection) -> Result<(Channel, Consumer), Error> {
+        let channel = conn.create_channel().await.map_err(classify_lapin)?;
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        let consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                self.consumer_tag.as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        Ok((channel, consumer))
+    }
+}
+
+/// A reply consumer that lived this long before it ended is followed by a
+/// prompt re-declaration; one that ends sooner backs off further each time.
+const STEADY_AFTER: Duration = Duration::from_secs(10);
+
+/// The proxy's reply consumer, across reconnections: hands each reply to
+/// the call waiting for it.
+struct Replies {
+    link: watch::Receiver<link::State>,
+    names: ReplyNames,
+    pending: Pending,
+    ready: watch::Sender<Option<Arc<Connection>>>,
+}
+
+impl Replies {
+    async fn run(mut self, conn: Arc<Connection>, channel: Channel, consumer: Consumer) {
+        let mut current = Some((conn, channel, consumer));
+        let mut attempt = 0;
+        loop {
+            if let Some((conn, channel, consumer)) = current.take() {
+                self.ready.send_replace(Some(conn));
+                let since = Instant::now();
+                self.consume(consumer).await;
+                drop(channel);
+                // Replies to calls sent on that connection went with it
+                // (the reply queue is exclusive to it): fail those calls
+                // now rather than let them wait out their timeouts.
+                self.ready.send_replace(None);
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                if since.elapsed() >= STEADY_AFTER {
+                    attempt = 0;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(link::backoff(attempt)) => {}
+                _ = self.ready.closed() => return,
+            }
+            attempt += 1;
+            let up = tokio::select! {
+                up = link::up(&mut self.link) => up,
+                _ = self.ready.closed() => return,
+            };
+            let Some(conn) = up else {
+                debug!(target: "callme::proxy", "connection closed: reply consumer ended");
+                return;
+            };
+            match self.names.declare(&conn).await {
+                Ok((channel, consumer)) => {
+                    debug!(target: "callme::proxy", reply_exchange = %self.names.exchange, "reply queue declared again");
+                    current = Some((conn, channel, consumer));
+                }
+                Err(e) if attempt > 3 => {
+                    warn!(target: "callme::proxy", attempt, error = %e, "cannot declare the reply queue yet")
+                }
+                Err(e) => {
+                    debug!(target: "callme::proxy", attempt, error = %e, "cannot declare the reply queue yet")
+                }
+            }
+        }
+    }
+
+    /// Takes replies until the consumer ends.
+    async fn consume(&self, mut consumer: Consumer) {
+        while let Some(delivery) = consumer.next().await {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(target: "callme::proxy", error = %e, "reply consumer lost");
+                    return;
+                }
+            };
+            let Some(corr) = delivery.properties.correlation_id().as_ref() else {
+                debug!(target: "callme::proxy", "reply without correlation id dropped");
+                continue;
+            };
+            let waiter = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(corr.as_str());
+            match waiter {
+                Some(tx) => {
+                    let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
+                        Response::Error(RemoteError::new(
+                            ErrorKind::Internal,
+                            format!("malformed reply: {e}"),
+                        ))
+                    });
+                    let _ = tx.send(response);
+                }
+                None => {
+                    debug!(target: "callme::proxy", correlation_id = %corr, "late or unknown reply dropped")
+                }
+            }
+        }
+    }
 }
 
 /// Removes a call's entry from the pending map however the call ends.

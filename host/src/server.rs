@@ -8,6 +8,8 @@
 //! confirmed by the broker: a host that dies mid-call leaves the request to
 //! be redelivered. Bad messages are answered with `BadRequest` (or logged
 //! and dropped when they cannot be answered); they never stop the server.
+//! When the broker connection is lost, the [`Link`] reconnects and each
+//! served id declares its exchange and queue again and resumes consuming.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,12 +23,13 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
-use tracing::{debug, error, info, warn};
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, info, warn};
 
 use crate::connection_builder::{ConnectOptions, classify_lapin};
+use crate::link::{self, Link};
 use crate::plugin::Plugin;
 use crate::protocol::{
     Args, CONTENT_TYPE, DEFAULT_MAX_REQUEST_BYTES, DESCRIBE, Request, Response, is_valid_server_id,
@@ -123,7 +126,7 @@ pub struct Server {
 }
 
 struct Inner {
-    conn: Connection,
+    link: Link,
     options: ServerOptions,
     served: Mutex<HashMap<String, Served>>,
     /// Held by whatever starts, swaps or stops a server id, so two of them
@@ -157,43 +160,6 @@ impl Drop for Executor {
 /// setting, it only exists so shutdown can wait for them.
 const MAX_IN_FLIGHT: u32 = 1 << 20;
 
-/// How often the connection's state is looked at.
-const WATCH_EVERY: Duration = Duration::from_secs(5);
-
-/// How long the connection may be down before that is logged as an error.
-const DOWN_REPORT_AFTER: Duration = Duration::from_secs(30);
-
-/// Logs a connection to the broker that stays down. Reconnecting is
-/// lapin's automatic recovery, which can wait forever after a broker
-/// restart without telling the consumers (amqp-rs/lapin#450); this makes
-/// such a host visible in its log, at error level, until it is restarted.
-fn watch_connection(inner: std::sync::Weak<Inner>) {
-    tokio::spawn(async move {
-        let mut down_since: Option<Instant> = None;
-        let mut reported = false;
-        loop {
-            tokio::time::sleep(WATCH_EVERY).await;
-            let Some(inner) = inner.upgrade() else {
-                return;
-            };
-            let status = inner.conn.status();
-            if status.connected() {
-                if reported {
-                    info!(target: "callme::server", "the connection to the broker is back");
-                }
-                down_since = None;
-                reported = false;
-                continue;
-            }
-            let since = *down_since.get_or_insert_with(Instant::now);
-            if !reported && since.elapsed() >= DOWN_REPORT_AFTER {
-                error!(target: "callme::server", reconnecting = status.reconnecting(), down_for = ?since.elapsed(), "the connection to the broker has not recovered: nothing is served until it does (restarting the host reconnects)");
-                reported = true;
-            }
-        }
-    });
-}
-
 impl Server {
     /// Connects to the broker.
     ///
@@ -210,7 +176,7 @@ impl Server {
                 "concurrency must be between 1 and 65535".into(),
             ));
         }
-        let conn = connect.connect("callme server").await?;
+        let link = Link::connect(connect, "callme server").await?;
         let executor = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.executor_threads.max(1))
             .thread_name("callme-plugin")
@@ -220,7 +186,7 @@ impl Server {
         info!(target: "callme::server", broker = %connect.redacted(), "connected");
         let server = Server {
             inner: Arc::new(Inner {
-                conn,
+                link,
                 options,
                 served: Mutex::new(HashMap::new()),
                 changes: tokio::sync::Mutex::new(()),
@@ -228,7 +194,6 @@ impl Server {
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
             }),
         };
-        watch_connection(Arc::downgrade(&server.inner));
         Ok(server)
     }
 
@@ -350,14 +315,25 @@ impl Server {
         let Some(served) = served else {
             return Ok(false);
         };
-        served
-            .channel
-            .basic_cancel(
-                served.consumer_tag.as_str().into(),
-                BasicCancelOptions::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
+        // A channel that is gone has no consumer left to cancel, and its
+        // consume loop, finding the id no longer served, does not resume.
+        if served.channel.status().connected() {
+            let cancel = served
+                .channel
+                .basic_cancel(
+                    served.consumer_tag.as_str().into(),
+                    BasicCancelOptions::default(),
+                )
+                .await;
+            if let Err(e) = cancel
+                && served.channel.status().connected()
+            {
+                // Never leave a consumer taking requests for an id that is
+                // no longer served.
+                let _ = served.channel.close(200, "stopped".into()).await;
+                return Err(classify_lapin(e));
+            }
+        }
         info!(target: "callme::server", server_id, "stopped serving");
         Ok(true)
     }
@@ -385,19 +361,14 @@ impl Server {
                 warn!(target: "callme::server", ?grace, "grace period over with calls still running")
             }
         }
-        let _ = self.inner.conn.close(200, "shutdown".into()).await;
+        self.inner.link.close().await;
     }
 
-    /// Resolves when the broker connection is lost for good (not while it
-    /// is being recovered).
+    /// Resolves when the broker connection is closed for good: after
+    /// [`Server::shutdown`], or when it is lost with `auto_recover` off.
+    /// While it is being re-established, this waits.
     pub async fn closed(&self) {
-        loop {
-            let status = self.inner.conn.status();
-            if status.closed() || (status.errored() && !status.reconnecting()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.inner.link.closed().await;
     }
 
     async fn start(&self, id: String, service: Service, concurrency: usize) -> Result<(), Error> {
@@ -411,65 +382,13 @@ impl Server {
                 "invalid server id `{id}`: use letters, digits, `-`, `_` and `.`"
             )));
         }
-        let opts = &self.inner.options;
-        let channel = self
-            .inner
-            .conn
-            .create_channel()
-            .await
-            .map_err(classify_lapin)?;
-        let exchange = server_exchange(&id);
-        let queue = server_queue(&id);
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: opts.durable,
-                    auto_delete: opts.auto_delete,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| refused(&id, e))?;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: opts.durable,
-                    auto_delete: opts.auto_delete,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| refused(&id, e))?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| refused(&id, e))?;
-        channel
-            .basic_qos(concurrency as u16, BasicQosOptions::default())
-            .await
-            .map_err(classify_lapin)?;
-        let tag = format!("callme-server-{id}-{}", uuid::Uuid::new_v4());
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| refused(&id, e))?;
-        let replier = Replier::open(&self.inner.conn).await?;
+        let Some(conn) = self.inner.link.current() else {
+            return Err(Error::Disconnected(format!(
+                "cannot serve `{id}`: the broker connection is down (reconnecting)"
+            )));
+        };
+        let (channel, tag, consumer) =
+            subscribe(&conn, &id, &self.inner.options, concurrency).await?;
         let service = Arc::new(service);
         let slots = Arc::new(Semaphore::new(concurrency));
         self.inner
@@ -487,49 +406,190 @@ impl Server {
                 },
             );
         info!(target: "callme::server", server_id = %id, concurrency, "serving");
-
-        let server = self.clone();
-        tokio::spawn(async move {
-            while let Some(delivery) = consumer.next().await {
-                let delivery = match delivery {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(target: "callme::server", server_id = %id, error = %e, "lost the broker: waiting for recovery");
-                        match channel.wait_for_recovery(e).await {
-                            Ok(()) => {
-                                info!(target: "callme::server", server_id = %id, "recovered: consuming again");
-                                continue;
-                            }
-                            Err(e) => {
-                                error!(target: "callme::server", server_id = %id, error = %e, "consumer failed");
-                                break;
-                            }
-                        }
-                    }
-                };
-                // Both semaphores stay open for the server's lifetime.
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let Ok(flight) = server.inner.in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let job = Job {
-                    server: server.clone(),
-                    id: id.clone(),
-                    service: service.clone(),
-                    replier: replier.clone(),
-                };
-                tokio::spawn(async move {
-                    job.handle(delivery).await;
-                    drop((slot, flight));
-                });
-            }
-            debug!(target: "callme::server", server_id = %id, "consumer ended");
-            // Keep the channel open until the consumer ends.
-            drop(channel);
-        });
+        let consuming = Consuming {
+            server: self.clone(),
+            replier: Replier::new(self.inner.link.subscribe()),
+            id,
+            service,
+            slots,
+        };
+        tokio::spawn(consuming.run(channel, consumer));
         Ok(())
+    }
+
+    /// The concurrency of `id` if it is still served by `service` (and not
+    /// stopped, or replaced by another service of the same name).
+    fn still_served(&self, id: &str, service: &Arc<Service>) -> Option<usize> {
+        let served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
+        served
+            .get(id)
+            .filter(|s| Arc::ptr_eq(&s.service, service))
+            .map(|s| s.concurrency)
+    }
+}
+
+/// Declares the exchange and queue of `id`, binds them, and starts a
+/// consumer with a prefetch of `concurrency`.
+async fn subscribe(
+    conn: &Connection,
+    id: &str,
+    opts: &ServerOptions,
+    concurrency: usize,
+) -> Result<(Channel, String, Consumer), Error> {
+    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+    let exchange = server_exchange(id);
+    let queue = server_queue(id);
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: opts.durable,
+                auto_delete: opts.auto_delete,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| refused(id, e))?;
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: opts.durable,
+                auto_delete: opts.auto_delete,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| refused(id, e))?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| refused(id, e))?;
+    channel
+        .basic_qos(concurrency as u16, BasicQosOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    let tag = format!("callme-server-{id}-{}", uuid::Uuid::new_v4());
+    let consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| refused(id, e))?;
+    Ok((channel, tag, consumer))
+}
+
+/// A consumer that lived this long before it ended is followed by a prompt
+/// resubscription; one that ends sooner backs off further each time.
+const STEADY_AFTER: Duration = Duration::from_secs(10);
+
+/// The consume loop of one served id, across reconnections.
+struct Consuming {
+    server: Server,
+    id: String,
+    service: Arc<Service>,
+    slots: Arc<Semaphore>,
+    replier: Replier,
+}
+
+impl Consuming {
+    async fn run(self, channel: Channel, consumer: Consumer) {
+        let mut state = self.server.inner.link.subscribe();
+        let mut current = Some((channel, consumer));
+        let mut attempt = 0;
+        loop {
+            if let Some((channel, consumer)) = current.take() {
+                let since = Instant::now();
+                self.consume(consumer).await;
+                // Keep the channel open until the consumer ends.
+                drop(channel);
+                if since.elapsed() >= STEADY_AFTER {
+                    attempt = 0;
+                }
+            }
+            if self.server.still_served(&self.id, &self.service).is_none() {
+                debug!(target: "callme::server", server_id = %self.id, "consumer ended");
+                return;
+            }
+            tokio::time::sleep(link::backoff(attempt)).await;
+            attempt += 1;
+            let Some(conn) = link::up(&mut state).await else {
+                debug!(target: "callme::server", server_id = %self.id, "connection closed: consumer ended");
+                return;
+            };
+            let _changing = self.server.inner.changes.lock().await;
+            let Some(concurrency) = self.server.still_served(&self.id, &self.service) else {
+                return;
+            };
+            let opts = &self.server.inner.options;
+            match subscribe(&conn, &self.id, opts, concurrency).await {
+                Ok((channel, tag, consumer)) => {
+                    if let Some(served) = self
+                        .server
+                        .inner
+                        .served
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&self.id)
+                    {
+                        served.channel = channel.clone();
+                        served.consumer_tag = tag;
+                    }
+                    info!(target: "callme::server", server_id = %self.id, concurrency, "consuming again");
+                    current = Some((channel, consumer));
+                }
+                Err(e) if attempt > 3 => {
+                    warn!(target: "callme::server", server_id = %self.id, attempt, error = %e, "cannot consume again yet")
+                }
+                Err(e) => {
+                    debug!(target: "callme::server", server_id = %self.id, attempt, error = %e, "cannot consume again yet")
+                }
+            }
+        }
+    }
+
+    /// Takes deliveries until the consumer ends (cancelled, or its
+    /// connection lost), each call run as a task of its own.
+    async fn consume(&self, mut consumer: Consumer) {
+        let inner = &self.server.inner;
+        while let Some(delivery) = consumer.next().await {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(target: "callme::server", server_id = %self.id, error = %e, "consumer lost");
+                    return;
+                }
+            };
+            // Both semaphores stay open for the server's lifetime.
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok(flight) = inner.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let job = Job {
+                server: self.server.clone(),
+                id: self.id.clone(),
+                service: self.service.clone(),
+                replier: self.replier.clone(),
+            };
+            tokio::spawn(async move {
+                job.handle(delivery).await;
+                drop((slot, flight));
+            });
+        }
     }
 }
 
@@ -546,10 +606,15 @@ async fn resize_share(
             "concurrency must be between 1 and 65535".into(),
         ));
     }
-    channel
+    // On a channel lost with its connection, the consumer made on the
+    // next connection takes the new prefetch.
+    if let Err(e) = channel
         .basic_qos(after as u16, BasicQosOptions::default())
         .await
-        .map_err(classify_lapin)?;
+        && channel.status().connected()
+    {
+        return Err(classify_lapin(e));
+    }
     if after > before {
         slots.add_permits(after - before);
     } else {
@@ -605,11 +670,7 @@ impl Job {
         };
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
-        match self
-            .replier
-            .reply(&self.server.inner.conn, &reply_to, &corr, &body)
-            .await
-        {
+        match self.replier.reply(&reply_to, &corr, &body).await {
             Ok(()) => {}
             Err(e) => {
                 warn!(target: "callme::server", server_id = %self.id, reply_to = %reply_to, error = %e, "reply not delivered (caller gone?)")
@@ -689,68 +750,62 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-/// Publishes replies with confirms on a channel of its own, reopened when
-/// a reply to a vanished caller closes it.
+/// Publishes replies with confirms on a channel of its own, opened on the
+/// link's current connection and opened again when it closes (a reply to
+/// a vanished caller closes it; so does a lost connection).
 #[derive(Clone)]
 struct Replier {
-    channel: Arc<Mutex<Channel>>,
+    link: watch::Receiver<link::State>,
+    channel: Arc<tokio::sync::Mutex<Option<Channel>>>,
 }
 
 impl Replier {
-    async fn open(conn: &Connection) -> Result<Replier, Error> {
-        Ok(Replier {
-            channel: Arc::new(Mutex::new(open_confirming(conn).await?)),
-        })
+    fn new(link: watch::Receiver<link::State>) -> Replier {
+        Replier {
+            link,
+            channel: Arc::default(),
+        }
     }
 
-    async fn reply(
-        &self,
-        conn: &Connection,
-        exchange: &str,
-        corr: &str,
-        body: &[u8],
-    ) -> Result<(), Error> {
-        let channel = self
-            .channel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+    /// The open reply channel, opening one when there is none.
+    async fn channel(&self) -> Result<Channel, Error> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = &*slot
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let conn = match &*self.link.borrow() {
+            link::State::Up(conn) => conn.clone(),
+            link::State::Down | link::State::Closed => {
+                return Err(Error::Disconnected(
+                    "the broker connection is down: the reply cannot be sent".into(),
+                ));
+            }
+        };
+        let channel = open_confirming(&conn).await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn reply(&self, exchange: &str, corr: &str, body: &[u8]) -> Result<(), Error> {
+        let channel = self.channel().await?;
         let props = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(corr.into());
-        let sent = async {
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    props,
-                )
-                .await?
-                .await
-        }
-        .await;
-        match sent {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if !channel.status().connected() && conn.status().connected() {
-                    match open_confirming(conn).await {
-                        Ok(fresh) => {
-                            let mut current =
-                                self.channel.lock().unwrap_or_else(|p| p.into_inner());
-                            if current.id() == channel.id() {
-                                *current = fresh;
-                            }
-                        }
-                        Err(e) => {
-                            warn!(target: "callme::server", error = %e, "cannot reopen the reply channel")
-                        }
-                    }
-                }
-                Err(classify_lapin(e))
-            }
-        }
+        channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .map_err(classify_lapin)?
+            .await
+            .map_err(classify_lapin)?;
+        Ok(())
     }
 }
 

@@ -1,0 +1,223 @@
+//! A broker connection that replaces itself when lost: callme's own reconnection.
+//!
+//! A [`Link`] owns one AMQP connection at a time. A supervisor task watches
+//! it; when it is lost (the broker restarted, closed it, or the network
+//! failed) the link says so at once ([`State::Down`]) and connects again
+//! with exponential backoff until it succeeds. Whoever uses the link
+//! (server consumers, proxy reply consumers) subscribes to its [`State`]
+//! and re-declares what it needs on each new connection.
+//!
+//! A new connection is made from scratch rather than recovered in place:
+//! lapin's automatic recovery can wait forever after a broker restart
+//! without telling the consumers. Without `auto_recover` a lost connection
+//! is final ([`State::Closed`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::Connection;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::{ConnectOptions, Error};
+
+/// Where a link stands.
+#[derive(Clone)]
+pub(crate) enum State {
+    /// Connected.
+    Up(Arc<Connection>),
+    /// Lost; reconnecting.
+    Down,
+    /// Closed for good: by its owner, or lost without `auto_recover`.
+    Closed,
+}
+
+/// First wait between reconnection attempts; it doubles up to
+/// [`BACKOFF_MAX`].
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+/// How often the connection's status is looked at, beside its events.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+
+/// How long the link may be down before that is logged as an error.
+const DOWN_REPORT_AFTER: Duration = Duration::from_secs(30);
+
+/// The owner's handle: dropping it closes the connection.
+pub(crate) struct Link {
+    state: watch::Receiver<State>,
+    stop: watch::Sender<bool>,
+}
+
+impl Link {
+    /// Connects once (so a wrong URI, password or TLS file fails here, not
+    /// in the background), then keeps the connection up.
+    pub(crate) async fn connect(
+        options: &ConnectOptions,
+        name: &'static str,
+    ) -> Result<Link, Error> {
+        let conn = Arc::new(options.connect(name).await?);
+        let (state_tx, state) = watch::channel(State::Up(conn.clone()));
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(supervise(options.clone(), name, conn, state_tx, stop_rx));
+        Ok(Link { state, stop })
+    }
+
+    /// The connection, if it is up now.
+    pub(crate) fn current(&self) -> Option<Arc<Connection>> {
+        match &*self.state.borrow() {
+            State::Up(conn) => Some(conn.clone()),
+            State::Down | State::Closed => None,
+        }
+    }
+
+    /// Follows the link's state.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
+    /// Closes the connection and stops reconnecting.
+    pub(crate) async fn close(&self) {
+        let _ = self.stop.send(true);
+        let mut state = self.state.clone();
+        let _ = state.wait_for(|s| matches!(s, State::Closed)).await;
+    }
+
+    /// Resolves when the link is closed for good.
+    pub(crate) async fn closed(&self) {
+        let mut state = self.state.clone();
+        let _ = state.wait_for(|s| matches!(s, State::Closed)).await;
+    }
+}
+
+/// Waits until the link is up, and returns its connection; `None` once it
+/// is closed for good.
+pub(crate) async fn up(state: &mut watch::Receiver<State>) -> Option<Arc<Connection>> {
+    let seen = state
+        .wait_for(|s| !matches!(s, State::Down))
+        .await
+        .ok()?
+        .clone();
+    match seen {
+        State::Up(conn) => Some(conn),
+        State::Down | State::Closed => None,
+    }
+}
+
+/// The next wait of an exponential backoff with some jitter, so hosts that
+/// lost the same broker do not all come back in the same instant.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let base = BACKOFF_START
+        .saturating_mul(1 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let jitter = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % (base.as_millis() as u64 / 4 + 1);
+    base + Duration::from_millis(jitter)
+}
+
+async fn supervise(
+    options: ConnectOptions,
+    name: &'static str,
+    mut conn: Arc<Connection>,
+    state: watch::Sender<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let broker = options.redacted();
+    loop {
+        let lost = tokio::select! {
+            lost = lost(&conn) => Some(lost),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(why) = lost else {
+            let _ = conn.close(200, "closed".into()).await;
+            state.send_replace(State::Closed);
+            return;
+        };
+        let _ = state.send_replace(State::Down);
+        if !options.auto_recover {
+            warn!(target: "callme::link", connection = name, %broker, reason = %why, "lost the broker");
+            state.send_replace(State::Closed);
+            return;
+        }
+        warn!(target: "callme::link", connection = name, %broker, reason = %why, "lost the broker: reconnecting");
+        let down_since = Instant::now();
+        let mut reported = false;
+        let mut attempt = 0;
+        conn = loop {
+            let connect = tokio::select! {
+                c = options.connect(name) => c,
+                _ = stop.wait_for(|s| *s) => {
+                    state.send_replace(State::Closed);
+                    return;
+                }
+            };
+            match connect {
+                Ok(fresh) => break Arc::new(fresh),
+                Err(e) => {
+                    debug!(target: "callme::link", connection = name, %broker, attempt, error = %e, "reconnection failed");
+                    if !reported && down_since.elapsed() >= DOWN_REPORT_AFTER {
+                        error!(target: "callme::link", connection = name, %broker, down_for = ?down_since.elapsed(), error = %e, "the broker is still unreachable: nothing is served or called until it is back");
+                        reported = true;
+                    }
+                }
+            }
+            let wait = backoff(attempt);
+            attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => {
+                    state.send_replace(State::Closed);
+                    return;
+                }
+            }
+        };
+        info!(target: "callme::link", connection = name, %broker, down_for = ?down_since.elapsed(), attempts = attempt + 1, "reconnected");
+        state.send_replace(State::Up(conn.clone()));
+    }
+}
+
+/// Resolves when `conn` is no longer usable, with the reason.
+async fn lost(conn: &Connection) -> String {
+    let mut events = conn.events_listener();
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(lapin::Event::Error(e)) if !conn.status().connected() => return e.to_string(),
+                Some(_) => {}
+                None => return "the connection ended".into(),
+            },
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+        }
+        if !conn.status().connected() {
+            let status = conn.status();
+            let state = if status.errored() {
+                "failed"
+            } else if status.closing() || status.closed() {
+                "closed"
+            } else {
+                "not connected"
+            };
+            return format!("the connection {state}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_bounded_jitter() {
+        let first = backoff(0);
+        assert!(
+            first >= BACKOFF_START && first <= BACKOFF_START * 5 / 4 + Duration::from_millis(1)
+        );
+        let late = backoff(30);
+        assert!(late >= BACKOFF_MAX && late <= BACKOFF_MAX * 5 / 4 + Duration::from_millis(1));
+        assert!(backoff(3) >= BACKOFF_START * 8);
+    }
+}
