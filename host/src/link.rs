@@ -38,6 +38,17 @@ pub(crate) enum State {
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
+/// A consumer that lived this long before it ended is followed by a prompt
+/// re-declaration; one that ends sooner backs off further each time.
+pub(crate) const STEADY_AFTER: Duration = Duration::from_secs(10);
+
+/// A broker that does not confirm a close within this time is left.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Declaring and consuming again on a new connection that takes longer
+/// than this is given up, and tried again.
+pub(crate) const REDECLARE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How often the connection's status is looked at, beside its events.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
@@ -133,7 +144,8 @@ async fn supervise(
             _ = stop.wait_for(|s| *s) => None,
         };
         let Some(why) = lost else {
-            let _ = conn.close(200, "closed".into()).await;
+            let close = conn.close(200, "closed".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
             state.send_replace(State::Closed);
             return;
         };

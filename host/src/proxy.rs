@@ -354,10 +354,6 @@ impl ReplyNames {
     }
 }
 
-/// A reply consumer that lived this long before it ended is followed by a
-/// prompt re-declaration; one that ends sooner backs off further each time.
-const STEADY_AFTER: Duration = Duration::from_secs(10);
-
 /// The proxy's reply consumer, across reconnections: hands each reply to
 /// the call waiting for it.
 struct Replies {
@@ -385,7 +381,7 @@ impl Replies {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clear();
-                if since.elapsed() >= STEADY_AFTER {
+                if since.elapsed() >= link::STEADY_AFTER {
                     attempt = 0;
                 }
             }
@@ -402,7 +398,14 @@ impl Replies {
                 debug!(target: "callme::proxy", "connection closed: reply consumer ended");
                 return;
             };
-            match self.names.declare(&conn).await {
+            let declared = tokio::time::timeout(link::REDECLARE_TIMEOUT, self.names.declare(&conn))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Disconnected(
+                        "the broker did not answer the declarations in time".into(),
+                    ))
+                });
+            match declared {
                 Ok((channel, consumer)) => {
                     debug!(target: "callme::proxy", reply_exchange = %self.names.exchange, "reply queue declared again");
                     current = Some((conn, channel, consumer));

@@ -491,10 +491,6 @@ async fn subscribe(
     Ok((channel, tag, consumer))
 }
 
-/// A consumer that lived this long before it ended is followed by a prompt
-/// resubscription; one that ends sooner backs off further each time.
-const STEADY_AFTER: Duration = Duration::from_secs(10);
-
 /// The consume loop of one served id, across reconnections.
 struct Consuming {
     server: Server,
@@ -515,7 +511,7 @@ impl Consuming {
                 self.consume(consumer).await;
                 // Keep the channel open until the consumer ends.
                 drop(channel);
-                if since.elapsed() >= STEADY_AFTER {
+                if since.elapsed() >= link::STEADY_AFTER {
                     attempt = 0;
                 }
             }
@@ -534,7 +530,17 @@ impl Consuming {
                 return;
             };
             let opts = &self.server.inner.options;
-            match subscribe(&conn, &self.id, opts, concurrency).await {
+            let subscribed = tokio::time::timeout(
+                link::REDECLARE_TIMEOUT,
+                subscribe(&conn, &self.id, opts, concurrency),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Disconnected(
+                    "the broker did not answer the declarations in time".into(),
+                ))
+            });
+            match subscribed {
                 Ok((channel, tag, consumer)) => {
                     if let Some(served) = self
                         .server
