@@ -260,6 +260,56 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
 }
 
 #[tokio::test]
+async fn stopping_acks_every_call_it_finishes() {
+    // Two servers share an id; one stops while it runs calls. Each call it
+    // finishes must be acked, not left to be delivered again and run a
+    // second time by the other.
+    let id = unique("acked");
+    let opts = || ServerOptions {
+        concurrency: 2,
+        ..ServerOptions::default()
+    };
+    let (a, b) = (server(opts()).await, server(opts()).await);
+    for s in [&a, &b] {
+        s.serve_plugin(load("calc", &id, Limits::default()))
+            .await
+            .unwrap();
+    }
+    let p = proxy(Duration::from_secs(30)).await;
+    let n = 10;
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move {
+                sp.call("slow-version", Args::positional(vec![json!(800)]))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.shutdown(Duration::from_secs(20)).await;
+    let results = join_all(calls).await;
+    let answered = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
+        .count();
+    assert_eq!(answered, n, "{results:?}");
+    // A request whose ack was lost would be delivered again to `b` now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (by_a, by_b) = (a.answered(), b.answered());
+    eprintln!("stop mid-call: calls {n}, run by the stopped server {by_a}, by the other {by_b}");
+    // The stopped server had calls running when it stopped (2 of them, its
+    // prefetch): their acks must have gone through. Had they been lost,
+    // the other server would have run those calls again and answered
+    // every one of the n itself.
+    assert!(
+        by_a > 0,
+        "the stopped server acked none of the calls it ran"
+    );
+    assert_eq!(by_a + by_b, n as u64, "a call was answered twice, or never");
+}
+
+#[tokio::test]
 async fn host_killed_mid_call_loses_nothing() {
     let (dir_a, dir_b) = (tempdir(), tempdir());
     let id = unique("crash");
@@ -614,12 +664,43 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
     let recovery = recovered(&sp, &host).await;
     eprintln!("broker stopped for 8 s: {outage}; back after {recovery:?}");
 
+    // A proxy without `auto_recover` (as one-shot commands use) does not
+    // reconnect: once its connection is closed, calls fail at once.
+    let one_shot = callme::Proxy::connect_with(
+        &callme::ConnectOptions {
+            auto_recover: false,
+            ..callme::ConnectOptions::new(SpareBroker::url())
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let v: i64 = one_shot
+        .use_server(&id)
+        .invoke("add", (1, 1))
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+
     let close = tokio::task::spawn_blocking(|| {
         SpareBroker::run_with("ctl", &["close_all_connections", "closed by a test"])
     });
     let outage = calls_through(&sp, close).await;
     let recovery = recovered(&sp, &host).await;
     eprintln!("connections closed by the broker: {outage}; back after {recovery:?}");
+
+    for _ in 0..3 {
+        let t = Instant::now();
+        let e = one_shot
+            .use_server(&id)
+            .call("add", Args::positional(vec![json!(1), json!(1)]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Disconnected(_)), "{e:?}");
+        // At once, not after waiting out its 60 s timeout for a
+        // reconnection that never comes.
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
     assert!(
         host.log_text().contains("reconnected"),
         "host log: {}",

@@ -429,3 +429,38 @@ async fn serving_one_id_twice_at_once_starts_one_consumer() {
     let v: i64 = p.use_server(&id).invoke("add", (2, 3)).await.unwrap();
     assert_eq!(v, 5);
 }
+
+/// The prefetch of each consumer of `id`'s queue, as the broker sees it.
+fn prefetches(id: &str) -> Vec<u64> {
+    let queue = callme::protocol::server_queue(id);
+    callme_tests::broker_ctl(&["list_consumers", "-q", "queue_name", "prefetch_count"])
+        .lines()
+        .filter_map(|line| {
+            let (name, prefetch) = line.split_once('\t')?;
+            (name == queue).then(|| prefetch.trim().parse().ok())?
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_concurrency_reaches_the_broker_as_the_prefetch() {
+    let id = unique("prefetch");
+    let s = server(ServerOptions::default()).await;
+    let limits = |concurrency| Limits {
+        concurrency: Some(concurrency),
+        ..Limits::default()
+    };
+    s.serve_plugin(load("calc", &id, limits(2))).await.unwrap();
+    assert_eq!(prefetches(&id), vec![2]);
+    // The broker applies a prefetch to consumers made after it: the server
+    // must consume again, with one consumer still.
+    s.serve_plugin(load("calc", &id, limits(5))).await.unwrap();
+    let changed = callme_tests::eventually(Duration::from_secs(20), || async {
+        (prefetches(&id) == vec![5]).then_some(())
+    })
+    .await;
+    assert!(changed.is_some(), "prefetches: {:?}", prefetches(&id));
+    let p = proxy(Duration::from_secs(10)).await;
+    let v: i64 = p.use_server(&id).invoke("add", (2, 3)).await.unwrap();
+    assert_eq!(v, 5);
+}

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::Connection;
+use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use crate::connection_builder::classify_lapin;
 use crate::{ConnectOptions, Error};
 
 /// Where a link stands.
@@ -42,12 +43,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// re-declaration; one that ends sooner backs off further each time.
 pub(crate) const STEADY_AFTER: Duration = Duration::from_secs(10);
 
-/// A broker that does not confirm a close within this time is left.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A broker that does not confirm a close or a cancel within this time is
+/// left.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Declaring and consuming again on a new connection that takes longer
-/// than this is given up, and tried again.
-pub(crate) const REDECLARE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Declaring and consuming that takes longer than this is given up (and
+/// tried again, on a new connection).
+const REDECLARE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How often the connection's status is looked at, beside its events.
 const POLL_EVERY: Duration = Duration::from_millis(250);
@@ -83,6 +85,11 @@ impl Link {
         }
     }
 
+    /// Whether the link is closed for good.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(&*self.state.borrow(), State::Closed)
+    }
+
     /// Follows the link's state.
     pub(crate) fn subscribe(&self) -> watch::Receiver<State> {
         self.state.clone()
@@ -114,6 +121,37 @@ pub(crate) async fn up(state: &mut watch::Receiver<State>) -> Option<Arc<Connect
         State::Up(conn) => Some(conn),
         State::Down | State::Closed => None,
     }
+}
+
+/// Opens a channel on `conn` and runs `declare` on it, each within
+/// [`REDECLARE_TIMEOUT`]. On a timeout the channel is closed, so nothing
+/// the declarations started late (a consumer registered after all) is left
+/// behind on it.
+pub(crate) async fn declare_on<T>(
+    conn: &Connection,
+    declare: impl AsyncFnOnce(&Channel) -> Result<T, Error>,
+) -> Result<(Channel, T), Error> {
+    let late = || Error::Disconnected("the broker did not answer in time".into());
+    let channel = tokio::time::timeout(REDECLARE_TIMEOUT, conn.create_channel())
+        .await
+        .map_err(|_| late())?
+        .map_err(classify_lapin)?;
+    match tokio::time::timeout(REDECLARE_TIMEOUT, declare(&channel)).await {
+        Ok(Ok(declared)) => Ok((channel, declared)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            close_soon(channel);
+            Err(late())
+        }
+    }
+}
+
+/// Closes `channel` in the background, giving up after a while.
+pub(crate) fn close_soon(channel: Channel) {
+    tokio::spawn(async move {
+        let close = channel.close(200, "closed".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+    });
 }
 
 /// The next wait of an exponential backoff with some jitter, so hosts that

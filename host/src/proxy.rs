@@ -299,10 +299,13 @@ struct ReplyNames {
 }
 
 impl ReplyNames {
-    /// Declares the reply exchange and queue on `conn`, binds them and
-    /// starts consuming.
+    /// Declares the reply exchange and queue on a new channel of `conn`,
+    /// binds them and starts consuming.
     async fn declare(&self, conn: &Connection) -> Result<(Channel, Consumer), Error> {
-        let channel = conn.create_channel().await.map_err(classify_lapin)?;
+        link::declare_on(conn, async |channel| self.declare_on(channel).await).await
+    }
+
+    async fn declare_on(&self, channel: &Channel) -> Result<Consumer, Error> {
         channel
             .exchange_declare(
                 self.exchange.as_str().into(),
@@ -350,7 +353,7 @@ impl ReplyNames {
             )
             .await
             .map_err(classify_lapin)?;
-        Ok((channel, consumer))
+        Ok(consumer)
     }
 }
 
@@ -398,14 +401,7 @@ impl Replies {
                 debug!(target: "callme::proxy", "connection closed: reply consumer ended");
                 return;
             };
-            let declared = tokio::time::timeout(link::REDECLARE_TIMEOUT, self.names.declare(&conn))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Disconnected(
-                        "the broker did not answer the declarations in time".into(),
-                    ))
-                });
-            match declared {
+            match self.names.declare(&conn).await {
                 Ok((channel, consumer)) => {
                     debug!(target: "callme::proxy", reply_exchange = %self.names.exchange, "reply queue declared again");
                     current = Some((conn, channel, consumer));

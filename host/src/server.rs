@@ -12,7 +12,8 @@
 //! served id declares its exchange and queue again and resumes consuming.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -135,6 +136,8 @@ struct Inner {
     changes: tokio::sync::Mutex<()>,
     executor: Executor,
     in_flight: Arc<Semaphore>,
+    /// Requests answered and acked.
+    answered: AtomicU64,
 }
 
 /// The runtime plugin code runs on, shut down without blocking when the
@@ -192,6 +195,7 @@ impl Server {
                 changes: tokio::sync::Mutex::new(()),
                 executor: Executor(Some(executor)),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+                answered: AtomicU64::new(0),
             }),
         };
         Ok(server)
@@ -226,7 +230,12 @@ impl Server {
                         }
                         let before = existing.concurrency;
                         existing.concurrency = wanted;
-                        Some((existing.channel.clone(), existing.slots.clone(), before))
+                        Some((
+                            existing.channel.clone(),
+                            existing.consumer_tag.clone(),
+                            existing.slots.clone(),
+                            before,
+                        ))
                     }
                     Service::Native(_) => {
                         return Err(Error::Config(format!(
@@ -238,9 +247,9 @@ impl Server {
             }
         };
         match resize {
-            Some((channel, slots, before)) => {
+            Some((channel, tag, slots, before)) => {
                 if before != wanted {
-                    resize_share(&channel, &slots, before, wanted).await?;
+                    resize_share(&channel, &tag, &slots, before, wanted).await?;
                     info!(target: "callme::server", server_id = %id, concurrency = wanted, "concurrency changed");
                 }
                 Ok(())
@@ -280,6 +289,13 @@ impl Server {
         .await
     }
 
+    /// Requests answered and acked since the server started, over every
+    /// server id: a request is counted once its reply is confirmed by the
+    /// broker and it is acked (so it will not be delivered again).
+    pub fn answered(&self) -> u64 {
+        self.inner.answered.load(Ordering::Relaxed)
+    }
+
     /// Whether `server_id` is served.
     pub fn is_serving(&self, server_id: &str) -> bool {
         self.inner
@@ -315,25 +331,9 @@ impl Server {
         let Some(served) = served else {
             return Ok(false);
         };
-        // A channel that is gone has no consumer left to cancel, and its
-        // consume loop, finding the id no longer served, does not resume.
-        if served.channel.status().connected() {
-            let cancel = served
-                .channel
-                .basic_cancel(
-                    served.consumer_tag.as_str().into(),
-                    BasicCancelOptions::default(),
-                )
-                .await;
-            if let Err(e) = cancel
-                && served.channel.status().connected()
-            {
-                // Never leave a consumer taking requests for an id that is
-                // no longer served.
-                let _ = served.channel.close(200, "stopped".into()).await;
-                return Err(classify_lapin(e));
-            }
-        }
+        // Its consume loop, finding the id no longer served, ends and does
+        // not resume on a later connection.
+        cancel(&served.channel, &served.consumer_tag).await?;
         info!(target: "callme::server", server_id, "stopped serving");
         Ok(true)
     }
@@ -383,12 +383,19 @@ impl Server {
             )));
         }
         let Some(conn) = self.inner.link.current() else {
+            let why = if self.inner.link.is_closed() {
+                "closed"
+            } else {
+                "down (reconnecting)"
+            };
             return Err(Error::Disconnected(format!(
-                "cannot serve `{id}`: the broker connection is down (reconnecting)"
+                "cannot serve `{id}`: the broker connection is {why}"
             )));
         };
-        let (channel, tag, consumer) =
-            subscribe(&conn, &id, &self.inner.options, concurrency).await?;
+        let (channel, (tag, consumer)) = link::declare_on(&conn, async |ch| {
+            subscribe(ch, &id, &self.inner.options, concurrency).await
+        })
+        .await?;
         let service = Arc::new(service);
         let slots = Arc::new(Semaphore::new(concurrency));
         self.inner
@@ -407,7 +414,7 @@ impl Server {
             );
         info!(target: "callme::server", server_id = %id, concurrency, "serving");
         let consuming = Consuming {
-            server: self.clone(),
+            inner: Arc::downgrade(&self.inner),
             replier: Replier::new(self.inner.link.subscribe()),
             id,
             service,
@@ -428,15 +435,14 @@ impl Server {
     }
 }
 
-/// Declares the exchange and queue of `id`, binds them, and starts a
-/// consumer with a prefetch of `concurrency`.
+/// Declares the exchange and queue of `id` on `channel`, binds them, and
+/// starts a consumer with a prefetch of `concurrency`; returns its tag.
 async fn subscribe(
-    conn: &Connection,
+    channel: &Channel,
     id: &str,
     opts: &ServerOptions,
     concurrency: usize,
-) -> Result<(Channel, String, Consumer), Error> {
-    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+) -> Result<(String, Consumer), Error> {
     let exchange = server_exchange(id);
     let queue = server_queue(id);
     channel
@@ -488,12 +494,38 @@ async fn subscribe(
         )
         .await
         .map_err(|e| refused(id, e))?;
-    Ok((channel, tag, consumer))
+    Ok((tag, consumer))
 }
 
-/// The consume loop of one served id, across reconnections.
+/// Cancels a consumer. A cancel the broker refuses or does not confirm in
+/// time closes the channel instead, so no consumer is left taking
+/// requests. Calls running keep their channel until they have acked.
+async fn cancel(channel: &Channel, tag: &str) -> Result<(), Error> {
+    // A channel that is gone has no consumer left to cancel.
+    if !channel.status().connected() {
+        return Ok(());
+    }
+    let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+    match tokio::time::timeout(link::CLOSE_TIMEOUT, cancel).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) if !channel.status().connected() => Ok(()),
+        Ok(Err(e)) => {
+            link::close_soon(channel.clone());
+            Err(classify_lapin(e))
+        }
+        Err(_) => {
+            link::close_soon(channel.clone());
+            Err(Error::Disconnected(
+                "the broker did not confirm the cancel in time: the channel was closed".into(),
+            ))
+        }
+    }
+}
+
+/// The consume loop of one served id, across reconnections. It holds the
+/// server weakly: dropping every handle of a server ends it.
 struct Consuming {
-    server: Server,
+    inner: Weak<Inner>,
     id: String,
     service: Arc<Service>,
     slots: Arc<Semaphore>,
@@ -501,49 +533,55 @@ struct Consuming {
 }
 
 impl Consuming {
+    fn server(&self) -> Option<Server> {
+        self.inner.upgrade().map(|inner| Server { inner })
+    }
+
     async fn run(self, channel: Channel, consumer: Consumer) {
-        let mut state = self.server.inner.link.subscribe();
+        let Some(mut state) = self.server().map(|s| s.inner.link.subscribe()) else {
+            return;
+        };
         let mut current = Some((channel, consumer));
         let mut attempt = 0;
         loop {
             if let Some((channel, consumer)) = current.take() {
                 let since = Instant::now();
-                self.consume(consumer).await;
-                // Keep the channel open until the consumer ends.
+                self.consume(&channel, consumer).await;
+                // Calls still running hold clones until they have acked.
                 drop(channel);
                 if since.elapsed() >= link::STEADY_AFTER {
                     attempt = 0;
                 }
             }
-            if self.server.still_served(&self.id, &self.service).is_none() {
+            let still = self
+                .server()
+                .and_then(|s| s.still_served(&self.id, &self.service));
+            if still.is_none() {
                 debug!(target: "callme::server", server_id = %self.id, "consumer ended");
                 return;
             }
             tokio::time::sleep(link::backoff(attempt)).await;
             attempt += 1;
             let Some(conn) = link::up(&mut state).await else {
-                debug!(target: "callme::server", server_id = %self.id, "connection closed: consumer ended");
+                debug!(target: "callme::server", server_id = %self.id, "connection closed: no longer served");
+                self.forget();
                 return;
             };
-            let _changing = self.server.inner.changes.lock().await;
-            let Some(concurrency) = self.server.still_served(&self.id, &self.service) else {
+            let Some(server) = self.server() else {
                 return;
             };
-            let opts = &self.server.inner.options;
-            let subscribed = tokio::time::timeout(
-                link::REDECLARE_TIMEOUT,
-                subscribe(&conn, &self.id, opts, concurrency),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Disconnected(
-                    "the broker did not answer the declarations in time".into(),
-                ))
-            });
+            let _changing = server.inner.changes.lock().await;
+            let Some(concurrency) = server.still_served(&self.id, &self.service) else {
+                return;
+            };
+            let opts = &server.inner.options;
+            let subscribed = link::declare_on(&conn, async |ch| {
+                subscribe(ch, &self.id, opts, concurrency).await
+            })
+            .await;
             match subscribed {
-                Ok((channel, tag, consumer)) => {
-                    if let Some(served) = self
-                        .server
+                Ok((channel, (tag, consumer))) => {
+                    if let Some(served) = server
                         .inner
                         .served
                         .lock()
@@ -553,7 +591,7 @@ impl Consuming {
                         served.channel = channel.clone();
                         served.consumer_tag = tag;
                     }
-                    info!(target: "callme::server", server_id = %self.id, concurrency, "consuming again");
+                    info!(target: "callme::server", server_id = %self.id, concurrency, "consuming");
                     current = Some((channel, consumer));
                 }
                 Err(e) if attempt > 3 => {
@@ -568,8 +606,7 @@ impl Consuming {
 
     /// Takes deliveries until the consumer ends (cancelled, or its
     /// connection lost), each call run as a task of its own.
-    async fn consume(&self, mut consumer: Consumer) {
-        let inner = &self.server.inner;
+    async fn consume(&self, channel: &Channel, mut consumer: Consumer) {
         while let Some(delivery) = consumer.next().await {
             let delivery = match delivery {
                 Ok(d) => d,
@@ -578,18 +615,27 @@ impl Consuming {
                     return;
                 }
             };
+            let Some(server) = self.server() else {
+                return;
+            };
             // Both semaphores stay open for the server's lifetime.
             let Ok(slot) = self.slots.clone().acquire_owned().await else {
                 return;
             };
-            let Ok(flight) = inner.in_flight.clone().acquire_owned().await else {
+            let Ok(flight) = server.inner.in_flight.clone().acquire_owned().await else {
                 return;
             };
+            if !delivery.acker.usable() {
+                // Its channel closed while it waited for a slot: the broker
+                // has put it back in the queue.
+                continue;
+            }
             let job = Job {
-                server: self.server.clone(),
+                server,
                 id: self.id.clone(),
                 service: self.service.clone(),
                 replier: self.replier.clone(),
+                _channel: channel.clone(),
             };
             tokio::spawn(async move {
                 job.handle(delivery).await;
@@ -597,12 +643,33 @@ impl Consuming {
             });
         }
     }
+
+    /// Drops the id from the served ones, when the connection is closed
+    /// for good and it can no longer be served.
+    fn forget(&self) {
+        if let Some(server) = self.server() {
+            let mut served = server
+                .inner
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if served
+                .get(&self.id)
+                .is_some_and(|s| Arc::ptr_eq(&s.service, &self.service))
+            {
+                served.remove(&self.id);
+            }
+        }
+    }
 }
 
-/// Changes the calls in flight of one server id: the prefetch, and the
-/// permits of its semaphore (taken back as running calls finish).
+/// Changes the calls in flight of one server id: the permits of its
+/// semaphore (taken back as running calls finish), and the prefetch. The
+/// broker applies a new prefetch only to consumers made after it, so the
+/// consumer is cancelled and its consume loop starts a new one with it.
 async fn resize_share(
     channel: &Channel,
+    tag: &str,
     slots: &Arc<Semaphore>,
     before: usize,
     after: usize,
@@ -611,15 +678,6 @@ async fn resize_share(
         return Err(Error::Config(
             "concurrency must be between 1 and 65535".into(),
         ));
-    }
-    // On a channel lost with its connection, the consumer made on the
-    // next connection takes the new prefetch.
-    if let Err(e) = channel
-        .basic_qos(after as u16, BasicQosOptions::default())
-        .await
-        && channel.status().connected()
-    {
-        return Err(classify_lapin(e));
     }
     if after > before {
         slots.add_permits(after - before);
@@ -632,7 +690,7 @@ async fn resize_share(
             }
         });
     }
-    Ok(())
+    cancel(channel, tag).await
 }
 
 fn refused(id: &str, e: lapin::Error) -> Error {
@@ -649,6 +707,8 @@ struct Job {
     id: String,
     service: Arc<Service>,
     replier: Replier,
+    /// The channel the request came on, kept open until it is acked.
+    _channel: Channel,
 }
 
 impl Job {
@@ -676,13 +736,16 @@ impl Job {
         };
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
-        match self.replier.reply(&reply_to, &corr, &body).await {
-            Ok(()) => {}
+        let replied = match self.replier.reply(&reply_to, &corr, &body).await {
+            Ok(()) => true,
             Err(e) => {
-                warn!(target: "callme::server", server_id = %self.id, reply_to = %reply_to, error = %e, "reply not delivered (caller gone?)")
+                warn!(target: "callme::server", server_id = %self.id, reply_to = %reply_to, error = %e, "reply not delivered (caller gone?)");
+                false
             }
+        };
+        if ack(&delivery).await && replied {
+            self.server.inner.answered.fetch_add(1, Ordering::Relaxed);
         }
-        ack(&delivery).await;
         debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
     }
 
@@ -750,9 +813,18 @@ impl Job {
     }
 }
 
-async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-        warn!(target: "callme::server", error = %e, "ack failed; the broker will redeliver");
+/// Acks a request; whether the broker took the ack.
+async fn ack(delivery: &Delivery) -> bool {
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!(target: "callme::server", "ack not sent: the request's channel is closed; the broker will redeliver");
+            false
+        }
+        Err(e) => {
+            warn!(target: "callme::server", error = %e, "ack failed; the broker will redeliver");
+            false
+        }
     }
 }
 
