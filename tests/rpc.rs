@@ -464,3 +464,30 @@ async fn a_new_concurrency_reaches_the_broker_as_the_prefetch() {
     let v: i64 = p.use_server(&id).invoke("add", (2, 3)).await.unwrap();
     assert_eq!(v, 5);
 }
+
+#[tokio::test]
+async fn a_dropped_server_stops_serving() {
+    let id = unique("dropped");
+    let s = server(ServerOptions::default()).await;
+    s.serve_plugin(load("calc", &id, Limits::default()))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let v: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(v, 3);
+    // No shutdown: dropping the last handle closes its connection, so its
+    // auto-delete queue goes and nobody answers the id any more.
+    drop(s);
+    let gone = callme_tests::eventually(Duration::from_secs(20), || async {
+        match p
+            .use_server(&id)
+            .call("add", Args::positional(vec![json!(1), json!(1)]))
+            .await
+        {
+            Err(Error::NoSuchServer(_)) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(gone.is_some(), "the dropped server still answers");
+}

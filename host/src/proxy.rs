@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ExchangeKind};
@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::connection_builder::{ConnectOptions, classify_lapin};
-use crate::link::{self, Link};
+use crate::link::{self, ConfirmChannel, Link};
 use crate::protocol::{
     Args, CONTENT_TYPE, DESCRIBE, Request, Response, client_exchange, client_queue, server_exchange,
 };
@@ -52,9 +52,8 @@ struct Inner {
     _link: Link,
     /// The connection the reply queue is consumed on, while there is one.
     ready: watch::Receiver<Option<Arc<Connection>>>,
-    /// The confirming channel requests are published on, opened on the
-    /// ready connection and opened again when it closes.
-    publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// The channel requests are published on, on the ready connection.
+    publisher: ConfirmChannel,
     reply_exchange: String,
     pending: Pending,
     timeout: Duration,
@@ -106,7 +105,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 _link: link,
                 ready,
-                publisher: tokio::sync::Mutex::default(),
+                publisher: ConfirmChannel::default(),
                 reply_exchange: names.exchange,
                 pending,
                 timeout,
@@ -220,27 +219,14 @@ impl Proxy {
         }
     }
 
-    /// The open publish channel on `conn`, opening one when there is none.
-    async fn publisher(&self, conn: &Connection) -> Result<Channel, Error> {
-        let mut slot = self.inner.publisher.lock().await;
-        if let Some(channel) = &*slot
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
-        let channel = open_publisher(conn).await?;
-        *slot = Some(channel.clone());
-        Ok(channel)
-    }
-
     async fn publish(
         &self,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         server: &str,
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), Error> {
-        let channel = self.publisher(conn).await?;
+        let channel = self.inner.publisher.on(conn).await?;
         let exchange = server_exchange(server);
         let result = async {
             channel
@@ -278,15 +264,6 @@ impl Proxy {
             }
         }
     }
-}
-
-async fn open_publisher(conn: &Connection) -> Result<Channel, Error> {
-    let channel = conn.create_channel().await.map_err(classify_lapin)?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(classify_lapin)?;
-    Ok(channel)
 }
 
 /// The proxy's reply exchange and queue, the same across reconnections so

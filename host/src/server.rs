@@ -21,16 +21,16 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
+use lapin::{BasicProperties, Channel, Consumer, ExchangeKind};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
 use crate::connection_builder::{ConnectOptions, classify_lapin};
-use crate::link::{self, Link};
+use crate::link::{self, ConfirmChannel, Link};
 use crate::plugin::Plugin;
 use crate::protocol::{
     Args, CONTENT_TYPE, DEFAULT_MAX_REQUEST_BYTES, DESCRIBE, Request, Response, is_valid_server_id,
@@ -828,13 +828,12 @@ async fn ack(delivery: &Delivery) -> bool {
     }
 }
 
-/// Publishes replies with confirms on a channel of its own, opened on the
-/// link's current connection and opened again when it closes (a reply to
-/// a vanished caller closes it; so does a lost connection).
+/// Publishes replies with confirms on a channel of its own, on the link's
+/// current connection.
 #[derive(Clone)]
 struct Replier {
     link: watch::Receiver<link::State>,
-    channel: Arc<tokio::sync::Mutex<Option<Channel>>>,
+    channel: Arc<ConfirmChannel>,
 }
 
 impl Replier {
@@ -845,14 +844,7 @@ impl Replier {
         }
     }
 
-    /// The open reply channel, opening one when there is none.
     async fn channel(&self) -> Result<Channel, Error> {
-        let mut slot = self.channel.lock().await;
-        if let Some(channel) = &*slot
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
         let conn = match &*self.link.borrow() {
             link::State::Up(conn) => conn.clone(),
             link::State::Down | link::State::Closed => {
@@ -861,9 +853,7 @@ impl Replier {
                 ));
             }
         };
-        let channel = open_confirming(&conn).await?;
-        *slot = Some(channel.clone());
-        Ok(channel)
+        self.channel.on(&conn).await
     }
 
     async fn reply(&self, exchange: &str, corr: &str, body: &[u8]) -> Result<(), Error> {
@@ -885,13 +875,4 @@ impl Replier {
             .map_err(classify_lapin)?;
         Ok(())
     }
-}
-
-async fn open_confirming(conn: &Connection) -> Result<Channel, Error> {
-    let channel = conn.create_channel().await.map_err(classify_lapin)?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(classify_lapin)?;
-    Ok(channel)
 }
