@@ -12,6 +12,11 @@
 //! JSON, no confirms) and once with callme's delivery guarantees (publisher
 //! confirms both ways, ack after the reply is confirmed); then prints the
 //! ratios.
+//!
+//! The four are measured in interleaved rounds (each round runs every one
+//! of them in turn), so a machine that slows down or speeds up during the
+//! run moves all of them alike; ratios are the median of the per-round
+//! ratios.
 
 mod support;
 
@@ -24,6 +29,7 @@ use callme::{
     ServerOptions,
 };
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -32,52 +38,88 @@ use serde_json::json;
 use support::{plugin_bytes, url};
 use tokio::sync::{Mutex, oneshot};
 
-const SEQUENTIAL: usize = 2_000;
+const ROUNDS: usize = 5;
+/// Sequential calls per round, after a warm-up.
+const SEQUENTIAL: usize = 400;
 const IN_FLIGHT: usize = 64;
-const PARALLEL_CALLS: usize = 10_000;
+/// Calls per round with `IN_FLIGHT` in flight.
+const PARALLEL_CALLS: usize = 2_000;
 
-struct Figures {
+type Call = Arc<dyn Fn(u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// Something to call, with whatever must stay alive while it is called.
+struct Target {
+    call: Call,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+/// One round of one target.
+struct Round {
+    samples: Vec<Duration>,
     p50: Duration,
-    p99: Duration,
-    seq_rate: f64,
     par_rate: f64,
 }
 
-fn print(label: &str, f: &Figures) {
-    println!(
-        "{label:<14} sequential p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} calls/s   |  {IN_FLIGHT} in flight {:>7.0} calls/s",
-        f.p50.as_secs_f64() * 1e6,
-        f.p99.as_secs_f64() * 1e6,
-        f.seq_rate,
-        f.par_rate
-    );
+/// All rounds of one target.
+struct Figures {
+    rounds: Vec<Round>,
 }
 
-fn ratios(label: &str, of: &Figures, to: &Figures) {
-    println!(
-        "{label}: sequential p50 {:.2}x, throughput {:.2}x",
-        of.p50.as_secs_f64() / to.p50.as_secs_f64(),
-        of.par_rate / to.par_rate
-    );
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
-async fn measure<F, Fut>(call: F) -> anyhow::Result<Figures>
-where
-    F: Fn(u64) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    for i in 0..200 {
-        call(i).await?;
+impl Figures {
+    fn samples(&self) -> Vec<Duration> {
+        let mut all: Vec<Duration> = self
+            .rounds
+            .iter()
+            .flat_map(|r| r.samples.iter().copied())
+            .collect();
+        all.sort();
+        all
     }
+
+    fn par_rate(&self) -> f64 {
+        median(self.rounds.iter().map(|r| r.par_rate).collect())
+    }
+}
+
+fn print(label: &str, f: &Figures) {
+    let samples = f.samples();
+    let total: Duration = samples.iter().sum();
+    println!(
+        "{label:<15} sequential p50 {:>7.1} µs  p99 {:>7.1} µs  {:>6.0} calls/s  |  {IN_FLIGHT} in flight {:>6.0} calls/s",
+        samples[samples.len() / 2].as_secs_f64() * 1e6,
+        samples[samples.len() * 99 / 100].as_secs_f64() * 1e6,
+        samples.len() as f64 / total.as_secs_f64(),
+        f.par_rate()
+    );
+}
+
+/// The median over rounds of `of`'s figure divided by `to`'s in the same
+/// round.
+fn ratios(label: &str, of: &Figures, to: &Figures) {
+    let pairs = || of.rounds.iter().zip(&to.rounds);
+    let p50 = median(
+        pairs()
+            .map(|(a, b)| a.p50.as_secs_f64() / b.p50.as_secs_f64())
+            .collect(),
+    );
+    let rate = median(pairs().map(|(a, b)| a.par_rate / b.par_rate).collect());
+    println!("{label}: sequential p50 {p50:.2}x, throughput {rate:.2}x");
+}
+
+async fn round(call: &Call) -> anyhow::Result<Round> {
     let mut samples = Vec::with_capacity(SEQUENTIAL);
-    let started = Instant::now();
     for i in 0..SEQUENTIAL as u64 {
         let t = Instant::now();
         call(i).await?;
         samples.push(t.elapsed());
     }
-    let seq_rate = SEQUENTIAL as f64 / started.elapsed().as_secs_f64();
-    samples.sort();
+    let mut sorted = samples.clone();
+    sorted.sort();
 
     let started = Instant::now();
     let mut inflight = FuturesUnordered::new();
@@ -94,19 +136,25 @@ where
         }
     }
     let par_rate = PARALLEL_CALLS as f64 / started.elapsed().as_secs_f64();
-    Ok(Figures {
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-        seq_rate,
+    Ok(Round {
+        p50: sorted[sorted.len() / 2],
+        samples,
         par_rate,
     })
+}
+
+async fn warm_up(call: &Call) -> anyhow::Result<()> {
+    for i in 0..200 {
+        call(i).await?;
+    }
+    Ok(())
 }
 
 /// The raw baseline: a lapin server that echoes bodies to `reply_to`.
 /// With `confirms`, both publishes wait for the broker's confirm and the
 /// server acks a request after its reply is confirmed: the guarantees
 /// callme gives, without anything else callme does.
-async fn raw_echo(confirms: bool) -> anyhow::Result<Figures> {
+async fn raw_echo(confirms: bool) -> anyhow::Result<Target> {
     let queue = format!("bench_echo_{}", uuid::Uuid::new_v4().simple());
     let server = Connection::connect(&url(), ConnectionProperties::default()).await?;
     let sch = server.create_channel().await?;
@@ -202,14 +250,14 @@ async fn raw_echo(confirms: bool) -> anyhow::Result<Figures> {
     if confirms {
         pch.confirm_select(ConfirmSelectOptions::default()).await?;
     }
-    measure(|i| {
+    let call: Call = Arc::new(move |i| {
         let (pch, pending, queue, reply_name) = (
             pch.clone(),
             pending.clone(),
             queue.clone(),
             reply_name.clone(),
         );
-        async move {
+        Box::pin(async move {
             let corr = uuid::Uuid::new_v4().to_string();
             let (tx, rx) = oneshot::channel();
             pending.lock().await.insert(corr.clone(), tx);
@@ -234,14 +282,17 @@ async fn raw_echo(confirms: bool) -> anyhow::Result<Figures> {
                 rx.await?;
             }
             Ok(())
-        }
+        })
+    });
+    Ok(Target {
+        call,
+        _keep: Box::new((server, client)),
     })
-    .await
 }
 
 /// `add` served by callme: from the calc plugin, or as a native function
 /// (which leaves the sandbox out and shows what the messaging costs).
-async fn through_callme(native: bool) -> anyhow::Result<Figures> {
+async fn through_callme(native: bool) -> anyhow::Result<Target> {
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let server = Server::connect(
         &ConnectOptions::new(url()),
@@ -266,19 +317,20 @@ async fn through_callme(native: bool) -> anyhow::Result<Figures> {
     }
     let proxy = Proxy::connect(&url()).await?;
     let sp = proxy.use_server(&id);
-    let figures = measure(|i| {
+    let call: Call = Arc::new(move |i| {
         let sp = sp.clone();
-        async move {
+        Box::pin(async move {
             let v = sp
                 .call("add", Args::positional(vec![json!(i), json!(1)]))
                 .await?;
             anyhow::ensure!(v == json!(i + 1), "wrong answer {v}");
             Ok(())
-        }
+        })
+    });
+    Ok(Target {
+        call,
+        _keep: Box::new((server, proxy)),
     })
-    .await?;
-    server.shutdown(Duration::from_secs(5)).await;
-    Ok(figures)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -287,27 +339,44 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!("broker: {}", callme::redact_uri(&url()));
-        let raw = raw_echo(false).await?;
-        let confirmed = raw_echo(true).await?;
-        let native = through_callme(true).await?;
-        let callme = through_callme(false).await?;
-        print("raw lapin echo", &raw);
-        print("raw + confirms", &confirmed);
-        print("callme native", &native);
-        print("callme calc.add", &callme);
+        let targets = [
+            raw_echo(false).await?,
+            raw_echo(true).await?,
+            through_callme(true).await?,
+            through_callme(false).await?,
+        ];
+        for t in &targets {
+            warm_up(&t.call).await?;
+        }
+        let mut figures: Vec<Figures> = (0..targets.len())
+            .map(|_| Figures { rounds: Vec::new() })
+            .collect();
+        for _ in 0..ROUNDS {
+            for (t, f) in targets.iter().zip(&mut figures) {
+                f.rounds.push(round(&t.call).await?);
+            }
+        }
+        let [raw, confirmed, native, callme] = &figures[..] else {
+            unreachable!("four targets");
+        };
+        println!("{ROUNDS} interleaved rounds of {SEQUENTIAL} sequential and {PARALLEL_CALLS} parallel calls each");
+        print("raw lapin echo", raw);
+        print("raw + confirms", confirmed);
+        print("callme native", native);
+        print("callme calc.add", callme);
         println!();
         ratios(
             "callme / raw echo (targets: p50 <= 1.15x, throughput >= 0.85x)",
-            &callme,
-            &raw,
+            callme,
+            raw,
         );
-        ratios("raw + confirms / raw echo", &confirmed, &raw);
+        ratios("raw + confirms / raw echo", confirmed, raw);
         ratios(
             "callme / raw + confirms (the same guarantees)",
-            &callme,
-            &confirmed,
+            callme,
+            confirmed,
         );
-        ratios("callme native / raw echo (no sandbox)", &native, &raw);
+        ratios("callme native / raw echo (no sandbox)", native, raw);
         anyhow::Ok(())
     })
 }
