@@ -211,6 +211,40 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     assert_eq!(v, 4);
 }
 
+/// Starts `n` calls of the calc plugin's `slow-version(ms)` at once.
+fn slow_calls(
+    p: &callme::Proxy,
+    id: &str,
+    n: usize,
+    ms: u64,
+) -> Vec<tokio::task::JoinHandle<Result<Value, Error>>> {
+    (0..n)
+        .map(|_| {
+            let sp = p.use_server(id);
+            tokio::spawn(async move {
+                sp.call("slow-version", Args::positional(vec![json!(ms)]))
+                    .await
+            })
+        })
+        .collect()
+}
+
+/// Waits for `calls`; how many were answered with calc's version, and
+/// every result.
+async fn answered(
+    calls: Vec<tokio::task::JoinHandle<Result<Value, Error>>>,
+) -> (
+    usize,
+    Vec<Result<Result<Value, Error>, tokio::task::JoinError>>,
+) {
+    let results = join_all(calls).await;
+    let answered = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
+        .count();
+    (answered, results)
+}
+
 #[tokio::test]
 async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
     let dir = tempdir();
@@ -224,22 +258,10 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
     b.wait_ready(Duration::from_secs(30));
 
     let p = proxy(Duration::from_secs(30)).await;
-    let calls: Vec<_> = (0..10)
-        .map(|_| {
-            let sp = p.use_server(&id);
-            tokio::spawn(async move {
-                sp.call("slow-version", Args::positional(vec![json!(800)]))
-                    .await
-            })
-        })
-        .collect();
+    let calls = slow_calls(&p, &id, 10, 800);
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.terminate();
-    let results = join_all(calls).await;
-    let answered = results
-        .iter()
-        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
-        .count();
+    let (answered, results) = answered(calls).await;
     eprintln!(
         "graceful shutdown: calls 10, answered {answered}, lost {}",
         10 - answered
@@ -277,22 +299,10 @@ async fn stopping_acks_every_call_it_finishes() {
     }
     let p = proxy(Duration::from_secs(30)).await;
     let n = 10;
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let sp = p.use_server(&id);
-            tokio::spawn(async move {
-                sp.call("slow-version", Args::positional(vec![json!(800)]))
-                    .await
-            })
-        })
-        .collect();
+    let calls = slow_calls(&p, &id, n, 800);
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.shutdown(Duration::from_secs(20)).await;
-    let results = join_all(calls).await;
-    let answered = results
-        .iter()
-        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
-        .count();
+    let (answered, results) = answered(calls).await;
     assert_eq!(answered, n, "{results:?}");
     // A request whose ack was lost would be delivered again to `b` now.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -322,22 +332,10 @@ async fn host_killed_mid_call_loses_nothing() {
 
     let p = proxy(Duration::from_secs(30)).await;
     let n = 24;
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let sp = p.use_server(&id);
-            tokio::spawn(async move {
-                sp.call("slow-version", Args::positional(vec![json!(500)]))
-                    .await
-            })
-        })
-        .collect();
+    let calls = slow_calls(&p, &id, n, 500);
     tokio::time::sleep(Duration::from_millis(250)).await;
     a.child.kill().unwrap();
-    let results = join_all(calls).await;
-    let answered = results
-        .iter()
-        .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
-        .count();
+    let (answered, results) = answered(calls).await;
     eprintln!(
         "host crash: calls {n}, answered {answered}, lost {}",
         n - answered

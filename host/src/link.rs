@@ -16,8 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -153,6 +156,37 @@ pub(crate) fn close_soon(channel: Channel) {
         let close = channel.close(200, "closed".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     });
+}
+
+/// Declares a direct exchange and a queue bound to it with the routing key
+/// `""`: the shape of every server's and every proxy's names.
+pub(crate) async fn declare_bound(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+    exchange_options: ExchangeDeclareOptions,
+    queue_options: QueueDeclareOptions,
+) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            exchange_options,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(queue.into(), queue_options, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// A channel in publisher-confirms mode on a given connection: opened when

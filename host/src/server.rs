@@ -21,10 +21,10 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Consumer, ExchangeKind};
+use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
@@ -443,43 +443,23 @@ async fn subscribe(
     opts: &ServerOptions,
     concurrency: usize,
 ) -> Result<(String, Consumer), Error> {
-    let exchange = server_exchange(id);
-    let queue = server_queue(id);
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: opts.durable,
-                auto_delete: opts.auto_delete,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| refused(id, e))?;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: opts.durable,
-                auto_delete: opts.auto_delete,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| refused(id, e))?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| refused(id, e))?;
+    link::declare_bound(
+        channel,
+        &server_exchange(id),
+        &server_queue(id),
+        ExchangeDeclareOptions {
+            durable: opts.durable,
+            auto_delete: opts.auto_delete,
+            ..ExchangeDeclareOptions::default()
+        },
+        QueueDeclareOptions {
+            durable: opts.durable,
+            auto_delete: opts.auto_delete,
+            ..QueueDeclareOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| refused(id, e))?;
     channel
         .basic_qos(concurrency as u16, BasicQosOptions::default())
         .await
@@ -487,7 +467,7 @@ async fn subscribe(
     let tag = format!("callme-server-{id}-{}", uuid::Uuid::new_v4());
     let consumer = channel
         .basic_consume(
-            queue.as_str().into(),
+            server_queue(id).as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
