@@ -102,8 +102,7 @@ impl Link {
     /// Closes the connection and stops reconnecting.
     pub(crate) async fn close(&self) {
         let _ = self.stop.send(true);
-        let mut state = self.state.clone();
-        let _ = state.wait_for(|s| matches!(s, State::Closed)).await;
+        self.closed().await;
     }
 
     /// Resolves when the link is closed for good.
