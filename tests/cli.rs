@@ -1,7 +1,9 @@
 //! The `callme` command end to end: inspect, invoke, serve, call, describe.
 
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use callme_tests::{Host, amqp_url, callme_bin, eventually, plugin_path, tempdir, unique};
 use serde_json::Value;
@@ -15,8 +17,53 @@ fn callme(args: &[&str]) -> Output {
         .expect("run callme")
 }
 
+/// Runs `callme` with `args` and `RUST_LOG`, killing it after `limit`;
+/// its output and how long it ran.
+fn callme_within(args: &[&str], rust_log: &str, limit: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(callme_bin())
+        .args(args)
+        .env("CALLME_AMQP_URL", amqp_url())
+        .env("RUST_LOG", rust_log)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run callme");
+    while child.try_wait().expect("wait for callme").is_none() && started.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("collect callme output");
+    (output, started.elapsed())
+}
+
+/// A TCP port on which every connection is accepted and handed to
+/// `peer`, which holds it for as long as the test binary runs.
+fn fake_broker(peer: fn(&mut TcpStream)) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+    let port = listener.local_addr().expect("local address").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut stream in listener.incoming().flatten() {
+            peer(&mut stream);
+            held.push(stream);
+        }
+    });
+    port
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// What a command wrote, stdout then stderr.
+fn all_output(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn stderr_json(o: &Output) -> Value {
@@ -96,6 +143,9 @@ async fn serve_call_and_describe_end_to_end() {
     );
     assert_eq!(d["version"].as_str().map(str::len), Some(64));
 
+    let o = callme(&["call", &id, "add", "-1", "-2"]);
+    assert_eq!(stdout(&o), "-3", "{}", String::from_utf8_lossy(&o.stderr));
+
     let o = callme(&["call", &id, "divide", "1", "0"]);
     assert_eq!(stderr_json(&o)["type"], "GuestError");
     let o = callme(&["call", "--timeout", "5", &unique("nobody"), "add", "1", "1"]);
@@ -104,4 +154,190 @@ async fn serve_call_and_describe_end_to_end() {
     host.terminate();
     assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn negative_numbers_are_arguments() {
+    let calc = plugin_path("calc");
+    let c = calc.to_str().unwrap();
+    let o = callme(&["invoke", c, "add", "-1", "-2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout(&o), "-3");
+    let o = callme(&["invoke", c, "add", "5", "-7"]);
+    assert_eq!(stdout(&o), "-2", "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Checks that `call` and `describe` against `port` end within their
+/// timeout with a connection error whose message contains `says`.
+fn connection_error_within_timeout(port: u16, says: &str) {
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let timeout = Duration::from_secs(2);
+    let commands: [&[&str]; 2] = [
+        &[
+            "call",
+            "--timeout",
+            "2",
+            "--amqp-url",
+            &url,
+            "calc",
+            "add",
+            "1",
+            "2",
+        ],
+        &["describe", "--timeout", "2", "--amqp-url", &url, "calc"],
+    ];
+    for args in commands {
+        let (o, took) = callme_within(args, "off", timeout + Duration::from_secs(20));
+        assert!(
+            took < timeout + Duration::from_secs(3),
+            "{args:?} took {took:?}"
+        );
+        assert!(!o.status.success());
+        let e = stderr_json(&o);
+        assert_eq!(e["type"], "Connection", "{args:?}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains(says), "{args:?}: {message}");
+        assert!(!message.to_lowercase().contains("pars"), "{message}");
+    }
+}
+
+#[test]
+fn timeout_covers_a_peer_that_never_answers() {
+    let port = fake_broker(|_| {});
+    connection_error_within_timeout(port, "did not complete the AMQP handshake within 2s");
+}
+
+#[test]
+fn a_peer_that_is_not_amqp_is_named() {
+    let port = fake_broker(|stream| {
+        // Read the client's protocol header first, as a server would.
+        let mut header = [0u8; 8];
+        let _ = stream.read_exact(&mut header);
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    connection_error_within_timeout(port, "is not an AMQP broker");
+}
+
+/// Malformed broker URIs, each carrying the password `s3cretpw`.
+const MALFORMED_URIS: [&str; 5] = [
+    "amqp//guest:s3cretpw@127.0.0.1:5672",
+    "amqpx://u:s3cretpw@127.0.0.1",
+    "amqp://u:s3cretpw@127.0.0.1:notaport",
+    "amqp://u:s3cretpw/?@127.0.0.1:5672/%2f",
+    "amqp:u:s3cretpw@127.0.0.1",
+];
+
+#[test]
+fn malformed_uri_never_shows_the_password() {
+    for uri in MALFORMED_URIS {
+        let (o, _) = callme_within(
+            &[
+                "call",
+                "--timeout",
+                "5",
+                "--amqp-url",
+                uri,
+                "calc",
+                "add",
+                "1",
+                "2",
+            ],
+            "trace",
+            Duration::from_secs(30),
+        );
+        let out = all_output(&o);
+        assert!(!out.contains("s3cretpw"), "{uri}: {out}");
+        assert!(!o.status.success());
+        let e = stderr_json(&o);
+        assert!(
+            e["message"].as_str().unwrap().contains("invalid AMQP URI"),
+            "{uri}: {e}"
+        );
+    }
+}
+
+#[test]
+fn serve_with_a_malformed_uri_never_shows_the_password() {
+    let dir = tempdir();
+    let plugins = dir.to_str().unwrap();
+    for uri in MALFORMED_URIS {
+        let (o, took) = callme_within(
+            &["serve", "--plugins", plugins, "--amqp-url", uri],
+            "trace",
+            Duration::from_secs(30),
+        );
+        let out = all_output(&o);
+        assert!(!out.contains("s3cretpw"), "{uri}: {out}");
+        assert!(!o.status.success(), "{uri}: serve did not stop ({took:?})");
+        assert!(out.contains("invalid AMQP URI"), "{uri}: {out}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_file_that_is_not_wasm_is_refused_in_one_line_without_its_content() {
+    let dir = tempdir();
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, "API_KEY=sk-live-0123456789abcdef\nsecond line\n").unwrap();
+    let text = dir.join("notes.wasm");
+    std::fs::copy(&secret, &text).unwrap();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let link = plugins.join("linked.wasm");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+
+    for file in [&text, &link] {
+        let f = file.to_str().unwrap();
+        for args in [vec!["inspect", f], vec!["invoke", f, "add", "1", "2"]] {
+            let o = callme(&args);
+            assert!(!o.status.success());
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+            for content in ["API_KEY", "sk-live", "second", "0x41", "65, 80"] {
+                assert!(!err.contains(content), "{args:?}: {err}");
+            }
+            let e = stderr_json(&o);
+            assert_eq!(e["type"], "InvalidPlugin");
+            let message = e["message"].as_str().unwrap();
+            assert!(message.contains("not a WebAssembly component"), "{message}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn one_shot_commands_print_only_their_result() {
+    let srv = callme_tests::server(callme::ServerOptions::default()).await;
+    let id = unique("quiet");
+    srv.serve_native(&id, callme_tests::native_add())
+        .await
+        .unwrap();
+    // The default log filter, as a user gets it.
+    let run = |args: Vec<String>| {
+        Command::new(callme_bin())
+            .args(&args)
+            .env("CALLME_AMQP_URL", amqp_url())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run callme")
+    };
+    for i in 0..20 {
+        let args: Vec<String> = if i % 4 == 3 {
+            vec!["describe".into(), id.clone()]
+        } else {
+            ["call", &id, "add", "1", "1"].map(String::from).to_vec()
+        };
+        let o = tokio::task::spawn_blocking({
+            let args = args.clone();
+            move || run(args)
+        })
+        .await
+        .unwrap();
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            "",
+            "{args:?} wrote to stderr"
+        );
+    }
 }

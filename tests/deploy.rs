@@ -329,3 +329,111 @@ async fn sidecar_sets_concurrency_reuse_prewarm_and_guest_log_level() {
         "guest output below the log level leaked: {log}"
     );
 }
+
+#[tokio::test]
+async fn invalid_sidecar_changes_nothing_and_deleting_it_restores_defaults() {
+    let dir = tempdir();
+    let id = unique("strict");
+    let sidecar = dir.join(format!("{id}.toml"));
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    std::fs::write(&sidecar, "concurrency = 3\n").unwrap();
+    let mut host = Host::serve(&dir, &["--concurrency", "5"]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(10)).await;
+    let concurrency = || async {
+        let d = p.use_server(&id).describe().await.unwrap();
+        d["concurrency"].clone()
+    };
+    assert_eq!(concurrency().await, json!(3));
+
+    // Each is logged (so it has been handled), then nothing has changed:
+    // applied, even the valid ones would set the concurrency to 5.
+    for bad in [
+        "concurrency = 0",
+        "concurrency = 70000",
+        "fuel = 0",
+        "deadline_ms = 18446744073709551615",
+        "memory_bytes = 0",
+    ] {
+        std::fs::write(&sidecar, format!("{bad}\n")).unwrap();
+        let logged = eventually(WAIT, || async {
+            let log = host.log_text();
+            log.lines()
+                .any(|l| l.contains("invalid settings") && l.contains(&id) && l.contains(bad))
+                .then_some(())
+        })
+        .await;
+        assert!(logged.is_some(), "{bad} not logged: {}", host.log_text());
+        assert_eq!(concurrency().await, json!(3), "after {bad}");
+        let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+        assert_eq!(sum, 3, "after {bad}");
+    }
+
+    // Nor is a new version taken up while the sidecar beside it is invalid.
+    let v2 = callme::plugin::content_hash(&std::fs::read(plugin_path("calc-v2")).unwrap());
+    deploy(&plugin_path("calc-v2"), &dir, &format!("{id}.wasm"));
+    let logged = eventually(WAIT, || async {
+        let log = host.log_text();
+        log.lines()
+            .any(|l| l.contains("invalid settings") && l.contains(&v2[..12]))
+            .then_some(())
+    })
+    .await;
+    assert!(logged.is_some(), "{}", host.log_text());
+    assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
+    assert_eq!(concurrency().await, json!(3));
+
+    // Without a sidecar the defaults apply, the host's --concurrency among them.
+    std::fs::remove_file(&sidecar).unwrap();
+    let restored = eventually(WAIT, || async {
+        let d = p.use_server(&id).describe().await.ok()?;
+        (d["concurrency"] == json!(5) && version(&p, &id).await.ok()? == json!("2")).then_some(())
+    })
+    .await;
+    assert!(
+        restored.is_some(),
+        "defaults not restored: {}",
+        host.log_text()
+    );
+}
+
+#[tokio::test]
+async fn bad_names_and_sidecars_are_skipped_at_start() {
+    let dir = tempdir();
+    let good = unique("good");
+    deploy(&plugin_path("calc"), &dir, &format!("{good}.wasm"));
+    let long = "a".repeat(201);
+    let bad_names = ["bad name", "héllo", "x!", long.as_str()];
+    for name in bad_names {
+        deploy(&plugin_path("calc"), &dir, &format!("{name}.wasm"));
+    }
+    let (zero, over) = (unique("zero"), unique("over"));
+    for (id, setting) in [(&zero, "concurrency = 0"), (&over, "concurrency = 70000")] {
+        deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+        std::fs::write(dir.join(format!("{id}.toml")), format!("{setting}\n")).unwrap();
+    }
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    assert_eq!(version(&p, &good).await.unwrap(), json!("1"));
+    for id in [&zero, &over] {
+        let e = version(&p, id).await.unwrap_err();
+        assert!(matches!(e, Error::NoSuchServer(_)), "{id}: {e:?}");
+    }
+    // One line for each file skipped.
+    let log = host.log_text();
+    for name in bad_names
+        .iter()
+        .copied()
+        .chain([zero.as_str(), over.as_str()])
+    {
+        let lines = log.lines().filter(|l| l.contains(name)).count();
+        assert_eq!(lines, 1, "`{name}` in {lines} lines: {log}");
+    }
+
+    // Corrected, the sidecar applies like any change.
+    std::fs::write(dir.join(format!("{zero}.toml")), "concurrency = 2\n").unwrap();
+    wait_version(&p, &zero, "1").await;
+    let d = p.use_server(&zero).describe().await.unwrap();
+    assert_eq!(d["concurrency"], json!(2));
+}

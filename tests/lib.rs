@@ -308,3 +308,21 @@ pub fn init_logging() {
             .try_init();
     });
 }
+
+/// Starts `n` calls of the calc plugin's `slow-version(ms)` at once.
+pub fn slow_calls(
+    p: &Proxy,
+    id: &str,
+    n: usize,
+    ms: u64,
+) -> Vec<tokio::task::JoinHandle<Result<serde_json::Value, callme::Error>>> {
+    (0..n)
+        .map(|_| {
+            let sp = p.use_server(id);
+            tokio::spawn(async move {
+                sp.call("slow-version", Args::positional(vec![json!(ms)]))
+                    .await
+            })
+        })
+        .collect()
+}

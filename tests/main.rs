@@ -7,6 +7,8 @@ mod cli;
 mod deploy;
 mod languages;
 mod reliability;
+mod replies;
 mod rpc;
 mod runtime;
+mod scale;
 mod security;

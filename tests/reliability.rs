@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::{Args, Request, server_exchange};
 use callme::{Error, ErrorKind, Limits, ServerOptions};
-use callme_tests::{Host, deploy, load, plugin_path, proxy, server, tempdir, unique};
+use callme_tests::{Host, deploy, load, plugin_path, proxy, server, slow_calls, tempdir, unique};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::*;
@@ -209,24 +209,6 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     .await;
     let v: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
     assert_eq!(v, 4);
-}
-
-/// Starts `n` calls of the calc plugin's `slow-version(ms)` at once.
-fn slow_calls(
-    p: &callme::Proxy,
-    id: &str,
-    n: usize,
-    ms: u64,
-) -> Vec<tokio::task::JoinHandle<Result<Value, Error>>> {
-    (0..n)
-        .map(|_| {
-            let sp = p.use_server(id);
-            tokio::spawn(async move {
-                sp.call("slow-version", Args::positional(vec![json!(ms)]))
-                    .await
-            })
-        })
-        .collect()
 }
 
 /// Waits for `calls`; how many were answered with calc's version, and
@@ -787,4 +769,68 @@ async fn recovered(sp: &callme::ServerProxy, host: &Host) -> Duration {
         assert_eq!(v, 2 * i);
     }
     took
+}
+
+/// Forwards every TCP connection made to `listener` to the test broker.
+async fn forward_to_broker(listener: tokio::net::TcpListener) {
+    let url = callme_tests::amqp_url();
+    let authority = url
+        .split_once('@')
+        .map_or("127.0.0.1:5682", |(_, rest)| {
+            rest.split('/').next().unwrap_or(rest)
+        })
+        .to_string();
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        let authority = authority.clone();
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&authority).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+// Multi-threaded: the forwarder keeps running while the test blocks on
+// the host's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_started_before_its_broker_waits_for_it() {
+    // A port nothing listens on yet: the broker "comes up" there later.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let dir = tempdir();
+    let id = unique("early");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--amqp-url", &url]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        host.child.try_wait().unwrap(),
+        None,
+        "the host gave up on a broker that was not up yet: {}",
+        host.log_text()
+    );
+    assert!(
+        host.log_text().contains("waiting for it"),
+        "{}",
+        host.log_text()
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(forward_to_broker(listener));
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(sum, 2);
+    assert!(
+        !host.log_text().contains("guest:guest"),
+        "{}",
+        host.log_text()
+    );
 }

@@ -1,12 +1,14 @@
-//! TLS, mutual TLS with EXTERNAL auth, and the seed's permission recipes with real broker users.
+//! TLS, mutual TLS with EXTERNAL auth, the seed's permission recipes with real broker users, and callers flooding the host's log.
 
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{ConnectOptions, Error, Limits, Proxy, Server, ServerOptions};
 use callme_tests::{
-    amqp_url_as, amqps_port, broker_ctl, load, native_add, server, tls_dir, unique,
+    Host, amqp_url_as, amqps_port, broker_ctl, deploy, load, native_add, plugin_path, proxy,
+    server, tempdir, tls_dir, unique,
 };
+use serde_json::json;
 
 fn tls(uri: String, client_cert: bool) -> ConnectOptions {
     let dir = tls_dir();
@@ -165,4 +167,50 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
 
     broker_ctl(&["delete_user", &carl]);
     broker_ctl(&["delete_user", &olivia]);
+}
+
+/// Each call may put a few KiB in the host's log, however much its guest
+/// prints and logs; what was dropped is counted.
+#[tokio::test]
+async fn guest_output_cannot_flood_the_host_log() {
+    const CALLS: usize = 20;
+    const PER_CALL: usize = 16 << 10;
+    let dir = tempdir();
+    let (noisy, calm) = (unique("noisy"), unique("calm"));
+    deploy(&plugin_path("hostile"), &dir, &format!("{noisy}.wasm"));
+    deploy(&plugin_path("calc"), &dir, &format!("{calm}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(30)).await;
+    let before = host.log_text().len();
+
+    // 3300 lines of 20 bytes: 64 KiB on stdout and on stderr, and 3300
+    // `host.log` records, in each call.
+    let spam: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let sp = p.use_server(&noisy);
+            tokio::spawn(async move { sp.call("spam", Args::positional(vec![json!(3300)])).await })
+        })
+        .collect();
+    for i in 0..20 {
+        let sum: i64 = p.use_server(&calm).invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(sum, i + 1);
+    }
+    for call in spam {
+        call.await.unwrap().unwrap();
+    }
+
+    let log = host.log_text();
+    let grown = log.len() - before;
+    assert!(
+        grown < CALLS * PER_CALL,
+        "{CALLS} calls wrote {grown} bytes of log; the start of it: {}",
+        log[before..].chars().take(2000).collect::<String>()
+    );
+    assert!(log.contains("spam line 00000000"), "no output kept: {log}");
+    assert!(log.contains("dropped_bytes="), "drops not noted: {log}");
+    assert!(
+        log.contains("more guest log records dropped"),
+        "drops not noted: {log}"
+    );
 }

@@ -1,7 +1,8 @@
 //! AMQP connections from URIs: plain, TLS with a custom CA, and mutual TLS with EXTERNAL auth.
 //!
 //! Proxy and server connect the same way. Credentials live only in the
-//! URI; every log line and error shows [`redact_uri`] of it instead.
+//! URI; every log line and error shows [`redact_uri`] of it instead, and
+//! an error about a URI that does not parse shows nothing of it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -71,11 +72,14 @@ impl ConnectOptions {
     }
 
     pub(crate) fn parse(&self) -> Result<AMQPUri, Error> {
+        // Neither the URI nor the parser's message (which can quote it) is
+        // shown: a URI that does not parse has no reliable place where its
+        // password starts and ends.
         let mut uri: AMQPUri = self.uri.parse().map_err(|e: String| {
-            // The parser's message can quote the input: never let the
-            // password through.
-            let _ = e;
-            Error::Config(format!("invalid AMQP URI {}", self.redacted()))
+            Error::Config(format!(
+                "invalid AMQP URI: {} (expected amqp://user:password@host:port/vhost or amqps://...)",
+                uri_problem(&e)
+            ))
         })?;
         if self.cert_file.is_some() && uri.query.auth_mechanism.is_none() {
             uri.query.auth_mechanism = Some(SASLMechanism::External);
@@ -132,7 +136,9 @@ impl ConnectOptions {
     /// # Errors
     ///
     /// [`Error::Config`] for a bad URI or unreadable TLS files,
-    /// [`Error::AccessRefused`] when the broker refuses the login, and
+    /// [`Error::AccessRefused`] when the broker refuses the login,
+    /// [`Error::ConnectTimeout`] when the handshake does not complete in
+    /// time, [`Error::NotAmqp`] when the peer is not an AMQP broker, and
     /// [`Error::Connection`] otherwise.
     pub async fn connect(&self, name: &str) -> Result<Connection, Error> {
         let uri = self.parse()?;
@@ -142,11 +148,20 @@ impl ConnectOptions {
         let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(conn)) => Ok(conn),
+            // Bytes that do not parse as AMQP frames: the peer speaks
+            // another protocol, and the parser's own message says nothing
+            // a user can act on.
+            Ok(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
+                Err(Error::NotAmqp {
+                    broker: self.redacted(),
+                    source: e,
+                })
+            }
             Ok(Err(e)) => Err(classify_lapin(e)),
-            Err(_) => Err(Error::Config(format!(
-                "no connection to {} within {CONNECT_TIMEOUT:?}",
-                self.redacted()
-            ))),
+            Err(_) => Err(Error::ConnectTimeout {
+                broker: self.redacted(),
+                timeout: CONNECT_TIMEOUT,
+            }),
         }
     }
 }
@@ -165,24 +180,64 @@ pub(crate) fn classify_lapin(e: lapin::Error) -> Error {
     }
 }
 
-/// `uri` with the password replaced by `***`.
+/// `uri` with the password replaced by `***`, for logs and errors.
+///
+/// Everything before the last `@` is taken as user info, whether or not
+/// the URI is well formed: a password may hold `/`, `?`, `#` or `@`, and a
+/// URI with a typo (`amqp//user:pass@host`) still carries a password. The
+/// user name is kept only when it is plainly one; otherwise the whole user
+/// info is hidden.
 pub fn redact_uri(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
+    let (scheme, rest) = match uri.split_once("://") {
+        Some((scheme, rest)) if is_scheme(scheme) => (format!("{scheme}://"), rest),
+        _ => (String::new(), uri),
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return uri.to_string();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{tail}")
-            } else {
-                format!("{scheme}://{user}@{host}{tail}")
-            }
-        }
-        None => uri.to_string(),
+    let plain_name = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()*+,;=".contains(c))
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) if plain_name(user) => format!("{scheme}{user}:***@{host}"),
+        None if plain_name(userinfo) => uri.to_string(),
+        _ => format!("{scheme}***@{host}"),
     }
+}
+
+/// Whether `s` is a URI scheme (RFC 3986: a letter, then letters, digits,
+/// `+`, `-` or `.`).
+fn is_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+}
+
+/// What is wrong with a URI, from the parser's message, in words that
+/// cannot quote the URI. Messages that can quote it (`Invalid URL: '...'`,
+/// a scheme or an auth mechanism) are replaced; the rest come from a
+/// fixed set of texts.
+fn uri_problem(parser_message: &str) -> &'static str {
+    const FIXED: [(&str, &str); 9] = [
+        ("relative URL without a base", "it has no scheme"),
+        ("Invalid URL", "the scheme is not followed by //"),
+        ("Invalid AMQP scheme", "the scheme is not amqp or amqps"),
+        ("Invalid SASL mechanism", "unknown auth_mechanism"),
+        (
+            "invalid port number",
+            "the port is not a number up to 65535",
+        ),
+        ("empty host", "no host"),
+        ("invalid IPv4 address", "invalid IPv4 address"),
+        ("invalid IPv6 address", "invalid IPv6 address"),
+        ("invalid domain character", "invalid character in the host"),
+    ];
+    FIXED
+        .iter()
+        .find(|(prefix, _)| parser_message.starts_with(prefix))
+        .map_or("malformed", |(_, problem)| problem)
 }
 
 #[cfg(test)]
@@ -202,9 +257,49 @@ mod tests {
     }
 
     #[test]
+    fn malformed_uris_are_redacted() {
+        for (uri, shown) in [
+            ("amqp//guest:s3cret@127.0.0.1:5672", "***@127.0.0.1:5672"),
+            ("amqpx://u:s3cret@h", "amqpx://u:***@h"),
+            ("amqp://u:s3cret@h:notaport", "amqp://u:***@h:notaport"),
+            ("amqp://u:s3/c?r#et@h/%2f", "amqp://u:***@h/%2f"),
+            ("amqp://u:1/s3cret@h", "amqp://u:***@h"),
+            ("amqp:/guest:s3cret@h", "amqp:***@h"),
+            ("amqp//s3cret@h", "***@h"),
+            ("//u/x:s3cret@h", "***@h"),
+            ("amqp://u s3cret@h", "amqp://***@h"),
+        ] {
+            assert_eq!(redact_uri(uri), shown, "{uri}");
+        }
+        assert_eq!(redact_uri("amqp://bob@h/v"), "amqp://bob@h/v");
+        assert_eq!(redact_uri("not a uri"), "not a uri");
+    }
+
+    #[test]
     fn bad_uri_error_hides_password() {
-        let opts = ConnectOptions::new("amqp://bob:hunter2@h:notaport/v");
-        let e = opts.parse().unwrap_err();
-        assert!(!e.to_string().contains("hunter2"), "{e}");
+        for uri in [
+            "amqp://bob:hunter2@h:notaport/v",
+            "amqp//bob:hunter2@h:5672",
+            "amqpx://bob:hunter2@h",
+            "amqp:bob:hunter2@h",
+            "amqp://bob:hunter2@h:99999/v",
+            "amqp://bob:hunter2@h/v?auth_mechanism=hunter2",
+            "amqp://bob:hunter2@h/v?heartbeat=hunter2",
+            "amqp://bob:hunter2@[::hunter2]/v",
+            "hunter2",
+        ] {
+            let e = ConnectOptions::new(uri).parse().unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("hunter2"), "{uri}: {text}");
+            assert!(text.contains("invalid AMQP URI"), "{uri}: {text}");
+        }
+    }
+
+    #[test]
+    fn bad_uri_error_says_what_is_wrong() {
+        let problem = |uri: &str| ConnectOptions::new(uri).parse().unwrap_err().to_string();
+        assert!(problem("amqp//u:p@h").contains("no scheme"));
+        assert!(problem("http://u:p@h").contains("not amqp or amqps"));
+        assert!(problem("amqp://u:p@h:99999").contains("port"));
     }
 }

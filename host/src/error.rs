@@ -164,6 +164,29 @@ pub enum Error {
     /// The connection to the broker failed or was lost.
     #[error("broker connection: {0}")]
     Connection(#[source] lapin::Error),
+    /// The AMQP handshake did not complete in time: something that is not
+    /// a broker holds the port and says nothing, the broker is stuck, or
+    /// the address does not answer at all.
+    #[error("the broker at {broker} did not complete the AMQP handshake within {timeout:?}")]
+    ConnectTimeout {
+        /// The broker URI, password hidden.
+        broker: String,
+        /// The time the handshake was given.
+        timeout: std::time::Duration,
+    },
+    /// The peer at the broker's address answered with something that is
+    /// not AMQP (an HTTP server, a TLS port reached with `amqp://`).
+    #[error(
+        "{broker} is not an AMQP broker: it answered the handshake with something else{}",
+        if broker.starts_with("amqp:") { " (a TLS port needs amqps://)" } else { "" }
+    )]
+    NotAmqp {
+        /// The broker URI, password hidden.
+        broker: String,
+        /// What the AMQP client could not parse.
+        #[source]
+        source: lapin::Error,
+    },
     /// The connection was lost while the call waited for its reply (the
     /// call may or may not have run), or it was down, being re-established,
     /// for the whole of the call's timeout (the call was not sent).

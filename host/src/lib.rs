@@ -14,6 +14,7 @@
 //! - `plugin`: the plugin runtime (feature `server`).
 //! - `connection_builder`: AMQP connections from URIs, with TLS.
 //! - `link`: a connection that replaces itself when lost.
+//! - `publisher`: publishing with confirms, one publish per channel at a time.
 //! - `proxy`: the client, async and blocking.
 //! - `server`: consume, dispatch, reply (feature `server`).
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
@@ -26,6 +27,7 @@ mod link;
 pub mod plugin;
 pub mod protocol;
 mod proxy;
+mod publisher;
 #[cfg(feature = "server")]
 pub mod serve;
 #[cfg(feature = "server")]
@@ -36,7 +38,7 @@ mod watcher;
 pub use connection_builder::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
 pub use error::{Error, PluginError, TimeoutCause};
 #[cfg(feature = "server")]
-pub use plugin::{FunctionInfo, Limits, Plugin, Runtime, RuntimeConfig};
+pub use plugin::{FunctionInfo, Limits, Plugin, Runtime, RuntimeConfig, RuntimeStats};
 pub use protocol::{Args, ErrorKind, RemoteError};
 pub use proxy::{BlockingProxy, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
 #[cfg(feature = "server")]

@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::watch;
@@ -186,32 +184,6 @@ pub(crate) async fn declare_bound(
             FieldTable::default(),
         )
         .await
-}
-
-/// A channel in publisher-confirms mode on a given connection: opened when
-/// first needed, and again once it has closed (a publish to a missing
-/// exchange closes it) or the link has a new connection.
-#[derive(Default)]
-pub(crate) struct ConfirmChannel(tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>);
-
-impl ConfirmChannel {
-    /// The open channel on `conn`, opening one when there is none.
-    pub(crate) async fn on(&self, conn: &Arc<Connection>) -> Result<Channel, Error> {
-        let mut slot = self.0.lock().await;
-        if let Some((on, channel)) = &*slot
-            && Arc::ptr_eq(on, conn)
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
-        let channel = conn.create_channel().await.map_err(classify_lapin)?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(classify_lapin)?;
-        *slot = Some((conn.clone(), channel.clone()));
-        Ok(channel)
-    }
 }
 
 /// The next wait of an exponential backoff with some jitter, so hosts that

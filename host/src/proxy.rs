@@ -21,7 +21,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -29,11 +29,16 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::connection_builder::{ConnectOptions, classify_lapin};
-use crate::link::{self, ConfirmChannel, Link};
+use crate::link::{self, Link};
 use crate::protocol::{
     Args, CONTENT_TYPE, DESCRIBE, Request, Response, client_exchange, client_queue, server_exchange,
 };
+use crate::publisher::{Published, Publisher};
 use crate::{Error, ErrorKind, RemoteError};
+
+/// Requests one proxy has on their way to the broker at once (each on a
+/// channel of its own until confirmed); more wait for a free channel.
+const PUBLISH_LANES: usize = 64;
 
 /// The seed's default: a call waits this long for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,8 +56,9 @@ struct Inner {
     _link: Link,
     /// The connection the reply queue is consumed on, while there is one.
     ready: watch::Receiver<Option<Arc<Connection>>>,
-    /// The channel requests are published on, on the ready connection.
-    publisher: ConfirmChannel,
+    /// The channels requests are published on, one request per channel
+    /// at a time, so a request to a missing server costs no other call.
+    publisher: Publisher,
     reply_exchange: String,
     pending: Pending,
     timeout: Duration,
@@ -104,7 +110,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 _link: link,
                 ready,
-                publisher: ConfirmChannel::default(),
+                publisher: Publisher::new(PUBLISH_LANES),
                 reply_exchange: names.exchange,
                 pending,
                 timeout,
@@ -225,42 +231,26 @@ impl Proxy {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), Error> {
-        let channel = self.inner.publisher.on(conn).await?;
         let exchange = server_exchange(server);
-        let result = async {
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    props,
-                )
-                .await?
-                .await
-        }
-        .await;
-        match result {
-            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-            Ok(Confirmation::Ack(Some(_))) | Ok(Confirmation::Nack(Some(_))) => {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let published = self
+            .inner
+            .publisher
+            .publish(conn, &exchange, options, body, props)
+            .await?;
+        match published {
+            Published::Confirmed => Ok(()),
+            // No exchange, or an exchange no queue is bound to: nothing
+            // serves that id.
+            Published::Returned | Published::NoExchange => {
                 Err(Error::NoSuchServer(server.to_string()))
             }
-            Ok(Confirmation::Nack(None)) => Err(Error::Config(format!(
+            Published::Nacked => Err(Error::Config(format!(
                 "the broker refused the request for `{server}`"
             ))),
-            Err(e) => {
-                // A refused or missing exchange closes the channel; the
-                // next call opens a fresh one.
-                let text = e.to_string();
-                if text.contains("NOT_FOUND") || text.contains("NOTFOUND") {
-                    Err(Error::NoSuchServer(server.to_string()))
-                } else {
-                    Err(classify_lapin(e))
-                }
-            }
         }
     }
 }
@@ -380,7 +370,13 @@ impl Replies {
             let delivery = match delivery {
                 Ok(d) => d,
                 Err(e) => {
-                    warn!(target: "callme::proxy", error = %e, "reply consumer lost");
+                    // A proxy being dropped closes its connection under
+                    // the consumer: that is no loss worth a warning.
+                    if self.ready.is_closed() {
+                        debug!(target: "callme::proxy", error = %e, "reply consumer closed with the proxy");
+                    } else {
+                        warn!(target: "callme::proxy", error = %e, "reply consumer lost");
+                    }
                     return;
                 }
             };

@@ -4,12 +4,13 @@
 //! and only then returns (so "ready" means every plugin answers);
 //! [`Host::run_until`] follows the directory until a stop signal, then
 //! stops taking requests and finishes the calls it has. [`run`] is both,
-//! stopped by SIGTERM or Ctrl-C.
+//! stopped by SIGTERM or Ctrl-C. A broker that is not up yet at start-up
+//! is waited for, with backoff.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::plugin::{Runtime, RuntimeConfig};
 use crate::watcher::Deployer;
@@ -49,7 +50,7 @@ impl Host {
         let started = Instant::now();
         let runtime = Runtime::with_config(options.runtime.clone())
             .map_err(|e| Error::Config(e.to_string()))?;
-        let server = Server::connect(&options.connect, options.server.clone()).await?;
+        let server = connect_patiently(&options).await?;
         let mut deployer =
             Deployer::new(options.plugins_dir.clone(), runtime.clone(), server.clone())?;
         let count = deployer.load_all().await?;
@@ -112,6 +113,41 @@ impl Host {
         outcome
     }
 }
+
+/// Connects the server, waiting for a broker that is not up yet: a host
+/// started before its broker (both started at boot, say) serves as soon
+/// as the broker is there. Errors that waiting cannot cure (a refused
+/// login, an invalid URI, a peer that is not AMQP) end it at once.
+async fn connect_patiently(options: &ServeOptions) -> Result<Server, Error> {
+    let since = Instant::now();
+    let mut attempt = 0;
+    let mut reported = None;
+    loop {
+        match Server::connect(&options.connect, options.server.clone()).await {
+            Ok(server) => {
+                if attempt > 0 {
+                    info!(target: "callme::server", broker = %options.connect.redacted(), waited = ?since.elapsed(), attempts = attempt + 1, "the broker is up");
+                }
+                return Ok(server);
+            }
+            Err(
+                e @ (Error::Connection(_) | Error::ConnectTimeout { .. } | Error::Disconnected(_)),
+            ) if options.connect.auto_recover => {
+                // Said at once, then every half minute while it lasts.
+                if reported.is_none_or(|at: Instant| at.elapsed() >= WAIT_REPORT_EVERY) {
+                    warn!(target: "callme::server", broker = %options.connect.redacted(), error = %e, waited = ?since.elapsed(), "the broker is unreachable: waiting for it before serving");
+                    reported = Some(Instant::now());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(crate::link::backoff(attempt)).await;
+        attempt += 1;
+    }
+}
+
+/// How often a host still waiting for its broker at start-up says so.
+const WAIT_REPORT_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs the host until SIGTERM/Ctrl-C or the loss of the broker.
 ///

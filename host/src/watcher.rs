@@ -4,11 +4,12 @@
 //! optional sidecar `NAME.toml`. Events are reduced to "something about
 //! NAME changed"; the reconciler then compares the directory with what is
 //! served. A new or changed plugin is compiled off the serving path and
-//! swapped in only when it loads; a broken file leaves the previous version
-//! serving and is logged once per content. A `cp` over a served file is
-//! acted on when the writer closes it, so a half-written file is never
-//! served (and if one is seen, it fails validation and the next event
-//! retries).
+//! swapped in only when it loads; a broken file, an invalid sidecar or a
+//! name that is no server id changes nothing (the previous version keeps
+//! serving with its settings, at start-up the plugin is skipped) and is
+//! logged once per content. A `cp` over a served file is acted on when the
+//! writer closes it, so a half-written file is never served (and if one is
+//! seen, it fails validation and the next event retries).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::plugin::{Limits, Plugin, Runtime, content_hash};
+use crate::protocol::is_valid_server_id;
 use crate::{Error, Server};
 
 /// Quiet time after an event before the directory is looked at: events of
@@ -43,15 +45,17 @@ pub(crate) fn plugin_name(path: &Path) -> Option<String> {
     Some(stem.to_string())
 }
 
-/// Reads the sidecar `NAME.toml`, if present.
+/// Reads the sidecar `NAME.toml`, if present, and checks all of it.
 ///
 /// # Errors
 ///
-/// A message naming the file and what is wrong (unknown keys included).
+/// A message naming the file and what is wrong: unknown keys, values of
+/// the wrong type, numbers out of their bounds.
 pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<Limits, String> {
     let path = dir.join(format!("{name}.toml"));
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(text) => Limits::from_toml(&text)
+            .map_err(|e| format!("{}: {}", path.display(), e.one_line(&text))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Limits::default()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
@@ -62,8 +66,9 @@ pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<Limits, String> {
 struct Known {
     /// Hash and settings of the version serving.
     serving: Option<(String, Limits)>,
-    /// Hash and settings that failed last, so a broken file is reported once.
-    refused: Option<(String, Option<Limits>)>,
+    /// Hash and settings (or why the sidecar is invalid) that failed last,
+    /// so a broken file or sidecar is reported once.
+    refused: Option<(String, Result<Limits, String>)>,
 }
 
 /// Keeps a server in step with a plugins directory.
@@ -72,6 +77,8 @@ pub(crate) struct Deployer {
     runtime: Runtime,
     server: Server,
     known: HashMap<String, Known>,
+    /// Files whose name is no server id, already reported.
+    misnamed: HashSet<String>,
     events: mpsc::UnboundedReceiver<String>,
     _watcher: notify::RecommendedWatcher,
 }
@@ -114,6 +121,7 @@ impl Deployer {
             runtime,
             server,
             known: HashMap::new(),
+            misnamed: HashSet::new(),
             events,
             _watcher: watcher,
         })
@@ -141,11 +149,29 @@ impl Deployer {
 
     /// Brings server id `name` in line with the directory.
     ///
+    /// Nothing is applied unless all of it is valid: a file name that is
+    /// no server id, an invalid sidecar, a plugin that does not load, or
+    /// one the server refuses leaves what serves as it was, logged once.
+    ///
     /// # Errors
     ///
     /// Only broker errors: a bad file is logged, not returned.
     pub(crate) async fn reconcile(&mut self, name: &str) -> Result<(), Error> {
         let path = self.dir.join(format!("{name}.wasm"));
+        if !is_valid_server_id(name) {
+            // Never served, so there is nothing to withdraw; logged again
+            // only if the file goes away and comes back.
+            if !path.exists() {
+                self.misnamed.remove(name);
+            } else if self.misnamed.insert(name.to_string()) {
+                error!(
+                    target: "callme::server",
+                    file = %path.display(),
+                    "skipped: the name is not a server id (1 to 200 letters, digits, `-`, `_` or `.`)"
+                );
+            }
+            return Ok(());
+        }
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -161,32 +187,36 @@ impl Deployer {
             }
         };
         let hash = content_hash(&bytes);
+        let settings = read_settings(&self.dir, name);
         let known = self.known.entry(name.to_string()).or_default();
-        let limits = match read_settings(&self.dir, name) {
-            Ok(l) => l,
-            Err(reason) => {
-                let previous = known.serving.as_ref().map(|(_, l)| l.clone());
-                if known
-                    .refused
-                    .as_ref()
-                    .is_none_or(|(h, l)| h != &hash || l.is_some())
-                {
-                    error!(target: "callme::server", plugin = name, reason = %reason, "invalid settings: keeping the previous ones");
-                    known.refused = Some((hash.clone(), None));
-                }
-                previous.unwrap_or_default()
+        if let Ok(limits) = &settings
+            && known
+                .serving
+                .as_ref()
+                .is_some_and(|(h, l)| h == &hash && l == limits)
+        {
+            // Back to what serves (a bad sidecar undone, say): a later
+            // failure is news again.
+            known.refused = None;
+            return Ok(());
+        }
+        let attempt = (hash, settings);
+        if known.refused.as_ref() == Some(&attempt) {
+            return Ok(());
+        }
+        let outcome = if known.serving.is_some() {
+            "the previous version keeps serving with its settings"
+        } else {
+            "not served"
+        };
+        let (hash, limits) = match attempt {
+            (hash, Ok(limits)) => (hash, limits),
+            (hash, Err(reason)) => {
+                error!(target: "callme::server", plugin = name, version = %&hash[..12], reason = %reason, "invalid settings: {outcome}");
+                known.refused = Some((hash, Err(reason)));
+                return Ok(());
             }
         };
-        if known.serving.as_ref() == Some(&(hash.clone(), limits.clone())) {
-            return Ok(());
-        }
-        if known
-            .refused
-            .as_ref()
-            .is_some_and(|(h, l)| h == &hash && l.as_ref() == Some(&limits))
-        {
-            return Ok(());
-        }
         let started = Instant::now();
         let runtime = self.runtime.clone();
         let owned_name = name.to_string();
@@ -195,32 +225,40 @@ impl Deployer {
             tokio::task::spawn_blocking(move || Plugin::load(&runtime, &owned_name, &bytes, lim))
                 .await
                 .map_err(|e| Error::Config(format!("loading task failed: {e}")))?;
-        match loaded {
+        let refusal = match loaded {
             Ok(plugin) => {
                 let swapped = known.serving.is_some();
-                self.server.serve_plugin(plugin).await?;
-                known.serving = Some((hash.clone(), limits));
-                known.refused = None;
-                info!(
-                    target: "callme::server",
-                    plugin = name,
-                    version = %&hash[..12],
-                    elapsed = ?started.elapsed(),
-                    "{}", if swapped { "swapped in" } else { "loaded" }
-                );
+                match self.server.serve_plugin(plugin).await {
+                    Ok(()) => {
+                        known.serving = Some((hash.clone(), limits));
+                        known.refused = None;
+                        info!(
+                            target: "callme::server",
+                            plugin = name,
+                            version = %&hash[..12],
+                            elapsed = ?started.elapsed(),
+                            "{}", if swapped { "swapped in" } else { "loaded" }
+                        );
+                        return Ok(());
+                    }
+                    // The server refused this plugin (its id, its
+                    // concurrency, the broker's permissions for it): the
+                    // others are not concerned.
+                    Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => e.to_string(),
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) => {
-                error!(
-                    target: "callme::server",
-                    plugin = name,
-                    file = %path.display(),
-                    version = %&hash[..12],
-                    reason = %e,
-                    "refused: {}", if known.serving.is_some() { "the previous version keeps serving" } else { "not served" }
-                );
-                known.refused = Some((hash, Some(limits)));
-            }
-        }
+            Err(e) => e.to_string(),
+        };
+        error!(
+            target: "callme::server",
+            plugin = name,
+            file = %path.display(),
+            version = %&hash[..12],
+            reason = %refusal,
+            "refused: {outcome}"
+        );
+        known.refused = Some((hash, Ok(limits)));
         Ok(())
     }
 
@@ -277,7 +315,18 @@ mod tests {
         std::fs::write(dir.join("a.toml"), "fuel = 5\n").unwrap();
         assert_eq!(read_settings(&dir, "a").unwrap().fuel, 5);
         std::fs::write(dir.join("b.toml"), "fuel = 5\nfeul = 6\n").unwrap();
-        assert!(read_settings(&dir, "b").unwrap_err().contains("feul"));
+        let unknown = read_settings(&dir, "b").unwrap_err();
+        assert!(
+            unknown.contains("feul") && unknown.contains("line 2"),
+            "{unknown}"
+        );
+        assert!(!unknown.contains('\n'), "one line for the log: {unknown}");
+        std::fs::write(dir.join("c.toml"), "fuel = 5\nconcurrency = 0\n").unwrap();
+        let zero = read_settings(&dir, "c").unwrap_err();
+        assert!(
+            zero.contains("c.toml") && zero.contains("concurrency = 0"),
+            "{zero}"
+        );
         assert_eq!(read_settings(&dir, "none").unwrap(), Limits::default());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -63,7 +63,8 @@ impl Broker {
 struct CallArgs {
     /// Function name (dotted for interface functions: `stats.mean`).
     func: String,
-    /// Positional arguments, each parsed as JSON (`1`, `"text"`, `[1,2]`).
+    /// Positional arguments, each parsed as JSON (`1`, `-1`, `"text"`, `[1,2]`).
+    #[arg(allow_negative_numbers = true)]
     args: Vec<String>,
     /// Keyword arguments as a JSON object: `--kwargs '{"a": 1, "b": 2}'`.
     #[arg(long)]
@@ -110,12 +111,16 @@ enum Command {
         /// Compiled-artifact cache directory.
         #[arg(long, env = "CALLME_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// Sandboxes alive at once over every plugin (calls in flight, kept
+        /// instances and spares): the cap on the memory plugins can take.
+        #[arg(long, env = "CALLME_MAX_INSTANCES", default_value_t = callme::plugin::DEFAULT_MAX_INSTANCES)]
+        max_instances: u32,
     },
     /// Call a function of a server and print its JSON result.
     Call {
         #[command(flatten)]
         broker: Broker,
-        /// Seconds to wait for the reply.
+        /// Seconds the command may take, connecting included.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
         /// The server id.
@@ -127,7 +132,7 @@ enum Command {
     Describe {
         #[command(flatten)]
         broker: Broker,
-        /// Seconds to wait for the reply.
+        /// Seconds the command may take, connecting included.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
         /// The server id.
@@ -161,7 +166,10 @@ fn main() -> ExitCode {
     // One-shot commands print JSON on stdout and stderr: keep the broker
     // client's own chatter out of it unless RUST_LOG asks for it.
     let default_filter = match cli.command {
-        Command::Serve { .. } => "info",
+        // lapin logs every channel the broker closes as an error: a caller
+        // whose reply exchange is gone would put one in the log per call.
+        // The link reports what matters about the connection itself.
+        Command::Serve { .. } => "info,lapin=off",
         _ => "warn,lapin=off",
     };
     tracing_subscriber::fmt()
@@ -193,8 +201,12 @@ async fn run(command: Command) -> ExitCode {
             no_auto_delete,
             grace,
             cache_dir,
+            max_instances,
         } => {
-            let mut config = RuntimeConfig::default();
+            let mut config = RuntimeConfig {
+                max_instances,
+                ..RuntimeConfig::default()
+            };
             if cache_dir.is_some() {
                 config.cache_dir = cache_dir;
             }
@@ -296,6 +308,8 @@ fn load(path: &std::path::Path, limits: Limits) -> Result<Plugin, callme::Plugin
     Plugin::load_file(&runtime, path, limits)
 }
 
+/// Connects and runs `f`, all within `timeout` seconds: the time left
+/// after connecting is what `f` gets for its call.
 async fn remote<F, Fut>(broker: &Broker, timeout: f64, f: F) -> ExitCode
 where
     F: FnOnce(Proxy, Duration) -> Fut,
@@ -309,14 +323,28 @@ where
             ));
         }
     };
-    let proxy = match Proxy::connect_with(&broker.options(false), timeout).await {
-        Ok(p) => p,
-        Err(e) => return fail_error(&e),
+    let started = tokio::time::Instant::now();
+    let options = broker.options(false);
+    let proxy = match tokio::time::timeout(timeout, Proxy::connect_with(&options, timeout)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return fail_error(&e),
+        Err(_) => {
+            return fail_error(&callme::Error::ConnectTimeout {
+                broker: options.redacted(),
+                timeout,
+            });
+        }
     };
-    match f(proxy, timeout).await {
+    let left = timeout.saturating_sub(started.elapsed());
+    match f(proxy, left).await {
         Ok(v) => {
             println!("{v}");
             ExitCode::SUCCESS
+        }
+        // Report the timeout the user gave, not the part of it left for
+        // the call.
+        Err(callme::Error::Timeout { server, .. }) => {
+            fail_error(&callme::Error::Timeout { server, timeout })
         }
         Err(e) => fail_error(&e),
     }
@@ -348,9 +376,10 @@ fn fail_error(e: &callme::Error) -> ExitCode {
         callme::Error::Timeout { .. } => ("Timeout", Value::Null),
         callme::Error::NoSuchServer(s) => ("NoSuchServer", json!(s)),
         callme::Error::AccessRefused(_) => ("AccessRefused", Value::Null),
-        callme::Error::Connection(_) | callme::Error::Disconnected(_) => {
-            ("Connection", Value::Null)
-        }
+        callme::Error::Connection(_)
+        | callme::Error::ConnectTimeout { .. }
+        | callme::Error::NotAmqp { .. }
+        | callme::Error::Disconnected(_) => ("Connection", Value::Null),
         _ => ("Error", Value::Null),
     };
     eprintln!(

@@ -5,16 +5,23 @@
 //! interruption, on-disk compilation cache), the linker that offers WASI 0.2
 //! and the callme host interface to guests, and a thread that advances the
 //! engine's epoch so deadlines and cooperative yields work.
+//!
+//! The pooling allocator is sized once, from
+//! [`RuntimeConfig::max_instances`], and the runtime never asks it for
+//! more: every instance holds a slot of the runtime's `Capacity` (see
+//! `instances`), which has exactly as many. So a call never fails because
+//! the pool is full; it waits for a slot, and spares give theirs up.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
+use super::instances::{Capacity, RuntimeStats};
 use super::sandbox::{CallState, host_bindings};
 use crate::PluginError;
 
@@ -24,6 +31,50 @@ use crate::PluginError;
 /// deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Instances alive at once by default, across every plugin: wasmtime's own
+/// default pool size. A slot reserves about 4 GiB of address space (the
+/// linear memory's range, so that guests need no bounds checks) and no
+/// memory until used: 1000 slots take 4 of the 128 TiB a 64-bit Linux
+/// process can address. Served plugins need their concurrency plus their
+/// spares each (calc with the defaults: 10), so 100 busy plugins fit
+/// without waiting, and 500 share it (measured in `tests/scale.rs`).
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+
+/// Linear memories the pool reserves per slot. Every guest we build has
+/// one (Rust; componentize-py and componentize-js link their core modules
+/// against one shared memory); a component with more takes as many slots.
+/// Memory reservations are nearly all of the pool's address space, so
+/// this is kept at what guests use.
+const MEMORIES_PER_SLOT: u32 = 1;
+
+/// Tables the pool reserves per slot: every guest we build defines two.
+/// Each is 512 KiB of address space (`table_elements`).
+const TABLES_PER_SLOT: u32 = 4;
+
+/// Most core instances one component may have (componentize-py's guests
+/// have 14). The pool only counts core instances, it reserves nothing for
+/// them, so their total is set to this many per slot and is never the
+/// limit.
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+
+/// Most memories one component may define.
+const MAX_MEMORIES_PER_COMPONENT: u32 = 8;
+
+/// Most tables one component may define.
+const MAX_TABLES_PER_COMPONENT: u32 = 32;
+
+/// Freed slots the pool keeps warm before it reuses them for other
+/// plugins instead of touching unused ones. A freed slot keeps up to
+/// `linear_memory_keep_resident` (16 MiB) resident, so the set of slots
+/// ever touched sets the pool's resident memory, and wasmtime grows that
+/// set to the most instances alive at once plus this many. A plugin making
+/// spares and serving calls still gets its own warm slots back (the pool
+/// prefers slots last used by the same module); a new plugin or a new
+/// version reuses the slots of others rather than touching new ones. A
+/// share of the pool here (a quarter of 1000 slots: 250) would let
+/// interpreter guests keep 4 GB resident with few instances alive.
+const MAX_UNUSED_WARM_SLOTS: u32 = 16;
+
 /// Engine-wide settings. Per-plugin settings are [`super::Limits`].
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -32,9 +83,16 @@ pub struct RuntimeConfig {
     /// Use the pooling allocator (falls back to on-demand allocation, with
     /// a warning, when the pool cannot reserve its memory).
     pub pooling: bool,
-    /// Concurrent instances the pool holds (calls in flight across all
-    /// plugins, plus reused instances).
-    pub pool_instances: u32,
+    /// Instances alive at once across every plugin: calls in flight,
+    /// spares and idle reused instances. The pooling allocator is sized
+    /// for exactly this many and never asked for more. A call that finds
+    /// every slot taken takes one from a spare or idle instance, or else
+    /// waits for a call to end (up to its deadline); spares and idle
+    /// instances hold at most a quarter of the slots. This caps the
+    /// host's memory: at most this many guests' memories are alive, and
+    /// each freed slot keeps at most 16 MiB of it resident. Guests with
+    /// several memories or many tables take several slots each.
+    pub max_instances: u32,
     /// Largest linear memory any plugin may be configured for.
     pub max_memory_bytes: usize,
     /// WebAssembly stack per call. Unbounded recursion stops here.
@@ -46,7 +104,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             cache_dir: default_cache_dir(),
             pooling: true,
-            pool_instances: 256,
+            max_instances: DEFAULT_MAX_INSTANCES,
             max_memory_bytes: 1 << 30,
             max_wasm_stack: 512 << 10,
         }
@@ -76,6 +134,8 @@ pub(crate) struct RuntimeInner {
     pub(crate) cache: Option<Cache>,
     pub(crate) config: RuntimeConfig,
     pub(crate) pooling: bool,
+    /// The slots every instance holds one of (or several).
+    pub(crate) capacity: Capacity,
 }
 
 impl Runtime {
@@ -93,8 +153,14 @@ impl Runtime {
     /// # Errors
     ///
     /// [`PluginError::Internal`] when the engine cannot be created (the
-    /// cache directory is unusable, or the configuration is inconsistent).
+    /// cache directory is unusable, or the configuration is inconsistent:
+    /// `max_instances` of 0).
     pub fn with_config(config: RuntimeConfig) -> Result<Runtime, PluginError> {
+        if config.max_instances == 0 {
+            return Err(PluginError::internal(
+                "max_instances must be at least 1".to_string(),
+            ));
+        }
         let cache = match &config.cache_dir {
             Some(dir) => {
                 let mut cc = CacheConfig::new();
@@ -117,20 +183,20 @@ impl Runtime {
         let (engine, pooling) = if config.pooling {
             let mut pooled = wasm.clone();
             let mut pool = PoolingAllocationConfig::new();
-            let n = config.pool_instances;
+            let n = config.max_instances;
             pool.total_component_instances(n)
-                .total_core_instances(n * 8)
-                .max_core_instances_per_component(64)
-                .total_memories(n * 2)
-                .max_memories_per_component(8)
-                .total_tables(n * 8)
-                .max_tables_per_component(32)
                 .total_stacks(n)
+                .total_core_instances(n.saturating_mul(MAX_CORE_INSTANCES_PER_COMPONENT))
+                .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+                .total_memories(n.saturating_mul(MEMORIES_PER_SLOT))
+                .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+                .total_tables(n.saturating_mul(TABLES_PER_SLOT))
+                .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
                 .max_memory_size(config.max_memory_bytes)
                 .max_component_instance_size(1 << 20)
                 .max_core_instance_size(1 << 20)
                 .table_elements(1 << 16)
-                .max_unused_warm_slots(n / 4)
+                .max_unused_warm_slots(MAX_UNUSED_WARM_SLOTS.min(n))
                 // A fresh instance per call is the default, so slot reuse
                 // is the hot path: reset guests' memory with memset (or
                 // only the pages they dirtied, where the kernel can tell)
@@ -138,13 +204,25 @@ impl Runtime {
                 // covers what an interpreter guest dirties in a call
                 // (measured: Python `add` made per call 5.4 -> 3.7 ms, from
                 // 1 MiB); the price is resident memory, at most 16 MiB per
-                // warm slot (`max_unused_warm_slots`), reached only by
-                // guests that dirty that much.
+                // slot ever used (see `MAX_UNUSED_WARM_SLOTS`), reached
+                // only by guests that dirty that much.
                 .linear_memory_keep_resident(16 << 20)
                 .table_keep_resident(1 << 20)
                 .async_stack_keep_resident(128 << 10)
                 .pagemap_scan(wasmtime::Enabled::Auto)
-                .decommit_batch_size(16);
+                // Give each slot back to the pool as its instance is
+                // dropped, never batched. A slot keeps the memory image of
+                // the last module it ran, and that image holds the
+                // module's whole compiled code; when a module is dropped
+                // the pool clears the images of the slots it has back, but
+                // a slot still waiting in a batch is missed and keeps the
+                // code alive until another plugin happens to reuse it
+                // (measured: 50 swaps between the Python and JavaScript
+                // calc kept 637 MiB of code mapped, 1.25 GB resident).
+                // Only slots whose reset needs madvise are batched at all
+                // (the rest are memset), so this costs one syscall per
+                // such slot.
+                .decommit_batch_size(1);
             pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
             match Engine::new(&pooled) {
                 Ok(engine) => (engine, true),
@@ -171,6 +249,16 @@ impl Runtime {
         .map_err(|e| PluginError::internal(format!("linking the host interface: {e:#}")))?;
 
         start_ticker(&engine);
+        let capacity = Capacity::new(config.max_instances);
+        tracing::info!(
+            target: "callme::plugin",
+            max_instances = config.max_instances,
+            max_spares = capacity.max_kept(),
+            allocator = if pooling { "pooling" } else { "on demand" },
+            "instance pool: the most instances alive at once over all plugins (calls in flight, \
+             spares, idle instances); a call finding none free takes a spare's place or waits \
+             for a call to end, up to its deadline"
+        );
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
@@ -178,8 +266,42 @@ impl Runtime {
                 cache,
                 config,
                 pooling,
+                capacity,
             }),
         })
+    }
+
+    /// The slots one instance of `component` takes: one, or more for a
+    /// component with more memories or tables than a slot reserves.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::InvalidPlugin`] when it needs more slots than the
+    /// runtime has: it could never be instantiated.
+    pub(crate) fn slots_for(&self, component: &Component) -> Result<u32, PluginError> {
+        // Without static figures (a component instantiating an imported
+        // core module, which our import rules refuse anyway), assume the
+        // most a component may have.
+        let (memories, tables) = component.resources_required().map_or(
+            (MAX_MEMORIES_PER_COMPONENT, MAX_TABLES_PER_COMPONENT),
+            |r| (r.num_memories, r.num_tables),
+        );
+        let slots = 1
+            .max(memories.div_ceil(MEMORIES_PER_SLOT))
+            .max(tables.div_ceil(TABLES_PER_SLOT));
+        if slots > self.inner.config.max_instances {
+            return Err(PluginError::invalid_plugin(format!(
+                "an instance needs {slots} instance slots ({memories} memories, {tables} tables) \
+                 and the runtime has {}",
+                self.inner.config.max_instances
+            )));
+        }
+        Ok(slots)
+    }
+
+    /// Instances, spares and plugin versions alive right now.
+    pub fn stats(&self) -> RuntimeStats {
+        self.inner.capacity.stats()
     }
 
     /// Whether instances come from the pooling allocator.

@@ -1,4 +1,4 @@
-//! Where a call's store and instance come from.
+//! Where a call's store and instance come from, and how many may be alive.
 //!
 //! By default every call gets an instance nobody has used before. Making
 //! one (a store, then instantiating the component, which runs the guest's
@@ -11,25 +11,318 @@
 //!
 //! With `reuse_instances` the same type keeps instances that served a call
 //! successfully for the next one instead.
+//!
+//! Every store holds a [`Slot`] of the runtime's [`Capacity`], which has as
+//! many slots as the pooling allocator has instances: the pool is never
+//! asked for more than it has. Calls come first. A call that finds every
+//! slot taken evicts a spare or idle instance (of the plugin called least
+//! recently), and only when all slots are in calls does it wait for one,
+//! up to its deadline. Spares and idle instances never wait: they are made
+//! only from free slots, hold at most a quarter of them, and are not made
+//! at all while a call waits. When that quarter is full, a plugin being
+//! called takes the place of one kept by a plugin idle for a while, so
+//! spares follow the traffic.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::engine::{EPOCH_TICK, Runtime};
 use super::limits::Limits;
 use super::sandbox::CallState;
+use crate::{PluginError, TimeoutCause};
 
 /// Idle instances kept per plugin with `reuse_instances`: enough for the
 /// usual concurrency without holding many pool slots.
 const MAX_IDLE: usize = 16;
 
-/// A store with its instance, ready for a call.
-pub(super) struct Ready {
+/// Spares and idle instances hold at most 1/KEPT_SHARE of the slots, so
+/// most of the pool is always free for calls without evicting anything.
+const KEPT_SHARE: u32 = 4;
+
+/// When kept instances are at their cap, a plugin that is being called
+/// takes the place of one kept by a plugin not called for this long. Long
+/// enough that two busy plugins do not take spares from each other on
+/// every call (each would then make one per call, the cost spares exist to
+/// avoid); short enough that spares move to where the calls are.
+const IDLE_BEFORE_GIVING_UP: Duration = Duration::from_secs(1);
+
+/// At most one warning this often that calls wait for a slot: under
+/// overload every call would say it.
+const WAIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// What the runtime holds right now, across every plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuntimeStats {
+    /// Instances alive: in calls, spares (also those being made) and idle
+    /// reused instances.
+    pub instances: usize,
+    /// Of those, spares and idle instances: alive, not in a call.
+    pub kept: usize,
+    /// Slots, the most instances alive at once
+    /// ([`super::RuntimeConfig::max_instances`]).
+    pub max_instances: usize,
+    /// The most spares and idle instances at once.
+    pub max_kept: usize,
+    /// Plugins loaded and not yet dropped, every version counted: a
+    /// replaced version stays until its last call ends.
+    pub plugins: usize,
+    /// Calls since start that found every slot in a call and waited.
+    pub waited: u64,
+}
+
+/// The counters slots and kept instances give back to when dropped.
+#[derive(Default)]
+struct Counters {
+    instances: AtomicUsize,
+    kept: AtomicUsize,
+    plugins: AtomicUsize,
+    waited: AtomicU64,
+    /// Calls waiting for a slot right now: while there are any, no
+    /// instance is kept (it would hold a slot a call waits for).
+    waiting: AtomicUsize,
+}
+
+/// The instance slots of a runtime, and the plugins that keep instances
+/// in them.
+pub(crate) struct Capacity {
+    slots: Arc<Semaphore>,
+    max_instances: u32,
+    max_kept: usize,
+    counters: Arc<Counters>,
+    /// Every plugin loaded, to find kept instances to evict. Weak, so a
+    /// replaced version goes away with its last call.
+    plugins: Mutex<Vec<Weak<Instances>>>,
+    /// The origin of `Instances::last_call`.
+    started: Instant,
+    /// When calls were last said to wait, in ms since `started`.
+    warned: AtomicU64,
+}
+
+/// One instance's share of the capacity, released when dropped.
+pub(super) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counters.instances.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A kept instance's place under the cap on kept instances.
+struct Quota(Arc<Counters>);
+
+impl Drop for Quota {
+    fn drop(&mut self) {
+        self.0.kept.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Capacity {
+    pub(crate) fn new(max_instances: u32) -> Capacity {
+        Capacity {
+            slots: Arc::new(Semaphore::new(max_instances as usize)),
+            max_instances,
+            max_kept: max_instances.div_ceil(KEPT_SHARE) as usize,
+            counters: Arc::default(),
+            plugins: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            warned: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn max_kept(&self) -> usize {
+        self.max_kept
+    }
+
+    pub(crate) fn stats(&self) -> RuntimeStats {
+        let c = &self.counters;
+        RuntimeStats {
+            instances: c.instances.load(Ordering::Relaxed),
+            kept: c.kept.load(Ordering::Relaxed),
+            max_instances: self.max_instances as usize,
+            max_kept: self.max_kept,
+            plugins: c.plugins.load(Ordering::Relaxed),
+            waited: c.waited.load(Ordering::Relaxed),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn plugins(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Instances>>> {
+        self.plugins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        self.counters.instances.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            _permit: permit,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// A free slot, if there is one; never waits, never evicts.
+    fn try_slot(&self, weight: u32) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_many_owned(weight).ok()?;
+        Some(self.slot(permit))
+    }
+
+    /// A slot for a call: a free one, else one a kept instance gives up,
+    /// else the next one a call gives back, waiting up to `patience`.
+    async fn slot_for_call(
+        &self,
+        weight: u32,
+        patience: Duration,
+        plugin: &str,
+    ) -> Result<Slot, PluginError> {
+        if let Some(slot) = self.try_slot(weight) {
+            return Ok(slot);
+        }
+        // Counted before the last look at kept instances: one made from
+        // now on sees this and is not kept, so none can hold a slot while
+        // the call waits (see `Instances::keep`).
+        let waiting = Waiting::new(&self.counters);
+        loop {
+            if let Some(slot) = self.try_slot(weight) {
+                return Ok(slot);
+            }
+            if !self.evict(|_| true) {
+                break;
+            }
+        }
+        self.counters.waited.fetch_add(1, Ordering::Relaxed);
+        self.warn_waiting(plugin);
+        let acquired =
+            tokio::time::timeout(patience, self.slots.clone().acquire_many_owned(weight)).await;
+        drop(waiting);
+        match acquired {
+            Ok(Ok(permit)) => Ok(self.slot(permit)),
+            // The semaphore lives as long as the runtime and is never closed.
+            Ok(Err(closed)) => Err(PluginError::internal(format!(
+                "no sandbox available: {closed}"
+            ))),
+            Err(_) => Err(PluginError::Timeout {
+                cause: TimeoutCause::Deadline,
+                message: format!(
+                    "no sandbox free within the deadline of {patience:?}: all {} instance \
+                     slots of the host are in calls",
+                    self.max_instances
+                ),
+            }),
+        }
+    }
+
+    fn warn_waiting(&self, plugin: &str) {
+        let now = self.now_ms();
+        let last = self.warned.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WAIT_WARNING_EVERY.as_millis() as u64;
+        if due
+            && self
+                .warned
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                target: "callme::plugin",
+                plugin,
+                max_instances = self.max_instances,
+                "all instance slots are in calls: calls wait for one to end \
+                 (raise the instance limit, or lower concurrency)"
+            );
+        }
+    }
+
+    /// A place for one more kept instance of `plugin`: free under the
+    /// cap, or given up by a plugin idle for a while.
+    fn reserve_kept(&self, plugin: &Instances) -> Option<Quota> {
+        for attempt in 0..2 {
+            let reserved =
+                self.counters
+                    .kept
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                        (k < self.max_kept).then_some(k + 1)
+                    });
+            if reserved.is_ok() {
+                return Some(Quota(self.counters.clone()));
+            }
+            let idle_since = self
+                .now_ms()
+                .saturating_sub(IDLE_BEFORE_GIVING_UP.as_millis() as u64);
+            let ours = plugin.last_call.load(Ordering::Relaxed);
+            if attempt > 0 || !self.evict(|last| last <= idle_since && last < ours) {
+                break;
+            }
+        }
+        None
+    }
+
+    /// Drops one kept instance of the plugin called least recently among
+    /// those whose last call passes `eligible`; whether there was one.
+    fn evict(&self, eligible: impl Fn(u64) -> bool) -> bool {
+        let evicted = {
+            let mut plugins = self.plugins();
+            plugins.retain(|p| p.strong_count() > 0);
+            let mut victim: Option<(u64, Arc<Instances>)> = None;
+            for p in plugins.iter().filter_map(Weak::upgrade) {
+                let last = p.last_call.load(Ordering::Relaxed);
+                let older = victim.as_ref().is_none_or(|(v, _)| last < *v);
+                if older && eligible(last) && !p.pool().ready.is_empty() {
+                    victim = Some((last, p));
+                }
+            }
+            victim.and_then(|(_, p)| p.pool().ready.pop())
+        };
+        // Dropped outside the locks: freeing an instance takes a while.
+        evicted.is_some()
+    }
+
+    fn register(&self, plugin: &Arc<Instances>) {
+        self.counters.plugins.fetch_add(1, Ordering::Relaxed);
+        let mut plugins = self.plugins();
+        plugins.retain(|p| p.strong_count() > 0);
+        plugins.push(Arc::downgrade(plugin));
+    }
+}
+
+/// A call waiting for a slot, counted while it waits.
+struct Waiting<'a>(&'a Counters);
+
+impl<'a> Waiting<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(counters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A store for one call with the slot it holds, and its instance if one
+/// was made ahead.
+pub(super) struct Sandbox {
     pub(super) store: Store<CallState>,
-    pub(super) instance: Instance,
+    pub(super) instance: Option<Instance>,
+    // After the store, so dropped after it: wasmtime has the pool slot
+    // back before another instance may take this one's place.
+    _slot: Slot,
+}
+
+/// A spare or idle instance with its place under the cap.
+struct Kept {
+    sandbox: Sandbox,
+    _quota: Quota,
 }
 
 /// Makes the stores and instances of one plugin's calls.
@@ -38,16 +331,33 @@ pub(super) struct Instances {
     pub(super) limits: Limits,
     runtime: Runtime,
     pre: InstancePre<CallState>,
+    /// Slots one instance takes (see `Runtime::slots_for`).
+    weight: u32,
     /// Spares (fresh) or idle instances (reuse), and spares being made.
     pool: Mutex<Pool>,
     /// Where spares are made; set by [`Instances::start_prewarm`].
     maker: OnceLock<tokio::runtime::Handle>,
+    /// When a call last started, in ms since the capacity's start, or 0
+    /// for never: the plugin called least recently gives its kept
+    /// instances up first, and one never called takes no one's place.
+    last_call: AtomicU64,
 }
 
 #[derive(Default)]
 struct Pool {
-    ready: Vec<Ready>,
+    ready: Vec<Kept>,
     making: usize,
+}
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        self.runtime
+            .inner
+            .capacity
+            .counters
+            .plugins
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Instances {
@@ -56,15 +366,24 @@ impl Instances {
         name: Arc<str>,
         limits: Limits,
         pre: InstancePre<CallState>,
-    ) -> Instances {
-        Instances {
+        weight: u32,
+    ) -> Arc<Instances> {
+        let instances = Arc::new(Instances {
             name,
             limits,
             runtime,
             pre,
+            weight,
             pool: Mutex::new(Pool::default()),
             maker: OnceLock::new(),
-        }
+            last_call: AtomicU64::new(0),
+        });
+        instances.capacity().register(&instances);
+        instances
+    }
+
+    fn capacity(&self) -> &Capacity {
+        &self.runtime.inner.capacity
     }
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -92,56 +411,155 @@ impl Instances {
         }
     }
 
-    /// A ready instance for the next call, armed with fresh limits: a
-    /// spare or an idle instance, if there is one.
-    pub(super) fn take(self: &Arc<Self>) -> Option<Ready> {
-        let taken = self.pool().ready.pop();
+    /// A sandbox for the next call, armed with fresh limits: a spare or an
+    /// idle instance if there is one, else a new store (the caller
+    /// instantiates) in a slot of its own.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::Timeout`] when every slot stays in a call for
+    /// longer than the plugin's deadline.
+    pub(super) async fn sandbox(self: &Arc<Self>) -> Result<Sandbox, PluginError> {
+        let capacity = self.capacity();
+        self.last_call
+            .store(capacity.now_ms() + 1, Ordering::Relaxed);
+        let kept = self.pool().ready.pop();
+        let sandbox = match kept {
+            Some(Kept {
+                mut sandbox,
+                _quota: quota,
+            }) => {
+                // No longer kept: its place is free for the replacement.
+                drop(quota);
+                self.arm(&mut sandbox.store);
+                sandbox
+            }
+            None => {
+                let slot = capacity
+                    .slot_for_call(self.weight, self.limits.deadline, &self.name)
+                    .await?;
+                Sandbox {
+                    store: self.new_store(),
+                    instance: None,
+                    _slot: slot,
+                }
+            }
+        };
+        // After the call has its slot: a spare made first could take it.
         // A no-op unless spares are kept (never with reuse).
         self.replenish();
-        taken.map(|mut ready| {
-            self.arm(&mut ready.store);
-            ready
+        Ok(sandbox)
+    }
+
+    /// A new store in a slot of its own, for a session: never a spare.
+    ///
+    /// # Errors
+    ///
+    /// As [`Instances::sandbox`].
+    pub(super) async fn fresh_sandbox(&self) -> Result<Sandbox, PluginError> {
+        let slot = self
+            .capacity()
+            .slot_for_call(self.weight, self.limits.deadline, &self.name)
+            .await?;
+        Ok(Sandbox {
+            store: self.new_store(),
+            instance: None,
+            _slot: slot,
         })
     }
 
-    /// Keeps an instance that has just served a call successfully, when
-    /// the plugin reuses instances; discards it otherwise.
-    pub(super) fn give_back(&self, ready: Ready) {
-        if self.limits.reuse_instances {
-            let mut pool = self.pool();
-            if pool.ready.len() < MAX_IDLE {
-                pool.ready.push(ready);
-            }
+    /// Takes back a sandbox after its call. With `reuse_instances`, one
+    /// whose call returned (it still has its instance) is kept for the
+    /// next call; anything else is discarded.
+    pub(super) fn give_back(&self, sandbox: Sandbox) {
+        let reusable = self.limits.reuse_instances
+            && sandbox.instance.is_some()
+            && self.pool().ready.len() < MAX_IDLE;
+        let quota = if reusable {
+            self.capacity().reserve_kept(self)
         } else {
-            self.discard(ready.store);
+            None
+        };
+        match quota {
+            Some(quota) => {
+                let kept = Kept {
+                    sandbox,
+                    _quota: quota,
+                };
+                if let Err(kept) = self.keep(kept) {
+                    self.discard(kept.sandbox);
+                }
+            }
+            None => self.discard(sandbox),
         }
     }
 
-    /// Drops a used store. Giving its memory back to the pool takes as
+    /// Puts `kept` with the spares or idle instances, unless a call waits
+    /// for a slot: then it is handed back, to be dropped and free its slot.
+    fn keep(&self, kept: Kept) -> Result<(), Kept> {
+        let mut pool = self.pool();
+        // Checked under the pool lock, which a waiting call's last look
+        // for kept instances takes after counting itself: either this sees
+        // the call, or the call sees this instance and evicts it.
+        if self.capacity().counters.waiting.load(Ordering::SeqCst) > 0 {
+            return Err(kept);
+        }
+        pool.ready.push(kept);
+        Ok(())
+    }
+
+    /// Drops a used sandbox. Giving its memory back to the pool takes as
     /// long as a small call, so where spares are made (off the caller's
     /// path) the drop happens there too.
-    pub(super) fn discard(&self, store: Store<CallState>) {
+    pub(super) fn discard(&self, sandbox: Sandbox) {
         match self.maker.get() {
-            Some(handle) => drop(handle.spawn(async move { drop(store) })),
-            None => drop(store),
+            Some(handle) => drop(handle.spawn(async move { drop(sandbox) })),
+            None => drop(sandbox),
         }
     }
 
-    /// Starts making spares until ready and being made reach the target.
+    /// Starts making spares until ready and being made reach the target,
+    /// from free slots only and while no call waits for one.
     fn replenish(self: &Arc<Self>) {
         let Some(handle) = self.maker.get() else {
             return;
         };
-        let mut pool = self.pool();
-        while pool.ready.len() + pool.making < self.limits.prewarm {
-            pool.making += 1;
+        let capacity = self.capacity();
+        loop {
+            {
+                let mut pool = self.pool();
+                if pool.ready.len() + pool.making >= self.limits.prewarm {
+                    return;
+                }
+                pool.making += 1;
+            }
+            // Not under the pool lock: finding room may evict another
+            // plugin's spare, which takes that plugin's pool lock.
+            let room = if capacity.counters.waiting.load(Ordering::SeqCst) > 0 {
+                None
+            } else {
+                capacity
+                    .reserve_kept(self)
+                    .and_then(|quota| Some((quota, capacity.try_slot(self.weight)?)))
+            };
+            let Some((quota, slot)) = room else {
+                self.pool().making -= 1;
+                return;
+            };
             let this = Arc::clone(self);
             handle.spawn(async move {
-                let made = this.make().await;
-                let mut pool = this.pool();
-                pool.making -= 1;
+                let made = this.make(slot).await;
+                this.pool().making -= 1;
                 match made {
-                    Ok(ready) => pool.ready.push(ready),
+                    Ok(sandbox) => {
+                        let kept = Kept {
+                            sandbox,
+                            _quota: quota,
+                        };
+                        if let Err(kept) = this.keep(kept) {
+                            drop(kept);
+                        }
+                    }
                     // The call that finds no spare makes its own instance
                     // and reports the same failure to its caller.
                     Err(e) => {
@@ -152,15 +570,19 @@ impl Instances {
         }
     }
 
-    /// Instantiates into a new store, under the plugin's limits.
-    async fn make(&self) -> wasmtime::Result<Ready> {
+    /// Instantiates into a new store in `slot`, under the plugin's limits.
+    async fn make(&self, slot: Slot) -> wasmtime::Result<Sandbox> {
         let mut store = self.new_store();
         let store_ref = &mut store;
         let instance = self
             .with_deadline(self.pre.instantiate_async(store_ref))
             .await
             .map_err(|limit| wasmtime::format_err!("instantiation ran past {limit:?}"))??;
-        Ok(Ready { store, instance })
+        Ok(Sandbox {
+            store,
+            instance: Some(instance),
+            _slot: slot,
+        })
     }
 
     /// The component, to instantiate in a store of this plugin.
@@ -169,7 +591,7 @@ impl Instances {
     }
 
     /// A new store with nothing granted, armed with the plugin's limits.
-    pub(super) fn new_store(&self) -> Store<CallState> {
+    fn new_store(&self) -> Store<CallState> {
         let mut store = Store::new(
             &self.runtime.inner.engine,
             CallState::new(

@@ -12,7 +12,8 @@
 //!
 //! - `engine`: the shared [`Runtime`] (engine, linker, epoch ticker).
 //! - `instances`: where a call's store and instance come from (new, a
-//!   spare made ahead of time, or kept from an earlier call).
+//!   spare made ahead of time, or kept from an earlier call), and the
+//!   runtime-wide cap on instances alive at once.
 //! - `limits`: per-call [`Limits`] and their defaults.
 //! - `sandbox`: the store data of one call (WASI with nothing granted, memory limiter, host imports).
 //! - `output`: bounded capture of guest stdout/stderr.
@@ -41,7 +42,8 @@ use wasmtime::component::{
 };
 use wasmtime::{Store, Trap};
 
-pub use engine::{EPOCH_TICK, Runtime, RuntimeConfig, default_cache_dir};
+pub use engine::{DEFAULT_MAX_INSTANCES, EPOCH_TICK, Runtime, RuntimeConfig, default_cache_dir};
+pub use instances::RuntimeStats;
 pub use limits::{
     DEFAULT_DEADLINE, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_PREWARM,
     DEFAULT_RESULT_BYTES, GuestLogLevel, Limits,
@@ -49,7 +51,7 @@ pub use limits::{
 
 use crate::protocol::Args;
 use crate::{PluginError, TimeoutCause};
-use instances::{Instances, Ready};
+use instances::{Instances, Sandbox};
 use sandbox::CallState;
 use signature::{func_signature, type_name, unsupported};
 use value::{Budget, Mismatch, from_json, placeholder, to_json};
@@ -156,8 +158,20 @@ impl Plugin {
             )));
         }
         let hash = content_hash(bytes);
-        let component = Component::new(&rt.engine, bytes)
-            .map_err(|e| PluginError::invalid_plugin(format!("not a valid component: {e:#}")))?;
+        // One line, and nothing of the file: the parser's message quotes
+        // the bytes of a file that is not WebAssembly at all (a text file,
+        // or whatever a symlink points at), and the message goes to logs
+        // and to callers.
+        let component = Component::new(&rt.engine, bytes).map_err(|e| {
+            PluginError::invalid_plugin(if bytes.starts_with(b"\0asm") {
+                format!("not a valid component: {e:#}").replace('\n', " ")
+            } else {
+                format!(
+                    "not a WebAssembly component ({} bytes that do not start with `\\0asm`)",
+                    bytes.len()
+                )
+            })
+        })?;
         let ty = component.component_type();
 
         for (import, _) in ty.imports(&rt.engine) {
@@ -210,10 +224,11 @@ impl Plugin {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::invalid_plugin(format!("cannot be linked: {e:#}")))?;
+        let weight = runtime.slots_for(&component)?;
         Ok(Plugin {
             hash,
             exports,
-            instances: Arc::new(Instances::new(runtime.clone(), name.into(), limits, pre)),
+            instances: Instances::new(runtime.clone(), name.into(), limits, pre, weight),
         })
     }
 
@@ -243,19 +258,18 @@ impl Plugin {
     ///
     /// Every [`PluginError`] but `InvalidPlugin`: the function does not
     /// exist, the arguments do not fit, the call ran into a limit, the
-    /// guest trapped, or it returned `result::err`.
+    /// guest trapped, or it returned `result::err`. A call that finds
+    /// every instance slot of the runtime in a call waits for one, and
+    /// fails with `Timeout` if none is free within its deadline.
     pub async fn call(&self, func: &str, args: &Args) -> Result<Value, PluginError> {
         let export = self.export(func)?;
         let params = bind_args(export, args)?;
         let instances = &self.instances;
-        let ready = instances.take();
+        let mut sandbox = instances.sandbox().await?;
         let started = Instant::now();
-        let (mut store, instance) = match ready {
-            Some(Ready { store, instance }) => (store, Some(instance)),
-            None => (instances.new_store(), None),
-        };
+        let instance = sandbox.instance.take();
         let outcome = {
-            let store = &mut store;
+            let store = &mut sandbox.store;
             instances
                 .with_deadline(async move {
                     let instance = match instance {
@@ -273,11 +287,9 @@ impl Plugin {
             Ok(Err(e)) => (None, Ok(Err(e))),
             Err(limit) => (None, Err(limit)),
         };
-        let result = self.finish(&store, export, outcome, started);
-        match instance {
-            Some(instance) => instances.give_back(Ready { store, instance }),
-            None => instances.discard(store),
-        }
+        let result = self.finish(&sandbox.store, export, outcome, started);
+        sandbox.instance = instance;
+        instances.give_back(sandbox);
         result
     }
 
@@ -311,16 +323,16 @@ impl Plugin {
     ///
     /// As [`Plugin::call`], for the instantiation.
     pub async fn session(&self) -> Result<Session<'_>, PluginError> {
-        let mut store = self.instances.new_store();
+        let mut sandbox = self.instances.fresh_sandbox().await?;
         let instance = self
             .instances
             .pre()
-            .instantiate_async(&mut store)
+            .instantiate_async(&mut sandbox.store)
             .await
-            .map_err(|e| classify(e, store.data()))?;
+            .map_err(|e| classify(e, sandbox.store.data()))?;
         Ok(Session {
             plugin: self,
-            store: Some(store),
+            sandbox: Some(sandbox),
             instance,
         })
     }
@@ -353,7 +365,7 @@ impl Plugin {
             Ok(Err(e)) => Err(classify(e, state)),
             Ok(Ok(results)) => self.convert_results(export, &results),
         };
-        log_output(state);
+        state.log_output();
         let func = &export.info.name;
         match &result {
             Ok(_) => {
@@ -412,7 +424,8 @@ impl Plugin {
 /// One instance serving several calls in sequence; see [`Plugin::session`].
 pub struct Session<'a> {
     plugin: &'a Plugin,
-    store: Option<Store<CallState>>,
+    /// The store with its instance slot; `None` once a call failed.
+    sandbox: Option<Sandbox>,
     instance: Instance,
 }
 
@@ -427,14 +440,14 @@ impl Session<'_> {
         let plugin = self.plugin;
         let export = plugin.export(func)?;
         let params = bind_args(export, args)?;
-        let mut store = self.store.take().ok_or_else(|| {
+        let mut sandbox = self.sandbox.take().ok_or_else(|| {
             PluginError::internal("this session ended after an earlier error".to_string())
         })?;
-        plugin.instances.arm(&mut store);
+        plugin.instances.arm(&mut sandbox.store);
         let started = Instant::now();
         let instance = self.instance;
         let outcome = {
-            let store = &mut store;
+            let store = &mut sandbox.store;
             plugin
                 .instances
                 .with_deadline(async move { invoke(store, &instance, export, &params).await })
@@ -443,11 +456,11 @@ impl Session<'_> {
         match outcome {
             Ok(Ok(results)) => {
                 let result = plugin.convert_results(export, &results);
-                log_output(store.data());
-                self.store = Some(store);
+                sandbox.store.data().log_output();
+                self.sandbox = Some(sandbox);
                 result
             }
-            other => plugin.finish(&store, export, other, started),
+            other => plugin.finish(&sandbox.store, export, other, started),
         }
     }
 }
@@ -603,20 +616,6 @@ fn classify(error: wasmtime::Error, state: &CallState) -> PluginError {
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn log_output(state: &CallState) {
-    if state.log_level > GuestLogLevel::Info {
-        state.stdout.take();
-        state.stderr.take();
-        return;
-    }
-    for (stream, out) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
-        let text = out.take();
-        for line in text.lines().filter(|l| !l.is_empty()) {
-            tracing::info!(target: "callme::plugin", plugin = &*state.plugin, stream, "{line}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The state of one call's sandbox: WASI context with nothing granted, memory limiter, host imports.
+//! The state of one call's sandbox: WASI context with nothing granted, memory limiter, host imports, what reaches the log.
 //!
 //! A [`CallState`] lives in a fresh wasmtime store for exactly one call (or
 //! one reused instance). WASI is built with no preopened directories, no
@@ -6,15 +6,21 @@
 //! stderr are captured. The limiter enforces the plugin's memory cap and
 //! remembers that it refused, so a guest that aborts after a failed
 //! allocation is reported as `MemoryLimit`, not as a plain trap.
+//!
+//! Callers choose what a guest prints and logs, and the host's log is
+//! shared by every plugin and caller, so each call gets a bounded share of
+//! it: one line per captured stream ([`CallState::log_output`]) and a few
+//! `host.log` records, then a count of what was dropped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::limits::GuestLogLevel;
-use super::output::CapturedOutput;
+use super::output::{CapturedOutput, Excerpt, LOG_RECORD_BYTES, one_line};
 
 /// Host bindings of `wit/callme.wit`.
 pub(crate) mod host_bindings {
@@ -30,6 +36,23 @@ use host_bindings::callme::plugin::host::{Host, Level};
 /// a guest that grows one without end.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// `host.log` records one call may write: enough for a guest's account of
+/// what it did, too few to flood the log.
+const MAX_GUEST_LOG_RECORDS: usize = 16;
+
+/// Message text those records may carry in all, the same as one line of
+/// captured output.
+const GUEST_LOG_BYTES: usize = LOG_RECORD_BYTES;
+
+/// What one call has logged through `host.log` so far. Atomics only
+/// because the call's end is seen through a shared reference to the store.
+#[derive(Default)]
+struct GuestLogBudget {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
 /// Store data of one sandbox.
 pub(crate) struct CallState {
     pub(crate) wasi: WasiCtx,
@@ -41,6 +64,7 @@ pub(crate) struct CallState {
     /// Set when the epoch callback stopped the guest at its deadline.
     pub(crate) deadline_hit: bool,
     pub(crate) log_level: GuestLogLevel,
+    guest_log: GuestLogBudget,
 }
 
 impl CallState {
@@ -73,8 +97,60 @@ impl CallState {
             stderr,
             deadline_hit: false,
             log_level,
+            guest_log: GuestLogBudget::default(),
         }
     }
+
+    /// Ends a call's share of the log: one line for each captured stream
+    /// that has something to say, and one for the `host.log` records over
+    /// the budget. The next call (of a reused instance) starts afresh.
+    pub(crate) fn log_output(&self) {
+        let plugin = &*self.plugin;
+        for (stream, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            if self.log_level > GuestLogLevel::Info {
+                out.clear();
+                continue;
+            }
+            let Some(Excerpt {
+                line,
+                dropped_bytes,
+                dropped_lines,
+            }) = out.take_excerpt()
+            else {
+                continue;
+            };
+            if dropped_bytes == 0 {
+                tracing::info!(target: "callme::plugin", plugin, stream, "{line}");
+            } else {
+                tracing::info!(target: "callme::plugin", plugin, stream, dropped_bytes, dropped_lines, "{line} …");
+            }
+        }
+        let budget = &self.guest_log;
+        budget.records.store(0, Ordering::Relaxed);
+        budget.bytes.store(0, Ordering::Relaxed);
+        let dropped = budget.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                target: "callme::plugin",
+                plugin,
+                dropped,
+                "{dropped} more guest log records dropped: a call may log {MAX_GUEST_LOG_RECORDS} records, {GUEST_LOG_BYTES} bytes in all"
+            );
+        }
+    }
+}
+
+/// Emits a `tracing` event at a guest's log level.
+macro_rules! guest_event {
+    ($level:expr, $($rest:tt)+) => {
+        match $level {
+            Level::Trace => tracing::trace!($($rest)+),
+            Level::Debug => tracing::debug!($($rest)+),
+            Level::Info => tracing::info!($($rest)+),
+            Level::Warn => tracing::warn!($($rest)+),
+            Level::Error => tracing::error!($($rest)+),
+        }
+    };
 }
 
 impl WasiView for CallState {
@@ -98,13 +174,25 @@ impl Host for CallState {
         if wanted < self.log_level {
             return;
         }
+        let budget = &mut self.guest_log;
+        let records = budget.records.get_mut();
+        let bytes = budget.bytes.get_mut();
+        let (line, dropped_bytes) = if *records < MAX_GUEST_LOG_RECORDS {
+            one_line(&message, GUEST_LOG_BYTES.saturating_sub(*bytes))
+        } else {
+            (String::new(), message.len())
+        };
+        if line.is_empty() && dropped_bytes > 0 {
+            *budget.dropped.get_mut() += 1;
+            return;
+        }
+        *records += 1;
+        *bytes += line.len();
         let plugin = &*self.plugin;
-        match level {
-            Level::Trace => tracing::trace!(target: "callme::plugin", plugin, "{message}"),
-            Level::Debug => tracing::debug!(target: "callme::plugin", plugin, "{message}"),
-            Level::Info => tracing::info!(target: "callme::plugin", plugin, "{message}"),
-            Level::Warn => tracing::warn!(target: "callme::plugin", plugin, "{message}"),
-            Level::Error => tracing::error!(target: "callme::plugin", plugin, "{message}"),
+        if dropped_bytes == 0 {
+            guest_event!(level, target: "callme::plugin", plugin, "{line}");
+        } else {
+            guest_event!(level, target: "callme::plugin", plugin, dropped_bytes, "{line} …");
         }
     }
 }

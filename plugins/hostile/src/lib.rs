@@ -1,6 +1,7 @@
 //! The `hostile` test plugin: functions that loop, leak, overflow the stack,
-//! panic, return too much, or reach for files, environment and network, so
-//! the host can prove that its sandbox and limits contain them.
+//! panic, return too much, flood the log, or reach for files, environment
+//! and network, so the host can prove that its sandbox and limits contain
+//! them.
 
 use std::hint::black_box;
 use std::io::Write;
@@ -75,6 +76,17 @@ impl Guest for Hostile {
         let mut err = std::io::stderr();
         let _ = err.write_all(text.as_bytes());
         let _ = err.flush();
+    }
+
+    fn spam(lines: u32) {
+        let mut text = String::new();
+        for i in 0..lines {
+            let line = format!("spam line {i:08}");
+            callme_guest::info!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+        Self::print(text);
     }
 }
 

@@ -20,23 +20,28 @@ use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Consumer};
+use lapin::{Channel, Consumer};
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::connection_builder::{ConnectOptions, classify_lapin};
-use crate::link::{self, ConfirmChannel, Link};
+use crate::link::{self, Link};
 use crate::plugin::Plugin;
 use crate::protocol::{
     Args, CONTENT_TYPE, DEFAULT_MAX_REQUEST_BYTES, DESCRIBE, Request, Response, is_valid_server_id,
     server_exchange, server_queue,
 };
+use crate::publisher::Publisher;
 use crate::{Error, ErrorKind, RemoteError};
+
+mod reply;
+
+use reply::{Replier, Sent, Throttle, Undeliverable};
 
 /// How a server declares its queues and runs calls.
 #[derive(Debug, Clone)]
@@ -118,6 +123,9 @@ struct Served {
     consumer_tag: String,
     slots: Arc<Semaphore>,
     concurrency: usize,
+    /// Hands a replacement consumer (same channel, new prefetch) to the
+    /// consume loop.
+    handover: mpsc::UnboundedSender<Consumer>,
 }
 
 /// A callme server: serves plugins and native functions by server id.
@@ -138,7 +146,29 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// Requests answered and acked.
     answered: AtomicU64,
+    /// Where replies are published, for every served id.
+    publisher: Arc<Publisher>,
+    /// Requests whose reply could never be delivered, acked without one.
+    undeliverable: AtomicU64,
+    /// Warnings callers can cause at will, logged at a bounded rate.
+    noisy: Noisy,
 }
+
+/// The warnings any caller can trigger, each logged at most once per
+/// [`NOISY_PERIOD`] with a count of those held back.
+struct Noisy {
+    caller_gone: Throttle,
+    access_refused: Throttle,
+    not_sent: Throttle,
+    unanswerable: Throttle,
+}
+
+const NOISY_PERIOD: Duration = Duration::from_secs(10);
+
+/// Replies in flight to the broker at once, each on a channel of its own
+/// until confirmed; more wait for a free channel. It bounds the channels
+/// a server opens for replies, whatever its callers do.
+const REPLY_LANES: usize = 64;
 
 /// The runtime plugin code runs on, shut down without blocking when the
 /// server goes away (dropping a runtime inside async code would panic).
@@ -174,11 +204,7 @@ impl Server {
         connect: &ConnectOptions,
         options: ServerOptions,
     ) -> Result<Server, Error> {
-        if options.concurrency == 0 || options.concurrency > u16::MAX as usize {
-            return Err(Error::Config(
-                "concurrency must be between 1 and 65535".into(),
-            ));
-        }
+        check_concurrency(options.concurrency)?;
         let link = Link::connect(connect, "callme server").await?;
         let executor = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.executor_threads.max(1))
@@ -196,6 +222,14 @@ impl Server {
                 executor: Executor(Some(executor)),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
                 answered: AtomicU64::new(0),
+                publisher: Arc::new(Publisher::new(REPLY_LANES)),
+                undeliverable: AtomicU64::new(0),
+                noisy: Noisy {
+                    caller_gone: Throttle::new(NOISY_PERIOD),
+                    access_refused: Throttle::new(NOISY_PERIOD),
+                    not_sent: Throttle::new(NOISY_PERIOD),
+                    unanswerable: Throttle::new(NOISY_PERIOD),
+                },
             }),
         };
         Ok(server)
@@ -213,11 +247,17 @@ impl Server {
     pub async fn serve_plugin(&self, plugin: Plugin) -> Result<(), Error> {
         let _changing = self.inner.changes.lock().await;
         let id = plugin.name().to_string();
-        plugin.start_prewarm(self.inner.executor.handle());
         let wanted = plugin
             .limits()
             .concurrency
             .unwrap_or(self.inner.options.concurrency);
+        // Refused before anything changes: an invalid setting keeps the
+        // version serving now, and its settings, as they are.
+        check_concurrency(wanted)?;
+        if !is_valid_server_id(&id) {
+            return Err(invalid_id(&id));
+        }
+        plugin.start_prewarm(self.inner.executor.handle());
         let mut incoming = Some(plugin);
         let resize = {
             let mut served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
@@ -234,6 +274,7 @@ impl Server {
                             existing.channel.clone(),
                             existing.consumer_tag.clone(),
                             existing.slots.clone(),
+                            existing.handover.clone(),
                             before,
                         ))
                     }
@@ -247,9 +288,18 @@ impl Server {
             }
         };
         match resize {
-            Some((channel, tag, slots, before)) => {
+            Some((channel, tag, slots, handover, before)) => {
                 if before != wanted {
-                    resize_share(&channel, &tag, &slots, before, wanted).await?;
+                    resize_slots(&slots, before, wanted);
+                    let resized = Resize {
+                        id: &id,
+                        channel: &channel,
+                        old_tag: &tag,
+                        handover: &handover,
+                    };
+                    if let Some(new_tag) = resized.prefetch(wanted).await? {
+                        self.set_consumer_tag(&id, &tag, new_tag);
+                    }
                     info!(target: "callme::server", server_id = %id, concurrency = wanted, "concurrency changed");
                 }
                 Ok(())
@@ -294,6 +344,13 @@ impl Server {
     /// broker and it is acked (so it will not be delivered again).
     pub fn answered(&self) -> u64 {
         self.inner.answered.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose reply could never be delivered (the caller's reply
+    /// exchange does not exist, or this server may not publish to it):
+    /// acked without a reply.
+    pub fn undeliverable(&self) -> u64 {
+        self.inner.undeliverable.load(Ordering::Relaxed)
     }
 
     /// Whether `server_id` is served.
@@ -371,16 +428,18 @@ impl Server {
         self.inner.link.closed().await;
     }
 
-    async fn start(&self, id: String, service: Service, concurrency: usize) -> Result<(), Error> {
-        if concurrency == 0 || concurrency > u16::MAX as usize {
-            return Err(Error::Config(
-                "concurrency must be between 1 and 65535".into(),
-            ));
+    /// Records the tag of the consumer that replaced `old` for `id`.
+    fn set_consumer_tag(&self, id: &str, old: &str, new: String) {
+        let mut served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = served.get_mut(id).filter(|s| s.consumer_tag == old) {
+            s.consumer_tag = new;
         }
+    }
+
+    async fn start(&self, id: String, service: Service, concurrency: usize) -> Result<(), Error> {
+        check_concurrency(concurrency)?;
         if !is_valid_server_id(&id) {
-            return Err(Error::Config(format!(
-                "invalid server id `{id}`: use letters, digits, `-`, `_` and `.`"
-            )));
+            return Err(invalid_id(&id));
         }
         let Some(conn) = self.inner.link.current() else {
             let why = if self.inner.link.is_closed() {
@@ -398,6 +457,7 @@ impl Server {
         .await?;
         let service = Arc::new(service);
         let slots = Arc::new(Semaphore::new(concurrency));
+        let (handover, handed) = mpsc::unbounded_channel();
         self.inner
             .served
             .lock()
@@ -410,15 +470,17 @@ impl Server {
                     consumer_tag: tag,
                     slots: slots.clone(),
                     concurrency,
+                    handover,
                 },
             );
         info!(target: "callme::server", server_id = %id, concurrency, "serving");
         let consuming = Consuming {
             inner: Arc::downgrade(&self.inner),
-            replier: Replier::new(self.inner.link.subscribe()),
+            replier: Replier::new(self.inner.link.subscribe(), self.inner.publisher.clone()),
             id,
             service,
             slots,
+            handed,
         };
         tokio::spawn(consuming.run(channel, consumer));
         Ok(())
@@ -464,7 +526,7 @@ async fn subscribe(
         .basic_qos(concurrency as u16, BasicQosOptions::default())
         .await
         .map_err(classify_lapin)?;
-    let tag = format!("callme-server-{id}-{}", uuid::Uuid::new_v4());
+    let tag = consumer_tag(id);
     let consumer = channel
         .basic_consume(
             server_queue(id).as_str().into(),
@@ -510,6 +572,9 @@ struct Consuming {
     service: Arc<Service>,
     slots: Arc<Semaphore>,
     replier: Replier,
+    /// Consumers that replace the current one on its channel (a new
+    /// prefetch).
+    handed: mpsc::UnboundedReceiver<Consumer>,
 }
 
 impl Consuming {
@@ -517,7 +582,7 @@ impl Consuming {
         self.inner.upgrade().map(|inner| Server { inner })
     }
 
-    async fn run(self, channel: Channel, consumer: Consumer) {
+    async fn run(mut self, channel: Channel, consumer: Consumer) {
         let Some(mut state) = self.server().map(|s| s.inner.link.subscribe()) else {
             return;
         };
@@ -527,6 +592,8 @@ impl Consuming {
             if let Some((channel, consumer)) = current.take() {
                 let since = Instant::now();
                 self.consume(&channel, consumer).await;
+                // A replacement made for that channel died with it.
+                while self.handed.try_recv().is_ok() {}
                 // Calls still running hold clones until they have acked.
                 drop(channel);
                 if since.elapsed() >= link::STEADY_AFTER {
@@ -585,9 +652,20 @@ impl Consuming {
     }
 
     /// Takes deliveries until the consumer ends (cancelled, or its
-    /// connection lost), each call run as a task of its own.
-    async fn consume(&self, channel: &Channel, mut consumer: Consumer) {
-        while let Some(delivery) = consumer.next().await {
+    /// connection lost), each call run as a task of its own. A consumer
+    /// cancelled because a replacement took over on the same channel is
+    /// read to its end, then the replacement is.
+    async fn consume(&mut self, channel: &Channel, mut consumer: Consumer) {
+        loop {
+            let Some(delivery) = consumer.next().await else {
+                match self.handed.try_recv() {
+                    Ok(next) if channel.status().connected() => {
+                        consumer = next;
+                        continue;
+                    }
+                    _ => return,
+                }
+            };
             let delivery = match delivery {
                 Ok(d) => d,
                 Err(e) => {
@@ -644,21 +722,8 @@ impl Consuming {
 }
 
 /// Changes the calls in flight of one server id: the permits of its
-/// semaphore (taken back as running calls finish), and the prefetch. The
-/// broker applies a new prefetch only to consumers made after it, so the
-/// consumer is cancelled and its consume loop starts a new one with it.
-async fn resize_share(
-    channel: &Channel,
-    tag: &str,
-    slots: &Arc<Semaphore>,
-    before: usize,
-    after: usize,
-) -> Result<(), Error> {
-    if after == 0 || after > u16::MAX as usize {
-        return Err(Error::Config(
-            "concurrency must be between 1 and 65535".into(),
-        ));
-    }
+/// semaphore, taken back as running calls finish.
+fn resize_slots(slots: &Arc<Semaphore>, before: usize, after: usize) {
     if after > before {
         slots.add_permits(after - before);
     } else {
@@ -670,7 +735,87 @@ async fn resize_share(
             }
         });
     }
-    cancel(channel, tag).await
+}
+
+/// A new prefetch for a served id's consumer.
+///
+/// The broker applies a channel's prefetch to consumers made after it
+/// (`basic.qos` with `global` false; RabbitMQ's consumer prefetch guide),
+/// so the consumer is replaced. The new one starts on the same channel
+/// before the old one is cancelled: the queue is never without a
+/// consumer (an auto-delete queue would be deleted with its requests), and
+/// requests the old one took stay acknowledgeable on the same channel.
+struct Resize<'a> {
+    id: &'a str,
+    channel: &'a Channel,
+    old_tag: &'a str,
+    handover: &'a mpsc::UnboundedSender<Consumer>,
+}
+
+impl Resize<'_> {
+    /// The new consumer's tag, or `None` when the channel is down (the
+    /// consume loop subscribes with the new prefetch when it is back).
+    async fn prefetch(&self, concurrency: usize) -> Result<Option<String>, Error> {
+        if !self.channel.status().connected() {
+            return Ok(None);
+        }
+        let replace = async {
+            self.channel
+                .basic_qos(concurrency as u16, BasicQosOptions::default())
+                .await
+                .map_err(classify_lapin)?;
+            let tag = consumer_tag(self.id);
+            let consumer = self
+                .channel
+                .basic_consume(
+                    server_queue(self.id).as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| refused(self.id, e))?;
+            Ok::<_, Error>((tag, consumer))
+        };
+        let (tag, consumer) = match tokio::time::timeout(link::CLOSE_TIMEOUT, replace).await {
+            Ok(replaced) => replaced?,
+            Err(_) => {
+                // The consume loop subscribes again on a new channel.
+                link::close_soon(self.channel.clone());
+                return Err(Error::Disconnected(
+                    "the broker did not confirm the new prefetch in time: the channel was closed"
+                        .into(),
+                ));
+            }
+        };
+        // The loop only reads it once the old consumer has ended.
+        let _ = self.handover.send(consumer);
+        cancel(self.channel, self.old_tag).await?;
+        Ok(Some(tag))
+    }
+}
+
+/// A fresh consumer tag for `id`.
+fn consumer_tag(id: &str) -> String {
+    format!("callme-server-{id}-{}", uuid::Uuid::new_v4())
+}
+
+/// The calls in flight a server id may have: also its prefetch, which the
+/// broker reads as "unlimited" when 0, so 0 is never sent.
+fn check_concurrency(concurrency: usize) -> Result<(), Error> {
+    if concurrency == 0 || concurrency > u16::MAX as usize {
+        return Err(Error::Config(format!(
+            "concurrency must be between 1 and 65535, not {concurrency}"
+        )));
+    }
+    Ok(())
+}
+
+fn invalid_id(id: &str) -> Error {
+    Error::Config(format!(
+        "invalid server id `{}`: use letters, digits, `-`, `_` and `.`",
+        id.escape_debug()
+    ))
 }
 
 fn refused(id: &str, e: lapin::Error) -> Error {
@@ -698,7 +843,9 @@ impl Job {
         let reply_to = props.reply_to().as_ref().map(|s| s.to_string());
         let corr = props.correlation_id().as_ref().map(|s| s.to_string());
         let (Some(reply_to), Some(corr)) = (reply_to, corr) else {
-            warn!(target: "callme::server", server_id = %self.id, "request without reply_to or correlation_id dropped");
+            if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
+                warn!(target: "callme::server", server_id = %self.id, held_back = held, "request without reply_to or correlation_id dropped");
+            }
             ack(&delivery).await;
             return;
         };
@@ -716,15 +863,49 @@ impl Job {
         };
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
-        let replied = match self.replier.reply(&reply_to, &corr, &body).await {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(target: "callme::server", server_id = %self.id, reply_to = %reply_to, error = %e, "reply not delivered (caller gone?)");
-                false
+        let inner = &self.server.inner;
+        match self.replier.send(&reply_to, &corr, &body).await {
+            Sent::Delivered => {
+                if ack(&delivery).await {
+                    inner.answered.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        };
-        if ack(&delivery).await && replied {
-            self.server.inner.answered.fetch_add(1, Ordering::Relaxed);
+            Sent::Undeliverable(why) => {
+                // Nobody can ever receive it: running the request again
+                // would only lose its reply again.
+                inner.undeliverable.fetch_add(1, Ordering::Relaxed);
+                let throttle = match why {
+                    Undeliverable::CallerGone => &inner.noisy.caller_gone,
+                    Undeliverable::AccessRefused => &inner.noisy.access_refused,
+                };
+                if let Some(held) = throttle.admit() {
+                    let reason = match why {
+                        Undeliverable::CallerGone => {
+                            "reply dropped: the caller's reply exchange does not exist (it left, or never was)"
+                        }
+                        Undeliverable::AccessRefused => {
+                            "reply dropped: this user may not publish to the caller's reply exchange"
+                        }
+                    };
+                    info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
+                }
+                ack(&delivery).await;
+            }
+            Sent::Failed(e) => {
+                // Given back once for another try (here or on another
+                // host); a request that was already given back is dropped
+                // rather than run in a loop.
+                let requeue = !delivery.redelivered;
+                if let Some(held) = inner.noisy.not_sent.admit() {
+                    warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
+                }
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
         }
         debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
     }
@@ -805,54 +986,5 @@ async fn ack(delivery: &Delivery) -> bool {
             warn!(target: "callme::server", error = %e, "ack failed; the broker will redeliver");
             false
         }
-    }
-}
-
-/// Publishes replies with confirms on a channel of its own, on the link's
-/// current connection.
-#[derive(Clone)]
-struct Replier {
-    link: watch::Receiver<link::State>,
-    channel: Arc<ConfirmChannel>,
-}
-
-impl Replier {
-    fn new(link: watch::Receiver<link::State>) -> Replier {
-        Replier {
-            link,
-            channel: Arc::default(),
-        }
-    }
-
-    async fn channel(&self) -> Result<Channel, Error> {
-        let conn = match &*self.link.borrow() {
-            link::State::Up(conn) => conn.clone(),
-            link::State::Down | link::State::Closed => {
-                return Err(Error::Disconnected(
-                    "the broker connection is down: the reply cannot be sent".into(),
-                ));
-            }
-        };
-        self.channel.on(&conn).await
-    }
-
-    async fn reply(&self, exchange: &str, corr: &str, body: &[u8]) -> Result<(), Error> {
-        let channel = self.channel().await?;
-        let props = BasicProperties::default()
-            .with_content_type(CONTENT_TYPE.into())
-            .with_correlation_id(corr.into());
-        channel
-            .basic_publish(
-                exchange.into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .map_err(classify_lapin)?
-            .await
-            .map_err(classify_lapin)?;
-        Ok(())
     }
 }

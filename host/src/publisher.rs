@@ -1,0 +1,154 @@
+//! Publishing with confirms on a pool of channels, one publish per channel at a time.
+//!
+//! The broker answers a publish to an exchange that does not exist (or one
+//! the user may not write to) by closing the channel it came on. On a
+//! channel shared by many publishers that costs everyone: every publish
+//! waiting for its confirm on it fails too, and frames other tasks had
+//! already queued for it can reach the broker after the close, which the
+//! broker punishes by closing the whole connection (`CHANNEL_ERROR -
+//! expected 'channel.open'`).
+//!
+//! A [`Publisher`] gives each publish a channel of its own, a *lane*,
+//! until its confirm has come back. A publish the broker refuses closes
+//! only its own lane; the lane is replaced when next needed. Lanes are
+//! kept and reused, so the common case costs nothing more than a shared
+//! channel, and their number is bounded, so a flood of refused publishes
+//! can neither touch another publish nor grow the connection's channel
+//! count.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Semaphore;
+
+use crate::Error;
+use crate::connection_builder::classify_lapin;
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Published {
+    /// The broker took it.
+    Confirmed,
+    /// `mandatory` was set and no queue was bound to take it.
+    Returned,
+    /// The exchange does not exist (the broker closed the lane with 404).
+    NoExchange,
+    /// The broker refused it (a negative confirm).
+    Nacked,
+}
+
+/// A bounded pool of confirm-mode channels, each carrying one publish at a
+/// time.
+pub(crate) struct Publisher {
+    idle: Mutex<Vec<Lane>>,
+    lanes: Semaphore,
+}
+
+struct Lane {
+    /// The connection the channel belongs to: lanes of an earlier
+    /// connection are dropped, not reused.
+    conn: Weak<Connection>,
+    channel: Channel,
+}
+
+impl Publisher {
+    /// A publisher with at most `lanes` channels open at once.
+    pub(crate) fn new(lanes: usize) -> Publisher {
+        Publisher {
+            idle: Mutex::new(Vec::new()),
+            lanes: Semaphore::new(lanes.max(1)),
+        }
+    }
+
+    /// Publishes `body` to `exchange` with routing key `""` on `conn` and
+    /// waits for the broker's confirm. Waits for a free lane when all are
+    /// busy.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AccessRefused`] when the user may not write to the
+    /// exchange; [`Error::Connection`] when the connection or the lane
+    /// failed for another reason (the publish may or may not have reached
+    /// the broker).
+    pub(crate) async fn publish(
+        &self,
+        conn: &Arc<Connection>,
+        exchange: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Published, Error> {
+        // The semaphore is never closed.
+        let _lane = self.lanes.acquire().await.ok();
+        let channel = match self.take(conn) {
+            Some(channel) => channel,
+            None => open(conn).await?,
+        };
+        let sent = async {
+            channel
+                .basic_publish(exchange.into(), "".into(), options, body, properties)
+                .await?
+                .await
+        }
+        .await;
+        match sent {
+            Ok(confirmation) => {
+                self.give_back(conn, channel);
+                Ok(match confirmation {
+                    Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
+                    Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Published::Returned,
+                    Confirmation::Nack(None) => Published::Nacked,
+                })
+            }
+            // The lane is closed by the broker; dropping it lets it go.
+            Err(e) if is_not_found(&e) => Ok(Published::NoExchange),
+            Err(e) => Err(classify_lapin(e)),
+        }
+    }
+
+    /// An idle lane on `conn`; lanes of other connections, or closed ones,
+    /// are dropped on the way.
+    fn take(&self, conn: &Arc<Connection>) -> Option<Channel> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(lane) = idle.pop() {
+            if lane.conn.as_ptr() == Arc::as_ptr(conn) && lane.channel.status().connected() {
+                return Some(lane.channel);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, conn: &Arc<Connection>, channel: Channel) {
+        if channel.status().connected() {
+            self.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Lane {
+                    conn: Arc::downgrade(conn),
+                    channel,
+                });
+        }
+    }
+}
+
+/// A new channel in confirm mode.
+async fn open(conn: &Connection) -> Result<Channel, Error> {
+    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    Ok(channel)
+}
+
+/// Whether the broker refused a publish because its exchange does not
+/// exist.
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}

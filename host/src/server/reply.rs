@@ -1,0 +1,156 @@
+//! Replies: published with confirms on the server's [`Publisher`], and what became of them.
+//!
+//! A reply goes to the exchange the request named in `reply_to`. That
+//! exchange is gone when the caller has left (a proxy that timed out or
+//! exited takes its auto-delete exchange with it), or never existed when
+//! the caller lied. Either way only that reply is lost: the publisher's
+//! lanes keep one refused publish from touching any other. What the
+//! server does with the request then depends on the [`Sent`] outcome:
+//! acked once the reply is confirmed or found undeliverable, given back to
+//! the broker when it could not be sent for a reason that may pass.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use tokio::sync::watch;
+
+use crate::Error;
+use crate::link;
+use crate::protocol::CONTENT_TYPE;
+use crate::publisher::{Published, Publisher};
+
+/// Attempts at publishing one reply when its lane or the connection fails
+/// under it.
+const ATTEMPTS: usize = 3;
+
+/// What became of a reply.
+#[derive(Debug)]
+pub(super) enum Sent {
+    /// The broker confirmed it.
+    Delivered,
+    /// It can never be delivered: the caller's exchange does not exist, or
+    /// this server may not write to it.
+    Undeliverable(Undeliverable),
+    /// It could not be sent now (the connection is down, or the broker
+    /// refused it); a later attempt may succeed.
+    Failed(Error),
+}
+
+/// Why a reply can never be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Undeliverable {
+    /// The `reply_to` exchange does not exist: the caller left, or never was.
+    CallerGone,
+    /// The broker refused this server's user access to the exchange.
+    AccessRefused,
+}
+
+/// Publishes replies on the link's current connection.
+#[derive(Clone)]
+pub(super) struct Replier {
+    link: watch::Receiver<link::State>,
+    publisher: Arc<Publisher>,
+}
+
+impl Replier {
+    pub(super) fn new(link: watch::Receiver<link::State>, publisher: Arc<Publisher>) -> Replier {
+        Replier { link, publisher }
+    }
+
+    /// Publishes `body` as the reply to `corr` on `exchange`.
+    pub(super) async fn send(&self, exchange: &str, corr: &str, body: &[u8]) -> Sent {
+        let props = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_correlation_id(corr.into());
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let conn = match &*self.link.borrow() {
+                link::State::Up(conn) => conn.clone(),
+                link::State::Down | link::State::Closed => break,
+            };
+            let published = self
+                .publisher
+                .publish(
+                    &conn,
+                    exchange,
+                    BasicPublishOptions::default(),
+                    body,
+                    props.clone(),
+                )
+                .await;
+            match published {
+                Ok(Published::Confirmed | Published::Returned) => return Sent::Delivered,
+                Ok(Published::NoExchange) => {
+                    return Sent::Undeliverable(Undeliverable::CallerGone);
+                }
+                Ok(Published::Nacked) => {
+                    last = Some(Error::Disconnected(
+                        "the broker refused the reply (negative confirm)".into(),
+                    ));
+                }
+                Err(Error::AccessRefused(_)) => {
+                    return Sent::Undeliverable(Undeliverable::AccessRefused);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Sent::Failed(last.unwrap_or_else(|| {
+            Error::Disconnected("the broker connection is down: the reply cannot be sent".into())
+        }))
+    }
+}
+
+/// A warning that may repeat at any rate (one per bad request, say) but is
+/// logged at most once per period, with how many were held back since.
+pub(super) struct Throttle {
+    period: Duration,
+    last: Mutex<Option<Instant>>,
+    held: AtomicU64,
+}
+
+impl Throttle {
+    pub(super) const fn new(period: Duration) -> Throttle {
+        Throttle {
+            period,
+            last: Mutex::new(None),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last one)` when this occurrence should be
+    /// logged, `None` when it is held back.
+    pub(super) fn admit(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match *last {
+            Some(at) if now.duration_since(at) < self.period => {
+                self.held.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(self.held.swap(0, Ordering::Relaxed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_logs_once_a_period_and_counts_the_rest() {
+        let t = Throttle::new(Duration::from_millis(200));
+        assert_eq!(t.admit(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(t.admit(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(t.admit(), Some(1000));
+        assert_eq!(t.admit(), None);
+    }
+}
