@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{Error, ErrorKind, Proxy};
-use callme_tests::{Host, deploy, eventually, plugin_path, proxy, tempdir, unique};
+use callme_tests::{Host, deploy, eventually, plugin_path, pos, proxy, tempdir, unique};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -191,11 +191,7 @@ async fn sidecar_limits_apply_and_revert() {
     let mut host = Host::serve(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(20)).await;
-    let fib35 = || async {
-        p.use_server(&id)
-            .call("fib", Args::positional(vec![json!(35)]))
-            .await
-    };
+    let fib35 = || async { p.use_server(&id).call("fib", pos(json!([35]))).await };
     assert_eq!(fib35().await.unwrap(), json!(9227465));
 
     let sidecar = dir.join(format!("{id}.toml"));
@@ -232,10 +228,7 @@ async fn running_call_finishes_on_the_old_version() {
 
     let slow = {
         let sp = p.use_server(&id);
-        tokio::spawn(async move {
-            sp.call("slow-version", Args::positional(vec![json!(4000)]))
-                .await
-        })
+        tokio::spawn(async move { sp.call("slow-version", pos(json!([4000]))).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let swapped_at = Instant::now();
@@ -277,7 +270,7 @@ async fn sidecar_sets_concurrency_reuse_prewarm_and_guest_log_level() {
     let p = proxy(Duration::from_secs(10)).await;
     let print = |text: &'static str| {
         let sp = p.use_server(&id);
-        async move { sp.call("print", Args::positional(vec![json!(text)])).await }
+        async move { sp.call("print", pos(json!([text]))).await }
     };
     print("marker-before").await.unwrap();
     let d = p.use_server(&id).describe().await.unwrap();

@@ -4,9 +4,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use callme::protocol::Args;
-use callme::{Limits, Plugin, PluginError, TimeoutCause};
+use callme::{Limits, Plugin, PluginError, PluginSettings, TimeoutCause};
 use callme_tests::{
-    Host, deploy, eventually, load, plugin_bytes, plugin_path, proxy, runtime, tempdir, unique,
+    Host, deploy, eventually, kw, load, plugin_bytes, plugin_path, pos, proxy, runtime, tempdir,
+    unique,
 };
 use serde_json::{Value, json};
 
@@ -20,48 +21,46 @@ fn plugin(lang: &str) -> &'static Plugin {
         .iter()
         .position(|l| *l == lang)
         .expect("known language");
-    CELLS[i].get_or_init(|| load(lang, lang, Limits::default()))
-}
-
-fn pos(args: Vec<Value>) -> Args {
-    Args::positional(args)
+    CELLS[i].get_or_init(|| load(lang, lang, PluginSettings::default()))
 }
 
 #[tokio::test]
 async fn same_answers_in_every_language() {
     for lang in LANGUAGES {
         let p = plugin(lang);
-        let call = |f: &'static str, a: Vec<Value>| async move { p.call(f, &pos(a)).await };
+        let call = |f: &'static str, a: Value| async move { p.call(f, &pos(a)).await };
         assert_eq!(
-            call("add", vec![json!(1), json!(2)]).await.unwrap(),
+            call("add", json!([1, 2])).await.unwrap(),
             json!(3),
             "{lang}"
         );
-        let kw = Args::keywords(json!({"a": 40, "b": 2}).as_object().unwrap().clone());
+        let kw = kw(json!({"a": 40, "b": 2}));
         assert_eq!(p.call("add", &kw).await.unwrap(), json!(42), "{lang}");
         assert_eq!(
-            call("divide", vec![json!(1.0), json!(4.0)]).await.unwrap(),
+            call("divide", json!([1.0, 4.0])).await.unwrap(),
             json!(0.25),
             "{lang}"
         );
         assert_eq!(
-            call("stats.mean", vec![json!([1.0, 2.0, 6.0])])
-                .await
-                .unwrap(),
+            call("stats.mean", json!([[1.0, 2.0, 6.0]])).await.unwrap(),
             json!(3.0),
             "{lang}"
         );
         assert_eq!(
-            call("stats.mean", vec![json!([])]).await.unwrap(),
+            call("stats.mean", json!([[]])).await.unwrap(),
             json!(null),
             "{lang}"
         );
         assert_eq!(
-            call("fib", vec![json!(20)]).await.unwrap(),
+            call("fib", json!([20])).await.unwrap(),
             json!(6765),
             "{lang}"
         );
-        assert_eq!(call("version", vec![]).await.unwrap(), json!("1"), "{lang}");
+        assert_eq!(
+            call("version", json!([])).await.unwrap(),
+            json!("1"),
+            "{lang}"
+        );
     }
 }
 
@@ -69,16 +68,13 @@ async fn same_answers_in_every_language() {
 async fn same_errors_in_every_language() {
     for lang in LANGUAGES {
         let p = plugin(lang);
-        match p.call("divide", &pos(vec![json!(1.0), json!(0.0)])).await {
+        match p.call("divide", &pos(json!([1.0, 0.0]))).await {
             Err(PluginError::GuestError { payload, .. }) => {
                 assert_eq!(payload, json!("division by zero"), "{lang}")
             }
             other => panic!("{lang}: expected GuestError, got {other:?}"),
         }
-        let e = p
-            .call("add", &pos(vec![json!("one"), json!(2)]))
-            .await
-            .unwrap_err();
+        let e = p.call("add", &pos(json!(["one", 2]))).await.unwrap_err();
         assert!(
             matches!(e, PluginError::InvalidArguments { .. }),
             "{lang}: {e:?}"
@@ -94,20 +90,14 @@ async fn same_errors_in_every_language() {
 #[tokio::test]
 async fn guest_exceptions_reach_the_caller() {
     for lang in ["calc-py", "calc-js"] {
-        match plugin(lang)
-            .call("boom", &pos(vec![json!("kaboom-42")]))
-            .await
-        {
+        match plugin(lang).call("boom", &pos(json!(["kaboom-42"]))).await {
             Err(PluginError::Trap { message }) | Err(PluginError::GuestError { message, .. }) => {
                 assert!(message.contains("kaboom-42"), "{lang}: {message}")
             }
             other => panic!("{lang}: expected Trap or GuestError, got {other:?}"),
         }
         // And the next call works.
-        let v = plugin(lang)
-            .call("add", &pos(vec![json!(2), json!(2)]))
-            .await
-            .unwrap();
+        let v = plugin(lang).call("add", &pos(json!([2, 2]))).await.unwrap();
         assert_eq!(v, json!(4), "{lang}");
     }
 }
@@ -117,12 +107,15 @@ async fn limits_apply_in_every_language() {
     for lang in LANGUAGES {
         // Warm the shared cache, then load with tight limits.
         let _ = plugin(lang);
-        let tight = Limits {
-            fuel: 20_000_000,
-            ..Limits::default()
+        let tight = PluginSettings {
+            limits: Limits {
+                fuel: 20_000_000,
+                ..Limits::default()
+            },
+            ..PluginSettings::default()
         };
         let p = Plugin::load(&runtime(), lang, &plugin_bytes(lang), tight).unwrap();
-        let e = p.call("fib", &pos(vec![json!(35)])).await.unwrap_err();
+        let e = p.call("fib", &pos(json!([35]))).await.unwrap_err();
         assert!(
             matches!(
                 e,
@@ -134,12 +127,15 @@ async fn limits_apply_in_every_language() {
             "{lang}: {e:?}"
         );
 
-        let small = Limits {
-            memory_bytes: 1 << 20,
-            ..Limits::default()
+        let small = PluginSettings {
+            limits: Limits {
+                memory_bytes: 1 << 20,
+                ..Limits::default()
+            },
+            ..PluginSettings::default()
         };
         let p = Plugin::load(&runtime(), lang, &plugin_bytes(lang), small).unwrap();
-        let r = p.call("add", &pos(vec![json!(1), json!(1)])).await;
+        let r = p.call("add", &pos(json!([1, 1]))).await;
         if lang == "calc" {
             // The Rust guest fits in 1 MiB... or nearly: either way no panic.
             assert!(
@@ -169,7 +165,7 @@ async fn python_and_javascript_plugins_hot_deploy_and_serve() {
         deploy(&plugin_path(lang), &dir, &format!("{id}.wasm"));
         let v = eventually(Duration::from_secs(120), || async {
             p.use_server(&id)
-                .call("add", pos(vec![json!(20), json!(22)]))
+                .call("add", pos(json!([20, 22])))
                 .await
                 .ok()
         })
@@ -177,7 +173,7 @@ async fn python_and_javascript_plugins_hot_deploy_and_serve() {
         assert_eq!(v, Some(json!(42)), "{lang}: {}", host.log_text());
         let e = p
             .use_server(&id)
-            .call("divide", pos(vec![json!(1), json!(0)]))
+            .call("divide", pos(json!([1, 0])))
             .await
             .unwrap_err();
         assert_eq!(

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{
-    ConnectOptions, ErrorKind, Limits, NativeFunctions, Plugin, Proxy, RemoteError, Runtime,
-    RuntimeConfig, Server, ServerOptions,
+    ConnectOptions, ErrorKind, NativeFunctions, Plugin, PluginSettings, Proxy, RemoteError,
+    Runtime, RuntimeConfig, Server, ServerOptions,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -96,19 +96,27 @@ pub fn amqps_port() -> u16 {
         .unwrap_or(5681)
 }
 
-/// Runs `scripts/broker ctl ARGS` (rabbitmqctl against the test node).
-pub fn broker_ctl(args: &[&str]) -> String {
-    let out = Command::new(repo().join("scripts/broker"))
-        .arg("ctl")
-        .args(args)
+/// Runs `command` to its end; what it printed on stdout. Panics with
+/// what it printed on stderr if it fails.
+pub fn run_ok(command: &mut Command) -> String {
+    let out = command
         .output()
-        .expect("run scripts/broker");
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     assert!(
         out.status.success(),
-        "scripts/broker ctl {args:?} failed: {}",
+        "{command:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `scripts/broker ctl ARGS` (rabbitmqctl against the test node).
+pub fn broker_ctl(args: &[&str]) -> String {
+    run_ok(
+        Command::new(repo().join("scripts/broker"))
+            .arg("ctl")
+            .args(args),
+    )
 }
 
 /// Native functions with the seed's `add(a, b)`, which refuses anything
@@ -152,7 +160,7 @@ pub fn runtime() -> Runtime {
 }
 
 /// Loads a built plugin under `name` with `limits`.
-pub fn load(plugin: &str, name: &str, limits: Limits) -> Plugin {
+pub fn load(plugin: &str, name: &str, limits: PluginSettings) -> Plugin {
     Plugin::load(&runtime(), name, &plugin_bytes(plugin), limits).expect("plugin loads")
 }
 
@@ -175,17 +183,52 @@ pub async fn proxy(timeout: Duration) -> Proxy {
         .expect("proxy connects to the test broker")
 }
 
+/// Positional arguments from a JSON array: `pos(json!([1, "two"]))`.
+pub fn pos(args: Value) -> Args {
+    match args {
+        Value::Array(args) => Args::positional(args),
+        other => panic!("positional arguments are a JSON array, not {other}"),
+    }
+}
+
+/// Keyword arguments from a JSON object: `kw(json!({"a": 1}))`.
+pub fn kw(args: Value) -> Args {
+    match args {
+        Value::Object(args) => Args::keywords(args),
+        other => panic!("keyword arguments are a JSON object, not {other}"),
+    }
+}
+
+/// Serves the calc plugin on `server` under a fresh id (`PREFIX-…`) and
+/// checks through `proxy` that it answers `add`; the id.
+pub async fn serve_calc(server: &Server, proxy: &Proxy, prefix: &str) -> String {
+    let id = unique(prefix);
+    server
+        .serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .expect("calc is served");
+    let sum: i64 = proxy
+        .use_server(&id)
+        .invoke("add", (20, 22))
+        .await
+        .expect("calc answers add");
+    assert_eq!(sum, 42);
+    id
+}
+
 /// A `callme` child process, killed when dropped.
 pub struct Host {
     /// The process.
     pub child: Child,
     /// Where its log goes.
     pub log: PathBuf,
+    /// Its `--ready-file`.
+    pub ready_file: PathBuf,
 }
 
 impl Host {
     /// Starts `callme serve --plugins DIR` with extra arguments; its log
-    /// goes to `DIR.log`.
+    /// goes to `DIR.log`, its ready file is `DIR.ready`.
     pub fn serve(dir: &Path, extra: &[&str]) -> Host {
         Host::serve_with_cache(dir, extra, &target_dir().join("test-cache"))
     }
@@ -193,11 +236,14 @@ impl Host {
     /// As [`Host::serve`], with its own compilation cache directory.
     pub fn serve_with_cache(dir: &Path, extra: &[&str], cache: &Path) -> Host {
         let log = dir.with_extension("log");
+        let ready_file = dir.with_extension("ready");
         let log_file = std::fs::File::create(&log).expect("create host log");
         let child = Command::new(callme_bin())
             .arg("serve")
             .arg("--plugins")
             .arg(dir)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .args(extra)
             .env("CALLME_AMQP_URL", amqp_url())
             .env("CALLME_CACHE_DIR", cache)
@@ -207,7 +253,11 @@ impl Host {
             .stderr(log_file)
             .spawn()
             .expect("start callme serve");
-        Host { child, log }
+        Host {
+            child,
+            log,
+            ready_file,
+        }
     }
 
     /// The host's log so far.
@@ -215,13 +265,20 @@ impl Host {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the host logs that it is ready (every plugin already in
-    /// the directory served); panics with the log if it exits or takes
-    /// longer than `limit`.
+    /// Whether its ready file says it is ready: there, and naming this
+    /// process (not one that ran before it).
+    pub fn is_ready(&self) -> bool {
+        std::fs::read_to_string(&self.ready_file)
+            .is_ok_and(|pid| pid.trim() == self.child.id().to_string())
+    }
+
+    /// Waits until the host is ready (every plugin already in the
+    /// directory served), as its ready file says; panics with the log if
+    /// it exits or takes longer than `limit`.
     pub fn wait_ready(&mut self, limit: Duration) -> Duration {
         let start = Instant::now();
         loop {
-            if self.log_text().contains(" ready") {
+            if self.is_ready() {
                 return start.elapsed();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -319,10 +376,7 @@ pub fn slow_calls(
     (0..n)
         .map(|_| {
             let sp = p.use_server(id);
-            tokio::spawn(async move {
-                sp.call("slow-version", Args::positional(vec![json!(ms)]))
-                    .await
-            })
+            tokio::spawn(async move { sp.call("slow-version", pos(json!([ms]))).await })
         })
         .collect()
 }

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callme::protocol::{Args, Request, server_exchange};
-use callme::{Error, ErrorKind, Limits, ServerOptions};
-use callme_tests::{Host, deploy, load, plugin_path, proxy, server, slow_calls, tempdir, unique};
+use callme::{Error, ErrorKind, PluginSettings, ServerOptions};
+use callme_tests::{
+    Host, deploy, load, plugin_path, pos, proxy, serve_calc, server, slow_calls, tempdir, unique,
+};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::*;
@@ -148,12 +150,9 @@ impl RawClient {
 
 #[tokio::test]
 async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
-    let id = unique("badmsg");
     let s = server(ServerOptions::default()).await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
     let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "badmsg").await;
     let mut raw = RawClient::connect().await;
 
     let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
@@ -275,7 +274,7 @@ async fn stopping_acks_every_call_it_finishes() {
     };
     let (a, b) = (server(opts()).await, server(opts()).await);
     for s in [&a, &b] {
-        s.serve_plugin(load("calc", &id, Limits::default()))
+        s.serve_plugin(load("calc", &id, PluginSettings::default()))
             .await
             .unwrap();
     }
@@ -328,19 +327,17 @@ async fn host_killed_mid_call_loses_nothing() {
 
 #[tokio::test]
 async fn runaway_plugin_does_not_starve_its_neighbours() {
-    let (good, bad) = (unique("good"), unique("runaway"));
     let s = server(ServerOptions {
         concurrency: 4,
         ..ServerOptions::default()
     })
     .await;
-    s.serve_plugin(load("calc", &good, Limits::default()))
-        .await
-        .unwrap();
-    s.serve_plugin(load("hostile", &bad, Limits::default()))
-        .await
-        .unwrap();
     let p = proxy(Duration::from_secs(30)).await;
+    let good = serve_calc(&s, &p, "good").await;
+    let bad = unique("runaway");
+    s.serve_plugin(load("hostile", &bad, PluginSettings::default()))
+        .await
+        .unwrap();
 
     let baseline = latencies(&p, &good, 50).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -348,32 +345,52 @@ async fn runaway_plugin_does_not_starve_its_neighbours() {
         .map(|i| {
             let (sp, stop) = (p.use_server(&bad), stop.clone());
             tokio::spawn(async move {
-                let mut n = 0;
+                // How long each `spin` took, queueing included.
+                let mut spins = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let f = if i % 2 == 0 { "spin" } else { "bomb" };
+                    let t = Instant::now();
                     let e = sp.call(f, Args::default()).await.unwrap_err();
                     let kind = e.remote().map(|r| r.kind);
                     assert!(
                         matches!(kind, Some(ErrorKind::Timeout | ErrorKind::MemoryLimit)),
                         "{e:?}"
                     );
-                    n += 1;
+                    if f == "spin" {
+                        spins.push(t.elapsed());
+                    }
                 }
-                n
+                spins
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let under_load = latencies(&p, &good, 50).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let runaway: i32 = join_all(hammers)
+    let spins: Vec<Duration> = join_all(hammers)
         .await
         .into_iter()
-        .map(|r| r.unwrap())
-        .sum();
+        .flat_map(|r| r.unwrap())
+        .collect();
+    let shortest_spin = *spins.iter().min().expect("every spinner ends a call");
     eprintln!(
-        "isolation: add p50 {:?} alone, {:?} beside {runaway} runaway calls (p99 {:?} -> {:?})",
-        baseline.0, under_load.0, baseline.1, under_load.1
+        "isolation: add p50 {:?} alone, {:?} beside {} runaway spins of {shortest_spin:?} \
+         or more (p99 {:?} -> {:?})",
+        baseline.0,
+        under_load.0,
+        spins.len(),
+        baseline.1,
+        under_load.1
+    );
+    // A neighbour kept waiting behind the runaway calls (for the CPU, a
+    // thread or a slot) would take as long as one of them to answer. The
+    // runaway calls' own length is the yardstick, so a slow machine slows
+    // both sides alike.
+    assert!(
+        under_load.0 < shortest_spin,
+        "beside runaway calls, half the neighbour's calls took {:?} or more: as long as a runaway \
+         call ({shortest_spin:?})",
+        under_load.0
     );
 }
 
@@ -487,7 +504,7 @@ proptest! {
 
 fn types_plugin() -> &'static callme::Plugin {
     static P: std::sync::OnceLock<callme::Plugin> = std::sync::OnceLock::new();
-    P.get_or_init(|| load("types", "types", Limits::default()))
+    P.get_or_init(|| load("types", "types", PluginSettings::default()))
 }
 
 #[tokio::test]
@@ -500,7 +517,7 @@ async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
     let mut called = HashSet::new();
     for _ in 0..300 {
         let (func, arg) = strategy.new_tree(&mut runner).unwrap().current();
-        let args = Args::positional(vec![arg.clone()]);
+        let args = pos(json!([arg]));
         if plugin.check_args(func, &args).is_ok() {
             let result = plugin.call(func, &args).await;
             assert!(
@@ -529,13 +546,8 @@ async fn unknown_server_and_refusals_leave_a_proxy_usable() {
             .unwrap_err();
         assert!(matches!(e, Error::NoSuchServer(_)), "{e:?}");
     }
-    let id = unique("still");
     let s = server(ServerOptions::default()).await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
-    let v: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
-    assert_eq!(v, 2);
+    serve_calc(&s, &p, "still").await;
 }
 
 /// A second broker node of the project's own, so restarting it disturbs
@@ -565,15 +577,7 @@ impl SpareBroker {
     }
 
     fn run_with(cmd: &str, args: &[&str]) {
-        let out = Self::command(cmd)
-            .args(args)
-            .output()
-            .expect("run scripts/broker");
-        assert!(
-            out.status.success(),
-            "scripts/broker {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        callme_tests::run_ok(Self::command(cmd).args(args));
     }
 
     fn url() -> String {
@@ -600,20 +604,7 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
     let dir = tempdir();
     let id = unique("restart");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let log = dir.with_extension("log");
-    let child = std::process::Command::new(callme_tests::callme_bin())
-        .args(["serve", "--plugins"])
-        .arg(&dir)
-        .env("CALLME_AMQP_URL", SpareBroker::url())
-        .env(
-            "CALLME_CACHE_DIR",
-            callme_tests::target_dir().join("test-cache"),
-        )
-        .env("RUST_LOG", "callme=info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut host = Host { child, log };
+    let mut host = Host::serve(&dir, &["--amqp-url", &SpareBroker::url()]);
     host.wait_ready(Duration::from_secs(30));
     let p = callme::Proxy::connect_with(
         &callme::ConnectOptions::new(SpareBroker::url()),
@@ -673,7 +664,7 @@ async fn broker_restart_is_survived_by_hosts_and_proxies() {
         let t = Instant::now();
         let e = one_shot
             .use_server(&id)
-            .call("add", Args::positional(vec![json!(1), json!(1)]))
+            .call("add", pos(json!([1, 1])))
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Disconnected(_)), "{e:?}");
@@ -718,10 +709,7 @@ async fn calls_through(sp: &callme::ServerProxy, event: tokio::task::JoinHandle<
     while !event.is_finished() {
         outage.made += 1;
         let t = Instant::now();
-        match sp
-            .call("add", Args::positional(vec![json!(1), json!(2)]))
-            .await
-        {
+        match sp.call("add", pos(json!([1, 2]))).await {
             Ok(v) => {
                 assert_eq!(v, json!(3));
                 outage.answered += 1;
@@ -757,9 +745,7 @@ async fn calls_through(sp: &callme::ServerProxy, event: tokio::task::JoinHandle<
 async fn recovered(sp: &callme::ServerProxy, host: &Host) -> Duration {
     let started = Instant::now();
     let back = callme_tests::eventually(Duration::from_secs(60), || async {
-        sp.call("add", Args::positional(vec![json!(2), json!(2)]))
-            .await
-            .ok()
+        sp.call("add", pos(json!([2, 2]))).await.ok()
     })
     .await;
     assert_eq!(back, Some(json!(4)), "host log: {}", host.log_text());
@@ -807,6 +793,8 @@ async fn a_host_started_before_its_broker_waits_for_it() {
     let dir = tempdir();
     let id = unique("early");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    // As a host killed before this one would have left it.
+    std::fs::write(dir.with_extension("ready"), "1\n").unwrap();
     let mut host = Host::serve(&dir, &["--amqp-url", &url]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -819,6 +807,10 @@ async fn a_host_started_before_its_broker_waits_for_it() {
         host.log_text().contains("waiting for it"),
         "{}",
         host.log_text()
+    );
+    assert!(
+        !host.ready_file.exists(),
+        "a ready file before the broker was there"
     );
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await

@@ -5,8 +5,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use callme::protocol::{Args, server_exchange};
-use callme::{ConnectOptions, Error, ErrorKind, Limits, NativeFunctions, Server, ServerOptions};
-use callme_tests::{amqp_url, amqp_url_as, broker_ctl, load, proxy, server, slow_calls, unique};
+use callme::{
+    ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Server, ServerOptions,
+};
+use callme_tests::{
+    amqp_url, amqp_url_as, broker_ctl, load, pos, proxy, server, slow_calls, unique,
+};
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -113,11 +117,7 @@ async fn leaving_callers(server_id: &str, n: usize) -> usize {
         let p = proxy(Duration::from_secs(5)).await;
         let r = p
             .use_server(server_id)
-            .call_timeout(
-                "add",
-                Args::positional(vec![json!(1), json!(1)]),
-                Duration::from_millis(5),
-            )
+            .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(5))
             .await;
         if matches!(r, Err(Error::Timeout { .. })) {
             gone += 1;
@@ -247,9 +247,9 @@ async fn a_call_to_a_missing_server_costs_no_concurrent_call() {
 async fn changing_concurrency_under_a_backlog_loses_nothing() {
     let srv = server(ServerOptions::default()).await;
     let id = unique("resize");
-    let with = |concurrency| Limits {
+    let with = |concurrency| PluginSettings {
         concurrency: Some(concurrency),
-        ..Limits::default()
+        ..PluginSettings::default()
     };
     srv.serve_plugin(load("calc", &id, with(2))).await.unwrap();
     let p = proxy(Duration::from_secs(60)).await;
@@ -281,9 +281,9 @@ async fn an_invalid_concurrency_changes_nothing() {
     let srv = server(ServerOptions::default()).await;
     let id = unique("keep");
     let with = |concurrency, version: &str| {
-        let limits = Limits {
+        let limits = PluginSettings {
             concurrency: Some(concurrency),
-            ..Limits::default()
+            ..PluginSettings::default()
         };
         load(version, &id, limits)
     };

@@ -1,17 +1,14 @@
 //! Calls through the real broker: the seed's integration tests and more.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
-use callme::{Error, ErrorKind, Limits, NativeFunctions, ServerOptions};
-use callme_tests::{load, native_add, proxy, server, unique};
+use callme::{Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, ServerOptions};
+use callme_tests::{load, native_add, pos, proxy, serve_calc, server, unique};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-
-fn pos(args: Vec<Value>) -> Args {
-    Args::positional(args)
-}
 
 /// Native functions like the seed's examples: `add`, and a slow `sleep`.
 fn natives(tag: &'static str) -> NativeFunctions {
@@ -25,14 +22,56 @@ fn natives(tag: &'static str) -> NativeFunctions {
     f
 }
 
+/// Who answers `whoami` on `id`.
+async fn whoami(p: &Proxy, id: &str) -> Value {
+    p.use_server(id)
+        .call("whoami", Args::default())
+        .await
+        .expect("whoami is answered")
+}
+
+/// Counts the calls running at once, and the most there ever were.
+#[derive(Default)]
+struct Overlap {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Overlap {
+    fn enter(&self) {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// A native `add(a, b)` that takes `ms` milliseconds, its calls counted
+/// in `running`.
+fn counted_add(running: Arc<Overlap>, ms: u64) -> NativeFunctions {
+    let mut f = NativeFunctions::new();
+    f.register("add", "func(a: s64, b: s64) -> s64", move |args: Args| {
+        running.enter();
+        std::thread::sleep(Duration::from_millis(ms));
+        running.leave();
+        Ok(json!(
+            args.args.iter().filter_map(Value::as_i64).sum::<i64>()
+        ))
+    });
+    f
+}
+
 #[tokio::test]
 async fn single_call() {
-    let id = unique("fooserver");
     let s = server(ServerOptions::default()).await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
     let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "fooserver").await;
     let v: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
     assert_eq!(v, 2);
 }
@@ -63,85 +102,93 @@ async fn several_calls_with_different_timeouts() {
     let p = proxy(Duration::from_secs(10)).await;
     let sp = p.use_server(&id);
     assert_eq!(
-        sp.call_timeout("sleep", pos(vec![json!(10)]), Duration::from_secs(5))
+        sp.call_timeout("sleep", pos(json!([10])), Duration::from_secs(5))
             .await
             .unwrap(),
         json!("t")
     );
     let e = sp
-        .call_timeout("sleep", pos(vec![json!(1500)]), Duration::from_millis(300))
+        .call_timeout("sleep", pos(json!([1500])), Duration::from_millis(300))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
     assert_eq!(
-        sp.call_timeout("add", pos(vec![json!(2), json!(3)]), Duration::from_secs(5))
+        sp.call_timeout("add", pos(json!([2, 3])), Duration::from_secs(5))
             .await
             .unwrap(),
         json!(5)
     );
 }
 
-async fn five_concurrent_callers(concurrency: usize) -> Duration {
-    let id = unique("serial");
+/// Five callers, each with a proxy of its own as in the seed's test, call
+/// a 200 ms `add` at the same moment on a server with `concurrency`;
+/// checks that the five were waiting at once, that each got its own
+/// answer and that no more calls than `concurrency` ran at once. The most
+/// calls the server ran at once.
+async fn five_concurrent_callers(concurrency: usize) -> usize {
+    let id = unique("five");
     let s = server(ServerOptions {
         concurrency,
         ..ServerOptions::default()
     })
     .await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
+    let running = Arc::new(Overlap::default());
+    s.serve_native(&id, counted_add(running.clone(), 200))
         .await
         .unwrap();
-    let started = Instant::now();
+    let (waiting, start) = (Overlap::default(), tokio::sync::Barrier::new(5));
     let calls = (0..5).map(|i| {
-        let id = id.clone();
+        let (id, waiting, start) = (&id, &waiting, &start);
         async move {
-            // One proxy per caller, as the seed's test did.
             let p = proxy(Duration::from_secs(20)).await;
-            let v: i64 = p.use_server(&id).invoke("add", (i, 100)).await.unwrap();
+            start.wait().await;
+            waiting.enter();
+            let v: i64 = p.use_server(id).invoke("add", (i, 100)).await.unwrap();
+            waiting.leave();
             assert_eq!(v, i + 100, "caller {i} gets its own answer");
         }
     });
     join_all(calls).await;
-    started.elapsed()
+    assert_eq!(waiting.peak(), 5, "the callers did not all wait at once");
+    let peak = running.peak();
+    assert!(
+        peak <= concurrency,
+        "{peak} calls ran at once, more than the concurrency {concurrency}"
+    );
+    peak
 }
 
 #[tokio::test]
 async fn serial_server_answers_five_concurrent_callers() {
-    five_concurrent_callers(1).await;
+    assert_eq!(five_concurrent_callers(1).await, 1);
 }
 
 #[tokio::test]
 async fn concurrent_server_answers_five_concurrent_callers() {
-    five_concurrent_callers(5).await;
+    let peak = five_concurrent_callers(5).await;
+    assert!(peak >= 2, "the server ran the calls one at a time");
 }
 
 #[tokio::test]
 async fn concurrency_runs_slow_calls_in_parallel() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let id = unique("parallel");
     let s = server(ServerOptions {
         concurrency: 4,
         ..ServerOptions::default()
     })
     .await;
-    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut f = NativeFunctions::new();
-    let (n, m) = (now.clone(), peak.clone());
-    f.register("sleep", "func(ms: u64) -> string", move |_| {
-        let running = n.fetch_add(1, Ordering::SeqCst) + 1;
-        m.fetch_max(running, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(700));
-        n.fetch_sub(1, Ordering::SeqCst);
-        Ok(json!("p"))
-    });
-    s.serve_native(&id, f).await.unwrap();
+    let running = Arc::new(Overlap::default());
+    s.serve_native(&id, counted_add(running.clone(), 300))
+        .await
+        .unwrap();
     let p = proxy(Duration::from_secs(20)).await;
     let sp = p.use_server(&id);
-    let calls = (0..4).map(|_| sp.call("sleep", pos(vec![json!(700)])));
-    for r in join_all(calls).await {
-        assert_eq!(r.unwrap(), json!("p"));
+    // Twice as many calls as the concurrency, through one proxy.
+    let calls = (0..8i64).map(|i| sp.invoke::<_, i64>("add", (i, 1)));
+    for (i, r) in (0..).zip(join_all(calls).await) {
+        assert_eq!(r.unwrap(), i + 1);
     }
-    let peak = peak.load(Ordering::SeqCst);
+    let peak = running.peak();
     assert!(peak >= 2, "calls ran one at a time (peak {peak})");
     assert!(
         peak <= 4,
@@ -157,7 +204,7 @@ async fn timeout_when_server_is_slow() {
     let p = proxy(Duration::from_millis(400)).await;
     let e = p
         .use_server(&id)
-        .call("sleep", pos(vec![json!(3000)]))
+        .call("sleep", pos(json!([3000])))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
@@ -165,15 +212,12 @@ async fn timeout_when_server_is_slow() {
 
 #[tokio::test]
 async fn wrong_arity_is_a_remote_invalid_arguments() {
-    let id = unique("arity");
     let s = server(ServerOptions::default()).await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
     let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "arity").await;
     let e = p
         .use_server(&id)
-        .call("add", pos(vec![json!(1)]))
+        .call("add", pos(json!([1])))
         .await
         .unwrap_err();
     let r = e.remote().expect("remote error");
@@ -181,7 +225,7 @@ async fn wrong_arity_is_a_remote_invalid_arguments() {
     assert!(r.message.contains("`b`"), "{}", r.message);
     let e = p
         .use_server(&id)
-        .call("divide", pos(vec![json!(1), json!(0)]))
+        .call("divide", pos(json!([1, 0])))
         .await
         .unwrap_err();
     let r = e.remote().expect("remote error");
@@ -203,20 +247,8 @@ async fn two_servers_with_the_same_function_answer_for_themselves() {
     s.serve_native(&b, natives("beta")).await.unwrap();
     let p = proxy(Duration::from_secs(10)).await;
     for _ in 0..3 {
-        assert_eq!(
-            p.use_server(&a)
-                .call("whoami", Args::default())
-                .await
-                .unwrap(),
-            json!("alpha")
-        );
-        assert_eq!(
-            p.use_server(&b)
-                .call("whoami", Args::default())
-                .await
-                .unwrap(),
-            json!("beta")
-        );
+        assert_eq!(whoami(&p, &a).await, json!("alpha"));
+        assert_eq!(whoami(&p, &b).await, json!("beta"));
     }
 }
 
@@ -239,13 +271,7 @@ async fn unknown_server_fails_at_once() {
     let id = unique("after");
     let s = server(ServerOptions::default()).await;
     s.serve_native(&id, natives("a")).await.unwrap();
-    assert_eq!(
-        p.use_server(&id)
-            .call("whoami", Args::default())
-            .await
-            .unwrap(),
-        json!("a")
-    );
+    assert_eq!(whoami(&p, &id).await, json!("a"));
 }
 
 #[tokio::test]
@@ -260,39 +286,29 @@ async fn late_reply_does_not_confuse_the_next_call() {
     let p = proxy(Duration::from_secs(10)).await;
     let sp = p.use_server(&id);
     let e = sp
-        .call_timeout("sleep", pos(vec![json!(600)]), Duration::from_millis(200))
+        .call_timeout("sleep", pos(json!([600])), Duration::from_millis(200))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }));
     // The late reply lands while this call waits; it must get its own.
     let v = sp
-        .call_timeout(
-            "add",
-            pos(vec![json!(20), json!(22)]),
-            Duration::from_secs(5),
-        )
+        .call_timeout("add", pos(json!([20, 22])), Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(v, json!(42));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        sp.call("add", pos(vec![json!(1), json!(2)])).await.unwrap(),
-        json!(3)
-    );
+    assert_eq!(sp.call("add", pos(json!([1, 2]))).await.unwrap(), json!(3));
 }
 
 #[tokio::test]
 async fn thousand_concurrent_calls_through_one_proxy() {
-    let id = unique("many");
     let s = server(ServerOptions {
         concurrency: 32,
         ..ServerOptions::default()
     })
     .await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
     let p = proxy(Duration::from_secs(60)).await;
+    let id = serve_calc(&s, &p, "many").await;
     let calls = (0..1000i64).map(|i| {
         let sp = p.use_server(&id);
         async move { (i, sp.invoke::<_, i64>("add", (i, i)).await) }
@@ -341,12 +357,7 @@ async fn expired_request_is_never_executed() {
     })
     .await;
     s2.serve_native(&id, f).await.unwrap();
-    let v = p
-        .use_server(&id)
-        .call("whoami", Args::default())
-        .await
-        .unwrap();
-    assert_eq!(v, json!("x"));
+    assert_eq!(whoami(&p, &id).await, json!("x"));
     assert_eq!(
         counter.load(std::sync::atomic::Ordering::SeqCst),
         1,
@@ -362,7 +373,7 @@ async fn expired_request_is_never_executed() {
 async fn describe_lists_functions_and_version() {
     let id = unique("describe");
     let s = server(ServerOptions::default()).await;
-    let plugin = load("calc", &id, Limits::default());
+    let plugin = load("calc", &id, PluginSettings::default());
     let hash = plugin.hash().to_string();
     s.serve_plugin(plugin).await.unwrap();
     let p = proxy(Duration::from_secs(10)).await;
@@ -380,7 +391,7 @@ fn blocking_proxy_calls_from_plain_code() {
     let id = unique("blocking");
     let s = rt.block_on(async {
         let s = server(ServerOptions::default()).await;
-        s.serve_plugin(load("calc", &id, Limits::default()))
+        s.serve_plugin(load("calc", &id, PluginSettings::default()))
             .await
             .unwrap();
         s
@@ -389,10 +400,7 @@ fn blocking_proxy_calls_from_plain_code() {
     let bp =
         callme::BlockingProxy::connect(&callme_tests::connect_options(), Duration::from_secs(10))
             .unwrap();
-    assert_eq!(
-        bp.call(&id, "add", pos(vec![json!(2), json!(2)])).unwrap(),
-        json!(4)
-    );
+    assert_eq!(bp.call(&id, "add", pos(json!([2, 2]))).unwrap(), json!(4));
 }
 
 #[tokio::test]
@@ -400,8 +408,8 @@ async fn serving_one_id_twice_at_once_starts_one_consumer() {
     let id = unique("twice");
     let s = server(ServerOptions::default()).await;
     let (a, b) = tokio::join!(
-        s.serve_plugin(load("calc", &id, Limits::default())),
-        s.serve_plugin(load("calc", &id, Limits::default())),
+        s.serve_plugin(load("calc", &id, PluginSettings::default())),
+        s.serve_plugin(load("calc", &id, PluginSettings::default())),
     );
     a.unwrap();
     b.unwrap();
@@ -446,9 +454,9 @@ fn prefetches(id: &str) -> Vec<u64> {
 async fn a_new_concurrency_reaches_the_broker_as_the_prefetch() {
     let id = unique("prefetch");
     let s = server(ServerOptions::default()).await;
-    let limits = |concurrency| Limits {
+    let limits = |concurrency| PluginSettings {
         concurrency: Some(concurrency),
-        ..Limits::default()
+        ..PluginSettings::default()
     };
     s.serve_plugin(load("calc", &id, limits(2))).await.unwrap();
     assert_eq!(prefetches(&id), vec![2]);
@@ -467,23 +475,14 @@ async fn a_new_concurrency_reaches_the_broker_as_the_prefetch() {
 
 #[tokio::test]
 async fn a_dropped_server_stops_serving() {
-    let id = unique("dropped");
     let s = server(ServerOptions::default()).await;
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
     let p = proxy(Duration::from_secs(10)).await;
-    let v: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
-    assert_eq!(v, 3);
+    let id = serve_calc(&s, &p, "dropped").await;
     // No shutdown: dropping the last handle closes its connection, so its
     // auto-delete queue goes and nobody answers the id any more.
     drop(s);
     let gone = callme_tests::eventually(Duration::from_secs(20), || async {
-        match p
-            .use_server(&id)
-            .call("add", Args::positional(vec![json!(1), json!(1)]))
-            .await
-        {
+        match p.use_server(&id).call("add", pos(json!([1, 1]))).await {
             Err(Error::NoSuchServer(_)) => Some(()),
             _ => None,
         }

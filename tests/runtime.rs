@@ -3,27 +3,19 @@
 use std::time::Duration;
 
 use callme::protocol::Args;
-use callme::{Limits, Plugin, PluginError, TimeoutCause};
-use callme_tests::{eventually, load, plugin_bytes, runtime};
+use callme::{Limits, Plugin, PluginError, PluginSettings, TimeoutCause};
+use callme_tests::{eventually, kw, load, plugin_bytes, pos, runtime};
 use serde_json::{Value, json};
 
-fn pos(args: Vec<Value>) -> Args {
-    Args::positional(args)
-}
-
-fn kw(v: Value) -> Args {
-    Args::keywords(v.as_object().expect("object").clone())
-}
-
 async fn echo(p: &Plugin, func: &str, v: Value) -> Value {
-    p.call(func, &pos(vec![v.clone()]))
+    p.call(func, &pos(json!([v])))
         .await
         .unwrap_or_else(|e| panic!("{func}({v}) failed: {e}"))
 }
 
 #[tokio::test]
 async fn every_wit_type_round_trips() {
-    let p = load("types", "types", Limits::default());
+    let p = load("types", "types", PluginSettings::default());
     let cases = [
         ("echo-bool", json!(true)),
         ("echo-s8", json!(-128)),
@@ -74,7 +66,7 @@ async fn every_wit_type_round_trips() {
     assert_eq!(echo(&p, "echo-result", json!({"ok": 5})).await, json!(5));
     // ...and err is a GuestError.
     let err = p
-        .call("echo-result", &pos(vec![json!({"err": "no"})]))
+        .call("echo-result", &pos(json!([{"err": "no"}])))
         .await
         .unwrap_err();
     assert!(
@@ -85,38 +77,30 @@ async fn every_wit_type_round_trips() {
 
 #[tokio::test]
 async fn wrong_arguments_name_parameter_and_type() {
-    let p = load("types", "types", Limits::default());
+    let p = load("types", "types", PluginSettings::default());
     let cases = [
-        ("echo-u8", pos(vec![json!(256)]), "u8"),
-        ("echo-u8", pos(vec![json!(-1)]), "u8"),
-        ("echo-s8", pos(vec![json!(1.5)]), "s8"),
-        ("echo-char", pos(vec![json!("ab")]), "char"),
-        ("echo-bool", pos(vec![json!("true")]), "bool"),
-        ("echo-record", pos(vec![json!({"x": 1, "y": 2})]), "label"),
+        ("echo-u8", pos(json!([256])), "u8"),
+        ("echo-u8", pos(json!([-1])), "u8"),
+        ("echo-s8", pos(json!([1.5])), "s8"),
+        ("echo-char", pos(json!(["ab"])), "char"),
+        ("echo-bool", pos(json!(["true"])), "bool"),
+        ("echo-record", pos(json!([{"x": 1, "y": 2}])), "label"),
         (
             "echo-record",
-            pos(vec![json!({"x": 1, "y": 2, "label": "", "z": 0})]),
+            pos(json!([{"x": 1, "y": 2, "label": "", "z": 0}])),
             "z",
         ),
-        ("echo-enum", pos(vec![json!("purple")]), "enum"),
-        ("echo-flags", pos(vec![json!(["fly"])]), "fly"),
-        (
-            "echo-variant",
-            pos(vec![json!({"triangle": 1})]),
-            "triangle",
-        ),
-        ("echo-tuple", pos(vec![json!([1, "x"])]), "tuple"),
-        ("echo-list", pos(vec![json!([1, "x"])]), "x[1]"),
+        ("echo-enum", pos(json!(["purple"])), "enum"),
+        ("echo-flags", pos(json!([["fly"]])), "fly"),
+        ("echo-variant", pos(json!([{"triangle": 1}])), "triangle"),
+        ("echo-tuple", pos(json!([[1, "x"]])), "tuple"),
+        ("echo-list", pos(json!([[1, "x"]])), "x[1]"),
         (
             "describe-point",
-            pos(vec![json!({"x": 1, "y": 2, "label": "a"})]),
+            pos(json!([{"x": 1, "y": 2, "label": "a"}])),
             "scale",
         ),
-        (
-            "echo-bool",
-            pos(vec![json!(true), json!(false)]),
-            "takes 1 argument",
-        ),
+        ("echo-bool", pos(json!([true, false])), "takes 1 argument"),
         (
             "echo-bool",
             kw(json!({"y": true})),
@@ -138,11 +122,9 @@ async fn wrong_arguments_name_parameter_and_type() {
 
 #[tokio::test]
 async fn keyword_positional_and_dotted_calls() {
-    let calc = load("calc", "calc", Limits::default());
+    let calc = load("calc", "calc", PluginSettings::default());
     assert_eq!(
-        calc.call("add", &pos(vec![json!(1), json!(2)]))
-            .await
-            .unwrap(),
+        calc.call("add", &pos(json!([1, 2]))).await.unwrap(),
         json!(3)
     );
     assert_eq!(
@@ -157,31 +139,24 @@ async fn keyword_positional_and_dotted_calls() {
     };
     assert_eq!(calc.call("add", &mixed).await.unwrap(), json!(15));
     assert_eq!(
-        calc.call("stats.mean", &pos(vec![json!([1.0, 2.0, 6.0])]))
+        calc.call("stats.mean", &pos(json!([[1.0, 2.0, 6.0]])))
             .await
             .unwrap(),
         json!(3.0)
     );
     assert_eq!(
-        calc.call("stats.mean", &pos(vec![json!([])]))
-            .await
-            .unwrap(),
+        calc.call("stats.mean", &pos(json!([[]]))).await.unwrap(),
         json!(null)
     );
     assert_eq!(
-        calc.call("fib", &pos(vec![json!(20)])).await.unwrap(),
+        calc.call("fib", &pos(json!([20]))).await.unwrap(),
         json!(6765)
     );
     assert_eq!(
-        calc.call("divide", &pos(vec![json!(1.0), json!(4.0)]))
-            .await
-            .unwrap(),
+        calc.call("divide", &pos(json!([1.0, 4.0]))).await.unwrap(),
         json!(0.25)
     );
-    match calc
-        .call("divide", &pos(vec![json!(1.0), json!(0.0)]))
-        .await
-    {
+    match calc.call("divide", &pos(json!([1.0, 0.0]))).await {
         Err(PluginError::GuestError { message, payload }) => {
             assert!(message.contains("division by zero"));
             assert_eq!(payload, json!("division by zero"));
@@ -195,7 +170,7 @@ async fn keyword_positional_and_dotted_calls() {
         }
         other => panic!("expected NoSuchFunction, got {other:?}"),
     }
-    let t = load("types", "types", Limits::default());
+    let t = load("types", "types", PluginSettings::default());
     assert_eq!(
         t.call(
             "describe-point",
@@ -209,7 +184,7 @@ async fn keyword_positional_and_dotted_calls() {
 
 #[tokio::test]
 async fn exports_are_listed_with_signatures() {
-    let calc = load("calc", "calc", Limits::default());
+    let calc = load("calc", "calc", PluginSettings::default());
     let fns = calc.functions();
     let sig = |n: &str| {
         fns.iter()
@@ -238,7 +213,7 @@ async fn contained(p: &Plugin, func: &str, args: Args) -> PluginError {
 
 #[tokio::test]
 async fn runaway_loop_runs_out_of_fuel() {
-    let p = load("hostile", "hostile", Limits::default());
+    let p = load("hostile", "hostile", PluginSettings::default());
     let e = contained(&p, "spin", Args::default()).await;
     assert!(
         matches!(
@@ -254,10 +229,13 @@ async fn runaway_loop_runs_out_of_fuel() {
 
 #[tokio::test]
 async fn deadline_stops_a_loop_with_unlimited_fuel() {
-    let limits = Limits {
-        fuel: u64::MAX,
-        deadline: Duration::from_millis(300),
-        ..Limits::default()
+    let limits = PluginSettings {
+        limits: Limits {
+            fuel: u64::MAX,
+            deadline: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
     };
     let p = load("hostile", "hostile", limits);
     let e = contained(&p, "spin", Args::default()).await;
@@ -275,13 +253,16 @@ async fn deadline_stops_a_loop_with_unlimited_fuel() {
 
 #[tokio::test]
 async fn blocking_sleep_hits_the_deadline() {
-    let limits = Limits {
-        deadline: Duration::from_millis(300),
-        ..Limits::default()
+    let limits = PluginSettings {
+        limits: Limits {
+            deadline: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
     };
     let p = load("hostile", "hostile", limits);
     let started = std::time::Instant::now();
-    let e = contained(&p, "sleep", pos(vec![json!(60_000)])).await;
+    let e = contained(&p, "sleep", pos(json!([60_000]))).await;
     assert!(
         matches!(
             e,
@@ -297,15 +278,15 @@ async fn blocking_sleep_hits_the_deadline() {
 
 #[tokio::test]
 async fn memory_bomb_is_contained() {
-    let p = load("hostile", "hostile", Limits::default());
+    let p = load("hostile", "hostile", PluginSettings::default());
     let e = contained(&p, "bomb", Args::default()).await;
     assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
 }
 
 #[tokio::test]
 async fn unbounded_recursion_traps() {
-    let p = load("hostile", "hostile", Limits::default());
-    let e = contained(&p, "recurse", pos(vec![json!(1)])).await;
+    let p = load("hostile", "hostile", PluginSettings::default());
+    let e = contained(&p, "recurse", pos(json!([1]))).await;
     match e {
         PluginError::Trap { message } => assert!(message.contains("stack"), "{message}"),
         other => panic!("expected Trap, got {other:?}"),
@@ -314,8 +295,8 @@ async fn unbounded_recursion_traps() {
 
 #[tokio::test]
 async fn panic_message_reaches_the_caller() {
-    let p = load("hostile", "hostile", Limits::default());
-    let e = contained(&p, "boom", pos(vec![json!("the sky is falling")])).await;
+    let p = load("hostile", "hostile", PluginSettings::default());
+    let e = contained(&p, "boom", pos(json!(["the sky is falling"]))).await;
     match e {
         PluginError::Trap { message } => {
             assert!(message.contains("the sky is falling"), "{message}")
@@ -327,30 +308,30 @@ async fn panic_message_reaches_the_caller() {
 #[tokio::test]
 async fn huge_results_are_refused() {
     // 200 MiB cannot even be built under the 64 MiB memory cap.
-    let p = load("hostile", "hostile", Limits::default());
-    let e = contained(&p, "huge", pos(vec![json!(200)])).await;
+    let p = load("hostile", "hostile", PluginSettings::default());
+    let e = contained(&p, "huge", pos(json!([200]))).await;
     assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
     // 20 MiB fits in memory but not under the 16 MiB result cap.
-    let e = contained(&p, "huge", pos(vec![json!(20)])).await;
+    let e = contained(&p, "huge", pos(json!([20]))).await;
     match e {
         PluginError::MemoryLimit { message } => assert!(message.contains("result"), "{message}"),
         other => panic!("expected MemoryLimit, got {other:?}"),
     }
     // Under the cap it comes through whole.
-    let v = p.call("huge", &pos(vec![json!(1)])).await.unwrap();
+    let v = p.call("huge", &pos(json!([1]))).await.unwrap();
     assert_eq!(v.as_str().map(str::len), Some(1 << 20));
 }
 
 #[tokio::test]
 async fn files_environment_and_network_are_denied() {
-    let p = load("hostile", "hostile", Limits::default());
+    let p = load("hostile", "hostile", PluginSettings::default());
     for (func, arg) in [
         ("read-file", "/etc/passwd"),
         ("read-file", "Cargo.toml"),
         ("read-env", "PATH"),
         ("connect", "127.0.0.1:5682"),
     ] {
-        let e = contained(&p, func, pos(vec![json!(arg)])).await;
+        let e = contained(&p, func, pos(json!([arg]))).await;
         assert!(
             matches!(e, PluginError::GuestError { .. }),
             "{func}({arg}): {e:?}"
@@ -360,7 +341,7 @@ async fn files_environment_and_network_are_denied() {
 
 #[tokio::test]
 async fn no_state_leaks_between_calls() {
-    let p = load("hostile", "hostile", Limits::default());
+    let p = load("hostile", "hostile", PluginSettings::default());
     for _ in 0..5 {
         assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
     }
@@ -373,10 +354,10 @@ async fn no_state_leaks_between_calls() {
 
 #[tokio::test]
 async fn chatty_guests_are_captured_not_failed() {
-    let p = load("hostile", "hostile", Limits::default());
+    let p = load("hostile", "hostile", PluginSettings::default());
     let text = "x".repeat(200_000);
     assert_eq!(
-        p.call("print", &pos(vec![json!(text)])).await.unwrap(),
+        p.call("print", &pos(json!([text]))).await.unwrap(),
         json!(null)
     );
 }
@@ -387,7 +368,7 @@ async fn unknown_import_is_refused_at_load() {
         &runtime(),
         "bad",
         &plugin_bytes("bad-import"),
-        Limits::default(),
+        PluginSettings::default(),
     )
     .unwrap_err();
     match e {
@@ -399,7 +380,7 @@ async fn unknown_import_is_refused_at_load() {
 #[tokio::test]
 async fn garbage_is_refused_at_load() {
     for bytes in [&b"not wasm"[..], &plugin_bytes("calc")[..1000]] {
-        let e = Plugin::load(&runtime(), "junk", bytes, Limits::default()).unwrap_err();
+        let e = Plugin::load(&runtime(), "junk", bytes, PluginSettings::default()).unwrap_err();
         assert!(matches!(e, PluginError::InvalidPlugin { .. }), "{e:?}");
     }
 }
@@ -408,18 +389,18 @@ async fn garbage_is_refused_at_load() {
 async fn second_load_hits_the_compilation_cache() {
     let rt = runtime();
     let bytes = plugin_bytes("types");
-    Plugin::load(&rt, "t1", &bytes, Limits::default()).unwrap();
+    Plugin::load(&rt, "t1", &bytes, PluginSettings::default()).unwrap();
     let (hits, _) = rt.cache_stats();
-    Plugin::load(&rt, "t2", &bytes, Limits::default()).unwrap();
+    Plugin::load(&rt, "t2", &bytes, PluginSettings::default()).unwrap();
     let (hits_after, _) = rt.cache_stats();
     assert!(hits_after > hits, "cache hits {hits} -> {hits_after}");
 }
 
 #[tokio::test]
 async fn reused_instances_keep_limits_per_call_and_are_dropped_after_errors() {
-    let limits = Limits {
+    let limits = PluginSettings {
         reuse_instances: true,
-        ..Limits::default()
+        ..PluginSettings::default()
     };
     let p = load("hostile", "hostile", limits);
     // One call at a time, so the same instance serves each: state is kept
@@ -447,17 +428,18 @@ async fn reused_instances_keep_limits_per_call_and_are_dropped_after_errors() {
     let calc = load(
         "calc",
         "calc",
-        Limits {
-            fuel: 1_000_000,
+        PluginSettings {
+            limits: Limits {
+                fuel: 1_000_000,
+                ..Limits::default()
+            },
             reuse_instances: true,
-            ..Limits::default()
+            ..PluginSettings::default()
         },
     );
     for i in 0..200i64 {
         assert_eq!(
-            calc.call("add", &pos(vec![json!(i), json!(1)]))
-                .await
-                .unwrap(),
+            calc.call("add", &pos(json!([i, 1]))).await.unwrap(),
             json!(i + 1)
         );
     }
@@ -465,10 +447,13 @@ async fn reused_instances_keep_limits_per_call_and_are_dropped_after_errors() {
 
 #[tokio::test]
 async fn spares_are_fresh_and_get_their_limits_when_taken() {
-    let limits = Limits {
+    let limits = PluginSettings {
+        limits: Limits {
+            deadline: Duration::from_millis(300),
+            ..Limits::default()
+        },
         prewarm: 3,
-        deadline: Duration::from_millis(300),
-        ..Limits::default()
+        ..PluginSettings::default()
     };
     let p = load("hostile", "hostile", limits);
     // Nothing is made ahead of time until a server (here: the test) asks.
@@ -486,7 +471,7 @@ async fn spares_are_fresh_and_get_their_limits_when_taken() {
     // than the deadline still gets the whole deadline.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        p.call("sleep", &pos(vec![json!(50)])).await.unwrap(),
+        p.call("sleep", &pos(json!([50]))).await.unwrap(),
         json!(null)
     );
     // Every call gets an instance of its own, spare or not, and each one

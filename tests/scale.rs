@@ -9,10 +9,13 @@
 
 use std::time::{Duration, Instant};
 
-use callme::protocol::Args;
-use callme::{Limits, Plugin, PluginError, Runtime, RuntimeConfig, ServerOptions, TimeoutCause};
+use callme::{
+    Limits, Plugin, PluginError, PluginSettings, Runtime, RuntimeConfig, ServerOptions,
+    TimeoutCause,
+};
 use callme_tests::{
-    Host, deploy, eventually, plugin_bytes, plugin_path, proxy, server, target_dir, tempdir, unique,
+    Host, deploy, eventually, plugin_bytes, plugin_path, pos, proxy, server, target_dir, tempdir,
+    unique,
 };
 use futures_util::future::join_all;
 use serde_json::json;
@@ -33,10 +36,6 @@ fn own_runtime(max_instances: u32) -> Runtime {
         ..RuntimeConfig::default()
     })
     .expect("runtime")
-}
-
-fn add(a: usize, b: usize) -> Args {
-    Args::positional(vec![json!(a), json!(b)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +120,7 @@ async fn hot_swaps_release_old_versions() {
     for i in 0..SWAPS {
         let (rt, name, bytes) = (rt.clone(), id.clone(), versions[i % 2].clone());
         let plugin = tokio::task::spawn_blocking(move || {
-            Plugin::load(&rt, &name, &bytes, Limits::default())
+            Plugin::load(&rt, &name, &bytes, PluginSettings::default())
         })
         .await
         .expect("load task")
@@ -134,7 +133,9 @@ async fn hot_swaps_release_old_versions() {
         }
         for k in 0..CALLS {
             let sp = p.use_server(&id);
-            in_flight.push(tokio::spawn(async move { sp.call("add", add(i, k)).await }));
+            in_flight.push(tokio::spawn(async move {
+                sp.call("add", pos(json!([i, k]))).await
+            }));
         }
     }
     for r in join_all(in_flight).await {
@@ -151,7 +152,7 @@ async fn hot_swaps_release_old_versions() {
     // alive.
     let settled = eventually(Duration::from_secs(30), || async {
         let st = rt.stats();
-        (st.plugins == 1 && st.instances == st.kept && st.kept <= Limits::default().prewarm)
+        (st.plugins == 1 && st.instances == st.kept && st.kept <= PluginSettings::default().prewarm)
             .then_some(st)
     })
     .await;
@@ -214,7 +215,10 @@ async fn hot_swaps_free_the_code_of_old_versions() {
             "swap {i} not served: {}",
             host.log_text()
         );
-        assert_eq!(sp.call("add", add(i, 1)).await.expect("call"), json!(i + 1));
+        assert_eq!(
+            sp.call("add", pos(json!([i, 1]))).await.expect("call"),
+            json!(i + 1)
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let code = compiled_code_bytes(pid);
@@ -245,7 +249,9 @@ async fn spares_give_way_to_calls_when_slots_run_short() {
     let rt = own_runtime(32);
     let bytes = plugin_bytes("hostile");
     let plugins: Vec<Plugin> = (0..PLUGINS)
-        .map(|i| Plugin::load(&rt, &format!("p{i}"), &bytes, Limits::default()).expect("loads"))
+        .map(|i| {
+            Plugin::load(&rt, &format!("p{i}"), &bytes, PluginSettings::default()).expect("loads")
+        })
         .collect();
     let handle = tokio::runtime::Handle::current();
     for p in &plugins {
@@ -259,7 +265,7 @@ async fn spares_give_way_to_calls_when_slots_run_short() {
     assert_eq!(rt.stats().max_kept, 8);
 
     // Each call sleeps for 50 ms, so all of them are in flight at once.
-    let sleep = Args::positional(vec![json!(50)]);
+    let sleep = pos(json!([50]));
     let calls = plugins
         .iter()
         .flat_map(|p| (0..CALLS_EACH).map(|_| p.call("sleep", &sleep)));
@@ -278,30 +284,43 @@ async fn spares_give_way_to_calls_when_slots_run_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waits_for_a_slot_up_to_its_deadline() {
     let rt = own_runtime(2);
-    let slow =
-        Plugin::load(&rt, "hostile", &plugin_bytes("hostile"), Limits::default()).expect("loads");
+    let slow = Plugin::load(
+        &rt,
+        "hostile",
+        &plugin_bytes("hostile"),
+        PluginSettings::default(),
+    )
+    .expect("loads");
     let quick = Plugin::load(
         &rt,
         "calc",
         &plugin_bytes("calc"),
-        Limits {
-            deadline: Duration::from_millis(300),
-            ..Limits::default()
+        PluginSettings {
+            limits: Limits {
+                deadline: Duration::from_millis(300),
+                ..Limits::default()
+            },
+            ..PluginSettings::default()
         },
     )
     .expect("loads");
-    let patient =
-        Plugin::load(&rt, "calc", &plugin_bytes("calc"), Limits::default()).expect("loads");
+    let patient = Plugin::load(
+        &rt,
+        "calc",
+        &plugin_bytes("calc"),
+        PluginSettings::default(),
+    )
+    .expect("loads");
     // Two calls sleeping for 2 s hold both slots.
-    let sleep = Args::positional(vec![json!(2_000)]);
+    let sleep = pos(json!([2_000]));
     let sleepers = join_all([slow.call("sleep", &sleep), slow.call("sleep", &sleep)]);
     let late = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = Instant::now();
-        let timed_out = quick.call("add", &add(1, 2)).await;
+        let timed_out = quick.call("add", &pos(json!([1, 2]))).await;
         let waited = started.elapsed();
         // With the default deadline a slot comes free once a sleeper is done.
-        let on_time = patient.call("add", &add(2, 3)).await;
+        let on_time = patient.call("add", &pos(json!([2, 3]))).await;
         (timed_out, waited, on_time)
     };
     let (slept, (timed_out, waited, on_time)) = tokio::join!(sleepers, late);

@@ -3,10 +3,10 @@
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
-use callme::{ConnectOptions, Error, Limits, Proxy, Server, ServerOptions};
+use callme::{ConnectOptions, Error, Proxy, Server, ServerOptions};
 use callme_tests::{
-    Host, amqp_url_as, amqps_port, broker_ctl, deploy, load, native_add, plugin_path, proxy,
-    server, tempdir, tls_dir, unique,
+    Host, amqp_url_as, amqps_port, broker_ctl, deploy, native_add, plugin_path, pos, proxy,
+    serve_calc, server, tempdir, tls_dir, unique,
 };
 use serde_json::json;
 
@@ -22,18 +22,13 @@ fn tls(uri: String, client_cert: bool) -> ConnectOptions {
 }
 
 async fn round_trip(server_opts: &ConnectOptions, proxy_opts: &ConnectOptions) {
-    let id = unique("tls");
     let s = Server::connect(server_opts, ServerOptions::default())
         .await
         .expect("server over TLS");
-    s.serve_plugin(load("calc", &id, Limits::default()))
-        .await
-        .unwrap();
     let p = Proxy::connect_with(proxy_opts, Duration::from_secs(10))
         .await
         .expect("proxy over TLS");
-    let v: i64 = p.use_server(&id).invoke("add", (20, 22)).await.unwrap();
-    assert_eq!(v, 42);
+    serve_calc(&s, &p, "tls").await;
 }
 
 #[tokio::test]
@@ -138,12 +133,11 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
     )
     .await
     .expect("olivia connects");
-    let v: i64 = olivia_proxy
-        .use_server(&foo)
-        .invoke("add", (1, 1))
-        .await
-        .unwrap();
-    assert_eq!(v, 2);
+    let olivia_adds = |a: i64, b: i64| {
+        let fooserver = olivia_proxy.use_server(&foo);
+        async move { fooserver.invoke::<_, i64>("add", (a, b)).await.unwrap() }
+    };
+    assert_eq!(olivia_adds(1, 1).await, 2);
     // olivia may not call barserver: refused at once, not a timeout.
     let started = Instant::now();
     let e = olivia_proxy
@@ -158,12 +152,7 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
         started.elapsed()
     );
     // And the refusal does not break her proxy.
-    let v: i64 = olivia_proxy
-        .use_server(&foo)
-        .invoke("add", (2, 2))
-        .await
-        .unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(olivia_adds(2, 2).await, 4);
 
     broker_ctl(&["delete_user", &carl]);
     broker_ctl(&["delete_user", &olivia]);
@@ -189,7 +178,7 @@ async fn guest_output_cannot_flood_the_host_log() {
     let spam: Vec<_> = (0..CALLS)
         .map(|_| {
             let sp = p.use_server(&noisy);
-            tokio::spawn(async move { sp.call("spam", Args::positional(vec![json!(3300)])).await })
+            tokio::spawn(async move { sp.call("spam", pos(json!([3300]))).await })
         })
         .collect();
     for i in 0..20 {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{
-    ConnectOptions, Limits, Plugin, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
+    ConnectOptions, Plugin, PluginSettings, Proxy, Runtime, RuntimeConfig, Server, ServerOptions,
 };
 use serde_json::json;
 use support::{plugin_bytes, target, url};
@@ -54,18 +54,18 @@ fn main() -> anyhow::Result<()> {
             let bytes = plugin_bytes(lang)?;
             let t = Instant::now();
             let cold = Runtime::with_config(config.clone())?;
-            Plugin::load(&cold, lang, &bytes, Limits::default())?;
+            Plugin::load(&cold, lang, &bytes, PluginSettings::default())?;
             let compile = t.elapsed();
             let warm = Runtime::with_config(config.clone())?;
             let t = Instant::now();
-            Plugin::load(&warm, lang, &bytes, Limits::default())?;
+            Plugin::load(&warm, lang, &bytes, PluginSettings::default())?;
             let cached = t.elapsed();
             for (mode, prewarm, reuse) in MODES {
                 let id = format!("{lang}-{mode}-{tag}");
-                let limits = Limits {
+                let limits = PluginSettings {
                     reuse_instances: reuse,
                     prewarm,
-                    ..Limits::default()
+                    ..PluginSettings::default()
                 };
                 server
                     .serve_plugin(Plugin::load(&warm, &id, &bytes, limits)?)

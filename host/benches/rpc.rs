@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{
-    ConnectOptions, Limits, NativeFunctions, Plugin, Proxy, Runtime, RuntimeConfig, Server,
+    ConnectOptions, NativeFunctions, Plugin, PluginSettings, Proxy, Runtime, RuntimeConfig, Server,
     ServerOptions,
 };
 use futures_util::StreamExt;
@@ -312,7 +312,7 @@ async fn through_callme(native: bool) -> anyhow::Result<Target> {
     } else {
         let runtime = Runtime::with_config(RuntimeConfig::default())?;
         let bytes = plugin_bytes("calc")?;
-        let plugin = Plugin::load(&runtime, &id, &bytes, Limits::default())?;
+        let plugin = Plugin::load(&runtime, &id, &bytes, PluginSettings::default())?;
         server.serve_plugin(plugin).await?;
     }
     let proxy = Proxy::connect(&url()).await?;

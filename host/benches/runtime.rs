@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
-use callme::{Limits, Plugin, Runtime, RuntimeConfig};
+use callme::{Plugin, PluginSettings, Runtime, RuntimeConfig};
 use serde_json::json;
 use support::plugin_bytes;
 
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         let bytes = plugin_bytes("calc")?;
 
         let started = Instant::now();
-        let plugin = Plugin::load(&runtime, "calc", &bytes, Limits::default())?;
+        let plugin = Plugin::load(&runtime, "calc", &bytes, PluginSettings::default())?;
         println!(
             "load (compile, no cache)     {:>8.1} ms",
             started.elapsed().as_secs_f64() * 1e3
@@ -85,8 +85,8 @@ fn main() -> anyhow::Result<()> {
         // of time. Each call waits until the spares are back (calls
         // arriving slower than instances are made); the spares are made on
         // this same thread meanwhile, so the CPU cost per call is as above.
-        let prewarm = Limits::default().prewarm;
-        let spared = Plugin::load(&runtime, "calc", &bytes, Limits::default())?;
+        let prewarm = PluginSettings::default().prewarm;
+        let spared = Plugin::load(&runtime, "calc", &bytes, PluginSettings::default())?;
         spared.start_prewarm(&tokio::runtime::Handle::current());
         let mut spares = Vec::with_capacity(CALLS);
         for i in 0..WARMUP + CALLS {

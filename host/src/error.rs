@@ -162,7 +162,7 @@ pub enum Error {
     #[error("remote {}: {}", .0.kind, .0.message)]
     Remote(RemoteError),
     /// The connection to the broker failed or was lost.
-    #[error("broker connection: {0}")]
+    #[error("the broker connection failed")]
     Connection(#[source] lapin::Error),
     /// The AMQP handshake did not complete in time: something that is not
     /// a broker holds the port and says nothing, the broker is stuck, or
@@ -192,15 +192,92 @@ pub enum Error {
     /// for the whole of the call's timeout (the call was not sent).
     #[error("connection lost: {0}")]
     Disconnected(String),
-    /// A setting is invalid (an AMQP URI, a TLS file, a server id).
+    /// The broker connection is closed for good (lost with reconnection
+    /// off, or closed by its owner).
+    #[error("the broker connection is closed")]
+    BrokerLost,
+    /// The broker refused to take a request (a negative publisher
+    /// confirm: a queue at its length limit with `reject-publish`, say).
+    #[error("the broker refused the request for `{server}`")]
+    Rejected {
+        /// The server id called.
+        server: String,
+    },
+    /// A setting is invalid (an AMQP URI, a TLS file, a server id, a
+    /// concurrency out of range).
     #[error("configuration: {0}")]
     Config(String),
+    /// A thread pool callme needs could not be started.
+    #[error("cannot start {what}")]
+    Runtime {
+        /// Which one.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The plugins directory cannot be followed.
+    #[error("cannot watch {}", dir.display())]
+    Watch {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The task following the plugins directory ended.
+    #[error("the plugins directory watcher stopped")]
+    WatcherStopped,
+    /// The plugin runtime failed (its engine could not be made, or a
+    /// plugin could not be loaded where one was required).
+    #[error("plugin runtime")]
+    Plugin(#[source] PluginError),
     /// A value could not be converted to or from JSON.
     #[error("JSON: {0}")]
     Json(#[source] serde_json::Error),
 }
 
 impl Error {
+    /// The name this error goes by outside Rust (the `type` of the
+    /// command line's JSON errors): a remote error's wire type, or one of
+    /// `Timeout`, `NoSuchServer`, `AccessRefused`, `Connection`,
+    /// `Config`, `Error`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Error::Remote(r) => r.kind.as_str(),
+            Error::Timeout { .. } => "Timeout",
+            Error::NoSuchServer(_) => "NoSuchServer",
+            Error::AccessRefused(_) => "AccessRefused",
+            Error::Connection(_)
+            | Error::ConnectTimeout { .. }
+            | Error::NotAmqp { .. }
+            | Error::Disconnected(_)
+            | Error::BrokerLost => "Connection",
+            Error::Config(_) => "Config",
+            Error::Plugin(e) => e.type_name(),
+            Error::Rejected { .. }
+            | Error::Runtime { .. }
+            | Error::Watch { .. }
+            | Error::WatcherStopped
+            | Error::Json(_) => "Error",
+        }
+    }
+
+    /// The message with its causes, one after the other (`a: b: c`).
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            let more = e.to_string();
+            if !text.ends_with(&more) {
+                text.push_str(": ");
+                text.push_str(&more);
+            }
+            source = e.source();
+        }
+        text
+    }
+
     /// The remote error, if the server answered with one.
     pub fn remote(&self) -> Option<&RemoteError> {
         match self {

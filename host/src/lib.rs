@@ -11,23 +11,23 @@
 //!
 //! - `protocol`: wire format and names of exchanges and queues.
 //! - `error`: [`PluginError`] (runtime) and [`Error`] (proxy and server).
-//! - `plugin`: the plugin runtime (feature `server`).
-//! - `connection_builder`: AMQP connections from URIs, with TLS.
-//! - `link`: a connection that replaces itself when lost.
-//! - `publisher`: publishing with confirms, one publish per channel at a time.
-//! - `proxy`: the client, async and blocking.
-//! - `server`: consume, dispatch, reply (feature `server`).
+//! - `amqp/`: the broker below the RPC: connecting (with TLS), a link that
+//!   replaces a lost connection, declarations, publishing with confirms,
+//!   and the consume loop that outlives connections.
+//! - `proxy/`: the client: calls, pending replies, the reply consumer, a
+//!   blocking facade.
+//! - `server/`: served ids and their consumers, one job per delivery from
+//!   decode to ack, replies (feature `server`).
+//! - `plugin/`: the plugin runtime: loading, calls and their limits, settings (feature `server`).
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
 //! - `serve`: the `callme serve` loop: signals, graceful shutdown.
 
-mod connection_builder;
+mod amqp;
 mod error;
-mod link;
 #[cfg(feature = "server")]
 pub mod plugin;
 pub mod protocol;
 mod proxy;
-mod publisher;
 #[cfg(feature = "server")]
 pub mod serve;
 #[cfg(feature = "server")]
@@ -35,10 +35,13 @@ mod server;
 #[cfg(feature = "server")]
 mod watcher;
 
-pub use connection_builder::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
+pub use amqp::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
 pub use error::{Error, PluginError, TimeoutCause};
 #[cfg(feature = "server")]
-pub use plugin::{FunctionInfo, Limits, Plugin, Runtime, RuntimeConfig, RuntimeStats};
+pub use plugin::{
+    FunctionInfo, GuestLogLevel, Limits, Plugin, PluginSettings, Runtime, RuntimeConfig,
+    RuntimeStats,
+};
 pub use protocol::{Args, ErrorKind, RemoteError};
 pub use proxy::{BlockingProxy, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
 #[cfg(feature = "server")]

@@ -14,8 +14,39 @@ use serde_json::{Map, Value};
 /// The content type of every request and response body.
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// The reserved function every server answers with the list of its functions.
+/// The reserved function every server answers with a [`Description`].
 pub const DESCRIBE: &str = "_describe";
+
+/// What `_describe` answers: a server id's functions, its version, and how
+/// it serves them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    /// The server id.
+    pub server: String,
+    /// The plugin's content hash (SHA-256, lowercase hex), or `native`.
+    pub version: String,
+    /// Calls in flight at most for this id (plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// Whether instances are kept between calls (plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse_instances: Option<bool>,
+    /// Fresh spare instances made ahead of calls (plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prewarm: Option<usize>,
+    /// Every function, sorted by name.
+    pub functions: Vec<DescribedFunction>,
+}
+
+/// One function in a [`Description`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DescribedFunction {
+    /// The name a caller uses: `add`, or `stats.mean` for a function of an
+    /// exported interface.
+    pub name: String,
+    /// The WIT signature, e.g. `func(a: s64, b: s64) -> s64`.
+    pub signature: String,
+}
 
 /// Requests larger than this are refused with `BadRequest` before they are
 /// parsed: a plugin call takes its arguments in memory, and a few MiB is far
@@ -259,6 +290,30 @@ impl From<Result<Value, RemoteError>> for Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_description_reads_as_documented() {
+        let plugin: Description = serde_json::from_value(json!({
+            "server": "calc", "version": "ab12", "concurrency": 8,
+            "reuse_instances": false, "prewarm": 2,
+            "functions": [{"name": "add", "signature": "func(a: s64, b: s64) -> s64"}]
+        }))
+        .unwrap();
+        assert_eq!(plugin.concurrency, Some(8));
+        assert_eq!(plugin.functions[0].name, "add");
+        let native = Description {
+            server: "fooserver".into(),
+            version: "native".into(),
+            concurrency: None,
+            reuse_instances: None,
+            prewarm: None,
+            functions: vec![],
+        };
+        assert_eq!(
+            serde_json::to_value(&native).unwrap(),
+            json!({"server": "fooserver", "version": "native", "functions": []})
+        );
+    }
 
     #[test]
     fn names_follow_the_seed() {

@@ -48,8 +48,7 @@ impl Host {
     /// When the engine, the broker or the plugins directory cannot be used.
     pub async fn start(options: ServeOptions) -> Result<Host, Error> {
         let started = Instant::now();
-        let runtime = Runtime::with_config(options.runtime.clone())
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let runtime = Runtime::with_config(options.runtime.clone()).map_err(Error::Plugin)?;
         let server = connect_patiently(&options).await?;
         let mut deployer =
             Deployer::new(options.plugins_dir.clone(), runtime.clone(), server.clone())?;
@@ -103,10 +102,10 @@ impl Host {
                 server.shutdown(grace).await;
                 Ok(())
             }
-            _ = server.closed() => Err(Error::Config("the broker connection was lost".into())),
+            _ = server.closed() => Err(Error::BrokerLost),
             r = watch => match r {
                 Ok(Err(e)) => Err(e),
-                _ => Err(Error::Config("the plugins directory watcher stopped".into())),
+                _ => Err(Error::WatcherStopped),
             },
         };
         info!(target: "callme::server", "stopped");
@@ -141,7 +140,7 @@ async fn connect_patiently(options: &ServeOptions) -> Result<Server, Error> {
             }
             Err(e) => return Err(e),
         }
-        tokio::time::sleep(crate::link::backoff(attempt)).await;
+        tokio::time::sleep(crate::amqp::link::backoff(attempt)).await;
         attempt += 1;
     }
 }

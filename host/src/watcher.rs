@@ -1,6 +1,6 @@
 //! The plugins directory: initial load, and following it as files are copied, renamed and deleted.
 //!
-//! Every `NAME.wasm` is served as server id `NAME`, with limits from an
+//! Every `NAME.wasm` is served as server id `NAME`, with settings from an
 //! optional sidecar `NAME.toml`. Events are reduced to "something about
 //! NAME changed"; the reconciler then compares the directory with what is
 //! served. A new or changed plugin is compiled off the serving path and
@@ -20,9 +20,9 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::plugin::{Limits, Plugin, Runtime, content_hash};
+use crate::plugin::{Plugin, PluginSettings, Runtime, content_hash};
 use crate::protocol::is_valid_server_id;
-use crate::{Error, Server};
+use crate::{Error, PluginError, Server};
 
 /// Quiet time after an event before the directory is looked at: events of
 /// one copy or rename arrive in a burst.
@@ -51,12 +51,12 @@ pub(crate) fn plugin_name(path: &Path) -> Option<String> {
 ///
 /// A message naming the file and what is wrong: unknown keys, values of
 /// the wrong type, numbers out of their bounds.
-pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<Limits, String> {
+pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<PluginSettings, String> {
     let path = dir.join(format!("{name}.toml"));
     match std::fs::read_to_string(&path) {
-        Ok(text) => Limits::from_toml(&text)
+        Ok(text) => PluginSettings::from_toml(&text)
             .map_err(|e| format!("{}: {}", path.display(), e.one_line(&text))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Limits::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PluginSettings::default()),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
@@ -65,10 +65,10 @@ pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<Limits, String> {
 #[derive(Default)]
 struct Known {
     /// Hash and settings of the version serving.
-    serving: Option<(String, Limits)>,
+    serving: Option<(String, PluginSettings)>,
     /// Hash and settings (or why the sidecar is invalid) that failed last,
     /// so a broken file or sidecar is reported once.
-    refused: Option<(String, Result<Limits, String>)>,
+    refused: Option<(String, Result<PluginSettings, String>)>,
 }
 
 /// Keeps a server in step with a plugins directory.
@@ -112,10 +112,16 @@ impl Deployer {
                     }
                 }
             })
-            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", dir.display())))?;
+            .map_err(|e| Error::Watch {
+                dir: dir.clone(),
+                source: Box::new(e),
+            })?;
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", dir.display())))?;
+            .map_err(|e| Error::Watch {
+                dir: dir.clone(),
+                source: Box::new(e),
+            })?;
         Ok(Deployer {
             dir,
             runtime,
@@ -129,11 +135,9 @@ impl Deployer {
 
     /// Loads and serves every plugin in the directory; how many serve.
     pub(crate) async fn load_all(&mut self) -> Result<usize, Error> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| {
-            Error::Config(format!(
-                "cannot read plugins directory {}: {e}",
-                self.dir.display()
-            ))
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::Watch {
+            dir: self.dir.clone(),
+            source: Box::new(e),
         })?;
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
@@ -224,7 +228,8 @@ impl Deployer {
         let loaded =
             tokio::task::spawn_blocking(move || Plugin::load(&runtime, &owned_name, &bytes, lim))
                 .await
-                .map_err(|e| Error::Config(format!("loading task failed: {e}")))?;
+                // A load that panicked refuses that plugin only.
+                .unwrap_or_else(|e| Err(PluginError::internal(format!("loading failed: {e}"))));
         let refusal = match loaded {
             Ok(plugin) => {
                 let swapped = known.serving.is_some();
@@ -313,7 +318,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("callme-sidecar-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a.toml"), "fuel = 5\n").unwrap();
-        assert_eq!(read_settings(&dir, "a").unwrap().fuel, 5);
+        assert_eq!(read_settings(&dir, "a").unwrap().limits.fuel, 5);
         std::fs::write(dir.join("b.toml"), "fuel = 5\nfeul = 6\n").unwrap();
         let unknown = read_settings(&dir, "b").unwrap_err();
         assert!(
@@ -327,7 +332,10 @@ mod tests {
             zero.contains("c.toml") && zero.contains("concurrency = 0"),
             "{zero}"
         );
-        assert_eq!(read_settings(&dir, "none").unwrap(), Limits::default());
+        assert_eq!(
+            read_settings(&dir, "none").unwrap(),
+            PluginSettings::default()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,13 +4,14 @@
 //! logging, and prints results as JSON (errors as JSON on stderr with a
 //! non-zero exit code).
 
-use std::path::PathBuf;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use callme::protocol::Args;
-use callme::{ConnectOptions, Limits, Plugin, Proxy, RemoteError, Runtime, RuntimeConfig};
+use callme::{ConnectOptions, Plugin, PluginSettings, Proxy, RemoteError, Runtime, RuntimeConfig};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
@@ -115,6 +116,11 @@ enum Command {
         /// instances and spares): the cap on the memory plugins can take.
         #[arg(long, env = "CALLME_MAX_INSTANCES", default_value_t = callme::plugin::DEFAULT_MAX_INSTANCES)]
         max_instances: u32,
+        /// A file written (with the host's pid) once every plugin already
+        /// in the directory is served, and removed when the host stops: a
+        /// script can wait for it instead of reading the log.
+        #[arg(long, env = "CALLME_READY_FILE")]
+        ready_file: Option<PathBuf>,
     },
     /// Call a function of a server and print its JSON result.
     Call {
@@ -137,6 +143,9 @@ enum Command {
         timeout: f64,
         /// The server id.
         server: String,
+        /// Indent the JSON (the default when stdout is a terminal).
+        #[arg(long)]
+        pretty: bool,
     },
     /// Print every callable function of a plugin with its WIT signature.
     Inspect {
@@ -202,6 +211,7 @@ async fn run(command: Command) -> ExitCode {
             grace,
             cache_dir,
             max_instances,
+            ready_file,
         } => {
             let mut config = RuntimeConfig {
                 max_instances,
@@ -210,7 +220,7 @@ async fn run(command: Command) -> ExitCode {
             if cache_dir.is_some() {
                 config.cache_dir = cache_dir;
             }
-            let serve = callme::serve::ServeOptions {
+            let options = callme::serve::ServeOptions {
                 connect: broker.options(true),
                 plugins_dir: plugins,
                 server: callme::ServerOptions {
@@ -222,9 +232,9 @@ async fn run(command: Command) -> ExitCode {
                 runtime: config,
                 grace: Duration::from_secs(grace),
             };
-            match callme::serve::run(serve).await {
+            match serve(options, ready_file.as_deref()).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail_local(&anyhow::Error::new(e)),
+                Err(e) => fail_local(&e),
             }
         }
         Command::Call {
@@ -237,7 +247,7 @@ async fn run(command: Command) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail_local(&e),
             };
-            remote(&broker, timeout, |proxy, t| async move {
+            remote(&broker, timeout, false, |proxy, t| async move {
                 proxy
                     .use_server(&server)
                     .call_timeout(&call.func, args, t)
@@ -249,8 +259,10 @@ async fn run(command: Command) -> ExitCode {
             broker,
             timeout,
             server,
+            pretty,
         } => {
-            remote(&broker, timeout, |proxy, t| async move {
+            let pretty = pretty || std::io::stdout().is_terminal();
+            remote(&broker, timeout, pretty, |proxy, t| async move {
                 proxy
                     .use_server(&server)
                     .call_timeout(callme::protocol::DESCRIBE, Args::default(), t)
@@ -258,7 +270,7 @@ async fn run(command: Command) -> ExitCode {
             })
             .await
         }
-        Command::Inspect { plugin } => match load(&plugin, Limits::default()) {
+        Command::Inspect { plugin } => match load(&plugin, PluginSettings::default()) {
             Ok(p) => {
                 for f in p.functions() {
                     println!("{}: {}", f.name, f.signature);
@@ -278,17 +290,17 @@ async fn run(command: Command) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail_local(&e),
             };
-            let mut limits = Limits::default();
+            let mut settings = PluginSettings::default();
             if let Some(f) = fuel {
-                limits.fuel = f;
+                settings.limits.fuel = f;
             }
             if let Some(d) = deadline_ms {
-                limits.deadline = Duration::from_millis(d);
+                settings.limits.deadline = Duration::from_millis(d);
             }
             if let Some(m) = memory_bytes {
-                limits.memory_bytes = m;
+                settings.limits.memory_bytes = m;
             }
-            let p = match load(&plugin, limits) {
+            let p = match load(&plugin, settings) {
                 Ok(p) => p,
                 Err(e) => return fail_plugin(e),
             };
@@ -303,14 +315,108 @@ async fn run(command: Command) -> ExitCode {
     }
 }
 
-fn load(path: &std::path::Path, limits: Limits) -> Result<Plugin, callme::PluginError> {
+/// Serves until SIGTERM or Ctrl-C, with `ready_file` present while every
+/// plugin of the directory is served.
+async fn serve(
+    options: callme::serve::ServeOptions,
+    ready_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    // A file left by a host that was killed must not announce this one.
+    if let Some(path) = ready_file {
+        remove_ready_file(path)?;
+    }
+    let host = callme::serve::Host::start(options).await?;
+    // Listen for the signals before saying ready, so that a stop sent as
+    // soon as the file appears is a graceful one.
+    let stop = stop_signal().context("cannot listen for SIGTERM and Ctrl-C")?;
+    let written = match ready_file {
+        Some(path) => write_ready_file(path),
+        None => Ok(()),
+    };
+    let outcome = match written {
+        Ok(()) => host.run_until(stop).await.map_err(anyhow::Error::new),
+        // Nobody would learn that this host is serving: stop it at once.
+        Err(e) => {
+            let _ = host.run_until(std::future::ready(())).await;
+            Err(e)
+        }
+    };
+    match ready_file {
+        Some(path) => outcome.and(remove_own_ready_file(path)),
+        None => outcome,
+    }
+}
+
+/// Writes the host's pid to `path` in one step: a reader never sees a
+/// partial file.
+fn write_ready_file(path: &Path) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("--ready-file {} names no file", path.display()))?;
+    let mut staged = std::ffi::OsString::from(".");
+    staged.push(name);
+    staged.push(format!(".{}.tmp", std::process::id()));
+    let staged = path.with_file_name(staged);
+    std::fs::write(&staged, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write {}", staged.display()))?;
+    if let Err(e) = std::fs::rename(&staged, path) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e).with_context(|| format!("cannot write the ready file {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Removes the ready file if this process wrote it: a host started since,
+/// on the same file, has put its own pid there.
+fn remove_own_ready_file(path: &Path) -> anyhow::Result<()> {
+    let pid = std::process::id().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim() == pid => remove_ready_file(path),
+        _ => Ok(()),
+    }
+}
+
+fn remove_ready_file(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot remove the ready file {}", path.display()))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C received from now on.
+fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
+fn load(path: &Path, settings: PluginSettings) -> Result<Plugin, callme::PluginError> {
     let runtime = Runtime::new()?;
-    Plugin::load_file(&runtime, path, limits)
+    Plugin::load_file(&runtime, path, settings)
 }
 
 /// Connects and runs `f`, all within `timeout` seconds: the time left
-/// after connecting is what `f` gets for its call.
-async fn remote<F, Fut>(broker: &Broker, timeout: f64, f: F) -> ExitCode
+/// after connecting is what `f` gets for its call. Prints the result as
+/// one line of JSON, or indented when `pretty`.
+async fn remote<F, Fut>(broker: &Broker, timeout: f64, pretty: bool, f: F) -> ExitCode
 where
     F: FnOnce(Proxy, Duration) -> Fut,
     Fut: Future<Output = Result<Value, callme::Error>>,
@@ -337,6 +443,10 @@ where
     };
     let left = timeout.saturating_sub(started.elapsed());
     match f(proxy, left).await {
+        Ok(v) if pretty => {
+            println!("{v:#}");
+            ExitCode::SUCCESS
+        }
         Ok(v) => {
             println!("{v}");
             ExitCode::SUCCESS

@@ -75,7 +75,7 @@ const MAX_TABLES_PER_COMPONENT: u32 = 32;
 /// interpreter guests keep 4 GB resident with few instances alive.
 const MAX_UNUSED_WARM_SLOTS: u32 = 16;
 
-/// Engine-wide settings. Per-plugin settings are [`super::Limits`].
+/// Engine-wide settings. Per-plugin settings are [`super::PluginSettings`].
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Where compiled artifacts are cached; `None` disables the cache.

@@ -32,8 +32,9 @@ use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::engine::{EPOCH_TICK, Runtime};
-use super::limits::Limits;
 use super::sandbox::CallState;
+use super::settings::PluginSettings;
+use super::trap::DeadlinePassed;
 use crate::{PluginError, TimeoutCause};
 
 /// Idle instances kept per plugin with `reuse_instances`: enough for the
@@ -328,7 +329,7 @@ struct Kept {
 /// Makes the stores and instances of one plugin's calls.
 pub(super) struct Instances {
     pub(super) name: Arc<str>,
-    pub(super) limits: Limits,
+    pub(super) settings: PluginSettings,
     runtime: Runtime,
     pre: InstancePre<CallState>,
     /// Slots one instance takes (see `Runtime::slots_for`).
@@ -364,13 +365,13 @@ impl Instances {
     pub(super) fn new(
         runtime: Runtime,
         name: Arc<str>,
-        limits: Limits,
+        settings: PluginSettings,
         pre: InstancePre<CallState>,
         weight: u32,
     ) -> Arc<Instances> {
         let instances = Arc::new(Instances {
             name,
-            limits,
+            settings,
             runtime,
             pre,
             weight,
@@ -390,11 +391,11 @@ impl Instances {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts keeping `limits.prewarm` spares, made on `handle`. Until
+    /// Starts keeping `settings.prewarm` spares, made on `handle`. Until
     /// this is called (and with `prewarm = 0`) every fresh call makes its
     /// own instance, which suits one-shot use.
     pub(super) fn start_prewarm(self: &Arc<Self>, handle: &tokio::runtime::Handle) {
-        if self.limits.prewarm == 0 || self.limits.reuse_instances {
+        if self.settings.prewarm == 0 || self.settings.reuse_instances {
             return;
         }
         if self.maker.set(handle.clone()).is_ok() {
@@ -404,7 +405,7 @@ impl Instances {
 
     /// Spares ready now.
     pub(super) fn spares(&self) -> usize {
-        if self.limits.reuse_instances {
+        if self.settings.reuse_instances {
             0
         } else {
             self.pool().ready.len()
@@ -436,7 +437,7 @@ impl Instances {
             }
             None => {
                 let slot = capacity
-                    .slot_for_call(self.weight, self.limits.deadline, &self.name)
+                    .slot_for_call(self.weight, self.settings.limits.deadline, &self.name)
                     .await?;
                 Sandbox {
                     store: self.new_store(),
@@ -459,7 +460,7 @@ impl Instances {
     pub(super) async fn fresh_sandbox(&self) -> Result<Sandbox, PluginError> {
         let slot = self
             .capacity()
-            .slot_for_call(self.weight, self.limits.deadline, &self.name)
+            .slot_for_call(self.weight, self.settings.limits.deadline, &self.name)
             .await?;
         Ok(Sandbox {
             store: self.new_store(),
@@ -472,7 +473,7 @@ impl Instances {
     /// whose call returned (it still has its instance) is kept for the
     /// next call; anything else is discarded.
     pub(super) fn give_back(&self, sandbox: Sandbox) {
-        let reusable = self.limits.reuse_instances
+        let reusable = self.settings.reuse_instances
             && sandbox.instance.is_some()
             && self.pool().ready.len() < MAX_IDLE;
         let quota = if reusable {
@@ -528,7 +529,7 @@ impl Instances {
         loop {
             {
                 let mut pool = self.pool();
-                if pool.ready.len() + pool.making >= self.limits.prewarm {
+                if pool.ready.len() + pool.making >= self.settings.prewarm {
                     return;
                 }
                 pool.making += 1;
@@ -576,8 +577,7 @@ impl Instances {
         let store_ref = &mut store;
         let instance = self
             .with_deadline(self.pre.instantiate_async(store_ref))
-            .await
-            .map_err(|limit| wasmtime::format_err!("instantiation ran past {limit:?}"))??;
+            .await?;
         Ok(Sandbox {
             store,
             instance: Some(instance),
@@ -596,9 +596,9 @@ impl Instances {
             &self.runtime.inner.engine,
             CallState::new(
                 self.name.clone(),
-                self.limits.memory_bytes,
-                self.limits.output_bytes,
-                self.limits.log_level,
+                self.settings.limits.memory_bytes,
+                self.settings.limits.output_bytes,
+                self.settings.log_level,
             ),
         );
         store.limiter(|s| &mut s.limiter);
@@ -609,14 +609,18 @@ impl Instances {
     /// Refills fuel and sets the deadline for the next call in `store`.
     pub(super) fn arm(&self, store: &mut Store<CallState>) {
         // Fuel is enabled on the engine, so setting it cannot fail.
-        let _ = store.set_fuel(self.limits.fuel);
-        let deadline = Instant::now() + self.limits.deadline;
-        store.data_mut().deadline_hit = false;
+        let _ = store.set_fuel(self.settings.limits.fuel);
+        let limit = self.settings.limits.deadline;
+        let deadline = Instant::now() + limit;
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut cx| {
+        store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
-                cx.data_mut().deadline_hit = true;
-                Ok(UpdateDeadline::Interrupt)
+                // Unwinds the guest with an error that says which limit
+                // stopped it, where an interrupt would not.
+                Err(wasmtime::Error::new(DeadlinePassed {
+                    limit,
+                    blocked_in_host: false,
+                }))
             } else {
                 // Yield so a CPU-bound guest never holds an executor
                 // thread for longer than one tick.
@@ -627,14 +631,19 @@ impl Instances {
 
     /// Runs `fut` under the plugin's deadline. The epoch callback stops
     /// running guest code; this timeout also stops a guest blocked in a
-    /// WASI call (a sleep, a poll), where no guest code runs.
+    /// WASI call (a sleep, a poll), where no guest code runs. Either way
+    /// the error is a [`DeadlinePassed`].
     pub(super) async fn with_deadline<T>(
         &self,
         fut: impl Future<Output = wasmtime::Result<T>>,
-    ) -> Result<wasmtime::Result<T>, Duration> {
-        let limit = self.limits.deadline;
-        tokio::time::timeout(limit + EPOCH_TICK * 2, fut)
-            .await
-            .map_err(|_| limit)
+    ) -> wasmtime::Result<T> {
+        let limit = self.settings.limits.deadline;
+        match tokio::time::timeout(limit + EPOCH_TICK * 2, fut).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(wasmtime::Error::new(DeadlinePassed {
+                limit,
+                blocked_in_host: true,
+            })),
+        }
     }
 }

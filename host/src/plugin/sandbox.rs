@@ -19,8 +19,9 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::limits::GuestLogLevel;
 use super::output::{CapturedOutput, Excerpt, LOG_RECORD_BYTES, one_line};
+use super::settings::GuestLogLevel;
+use super::trap::MemoryRefused;
 
 /// Host bindings of `wit/callme.wit`.
 pub(crate) mod host_bindings {
@@ -61,8 +62,6 @@ pub(crate) struct CallState {
     pub(crate) plugin: Arc<str>,
     pub(crate) stdout: CapturedOutput,
     pub(crate) stderr: CapturedOutput,
-    /// Set when the epoch callback stopped the guest at its deadline.
-    pub(crate) deadline_hit: bool,
     pub(crate) log_level: GuestLogLevel,
     guest_log: GuestLogBudget,
 }
@@ -95,7 +94,6 @@ impl CallState {
             plugin,
             stdout,
             stderr,
-            deadline_hit: false,
             log_level,
             guest_log: GuestLogBudget::default(),
         }
@@ -200,8 +198,8 @@ impl Host for CallState {
 /// Caps linear memory and remembers the growth it refused.
 pub(crate) struct MemoryLimiter {
     cap: usize,
-    /// `(current, desired)` of the first refused growth.
-    pub(crate) refused: Option<(usize, usize)>,
+    /// The first growth it refused.
+    pub(crate) refused: Option<MemoryRefused>,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -212,7 +210,8 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.cap {
-            self.refused.get_or_insert((current, desired));
+            self.refused
+                .get_or_insert(MemoryRefused { current, desired });
             return Ok(false);
         }
         Ok(true)

@@ -18,9 +18,9 @@ use lapin::options::BasicPublishOptions;
 use tokio::sync::watch;
 
 use crate::Error;
-use crate::link;
+use crate::amqp::link;
+use crate::amqp::publisher::{Published, Publisher};
 use crate::protocol::CONTENT_TYPE;
-use crate::publisher::{Published, Publisher};
 
 /// Attempts at publishing one reply when its lane or the connection fails
 /// under it.

@@ -170,11 +170,22 @@ impl ConnectOptions {
 /// rather than left hanging.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Maps a lapin error to ours, recognising the broker's permission refusals.
+/// Maps a lapin error to ours, recognising the broker's permission
+/// refusals by their reply code: 403 `ACCESS_REFUSED`, as a channel error
+/// (no permission on a resource) or a connection error (a refused login),
+/// and 530 `NOT_ALLOWED` (a virtual host the user may not open).
 pub(crate) fn classify_lapin(e: lapin::Error) -> Error {
-    let text = e.to_string();
-    if text.contains("ACCESS_REFUSED") || text.contains("ACCESSREFUSED") || text.contains("403") {
-        Error::AccessRefused(text)
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let refused = match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        _ => false,
+    };
+    if refused {
+        Error::AccessRefused(e.to_string())
     } else {
         Error::Connection(e)
     }
@@ -243,6 +254,31 @@ fn uri_problem(parser_message: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn broker_said(kind: lapin::protocol::AMQPErrorKind) -> lapin::Error {
+        let amqp = lapin::protocol::AMQPError::new(kind, "said by the broker".into());
+        lapin::ErrorKind::ProtocolError(amqp).into()
+    }
+
+    #[test]
+    fn refusals_are_told_by_their_reply_code() {
+        use lapin::protocol::{AMQPHardError, AMQPSoftError};
+        assert!(matches!(
+            classify_lapin(broker_said(AMQPSoftError::ACCESSREFUSED.into())),
+            Error::AccessRefused(_)
+        ));
+        assert!(matches!(
+            classify_lapin(broker_said(AMQPHardError::NOTALLOWED.into())),
+            Error::AccessRefused(_)
+        ));
+        assert!(matches!(
+            classify_lapin(broker_said(AMQPSoftError::NOTFOUND.into())),
+            Error::Connection(_)
+        ));
+        // A message that merely mentions 403 is no refusal.
+        let io = std::io::Error::other("port 5403 refused the connection: ACCESS_REFUSED?");
+        assert!(matches!(classify_lapin(io.into()), Error::Connection(_)));
+    }
 
     #[test]
     fn passwords_are_redacted() {

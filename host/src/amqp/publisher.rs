@@ -23,8 +23,8 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Semaphore;
 
+use super::connect::classify_lapin;
 use crate::Error;
-use crate::connection_builder::classify_lapin;
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,14 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::Connection;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::connection_builder::classify_lapin;
-use crate::{ConnectOptions, Error};
+use super::connect::ConnectOptions;
+use crate::Error;
 
 /// Where a link stands.
 #[derive(Clone)]
@@ -41,17 +39,9 @@ pub(crate) enum State {
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
-/// A consumer that lived this long before it ended is followed by a prompt
-/// re-declaration; one that ends sooner backs off further each time.
-pub(crate) const STEADY_AFTER: Duration = Duration::from_secs(10);
-
 /// A broker that does not confirm a close or a cancel within this time is
 /// left.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Declaring and consuming that takes longer than this is given up (and
-/// tried again, on a new connection).
-const REDECLARE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How often the connection's status is looked at, beside its events.
 const POLL_EVERY: Duration = Duration::from_millis(250);
@@ -122,68 +112,6 @@ pub(crate) async fn up(state: &mut watch::Receiver<State>) -> Option<Arc<Connect
         State::Up(conn) => Some(conn),
         State::Down | State::Closed => None,
     }
-}
-
-/// Opens a channel on `conn` and runs `declare` on it, each within
-/// [`REDECLARE_TIMEOUT`]. On a timeout the channel is closed, so nothing
-/// the declarations started late (a consumer registered after all) is left
-/// behind on it.
-pub(crate) async fn declare_on<T>(
-    conn: &Connection,
-    declare: impl AsyncFnOnce(&Channel) -> Result<T, Error>,
-) -> Result<(Channel, T), Error> {
-    let late = || Error::Disconnected("the broker did not answer in time".into());
-    let channel = tokio::time::timeout(REDECLARE_TIMEOUT, conn.create_channel())
-        .await
-        .map_err(|_| late())?
-        .map_err(classify_lapin)?;
-    match tokio::time::timeout(REDECLARE_TIMEOUT, declare(&channel)).await {
-        Ok(Ok(declared)) => Ok((channel, declared)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => {
-            close_soon(channel);
-            Err(late())
-        }
-    }
-}
-
-/// Closes `channel` in the background, giving up after a while.
-pub(crate) fn close_soon(channel: Channel) {
-    tokio::spawn(async move {
-        let close = channel.close(200, "closed".into());
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
-    });
-}
-
-/// Declares a direct exchange and a queue bound to it with the routing key
-/// `""`: the shape of every server's and every proxy's names.
-pub(crate) async fn declare_bound(
-    channel: &Channel,
-    exchange: &str,
-    queue: &str,
-    exchange_options: ExchangeDeclareOptions,
-    queue_options: QueueDeclareOptions,
-) -> Result<(), lapin::Error> {
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Direct,
-            exchange_options,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(queue.into(), queue_options, FieldTable::default())
-        .await?;
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
 }
 
 /// The next wait of an exponential backoff with some jitter, so hosts that

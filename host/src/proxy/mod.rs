@@ -10,31 +10,34 @@
 //! waiting for replies fail at once with [`Error::Disconnected`]; the proxy
 //! reconnects, declares its reply queue again under the same name, and
 //! calls made meanwhile wait for that within their timeouts.
-//! [`BlockingProxy`] wraps it for non-async code.
+//!
+//! - `pending`: calls waiting for replies, by correlation id;
+//! - `replies`: the reply queue and its consumer, across reconnections;
+//! - `blocking`: [`BlockingProxy`], for code that is not async.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod blocking;
+mod pending;
+mod replies;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, Consumer};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::{oneshot, watch};
-use tracing::{debug, warn};
+use tokio::sync::watch;
+use tracing::debug;
 
-use crate::connection_builder::{ConnectOptions, classify_lapin};
-use crate::link::{self, Link};
-use crate::protocol::{
-    Args, CONTENT_TYPE, DESCRIBE, Request, Response, client_exchange, client_queue, server_exchange,
-};
-use crate::publisher::{Published, Publisher};
-use crate::{Error, ErrorKind, RemoteError};
+pub use blocking::BlockingProxy;
+use pending::Pending;
+use replies::{Replies, ReplyNames};
+
+use crate::Error;
+use crate::amqp::publisher::{Published, Publisher};
+use crate::amqp::{ConnectOptions, Link, resubscribe};
+use crate::protocol::{Args, CONTENT_TYPE, DESCRIBE, Request, server_exchange};
 
 /// Requests one proxy has on their way to the broker at once (each on a
 /// channel of its own until confirmed); more wait for a free channel.
@@ -42,8 +45,6 @@ const PUBLISH_LANES: usize = 64;
 
 /// The seed's default: a call waits this long for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Response>>>>;
 
 /// A client of callme servers. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -60,7 +61,7 @@ struct Inner {
     /// at a time, so a request to a missing server costs no other call.
     publisher: Publisher,
     reply_exchange: String,
-    pending: Pending,
+    pending: Arc<Pending>,
     timeout: Duration,
 }
 
@@ -87,24 +88,23 @@ impl Proxy {
         let user = options.user(&uri);
         let uid = uuid::Uuid::new_v4().to_string();
         let link = Link::connect(options, "callme proxy").await?;
-        let names = ReplyNames {
-            exchange: client_exchange(&user, &uid),
-            queue: client_queue(&user, &uid),
-            consumer_tag: format!("callme-proxy-{uid}"),
-        };
+        let names = ReplyNames::new(&user, &uid);
         let conn = link
             .current()
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
-        let pending: Pending = Arc::default();
+        let pending = Arc::new(Pending::default());
         let (ready_tx, ready) = watch::channel(Some(conn.clone()));
         let replies = Replies {
-            link: link.subscribe(),
             names: names.clone(),
             pending: pending.clone(),
             ready: ready_tx,
         };
-        tokio::spawn(replies.run(conn, channel, consumer));
+        tokio::spawn(resubscribe::run(
+            replies,
+            link.subscribe(),
+            (conn, channel, consumer),
+        ));
         debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %names.exchange, "proxy ready");
         Ok(Proxy {
             inner: Arc::new(Inner {
@@ -125,6 +125,11 @@ impl Proxy {
             server: server_id.to_string(),
             timeout: self.inner.timeout,
         }
+    }
+
+    /// The timeout of calls that do not give one.
+    pub(crate) fn default_timeout(&self) -> Duration {
+        self.inner.timeout
     }
 
     /// The exchange this proxy receives replies on.
@@ -152,12 +157,7 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + timeout;
         let conn = self.ready(deadline, timeout).await?;
         let corr = uuid::Uuid::new_v4().to_string();
-        let (tx, rx) = oneshot::channel();
-        let guard = PendingGuard {
-            pending: &self.inner.pending,
-            corr: &corr,
-        };
-        guard.insert(tx);
+        let (_waiting, rx) = self.inner.pending.wait(&corr);
         let body = Request {
             func: func.to_string(),
             args,
@@ -248,186 +248,10 @@ impl Proxy {
             Published::Returned | Published::NoExchange => {
                 Err(Error::NoSuchServer(server.to_string()))
             }
-            Published::Nacked => Err(Error::Config(format!(
-                "the broker refused the request for `{server}`"
-            ))),
+            Published::Nacked => Err(Error::Rejected {
+                server: server.to_string(),
+            }),
         }
-    }
-}
-
-/// The proxy's reply exchange and queue, the same across reconnections so
-/// a caller's `reply_to` never changes.
-#[derive(Clone)]
-struct ReplyNames {
-    exchange: String,
-    queue: String,
-    consumer_tag: String,
-}
-
-impl ReplyNames {
-    /// Declares the reply exchange and queue on a new channel of `conn`,
-    /// binds them and starts consuming.
-    async fn declare(&self, conn: &Connection) -> Result<(Channel, Consumer), Error> {
-        link::declare_on(conn, async |channel| self.declare_on(channel).await).await
-    }
-
-    async fn declare_on(&self, channel: &Channel) -> Result<Consumer, Error> {
-        link::declare_bound(
-            channel,
-            &self.exchange,
-            &self.queue,
-            ExchangeDeclareOptions {
-                auto_delete: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            QueueDeclareOptions {
-                auto_delete: true,
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-        )
-        .await
-        .map_err(classify_lapin)?;
-        let consumer = channel
-            .basic_consume(
-                self.queue.as_str().into(),
-                self.consumer_tag.as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
-        Ok(consumer)
-    }
-}
-
-/// The proxy's reply consumer, across reconnections: hands each reply to
-/// the call waiting for it.
-struct Replies {
-    link: watch::Receiver<link::State>,
-    names: ReplyNames,
-    pending: Pending,
-    ready: watch::Sender<Option<Arc<Connection>>>,
-}
-
-impl Replies {
-    async fn run(mut self, conn: Arc<Connection>, channel: Channel, consumer: Consumer) {
-        let mut current = Some((conn, channel, consumer));
-        let mut attempt = 0;
-        loop {
-            if let Some((conn, channel, consumer)) = current.take() {
-                self.ready.send_replace(Some(conn));
-                let since = Instant::now();
-                self.consume(consumer).await;
-                drop(channel);
-                // Replies to calls sent on that connection went with it
-                // (the reply queue is exclusive to it): fail those calls
-                // now rather than let them wait out their timeouts.
-                self.ready.send_replace(None);
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
-                if since.elapsed() >= link::STEADY_AFTER {
-                    attempt = 0;
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(link::backoff(attempt)) => {}
-                _ = self.ready.closed() => return,
-            }
-            attempt += 1;
-            let up = tokio::select! {
-                up = link::up(&mut self.link) => up,
-                _ = self.ready.closed() => return,
-            };
-            let Some(conn) = up else {
-                debug!(target: "callme::proxy", "connection closed: reply consumer ended");
-                return;
-            };
-            match self.names.declare(&conn).await {
-                Ok((channel, consumer)) => {
-                    debug!(target: "callme::proxy", reply_exchange = %self.names.exchange, "reply queue declared again");
-                    current = Some((conn, channel, consumer));
-                }
-                Err(e) if attempt > 3 => {
-                    warn!(target: "callme::proxy", attempt, error = %e, "cannot declare the reply queue yet")
-                }
-                Err(e) => {
-                    debug!(target: "callme::proxy", attempt, error = %e, "cannot declare the reply queue yet")
-                }
-            }
-        }
-    }
-
-    /// Takes replies until the consumer ends.
-    async fn consume(&self, mut consumer: Consumer) {
-        while let Some(delivery) = consumer.next().await {
-            let delivery = match delivery {
-                Ok(d) => d,
-                Err(e) => {
-                    // A proxy being dropped closes its connection under
-                    // the consumer: that is no loss worth a warning.
-                    if self.ready.is_closed() {
-                        debug!(target: "callme::proxy", error = %e, "reply consumer closed with the proxy");
-                    } else {
-                        warn!(target: "callme::proxy", error = %e, "reply consumer lost");
-                    }
-                    return;
-                }
-            };
-            let Some(corr) = delivery.properties.correlation_id().as_ref() else {
-                debug!(target: "callme::proxy", "reply without correlation id dropped");
-                continue;
-            };
-            let waiter = self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(corr.as_str());
-            match waiter {
-                Some(tx) => {
-                    let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
-                        Response::Error(RemoteError::new(
-                            ErrorKind::Internal,
-                            format!("malformed reply: {e}"),
-                        ))
-                    });
-                    let _ = tx.send(response);
-                }
-                None => {
-                    debug!(target: "callme::proxy", correlation_id = %corr, "late or unknown reply dropped")
-                }
-            }
-        }
-    }
-}
-
-/// Removes a call's entry from the pending map however the call ends.
-struct PendingGuard<'a> {
-    pending: &'a Pending,
-    corr: &'a str,
-}
-
-impl PendingGuard<'_> {
-    fn insert(&self, tx: oneshot::Sender<Response>) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(self.corr.to_string(), tx);
-    }
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(self.corr);
     }
 }
 
@@ -516,56 +340,5 @@ pub fn args_from<A: Serialize>(args: A) -> Result<Args, Error> {
         Value::Object(o) => Ok(Args::keywords(o)),
         Value::Null => Ok(Args::default()),
         single => Ok(Args::positional(vec![single])),
-    }
-}
-
-/// A proxy for code that is not async: it runs its own small runtime.
-pub struct BlockingProxy {
-    runtime: tokio::runtime::Runtime,
-    proxy: Proxy,
-}
-
-impl BlockingProxy {
-    /// Connects; see [`Proxy::connect_with`].
-    ///
-    /// # Errors
-    ///
-    /// As [`Proxy::connect`], or [`Error::Config`] when the runtime cannot start.
-    pub fn connect(options: &ConnectOptions, timeout: Duration) -> Result<BlockingProxy, Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .thread_name("callme-proxy")
-            .build()
-            .map_err(|e| Error::Config(format!("cannot start a runtime: {e}")))?;
-        let proxy = runtime.block_on(Proxy::connect_with(options, timeout))?;
-        Ok(BlockingProxy { runtime, proxy })
-    }
-
-    /// Calls `func` on `server`; see [`Proxy::call`].
-    ///
-    /// # Errors
-    ///
-    /// See [`Proxy::call`].
-    pub fn call(&self, server: &str, func: &str, args: Args) -> Result<Value, Error> {
-        let timeout = self.proxy.inner.timeout;
-        self.runtime
-            .block_on(self.proxy.call(server, func, args, timeout))
-    }
-
-    /// Calls with a timeout for this call only.
-    ///
-    /// # Errors
-    ///
-    /// See [`Proxy::call`].
-    pub fn call_timeout(
-        &self,
-        server: &str,
-        func: &str,
-        args: Args,
-        timeout: Duration,
-    ) -> Result<Value, Error> {
-        self.runtime
-            .block_on(self.proxy.call(server, func, args, timeout))
     }
 }

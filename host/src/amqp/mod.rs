@@ -1,0 +1,18 @@
+//! Everything callme says to the broker, below the RPC: connections, the link, declarations, publishing, the consume loop.
+//!
+//! - `connect`: connection options, URIs (with TLS), and how lapin's
+//!   errors map to callme's.
+//! - `link`: one connection that replaces itself when lost.
+//! - `topology`: the exchanges, queues and bindings callme declares.
+//! - `publisher`: publishing with confirms, one publish per channel at a time.
+//! - `resubscribe`: the consume loop that outlives connections, used by
+//!   the server's request consumers and the proxy's reply consumer.
+
+pub(crate) mod connect;
+pub(crate) mod link;
+pub(crate) mod publisher;
+pub(crate) mod resubscribe;
+pub(crate) mod topology;
+
+pub use connect::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
+pub(crate) use link::Link;

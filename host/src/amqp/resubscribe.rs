@@ -1,0 +1,103 @@
+//! The one consume loop that outlives connections: consume, and when the consumer ends, subscribe again.
+//!
+//! A server id's request consumer and a proxy's reply consumer both live
+//! across reconnections of their [`super::Link`]. This loop is theirs:
+//! it consumes until the consumer ends (cancelled, its channel or its
+//! connection lost), backs off, waits for the link to be up, and
+//! subscribes again on the current connection. What is declared, what a
+//! delivery does and when to stop is the [`Subscription`]'s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::link::{self, State};
+use crate::Error;
+
+/// A consumer that lived this long before it ended is followed by a prompt
+/// re-subscription; one that ends sooner backs off further each time.
+const STEADY_AFTER: Duration = Duration::from_secs(10);
+
+/// Failed attempts to subscribe again that are only logged at debug level
+/// (a broker coming back often refuses the first few).
+const QUIET_ATTEMPTS: u32 = 3;
+
+/// A consumer's owner, as the loop sees it.
+pub(crate) trait Subscription {
+    /// What the logs call it (`server id calc`, `reply queue`).
+    fn what(&self) -> String;
+
+    /// Declares what the consumer needs on a new channel of `conn` and
+    /// starts consuming; `Ok(None)` when it is no longer wanted.
+    async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error>;
+
+    /// Takes deliveries until `consumer` ends; `conn` is the connection
+    /// it is on.
+    async fn consume(&mut self, conn: &Arc<Connection>, channel: &Channel, consumer: Consumer);
+
+    /// Whether to subscribe again after a consumer ended.
+    fn wanted(&self) -> bool;
+
+    /// Resolves when the owner is gone, ending the loop at once (by
+    /// default: never).
+    async fn gone(&self) {
+        std::future::pending::<()>().await
+    }
+
+    /// The link closed for good.
+    fn closed(&mut self) {}
+}
+
+/// Runs `subscription` from its first consumer until it is no longer
+/// wanted, its owner is gone, or the link closes.
+pub(crate) async fn run<S: Subscription>(
+    mut subscription: S,
+    mut link: watch::Receiver<State>,
+    first: (Arc<Connection>, Channel, Consumer),
+) {
+    let mut current = Some(first);
+    let mut attempt = 0;
+    loop {
+        if let Some((conn, channel, consumer)) = current.take() {
+            let since = Instant::now();
+            subscription.consume(&conn, &channel, consumer).await;
+            if since.elapsed() >= STEADY_AFTER {
+                attempt = 0;
+            }
+        }
+        if !subscription.wanted() {
+            debug!(target: "callme::amqp", what = %subscription.what(), "consumer ended");
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(link::backoff(attempt)) => {}
+            _ = subscription.gone() => return,
+        }
+        attempt += 1;
+        let up = tokio::select! {
+            up = link::up(&mut link) => up,
+            _ = subscription.gone() => return,
+        };
+        let Some(conn) = up else {
+            debug!(target: "callme::amqp", what = %subscription.what(), "connection closed: consumer ended");
+            subscription.closed();
+            return;
+        };
+        match subscription.subscribe(&conn).await {
+            Ok(Some((channel, consumer))) => {
+                debug!(target: "callme::amqp", what = %subscription.what(), "consuming again");
+                current = Some((conn, channel, consumer));
+            }
+            Ok(None) => return,
+            Err(e) if attempt > QUIET_ATTEMPTS => {
+                warn!(target: "callme::amqp", what = %subscription.what(), attempt, error = %e, "cannot consume again yet");
+            }
+            Err(e) => {
+                debug!(target: "callme::amqp", what = %subscription.what(), attempt, error = %e, "cannot consume again yet");
+            }
+        }
+    }
+}

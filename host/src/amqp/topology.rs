@@ -1,0 +1,141 @@
+//! What callme declares on the broker: exchanges, queues and their bindings.
+//!
+//! Every server id and every proxy has the same shape of names: a direct
+//! exchange and a queue bound to it with the routing key `""` (see
+//! `protocol` for the names). Declarations made on a new connection are
+//! bounded in time, so a broker that stops answering mid-declaration
+//! cannot leave a consumer registered behind the caller's back.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ExchangeKind};
+
+use super::connect::classify_lapin;
+use super::link::CLOSE_TIMEOUT;
+use crate::Error;
+
+/// Declaring and consuming that takes longer than this is given up (and
+/// tried again, on a new connection).
+const REDECLARE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens a channel on `conn` and runs `declare` on it, each within
+/// [`REDECLARE_TIMEOUT`]. On a timeout the channel is closed, so nothing
+/// the declarations started late (a consumer registered after all) is left
+/// behind on it.
+pub(crate) async fn declare_on<T>(
+    conn: &Connection,
+    declare: impl AsyncFnOnce(&Channel) -> Result<T, Error>,
+) -> Result<(Channel, T), Error> {
+    let late = || Error::Disconnected("the broker did not answer in time".into());
+    let channel = tokio::time::timeout(REDECLARE_TIMEOUT, conn.create_channel())
+        .await
+        .map_err(|_| late())?
+        .map_err(classify_lapin)?;
+    match tokio::time::timeout(REDECLARE_TIMEOUT, declare(&channel)).await {
+        Ok(Ok(declared)) => Ok((channel, declared)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            close_soon(channel);
+            Err(late())
+        }
+    }
+}
+
+/// Closes `channel` in the background, giving up after a while.
+pub(crate) fn close_soon(channel: Channel) {
+    tokio::spawn(async move {
+        let close = channel.close(200, "closed".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+    });
+}
+
+/// Declares a direct exchange and a queue bound to it with the routing key
+/// `""`: the shape of every server's and every proxy's names.
+async fn declare_bound(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+    exchange_options: ExchangeDeclareOptions,
+    queue_options: QueueDeclareOptions,
+) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            exchange_options,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(queue.into(), queue_options, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// How a server id's exchange and queue are declared.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerQueue {
+    /// Survive a broker restart.
+    pub(crate) durable: bool,
+    /// Go away with the last consumer (the seed's default).
+    pub(crate) auto_delete: bool,
+}
+
+/// Declares the exchange `server_ID_ex` and queue `server_ID_queue` of a
+/// server id and binds them.
+pub(crate) async fn declare_server(
+    channel: &Channel,
+    id: &str,
+    shape: ServerQueue,
+) -> Result<(), lapin::Error> {
+    declare_bound(
+        channel,
+        &crate::protocol::server_exchange(id),
+        &crate::protocol::server_queue(id),
+        ExchangeDeclareOptions {
+            durable: shape.durable,
+            auto_delete: shape.auto_delete,
+            ..ExchangeDeclareOptions::default()
+        },
+        QueueDeclareOptions {
+            durable: shape.durable,
+            auto_delete: shape.auto_delete,
+            ..QueueDeclareOptions::default()
+        },
+    )
+    .await
+}
+
+/// Declares a proxy's reply exchange and queue and binds them: both go
+/// away with the proxy's connection (the queue is exclusive to it).
+pub(crate) async fn declare_reply(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    declare_bound(
+        channel,
+        exchange,
+        queue,
+        ExchangeDeclareOptions {
+            auto_delete: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        QueueDeclareOptions {
+            auto_delete: true,
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        },
+    )
+    .await
+}

@@ -1,0 +1,202 @@
+//! One call of a plugin function: its sandbox, the arguments bound, the function run under the deadline, the outcome as JSON or a typed error.
+//!
+//! [`Plugin::call`] takes a sandbox from the plugin's instances (a new
+//! one, a spare made ahead, or one kept from an earlier call with
+//! `reuse_instances`) and gives it back after the call; a [`Session`]
+//! holds one sandbox for several calls in sequence. Both end the same way,
+//! in `run`: instantiate if the sandbox has no instance yet, call, keep
+//! the instance only if the call returned, then map the results (a
+//! top-level `result::err` becomes a `GuestError`) or the reason it
+//! stopped (see `trap`), and hand the guest's output to the log.
+
+use std::time::Instant;
+
+use serde_json::Value;
+use wasmtime::Store;
+use wasmtime::component::{Instance, Type, Val};
+
+use super::Plugin;
+use super::bind::bind_args;
+use super::export::Export;
+use super::instances::{Instances, Sandbox};
+use super::sandbox::CallState;
+use super::trap::classify;
+use super::value::{Budget, placeholder, to_json};
+use crate::PluginError;
+use crate::protocol::Args;
+
+impl Plugin {
+    /// Calls `func` in a fresh sandbox.
+    ///
+    /// # Errors
+    ///
+    /// Every [`PluginError`] but `InvalidPlugin`: the function does not
+    /// exist, the arguments do not fit, the call ran into a limit, the
+    /// guest trapped, or it returned `result::err`. A call that finds
+    /// every instance slot of the runtime in a call waits for one, and
+    /// fails with `Timeout` if none is free within its deadline.
+    pub async fn call(&self, func: &str, args: &Args) -> Result<Value, PluginError> {
+        let export = self.export(func)?;
+        let params = bind_args(&export.info, &export.params, args)?;
+        let mut sandbox = self.instances.sandbox().await?;
+        let result = run(&self.instances, &mut sandbox, export, &params).await;
+        self.instances.give_back(sandbox);
+        result
+    }
+
+    /// Starts a session: one instance that serves several calls in
+    /// sequence. Limits still apply per call; the session must be dropped
+    /// after any error, since the guest may be left in a broken state.
+    ///
+    /// # Errors
+    ///
+    /// As [`Plugin::call`], for the instantiation.
+    pub async fn session(&self) -> Result<Session<'_>, PluginError> {
+        let mut sandbox = self.instances.fresh_sandbox().await?;
+        let instance = self
+            .instances
+            .pre()
+            .instantiate_async(&mut sandbox.store)
+            .await
+            .map_err(|e| failure(e, sandbox.store.data()))?;
+        sandbox.instance = Some(instance);
+        Ok(Session {
+            plugin: self,
+            sandbox: Some(sandbox),
+        })
+    }
+}
+
+/// One instance serving several calls in sequence; see [`Plugin::session`].
+pub struct Session<'a> {
+    plugin: &'a Plugin,
+    /// The store with its instance and slot; `None` once a call failed.
+    sandbox: Option<Sandbox>,
+}
+
+impl Session<'_> {
+    /// Calls `func` in this session's instance.
+    ///
+    /// # Errors
+    ///
+    /// As [`Plugin::call`]. After an error other than `NoSuchFunction` or
+    /// `InvalidArguments` the session is spent and every later call fails.
+    pub async fn call(&mut self, func: &str, args: &Args) -> Result<Value, PluginError> {
+        let plugin = self.plugin;
+        let export = plugin.export(func)?;
+        let params = bind_args(&export.info, &export.params, args)?;
+        let mut sandbox = self.sandbox.take().ok_or_else(|| {
+            PluginError::internal("this session ended after an earlier error".to_string())
+        })?;
+        plugin.instances.arm(&mut sandbox.store);
+        let result = run(&plugin.instances, &mut sandbox, export, &params).await;
+        if sandbox.instance.is_some() {
+            self.sandbox = Some(sandbox);
+        }
+        result
+    }
+}
+
+/// Runs `export` in `sandbox`, whose store is armed for this call,
+/// instantiating first if it holds no instance. The sandbox keeps its
+/// instance only if the call returned (whatever it returned): a guest
+/// stopped part-way may be left in a broken state.
+async fn run(
+    instances: &Instances,
+    sandbox: &mut Sandbox,
+    export: &Export,
+    params: &[Val],
+) -> Result<Value, PluginError> {
+    let started = Instant::now();
+    let instance = sandbox.instance.take();
+    let store = &mut sandbox.store;
+    let outcome = instances
+        .with_deadline(async move {
+            let instance = match instance {
+                Some(i) => i,
+                None => instances.pre().instantiate_async(&mut *store).await?,
+            };
+            let results = invoke(store, &instance, export, params).await?;
+            Ok((instance, results))
+        })
+        .await;
+    let result = match outcome {
+        Ok((instance, results)) => {
+            sandbox.instance = Some(instance);
+            results_json(export, &results, instances.settings.limits.result_bytes)
+        }
+        Err(e) => Err(failure(e, sandbox.store.data())),
+    };
+    let state = sandbox.store.data();
+    state.log_output();
+    let (plugin, func, elapsed) = (&*instances.name, &export.info.name, started.elapsed());
+    match &result {
+        Ok(_) => tracing::debug!(target: "callme::plugin", plugin, func, ?elapsed, "call"),
+        Err(e) => {
+            tracing::debug!(target: "callme::plugin", plugin, func, ?elapsed, error = %e, "call failed")
+        }
+    }
+    result
+}
+
+/// Calls the function in `instance`, with results sized for its type.
+async fn invoke(
+    store: &mut Store<CallState>,
+    instance: &Instance,
+    export: &Export,
+    params: &[Val],
+) -> wasmtime::Result<Vec<Val>> {
+    let func = instance
+        .get_func(&mut *store, export.index)
+        .ok_or_else(|| wasmtime::format_err!("export `{}` is not a function", export.info.name))?;
+    let mut results = vec![placeholder(); export.results.len()];
+    func.call_async(&mut *store, params, &mut results).await?;
+    Ok(results)
+}
+
+/// Why a call or an instantiation in the store of `state` failed.
+fn failure(error: wasmtime::Error, state: &CallState) -> PluginError {
+    classify(error, state.limiter.refused, &state.stderr.text())
+}
+
+/// The results of a call that returned, as JSON of at most `cap` bytes.
+fn results_json(export: &Export, results: &[Val], cap: usize) -> Result<Value, PluginError> {
+    let mut budget = Budget::new(cap);
+    let too_large = |_| PluginError::MemoryLimit {
+        message: format!("the result exceeds the result size cap of {cap} bytes"),
+    };
+    match (export.results.as_slice(), results) {
+        ([], _) => Ok(Value::Null),
+        // A top-level `result` is the function's own success or
+        // failure: `ok` is the call's result, `err` a GuestError.
+        ([Type::Result(r)], [Val::Result(v)]) => match v {
+            Ok(payload) => match (r.ok(), payload) {
+                (Some(t), Some(p)) => to_json(&t, p, &mut budget).map_err(too_large),
+                _ => Ok(Value::Null),
+            },
+            Err(payload) => {
+                let data = match (r.err(), payload) {
+                    (Some(t), Some(p)) => to_json(&t, p, &mut budget).map_err(too_large)?,
+                    _ => Value::Null,
+                };
+                let message = match &data {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "the function returned an error".into(),
+                    other => other.to_string(),
+                };
+                Err(PluginError::GuestError {
+                    message,
+                    payload: data,
+                })
+            }
+        },
+        ([t], [v]) => to_json(t, v, &mut budget).map_err(too_large),
+        (types, values) => {
+            let mut out = Vec::new();
+            for (t, v) in types.iter().zip(values) {
+                out.push(to_json(t, v, &mut budget).map_err(too_large)?);
+            }
+            Ok(Value::Array(out))
+        }
+    }
+}

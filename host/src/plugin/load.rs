@@ -1,0 +1,192 @@
+//! Loading a plugin: reading and compiling a component, checking what it imports and exports, linking it.
+//!
+//! A component is refused whole, with one line that says why, when it is
+//! not a component, imports anything but WASI 0.2 and the callme host
+//! interface, exports a function without a JSON form, or cannot be linked.
+//! What passes is pre-instantiated, so a call only makes an instance.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+
+use super::export::Export;
+use super::instances::Instances;
+use super::{Plugin, PluginSettings, Runtime};
+use crate::PluginError;
+
+/// Lower-case hex SHA-256 of `bytes`: the version of a plugin.
+pub fn content_hash(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The short name of an exported interface: `stats` for both the inline
+/// `stats` and `example:calc/stats@1.0.0`.
+fn interface_short_name(name: &str) -> &str {
+    let tail = name.rsplit_once('/').map_or(name, |(_, t)| t);
+    tail.split_once('@').map_or(tail, |(h, _)| h)
+}
+
+/// Whether a plugin may import `name`: WASI 0.2 or the callme host interface.
+fn import_allowed(name: &str) -> bool {
+    let (path, version) = name.split_once('@').unwrap_or((name, ""));
+    (path.starts_with("wasi:") && version.starts_with("0.2."))
+        || (path == "callme:plugin/host" && version.starts_with("0.1."))
+}
+
+impl Plugin {
+    /// Loads a plugin from a file; its name is the file stem.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::InvalidPlugin`] when the file cannot be read or the
+    /// component is refused (see [`Plugin::load`]).
+    pub fn load_file(
+        runtime: &Runtime,
+        path: &Path,
+        settings: PluginSettings,
+    ) -> Result<Plugin, PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            PluginError::invalid_plugin(format!("cannot read {}: {e}", path.display()))
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "plugin".into());
+        Plugin::load(runtime, &name, &bytes, settings)
+    }
+
+    /// Loads a plugin from component bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::InvalidPlugin`] when the bytes are not a valid
+    /// component, an export uses a type without a JSON form (naming the
+    /// function and the type), it imports anything but WASI 0.2 and
+    /// `callme:plugin/host` (naming the import), or it cannot be linked.
+    pub fn load(
+        runtime: &Runtime,
+        name: &str,
+        bytes: &[u8],
+        settings: PluginSettings,
+    ) -> Result<Plugin, PluginError> {
+        let rt = &runtime.inner;
+        let memory_bytes = settings.limits.memory_bytes;
+        if memory_bytes > rt.config.max_memory_bytes {
+            return Err(PluginError::invalid_plugin(format!(
+                "memory cap of {memory_bytes} bytes exceeds the runtime's maximum of {}",
+                rt.config.max_memory_bytes
+            )));
+        }
+        let hash = content_hash(bytes);
+        // One line, and nothing of the file: the parser's message quotes
+        // the bytes of a file that is not WebAssembly at all (a text file,
+        // or whatever a symlink points at), and the message goes to logs
+        // and to callers.
+        let component = Component::new(&rt.engine, bytes).map_err(|e| {
+            PluginError::invalid_plugin(if bytes.starts_with(b"\0asm") {
+                format!("not a valid component: {e:#}").replace('\n', " ")
+            } else {
+                format!(
+                    "not a WebAssembly component ({} bytes that do not start with `\\0asm`)",
+                    bytes.len()
+                )
+            })
+        })?;
+        let ty = component.component_type();
+
+        for (import, _) in ty.imports(&rt.engine) {
+            if !import_allowed(import) {
+                return Err(PluginError::invalid_plugin(format!(
+                    "imports `{import}`, which the host does not provide (plugins may import \
+                     WASI 0.2 and callme:plugin/host@0.1.0)"
+                )));
+            }
+        }
+
+        let mut exports = BTreeMap::new();
+        for (export_name, item) in ty.exports(&rt.engine) {
+            match item.ty {
+                ComponentItem::ComponentFunc(func) => {
+                    let index = component
+                        .get_export_index(None, export_name)
+                        .ok_or_else(|| PluginError::internal(format!("export `{export_name}`")))?;
+                    let e = Export::new(export_name.to_string(), index, &func)?;
+                    exports.insert(e.info.name.clone(), e);
+                }
+                // Toolchain plumbing, not the author's functions:
+                // componentize-py exports its interpreter set-up as a bare
+                // `exports` instance (so a plugin cannot name its own
+                // interface `exports`).
+                ComponentItem::ComponentInstance(_)
+                    if export_name.starts_with("componentize-py:") || export_name == "exports" => {}
+                ComponentItem::ComponentInstance(inst) => {
+                    let short = interface_short_name(export_name);
+                    let inst_index = component
+                        .get_export_index(None, export_name)
+                        .ok_or_else(|| PluginError::internal(format!("export `{export_name}`")))?;
+                    for (func_name, item) in inst.exports(&rt.engine) {
+                        if let ComponentItem::ComponentFunc(func) = item.ty {
+                            let index = component
+                                .get_export_index(Some(&inst_index), func_name)
+                                .ok_or_else(|| {
+                                    PluginError::internal(format!("export `{func_name}`"))
+                                })?;
+                            let e = Export::new(format!("{short}.{func_name}"), index, &func)?;
+                            exports.insert(e.info.name.clone(), e);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let pre = rt
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::invalid_plugin(format!("cannot be linked: {e:#}")))?;
+        let weight = runtime.slots_for(&component)?;
+        Ok(Plugin {
+            hash,
+            exports,
+            instances: Instances::new(runtime.clone(), name.into(), settings, pre, weight),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_short() {
+        assert_eq!(interface_short_name("stats"), "stats");
+        assert_eq!(interface_short_name("example:calc/stats@1.0.0"), "stats");
+        assert_eq!(interface_short_name("example:calc/stats"), "stats");
+    }
+
+    #[test]
+    fn only_wasi_02_and_host_imports_are_allowed() {
+        assert!(import_allowed("wasi:cli/environment@0.2.6"));
+        assert!(import_allowed("callme:plugin/host@0.1.0"));
+        assert!(!import_allowed("wasi:cli/environment@0.3.0"));
+        assert!(!import_allowed("evil"));
+        assert!(!import_allowed("callme:plugin/other@0.1.0"));
+    }
+
+    #[test]
+    fn content_hash_is_sha256_hex() {
+        assert_eq!(
+            content_hash(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

@@ -1,0 +1,335 @@
+//! A plugin's settings: its call [`Limits`], instance policy, concurrency and guest log level, and the sidecar they are read from.
+//!
+//! A sidecar `NAME.toml` beside a plugin sets any of them, with flat keys
+//! (`fuel`, `deadline_ms`, `prewarm`, ...). It is parsed and checked as a
+//! whole by [`PluginSettings::from_toml`], so settings are either all
+//! valid or not applied at all.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::limits::{
+    Limits, MAX_DEADLINE, MAX_FUEL, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES,
+    MIN_MEMORY_BYTES,
+};
+
+/// Spare instances a served plugin keeps by default: enough to answer a
+/// small burst without waiting for instantiation, while holding few pool
+/// slots and little memory.
+pub const DEFAULT_PREWARM: usize = 2;
+
+/// Most spare instances per plugin: each holds a slot of the instance
+/// pool that every plugin's calls share, and one plugin asking for more
+/// is a typo, not a setting.
+pub(crate) const MAX_PREWARM: usize = 64;
+
+/// Most calls in flight per plugin: the AMQP prefetch count that carries
+/// it is a 16-bit number.
+pub(crate) const MAX_CONCURRENCY: usize = u16::MAX as usize;
+
+/// Everything that can be set for one plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSettings {
+    /// What each call may spend and return.
+    pub limits: Limits,
+    /// Keep instances between calls instead of a fresh sandbox per call.
+    /// Faster for big guests (interpreters), but state a guest keeps in
+    /// memory is seen by the next call it serves; an instance is
+    /// discarded after any error. Off by default.
+    pub reuse_instances: bool,
+    /// Spare instances kept ready, fresh and never called, so a call need
+    /// not wait for its instance to be made; each one a call takes is
+    /// replaced in the background. Every call still runs in an instance of
+    /// its own. Only a server keeps spares (see `Plugin::start_prewarm`);
+    /// with `reuse_instances` there are none.
+    pub prewarm: usize,
+    /// Calls in flight for this plugin, overriding the server's
+    /// `--concurrency` (its share of the host).
+    pub concurrency: Option<usize>,
+    /// Lowest level of the guest's log lines (host import and captured
+    /// stdout/stderr) that reach the host log.
+    pub log_level: GuestLogLevel,
+}
+
+impl Default for PluginSettings {
+    fn default() -> Self {
+        PluginSettings {
+            limits: Limits::default(),
+            reuse_instances: false,
+            prewarm: DEFAULT_PREWARM,
+            concurrency: None,
+            log_level: GuestLogLevel::Trace,
+        }
+    }
+}
+
+/// Lowest level of guest log lines kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestLogLevel {
+    /// Everything.
+    #[default]
+    Trace,
+    /// Debug and above.
+    Debug,
+    /// Info and above (captured stdout/stderr is info).
+    Info,
+    /// Warnings and errors.
+    Warn,
+    /// Errors only.
+    Error,
+    /// Nothing.
+    Off,
+}
+
+/// Why a sidecar's settings were refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SettingsError {
+    /// Not TOML, a key that does not exist, or a value of the wrong type.
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    /// A number outside what the setting can mean.
+    #[error("`{key} = {value}` is out of range: it must be between {min} and {max}")]
+    OutOfRange {
+        /// The sidecar key.
+        key: &'static str,
+        /// The value given.
+        value: u128,
+        /// The smallest value allowed.
+        min: u128,
+        /// The largest value allowed.
+        max: u128,
+    },
+}
+
+impl SettingsError {
+    /// The reason as one log line. TOML's own message quotes the sidecar
+    /// `text` over several lines, with a caret under the fault; this gives
+    /// the line number and the message instead.
+    pub(crate) fn one_line(&self, text: &str) -> String {
+        match self {
+            SettingsError::Toml(e) => {
+                let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+                match e.span() {
+                    Some(span) => {
+                        let before = &text.as_bytes()[..span.start.min(text.len())];
+                        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+                        format!("line {line}: {message}")
+                    }
+                    None => message,
+                }
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl PluginSettings {
+    /// Parses a sidecar and checks every value, so that settings are
+    /// applied whole or not at all.
+    ///
+    /// # Errors
+    ///
+    /// [`SettingsError::Toml`] for text that is not TOML, an unknown key
+    /// or a value of the wrong type (a negative number, or one over 64
+    /// bits); [`SettingsError::OutOfRange`] for the first
+    /// number outside its bounds (see the `MAX_*` and `MIN_*` constants).
+    pub(crate) fn from_toml(text: &str) -> Result<PluginSettings, SettingsError> {
+        let sidecar: Sidecar = toml::from_str(text)?;
+        sidecar.check()?;
+        Ok(sidecar.into())
+    }
+}
+
+/// The sidecar as written: one flat table whose keys are the settings'
+/// names. Kept apart from [`PluginSettings`] because serde cannot deny
+/// unknown keys of a table it spreads over nested structs.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Sidecar {
+    fuel: u64,
+    deadline_ms: u64,
+    memory_bytes: usize,
+    result_bytes: usize,
+    output_bytes: usize,
+    reuse_instances: bool,
+    prewarm: usize,
+    concurrency: Option<usize>,
+    log_level: GuestLogLevel,
+}
+
+impl Default for Sidecar {
+    fn default() -> Self {
+        let PluginSettings {
+            limits,
+            reuse_instances,
+            prewarm,
+            concurrency,
+            log_level,
+        } = PluginSettings::default();
+        Sidecar {
+            fuel: limits.fuel,
+            // The default deadline is seconds, far inside 64 bits of ms.
+            deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX),
+            memory_bytes: limits.memory_bytes,
+            result_bytes: limits.result_bytes,
+            output_bytes: limits.output_bytes,
+            reuse_instances,
+            prewarm,
+            concurrency,
+            log_level,
+        }
+    }
+}
+
+impl From<Sidecar> for PluginSettings {
+    fn from(s: Sidecar) -> Self {
+        PluginSettings {
+            limits: Limits {
+                fuel: s.fuel,
+                deadline: Duration::from_millis(s.deadline_ms),
+                memory_bytes: s.memory_bytes,
+                result_bytes: s.result_bytes,
+                output_bytes: s.output_bytes,
+            },
+            reuse_instances: s.reuse_instances,
+            prewarm: s.prewarm,
+            concurrency: s.concurrency,
+            log_level: s.log_level,
+        }
+    }
+}
+
+impl Sidecar {
+    /// Checks every numeric setting against its bounds.
+    fn check(&self) -> Result<(), SettingsError> {
+        fn within<T: Into<u128>>(
+            key: &'static str,
+            value: T,
+            min: T,
+            max: T,
+        ) -> Result<(), SettingsError> {
+            let (value, min, max) = (value.into(), min.into(), max.into());
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(SettingsError::OutOfRange {
+                    key,
+                    value,
+                    min,
+                    max,
+                })
+            }
+        }
+        // usize is at most 64 bits on every target wasmtime supports.
+        let size = |n: usize| n as u64;
+        within("fuel", self.fuel, 1, MAX_FUEL)?;
+        within(
+            "deadline_ms",
+            u128::from(self.deadline_ms),
+            1,
+            MAX_DEADLINE.as_millis(),
+        )?;
+        within(
+            "memory_bytes",
+            size(self.memory_bytes),
+            size(MIN_MEMORY_BYTES),
+            size(MAX_MEMORY_BYTES),
+        )?;
+        within(
+            "result_bytes",
+            size(self.result_bytes),
+            1,
+            size(MAX_RESULT_BYTES),
+        )?;
+        within(
+            "output_bytes",
+            size(self.output_bytes),
+            0,
+            size(MAX_OUTPUT_BYTES),
+        )?;
+        within("prewarm", size(self.prewarm), 0, size(MAX_PREWARM))?;
+        if let Some(concurrency) = self.concurrency {
+            within("concurrency", size(concurrency), 1, size(MAX_CONCURRENCY))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sidecar_within_bounds_is_taken_whole() {
+        let settings = PluginSettings::from_toml(
+            "fuel = 1\ndeadline_ms = 1800000\nmemory_bytes = 65536\nresult_bytes = 1\n\
+             output_bytes = 0\nprewarm = 64\nconcurrency = 65535\nlog_level = \"off\"\n\
+             reuse_instances = true\n",
+        )
+        .unwrap();
+        assert_eq!(settings.limits.fuel, 1);
+        assert_eq!(settings.limits.deadline, MAX_DEADLINE);
+        assert_eq!(settings.limits.memory_bytes, MIN_MEMORY_BYTES);
+        assert_eq!(settings.limits.result_bytes, 1);
+        assert_eq!(settings.limits.output_bytes, 0);
+        assert_eq!(settings.prewarm, MAX_PREWARM);
+        assert_eq!(settings.concurrency, Some(65535));
+        assert_eq!(settings.log_level, GuestLogLevel::Off);
+        assert!(settings.reuse_instances);
+    }
+
+    #[test]
+    fn an_empty_sidecar_gives_the_defaults_and_they_are_in_bounds() {
+        assert_eq!(
+            PluginSettings::from_toml("").unwrap(),
+            PluginSettings::default()
+        );
+        Sidecar::default().check().unwrap();
+    }
+
+    #[test]
+    fn nonsense_numbers_are_refused_by_name() {
+        for (text, key) in [
+            ("concurrency = 0", "concurrency"),
+            ("concurrency = 70000", "concurrency"),
+            ("fuel = 0", "fuel"),
+            ("fuel = 9223372036854775807", "fuel"),
+            ("fuel = 18446744073709551615", "fuel"),
+            ("deadline_ms = 0", "deadline_ms"),
+            ("deadline_ms = 1800001", "deadline_ms"),
+            // Would overflow the call's deadline instant.
+            ("deadline_ms = 18446744073709551615", "deadline_ms"),
+            ("memory_bytes = 0", "memory_bytes"),
+            ("memory_bytes = 65535", "memory_bytes"),
+            ("memory_bytes = 4294967297", "memory_bytes"),
+            ("result_bytes = 0", "result_bytes"),
+            ("result_bytes = 536870913", "result_bytes"),
+            ("output_bytes = 1048577", "output_bytes"),
+            ("prewarm = 1000000", "prewarm"),
+        ] {
+            let e = PluginSettings::from_toml(text).unwrap_err();
+            assert!(
+                matches!(e, SettingsError::OutOfRange { key: k, .. } if k == key),
+                "{text}: {e}"
+            );
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+        // Values TOML or the field's type cannot hold fail while parsing.
+        for text in [
+            "fuel = -1",
+            "fuel = 18446744073709551616",
+            "concurrency = -3",
+            "concurrency = \"8\"",
+            "feul = 5",
+            // The struct's field name, not a sidecar key.
+            "deadline = 5",
+        ] {
+            assert!(
+                matches!(PluginSettings::from_toml(text), Err(SettingsError::Toml(_))),
+                "{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Calls waiting for their replies, by correlation id.
+//!
+//! A call registers before it publishes and is forgotten however it ends
+//! (answered, timed out, dropped), so a late reply finds nobody and is
+//! dropped. When the reply queue goes with a lost connection, every call
+//! waiting is failed at once rather than left to its timeout.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+use crate::protocol::Response;
+
+/// The calls waiting, each with where its reply goes.
+#[derive(Default)]
+pub(super) struct Pending(Mutex<HashMap<String, oneshot::Sender<Response>>>);
+
+impl Pending {
+    /// Registers a call under `corr`; its reply comes on the receiver
+    /// until the returned guard is dropped.
+    pub(super) fn wait<'a>(&'a self, corr: &'a str) -> (Waiting<'a>, oneshot::Receiver<Response>) {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(corr.to_string(), tx);
+        (
+            Waiting {
+                pending: self,
+                corr,
+            },
+            rx,
+        )
+    }
+
+    /// Hands `response` to the call waiting for `corr`; whether one was.
+    pub(super) fn answer(&self, corr: &str, response: Response) -> bool {
+        match self.lock().remove(corr) {
+            Some(tx) => {
+                let _ = tx.send(response);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails every call waiting: their replies can no longer come.
+    pub(super) fn fail_all(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Response>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A call's registration, removed however the call ends.
+pub(super) struct Waiting<'a> {
+    pending: &'a Pending,
+    corr: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(self.corr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_reply_reaches_its_call_and_a_late_one_nobody() {
+        let pending = Pending::default();
+        let (waiting, mut rx) = pending.wait("a");
+        assert!(pending.answer("a", Response::Result(json!(1))));
+        assert!(matches!(rx.try_recv(), Ok(Response::Result(v)) if v == json!(1)));
+        assert!(
+            !pending.answer("a", Response::Result(json!(2))),
+            "answered twice"
+        );
+        drop(waiting);
+        assert!(!pending.answer("b", Response::Result(json!(3))));
+    }
+
+    #[test]
+    fn a_call_that_ends_is_forgotten_and_fail_all_fails_the_rest() {
+        let pending = Pending::default();
+        let (gone, _) = pending.wait("gone");
+        drop(gone);
+        assert!(!pending.answer("gone", Response::Result(json!(1))));
+        let (_waiting, mut rx) = pending.wait("waiting");
+        pending.fail_all();
+        assert!(matches!(
+            rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+    }
+}

@@ -1,0 +1,280 @@
+//! A served id's consumer: subscribing with its prefetch, taking deliveries, changing the prefetch live, cancelling.
+//!
+//! Each served id has a consumer on a channel of its own, with a prefetch
+//! equal to its concurrency, and a [`Consuming`] loop that spawns a
+//! [`Job`] per delivery within the id's share of calls. The loop runs on
+//! the shared resubscribe loop, so it consumes again after a lost
+//! connection; it holds the server weakly, so dropping every handle of a
+//! server ends it.
+
+use std::sync::{Arc, Weak};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use super::job::Job;
+use super::reply::Replier;
+use super::service::Service;
+use super::{Inner, Server};
+use crate::Error;
+use crate::amqp::connect::classify_lapin;
+use crate::amqp::link::CLOSE_TIMEOUT;
+use crate::amqp::resubscribe::Subscription;
+use crate::amqp::topology::{self, ServerQueue};
+use crate::protocol::server_queue;
+
+/// The consumer of a served id, as the registry keeps it.
+#[derive(Clone)]
+pub(super) struct ConsumerHandle {
+    pub(super) channel: Channel,
+    pub(super) tag: String,
+    /// Hands a replacement consumer (same channel, new prefetch) to the
+    /// consume loop.
+    pub(super) handover: mpsc::UnboundedSender<Consumer>,
+}
+
+/// Declares the exchange and queue of `id` on `channel`, binds them, and
+/// starts a consumer with a prefetch of `concurrency`; returns its tag.
+pub(super) async fn subscribe(
+    channel: &Channel,
+    id: &str,
+    shape: ServerQueue,
+    concurrency: usize,
+) -> Result<(String, Consumer), Error> {
+    topology::declare_server(channel, id, shape)
+        .await
+        .map_err(|e| refused(id, e))?;
+    channel
+        .basic_qos(concurrency as u16, BasicQosOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    let tag = consumer_tag(id);
+    let consumer = consume(channel, id, &tag).await?;
+    Ok((tag, consumer))
+}
+
+async fn consume(channel: &Channel, id: &str, tag: &str) -> Result<Consumer, Error> {
+    channel
+        .basic_consume(
+            server_queue(id).as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| refused(id, e))
+}
+
+/// A fresh consumer tag for `id`.
+fn consumer_tag(id: &str) -> String {
+    format!("callme-server-{id}-{}", uuid::Uuid::new_v4())
+}
+
+fn refused(id: &str, e: lapin::Error) -> Error {
+    match classify_lapin(e) {
+        Error::AccessRefused(text) => Error::AccessRefused(format!(
+            "this user may not serve `{id}` (the broker refused access to its exchange or queue): {text}"
+        )),
+        other => other,
+    }
+}
+
+/// Cancels a consumer. A cancel the broker refuses or does not confirm in
+/// time closes the channel instead, so no consumer is left taking
+/// requests. Calls running keep their channel until they have acked.
+pub(super) async fn cancel(channel: &Channel, tag: &str) -> Result<(), Error> {
+    // A channel that is gone has no consumer left to cancel.
+    if !channel.status().connected() {
+        return Ok(());
+    }
+    let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+    match tokio::time::timeout(CLOSE_TIMEOUT, cancel).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) if !channel.status().connected() => Ok(()),
+        Ok(Err(e)) => {
+            topology::close_soon(channel.clone());
+            Err(classify_lapin(e))
+        }
+        Err(_) => {
+            topology::close_soon(channel.clone());
+            Err(Error::Disconnected(
+                "the broker did not confirm the cancel in time: the channel was closed".into(),
+            ))
+        }
+    }
+}
+
+/// Gives a served id's consumer a new prefetch.
+///
+/// The broker applies a channel's prefetch to consumers made after it
+/// (`basic.qos` with `global` false; RabbitMQ's "Consumer Prefetch"
+/// guide), so the consumer is replaced. The new one starts on the same
+/// channel before the old one is cancelled: the queue is never without a
+/// consumer (an auto-delete queue would be deleted with its requests), and
+/// requests the old one took stay acknowledgeable on the same channel.
+/// Returns the new consumer's handle, or `None` when the channel is down
+/// (the consume loop subscribes with the new prefetch when it is back).
+pub(super) async fn change_prefetch(
+    id: &str,
+    current: &ConsumerHandle,
+    concurrency: usize,
+) -> Result<Option<ConsumerHandle>, Error> {
+    let channel = &current.channel;
+    if !channel.status().connected() {
+        return Ok(None);
+    }
+    let replace = async {
+        channel
+            .basic_qos(concurrency as u16, BasicQosOptions::default())
+            .await
+            .map_err(classify_lapin)?;
+        let tag = consumer_tag(id);
+        let consumer = consume(channel, id, &tag).await?;
+        Ok::<_, Error>((tag, consumer))
+    };
+    let (tag, consumer) = match tokio::time::timeout(CLOSE_TIMEOUT, replace).await {
+        Ok(replaced) => replaced?,
+        Err(_) => {
+            // The consume loop subscribes again on a new channel.
+            topology::close_soon(channel.clone());
+            return Err(Error::Disconnected(
+                "the broker did not confirm the new prefetch in time: the channel was closed"
+                    .into(),
+            ));
+        }
+    };
+    // The loop only reads it once the old consumer has ended.
+    let _ = current.handover.send(consumer);
+    cancel(channel, &current.tag).await?;
+    Ok(Some(ConsumerHandle {
+        tag,
+        ..current.clone()
+    }))
+}
+
+/// The consume loop of one served id.
+pub(super) struct Consuming {
+    pub(super) inner: Weak<Inner>,
+    pub(super) id: String,
+    pub(super) service: Arc<Service>,
+    pub(super) slots: Arc<Semaphore>,
+    pub(super) replier: Replier,
+    /// Where replacement consumers come from.
+    pub(super) handover: mpsc::UnboundedSender<Consumer>,
+    /// Consumers that replace the current one on its channel (a new
+    /// prefetch).
+    pub(super) handed: mpsc::UnboundedReceiver<Consumer>,
+}
+
+impl Consuming {
+    fn server(&self) -> Option<Server> {
+        self.inner.upgrade().map(|inner| Server { inner })
+    }
+
+    /// Spawns a job per delivery until the consumer ends (cancelled, or
+    /// its connection lost). A consumer cancelled because a replacement
+    /// took over on the same channel is read to its end, then the
+    /// replacement is.
+    async fn take(&mut self, channel: &Channel, mut consumer: Consumer) {
+        loop {
+            let Some(delivery) = consumer.next().await else {
+                match self.handed.try_recv() {
+                    Ok(next) if channel.status().connected() => {
+                        consumer = next;
+                        continue;
+                    }
+                    _ => return,
+                }
+            };
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(target: "callme::server", server_id = %self.id, error = %e, "consumer lost");
+                    return;
+                }
+            };
+            let Some(server) = self.server() else {
+                return;
+            };
+            // Both semaphores stay open for the server's lifetime.
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok(flight) = server.inner.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            if !delivery.acker.usable() {
+                // Its channel closed while it waited for a slot: the broker
+                // has put it back in the queue.
+                continue;
+            }
+            let job = Job {
+                server,
+                id: self.id.clone(),
+                service: self.service.clone(),
+                replier: self.replier.clone(),
+                _channel: channel.clone(),
+            };
+            tokio::spawn(async move {
+                job.handle(delivery).await;
+                drop((slot, flight));
+            });
+        }
+    }
+}
+
+impl Subscription for Consuming {
+    fn what(&self) -> String {
+        format!("server id {}", self.id)
+    }
+
+    async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
+        let Some(server) = self.server() else {
+            return Ok(None);
+        };
+        let inner = &server.inner;
+        let _changing = inner.changes.lock().await;
+        let Some(concurrency) = inner.registry.still_served(&self.id, &self.service) else {
+            return Ok(None);
+        };
+        let shape = inner.options.queue_shape();
+        let (channel, (tag, consumer)) = topology::declare_on(conn, async |ch| {
+            subscribe(ch, &self.id, shape, concurrency).await
+        })
+        .await?;
+        let handle = ConsumerHandle {
+            channel: channel.clone(),
+            tag,
+            handover: self.handover.clone(),
+        };
+        inner.registry.set_consumer(&self.id, &self.service, handle);
+        info!(target: "callme::server", server_id = %self.id, concurrency, "consuming");
+        Ok(Some((channel, consumer)))
+    }
+
+    async fn consume(&mut self, _conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
+        self.take(channel, consumer).await;
+        // A replacement made for that channel died with it.
+        while self.handed.try_recv().is_ok() {}
+    }
+
+    fn wanted(&self) -> bool {
+        self.server().is_some_and(|s| {
+            s.inner
+                .registry
+                .still_served(&self.id, &self.service)
+                .is_some()
+        })
+    }
+
+    fn closed(&mut self) {
+        debug!(target: "callme::server", server_id = %self.id, "connection closed: no longer served");
+        if let Some(server) = self.server() {
+            server.inner.registry.forget(&self.id, &self.service);
+        }
+    }
+}

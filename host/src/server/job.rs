@@ -1,0 +1,131 @@
+//! One request, from delivery to ack: decode, call, reply, then ack or give back.
+//!
+//! A request is acked only once its reply is confirmed by the broker, or
+//! found undeliverable (its caller is gone): a host that dies mid-call
+//! leaves it to be delivered again. A request that cannot be answered at
+//! all (no `reply_to` or `correlation_id`) is logged and dropped. Bad
+//! bodies are answered with `BadRequest`; nothing a request holds stops
+//! the server.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tracing::{debug, info, warn};
+
+use super::Server;
+use super::reply::{Replier, Sent, Undeliverable};
+use super::service::{Context, Service};
+use crate::protocol::{CONTENT_TYPE, Request, Response};
+use crate::{ErrorKind, RemoteError};
+
+/// One delivery of a served id.
+pub(super) struct Job {
+    pub(super) server: Server,
+    pub(super) id: String,
+    pub(super) service: Arc<Service>,
+    pub(super) replier: Replier,
+    /// The channel the request came on, kept open until it is acked.
+    pub(super) _channel: Channel,
+}
+
+impl Job {
+    pub(super) async fn handle(self, delivery: Delivery) {
+        let started = Instant::now();
+        let props = &delivery.properties;
+        let reply_to = props.reply_to().as_ref().map(|s| s.to_string());
+        let corr = props.correlation_id().as_ref().map(|s| s.to_string());
+        let (Some(reply_to), Some(corr)) = (reply_to, corr) else {
+            if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
+                warn!(target: "callme::server", server_id = %self.id, held_back = held, "request without reply_to or correlation_id dropped");
+            }
+            ack(&delivery).await;
+            return;
+        };
+        let content_type = props.content_type().as_ref().map(|s| s.to_string());
+        let outcome = match content_type.as_deref() {
+            Some(ct) if ct != CONTENT_TYPE => Err(RemoteError::new(
+                ErrorKind::BadRequest,
+                format!("content type `{ct}` is not {CONTENT_TYPE}"),
+            )),
+            _ => match Request::decode(&delivery.data, self.server.inner.options.max_request_bytes)
+            {
+                Ok(request) => {
+                    let inner = &self.server.inner;
+                    let cx = Context {
+                        id: &self.id,
+                        executor: inner.executor.handle(),
+                        default_concurrency: inner.options.concurrency,
+                    };
+                    self.service.call(request, &cx).await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let failed = outcome.as_ref().err().map(|e| e.kind);
+        let body = Response::from(outcome).encode();
+        let inner = &self.server.inner;
+        match self.replier.send(&reply_to, &corr, &body).await {
+            Sent::Delivered => {
+                if ack(&delivery).await {
+                    inner.answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Sent::Undeliverable(why) => {
+                // Nobody can ever receive it: running the request again
+                // would only lose its reply again.
+                inner.undeliverable.fetch_add(1, Ordering::Relaxed);
+                let throttle = match why {
+                    Undeliverable::CallerGone => &inner.noisy.caller_gone,
+                    Undeliverable::AccessRefused => &inner.noisy.access_refused,
+                };
+                if let Some(held) = throttle.admit() {
+                    let reason = match why {
+                        Undeliverable::CallerGone => {
+                            "reply dropped: the caller's reply exchange does not exist (it left, or never was)"
+                        }
+                        Undeliverable::AccessRefused => {
+                            "reply dropped: this user may not publish to the caller's reply exchange"
+                        }
+                    };
+                    info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
+                }
+                ack(&delivery).await;
+            }
+            Sent::Failed(e) => {
+                // Given back once for another try (here or on another
+                // host); a request that was already given back is dropped
+                // rather than run in a loop.
+                let requeue = !delivery.redelivered;
+                if let Some(held) = inner.noisy.not_sent.admit() {
+                    warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
+                }
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
+        }
+        debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
+    }
+}
+
+/// Acks a request; whether the broker took the ack.
+async fn ack(delivery: &Delivery) -> bool {
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!(target: "callme::server", "ack not sent: the request's channel is closed; the broker will redeliver");
+            false
+        }
+        Err(e) => {
+            warn!(target: "callme::server", error = %e, "ack failed; the broker will redeliver");
+            false
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! What answers a server id: a plugin (swapped atomically on redeploy) or native Rust functions.
+//!
+//! A [`Service`] runs one request: plugin calls on the server's plugin
+//! executor, so CPU-heavy guests never starve the tasks that talk to the
+//! broker; native functions on tokio's blocking pool, so they may block.
+//! `_describe` is answered here too, from what the service holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+
+use crate::plugin::Plugin;
+use crate::protocol::{Args, DESCRIBE, DescribedFunction, Description, Request};
+use crate::{ErrorKind, RemoteError};
+
+type NativeFn = dyn Fn(Args) -> Result<Value, RemoteError> + Send + Sync;
+
+/// Native Rust functions served under one server id (the seed's
+/// `register_function`).
+#[derive(Default, Clone)]
+pub struct NativeFunctions {
+    functions: HashMap<String, (String, Arc<NativeFn>)>,
+}
+
+impl NativeFunctions {
+    /// An empty set.
+    pub fn new() -> Self {
+        NativeFunctions::default()
+    }
+
+    /// Registers `f` as `name`. `signature` is what `_describe` shows
+    /// (e.g. `func(a: s64, b: s64) -> s64`). `f` runs on a blocking
+    /// thread, so it may compute or block.
+    pub fn register(
+        &mut self,
+        name: &str,
+        signature: &str,
+        f: impl Fn(Args) -> Result<Value, RemoteError> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.functions
+            .insert(name.to_string(), (signature.to_string(), Arc::new(f)));
+        self
+    }
+
+    fn describe(&self) -> Vec<DescribedFunction> {
+        let mut list: Vec<_> = self
+            .functions
+            .iter()
+            .map(|(name, (signature, _))| DescribedFunction {
+                name: name.clone(),
+                signature: signature.clone(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+}
+
+/// What answers a server id.
+pub(super) enum Service {
+    /// A plugin; a new version is swapped in whole.
+    Plugin(ArcSwap<Plugin>),
+    /// Native functions.
+    Native(NativeFunctions),
+}
+
+/// What a call needs from the server around it.
+pub(super) struct Context<'a> {
+    /// The server id called.
+    pub(super) id: &'a str,
+    /// Where plugin code runs.
+    pub(super) executor: &'a tokio::runtime::Handle,
+    /// The server's concurrency, for plugins that do not set their own.
+    pub(super) default_concurrency: usize,
+}
+
+impl Service {
+    /// Runs `request`.
+    pub(super) async fn call(
+        &self,
+        request: Request,
+        cx: &Context<'_>,
+    ) -> Result<Value, RemoteError> {
+        let Request { func, args } = request;
+        match self {
+            Service::Plugin(slot) => {
+                // Load once: the whole call runs on this version even if a
+                // new one is swapped in meanwhile.
+                let plugin = slot.load_full();
+                if func == DESCRIBE {
+                    return Ok(described(describe_plugin(&plugin, cx)));
+                }
+                let task = cx
+                    .executor
+                    .spawn(async move { plugin.call(&func, &args).await });
+                match task.await {
+                    Ok(r) => r.map_err(RemoteError::from),
+                    Err(e) => Err(RemoteError::new(
+                        ErrorKind::Internal,
+                        format!("the call's task failed: {e}"),
+                    )),
+                }
+            }
+            Service::Native(functions) => {
+                if func == DESCRIBE {
+                    return Ok(described(Description {
+                        server: cx.id.to_string(),
+                        version: "native".into(),
+                        concurrency: None,
+                        reuse_instances: None,
+                        prewarm: None,
+                        functions: functions.describe(),
+                    }));
+                }
+                functions.call(&func, args).await
+            }
+        }
+    }
+}
+
+fn describe_plugin(plugin: &Plugin, cx: &Context<'_>) -> Description {
+    let settings = plugin.settings();
+    Description {
+        server: cx.id.to_string(),
+        version: plugin.hash().to_string(),
+        concurrency: Some(settings.concurrency.unwrap_or(cx.default_concurrency)),
+        reuse_instances: Some(settings.reuse_instances),
+        prewarm: Some(settings.prewarm),
+        functions: plugin
+            .functions()
+            .iter()
+            .map(|f| DescribedFunction {
+                name: f.name.clone(),
+                signature: f.signature.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn described(description: Description) -> Value {
+    // A struct of strings, numbers and lists always serialises.
+    serde_json::to_value(description).unwrap_or(Value::Null)
+}
+
+impl NativeFunctions {
+    async fn call(&self, func: &str, args: Args) -> Result<Value, RemoteError> {
+        let Some((_, f)) = self.functions.get(func) else {
+            let mut names: Vec<_> = self.functions.keys().cloned().collect();
+            names.sort();
+            return Err(RemoteError::new(
+                ErrorKind::NoSuchFunction,
+                format!("no function `{func}` (available: {})", names.join(", ")),
+            ));
+        };
+        let f = f.clone();
+        match tokio::task::spawn_blocking(move || f(args)).await {
+            Ok(r) => r,
+            Err(e) => Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!("the function panicked: {e}"),
+            )),
+        }
+    }
+}
