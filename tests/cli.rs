@@ -5,7 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use callme_tests::{Host, amqp_url, callme_bin, eventually, plugin_path, tempdir, unique};
+use callme_tests::{Host, amqp_url, callme_bin, deploy, eventually, plugin_path, tempdir, unique};
 use serde_json::Value;
 
 fn callme(args: &[&str]) -> Output {
@@ -142,6 +142,14 @@ async fn serve_call_and_describe_end_to_end() {
             .any(|f| f["name"] == "fib")
     );
     assert_eq!(d["version"].as_str().map(str::len), Some(64));
+    // Not a terminal: one line, unless asked for indented JSON.
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+    let o = callme(&["describe", "--pretty", &id]);
+    assert!(o.status.success());
+    let pretty = stdout(&o);
+    assert!(pretty.lines().count() > 1, "{pretty}");
+    assert!(pretty.lines().nth(1).is_some_and(|l| l.starts_with("  ")));
+    assert_eq!(serde_json::from_str::<Value>(&pretty).unwrap(), d);
 
     let o = callme(&["call", &id, "add", "-1", "-2"]);
     assert_eq!(stdout(&o), "-3", "{}", String::from_utf8_lossy(&o.stderr));
@@ -154,6 +162,24 @@ async fn serve_call_and_describe_end_to_end() {
     host.terminate();
     assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ready_file_is_there_while_the_host_serves() {
+    let dir = tempdir();
+    let id = unique("ready");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(30));
+    // Ready means serving: the first call is answered, without a retry.
+    let o = callme(&["call", &id, "add", "1", "1"]);
+    assert_eq!(stdout(&o), "2", "{}", String::from_utf8_lossy(&o.stderr));
+    host.terminate();
+    assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");
+    assert!(
+        !host.ready_file.exists(),
+        "the ready file outlived the host"
+    );
 }
 
 #[test]
@@ -253,6 +279,7 @@ fn malformed_uri_never_shows_the_password() {
             e["message"].as_str().unwrap().contains("invalid AMQP URI"),
             "{uri}: {e}"
         );
+        assert_eq!(e["type"], "Config", "{uri}: {e}");
     }
 }
 

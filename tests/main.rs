@@ -4,6 +4,7 @@
 //! plugins and the `callme` binary first.
 
 mod cli;
+mod dependencies;
 mod deploy;
 mod languages;
 mod reliability;

@@ -80,10 +80,12 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    #[cfg(feature = "server")]
     pub(crate) fn invalid_plugin(message: String) -> Self {
         PluginError::InvalidPlugin { message }
     }
 
+    #[cfg(feature = "server")]
     pub(crate) fn internal(message: String) -> Self {
         PluginError::Internal { message }
     }
@@ -263,9 +265,14 @@ impl Error {
         }
     }
 
-    /// The message with its causes, one after the other (`a: b: c`).
+    /// The message with its causes, one after the other (`a: b: c`). A
+    /// peer that is not AMQP is said to be so, without the parser's
+    /// account of the bytes it could not read.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();
+        if matches!(self, Error::NotAmqp { .. }) {
+            return text;
+        }
         let mut source = std::error::Error::source(self);
         while let Some(e) = source {
             let more = e.to_string();

@@ -52,6 +52,8 @@ const DOWN_REPORT_AFTER: Duration = Duration::from_secs(30);
 /// The owner's handle: dropping it closes the connection.
 pub(crate) struct Link {
     state: watch::Receiver<State>,
+    /// Told to stop by `close`; dropped, it stops the supervisor too.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     stop: watch::Sender<bool>,
 }
 
@@ -78,6 +80,7 @@ impl Link {
     }
 
     /// Whether the link is closed for good.
+    #[cfg(feature = "server")]
     pub(crate) fn is_closed(&self) -> bool {
         matches!(&*self.state.borrow(), State::Closed)
     }
@@ -88,12 +91,14 @@ impl Link {
     }
 
     /// Closes the connection and stops reconnecting.
+    #[cfg(feature = "server")]
     pub(crate) async fn close(&self) {
         let _ = self.stop.send(true);
         self.closed().await;
     }
 
     /// Resolves when the link is closed for good.
+    #[cfg(feature = "server")]
     pub(crate) async fn closed(&self) {
         let mut state = self.state.clone();
         let _ = state.wait_for(|s| matches!(s, State::Closed)).await;

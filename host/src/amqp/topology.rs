@@ -83,6 +83,7 @@ async fn declare_bound(
 }
 
 /// How a server id's exchange and queue are declared.
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ServerQueue {
     /// Survive a broker restart.
@@ -93,6 +94,7 @@ pub(crate) struct ServerQueue {
 
 /// Declares the exchange `server_ID_ex` and queue `server_ID_queue` of a
 /// server id and binds them.
+#[cfg(feature = "server")]
 pub(crate) async fn declare_server(
     channel: &Channel,
     id: &str,

@@ -480,21 +480,17 @@ fn fail_plugin(e: callme::PluginError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Prints a proxy or server error as JSON on stderr: its type from the
+/// library's one vocabulary, its message with every cause.
 fn fail_error(e: &callme::Error) -> ExitCode {
-    let (kind, data) = match e {
+    let data = match e {
         callme::Error::Remote(r) => return fail(r.clone()),
-        callme::Error::Timeout { .. } => ("Timeout", Value::Null),
-        callme::Error::NoSuchServer(s) => ("NoSuchServer", json!(s)),
-        callme::Error::AccessRefused(_) => ("AccessRefused", Value::Null),
-        callme::Error::Connection(_)
-        | callme::Error::ConnectTimeout { .. }
-        | callme::Error::NotAmqp { .. }
-        | callme::Error::Disconnected(_) => ("Connection", Value::Null),
-        _ => ("Error", Value::Null),
+        callme::Error::NoSuchServer(s) => json!(s),
+        _ => Value::Null,
     };
     eprintln!(
         "{}",
-        json!({"type": kind, "message": e.to_string(), "data": data})
+        json!({"type": e.type_name(), "message": e.chain(), "data": data})
     );
     ExitCode::FAILURE
 }

@@ -48,25 +48,31 @@ pub(super) async fn subscribe(
     topology::declare_server(channel, id, shape)
         .await
         .map_err(|e| refused(id, e))?;
+    consume(channel, id, concurrency).await
+}
+
+/// Starts a consumer of `id`'s queue on `channel` with a prefetch of
+/// `concurrency`; returns its tag.
+async fn consume(
+    channel: &Channel,
+    id: &str,
+    concurrency: usize,
+) -> Result<(String, Consumer), Error> {
     channel
         .basic_qos(concurrency as u16, BasicQosOptions::default())
         .await
         .map_err(classify_lapin)?;
     let tag = consumer_tag(id);
-    let consumer = consume(channel, id, &tag).await?;
-    Ok((tag, consumer))
-}
-
-async fn consume(channel: &Channel, id: &str, tag: &str) -> Result<Consumer, Error> {
-    channel
+    let consumer = channel
         .basic_consume(
             server_queue(id).as_str().into(),
-            tag.into(),
+            tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(|e| refused(id, e))
+        .map_err(|e| refused(id, e))?;
+    Ok((tag, consumer))
 }
 
 /// A fresh consumer tag for `id`.
@@ -127,15 +133,7 @@ pub(super) async fn change_prefetch(
     if !channel.status().connected() {
         return Ok(None);
     }
-    let replace = async {
-        channel
-            .basic_qos(concurrency as u16, BasicQosOptions::default())
-            .await
-            .map_err(classify_lapin)?;
-        let tag = consumer_tag(id);
-        let consumer = consume(channel, id, &tag).await?;
-        Ok::<_, Error>((tag, consumer))
-    };
+    let replace = consume(channel, id, concurrency);
     let (tag, consumer) = match tokio::time::timeout(CLOSE_TIMEOUT, replace).await {
         Ok(replaced) => replaced?,
         Err(_) => {
