@@ -3,10 +3,12 @@
 //! Run through `scripts/test`, which starts the broker node and builds the
 //! plugins and the `callme` binary first.
 
+mod brokers;
 mod cli;
 mod dependencies;
 mod deploy;
 mod languages;
+mod observe;
 mod reliability;
 mod replies;
 mod rpc;

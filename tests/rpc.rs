@@ -327,15 +327,15 @@ async fn expired_request_is_never_executed() {
     let id = unique("expiry");
     let s = server(ServerOptions {
         concurrency: 1,
-        auto_delete: false,
         ..ServerOptions::default()
     })
     .await;
     s.serve_native(&id, natives("x")).await.unwrap();
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let p = proxy(Duration::from_secs(10)).await;
-    // Stop consuming; the queue stays (not auto-delete).
-    s.stop_serving(&id).await.unwrap();
+    // The host goes away without stopping: its queue stays (until it
+    // expires), with nobody consuming.
+    drop(s);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let e = p
         .use_server(&id)
@@ -351,11 +351,7 @@ async fn expired_request_is_never_executed() {
         c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(json!("x"))
     });
-    let s2 = server(ServerOptions {
-        auto_delete: false,
-        ..ServerOptions::default()
-    })
-    .await;
+    let s2 = server(ServerOptions::default()).await;
     s2.serve_native(&id, f).await.unwrap();
     assert_eq!(whoami(&p, &id).await, json!("x"));
     assert_eq!(
@@ -479,14 +475,31 @@ async fn a_dropped_server_stops_serving() {
     let p = proxy(Duration::from_secs(10)).await;
     let id = serve_calc(&s, &p, "dropped").await;
     // No shutdown: dropping the last handle closes its connection, so its
-    // auto-delete queue goes and nobody answers the id any more.
+    // consumer goes and nobody answers the id any more (its queue stays
+    // until it expires, as after a crash).
     drop(s);
-    let gone = callme_tests::eventually(Duration::from_secs(20), || async {
-        match p.use_server(&id).call("add", pos(json!([1, 1]))).await {
-            Err(Error::NoSuchServer(_)) => Some(()),
-            _ => None,
+    let queue = callme::protocol::server_queue(&id);
+    let gone = callme_tests::eventually(Duration::from_secs(20), || {
+        let queue = queue.clone();
+        async move {
+            let listed = callme_tests::broker_ctl(&[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "consumers",
+            ]);
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [queue.as_str(), "0"])
+                .then_some(())
         }
     })
     .await;
-    assert!(gone.is_some(), "the dropped server still answers");
+    assert!(gone.is_some(), "the dropped server still consumes");
+    let r = p
+        .use_server(&id)
+        .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(500))
+        .await;
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
 }

@@ -161,6 +161,7 @@ async fn raw_echo(confirms: bool) -> anyhow::Result<Target> {
     sch.queue_declare(
         queue.as_str().into(),
         QueueDeclareOptions {
+            exclusive: true,
             auto_delete: true,
             ..Default::default()
         },

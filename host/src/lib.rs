@@ -21,9 +21,12 @@
 //! - `plugin/`: the plugin runtime: loading, calls and their limits, settings (feature `server`).
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
 //! - `serve`: the `callme serve` loop: signals, graceful shutdown.
+//! - `observe`: metrics, health and readiness, and their HTTP endpoint (feature `server`).
 
 mod amqp;
 mod error;
+#[cfg(feature = "server")]
+pub mod observe;
 #[cfg(feature = "server")]
 pub mod plugin;
 pub mod protocol;
@@ -43,6 +46,9 @@ pub use plugin::{
     RuntimeStats,
 };
 pub use protocol::{Args, ErrorKind, RemoteError};
-pub use proxy::{BlockingProxy, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
+pub use proxy::{BlockingProxy, CallOptions, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
 #[cfg(feature = "server")]
-pub use server::{NativeFunctions, Server, ServerOptions};
+pub use server::{
+    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, NativeFunctions, QueueType, Server,
+    ServerOptions,
+};

@@ -5,13 +5,15 @@
 //! [`Host::run_until`] follows the directory until a stop signal, then
 //! stops taking requests and finishes the calls it has. [`run`] is both,
 //! stopped by SIGTERM or Ctrl-C. A broker that is not up yet at start-up
-//! is waited for, with backoff.
+//! is waited for, with backoff. Readiness (`observe`) follows: starting
+//! until every plugin is served, stopping from the stop signal on.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::observe::{self, Phase};
 use crate::plugin::{Runtime, RuntimeConfig};
 use crate::watcher::Deployer;
 use crate::{ConnectOptions, Error, Server, ServerOptions};
@@ -63,6 +65,7 @@ impl Host {
             elapsed = ?started.elapsed(),
             "ready"
         );
+        observe::set_phase(Phase::Serving);
         Ok(Host {
             server,
             runtime,
@@ -98,6 +101,7 @@ impl Host {
         let watch = tokio::spawn(deployer.watch());
         let outcome = tokio::select! {
             _ = stop => {
+                observe::set_phase(Phase::Stopping);
                 info!(target: "callme::server", ?grace, "stopping: finishing running calls");
                 server.shutdown(grace).await;
                 Ok(())
@@ -108,6 +112,7 @@ impl Host {
                 _ => Err(Error::WatcherStopped),
             },
         };
+        observe::set_phase(Phase::Stopping);
         info!(target: "callme::server", "stopped");
         outcome
     }

@@ -20,6 +20,7 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::observe::{self, LoadFailure};
 use crate::plugin::{Plugin, PluginSettings, Runtime, content_hash};
 use crate::protocol::is_valid_server_id;
 use crate::{Error, PluginError, Server};
@@ -180,6 +181,7 @@ impl Deployer {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.known.remove(name);
+                observe::plugin_removed(name);
                 if self.server.stop_serving(name).await? {
                     info!(target: "callme::server", plugin = name, "removed");
                 }
@@ -217,6 +219,11 @@ impl Deployer {
             (hash, Ok(limits)) => (hash, limits),
             (hash, Err(reason)) => {
                 error!(target: "callme::server", plugin = name, version = %&hash[..12], reason = %reason, "invalid settings: {outcome}");
+                observe::plugin_refused(
+                    name,
+                    known.serving.is_some(),
+                    LoadFailure::InvalidSettings,
+                );
                 known.refused = Some((hash, Err(reason)));
                 return Ok(());
             }
@@ -237,6 +244,7 @@ impl Deployer {
                     Ok(()) => {
                         known.serving = Some((hash.clone(), limits));
                         known.refused = None;
+                        observe::plugin_served(name, &hash, swapped);
                         info!(
                             target: "callme::server",
                             plugin = name,
@@ -263,6 +271,7 @@ impl Deployer {
             reason = %refusal,
             "refused: {outcome}"
         );
+        observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
         known.refused = Some((hash, Ok(limits)));
         Ok(())
     }

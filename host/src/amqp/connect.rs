@@ -66,25 +66,65 @@ impl ConnectOptions {
         }
     }
 
-    /// The URI with its password hidden, for logs.
+    /// The URI(s) with passwords hidden, for logs.
     pub fn redacted(&self) -> String {
-        redact_uri(&self.uri)
+        self.entries()
+            .iter()
+            .map(|u| redact_uri(u))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    pub(crate) fn parse(&self) -> Result<AMQPUri, Error> {
-        // Neither the URI nor the parser's message (which can quote it) is
-        // shown: a URI that does not parse has no reliable place where its
-        // password starts and ends.
-        let mut uri: AMQPUri = self.uri.parse().map_err(|e: String| {
-            Error::Config(format!(
-                "invalid AMQP URI: {} (expected amqp://user:password@host:port/vhost or amqps://...)",
-                uri_problem(&e)
-            ))
-        })?;
-        if self.cert_file.is_some() && uri.query.auth_mechanism.is_none() {
-            uri.query.auth_mechanism = Some(SASLMechanism::External);
+    /// The broker URIs: `uri` may list several nodes of one cluster,
+    /// separated by commas.
+    fn entries(&self) -> Vec<&str> {
+        let entries: Vec<&str> = self
+            .uri
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if entries.is_empty() {
+            vec![self.uri.as_str()]
+        } else {
+            entries
         }
-        Ok(uri)
+    }
+
+    /// The first broker URI, parsed (every one is checked).
+    pub(crate) fn parse(&self) -> Result<AMQPUri, Error> {
+        let mut all = self.parse_all()?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// Every broker URI, parsed.
+    fn parse_all(&self) -> Result<Vec<AMQPUri>, Error> {
+        let entries = self.entries();
+        let count = entries.len();
+        entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                // Neither the URI nor the parser's message (which can quote
+                // it) is shown: a URI that does not parse has no reliable
+                // place where its password starts and ends.
+                let mut uri: AMQPUri = entry.parse().map_err(|e: String| {
+                    let which = if count > 1 {
+                        format!(" (entry {} of {count})", i + 1)
+                    } else {
+                        String::new()
+                    };
+                    Error::Config(format!(
+                        "invalid AMQP URI{which}: {} (expected amqp://user:password@host:port/vhost or amqps://...)",
+                        uri_problem(&e)
+                    ))
+                })?;
+                if self.cert_file.is_some() && uri.query.auth_mechanism.is_none() {
+                    uri.query.auth_mechanism = Some(SASLMechanism::External);
+                }
+                Ok(uri)
+            })
+            .collect()
     }
 
     /// The user name the broker will see (for naming the proxy's exchange).
@@ -141,7 +181,39 @@ impl ConnectOptions {
     /// time, [`Error::NotAmqp`] when the peer is not an AMQP broker, and
     /// [`Error::Connection`] otherwise.
     pub async fn connect(&self, name: &str) -> Result<Connection, Error> {
-        let uri = self.parse()?;
+        self.connect_from(name, 0).await.map(|(conn, _)| conn)
+    }
+
+    /// Connects to the first broker that answers, trying them in turn
+    /// from the one at `start` (round robin over the list); the
+    /// connection and the index of the broker that answered. The error is
+    /// the last broker's.
+    pub(crate) async fn connect_from(
+        &self,
+        name: &str,
+        start: usize,
+    ) -> Result<(Connection, usize), Error> {
+        let uris = self.parse_all()?;
+        let entries = self.entries();
+        let mut last = None;
+        for k in 0..uris.len() {
+            let i = (start + k) % uris.len();
+            match self.connect_one(name, uris[i].clone(), entries[i]).await {
+                Ok(conn) => return Ok((conn, i)),
+                // Waiting or trying elsewhere cannot cure these.
+                Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(Error::BrokerLost))
+    }
+
+    async fn connect_one(
+        &self,
+        name: &str,
+        uri: AMQPUri,
+        entry: &str,
+    ) -> Result<Connection, Error> {
         let tls = self.tls(&uri)?;
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let runtime = lapin::runtime::default_runtime().map_err(Error::Connection)?;
@@ -153,13 +225,13 @@ impl ConnectOptions {
             // a user can act on.
             Ok(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
                 Err(Error::NotAmqp {
-                    broker: self.redacted(),
+                    broker: redact_uri(entry),
                     source: e,
                 })
             }
             Ok(Err(e)) => Err(classify_lapin(e)),
             Err(_) => Err(Error::ConnectTimeout {
-                broker: self.redacted(),
+                broker: redact_uri(entry),
                 timeout: CONNECT_TIMEOUT,
             }),
         }

@@ -64,10 +64,12 @@ impl Link {
         options: &ConnectOptions,
         name: &'static str,
     ) -> Result<Link, Error> {
-        let conn = Arc::new(options.connect(name).await?);
+        let (conn, broker) = options.connect_from(name, 0).await?;
+        let conn = Arc::new(conn);
         let (state_tx, state) = watch::channel(State::Up(conn.clone()));
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(supervise(options.clone(), name, conn, state_tx, stop_rx));
+        let current = Current { conn, broker };
+        tokio::spawn(supervise(options.clone(), name, current, state_tx, stop_rx));
         Ok(Link { state, stop })
     }
 
@@ -133,14 +135,26 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     base + Duration::from_millis(jitter)
 }
 
+/// The connection a link holds, and which broker of the list it is to.
+struct Current {
+    conn: Arc<Connection>,
+    broker: usize,
+}
+
 async fn supervise(
     options: ConnectOptions,
     name: &'static str,
-    mut conn: Arc<Connection>,
+    current: Current,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
 ) {
     let broker = options.redacted();
+    let Current {
+        mut conn,
+        broker: mut node,
+    } = current;
+    #[cfg(feature = "server")]
+    let mut observed = crate::observe::LinkWatch::up(name);
     loop {
         let lost = tokio::select! {
             lost = lost(&conn) => Some(lost),
@@ -153,6 +167,8 @@ async fn supervise(
             return;
         };
         let _ = state.send_replace(State::Down);
+        #[cfg(feature = "server")]
+        observed.down();
         if !options.auto_recover {
             warn!(target: "callme::link", connection = name, %broker, reason = %why, "lost the broker");
             state.send_replace(State::Closed);
@@ -164,14 +180,19 @@ async fn supervise(
         let mut attempt = 0;
         conn = loop {
             let connect = tokio::select! {
-                c = options.connect(name) => c,
+                // The next broker of the list first: the one just lost
+                // may be the one that is down.
+                c = options.connect_from(name, node + 1) => c,
                 _ = stop.wait_for(|s| *s) => {
                     state.send_replace(State::Closed);
                     return;
                 }
             };
             match connect {
-                Ok(fresh) => break Arc::new(fresh),
+                Ok((fresh, answered)) => {
+                    node = answered;
+                    break Arc::new(fresh);
+                }
                 Err(e) => {
                     debug!(target: "callme::link", connection = name, %broker, attempt, error = %e, "reconnection failed");
                     if !reported && down_since.elapsed() >= DOWN_REPORT_AFTER {
@@ -192,6 +213,8 @@ async fn supervise(
         };
         info!(target: "callme::link", connection = name, %broker, down_for = ?down_since.elapsed(), attempts = attempt + 1, "reconnected");
         state.send_replace(State::Up(conn.clone()));
+        #[cfg(feature = "server")]
+        observed.reconnected();
     }
 }
 

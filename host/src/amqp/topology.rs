@@ -60,6 +60,25 @@ async fn declare_bound(
     exchange_options: ExchangeDeclareOptions,
     queue_options: QueueDeclareOptions,
 ) -> Result<(), lapin::Error> {
+    declare_bound_with(
+        channel,
+        exchange,
+        queue,
+        exchange_options,
+        queue_options,
+        FieldTable::default(),
+    )
+    .await
+}
+
+async fn declare_bound_with(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+    exchange_options: ExchangeDeclareOptions,
+    queue_options: QueueDeclareOptions,
+    queue_arguments: FieldTable,
+) -> Result<(), lapin::Error> {
     channel
         .exchange_declare(
             exchange.into(),
@@ -69,7 +88,7 @@ async fn declare_bound(
         )
         .await?;
     channel
-        .queue_declare(queue.into(), queue_options, FieldTable::default())
+        .queue_declare(queue.into(), queue_options, queue_arguments)
         .await?;
     channel
         .queue_bind(
@@ -82,14 +101,22 @@ async fn declare_bound(
         .await
 }
 
-/// How a server id's exchange and queue are declared.
+/// How a server id's queue is declared.
+///
+/// Server queues are durable and never auto-delete: RabbitMQ 4.x refuses
+/// queues that are neither durable nor exclusive by default (the
+/// deprecated feature `transient_nonexcl_queues`, RabbitMQ's "Deprecated
+/// Features" guide), and a quorum queue is always durable. A queue nobody
+/// consumes from goes away by itself after `expires` (`x-expires`,
+/// RabbitMQ's "Time-To-Live and Expiration" guide), its exchange with it
+/// (auto-delete: deleted with its last binding).
 #[cfg(feature = "server")]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ServerQueue {
-    /// Survive a broker restart.
-    pub(crate) durable: bool,
-    /// Go away with the last consumer (the seed's default).
-    pub(crate) auto_delete: bool,
+    /// A quorum queue (replicated over a cluster) rather than a classic one.
+    pub(crate) quorum: bool,
+    /// Deleted after this long without consumers; `None`: kept.
+    pub(crate) expires: Option<Duration>,
 }
 
 /// Declares the exchange `server_ID_ex` and queue `server_ID_queue` of a
@@ -100,22 +127,62 @@ pub(crate) async fn declare_server(
     id: &str,
     shape: ServerQueue,
 ) -> Result<(), lapin::Error> {
-    declare_bound(
+    use lapin::types::{AMQPValue, LongString};
+    let mut arguments = FieldTable::default();
+    if shape.quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    if let Some(expires) = shape.expires {
+        let millis = i64::try_from(expires.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+    }
+    declare_bound_with(
         channel,
         &crate::protocol::server_exchange(id),
         &crate::protocol::server_queue(id),
         ExchangeDeclareOptions {
-            durable: shape.durable,
-            auto_delete: shape.auto_delete,
+            durable: true,
+            auto_delete: true,
             ..ExchangeDeclareOptions::default()
         },
         QueueDeclareOptions {
-            durable: shape.durable,
-            auto_delete: shape.auto_delete,
+            durable: true,
             ..QueueDeclareOptions::default()
         },
+        arguments,
     )
     .await
+}
+
+/// Deletes a server id's queue if nobody consumes from it and nothing is
+/// waiting in it, on a channel of its own (a refusal closes the channel
+/// it came on). Whether it was deleted.
+#[cfg(feature = "server")]
+pub(crate) async fn delete_server_queue_if_idle(conn: &Connection, id: &str) -> bool {
+    use lapin::options::QueueDeleteOptions;
+    let delete = async {
+        let channel = conn.create_channel().await?;
+        let deleted = channel
+            .queue_delete(
+                crate::protocol::server_queue(id).as_str().into(),
+                QueueDeleteOptions {
+                    if_unused: true,
+                    if_empty: true,
+                    ..QueueDeleteOptions::default()
+                },
+            )
+            .await;
+        if deleted.is_ok() {
+            close_soon(channel);
+        }
+        deleted
+    };
+    matches!(tokio::time::timeout(CLOSE_TIMEOUT, delete).await, Ok(Ok(_)))
 }
 
 /// Declares a proxy's reply exchange and queue and binds them: both go

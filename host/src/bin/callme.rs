@@ -100,11 +100,24 @@ enum Command {
         /// Calls in flight per server id.
         #[arg(long, env = "CALLME_CONCURRENCY", default_value_t = 8)]
         concurrency: usize,
-        /// Declare exchanges and queues durable.
-        #[arg(long)]
+        /// The type of the server queues: `classic`, or `quorum` (replicated
+        /// over a RabbitMQ cluster).
+        #[arg(long, env = "CALLME_QUEUE_TYPE", value_enum, default_value_t = QueueTypeArg::Classic)]
+        queue_type: QueueTypeArg,
+        /// Seconds a server queue nobody consumes from lives before the
+        /// broker deletes it (0: until deleted).
+        #[arg(long, env = "CALLME_QUEUE_EXPIRES", default_value_t = callme::DEFAULT_QUEUE_EXPIRES.as_secs())]
+        queue_expires: u64,
+        /// Deliveries after which a request is refused rather than run
+        /// again (quorum queues count them).
+        #[arg(long, default_value_t = callme::DEFAULT_DELIVERY_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
+        delivery_limit: u32,
+        /// Server queues are durable now; kept so old command lines run.
+        #[arg(long, hide = true)]
         durable: bool,
-        /// Keep exchanges and queues when the server stops.
-        #[arg(long)]
+        /// Server queues are no longer auto-delete (they expire instead);
+        /// kept so old command lines run.
+        #[arg(long, hide = true)]
         no_auto_delete: bool,
         /// Seconds to finish running calls after SIGTERM or Ctrl-C.
         #[arg(long, default_value_t = 30)]
@@ -121,6 +134,11 @@ enum Command {
         /// script can wait for it instead of reading the log.
         #[arg(long, env = "CALLME_READY_FILE")]
         ready_file: Option<PathBuf>,
+        /// HOST:PORT to serve Prometheus metrics (`/metrics`), liveness
+        /// (`/healthz`) and readiness (`/readyz`) on over HTTP; off unless
+        /// given.
+        #[arg(long, env = "CALLME_METRICS_ADDR", value_name = "HOST:PORT")]
+        metrics_addr: Option<String>,
     },
     /// Call a function of a server and print its JSON result.
     Call {
@@ -131,6 +149,10 @@ enum Command {
         timeout: f64,
         /// The server id.
         server: String,
+        /// Send the call again if the connection to the broker is lost
+        /// before its reply (the function may then run twice).
+        #[arg(long)]
+        retry: bool,
         #[command(flatten)]
         call: CallArgs,
     },
@@ -170,6 +192,22 @@ enum Command {
     },
 }
 
+/// `--queue-type` on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum QueueTypeArg {
+    Classic,
+    Quorum,
+}
+
+impl From<QueueTypeArg> for callme::QueueType {
+    fn from(arg: QueueTypeArg) -> Self {
+        match arg {
+            QueueTypeArg::Classic => callme::QueueType::Classic,
+            QueueTypeArg::Quorum => callme::QueueType::Quorum,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One-shot commands print JSON on stdout and stderr: keep the broker
@@ -206,13 +244,22 @@ async fn run(command: Command) -> ExitCode {
             broker,
             plugins,
             concurrency,
+            queue_type,
+            queue_expires,
+            delivery_limit,
             durable,
             no_auto_delete,
             grace,
             cache_dir,
             max_instances,
             ready_file,
+            metrics_addr,
         } => {
+            if durable || no_auto_delete {
+                tracing::warn!(
+                    "--durable and --no-auto-delete are no longer needed: server queues are durable and expire after --queue-expires seconds without consumers"
+                );
+            }
             let mut config = RuntimeConfig {
                 max_instances,
                 ..RuntimeConfig::default()
@@ -225,14 +272,15 @@ async fn run(command: Command) -> ExitCode {
                 plugins_dir: plugins,
                 server: callme::ServerOptions {
                     concurrency,
-                    durable,
-                    auto_delete: !no_auto_delete,
+                    queue_type: queue_type.into(),
+                    queue_expires: (queue_expires > 0).then(|| Duration::from_secs(queue_expires)),
+                    delivery_limit,
                     ..Default::default()
                 },
                 runtime: config,
                 grace: Duration::from_secs(grace),
             };
-            match serve(options, ready_file.as_deref()).await {
+            match serve(options, ready_file.as_deref(), metrics_addr.as_deref()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail_local(&e),
             }
@@ -241,15 +289,22 @@ async fn run(command: Command) -> ExitCode {
             broker,
             timeout,
             server,
+            retry,
             call,
         } => {
             let args = match call.parse() {
                 Ok(a) => a,
                 Err(e) => return fail_local(&e),
             };
-            remote(&broker, timeout, false, |proxy, t| async move {
+            // Retrying needs a connection that comes back by itself.
+            let shape = Output {
+                pretty: false,
+                recover: retry,
+            };
+            remote(&broker, timeout, shape, |proxy, t| async move {
                 proxy
                     .use_server(&server)
+                    .with_retry(retry)
                     .call_timeout(&call.func, args, t)
                     .await
             })
@@ -261,8 +316,11 @@ async fn run(command: Command) -> ExitCode {
             server,
             pretty,
         } => {
-            let pretty = pretty || std::io::stdout().is_terminal();
-            remote(&broker, timeout, pretty, |proxy, t| async move {
+            let shape = Output {
+                pretty: pretty || std::io::stdout().is_terminal(),
+                recover: false,
+            };
+            remote(&broker, timeout, shape, |proxy, t| async move {
                 proxy
                     .use_server(&server)
                     .call_timeout(callme::protocol::DESCRIBE, Args::default(), t)
@@ -316,14 +374,30 @@ async fn run(command: Command) -> ExitCode {
 }
 
 /// Serves until SIGTERM or Ctrl-C, with `ready_file` present while every
-/// plugin of the directory is served.
+/// plugin of the directory is served, and the metrics endpoint on
+/// `metrics_addr` from the start (so health answers while the broker is
+/// waited for).
 async fn serve(
     options: callme::serve::ServeOptions,
     ready_file: Option<&Path>,
+    metrics_addr: Option<&str>,
 ) -> anyhow::Result<()> {
+    // Bound first: a wrong address fails at once, not after connecting.
+    let endpoint = match metrics_addr {
+        Some(addr) => Some(
+            callme::observe::Endpoint::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
     // A file left by a host that was killed must not announce this one.
     if let Some(path) = ready_file {
         remove_ready_file(path)?;
+    }
+    // Runs until the process exits.
+    if let Some(endpoint) = endpoint {
+        tokio::spawn(endpoint.run());
     }
     let host = callme::serve::Host::start(options).await?;
     // Listen for the signals before saying ready, so that a stop sent as
@@ -416,7 +490,15 @@ fn load(path: &Path, settings: PluginSettings) -> Result<Plugin, callme::PluginE
 /// Connects and runs `f`, all within `timeout` seconds: the time left
 /// after connecting is what `f` gets for its call. Prints the result as
 /// one line of JSON, or indented when `pretty`.
-async fn remote<F, Fut>(broker: &Broker, timeout: f64, pretty: bool, f: F) -> ExitCode
+/// How a remote command connects and prints.
+struct Output {
+    /// Indent the JSON result.
+    pretty: bool,
+    /// Reconnect when the connection is lost.
+    recover: bool,
+}
+
+async fn remote<F, Fut>(broker: &Broker, timeout: f64, output: Output, f: F) -> ExitCode
 where
     F: FnOnce(Proxy, Duration) -> Fut,
     Fut: Future<Output = Result<Value, callme::Error>>,
@@ -430,7 +512,8 @@ where
         }
     };
     let started = tokio::time::Instant::now();
-    let options = broker.options(false);
+    let Output { pretty, recover } = output;
+    let options = broker.options(recover);
     let proxy = match tokio::time::timeout(timeout, Proxy::connect_with(&options, timeout)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return fail_error(&e),

@@ -99,6 +99,11 @@ impl Plugin {
         self.exports.values().map(|e| e.info.clone()).collect()
     }
 
+    /// Whether the plugin has a callable function named `func`.
+    pub fn has_function(&self, func: &str) -> bool {
+        self.exports.contains_key(func)
+    }
+
     /// Starts keeping the spare instances the plugin's `prewarm` setting
     /// asks for, made on `handle` (see [`PluginSettings::prewarm`]). A
     /// server does this for each plugin it serves; one-shot users need not.

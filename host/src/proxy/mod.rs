@@ -39,6 +39,47 @@ use crate::amqp::publisher::{Published, Publisher};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::protocol::{Args, CONTENT_TYPE, DESCRIBE, Request, server_exchange};
 
+/// How one call is made.
+#[derive(Debug, Clone, Copy)]
+pub struct CallOptions {
+    /// How long to wait for the reply, over every attempt.
+    pub timeout: Duration,
+    /// Send the call again when the connection was lost before its reply
+    /// (see [`Proxy::call_with`]). Off by default.
+    pub retry: bool,
+}
+
+impl CallOptions {
+    /// A call waiting `timeout` for its reply, sent once.
+    pub fn new(timeout: Duration) -> CallOptions {
+        CallOptions {
+            timeout,
+            retry: false,
+        }
+    }
+}
+
+/// One call, across its attempts.
+struct Call<'a> {
+    server: &'a str,
+    func: &'a str,
+    corr: &'a str,
+    body: &'a [u8],
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+/// How one attempt at a call ended.
+enum Attempt {
+    /// With the call's outcome.
+    Done(Result<Value, Error>),
+    /// With the connection: the call may be sent again.
+    Lost(Error),
+}
+
+/// The pause before a call is sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Requests one proxy has on their way to the broker at once (each on a
 /// channel of its own until confirmed); more wait for a free channel.
 const PUBLISH_LANES: usize = 64;
@@ -124,6 +165,7 @@ impl Proxy {
             proxy: self.clone(),
             server: server_id.to_string(),
             timeout: self.inner.timeout,
+            retry: false,
         }
     }
 
@@ -154,45 +196,96 @@ impl Proxy {
         args: Args,
         timeout: Duration,
     ) -> Result<Value, Error> {
+        self.call_with(server, func, args, CallOptions::new(timeout))
+            .await
+    }
+
+    /// Calls `func` on `server` with `args`, as `options` say.
+    ///
+    /// With `retry`, a call whose reply was lost with the connection
+    /// ([`Error::Disconnected`]), or whose request may not have reached the
+    /// broker ([`Error::Connection`]), is sent again once the connection is
+    /// back, within the same timeout and under the same correlation id, so
+    /// the first reply to come is the one kept. The function may then run
+    /// twice: fine for plugins (a fresh sandbox per call), for native
+    /// functions only if they are idempotent.
+    ///
+    /// # Errors
+    ///
+    /// As [`Proxy::call`].
+    pub async fn call_with(
+        &self,
+        server: &str,
+        func: &str,
+        args: Args,
+        options: CallOptions,
+    ) -> Result<Value, Error> {
+        let timeout = options.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let conn = self.ready(deadline, timeout).await?;
         let corr = uuid::Uuid::new_v4().to_string();
-        let (_waiting, rx) = self.inner.pending.wait(&corr);
         let body = Request {
             func: func.to_string(),
             args,
         }
         .encode();
-        let millis = timeout.as_millis().max(1);
-        let props = BasicProperties::default()
-            .with_content_type(CONTENT_TYPE.into())
-            .with_correlation_id(corr.as_str().into())
-            .with_reply_to(self.inner.reply_exchange.as_str().into())
-            .with_expiration(millis.to_string().into());
-
-        let timed_out = || Error::Timeout {
-            server: server.to_string(),
+        let call = Call {
+            server,
+            func,
+            corr: &corr,
+            body: &body,
+            deadline,
             timeout,
         };
+        loop {
+            match self.attempt(&call).await {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Lost(e) => {
+                    if !options.retry || tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    debug!(target: "callme::proxy", server, func, correlation_id = %corr, error = %e, "sending again");
+                    // Give the link a moment to notice a dead connection.
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a call once and waits for its reply.
+    async fn attempt(&self, call: &Call<'_>) -> Attempt {
+        let conn = match self.ready(call.deadline, call.timeout).await {
+            Ok(conn) => conn,
+            Err(e) => return Attempt::Done(Err(e)),
+        };
+        let (_waiting, rx) = self.inner.pending.wait(call.corr);
+        let millis = call.timeout.as_millis().max(1);
+        let props = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_correlation_id(call.corr.into())
+            .with_reply_to(self.inner.reply_exchange.as_str().into())
+            .with_expiration(millis.to_string().into());
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.
-        let publish = self.publish(&conn, server, &body, props);
+        let publish = self.publish(&conn, call.server, call.body, props);
         tokio::pin!(publish);
         let mut rx = rx;
         let mut confirmed = false;
-        let outcome = tokio::time::timeout_at(deadline, async {
+        let outcome = tokio::time::timeout_at(call.deadline, async {
             loop {
                 tokio::select! {
                     sent = &mut publish, if !confirmed => {
-                        sent?;
-                        confirmed = true;
-                        debug!(target: "callme::proxy", server, func, correlation_id = %corr, "request confirmed");
+                        match sent {
+                            Ok(()) => confirmed = true,
+                            Err(e @ Error::Connection(_)) => return Attempt::Lost(e),
+                            Err(e) => return Attempt::Done(Err(e)),
+                        }
+                        debug!(target: "callme::proxy", server = call.server, func = call.func, correlation_id = %call.corr, "request confirmed");
                     }
                     reply = &mut rx => {
                         return match reply {
-                            Ok(response) => response.into_result().map_err(Error::Remote),
-                            Err(_) => Err(Error::Disconnected(
+                            Ok(response) => Attempt::Done(response.into_result().map_err(Error::Remote)),
+                            Err(_) => Attempt::Lost(Error::Disconnected(
                                 "the connection to the broker was lost before the reply came".into(),
                             )),
                         };
@@ -201,7 +294,12 @@ impl Proxy {
             }
         })
         .await;
-        outcome.unwrap_or_else(|_| Err(timed_out()))
+        outcome.unwrap_or_else(|_| {
+            Attempt::Done(Err(Error::Timeout {
+                server: call.server.to_string(),
+                timeout: call.timeout,
+            }))
+        })
     }
 
     /// The connection the reply queue is consumed on, waiting for one
@@ -261,6 +359,7 @@ pub struct ServerProxy {
     proxy: Proxy,
     server: String,
     timeout: Duration,
+    retry: bool,
 }
 
 impl ServerProxy {
@@ -268,6 +367,20 @@ impl ServerProxy {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// The same server, its calls sent again when the connection is lost
+    /// before their replies (see [`Proxy::call_with`]).
+    pub fn with_retry(mut self, retry: bool) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn options(&self, timeout: Duration) -> CallOptions {
+        CallOptions {
+            timeout,
+            retry: self.retry,
+        }
     }
 
     /// The server id.
@@ -282,7 +395,7 @@ impl ServerProxy {
     /// See [`Proxy::call`].
     pub async fn call(&self, func: &str, args: Args) -> Result<Value, Error> {
         self.proxy
-            .call(&self.server, func, args, self.timeout)
+            .call_with(&self.server, func, args, self.options(self.timeout))
             .await
     }
 
@@ -297,7 +410,9 @@ impl ServerProxy {
         args: Args,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        self.proxy.call(&self.server, func, args, timeout).await
+        self.proxy
+            .call_with(&self.server, func, args, self.options(timeout))
+            .await
     }
 
     /// Calls `func` with serde values: `args` serialises to a JSON array

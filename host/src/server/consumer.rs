@@ -81,6 +81,22 @@ fn consumer_tag(id: &str) -> String {
 }
 
 fn refused(id: &str, e: lapin::Error) -> Error {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+        && matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+        )
+    {
+        let queue = server_queue(id);
+        return Error::Config(format!(
+            "the queue `{queue}` already exists with other settings (the broker says: {}). \
+             Every host serving `{id}` must declare it alike: the same --queue-type and \
+             --queue-expires, and hosts older than durable server queues declared it otherwise. \
+             Stop the other hosts of `{id}`, or delete the queue (rabbitmqctl delete_queue {queue})",
+            amqp.get_message()
+        ));
+    }
     match classify_lapin(e) {
         Error::AccessRefused(text) => Error::AccessRefused(format!(
             "this user may not serve `{id}` (the broker refused access to its exchange or queue): {text}"
@@ -255,6 +271,7 @@ impl Subscription for Consuming {
     }
 
     async fn consume(&mut self, _conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
+        let _consuming = crate::observe::consuming(&self.id);
         self.take(channel, consumer).await;
         // A replacement made for that channel died with it.
         while self.handed.try_recv().is_ok() {}

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use super::Server;
 use super::reply::{Replier, Sent, Undeliverable};
 use super::service::{Context, Service};
+use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{CONTENT_TYPE, Request, Response};
 use crate::{ErrorKind, RemoteError};
 
@@ -35,10 +36,12 @@ pub(super) struct Job {
 impl Job {
     pub(super) async fn handle(self, delivery: Delivery) {
         let started = Instant::now();
+        let _in_flight = observe::call_started(&self.id);
         let props = &delivery.properties;
         let reply_to = props.reply_to().as_ref().map(|s| s.to_string());
         let corr = props.correlation_id().as_ref().map(|s| s.to_string());
         let (Some(reply_to), Some(corr)) = (reply_to, corr) else {
+            observe::bad_request(&self.id, BadRequest::Dropped);
             if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
                 warn!(target: "callme::server", server_id = %self.id, held_back = held, "request without reply_to or correlation_id dropped");
             }
@@ -46,11 +49,23 @@ impl Job {
             return;
         };
         let content_type = props.content_type().as_ref().map(|s| s.to_string());
+        let limit = self.server.inner.options.delivery_limit;
+        let delivered_before = delivery_count(&delivery);
         let outcome = match content_type.as_deref() {
-            Some(ct) if ct != CONTENT_TYPE => Err(RemoteError::new(
-                ErrorKind::BadRequest,
-                format!("content type `{ct}` is not {CONTENT_TYPE}"),
+            _ if delivered_before >= u64::from(limit) => Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!(
+                    "the request was delivered {delivered_before} times without being answered \
+                     (a host may have died running it each time): it is not run again"
+                ),
             )),
+            Some(ct) if ct != CONTENT_TYPE => {
+                observe::bad_request(&self.id, BadRequest::Answered);
+                Err(RemoteError::new(
+                    ErrorKind::BadRequest,
+                    format!("content type `{ct}` is not {CONTENT_TYPE}"),
+                ))
+            }
             _ => match Request::decode(&delivery.data, self.server.inner.options.max_request_bytes)
             {
                 Ok(request) => {
@@ -60,9 +75,17 @@ impl Job {
                         executor: inner.executor.handle(),
                         default_concurrency: inner.options.concurrency,
                     };
-                    self.service.call(request, &cx).await
+                    let func = request.func.clone();
+                    let exported = self.service.exports(&func);
+                    let outcome = self.service.call(request, &cx).await;
+                    let kind = outcome.as_ref().map(drop).map_err(|e| e.kind);
+                    observe::call_finished(&self.id, &func, exported, kind, started.elapsed());
+                    outcome
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    observe::bad_request(&self.id, BadRequest::Answered);
+                    Err(e)
+                }
             },
         };
         let failed = outcome.as_ref().err().map(|e| e.kind);
@@ -78,6 +101,13 @@ impl Job {
                 // Nobody can ever receive it: running the request again
                 // would only lose its reply again.
                 inner.undeliverable.fetch_add(1, Ordering::Relaxed);
+                observe::reply_undeliverable(
+                    &self.id,
+                    match why {
+                        Undeliverable::CallerGone => ReplyLost::CallerGone,
+                        Undeliverable::AccessRefused => ReplyLost::AccessRefused,
+                    },
+                );
                 let throttle = match why {
                     Undeliverable::CallerGone => &inner.noisy.caller_gone,
                     Undeliverable::AccessRefused => &inner.noisy.access_refused,
@@ -100,6 +130,7 @@ impl Job {
                 // host); a request that was already given back is dropped
                 // rather than run in a loop.
                 let requeue = !delivery.redelivered;
+                observe::reply_not_sent(&self.id);
                 if let Some(held) = inner.noisy.not_sent.admit() {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
                 }
@@ -113,6 +144,30 @@ impl Job {
         }
         debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
     }
+}
+
+/// How many times the broker delivered this request before: quorum queues
+/// count it in `x-delivery-count` (RabbitMQ's "Quorum Queues" guide,
+/// poison message handling); classic queues only say whether it was
+/// delivered before at all.
+fn delivery_count(delivery: &Delivery) -> u64 {
+    use lapin::types::AMQPValue;
+    let counted = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+            AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+            AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+            _ => None,
+        });
+    counted.unwrap_or(u64::from(delivery.redelivered))
 }
 
 /// Acks a request; whether the broker took the ack.

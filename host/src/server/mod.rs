@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use consumer::{ConsumerHandle, Consuming};
 use registry::{Entry, Registry, Share, Swap, check_concurrency};
@@ -50,21 +50,46 @@ pub struct ServerOptions {
     /// Calls in flight per server id (the seed's `threaded`); also the
     /// consumer prefetch, so the broker hands out no more than can run.
     pub concurrency: usize,
-    /// Declare exchange and queue durable.
-    pub durable: bool,
-    /// Declare exchange and queue auto-delete (the seed's default).
-    pub auto_delete: bool,
+    /// The type of the server queues: classic, or quorum (replicated
+    /// over a RabbitMQ cluster).
+    pub queue_type: QueueType,
+    /// How long a server queue without consumers lives before the broker
+    /// deletes it (`x-expires`); `None`: until deleted. A host that stops
+    /// gracefully deletes its queue at once if nobody else consumes from
+    /// it and nothing waits in it.
+    pub queue_expires: Option<Duration>,
+    /// Deliveries after which a request is refused rather than run again
+    /// (quorum queues count them: a request that keeps killing its hosts
+    /// stops there); the caller gets an `Internal` error.
+    pub delivery_limit: u32,
     /// Largest request body accepted.
     pub max_request_bytes: usize,
     /// Threads that run plugin code.
     pub executor_threads: usize,
 }
 
+/// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
+/// guides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// On one broker node; lost with that node.
+    #[default]
+    Classic,
+    /// Replicated over a cluster's nodes (Raft): survives a node going away.
+    Quorum,
+}
+
+/// How long a server queue nobody consumes from lives by default.
+pub const DEFAULT_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
+
+/// Deliveries of one request after which it is not run again, by default.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 3;
+
 impl ServerOptions {
     fn queue_shape(&self) -> ServerQueue {
         ServerQueue {
-            durable: self.durable,
-            auto_delete: self.auto_delete,
+            quorum: self.queue_type == QueueType::Quorum,
+            expires: self.queue_expires,
         }
     }
 }
@@ -73,8 +98,9 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             concurrency: 8,
-            durable: false,
-            auto_delete: true,
+            queue_type: QueueType::Classic,
+            queue_expires: Some(DEFAULT_QUEUE_EXPIRES),
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             executor_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
@@ -288,29 +314,50 @@ impl Server {
     }
 
     /// Stops serving `server_id`: its consumer is cancelled, calls running
-    /// finish, and requests still queued stay for another host.
+    /// finish, and requests still queued stay for another host. Once its
+    /// calls here are done, its queue is deleted if no other host consumes
+    /// from it and nothing waits in it, so callers get `NoSuchServer` at
+    /// once rather than wait for the queue to expire.
     ///
     /// # Errors
     ///
     /// Broker errors while cancelling.
     pub async fn stop_serving(&self, server_id: &str) -> Result<bool, Error> {
+        let Some(served) = self.stop(server_id).await? else {
+            return Ok(false);
+        };
+        tokio::spawn(retire(
+            Arc::downgrade(&self.inner),
+            server_id.to_string(),
+            served.share,
+        ));
+        Ok(true)
+    }
+
+    /// Cancels the consumer of `server_id` and forgets it.
+    async fn stop(&self, server_id: &str) -> Result<Option<Entry<ConsumerHandle>>, Error> {
         let _changing = self.inner.changes.lock().await;
         let Some(served) = self.inner.registry.remove(server_id) else {
-            return Ok(false);
+            return Ok(None);
         };
         // Its consume loop, finding the id no longer served, ends and does
         // not resume on a later connection.
         consumer::cancel(&served.consumer.channel, &served.consumer.tag).await?;
         info!(target: "callme::server", server_id, "stopped serving");
-        Ok(true)
+        Ok(Some(served))
     }
 
     /// Stops taking requests and waits up to `grace` for the calls in
-    /// flight to be answered and acked.
+    /// flight to be answered and acked; then deletes the queues nobody
+    /// else consumes from and nothing waits in.
     pub async fn shutdown(&self, grace: Duration) {
+        let mut stopped = Vec::new();
         for id in self.inner.registry.ids() {
-            if let Err(e) = self.stop_serving(&id).await {
-                warn!(target: "callme::server", server_id = %id, error = %e, "cancel failed");
+            match self.stop(&id).await {
+                Ok(_) => stopped.push(id),
+                Err(e) => {
+                    warn!(target: "callme::server", server_id = %id, error = %e, "cancel failed")
+                }
             }
         }
         let all = tokio::time::timeout(grace, self.inner.in_flight.acquire_many(MAX_IN_FLIGHT));
@@ -318,6 +365,11 @@ impl Server {
             Ok(_) => info!(target: "callme::server", "all calls answered"),
             Err(_) => {
                 warn!(target: "callme::server", ?grace, "grace period over with calls still running")
+            }
+        }
+        if let Some(conn) = self.inner.link.current() {
+            for id in &stopped {
+                topology::delete_server_queue_if_idle(&conn, id).await;
             }
         }
         self.inner.link.close().await;
@@ -383,6 +435,42 @@ impl Server {
             (conn, channel, first),
         ));
         Ok(())
+    }
+}
+
+/// How long a stopped id's queue deletion is retried while requests wait
+/// in it (they expire within their callers' timeouts) or another host
+/// still consumes from it.
+const RETIRE_FOR: Duration = Duration::from_secs(30);
+
+/// After the last call of a stopped id here has finished, deletes its
+/// queue if it is idle, retrying while requests wait in it; gives up when
+/// the id is served here again, the server is gone, or [`RETIRE_FOR`]
+/// has passed (the queue then expires by itself).
+async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share) {
+    let calls = share.concurrency() as u32;
+    let _ = tokio::time::timeout(RETIRE_FOR, share.slots().acquire_many(calls)).await;
+    let until = tokio::time::Instant::now() + RETIRE_FOR;
+    loop {
+        let conn = {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if inner.registry.contains(&id) {
+                return;
+            }
+            inner.link.current()
+        };
+        if let Some(conn) = conn
+            && topology::delete_server_queue_if_idle(&conn, &id).await
+        {
+            debug!(target: "callme::server", server_id = %id, "queue deleted");
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

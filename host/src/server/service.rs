@@ -77,6 +77,16 @@ pub(super) struct Context<'a> {
 }
 
 impl Service {
+    /// Whether `func` names a function of this service, or `_describe`:
+    /// only those are told apart in the metrics.
+    pub(super) fn exports(&self, func: &str) -> bool {
+        func == DESCRIBE
+            || match self {
+                Service::Plugin(slot) => slot.load().has_function(func),
+                Service::Native(functions) => functions.functions.contains_key(func),
+            }
+    }
+
     /// Runs `request`.
     pub(super) async fn call(
         &self,

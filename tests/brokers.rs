@@ -1,0 +1,436 @@
+//! Queues as today's RabbitMQ accepts them: durable or exclusive, classic or quorum, expiring, deleted by the last host to leave.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use callme::protocol::{Args, server_queue};
+use callme::{Error, ErrorKind, NativeFunctions, QueueType, ServerOptions};
+use callme_tests::{amqp_url, broker_ctl, eventually, native_add, pos, proxy, server, unique};
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::{Connection, ConnectionProperties};
+use serde_json::json;
+
+fn quorum() -> ServerOptions {
+    ServerOptions {
+        queue_type: QueueType::Quorum,
+        ..ServerOptions::default()
+    }
+}
+
+/// `(name, durable, auto_delete, exclusive, arguments)` of every queue.
+fn queues() -> Vec<(String, bool, bool, bool, String)> {
+    let out = broker_ctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "durable",
+        "auto_delete",
+        "exclusive",
+        "arguments",
+    ]);
+    out.lines()
+        .filter_map(|line| {
+            let mut cols = line.split('\t');
+            let name = cols.next()?.to_string();
+            let flag = |c: Option<&str>| c == Some("true");
+            let durable = flag(cols.next());
+            let auto_delete = flag(cols.next());
+            let exclusive = flag(cols.next());
+            let arguments = cols.collect::<Vec<_>>().join("\t");
+            Some((name, durable, auto_delete, exclusive, arguments))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_queue_callme_declares_is_durable_or_exclusive() {
+    let classic = unique("classic");
+    let replicated = unique("quorum");
+    let a = server(ServerOptions::default()).await;
+    let b = server(quorum()).await;
+    a.serve_native(&classic, native_add()).await.unwrap();
+    b.serve_native(&replicated, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    for id in [&classic, &replicated] {
+        let sum: i64 = p.use_server(id).invoke("add", (1, 2)).await.unwrap();
+        assert_eq!(sum, 3);
+    }
+    let all = queues();
+    let mine: Vec<_> = all
+        .iter()
+        .filter(|(name, ..)| name.starts_with("server_") || name.starts_with("client_"))
+        .collect();
+    assert!(mine.len() >= 3, "{all:?}");
+    for (name, durable, _, exclusive, _) in &mine {
+        assert!(
+            *durable || *exclusive,
+            "{name} is neither durable nor exclusive: RabbitMQ 4.x refuses it"
+        );
+    }
+    let find = |id: &str| {
+        all.iter()
+            .find(|(name, ..)| *name == server_queue(id))
+            .unwrap_or_else(|| panic!("no queue for {id}: {all:?}"))
+            .clone()
+    };
+    let (_, durable, auto_delete, exclusive, arguments) = find(&classic);
+    assert!(durable && !auto_delete && !exclusive);
+    assert!(arguments.contains("x-expires"), "{arguments}");
+    assert!(!arguments.contains("quorum"), "{arguments}");
+    let (_, durable, _, _, arguments) = find(&replicated);
+    assert!(durable);
+    assert!(arguments.contains("x-queue-type") && arguments.contains("quorum"));
+    let reply = p.reply_exchange().replace("_ex_", "_queue_");
+    let (_, _, _, exclusive, _) = all
+        .iter()
+        .find(|(name, ..)| *name == reply)
+        .expect("the proxy's reply queue")
+        .clone();
+    assert!(exclusive);
+}
+
+#[tokio::test]
+async fn the_last_host_to_stop_takes_its_queue_along() {
+    let id = unique("last");
+    let first = server(ServerOptions::default()).await;
+    let second = server(ServerOptions::default()).await;
+    first.serve_native(&id, native_add()).await.unwrap();
+    second.serve_native(&id, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(5)).await;
+    // One of two leaves: the queue stays for the other.
+    first.stop_serving(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..10i64 {
+        let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(sum, i + 1);
+    }
+    // The last one leaves: callers are told at once, as before any host.
+    second.stop_serving(&id).await.unwrap();
+    let gone = eventually(Duration::from_secs(10), || async {
+        let r = p
+            .use_server(&id)
+            .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(300))
+            .await;
+        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the queue of {id} outlived its last host");
+}
+
+#[tokio::test]
+async fn a_crashed_host_leaves_its_queue_until_it_expires() {
+    let id = unique("crashed");
+    let host = server(ServerOptions {
+        queue_expires: Some(Duration::from_secs(2)),
+        ..ServerOptions::default()
+    })
+    .await;
+    host.serve_native(&id, native_add()).await.unwrap();
+    // Gone without stopping: the broker sees the connection close.
+    drop(host);
+    let p = proxy(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = p
+        .use_server(&id)
+        .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(500))
+        .await;
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    let expired = eventually(Duration::from_secs(15), || async {
+        let r = p
+            .use_server(&id)
+            .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(300))
+            .await;
+        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await;
+    assert!(expired.is_some(), "the queue of {id} never expired");
+}
+
+#[tokio::test]
+async fn a_request_delivered_too_often_is_not_run_again() {
+    let id = unique("poison");
+    let first = server(quorum()).await;
+    first.serve_native(&id, native_add()).await.unwrap();
+    // Crash: the quorum queue stays, with nobody consuming.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let call = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.call("add", pos(json!([1, 1]))).await })
+    };
+    // Three hosts take the request and die before answering it.
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut taken = 0;
+    while taken < 3 {
+        let got = channel
+            .basic_get(
+                server_queue(&id).as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap();
+        match got {
+            Some(message) => {
+                message
+                    .delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                    .unwrap();
+                taken += 1;
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    // The next host refuses to run it a fourth time.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut counting = NativeFunctions::new();
+    let counted = runs.clone();
+    counting.register("add", "func(a: s64, b: s64) -> s64", move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok(json!(2))
+    });
+    let next = server(quorum()).await;
+    next.serve_native(&id, counting).await.unwrap();
+    let r = call.await.unwrap();
+    match r {
+        Err(Error::Remote(e)) => {
+            assert_eq!(e.kind, ErrorKind::Internal);
+            assert!(e.message.contains("delivered 3 times"), "{}", e.message);
+        }
+        other => panic!("expected the request refused, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // A fresh request runs as usual.
+    let v = p
+        .use_server(&id)
+        .call("add", Args::default())
+        .await
+        .unwrap();
+    assert_eq!(v, json!(2));
+}
+
+#[tokio::test]
+async fn hosts_that_disagree_on_the_queue_are_told_how() {
+    let id = unique("disagree");
+    let classic = server(ServerOptions::default()).await;
+    classic.serve_native(&id, native_add()).await.unwrap();
+    let replicated = server(quorum()).await;
+    let refused = replicated.serve_native(&id, native_add()).await;
+    match refused {
+        Err(Error::Config(message)) => {
+            assert!(
+                message.contains("already exists with other settings"),
+                "{message}"
+            );
+            assert!(message.contains("--queue-type"), "{message}");
+            assert!(message.contains("delete_queue"), "{message}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    // The first host is not disturbed.
+    let p = proxy(Duration::from_secs(5)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
+    assert_eq!(sum, 4);
+}
+
+/// A TCP forwarder to the test broker that can be cut: stopping it closes
+/// every connection it carries, as a broker node going away would.
+struct Forwarder {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start() -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = amqp_url();
+        let broker = url
+            .split_once('@')
+            .map_or("127.0.0.1:5682", |(_, rest)| {
+                rest.split('/').next().unwrap_or(rest)
+            })
+            .to_string();
+        let task = tokio::spawn(async move {
+            let mut carried = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let broker = broker.clone();
+                carried.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Forwarder { port, task }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Closes the listener and every connection it carries.
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+/// A port nothing listens on.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_list_of_brokers_is_tried_in_turn_and_failed_over() {
+    let dead = format!("amqp://guest:guest@127.0.0.1:{}/%2f", dead_port());
+    let first = Forwarder::start().await;
+    let second = Forwarder::start().await;
+    let list = format!("{dead},{},{}", first.url(), second.url());
+    let options = callme::ConnectOptions::new(list.clone());
+    // The dead node is skipped at once; the host lands on the first
+    // forwarder.
+    let host = callme::Server::connect(&options, ServerOptions::default())
+        .await
+        .unwrap();
+    let id = unique("failover");
+    host.serve_native(&id, native_add()).await.unwrap();
+    let p = callme::Proxy::connect_with(&options, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    // That node goes away: both fail over to the next one that answers.
+    first.cut();
+    let back = eventually(Duration::from_secs(20), || async {
+        let r: Result<i64, _> = p.use_server(&id).invoke("add", (2, 2)).await;
+        (r.ok() == Some(4)).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "no failover to the second broker");
+    second.cut();
+}
+
+#[tokio::test]
+async fn a_malformed_entry_in_a_list_is_named_without_its_password() {
+    let list = format!("{},amqp//guest:s3cretpw@127.0.0.1:5682", amqp_url());
+    let refused = callme::Proxy::connect(&list).await;
+    let Err(e) = refused else {
+        panic!("a malformed list connected");
+    };
+    let text = e.chain();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(text.contains("entry 2 of 2"), "{text}");
+    assert!(!text.contains("s3cretpw"), "{text}");
+    let options =
+        callme::ConnectOptions::new("amqp://u:s3cretpw@a:5672/%2f, amqp://v:0therpw@b:5672/%2f");
+    let shown = options.redacted();
+    assert!(
+        !shown.contains("s3cretpw") && !shown.contains("0therpw"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("@a:5672") && shown.contains("@b:5672"),
+        "{shown}"
+    );
+}
+
+/// `slow(ms)`: sleeps, then answers how many times it has run.
+fn counted_sleep(runs: Arc<AtomicUsize>) -> NativeFunctions {
+    let mut f = NativeFunctions::new();
+    f.register("slow", "func(ms: u32) -> u32", move |args: Args| {
+        let ms = args.args.first().and_then(|v| v.as_u64()).unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(ms));
+        Ok(json!(runs.fetch_add(1, Ordering::SeqCst) + 1))
+    });
+    f
+}
+
+#[tokio::test]
+async fn a_call_lost_with_its_connection_is_sent_again_when_asked() {
+    let id = unique("retry");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let host = server(ServerOptions::default()).await;
+    host.serve_native(&id, counted_sleep(runs.clone()))
+        .await
+        .unwrap();
+    let nodes = [
+        Forwarder::start().await,
+        Forwarder::start().await,
+        Forwarder::start().await,
+    ];
+    let list = nodes
+        .iter()
+        .map(Forwarder::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let p =
+        callme::Proxy::connect_with(&callme::ConnectOptions::new(list), Duration::from_secs(20))
+            .await
+            .unwrap();
+    // With retry: the connection goes mid-call, the call is sent again on
+    // the next node and answered.
+    let retried = {
+        let sp = p.use_server(&id).with_retry(true);
+        tokio::spawn(async move { sp.call("slow", pos(json!([1500]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes[0].cut();
+    let answer = retried.await.unwrap();
+    assert!(
+        matches!(answer, Ok(ref v) if v.as_u64().is_some()),
+        "{answer:?}"
+    );
+    // Without: the caller hears that the connection went.
+    let once = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.call("slow", pos(json!([1500]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes[1].cut();
+    let lost = once.await.unwrap();
+    assert!(matches!(lost, Err(Error::Disconnected(_))), "{lost:?}");
+    nodes[2].cut();
+}
+
+#[tokio::test]
+async fn callers_of_a_reconnecting_host_wait_for_it_rather_than_hear_no_such_server() {
+    let id = unique("reconnecting");
+    let nodes = [Forwarder::start().await, Forwarder::start().await];
+    let list = nodes
+        .iter()
+        .map(Forwarder::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let host =
+        callme::Server::connect(&callme::ConnectOptions::new(list), ServerOptions::default())
+            .await
+            .unwrap();
+    host.serve_native(&id, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(sum, 2);
+    // The host loses its connection; its queue stays, so a call made
+    // meanwhile waits and is answered once the host is back.
+    nodes[0].cut();
+    let started = std::time::Instant::now();
+    let sum: Result<i64, _> = p.use_server(&id).invoke("add", (2, 2)).await;
+    assert_eq!(sum.ok(), Some(4), "a call during the host's reconnection");
+    eprintln!(
+        "answered {:?} after the host lost its connection",
+        started.elapsed()
+    );
+    nodes[1].cut();
+}
