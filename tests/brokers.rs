@@ -434,3 +434,45 @@ async fn callers_of_a_reconnecting_host_wait_for_it_rather_than_hear_no_such_ser
     );
     nodes[1].cut();
 }
+
+#[tokio::test]
+async fn a_sidecar_picks_the_queue_type_and_it_cannot_change_while_served() {
+    let dir = callme_tests::tempdir();
+    let id = unique("sidecar-quorum");
+    std::fs::write(dir.join(format!("{id}.toml")), "queue_type = \"quorum\"\n").unwrap();
+    callme_tests::deploy(
+        &callme_tests::plugin_path("calc"),
+        &dir,
+        &format!("{id}.wasm"),
+    );
+    let mut host = callme_tests::Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    let (_, durable, _, _, arguments) = queues()
+        .into_iter()
+        .find(|(name, ..)| *name == server_queue(&id))
+        .expect("the plugin's queue");
+    assert!(durable && arguments.contains("quorum"), "{arguments}");
+    // Asking for a classic queue now is refused; the plugin keeps serving.
+    std::fs::write(dir.join(format!("{id}.toml")), "queue_type = \"classic\"\n").unwrap();
+    let refused = eventually(Duration::from_secs(20), || async {
+        host.log_text().contains("cannot switch").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "{}", host.log_text());
+    let sum: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
+    assert_eq!(sum, 4);
+    // A value that is no queue type is refused by name.
+    std::fs::write(
+        dir.join(format!("{id}.toml")),
+        "queue_type = \"mirrored\"\n",
+    )
+    .unwrap();
+    let named = eventually(Duration::from_secs(20), || async {
+        host.log_text().contains("mirrored").then_some(())
+    })
+    .await;
+    assert!(named.is_some(), "{}", host.log_text());
+}

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{
-    ConnectOptions, NativeFunctions, Plugin, PluginSettings, Proxy, Runtime, RuntimeConfig, Server,
-    ServerOptions,
+    ConnectOptions, NativeFunctions, Plugin, PluginSettings, Proxy, QueueType, Runtime,
+    RuntimeConfig, Server, ServerOptions,
 };
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -293,12 +293,13 @@ async fn raw_echo(confirms: bool) -> anyhow::Result<Target> {
 
 /// `add` served by callme: from the calc plugin, or as a native function
 /// (which leaves the sandbox out and shows what the messaging costs).
-async fn through_callme(native: bool) -> anyhow::Result<Target> {
+async fn through_callme(native: bool, queue_type: QueueType) -> anyhow::Result<Target> {
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let server = Server::connect(
         &ConnectOptions::new(url()),
         ServerOptions {
             concurrency: IN_FLIGHT,
+            queue_type,
             ..ServerOptions::default()
         },
     )
@@ -343,8 +344,9 @@ fn main() -> anyhow::Result<()> {
         let targets = [
             raw_echo(false).await?,
             raw_echo(true).await?,
-            through_callme(true).await?,
-            through_callme(false).await?,
+            through_callme(true, QueueType::Classic).await?,
+            through_callme(false, QueueType::Classic).await?,
+            through_callme(true, QueueType::Quorum).await?,
         ];
         for t in &targets {
             warm_up(&t.call).await?;
@@ -357,14 +359,15 @@ fn main() -> anyhow::Result<()> {
                 f.rounds.push(round(&t.call).await?);
             }
         }
-        let [raw, confirmed, native, callme] = &figures[..] else {
-            unreachable!("four targets");
+        let [raw, confirmed, native, callme, quorum] = &figures[..] else {
+            unreachable!("five targets");
         };
         println!("{ROUNDS} interleaved rounds of {SEQUENTIAL} sequential and {PARALLEL_CALLS} parallel calls each");
         print("raw lapin echo", raw);
         print("raw + confirms", confirmed);
         print("callme native", native);
         print("callme calc.add", callme);
+        print("native, quorum", quorum);
         println!();
         ratios(
             "callme / raw echo (targets: p50 <= 1.15x, throughput >= 0.85x)",
@@ -378,6 +381,7 @@ fn main() -> anyhow::Result<()> {
             confirmed,
         );
         ratios("callme native / raw echo (no sandbox)", native, raw);
+        ratios("quorum / classic server queue (native)", quorum, native);
         anyhow::Ok(())
     })
 }

@@ -19,8 +19,10 @@
 //! - `server/`: served ids and their consumers, one job per delivery from
 //!   decode to ack, replies (feature `server`).
 //! - `plugin/`: the plugin runtime: loading, calls and their limits, settings (feature `server`).
+//! - `trace`: W3C trace context, the `traceparent` a call carries.
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
 //! - `serve`: the `callme serve` loop: signals, graceful shutdown.
+//! - `scaffold`: `callme new`, plugin projects from the templates in `templates/` (feature `cli`).
 //! - `observe`: metrics, health and readiness, and their HTTP endpoint (feature `server`).
 
 mod amqp;
@@ -31,10 +33,13 @@ pub mod observe;
 pub mod plugin;
 pub mod protocol;
 mod proxy;
+#[cfg(feature = "cli")]
+pub mod scaffold;
 #[cfg(feature = "server")]
 pub mod serve;
 #[cfg(feature = "server")]
 mod server;
+mod trace;
 #[cfg(feature = "server")]
 mod watcher;
 
@@ -45,10 +50,10 @@ pub use plugin::{
     FunctionInfo, GuestLogLevel, Limits, Plugin, PluginSettings, Runtime, RuntimeConfig,
     RuntimeStats,
 };
-pub use protocol::{Args, ErrorKind, RemoteError};
+pub use protocol::{Args, ErrorKind, QueueType, RemoteError};
 pub use proxy::{BlockingProxy, CallOptions, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
 #[cfg(feature = "server")]
 pub use server::{
-    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, NativeFunctions, QueueType, Server,
-    ServerOptions,
+    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, NativeFunctions, Server, ServerOptions,
 };
+pub use trace::{SpanId, TraceContext, TraceId};

@@ -17,6 +17,18 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// The reserved function every server answers with a [`Description`].
 pub const DESCRIBE: &str = "_describe";
 
+/// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
+/// guides): `x-queue-type` when the queue is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// On one broker node; lost with that node.
+    #[default]
+    Classic,
+    /// Replicated over a cluster's nodes (Raft): survives a node going away.
+    Quorum,
+}
+
 /// What `_describe` answers: a server id's functions, its version, and how
 /// it serves them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

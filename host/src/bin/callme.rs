@@ -190,6 +190,38 @@ enum Command {
         #[arg(long)]
         memory_bytes: Option<usize>,
     },
+    /// Write a new plugin project that builds as it stands: a WIT world
+    /// with the callme contract, one function, a test and a README.
+    New {
+        /// The plugin's name, also its server id: lowercase words of
+        /// letters and digits joined by `-` (`my-plugin`).
+        name: String,
+        /// The language of the plugin.
+        #[arg(long, value_enum)]
+        lang: LanguageArg,
+        /// Where to write it (missing or empty); default `./NAME`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `--lang` of `callme new`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LanguageArg {
+    Rust,
+    Python,
+    #[value(alias = "javascript")]
+    Js,
+}
+
+impl From<LanguageArg> for callme::scaffold::Language {
+    fn from(arg: LanguageArg) -> Self {
+        match arg {
+            LanguageArg::Rust => callme::scaffold::Language::Rust,
+            LanguageArg::Python => callme::scaffold::Language::Python,
+            LanguageArg::Js => callme::scaffold::Language::JavaScript,
+        }
+    }
 }
 
 /// `--queue-type` on the command line.
@@ -370,7 +402,30 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => fail_plugin(e),
             }
         }
+        Command::New { name, lang, dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            match new_plugin(&dir, &name, lang.into()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail_local(&e),
+            }
+        }
     }
+}
+
+/// Writes the project and prints how to build and try it.
+fn new_plugin(dir: &Path, name: &str, language: callme::scaffold::Language) -> anyhow::Result<()> {
+    callme::scaffold::create(dir, name, language)?;
+    println!("created the {language} plugin {name} in {}", dir.display());
+    println!("build it (see {}):", dir.join("README.md").display());
+    println!("  cd {}", dir.display());
+    for command in language.build_commands(name) {
+        println!("  {command}");
+    }
+    println!(
+        "  callme invoke {} greet '\"ann\"'",
+        language.component_path(name).display()
+    );
+    Ok(())
 }
 
 /// Serves until SIGTERM or Ctrl-C, with `ready_file` present while every

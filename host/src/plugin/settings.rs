@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::protocol::QueueType;
+
 use super::limits::{
     Limits, MAX_DEADLINE, MAX_FUEL, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES,
     MIN_MEMORY_BYTES,
@@ -50,6 +52,9 @@ pub struct PluginSettings {
     /// Lowest level of the guest's log lines (host import and captured
     /// stdout/stderr) that reach the host log.
     pub log_level: GuestLogLevel,
+    /// The type of this plugin's server queue, overriding the server's
+    /// `--queue-type`. It cannot change while the plugin is served.
+    pub queue_type: Option<QueueType>,
 }
 
 impl Default for PluginSettings {
@@ -60,6 +65,7 @@ impl Default for PluginSettings {
             prewarm: DEFAULT_PREWARM,
             concurrency: None,
             log_level: GuestLogLevel::Trace,
+            queue_type: None,
         }
     }
 }
@@ -157,6 +163,7 @@ struct Sidecar {
     prewarm: usize,
     concurrency: Option<usize>,
     log_level: GuestLogLevel,
+    queue_type: Option<QueueType>,
 }
 
 impl Default for Sidecar {
@@ -167,6 +174,7 @@ impl Default for Sidecar {
             prewarm,
             concurrency,
             log_level,
+            queue_type,
         } = PluginSettings::default();
         Sidecar {
             fuel: limits.fuel,
@@ -179,6 +187,7 @@ impl Default for Sidecar {
             prewarm,
             concurrency,
             log_level,
+            queue_type,
         }
     }
 }
@@ -197,6 +206,7 @@ impl From<Sidecar> for PluginSettings {
             prewarm: s.prewarm,
             concurrency: s.concurrency,
             log_level: s.log_level,
+            queue_type: s.queue_type,
         }
     }
 }
@@ -266,9 +276,10 @@ mod tests {
         let settings = PluginSettings::from_toml(
             "fuel = 1\ndeadline_ms = 1800000\nmemory_bytes = 65536\nresult_bytes = 1\n\
              output_bytes = 0\nprewarm = 64\nconcurrency = 65535\nlog_level = \"off\"\n\
-             reuse_instances = true\n",
+             reuse_instances = true\nqueue_type = \"quorum\"\n",
         )
         .unwrap();
+        assert_eq!(settings.queue_type, Some(QueueType::Quorum));
         assert_eq!(settings.limits.fuel, 1);
         assert_eq!(settings.limits.deadline, MAX_DEADLINE);
         assert_eq!(settings.limits.memory_bytes, MIN_MEMORY_BYTES);

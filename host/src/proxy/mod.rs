@@ -9,7 +9,10 @@
 //! timed out is dropped. When the broker connection is lost, calls
 //! waiting for replies fail at once with [`Error::Disconnected`]; the proxy
 //! reconnects, declares its reply queue again under the same name, and
-//! calls made meanwhile wait for that within their timeouts.
+//! calls made meanwhile wait for that within their timeouts. Every
+//! request carries a W3C `traceparent`: the caller's trace when it gives
+//! one ([`ServerProxy::with_trace`], [`CallOptions::trace`]), a new trace
+//! otherwise.
 //!
 //! - `pending`: calls waiting for replies, by correlation id;
 //! - `replies`: the reply queue and its consumer, across reconnections;
@@ -23,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -34,28 +38,39 @@ pub use blocking::BlockingProxy;
 use pending::Pending;
 use replies::{Replies, ReplyNames};
 
-use crate::Error;
 use crate::amqp::publisher::{Published, Publisher};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::protocol::{Args, CONTENT_TYPE, DESCRIBE, Request, server_exchange};
+use crate::{Error, TraceContext, TraceId};
 
 /// How one call is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CallOptions {
     /// How long to wait for the reply, over every attempt.
     pub timeout: Duration,
     /// Send the call again when the connection was lost before its reply
     /// (see [`Proxy::call_with`]). Off by default.
     pub retry: bool,
+    /// The caller's current trace: the request's `traceparent` (and
+    /// `tracestate`) continue it. `None` (the default): the call starts a
+    /// new trace.
+    pub trace: Option<TraceContext>,
 }
 
 impl CallOptions {
-    /// A call waiting `timeout` for its reply, sent once.
+    /// A call waiting `timeout` for its reply, sent once, starting a new trace.
     pub fn new(timeout: Duration) -> CallOptions {
         CallOptions {
             timeout,
             retry: false,
+            trace: None,
         }
+    }
+
+    /// The same call, continuing the trace `trace`.
+    pub fn with_trace(mut self, trace: TraceContext) -> CallOptions {
+        self.trace = Some(trace);
+        self
     }
 }
 
@@ -65,6 +80,9 @@ struct Call<'a> {
     func: &'a str,
     corr: &'a str,
     body: &'a [u8],
+    /// `traceparent` and `tracestate`, the same on every attempt.
+    headers: &'a FieldTable,
+    trace_id: TraceId,
     deadline: tokio::time::Instant,
     timeout: Duration,
 }
@@ -166,6 +184,7 @@ impl Proxy {
             server: server_id.to_string(),
             timeout: self.inner.timeout,
             retry: false,
+            trace: None,
         }
     }
 
@@ -208,7 +227,8 @@ impl Proxy {
     /// back, within the same timeout and under the same correlation id, so
     /// the first reply to come is the one kept. The function may then run
     /// twice: fine for plugins (a fresh sandbox per call), for native
-    /// functions only if they are idempotent.
+    /// functions only if they are idempotent. Every attempt carries the
+    /// same `traceparent`.
     ///
     /// # Errors
     ///
@@ -228,11 +248,18 @@ impl Proxy {
             args,
         }
         .encode();
+        let trace = match options.trace {
+            Some(trace) => trace,
+            None => TraceContext::new_trace(),
+        };
+        let headers = trace.headers();
         let call = Call {
             server,
             func,
             corr: &corr,
             body: &body,
+            headers: &headers,
+            trace_id: trace.trace_id(),
             deadline,
             timeout,
         };
@@ -243,7 +270,7 @@ impl Proxy {
                     if !options.retry || tokio::time::Instant::now() >= deadline {
                         return Err(e);
                     }
-                    debug!(target: "callme::proxy", server, func, correlation_id = %corr, error = %e, "sending again");
+                    debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, "sending again");
                     // Give the link a moment to notice a dead connection.
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
@@ -263,7 +290,8 @@ impl Proxy {
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(call.corr.into())
             .with_reply_to(self.inner.reply_exchange.as_str().into())
-            .with_expiration(millis.to_string().into());
+            .with_expiration(millis.to_string().into())
+            .with_headers(call.headers.clone());
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.
@@ -280,7 +308,7 @@ impl Proxy {
                             Err(e @ Error::Connection(_)) => return Attempt::Lost(e),
                             Err(e) => return Attempt::Done(Err(e)),
                         }
-                        debug!(target: "callme::proxy", server = call.server, func = call.func, correlation_id = %call.corr, "request confirmed");
+                        debug!(target: "callme::proxy", server = call.server, func = call.func, correlation_id = %call.corr, trace_id = %call.trace_id, "request confirmed");
                     }
                     reply = &mut rx => {
                         return match reply {
@@ -360,6 +388,7 @@ pub struct ServerProxy {
     server: String,
     timeout: Duration,
     retry: bool,
+    trace: Option<TraceContext>,
 }
 
 impl ServerProxy {
@@ -376,10 +405,30 @@ impl ServerProxy {
         self
     }
 
+    /// The same server, its calls continuing the trace `trace` (the
+    /// caller's current span): each request's `traceparent` carries its
+    /// trace id and span id. Without one, each call starts a new trace.
+    ///
+    /// ```no_run
+    /// # async fn f(proxy: callme::Proxy, incoming: &str) -> Result<(), callme::Error> {
+    /// // Continue the trace of the request being served.
+    /// let calc = match callme::TraceContext::parse(incoming) {
+    ///     Some(trace) => proxy.use_server("calc").with_trace(trace),
+    ///     None => proxy.use_server("calc"),
+    /// };
+    /// let sum: i64 = calc.invoke("add", (1, 2)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
     fn options(&self, timeout: Duration) -> CallOptions {
         CallOptions {
             timeout,
             retry: self.retry,
+            trace: self.trace.clone(),
         }
     }
 

@@ -255,7 +255,7 @@ impl Subscription for Consuming {
         let Some(concurrency) = inner.registry.still_served(&self.id, &self.service) else {
             return Ok(None);
         };
-        let shape = inner.options.queue_shape();
+        let shape = inner.options.queue_shape(&self.service);
         let (channel, (tag, consumer)) = topology::declare_on(conn, async |ch| {
             subscribe(ch, &self.id, shape, concurrency).await
         })

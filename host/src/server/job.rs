@@ -6,6 +6,11 @@
 //! all (no `reply_to` or `correlation_id`) is logged and dropped. Bad
 //! bodies are answered with `BadRequest`; nothing a request holds stops
 //! the server.
+//!
+//! Each request runs in a `call` span carrying its W3C trace: the trace
+//! of the request's `traceparent` when it has a valid one, a new trace
+//! otherwise, and a span id of the server's own, which the reply's
+//! `traceparent` carries back. Every log line of the call names them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,14 +19,14 @@ use std::time::Instant;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::Server;
 use super::reply::{Replier, Sent, Undeliverable};
 use super::service::{Context, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{CONTENT_TYPE, Request, Response};
-use crate::{ErrorKind, RemoteError};
+use crate::{ErrorKind, RemoteError, TraceContext};
 
 /// One delivery of a served id.
 pub(super) struct Job {
@@ -35,6 +40,27 @@ pub(super) struct Job {
 
 impl Job {
     pub(super) async fn handle(self, delivery: Delivery) {
+        let parent = TraceContext::from_headers(delivery.properties.headers().as_ref());
+        let trace = match &parent {
+            Some(parent) => parent.child(),
+            None => TraceContext::new_trace(),
+        };
+        let span = info_span!(
+            target: "callme::server",
+            "call",
+            server_id = %self.id,
+            function = field::Empty,
+            trace_id = %trace.trace_id(),
+            span_id = %trace.span_id(),
+            parent_span_id = field::Empty,
+        );
+        if let Some(parent) = &parent {
+            span.record("parent_span_id", field::display(parent.span_id()));
+        }
+        self.run(delivery, trace).instrument(span).await;
+    }
+
+    async fn run(self, delivery: Delivery, trace: TraceContext) {
         let started = Instant::now();
         let _in_flight = observe::call_started(&self.id);
         let props = &delivery.properties;
@@ -77,6 +103,13 @@ impl Job {
                     };
                     let func = request.func.clone();
                     let exported = self.service.exports(&func);
+                    // A name the id does not export is the caller's to
+                    // make up, of any length: as in the metrics, it is
+                    // not repeated on every line of the call.
+                    Span::current().record(
+                        "function",
+                        if exported { func.as_str() } else { "_unknown" },
+                    );
                     let outcome = self.service.call(request, &cx).await;
                     let kind = outcome.as_ref().map(drop).map_err(|e| e.kind);
                     observe::call_finished(&self.id, &func, exported, kind, started.elapsed());
@@ -91,7 +124,7 @@ impl Job {
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
         let inner = &self.server.inner;
-        match self.replier.send(&reply_to, &corr, &body).await {
+        match self.replier.send(&reply_to, &corr, &body, &trace).await {
             Sent::Delivered => {
                 if ack(&delivery).await {
                     inner.answered.fetch_add(1, Ordering::Relaxed);

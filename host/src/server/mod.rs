@@ -42,7 +42,7 @@ use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, ServerQueue};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::plugin::Plugin;
-use crate::protocol::{DEFAULT_MAX_REQUEST_BYTES, is_valid_server_id};
+use crate::protocol::{DEFAULT_MAX_REQUEST_BYTES, QueueType, is_valid_server_id};
 
 /// How a server declares its queues and runs calls.
 #[derive(Debug, Clone)]
@@ -68,17 +68,6 @@ pub struct ServerOptions {
     pub executor_threads: usize,
 }
 
-/// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
-/// guides).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum QueueType {
-    /// On one broker node; lost with that node.
-    #[default]
-    Classic,
-    /// Replicated over a cluster's nodes (Raft): survives a node going away.
-    Quorum,
-}
-
 /// How long a server queue nobody consumes from lives by default.
 pub const DEFAULT_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
 
@@ -86,9 +75,11 @@ pub const DEFAULT_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 3;
 
 impl ServerOptions {
-    fn queue_shape(&self) -> ServerQueue {
+    /// How the queue of an id served by `service` is declared: its own
+    /// queue type if it has one, else the server's.
+    fn queue_shape(&self, service: &Service) -> ServerQueue {
         ServerQueue {
-            quorum: self.queue_type == QueueType::Quorum,
+            quorum: service.queue_type().unwrap_or(self.queue_type) == QueueType::Quorum,
             expires: self.queue_expires,
         }
     }
@@ -238,6 +229,17 @@ impl Server {
         check_concurrency(wanted)?;
         if !is_valid_server_id(&id) {
             return Err(invalid_id(&id));
+        }
+        if let Some(serving) = self.inner.registry.plugin(&id) {
+            let default = self.inner.options.queue_type;
+            let now = serving.settings().queue_type.unwrap_or(default);
+            let next = plugin.settings().queue_type.unwrap_or(default);
+            if now != next {
+                return Err(Error::Config(format!(
+                    "`{id}` is served with a {now:?} queue and cannot switch to {next:?} while served: \
+                     remove the plugin, let its queue go, then deploy it again"
+                )));
+            }
         }
         plugin.start_prewarm(self.inner.executor.handle());
         match self.inner.registry.swap_plugin(&id, plugin, wanted)? {
@@ -398,7 +400,7 @@ impl Server {
             )));
         };
         let share = Share::new(concurrency)?;
-        let shape = self.inner.options.queue_shape();
+        let shape = self.inner.options.queue_shape(&service);
         let (channel, (tag, first)) = topology::declare_on(&conn, async |ch| {
             consumer::subscribe(ch, &id, shape, concurrency).await
         })

@@ -17,10 +17,10 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use tokio::sync::watch;
 
-use crate::Error;
 use crate::amqp::link;
 use crate::amqp::publisher::{Published, Publisher};
 use crate::protocol::CONTENT_TYPE;
+use crate::{Error, TraceContext};
 
 /// Attempts at publishing one reply when its lane or the connection fails
 /// under it.
@@ -60,11 +60,19 @@ impl Replier {
         Replier { link, publisher }
     }
 
-    /// Publishes `body` as the reply to `corr` on `exchange`.
-    pub(super) async fn send(&self, exchange: &str, corr: &str, body: &[u8]) -> Sent {
+    /// Publishes `body` as the reply to `corr` on `exchange`, its
+    /// `traceparent` the server's span of the call, `trace`.
+    pub(super) async fn send(
+        &self,
+        exchange: &str,
+        corr: &str,
+        body: &[u8],
+        trace: &TraceContext,
+    ) -> Sent {
         let props = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
-            .with_correlation_id(corr.into());
+            .with_correlation_id(corr.into())
+            .with_headers(trace.headers());
         let mut last = None;
         for _ in 0..ATTEMPTS {
             let conn = match &*self.link.borrow() {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
+use tracing::{Instrument, Span};
 
 use crate::plugin::Plugin;
-use crate::protocol::{Args, DESCRIBE, DescribedFunction, Description, Request};
+use crate::protocol::{Args, DESCRIBE, DescribedFunction, Description, QueueType, Request};
 use crate::{ErrorKind, RemoteError};
 
 type NativeFn = dyn Fn(Args) -> Result<Value, RemoteError> + Send + Sync;
@@ -66,6 +67,16 @@ pub(super) enum Service {
     Native(NativeFunctions),
 }
 
+impl Service {
+    /// The queue type this service asks for, if it sets one.
+    pub(super) fn queue_type(&self) -> Option<QueueType> {
+        match self {
+            Service::Plugin(slot) => slot.load().settings().queue_type,
+            Service::Native(_) => None,
+        }
+    }
+}
+
 /// What a call needs from the server around it.
 pub(super) struct Context<'a> {
     /// The server id called.
@@ -102,9 +113,11 @@ impl Service {
                 if func == DESCRIBE {
                     return Ok(described(describe_plugin(&plugin, cx)));
                 }
+                // The call's span follows it onto the plugin executor, so
+                // the plugin's log lines carry its trace.
                 let task = cx
                     .executor
-                    .spawn(async move { plugin.call(&func, &args).await });
+                    .spawn(async move { plugin.call(&func, &args).await }.in_current_span());
                 match task.await {
                     Ok(r) => r.map_err(RemoteError::from),
                     Err(e) => Err(RemoteError::new(
@@ -165,7 +178,9 @@ impl NativeFunctions {
             ));
         };
         let f = f.clone();
-        match tokio::task::spawn_blocking(move || f(args)).await {
+        // The function's own log lines carry the call's trace.
+        let span = Span::current();
+        match tokio::task::spawn_blocking(move || span.in_scope(|| f(args))).await {
             Ok(r) => r,
             Err(e) => Err(RemoteError::new(
                 ErrorKind::Internal,

@@ -1,0 +1,295 @@
+"""The asyncio proxy: calls functions of callme servers by id, over one connection.
+
+An :class:`AsyncProxy` connects when first used (or on ``await
+proxy.connect()`` / ``async with``), publishes each request to
+``server_ID_ex`` with publisher confirms and ``mandatory`` set, and matches
+replies to calls by correlation id, so any number of calls can be in flight
+at once on its one connection. A request nobody can route fails at once with
+:class:`NoSuchServer`; a reply that comes after its call timed out is
+dropped. When the connection is lost, calls waiting for replies fail with
+:class:`ConnectionError`; the proxy reconnects by itself, and calls made
+meanwhile wait for it within their timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import uuid
+from functools import partial
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence
+
+import aio_pika
+
+from . import errors
+from .link import Link
+from .options import ConnectOptions
+from .protocol import (
+    CONTENT_TYPE,
+    DESCRIBE,
+    decode_response,
+    encode_request,
+    server_exchange,
+    valid_server_id,
+)
+from .publisher import Publisher
+
+__all__ = ["AsyncProxy", "AsyncServerProxy", "DEFAULT_TIMEOUT"]
+
+log = logging.getLogger("callme.proxy")
+
+#: The seed's default: a call waits this long (seconds) for its reply.
+DEFAULT_TIMEOUT = 60.0
+
+
+class AsyncProxy:
+    """A client of callme servers for asyncio code.
+
+    ``amqp_url`` is an ``amqp://`` or ``amqps://`` URI (default:
+    ``CALLME_AMQP_URL``); the seed's ``amqp_host``, ``amqp_user``,
+    ``amqp_password``, ``amqp_vhost``, ``amqp_port`` and ``ssl`` arguments
+    work too. ``ca_file`` verifies the broker with that CA; ``cert_file``
+    and ``key_file`` log in with a client certificate (EXTERNAL).
+    ``timeout`` (seconds) is the default for every call;
+    ``connection_name`` is shown by the broker's management tools.
+
+    A proxy belongs to the event loop it first connects on; any number of
+    tasks of that loop share it.
+    """
+
+    def __init__(
+        self,
+        amqp_url: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        amqp_host: Optional[str] = None,
+        amqp_user: Optional[str] = None,
+        amqp_password: Optional[str] = None,
+        amqp_vhost: Optional[str] = None,
+        amqp_port: Optional[int] = None,
+        ssl: bool = False,
+        ca_file: Optional[str] = None,
+        cert_file: Optional[str] = None,
+        key_file: Optional[str] = None,
+        connection_name: Optional[str] = None,
+    ) -> None:
+        self._options = ConnectOptions.build(
+            amqp_url,
+            amqp_host=amqp_host,
+            amqp_user=amqp_user,
+            amqp_password=amqp_password,
+            amqp_vhost=amqp_vhost,
+            amqp_port=amqp_port,
+            ssl=ssl,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            connection_name=connection_name,
+        )
+        self._timeout = _positive(timeout)
+        self._link: Optional[Link] = None
+        self._publisher: Optional[Publisher] = None
+        self._starting: Optional["asyncio.Future[None]"] = None
+        self._pending: Dict[str, "asyncio.Future[bytes]"] = {}
+        self._closed = False
+
+    @property
+    def timeout(self) -> float:
+        """The timeout (seconds) of calls that do not set one."""
+        return self._timeout
+
+    @property
+    def reply_exchange(self) -> Optional[str]:
+        """The exchange this proxy receives replies on, once connected."""
+        return self._link.exchange if self._link is not None else None
+
+    @property
+    def broker(self) -> str:
+        """The broker's URL, without its password."""
+        return self._options.redacted
+
+    def use_server(self, server_id: str, timeout: Optional[float] = None) -> "AsyncServerProxy":
+        """A handle on the server ``server_id``: ``await
+        proxy.use_server("calc").add(1, 2)``. ``timeout`` overrides the
+        proxy's default for calls made through it."""
+        return AsyncServerProxy(self, server_id, self._timeout if timeout is None else timeout)
+
+    async def connect(self) -> None:
+        """Connects now rather than at the first call.
+
+        :raises AccessRefused: the broker refused the login.
+        :raises ConnectionError: the broker could not be reached.
+        """
+        if self._closed:
+            raise errors.ConnectionError("the proxy is closed")
+        if self._link is not None:
+            return
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        except errors.CallmeError:
+            if self._starting is starting:
+                # The next call tries again.
+                self._starting = None
+            raise
+
+    async def _start(self) -> None:
+        link = Link(self._options, self._on_reply, self._on_lost)
+        await link.start()
+        if self._closed:
+            await link.close()
+            raise errors.ConnectionError("the proxy was closed while it connected")
+        self._publisher = Publisher()
+        self._link = link
+
+    async def close(self) -> None:
+        """Closes the connection; calls still waiting fail with
+        :class:`ConnectionError`."""
+        self._closed = True
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+        self._on_lost("the proxy was closed before the reply came")
+
+    async def __aenter__(self) -> "AsyncProxy":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.close()
+
+    async def call(
+        self,
+        server_id: str,
+        func: str,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """Calls ``func`` of ``server_id`` and returns its result.
+
+        :raises Timeout: no reply within ``timeout`` seconds (default: the
+            proxy's); a :class:`RemoteTimeout` when the server stopped the
+            call for its own limits.
+        :raises NoSuchServer: nothing serves ``server_id``.
+        :raises RemoteError: the server's error, as the subclass of its type.
+        :raises AccessRefused: the user may not call this server.
+        :raises ConnectionError: no connection to the broker, or it was
+            lost before the reply came.
+        :raises TypeError, ValueError: an argument is not JSON-serialisable.
+        """
+        timeout = self._timeout if timeout is None else _positive(timeout)
+        body = encode_request(func, args, kwargs)
+        if not valid_server_id(server_id):
+            raise errors.NoSuchServer(server_id)
+        stage = ["connecting"]
+        try:
+            return await asyncio.wait_for(
+                self._call(server_id, func, body, timeout, stage), timeout
+            )
+        except asyncio.TimeoutError:
+            if stage[0] == "connecting":
+                raise errors.ConnectionError(
+                    f"no connection to the broker at {self.broker} within the call's "
+                    f"timeout of {timeout:g} s"
+                ) from None
+            raise errors.Timeout(
+                f"no reply from {server_id!r} to {func}() within {timeout:g} s"
+            ) from None
+
+    async def _call(
+        self, server_id: str, func: str, body: bytes, timeout: float, stage: "list[str]"
+    ) -> Any:
+        await self.connect()
+        link, publisher = self._link, self._publisher
+        if link is None or publisher is None:
+            raise errors.ConnectionError("the proxy is closed")
+        connection = await link.connection()
+        stage[0] = "calling"
+        correlation_id = str(uuid.uuid4())
+        reply: "asyncio.Future[bytes]" = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = reply
+        try:
+            message = aio_pika.Message(
+                body,
+                content_type=CONTENT_TYPE,
+                correlation_id=correlation_id,
+                reply_to=link.exchange,
+                expiration=datetime.timedelta(milliseconds=max(1, int(timeout * 1000))),
+            )
+            log.debug("call %s.%s correlation_id=%s", server_id, func, correlation_id)
+            await publisher.publish(connection, server_id, server_exchange(server_id), message)
+            response = await reply
+        finally:
+            self._pending.pop(correlation_id, None)
+        try:
+            return decode_response(response)
+        except errors.RemoteError as e:
+            log.debug("%s.%s failed remotely: %s", server_id, func, e.type)
+            raise
+        except ValueError as e:
+            raise errors.RemoteError(
+                "BadResponse", f"the reply of {server_id!r} is not a callme response: {e}"
+            ) from None
+
+    def _on_reply(self, correlation_id: str, body: bytes) -> None:
+        waiting = self._pending.get(correlation_id)
+        if waiting is None or waiting.done():
+            # A reply after its call timed out, or a duplicate.
+            log.debug("dropped a reply nobody waits for: correlation_id=%s", correlation_id)
+            return
+        waiting.set_result(body)
+
+    def _on_lost(self, why: str = "the connection to the broker was lost before the reply came") -> None:
+        if self._publisher is not None:
+            self._publisher.clear()
+        for waiting in self._pending.values():
+            if not waiting.done():
+                waiting.set_exception(errors.ConnectionError(why))
+
+
+class AsyncServerProxy:
+    """The functions of one server: ``await server.add(1, 2)``,
+    ``await server.add(a=1, b=2)``, ``await server.call("stats.mean", [1, 2])``."""
+
+    def __init__(self, proxy: AsyncProxy, server_id: str, timeout: float) -> None:
+        self._proxy = proxy
+        self._server_id = server_id
+        self._timeout = _positive(timeout)
+
+    @property
+    def server_id(self) -> str:
+        return self._server_id
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    async def call(self, func: str, *args: Any, **kwargs: Any) -> Any:
+        """Calls ``func`` with positional and keyword arguments; the way to
+        call a function whose name is not a Python identifier."""
+        return await self._proxy.call(self._server_id, func, args, kwargs, timeout=self._timeout)
+
+    async def describe(self) -> Dict[str, Any]:
+        """The server's functions with their signatures, and its version."""
+        described: Dict[str, Any] = await self.call(DESCRIBE)
+        return described
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return partial(self.call, name)
+
+    def __repr__(self) -> str:
+        return f"<AsyncServerProxy {self._server_id!r} timeout={self._timeout:g}>"
+
+
+def _positive(timeout: float) -> float:
+    timeout = float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"a timeout is a positive number of seconds, not {timeout!r}")
+    return timeout

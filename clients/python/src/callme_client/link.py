@@ -1,0 +1,212 @@
+"""The proxy's broker connection and reply queue, kept up across broker restarts.
+
+A :class:`Link` opens the connection, declares the proxy's reply exchange
+``client_USER_ex_UUID`` (direct, auto-delete) and its exclusive,
+auto-delete queue ``client_USER_queue_UUID`` bound to it with ``""``, and
+consumes that queue without acks, handing each reply to ``on_reply``. When
+the connection (or the reply channel) is lost it calls ``on_lost`` (the
+proxy fails the calls waiting for replies), then reconnects with backoff and
+declares the same names again; calls made meanwhile wait for
+:meth:`Link.connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, Callable, Optional
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from . import errors
+from .options import ConnectOptions
+
+__all__ = ["Link", "CONNECT_TIMEOUT"]
+
+log = logging.getLogger("callme.proxy")
+
+#: A broker that does not answer a connection attempt within this time is
+#: reported as down rather than left hanging (the Rust proxy's value).
+CONNECT_TIMEOUT = 15.0
+
+#: Reconnection backoff: the first retry comes soon (a restart takes a few
+#: seconds), later ones at most this far apart.
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 3.0
+
+
+class Link:
+    """One proxy's connection and reply queue. Made and used on one event loop."""
+
+    def __init__(
+        self,
+        options: ConnectOptions,
+        on_reply: Callable[[str, bytes], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.options = options
+        uid = str(uuid.uuid4())
+        self.exchange = f"client_{options.user}_ex_{uid}"
+        self.queue = f"client_{options.user}_queue_{uid}"
+        self._on_reply = on_reply
+        self._on_lost = on_lost
+        self._connection: Optional[AbstractConnection] = None
+        self._ready = asyncio.Event()
+        self._task: Optional["asyncio.Task[None]"] = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Connects for the first time; later losses are repaired in the
+        background.
+
+        :raises AccessRefused: the broker refused the login or a declare.
+        :raises ConnectionError: the broker could not be reached.
+        """
+        connection, channel = await self._open()
+        self._task = asyncio.ensure_future(self._keep(connection, channel))
+
+    async def connection(self) -> AbstractConnection:
+        """The connection the reply queue is consumed on, waiting for one
+        while the link is being re-established.
+
+        :raises ConnectionError: the link is closed.
+        """
+        while True:
+            if self._closing:
+                raise errors.ConnectionError("the proxy is closed")
+            connection = self._connection
+            if connection is not None and not connection.is_closed:
+                return connection
+            self._ready.clear()
+            await self._ready.wait()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the reply queue is being consumed now."""
+        return self._connection is not None and not self._connection.is_closed
+
+    async def close(self) -> None:
+        """Closes the connection for good; the broker deletes the reply
+        exchange and queue with it."""
+        self._closing = True
+        self._ready.set()
+        connection, self._connection = self._connection, None
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except Exception:  # closing a broken connection may fail; it is gone anyway
+                pass
+
+    async def _open(self) -> "tuple[AbstractConnection, AbstractChannel]":
+        options = self.options
+        try:
+            connection = await aio_pika.connect(
+                options.connection_url(),
+                ssl_context=options.ssl_context(),
+                timeout=CONNECT_TIMEOUT,
+            )
+        except (aiormq.exceptions.ProbableAuthenticationError,
+                aiormq.exceptions.AuthenticationError,
+                aiormq.exceptions.ConnectionNotAllowed) as e:
+            raise errors.AccessRefused(
+                f"the broker at {options.redacted} refused the login: {errors.reply_text(e)}"
+            ) from None
+        except asyncio.TimeoutError:
+            raise errors.ConnectionError(
+                f"the broker at {options.redacted} did not answer within {CONNECT_TIMEOUT:g} s"
+            ) from None
+        except (aiormq.exceptions.AMQPError, OSError) as e:
+            raise errors.ConnectionError(
+                f"cannot connect to the broker at {options.redacted}: {errors.reply_text(e)}"
+            ) from None
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            exchange = await channel.declare_exchange(
+                self.exchange, aio_pika.ExchangeType.DIRECT, durable=False, auto_delete=True
+            )
+            queue = await channel.declare_queue(
+                self.queue, durable=False, exclusive=True, auto_delete=True
+            )
+            await queue.bind(exchange, routing_key="")
+            await queue.consume(self._deliver, no_ack=True)
+        except BaseException as e:
+            await _close_quietly(connection)
+            if isinstance(e, aiormq.exceptions.ChannelAccessRefused):
+                raise errors.AccessRefused(
+                    f"the broker refused the reply queue {self.queue!r}: {errors.reply_text(e)}"
+                ) from None
+            if isinstance(e, (aiormq.exceptions.AMQPError, OSError, RuntimeError)):
+                raise errors.ConnectionError(
+                    f"cannot declare the reply queue {self.queue!r}: {errors.reply_text(e)}"
+                ) from None
+            raise
+        log.debug(
+            "proxy ready: broker %s, reply exchange %s", options.redacted, self.exchange
+        )
+        return connection, channel
+
+    async def _keep(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            lost: "asyncio.Future[None]" = loop.create_future()
+
+            def on_close(*_: Any) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            connection.close_callbacks.add(on_close)
+            channel.close_callbacks.add(on_close)
+            self._connection = connection
+            self._ready.set()
+            if connection.is_closed or channel.is_closed:
+                on_close()
+            await lost
+            self._connection = None
+            self._ready.clear()
+            if self._closing:
+                return
+            log.warning(
+                "lost the connection to the broker at %s; reconnecting", self.options.redacted
+            )
+            self._on_lost()
+            await _close_quietly(connection)
+            connection, channel = await self._reopen()
+            log.warning("reconnected to the broker at %s", self.options.redacted)
+
+    async def _reopen(self) -> "tuple[AbstractConnection, AbstractChannel]":
+        delay = _BACKOFF_FIRST
+        attempts = 0
+        while True:
+            await asyncio.sleep(delay)
+            attempts += 1
+            try:
+                return await self._open()
+            except errors.CallmeError as e:
+                # Every 10th failure is logged at warning level, so an outage
+                # says it goes on without flooding the log.
+                level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG
+                log.log(level, "reconnecting (attempt %d) failed: %s", attempts, e)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        if message.correlation_id is None:
+            log.debug("dropped a reply without correlation id")
+            return
+        self._on_reply(message.correlation_id, message.body)
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    try:
+        await connection.close()
+    except Exception:  # a connection the broker closed may fail to close again
+        pass
+

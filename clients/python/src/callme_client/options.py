@@ -1,0 +1,184 @@
+"""Where the broker is and how to log in: a URL, the seed's arguments, TLS files.
+
+:class:`ConnectOptions` turns what a caller gives (an ``amqp://`` or
+``amqps://`` URL, the seed's ``amqp_host``/``amqp_user``/... arguments, or
+``CALLME_AMQP_URL``) into the one URL the connection uses, the TLS context,
+and the user name the reply exchange is named after. :func:`redact_url` is
+what every log line and error message shows instead of the URL.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl as _ssl
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+__all__ = ["ConnectOptions", "redact_url", "ENV_URL"]
+
+#: The environment variable read when no URL and no host is given, as the
+#: ``callme`` command does.
+ENV_URL = "CALLME_AMQP_URL"
+
+_DEFAULT_URL = "amqp://guest:guest@localhost/%2f"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``.
+
+    Everything before the last ``@`` is user info, whether or not the URL is
+    well formed, since a password may hold ``/``, ``?``, ``#`` or ``@``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head, at, tail = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = head.partition(":")
+    shown = f"{user}:***" if colon else user
+    if "/" in user or "?" in user or "#" in user:
+        shown = "***"
+    return f"{scheme}{sep}{shown}@{tail}"
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """A broker to connect to.
+
+    ``url`` is an AMQP URI (``amqp://user:password@host:port/vhost`` or
+    ``amqps://...``; the default vhost ``/`` is spelled ``%2f``). With a
+    ``cert_file`` (and ``key_file``) the login is EXTERNAL (mutual TLS)
+    unless the URL names another mechanism (``?auth=plain``).
+    """
+
+    url: str
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    connection_name: Optional[str] = None
+
+    @classmethod
+    def build(
+        cls,
+        amqp_url: Optional[str] = None,
+        *,
+        amqp_host: Optional[str] = None,
+        amqp_user: Optional[str] = None,
+        amqp_password: Optional[str] = None,
+        amqp_vhost: Optional[str] = None,
+        amqp_port: Optional[int] = None,
+        ssl: bool = False,
+        ca_file: Optional[str] = None,
+        cert_file: Optional[str] = None,
+        key_file: Optional[str] = None,
+        connection_name: Optional[str] = None,
+    ) -> "ConnectOptions":
+        """Options from a URL, or from the seed's separate arguments.
+
+        The seed's arguments (``amqp_host``, ``amqp_user``,
+        ``amqp_password``, ``amqp_vhost``, ``amqp_port``, ``ssl``) override
+        the matching parts of ``amqp_url``; with none of them and no URL,
+        ``CALLME_AMQP_URL`` is used, then
+        ``amqp://guest:guest@localhost:5672/%2f``.
+
+        :raises ValueError: for a URL that is not ``amqp://`` or
+            ``amqps://``, TLS files with a plain ``amqp://`` URL, or a
+            certificate without its key.
+        """
+        seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
+        if amqp_url is None:
+            if all(a is None for a in seed_args):
+                amqp_url = os.environ.get(ENV_URL) or _DEFAULT_URL
+            else:
+                amqp_url = _DEFAULT_URL
+        if "://" not in amqp_url and amqp_host is None:
+            # The seed's first positional argument was the host name.
+            amqp_host, amqp_url = amqp_url, _DEFAULT_URL
+            seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
+        parts = urlsplit(amqp_url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"invalid AMQP URL {redact_url(amqp_url)!r}: expected "
+                "amqp://user:password@host:port/vhost or amqps://..."
+            )
+        tls = parts.scheme == "amqps" or ssl or any((ca_file, cert_file, key_file))
+        if not any(a is not None for a in seed_args) and not ssl:
+            url = amqp_url
+        else:
+            user = amqp_user if amqp_user is not None else unquote(parts.username or "")
+            password = (
+                amqp_password if amqp_password is not None else unquote(parts.password or "")
+            )
+            host = amqp_host if amqp_host is not None else (parts.hostname or "localhost")
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            port = amqp_port if amqp_port is not None else parts.port
+            if port is None:
+                port = 5671 if tls else 5672
+            vhost = amqp_vhost if amqp_vhost is not None else (unquote(parts.path[1:]) or "/")
+            userinfo = ""
+            if user or password:
+                userinfo = quote(user, safe="")
+                if password:
+                    userinfo += ":" + quote(password, safe="")
+                userinfo += "@"
+            url = urlunsplit(
+                (
+                    "amqps" if tls else "amqp",
+                    f"{userinfo}{host}:{port}",
+                    "/" + quote(vhost, safe=""),
+                    parts.query,
+                    "",
+                )
+            )
+        if any((ca_file, cert_file, key_file)) and urlsplit(url).scheme != "amqps":
+            raise ValueError("TLS files given but the URL is not amqps://")
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("a client certificate needs both a certificate and a key file")
+        return cls(
+            url=url,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            connection_name=connection_name,
+        )
+
+    @property
+    def redacted(self) -> str:
+        """The URL without its password, for logs and messages."""
+        return redact_url(self.url)
+
+    @property
+    def user(self) -> str:
+        """The user name the reply exchange and queue are named after;
+        ``external`` when the URL names none (an EXTERNAL login), as the
+        Rust proxy does."""
+        return unquote(urlsplit(self.url).username or "") or "external"
+
+    def connection_url(self) -> str:
+        """The URL handed to the AMQP library: with ``auth=external`` added
+        when a client certificate is given and the URL names no mechanism,
+        and the connection name (``callme proxy`` unless the URL or
+        ``connection_name`` names one)."""
+        parts = urlsplit(self.url)
+        query = dict(parse_qsl(parts.query))
+        if self.cert_file and "auth" not in query:
+            query["auth"] = "external"
+        # The broker shows it as the connection's name; every aio-pika
+        # version reads it from here.
+        if self.connection_name or "name" not in query:
+            query["name"] = self.connection_name or "callme proxy"
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    def ssl_context(self) -> Optional[_ssl.SSLContext]:
+        """The TLS context for an ``amqps://`` URL (``None`` for ``amqp://``):
+        the system's CAs, or ``ca_file``'s, plus the client certificate."""
+        if urlsplit(self.url).scheme != "amqps":
+            return None
+        context = _ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file and self.key_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+

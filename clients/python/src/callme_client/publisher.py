@@ -1,0 +1,124 @@
+"""Publishing requests with confirms on a pool of channels, one request per channel at a time.
+
+The broker answers a publish to an exchange that does not exist (a server
+id nobody serves) by closing the channel it came on. On a channel shared by
+every call that would fail all the other requests waiting for their
+confirms on it. A :class:`Publisher` gives each request a channel of its
+own, a *lane*, until its confirm is back: a refused request closes only its
+own lane. Lanes are reused, so the common case costs what a shared channel
+does, and their number is bounded, so a flood of requests to missing
+servers cannot grow the connection's channel count. The Rust proxy does
+the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import List, Optional, Tuple
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from . import errors
+
+__all__ = ["Publisher", "LANES"]
+
+log = logging.getLogger("callme.proxy")
+
+#: Requests one proxy has on their way to the broker at once (each on a
+#: channel of its own until confirmed); more wait for a free lane. The Rust
+#: proxy's number.
+LANES = 64
+
+
+class Publisher:
+    """A bounded pool of confirm-mode channels. Made and used on one event loop."""
+
+    def __init__(self, lanes: int = LANES) -> None:
+        self._idle: List[Tuple[AbstractConnection, AbstractChannel]] = []
+        self._lanes = asyncio.Semaphore(max(1, lanes))
+
+    async def publish(
+        self,
+        connection: AbstractConnection,
+        server_id: str,
+        exchange: str,
+        message: aio_pika.Message,
+    ) -> None:
+        """Publishes ``message`` to ``exchange`` with routing key ``""`` and
+        ``mandatory`` set, and waits for the broker's confirm.
+
+        :raises NoSuchServer: the exchange does not exist, or no queue is
+            bound to it.
+        :raises AccessRefused: the user may not publish to the exchange.
+        :raises Rejected: the broker refused the request (negative confirm).
+        :raises ConnectionError: the connection failed.
+        """
+        async with self._lanes:
+            channel = self._take(connection)
+            try:
+                if channel is None:
+                    channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+                target = await channel.get_exchange(exchange, ensure=False)
+                await target.publish(message, routing_key="", mandatory=True)
+            except aiormq.exceptions.PublishError:
+                # Returned: the exchange exists but no queue is bound to it.
+                self._give_back(connection, channel)
+                raise errors.NoSuchServer(server_id) from None
+            except aiormq.exceptions.DeliveryError:
+                self._give_back(connection, channel)
+                raise errors.Rejected(
+                    f"the broker refused the request to {server_id!r} (negative confirm)"
+                ) from None
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                # The broker closed this lane: the exchange does not exist.
+                raise errors.NoSuchServer(server_id) from None
+            except aiormq.exceptions.ChannelAccessRefused as e:
+                raise errors.AccessRefused(
+                    f"the broker refused a request to {exchange!r}: {errors.reply_text(e)}"
+                ) from None
+            except asyncio.CancelledError:
+                # Timed out waiting for its confirm: the lane may still get
+                # that confirm, so it is closed rather than reused.
+                if channel is not None:
+                    _close_later(channel)
+                raise
+            except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as e:
+                raise errors.ConnectionError(
+                    f"the request to {server_id!r} could not be sent: {errors.reply_text(e)}"
+                ) from e
+            self._give_back(connection, channel)
+
+    def _take(self, connection: AbstractConnection) -> Optional[AbstractChannel]:
+        """An idle lane of ``connection``; lanes of earlier connections, or
+        closed ones, are dropped on the way."""
+        while self._idle:
+            owner, channel = self._idle.pop()
+            if owner is connection and not channel.is_closed and not connection.is_closed:
+                return channel
+        return None
+
+    def _give_back(
+        self, connection: AbstractConnection, channel: Optional[AbstractChannel]
+    ) -> None:
+        if channel is not None and not channel.is_closed:
+            self._idle.append((connection, channel))
+
+    def clear(self) -> None:
+        """Forgets every lane (their connection is gone or going)."""
+        self._idle.clear()
+
+
+def _close_later(channel: AbstractChannel) -> None:
+    async def close() -> None:
+        try:
+            await channel.close()
+        except Exception:  # a lane that is already gone is fine
+            pass
+
+    asyncio.ensure_future(close())
+

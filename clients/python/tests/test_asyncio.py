@@ -1,0 +1,78 @@
+"""The asyncio proxy: many calls in flight on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import callme_client as callme
+from conftest import Host
+
+
+def test_a_thousand_calls_in_flight(amqp_url: str, host: Host) -> None:
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=60) as proxy:
+            calc = proxy.use_server(host.calc)
+            results = await asyncio.gather(*(calc.add(i, i) for i in range(1000)))
+            assert results == [2 * i for i in range(1000)]
+
+    asyncio.run(main())
+
+
+def test_the_seed_example_awaited_connects_on_first_use(amqp_url: str, host: Host) -> None:
+    async def main() -> None:
+        proxy = callme.AsyncProxy(amqp_url)
+        try:
+            assert proxy.reply_exchange is None
+            assert await proxy.use_server(host.calc).add(1, 1) == 2
+            assert await proxy.use_server(host.calc).add(a=1, b=2) == 3
+            assert await proxy.use_server(host.calc).call("stats.mean", [1, 2, 6]) == 3.0
+            assert proxy.reply_exchange is not None
+        finally:
+            await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_missing_servers_beside_served_ones(amqp_url: str, host: Host) -> None:
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
+
+            async def one(i: int) -> str:
+                server = host.missing if i % 2 else host.calc
+                try:
+                    return "ok" if await proxy.use_server(server).add(i, 1) == i + 1 else "wrong"
+                except callme.NoSuchServer:
+                    return "missing"
+
+            results = await asyncio.gather(*(one(i) for i in range(400)))
+            assert results.count("ok") == 200 and results.count("missing") == 200
+
+    asyncio.run(main())
+
+
+def test_async_errors_and_timeouts(amqp_url: str, host: Host) -> None:
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
+            with pytest.raises(callme.GuestError):
+                await proxy.use_server(host.calc).divide(1, 0)
+            with pytest.raises(callme.Timeout):
+                await proxy.use_server(host.calc, timeout=0.3).call("slow-version", 1000)
+            # Calls made while one times out are not disturbed.
+            slow = asyncio.ensure_future(proxy.use_server(host.calc).call("slow-version", 300))
+            assert await proxy.use_server(host.calc).add(1, 2) == 3
+            assert await slow == "1"
+
+    asyncio.run(main())
+
+
+def test_a_closed_async_proxy_refuses_calls(amqp_url: str, host: Host) -> None:
+    async def main() -> None:
+        proxy = callme.AsyncProxy(amqp_url)
+        await proxy.connect()
+        await proxy.close()
+        with pytest.raises(callme.ConnectionError):
+            await proxy.use_server(host.calc).add(1, 1)
+
+    asyncio.run(main())

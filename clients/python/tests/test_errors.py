@@ -1,0 +1,147 @@
+"""Every error a call can end with, as the exception a caller catches."""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import pytest
+
+import callme_client as callme
+from callme_client.protocol import decode_response
+from conftest import BrokerUser, Host, url_for
+
+
+def test_a_missing_server_fails_at_once(proxy: callme.Proxy, host: Host) -> None:
+    start = time.monotonic()
+    with pytest.raises(callme.NoSuchServer) as caught:
+        proxy.use_server(host.missing).add(1, 1)
+    assert time.monotonic() - start < 5  # not the 30 s timeout
+    assert caught.value.server_id == host.missing
+    # The channel the broker closed for it cost the proxy nothing.
+    assert proxy.use_server(host.calc).add(1, 1) == 2
+
+
+def test_a_server_id_no_server_can_have_is_no_such_server(proxy: callme.Proxy) -> None:
+    for bad in ("", "has space", "x" * 300, "ünicode"):
+        with pytest.raises(callme.NoSuchServer):
+            proxy.use_server(bad).add(1, 1)
+
+
+def test_guest_error_carries_the_plugins_error_value(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.GuestError) as caught:
+        proxy.use_server(host.calc).divide(1, 0)
+    error = caught.value
+    assert isinstance(error, callme.RemoteError)
+    assert error.type == "GuestError"
+    assert error.data == "division by zero"
+    assert "division by zero" in error.message
+
+
+def test_invalid_arguments(proxy: callme.Proxy, host: Host) -> None:
+    calc = proxy.use_server(host.calc)
+    for call in (lambda: calc.add(1), lambda: calc.add(1, "two"), lambda: calc.add(a=1, c=2),
+                 lambda: calc.fib(-1)):
+        with pytest.raises(callme.InvalidArguments) as caught:
+            call()
+        assert caught.value.type == "InvalidArguments"
+        assert caught.value.data is None
+
+
+def test_no_such_function(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.NoSuchFunction, match="nosuch"):
+        proxy.use_server(host.calc).nosuch()
+
+
+def test_trap_carries_what_the_guest_wrote(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.Trap) as caught:
+        proxy.use_server(host.hostile).boom("kaboom-from-python")
+    assert "kaboom-from-python" in caught.value.message
+
+
+def test_a_call_past_its_deadline_is_a_remote_timeout(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.Timeout) as caught:
+        proxy.use_server(host.hostile).sleep(3000)
+    error = caught.value
+    assert isinstance(error, callme.RemoteTimeout) and isinstance(error, callme.RemoteError)
+    assert error.type == "Timeout"
+    assert error.data == "deadline"
+
+
+def test_a_call_out_of_fuel_is_a_remote_timeout(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.RemoteTimeout) as caught:
+        proxy.use_server(host.calc).fib(90)
+    assert caught.value.data == "fuel"
+
+
+def test_memory_limit(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.MemoryLimit):
+        proxy.use_server(host.hostile).bomb()
+
+
+def test_a_request_too_large_is_a_bad_request(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(callme.BadRequest):
+        proxy.use_server(host.calc).add("x" * (5 << 20), 1)
+
+
+def test_arguments_that_are_not_json_fail_before_sending(proxy: callme.Proxy, host: Host) -> None:
+    with pytest.raises(TypeError):
+        proxy.use_server(host.calc).add(object(), 1)
+    with pytest.raises(ValueError):
+        proxy.use_server(host.calc).divide(float("nan"), 1)
+
+
+def test_internal_and_unknown_types_map_to_remote_errors() -> None:
+    with pytest.raises(callme.Internal) as internal:
+        decode_response(b'{"error": {"type": "Internal", "message": "m", "data": null}}')
+    assert internal.value.message == "m"
+    with pytest.raises(callme.RemoteError) as later:
+        decode_response(b'{"error": {"type": "SomethingNew", "message": "m", "data": [1]}}')
+    assert type(later.value) is callme.RemoteError
+    assert later.value.type == "SomethingNew" and later.value.data == [1]
+    assert decode_response(b'{"result": null}') is None
+
+
+def test_a_wrong_password_is_access_refused_without_the_password(
+    amqp_url: str, broker_users: "list[BrokerUser]"
+) -> None:
+    user = broker_users[0]
+    wrong = "not-" + user.password
+    with pytest.raises(callme.AccessRefused) as caught:
+        callme.Proxy(url_for(amqp_url, user.name, wrong))
+    shown = "".join(traceback.format_exception(caught.type, caught.value, caught.tb))
+    assert "refused" in str(caught.value)
+    assert wrong not in shown and user.password not in shown
+
+
+def test_a_server_the_user_may_not_call_is_access_refused(
+    amqp_url: str, host: Host, broker_users: "list[BrokerUser]"
+) -> None:
+    olivia = broker_users[1]
+    with callme.Proxy(url_for(amqp_url, olivia.name, olivia.password), timeout=10) as proxy:
+        assert proxy.reply_exchange is not None
+        assert proxy.reply_exchange.startswith(f"client_{olivia.name}_ex_")
+        assert proxy.use_server(host.calc).add(1, 1) == 2
+        with pytest.raises(callme.AccessRefused):
+            proxy.use_server(host.hostile).counter()
+        # The refused publish closed only its own channel.
+        assert proxy.use_server(host.calc).add(2, 2) == 4
+
+
+def test_a_broker_that_is_not_there_is_a_connection_error() -> None:
+    start = time.monotonic()
+    with pytest.raises(callme.ConnectionError) as caught:
+        callme.Proxy("amqp://guest:hidden-pw@127.0.0.1:1/%2f")
+    assert time.monotonic() - start < 10
+    assert isinstance(caught.value, ConnectionError)  # the built-in one too
+    assert "hidden-pw" not in str(caught.value)
+    assert "guest:***@127.0.0.1:1" in str(caught.value)
+
+
+def test_every_error_is_a_callme_error() -> None:
+    for error in (callme.Timeout, callme.NoSuchServer, callme.AccessRefused,
+                  callme.ConnectionError, callme.RemoteError, callme.GuestError,
+                  callme.InvalidArguments, callme.NoSuchFunction, callme.Trap,
+                  callme.MemoryLimit, callme.BadRequest, callme.Internal,
+                  callme.RemoteTimeout, callme.Rejected):
+        assert issubclass(error, callme.CallmeError)

@@ -1,0 +1,78 @@
+"""Broker URLs from the seed's arguments, and passwords kept out of sight."""
+
+from __future__ import annotations
+
+import pytest
+
+from callme_client import redact_url
+from callme_client.options import ConnectOptions
+
+
+def test_the_seeds_arguments_make_a_url() -> None:
+    options = ConnectOptions.build(
+        amqp_host="rabbit", amqp_user="olivia", amqp_password="p@ss/w:rd",
+        amqp_vhost="/", amqp_port=5673,
+    )
+    assert options.url == "amqp://olivia:p%40ss%2Fw%3Ard@rabbit:5673/%2F"
+    assert options.user == "olivia"
+    assert "p%40ss" not in options.redacted and "p@ss" not in options.redacted
+
+
+def test_the_seeds_defaults_and_ssl() -> None:
+    assert ConnectOptions.build(amqp_host="h").url == "amqp://guest:guest@h:5672/%2F"
+    assert ConnectOptions.build(amqp_host="h", ssl=True).url == "amqps://guest:guest@h:5671/%2F"
+    # The seed's first positional argument was the host.
+    assert ConnectOptions.build("h").url == "amqp://guest:guest@h:5672/%2F"
+
+
+def test_arguments_override_parts_of_the_url() -> None:
+    options = ConnectOptions.build("amqp://a:b@h:1/v", amqp_vhost="w")
+    assert options.url == "amqp://a:b@h:1/w"
+
+
+def test_the_environment_gives_the_default_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALLME_AMQP_URL", "amqp://x:y@env-host:5999/%2f")
+    assert ConnectOptions.build().url == "amqp://x:y@env-host:5999/%2f"
+    monkeypatch.delenv("CALLME_AMQP_URL")
+    assert ConnectOptions.build().url == "amqp://guest:guest@localhost/%2f"
+
+
+def test_a_client_certificate_means_external_login() -> None:
+    options = ConnectOptions.build("amqps://h/%2f", cert_file="c.pem", key_file="k.pem")
+    assert "auth=external" in options.connection_url()
+    assert options.user == "external"
+    plain = ConnectOptions.build("amqps://u:p@h/%2f?auth=plain", cert_file="c", key_file="k")
+    assert "auth=plain" in plain.connection_url()
+
+
+def test_bad_combinations_are_refused() -> None:
+    with pytest.raises(ValueError, match="amqps"):
+        ConnectOptions.build("amqp://h/%2f", ca_file="ca.pem")
+    with pytest.raises(ValueError, match="key"):
+        ConnectOptions.build("amqps://h/%2f", cert_file="c.pem")
+    with pytest.raises(ValueError, match="expected"):
+        ConnectOptions.build("http://u:secret@h/")
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("amqp://guest:s3cret@localhost:5672/%2f", "amqp://guest:***@localhost:5672/%2f"),
+        ("amqps://host/%2f", "amqps://host/%2f"),
+        ("amqp://u:p@ss@h", "amqp://u:***@h"),
+        ("amqp://bob@h/v", "amqp://bob@h/v"),
+        ("amqp//user:pass@host", "***@host"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_passwords_are_redacted(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3cret" not in redact_url(url) and "pass@" not in redact_url(url)
+
+
+def test_the_connection_name_goes_in_the_url() -> None:
+    assert "name=callme+proxy" in ConnectOptions.build("amqp://h/%2f").connection_url()
+    named = ConnectOptions.build("amqp://h/%2f", connection_name="mine")
+    assert "name=mine" in named.connection_url()
+    from_url = ConnectOptions.build("amqp://h/%2f?name=fromurl")
+    assert "name=fromurl" in from_url.connection_url()

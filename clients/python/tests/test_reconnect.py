@@ -1,0 +1,97 @@
+"""A lost connection: waiting calls fail at once, later calls work again.
+
+The broker closes this proxy's connection only (found by its connection
+name), which is what a proxy sees of a broker restart, without restarting
+the broker other suites share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import List
+
+import pytest
+
+import callme_client as callme
+from conftest import BrokerUser, Host, close_connection, url_for
+
+
+def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> float:
+    start = time.monotonic()
+    while True:
+        try:
+            assert server.add(1, 2) == 3
+            return time.monotonic() - start
+        except callme.ConnectionError:
+            if time.monotonic() - start > limit:
+                raise
+            time.sleep(0.05)
+
+
+def test_a_waiting_call_fails_and_the_proxy_reconnects(
+    amqp_url: str, host: Host, broker_users: "List[BrokerUser]", caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    user = broker_users[0]
+    name = f"callme-py-reconnect-{uuid.uuid4().hex[:8]}"
+    with callme.Proxy(url_for(amqp_url, user.name, user.password), timeout=20,
+                      connection_name=name) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        outcome: List[BaseException] = []
+
+        def waiting() -> None:
+            try:
+                calc.call("slow-version", 9000)
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        time.sleep(0.5)
+        close_connection(name)
+        closed_at = time.monotonic()
+        thread.join(timeout=20)
+        assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError)
+        assert time.monotonic() - closed_at < 3  # at once, not when the 9 s call ends
+        call_until_answered(calc)
+        # Twice: the second connection is looked after as the first was.
+        close_connection(name)
+        call_until_answered(calc)
+        answers = [calc.add(i, 1) for i in range(20)]
+        assert answers == [i + 1 for i in range(20)]
+
+    logged = caplog.text
+    assert "lost the connection" in logged and "reconnected" in logged
+    assert user.password not in logged
+    assert any(r.name == "callme.proxy" for r in caplog.records)
+
+
+def test_the_async_proxy_reconnects_too(amqp_url: str, host: Host) -> None:
+    name = f"callme-py-reconnect-async-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=20, connection_name=name) as proxy:
+            calc = proxy.use_server(host.calc)
+            slow = [asyncio.ensure_future(calc.call("slow-version", 8000)) for _ in range(3)]
+            await asyncio.sleep(0.5)
+            await asyncio.get_running_loop().run_in_executor(None, close_connection, name)
+            closed_at = time.monotonic()
+            outcomes = await asyncio.gather(*slow, return_exceptions=True)
+            assert time.monotonic() - closed_at < 3
+            assert all(isinstance(o, callme.ConnectionError) for o in outcomes), outcomes
+            start = time.monotonic()
+            while True:
+                try:
+                    results = await asyncio.gather(*(calc.add(i, 1) for i in range(100)))
+                    break
+                except callme.ConnectionError:
+                    assert time.monotonic() - start < 10
+                    await asyncio.sleep(0.05)
+            assert results == [i + 1 for i in range(100)]
+
+    asyncio.run(main())

@@ -1,0 +1,76 @@
+"""One blocking proxy shared by many threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
+
+import pytest
+
+import callme_client as callme
+from conftest import Host
+
+THREADS = 8
+CALLS = 200
+
+
+def test_eight_threads_share_one_proxy_and_every_answer_is_their_own(
+    amqp_url: str, host: Host
+) -> None:
+    with callme.Proxy(amqp_url, timeout=30) as proxy:
+        start = threading.Barrier(THREADS)
+
+        def caller(thread: int) -> List[int]:
+            calc = proxy.use_server(host.calc)
+            start.wait()
+            wrong = []
+            for i in range(CALLS):
+                a, b = thread * 1_000_000, i
+                if calc.add(a, b) != a + b:
+                    wrong.append(i)
+            return wrong
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            results = list(pool.map(caller, range(THREADS)))
+        assert results == [[] for _ in range(THREADS)]
+
+
+def test_threads_calling_a_missing_server_cost_the_others_nothing(
+    proxy: callme.Proxy, host: Host
+) -> None:
+    def caller(i: int) -> str:
+        if i % 2:
+            try:
+                proxy.use_server(host.missing).add(i, 1)
+            except callme.NoSuchServer:
+                return "missing"
+            return "answered?"
+        return "ok" if proxy.use_server(host.calc).add(i, 1) == i + 1 else "wrong"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(caller, range(200)))
+    assert results.count("ok") == 100
+    assert results.count("missing") == 100
+
+
+def test_closing_a_proxy_ends_the_calls_waiting_on_it(amqp_url: str, host: Host) -> None:
+    proxy = callme.Proxy(amqp_url, timeout=30)
+    outcome: List[BaseException] = []
+
+    def waiting() -> None:
+        try:
+            proxy.use_server(host.calc).call("slow-version", 5000)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    time.sleep(0.3)
+    proxy.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError)
+    with pytest.raises(callme.ConnectionError, match="closed"):
+        proxy.use_server(host.calc).add(1, 1)

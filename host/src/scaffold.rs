@@ -1,0 +1,545 @@
+//! `callme new`: a plugin project to start from, in Rust, Python or JavaScript.
+//!
+//! The templates are files of this crate (`host/templates/`), compiled into
+//! the binary; the plugin's name replaces `{{name}}` in them (and `{{crate}}`,
+//! the name as Cargo spells a Rust crate's files). Every project gets a copy
+//! of the callme contract (`wit/callme.wit`) in `wit/deps/callme/`, so that
+//! it builds on its own, outside this repository: the Rust one depends on
+//! `wit-bindgen` from crates.io, the Python and JavaScript ones on the
+//! toolchains `scripts/build-plugins` pins.
+
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The longest plugin name: a server id may be longer, but the name is
+/// also a file, crate and package name, and typed on command lines.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The rule a plugin name follows, as the refusal of a bad one states it.
+pub const NAME_RULE: &str = "a plugin name is lowercase words of ASCII letters and digits \
+     joined by single `-`, each word starting with a letter (`hello`, `my-plugin`, `calc2`), \
+     at most 64 characters, and not a keyword of WIT or Rust";
+
+/// The callme contract every project carries in `wit/deps/callme/`.
+const CONTRACT: &str = include_str!("../../wit/callme.wit");
+
+/// The world every template shares: the contract and one function.
+const WORLD: &str = include_str!("../templates/world.wit");
+
+/// Names a WIT world or a Rust crate cannot take: WIT keywords (a world
+/// named `list` does not parse) and Rust keywords and built-in crates
+/// (Cargo refuses those package names).
+const RESERVED: &[&str] = &[
+    // WIT
+    "as",
+    "async",
+    "bool",
+    "borrow",
+    "char",
+    "constructor",
+    "enum",
+    "export",
+    "f32",
+    "f64",
+    "flags",
+    "float32",
+    "float64",
+    "from",
+    "func",
+    "future",
+    "import",
+    "include",
+    "interface",
+    "list",
+    "own",
+    "package",
+    "record",
+    "resource",
+    "result",
+    "s16",
+    "s32",
+    "s64",
+    "s8",
+    "static",
+    "stream",
+    "string",
+    "tuple",
+    "type",
+    "u16",
+    "u32",
+    "u64",
+    "u8",
+    "use",
+    "variant",
+    "with",
+    "world",
+    // Rust, and its built-in crates
+    "abstract",
+    "alloc",
+    "await",
+    "become",
+    "box",
+    "break",
+    "const",
+    "continue",
+    "core",
+    "crate",
+    "do",
+    "dyn",
+    "else",
+    "extern",
+    "false",
+    "final",
+    "fn",
+    "for",
+    "gen",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "macro",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "override",
+    "priv",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "std",
+    "struct",
+    "super",
+    "test",
+    "trait",
+    "true",
+    "try",
+    "typeof",
+    "unsafe",
+    "unsized",
+    "virtual",
+    "where",
+    "while",
+    "yield",
+];
+
+/// The language of a new plugin project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    /// A `cdylib` crate built with `cargo` for `wasm32-wasip2`.
+    Rust,
+    /// A module compiled by componentize-py.
+    Python,
+    /// An ES module compiled by componentize-js.
+    JavaScript,
+}
+
+impl Language {
+    /// The files of this language's template: path in the project, text
+    /// with `{{name}}` and `{{crate}}` still in it.
+    fn files(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Language::Rust => &[
+                (
+                    "Cargo.toml",
+                    include_str!("../templates/rust/Cargo.toml.tmpl"),
+                ),
+                ("README.md", include_str!("../templates/rust/README.md")),
+                (".gitignore", include_str!("../templates/rust/gitignore")),
+                ("src/lib.rs", include_str!("../templates/rust/src/lib.rs")),
+                ("wit/world.wit", WORLD),
+            ],
+            Language::Python => &[
+                ("README.md", include_str!("../templates/python/README.md")),
+                (".gitignore", include_str!("../templates/python/gitignore")),
+                (
+                    "requirements.txt",
+                    include_str!("../templates/python/requirements.txt"),
+                ),
+                ("src/app.py", include_str!("../templates/python/src/app.py")),
+                (
+                    "src/greeting.py",
+                    include_str!("../templates/python/src/greeting.py"),
+                ),
+                (
+                    "tests/test_greeting.py",
+                    include_str!("../templates/python/tests/test_greeting.py"),
+                ),
+                ("wit/world.wit", WORLD),
+            ],
+            Language::JavaScript => &[
+                ("README.md", include_str!("../templates/js/README.md")),
+                (".gitignore", include_str!("../templates/js/gitignore")),
+                ("package.json", include_str!("../templates/js/package.json")),
+                (
+                    "src/plugin.js",
+                    include_str!("../templates/js/src/plugin.js"),
+                ),
+                (
+                    "src/greeting.js",
+                    include_str!("../templates/js/src/greeting.js"),
+                ),
+                (
+                    "test/greeting.test.js",
+                    include_str!("../templates/js/test/greeting.test.js"),
+                ),
+                ("wit/world.wit", WORLD),
+            ],
+        }
+    }
+
+    /// The commands that build the project, run in its folder.
+    pub fn build_commands(self, name: &str) -> Vec<String> {
+        match self {
+            Language::Rust => vec!["cargo build --target wasm32-wasip2 --release".to_string()],
+            Language::Python => vec![
+                "python3 -m venv .venv".to_string(),
+                ".venv/bin/pip install -r requirements.txt".to_string(),
+                format!(
+                    "env -u VIRTUAL_ENV .venv/bin/componentize-py --wit-path wit --world {name} \
+                     componentize --python-path src --output {name}.wasm app"
+                ),
+            ],
+            Language::JavaScript => vec!["npm install".to_string(), "npm run build".to_string()],
+        }
+    }
+
+    /// Where the build puts the component, relative to the project's folder.
+    pub fn component_path(self, name: &str) -> PathBuf {
+        match self {
+            Language::Rust => Path::new("target/wasm32-wasip2/release")
+                .join(format!("{}.wasm", crate_file_name(name))),
+            Language::Python | Language::JavaScript => PathBuf::from(format!("{name}.wasm")),
+        }
+    }
+}
+
+impl fmt::Display for Language {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Language::Rust => "Rust",
+            Language::Python => "Python",
+            Language::JavaScript => "JavaScript",
+        })
+    }
+}
+
+/// Why a project was not created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScaffoldError {
+    /// The name breaks [`NAME_RULE`]; `problem` says where.
+    #[error("invalid plugin name {name:?}: {problem}; {NAME_RULE}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The target exists and is not an empty directory: nothing was written.
+    #[error("{} is not empty: a new plugin goes into a new or empty directory", path.display())]
+    NotEmpty {
+        /// The target directory.
+        path: PathBuf,
+    },
+    /// Reading or writing the project failed.
+    #[error("cannot write {}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks `name` against [`NAME_RULE`].
+///
+/// # Errors
+///
+/// [`ScaffoldError::InvalidName`], saying which part of the rule it breaks.
+pub fn check_name(name: &str) -> Result<(), ScaffoldError> {
+    let refuse = |problem: String| {
+        Err(ScaffoldError::InvalidName {
+            name: name.to_string(),
+            problem,
+        })
+    };
+    if name.is_empty() {
+        return refuse("it is empty".to_string());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return refuse(format!("it is {} characters long", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return refuse(format!("it contains {c:?}"));
+    }
+    for word in name.split('-') {
+        match word.chars().next() {
+            None => {
+                return refuse(
+                    "it has an empty word (a leading, trailing or double `-`)".to_string(),
+                );
+            }
+            Some(c) if !c.is_ascii_lowercase() => {
+                return refuse(format!("its word {word:?} starts with {c:?}"));
+            }
+            Some(_) => {}
+        }
+    }
+    if RESERVED.contains(&name) {
+        return refuse("it is a keyword".to_string());
+    }
+    Ok(())
+}
+
+/// Writes a new `language` plugin project named `name` into `dir`, which
+/// must be missing or empty; the files written.
+///
+/// # Errors
+///
+/// [`ScaffoldError::InvalidName`] or [`ScaffoldError::NotEmpty`] before
+/// anything is written; [`ScaffoldError::Io`] if writing fails.
+pub fn create(dir: &Path, name: &str, language: Language) -> Result<Vec<PathBuf>, ScaffoldError> {
+    check_name(name)?;
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(ScaffoldError::NotEmpty {
+                    path: dir.to_path_buf(),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // A file, or a directory we cannot read: not a place to write into.
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory || dir.is_file() => {
+            return Err(ScaffoldError::NotEmpty {
+                path: dir.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(ScaffoldError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    let crate_name = crate_file_name(name);
+    let mut files: Vec<(PathBuf, String)> = language
+        .files()
+        .iter()
+        .map(|(path, text)| {
+            let text = text
+                .replace("{{name}}", name)
+                .replace("{{crate}}", &crate_name);
+            (dir.join(path), text)
+        })
+        .collect();
+    files.push((dir.join("wit/deps/callme/callme.wit"), CONTRACT.to_string()));
+    for (path, text) in &files {
+        write_new(path, text)?;
+    }
+    Ok(files.into_iter().map(|(path, _)| path).collect())
+}
+
+/// The name Cargo gives a crate's library files: `-` becomes `_`.
+fn crate_file_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Writes `text` to `path`, a file that must not exist yet: nothing that
+/// appeared meanwhile is overwritten.
+fn write_new(path: &Path, text: &str) -> Result<(), ScaffoldError> {
+    let io = |source| ScaffoldError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| ScaffoldError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LANGUAGES: [Language; 3] = [Language::Rust, Language::Python, Language::JavaScript];
+
+    /// A fresh path under the system's temporary directory, not created.
+    fn scratch(label: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        std::env::temp_dir().join(format!(
+            "callme-scaffold-{}-{}-{label}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    fn template(language: Language, path: &str) -> &'static str {
+        let found = language.files().iter().find(|(p, _)| *p == path);
+        found.expect("the template has the file").1
+    }
+
+    fn problem(name: &str) -> String {
+        match check_name(name) {
+            Err(ScaffoldError::InvalidName { problem, .. }) => problem,
+            other => panic!("{name:?}: expected InvalidName, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_names_are_server_ids() {
+        for name in [
+            "hello",
+            "my-plugin",
+            "calc2",
+            "a-b2-c",
+            &"x".repeat(MAX_NAME_LEN),
+        ] {
+            check_name(name).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            assert!(crate::protocol::is_valid_server_id(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_the_rule_they_break() {
+        assert_eq!(problem(""), "it is empty");
+        assert_eq!(problem(&"x".repeat(65)), "it is 65 characters long");
+        assert_eq!(problem("Hello"), "it contains 'H'");
+        assert_eq!(problem("my_plugin"), "it contains '_'");
+        assert_eq!(problem("my.plugin"), "it contains '.'");
+        assert_eq!(problem("my plugin"), "it contains ' '");
+        assert_eq!(problem("héllo"), "it contains 'é'");
+        assert_eq!(problem("../evil"), "it contains '.'");
+        assert_eq!(problem("2fast"), "its word \"2fast\" starts with '2'");
+        assert_eq!(problem("plugin-2"), "its word \"2\" starts with '2'");
+        for name in ["-x", "x-", "a--b"] {
+            assert!(problem(name).contains("empty word"), "{name}");
+        }
+        for name in ["list", "world", "fn", "test", "std"] {
+            assert_eq!(problem(name), "it is a keyword", "{name}");
+        }
+        let message = check_name("Hello").unwrap_err().to_string();
+        assert!(message.contains(NAME_RULE), "{message}");
+    }
+
+    #[test]
+    fn refuses_a_non_empty_directory_without_touching_it() {
+        let dir = scratch("full");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let e = create(&dir, "hello", Language::Rust).unwrap_err();
+        assert!(matches!(e, ScaffoldError::NotEmpty { .. }), "{e:?}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["notes.txt"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_file_in_the_way() {
+        let file = scratch("file");
+        std::fs::write(&file, "mine").unwrap();
+        let e = create(&file, "hello", Language::Python).unwrap_err();
+        assert!(matches!(e, ScaffoldError::NotEmpty { .. }), "{e:?}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn an_invalid_name_writes_nothing() {
+        let dir = scratch("bad-name");
+        let e = create(&dir, "Bad Name", Language::JavaScript).unwrap_err();
+        assert!(matches!(e, ScaffoldError::InvalidName { .. }), "{e:?}");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn every_template_names_the_plugin_and_carries_the_contract() {
+        for language in LANGUAGES {
+            let dir = scratch("new");
+            // An existing empty directory is fine too.
+            if language == Language::Python {
+                std::fs::create_dir_all(&dir).unwrap();
+            }
+            let files = create(&dir, "my-plugin", language).unwrap();
+            for path in &files {
+                let text = std::fs::read_to_string(path).unwrap();
+                assert!(!text.contains("{{"), "{}: {text}", path.display());
+            }
+            let world = std::fs::read_to_string(dir.join("wit/world.wit")).unwrap();
+            assert!(world.contains("world my-plugin {"), "{world}");
+            assert!(world.contains("include callme:plugin/plugin@0.1.0;"));
+            let contract = std::fs::read_to_string(dir.join("wit/deps/callme/callme.wit")).unwrap();
+            assert!(contract.contains("package callme:plugin@0.1.0;"));
+            // Shell lines continued with `\` read as one.
+            let readme = std::fs::read_to_string(dir.join("README.md"))
+                .unwrap()
+                .replace(" \\\n    ", " ");
+            let component = language.component_path("my-plugin");
+            let invoke = format!("callme invoke {} greet", component.display());
+            assert!(readme.contains(&invoke), "{language}: {readme}");
+            for command in language.build_commands("my-plugin") {
+                assert!(readme.contains(&command), "{language}: {command}");
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    /// The templates use the toolchains the repository's own plugins are
+    /// built and tested with.
+    #[test]
+    fn templates_pin_the_repository_toolchains() {
+        let workspace = include_str!("../../Cargo.toml");
+        let pin = r#"wit-bindgen = { version = "0.46", default-features = false, features = ["macros", "realloc"] }"#;
+        assert!(
+            workspace.contains(pin),
+            "the workspace moved off wit-bindgen 0.46"
+        );
+        assert!(template(Language::Rust, "Cargo.toml").contains(pin));
+
+        let py = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("componentize-py=="))
+                .map(str::to_string)
+        };
+        let python = template(Language::Python, "requirements.txt");
+        assert_eq!(
+            py(python),
+            py(include_str!("../../plugins/calc-py/requirements.txt"))
+        );
+        assert!(py(python).is_some());
+
+        let js = |text: &str| {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            v["devDependencies"].clone()
+        };
+        let package = template(Language::JavaScript, "package.json");
+        assert_eq!(
+            js(package),
+            js(include_str!("../../plugins/calc-js/package.json"))
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! Trace context: a call's `traceparent` continued by the server, in its reply and its log.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use callme::protocol::{client_exchange, client_queue, server_exchange};
+use callme::{ServerOptions, TraceContext};
+use callme_tests::{
+    Host, amqp_url, callme_bin, deploy, plugin_path, proxy, serve_calc, server, target_dir,
+    tempdir, unique,
+};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{Value, json};
+
+/// A client on a raw AMQP connection: sends requests with headers of its
+/// choosing and sees the replies' headers.
+struct RawClient {
+    _conn: Connection,
+    channel: lapin::Channel,
+    /// The exchange its queue is bound to, where replies come.
+    exchange: String,
+    replies: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl RawClient {
+    /// A client with a reply exchange of its own, named as a proxy's.
+    async fn connect() -> RawClient {
+        let uid = uuid::Uuid::new_v4().simple().to_string();
+        let exchange = client_exchange("guest", &uid);
+        let (conn, channel) = channel().await;
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        RawClient::listen(conn, channel, exchange, &uid).await
+    }
+
+    /// A client that sees every reply sent to `exchange` (a proxy's).
+    async fn overhear(exchange: &str) -> RawClient {
+        let uid = uuid::Uuid::new_v4().simple().to_string();
+        let (conn, channel) = channel().await;
+        RawClient::listen(conn, channel, exchange.to_string(), &uid).await
+    }
+
+    async fn listen(
+        conn: Connection,
+        channel: lapin::Channel,
+        exchange: String,
+        uid: &str,
+    ) -> RawClient {
+        let queue = client_queue("guest", uid);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "raw".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let _ = tx.send(d);
+            }
+        });
+        RawClient {
+            _conn: conn,
+            channel,
+            exchange,
+            replies,
+        }
+    }
+
+    /// Sends `add(a, b)` to `server` under `corr`, with these headers.
+    async fn add(&self, server: &str, corr: &str, (a, b): (i64, i64), headers: FieldTable) {
+        let body = json!({"func": "add", "args": [a, b]}).to_string();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(corr.into())
+            .with_reply_to(self.exchange.as_str().into())
+            .with_headers(headers);
+        self.channel
+            .basic_publish(
+                server_exchange(server).as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// The next reply (to `corr`, when given).
+    async fn reply(&mut self, corr: Option<&str>) -> Delivery {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.replies.recv()).await {
+                Ok(Some(d)) => {
+                    let theirs = d.properties.correlation_id().as_ref().map(|c| c.as_str());
+                    if corr.is_none() || theirs == corr {
+                        return d;
+                    }
+                }
+                _ => panic!("no reply for {corr:?}"),
+            }
+        }
+    }
+}
+
+async fn channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    (conn, channel)
+}
+
+/// Headers holding these string values, as another client sends them.
+fn headers(pairs: &[(&str, &str)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in pairs {
+        table.insert((*k).into(), AMQPValue::LongString((*v).into()));
+    }
+    table
+}
+
+/// A string header of a delivery.
+fn header(d: &Delivery, name: &str) -> Option<String> {
+    match d.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => panic!("{name} is not a string: {other:?}"),
+    }
+}
+
+/// The reply's trace context, which it must carry.
+fn reply_trace(d: &Delivery) -> TraceContext {
+    let tp = header(d, "traceparent").expect("the reply carries a traceparent");
+    TraceContext::parse(&tp).unwrap_or_else(|| panic!("not a valid traceparent: {tp:?}"))
+}
+
+fn body(d: &Delivery) -> Value {
+    serde_json::from_slice(&d.data).expect("a JSON reply")
+}
+
+/// A traceparent of a trace no one else uses, sampled.
+fn known_traceparent() -> String {
+    format!("00-{}-00f067aa0ba902b7-01", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn a_request_traceparent_is_continued_by_the_server() {
+    let s = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "traced").await;
+    let mut raw = RawClient::connect().await;
+
+    // As the pika and aio-pika OpenTelemetry instrumentations send it.
+    let sent = known_traceparent();
+    let tracestate = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
+    raw.add(
+        &id,
+        "c1",
+        (1, 2),
+        headers(&[("traceparent", sent.as_str()), ("tracestate", tracestate)]),
+    )
+    .await;
+    let reply = raw.reply(Some("c1")).await;
+    assert_eq!(body(&reply), json!({"result": 3}));
+    let ours = TraceContext::parse(&sent).unwrap();
+    let theirs = reply_trace(&reply);
+    assert_eq!(theirs.trace_id(), ours.trace_id(), "the same trace");
+    assert_ne!(theirs.span_id(), ours.span_id(), "the server's own span");
+    assert!(theirs.sampled(), "the sampled flag is kept");
+    assert_eq!(header(&reply, "tracestate").as_deref(), Some(tracestate));
+
+    // Each call is a span of its own.
+    raw.add(
+        &id,
+        "c2",
+        (2, 2),
+        headers(&[("traceparent", sent.as_str())]),
+    )
+    .await;
+    let again = reply_trace(&raw.reply(Some("c2")).await);
+    assert_eq!(again.trace_id(), ours.trace_id());
+    assert_ne!(again.span_id(), theirs.span_id());
+}
+
+#[tokio::test]
+async fn a_malformed_traceparent_is_ignored_and_the_call_answered() {
+    let s = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "badtrace").await;
+    let mut raw = RawClient::connect().await;
+
+    let upper = format!(
+        "00-A{}-00F067AA0BA902B7-01",
+        &uuid::Uuid::new_v4().simple().to_string()[1..]
+    );
+    let cases: Vec<(&str, FieldTable)> = vec![
+        ("uppercase hex", headers(&[("traceparent", upper.as_str())])),
+        ("too short", headers(&[("traceparent", "00-abc-def-01")])),
+        (
+            "all-zero trace id",
+            headers(&[(
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            )]),
+        ),
+        ("not a string", {
+            let mut t = FieldTable::default();
+            t.insert("traceparent".into(), AMQPValue::LongInt(7));
+            t
+        }),
+        ("none at all", FieldTable::default()),
+    ];
+    let mut seen = Vec::new();
+    for (i, (what, h)) in cases.into_iter().enumerate() {
+        let corr = format!("m{i}");
+        raw.add(&id, &corr, (i as i64, 1), h).await;
+        let reply = raw.reply(Some(&corr)).await;
+        assert_eq!(body(&reply), json!({"result": i as i64 + 1}), "{what}");
+        let trace = reply_trace(&reply);
+        assert!(!trace.sampled(), "{what}: a new trace is not sampled");
+        assert_eq!(header(&reply, "tracestate"), None, "{what}");
+        seen.push(trace.trace_id());
+    }
+    let upper_id = upper.to_lowercase()[3..35].to_string();
+    assert!(
+        seen.iter().all(|t| t.to_string() != upper_id),
+        "the malformed trace is not continued"
+    );
+    seen.sort_by_key(|t| t.to_bytes());
+    seen.dedup();
+    assert_eq!(seen.len(), 5, "a new trace per call");
+}
+
+#[tokio::test]
+async fn the_proxy_sends_the_callers_trace_or_a_new_one() {
+    let s = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "proxytrace").await;
+    let mut overheard = RawClient::overhear(p.reply_exchange()).await;
+
+    let ours = TraceContext::parse(&known_traceparent())
+        .unwrap()
+        .with_tracestate("rojo=00f067aa0ba902b7");
+    let calc = p.use_server(&id).with_trace(ours.clone());
+    let sum: i64 = calc.invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    let reply = overheard.reply(None).await;
+    let theirs = reply_trace(&reply);
+    assert_eq!(theirs.trace_id(), ours.trace_id());
+    assert_ne!(theirs.span_id(), ours.span_id());
+    assert!(theirs.sampled());
+    assert_eq!(
+        header(&reply, "tracestate").as_deref(),
+        Some("rojo=00f067aa0ba902b7")
+    );
+
+    // Without a trace of the caller's, each call starts its own.
+    let plain = p.use_server(&id);
+    let mut fresh = Vec::new();
+    for _ in 0..2 {
+        let sum: i64 = plain.invoke("add", (2, 2)).await.unwrap();
+        assert_eq!(sum, 4);
+        fresh.push(reply_trace(&overheard.reply(None).await).trace_id());
+    }
+    assert_ne!(fresh[0], ours.trace_id());
+    assert_ne!(fresh[0], fresh[1]);
+}
+
+#[tokio::test]
+async fn every_log_line_of_a_call_names_its_trace() {
+    let dir = tempdir();
+    let id = unique("tracelog");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let log = dir.with_extension("log");
+    let ready_file = dir.with_extension("ready");
+    let child = Command::new(callme_bin())
+        .arg("serve")
+        .arg("--plugins")
+        .arg(&dir)
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .env("CALLME_AMQP_URL", amqp_url())
+        .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
+        .env("RUST_LOG", "callme=debug")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start callme serve");
+    let mut host = Host {
+        child,
+        log,
+        ready_file,
+    };
+    host.wait_ready(Duration::from_secs(60));
+
+    let p = proxy(Duration::from_secs(10)).await;
+    let ours = TraceContext::parse(&known_traceparent()).unwrap();
+    let trace_id = ours.trace_id().to_string();
+    let sum: i64 = p
+        .use_server(&id)
+        .with_trace(ours.clone())
+        .invoke("add", (40, 2))
+        .await
+        .unwrap();
+    assert_eq!(sum, 42);
+
+    // The reply is sent before the last line is written.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = host.log_text();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains(&trace_id))
+            .map(str::to_string)
+            .collect();
+        if lines.iter().any(|l| l.contains("answered")) || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = host.log_text();
+    let answered = lines
+        .iter()
+        .find(|l| l.contains("callme::server") && l.contains("answered"))
+        .unwrap_or_else(|| panic!("no `answered` line with trace id {trace_id}:\n{log}"));
+    assert!(
+        answered.contains(&format!("parent_span_id={}", ours.span_id())),
+        "{answered}"
+    );
+    assert!(answered.contains("function=\"add\""), "{answered}");
+    // The plugin's own line, written on the plugin executor, too.
+    assert!(
+        lines.iter().any(|l| l.contains("callme::plugin")),
+        "no plugin line with trace id {trace_id}:\n{log}"
+    );
+}
