@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use callme::protocol::{Args, server_queue};
 use callme::{Error, ErrorKind, NativeFunctions, QueueType, ServerOptions};
-use callme_tests::{amqp_url, broker_ctl, eventually, native_add, pos, proxy, server, unique};
+use callme_tests::{
+    Forwarder, amqp_url, broker_ctl, eventually, native_add, pos, proxy, server, unique,
+};
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
@@ -91,6 +93,19 @@ async fn every_queue_callme_declares_is_durable_or_exclusive() {
     assert!(exclusive);
 }
 
+/// Whether calls to `id` come to fail with `NoSuchServer` within `limit`.
+async fn refused_within(p: &callme::Proxy, id: &str, limit: Duration) -> bool {
+    eventually(limit, || async {
+        let r = p
+            .use_server(id)
+            .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(300))
+            .await;
+        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await
+    .is_some()
+}
+
 #[tokio::test]
 async fn the_last_host_to_stop_takes_its_queue_along() {
     let id = unique("last");
@@ -108,15 +123,10 @@ async fn the_last_host_to_stop_takes_its_queue_along() {
     }
     // The last one leaves: callers are told at once, as before any host.
     second.stop_serving(&id).await.unwrap();
-    let gone = eventually(Duration::from_secs(10), || async {
-        let r = p
-            .use_server(&id)
-            .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(300))
-            .await;
-        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
-    })
-    .await;
-    assert!(gone.is_some(), "the queue of {id} outlived its last host");
+    assert!(
+        refused_within(&p, &id, Duration::from_secs(10)).await,
+        "the queue of {id} outlived its last host"
+    );
 }
 
 #[tokio::test]
@@ -137,15 +147,10 @@ async fn a_crashed_host_leaves_its_queue_until_it_expires() {
         .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(500))
         .await;
     assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
-    let expired = eventually(Duration::from_secs(15), || async {
-        let r = p
-            .use_server(&id)
-            .call_timeout("add", pos(json!([1, 1])), Duration::from_millis(300))
-            .await;
-        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
-    })
-    .await;
-    assert!(expired.is_some(), "the queue of {id} never expired");
+    assert!(
+        refused_within(&p, &id, Duration::from_secs(15)).await,
+        "the queue of {id} never expired"
+    );
 }
 
 #[tokio::test]
@@ -240,48 +245,6 @@ async fn hosts_that_disagree_on_the_queue_are_told_how() {
     let p = proxy(Duration::from_secs(5)).await;
     let sum: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
     assert_eq!(sum, 4);
-}
-
-/// A TCP forwarder to the test broker that can be cut: stopping it closes
-/// every connection it carries, as a broker node going away would.
-struct Forwarder {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Forwarder {
-    async fn start() -> Forwarder {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let url = amqp_url();
-        let broker = url
-            .split_once('@')
-            .map_or("127.0.0.1:5682", |(_, rest)| {
-                rest.split('/').next().unwrap_or(rest)
-            })
-            .to_string();
-        let task = tokio::spawn(async move {
-            let mut carried = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let broker = broker.clone();
-                carried.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Forwarder { port, task }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    /// Closes the listener and every connection it carries.
-    fn cut(&self) {
-        self.task.abort();
-    }
 }
 
 /// A port nothing listens on.

@@ -380,3 +380,74 @@ pub fn slow_calls(
         })
         .collect()
 }
+
+/// The broker's `host:port`, from the test URL.
+fn broker_authority() -> String {
+    let url = amqp_url();
+    url.split_once('@')
+        .map_or("127.0.0.1:5682", |(_, rest)| {
+            rest.split('/').next().unwrap_or(rest)
+        })
+        .to_string()
+}
+
+/// A TCP forwarder to the test broker on a local port: a broker node of
+/// the test's own. Cutting it closes every connection it carries, as a
+/// node going away would.
+pub struct Forwarder {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// A forwarder on a free port.
+    pub async fn start() -> Forwarder {
+        Forwarder::on(0).await
+    }
+
+    /// A forwarder on `port` (0: a free one).
+    pub async fn on(port: u16) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the forwarder");
+        let port = listener.local_addr().expect("its address").port();
+        let broker = broker_authority();
+        let task = tokio::spawn(async move {
+            // Dropped with the task: every connection ends with it.
+            let mut carried = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let broker = broker.clone();
+                carried.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while carried.try_join_next().is_some() {}
+            }
+        });
+        Forwarder { port, task }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The test broker's URL through this forwarder.
+    pub fn url(&self) -> String {
+        url_via(self.port)
+    }
+
+    /// Closes the listener and every connection it carries.
+    pub fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+/// The test broker's URL with its port replaced by `port`.
+pub fn url_via(port: u16) -> String {
+    let url = amqp_url();
+    let (head, rest) = url.split_once('@').unwrap_or(("amqp://guest:guest", &url));
+    let vhost = rest.split_once('/').map_or("%2f", |(_, v)| v);
+    format!("{head}@127.0.0.1:{port}/{vhost}")
+}

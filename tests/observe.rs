@@ -6,12 +6,12 @@ use std::time::Duration;
 use callme::protocol::server_exchange;
 use callme::{Args, Error, ErrorKind};
 use callme_tests::{
-    Host, amqp_url, deploy, eventually, plugin_bytes, plugin_path, proxy, tempdir, unique,
+    Forwarder, Host, amqp_url, deploy, eventually, plugin_bytes, plugin_path, proxy, tempdir,
+    unique, url_via,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
 
 /// A port free now, for a host to listen on.
 fn free_port() -> u16 {
@@ -255,67 +255,16 @@ async fn metrics_count_every_call_and_unknown_names_add_no_series() {
     drop(host);
 }
 
-/// Forwards a local port to the test broker; stopping it drops every
-/// connection through it, as a broker that goes away would.
-struct Forwarder {
-    task: JoinHandle<()>,
-}
-
-impl Forwarder {
-    async fn start(port: u16) -> Forwarder {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let url = amqp_url();
-        let broker = url
-            .split_once('@')
-            .map_or("127.0.0.1:5682", |(_, rest)| {
-                rest.split('/').next().unwrap_or(rest)
-            })
-            .to_string();
-        let task = tokio::spawn(async move {
-            // Dropped with the task: every connection ends with it.
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let broker = broker.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        });
-        Forwarder { task }
-    }
-
-    async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
-/// The test broker's URL with its address replaced by `127.0.0.1:port`.
-fn url_via(port: u16) -> String {
-    let url = amqp_url();
-    let (head, rest) = url.split_once('@').unwrap_or(("amqp://guest:guest", &url));
-    let vhost = rest.split_once('/').map_or("%2f", |(_, v)| v);
-    format!("{head}@127.0.0.1:{port}/{vhost}")
-}
-
 // Multi-threaded: the forwarder keeps running while the test waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker_connection() {
     let broker_port = free_port();
-    let forwarder = Forwarder::start(broker_port).await;
+    let forwarder = Forwarder::on(broker_port).await;
     let url = url_via(broker_port);
     let (host, id, port) = host_with_calc("readyz", &["--amqp-url", &url]).await;
     assert_eq!(get(port, "/readyz").await, (200, "ready\n".to_string()));
 
-    forwarder.stop().await;
+    forwarder.cut();
     // The consumer may be seen ending before the connection: wait for
     // the connection, which stays down while the forwarder does.
     let down = eventually(Duration::from_secs(10), || async {
@@ -333,7 +282,7 @@ async fn readiness_follows_the_broker_connection() {
     assert!(reason.contains("broker"), "{reason}");
     assert_eq!(get(port, "/healthz").await.0, 200, "alive all the same");
 
-    let forwarder = Forwarder::start(broker_port).await;
+    let forwarder = Forwarder::on(broker_port).await;
     let up = eventually(Duration::from_secs(30), || async {
         (get(port, "/readyz").await.0 == 200).then_some(())
     })
@@ -364,7 +313,7 @@ async fn readiness_follows_the_broker_connection() {
     let sum: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
     assert_eq!(sum, 4);
     drop(host);
-    forwarder.stop().await;
+    forwarder.cut();
 }
 
 #[tokio::test]

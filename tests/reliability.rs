@@ -757,28 +757,6 @@ async fn recovered(sp: &callme::ServerProxy, host: &Host) -> Duration {
     took
 }
 
-/// Forwards every TCP connection made to `listener` to the test broker.
-async fn forward_to_broker(listener: tokio::net::TcpListener) {
-    let url = callme_tests::amqp_url();
-    let authority = url
-        .split_once('@')
-        .map_or("127.0.0.1:5682", |(_, rest)| {
-            rest.split('/').next().unwrap_or(rest)
-        })
-        .to_string();
-    loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            return;
-        };
-        let authority = authority.clone();
-        tokio::spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&authority).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
-    }
-}
-
 // Multi-threaded: the forwarder keeps running while the test blocks on
 // the host's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -812,10 +790,7 @@ async fn a_host_started_before_its_broker_waits_for_it() {
         !host.ready_file.exists(),
         "a ready file before the broker was there"
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(forward_to_broker(listener));
+    let _broker = callme_tests::Forwarder::on(port).await;
     host.wait_ready(Duration::from_secs(30));
     let p = proxy(Duration::from_secs(10)).await;
     let sum: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
