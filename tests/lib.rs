@@ -10,11 +10,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use callme::protocol::Args;
+use callme::protocol::{Args, client_exchange, client_queue, server_exchange};
 use callme::{
     ConnectOptions, ErrorKind, NativeFunctions, Plugin, PluginSettings, Proxy, RemoteError,
     Runtime, RuntimeConfig, Server, ServerOptions,
 };
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 
 /// The repository root.
@@ -450,4 +458,186 @@ pub fn url_via(port: u16) -> String {
     let (head, rest) = url.split_once('@').unwrap_or(("amqp://guest:guest", &url));
     let vhost = rest.split_once('/').map_or("%2f", |(_, v)| v);
     format!("{head}@127.0.0.1:{port}/{vhost}")
+}
+
+/// A client on a raw AMQP connection, as another language's would be:
+/// sends arbitrary requests (bytes, properties, headers of its choosing)
+/// and sees the replies whole.
+pub struct RawClient {
+    _conn: Connection,
+    channel: lapin::Channel,
+    /// The exchange its queue is bound to, where replies come.
+    exchange: String,
+    replies: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl RawClient {
+    /// A client with a reply exchange of its own, named as a proxy's.
+    pub async fn connect() -> RawClient {
+        let uid = uuid::Uuid::new_v4().simple().to_string();
+        let exchange = client_exchange("guest", &uid);
+        let (conn, channel) = raw_channel().await;
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        RawClient::listen(conn, channel, exchange, &uid).await
+    }
+
+    /// A client that sees every reply sent to `exchange` (a proxy's).
+    pub async fn overhear(exchange: &str) -> RawClient {
+        let uid = uuid::Uuid::new_v4().simple().to_string();
+        let (conn, channel) = raw_channel().await;
+        RawClient::listen(conn, channel, exchange.to_string(), &uid).await
+    }
+
+    async fn listen(
+        conn: Connection,
+        channel: lapin::Channel,
+        exchange: String,
+        uid: &str,
+    ) -> RawClient {
+        let queue = client_queue("guest", uid);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "raw".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let _ = tx.send(d);
+            }
+        });
+        RawClient {
+            _conn: conn,
+            channel,
+            exchange,
+            replies,
+        }
+    }
+
+    /// Sends `body` to `server`: with `content_type` when given, this
+    /// client's exchange as `reply_to` when `reply`, `corr` as the
+    /// correlation id when given, and `headers`.
+    pub async fn send_with(
+        &self,
+        server: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        reply: bool,
+        corr: Option<&str>,
+        headers: FieldTable,
+    ) {
+        let mut props = BasicProperties::default().with_headers(headers);
+        if let Some(ct) = content_type {
+            props = props.with_content_type(ct.into());
+        }
+        if reply {
+            props = props.with_reply_to(self.exchange.as_str().into());
+        }
+        if let Some(c) = corr {
+            props = props.with_correlation_id(c.into());
+        }
+        self.channel
+            .basic_publish(
+                server_exchange(server).as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// As [`RawClient::send_with`], without headers.
+    pub async fn send(
+        &self,
+        server: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        reply: bool,
+        corr: Option<&str>,
+    ) {
+        self.send_with(
+            server,
+            body,
+            content_type,
+            reply,
+            corr,
+            FieldTable::default(),
+        )
+        .await;
+    }
+
+    /// The JSON body of the reply to `corr`.
+    pub async fn reply_body(&mut self, corr: &str) -> Value {
+        let reply = self.next_reply(Some(corr)).await;
+        serde_json::from_slice(&reply.data).unwrap_or(Value::Null)
+    }
+
+    /// The next reply (to `corr`, when given).
+    pub async fn next_reply(&mut self, corr: Option<&str>) -> Delivery {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.replies.recv()).await {
+                Ok(Some(d)) => {
+                    let theirs = d.properties.correlation_id().as_ref().map(|c| c.as_str());
+                    if corr.is_none() || theirs == corr {
+                        return d;
+                    }
+                }
+                _ => panic!("no reply for {corr:?}"),
+            }
+        }
+    }
+}
+
+async fn raw_channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    (conn, channel)
 }

@@ -4,149 +4,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use callme::protocol::{Args, Request, server_exchange};
+use callme::protocol::{Args, Request};
 use callme::{Error, ErrorKind, PluginSettings, ServerOptions};
 use callme_tests::{
-    Host, deploy, load, plugin_path, pos, proxy, serve_calc, server, slow_calls, tempdir, unique,
+    Host, RawClient, deploy, load, plugin_path, pos, proxy, serve_calc, server, slow_calls,
+    tempdir, unique,
 };
-use futures_util::StreamExt;
 use futures_util::future::join_all;
-use lapin::options::*;
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use serde_json::{Value, json};
-
-/// A raw AMQP client that sends arbitrary bytes and collects replies.
-struct RawClient {
-    _conn: Connection,
-    channel: lapin::Channel,
-    reply_exchange: String,
-    replies: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
-}
-
-impl RawClient {
-    async fn connect() -> RawClient {
-        let conn = Connection::connect(&callme_tests::amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        let uid = uuid::Uuid::new_v4().simple().to_string();
-        // The proxy's own names, so the broker treats this client like one.
-        let reply_exchange = callme::protocol::client_exchange("guest", &uid);
-        let queue = callme::protocol::client_queue("guest", &uid);
-        channel
-            .exchange_declare(
-                reply_exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                reply_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "raw".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(Ok(d)) = consumer.next().await {
-                let corr = d
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|c| c.to_string())
-                    .unwrap_or_default();
-                let body: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
-                let _ = tx.send((corr, body));
-            }
-        });
-        RawClient {
-            _conn: conn,
-            channel,
-            reply_exchange,
-            replies,
-        }
-    }
-
-    async fn send(
-        &self,
-        server: &str,
-        body: &[u8],
-        content_type: Option<&str>,
-        reply: bool,
-        corr: Option<&str>,
-    ) {
-        let mut props = BasicProperties::default();
-        if let Some(ct) = content_type {
-            props = props.with_content_type(ct.into());
-        }
-        if reply {
-            props = props.with_reply_to(self.reply_exchange.as_str().into());
-        }
-        if let Some(c) = corr {
-            props = props.with_correlation_id(c.into());
-        }
-        self.channel
-            .basic_publish(
-                server_exchange(server).as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-
-    async fn reply(&mut self, corr: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.replies.recv()).await {
-                Ok(Some((c, body))) if c == corr => return body,
-                Ok(Some(_)) => continue,
-                _ => panic!("no reply for {corr}"),
-            }
-        }
-    }
-}
 
 #[tokio::test]
 async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
@@ -184,7 +51,7 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     for (what, body, ct) in cases {
         let corr = unique("c");
         raw.send(&id, &body, ct, true, Some(&corr)).await;
-        let reply = raw.reply(&corr).await;
+        let reply = raw.reply_body(&corr).await;
         assert_eq!(reply["error"]["type"], "BadRequest", "{what}: {reply}");
         let v: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
         assert_eq!(v, 3, "serving after {what}");

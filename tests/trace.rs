@@ -3,158 +3,33 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use callme::protocol::{client_exchange, client_queue, server_exchange};
 use callme::{ServerOptions, TraceContext};
 use callme_tests::{
-    Host, amqp_url, callme_bin, deploy, plugin_path, proxy, serve_calc, server, target_dir,
-    tempdir, unique,
+    Host, RawClient, amqp_url, callme_bin, deploy, plugin_path, proxy, serve_calc, server,
+    target_dir, tempdir, unique,
 };
-use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 
-/// A client on a raw AMQP connection: sends requests with headers of its
-/// choosing and sees the replies' headers.
-struct RawClient {
-    _conn: Connection,
-    channel: lapin::Channel,
-    /// The exchange its queue is bound to, where replies come.
-    exchange: String,
-    replies: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
-}
-
-impl RawClient {
-    /// A client with a reply exchange of its own, named as a proxy's.
-    async fn connect() -> RawClient {
-        let uid = uuid::Uuid::new_v4().simple().to_string();
-        let exchange = client_exchange("guest", &uid);
-        let (conn, channel) = channel().await;
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        RawClient::listen(conn, channel, exchange, &uid).await
-    }
-
-    /// A client that sees every reply sent to `exchange` (a proxy's).
-    async fn overhear(exchange: &str) -> RawClient {
-        let uid = uuid::Uuid::new_v4().simple().to_string();
-        let (conn, channel) = channel().await;
-        RawClient::listen(conn, channel, exchange.to_string(), &uid).await
-    }
-
-    async fn listen(
-        conn: Connection,
-        channel: lapin::Channel,
-        exchange: String,
-        uid: &str,
-    ) -> RawClient {
-        let queue = client_queue("guest", uid);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "raw".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(Ok(d)) = consumer.next().await {
-                let _ = tx.send(d);
-            }
-        });
-        RawClient {
-            _conn: conn,
-            channel,
-            exchange,
-            replies,
-        }
-    }
-
-    /// Sends `add(a, b)` to `server` under `corr`, with these headers.
-    async fn add(&self, server: &str, corr: &str, (a, b): (i64, i64), headers: FieldTable) {
-        let body = json!({"func": "add", "args": [a, b]}).to_string();
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_correlation_id(corr.into())
-            .with_reply_to(self.exchange.as_str().into())
-            .with_headers(headers);
-        self.channel
-            .basic_publish(
-                server_exchange(server).as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-
-    /// The next reply (to `corr`, when given).
-    async fn reply(&mut self, corr: Option<&str>) -> Delivery {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.replies.recv()).await {
-                Ok(Some(d)) => {
-                    let theirs = d.properties.correlation_id().as_ref().map(|c| c.as_str());
-                    if corr.is_none() || theirs == corr {
-                        return d;
-                    }
-                }
-                _ => panic!("no reply for {corr:?}"),
-            }
-        }
-    }
-}
-
-async fn channel() -> (Connection, lapin::Channel) {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    (conn, channel)
+/// Sends `add(a, b)` to `server` under `corr`, with these headers.
+async fn send_add(
+    raw: &RawClient,
+    server: &str,
+    corr: &str,
+    (a, b): (i64, i64),
+    headers: FieldTable,
+) {
+    let body = json!({"func": "add", "args": [a, b]}).to_string();
+    raw.send_with(
+        server,
+        body.as_bytes(),
+        Some("application/json"),
+        true,
+        Some(corr),
+        headers,
+    )
+    .await;
 }
 
 /// Headers holding these string values, as another client sends them.
@@ -199,14 +74,15 @@ async fn a_request_traceparent_is_continued_by_the_server() {
     // As the pika and aio-pika OpenTelemetry instrumentations send it.
     let sent = known_traceparent();
     let tracestate = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
-    raw.add(
+    send_add(
+        &raw,
         &id,
         "c1",
         (1, 2),
         headers(&[("traceparent", sent.as_str()), ("tracestate", tracestate)]),
     )
     .await;
-    let reply = raw.reply(Some("c1")).await;
+    let reply = raw.next_reply(Some("c1")).await;
     assert_eq!(body(&reply), json!({"result": 3}));
     let ours = TraceContext::parse(&sent).unwrap();
     let theirs = reply_trace(&reply);
@@ -216,14 +92,15 @@ async fn a_request_traceparent_is_continued_by_the_server() {
     assert_eq!(header(&reply, "tracestate").as_deref(), Some(tracestate));
 
     // Each call is a span of its own.
-    raw.add(
+    send_add(
+        &raw,
         &id,
         "c2",
         (2, 2),
         headers(&[("traceparent", sent.as_str())]),
     )
     .await;
-    let again = reply_trace(&raw.reply(Some("c2")).await);
+    let again = reply_trace(&raw.next_reply(Some("c2")).await);
     assert_eq!(again.trace_id(), ours.trace_id());
     assert_ne!(again.span_id(), theirs.span_id());
 }
@@ -259,8 +136,8 @@ async fn a_malformed_traceparent_is_ignored_and_the_call_answered() {
     let mut seen = Vec::new();
     for (i, (what, h)) in cases.into_iter().enumerate() {
         let corr = format!("m{i}");
-        raw.add(&id, &corr, (i as i64, 1), h).await;
-        let reply = raw.reply(Some(&corr)).await;
+        send_add(&raw, &id, &corr, (i as i64, 1), h).await;
+        let reply = raw.next_reply(Some(&corr)).await;
         assert_eq!(body(&reply), json!({"result": i as i64 + 1}), "{what}");
         let trace = reply_trace(&reply);
         assert!(!trace.sampled(), "{what}: a new trace is not sampled");
@@ -290,7 +167,7 @@ async fn the_proxy_sends_the_callers_trace_or_a_new_one() {
     let calc = p.use_server(&id).with_trace(ours.clone());
     let sum: i64 = calc.invoke("add", (1, 2)).await.unwrap();
     assert_eq!(sum, 3);
-    let reply = overheard.reply(None).await;
+    let reply = overheard.next_reply(None).await;
     let theirs = reply_trace(&reply);
     assert_eq!(theirs.trace_id(), ours.trace_id());
     assert_ne!(theirs.span_id(), ours.span_id());
@@ -306,7 +183,7 @@ async fn the_proxy_sends_the_callers_trace_or_a_new_one() {
     for _ in 0..2 {
         let sum: i64 = plain.invoke("add", (2, 2)).await.unwrap();
         assert_eq!(sum, 4);
-        fresh.push(reply_trace(&overheard.reply(None).await).trace_id());
+        fresh.push(reply_trace(&overheard.next_reply(None).await).trace_id());
     }
     assert_ne!(fresh[0], ours.trace_id());
     assert_ne!(fresh[0], fresh[1]);
