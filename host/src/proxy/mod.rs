@@ -182,9 +182,7 @@ impl Proxy {
         ServerProxy {
             proxy: self.clone(),
             server: server_id.to_string(),
-            timeout: self.inner.timeout,
-            retry: false,
-            trace: None,
+            options: CallOptions::new(self.inner.timeout),
         }
     }
 
@@ -386,22 +384,21 @@ impl Proxy {
 pub struct ServerProxy {
     proxy: Proxy,
     server: String,
-    timeout: Duration,
-    retry: bool,
-    trace: Option<TraceContext>,
+    /// How its calls are made, unless a call gives its own timeout.
+    options: CallOptions,
 }
 
 impl ServerProxy {
     /// The same server with another default timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.options.timeout = timeout;
         self
     }
 
     /// The same server, its calls sent again when the connection is lost
     /// before their replies (see [`Proxy::call_with`]).
     pub fn with_retry(mut self, retry: bool) -> Self {
-        self.retry = retry;
+        self.options.retry = retry;
         self
     }
 
@@ -420,15 +417,14 @@ impl ServerProxy {
     /// # Ok(()) }
     /// ```
     pub fn with_trace(mut self, trace: TraceContext) -> Self {
-        self.trace = Some(trace);
+        self.options.trace = Some(trace);
         self
     }
 
     fn options(&self, timeout: Duration) -> CallOptions {
         CallOptions {
             timeout,
-            retry: self.retry,
-            trace: self.trace.clone(),
+            ..self.options.clone()
         }
     }
 
@@ -444,7 +440,7 @@ impl ServerProxy {
     /// See [`Proxy::call`].
     pub async fn call(&self, func: &str, args: Args) -> Result<Value, Error> {
         self.proxy
-            .call_with(&self.server, func, args, self.options(self.timeout))
+            .call_with(&self.server, func, args, self.options.clone())
             .await
     }
 

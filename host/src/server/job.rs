@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::Server;
-use super::reply::{Replier, Sent, Undeliverable};
+use super::reply::{Replier, Sent};
 use super::service::{Context, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{CONTENT_TYPE, Request, Response};
@@ -78,6 +78,8 @@ impl Job {
         let limit = self.server.inner.options.delivery_limit;
         let delivered_before = delivery_count(&delivery);
         let outcome = match content_type.as_deref() {
+            // Before anything else about it: a request that keeps killing
+            // its hosts is not decoded, let alone run, again.
             _ if delivered_before >= u64::from(limit) => Err(RemoteError::new(
                 ErrorKind::Internal,
                 format!(
@@ -134,26 +136,18 @@ impl Job {
                 // Nobody can ever receive it: running the request again
                 // would only lose its reply again.
                 inner.undeliverable.fetch_add(1, Ordering::Relaxed);
-                observe::reply_undeliverable(
-                    &self.id,
-                    match why {
-                        Undeliverable::CallerGone => ReplyLost::CallerGone,
-                        Undeliverable::AccessRefused => ReplyLost::AccessRefused,
-                    },
-                );
-                let throttle = match why {
-                    Undeliverable::CallerGone => &inner.noisy.caller_gone,
-                    Undeliverable::AccessRefused => &inner.noisy.access_refused,
+                observe::reply_undeliverable(&self.id, why);
+                let (throttle, reason) = match why {
+                    ReplyLost::CallerGone => (
+                        &inner.noisy.caller_gone,
+                        "reply dropped: the caller's reply exchange does not exist (it left, or never was)",
+                    ),
+                    ReplyLost::AccessRefused => (
+                        &inner.noisy.access_refused,
+                        "reply dropped: this user may not publish to the caller's reply exchange",
+                    ),
                 };
                 if let Some(held) = throttle.admit() {
-                    let reason = match why {
-                        Undeliverable::CallerGone => {
-                            "reply dropped: the caller's reply exchange does not exist (it left, or never was)"
-                        }
-                        Undeliverable::AccessRefused => {
-                            "reply dropped: this user may not publish to the caller's reply exchange"
-                        }
-                    };
                     info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
                 }
                 ack(&delivery).await;

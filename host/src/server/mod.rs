@@ -385,7 +385,7 @@ impl Server {
     }
 
     async fn start(&self, id: String, service: Service, concurrency: usize) -> Result<(), Error> {
-        check_concurrency(concurrency)?;
+        let share = Share::new(concurrency)?;
         if !is_valid_server_id(&id) {
             return Err(invalid_id(&id));
         }
@@ -399,7 +399,6 @@ impl Server {
                 "cannot serve `{id}`: the broker connection is {why}"
             )));
         };
-        let share = Share::new(concurrency)?;
         let shape = self.inner.options.queue_shape(&service);
         let (channel, (tag, first)) = topology::declare_on(&conn, async |ch| {
             consumer::subscribe(ch, &id, shape, concurrency).await

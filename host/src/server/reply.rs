@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::amqp::link;
 use crate::amqp::publisher::{Published, Publisher};
+use crate::observe::ReplyLost;
 use crate::protocol::CONTENT_TYPE;
 use crate::{Error, TraceContext};
 
@@ -33,19 +34,10 @@ pub(super) enum Sent {
     Delivered,
     /// It can never be delivered: the caller's exchange does not exist, or
     /// this server may not write to it.
-    Undeliverable(Undeliverable),
+    Undeliverable(ReplyLost),
     /// It could not be sent now (the connection is down, or the broker
     /// refused it); a later attempt may succeed.
     Failed(Error),
-}
-
-/// Why a reply can never be delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Undeliverable {
-    /// The `reply_to` exchange does not exist: the caller left, or never was.
-    CallerGone,
-    /// The broker refused this server's user access to the exchange.
-    AccessRefused,
 }
 
 /// Publishes replies on the link's current connection.
@@ -92,7 +84,7 @@ impl Replier {
             match published {
                 Ok(Published::Confirmed | Published::Returned) => return Sent::Delivered,
                 Ok(Published::NoExchange) => {
-                    return Sent::Undeliverable(Undeliverable::CallerGone);
+                    return Sent::Undeliverable(ReplyLost::CallerGone);
                 }
                 Ok(Published::Nacked) => {
                     last = Some(Error::Disconnected(
@@ -100,7 +92,7 @@ impl Replier {
                     ));
                 }
                 Err(Error::AccessRefused(_)) => {
-                    return Sent::Undeliverable(Undeliverable::AccessRefused);
+                    return Sent::Undeliverable(ReplyLost::AccessRefused);
                 }
                 Err(e) => last = Some(e),
             }
