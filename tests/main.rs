@@ -4,6 +4,8 @@
 //! plugins and the `callme` binary first.
 
 mod brokers;
+mod capabilities;
+mod cluster;
 mod cli;
 mod dependencies;
 mod deploy;

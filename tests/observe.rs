@@ -1,16 +1,25 @@
 //! The operator's endpoint of `callme serve --metrics-addr`: metrics that count what happened, health, readiness.
+//!
+//! The metrics are read twice over: straight from `/metrics`, and through
+//! a real Prometheus (`scripts/prometheus`, Debian's package), started once
+//! for the test run on its own port and stopped when the test process
+//! exits (its watchdog follows this process).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use callme::protocol::server_exchange;
+use callme::protocol::{CONTENT_TYPE, Request, TIMESTAMP_IN_MS, server_exchange};
 use callme::{Args, Error, ErrorKind};
 use callme_tests::{
-    Forwarder, Host, amqp_url, deploy, eventually, plugin_bytes, plugin_path, proxy, tempdir,
-    unique, url_via,
+    Forwarder, Host, RawClient, amqp_url, deploy, eventually, plugin_bytes, plugin_path, proxy,
+    repo, tempdir, unique, url_via,
 };
 use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A port free now, for a host to listen on.
@@ -89,9 +98,24 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Starts a host serving the calc plugin as a fresh id, with its metrics
 /// endpoint on a free port; waits until it is ready.
 async fn host_with_calc(prefix: &str, extra: &[&str]) -> (Host, String, u16) {
+    host_with("calc", None, prefix, extra).await
+}
+
+/// Starts a host serving `plugin` as a fresh id, with `sidecar` as its
+/// settings when given, and its metrics endpoint on a free port; waits
+/// until it is ready.
+async fn host_with(
+    plugin: &str,
+    sidecar: Option<&str>,
+    prefix: &str,
+    extra: &[&str],
+) -> (Host, String, u16) {
     let dir = tempdir();
     let id = unique(prefix);
-    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    if let Some(settings) = sidecar {
+        std::fs::write(dir.join(format!("{id}.toml")), settings).unwrap();
+    }
+    deploy(&plugin_path(plugin), &dir, &format!("{id}.wasm"));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut args = vec!["--metrics-addr", addr.as_str()];
@@ -334,4 +358,397 @@ async fn a_metrics_address_in_use_stops_the_host_at_start() {
         "{log}"
     );
     assert!(!host.ready_file.exists());
+}
+
+/// The private Prometheus of `scripts/prometheus`.
+struct Prometheus {
+    /// Its HTTP API's address, `127.0.0.1:PORT`.
+    addr: String,
+    /// The directory of target files it follows.
+    targets: PathBuf,
+}
+
+/// A target of the test's Prometheus; no longer scraped once dropped.
+struct Scraped(PathBuf);
+
+impl Drop for Scraped {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The test run's Prometheus: started by the first test that needs it,
+/// for this process, so it stops within a second or so of the test
+/// binary's exit; a test run in the same tree that finds one running
+/// shares it.
+fn prometheus() -> &'static Prometheus {
+    static PROMETHEUS: OnceLock<Prometheus> = OnceLock::new();
+    PROMETHEUS.get_or_init(|| {
+        let script = repo().join("scripts/prometheus");
+        let pid = std::process::id().to_string();
+        let started = std::process::Command::new(&script)
+            .args(["start", "--for", &pid])
+            .output()
+            .unwrap();
+        assert!(
+            started.status.success(),
+            "scripts/prometheus start failed (installed? scripts/prometheus install): {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        let env = std::process::Command::new(&script)
+            .arg("env")
+            .output()
+            .unwrap();
+        let env = String::from_utf8(env.stdout).unwrap();
+        let var = |name: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+                .map(|v| v.trim_matches('\'').to_string())
+                .unwrap_or_else(|| panic!("no {name} in {env}"))
+        };
+        Prometheus {
+            addr: var("CALLME_PROMETHEUS_URL")
+                .trim_start_matches("http://")
+                .to_string(),
+            targets: PathBuf::from(var("CALLME_PROMETHEUS_TARGETS")),
+        }
+    })
+}
+
+/// `text` as a URL's query value.
+fn url_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+impl Prometheus {
+    /// Scrapes `instance` (`HOST:PORT`) from now on, as target `name`.
+    fn scrape(&self, name: &str, instance: &str) -> Scraped {
+        let file = self.targets.join(format!("{name}.json"));
+        // Written whole under another name, then renamed: Prometheus never
+        // reads half a file.
+        let partial = self.targets.join(format!("{name}.partial"));
+        let targets = json!([{ "targets": [instance], "labels": { "test": name } }]);
+        std::fs::write(&partial, targets.to_string()).unwrap();
+        std::fs::rename(&partial, &file).unwrap();
+        Scraped(file)
+    }
+
+    /// `GET path` on the HTTP API: its `data`.
+    async fn api(&self, path: &str) -> Value {
+        let mut stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach Prometheus on {}: {e}", self.addr));
+        // HTTP/1.0: the body is never chunked, and ends with the connection.
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+        let reply: Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {head}\n{body}"));
+        assert_eq!(reply["status"], "success", "{path}: {reply}");
+        reply["data"].clone()
+    }
+
+    /// The samples of an instant query.
+    async fn query(&self, promql: &str) -> Vec<Value> {
+        let data = self
+            .api(&format!("/api/v1/query?query={}", url_encoded(promql)))
+            .await;
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The value of `promql`, a query of one sample; `None` when it has none.
+    async fn value(&self, promql: &str) -> Option<f64> {
+        let samples = self.query(promql).await;
+        assert!(samples.len() <= 1, "{promql}: {samples:?}");
+        samples.first().map(|s| {
+            s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{promql}: {s}"))
+        })
+    }
+
+    /// Waits for a successful scrape of `instance` that started after
+    /// `since`: from then on, queries see everything that happened before.
+    async fn scraped_after(&self, instance: &str, since: SystemTime) {
+        let since = since.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        let last_scrape = format!(r#"timestamp(up{{instance="{instance}"}})"#);
+        let up = format!(r#"up{{instance="{instance}"}}"#);
+        let (this, last_scrape, up) = (self, last_scrape.as_str(), up.as_str());
+        // New targets are taken up within 5 s, then scraped every second.
+        let scraped = eventually(Duration::from_secs(60), move || async move {
+            let at = this.value(last_scrape).await?;
+            (at > since && this.value(up).await == Some(1.0)).then_some(())
+        })
+        .await;
+        if scraped.is_none() {
+            panic!(
+                "Prometheus did not scrape {instance} successfully within 60 s: {}",
+                self.api("/api/v1/targets").await
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_counts_exactly_the_calls_made() {
+    let prom = prometheus();
+    let (host, id, port) = host_with_calc("scraped", &[]).await;
+    let instance = format!("127.0.0.1:{port}");
+    let _scraped = prom.scrape(&id, &instance);
+    let p = proxy(Duration::from_secs(10)).await;
+    let mut registry = callme::observe::Registry::default();
+    p.register_metrics(&mut registry);
+    let calc = p.use_server(&id);
+
+    // One call first, so the series exists before the calls counted.
+    let two: i64 = calc.invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(two, 2);
+    let calls = format!(r#"callme_calls_total{{server_id="{id}",function="add",outcome="ok"}}"#);
+    prom.scraped_after(&instance, SystemTime::now()).await;
+    let before = prom.value(&calls).await;
+    assert_eq!(before, Some(1.0));
+
+    const N: i64 = 37;
+    for i in 0..N {
+        let sum: i64 = calc.invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(sum, i + 1);
+    }
+    prom.scraped_after(&instance, SystemTime::now()).await;
+    let after = prom.value(&calls).await;
+    assert_eq!(after.zip(before).map(|(a, b)| a - b), Some(N as f64));
+    // Every request of the proxy says when it was sent.
+    let waits = format!(r#"callme_queue_wait_seconds_count{{server_id="{id}"}}"#);
+    assert_eq!(prom.value(&waits).await, Some((N + 1) as f64));
+    let fuel = format!(r#"callme_call_fuel_count{{server_id="{id}",function="add"}}"#);
+    assert_eq!(prom.value(&fuel).await, Some((N + 1) as f64));
+
+    // Names the id does not export add no label value.
+    for i in 0..20 {
+        let e = calc
+            .call(&format!("made-up-{i}"), Args::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Remote(r) if r.kind == ErrorKind::NoSuchFunction),
+            "{e}"
+        );
+    }
+    prom.scraped_after(&instance, SystemTime::now()).await;
+    let series = format!(r#"count(callme_calls_total{{server_id="{id}"}})"#);
+    assert_eq!(prom.value(&series).await, Some(2.0));
+    let functions = prom
+        .api(&format!(
+            "/api/v1/label/function/values?match[]={}",
+            url_encoded(&format!(r#"{{server_id="{id}"}}"#))
+        ))
+        .await;
+    assert_eq!(functions, json!(["_unknown", "add"]));
+    let unknown = format!(
+        r#"callme_calls_total{{server_id="{id}",function="_unknown",outcome="NoSuchFunction"}}"#
+    );
+    assert_eq!(prom.value(&unknown).await, Some(20.0));
+
+    // The proxy counted the same calls on its side.
+    let e = p
+        .use_server(&unique("nobody"))
+        .call("add", Args::default())
+        .await;
+    assert!(matches!(e, Err(Error::NoSuchServer(_))), "{e:?}");
+    let mut text = String::new();
+    callme::observe::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let client = |function: &str, outcome: &str| {
+        value(
+            &text,
+            "callme_client_calls_total",
+            &[
+                ("server_id", &id),
+                ("function", function),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(client("add", "ok"), (N + 1) as f64, "{text}");
+    assert_eq!(client("made-up-3", "NoSuchFunction"), 1.0, "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "callme_client_calls_total",
+            &[("outcome", "NoSuchServer")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            "callme_client_call_duration_seconds_count",
+            &[("server_id", &id), ("function", "add")]
+        ),
+        (N + 1) as f64,
+        "{text}"
+    );
+    drop(host);
+}
+
+#[tokio::test]
+async fn limits_fuel_and_instances_are_counted() {
+    let sidecar = "fuel = 10000000\ndeadline_ms = 300\nmemory_bytes = 8388608\nprewarm = 0\n";
+    let (host, id, port) = host_with("hostile", Some(sidecar), "limited", &[]).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let hostile = p.use_server(&id);
+    for (function, args, kind) in [
+        ("spin", json!([]), ErrorKind::Timeout),
+        ("sleep", json!([2000]), ErrorKind::Timeout),
+        ("bomb", json!([]), ErrorKind::MemoryLimit),
+    ] {
+        let e = hostile
+            .call(function, callme_tests::pos(args))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Remote(r) if r.kind == kind),
+            "{function}: {e}"
+        );
+    }
+    let text = scrape(port).await;
+    for limit in ["fuel", "deadline", "memory"] {
+        assert_eq!(
+            value(
+                &text,
+                "callme_call_limits_total",
+                &[("server_id", &id), ("limit", limit)]
+            ),
+            1.0,
+            "{limit}: {text}"
+        );
+    }
+    let spin = [("server_id", id.as_str()), ("function", "spin")];
+    assert_eq!(value(&text, "callme_call_fuel_count", &spin), 1.0);
+    assert!(
+        value(&text, "callme_call_fuel_sum", &spin) >= 10_000_000.0,
+        "{text}"
+    );
+    let sleep = [("server_id", id.as_str()), ("function", "sleep")];
+    assert!(
+        value(&text, "callme_call_fuel_sum", &sleep) < 10_000_000.0,
+        "{text}"
+    );
+    // Without spares, each call made its own instance.
+    let made = |purpose: &str| {
+        value(
+            &text,
+            "callme_instances_made_total",
+            &[("server_id", &id), ("purpose", purpose)],
+        )
+    };
+    assert_eq!((made("call"), made("spare")), (3.0, 0.0), "{text}");
+    assert_eq!(
+        value(&text, "callme_instances_kept", &[("server_id", &id)]),
+        0.0
+    );
+    drop(host);
+}
+
+#[tokio::test]
+async fn spares_made_and_kept_are_counted() {
+    let (host, id, port) = host_with("calc", Some("prewarm = 3\n"), "spares", &[]).await;
+    let id_is = [("server_id", id.as_str())];
+    let kept = eventually(Duration::from_secs(10), || async {
+        (value(&scrape(port).await, "callme_instances_kept", &id_is) == 3.0).then_some(())
+    })
+    .await;
+    assert!(kept.is_some(), "{}", scrape(port).await);
+    let p = proxy(Duration::from_secs(10)).await;
+    const N: i64 = 5;
+    for i in 0..N {
+        let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(sum, i + 1);
+    }
+    // Each call used up an instance, and the spares were made again.
+    let settled = eventually(Duration::from_secs(10), || async {
+        let text = scrape(port).await;
+        let made = |purpose: &str| {
+            value(
+                &text,
+                "callme_instances_made_total",
+                &[("server_id", &id), ("purpose", purpose)],
+            )
+        };
+        let kept = value(&text, "callme_instances_kept", &id_is);
+        (kept == 3.0 && made("call") + made("spare") == (N + 3) as f64).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "{}", scrape(port).await);
+    drop(host);
+}
+
+#[tokio::test]
+async fn refused_redeliveries_and_queue_waits_are_counted() {
+    let (host, id, port) = host_with_calc("refused", &[]).await;
+    let mut raw = RawClient::connect().await;
+    let body = Request {
+        func: "add".into(),
+        args: Args::positional(vec![json!(1), json!(2)]),
+    }
+    .encode();
+    // Delivered a hundred times already: refused, not run.
+    let mut delivered = FieldTable::default();
+    delivered.insert("x-delivery-count".into(), AMQPValue::LongLongInt(100));
+    raw.send_with(&id, &body, Some(CONTENT_TYPE), true, Some("c1"), delivered)
+        .await;
+    assert_eq!(raw.reply_body("c1").await["error"]["type"], "Internal");
+    // Sent 3 s ago, as the caller's clock says.
+    let sent = SystemTime::now() - Duration::from_secs(3);
+    let ms = sent.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut stamped = FieldTable::default();
+    stamped.insert(TIMESTAMP_IN_MS.into(), AMQPValue::LongLongInt(ms));
+    raw.send_with(&id, &body, Some(CONTENT_TYPE), true, Some("c2"), stamped)
+        .await;
+    assert_eq!(raw.reply_body("c2").await["result"], 3);
+    // Not saying when it was sent: not in the queue wait.
+    raw.send(&id, &body, Some(CONTENT_TYPE), true, Some("c3"))
+        .await;
+    assert_eq!(raw.reply_body("c3").await["result"], 3);
+
+    let text = scrape(port).await;
+    let id_is = [("server_id", id.as_str())];
+    assert_eq!(
+        value(
+            &text,
+            "callme_requests_refused_total",
+            &[("server_id", &id), ("reason", "delivery_limit")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(value(&text, "callme_calls_total", &id_is), 2.0, "{text}");
+    assert_eq!(
+        value(&text, "callme_queue_wait_seconds_count", &id_is),
+        1.0,
+        "{text}"
+    );
+    let waited_3s = [("server_id", id.as_str()), ("le", "2.5")];
+    assert_eq!(
+        value(&text, "callme_queue_wait_seconds_bucket", &waited_3s),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        value(&text, "callme_queue_wait_seconds_sum", &id_is) >= 3.0,
+        "{text}"
+    );
+    drop(host);
 }

@@ -21,7 +21,6 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
 use callme::{
@@ -29,126 +28,13 @@ use callme::{
     RuntimeConfig, Server, ServerOptions,
 };
 use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
+use support::rounds::{Call, IN_FLIGHT, Target, measure, print, ratios};
 use support::{plugin_bytes, url};
 use tokio::sync::{Mutex, oneshot};
-
-const ROUNDS: usize = 5;
-/// Sequential calls per round, after a warm-up.
-const SEQUENTIAL: usize = 400;
-const IN_FLIGHT: usize = 64;
-/// Calls per round with `IN_FLIGHT` in flight.
-const PARALLEL_CALLS: usize = 2_000;
-
-type Call = Arc<dyn Fn(u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
-
-/// Something to call, with whatever must stay alive while it is called.
-struct Target {
-    call: Call,
-    _keep: Box<dyn std::any::Any + Send>,
-}
-
-/// One round of one target.
-struct Round {
-    samples: Vec<Duration>,
-    p50: Duration,
-    par_rate: f64,
-}
-
-/// All rounds of one target.
-struct Figures {
-    rounds: Vec<Round>,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-impl Figures {
-    fn samples(&self) -> Vec<Duration> {
-        let mut all: Vec<Duration> = self
-            .rounds
-            .iter()
-            .flat_map(|r| r.samples.iter().copied())
-            .collect();
-        all.sort();
-        all
-    }
-
-    fn par_rate(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r.par_rate).collect())
-    }
-}
-
-fn print(label: &str, f: &Figures) {
-    let samples = f.samples();
-    let total: Duration = samples.iter().sum();
-    println!(
-        "{label:<15} sequential p50 {:>7.1} µs  p99 {:>7.1} µs  {:>6.0} calls/s  |  {IN_FLIGHT} in flight {:>6.0} calls/s",
-        samples[samples.len() / 2].as_secs_f64() * 1e6,
-        samples[samples.len() * 99 / 100].as_secs_f64() * 1e6,
-        samples.len() as f64 / total.as_secs_f64(),
-        f.par_rate()
-    );
-}
-
-/// The median over rounds of `of`'s figure divided by `to`'s in the same
-/// round.
-fn ratios(label: &str, of: &Figures, to: &Figures) {
-    let pairs = || of.rounds.iter().zip(&to.rounds);
-    let p50 = median(
-        pairs()
-            .map(|(a, b)| a.p50.as_secs_f64() / b.p50.as_secs_f64())
-            .collect(),
-    );
-    let rate = median(pairs().map(|(a, b)| a.par_rate / b.par_rate).collect());
-    println!("{label}: sequential p50 {p50:.2}x, throughput {rate:.2}x");
-}
-
-async fn round(call: &Call) -> anyhow::Result<Round> {
-    let mut samples = Vec::with_capacity(SEQUENTIAL);
-    for i in 0..SEQUENTIAL as u64 {
-        let t = Instant::now();
-        call(i).await?;
-        samples.push(t.elapsed());
-    }
-    let mut sorted = samples.clone();
-    sorted.sort();
-
-    let started = Instant::now();
-    let mut inflight = FuturesUnordered::new();
-    let mut next = 0u64;
-    let mut done = 0;
-    while done < PARALLEL_CALLS {
-        while inflight.len() < IN_FLIGHT && (next as usize) < PARALLEL_CALLS {
-            inflight.push(call(next));
-            next += 1;
-        }
-        if let Some(r) = inflight.next().await {
-            r?;
-            done += 1;
-        }
-    }
-    let par_rate = PARALLEL_CALLS as f64 / started.elapsed().as_secs_f64();
-    Ok(Round {
-        p50: sorted[sorted.len() / 2],
-        samples,
-        par_rate,
-    })
-}
-
-async fn warm_up(call: &Call) -> anyhow::Result<()> {
-    for i in 0..200 {
-        call(i).await?;
-    }
-    Ok(())
-}
 
 /// The raw baseline: a lapin server that echoes bodies to `reply_to`.
 /// With `confirms`, both publishes wait for the broker's confirm and the
@@ -287,16 +173,28 @@ async fn raw_echo(confirms: bool) -> anyhow::Result<Target> {
     });
     Ok(Target {
         call,
-        _keep: Box::new((server, client)),
+        keep: Box::new((server, client)),
     })
 }
 
 /// `add` served by callme: from the calc plugin, or as a native function
 /// (which leaves the sandbox out and shows what the messaging costs).
 async fn through_callme(native: bool, queue_type: QueueType) -> anyhow::Result<Target> {
+    let url = url();
+    through_callme_on(native, queue_type, &url, &url).await
+}
+
+/// As [`through_callme`], the server connected to `server_url` and the
+/// proxy to `proxy_url` (two nodes of a cluster, say).
+async fn through_callme_on(
+    native: bool,
+    queue_type: QueueType,
+    server_url: &str,
+    proxy_url: &str,
+) -> anyhow::Result<Target> {
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let server = Server::connect(
-        &ConnectOptions::new(url()),
+        &ConnectOptions::new(server_url),
         ServerOptions {
             concurrency: IN_FLIGHT,
             queue_type,
@@ -317,7 +215,7 @@ async fn through_callme(native: bool, queue_type: QueueType) -> anyhow::Result<T
         let plugin = Plugin::load(&runtime, &id, &bytes, PluginSettings::default())?;
         server.serve_plugin(plugin).await?;
     }
-    let proxy = Proxy::connect(&url()).await?;
+    let proxy = Proxy::connect(proxy_url).await?;
     let sp = proxy.use_server(&id);
     let call: Call = Arc::new(move |i| {
         let sp = sp.clone();
@@ -331,7 +229,7 @@ async fn through_callme(native: bool, queue_type: QueueType) -> anyhow::Result<T
     });
     Ok(Target {
         call,
-        _keep: Box::new((server, proxy)),
+        keep: Box::new((server, proxy)),
     })
 }
 
@@ -341,33 +239,38 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!("broker: {}", callme::redact_uri(&url()));
-        let targets = [
+        let mut targets = vec![
             raw_echo(false).await?,
             raw_echo(true).await?,
             through_callme(true, QueueType::Classic).await?,
             through_callme(false, QueueType::Classic).await?,
             through_callme(true, QueueType::Quorum).await?,
         ];
-        for t in &targets {
-            warm_up(&t.call).await?;
-        }
-        let mut figures: Vec<Figures> = (0..targets.len())
-            .map(|_| Figures { rounds: Vec::new() })
-            .collect();
-        for _ in 0..ROUNDS {
-            for (t, f) in targets.iter().zip(&mut figures) {
-                f.rounds.push(round(&t.call).await?);
+        // A 3-node cluster (`scripts/broker cluster start`, then `eval
+        // "$(scripts/broker cluster env)"`): the server on node 1, the
+        // proxy on node 2, so every call crosses the cluster.
+        let cluster = support::cluster_urls();
+        if let Some([first, second, ..]) = cluster.as_deref() {
+            println!("cluster: {}", callme::redact_uri(first));
+            for queue_type in [QueueType::Classic, QueueType::Quorum] {
+                targets.push(through_callme_on(true, queue_type, first, second).await?);
             }
+        } else {
+            println!("cluster: none (set CALLME_CLUSTER_URLS to measure one)");
         }
-        let [raw, confirmed, native, callme, quorum] = &figures[..] else {
-            unreachable!("five targets");
+        let figures = measure(&targets).await?;
+        let [raw, confirmed, native, callme, quorum, on_cluster @ ..] = &figures[..] else {
+            unreachable!("five targets or more");
         };
-        println!("{ROUNDS} interleaved rounds of {SEQUENTIAL} sequential and {PARALLEL_CALLS} parallel calls each");
         print("raw lapin echo", raw);
         print("raw + confirms", confirmed);
         print("callme native", native);
         print("callme calc.add", callme);
         print("native, quorum", quorum);
+        if let [classic_3, quorum_3] = on_cluster {
+            print("native, 3 nodes, classic", classic_3);
+            print("native, 3 nodes, quorum", quorum_3);
+        }
         println!();
         ratios(
             "callme / raw echo (targets: p50 <= 1.15x, throughput >= 0.85x)",
@@ -382,6 +285,11 @@ fn main() -> anyhow::Result<()> {
         );
         ratios("callme native / raw echo (no sandbox)", native, raw);
         ratios("quorum / classic server queue (native)", quorum, native);
+        if let [classic_3, quorum_3] = on_cluster {
+            ratios("3 nodes, quorum / classic (native)", quorum_3, classic_3);
+            ratios("3 nodes / 1 node, classic (native)", classic_3, native);
+            ratios("3 nodes / 1 node, quorum (native)", quorum_3, quorum);
+        }
         anyhow::Ok(())
     })
 }

@@ -23,11 +23,12 @@
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
 //! - `serve`: the `callme serve` loop: signals, graceful shutdown.
 //! - `scaffold`: `callme new`, plugin projects from the templates in `templates/` (feature `cli`).
-//! - `observe`: metrics, health and readiness, and their HTTP endpoint (feature `server`).
+//! - `observe`: metrics, health and readiness, and their HTTP endpoint (feature `server`);
+//!   a proxy's call metrics (feature `metrics`).
 
 mod amqp;
 mod error;
-#[cfg(feature = "server")]
+#[cfg(feature = "metrics")]
 pub mod observe;
 #[cfg(feature = "server")]
 pub mod plugin;

@@ -17,6 +17,19 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// The reserved function every server answers with a [`Description`].
 pub const DESCRIBE: &str = "_describe";
 
+/// The request header holding when the caller sent it, in milliseconds
+/// since the Unix epoch (the name RabbitMQ's message timestamp
+/// interceptor uses): a host measures how long requests wait in its queue
+/// from it. The AMQP `timestamp` property has whole seconds only.
+pub const TIMESTAMP_IN_MS: &str = "timestamp_in_ms";
+
+/// The request header holding how many hops the request is from the
+/// client that started its chain of calls: absent (0) from a client, one
+/// more on each call a plugin makes while serving a request. A plugin's
+/// call one hop past its limit is refused, so servers calling each other
+/// in a cycle stop.
+pub const CALL_DEPTH: &str = "x-callme-depth";
+
 /// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
 /// guides): `x-queue-type` when the queue is declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -48,6 +61,11 @@ pub struct Description {
     pub prewarm: Option<usize>,
     /// Every function, sorted by name.
     pub functions: Vec<DescribedFunction>,
+    /// The capabilities a plugin imports (`config`, `rpc`), sorted;
+    /// absent when it imports none. Whether its sidecar grants them is
+    /// not said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// One function in a [`Description`].
@@ -320,6 +338,7 @@ mod tests {
             reuse_instances: None,
             prewarm: None,
             functions: vec![],
+            capabilities: vec![],
         };
         assert_eq!(
             serde_json::to_value(&native).unwrap(),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 import callme_client as callme
-from conftest import Host
+from conftest import Host, unique
 
 
 def test_a_thousand_calls_in_flight(amqp_url: str, host: Host) -> None:
@@ -74,5 +75,55 @@ def test_a_closed_async_proxy_refuses_calls(amqp_url: str, host: Host) -> None:
         await proxy.close()
         with pytest.raises(callme.ConnectionError):
             await proxy.use_server(host.calc).add(1, 1)
+
+    asyncio.run(main())
+
+
+def test_requests_carry_their_send_time_and_a_trace(amqp_url: str) -> None:
+    """What a host reads from a request besides its body (docs/protocol.md):
+    the send time, for its queue-wait metric, and a W3C traceparent."""
+    import time
+
+    import aio_pika
+
+    from callme_client.protocol import server_exchange
+
+    server_id = unique("headers")
+
+    async def main() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                server_exchange(server_id), aio_pika.ExchangeType.DIRECT, auto_delete=True
+            )
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(exchange, "")
+
+            async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                async with message.process():
+                    headers = message.headers or {}
+                    seen = {
+                        "timestamp": message.timestamp.timestamp() if message.timestamp else None,
+                        "timestamp_in_ms": headers.get("timestamp_in_ms"),
+                        "traceparent": headers.get("traceparent"),
+                    }
+                    reply = aio_pika.Message(
+                        json.dumps({"result": seen}).encode(),
+                        correlation_id=message.correlation_id,
+                    )
+                    reply_to = await channel.get_exchange(message.reply_to or "", ensure=False)
+                    await reply_to.publish(reply, routing_key="")
+
+            await queue.consume(answer)
+            before = time.time()
+            async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
+                seen = await proxy.use_server(server_id).call("anything")
+            after = time.time()
+        assert before - 1 <= seen["timestamp_in_ms"] / 1000 <= after + 1, seen
+        assert int(before) - 1 <= seen["timestamp"] <= after + 1, seen
+        version, trace_id, span_id, flags = seen["traceparent"].split("-")
+        assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "01"), seen
+        assert int(trace_id, 16) != 0 and int(span_id, 16) != 0, seen
 
     asyncio.run(main())

@@ -4,6 +4,8 @@
 // Each benchmark uses only some of these.
 #![allow(dead_code)]
 
+pub mod rounds;
+
 use std::path::PathBuf;
 
 /// The broker to measure against: `CALLME_AMQP_URL` (as set by
@@ -11,6 +13,13 @@ use std::path::PathBuf;
 pub fn url() -> String {
     std::env::var("CALLME_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
+}
+
+/// The nodes of a cluster to measure too: `CALLME_CLUSTER_URLS` (as set
+/// by `eval "$(scripts/broker cluster env)"`), comma-separated.
+pub fn cluster_urls() -> Option<Vec<String>> {
+    let list = std::env::var("CALLME_CLUSTER_URLS").ok()?;
+    Some(list.split(',').map(|u| u.trim().to_string()).collect())
 }
 
 /// The workspace's target directory.

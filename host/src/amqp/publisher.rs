@@ -26,6 +26,9 @@ use tokio::sync::Semaphore;
 use super::connect::classify_lapin;
 use crate::Error;
 
+/// How long closing a nacked lane may take before it is left to go.
+const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Published {
@@ -94,14 +97,26 @@ impl Publisher {
         }
         .await;
         match sent {
-            Ok(confirmation) => {
-                self.give_back(conn, channel);
-                Ok(match confirmation {
-                    Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
-                    Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Published::Returned,
-                    Confirmation::Nack(None) => Published::Nacked,
-                })
-            }
+            Ok(confirmation) => Ok(match confirmation {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {
+                    self.give_back(conn, channel);
+                    Published::Confirmed
+                }
+                Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                    self.give_back(conn, channel);
+                    Published::Returned
+                }
+                // A quorum queue whose leader was just lost nacks every
+                // publish on a channel that published before the new
+                // leader was known, until the old leader's node returns
+                // (RabbitMQ 3.10 and 4.x). A new channel is spared that:
+                // the nacked lane is closed, not reused.
+                Confirmation::Nack(None) => {
+                    let close = channel.close(200, "nacked".into());
+                    let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
+                    Published::Nacked
+                }
+            }),
             // The lane is closed by the broker; dropping it lets it go.
             Err(e) if is_not_found(&e) => Ok(Published::NoExchange),
             Err(e) => Err(classify_lapin(e)),

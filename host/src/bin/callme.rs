@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Broker {
-    /// Broker URI: amqp://user:pass@host:port/vhost or amqps://...
+    /// Broker URI: amqp://user:pass@host:port/vhost or amqps://...; a
+    /// comma-separated list of nodes of a cluster is tried in turn.
     #[arg(
         long,
         env = "CALLME_AMQP_URL",
@@ -364,6 +365,9 @@ async fn run(command: Command) -> ExitCode {
             Ok(p) => {
                 for f in p.functions() {
                     println!("{}: {}", f.name, f.signature);
+                }
+                if !p.capabilities().is_empty() {
+                    println!("capabilities: {}", p.capabilities().join(", "));
                 }
                 ExitCode::SUCCESS
             }

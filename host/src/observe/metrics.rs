@@ -8,9 +8,9 @@
 //! function, every other name a caller sends is counted as `_unknown`;
 //! outcomes and reasons are fixed words.
 
-use std::borrow::Cow;
 use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,7 +20,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::health::{HEALTH, LinkState};
-use crate::ErrorKind;
+use super::label::escaped;
+use crate::protocol::TIMESTAMP_IN_MS;
+use crate::{ErrorKind, PluginError, TimeoutCause};
 
 /// The `function` label of every name a server id does not export, so
 /// that callers naming whatever they like add one series, not one each.
@@ -33,6 +35,25 @@ const CALL_SECONDS_BUCKETS: [f64; 17] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     300.0, 1800.0,
 ];
+
+/// Upper bounds of the fuel buckets: from a call that does next to
+/// nothing (a few thousand units) to the most a sidecar may give a call
+/// (1e14), a bucket per power of ten.
+const FUEL_BUCKETS: [f64; 12] = [
+    1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14,
+];
+
+/// Whether calls are counted: on unless an embedding program turns it off.
+static RECORDING: AtomicBool = AtomicBool::new(true);
+
+/// Turns the recording of per-call metrics on or off.
+pub(super) fn set_recording(on: bool) {
+    RECORDING.store(on, Ordering::Relaxed);
+}
+
+fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -78,6 +99,24 @@ struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    server_id: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    server_id: String,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MadeLabels {
+    server_id: String,
+    purpose: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     connection: &'static str,
 }
@@ -86,11 +125,22 @@ fn call_histogram() -> Histogram {
     Histogram::new(CALL_SECONDS_BUCKETS)
 }
 
+fn fuel_histogram() -> Histogram {
+    Histogram::new(FUEL_BUCKETS)
+}
+
 struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     call_seconds: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<IdLabels, Gauge>,
+    queue_wait: Family<IdLabels, Histogram, fn() -> Histogram>,
+    refused: Family<RefusedLabels, Counter>,
+    fuel: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    limits: Family<LimitLabels, Counter>,
+    instances_made: Family<MadeLabels, Counter>,
+    instances_kept: Family<IdLabels, Gauge>,
+    instance_waits: Family<IdLabels, Counter>,
     consumers: Family<IdLabels, Gauge>,
     bad_requests: Family<BadRequestLabels, Counter>,
     undeliverable: Family<ReplyLostLabels, Counter>,
@@ -110,6 +160,13 @@ impl Metrics {
             calls: Family::default(),
             call_seconds: Family::new_with_constructor(call_histogram),
             in_flight: Family::default(),
+            queue_wait: Family::new_with_constructor(call_histogram),
+            refused: Family::default(),
+            fuel: Family::new_with_constructor(fuel_histogram),
+            limits: Family::default(),
+            instances_made: Family::default(),
+            instances_kept: Family::default(),
+            instance_waits: Family::default(),
             consumers: Family::default(),
             bad_requests: Family::default(),
             undeliverable: Family::default(),
@@ -136,6 +193,42 @@ impl Metrics {
             "callme_calls_in_flight",
             "Requests taken and not yet settled (answered, dropped or given back), by server id",
             m.in_flight.clone(),
+        );
+        r.register_with_unit(
+            "callme_queue_wait",
+            "Time a request waited between being sent (its `timestamp_in_ms` header, or `timestamp` property) and being taken by this host, by server id; requests that carry no send time are not counted",
+            Unit::Seconds,
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "callme_requests_refused",
+            "Requests refused without being run, by server id and reason (`delivery_limit`: delivered too many times without being answered); not counted in callme_calls",
+            m.refused.clone(),
+        );
+        r.register(
+            "callme_call_fuel",
+            "Fuel a plugin call consumed (about one unit per WebAssembly instruction), instantiation included, by server id and function",
+            m.fuel.clone(),
+        );
+        r.register(
+            "callme_call_limits",
+            "Plugin calls stopped by a limit, by server id and limit (`fuel`, `deadline`, `memory`: the memory cap or the result size cap)",
+            m.limits.clone(),
+        );
+        r.register(
+            "callme_instances_made",
+            "Plugin instances made, by server id and purpose (`call`: by the call that needed it, `spare`: ahead of calls)",
+            m.instances_made.clone(),
+        );
+        r.register(
+            "callme_instances_kept",
+            "Plugin instances ready for the next call (spares, or idle instances with reuse_instances), by server id",
+            m.instances_kept.clone(),
+        );
+        r.register(
+            "callme_instance_waits",
+            "Calls that found every instance slot of the host in a call and waited for one, by server id",
+            m.instance_waits.clone(),
         );
         r.register(
             "callme_consumers",
@@ -189,21 +282,6 @@ pub(super) fn render() -> String {
     text
 }
 
-/// A label value as the text format needs it: server ids and WIT names
-/// never hold a quote, a backslash or a line break, but native function
-/// names are whatever the code registered.
-fn escaped(value: &str) -> Cow<'_, str> {
-    if !value.contains(['\\', '"', '\n']) {
-        return Cow::Borrowed(value);
-    }
-    Cow::Owned(
-        value
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n"),
-    )
-}
-
 fn id(server_id: &str) -> IdLabels {
     IdLabels {
         server_id: escaped(server_id).into_owned(),
@@ -211,19 +289,183 @@ fn id(server_id: &str) -> IdLabels {
 }
 
 /// A request being handled; dropped when it is settled.
-pub(crate) struct InFlight(Gauge);
+pub(crate) struct InFlight(Option<Gauge>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
     }
 }
 
 /// A request of `server_id` was taken from the queue.
 pub(crate) fn call_started(server_id: &str) -> InFlight {
+    if !recording() {
+        return InFlight(None);
+    }
     let gauge = METRICS.in_flight.get_or_create_owned(&id(server_id));
     gauge.inc();
-    InFlight(gauge)
+    InFlight(Some(gauge))
+}
+
+/// A request of `server_id` with `properties` was taken from the queue
+/// now: how long it waited since its caller sent it, when it says.
+pub(crate) fn queue_wait(server_id: &str, properties: &lapin::BasicProperties) {
+    if !recording() {
+        return;
+    }
+    if let Some(sent) = sent_at(properties) {
+        // A caller's clock ahead of this host's gives a negative wait: 0.
+        let waited = SystemTime::now()
+            .duration_since(sent)
+            .unwrap_or(Duration::ZERO);
+        METRICS
+            .queue_wait
+            .get_or_create(&id(server_id))
+            .observe(waited.as_secs_f64());
+    }
+}
+
+/// When a request was sent: its `timestamp_in_ms` header (milliseconds,
+/// set by callme's proxies and by RabbitMQ's message timestamp
+/// interceptor), else its `timestamp` property (whole seconds).
+fn sent_at(properties: &lapin::BasicProperties) -> Option<SystemTime> {
+    use lapin::types::AMQPValue;
+    let millis = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(TIMESTAMP_IN_MS))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+            AMQPValue::Timestamp(n) => Some(*n),
+            _ => None,
+        });
+    match millis {
+        Some(ms) => UNIX_EPOCH.checked_add(Duration::from_millis(ms)),
+        None => UNIX_EPOCH.checked_add(Duration::from_secs((*properties.timestamp())?)),
+    }
+}
+
+/// Why a request was refused without being run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refused {
+    /// It was delivered too many times without being answered.
+    DeliveryLimit,
+}
+
+/// A request of `server_id` was refused without being run.
+pub(crate) fn request_refused(server_id: &str, why: Refused) {
+    let reason = match why {
+        Refused::DeliveryLimit => "delivery_limit",
+    };
+    METRICS
+        .refused
+        .get_or_create(&RefusedLabels {
+            server_id: escaped(server_id).into_owned(),
+            reason,
+        })
+        .inc();
+}
+
+/// A call of the plugin serving `server_id` ran `function` and consumed
+/// `fuel`; `outcome` says whether a limit stopped it.
+pub(crate) fn plugin_call_ran(
+    server_id: &str,
+    function: &str,
+    fuel: u64,
+    outcome: Result<(), &PluginError>,
+) {
+    if !recording() {
+        return;
+    }
+    let server_id = escaped(server_id).into_owned();
+    let limit = match outcome {
+        Err(PluginError::Timeout {
+            cause: TimeoutCause::Fuel,
+            ..
+        }) => Some("fuel"),
+        Err(PluginError::Timeout {
+            cause: TimeoutCause::Deadline,
+            ..
+        }) => Some("deadline"),
+        Err(PluginError::MemoryLimit { .. }) => Some("memory"),
+        _ => None,
+    };
+    if let Some(limit) = limit {
+        METRICS
+            .limits
+            .get_or_create(&LimitLabels {
+                server_id: server_id.clone(),
+                limit,
+            })
+            .inc();
+    }
+    METRICS
+        .fuel
+        .get_or_create(&FunctionLabels {
+            server_id,
+            function: escaped(function).into_owned(),
+        })
+        .observe(fuel as f64);
+}
+
+/// What a plugin instance was made for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Made {
+    /// By the call that needed it.
+    Call,
+    /// Ahead of calls, as a spare.
+    Spare,
+}
+
+/// An instance of the plugin serving `server_id` was made.
+pub(crate) fn instance_made(server_id: &str, purpose: Made) {
+    if !recording() {
+        return;
+    }
+    let purpose = match purpose {
+        Made::Call => "call",
+        Made::Spare => "spare",
+    };
+    METRICS
+        .instances_made
+        .get_or_create(&MadeLabels {
+            server_id: escaped(server_id).into_owned(),
+            purpose,
+        })
+        .inc();
+}
+
+/// A call of the plugin serving `server_id` waited for an instance slot.
+pub(crate) fn instance_waited(server_id: &str) {
+    if recording() {
+        METRICS.instance_waits.get_or_create(&id(server_id)).inc();
+    }
+}
+
+/// An instance kept ready for a call; dropped when a call takes it or it
+/// is let go.
+pub(crate) struct KeptInstance(Option<Gauge>);
+
+impl Drop for KeptInstance {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
+    }
+}
+
+/// An instance of the plugin serving `server_id` is kept ready.
+pub(crate) fn instance_kept(server_id: &str) -> KeptInstance {
+    if !recording() {
+        return KeptInstance(None);
+    }
+    let gauge = METRICS.instances_kept.get_or_create_owned(&id(server_id));
+    gauge.inc();
+    KeptInstance(Some(gauge))
 }
 
 /// A call of `function` on `server_id` produced `outcome` in `elapsed`.
@@ -236,6 +478,9 @@ pub(crate) fn call_finished(
     outcome: Result<(), ErrorKind>,
     elapsed: Duration,
 ) {
+    if !recording() {
+        return;
+    }
     let function = if exported {
         escaped(function).into_owned()
     } else {
@@ -530,6 +775,25 @@ mod tests {
         }
         plugin_removed("metrics-swap");
         assert!(lines_with(&render(), "callme_plugin_info{server_id=\"metrics-swap\"").is_empty());
+    }
+
+    #[test]
+    fn the_send_time_is_the_header_in_ms_else_the_timestamp_in_seconds() {
+        use lapin::BasicProperties;
+        use lapin::types::{AMQPValue, FieldTable};
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            TIMESTAMP_IN_MS.into(),
+            AMQPValue::LongLongInt(1_700_000_000_123),
+        );
+        let both = BasicProperties::default()
+            .with_timestamp(1_600_000_000)
+            .with_headers(headers);
+        assert_eq!(sent_at(&both), Some(at(1_700_000_000_123)));
+        let seconds = BasicProperties::default().with_timestamp(1_600_000_000);
+        assert_eq!(sent_at(&seconds), Some(at(1_600_000_000_000)));
+        assert_eq!(sent_at(&BasicProperties::default()), None);
     }
 
     #[test]

@@ -17,13 +17,14 @@ use wasmtime::component::{Instance, Type, Val};
 
 use super::Plugin;
 use super::bind::bind_args;
+use super::caps::CallContext;
 use super::export::Export;
 use super::instances::{Instances, Sandbox};
 use super::sandbox::CallState;
 use super::trap::classify;
 use super::value::{Budget, placeholder, to_json};
-use crate::PluginError;
 use crate::protocol::Args;
+use crate::{PluginError, observe};
 
 impl Plugin {
     /// Calls `func` in a fresh sandbox.
@@ -36,10 +37,26 @@ impl Plugin {
     /// every instance slot of the runtime in a call waits for one, and
     /// fails with `Timeout` if none is free within its deadline.
     pub async fn call(&self, func: &str, args: &Args) -> Result<Value, PluginError> {
+        self.call_with(func, args, CallContext::default()).await
+    }
+
+    /// Calls `func` in a fresh sandbox, serving a request that brings
+    /// `context`: the guest's calls to other servers go through its
+    /// proxy, one hop deeper, within this call's deadline.
+    ///
+    /// # Errors
+    ///
+    /// As [`Plugin::call`].
+    pub async fn call_with(
+        &self,
+        func: &str,
+        args: &Args,
+        context: CallContext,
+    ) -> Result<Value, PluginError> {
         let export = self.export(func)?;
         let params = bind_args(&export.info, &export.params, args)?;
         let mut sandbox = self.instances.sandbox().await?;
-        let result = run(&self.instances, &mut sandbox, export, &params).await;
+        let result = run(&self.instances, &mut sandbox, export, &params, context).await;
         self.instances.give_back(sandbox);
         result
     }
@@ -89,7 +106,8 @@ impl Session<'_> {
             PluginError::internal("this session ended after an earlier error".to_string())
         })?;
         plugin.instances.arm(&mut sandbox.store);
-        let result = run(&plugin.instances, &mut sandbox, export, &params).await;
+        let context = CallContext::default();
+        let result = run(&plugin.instances, &mut sandbox, export, &params, context).await;
         if sandbox.instance.is_some() {
             self.sandbox = Some(sandbox);
         }
@@ -106,15 +124,23 @@ async fn run(
     sandbox: &mut Sandbox,
     export: &Export,
     params: &[Val],
+    context: CallContext,
 ) -> Result<Value, PluginError> {
     let started = Instant::now();
+    // The sandbox was armed just now: its deadline is this far away.
+    let deadline = started + instances.settings.limits.deadline;
+    let caps = &mut sandbox.store.data_mut().caps;
+    caps.begin(&instances.settings.capabilities, context, deadline);
     let instance = sandbox.instance.take();
     let store = &mut sandbox.store;
     let outcome = instances
         .with_deadline(async move {
             let instance = match instance {
                 Some(i) => i,
-                None => instances.pre().instantiate_async(&mut *store).await?,
+                None => {
+                    observe::instance_made(&instances.name, observe::Made::Call);
+                    instances.pre().instantiate_async(&mut *store).await?
+                }
             };
             let results = invoke(store, &instance, export, params).await?;
             Ok((instance, results))
@@ -127,6 +153,11 @@ async fn run(
         }
         Err(e) => Err(failure(e, sandbox.store.data())),
     };
+    sandbox.store.data_mut().caps.end();
+    let fuel = instances.settings.limits.fuel;
+    let consumed = fuel.saturating_sub(sandbox.store.get_fuel().unwrap_or(fuel));
+    let ran = result.as_ref().map(drop);
+    observe::plugin_call_ran(&instances.name, &export.info.name, consumed, ran);
     let state = sandbox.store.data();
     state.log_output();
     let (plugin, func, elapsed) = (&*instances.name, &export.info.name, started.elapsed());

@@ -247,6 +247,7 @@ impl Runtime {
             |s| s,
         )
         .map_err(|e| PluginError::internal(format!("linking the host interface: {e:#}")))?;
+        super::caps::add_to_linker(&mut linker)?;
 
         start_ticker(&engine);
         let capacity = Capacity::new(config.max_instances);

@@ -35,7 +35,7 @@ use super::engine::{EPOCH_TICK, Runtime};
 use super::sandbox::CallState;
 use super::settings::PluginSettings;
 use super::trap::DeadlinePassed;
-use crate::{PluginError, TimeoutCause};
+use crate::{PluginError, TimeoutCause, observe};
 
 /// Idle instances kept per plugin with `reuse_instances`: enough for the
 /// usual concurrency without holding many pool slots.
@@ -201,6 +201,7 @@ impl Capacity {
             }
         }
         self.counters.waited.fetch_add(1, Ordering::Relaxed);
+        observe::instance_waited(plugin);
         self.warn_waiting(plugin);
         let acquired =
             tokio::time::timeout(patience, self.slots.clone().acquire_many_owned(weight)).await;
@@ -324,6 +325,7 @@ pub(super) struct Sandbox {
 struct Kept {
     sandbox: Sandbox,
     _quota: Quota,
+    _counted: observe::KeptInstance,
 }
 
 /// Makes the stores and instances of one plugin's calls.
@@ -429,6 +431,7 @@ impl Instances {
             Some(Kept {
                 mut sandbox,
                 _quota: quota,
+                ..
             }) => {
                 // No longer kept: its place is free for the replacement.
                 drop(quota);
@@ -486,6 +489,7 @@ impl Instances {
                 let kept = Kept {
                     sandbox,
                     _quota: quota,
+                    _counted: observe::instance_kept(&self.name),
                 };
                 if let Err(kept) = self.keep(kept) {
                     self.discard(kept.sandbox);
@@ -556,6 +560,7 @@ impl Instances {
                         let kept = Kept {
                             sandbox,
                             _quota: quota,
+                            _counted: observe::instance_kept(&this.name),
                         };
                         if let Err(kept) = this.keep(kept) {
                             drop(kept);
@@ -573,6 +578,7 @@ impl Instances {
 
     /// Instantiates into a new store in `slot`, under the plugin's limits.
     async fn make(&self, slot: Slot) -> wasmtime::Result<Sandbox> {
+        observe::instance_made(&self.name, observe::Made::Spare);
         let mut store = self.new_store();
         let store_ref = &mut store;
         let instance = self

@@ -1,9 +1,10 @@
 //! Loading a plugin: reading and compiling a component, checking what it imports and exports, linking it.
 //!
 //! A component is refused whole, with one line that says why, when it is
-//! not a component, imports anything but WASI 0.2 and the callme host
-//! interface, exports a function without a JSON form, or cannot be linked.
-//! What passes is pre-instantiated, so a call only makes an instance.
+//! not a component, imports anything but WASI 0.2 and the callme
+//! interfaces (0.1's host, 0.2's host and capabilities), exports a
+//! function without a JSON form, or cannot be linked. What passes is
+//! pre-instantiated, so a call only makes an instance.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
+use super::caps::{capability_of, is_callme_v2};
 use super::export::Export;
 use super::instances::Instances;
 use super::{Plugin, PluginSettings, Runtime};
@@ -35,11 +37,13 @@ fn interface_short_name(name: &str) -> &str {
     tail.split_once('@').map_or(tail, |(h, _)| h)
 }
 
-/// Whether a plugin may import `name`: WASI 0.2 or the callme host interface.
+/// Whether a plugin may import `name`: WASI 0.2, the callme host
+/// interface of 0.1, or an interface of callme 0.2.
 fn import_allowed(name: &str) -> bool {
     let (path, version) = name.split_once('@').unwrap_or((name, ""));
     (path.starts_with("wasi:") && version.starts_with("0.2."))
         || (path == "callme:plugin/host" && version.starts_with("0.1."))
+        || is_callme_v2(name)
 }
 
 impl Plugin {
@@ -103,11 +107,13 @@ impl Plugin {
         })?;
         let ty = component.component_type();
 
+        let mut capabilities = Vec::new();
         for (import, _) in ty.imports(&rt.engine) {
+            capabilities.extend(capability_of(import));
             if !import_allowed(import) {
                 return Err(PluginError::invalid_plugin(format!(
                     "imports `{import}`, which the host does not provide (plugins may import \
-                     WASI 0.2 and callme:plugin/host@0.1.0)"
+                     WASI 0.2, callme:plugin/host@0.1.0 and callme:plugin@0.2.0)"
                 )));
             }
         }
@@ -154,9 +160,12 @@ impl Plugin {
             .instantiate_pre(&component)
             .map_err(|e| PluginError::invalid_plugin(format!("cannot be linked: {e:#}")))?;
         let weight = runtime.slots_for(&component)?;
+        capabilities.sort_unstable();
+        capabilities.dedup();
         Ok(Plugin {
             hash,
             exports,
+            capabilities,
             instances: Instances::new(runtime.clone(), name.into(), settings, pre, weight),
         })
     }
@@ -177,6 +186,9 @@ mod tests {
     fn only_wasi_02_and_host_imports_are_allowed() {
         assert!(import_allowed("wasi:cli/environment@0.2.6"));
         assert!(import_allowed("callme:plugin/host@0.1.0"));
+        assert!(import_allowed("callme:plugin/host@0.2.0"));
+        assert!(import_allowed("callme:plugin/rpc@0.2.0"));
+        assert!(!import_allowed("callme:plugin/rpc@0.1.0"));
         assert!(!import_allowed("wasi:cli/environment@0.3.0"));
         assert!(!import_allowed("evil"));
         assert!(!import_allowed("callme:plugin/other@0.1.0"));

@@ -22,12 +22,15 @@
 //!   spare made ahead of time, or kept from an earlier call), and the
 //!   runtime-wide cap on instances alive at once.
 //! - `sandbox`: the store data of one call (WASI with nothing granted, memory limiter, host imports).
+//! - `caps`: what a sidecar may grant (`config`, `rpc`: the imports of
+//!   `callme:plugin@0.2.0`) and what one call brings ([`CallContext`]).
 //! - `output`: bounded capture of guest stdout/stderr.
 //! - `value`: the JSON <-> WIT value mapping.
 //! - `signature`: WIT signatures as text.
 
 mod bind;
 mod call;
+mod caps;
 mod engine;
 mod export;
 mod instances;
@@ -44,6 +47,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use call::Session;
+pub use caps::{
+    CallContext, Capabilities, Config, ConfigError, ConfigValue, DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+    DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CALL_DEPTH, HttpGrant, InvalidGrant, InvalidHost, RpcGrant,
+};
 pub use engine::{DEFAULT_MAX_INSTANCES, EPOCH_TICK, Runtime, RuntimeConfig, default_cache_dir};
 pub use export::FunctionInfo;
 pub use instances::RuntimeStats;
@@ -64,6 +71,8 @@ use instances::Instances;
 pub struct Plugin {
     hash: String,
     exports: BTreeMap<String, Export>,
+    /// The capabilities it imports, sorted: `config`, `http`, `rpc`.
+    capabilities: Vec<&'static str>,
     instances: Arc<Instances>,
 }
 
@@ -97,6 +106,12 @@ impl Plugin {
     /// Every callable function, sorted by name.
     pub fn functions(&self) -> Vec<FunctionInfo> {
         self.exports.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// The capabilities the plugin imports (`config`, `http`, `rpc`), sorted,
+    /// whether or not its sidecar grants them.
+    pub fn capabilities(&self) -> &[&'static str] {
+        &self.capabilities
     }
 
     /// Whether the plugin has a callable function named `func`.

@@ -1,4 +1,4 @@
-//! The state of one call's sandbox: WASI context with nothing granted, memory limiter, host imports, what reaches the log.
+//! The state of one call's sandbox: WASI context with nothing granted, memory limiter, host imports, capabilities, what reaches the log.
 //!
 //! A [`CallState`] lives in a fresh wasmtime store for exactly one call (or
 //! one reused instance). WASI is built with no preopened directories, no
@@ -19,11 +19,12 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::caps::CallCaps;
 use super::output::{CapturedOutput, Excerpt, LOG_RECORD_BYTES, one_line};
 use super::settings::GuestLogLevel;
 use super::trap::MemoryRefused;
 
-/// Host bindings of `wit/callme.wit`.
+/// Host bindings of `wit/callme.wit` (0.1.0; 0.2.0 is in `caps`).
 pub(crate) mod host_bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -63,6 +64,8 @@ pub(crate) struct CallState {
     pub(crate) stdout: CapturedOutput,
     pub(crate) stderr: CapturedOutput,
     pub(crate) log_level: GuestLogLevel,
+    /// What the sidecar grants and the call being served brings.
+    pub(crate) caps: CallCaps,
     guest_log: GuestLogBudget,
 }
 
@@ -95,6 +98,7 @@ impl CallState {
             stdout,
             stderr,
             log_level,
+            caps: CallCaps::default(),
             guest_log: GuestLogBudget::default(),
         }
     }

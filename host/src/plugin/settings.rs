@@ -1,16 +1,25 @@
-//! A plugin's settings: its call [`Limits`], instance policy, concurrency and guest log level, and the sidecar they are read from.
+//! A plugin's settings: its call [`Limits`], instance policy, concurrency, guest log level and [`Capabilities`], and the sidecar they are read from.
 //!
 //! A sidecar `NAME.toml` beside a plugin sets any of them, with flat keys
-//! (`fuel`, `deadline_ms`, `prewarm`, ...). It is parsed and checked as a
+//! (`fuel`, `deadline_ms`, `prewarm`, `rpc`, ...) and one table,
+//! `[config]`, of the plugin's own settings. It is parsed and checked as a
 //! whole by [`PluginSettings::from_toml`], so settings are either all
-//! valid or not applied at all.
+//! valid or not applied at all; secrets (`"${NAME}"` config values) are
+//! read from the environment then.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::protocol::QueueType;
 
+use super::caps::http::MAX_HTTP_RESPONSE_BYTES;
+use super::caps::rpc::MAX_CALL_DEPTH;
+use super::caps::{
+    Capabilities, Config, ConfigError, DEFAULT_HTTP_MAX_RESPONSE_BYTES, DEFAULT_HTTP_TIMEOUT,
+    DEFAULT_MAX_CALL_DEPTH, HttpGrant, InvalidGrant, InvalidHost, RpcGrant,
+};
 use super::limits::{
     Limits, MAX_DEADLINE, MAX_FUEL, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES,
     MIN_MEMORY_BYTES,
@@ -55,6 +64,8 @@ pub struct PluginSettings {
     /// The type of this plugin's server queue, overriding the server's
     /// `--queue-type`. It cannot change while the plugin is served.
     pub queue_type: Option<QueueType>,
+    /// What the plugin is granted beyond the sandbox: nothing by default.
+    pub capabilities: Capabilities,
 }
 
 impl Default for PluginSettings {
@@ -66,6 +77,7 @@ impl Default for PluginSettings {
             concurrency: None,
             log_level: GuestLogLevel::Trace,
             queue_type: None,
+            capabilities: Capabilities::default(),
         }
     }
 }
@@ -95,6 +107,15 @@ pub(crate) enum SettingsError {
     /// Not TOML, a key that does not exist, or a value of the wrong type.
     #[error(transparent)]
     Toml(#[from] toml::de::Error),
+    /// A `[config]` value refused (a secret's variable unset, a table too big).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An `rpc` entry that is not a server id.
+    #[error(transparent)]
+    Grant(#[from] InvalidGrant),
+    /// An `allowed_hosts` entry that is not `HOST:PORT`.
+    #[error(transparent)]
+    Host(#[from] InvalidHost),
     /// A number outside what the setting can mean.
     #[error("`{key} = {value}` is out of range: it must be between {min} and {max}")]
     OutOfRange {
@@ -142,9 +163,29 @@ impl PluginSettings {
     /// bits); [`SettingsError::OutOfRange`] for the first
     /// number outside its bounds (see the `MAX_*` and `MIN_*` constants).
     pub(crate) fn from_toml(text: &str) -> Result<PluginSettings, SettingsError> {
+        PluginSettings::from_toml_with_env(text, |var| std::env::var(var).ok())
+    }
+
+    /// As [`PluginSettings::from_toml`], reading secrets through `env`.
+    fn from_toml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<PluginSettings, SettingsError> {
         let sidecar: Sidecar = toml::from_str(text)?;
         sidecar.check()?;
-        Ok(sidecar.into())
+        let capabilities = Capabilities {
+            config: Config::resolve(sidecar.config.clone(), env)?,
+            rpc: RpcGrant::new(sidecar.rpc.clone(), sidecar.rpc_max_depth)?,
+            http: HttpGrant::new(
+                &sidecar.allowed_hosts,
+                sidecar.http_max_response_bytes,
+                Duration::from_millis(sidecar.http_timeout_ms),
+            )?,
+        };
+        Ok(PluginSettings {
+            capabilities,
+            ..sidecar.into()
+        })
     }
 }
 
@@ -164,6 +205,18 @@ struct Sidecar {
     concurrency: Option<usize>,
     log_level: GuestLogLevel,
     queue_type: Option<QueueType>,
+    /// Server ids the plugin may call (`*`: any).
+    rpc: Vec<String>,
+    /// Deepest hop its calls may be.
+    rpc_max_depth: u32,
+    /// `HOST:PORT`s it may send HTTP requests to.
+    allowed_hosts: Vec<String>,
+    /// Largest HTTP response body.
+    http_max_response_bytes: u64,
+    /// Time one HTTP request may take, response body included.
+    http_timeout_ms: u64,
+    /// The plugin's own settings, as written (secrets unresolved).
+    config: BTreeMap<String, String>,
 }
 
 impl Default for Sidecar {
@@ -175,6 +228,7 @@ impl Default for Sidecar {
             concurrency,
             log_level,
             queue_type,
+            capabilities: _,
         } = PluginSettings::default();
         Sidecar {
             fuel: limits.fuel,
@@ -188,10 +242,18 @@ impl Default for Sidecar {
             concurrency,
             log_level,
             queue_type,
+            rpc: Vec::new(),
+            rpc_max_depth: DEFAULT_MAX_CALL_DEPTH,
+            allowed_hosts: Vec::new(),
+            http_max_response_bytes: DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+            // Seconds, far inside 64 bits of ms.
+            http_timeout_ms: u64::try_from(DEFAULT_HTTP_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            config: BTreeMap::new(),
         }
     }
 }
 
+/// Everything but the capabilities, which need the environment.
 impl From<Sidecar> for PluginSettings {
     fn from(s: Sidecar) -> Self {
         PluginSettings {
@@ -207,6 +269,7 @@ impl From<Sidecar> for PluginSettings {
             concurrency: s.concurrency,
             log_level: s.log_level,
             queue_type: s.queue_type,
+            capabilities: Capabilities::default(),
         }
     }
 }
@@ -263,6 +326,19 @@ impl Sidecar {
         if let Some(concurrency) = self.concurrency {
             within("concurrency", size(concurrency), 1, size(MAX_CONCURRENCY))?;
         }
+        within("rpc_max_depth", self.rpc_max_depth, 1, MAX_CALL_DEPTH)?;
+        within(
+            "http_max_response_bytes",
+            self.http_max_response_bytes,
+            1,
+            MAX_HTTP_RESPONSE_BYTES,
+        )?;
+        within(
+            "http_timeout_ms",
+            u128::from(self.http_timeout_ms),
+            1,
+            MAX_DEADLINE.as_millis(),
+        )?;
         Ok(())
     }
 }
@@ -298,6 +374,57 @@ mod tests {
             PluginSettings::default()
         );
         Sidecar::default().check().unwrap();
+    }
+
+    #[test]
+    fn capabilities_are_granted_by_the_sidecar_only() {
+        assert_eq!(
+            PluginSettings::default().capabilities,
+            Capabilities::default()
+        );
+        let env = |var: &str| (var == "RELAY_TOKEN").then(|| "s3cret".to_string());
+        let settings = PluginSettings::from_toml_with_env(
+            "rpc = [\"calc\", \"billing\"]\nrpc_max_depth = 3\n\
+             [config]\ngreeting = \"hi\"\ntoken = \"${RELAY_TOKEN}\"\n",
+            env,
+        )
+        .unwrap();
+        let caps = &settings.capabilities;
+        assert!(caps.rpc.allows("calc") && caps.rpc.allows("billing") && !caps.rpc.allows("x"));
+        assert_eq!(caps.rpc.max_depth, 3);
+        assert_eq!(caps.config.get("greeting").unwrap().value(), "hi");
+        assert_eq!(caps.config.get("token").unwrap().value(), "s3cret");
+        assert!(!format!("{settings:?}").contains("s3cret"));
+
+        let e = PluginSettings::from_toml_with_env("[config]\nkey = \"${UNSET}\"", |_| None)
+            .unwrap_err();
+        assert!(e.to_string().contains("`key`"), "{e}");
+        let settings = PluginSettings::from_toml(
+            "allowed_hosts = [\"API.example.com:443\", \"127.0.0.1:8080\"]\n\
+             http_max_response_bytes = 4096\nhttp_timeout_ms = 250\n",
+        )
+        .unwrap();
+        let http = &settings.capabilities.http;
+        assert!(http.allows("api.example.com", 443) && http.allows("127.0.0.1", 8080));
+        assert!(!http.allows("api.example.com", 80));
+        assert_eq!(http.max_response_bytes, 4096);
+        assert_eq!(http.timeout, Duration::from_millis(250));
+        assert!(!PluginSettings::default().capabilities.http.is_granted());
+        for text in [
+            "allowed_hosts = [\"api.example.com\"]",
+            "allowed_hosts = [\"https://api.example.com:443\"]",
+            "http_max_response_bytes = 0",
+            "http_max_response_bytes = 4294967297",
+            "http_timeout_ms = 0",
+            "http_timeout_ms = 1800001",
+            "rpc = [\"not an id\"]",
+            "rpc_max_depth = 0",
+            "rpc_max_depth = 65",
+            "[config]\nn = 1",
+            "[config.nested]\nx = \"y\"",
+        ] {
+            assert!(PluginSettings::from_toml(text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -38,9 +38,12 @@ pub use blocking::BlockingProxy;
 use pending::Pending;
 use replies::{Replies, ReplyNames};
 
+use crate::amqp::link::State;
 use crate::amqp::publisher::{Published, Publisher};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
-use crate::protocol::{Args, CONTENT_TYPE, DESCRIBE, Request, server_exchange};
+use crate::protocol::{
+    Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, Request, TIMESTAMP_IN_MS, server_exchange,
+};
 use crate::{Error, TraceContext, TraceId};
 
 /// How one call is made.
@@ -55,6 +58,9 @@ pub struct CallOptions {
     /// `tracestate`) continue it. `None` (the default): the call starts a
     /// new trace.
     pub trace: Option<TraceContext>,
+    /// Hops from the client that started the chain of calls, sent in the
+    /// `x-callme-depth` header; `None` (the default): a client's call.
+    pub depth: Option<u32>,
 }
 
 impl CallOptions {
@@ -64,7 +70,15 @@ impl CallOptions {
             timeout,
             retry: false,
             trace: None,
+            depth: None,
         }
+    }
+
+    /// The same call, made `depth` hops from the client that started the
+    /// chain (a plugin calling on while serving a request).
+    pub fn with_depth(mut self, depth: u32) -> CallOptions {
+        self.depth = Some(depth);
+        self
     }
 
     /// The same call, continuing the trace `trace`.
@@ -112,8 +126,9 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Held for its connection, which closes when the proxy is dropped.
-    _link: Link,
+    /// Held for its connection, which closes when the proxy is dropped;
+    /// `None` for a proxy sharing its owner's link (see `Proxy::sharing`).
+    _link: Option<Link>,
     /// The connection the reply queue is consumed on, while there is one.
     ready: watch::Receiver<Option<Arc<Connection>>>,
     /// The channels requests are published on, one request per channel
@@ -122,6 +137,9 @@ struct Inner {
     reply_exchange: String,
     pending: Arc<Pending>,
     timeout: Duration,
+    /// Where calls are counted, once the program gives a registry.
+    #[cfg(feature = "metrics")]
+    metrics: std::sync::OnceLock<crate::observe::ClientMetrics>,
 }
 
 impl Proxy {
@@ -145,11 +163,36 @@ impl Proxy {
     pub async fn connect_with(options: &ConnectOptions, timeout: Duration) -> Result<Proxy, Error> {
         let uri = options.parse()?;
         let user = options.user(&uri);
-        let uid = uuid::Uuid::new_v4().to_string();
         let link = Link::connect(options, "callme proxy").await?;
-        let names = ReplyNames::new(&user, &uid);
-        let conn = link
-            .current()
+        let (conn, state) = (link.current(), link.subscribe());
+        let proxy = Proxy::start(Some(link), conn, state, &user, timeout).await?;
+        debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %proxy.reply_exchange(), "proxy ready");
+        Ok(proxy)
+    }
+
+    /// A proxy over a link its owner keeps (a server's, for the calls its
+    /// plugins make), as AMQP user `user`: one connection for both.
+    #[cfg(feature = "server")]
+    pub(crate) async fn sharing(
+        link: &Link,
+        user: &str,
+        timeout: Duration,
+    ) -> Result<Proxy, Error> {
+        Proxy::start(None, link.current(), link.subscribe(), user, timeout).await
+    }
+
+    /// Declares the reply queue on `conn`, the link's connection, and
+    /// starts consuming it, across the link's reconnections (`state`).
+    async fn start(
+        owned: Option<Link>,
+        conn: Option<Arc<Connection>>,
+        state: watch::Receiver<State>,
+        user: &str,
+        timeout: Duration,
+    ) -> Result<Proxy, Error> {
+        let uid = uuid::Uuid::new_v4().to_string();
+        let names = ReplyNames::new(user, &uid);
+        let conn = conn
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
         let pending = Arc::new(Pending::default());
@@ -159,22 +202,58 @@ impl Proxy {
             pending: pending.clone(),
             ready: ready_tx,
         };
-        tokio::spawn(resubscribe::run(
-            replies,
-            link.subscribe(),
-            (conn, channel, consumer),
-        ));
-        debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %names.exchange, "proxy ready");
+        tokio::spawn(resubscribe::run(replies, state, (conn, channel, consumer)));
         Ok(Proxy {
             inner: Arc::new(Inner {
-                _link: link,
+                _link: owned,
                 ready,
                 publisher: Publisher::new(PUBLISH_LANES),
                 reply_exchange: names.exchange,
                 pending,
                 timeout,
+                #[cfg(feature = "metrics")]
+                metrics: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Counts this proxy's calls in `registry` from now on:
+    /// `callme_client_calls_total` (by `server_id`, `function` and
+    /// `outcome`) and `callme_client_call_duration_seconds` (by
+    /// `server_id` and `function`). The registry is the program's own,
+    /// served with its other metrics (see `docs/operations.md`); the
+    /// function names are the program's, so they are as bounded as its
+    /// code makes them. A second registry given to the same proxy is
+    /// ignored: give each proxy its own registry, or a sub-registry with a
+    /// label of its own ([`Registry::sub_registry_with_label`]). Feature
+    /// `metrics` (on with `server`).
+    ///
+    /// [`Registry::sub_registry_with_label`]: crate::observe::Registry::sub_registry_with_label
+    #[cfg(feature = "metrics")]
+    pub fn register_metrics(&self, registry: &mut crate::observe::Registry) {
+        if self.inner.metrics.get().is_none() {
+            let _ = self
+                .inner
+                .metrics
+                .set(crate::observe::ClientMetrics::register(registry));
+        }
+    }
+
+    /// Records how a call ended, when the proxy has metrics.
+    fn ended<T>(
+        &self,
+        server: &str,
+        func: &str,
+        outcome: Result<T, Error>,
+        started: tokio::time::Instant,
+    ) -> Result<T, Error> {
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = self.inner.metrics.get() {
+            metrics.call_ended(server, func, &outcome, started.elapsed());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (server, func, started);
+        outcome
     }
 
     /// A handle on the server `server_id` (the seed's `use_server`).
@@ -220,8 +299,10 @@ impl Proxy {
     /// Calls `func` on `server` with `args`, as `options` say.
     ///
     /// With `retry`, a call whose reply was lost with the connection
-    /// ([`Error::Disconnected`]), or whose request may not have reached the
-    /// broker ([`Error::Connection`]), is sent again once the connection is
+    /// ([`Error::Disconnected`]), whose request may not have reached the
+    /// broker ([`Error::Connection`]), or whose request the broker refused
+    /// ([`Error::Rejected`]: a quorum queue nacks publishes for a moment
+    /// after its leader's node is lost), is sent again once the connection is
     /// back, within the same timeout and under the same correlation id, so
     /// the first reply to come is the one kept. The function may then run
     /// twice: fine for plugins (a fresh sandbox per call), for native
@@ -239,7 +320,8 @@ impl Proxy {
         options: CallOptions,
     ) -> Result<Value, Error> {
         let timeout = options.timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
         let corr = uuid::Uuid::new_v4().to_string();
         let body = Request {
             func: func.to_string(),
@@ -250,7 +332,10 @@ impl Proxy {
             Some(trace) => trace,
             None => TraceContext::new_trace(),
         };
-        let headers = trace.headers();
+        let mut headers = trace.headers();
+        if let Some(depth) = options.depth {
+            headers.insert(CALL_DEPTH.into(), AMQPValue::LongUInt(depth));
+        }
         let call = Call {
             server,
             func,
@@ -263,10 +348,10 @@ impl Proxy {
         };
         loop {
             match self.attempt(&call).await {
-                Attempt::Done(outcome) => return outcome,
+                Attempt::Done(outcome) => return self.ended(server, func, outcome, started),
                 Attempt::Lost(e) => {
                     if !options.retry || tokio::time::Instant::now() >= deadline {
-                        return Err(e);
+                        return self.ended(server, func, Err(e), started);
                     }
                     debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, "sending again");
                     // Give the link a moment to notice a dead connection.
@@ -284,12 +369,23 @@ impl Proxy {
         };
         let (_waiting, rx) = self.inner.pending.wait(call.corr);
         let millis = call.timeout.as_millis().max(1);
+        // When it was sent, for the host's queue wait: the `timestamp`
+        // property in seconds, and in milliseconds in a header.
+        let sent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut headers = call.headers.clone();
+        headers.insert(
+            TIMESTAMP_IN_MS.into(),
+            AMQPValue::LongLongInt(i64::try_from(sent.as_millis()).unwrap_or(i64::MAX)),
+        );
         let props = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(call.corr.into())
             .with_reply_to(self.inner.reply_exchange.as_str().into())
             .with_expiration(millis.to_string().into())
-            .with_headers(call.headers.clone());
+            .with_timestamp(sent.as_secs())
+            .with_headers(headers);
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.
@@ -303,7 +399,7 @@ impl Proxy {
                     sent = &mut publish, if !confirmed => {
                         match sent {
                             Ok(()) => confirmed = true,
-                            Err(e @ Error::Connection(_)) => return Attempt::Lost(e),
+                            Err(e @ (Error::Connection(_) | Error::Rejected { .. })) => return Attempt::Lost(e),
                             Err(e) => return Attempt::Done(Err(e)),
                         }
                         debug!(target: "callme::proxy", server = call.server, func = call.func, correlation_id = %call.corr, trace_id = %call.trace_id, "request confirmed");
@@ -336,7 +432,13 @@ impl Proxy {
         timeout: Duration,
     ) -> Result<Arc<Connection>, Error> {
         let mut ready = self.inner.ready.clone();
-        let wait = tokio::time::timeout_at(deadline, ready.wait_for(Option::is_some));
+        // A connection the broker dropped stays in `ready` until the link
+        // has noticed (within 250 ms): publishing on it would fail the
+        // call at once, so wait for the link's next word instead.
+        let wait = tokio::time::timeout_at(
+            deadline,
+            ready.wait_for(|conn| conn.as_ref().is_some_and(|c| c.status().connected())),
+        );
         match wait.await {
             Ok(Ok(conn)) => Ok(conn.clone().expect("waited for a connection")),
             Ok(Err(_)) => Err(Error::Disconnected(

@@ -25,7 +25,7 @@ use super::Server;
 use super::reply::{Replier, Sent};
 use super::service::{Context, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
-use crate::protocol::{CONTENT_TYPE, Request, Response};
+use crate::protocol::{CALL_DEPTH, CONTENT_TYPE, Request, Response};
 use crate::{ErrorKind, RemoteError, TraceContext};
 
 /// One delivery of a served id.
@@ -64,6 +64,7 @@ impl Job {
         let started = Instant::now();
         let _in_flight = observe::call_started(&self.id);
         let props = &delivery.properties;
+        observe::queue_wait(&self.id, props);
         let reply_to = props.reply_to().as_ref().map(|s| s.to_string());
         let corr = props.correlation_id().as_ref().map(|s| s.to_string());
         let (Some(reply_to), Some(corr)) = (reply_to, corr) else {
@@ -80,13 +81,14 @@ impl Job {
         let outcome = match content_type.as_deref() {
             // Before anything else about it: a request that keeps killing
             // its hosts is not decoded, let alone run, again.
-            _ if delivered_before >= u64::from(limit) => Err(RemoteError::new(
+            // Refused, not run: counted apart from the calls.
+            _ if delivered_before >= u64::from(limit) => Err(refused(&self.id, RemoteError::new(
                 ErrorKind::Internal,
                 format!(
                     "the request was delivered {delivered_before} times without being answered \
                      (a host may have died running it each time): it is not run again"
                 ),
-            )),
+            ))),
             Some(ct) if ct != CONTENT_TYPE => {
                 observe::bad_request(&self.id, BadRequest::Answered);
                 Err(RemoteError::new(
@@ -102,6 +104,9 @@ impl Job {
                         id: &self.id,
                         executor: inner.executor.handle(),
                         default_concurrency: inner.options.concurrency,
+                        depth: call_depth(&delivery),
+                        trace: &trace,
+                        calls_out: inner.calls_out.get(),
                     };
                     let func = request.func.clone();
                     let exported = self.service.exports(&func);
@@ -195,6 +200,40 @@ fn delivery_count(delivery: &Delivery) -> u64 {
             _ => None,
         });
     counted.unwrap_or(u64::from(delivery.redelivered))
+}
+
+/// Counts a request of `id` refused by the delivery limit.
+fn refused(id: &str, error: RemoteError) -> RemoteError {
+    observe::request_refused(id, observe::Refused::DeliveryLimit);
+    error
+}
+
+/// How many hops this request is from its client (`x-callme-depth`;
+/// absent or unreadable: 0, a client's call).
+fn call_depth(delivery: &Delivery) -> u32 {
+    use lapin::types::AMQPValue;
+    let Some(value) = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(CALL_DEPTH))
+    else {
+        return 0;
+    };
+    let depth = match value {
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
+        _ => None,
+    };
+    depth.map_or(0, |d| u32::try_from(d).unwrap_or(u32::MAX))
 }
 
 /// Acks a request; whether the broker took the ack.

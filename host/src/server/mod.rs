@@ -37,12 +37,12 @@ use reply::{Replier, Throttle};
 pub use service::NativeFunctions;
 use service::Service;
 
-use crate::Error;
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, ServerQueue};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::plugin::Plugin;
 use crate::protocol::{DEFAULT_MAX_REQUEST_BYTES, QueueType, is_valid_server_id};
+use crate::{DEFAULT_TIMEOUT, Error, Proxy};
 
 /// How a server declares its queues and runs calls.
 #[derive(Debug, Clone)]
@@ -122,6 +122,11 @@ struct Inner {
     undeliverable: AtomicU64,
     /// Warnings callers can cause at will, logged at a bounded rate.
     noisy: Noisy,
+    /// The AMQP user, whose name the proxy's reply queue carries.
+    user: String,
+    /// The proxy plugins granted `rpc` call through, over `link`: made
+    /// when the first such plugin is served.
+    calls_out: tokio::sync::OnceCell<Proxy>,
 }
 
 /// The warnings any caller can trigger, each logged at most once per
@@ -175,6 +180,7 @@ impl Server {
         options: ServerOptions,
     ) -> Result<Server, Error> {
         check_concurrency(options.concurrency)?;
+        let user = connect.user(&connect.parse()?);
         let link = Link::connect(connect, "callme server").await?;
         let executor = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.executor_threads.max(1))
@@ -203,6 +209,8 @@ impl Server {
                     not_sent: Throttle::new(NOISY_PERIOD),
                     unanswerable: Throttle::new(NOISY_PERIOD),
                 },
+                user,
+                calls_out: tokio::sync::OnceCell::new(),
             }),
         };
         Ok(server)
@@ -240,6 +248,13 @@ impl Server {
                      remove the plugin, let its queue go, then deploy it again"
                 )));
             }
+        }
+        if plugin.settings().capabilities.rpc.is_granted() {
+            let inner = &self.inner;
+            inner
+                .calls_out
+                .get_or_try_init(|| Proxy::sharing(&inner.link, &inner.user, DEFAULT_TIMEOUT))
+                .await?;
         }
         plugin.start_prewarm(self.inner.executor.handle());
         match self.inner.registry.swap_plugin(&id, plugin, wanted)? {

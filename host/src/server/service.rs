@@ -12,9 +12,9 @@ use arc_swap::ArcSwap;
 use serde_json::Value;
 use tracing::{Instrument, Span};
 
-use crate::plugin::Plugin;
+use crate::plugin::{CallContext, Plugin};
 use crate::protocol::{Args, DESCRIBE, DescribedFunction, Description, QueueType, Request};
-use crate::{ErrorKind, RemoteError};
+use crate::{ErrorKind, Proxy, RemoteError, TraceContext};
 
 type NativeFn = dyn Fn(Args) -> Result<Value, RemoteError> + Send + Sync;
 
@@ -85,6 +85,12 @@ pub(super) struct Context<'a> {
     pub(super) executor: &'a tokio::runtime::Handle,
     /// The server's concurrency, for plugins that do not set their own.
     pub(super) default_concurrency: usize,
+    /// Hops the request is from its client (`x-callme-depth`).
+    pub(super) depth: u32,
+    /// The call's span, which calls its plugin makes continue.
+    pub(super) trace: &'a TraceContext,
+    /// The proxy plugins granted `rpc` call other servers through.
+    pub(super) calls_out: Option<&'a Proxy>,
 }
 
 impl Service {
@@ -115,9 +121,11 @@ impl Service {
                 }
                 // The call's span follows it onto the plugin executor, so
                 // the plugin's log lines carry its trace.
-                let task = cx
-                    .executor
-                    .spawn(async move { plugin.call(&func, &args).await }.in_current_span());
+                let context =
+                    CallContext::new(cx.depth, Some(cx.trace.clone()), cx.calls_out.cloned());
+                let task = cx.executor.spawn(
+                    async move { plugin.call_with(&func, &args, context).await }.in_current_span(),
+                );
                 match task.await {
                     Ok(r) => r.map_err(RemoteError::from),
                     Err(e) => Err(RemoteError::new(
@@ -135,6 +143,7 @@ impl Service {
                         reuse_instances: None,
                         prewarm: None,
                         functions: functions.describe(),
+                        capabilities: Vec::new(),
                     }));
                 }
                 functions.call(&func, args).await
@@ -158,6 +167,11 @@ fn describe_plugin(plugin: &Plugin, cx: &Context<'_>) -> Description {
                 name: f.name.clone(),
                 signature: f.signature.clone(),
             })
+            .collect(),
+        capabilities: plugin
+            .capabilities()
+            .iter()
+            .map(|c| c.to_string())
             .collect(),
     }
 }

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import secrets
+import time
 import uuid
 from functools import partial
 from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence
 
-import aio_pika
+import aiormq
 
 from . import errors
 from .link import Link
@@ -214,15 +216,27 @@ class AsyncProxy:
         reply: "asyncio.Future[bytes]" = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = reply
         try:
-            message = aio_pika.Message(
-                body,
+            sent_ms = time.time_ns() // 1_000_000
+            properties = aiormq.spec.Basic.Properties(
                 content_type=CONTENT_TYPE,
                 correlation_id=correlation_id,
                 reply_to=link.exchange,
-                expiration=datetime.timedelta(milliseconds=max(1, int(timeout * 1000))),
+                expiration=str(max(1, int(timeout * 1000))),
+                delivery_mode=1,  # not persistent
+                # When it was sent, for the host's queue-wait metric
+                # (docs/protocol.md), and a W3C trace of its own.
+                timestamp=datetime.datetime.fromtimestamp(
+                    sent_ms // 1000, tz=datetime.timezone.utc
+                ),
+                headers={
+                    "timestamp_in_ms": sent_ms,
+                    "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+                },
             )
             log.debug("call %s.%s correlation_id=%s", server_id, func, correlation_id)
-            await publisher.publish(connection, server_id, server_exchange(server_id), message)
+            await publisher.publish(
+                connection, server_id, server_exchange(server_id), body, properties
+            )
             response = await reply
         finally:
             self._pending.pop(correlation_id, None)

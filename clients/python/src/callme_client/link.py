@@ -18,8 +18,9 @@ import uuid
 from typing import Any, Callable, Optional
 
 import aio_pika
+import aiormq.abc
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from . import errors
 from .options import ConnectOptions
@@ -137,7 +138,10 @@ class Link:
                 self.queue, durable=False, exclusive=True, auto_delete=True
             )
             await queue.bind(exchange, routing_key="")
-            await queue.consume(self._deliver, no_ack=True)
+            # Consumed on aiormq's channel under aio-pika's: a reply needs
+            # its correlation id and body only, not an IncomingMessage.
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_consume(self.queue, self._deliver, no_ack=True)
         except BaseException as e:
             await _close_quietly(connection)
             if isinstance(e, aiormq.exceptions.ChannelAccessRefused):
@@ -197,11 +201,12 @@ class Link:
                 log.log(level, "reconnecting (attempt %d) failed: %s", attempts, e)
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    async def _deliver(self, message: AbstractIncomingMessage) -> None:
-        if message.correlation_id is None:
+    async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:
+        correlation_id = message.header.properties.correlation_id
+        if correlation_id is None:
             log.debug("dropped a reply without correlation id")
             return
-        self._on_reply(message.correlation_id, message.body)
+        self._on_reply(correlation_id, message.body)
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from typing import List, Optional, Tuple
 
-import aio_pika
+import aiormq
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -45,10 +45,18 @@ class Publisher:
         connection: AbstractConnection,
         server_id: str,
         exchange: str,
-        message: aio_pika.Message,
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
     ) -> None:
-        """Publishes ``message`` to ``exchange`` with routing key ``""`` and
-        ``mandatory`` set, and waits for the broker's confirm.
+        """Publishes ``body`` with ``properties`` to ``exchange`` with
+        routing key ``""`` and ``mandatory`` set, and waits for the broker's
+        confirm.
+
+        The request goes straight to aiormq's channel under aio-pika's, as
+        aio-pika's ``Exchange.publish`` does itself: building an aio-pika
+        ``Message`` first would add nothing here but CPU time (about a
+        tenth of the client's per call, with the consumer's
+        ``IncomingMessage``).
 
         :raises NoSuchServer: the exchange does not exist, or no queue is
             bound to it.
@@ -63,8 +71,14 @@ class Publisher:
                     channel = await connection.channel(
                         publisher_confirms=True, on_return_raises=True
                     )
-                target = await channel.get_exchange(exchange, ensure=False)
-                await target.publish(message, routing_key="", mandatory=True)
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key="",
+                    properties=properties,
+                    mandatory=True,
+                )
             except aiormq.exceptions.PublishError:
                 # Returned: the exchange exists but no queue is bound to it.
                 self._give_back(connection, channel)

@@ -1,0 +1,239 @@
+//! The `config` capability: a plugin's own settings, from the `[config]` table of its sidecar, secrets read from the host's environment.
+//!
+//! A value written `"${NAME}"` is a secret: it is read from the host's
+//! environment variable `NAME` when the sidecar is read (so when the
+//! plugin is loaded or its sidecar changes), and a variable that is not
+//! set makes the sidecar invalid, the error naming the key and the
+//! variable, never a value. A secret's value is kept only here and handed
+//! to the guest that asks for it: `Debug` shows the variable's name in its
+//! place, and nothing else prints config values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// Most keys a `[config]` table may hold: settings, not a data store.
+pub(crate) const MAX_CONFIG_KEYS: usize = 256;
+
+/// Largest value, secrets included, in bytes: every call's guest may ask
+/// for it.
+pub(crate) const MAX_CONFIG_VALUE_BYTES: usize = 64 << 10;
+
+/// One value of a plugin's `[config]` table.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConfigValue {
+    value: String,
+    /// The environment variable a secret was read from.
+    env: Option<String>,
+}
+
+impl ConfigValue {
+    /// The value the guest gets.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// Whether it was read from the environment (a secret).
+    pub fn is_secret(&self) -> bool {
+        self.env.is_some()
+    }
+}
+
+impl fmt::Debug for ConfigValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.env {
+            Some(var) => write!(f, "<secret from ${{{var}}}>"),
+            None => fmt::Debug::fmt(&self.value, f),
+        }
+    }
+}
+
+/// A plugin's `[config]` table, resolved. Cheap to clone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    values: Arc<BTreeMap<String, ConfigValue>>,
+}
+
+/// Why a `[config]` table was refused. Never holds a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A `"${NAME}"` value whose variable is not set (or not UTF-8).
+    #[error("config key `{key}`: the environment variable `{var}` is not set")]
+    MissingEnv {
+        /// The key.
+        key: String,
+        /// The variable named.
+        var: String,
+    },
+    /// More keys than [`MAX_CONFIG_KEYS`].
+    #[error("`[config]` has {count} keys: at most {MAX_CONFIG_KEYS} are allowed")]
+    TooManyKeys {
+        /// How many it has.
+        count: usize,
+    },
+    /// A value longer than [`MAX_CONFIG_VALUE_BYTES`].
+    #[error(
+        "config key `{key}`: the value has {bytes} bytes, at most {MAX_CONFIG_VALUE_BYTES} are allowed"
+    )]
+    TooLong {
+        /// The key.
+        key: String,
+        /// Its value's length.
+        bytes: usize,
+    },
+}
+
+/// The variable a value names, if it is written `${NAME}`.
+fn env_reference(raw: &str) -> Option<&str> {
+    let name = raw.strip_prefix("${")?.strip_suffix('}')?;
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid.then_some(name)
+}
+
+impl Config {
+    /// Resolves the table as written, reading each `"${NAME}"` value from
+    /// the environment through `env`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] for the first key whose variable is unset, or a
+    /// table over its size bounds.
+    pub(crate) fn resolve(
+        raw: BTreeMap<String, String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        if raw.len() > MAX_CONFIG_KEYS {
+            return Err(ConfigError::TooManyKeys { count: raw.len() });
+        }
+        let mut values = BTreeMap::new();
+        for (key, written) in raw {
+            let value = match env_reference(&written) {
+                Some(var) => match env(var) {
+                    Some(value) => ConfigValue {
+                        value,
+                        env: Some(var.to_string()),
+                    },
+                    None => {
+                        return Err(ConfigError::MissingEnv {
+                            key,
+                            var: var.to_string(),
+                        });
+                    }
+                },
+                None => ConfigValue {
+                    value: written,
+                    env: None,
+                },
+            };
+            if value.value.len() > MAX_CONFIG_VALUE_BYTES {
+                let bytes = value.value.len();
+                return Err(ConfigError::TooLong { key, bytes });
+            }
+            values.insert(key, value);
+        }
+        Ok(Config {
+            values: Arc::new(values),
+        })
+    }
+
+    /// A table of plain values, none of them secret.
+    pub fn plain<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Config {
+        let values = pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let value = ConfigValue {
+                    value: v.into(),
+                    env: None,
+                };
+                (k.into(), value)
+            })
+            .collect();
+        Config {
+            values: Arc::new(values),
+        }
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&ConfigValue> {
+        self.values.get(key)
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn plain_values_stay_and_references_are_read_from_the_environment() {
+        let env = |var: &str| (var == "TOKEN").then(|| "s3cret".to_string());
+        let config = Config::resolve(
+            raw(&[
+                ("greeting", "hi"),
+                ("token", "${TOKEN}"),
+                ("odd", "${not a var}"),
+            ]),
+            env,
+        )
+        .unwrap();
+        assert_eq!(config.get("greeting").unwrap().value(), "hi");
+        assert!(!config.get("greeting").unwrap().is_secret());
+        assert_eq!(config.get("token").unwrap().value(), "s3cret");
+        assert!(config.get("token").unwrap().is_secret());
+        assert_eq!(config.get("odd").unwrap().value(), "${not a var}");
+        assert!(config.get("missing").is_none());
+    }
+
+    #[test]
+    fn debug_never_shows_a_secret() {
+        let config = Config::resolve(raw(&[("token", "${TOKEN}")]), |_| {
+            Some("s3cret".to_string())
+        })
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("TOKEN"), "{shown}");
+    }
+
+    #[test]
+    fn a_missing_variable_names_the_key_and_variable() {
+        let e = Config::resolve(raw(&[("api_key", "${NOT_SET_ANYWHERE}")]), |_| None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config key `api_key`: the environment variable `NOT_SET_ANYWHERE` is not set"
+        );
+    }
+
+    #[test]
+    fn oversized_tables_and_values_are_refused() {
+        let many: BTreeMap<_, _> = (0..=MAX_CONFIG_KEYS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert!(matches!(
+            Config::resolve(many, |_| None),
+            Err(ConfigError::TooManyKeys { .. })
+        ));
+        let long = "x".repeat(MAX_CONFIG_VALUE_BYTES + 1);
+        let e = Config::resolve(raw(&[("big", "${BIG}")]), |_| Some(long.clone())).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLong { .. }), "{e}");
+        assert!(!e.to_string().contains("xxx"));
+    }
+}

@@ -1,0 +1,459 @@
+//! The `http` capability: outbound HTTP through the standard `wasi:http/outgoing-handler`, to the hosts a sidecar allows, with a response size cap and a time limit.
+//!
+//! `wasi:http` is linked for every plugin, and a plugin that imports it
+//! loads whatever its sidecar says; every request is checked here, in
+//! the `send_request` hook of `wasmtime-wasi-http`, before any name is
+//! looked up or any connection is made. A request whose authority (host
+//! and port, the port defaulting to 80 for `http` and 443 for `https`) is
+//! not in the sidecar's `allowed_hosts` is refused with
+//! `HttpRequestDenied`; so is every request of a plugin granted nothing.
+//! The check is on the name as the guest wrote it, not on the address it
+//! resolves to.
+//!
+//! An allowed request gets `http_timeout_ms` in all, from the request to
+//! the last byte of the response body (`HttpResponseTimeout` after
+//! that), and a body of at most `http_max_response_bytes`: a response
+//! whose `Content-Length` is over the cap is refused before its body is
+//! read (`HttpResponseBodySize` with that length), and a body that grows
+//! past the cap while it streams ends with an error on the body's stream
+//! (the guest has read at most the cap; nothing tells it the body ended).
+//! The call's own deadline still applies around all of it.
+//!
+//! Requests run on a small runtime of their own (one thread, started
+//! with the first request allowed), whatever runtime the call runs on:
+//! the server's plugin executor has no I/O driver, and guests' sockets
+//! stay apart from the broker's. Dropping a request (the guest drops it,
+//! or its call ends) stops it there too.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::http::uri::{Authority, Scheme};
+use hyper::http::{self, Uri, header};
+use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
+
+use crate::plugin::sandbox::CallState;
+
+/// Largest response body by default: a page or a JSON document, not a
+/// download. The guest holds it in its linear memory.
+pub const DEFAULT_HTTP_MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+/// Time one request may take by default, from sending it to the last byte
+/// of the response: the call's default deadline, so that a slow server
+/// gives the guest an error it can handle rather than ending the call.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest `http_max_response_bytes`: a guest's linear memory is at most
+/// 4 GiB, so it could never hold more.
+pub(crate) const MAX_HTTP_RESPONSE_BYTES: u64 = 4 << 30;
+
+/// The hosts a plugin may send HTTP requests to, and the limits of each
+/// request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpGrant {
+    /// `host:port`, the host in lower case.
+    hosts: Arc<BTreeSet<String>>,
+    /// Largest response body, in bytes.
+    pub max_response_bytes: u64,
+    /// Time one request may take, response body included.
+    pub timeout: Duration,
+}
+
+impl Default for HttpGrant {
+    fn default() -> Self {
+        HttpGrant {
+            hosts: Arc::default(),
+            max_response_bytes: DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+            timeout: DEFAULT_HTTP_TIMEOUT,
+        }
+    }
+}
+
+/// An `allowed_hosts` entry that is not `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`allowed_hosts` entry `{}` is not HOST:PORT: {reason}", entry.escape_debug())]
+pub struct InvalidHost {
+    /// The entry as written.
+    pub entry: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// The `host:port` an entry or a request names, the host in lower case.
+fn host_port(host: &str, port: u16) -> String {
+    format!("{}:{port}", host.to_ascii_lowercase())
+}
+
+/// Parses one `allowed_hosts` entry.
+fn parse_entry(entry: &str) -> Result<String, InvalidHost> {
+    let invalid = |reason| InvalidHost {
+        entry: entry.to_string(),
+        reason,
+    };
+    if entry.contains('@') {
+        return Err(invalid("user information is not part of a host"));
+    }
+    let authority = Authority::from_str(entry).map_err(|_| invalid("not a host and port"))?;
+    if authority.host().is_empty() {
+        return Err(invalid("the host is empty"));
+    }
+    match authority.port_u16() {
+        Some(0) => Err(invalid("port 0")),
+        Some(port) => Ok(host_port(authority.host(), port)),
+        None => Err(invalid(
+            "the port is missing (443 for https, 80 for http: say which)",
+        )),
+    }
+}
+
+impl HttpGrant {
+    /// A grant of requests to `hosts`, each `HOST:PORT`
+    /// (`api.example.com:443`, `127.0.0.1:8080`, `[::1]:8080`), with
+    /// these limits.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidHost`] for an entry without a port, with user
+    /// information, or that is no host at all.
+    pub fn new<S: AsRef<str>>(
+        hosts: impl IntoIterator<Item = S>,
+        max_response_bytes: u64,
+        timeout: Duration,
+    ) -> Result<HttpGrant, InvalidHost> {
+        let hosts = hosts
+            .into_iter()
+            .map(|h| parse_entry(h.as_ref()))
+            .collect::<Result<_, _>>()?;
+        Ok(HttpGrant {
+            hosts: Arc::new(hosts),
+            max_response_bytes,
+            timeout,
+        })
+    }
+
+    /// Whether any host is granted.
+    pub fn is_granted(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+
+    /// Whether requests to `host` on `port` are granted.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        self.is_granted() && self.hosts.contains(&host_port(host, port))
+    }
+
+    /// The `host:port` entries granted, sorted.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.hosts.iter().map(String::as_str)
+    }
+
+    /// Whether a request to `uri` is granted: its host and port, the port
+    /// defaulting to the scheme's.
+    fn allows_uri(&self, uri: &Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let port = authority.port_u16().or_else(|| match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => Some(80),
+            Some(s) if *s == Scheme::HTTPS => Some(443),
+            _ => None,
+        });
+        port.is_some_and(|port| self.allows(authority.host(), port))
+    }
+}
+
+/// The `wasi:http` part of a store: the crate's context and the hooks that
+/// check and limit every request.
+#[derive(Default)]
+pub(crate) struct HttpState {
+    ctx: WasiHttpCtx,
+    hooks: HttpHooks,
+}
+
+impl HttpState {
+    /// Arms the hooks with what the sidecar grants.
+    pub(super) fn begin(&mut self, grant: &HttpGrant) {
+        self.hooks.grant = grant.clone();
+    }
+}
+
+/// Checks requests against the grant before anything is sent, and
+/// limits what is sent.
+#[derive(Default)]
+struct HttpHooks {
+    grant: HttpGrant,
+    /// For the log.
+    plugin: Option<Arc<str>>,
+}
+
+impl HttpHooks {
+    fn plugin(&self) -> &str {
+        self.plugin.as_deref().unwrap_or("")
+    }
+}
+
+/// What the hook returns: the response and the connection's own future.
+type Sent = Result<
+    (
+        http::Response<WasiBody>,
+        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ),
+    HttpError,
+>;
+
+impl WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<dyn Future<Output = Sent> + Send> {
+        let uri = request.uri();
+        let authority = uri.authority().map_or("", Authority::as_str).to_string();
+        if !self.grant.allows_uri(uri) {
+            tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request denied");
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request");
+        let sent = io_runtime().map(|io| {
+            let cap = self.grant.max_response_bytes;
+            run_on(
+                io,
+                send(io.clone(), request, options, cap, self.grant.timeout),
+            )
+        });
+        Box::new(async move { sent?.await? })
+    }
+
+    // The crate logs these as warnings; they are what a guest's server
+    // did, not the host's trouble.
+    fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> ErrorCode {
+        tracing::debug!(target: "callme::plugin", plugin = self.plugin(), error = %err, "http request failed");
+        ErrorCode::HttpProtocolError
+    }
+
+    fn p2_error_from_connect(&mut self, err: &std::io::Error) -> ErrorCode {
+        tracing::debug!(target: "callme::plugin", plugin = self.plugin(), error = %err, "http connect failed");
+        ErrorCode::ConnectionRefused
+    }
+
+    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> ErrorCode {
+        tracing::debug!(target: "callme::plugin", plugin = self.plugin(), error = %err, "http tls failed");
+        ErrorCode::TlsProtocolError
+    }
+}
+
+/// The runtime requests run on, started on first use.
+///
+/// # Errors
+///
+/// [`HttpError::InternalError`] when it cannot be started.
+fn io_runtime() -> Result<&'static tokio::runtime::Handle, HttpError> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        let built = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("callme-http")
+            .enable_all()
+            .build();
+        built
+            .inspect_err(|e| {
+                tracing::error!(target: "callme::plugin", error = %e, "cannot start the runtime of outbound HTTP: every request fails");
+            })
+            .ok()
+    });
+    runtime
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
+        .ok_or_else(|| {
+            HttpError::InternalError(Some("outbound HTTP is unavailable on this host".into()))
+        })
+}
+
+/// Runs `future` on `io`; dropping what this returns stops it.
+fn run_on<T: Send + 'static>(
+    io: &tokio::runtime::Handle,
+    future: impl Future<Output = T> + Send + 'static,
+) -> impl Future<Output = Result<T, HttpError>> + Send + 'static {
+    /// Aborts the task when the request is dropped.
+    struct Abort(tokio::task::AbortHandle);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let task = io.spawn(future);
+    let abort = Abort(task.abort_handle());
+    async move {
+        let _abort = abort;
+        task.await
+            .map_err(|e| HttpError::InternalError(Some(format!("the request's task failed: {e}"))))
+    }
+}
+
+/// Sends an allowed request on `io`: at most `timeout` until the last
+/// byte of the response, a body of at most `cap` bytes.
+async fn send(
+    io: tokio::runtime::Handle,
+    request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+    cap: u64,
+    timeout: Duration,
+) -> Sent {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let sent = tokio::time::timeout_at(
+        deadline,
+        wasmtime_wasi_http::default_send_request(request, options),
+    )
+    .await;
+    let (response, connection) = sent.map_err(|_| HttpError::HttpResponseTimeout)??;
+    let length = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = length.filter(|&n| n > cap) {
+        return Err(HttpError::HttpResponseBodySize(Some(length)));
+    }
+    let response = response.map(|body| {
+        CappedBody {
+            inner: body.boxed_unsync(),
+            received: 0,
+            cap,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            done: false,
+        }
+        .boxed_unsync()
+    });
+    // The connection ends with the time limit too, whether or not the
+    // guest reads the body.
+    let connection = run_on(&io, async move {
+        tokio::time::timeout_at(deadline, connection)
+            .await
+            .unwrap_or(Ok(()))
+    });
+    Ok((response, Box::new(async move { connection.await? })))
+}
+
+/// A response body that fails once it passes `cap` bytes or its deadline.
+struct CappedBody {
+    inner: WasiBody,
+    received: u64,
+    cap: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Failed: nothing more comes.
+    done: bool,
+}
+
+impl Body for CappedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                self.received = self.received.saturating_add(len);
+                if self.received > self.cap {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(
+                        self.received,
+                    )))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(HttpError::HttpResponseTimeout)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        let http = &mut self.caps.http;
+        http.hooks.plugin.get_or_insert_with(|| self.plugin.clone());
+        WasiHttpCtxView {
+            ctx: &mut http.ctx,
+            table: &mut self.table,
+            hooks: &mut http.hooks,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(hosts: &[&str]) -> HttpGrant {
+        HttpGrant::new(hosts, DEFAULT_HTTP_MAX_RESPONSE_BYTES, DEFAULT_HTTP_TIMEOUT).unwrap()
+    }
+
+    #[test]
+    fn requests_are_allowed_by_host_and_port_only() {
+        let g = grant(&["127.0.0.1:8080", "API.example.com:443", "[::1]:9000"]);
+        let allows = |uri: &str| g.allows_uri(&uri.parse::<Uri>().unwrap());
+        assert!(allows("http://127.0.0.1:8080/x?y=1"));
+        assert!(allows("https://api.example.com/v1"));
+        assert!(allows("http://api.example.com:443/"));
+        assert!(allows("http://[::1]:9000/"));
+        assert!(!allows("http://127.0.0.1:8081/"));
+        assert!(!allows("http://api.example.com/"), "port 80 is not granted");
+        assert!(!allows("https://evil.example.com/"));
+        assert!(!allows("http://127.0.0.1.nip.io:8080/"));
+        assert!(!allows("/no/authority"));
+        assert!(!HttpGrant::default().allows("127.0.0.1", 8080));
+        assert!(!HttpGrant::default().is_granted());
+        assert_eq!(
+            g.hosts().collect::<Vec<_>>(),
+            ["127.0.0.1:8080", "[::1]:9000", "api.example.com:443"]
+        );
+    }
+
+    #[test]
+    fn entries_must_name_a_host_and_a_port() {
+        for entry in [
+            "api.example.com",
+            "https://api.example.com:443",
+            "user:pw@host:80",
+            ":80",
+            "host:0",
+            "host:99999",
+            "",
+            "host:80/path",
+        ] {
+            let e = HttpGrant::new([entry], 1, DEFAULT_HTTP_TIMEOUT).unwrap_err();
+            assert!(e.to_string().contains("is not HOST:PORT"), "{entry}: {e}");
+        }
+    }
+}

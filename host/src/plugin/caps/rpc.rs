@@ -1,0 +1,255 @@
+//! The `rpc` capability: a guest calls a function of another callme server through the host's broker connection.
+//!
+//! Granted per server id by the sidecar (`rpc = ["calc", "billing"]`,
+//! `"*"` for any). Before anything is published the host checks, in this
+//! order, that the id is granted, that the call is not one hop too deep
+//! (every request carries its depth in the `x-callme-depth` header, one
+//! more per hop, so servers calling each other in a cycle stop at
+//! `rpc_max_depth`), that the arguments are a JSON array or object, and
+//! that the calling call has time left. The sub-call waits at most what
+//! is left of the calling call's deadline; the guest spends no fuel while
+//! it waits, and its deadline keeps running.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::CallContext;
+use crate::protocol::{Args, is_valid_server_id};
+use crate::proxy::CallOptions;
+use crate::{Error, ErrorKind};
+
+/// Hops a chain of calls may take by default: the first server called by
+/// a client is at depth 0, a server it calls at depth 1. Deep enough for
+/// any sensible composition, shallow enough that a cycle ends fast.
+pub const DEFAULT_MAX_CALL_DEPTH: u32 = 8;
+
+/// Most hops a sidecar may allow: every hop holds a call, an instance and
+/// a pool slot while it waits.
+pub(crate) const MAX_CALL_DEPTH: u32 = 64;
+
+/// The servers a plugin may call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcGrant {
+    /// Server ids granted; `*` grants any.
+    servers: BTreeSet<String>,
+    /// Deepest hop its calls may be (see [`DEFAULT_MAX_CALL_DEPTH`]).
+    pub max_depth: u32,
+}
+
+impl Default for RpcGrant {
+    fn default() -> Self {
+        RpcGrant {
+            servers: BTreeSet::new(),
+            max_depth: DEFAULT_MAX_CALL_DEPTH,
+        }
+    }
+}
+
+/// A grant naming something that cannot be a server id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`rpc` entry `{}` is not a server id (letters, digits, `-`, `_`, `.`) nor `*`", .0.escape_debug())]
+pub struct InvalidGrant(pub String);
+
+impl RpcGrant {
+    /// A grant of calls to `servers` (`*`: any).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidGrant`] for an entry that is neither a server id nor `*`.
+    pub fn new<S: Into<String>>(
+        servers: impl IntoIterator<Item = S>,
+        max_depth: u32,
+    ) -> Result<RpcGrant, InvalidGrant> {
+        let servers = servers
+            .into_iter()
+            .map(Into::into)
+            .map(|s| {
+                if s == "*" || is_valid_server_id(&s) {
+                    Ok(s)
+                } else {
+                    Err(InvalidGrant(s))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(RpcGrant { servers, max_depth })
+    }
+
+    /// Whether any server is granted.
+    pub fn is_granted(&self) -> bool {
+        !self.servers.is_empty()
+    }
+
+    /// Whether calls to `server` are granted.
+    pub fn allows(&self, server: &str) -> bool {
+        self.servers.contains("*") || self.servers.contains(server)
+    }
+
+    /// The ids granted, sorted (`*` included as written).
+    pub fn servers(&self) -> impl Iterator<Item = &str> {
+        self.servers.iter().map(String::as_str)
+    }
+}
+
+/// Why a guest's call failed, as the guest sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CallFailure {
+    pub(crate) kind: String,
+    pub(crate) message: String,
+    pub(crate) data: Option<String>,
+}
+
+impl CallFailure {
+    fn new(kind: &str, message: String) -> CallFailure {
+        CallFailure {
+            kind: kind.to_string(),
+            message,
+            data: None,
+        }
+    }
+
+    fn from_error(e: Error) -> CallFailure {
+        match e {
+            Error::Remote(remote) => CallFailure {
+                kind: remote.kind.as_str().to_string(),
+                message: remote.message,
+                data: (!remote.data.is_null()).then(|| remote.data.to_string()),
+            },
+            other => CallFailure::new(other.type_name(), other.to_string()),
+        }
+    }
+}
+
+/// Makes one call for the guest of `plugin`: checks, then sends through
+/// the context's proxy; the result as JSON text.
+pub(crate) async fn call(
+    plugin: &str,
+    grant: &RpcGrant,
+    cx: &CallContext,
+    deadline: Option<Instant>,
+    server: &str,
+    func: &str,
+    args: &str,
+) -> Result<String, CallFailure> {
+    if !grant.allows(server) {
+        return Err(CallFailure::new(
+            "NotGranted",
+            format!(
+                "calls to server `{}` are not granted to this plugin (its sidecar's `rpc` list)",
+                server.escape_debug()
+            ),
+        ));
+    }
+    let depth = cx.depth.saturating_add(1);
+    if depth > grant.max_depth {
+        return Err(CallFailure::new(
+            "CallDepthExceeded",
+            format!(
+                "call depth limit of {} reached: this call is already {} hops from its client \
+                 (servers calling each other in a cycle?)",
+                grant.max_depth, cx.depth
+            ),
+        ));
+    }
+    let args = match serde_json::from_str::<Value>(args) {
+        Ok(Value::Array(a)) => Args::positional(a),
+        Ok(Value::Object(o)) => Args::keywords(o),
+        Ok(_) => {
+            return Err(CallFailure::new(
+                ErrorKind::InvalidArguments.as_str(),
+                "the arguments must be a JSON array (positional) or object (keywords)".into(),
+            ));
+        }
+        Err(e) => {
+            return Err(CallFailure::new(
+                ErrorKind::InvalidArguments.as_str(),
+                format!("the arguments are not JSON: {e}"),
+            ));
+        }
+    };
+    let Some(proxy) = &cx.proxy else {
+        return Err(CallFailure::new(
+            "Unavailable",
+            "no broker connection: calls to other servers work only in a served plugin".into(),
+        ));
+    };
+    let remaining = deadline.map_or(crate::plugin::DEFAULT_DEADLINE, |d| {
+        d.saturating_duration_since(Instant::now())
+    });
+    if remaining.is_zero() {
+        return Err(CallFailure::new(
+            ErrorKind::Timeout.as_str(),
+            "the calling call's deadline has passed".into(),
+        ));
+    }
+    let mut options = CallOptions::new(remaining).with_depth(depth);
+    if let Some(trace) = &cx.trace {
+        options = options.with_trace(trace.clone());
+    }
+    let started = Instant::now();
+    let outcome = proxy.call_with(server, func, args, options).await;
+    let elapsed = started.elapsed();
+    match outcome {
+        Ok(value) => {
+            tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, "rpc call");
+            Ok(value.to_string())
+        }
+        Err(e) => {
+            let failure = CallFailure::from_error(e);
+            tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, error = %failure.kind, "rpc call failed");
+            Err(failure)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_name_servers_or_everything() {
+        let grant = RpcGrant::new(["calc", "billing"], 8).unwrap();
+        assert!(grant.allows("calc") && grant.allows("billing"));
+        assert!(!grant.allows("other"));
+        let any = RpcGrant::new(["*"], 8).unwrap();
+        assert!(any.allows("anything"));
+        assert!(!RpcGrant::default().is_granted());
+        assert!(!RpcGrant::default().allows("calc"));
+        assert_eq!(
+            RpcGrant::new(["ca lc"], 8).unwrap_err().to_string(),
+            "`rpc` entry `ca lc` is not a server id (letters, digits, `-`, `_`, `.`) nor `*`"
+        );
+    }
+
+    fn run(grant: &RpcGrant, cx: &CallContext, server: &str, args: &str) -> CallFailure {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(call("p", grant, cx, None, server, "add", args))
+            .unwrap_err()
+    }
+
+    #[test]
+    fn refusals_come_before_anything_is_sent() {
+        let grant = RpcGrant::new(["calc"], 2).unwrap();
+        let cx = CallContext::default();
+        assert_eq!(run(&grant, &cx, "other", "[1, 2]").kind, "NotGranted");
+        let deep = CallContext {
+            depth: 2,
+            ..CallContext::default()
+        };
+        let failure = run(&grant, &deep, "calc", "[1, 2]");
+        assert_eq!(failure.kind, "CallDepthExceeded");
+        assert!(
+            failure.message.contains("limit of 2"),
+            "{}",
+            failure.message
+        );
+        assert_eq!(run(&grant, &cx, "calc", "1").kind, "InvalidArguments");
+        assert_eq!(run(&grant, &cx, "calc", "[1,").kind, "InvalidArguments");
+        // Without a proxy (a plugin run outside a server).
+        assert_eq!(run(&grant, &cx, "calc", "[1, 2]").kind, "Unavailable");
+    }
+}

@@ -1,0 +1,755 @@
+//! Plugin capabilities: `config` and `rpc` of `callme:plugin@0.2.0` and outbound HTTP (`wasi:http`), granted per plugin by its sidecar.
+//!
+//! The `relay` plugin (`plugins/relay`) reads its settings (`setting`),
+//! calls `add` of another server (`add-via`) and makes HTTP GETs
+//! (`fetch`). These tests grant it settings, secrets, servers and HTTP
+//! hosts (of a real HTTP server on 127.0.0.1 that counts its
+//! connections), in process and through a `callme serve` host and its
+//! sidecar files, and check what it may and may not do.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use callme::plugin::{Capabilities, Config, HttpGrant, RpcGrant};
+use callme::protocol::{Args, CALL_DEPTH, server_exchange};
+use callme::{
+    CallOptions, Error, ErrorKind, NativeFunctions, PluginSettings, RemoteError, ServerOptions,
+};
+use callme_tests::*;
+use serde_json::{Value, json};
+
+/// Settings granting `config` and calls to `servers`.
+fn granted(config: &[(&str, &str)], servers: &[&str]) -> PluginSettings {
+    PluginSettings {
+        capabilities: Capabilities {
+            config: Config::plain(config.iter().copied()),
+            rpc: RpcGrant::new(
+                servers.iter().copied(),
+                callme::plugin::DEFAULT_MAX_CALL_DEPTH,
+            )
+            .expect("valid grant"),
+            ..Capabilities::default()
+        },
+        ..PluginSettings::default()
+    }
+}
+
+/// The guest's error message of a failed call.
+fn guest_error(outcome: Result<Value, Error>) -> String {
+    match outcome {
+        Err(Error::Remote(RemoteError {
+            kind: ErrorKind::GuestError,
+            message,
+            ..
+        })) => message,
+        other => panic!("expected a GuestError, got {other:?}"),
+    }
+}
+
+/// Native `add` functions that count their calls and take `delay` each.
+fn counting_add(delay: Duration) -> (NativeFunctions, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let mut f = NativeFunctions::new();
+    f.register("add", "func(a: s64, b: s64) -> s64", move |args: Args| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(delay);
+        let sum: i64 = args.args.iter().filter_map(Value::as_i64).sum();
+        Ok(json!(sum))
+    });
+    (f, calls)
+}
+
+#[tokio::test]
+async fn config_values_reach_the_guest_and_missing_keys_are_none() {
+    let p = load(
+        "relay",
+        "relay",
+        granted(&[("greeting", "hello"), ("empty", "")], &[]),
+    );
+    assert_eq!(
+        p.call("setting", &pos(json!(["greeting"]))).await.unwrap(),
+        json!("hello")
+    );
+    assert_eq!(
+        p.call("setting", &pos(json!(["empty"]))).await.unwrap(),
+        json!("")
+    );
+    assert_eq!(
+        p.call("setting", &pos(json!(["missing"]))).await.unwrap(),
+        Value::Null
+    );
+    assert_eq!(p.capabilities(), ["config", "http", "rpc"]);
+}
+
+#[tokio::test]
+async fn a_plugin_without_grants_gets_nothing() {
+    let p = load("relay", "relay", PluginSettings::default());
+    assert_eq!(
+        p.call("setting", &pos(json!(["greeting"]))).await.unwrap(),
+        Value::Null
+    );
+    let refused = p.call("add-via", &pos(json!(["calc", 1, 2]))).await;
+    let message = match refused {
+        Err(callme::PluginError::GuestError { message, .. }) => message,
+        other => panic!("expected a GuestError, got {other:?}"),
+    };
+    assert!(message.starts_with("NotGranted: "), "{message}");
+    // Plugins on 0.1.0 import no capability and load as before.
+    assert!(
+        load("calc", "calc", PluginSettings::default())
+            .capabilities()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn add_via_calls_a_served_calc_and_describe_names_the_capabilities() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let calc = serve_calc(&srv, &p, "cap-calc").await;
+    let relay = unique("cap-relay");
+    srv.serve_plugin(load("relay", &relay, granted(&[], &[&calc])))
+        .await
+        .unwrap();
+    let sum: i64 = p
+        .use_server(&relay)
+        .invoke("add-via", (&calc, 20, 22))
+        .await
+        .unwrap();
+    assert_eq!(sum, 42);
+
+    let described = p.use_server(&relay).describe().await.unwrap();
+    assert_eq!(described["capabilities"], json!(["config", "http", "rpc"]));
+    let described = p.use_server(&calc).describe().await.unwrap();
+    assert!(described.get("capabilities").is_none(), "{described}");
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_server_not_granted_is_refused_in_the_guest_and_nothing_is_published() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let target = unique("cap-target");
+    let (add, calls) = counting_add(Duration::ZERO);
+    srv.serve_native(&target, add).await.unwrap();
+    let mut overheard = RawClient::overhear(&server_exchange(&target)).await;
+    let relay = unique("cap-relay");
+    srv.serve_plugin(load("relay", &relay, granted(&[], &["someone-else"])))
+        .await
+        .unwrap();
+
+    let message = guest_error(
+        p.use_server(&relay)
+            .call("add-via", pos(json!([target, 1, 2])))
+            .await,
+    );
+    assert!(
+        message.starts_with("NotGranted: ") && message.contains(&target),
+        "{message}"
+    );
+    let published = tokio::time::timeout(Duration::from_millis(500), overheard.next_reply(None));
+    assert!(published.await.is_err(), "a request was published");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_exist_gives_the_guest_no_such_server() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let relay = unique("cap-relay");
+    srv.serve_plugin(load("relay", &relay, granted(&[], &["*"])))
+        .await
+        .unwrap();
+    let missing = unique("cap-nobody");
+    let started = Instant::now();
+    let message = guest_error(
+        p.use_server(&relay)
+            .call("add-via", pos(json!([missing, 1, 2])))
+            .await,
+    );
+    assert!(
+        message.starts_with("NoSuchServer: ") && message.contains(&missing),
+        "{message}"
+    );
+    // At once, not after the deadline.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn calls_carry_their_depth_and_stop_at_the_limit() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let target = unique("cap-target");
+    let (add, calls) = counting_add(Duration::ZERO);
+    srv.serve_native(&target, add).await.unwrap();
+    let mut overheard = RawClient::overhear(&server_exchange(&target)).await;
+    let relay = unique("cap-relay");
+    let mut settings = granted(&[], &[&target]);
+    settings.capabilities.rpc = RpcGrant::new([target.as_str()], 3).unwrap();
+    srv.serve_plugin(load("relay", &relay, settings))
+        .await
+        .unwrap();
+    let relay_at = |depth: u32| {
+        p.call_with(
+            &relay,
+            "add-via",
+            pos(json!([target, 2, 3])),
+            CallOptions::new(Duration::from_secs(30)).with_depth(depth),
+        )
+    };
+
+    // A client's call (no header, depth 0): the relay's call is one hop on.
+    let sum = p
+        .use_server(&relay)
+        .call("add-via", pos(json!([target, 2, 3])))
+        .await
+        .unwrap();
+    assert_eq!(sum, json!(5));
+    let sent = overheard.next_reply(None).await;
+    let depth = sent
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(CALL_DEPTH).cloned());
+    assert_eq!(depth, Some(lapin::types::AMQPValue::LongUInt(1)));
+
+    // Called two hops deep, its call is the third: the last one allowed.
+    assert_eq!(relay_at(2).await.unwrap(), json!(5));
+    let sent = overheard.next_reply(None).await;
+    let depth = sent
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(CALL_DEPTH).cloned());
+    assert_eq!(depth, Some(lapin::types::AMQPValue::LongUInt(3)));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // Three hops deep (a cycle's third round): refused before sending.
+    let message = guest_error(relay_at(3).await);
+    assert!(
+        message.starts_with("CallDepthExceeded: call depth limit of 3 reached"),
+        "{message}"
+    );
+    let published = tokio::time::timeout(Duration::from_millis(500), overheard.next_reply(None));
+    assert!(published.await.is_err(), "a request was published");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_sub_call_ends_with_its_callers_deadline() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(60)).await;
+    let slow = unique("cap-slow");
+    let (add, calls) = counting_add(Duration::from_secs(20));
+    srv.serve_native(&slow, add).await.unwrap();
+    let relay = unique("cap-relay");
+    let mut settings = granted(&[], &[&slow]);
+    settings.limits.deadline = Duration::from_millis(1000);
+    srv.serve_plugin(load("relay", &relay, settings))
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let outcome = p
+        .use_server(&relay)
+        .call("add-via", pos(json!([slow, 1, 2])))
+        .await;
+    let elapsed = started.elapsed();
+    // The guest's sub-call times out with the relay's deadline (or the
+    // deadline stops the relay itself): never the slow server's 20 s.
+    match &outcome {
+        Err(Error::Remote(RemoteError {
+            kind: ErrorKind::GuestError,
+            message,
+            ..
+        })) => assert!(message.starts_with("Timeout: "), "{message}"),
+        Err(Error::Remote(RemoteError {
+            kind: ErrorKind::Timeout,
+            ..
+        })) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Starts `callme serve` on `dir` with `env` set, logging everything of
+/// callme's (trace level, so a secret logged anywhere is seen).
+fn serve_with_env(dir: &std::path::Path, env: &[(&str, &str)]) -> Host {
+    let log = dir.with_extension("log");
+    let ready_file = dir.with_extension("ready");
+    let log_file = std::fs::File::create(&log).expect("create host log");
+    let mut command = Command::new(callme_bin());
+    command
+        .arg("serve")
+        .arg("--plugins")
+        .arg(dir)
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .env("CALLME_AMQP_URL", amqp_url())
+        .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
+        .env("RUST_LOG", "callme=trace")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    Host {
+        child: command.spawn().expect("start callme serve"),
+        log,
+        ready_file,
+    }
+}
+
+#[tokio::test]
+async fn a_secret_reaches_the_guest_but_not_describe_the_log_or_errors() {
+    let dir = tempdir();
+    let relay = unique("cap-secret");
+    let secret = format!("s3cret-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        "rpc = [\"nobody-here\"]\n[config]\ntoken = \"${CALLME_TEST_RELAY_TOKEN}\"\nplain = \"visible\"\n",
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let mut host = serve_with_env(&dir, &[("CALLME_TEST_RELAY_TOKEN", &secret)]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    let sp = p.use_server(&relay);
+
+    assert_eq!(
+        sp.call("setting", pos(json!(["token"]))).await.unwrap(),
+        json!(secret)
+    );
+    assert_eq!(
+        sp.call("setting", pos(json!(["plain"]))).await.unwrap(),
+        json!("visible")
+    );
+    let described = sp.describe().await.unwrap().to_string();
+    assert!(!described.contains(&secret), "{described}");
+    for failing in [
+        sp.call("add-via", pos(json!(["elsewhere", 1, 2]))).await,
+        sp.call("setting", pos(json!([1]))).await,
+        sp.call("no-such-function", pos(json!(["token"]))).await,
+    ] {
+        let e = failing.unwrap_err();
+        assert!(!format!("{e:?}").contains(&secret), "{e:?}");
+    }
+    host.terminate();
+    host.wait(Duration::from_secs(10));
+    let log = host.log_text();
+    assert!(
+        log.contains(&relay),
+        "the log says nothing of the plugin: {log}"
+    );
+    assert!(!log.contains(&secret), "the secret is in the log: {log}");
+}
+
+#[tokio::test]
+async fn a_missing_environment_variable_is_a_load_error_naming_the_key() {
+    let dir = tempdir();
+    let relay = unique("cap-unset");
+    let var = format!("CALLME_TEST_UNSET_{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        format!("[config]\napi_key = \"${{{var}}}\"\n"),
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let mut host = serve_with_env(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let log = host.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("invalid settings") && l.contains(&relay))
+        .unwrap_or_else(|| panic!("no load error for {relay}: {log}"));
+    assert!(line.contains("api_key") && line.contains(&var), "{line}");
+
+    let p = proxy(Duration::from_secs(10)).await;
+    let outcome = p
+        .use_server(&relay)
+        .call("setting", pos(json!(["api_key"])))
+        .await;
+    assert!(
+        matches!(outcome, Err(Error::NoSuchServer(_))),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn grants_apply_on_hot_deploy() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let calc = serve_calc(&srv, &p, "cap-calc").await;
+
+    let dir = tempdir();
+    let relay = unique("cap-hot");
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let sp = p.use_server(&relay);
+    let message = guest_error(sp.call("add-via", pos(json!([calc, 1, 2]))).await);
+    assert!(message.starts_with("NotGranted: "), "{message}");
+
+    let sidecar = dir.join(format!(".{relay}.toml.incoming"));
+    std::fs::write(
+        &sidecar,
+        format!("rpc = [\"{calc}\"]\n[config]\ngreeting = \"hi\"\n"),
+    )
+    .unwrap();
+    std::fs::rename(&sidecar, dir.join(format!("{relay}.toml"))).unwrap();
+    let granted = eventually(Duration::from_secs(30), || {
+        let sp = sp.clone();
+        let calc = calc.clone();
+        async move {
+            let sum = sp.call("add-via", pos(json!([calc, 1, 2]))).await.ok()?;
+            (sum == json!(3)).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        granted.is_some(),
+        "the grant was not applied: {}",
+        host.log_text()
+    );
+    assert_eq!(
+        sp.call("setting", pos(json!(["greeting"]))).await.unwrap(),
+        json!("hi")
+    );
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+/// What the test's HTTP server answers.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// `200 OK` with this many bytes of `x` (after `hello from the test
+    /// server`), with a `Content-Length`.
+    Body(usize),
+    /// `200 OK` with this many bytes of `x`, without a length: the body
+    /// ends when the connection closes.
+    Unsized(usize),
+    /// Reads the request and never answers.
+    Never,
+    /// Sends the headers and the start of the body, then nothing more.
+    Stalls,
+}
+
+/// The body [`Answer::Body`] sends.
+fn answer_body(extra: usize) -> String {
+    format!("hello from the test server{}", "x".repeat(extra))
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1, counting the connections it
+/// accepts. It lives as long as the test's runtime.
+struct HttpServer {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HttpServer {
+    async fn start(answer: Answer) -> HttpServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the test HTTP server");
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = match answer {
+                        Answer::Body(extra) => {
+                            let body = answer_body(extra);
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        }
+                        Answer::Unsized(n) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{}",
+                            "x".repeat(n)
+                        ),
+                        Answer::Never => {
+                            std::future::pending::<()>().await;
+                            return;
+                        }
+                        Answer::Stalls => {
+                            let start = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nthe start";
+                            let _ = stream.write_all(start.as_bytes()).await;
+                            std::future::pending::<()>().await;
+                            return;
+                        }
+                    };
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        HttpServer { port, accepted }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Settings granting HTTP to `hosts`, with these limits.
+fn granted_http(hosts: &[&str], max_response_bytes: u64, timeout: Duration) -> PluginSettings {
+    let mut settings = PluginSettings::default();
+    settings.capabilities.http =
+        HttpGrant::new(hosts, max_response_bytes, timeout).expect("valid grant");
+    settings
+}
+
+/// The relay's `fetch` of `url`, in process: the body, or the guest's
+/// error message.
+async fn fetch(p: &callme::Plugin, url: &str) -> Result<String, String> {
+    match p.call("fetch", &pos(json!([url]))).await {
+        Ok(Value::String(body)) => Ok(body),
+        Err(callme::PluginError::GuestError { message, .. }) => Err(message),
+        other => panic!("expected a body or a GuestError, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn http_from_an_allowed_host_reaches_the_caller() {
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let relay = unique("cap-http");
+    let p = load(
+        "relay",
+        &relay,
+        granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(10)),
+    );
+    assert_eq!(p.capabilities(), ["config", "http", "rpc"]);
+    assert_eq!(
+        fetch(&p, &web.url("/hello?x=1")).await.unwrap(),
+        answer_body(0)
+    );
+    assert_eq!(web.accepted(), 1);
+
+    // Through a server and a proxy, as a caller sees it.
+    let srv = server(ServerOptions::default()).await;
+    let px = proxy(Duration::from_secs(30)).await;
+    srv.serve_plugin(p).await.unwrap();
+    let body: String = px
+        .use_server(&relay)
+        .invoke("fetch", (web.url("/"),))
+        .await
+        .unwrap();
+    assert_eq!(body, answer_body(0));
+    assert_eq!(web.accepted(), 2);
+    let described = px.use_server(&relay).describe().await.unwrap();
+    assert_eq!(described["capabilities"], json!(["config", "http", "rpc"]));
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn http_to_a_host_not_allowed_is_refused_before_any_connection() {
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let other_port = format!("127.0.0.1:{}", web.port.wrapping_add(1).max(1));
+    let by_name = format!("localhost:{}", web.port);
+    let p = load(
+        "relay",
+        "relay",
+        granted_http(&[&other_port, &by_name], 1 << 20, Duration::from_secs(10)),
+    );
+    // Another port of the same address, and the address of an allowed
+    // name: the authority as written is what is checked.
+    for url in [web.url("/"), format!("https://127.0.0.1:{}/", web.port)] {
+        let message = fetch(&p, &url).await.unwrap_err();
+        assert!(message.contains("HttpRequestDenied"), "{message}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(web.accepted(), 0, "a connection was made");
+}
+
+#[tokio::test]
+async fn a_plugin_without_the_http_grant_cannot_reach_the_server() {
+    let web = HttpServer::start(Answer::Body(0)).await;
+    // Other capabilities granted, HTTP not.
+    let p = load("relay", "relay", granted(&[("greeting", "hi")], &["*"]));
+    let message = fetch(&p, &web.url("/")).await.unwrap_err();
+    assert!(message.contains("HttpRequestDenied"), "{message}");
+    let p = load("relay", "relay", PluginSettings::default());
+    let message = fetch(&p, &web.url("/")).await.unwrap_err();
+    assert!(message.contains("HttpRequestDenied"), "{message}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(web.accepted(), 0, "a connection was made");
+}
+
+#[tokio::test]
+async fn a_response_over_the_size_cap_is_an_error_not_a_short_body() {
+    // Announced with a length: refused before the body is read.
+    let cap = 1000u64;
+    let web = HttpServer::start(Answer::Body(2000)).await;
+    let p = load(
+        "relay",
+        "relay",
+        granted_http(&[&web.authority()], cap, Duration::from_secs(10)),
+    );
+    let message = fetch(&p, &web.url("/big")).await.unwrap_err();
+    let length = answer_body(2000).len();
+    assert!(
+        message.contains(&format!("HttpResponseBodySize(Some({length}))")),
+        "{message}"
+    );
+
+    // Without a length: the body's stream fails once it passes the cap.
+    let web = HttpServer::start(Answer::Unsized(100_000)).await;
+    let p = load(
+        "relay",
+        "relay",
+        granted_http(&[&web.authority()], cap, Duration::from_secs(10)),
+    );
+    let message = fetch(&p, &web.url("/big")).await.unwrap_err();
+    assert!(
+        message.contains("HTTP response body size exceeds limit"),
+        "{message}"
+    );
+
+    // At the cap exactly, the body is whole.
+    let web = HttpServer::start(Answer::Unsized(1000)).await;
+    let p = load(
+        "relay",
+        "relay",
+        granted_http(&[&web.authority()], cap, Duration::from_secs(10)),
+    );
+    assert_eq!(fetch(&p, &web.url("/")).await.unwrap(), "x".repeat(1000));
+}
+
+#[tokio::test]
+async fn the_http_time_limit_cuts_a_server_that_never_answers() {
+    let web = HttpServer::start(Answer::Never).await;
+    let p = load(
+        "relay",
+        "relay",
+        granted_http(&[&web.authority()], 1 << 20, Duration::from_millis(300)),
+    );
+    let started = Instant::now();
+    let message = fetch(&p, &web.url("/")).await.unwrap_err();
+    assert!(message.contains("HttpResponseTimeout"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(web.accepted(), 1);
+
+    // A body that stops coming: its stream fails, the start is not
+    // passed off as the body.
+    let stalls = HttpServer::start(Answer::Stalls).await;
+    let p = load(
+        "relay",
+        "relay",
+        granted_http(&[&stalls.authority()], 1 << 20, Duration::from_millis(300)),
+    );
+    let started = Instant::now();
+    let message = fetch(&p, &stalls.url("/")).await.unwrap_err();
+    assert!(message.contains("HTTP response timeout"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The call's own deadline still ends a call waiting on a longer limit.
+    let mut settings = granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(60));
+    settings.limits.deadline = Duration::from_millis(500);
+    let p = load("relay", "relay", settings);
+    let started = Instant::now();
+    let outcome = p.call("fetch", &pos(json!([web.url("/")]))).await;
+    assert!(
+        matches!(
+            outcome,
+            Err(callme::PluginError::Timeout {
+                cause: callme::TimeoutCause::Deadline,
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn http_grants_apply_on_hot_deploy_and_inspect_names_http() {
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let dir = tempdir();
+    let relay = unique("cap-http-hot");
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let inspected = run_ok(
+        Command::new(callme_bin())
+            .arg("inspect")
+            .arg(dir.join(format!("{relay}.wasm"))),
+    );
+    assert!(
+        inspected.contains("capabilities: config, http, rpc"),
+        "{inspected}"
+    );
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    let sp = p.use_server(&relay);
+    let message = guest_error(sp.call("fetch", pos(json!([web.url("/")]))).await);
+    assert!(message.contains("HttpRequestDenied"), "{message}");
+    assert_eq!(web.accepted(), 0);
+
+    let sidecar = dir.join(format!(".{relay}.toml.incoming"));
+    std::fs::write(
+        &sidecar,
+        format!(
+            "allowed_hosts = [\"{}\"]\nhttp_max_response_bytes = 4096\nhttp_timeout_ms = 5000\n",
+            web.authority()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&sidecar, dir.join(format!("{relay}.toml"))).unwrap();
+    let url = web.url("/");
+    let fetched = eventually(Duration::from_secs(30), || {
+        let sp = sp.clone();
+        let url = url.clone();
+        async move { sp.call("fetch", pos(json!([url]))).await.ok() }
+    })
+    .await;
+    assert_eq!(
+        fetched,
+        Some(json!(answer_body(0))),
+        "the grant was not applied: {}",
+        host.log_text()
+    );
+
+    // A bad entry changes nothing: the grant stays.
+    std::fs::write(&sidecar, "allowed_hosts = [\"no-port.example.com\"]\n").unwrap();
+    std::fs::rename(&sidecar, dir.join(format!("{relay}.toml"))).unwrap();
+    let refused = eventually(Duration::from_secs(30), || {
+        let log = host.log_text();
+        async move { log.contains("no-port.example.com").then_some(()) }
+    })
+    .await;
+    assert!(refused.is_some(), "no refusal logged: {}", host.log_text());
+    assert_eq!(
+        sp.call("fetch", pos(json!([web.url("/")]))).await.unwrap(),
+        json!(answer_body(0))
+    );
+}
