@@ -5,8 +5,8 @@
 
 mod brokers;
 mod capabilities;
-mod cluster;
 mod cli;
+mod cluster;
 mod dependencies;
 mod deploy;
 mod languages;

@@ -61,7 +61,7 @@ pub struct Description {
     pub prewarm: Option<usize>,
     /// Every function, sorted by name.
     pub functions: Vec<DescribedFunction>,
-    /// The capabilities a plugin imports (`config`, `rpc`), sorted;
+    /// The capabilities a plugin imports (`config`, `http`, `rpc`), sorted;
     /// absent when it imports none. Whether its sidecar grants them is
     /// not said.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -82,13 +82,16 @@ impl Job {
             // Before anything else about it: a request that keeps killing
             // its hosts is not decoded, let alone run, again.
             // Refused, not run: counted apart from the calls.
-            _ if delivered_before >= u64::from(limit) => Err(refused(&self.id, RemoteError::new(
-                ErrorKind::Internal,
-                format!(
-                    "the request was delivered {delivered_before} times without being answered \
+            _ if delivered_before >= u64::from(limit) => Err(refused(
+                &self.id,
+                RemoteError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "the request was delivered {delivered_before} times without being answered \
                      (a host may have died running it each time): it is not run again"
+                    ),
                 ),
-            ))),
+            )),
             Some(ct) if ct != CONTENT_TYPE => {
                 observe::bad_request(&self.id, BadRequest::Answered);
                 Err(RemoteError::new(

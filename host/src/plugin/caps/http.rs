@@ -55,6 +55,10 @@ pub const DEFAULT_HTTP_MAX_RESPONSE_BYTES: u64 = 1 << 20;
 /// gives the guest an error it can handle rather than ending the call.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection outlives its request's time limit: long enough
+/// for the body to fail with the timeout first.
+const CONNECTION_GRACE: Duration = Duration::from_secs(1);
+
 /// Largest `http_max_response_bytes`: a guest's linear memory is at most
 /// 4 GiB, so it could never hold more.
 pub(crate) const MAX_HTTP_RESPONSE_BYTES: u64 = 4 << 30;
@@ -182,9 +186,10 @@ pub(crate) struct HttpState {
 }
 
 impl HttpState {
-    /// Arms the hooks with what the sidecar grants.
+    /// Arms the hooks with what the sidecar grants. A plugin granted
+    /// nothing costs its calls nothing here.
     pub(super) fn begin(&mut self, grant: &HttpGrant) {
-        self.hooks.grant = grant.clone();
+        self.hooks.grant = grant.is_granted().then(|| grant.clone());
     }
 }
 
@@ -192,7 +197,8 @@ impl HttpState {
 /// limits what is sent.
 #[derive(Default)]
 struct HttpHooks {
-    grant: HttpGrant,
+    /// None: nothing granted, every request refused.
+    grant: Option<HttpGrant>,
     /// For the log.
     plugin: Option<Arc<str>>,
 }
@@ -221,18 +227,14 @@ impl WasiHttpHooks for HttpHooks {
     ) -> Box<dyn Future<Output = Sent> + Send> {
         let uri = request.uri();
         let authority = uri.authority().map_or("", Authority::as_str).to_string();
-        if !self.grant.allows_uri(uri) {
+        let Some(grant) = self.grant.as_ref().filter(|g| g.allows_uri(uri)) else {
             tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request denied");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
-        }
+        };
+        let (cap, timeout) = (grant.max_response_bytes, grant.timeout);
         tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request");
-        let sent = io_runtime().map(|io| {
-            let cap = self.grant.max_response_bytes;
-            run_on(
-                io,
-                send(io.clone(), request, options, cap, self.grant.timeout),
-            )
-        });
+        let sent =
+            io_runtime().map(|io| run_on(io, send(io.clone(), request, options, cap, timeout)));
         Box::new(async move { sent?.await? })
     }
 
@@ -337,9 +339,10 @@ async fn send(
         .boxed_unsync()
     });
     // The connection ends with the time limit too, whether or not the
-    // guest reads the body.
+    // guest reads the body; a moment after it, so that a body still
+    // coming fails with the timeout, not with a connection closed.
     let connection = run_on(&io, async move {
-        tokio::time::timeout_at(deadline, connection)
+        tokio::time::timeout_at(deadline + CONNECTION_GRACE, connection)
             .await
             .unwrap_or(Ok(()))
     });
