@@ -75,6 +75,13 @@ impl ConnectOptions {
             .join(",")
     }
 
+    /// Broker `i` of the list (counted from 0, wrapping), passwords
+    /// masked: the node a connection was made to or lost.
+    pub(crate) fn redacted_node(&self, i: usize) -> String {
+        let entries = self.entries();
+        redact_uri(entries[i % entries.len()])
+    }
+
     /// The broker URIs: `uri` may list several nodes of one cluster,
     /// separated by commas.
     fn entries(&self) -> Vec<&str> {
@@ -362,6 +369,14 @@ mod tests {
         assert_eq!(redact_uri("amqp://u:p@ss@h"), "amqp://u:***@h");
         let opts = ConnectOptions::new("amqp://bob:hunter2@h:1/v");
         assert!(!format!("{opts:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_node_of_a_list_is_named_without_its_password() {
+        let opts = ConnectOptions::new("amqp://u:pw1@a:1/%2f, amqp://v:pw2@b:2/%2f");
+        assert_eq!(opts.redacted_node(0), "amqp://u:***@a:1/%2f");
+        assert_eq!(opts.redacted_node(1), "amqp://v:***@b:2/%2f");
+        assert_eq!(opts.redacted_node(2), "amqp://u:***@a:1/%2f");
     }
 
     #[test]

@@ -174,7 +174,8 @@ async fn supervise(
             state.send_replace(State::Closed);
             return;
         }
-        warn!(target: "callme::link", connection = name, %broker, reason = %why, "lost the broker: reconnecting");
+        let lost_node = options.redacted_node(node);
+        warn!(target: "callme::link", connection = name, %broker, node = %lost_node, reason = %why, "lost the broker: reconnecting");
         let down_since = Instant::now();
         let mut reported = false;
         let mut attempt = 0;
@@ -211,7 +212,8 @@ async fn supervise(
                 }
             }
         };
-        info!(target: "callme::link", connection = name, %broker, down_for = ?down_since.elapsed(), attempts = attempt + 1, "reconnected");
+        let reached = options.redacted_node(node);
+        info!(target: "callme::link", connection = name, %broker, node = %reached, down_for = ?down_since.elapsed(), attempts = attempt + 1, "reconnected");
         state.send_replace(State::Up(conn.clone()));
         #[cfg(feature = "server")]
         observed.reconnected();
