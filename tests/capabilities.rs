@@ -753,3 +753,39 @@ async fn http_grants_apply_on_hot_deploy_and_inspect_names_http() {
         json!(answer_body(0))
     );
 }
+
+/// The Python and JavaScript relays (`plugins/relay-py`, `plugins/relay-js`)
+/// use `config` and `rpc` through their languages' bindings of the same
+/// contract, and are refused the same way.
+#[tokio::test]
+async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(60)).await;
+    let calc = serve_calc(&srv, &p, "cap-calc-lang").await;
+    let missing = unique("cap-nobody");
+    for plugin in ["relay-py", "relay-js"] {
+        let relay = unique(plugin);
+        let settings = granted(&[("greeting", "hello")], &[&calc, &missing]);
+        srv.serve_plugin(load(plugin, &relay, settings))
+            .await
+            .unwrap();
+        let relay = p.use_server(&relay);
+        let sum: i64 = relay.invoke("add-via", (&calc, 20, 22)).await.unwrap();
+        assert_eq!(sum, 42, "{plugin}");
+        let greeting: Option<String> = relay.invoke("setting", ("greeting",)).await.unwrap();
+        assert_eq!(greeting.as_deref(), Some("hello"), "{plugin}");
+        let none: Option<String> = relay.invoke("setting", ("missing",)).await.unwrap();
+        assert_eq!(none, None, "{plugin}");
+        let refused = guest_error(relay.call("add-via", pos(json!(["calc", 1, 2]))).await);
+        assert!(refused.starts_with("NotGranted: "), "{plugin}: {refused}");
+        let nobody = guest_error(relay.call("add-via", pos(json!([&missing, 1, 2]))).await);
+        assert!(nobody.starts_with("NoSuchServer: "), "{plugin}: {nobody}");
+        let described = relay.describe().await.unwrap();
+        assert_eq!(
+            described["capabilities"],
+            json!(["config", "rpc"]),
+            "{plugin}"
+        );
+    }
+    srv.shutdown(Duration::from_secs(5)).await;
+}

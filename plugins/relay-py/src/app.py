@@ -1,0 +1,30 @@
+"""The `relay` example plugin in Python: the capabilities of
+callme:plugin@0.2.0 in use, as in the Rust `plugins/relay`. Built by
+scripts/build-plugins with componentize-py into
+target/plugins/relay-py.wasm.
+
+`rpc.call` takes and returns JSON text; a failure raises
+`componentize_py_types.Err` carrying the `remote-error` record (its
+`type`, `message` and `data`). `config.get` returns the value or `None`.
+"""
+
+import json
+from typing import Optional
+
+import wit_world
+from componentize_py_types import Err
+from wit_world.imports import config, rpc
+
+
+class WitWorld(wit_world.WitWorld):
+    def add_via(self, server: str, a: int, b: int) -> int:
+        """`add(a, b)` of `server`, through the host; a failure raises
+        `Err("Type: message")`, the `err` of `result<s64, string>`."""
+        try:
+            result = rpc.call(server, "add", json.dumps([a, b]))
+        except Err as e:
+            raise Err(f"{e.value.type}: {e.value.message}")
+        return int(json.loads(result))
+
+    def setting(self, key: str) -> Optional[str]:
+        return config.get(key)
