@@ -789,3 +789,33 @@ async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
     }
     srv.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Two Python relays whose `add` passes the call on to each other: a
+/// cycle, which the call-depth limit ends with a clear error at the
+/// limit's hop rather than exhausting the hosts.
+#[tokio::test]
+async fn a_cycle_between_two_servers_ends_at_the_depth_limit() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(60)).await;
+    let (a, b) = (unique("cycle-a"), unique("cycle-b"));
+    for (me, next) in [(&a, &b), (&b, &a)] {
+        let settings = granted(&[("next", next.as_str())], &[next.as_str()]);
+        srv.serve_plugin(load("relay-py", me, settings))
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let message = guest_error(p.use_server(&a).call("add", pos(json!([1, 2]))).await);
+    println!("cycle ended after {:?}: {message}", started.elapsed());
+    assert!(message.contains("CallDepthExceeded"), "{message}");
+    // The client's call is depth 0, and every server passes its callee's
+    // failure on as its own: one `GuestError: ` per call between servers,
+    // as many as the limit allows.
+    let sub_calls = message.matches("GuestError: ").count();
+    assert_eq!(
+        sub_calls,
+        callme::plugin::DEFAULT_MAX_CALL_DEPTH as usize,
+        "{message}"
+    );
+    srv.shutdown(Duration::from_secs(5)).await;
+}

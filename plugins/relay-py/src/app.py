@@ -28,3 +28,12 @@ class WitWorld(wit_world.WitWorld):
 
     def setting(self, key: str) -> Optional[str]:
         return config.get(key)
+
+    def add(self, a: int, b: int) -> int:
+        """`add(a, b)` of the server the setting `next` names: a relay
+        whose `next` leads back to it makes a cycle, which the host ends at
+        its call-depth limit (`CallDepthExceeded`)."""
+        server = config.get("next")
+        if server is None:
+            raise Err("no `next` server in the settings")
+        return self.add_via(server, a, b)
