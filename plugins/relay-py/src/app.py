@@ -6,11 +6,13 @@ target/plugins/relay-py.wasm.
 `rpc.call` takes and returns JSON text; a failure raises
 `componentize_py_types.Err` carrying the `remote-error` record (its
 `type`, `message` and `data`). `config.get` returns the value or `None`.
+`fetch` makes an HTTP GET through `wasi:http` (`fetch.py`).
 """
 
 import json
 from typing import Optional
 
+import fetch as http_get
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports import config, rpc
@@ -37,3 +39,11 @@ class WitWorld(wit_world.WitWorld):
         if server is None:
             raise Err("no `next` server in the settings")
         return self.add_via(server, a, b)
+
+    def fetch(self, url: str) -> str:
+        """The body of an HTTP GET of `url` (see `fetch.py`); a failure
+        raises `Err("cannot fetch URL: ...")`."""
+        try:
+            return http_get.get(url)
+        except Err as e:
+            raise Err(f"cannot fetch {url}: {e.value}")
