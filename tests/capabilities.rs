@@ -781,12 +781,11 @@ async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
         let nobody = guest_error(relay.call("add-via", pos(json!([&missing, 1, 2]))).await);
         assert!(nobody.starts_with("NoSuchServer: "), "{plugin}: {nobody}");
         let described = relay.describe().await.unwrap();
-        let expected = if plugin == "relay-py" {
-            json!(["config", "http", "rpc"])
-        } else {
-            json!(["config", "rpc"])
-        };
-        assert_eq!(described["capabilities"], expected, "{plugin}");
+        assert_eq!(
+            described["capabilities"],
+            json!(["config", "http", "rpc"]),
+            "{plugin}"
+        );
     }
     srv.shutdown(Duration::from_secs(5)).await;
 }
@@ -821,32 +820,43 @@ async fn a_cycle_between_two_servers_ends_at_the_depth_limit() {
     srv.shutdown(Duration::from_secs(5)).await;
 }
 
-/// The Python relay's `fetch`: an HTTP GET through `wasi:http` with the
-/// bindings componentize-py generates, held to the same grant and limits.
+/// The Python and JavaScript relays' `fetch`: an HTTP GET through
+/// `wasi:http` with the bindings their toolchains generate, held to the
+/// same grant and limits.
 #[tokio::test]
-async fn python_plugins_fetch_from_allowed_hosts_only() {
-    let web = HttpServer::start(Answer::Body(0)).await;
-    let big = HttpServer::start(Answer::Body(4096)).await;
-    let hosts = [web.authority(), big.authority()];
-    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let p = load(
-        "relay-py",
-        "relay-py",
-        granted_http(&hosts, 1024, Duration::from_secs(10)),
-    );
-    assert_eq!(p.capabilities(), ["config", "http", "rpc"]);
-    assert_eq!(fetch(&p, &web.url("/hello")).await.unwrap(), answer_body(0));
-    assert_eq!(web.accepted(), 1);
-    let over = fetch(&p, &big.url("/")).await.unwrap_err();
-    assert!(over.contains("HttpResponseBodySize"), "{over}");
+async fn python_and_javascript_plugins_fetch_from_allowed_hosts_only() {
+    for plugin in ["relay-py", "relay-js"] {
+        let web = HttpServer::start(Answer::Body(0)).await;
+        let big = HttpServer::start(Answer::Body(4096)).await;
+        let hosts = [web.authority(), big.authority()];
+        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let p = load(
+            plugin,
+            plugin,
+            granted_http(&hosts, 1024, Duration::from_secs(10)),
+        );
+        assert_eq!(p.capabilities(), ["config", "http", "rpc"], "{plugin}");
+        assert_eq!(
+            fetch(&p, &web.url("/hello")).await,
+            Ok(answer_body(0)),
+            "{plugin}"
+        );
+        assert_eq!(web.accepted(), 1, "{plugin}");
+        let over = fetch(&p, &big.url("/")).await.unwrap_err();
+        assert!(over.contains("HttpResponseBodySize"), "{plugin}: {over}");
 
-    let refused = HttpServer::start(Answer::Body(0)).await;
-    let message = fetch(&p, &refused.url("/")).await.unwrap_err();
-    assert!(message.contains("HttpRequestDenied"), "{message}");
-    let ungranted = load("relay-py", "relay-py", PluginSettings::default());
-    let message = fetch(&ungranted, &web.url("/")).await.unwrap_err();
-    assert!(message.contains("HttpRequestDenied"), "{message}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(refused.accepted(), 0, "a connection was made");
-    assert_eq!(web.accepted(), 1, "a connection was made without a grant");
+        let refused = HttpServer::start(Answer::Body(0)).await;
+        let message = fetch(&p, &refused.url("/")).await.unwrap_err();
+        assert!(message.contains("HttpRequestDenied"), "{plugin}: {message}");
+        let ungranted = load(plugin, plugin, PluginSettings::default());
+        let message = fetch(&ungranted, &web.url("/")).await.unwrap_err();
+        assert!(message.contains("HttpRequestDenied"), "{plugin}: {message}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(refused.accepted(), 0, "{plugin}: a connection was made");
+        assert_eq!(
+            web.accepted(),
+            1,
+            "{plugin}: a connection was made without a grant"
+        );
+    }
 }
