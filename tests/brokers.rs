@@ -7,7 +7,7 @@ use std::time::Duration;
 use callme::protocol::{Args, server_queue};
 use callme::{Error, ErrorKind, NativeFunctions, QueueType, ServerOptions};
 use callme_tests::{
-    Forwarder, amqp_url, broker_ctl, eventually, native_add, pos, proxy, server, unique,
+    Forwarder, amqp_url, broker_ctl, eventually, free_port, native_add, pos, proxy, server, unique,
 };
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -247,18 +247,9 @@ async fn hosts_that_disagree_on_the_queue_are_told_how() {
     assert_eq!(sum, 4);
 }
 
-/// A port nothing listens on.
-fn dead_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn a_list_of_brokers_is_tried_in_turn_and_failed_over() {
-    let dead = format!("amqp://guest:guest@127.0.0.1:{}/%2f", dead_port());
+    let dead = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
     let first = Forwarder::start().await;
     let second = Forwarder::start().await;
     let list = format!("{dead},{},{}", first.url(), second.url());

@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use callme::{ConnectOptions, Error, Proxy};
-use callme_tests::{Host, deploy, plugin_path, repo, run_ok, tempdir, unique};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use callme_tests::{Host, deploy, free_port, http_get, plugin_path, repo, run_ok, tempdir, unique};
 
 /// The cluster tests take nodes down: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -74,24 +73,10 @@ fn leader(queue: &str, ask: usize) -> Option<usize> {
     (1..=3).find(|n| node.starts_with(&format!("callme-c{n}@")))
 }
 
-/// A free local port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// How many times a host ran `add`, from its `/metrics`.
 async fn runs_of_add(port: u16) -> u64 {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics endpoint");
-    let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
+    let (status, text) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
     text.lines()
         .filter(|l| l.starts_with("callme_calls_total{") && l.contains("function=\"add\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use callme::protocol::{CONTENT_TYPE, Request, TIMESTAMP_IN_MS, server_exchange};
 use callme::{Args, Error, ErrorKind};
 use callme_tests::{
-    Forwarder, Host, RawClient, amqp_url, deploy, eventually, plugin_bytes, plugin_path, proxy,
-    repo, tempdir, unique, url_via,
+    Forwarder, Host, RawClient, amqp_url, deploy, eventually, free_port, http_get, plugin_bytes,
+    plugin_path, proxy, repo, tempdir, unique, url_via,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -22,38 +22,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A port free now, for a host to listen on.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on `port`: the status and the body.
-async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach the metrics endpoint on {port}: {e}"));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head}"));
-    (status, body.to_string())
-}
-
 /// Scrapes `/metrics`.
 async fn scrape(port: u16) -> String {
-    let (status, body) = get(port, "/metrics").await;
+    let (status, body) = http_get(port, "/metrics").await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -123,7 +94,7 @@ async fn host_with(
     let mut host = Host::serve(&dir, &args);
     host.wait_ready(Duration::from_secs(60));
     let ready = eventually(Duration::from_secs(10), || async {
-        (get(port, "/readyz").await.0 == 200).then_some(())
+        (http_get(port, "/readyz").await.0 == 200).then_some(())
     })
     .await;
     assert!(ready.is_some(), "not ready: {}", host.log_text());
@@ -133,7 +104,7 @@ async fn host_with(
 #[tokio::test]
 async fn metrics_count_every_call_and_unknown_names_add_no_series() {
     let (host, id, port) = host_with_calc("observed", &[]).await;
-    let (status, body) = get(port, "/healthz").await;
+    let (status, body) = http_get(port, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
 
     let calls = |f: &'static str, outcome: &'static str| {
@@ -286,7 +257,10 @@ async fn readiness_follows_the_broker_connection() {
     let forwarder = Forwarder::on(broker_port).await;
     let url = url_via(broker_port);
     let (host, id, port) = host_with_calc("readyz", &["--amqp-url", &url]).await;
-    assert_eq!(get(port, "/readyz").await, (200, "ready\n".to_string()));
+    assert_eq!(
+        http_get(port, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
 
     forwarder.cut();
     // The consumer may be seen ending before the connection: wait for
@@ -297,18 +271,22 @@ async fn readiness_follows_the_broker_connection() {
             "callme_broker_connected",
             &[("connection", "server")],
         );
-        let (status, reason) = get(port, "/readyz").await;
+        let (status, reason) = http_get(port, "/readyz").await;
         (status == 503 && connected == 0.0).then_some(reason)
     })
     .await;
     let reason =
         down.unwrap_or_else(|| panic!("still ready without a broker: {}", host.log_text()));
     assert!(reason.contains("broker"), "{reason}");
-    assert_eq!(get(port, "/healthz").await.0, 200, "alive all the same");
+    assert_eq!(
+        http_get(port, "/healthz").await.0,
+        200,
+        "alive all the same"
+    );
 
     let forwarder = Forwarder::on(broker_port).await;
     let up = eventually(Duration::from_secs(30), || async {
-        (get(port, "/readyz").await.0 == 200).then_some(())
+        (http_get(port, "/readyz").await.0 == 200).then_some(())
     })
     .await;
     assert!(up.is_some(), "not ready again: {}", host.log_text());

@@ -64,37 +64,7 @@ impl Client {
         let uid = uuid::Uuid::new_v4().simple().to_string();
         let reply_exchange = format!("client_bench_ex_{uid}");
         let reply_queue = format!("client_bench_queue_{uid}");
-        channel
-            .exchange_declare(
-                reply_exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                reply_queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                reply_queue.as_str().into(),
-                reply_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_bound(&channel, &reply_exchange, &reply_queue).await?;
         let mut replies = channel
             .basic_consume(
                 reply_queue.as_str().into(),
@@ -163,40 +133,50 @@ impl Client {
     }
 }
 
+/// Declares a direct exchange (auto-delete) and an exclusive queue bound
+/// to it with `""`, as callme's server and reply topology look on the wire.
+async fn declare_bound(channel: &Channel, exchange: &str, queue: &str) -> anyhow::Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
 /// A raw lapin server of `add` under `server`'s exchange and queue.
 async fn raw_echo(server: &str, confirms: bool) -> anyhow::Result<Connection> {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let exchange = format!("server_{server}_ex");
     let queue = format!("server_{server}_queue");
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    declare_bound(&ch, &exchange, &queue).await?;
     ch.basic_qos(IN_FLIGHT as u16, BasicQosOptions::default())
         .await?;
     let mut consumer = ch
