@@ -8,13 +8,12 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::label::escaped;
+use super::label::{CallLabels, FunctionLabels, escaped};
 use crate::Error;
 
 /// Upper bounds of the call-duration buckets, in seconds: a call through
@@ -23,19 +22,6 @@ use crate::Error;
 const CALL_SECONDS_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
 ];
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CallLabels {
-    server_id: String,
-    function: String,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FunctionLabels {
-    server_id: String,
-    function: String,
-}
 
 fn call_histogram() -> Histogram {
     Histogram::new(CALL_SECONDS_BUCKETS)

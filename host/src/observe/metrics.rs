@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::health::{HEALTH, LinkState};
-use super::label::escaped;
+use super::label::{CallLabels, FunctionLabels, escaped};
 use crate::protocol::TIMESTAMP_IN_MS;
 use crate::{ErrorKind, PluginError, TimeoutCause};
 
@@ -53,19 +53,6 @@ pub(super) fn set_recording(on: bool) {
 
 fn recording() -> bool {
     RECORDING.load(Ordering::Relaxed)
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CallLabels {
-    server_id: String,
-    function: String,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FunctionLabels {
-    server_id: String,
-    function: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
