@@ -65,6 +65,8 @@ impl Link {
         name: &'static str,
     ) -> Result<Link, Error> {
         let (conn, broker) = options.connect_from(name, 0).await?;
+        let node = options.redacted_node(broker);
+        debug!(target: "callme::link", connection = name, %node, "connected");
         let conn = Arc::new(conn);
         let (state_tx, state) = watch::channel(State::Up(conn.clone()));
         let (stop, stop_rx) = watch::channel(false);
