@@ -62,6 +62,32 @@ fn counting_add(delay: Duration) -> (NativeFunctions, Arc<AtomicUsize>) {
     (f, calls)
 }
 
+/// A native `add` served under a fresh id, counting its calls, and a raw
+/// client hearing every request published to it: the id, the count and
+/// the listener.
+async fn watched_target(srv: &callme::Server) -> (String, Arc<AtomicUsize>, RawClient) {
+    let target = unique("cap-target");
+    let (add, calls) = counting_add(Duration::ZERO);
+    srv.serve_native(&target, add).await.unwrap();
+    let overheard = RawClient::overhear(&server_exchange(&target)).await;
+    (target, calls, overheard)
+}
+
+/// The call-depth header of the next request `overheard` hears.
+async fn depth_sent(overheard: &mut RawClient) -> Option<lapin::types::AMQPValue> {
+    let sent = overheard.next_reply(None).await;
+    sent.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(CALL_DEPTH).cloned())
+}
+
+/// Asserts that `overheard` hears no request within half a second.
+async fn nothing_published(overheard: &mut RawClient) {
+    let published = tokio::time::timeout(Duration::from_millis(500), overheard.next_reply(None));
+    assert!(published.await.is_err(), "a request was published");
+}
+
 #[tokio::test]
 async fn config_values_reach_the_guest_and_missing_keys_are_none() {
     let p = load(
@@ -132,10 +158,7 @@ async fn add_via_calls_a_served_calc_and_describe_names_the_capabilities() {
 async fn a_server_not_granted_is_refused_in_the_guest_and_nothing_is_published() {
     let srv = server(ServerOptions::default()).await;
     let p = proxy(Duration::from_secs(30)).await;
-    let target = unique("cap-target");
-    let (add, calls) = counting_add(Duration::ZERO);
-    srv.serve_native(&target, add).await.unwrap();
-    let mut overheard = RawClient::overhear(&server_exchange(&target)).await;
+    let (target, calls, mut overheard) = watched_target(&srv).await;
     let relay = unique("cap-relay");
     srv.serve_plugin(load("relay", &relay, granted(&[], &["someone-else"])))
         .await
@@ -150,8 +173,7 @@ async fn a_server_not_granted_is_refused_in_the_guest_and_nothing_is_published()
         message.starts_with("NotGranted: ") && message.contains(&target),
         "{message}"
     );
-    let published = tokio::time::timeout(Duration::from_millis(500), overheard.next_reply(None));
-    assert!(published.await.is_err(), "a request was published");
+    nothing_published(&mut overheard).await;
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     srv.shutdown(Duration::from_secs(5)).await;
 }
@@ -184,10 +206,7 @@ async fn a_server_that_does_not_exist_gives_the_guest_no_such_server() {
 async fn calls_carry_their_depth_and_stop_at_the_limit() {
     let srv = server(ServerOptions::default()).await;
     let p = proxy(Duration::from_secs(30)).await;
-    let target = unique("cap-target");
-    let (add, calls) = counting_add(Duration::ZERO);
-    srv.serve_native(&target, add).await.unwrap();
-    let mut overheard = RawClient::overhear(&server_exchange(&target)).await;
+    let (target, calls, mut overheard) = watched_target(&srv).await;
     let relay = unique("cap-relay");
     let mut settings = granted(&[], &[&target]);
     settings.capabilities.rpc = RpcGrant::new([target.as_str()], 3).unwrap();
@@ -210,22 +229,12 @@ async fn calls_carry_their_depth_and_stop_at_the_limit() {
         .await
         .unwrap();
     assert_eq!(sum, json!(5));
-    let sent = overheard.next_reply(None).await;
-    let depth = sent
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(CALL_DEPTH).cloned());
+    let depth = depth_sent(&mut overheard).await;
     assert_eq!(depth, Some(lapin::types::AMQPValue::LongUInt(1)));
 
     // Called two hops deep, its call is the third: the last one allowed.
     assert_eq!(relay_at(2).await.unwrap(), json!(5));
-    let sent = overheard.next_reply(None).await;
-    let depth = sent
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(CALL_DEPTH).cloned());
+    let depth = depth_sent(&mut overheard).await;
     assert_eq!(depth, Some(lapin::types::AMQPValue::LongUInt(3)));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
@@ -235,8 +244,7 @@ async fn calls_carry_their_depth_and_stop_at_the_limit() {
         message.starts_with("CallDepthExceeded: call depth limit of 3 reached"),
         "{message}"
     );
-    let published = tokio::time::timeout(Duration::from_millis(500), overheard.next_reply(None));
-    assert!(published.await.is_err(), "a request was published");
+    nothing_published(&mut overheard).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     srv.shutdown(Duration::from_secs(5)).await;
 }

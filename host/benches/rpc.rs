@@ -32,6 +32,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
+use support::echo::{Answer, answer_each};
 use support::rounds::{Call, IN_FLIGHT, Target, measure, print, ratios};
 use support::{plugin_bytes, url};
 use tokio::sync::{Mutex, oneshot};
@@ -54,47 +55,18 @@ async fn raw_echo(confirms: bool) -> anyhow::Result<Target> {
         FieldTable::default(),
     )
     .await?;
-    sch.basic_qos(IN_FLIGHT as u16, BasicQosOptions::default())
-        .await?;
-    let mut consumer = sch
-        .basic_consume(
-            queue.as_str().into(),
-            "echo".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let reply_ch = server.create_channel().await?;
-    if confirms {
-        reply_ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-    }
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let reply_ch = reply_ch.clone();
-            tokio::spawn(async move {
-                let to = d.properties.reply_to().clone().unwrap_or_default();
-                let props = BasicProperties::default()
-                    .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
-                let published = reply_ch
-                    .basic_publish(
-                        "".into(),
-                        to,
-                        BasicPublishOptions::default(),
-                        &d.data,
-                        props,
-                    )
-                    .await;
-                if let Ok(confirm) = published
-                    && confirms
-                {
-                    let _ = confirm.await;
-                }
-                let _ = d.ack(BasicAckOptions::default()).await;
-            });
-        }
-    });
+    answer_each(&server, &queue, IN_FLIGHT as u16, confirms, |d| Answer {
+        exchange: String::new(),
+        routing_key: d
+            .properties
+            .reply_to()
+            .as_ref()
+            .map_or_else(String::new, |to| to.to_string()),
+        body: d.data.clone(),
+        properties: BasicProperties::default()
+            .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default()),
+    })
+    .await?;
 
     let client = Connection::connect(&url(), ConnectionProperties::default()).await?;
     let cch = client.create_channel().await?;

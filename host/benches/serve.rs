@@ -38,6 +38,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
+use support::echo::{Answer, answer_each};
 use support::rounds::{Call, IN_FLIGHT, Target, measure, print, ratios};
 use support::{plugin_path, target, url};
 use tokio::sync::oneshot;
@@ -177,51 +178,23 @@ async fn raw_echo(server: &str, confirms: bool) -> anyhow::Result<Connection> {
     let exchange = format!("server_{server}_ex");
     let queue = format!("server_{server}_queue");
     declare_bound(&ch, &exchange, &queue).await?;
-    ch.basic_qos(IN_FLIGHT as u16, BasicQosOptions::default())
-        .await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "echo".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let reply_ch = conn.create_channel().await?;
-    if confirms {
-        reply_ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-    }
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let reply_ch = reply_ch.clone();
-            tokio::spawn(async move {
-                let request: Value = serde_json::from_slice(&d.data).unwrap_or_default();
-                let n = |i: usize| request["args"][i].as_i64().unwrap_or(0);
-                let body = serde_json::to_vec(&json!({"result": n(0) + n(1)})).unwrap_or_default();
-                let to = d.properties.reply_to().clone().unwrap_or_default();
-                let props = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
-                let published = reply_ch
-                    .basic_publish(
-                        to.as_str().into(),
-                        "".into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props,
-                    )
-                    .await;
-                if let Ok(confirm) = published
-                    && confirms
-                {
-                    let _ = confirm.await;
-                }
-                let _ = d.ack(BasicAckOptions::default()).await;
-            });
+    answer_each(&conn, &queue, IN_FLIGHT as u16, confirms, |d| {
+        let request: Value = serde_json::from_slice(&d.data).unwrap_or_default();
+        let n = |i: usize| request["args"][i].as_i64().unwrap_or(0);
+        Answer {
+            exchange: d
+                .properties
+                .reply_to()
+                .as_ref()
+                .map_or_else(String::new, |to| to.to_string()),
+            routing_key: String::new(),
+            body: serde_json::to_vec(&json!({"result": n(0) + n(1)})).unwrap_or_default(),
+            properties: BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default()),
         }
-    });
+    })
+    .await?;
     Ok(conn)
 }
 
