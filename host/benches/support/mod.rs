@@ -6,6 +6,7 @@
 
 pub mod echo;
 pub mod rounds;
+pub mod thread;
 
 use std::path::PathBuf;
 
