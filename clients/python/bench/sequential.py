@@ -9,7 +9,11 @@ turn, so a machine that slows down during the run slows them alike):
 - ``callme_client AsyncProxy``: the same calls awaited on one event loop;
 - ``callme 0.2.0``: the original library's proxy calling ``add`` of its
   own ``callme.Server`` (a process of its own, as the host is), run by
-  bench/seed_callme.py under another venv.
+  bench/seed_callme.py under another venv;
+- ``lean pika client`` (with ``--pika-python``): bench/lean_pika.py, the
+  least a blocking caller on a plain AMQP library does per call (no
+  timeouts, errors or threads), calling the same host: a reference for
+  what a blocking Python client could reach.
 
 With ``--rust``, ``cargo bench -p callme --bench rpc`` runs afterwards and
 its ``callme calc.add`` row (the Rust proxy calling the calc plugin
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=400, help="sequential calls per round")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--rust", action="store_true", help="also run cargo bench --bench rpc")
+    parser.add_argument("--pika-python", help="python of a venv holding pika: adds the lean pika row")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the blocking proxy's calls into FILE")
     opts = parser.parse_args()
 
@@ -121,16 +126,21 @@ def main() -> None:
         )
         procs.append(seed_client)
 
-        def seed_round(n: int) -> Round:
-            assert seed_client.stdin is not None and seed_client.stdout is not None
-            seed_client.stdin.write(f"{n}\n")
-            seed_client.stdin.flush()
-            line = seed_client.stdout.readline()
-            if not line:
-                sys.stderr.write((work / "seed-client.log").read_text(errors="replace")[-4000:])
-                raise SystemExit("bench: the callme 0.2.0 proxy failed (log above)")
-            done = json.loads(line)
-            return Round(done["samples"], done["cpu"])
+        def worker_round(worker: "subprocess.Popen[Any]", what: str, log: Path) -> Callable[[int], Round]:
+            def run(n: int) -> Round:
+                assert worker.stdin is not None and worker.stdout is not None
+                worker.stdin.write(f"{n}\n")
+                worker.stdin.flush()
+                line = worker.stdout.readline()
+                if not line:
+                    sys.stderr.write(log.read_text(errors="replace")[-4000:])
+                    raise SystemExit(f"bench: {what} failed (log above)")
+                done = json.loads(line)
+                return Round(done["samples"], done["cpu"])
+
+            return run
+
+        seed_round = worker_round(seed_client, "the callme 0.2.0 proxy", work / "seed-client.log")
 
         proxy = callme_client.Proxy(url, timeout=30, connection_name=f"bench-py-{tag}")
         calc = proxy.use_server(server_id)
@@ -170,6 +180,15 @@ def main() -> None:
             "callme_client AsyncProxy": async_round,
             "callme 0.2.0 (kombu)": seed_round,
         }
+        if opts.pika_python:
+            pika_log = work / "lean-pika.log"
+            pika_client = subprocess.Popen(
+                [opts.pika_python, str(Path(__file__).with_name("lean_pika.py")), "call", server_id],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(pika_log, "wb"),
+                text=True,
+            )
+            procs.append(pika_client)
+            rows["lean pika client"] = worker_round(pika_client, "the lean pika client", pika_log)
         for run in rows.values():
             run(opts.warmup)
         rounds: Dict[str, List[Round]] = {name: [] for name in rows}
@@ -208,6 +227,10 @@ def main() -> None:
         ratio("callme_client AsyncProxy / callme 0.2.0",
               "callme_client AsyncProxy", "callme 0.2.0 (kombu)")
         ratio("callme_client Proxy / AsyncProxy", "callme_client Proxy", "callme_client AsyncProxy")
+        if "lean pika client" in rounds:
+            ratio("lean pika client / callme 0.2.0", "lean pika client", "callme 0.2.0 (kombu)")
+            ratio("callme_client Proxy / lean pika client",
+                  "callme_client Proxy", "lean pika client")
 
         proxy.close()
         loop.run_until_complete(aproxy.close())
