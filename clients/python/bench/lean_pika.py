@@ -9,18 +9,17 @@ requirements-pika.txt):
 
     python lean_pika.py call SERVER_ID
 
-The broker is ``CALLME_AMQP_URL``. The worker reads ``N`` lines on stdin,
-makes N sequential ``add`` calls and answers each line with one JSON
-object: the calls' durations (seconds) and the CPU time it spent on them.
+The broker is ``CALLME_AMQP_URL``. The worker answers rounds as
+worker_rounds.py says.
 """
 
 import json
 import os
 import sys
-import time
 import uuid
 
 import pika
+from worker_rounds import answer_rounds
 
 
 def call(server_id):
@@ -53,18 +52,7 @@ def call(server_id):
             conn.process_data_events(time_limit=None)
         return json.loads(replies.pop(correlation_id))["result"]
 
-    clock = time.perf_counter
-    for line in sys.stdin:
-        samples = []
-        cpu = time.process_time()
-        for i in range(int(line)):
-            t = clock()
-            result = add(i, 1)
-            samples.append(clock() - t)
-            if result != i + 1:
-                raise SystemExit("wrong answer %r" % (result,))
-        cpu = time.process_time() - cpu
-        print(json.dumps({"samples": samples, "cpu": cpu}), flush=True)
+    answer_rounds(add)
 
 
 if __name__ == "__main__":

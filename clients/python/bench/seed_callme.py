@@ -7,19 +7,16 @@ requirements-callme-0.2.txt), never under callme_client's:
     python seed_callme.py call SERVER_ID    # a worker timing proxy.add
 
 The broker is ``CALLME_AMQP_URL``. The server prints ``ready`` once it
-consumes. The worker reads ``N`` lines on stdin, makes N sequential
-``add`` calls and answers each line with one JSON object: the calls'
-durations (seconds) and the CPU time the worker spent on them.
+consumes. The worker answers rounds as worker_rounds.py says.
 """
 
-import json
 import os
 import sys
 import threading
-import time
 from urllib.parse import unquote, urlsplit
 
 import callme
+from worker_rounds import answer_rounds
 
 
 def broker():
@@ -47,18 +44,7 @@ def serve(server_id):
 def call(server_id):
     proxy = callme.Proxy(server_id, **broker())
     fooserver = proxy.use_server(server_id, timeout=30)
-    clock = time.perf_counter
-    for line in sys.stdin:
-        samples = []
-        cpu = time.process_time()
-        for i in range(int(line)):
-            t = clock()
-            result = fooserver.add(i, 1)
-            samples.append(clock() - t)
-            if result != i + 1:
-                raise SystemExit("wrong answer %r" % (result,))
-        cpu = time.process_time() - cpu
-        print(json.dumps({"samples": samples, "cpu": cpu}), flush=True)
+    answer_rounds(fooserver.add)
 
 
 if __name__ == "__main__":
