@@ -49,15 +49,17 @@ impl Step {
     }
 
     /// The median of the rounds after the warm-up ones.
-    fn median(&mut self) -> String {
-        self.times.drain(..WARMUP.min(self.times.len()));
-        self.faults.drain(..WARMUP.min(self.faults.len()));
-        self.times.sort();
-        self.faults.sort();
-        let t = self.times[self.times.len() / 2];
-        let faults = self
-            .faults
-            .get(self.faults.len() / 2)
+    fn median(&self) -> String {
+        fn measured<T: Ord + Copy>(all: &[T]) -> Vec<T> {
+            let mut kept = all[WARMUP.min(all.len())..].to_vec();
+            kept.sort();
+            kept
+        }
+        let times = measured(&self.times);
+        let faults = measured(&self.faults);
+        let t = times[times.len() / 2];
+        let faults = faults
+            .get(faults.len() / 2)
             .map_or_else(|| "?".into(), u64::to_string);
         format!("{:>8.1} µs {faults:>4} pf", t.as_secs_f64() * 1e6)
     }
