@@ -26,14 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use callme::protocol::Args;
-use callme::{
-    ConnectOptions, NativeFunctions, Plugin, PluginSettings, Proxy, Runtime, RuntimeConfig, Server,
-    ServerOptions,
-};
+use callme::{ConnectOptions, Proxy, Server, ServerOptions};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde_json::json;
-use support::{plugin_bytes, url};
+use support::add::serve_add;
+use support::url;
 
 /// Rounds of each of on and off, per target.
 const ROUNDS: usize = 15;
@@ -86,23 +84,7 @@ async fn serve(native: bool) -> anyhow::Result<(Server, String)> {
         },
     )
     .await?;
-    if native {
-        let mut functions = NativeFunctions::new();
-        functions.register("add", "func(a: s64, b: s64) -> s64", |args| {
-            let n = |i: usize| args.args.get(i).and_then(|v| v.as_i64()).unwrap_or(0);
-            Ok(json!(n(0) + n(1)))
-        });
-        server.serve_native(&id, functions).await?;
-    } else {
-        let runtime = Runtime::with_config(RuntimeConfig::default())?;
-        let plugin = Plugin::load(
-            &runtime,
-            &id,
-            &plugin_bytes("calc")?,
-            PluginSettings::default(),
-        )?;
-        server.serve_plugin(plugin).await?;
-    }
+    serve_add(&server, &id, native).await?;
     Ok((server, id))
 }
 

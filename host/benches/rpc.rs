@@ -23,18 +23,16 @@ mod support;
 use std::sync::Arc;
 
 use callme::protocol::Args;
-use callme::{
-    ConnectOptions, NativeFunctions, Plugin, PluginSettings, Proxy, QueueType, Runtime,
-    RuntimeConfig, Server, ServerOptions,
-};
+use callme::{ConnectOptions, Proxy, QueueType, Server, ServerOptions};
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
+use support::add::serve_add;
 use support::echo::{Answer, answer_each};
 use support::rounds::{Call, IN_FLIGHT, Target, measure, print, ratios};
-use support::{plugin_bytes, url};
+use support::url;
 use tokio::sync::{Mutex, oneshot};
 
 /// The raw baseline: a lapin server that echoes bodies to `reply_to`.
@@ -174,19 +172,7 @@ async fn through_callme_on(
         },
     )
     .await?;
-    if native {
-        let mut functions = NativeFunctions::new();
-        functions.register("add", "func(a: s64, b: s64) -> s64", |args| {
-            let n = |i: usize| args.args.get(i).and_then(|v| v.as_i64()).unwrap_or(0);
-            Ok(json!(n(0) + n(1)))
-        });
-        server.serve_native(&id, functions).await?;
-    } else {
-        let runtime = Runtime::with_config(RuntimeConfig::default())?;
-        let bytes = plugin_bytes("calc")?;
-        let plugin = Plugin::load(&runtime, &id, &bytes, PluginSettings::default())?;
-        server.serve_plugin(plugin).await?;
-    }
+    serve_add(&server, &id, native).await?;
     let proxy = Proxy::connect(proxy_url).await?;
     let sp = proxy.use_server(&id);
     let call: Call = Arc::new(move |i| {

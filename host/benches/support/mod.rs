@@ -4,6 +4,7 @@
 // Each benchmark uses only some of these.
 #![allow(dead_code)]
 
+pub mod add;
 pub mod echo;
 pub mod rounds;
 pub mod thread;
