@@ -95,3 +95,21 @@ def test_the_async_proxy_reconnects_too(amqp_url: str, host: Host) -> None:
             assert results == [i + 1 for i in range(100)]
 
     asyncio.run(main())
+
+
+def test_an_idle_blocking_proxy_reconnects_without_being_called(
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Between calls no caller runs the proxy's event loop: its idle tick
+    # must, or a lost connection would only be noticed by the next call.
+    caplog.set_level(logging.INFO, logger="callme.proxy")
+    name = f"callme-py-idle-{uuid.uuid4().hex[:8]}"
+    with callme.Proxy(amqp_url, timeout=20, connection_name=name) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        close_connection(name)
+        deadline = time.monotonic() + 15
+        while "reconnected" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "lost the connection" in caplog.text and "reconnected" in caplog.text
+        assert calc.add(2, 2) == 4

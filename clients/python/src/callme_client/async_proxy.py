@@ -189,11 +189,23 @@ class AsyncProxy:
         if not valid_server_id(server_id):
             raise errors.NoSuchServer(server_id)
         stage = ["connecting"]
+        # The call runs in the caller's task, under a timer that cancels it
+        # at the deadline (asyncio.wait_for would make a task per call).
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("AsyncProxy.call must be awaited in a task")
+        expired: "list[bool]" = []
+
+        def expire() -> None:
+            expired.append(True)
+            task.cancel()
+
+        deadline = asyncio.get_running_loop().call_later(timeout, expire)
         try:
-            return await asyncio.wait_for(
-                self._call(server_id, func, body, timeout, stage), timeout
-            )
-        except asyncio.TimeoutError:
+            return await self._call(server_id, func, body, timeout, stage)
+        except asyncio.CancelledError:
+            if not expired:
+                raise  # cancelled by the caller
             if stage[0] == "connecting":
                 raise errors.ConnectionError(
                     f"no connection to the broker at {self.broker} within the call's "
@@ -202,6 +214,14 @@ class AsyncProxy:
             raise errors.Timeout(
                 f"no reply from {server_id!r} to {func}() within {timeout:g} s"
             ) from None
+        finally:
+            deadline.cancel()
+            if expired:
+                # The timer's cancellation is over (Python 3.11 and later
+                # count them, for asyncio.timeout and task groups).
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
 
     async def _call(
         self, server_id: str, func: str, body: bytes, timeout: float, stage: "list[str]"

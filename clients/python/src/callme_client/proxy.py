@@ -1,10 +1,15 @@
 """The blocking proxy of the seed's API, safe to share between threads.
 
-:class:`Proxy` runs an :class:`AsyncProxy` on an event loop of its own, in
-a daemon thread, and hands each call to it: any number of threads can call
-through one proxy at once, and their calls are multiplexed on its one
-connection. Closing the proxy (or the end of the program) closes the
-connection and stops the thread.
+:class:`Proxy` runs an :class:`AsyncProxy` on an event loop of its own,
+driven by the threads that call through it: a thread making a call runs
+the loop itself until its call is done, so a call from a single thread
+never waits for another thread to be woken up. Calls from several
+threads at once are all scheduled on the loop, multiplexed on its one
+connection, and whichever thread runs the loop moves all of them on; the
+others wait for their turn at it, and find their call done or finish it.
+While nobody calls, a daemon thread runs the loop a few times a second,
+so the connection keeps its heartbeats and reconnects. Closing the proxy
+(or the end of the program) closes the connection and stops the thread.
 """
 
 from __future__ import annotations
@@ -24,77 +29,132 @@ __all__ = ["Proxy", "ServerProxy"]
 
 T = TypeVar("T")
 
+#: How often the loop runs while no thread calls (seconds): often enough
+#: for heartbeats (RabbitMQ's default is a minute) and for reconnecting
+#: soon after a broker comes back.
+IDLE_TICK = 0.2
 
-class _LoopThread:
-    """An event loop running in a daemon thread."""
+
+class _SharedLoop:
+    """An event loop run by whichever thread needs it: one at a time, the
+    holder of ``_turn``."""
 
     def __init__(self) -> None:
         self.closed = False
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="callme-proxy", daemon=True
-        )
-        self._thread.start()
-
-    def is_current(self) -> bool:
-        return threading.current_thread() is self._thread
+        self._turn = threading.Lock()
+        self._stopped = threading.Event()
+        self._idle = threading.Thread(target=self._tick_while_idle, name="callme-proxy", daemon=True)
+        self._idle.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if self.is_current():
+        if _running_loop() is self.loop:
             coroutine.close()
             raise RuntimeError("a blocking Proxy cannot be called from its own event loop")
         if self.closed:
             coroutine.close()
             raise errors.ConnectionError("the proxy is closed")
+        if self._turn.acquire(blocking=False):
+            # Nobody runs the loop: run the call on it here.
+            try:
+                if self.loop.is_closed():
+                    coroutine.close()
+                    raise errors.ConnectionError("the proxy is closed")
+                task = self.loop.create_task(coroutine)
+                return self._run_until_done(task)
+            finally:
+                self._turn.release()
+        # Another thread runs the loop: schedule the call there, then wait
+        # for the turn at the loop, which finds it done or finishes it.
         try:
             future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         except RuntimeError:  # the loop closed meanwhile
             coroutine.close()
             raise errors.ConnectionError("the proxy is closed") from None
+        with self._turn:
+            if not future.done() and not self.loop.is_closed():
+                self._run_until_done(asyncio.wrap_future(future, loop=self.loop))
         try:
-            return future.result()
+            return future.result(timeout=0)
         except concurrent.futures.CancelledError:
+            raise errors.ConnectionError("the proxy was closed") from None
+        except concurrent.futures.TimeoutError:
+            # The loop was closed under it before the call could end.
+            future.cancel()
+            raise errors.ConnectionError("the proxy was closed") from None
+
+    def _run_until_done(self, task: "asyncio.Future[T]") -> T:
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
             raise errors.ConnectionError("the proxy was closed") from None
         except BaseException as e:
             # KeyboardInterrupt in the caller: the call is abandoned.
-            if not isinstance(e, Exception):
-                future.cancel()
+            if not isinstance(e, Exception) and not task.done():
+                task.cancel()
             raise
 
-    def stop(self) -> None:
+    def _tick_while_idle(self) -> None:
+        while not self._stopped.wait(IDLE_TICK):
+            if not self._turn.acquire(blocking=False):
+                continue  # a caller runs the loop
+            try:
+                if self.loop.is_closed():
+                    return
+                # One pass over what is due: timers, I/O ready now.
+                self.loop.run_until_complete(asyncio.sleep(0))
+            except Exception:  # a tick must never end the thread
+                pass
+            finally:
+                self._turn.release()
+
+    def close(self, proxy: AsyncProxy) -> None:
+        """Closes ``proxy``, ends every call still running, closes the loop."""
+        self.closed = True
+        self._stopped.set()
         if self.loop.is_closed():
             return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
-            if not self._thread.is_alive():
-                self.loop.close()
+        if _running_loop() is self.loop:
+            # Collected while this loop runs, on the thread running it:
+            # that thread finishes the job.
+            self.loop.create_task(_close(proxy))
+            return
+        # Calls running on another thread's turn are cancelled by the close,
+        # which ends that turn.
+        try:
+            closing = asyncio.run_coroutine_threadsafe(_close(proxy), self.loop)
+        except RuntimeError:
+            return
+        with self._turn:
+            if self.loop.is_closed():
+                return
+            try:
+                if not closing.done():
+                    self.loop.run_until_complete(asyncio.wrap_future(closing, loop=self.loop))
+            except Exception:  # at exit, a broker that is gone cannot be said goodbye to
+                pass
+            self.loop.close()
 
 
-def _shut_down(thread: _LoopThread, proxy: AsyncProxy) -> None:
-    thread.closed = True
-    if thread.loop.is_closed() or not thread.loop.is_running():
-        return
-    if thread.is_current():
-        # Collected on its own loop's thread: that loop cannot be waited for here.
-        async def close_and_stop() -> None:
-            await _close(proxy)
-            thread.loop.stop()
-
-        thread.loop.create_task(close_and_stop())
-        return
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    """The event loop running in this thread, if any."""
     try:
-        future = asyncio.run_coroutine_threadsafe(_close(proxy), thread.loop)
-        future.result(timeout=10)
-    except Exception:  # at exit, a broker that is gone cannot be said goodbye to
-        pass
-    thread.stop()
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _shut_down(shared: _SharedLoop, proxy: AsyncProxy) -> None:
+    shared.close(proxy)
 
 
 async def _close(proxy: AsyncProxy) -> None:
     """Closes ``proxy``, then ends every call still running on its loop, so
-    no thread waits for a loop that has stopped."""
-    await proxy.close()
+    no thread waits for a call that cannot end."""
+    try:
+        await asyncio.wait_for(proxy.close(), 10)
+    except Exception:  # at exit, a broker that is gone cannot be said goodbye to
+        pass
     current = asyncio.current_task()
     running = [task for task in asyncio.all_tasks() if task is not current]
     for task in running:
@@ -144,10 +204,10 @@ class Proxy:
             key_file=key_file,
             connection_name=connection_name,
         )
-        self._thread = _LoopThread()
-        self._finalizer = weakref.finalize(self, _shut_down, self._thread, self._async)
+        self._loop = _SharedLoop()
+        self._finalizer = weakref.finalize(self, _shut_down, self._loop, self._async)
         try:
-            self._thread.run(self._async.connect())
+            self._loop.run(self._async.connect())
         except BaseException:
             self._finalizer()
             raise
@@ -178,9 +238,7 @@ class Proxy:
     ) -> Any:
         """Calls ``func`` of ``server_id``; see :meth:`AsyncProxy.call` for
         the exceptions."""
-        return self._thread.run(
-            self._async.call(server_id, func, args, kwargs, timeout=timeout)
-        )
+        return self._loop.run(self._async.call(server_id, func, args, kwargs, timeout=timeout))
 
     def close(self) -> None:
         """Closes the connection and stops the proxy's thread."""
