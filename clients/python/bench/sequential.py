@@ -13,7 +13,10 @@ turn, so a machine that slows down during the run slows them alike):
 - ``lean pika client`` (with ``--pika-python``): bench/lean_pika.py, the
   least a blocking caller on a plain AMQP library does per call (no
   timeouts, errors or threads), calling the same host: a reference for
-  what a blocking Python client could reach.
+  what a blocking Python client could reach;
+- ``Proxy shared by 8 threads``: calls/s of 8 threads calling through one
+  blocking proxy at once (8 × the round's calls), printed apart: its
+  calls are not sequential.
 
 With ``--rust``, ``cargo bench -p callme --bench rpc`` runs afterwards and
 its ``callme calc.add`` row (the Rust proxy calling the calc plugin
@@ -37,12 +40,16 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import callme_client
 
 Samples = List[float]
+
+#: Threads sharing one blocking proxy in the shared-proxy row.
+THREADS = 8
 
 
 class Round:
@@ -189,12 +196,29 @@ def main() -> None:
             )
             procs.append(pika_client)
             rows["lean pika client"] = worker_round(pika_client, "the lean pika client", pika_log)
+        def shared_round(n: int) -> float:
+            """Calls/s of THREADS threads sharing the blocking proxy, n
+            calls in all."""
+            each = max(1, n // THREADS)
+
+            def caller(thread: int) -> None:
+                for i in range(each):
+                    assert calc.add(thread, i) == thread + i
+
+            started = clock()
+            with ThreadPoolExecutor(THREADS) as pool:
+                list(pool.map(caller, range(THREADS)))
+            return each * THREADS / (clock() - started)
+
         for run in rows.values():
             run(opts.warmup)
+        shared_round(opts.warmup)
         rounds: Dict[str, List[Round]] = {name: [] for name in rows}
+        shared: List[float] = []
         for _ in range(opts.rounds):
             for name, run in rows.items():
                 rounds[name].append(run(opts.calls))
+            shared.append(shared_round(opts.calls * THREADS))
 
         if opts.profile:
             import cProfile
@@ -220,6 +244,9 @@ def main() -> None:
                 percentile(a.samples, 0.5) / percentile(b.samples, 0.5) for a, b in pairs
             )
             print(f"{label}: calls/s {r:.2f}x, p50 {p:.2f}x")
+
+        print(f"callme_client Proxy shared by {THREADS} threads: "
+              f"{statistics.median(shared):.0f} calls/s (median of the rounds)")
 
         print()
         ratio("callme_client Proxy / callme 0.2.0 (target: calls/s >= 3x)",

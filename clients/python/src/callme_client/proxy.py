@@ -1,15 +1,15 @@
 """The blocking proxy of the seed's API, safe to share between threads.
 
-:class:`Proxy` runs an :class:`AsyncProxy` on an event loop of its own,
-driven by the threads that call through it: a thread making a call runs
-the loop itself until its call is done, so a call from a single thread
-never waits for another thread to be woken up. Calls from several
-threads at once are all scheduled on the loop, multiplexed on its one
-connection, and whichever thread runs the loop moves all of them on; the
-others wait for their turn at it, and find their call done or finish it.
-While nobody calls, a daemon thread runs the loop a few times a second,
-so the connection keeps its heartbeats and reconnects. Closing the proxy
-(or the end of the program) closes the connection and stops the thread.
+:class:`Proxy` runs an :class:`AsyncProxy` on an event loop of its own.
+A call made while no other is running runs the loop in the calling
+thread until it is done: a single-threaded caller never waits for
+another thread to wake up. A call made while the loop is busy with
+another is handed to the proxy's daemon thread, which runs the loop for
+as long as handed calls are in flight, multiplexed on the one
+connection; their threads wait for their results. While nobody calls,
+the daemon thread runs the loop a few times a second, so the connection
+keeps its heartbeats and reconnects. Closing the proxy (or the end of
+the program) closes the connection and stops the thread.
 """
 
 from __future__ import annotations
@@ -36,16 +36,22 @@ IDLE_TICK = 0.2
 
 
 class _SharedLoop:
-    """An event loop run by whichever thread needs it: one at a time, the
-    holder of ``_turn``."""
+    """An event loop run by one thread at a time, the holder of ``_turn``:
+    a caller whose call is the only one, else the daemon thread."""
 
     def __init__(self) -> None:
         self.closed = False
         self.loop = asyncio.new_event_loop()
         self._turn = threading.Lock()
-        self._stopped = threading.Event()
-        self._idle = threading.Thread(target=self._tick_while_idle, name="callme-proxy", daemon=True)
-        self._idle.start()
+        # Calls handed to the daemon thread and not yet done, and whether
+        # it should stop; guarded by the condition.
+        self._state = threading.Condition()
+        self._handed = 0
+        self._stopped = False
+        # What the daemon thread awaits while it drains handed calls.
+        self._waker: "Optional[asyncio.Future[None]]" = None
+        self._driver = threading.Thread(target=self._drive, name="callme-proxy", daemon=True)
+        self._driver.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         if _running_loop() is self.loop:
@@ -60,30 +66,12 @@ class _SharedLoop:
                 if self.loop.is_closed():
                     coroutine.close()
                     raise errors.ConnectionError("the proxy is closed")
-                task = self.loop.create_task(coroutine)
-                return self._run_until_done(task)
+                return self._run_here(self.loop.create_task(coroutine))
             finally:
                 self._turn.release()
-        # Another thread runs the loop: schedule the call there, then wait
-        # for the turn at the loop, which finds it done or finishes it.
-        try:
-            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        except RuntimeError:  # the loop closed meanwhile
-            coroutine.close()
-            raise errors.ConnectionError("the proxy is closed") from None
-        with self._turn:
-            if not future.done() and not self.loop.is_closed():
-                self._run_until_done(asyncio.wrap_future(future, loop=self.loop))
-        try:
-            return future.result(timeout=0)
-        except concurrent.futures.CancelledError:
-            raise errors.ConnectionError("the proxy was closed") from None
-        except concurrent.futures.TimeoutError:
-            # The loop was closed under it before the call could end.
-            future.cancel()
-            raise errors.ConnectionError("the proxy was closed") from None
+        return self._hand_over(coroutine)
 
-    def _run_until_done(self, task: "asyncio.Future[T]") -> T:
+    def _run_here(self, task: "asyncio.Task[T]") -> T:
         try:
             return self.loop.run_until_complete(task)
         except asyncio.CancelledError:
@@ -94,24 +82,72 @@ class _SharedLoop:
                 task.cancel()
             raise
 
-    def _tick_while_idle(self) -> None:
-        while not self._stopped.wait(IDLE_TICK):
-            if not self._turn.acquire(blocking=False):
-                continue  # a caller runs the loop
-            try:
+    def _hand_over(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        with self._state:
+            self._handed += 1
+            self._state.notify()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # the loop closed meanwhile
+            coroutine.close()
+            self._handed_done()
+            raise errors.ConnectionError("the proxy is closed") from None
+        future.add_done_callback(lambda _: self._handed_done())
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise errors.ConnectionError("the proxy was closed") from None
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                future.cancel()
+            raise
+
+    def _handed_done(self) -> None:
+        with self._state:
+            self._handed -= 1
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # closed: nobody drains any more
+            pass
+
+    def _wake(self) -> None:
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
+
+    async def _drain(self) -> None:
+        """Returns once no handed call is in flight."""
+        while True:
+            self._waker = self.loop.create_future()
+            with self._state:
+                if self._handed == 0:
+                    return
+            await self._waker
+
+    def _drive(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: self._handed > 0 or self._stopped, IDLE_TICK)
+                if self._stopped:
+                    return
+                busy = self._handed > 0
+            with self._turn:
                 if self.loop.is_closed():
                     return
-                # One pass over what is due: timers, I/O ready now.
-                self.loop.run_until_complete(asyncio.sleep(0))
-            except Exception:  # a tick must never end the thread
-                pass
-            finally:
-                self._turn.release()
+                try:
+                    if busy:
+                        self.loop.run_until_complete(self._drain())
+                    else:
+                        # One pass over what is due: timers, I/O ready now.
+                        self.loop.run_until_complete(asyncio.sleep(0))
+                except Exception:  # the thread must never end before the proxy
+                    pass
 
     def close(self, proxy: AsyncProxy) -> None:
         """Closes ``proxy``, ends every call still running, closes the loop."""
         self.closed = True
-        self._stopped.set()
+        with self._state:
+            self._stopped = True
+            self._state.notify()
         if self.loop.is_closed():
             return
         if _running_loop() is self.loop:
@@ -119,8 +155,8 @@ class _SharedLoop:
             # that thread finishes the job.
             self.loop.create_task(_close(proxy))
             return
-        # Calls running on another thread's turn are cancelled by the close,
-        # which ends that turn.
+        # Calls running on another thread's turn are cancelled by the
+        # close, which ends that turn.
         try:
             closing = asyncio.run_coroutine_threadsafe(_close(proxy), self.loop)
         except RuntimeError:
