@@ -74,3 +74,29 @@ def test_closing_a_proxy_ends_the_calls_waiting_on_it(amqp_url: str, host: Host)
     assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError)
     with pytest.raises(callme.ConnectionError, match="closed"):
         proxy.use_server(host.calc).add(1, 1)
+
+
+def test_closing_a_proxy_ends_every_thread_waiting_on_it(amqp_url: str, host: Host) -> None:
+    # One waiting call runs the proxy's loop in its own thread; the others,
+    # made meanwhile, are handed to the proxy's thread. Closing ends all.
+    proxy = callme.Proxy(amqp_url, timeout=30)
+    outcome: List[BaseException] = []
+
+    def waiting() -> None:
+        try:
+            proxy.use_server(host.calc).call("slow-version", 5000)
+        except BaseException as e:
+            outcome.append(e)
+
+    threads = [threading.Thread(target=waiting) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    closed_at = time.monotonic()
+    proxy.close()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert not any(thread.is_alive() for thread in threads)
+    assert time.monotonic() - closed_at < 5
+    assert len(outcome) == 4
+    assert all(isinstance(e, callme.ConnectionError) for e in outcome), outcome
