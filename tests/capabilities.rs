@@ -250,6 +250,36 @@ async fn calls_carry_their_depth_and_stop_at_the_limit() {
 }
 
 #[tokio::test]
+async fn a_call_sends_at_most_its_limit_of_calls_and_the_next_call_starts_afresh() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let (target, calls, _overheard) = watched_target(&srv).await;
+    let relay = unique("cap-relay");
+    let mut settings = granted(&[], &[&target]);
+    settings.capabilities.rpc = settings.capabilities.rpc.with_max_calls(3);
+    srv.serve_plugin(load("relay", &relay, settings))
+        .await
+        .unwrap();
+    let relay_calls = async |times: u32| {
+        p.use_server(&relay)
+            .call("add-via-times", pos(json!([&target, 1, 2, times])))
+            .await
+    };
+    assert_eq!(relay_calls(3).await.unwrap(), json!(3));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // A plugin looping on calls: the fourth is refused in the guest, and
+    // never sent.
+    let message = guest_error(relay_calls(1000).await);
+    assert!(message.starts_with("call 4: TooManyCalls"), "{message}");
+    assert!(message.contains("rpc_max_calls"), "{message}");
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    // The count is per call: the next call of the plugin may send 3 again.
+    assert_eq!(relay_calls(3).await.unwrap(), json!(3));
+    assert_eq!(calls.load(Ordering::SeqCst), 9);
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn a_sub_call_ends_with_its_callers_deadline() {
     let srv = server(ServerOptions::default()).await;
     let p = proxy(Duration::from_secs(60)).await;
@@ -612,6 +642,34 @@ async fn a_plugin_without_the_http_grant_cannot_reach_the_server() {
     assert!(message.contains("HttpRequestDenied"), "{message}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(web.accepted(), 0, "a connection was made");
+}
+
+#[tokio::test]
+async fn a_call_sends_at_most_its_limit_of_http_requests() {
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let mut settings = granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(10));
+    settings.capabilities.http = settings.capabilities.http.with_max_requests(2);
+    let p = load("relay", "relay", settings);
+    let fetch_times = async |times: u32| {
+        p.call("fetch-times", &pos(json!([web.url("/"), times])))
+            .await
+    };
+    assert_eq!(fetch_times(2).await.unwrap(), json!(2));
+    assert_eq!(web.accepted(), 2);
+    // A plugin looping on requests: the third is refused before any
+    // connection is made.
+    match fetch_times(1000).await {
+        Err(callme::PluginError::GuestError { message, .. }) => {
+            assert!(message.starts_with("request 3: "), "{message}");
+            assert!(message.contains("ConnectionLimitReached"), "{message}");
+        }
+        other => panic!("expected a GuestError, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(web.accepted(), 4, "a connection over the limit was made");
+    // The count is per call.
+    assert_eq!(fetch_times(2).await.unwrap(), json!(2));
+    assert_eq!(web.accepted(), 6);
 }
 
 #[tokio::test]

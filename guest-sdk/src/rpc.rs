@@ -12,7 +12,7 @@
 //! and the guest spends no fuel while it waits. Every failure comes back
 //! as an [`Error`]: the server's own error, the caller's
 //! (`NoSuchServer`, `Timeout`), or the host's refusal before anything is
-//! sent (`NotGranted`, `CallDepthExceeded`).
+//! sent (`NotGranted`, `CallDepthExceeded`, `TooManyCalls`).
 
 use std::fmt;
 
@@ -26,7 +26,7 @@ use serde_json::Value;
 pub struct RemoteError {
     /// The error's type: `GuestError`, `NoSuchFunction`,
     /// `InvalidArguments`, `Timeout`, `NoSuchServer`, `NotGranted`,
-    /// `CallDepthExceeded`, ...
+    /// `CallDepthExceeded`, `TooManyCalls`, ...
     pub kind: String,
     /// What went wrong, for people.
     pub message: String,

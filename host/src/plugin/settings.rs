@@ -14,11 +14,12 @@ use serde::Deserialize;
 
 use crate::protocol::QueueType;
 
-use super::caps::http::MAX_HTTP_RESPONSE_BYTES;
-use super::caps::rpc::MAX_CALL_DEPTH;
+use super::caps::http::{MAX_HTTP_REQUESTS, MAX_HTTP_RESPONSE_BYTES};
+use super::caps::rpc::{MAX_CALL_DEPTH, MAX_CALLS};
 use super::caps::{
-    Capabilities, Config, ConfigError, DEFAULT_HTTP_MAX_RESPONSE_BYTES, DEFAULT_HTTP_TIMEOUT,
-    DEFAULT_MAX_CALL_DEPTH, HttpGrant, InvalidGrant, InvalidHost, RpcGrant,
+    Capabilities, Config, ConfigError, DEFAULT_HTTP_MAX_REQUESTS, DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+    DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_CALL_DEPTH, DEFAULT_MAX_CALLS, HttpGrant, InvalidGrant,
+    InvalidHost, RpcGrant,
 };
 use super::limits::{
     Limits, MAX_DEADLINE, MAX_FUEL, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES,
@@ -175,12 +176,14 @@ impl PluginSettings {
         sidecar.check()?;
         let capabilities = Capabilities {
             config: Config::resolve(sidecar.config.clone(), env)?,
-            rpc: RpcGrant::new(sidecar.rpc.clone(), sidecar.rpc_max_depth)?,
+            rpc: RpcGrant::new(sidecar.rpc.clone(), sidecar.rpc_max_depth)?
+                .with_max_calls(sidecar.rpc_max_calls),
             http: HttpGrant::new(
                 &sidecar.allowed_hosts,
                 sidecar.http_max_response_bytes,
                 Duration::from_millis(sidecar.http_timeout_ms),
-            )?,
+            )?
+            .with_max_requests(sidecar.http_max_requests),
         };
         Ok(PluginSettings {
             capabilities,
@@ -209,12 +212,16 @@ struct Sidecar {
     rpc: Vec<String>,
     /// Deepest hop its calls may be.
     rpc_max_depth: u32,
+    /// Most calls to other servers one call may send.
+    rpc_max_calls: u32,
     /// `HOST:PORT`s it may send HTTP requests to.
     allowed_hosts: Vec<String>,
     /// Largest HTTP response body.
     http_max_response_bytes: u64,
     /// Time one HTTP request may take, response body included.
     http_timeout_ms: u64,
+    /// Most HTTP requests one call may send.
+    http_max_requests: u32,
     /// The plugin's own settings, as written (secrets unresolved).
     config: BTreeMap<String, String>,
 }
@@ -244,10 +251,12 @@ impl Default for Sidecar {
             queue_type,
             rpc: Vec::new(),
             rpc_max_depth: DEFAULT_MAX_CALL_DEPTH,
+            rpc_max_calls: DEFAULT_MAX_CALLS,
             allowed_hosts: Vec::new(),
             http_max_response_bytes: DEFAULT_HTTP_MAX_RESPONSE_BYTES,
             // Seconds, far inside 64 bits of ms.
             http_timeout_ms: u64::try_from(DEFAULT_HTTP_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            http_max_requests: DEFAULT_HTTP_MAX_REQUESTS,
             config: BTreeMap::new(),
         }
     }
@@ -327,6 +336,13 @@ impl Sidecar {
             within("concurrency", size(concurrency), 1, size(MAX_CONCURRENCY))?;
         }
         within("rpc_max_depth", self.rpc_max_depth, 1, MAX_CALL_DEPTH)?;
+        within("rpc_max_calls", self.rpc_max_calls, 1, MAX_CALLS)?;
+        within(
+            "http_max_requests",
+            self.http_max_requests,
+            1,
+            MAX_HTTP_REQUESTS,
+        )?;
         within(
             "http_max_response_bytes",
             self.http_max_response_bytes,
@@ -384,7 +400,7 @@ mod tests {
         );
         let env = |var: &str| (var == "RELAY_TOKEN").then(|| "s3cret".to_string());
         let settings = PluginSettings::from_toml_with_env(
-            "rpc = [\"calc\", \"billing\"]\nrpc_max_depth = 3\n\
+            "rpc = [\"calc\", \"billing\"]\nrpc_max_depth = 3\nrpc_max_calls = 12\n\
              [config]\ngreeting = \"hi\"\ntoken = \"${RELAY_TOKEN}\"\n",
             env,
         )
@@ -392,6 +408,7 @@ mod tests {
         let caps = &settings.capabilities;
         assert!(caps.rpc.allows("calc") && caps.rpc.allows("billing") && !caps.rpc.allows("x"));
         assert_eq!(caps.rpc.max_depth, 3);
+        assert_eq!(caps.rpc.max_calls, 12);
         assert_eq!(caps.config.get("greeting").unwrap().value(), "hi");
         assert_eq!(caps.config.get("token").unwrap().value(), "s3cret");
         assert!(!format!("{settings:?}").contains("s3cret"));
@@ -401,7 +418,7 @@ mod tests {
         assert!(e.to_string().contains("`key`"), "{e}");
         let settings = PluginSettings::from_toml(
             "allowed_hosts = [\"API.example.com:443\", \"127.0.0.1:8080\"]\n\
-             http_max_response_bytes = 4096\nhttp_timeout_ms = 250\n",
+             http_max_response_bytes = 4096\nhttp_timeout_ms = 250\nhttp_max_requests = 5\n",
         )
         .unwrap();
         let http = &settings.capabilities.http;
@@ -409,6 +426,10 @@ mod tests {
         assert!(!http.allows("api.example.com", 80));
         assert_eq!(http.max_response_bytes, 4096);
         assert_eq!(http.timeout, Duration::from_millis(250));
+        assert_eq!(http.max_requests, 5);
+        let defaults = PluginSettings::default().capabilities;
+        assert_eq!(defaults.rpc.max_calls, DEFAULT_MAX_CALLS);
+        assert_eq!(defaults.http.max_requests, DEFAULT_HTTP_MAX_REQUESTS);
         assert!(!PluginSettings::default().capabilities.http.is_granted());
         for text in [
             "allowed_hosts = [\"api.example.com\"]",
@@ -420,6 +441,10 @@ mod tests {
             "rpc = [\"not an id\"]",
             "rpc_max_depth = 0",
             "rpc_max_depth = 65",
+            "rpc_max_calls = 0",
+            "rpc_max_calls = 100001",
+            "http_max_requests = 0",
+            "http_max_requests = 100001",
             "[config]\nn = 1",
             "[config.nested]\nx = \"y\"",
         ] {

@@ -63,6 +63,14 @@ const CONNECTION_GRACE: Duration = Duration::from_secs(1);
 /// 4 GiB, so it could never hold more.
 pub(crate) const MAX_HTTP_RESPONSE_BYTES: u64 = 4 << 30;
 
+/// Requests one call of a plugin may send by default: enough for any
+/// sensible use, few enough that a plugin looping on requests cannot
+/// flood the hosts it may reach for its whole deadline.
+pub const DEFAULT_HTTP_MAX_REQUESTS: u32 = 256;
+
+/// Most requests a sidecar may allow one call to send.
+pub(crate) const MAX_HTTP_REQUESTS: u32 = 100_000;
+
 /// The hosts a plugin may send HTTP requests to, and the limits of each
 /// request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +81,9 @@ pub struct HttpGrant {
     pub max_response_bytes: u64,
     /// Time one request may take, response body included.
     pub timeout: Duration,
+    /// Most requests one call of the plugin may send (see
+    /// [`DEFAULT_HTTP_MAX_REQUESTS`]).
+    pub max_requests: u32,
 }
 
 impl Default for HttpGrant {
@@ -81,6 +92,7 @@ impl Default for HttpGrant {
             hosts: Arc::default(),
             max_response_bytes: DEFAULT_HTTP_MAX_RESPONSE_BYTES,
             timeout: DEFAULT_HTTP_TIMEOUT,
+            max_requests: DEFAULT_HTTP_MAX_REQUESTS,
         }
     }
 }
@@ -144,7 +156,18 @@ impl HttpGrant {
             hosts: Arc::new(hosts),
             max_response_bytes,
             timeout,
+            max_requests: DEFAULT_HTTP_MAX_REQUESTS,
         })
+    }
+
+    /// The same grant, letting one call of the plugin send `max_requests`
+    /// requests.
+    #[must_use]
+    pub fn with_max_requests(self, max_requests: u32) -> HttpGrant {
+        HttpGrant {
+            max_requests,
+            ..self
+        }
     }
 
     /// Whether any host is granted.
@@ -190,6 +213,7 @@ impl HttpState {
     /// nothing costs its calls nothing here.
     pub(super) fn begin(&mut self, grant: &HttpGrant) {
         self.hooks.grant = grant.is_granted().then(|| grant.clone());
+        self.hooks.sent = 0;
     }
 }
 
@@ -199,6 +223,8 @@ impl HttpState {
 struct HttpHooks {
     /// None: nothing granted, every request refused.
     grant: Option<HttpGrant>,
+    /// Requests the call being served has sent.
+    sent: u32,
     /// For the log.
     plugin: Option<Arc<str>>,
 }
@@ -231,6 +257,11 @@ impl WasiHttpHooks for HttpHooks {
             tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request denied");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
+        if self.sent >= grant.max_requests {
+            tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, max = grant.max_requests, "http request over the call's limit");
+            return Box::new(async { Err(HttpError::ConnectionLimitReached) });
+        }
+        self.sent += 1;
         let (cap, timeout) = (grant.max_response_bytes, grant.timeout);
         tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request");
         let sent =

@@ -30,8 +30,11 @@ use std::time::Instant;
 use wasmtime::component::{HasSelf, Linker};
 
 pub use config::{Config, ConfigError, ConfigValue};
-pub use http::{DEFAULT_HTTP_MAX_RESPONSE_BYTES, DEFAULT_HTTP_TIMEOUT, HttpGrant, InvalidHost};
-pub use rpc::{DEFAULT_MAX_CALL_DEPTH, InvalidGrant, RpcGrant};
+pub use http::{
+    DEFAULT_HTTP_MAX_REQUESTS, DEFAULT_HTTP_MAX_RESPONSE_BYTES, DEFAULT_HTTP_TIMEOUT, HttpGrant,
+    InvalidHost,
+};
+pub use rpc::{DEFAULT_MAX_CALL_DEPTH, DEFAULT_MAX_CALLS, InvalidGrant, RpcGrant};
 
 use super::sandbox::{CallState, host_bindings};
 use crate::{PluginError, Proxy, TraceContext};
@@ -95,6 +98,8 @@ pub(crate) struct CallCaps {
     context: CallContext,
     /// When the call being served must end.
     deadline: Option<Instant>,
+    /// Calls to other servers the call being served has sent.
+    rpc_sent: u32,
     /// `wasi:http`'s state, checking requests against `granted.http`.
     http: http::HttpState,
 }
@@ -110,6 +115,7 @@ impl CallCaps {
         self.granted = granted.clone();
         self.context = context;
         self.deadline = Some(deadline);
+        self.rpc_sent = 0;
         self.http.begin(&granted.http);
     }
 
@@ -199,13 +205,16 @@ impl rpc_wit::Host for CallState {
         let grant = self.caps.granted.rpc.clone();
         let context = self.caps.context.clone();
         let deadline = self.caps.deadline;
-        rpc::call(&plugin, &grant, &context, deadline, &server, &func, &args)
-            .await
-            .map_err(|f| rpc_wit::RemoteError {
-                type_: f.kind,
-                message: f.message,
-                data: f.data,
-            })
+        let sent = &mut self.caps.rpc_sent;
+        rpc::call(
+            &plugin, &grant, &context, deadline, sent, &server, &func, &args,
+        )
+        .await
+        .map_err(|f| rpc_wit::RemoteError {
+            type_: f.kind,
+            message: f.message,
+            data: f.data,
+        })
     }
 }
 

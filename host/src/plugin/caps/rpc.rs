@@ -5,8 +5,9 @@
 //! order, that the id is granted, that the call is not one hop too deep
 //! (every request carries its depth in the `x-callme-depth` header, one
 //! more per hop, so servers calling each other in a cycle stop at
-//! `rpc_max_depth`), that the arguments are a JSON array or object, and
-//! that the calling call has time left. The sub-call waits at most what
+//! `rpc_max_depth`), that the calling call has not already sent its
+//! `rpc_max_calls` calls, that the arguments are a JSON array or object,
+//! and that the calling call has time left. The sub-call waits at most what
 //! is left of the calling call's deadline; the guest spends no fuel while
 //! it waits, and its deadline keeps running.
 
@@ -29,6 +30,14 @@ pub const DEFAULT_MAX_CALL_DEPTH: u32 = 8;
 /// a pool slot while it waits.
 pub(crate) const MAX_CALL_DEPTH: u32 = 64;
 
+/// Calls to other servers one call of a plugin may send by default:
+/// enough for any sensible fan-out, few enough that a plugin looping on
+/// calls cannot flood the servers it may call for its whole deadline.
+pub const DEFAULT_MAX_CALLS: u32 = 256;
+
+/// Most calls a sidecar may allow one call to send.
+pub(crate) const MAX_CALLS: u32 = 100_000;
+
 /// The servers a plugin may call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RpcGrant {
@@ -36,6 +45,9 @@ pub struct RpcGrant {
     servers: BTreeSet<String>,
     /// Deepest hop its calls may be (see [`DEFAULT_MAX_CALL_DEPTH`]).
     pub max_depth: u32,
+    /// Most calls one call of the plugin may send (see
+    /// [`DEFAULT_MAX_CALLS`]).
+    pub max_calls: u32,
 }
 
 impl Default for RpcGrant {
@@ -43,6 +55,7 @@ impl Default for RpcGrant {
         RpcGrant {
             servers: BTreeSet::new(),
             max_depth: DEFAULT_MAX_CALL_DEPTH,
+            max_calls: DEFAULT_MAX_CALLS,
         }
     }
 }
@@ -73,7 +86,18 @@ impl RpcGrant {
                 }
             })
             .collect::<Result<_, _>>()?;
-        Ok(RpcGrant { servers, max_depth })
+        Ok(RpcGrant {
+            servers,
+            max_depth,
+            max_calls: DEFAULT_MAX_CALLS,
+        })
+    }
+
+    /// The same grant, letting one call of the plugin send `max_calls`
+    /// calls.
+    #[must_use]
+    pub fn with_max_calls(self, max_calls: u32) -> RpcGrant {
+        RpcGrant { max_calls, ..self }
     }
 
     /// Whether any server is granted.
@@ -122,12 +146,15 @@ impl CallFailure {
 }
 
 /// Makes one call for the guest of `plugin`: checks, then sends through
-/// the context's proxy; the result as JSON text.
+/// the context's proxy; the result as JSON text. `sent` counts the calls
+/// the calling call has sent, this one included once it is sent.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn call(
     plugin: &str,
     grant: &RpcGrant,
     cx: &CallContext,
     deadline: Option<Instant>,
+    sent: &mut u32,
     server: &str,
     func: &str,
     args: &str,
@@ -149,6 +176,16 @@ pub(crate) async fn call(
                 "call depth limit of {} reached: this call is already {} hops from its client \
                  (servers calling each other in a cycle?)",
                 grant.max_depth, cx.depth
+            ),
+        ));
+    }
+    if *sent >= grant.max_calls {
+        return Err(CallFailure::new(
+            "TooManyCalls",
+            format!(
+                "this call has sent {} calls to other servers, the most it may \
+                 (the sidecar's `rpc_max_calls`)",
+                grant.max_calls
             ),
         ));
     }
@@ -187,6 +224,7 @@ pub(crate) async fn call(
     if let Some(trace) = &cx.trace {
         options = options.with_trace(trace.clone());
     }
+    *sent += 1;
     let started = Instant::now();
     let outcome = proxy.call_with(server, func, args, options).await;
     let elapsed = started.elapsed();
@@ -227,7 +265,8 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        rt.block_on(call("p", grant, cx, None, server, "add", args))
+        let mut sent = 0;
+        rt.block_on(call("p", grant, cx, None, &mut sent, server, "add", args))
             .unwrap_err()
     }
 
@@ -244,6 +283,14 @@ mod tests {
         assert_eq!(failure.kind, "CallDepthExceeded");
         assert!(
             failure.message.contains("limit of 2"),
+            "{}",
+            failure.message
+        );
+        let none = grant.clone().with_max_calls(0);
+        let failure = run(&none, &cx, "calc", "[1, 2]");
+        assert_eq!(failure.kind, "TooManyCalls");
+        assert!(
+            failure.message.contains("rpc_max_calls"),
             "{}",
             failure.message
         );
