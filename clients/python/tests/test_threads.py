@@ -55,7 +55,13 @@ def test_threads_calling_a_missing_server_cost_the_others_nothing(
     assert results.count("missing") == 100
 
 
-def test_closing_a_proxy_ends_the_calls_waiting_on_it(amqp_url: str, host: Host) -> None:
+@pytest.mark.parametrize("callers", [1, 4])
+def test_closing_a_proxy_ends_every_call_waiting_on_it(
+    amqp_url: str, host: Host, callers: int
+) -> None:
+    # The first waiting call runs the proxy's loop in its own thread; the
+    # others, made meanwhile, are handed to the proxy's thread. Closing
+    # ends them all at once.
     proxy = callme.Proxy(amqp_url, timeout=30)
     outcome: List[BaseException] = []
 
@@ -65,30 +71,7 @@ def test_closing_a_proxy_ends_the_calls_waiting_on_it(amqp_url: str, host: Host)
         except BaseException as e:
             outcome.append(e)
 
-    thread = threading.Thread(target=waiting)
-    thread.start()
-    time.sleep(0.3)
-    proxy.close()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError)
-    with pytest.raises(callme.ConnectionError, match="closed"):
-        proxy.use_server(host.calc).add(1, 1)
-
-
-def test_closing_a_proxy_ends_every_thread_waiting_on_it(amqp_url: str, host: Host) -> None:
-    # One waiting call runs the proxy's loop in its own thread; the others,
-    # made meanwhile, are handed to the proxy's thread. Closing ends all.
-    proxy = callme.Proxy(amqp_url, timeout=30)
-    outcome: List[BaseException] = []
-
-    def waiting() -> None:
-        try:
-            proxy.use_server(host.calc).call("slow-version", 5000)
-        except BaseException as e:
-            outcome.append(e)
-
-    threads = [threading.Thread(target=waiting) for _ in range(4)]
+    threads = [threading.Thread(target=waiting) for _ in range(callers)]
     for thread in threads:
         thread.start()
     time.sleep(0.5)
@@ -98,5 +81,7 @@ def test_closing_a_proxy_ends_every_thread_waiting_on_it(amqp_url: str, host: Ho
         thread.join(timeout=5)
     assert not any(thread.is_alive() for thread in threads)
     assert time.monotonic() - closed_at < 5
-    assert len(outcome) == 4
+    assert len(outcome) == callers
     assert all(isinstance(e, callme.ConnectionError) for e in outcome), outcome
+    with pytest.raises(callme.ConnectionError, match="closed"):
+        proxy.use_server(host.calc).add(1, 1)
