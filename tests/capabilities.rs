@@ -926,3 +926,106 @@ async fn python_and_javascript_plugins_fetch_from_allowed_hosts_only() {
         );
     }
 }
+
+/// What plugins send out is counted on the host's metrics endpoint: calls
+/// by target and outcome, HTTP requests by host and outcome, refusals
+/// included, each sent one timed.
+#[tokio::test]
+async fn calls_and_http_requests_of_plugins_are_counted_in_the_metrics() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let calc = serve_calc(&srv, &p, "cap-calc-counted").await;
+    let web = HttpServer::start(Answer::Body(0)).await;
+
+    let dir = tempdir();
+    let relay = unique("cap-counted");
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        format!(
+            "rpc = [\"{calc}\"]\nrpc_max_calls = 2\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 2\n",
+            web.authority()
+        ),
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut host = Host::serve(&dir, &["--metrics-addr", &addr]);
+    host.wait_ready(Duration::from_secs(60));
+    let sp = p.use_server(&relay);
+
+    assert_eq!(
+        sp.call("add-via", pos(json!([calc, 1, 2]))).await.unwrap(),
+        json!(3)
+    );
+    let other = unique("cap-other");
+    let message = guest_error(sp.call("add-via", pos(json!([other, 1, 2]))).await);
+    assert!(message.starts_with("NotGranted: "), "{message}");
+    let message = guest_error(sp.call("add-via-times", pos(json!([calc, 1, 2, 5]))).await);
+    assert!(message.starts_with("call 3: TooManyCalls"), "{message}");
+
+    assert_eq!(
+        sp.call("fetch", pos(json!([web.url("/")]))).await.unwrap(),
+        json!(answer_body(0))
+    );
+    let denied = format!("http://127.0.0.1:{}/", web.port.wrapping_add(1).max(1));
+    let message = guest_error(sp.call("fetch", pos(json!([denied]))).await);
+    assert!(message.contains("HttpRequestDenied"), "{message}");
+    let message = guest_error(sp.call("fetch-times", pos(json!([web.url("/"), 5]))).await);
+    assert!(message.starts_with("request 3: "), "{message}");
+    assert_eq!(web.accepted(), 3);
+
+    let text = scrape(port).await;
+    let rpc = |target: &str, outcome: &str| {
+        value(
+            &text,
+            "callme_plugin_rpc_calls_total",
+            &[
+                ("server_id", &relay),
+                ("target", target),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(rpc(&calc, "ok"), 3.0, "{text}");
+    assert_eq!(rpc(&calc, "TooManyCalls"), 1.0, "{text}");
+    assert_eq!(rpc("_not_granted", "NotGranted"), 1.0, "{text}");
+    assert!(
+        !text.contains(&other),
+        "a refused id became a label: {text}"
+    );
+    let timed = [("server_id", relay.as_str()), ("target", calc.as_str())];
+    assert_eq!(
+        value(
+            &text,
+            "callme_plugin_rpc_call_duration_seconds_count",
+            &timed
+        ),
+        3.0,
+        "{text}"
+    );
+
+    let allowed = web.authority();
+    let http = |host: &str, outcome: &str| {
+        value(
+            &text,
+            "callme_plugin_http_requests_total",
+            &[("server_id", &relay), ("host", host), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(http(&allowed, "ok"), 3.0, "{text}");
+    assert_eq!(http(&allowed, "limit"), 1.0, "{text}");
+    assert_eq!(http("_not_allowed", "denied"), 1.0, "{text}");
+    let timed = [("server_id", relay.as_str()), ("host", allowed.as_str())];
+    assert_eq!(
+        value(
+            &text,
+            "callme_plugin_http_request_duration_seconds_count",
+            &timed
+        ),
+        3.0,
+        "{text}"
+    );
+    drop(host);
+    srv.shutdown(Duration::from_secs(5)).await;
+}

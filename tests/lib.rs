@@ -5,6 +5,7 @@
 //! same run. Each test uses its own server ids, so tests run in parallel
 //! without seeing each other's traffic.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -671,4 +672,48 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head}"));
     (status, body.to_string())
+}
+
+/// Scrapes `/metrics`.
+pub async fn scrape(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Every sample of a scrape: name, labels, value.
+pub fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let (k, v) = l.split_once('=').expect("label=value");
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            (name.to_string(), labels, value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` having `labels` (0 when there are none).
+pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text)
+        .into_iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
 }

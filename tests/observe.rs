@@ -5,7 +5,7 @@
 //! for the test run on its own port and stopped when the test process
 //! exits (its watchdog follows this process).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,57 +14,13 @@ use callme::protocol::{CONTENT_TYPE, Request, TIMESTAMP_IN_MS, server_exchange};
 use callme::{Args, Error, ErrorKind};
 use callme_tests::{
     Forwarder, Host, RawClient, amqp_url, deploy, eventually, free_port, http_get, plugin_bytes,
-    plugin_path, proxy, repo, tempdir, unique, url_via,
+    plugin_path, proxy, repo, samples, scrape, tempdir, unique, url_via, value,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Scrapes `/metrics`.
-async fn scrape(port: u16) -> String {
-    let (status, body) = http_get(port, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-/// Every sample of a scrape: name, labels, value.
-fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
-    text.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .map(|l| {
-                    let (k, v) = l.split_once('=').expect("label=value");
-                    (k.to_string(), v.trim_matches('"').to_string())
-                })
-                .collect();
-            (name.to_string(), labels, value.parse().expect("a number"))
-        })
-        .collect()
-}
-
-/// The sum of the samples of `name` having `labels` (0 when there are none).
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples(text)
-        .into_iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
-}
 
 /// Starts a host serving the calc plugin as a fresh id, with its metrics
 /// endpoint on a free port; waits until it is ready.

@@ -103,6 +103,36 @@ struct MadeLabels {
     purpose: &'static str,
 }
 
+/// A plugin's call to another server: the target as its sidecar grants
+/// it, and the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    server_id: String,
+    target: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcTargetLabels {
+    server_id: String,
+    target: String,
+}
+
+/// A plugin's HTTP request: the `host:port` its sidecar allows, and the
+/// outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    server_id: String,
+    host: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpHostLabels {
+    server_id: String,
+    host: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     connection: &'static str,
@@ -136,6 +166,10 @@ struct Metrics {
     plugin_info: Family<VersionLabels, Gauge>,
     connected: Family<ConnectionLabels, Gauge>,
     reconnects: Family<ConnectionLabels, Counter>,
+    rpc_calls: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<RpcTargetLabels, Histogram, fn() -> Histogram>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_seconds: Family<HttpHostLabels, Histogram, fn() -> Histogram>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -162,6 +196,10 @@ impl Metrics {
             plugin_info: Family::default(),
             connected: Family::default(),
             reconnects: Family::default(),
+            rpc_calls: Family::default(),
+            rpc_seconds: Family::new_with_constructor(call_histogram),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(call_histogram),
         };
         // The encoder ends each help text with a full stop.
         let mut r = Registry::default();
@@ -256,6 +294,28 @@ impl Metrics {
             "callme_broker_reconnects",
             "Broker connections re-established after being lost",
             m.reconnects.clone(),
+        );
+        r.register(
+            "callme_plugin_rpc_calls",
+            "Calls plugins made to other servers, by the calling plugin's server id, target (the server id as the sidecar grants it, `*` for one granted only by `*`, `_not_granted` for one refused) and outcome (`ok`, the error type, or the refusal: NotGranted, CallDepthExceeded, TooManyCalls, ...)",
+            m.rpc_calls.clone(),
+        );
+        r.register_with_unit(
+            "callme_plugin_rpc_call_duration",
+            "Time a plugin's call to another server took, from sending it to its outcome, by the calling plugin's server id and target; calls refused before being sent are not timed",
+            Unit::Seconds,
+            m.rpc_seconds.clone(),
+        );
+        r.register(
+            "callme_plugin_http_requests",
+            "HTTP requests plugins made, by the plugin's server id, host (`host:port` as the sidecar allows it, `_not_allowed` for one refused) and outcome (`ok`: a response came, whatever its status; `denied`, `limit`: refused before any connection; `timeout`: no response head in time; `too_large`: its length is over the cap; `error`; `cancelled`: the call or the guest dropped it first)",
+            m.http_requests.clone(),
+        );
+        r.register_with_unit(
+            "callme_plugin_http_request_duration",
+            "Time from an allowed HTTP request of a plugin to its response's head (or its failure), by the plugin's server id and host",
+            Unit::Seconds,
+            m.http_seconds.clone(),
         );
         Metrics { registry: r, ..m }
     }
@@ -551,6 +611,72 @@ pub(crate) fn reply_undeliverable(server_id: &str, why: ReplyLost) {
 /// A reply of `server_id` could not be sent for now.
 pub(crate) fn reply_not_sent(server_id: &str) {
     METRICS.not_sent.get_or_create(&id(server_id)).inc();
+}
+
+/// A call of the plugin serving `server_id` to `target` (as its grant
+/// names it) ended with `outcome`; `sent` is how long it took, for one
+/// that was sent.
+pub(crate) fn plugin_rpc_call(
+    server_id: &str,
+    target: &str,
+    outcome: Result<(), &'static str>,
+    sent: Option<Duration>,
+) {
+    if !recording() {
+        return;
+    }
+    let labels = RpcTargetLabels {
+        server_id: escaped(server_id).into_owned(),
+        target: escaped(target).into_owned(),
+    };
+    if let Some(elapsed) = sent {
+        METRICS
+            .rpc_seconds
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+    let RpcTargetLabels { server_id, target } = labels;
+    METRICS
+        .rpc_calls
+        .get_or_create(&RpcLabels {
+            server_id,
+            target,
+            outcome: outcome.err().unwrap_or("ok"),
+        })
+        .inc();
+}
+
+/// An HTTP request of the plugin serving `server_id` to `host` (as its
+/// grant names it) ended with `outcome`; `sent` is how long it took, for
+/// one that was sent.
+pub(crate) fn plugin_http_request(
+    server_id: &str,
+    host: &str,
+    outcome: &'static str,
+    sent: Option<Duration>,
+) {
+    if !recording() {
+        return;
+    }
+    let labels = HttpHostLabels {
+        server_id: escaped(server_id).into_owned(),
+        host: escaped(host).into_owned(),
+    };
+    if let Some(elapsed) = sent {
+        METRICS
+            .http_seconds
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+    let HttpHostLabels { server_id, host } = labels;
+    METRICS
+        .http_requests
+        .get_or_create(&HttpLabels {
+            server_id,
+            host,
+            outcome,
+        })
+        .inc();
 }
 
 /// A consumer of a server id taking requests; dropped when it ends.

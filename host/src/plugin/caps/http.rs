@@ -31,7 +31,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -44,6 +44,7 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
+use crate::observe;
 use crate::plugin::sandbox::CallState;
 
 /// Largest response body by default: a page or a JSON document, not a
@@ -185,18 +186,18 @@ impl HttpGrant {
         self.hosts.iter().map(String::as_str)
     }
 
-    /// Whether a request to `uri` is granted: its host and port, the port
-    /// defaulting to the scheme's.
-    fn allows_uri(&self, uri: &Uri) -> bool {
-        let Some(authority) = uri.authority() else {
-            return false;
-        };
+    /// The entry that grants a request to `uri`, if one does: its host
+    /// and port, the port defaulting to the scheme's.
+    fn entry_for(&self, uri: &Uri) -> Option<&str> {
+        let authority = uri.authority()?;
         let port = authority.port_u16().or_else(|| match uri.scheme() {
             Some(s) if *s == Scheme::HTTP => Some(80),
             Some(s) if *s == Scheme::HTTPS => Some(443),
             _ => None,
-        });
-        port.is_some_and(|port| self.allows(authority.host(), port))
+        })?;
+        self.hosts
+            .get(&host_port(authority.host(), port))
+            .map(String::as_str)
     }
 }
 
@@ -253,20 +254,42 @@ impl WasiHttpHooks for HttpHooks {
     ) -> Box<dyn Future<Output = Sent> + Send> {
         let uri = request.uri();
         let authority = uri.authority().map_or("", Authority::as_str).to_string();
-        let Some(grant) = self.grant.as_ref().filter(|g| g.allows_uri(uri)) else {
-            tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request denied");
+        let plugin = self.plugin.clone().unwrap_or_else(|| Arc::from(""));
+        let granted = self
+            .grant
+            .as_ref()
+            .and_then(|g| Some((g, g.entry_for(uri)?.to_string())));
+        let Some((grant, entry)) = granted else {
+            tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request denied");
+            observe::plugin_http_request(&plugin, "_not_allowed", "denied", None);
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
         if self.sent >= grant.max_requests {
-            tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, max = grant.max_requests, "http request over the call's limit");
+            tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, max = grant.max_requests, "http request over the call's limit");
+            observe::plugin_http_request(&plugin, &entry, "limit", None);
             return Box::new(async { Err(HttpError::ConnectionLimitReached) });
         }
         self.sent += 1;
         let (cap, timeout) = (grant.max_response_bytes, grant.timeout);
-        tracing::debug!(target: "callme::plugin", plugin = self.plugin(), %authority, "http request");
+        tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request");
         let sent =
             io_runtime().map(|io| run_on(io, send(io.clone(), request, options, cap, timeout)));
-        Box::new(async move { sent?.await? })
+        let counted = Counted {
+            plugin,
+            entry,
+            started: Instant::now(),
+            outcome: None,
+        };
+        Box::new(async move {
+            let result = async { sent?.await? }.await;
+            counted.ended(match &result {
+                Ok(_) => "ok",
+                Err(HttpError::HttpResponseTimeout) => "timeout",
+                Err(HttpError::HttpResponseBodySize(_)) => "too_large",
+                Err(_) => "error",
+            });
+            result
+        })
     }
 
     // The crate logs these as warnings; they are what a guest's server
@@ -284,6 +307,29 @@ impl WasiHttpHooks for HttpHooks {
     fn p2_error_from_tls(&mut self, err: &std::io::Error) -> ErrorCode {
         tracing::debug!(target: "callme::plugin", plugin = self.plugin(), error = %err, "http tls failed");
         ErrorCode::TlsProtocolError
+    }
+}
+
+/// An allowed request, counted in the metrics when it ends: with its
+/// outcome, or as `cancelled` when dropped before it has one.
+struct Counted {
+    plugin: Arc<str>,
+    entry: String,
+    started: Instant,
+    outcome: Option<&'static str>,
+}
+
+impl Counted {
+    fn ended(mut self, outcome: &'static str) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or("cancelled");
+        let elapsed = self.started.elapsed();
+        observe::plugin_http_request(&self.plugin, &self.entry, outcome, Some(elapsed));
     }
 }
 
@@ -456,7 +502,11 @@ mod tests {
     #[test]
     fn requests_are_allowed_by_host_and_port_only() {
         let g = grant(&["127.0.0.1:8080", "API.example.com:443", "[::1]:9000"]);
-        let allows = |uri: &str| g.allows_uri(&uri.parse::<Uri>().unwrap());
+        let allows = |uri: &str| g.entry_for(&uri.parse::<Uri>().unwrap()).is_some();
+        assert_eq!(
+            g.entry_for(&"https://API.example.com/v1".parse::<Uri>().unwrap()),
+            Some("api.example.com:443")
+        );
         assert!(allows("http://127.0.0.1:8080/x?y=1"));
         assert!(allows("https://api.example.com/v1"));
         assert!(allows("http://api.example.com:443/"));

@@ -211,7 +211,7 @@ impl rpc_wit::Host for CallState {
         )
         .await
         .map_err(|f| rpc_wit::RemoteError {
-            type_: f.kind,
+            type_: f.kind.to_string(),
             message: f.message,
             data: f.data,
         })

@@ -110,6 +110,19 @@ impl RpcGrant {
         self.servers.contains("*") || self.servers.contains(server)
     }
 
+    /// How metrics name a call to `server`: its id when granted by name,
+    /// `*` when granted only by `*`, `_not_granted` otherwise. Bounded by
+    /// the sidecar, whatever ids the guest names.
+    pub(crate) fn metric_target<'a>(&self, server: &'a str) -> &'a str {
+        if self.servers.contains(server) {
+            server
+        } else if self.servers.contains("*") {
+            "*"
+        } else {
+            "_not_granted"
+        }
+    }
+
     /// The ids granted, sorted (`*` included as written).
     pub fn servers(&self) -> impl Iterator<Item = &str> {
         self.servers.iter().map(String::as_str)
@@ -119,15 +132,15 @@ impl RpcGrant {
 /// Why a guest's call failed, as the guest sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct CallFailure {
-    pub(crate) kind: String,
+    pub(crate) kind: &'static str,
     pub(crate) message: String,
     pub(crate) data: Option<String>,
 }
 
 impl CallFailure {
-    fn new(kind: &str, message: String) -> CallFailure {
+    fn new(kind: &'static str, message: String) -> CallFailure {
         CallFailure {
-            kind: kind.to_string(),
+            kind,
             message,
             data: None,
         }
@@ -136,7 +149,7 @@ impl CallFailure {
     fn from_error(e: Error) -> CallFailure {
         match e {
             Error::Remote(remote) => CallFailure {
-                kind: remote.kind.as_str().to_string(),
+                kind: remote.kind.as_str(),
                 message: remote.message,
                 data: (!remote.data.is_null()).then(|| remote.data.to_string()),
             },
@@ -147,9 +160,30 @@ impl CallFailure {
 
 /// Makes one call for the guest of `plugin`: checks, then sends through
 /// the context's proxy; the result as JSON text. `sent` counts the calls
-/// the calling call has sent, this one included once it is sent.
+/// the calling call has sent, this one included once it is sent. Every
+/// call is counted in the metrics, refused or sent.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn call(
+    plugin: &str,
+    grant: &RpcGrant,
+    cx: &CallContext,
+    deadline: Option<Instant>,
+    sent: &mut u32,
+    server: &str,
+    func: &str,
+    args: &str,
+) -> Result<String, CallFailure> {
+    let before = *sent;
+    let started = Instant::now();
+    let result = check_and_send(plugin, grant, cx, deadline, sent, server, func, args).await;
+    let timed = (*sent > before).then(|| started.elapsed());
+    let outcome = result.as_ref().map(drop).map_err(|f| f.kind);
+    crate::observe::plugin_rpc_call(plugin, grant.metric_target(server), outcome, timed);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn check_and_send(
     plugin: &str,
     grant: &RpcGrant,
     cx: &CallContext,
@@ -252,6 +286,11 @@ mod tests {
         assert!(!grant.allows("other"));
         let any = RpcGrant::new(["*"], 8).unwrap();
         assert!(any.allows("anything"));
+        assert_eq!(grant.metric_target("calc"), "calc");
+        assert_eq!(grant.metric_target("other"), "_not_granted");
+        let both = RpcGrant::new(["calc", "*"], 8).unwrap();
+        assert_eq!(both.metric_target("calc"), "calc");
+        assert_eq!(both.metric_target("any-other"), "*");
         assert!(!RpcGrant::default().is_granted());
         assert!(!RpcGrant::default().allows("calc"));
         assert_eq!(
