@@ -234,6 +234,33 @@ fn timeout_covers_a_peer_that_never_answers() {
 }
 
 #[test]
+fn the_uris_connection_timeout_bounds_the_handshake() {
+    let port = fake_broker(|_| {});
+    // Well under the 15 s default and the call's own 30 s timeout.
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f?connection_timeout=500");
+    let args = [
+        "call",
+        "--timeout",
+        "30",
+        "--amqp-url",
+        &url,
+        "calc",
+        "add",
+        "1",
+        "2",
+    ];
+    let (o, took) = callme_within(&args, "off", Duration::from_secs(40));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let e = stderr_json(&o);
+    assert_eq!(e["type"], "Connection", "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("did not complete the AMQP handshake within 500ms"),
+        "{message}"
+    );
+}
+
+#[test]
 fn a_peer_that_is_not_amqp_is_named() {
     let port = fake_broker(|stream| {
         // Read the client's protocol header first, as a server would.

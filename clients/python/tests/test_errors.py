@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import traceback
 
@@ -136,6 +137,23 @@ def test_a_broker_that_is_not_there_is_a_connection_error() -> None:
     assert isinstance(caught.value, ConnectionError)  # the built-in one too
     assert "hidden-pw" not in str(caught.value)
     assert "guest:***@127.0.0.1:1" in str(caught.value)
+
+
+def test_the_urls_connection_timeout_bounds_a_silent_broker() -> None:
+    # A port that accepts connections and never says a word.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    try:
+        start = time.monotonic()
+        with pytest.raises(callme.ConnectionError) as caught:
+            callme.Proxy(f"amqp://guest:hidden-pw@127.0.0.1:{port}/%2f?connection_timeout=500")
+        assert time.monotonic() - start < 10  # not the 15 s default
+        assert "did not answer within 0.5 s" in str(caught.value)
+        assert "hidden-pw" not in str(caught.value)
+    finally:
+        silent.close()
 
 
 def test_every_error_is_a_callme_error() -> None:

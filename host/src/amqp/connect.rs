@@ -222,10 +222,11 @@ impl ConnectOptions {
         entry: &str,
     ) -> Result<Connection, Error> {
         let tls = self.tls(&uri)?;
+        let limit = handshake_limit(&uri);
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let runtime = lapin::runtime::default_runtime().map_err(Error::Connection)?;
         let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        match tokio::time::timeout(limit, connect).await {
             Ok(Ok(conn)) => Ok(conn),
             // Bytes that do not parse as AMQP frames: the peer speaks
             // another protocol, and the parser's own message says nothing
@@ -239,15 +240,26 @@ impl ConnectOptions {
             Ok(Err(e)) => Err(classify_lapin(e)),
             Err(_) => Err(Error::ConnectTimeout {
                 broker: redact_uri(entry),
-                timeout: CONNECT_TIMEOUT,
+                timeout: limit,
             }),
         }
     }
 }
 
 /// A broker that does not answer within this time is reported as down
-/// rather than left hanging.
+/// rather than left hanging, unless its URI says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The time the AMQP handshake with `uri`'s broker is given: the URI's
+/// `connection_timeout` query parameter, in milliseconds, as RabbitMQ's
+/// "URI Query Parameters" guide defines it; else [`CONNECT_TIMEOUT`].
+/// lapin parses the parameter but does not apply it.
+fn handshake_limit(uri: &AMQPUri) -> Duration {
+    uri.query
+        .connection_timeout
+        .filter(|&ms| ms > 0)
+        .map_or(CONNECT_TIMEOUT, Duration::from_millis)
+}
 
 /// Maps a lapin error to ours, recognising the broker's permission
 /// refusals by their reply code: 403 `ACCESS_REFUSED`, as a channel error
@@ -333,6 +345,18 @@ fn uri_problem(parser_message: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_uri_may_set_the_handshake_limit() {
+        let limit = |uri: &str| handshake_limit(&uri.parse::<AMQPUri>().unwrap());
+        assert_eq!(limit("amqp://h/%2f"), CONNECT_TIMEOUT);
+        assert_eq!(
+            limit("amqp://h/%2f?connection_timeout=2500"),
+            Duration::from_millis(2500)
+        );
+        // 0 would fail every connection at once: the default instead.
+        assert_eq!(limit("amqp://h/%2f?connection_timeout=0"), CONNECT_TIMEOUT);
+    }
 
     fn broker_said(kind: lapin::protocol::AMQPErrorKind) -> lapin::Error {
         let amqp = lapin::protocol::AMQPError::new(kind, "said by the broker".into());

@@ -30,7 +30,8 @@ __all__ = ["Link", "CONNECT_TIMEOUT"]
 log = logging.getLogger("callme.proxy")
 
 #: A broker that does not answer a connection attempt within this time is
-#: reported as down rather than left hanging (the Rust proxy's value).
+#: reported as down rather than left hanging (the Rust proxy's value),
+#: unless the URL's ``connection_timeout`` (milliseconds) says otherwise.
 CONNECT_TIMEOUT = 15.0
 
 #: Reconnection backoff: the first retry comes soon (a restart takes a few
@@ -109,11 +110,12 @@ class Link:
 
     async def _open(self) -> "tuple[AbstractConnection, AbstractChannel]":
         options = self.options
+        limit = options.handshake_timeout(CONNECT_TIMEOUT)
         try:
             connection = await aio_pika.connect(
                 options.connection_url(),
                 ssl_context=options.ssl_context(),
-                timeout=CONNECT_TIMEOUT,
+                timeout=limit,
             )
         except (aiormq.exceptions.ProbableAuthenticationError,
                 aiormq.exceptions.AuthenticationError,
@@ -123,7 +125,7 @@ class Link:
             ) from None
         except asyncio.TimeoutError:
             raise errors.ConnectionError(
-                f"the broker at {options.redacted} did not answer within {CONNECT_TIMEOUT:g} s"
+                f"the broker at {options.redacted} did not answer within {limit:g} s"
             ) from None
         except (aiormq.exceptions.AMQPError, OSError) as e:
             raise errors.ConnectionError(

@@ -172,6 +172,17 @@ class ConnectOptions:
             query["name"] = self.connection_name or "callme proxy"
         return urlunsplit(parts._replace(query=urlencode(query)))
 
+    def handshake_timeout(self, default: float) -> float:
+        """Seconds a connection attempt is given: the URL's
+        ``connection_timeout`` query parameter (milliseconds, as in
+        RabbitMQ's URI query parameters guide), else ``default``."""
+        raw = dict(parse_qsl(urlsplit(self.url).query)).get("connection_timeout")
+        try:
+            ms = int(raw) if raw is not None else 0
+        except ValueError:
+            ms = 0
+        return ms / 1000 if ms > 0 else default
+
     def ssl_context(self) -> Optional[_ssl.SSLContext]:
         """The TLS context for an ``amqps://`` URL (``None`` for ``amqp://``):
         the system's CAs, or ``ca_file``'s, plus the client certificate."""
