@@ -55,6 +55,9 @@ pub(crate) struct Link {
     /// Told to stop by `close`; dropped, it stops the supervisor too.
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     stop: watch::Sender<bool>,
+    /// The node the first connection went to, password hidden.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    first_node: String,
 }
 
 impl Link {
@@ -72,7 +75,18 @@ impl Link {
         let (stop, stop_rx) = watch::channel(false);
         let current = Current { conn, broker };
         tokio::spawn(supervise(options.clone(), name, current, state_tx, stop_rx));
-        Ok(Link { state, stop })
+        Ok(Link {
+            state,
+            stop,
+            first_node: node,
+        })
+    }
+
+    /// The broker node of the list the first connection went to, password
+    /// hidden (a reconnection may go to another; the link logs it).
+    #[cfg(feature = "server")]
+    pub(crate) fn first_node(&self) -> &str {
+        &self.first_node
     }
 
     /// The connection, if it is up now.

@@ -191,7 +191,7 @@ impl Server {
                 what: "the plugin executor",
                 source,
             })?;
-        info!(target: "callme::server", broker = %connect.redacted(), "connected");
+        info!(target: "callme::server", broker = %link.first_node(), "connected");
         let server = Server {
             inner: Arc::new(Inner {
                 link,
