@@ -175,104 +175,93 @@ pub(crate) async fn call(
 ) -> Result<String, CallFailure> {
     let before = *sent;
     let started = Instant::now();
-    let result = check_and_send(plugin, grant, cx, deadline, sent, server, func, args).await;
+    let result = async {
+        if !grant.allows(server) {
+            return Err(CallFailure::new(
+                "NotGranted",
+                format!(
+                    "calls to server `{}` are not granted to this plugin (its sidecar's `rpc` list)",
+                    server.escape_debug()
+                ),
+            ));
+        }
+        let depth = cx.depth.saturating_add(1);
+        if depth > grant.max_depth {
+            return Err(CallFailure::new(
+                "CallDepthExceeded",
+                format!(
+                    "call depth limit of {} reached: this call is already {} hops from its client \
+                     (servers calling each other in a cycle?)",
+                    grant.max_depth, cx.depth
+                ),
+            ));
+        }
+        if *sent >= grant.max_calls {
+            return Err(CallFailure::new(
+                "TooManyCalls",
+                format!(
+                    "this call has sent {} calls to other servers, the most it may \
+                     (the sidecar's `rpc_max_calls`)",
+                    grant.max_calls
+                ),
+            ));
+        }
+        let args = match serde_json::from_str::<Value>(args) {
+            Ok(Value::Array(a)) => Args::positional(a),
+            Ok(Value::Object(o)) => Args::keywords(o),
+            Ok(_) => {
+                return Err(CallFailure::new(
+                    ErrorKind::InvalidArguments.as_str(),
+                    "the arguments must be a JSON array (positional) or object (keywords)".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(CallFailure::new(
+                    ErrorKind::InvalidArguments.as_str(),
+                    format!("the arguments are not JSON: {e}"),
+                ));
+            }
+        };
+        let Some(proxy) = &cx.proxy else {
+            return Err(CallFailure::new(
+                "Unavailable",
+                "no broker connection: calls to other servers work only in a served plugin".into(),
+            ));
+        };
+        let remaining = deadline.map_or(crate::plugin::DEFAULT_DEADLINE, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        if remaining.is_zero() {
+            return Err(CallFailure::new(
+                ErrorKind::Timeout.as_str(),
+                "the calling call's deadline has passed".into(),
+            ));
+        }
+        let mut options = CallOptions::new(remaining).with_depth(depth);
+        if let Some(trace) = &cx.trace {
+            options = options.with_trace(trace.clone());
+        }
+        *sent += 1;
+        let started = Instant::now();
+        let outcome = proxy.call_with(server, func, args, options).await;
+        let elapsed = started.elapsed();
+        match outcome {
+            Ok(value) => {
+                tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, "rpc call");
+                Ok(value.to_string())
+            }
+            Err(e) => {
+                let failure = CallFailure::from_error(e);
+                tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, error = %failure.kind, "rpc call failed");
+                Err(failure)
+            }
+        }
+    }
+    .await;
     let timed = (*sent > before).then(|| started.elapsed());
     let outcome = result.as_ref().map(drop).map_err(|f| f.kind);
     crate::observe::plugin_rpc_call(plugin, grant.metric_target(server), outcome, timed);
     result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn check_and_send(
-    plugin: &str,
-    grant: &RpcGrant,
-    cx: &CallContext,
-    deadline: Option<Instant>,
-    sent: &mut u32,
-    server: &str,
-    func: &str,
-    args: &str,
-) -> Result<String, CallFailure> {
-    if !grant.allows(server) {
-        return Err(CallFailure::new(
-            "NotGranted",
-            format!(
-                "calls to server `{}` are not granted to this plugin (its sidecar's `rpc` list)",
-                server.escape_debug()
-            ),
-        ));
-    }
-    let depth = cx.depth.saturating_add(1);
-    if depth > grant.max_depth {
-        return Err(CallFailure::new(
-            "CallDepthExceeded",
-            format!(
-                "call depth limit of {} reached: this call is already {} hops from its client \
-                 (servers calling each other in a cycle?)",
-                grant.max_depth, cx.depth
-            ),
-        ));
-    }
-    if *sent >= grant.max_calls {
-        return Err(CallFailure::new(
-            "TooManyCalls",
-            format!(
-                "this call has sent {} calls to other servers, the most it may \
-                 (the sidecar's `rpc_max_calls`)",
-                grant.max_calls
-            ),
-        ));
-    }
-    let args = match serde_json::from_str::<Value>(args) {
-        Ok(Value::Array(a)) => Args::positional(a),
-        Ok(Value::Object(o)) => Args::keywords(o),
-        Ok(_) => {
-            return Err(CallFailure::new(
-                ErrorKind::InvalidArguments.as_str(),
-                "the arguments must be a JSON array (positional) or object (keywords)".into(),
-            ));
-        }
-        Err(e) => {
-            return Err(CallFailure::new(
-                ErrorKind::InvalidArguments.as_str(),
-                format!("the arguments are not JSON: {e}"),
-            ));
-        }
-    };
-    let Some(proxy) = &cx.proxy else {
-        return Err(CallFailure::new(
-            "Unavailable",
-            "no broker connection: calls to other servers work only in a served plugin".into(),
-        ));
-    };
-    let remaining = deadline.map_or(crate::plugin::DEFAULT_DEADLINE, |d| {
-        d.saturating_duration_since(Instant::now())
-    });
-    if remaining.is_zero() {
-        return Err(CallFailure::new(
-            ErrorKind::Timeout.as_str(),
-            "the calling call's deadline has passed".into(),
-        ));
-    }
-    let mut options = CallOptions::new(remaining).with_depth(depth);
-    if let Some(trace) = &cx.trace {
-        options = options.with_trace(trace.clone());
-    }
-    *sent += 1;
-    let started = Instant::now();
-    let outcome = proxy.call_with(server, func, args, options).await;
-    let elapsed = started.elapsed();
-    match outcome {
-        Ok(value) => {
-            tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, "rpc call");
-            Ok(value.to_string())
-        }
-        Err(e) => {
-            let failure = CallFailure::from_error(e);
-            tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, error = %failure.kind, "rpc call failed");
-            Err(failure)
-        }
-    }
 }
 
 #[cfg(test)]
