@@ -199,6 +199,23 @@ async fn a_server_that_does_not_exist_gives_the_guest_no_such_server() {
     );
     // At once, not after the deadline.
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Counted under `*`, the grant that allowed it: the ids a guest makes
+    // up never become series.
+    let text = callme::observe::render();
+    assert!(!text.contains(&missing), "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "callme_plugin_rpc_calls_total",
+            &[
+                ("server_id", &relay),
+                ("target", "*"),
+                ("outcome", "NoSuchServer")
+            ]
+        ),
+        1.0,
+        "{text}"
+    );
     srv.shutdown(Duration::from_secs(5)).await;
 }
 
