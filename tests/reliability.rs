@@ -261,6 +261,54 @@ async fn runaway_plugin_does_not_starve_its_neighbours() {
     );
 }
 
+/// A call that finds the host idle is first run on the thread that took
+/// it, which also serves the broker connection's other requests: a
+/// runaway guest must leave it at its first yield, not hold it until its
+/// limits stop it. The test's runtime has one thread, shared with the
+/// server: a task ticking every millisecond on it sees how long the guest
+/// held it.
+#[tokio::test]
+async fn a_lone_runaway_call_leaves_the_thread_that_took_it() {
+    let s = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let bad = unique("lone-runaway");
+    s.serve_plugin(load("hostile", &bad, PluginSettings::default()))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut longest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                longest = longest.max(t.elapsed());
+            }
+            longest
+        })
+    };
+    let t = Instant::now();
+    let e = p
+        .use_server(&bad)
+        .call("spin", Args::default())
+        .await
+        .unwrap_err();
+    let spun = t.elapsed();
+    assert_eq!(
+        e.remote().map(|r| r.kind),
+        Some(ErrorKind::Timeout),
+        "{e:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held = ticker.await.unwrap();
+    eprintln!("one runaway call of {spun:?}: the shared thread was held {held:?} at most");
+    assert!(
+        held < spun / 4,
+        "a runaway call of {spun:?} held the thread that took it for {held:?}"
+    );
+}
+
 /// p50 and p99 of `n` sequential `add` calls, all of which must succeed.
 async fn latencies(p: &callme::Proxy, id: &str, n: usize) -> (Duration, Duration) {
     let mut samples = Vec::new();

@@ -616,6 +616,8 @@ impl Instances {
     pub(super) fn arm(&self, store: &mut Store<CallState>) {
         // Fuel is enabled on the engine, so setting it cannot fail.
         let _ = store.set_fuel(self.settings.limits.fuel);
+        // Never fails on an async engine.
+        let _ = store.fuel_async_yield_interval(Some(super::YIELD_EVERY_FUEL));
         let limit = self.settings.limits.deadline;
         let deadline = Instant::now() + limit;
         store.set_epoch_deadline(1);

@@ -21,9 +21,10 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
+use super::MAX_IN_FLIGHT;
 use super::Server;
 use super::reply::{Replier, Sent};
-use super::service::{Context, Service};
+use super::service::{Context, QUIET_IN_FLIGHT, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{CALL_DEPTH, CONTENT_TYPE, Request, Response};
 use crate::{ErrorKind, RemoteError, TraceContext};
@@ -106,6 +107,8 @@ impl Job {
                     let cx = Context {
                         id: &self.id,
                         executor: inner.executor.handle(),
+                        quiet: MAX_IN_FLIGHT as usize - inner.in_flight.available_permits()
+                            <= QUIET_IN_FLIGHT,
                         default_concurrency: inner.options.concurrency,
                         depth: call_depth(&delivery),
                         trace: &trace,

@@ -4,7 +4,8 @@
 //! `server_ID_queue`, a consumer on its own channel with a prefetch equal
 //! to the concurrency, and up to that many calls in flight. Plugin calls
 //! run on a dedicated executor, so CPU-heavy guests never starve the tasks
-//! that talk to the broker. A request is acked only after its reply is
+//! that talk to the broker (on a nearly idle host a call starts where it
+//! was taken, and moves there at its first wait or yield). A request is acked only after its reply is
 //! confirmed by the broker: a host that dies mid-call leaves the request to
 //! be redelivered. Bad messages are answered with `BadRequest` (or logged
 //! and dropped when they cannot be answered); they never stop the server.
