@@ -694,9 +694,10 @@ async fn a_response_over_the_size_cap_is_an_error_not_a_short_body() {
     // Announced with a length: refused before the body is read.
     let cap = 1000u64;
     let web = HttpServer::start(Answer::Body(2000)).await;
+    let id = unique("cap-http-big");
     let p = load(
         "relay",
-        "relay",
+        &id,
         granted_http(&[&web.authority()], cap, Duration::from_secs(10)),
     );
     let message = fetch(&p, &web.url("/big")).await.unwrap_err();
@@ -704,6 +705,16 @@ async fn a_response_over_the_size_cap_is_an_error_not_a_short_body() {
     assert!(
         message.contains(&format!("HttpResponseBodySize(Some({length}))")),
         "{message}"
+    );
+    let text = callme::observe::render();
+    assert_eq!(
+        value(
+            &text,
+            "callme_plugin_http_requests_total",
+            &[("server_id", &id), ("outcome", "too_large")]
+        ),
+        1.0,
+        "{text}"
     );
 
     // Without a length: the body's stream fails once it passes the cap.
@@ -732,9 +743,10 @@ async fn a_response_over_the_size_cap_is_an_error_not_a_short_body() {
 #[tokio::test]
 async fn the_http_time_limit_cuts_a_server_that_never_answers() {
     let web = HttpServer::start(Answer::Never).await;
+    let id = unique("cap-http-slow");
     let p = load(
         "relay",
-        "relay",
+        &id,
         granted_http(&[&web.authority()], 1 << 20, Duration::from_millis(300)),
     );
     let started = Instant::now();
@@ -748,7 +760,7 @@ async fn the_http_time_limit_cuts_a_server_that_never_answers() {
     let stalls = HttpServer::start(Answer::Stalls).await;
     let p = load(
         "relay",
-        "relay",
+        &id,
         granted_http(&[&stalls.authority()], 1 << 20, Duration::from_millis(300)),
     );
     let started = Instant::now();
@@ -759,7 +771,7 @@ async fn the_http_time_limit_cuts_a_server_that_never_answers() {
     // The call's own deadline still ends a call waiting on a longer limit.
     let mut settings = granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(60));
     settings.limits.deadline = Duration::from_millis(500);
-    let p = load("relay", "relay", settings);
+    let p = load("relay", &id, settings);
     let started = Instant::now();
     let outcome = p.call("fetch", &pos(json!([web.url("/")]))).await;
     assert!(
@@ -773,6 +785,24 @@ async fn the_http_time_limit_cuts_a_server_that_never_answers() {
         "{outcome:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Counted by what became of each: no head in time, a head and then
+    // a stalled body, dropped with the call that made it (its task is
+    // aborted, so a moment after the call ends).
+    let counted = |host: &str, outcome: &str| {
+        value(
+            &callme::observe::render(),
+            "callme_plugin_http_requests_total",
+            &[("server_id", &id), ("host", host), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(counted(&web.authority(), "timeout"), 1.0);
+    assert_eq!(counted(&stalls.authority(), "ok"), 1.0);
+    let cancelled = eventually(Duration::from_secs(5), || async {
+        (counted(&web.authority(), "cancelled") == 1.0).then_some(())
+    })
+    .await;
+    assert!(cancelled.is_some(), "{}", callme::observe::render());
 }
 
 #[tokio::test]

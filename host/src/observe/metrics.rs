@@ -297,7 +297,7 @@ impl Metrics {
         );
         r.register(
             "callme_plugin_rpc_calls",
-            "Calls plugins made to other servers, by the calling plugin's server id, target (the server id as the sidecar grants it, `*` for one granted only by `*`, `_not_granted` for one refused) and outcome (`ok`, the error type, or the refusal: NotGranted, CallDepthExceeded, TooManyCalls, ...)",
+            "Calls plugins made to other servers, by the calling plugin's server id, target (the server id as the sidecar grants it, `*` for one granted only by `*`, `_not_granted` for one refused) and outcome (`ok`, the error type, or the refusal: NotGranted, CallDepthExceeded, TooManyCalls, ...; `cancelled` when the calling call ended first)",
             m.rpc_calls.clone(),
         );
         r.register_with_unit(

@@ -405,6 +405,12 @@ impl Instances {
         }
     }
 
+    /// Whether a call now would find an instance ready: a spare, or an
+    /// idle instance with `reuse_instances`.
+    pub(super) fn has_ready(&self) -> bool {
+        !self.pool().ready.is_empty()
+    }
+
     /// Spares ready now.
     pub(super) fn spares(&self) -> usize {
         if self.settings.reuse_instances {

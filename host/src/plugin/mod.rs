@@ -132,6 +132,13 @@ impl Plugin {
         self.instances.spares()
     }
 
+    /// Whether a call now would find an instance made ahead: a spare, or
+    /// an idle instance with `reuse_instances`. Such a call makes nothing
+    /// and, if it returns, drops nothing before it ends.
+    pub(crate) fn has_ready_instance(&self) -> bool {
+        self.instances.has_ready()
+    }
+
     /// Checks `args` against `func`'s parameters without calling it.
     ///
     /// # Errors

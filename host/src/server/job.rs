@@ -24,7 +24,7 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use super::MAX_IN_FLIGHT;
 use super::Server;
 use super::reply::{Replier, Sent};
-use super::service::{Context, QUIET_IN_FLIGHT, Service};
+use super::service::{Context, QUIET_IN_FLIGHT, QUIET_MAX_REQUEST_BYTES, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{CALL_DEPTH, CONTENT_TYPE, Request, Response};
 use crate::{ErrorKind, RemoteError, TraceContext};
@@ -108,7 +108,8 @@ impl Job {
                         id: &self.id,
                         executor: inner.executor.handle(),
                         quiet: MAX_IN_FLIGHT as usize - inner.in_flight.available_permits()
-                            <= QUIET_IN_FLIGHT,
+                            <= QUIET_IN_FLIGHT
+                            && delivery.data.len() <= QUIET_MAX_REQUEST_BYTES,
                         default_concurrency: inner.options.concurrency,
                         depth: call_depth(&delivery),
                         trace: &trace,

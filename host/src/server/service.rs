@@ -8,6 +8,7 @@
 //! `_describe` is answered here too, from what the service holds.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -86,8 +87,9 @@ pub(super) struct Context<'a> {
     pub(super) id: &'a str,
     /// Where plugin code runs.
     pub(super) executor: &'a tokio::runtime::Handle,
-    /// Whether the host is nearly idle: this request is one of at most
-    /// [`QUIET_IN_FLIGHT`] taken and not yet settled, across its ids.
+    /// Whether the host is nearly idle and the request small: it is one
+    /// of at most [`QUIET_IN_FLIGHT`] taken and not yet settled, across
+    /// the host's ids, and of at most [`QUIET_MAX_REQUEST_BYTES`].
     pub(super) quiet: bool,
     /// The server's concurrency, for plugins that do not set their own.
     pub(super) default_concurrency: usize,
@@ -129,13 +131,14 @@ impl Service {
                 // the plugin's log lines carry its trace.
                 let context =
                     CallContext::new(cx.depth, Some(cx.trace.clone()), cx.calls_out.cloned());
+                let in_place = cx.quiet && plugin.has_ready_instance();
                 let call =
                     async move { plugin.call_with(&func, &args, context).await }.in_current_span();
-                match run_plugin_call(cx, call).await {
+                match run_plugin_call(cx, in_place, call).await {
                     Ok(r) => r.map_err(RemoteError::from),
-                    Err(e) => Err(RemoteError::new(
+                    Err(failed) => Err(RemoteError::new(
                         ErrorKind::Internal,
-                        format!("the call's task failed: {e}"),
+                        format!("the call's task failed: {failed}"),
                     )),
                 }
             }
@@ -163,29 +166,57 @@ impl Service {
 /// its way.
 pub(super) const QUIET_IN_FLIGHT: usize = 2;
 
-/// Runs a plugin call on the plugin executor, except when the host is
-/// nearly idle (see [`Context::quiet`]): then the call is first polled
-/// right here. Most calls finish without waiting, and the hop to the
-/// executor and back is half of what a small call costs its caller
-/// (about 25 µs of 35–50). It moves to the executor at its first wait or
-/// yield: a guest yields every [`crate::plugin::YIELD_EVERY_FUEL`] units
-/// of fuel, so it holds this thread for a fraction of a millisecond at
-/// most (and, when no spare instance is ready, while its instance is made:
-/// under a millisecond for the interpreters measured). Under load, calls run on the executor from the start, where they
-/// do not hold up the threads that talk to the broker.
-async fn run_plugin_call<F>(cx: &Context<'_>, call: F) -> Result<F::Output, tokio::task::JoinError>
+/// The largest request run in place on a quiet host: binding its
+/// arguments into the guest takes a few microseconds, not milliseconds.
+pub(super) const QUIET_MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// Runs a plugin call on the plugin executor, except when `in_place`:
+/// then the call is first polled right here, and moves to the executor
+/// only at its first wait or yield. The hop to the executor and back is
+/// half of what a small call costs its caller (about 25 µs of 35–50),
+/// and most calls finish without waiting. The server asks for it only
+/// while the host is nearly idle (see [`Context::quiet`]), for a small
+/// request, and when an instance is ready: nothing is made and nothing
+/// dropped on this thread then, and a guest yields every
+/// [`crate::plugin::YIELD_EVERY_FUEL`] units of fuel, so the call holds
+/// this thread for a fraction of a millisecond at most. Under load,
+/// calls run on the executor from the start, where they do not hold up
+/// the threads that talk to the broker.
+///
+/// Polled here, the call runs in the executor's runtime context, so the
+/// timers and tasks it makes belong to the executor as they do when it
+/// moves there; a panic in it is an error, as in a task of the executor.
+async fn run_plugin_call<F>(cx: &Context<'_>, in_place: bool, call: F) -> Result<F::Output, String>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut call = Box::pin(call);
-    if cx.quiet {
-        let first = std::future::poll_fn(|task| Poll::Ready(call.as_mut().poll(task))).await;
-        if let Poll::Ready(out) = first {
-            return Ok(out);
+    if in_place {
+        let first = std::future::poll_fn(|task| {
+            let _executor = cx.executor.enter();
+            Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+                call.as_mut().poll(task)
+            })))
+        })
+        .await;
+        match first {
+            Ok(Poll::Ready(out)) => return Ok(out),
+            Ok(Poll::Pending) => {}
+            Err(panic) => return Err(panic_message(panic.as_ref())),
         }
     }
-    cx.executor.spawn(call).await
+    cx.executor.spawn(call).await.map_err(|e| e.to_string())
+}
+
+/// What a caught panic says.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("panicked: {text}")
 }
 
 fn describe_plugin(plugin: &Plugin, cx: &Context<'_>) -> Description {

@@ -284,7 +284,11 @@ impl WasiHttpHooks for HttpHooks {
             let result = async { sent?.await? }.await;
             counted.ended(match &result {
                 Ok(_) => "ok",
-                Err(HttpError::HttpResponseTimeout) => "timeout",
+                Err(
+                    HttpError::HttpResponseTimeout
+                    | HttpError::ConnectionTimeout
+                    | HttpError::ConnectionReadTimeout,
+                ) => "timeout",
                 Err(HttpError::HttpResponseBodySize(_)) => "too_large",
                 Err(_) => "error",
             });

@@ -174,7 +174,12 @@ pub(crate) async fn call(
     args: &str,
 ) -> Result<String, CallFailure> {
     let before = *sent;
-    let started = Instant::now();
+    let mut counted = Counted {
+        plugin,
+        target: grant.metric_target(server),
+        started: Instant::now(),
+        outcome: None,
+    };
     let result = async {
         if !grant.allows(server) {
             return Err(CallFailure::new(
@@ -258,10 +263,30 @@ pub(crate) async fn call(
         }
     }
     .await;
-    let timed = (*sent > before).then(|| started.elapsed());
-    let outcome = result.as_ref().map(drop).map_err(|f| f.kind);
-    crate::observe::plugin_rpc_call(plugin, grant.metric_target(server), outcome, timed);
+    counted.outcome = Some((
+        result.as_ref().map(drop).map_err(|f| f.kind),
+        *sent > before,
+    ));
     result
+}
+
+/// A call of a guest, counted in the metrics when it ends: with its
+/// outcome (timed if it was sent), or as `cancelled` when the guest's
+/// call is dropped first (its deadline passed, or the host stops).
+struct Counted<'a> {
+    plugin: &'a str,
+    target: &'a str,
+    started: Instant,
+    /// The outcome, and whether the call was sent.
+    outcome: Option<(Result<(), &'static str>, bool)>,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let (outcome, sent) = self.outcome.unwrap_or((Err("cancelled"), true));
+        let timed = sent.then(|| self.started.elapsed());
+        crate::observe::plugin_rpc_call(self.plugin, self.target, outcome, timed);
+    }
 }
 
 #[cfg(test)]
