@@ -5,9 +5,9 @@
 //! to the concurrency, and up to that many calls in flight. Plugin calls
 //! run on a dedicated executor, so CPU-heavy guests never starve the tasks
 //! that talk to the broker (on a nearly idle host a call starts where it
-//! was taken, and moves there at its first wait or yield). A request is acked only after its reply is
-//! confirmed by the broker: a host that dies mid-call leaves the request to
-//! be redelivered. Bad messages are answered with `BadRequest` (or logged
+//! was taken, and moves there at its first wait or yield). A request is
+//! acked only after its reply is confirmed by the broker: a host that dies
+//! mid-call leaves the request to be redelivered. Bad messages are answered with `BadRequest` (or logged
 //! and dropped when they cannot be answered); they never stop the server.
 //! When the broker connection is lost, the link reconnects and each
 //! served id declares its exchange and queue again and resumes consuming.
