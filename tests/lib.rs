@@ -469,6 +469,7 @@ pub struct RawClient {
     channel: lapin::Channel,
     /// The exchange its queue is bound to, where replies come.
     exchange: String,
+    queue: String,
     replies: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
 }
 
@@ -551,8 +552,25 @@ impl RawClient {
             _conn: conn,
             channel,
             exchange,
+            queue,
             replies,
         }
+    }
+
+    /// Binds its queue to the shared reply exchange with its exchange's
+    /// name as the key, as a proxy does (the exchange must exist: a
+    /// host declares it).
+    pub async fn bind_shared(&self) {
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                callme::protocol::SHARED_REPLIES.into(),
+                self.exchange.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
     }
 
     /// Sends `body` to `server`: with `content_type` when given, this

@@ -4,15 +4,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use callme::protocol::{Args, server_exchange};
+use callme::protocol::{Args, REPLY_VIA, SHARED_REPLIES, server_exchange};
 use callme::{
     ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Server, ServerOptions,
 };
 use callme_tests::{
-    amqp_url, amqp_url_as, broker_ctl, load, pos, proxy, server, slow_calls, unique,
+    RawClient, amqp_url, amqp_url_as, broker_ctl, load, pos, proxy, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
@@ -90,6 +91,12 @@ async fn lying_requests(server_id: &str, n: usize) {
             .with_content_type("application/json".into())
             .with_correlation_id(format!("lie-{i}").into())
             .with_reply_to(format!("no-such-exchange-{}", uuid::Uuid::new_v4()).into());
+        // Half of them claim a binding to the shared reply exchange too.
+        let props = if i % 2 == 1 {
+            props.with_headers(reply_via())
+        } else {
+            props
+        };
         channel
             .basic_publish(
                 server_exchange(server_id).as_str().into(),
@@ -143,6 +150,8 @@ async fn replies_to_missing_exchanges_cost_no_other_caller_its_reply() {
     for id in &ids {
         srv.serve_native(id, slow_add(10)).await.unwrap();
     }
+    pipelined(&srv).await;
+    let consumer_conn = connection_pid(&user, "callme server").expect("the host's connection");
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = watch_channels(user.clone(), stop.clone());
 
@@ -196,12 +205,16 @@ async fn replies_to_missing_exchanges_cost_no_other_caller_its_reply() {
         "the lies' requests were not all acked: {} undeliverable",
         srv.undeliverable()
     );
+    // Its consumer connection and its reply pipeline's.
+    assert!(connections <= 2, "{connections} connections");
     assert_eq!(
-        connections, 1,
+        connection_pid(&user, "callme server").as_deref(),
+        Some(consumer_conn.as_str()),
         "the server lost its connection during the flood"
     );
-    // One consumer channel per id, the reply lanes, and a declare or two.
-    assert!(channels <= 4 + 64 + 4, "{channels} channels open");
+    // One consumer channel per id, the reply lanes, the pipeline, and a
+    // declare or two.
+    assert!(channels <= 4 + 64 + 1 + 4, "{channels} channels open");
     // And it still answers.
     let sum: i64 = good
         .use_server(&ids[0])
@@ -305,4 +318,239 @@ async fn an_invalid_concurrency_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(v, json!("1"));
+}
+
+/// The header a caller bound to the shared reply exchange sends.
+fn reply_via() -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        REPLY_VIA.into(),
+        AMQPValue::LongString(SHARED_REPLIES.into()),
+    );
+    headers
+}
+
+/// Waits until `srv` pipelines replies.
+async fn pipelined(srv: &Server) {
+    let up = callme_tests::eventually(Duration::from_secs(20), || {
+        let up = srv.replies_pipelined();
+        async move { up.then_some(()) }
+    })
+    .await;
+    assert!(up.is_some(), "the host never pipelined its replies");
+}
+
+/// Sends `n` requests at once, with `headers`, and takes their replies:
+/// how many came by the shared reply exchange. Every reply is checked.
+async fn burst(client: &mut RawClient, id: &str, n: i64, headers: FieldTable) -> usize {
+    for i in 0..n {
+        let body = serde_json::to_vec(&json!({"func": "add", "args": [i, 1]})).unwrap();
+        let corr = format!("burst-{i}");
+        client
+            .send_with(
+                id,
+                &body,
+                Some("application/json"),
+                true,
+                Some(&corr),
+                headers.clone(),
+            )
+            .await;
+    }
+    let mut shared = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let reply = client.next_reply(None).await;
+        let corr = reply.properties.correlation_id().as_ref().unwrap();
+        let i: i64 = corr
+            .as_str()
+            .strip_prefix("burst-")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(seen.insert(i), "two replies to {corr}");
+        let body: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+        assert_eq!(body, json!({"result": i + 1}));
+        if reply.exchange.as_str() == SHARED_REPLIES {
+            shared += 1;
+        }
+    }
+    shared
+}
+
+/// A busy host pipelines the replies of callers that bound the shared
+/// reply exchange, and only theirs; a lone call's reply goes by the
+/// caller's own exchange. A proxy binds it by itself.
+#[tokio::test]
+async fn replies_under_load_go_by_the_shared_exchange_to_callers_bound_to_it() {
+    let srv = server(ServerOptions {
+        concurrency: 16,
+        ..ServerOptions::default()
+    })
+    .await;
+    let id = unique("piped");
+    srv.serve_native(&id, slow_add(20)).await.unwrap();
+    pipelined(&srv).await;
+
+    let mut client = RawClient::connect().await;
+    client.bind_shared().await;
+    let by_shared = burst(&mut client, &id, 48, reply_via()).await;
+    // The last two or so are answered once the host is quiet again.
+    assert!(by_shared >= 40, "{by_shared} of 48 replies pipelined");
+    assert_eq!(burst(&mut client, &id, 48, FieldTable::default()).await, 0);
+    let lone = burst(&mut client, &id, 1, reply_via()).await;
+    assert_eq!(lone, 0, "a lone call's reply was pipelined");
+
+    // A proxy's reply queue is bound with its exchange's name as the key.
+    let p = proxy(Duration::from_secs(20)).await;
+    let bindings = broker_ctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "routing_key",
+    ]);
+    assert!(
+        bindings.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols == [SHARED_REPLIES, p.reply_exchange()]
+        }),
+        "no binding of {} on {SHARED_REPLIES}",
+        p.reply_exchange()
+    );
+    let sums = join_all((0..64i64).map(|i| {
+        let sp = p.use_server(&id);
+        async move { sp.invoke::<_, i64>("add", (i, 1)).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(sums, (1..=64).collect::<Vec<i64>>());
+}
+
+/// The pid of `user`'s connection named `name` (`callme server`).
+fn connection_pid(user: &str, name: &str) -> Option<String> {
+    let out = broker_ctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "user",
+        "pid",
+        "client_properties",
+    ]);
+    out.lines()
+        .filter(|l| l.starts_with(&format!("{user}\t")) && l.contains(name))
+        .find_map(|l| l.split('\t').nth(1).map(str::to_string))
+}
+
+/// An operator who takes the shared reply exchange away from a busy host
+/// (its user may no longer publish there and its reply connection is
+/// closed; then the exchange is deleted) costs no caller its reply, and
+/// the host keeps its consumer connection: the replies in flight go by
+/// each caller's exchange instead.
+#[tokio::test]
+async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
+    let (user, password) = dedicated_user("revoke");
+    let srv = Server::connect(
+        &ConnectOptions::new(amqp_url_as(&user, &password)),
+        ServerOptions {
+            concurrency: 16,
+            ..ServerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let id = unique("revoke");
+    srv.serve_native(&id, slow_add(20)).await.unwrap();
+    pipelined(&srv).await;
+    let endpoint = callme::observe::Endpoint::bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let port = endpoint.local_addr().unwrap().port();
+    tokio::spawn(endpoint.run());
+    let by_shared = async || {
+        let text = callme_tests::scrape(port).await;
+        callme_tests::value(
+            &text,
+            "callme_replies_pipelined_total",
+            &[("server_id", &id)],
+        )
+    };
+    let consumer_conn = connection_pid(&user, "callme server").expect("the host's connection");
+
+    let p = proxy(Duration::from_secs(30)).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    // Calls for 15 s, a few at a time.
+    const CALLS: i64 = 6000;
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let sp = p.use_server(&id);
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(i as u64 * 2500)).await;
+                let sum: i64 = sp.invoke("add", (i, 1)).await.expect("a call");
+                assert_eq!(sum, i + 1);
+                answered.fetch_add(1, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    // A third of the way: no more writing to the shared exchange.
+    while answered.load(Ordering::Relaxed) < 500 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = by_shared().await;
+    assert!(first > 100.0, "{first} replies pipelined of 500");
+    // The broker applies a permission change to new channels (its Access
+    // Control guide: checks are cached per channel), so the operator
+    // closes the host's reply connection too.
+    broker_ctl(&[
+        "set_permissions",
+        "-p",
+        "/",
+        &user,
+        ".*",
+        &format!("^(?!{SHARED_REPLIES}$).*"),
+        ".*",
+    ]);
+    let replies_conn = connection_pid(&user, "callme replies").expect("the reply connection");
+    broker_ctl(&["close_connection", &replies_conn, "permissions changed"]);
+    let off = callme_tests::eventually(Duration::from_secs(10), || {
+        let up = srv.replies_pipelined();
+        async move { (!up).then_some(()) }
+    })
+    .await;
+    assert!(off.is_some(), "the host still pipelines without permission");
+    // Allowed again: once the host pipelines again, the exchange is
+    // deleted under it.
+    broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    pipelined(&srv).await;
+    let before_delete = answered.load(Ordering::Relaxed);
+    assert!(
+        before_delete < CALLS as usize - 500,
+        "calls ran out: {before_delete}"
+    );
+    let regranted = by_shared().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        by_shared().await > regranted,
+        "nothing pipelined once allowed again"
+    );
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    conn.create_channel()
+        .await
+        .unwrap()
+        .exchange_delete(SHARED_REPLIES.into(), Default::default())
+        .await
+        .unwrap();
+    for call in join_all(calls).await {
+        call.expect("every call answered");
+    }
+    assert_eq!(answered.load(Ordering::Relaxed), CALLS as usize);
+    assert_eq!(
+        connection_pid(&user, "callme server").as_deref(),
+        Some(consumer_conn.as_str()),
+        "the host's consumer connection was replaced"
+    );
+    // The host declares the exchange again and pipelines once more.
+    pipelined(&srv).await;
 }

@@ -66,6 +66,29 @@ impl Client {
         let reply_exchange = format!("client_bench_ex_{uid}");
         let reply_queue = format!("client_bench_queue_{uid}");
         declare_bound(&channel, &reply_exchange, &reply_queue).await?;
+        // The shared reply exchange, as a proxy binds it (protocol.md):
+        // declared here too, so the bench does not depend on a host
+        // having run first.
+        channel
+            .exchange_declare(
+                "callme_replies".into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                reply_queue.as_str().into(),
+                "callme_replies".into(),
+                reply_exchange.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         let mut replies = channel
             .basic_consume(
                 reply_queue.as_str().into(),
@@ -109,7 +132,8 @@ impl Client {
             .with_content_type("application/json".into())
             .with_correlation_id(corr.as_str().into())
             .with_reply_to(self.reply_exchange.as_str().into())
-            .with_expiration(CALL_TIMEOUT.as_millis().to_string().into());
+            .with_expiration(CALL_TIMEOUT.as_millis().to_string().into())
+            .with_headers(reply_via());
         self.channel
             .basic_publish(
                 format!("server_{server}_ex").as_str().into(),
@@ -132,6 +156,17 @@ impl Client {
             Box::pin(async move { client.add(&server, i).await })
         })
     }
+}
+
+/// The header by which a caller says its reply queue is bound to the
+/// shared reply exchange.
+fn reply_via() -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-callme-reply-via".into(),
+        lapin::types::AMQPValue::LongString("callme_replies".into()),
+    );
+    headers
 }
 
 /// Declares a direct exchange (auto-delete) and an exclusive queue bound

@@ -30,6 +30,29 @@ pub const TIMESTAMP_IN_MS: &str = "timestamp_in_ms";
 /// in a cycle stop.
 pub const CALL_DEPTH: &str = "x-callme-depth";
 
+/// The exchange replies can also travel by: one durable topic exchange
+/// that always exists, to which a proxy binds its reply queue with its
+/// reply exchange's name as the key. A reply to a caller that left is
+/// then unroutable (returned) rather than a publish to a missing exchange,
+/// which closes the channel it came on, so a server can pipeline replies
+/// on one channel. See `docs/protocol.md`, "The shared reply exchange".
+pub const SHARED_REPLIES: &str = "callme_replies";
+
+/// The request header by which a caller says its reply queue is bound to
+/// [`SHARED_REPLIES`] with its `reply_to` as the key: its value is that
+/// exchange's name. A server that may publish there sends the reply that
+/// way, and by `reply_to` as before when it may not or the reply comes
+/// back unroutable.
+pub const REPLY_VIA: &str = "x-callme-reply-via";
+
+/// Whether `key` is safe as a binding key on [`SHARED_REPLIES`]: a topic
+/// binding key whose dot-separated words include `*` or `#` would match
+/// other callers' keys, so such a caller does not bind and its replies go
+/// by its own exchange.
+pub fn is_exact_topic_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 255 && key.split('.').all(|w| w != "*" && w != "#")
+}
+
 /// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
 /// guides): `x-queue-type` when the queue is declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -320,6 +343,18 @@ impl From<Result<Value, RemoteError>> for Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_exact_keys_bind_the_shared_reply_exchange() {
+        assert!(is_exact_topic_key("client_guest_ex_1b4e28ba-2fa1"));
+        assert!(is_exact_topic_key("client_ann.lee_ex_1"));
+        assert!(is_exact_topic_key("client_a#b_ex_1"));
+        assert!(!is_exact_topic_key("client_a.*.b_ex_1"));
+        assert!(!is_exact_topic_key("client_a.#_ex_1.#"));
+        assert!(!is_exact_topic_key("#"));
+        assert!(!is_exact_topic_key(""));
+        assert!(!is_exact_topic_key(&"x".repeat(256)));
+    }
 
     #[test]
     fn a_description_reads_as_documented() {

@@ -67,6 +67,26 @@ impl Link {
         options: &ConnectOptions,
         name: &'static str,
     ) -> Result<Link, Error> {
+        Link::connect_as(options, name, true).await
+    }
+
+    /// As [`Link::connect`], for a connection the program can do without
+    /// (the server's reply pipeline): it is not counted in the
+    /// `callme_broker_connected` metric, and its being down does not make
+    /// the host unready.
+    #[cfg(feature = "server")]
+    pub(crate) async fn connect_auxiliary(
+        options: &ConnectOptions,
+        name: &'static str,
+    ) -> Result<Link, Error> {
+        Link::connect_as(options, name, false).await
+    }
+
+    async fn connect_as(
+        options: &ConnectOptions,
+        name: &'static str,
+        observed: bool,
+    ) -> Result<Link, Error> {
         let (conn, broker) = options.connect_from(name, 0).await?;
         let node = options.redacted_node(broker);
         debug!(target: "callme::link", connection = name, %node, "connected");
@@ -74,7 +94,14 @@ impl Link {
         let (state_tx, state) = watch::channel(State::Up(conn.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let current = Current { conn, broker };
-        tokio::spawn(supervise(options.clone(), name, current, state_tx, stop_rx));
+        tokio::spawn(supervise(
+            options.clone(),
+            name,
+            observed,
+            current,
+            state_tx,
+            stop_rx,
+        ));
         Ok(Link {
             state,
             stop,
@@ -160,6 +187,7 @@ struct Current {
 async fn supervise(
     options: ConnectOptions,
     name: &'static str,
+    observed: bool,
     current: Current,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
@@ -170,7 +198,9 @@ async fn supervise(
         broker: mut node,
     } = current;
     #[cfg(feature = "server")]
-    let mut observed = crate::observe::LinkWatch::up(name);
+    let mut observed = observed.then(|| crate::observe::LinkWatch::up(name));
+    #[cfg(not(feature = "server"))]
+    let _ = observed;
     loop {
         let lost = tokio::select! {
             lost = lost(&conn) => Some(lost),
@@ -184,7 +214,9 @@ async fn supervise(
         };
         let _ = state.send_replace(State::Down);
         #[cfg(feature = "server")]
-        observed.down();
+        if let Some(observed) = observed.as_mut() {
+            observed.down();
+        }
         if !options.auto_recover {
             warn!(target: "callme::link", connection = name, %broker, reason = %why, "lost the broker");
             state.send_replace(State::Closed);
@@ -232,7 +264,9 @@ async fn supervise(
         info!(target: "callme::link", connection = name, %broker, node = %reached, down_for = ?down_since.elapsed(), attempts = attempt + 1, "reconnected");
         state.send_replace(State::Up(conn.clone()));
         #[cfg(feature = "server")]
-        observed.reconnected();
+        if let Some(observed) = observed.as_mut() {
+            observed.reconnected();
+        }
     }
 }
 

@@ -5,11 +5,15 @@
 //! - `link`: one connection that replaces itself when lost.
 //! - `topology`: the exchanges, queues and bindings callme declares.
 //! - `publisher`: publishing with confirms, one publish per channel at a time.
+//! - `pipeline`: replies pipelined on one channel, by the shared reply
+//!   exchange.
 //! - `resubscribe`: the consume loop that outlives connections, used by
 //!   the server's request consumers and the proxy's reply consumer.
 
 pub(crate) mod connect;
 pub(crate) mod link;
+#[cfg(feature = "server")]
+pub(crate) mod pipeline;
 pub(crate) mod publisher;
 pub(crate) mod resubscribe;
 pub(crate) mod topology;

@@ -208,3 +208,50 @@ pub(crate) async fn declare_reply(
     )
     .await
 }
+
+/// Declares the shared reply exchange (`protocol::SHARED_REPLIES`): a
+/// durable topic exchange, never auto-deleted, so it exists whoever comes
+/// and goes. Declaring it again with the same flags changes nothing.
+#[cfg(feature = "server")]
+pub(crate) async fn declare_shared_replies(channel: &Channel) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            crate::protocol::SHARED_REPLIES.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Binds `queue` to the shared reply exchange with `key`, on a channel of
+/// its own (a refusal closes the channel it came on), closed after.
+/// Whether the binding was made: the exchange may not exist yet (no host
+/// has declared it), or the broker's permissions (read on the exchange,
+/// and topic permissions on the key) may refuse it.
+pub(crate) async fn bind_shared_replies(conn: &Connection, queue: &str, key: &str) -> bool {
+    if !crate::protocol::is_exact_topic_key(key) {
+        return false;
+    }
+    let bind = async {
+        let channel = conn.create_channel().await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                crate::protocol::SHARED_REPLIES.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        close_soon(channel);
+        Ok::<_, lapin::Error>(())
+    };
+    matches!(
+        tokio::time::timeout(REDECLARE_TIMEOUT, bind).await,
+        Ok(Ok(()))
+    )
+}

@@ -162,6 +162,7 @@ struct Metrics {
     bad_requests: Family<BadRequestLabels, Counter>,
     undeliverable: Family<ReplyLostLabels, Counter>,
     not_sent: Family<IdLabels, Counter>,
+    pipelined: Family<IdLabels, Counter>,
     loads: Family<LoadLabels, Counter>,
     plugin_info: Family<VersionLabels, Gauge>,
     connected: Family<ConnectionLabels, Gauge>,
@@ -192,6 +193,7 @@ impl Metrics {
             bad_requests: Family::default(),
             undeliverable: Family::default(),
             not_sent: Family::default(),
+            pipelined: Family::default(),
             loads: Family::default(),
             plugin_info: Family::default(),
             connected: Family::default(),
@@ -274,6 +276,11 @@ impl Metrics {
             "callme_replies_not_sent",
             "Replies that could not be sent for now (the connection failed under them): the request is given back to the queue once, then dropped",
             m.not_sent.clone(),
+        );
+        r.register(
+            "callme_replies_pipelined",
+            "Replies sent by the shared reply exchange (pipelined on the host's reply connection) to callers bound to it; the others go by each caller's own exchange",
+            m.pipelined.clone(),
         );
         r.register(
             "callme_plugin_loads",
@@ -606,6 +613,14 @@ pub(crate) fn reply_undeliverable(server_id: &str, why: ReplyLost) {
             reason,
         })
         .inc();
+}
+
+/// A reply of `server_id` went by the shared reply exchange.
+pub(crate) fn reply_pipelined(server_id: &str) {
+    if !recording() {
+        return;
+    }
+    METRICS.pipelined.get_or_create(&id(server_id)).inc();
 }
 
 /// A reply of `server_id` could not be sent for now.

@@ -7,6 +7,7 @@
 //! connection the names are declared again and the proxy is ready again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use lapin::options::BasicConsumeOptions;
@@ -46,6 +47,17 @@ impl ReplyNames {
         topology::declare_on(conn, async |channel| self.declare_on(channel).await).await
     }
 
+    /// Binds the reply queue, once declared on `conn`, to the shared reply
+    /// exchange with the reply exchange's name as the key, so servers can
+    /// pipeline replies to it; whether it could (see
+    /// `topology::bind_shared_replies`). Where it could not, replies come
+    /// by the reply exchange alone.
+    pub(super) async fn bind_shared(&self, conn: &Connection) -> bool {
+        let bound = topology::bind_shared_replies(conn, &self.queue, &self.exchange).await;
+        debug!(target: "callme::proxy", reply_exchange = %self.exchange, bound, "shared reply exchange");
+        bound
+    }
+
     async fn declare_on(&self, channel: &Channel) -> Result<Consumer, Error> {
         topology::declare_reply(channel, &self.exchange, &self.queue)
             .await
@@ -75,6 +87,9 @@ pub(super) struct Replies {
     /// The connection the reply queue is consumed on, while there is one;
     /// closed when the proxy is dropped.
     pub(super) ready: watch::Sender<Option<Arc<Connection>>>,
+    /// Whether the reply queue is bound to the shared reply exchange on
+    /// that connection (set before `ready`).
+    pub(super) shared: Arc<AtomicBool>,
 }
 
 impl Subscription for Replies {
@@ -83,7 +98,10 @@ impl Subscription for Replies {
     }
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
-        self.names.declare(conn).await.map(Some)
+        let declared = self.names.declare(conn).await?;
+        let shared = self.names.bind_shared(conn).await;
+        self.shared.store(shared, Ordering::Release);
+        Ok(Some(declared))
     }
 
     async fn consume(&mut self, conn: &Arc<Connection>, _channel: &Channel, consumer: Consumer) {

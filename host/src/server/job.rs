@@ -26,7 +26,7 @@ use super::Server;
 use super::reply::{Replier, Sent};
 use super::service::{Context, QUIET_IN_FLIGHT, QUIET_MAX_REQUEST_BYTES, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
-use crate::protocol::{CALL_DEPTH, CONTENT_TYPE, Request, Response};
+use crate::protocol::{CALL_DEPTH, CONTENT_TYPE, REPLY_VIA, Request, Response, SHARED_REPLIES};
 use crate::{ErrorKind, RemoteError, TraceContext};
 
 /// One delivery of a served id.
@@ -107,9 +107,7 @@ impl Job {
                     let cx = Context {
                         id: &self.id,
                         executor: inner.executor.handle(),
-                        quiet: MAX_IN_FLIGHT as usize - inner.in_flight.available_permits()
-                            <= QUIET_IN_FLIGHT
-                            && delivery.data.len() <= QUIET_MAX_REQUEST_BYTES,
+                        quiet: self.is_quiet() && delivery.data.len() <= QUIET_MAX_REQUEST_BYTES,
                         default_concurrency: inner.options.concurrency,
                         depth: call_depth(&delivery),
                         trace: &trace,
@@ -138,8 +136,19 @@ impl Job {
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
         let inner = &self.server.inner;
-        match self.replier.send(&reply_to, &corr, &body, &trace).await {
-            Sent::Delivered => {
+        // A lone reply goes the direct way: a pipeline saves nothing
+        // without others to share it, and the caller's direct exchange
+        // routes it a little faster than the topic exchange does.
+        let pipelined = asks_shared_replies(&delivery) && !self.is_quiet();
+        match self
+            .replier
+            .send(&reply_to, pipelined, &corr, &body, &trace)
+            .await
+        {
+            Sent::Delivered { pipelined } => {
+                if pipelined {
+                    observe::reply_pipelined(&self.id);
+                }
                 if ack(&delivery).await {
                     inner.answered.fetch_add(1, Ordering::Relaxed);
                 }
@@ -182,6 +191,31 @@ impl Job {
             }
         }
         debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
+    }
+}
+
+impl Job {
+    /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]
+    /// requests taken and not yet settled, across its ids.
+    fn is_quiet(&self) -> bool {
+        let in_flight = &self.server.inner.in_flight;
+        MAX_IN_FLIGHT as usize - in_flight.available_permits() <= QUIET_IN_FLIGHT
+    }
+}
+
+/// Whether the caller says its reply queue is bound to the shared reply
+/// exchange (`REPLY_VIA` names it).
+fn asks_shared_replies(delivery: &Delivery) -> bool {
+    use lapin::types::AMQPValue;
+    let via = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(REPLY_VIA));
+    match via {
+        Some(AMQPValue::LongString(s)) => s.as_bytes() == SHARED_REPLIES.as_bytes(),
+        Some(AMQPValue::ShortString(s)) => s.as_str() == SHARED_REPLIES,
+        _ => false,
     }
 }
 

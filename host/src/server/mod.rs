@@ -38,6 +38,7 @@ use reply::{Replier, Throttle};
 pub use service::NativeFunctions;
 use service::Service;
 
+use crate::amqp::pipeline::Pipeline;
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, ServerQueue};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
@@ -119,6 +120,9 @@ struct Inner {
     answered: AtomicU64,
     /// Where replies are published, for every served id.
     publisher: Arc<Publisher>,
+    /// Where replies to callers bound to the shared reply exchange are
+    /// pipelined first.
+    pipeline: Arc<Pipeline>,
     /// Requests whose reply could never be delivered, acked without one.
     undeliverable: AtomicU64,
     /// Warnings callers can cause at will, logged at a bounded rate.
@@ -193,6 +197,7 @@ impl Server {
                 source,
             })?;
         info!(target: "callme::server", broker = %link.first_node(), "connected");
+        let pipeline = Pipeline::start(connect.clone(), link.subscribe());
         let server = Server {
             inner: Arc::new(Inner {
                 link,
@@ -203,6 +208,7 @@ impl Server {
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
                 answered: AtomicU64::new(0),
                 publisher: Arc::new(Publisher::new(REPLY_LANES)),
+                pipeline,
                 undeliverable: AtomicU64::new(0),
                 noisy: Noisy {
                     caller_gone: Throttle::new(NOISY_PERIOD),
@@ -319,6 +325,14 @@ impl Server {
     /// acked without a reply.
     pub fn undeliverable(&self) -> u64 {
         self.inner.undeliverable.load(Ordering::Relaxed)
+    }
+
+    /// Whether replies to callers bound to the shared reply exchange
+    /// (`protocol::SHARED_REPLIES`) are pipelined now: the host has its
+    /// reply connection, found the exchange and may publish to it. When
+    /// not, every reply goes by its caller's own exchange.
+    pub fn replies_pipelined(&self) -> bool {
+        self.inner.pipeline.is_up()
     }
 
     /// Whether `server_id` is served.
@@ -439,7 +453,11 @@ impl Server {
         info!(target: "callme::server", server_id = %id, concurrency, "serving");
         let consuming = Consuming {
             inner: Arc::downgrade(&self.inner),
-            replier: Replier::new(self.inner.link.subscribe(), self.inner.publisher.clone()),
+            replier: Replier::new(
+                self.inner.link.subscribe(),
+                self.inner.publisher.clone(),
+                self.inner.pipeline.clone(),
+            ),
             id,
             service,
             slots,

@@ -18,6 +18,7 @@ use lapin::options::BasicPublishOptions;
 use tokio::sync::watch;
 
 use crate::amqp::link;
+use crate::amqp::pipeline::{Piped, Pipeline};
 use crate::amqp::publisher::{Published, Publisher};
 use crate::observe::ReplyLost;
 use crate::protocol::CONTENT_TYPE;
@@ -30,8 +31,9 @@ const ATTEMPTS: usize = 3;
 /// What became of a reply.
 #[derive(Debug)]
 pub(super) enum Sent {
-    /// The broker confirmed it.
-    Delivered,
+    /// The broker confirmed it; `pipelined` when by the shared reply
+    /// exchange.
+    Delivered { pipelined: bool },
     /// It can never be delivered: the caller's exchange does not exist, or
     /// this server may not write to it.
     Undeliverable(ReplyLost),
@@ -45,18 +47,31 @@ pub(super) enum Sent {
 pub(super) struct Replier {
     link: watch::Receiver<link::State>,
     publisher: Arc<Publisher>,
+    pipeline: Arc<Pipeline>,
 }
 
 impl Replier {
-    pub(super) fn new(link: watch::Receiver<link::State>, publisher: Arc<Publisher>) -> Replier {
-        Replier { link, publisher }
+    pub(super) fn new(
+        link: watch::Receiver<link::State>,
+        publisher: Arc<Publisher>,
+        pipeline: Arc<Pipeline>,
+    ) -> Replier {
+        Replier {
+            link,
+            publisher,
+            pipeline,
+        }
     }
 
     /// Publishes `body` as the reply to `corr` on `exchange`, its
-    /// `traceparent` the server's span of the call, `trace`.
+    /// `traceparent` the server's span of the call, `trace`. With `shared`
+    /// (the caller bound its queue to the shared reply exchange with
+    /// `exchange` as the key), the reply is pipelined that way first, and
+    /// sent by `exchange` only if that did not plainly succeed.
     pub(super) async fn send(
         &self,
         exchange: &str,
+        shared: bool,
         corr: &str,
         body: &[u8],
         trace: &TraceContext,
@@ -65,6 +80,10 @@ impl Replier {
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(corr.into())
             .with_headers(trace.headers());
+        if shared && self.pipeline.publish(exchange, body, props.clone()).await == Piped::Confirmed
+        {
+            return Sent::Delivered { pipelined: true };
+        }
         let mut last = None;
         for _ in 0..ATTEMPTS {
             let conn = match &*self.link.borrow() {
@@ -82,7 +101,9 @@ impl Replier {
                 )
                 .await;
             match published {
-                Ok(Published::Confirmed | Published::Returned) => return Sent::Delivered,
+                Ok(Published::Confirmed | Published::Returned) => {
+                    return Sent::Delivered { pipelined: false };
+                }
                 Ok(Published::NoExchange) => {
                     return Sent::Undeliverable(ReplyLost::CallerGone);
                 }
