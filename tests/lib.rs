@@ -90,6 +90,18 @@ pub fn amqp_url_as(user: &str, password: &str) -> String {
     format!("amqp://{user}:{password}@{rest}")
 }
 
+/// A virtual host of its own, `user` allowed everything on it, for a test
+/// that changes what every host and proxy of its vhost shares (the shared
+/// reply exchange): its URL as `user`.
+pub fn dedicated_vhost(prefix: &str, user: &str, password: &str) -> String {
+    let vhost = unique(prefix);
+    broker_ctl(&["add_vhost", &vhost]);
+    broker_ctl(&["set_permissions", "-p", &vhost, user, ".*", ".*", ".*"]);
+    let url = amqp_url_as(user, password);
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    format!("{base}/{vhost}")
+}
+
 /// The TLS port and certificate directory of the test broker.
 pub fn tls_dir() -> PathBuf {
     std::env::var_os("CALLME_TEST_TLS_DIR")

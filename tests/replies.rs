@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use callme::protocol::{Args, REPLY_VIA, SHARED_REPLIES, server_exchange};
 use callme::{
-    ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Server, ServerOptions,
+    ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
 };
 use callme_tests::{
-    RawClient, amqp_url, amqp_url_as, broker_ctl, load, pos, proxy, server, slow_calls, unique,
+    RawClient, amqp_url, amqp_url_as, broker_ctl, dedicated_vhost, load, pos, proxy, server,
+    slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -448,9 +449,12 @@ fn connection_pid(user: &str, name: &str) -> Option<String> {
 /// each caller's exchange instead.
 #[tokio::test]
 async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
+    // A vhost of its own: the exchange it takes away is its vhost's alone.
     let (user, password) = dedicated_user("revoke");
+    let url = dedicated_vhost("revoke", &user, &password);
+    let vhost = url.rsplit_once('/').unwrap().1.to_string();
     let srv = Server::connect(
-        &ConnectOptions::new(amqp_url_as(&user, &password)),
+        &ConnectOptions::new(url.clone()),
         ServerOptions {
             concurrency: 16,
             ..ServerOptions::default()
@@ -476,7 +480,9 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
     };
     let consumer_conn = connection_pid(&user, "callme server").expect("the host's connection");
 
-    let p = proxy(Duration::from_secs(30)).await;
+    let p = Proxy::connect_with(&ConnectOptions::new(url.clone()), Duration::from_secs(30))
+        .await
+        .unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
     // Calls for 15 s, a few at a time.
     const CALLS: i64 = 6000;
@@ -504,7 +510,7 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
     broker_ctl(&[
         "set_permissions",
         "-p",
-        "/",
+        &vhost,
         &user,
         ".*",
         &format!("^(?!{SHARED_REPLIES}$).*"),
@@ -520,7 +526,7 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
     assert!(off.is_some(), "the host still pipelines without permission");
     // Allowed again: once the host pipelines again, the exchange is
     // deleted under it.
-    broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    broker_ctl(&["set_permissions", "-p", &vhost, &user, ".*", ".*", ".*"]);
     pipelined(&srv).await;
     let before_delete = answered.load(Ordering::Relaxed);
     assert!(
@@ -533,7 +539,7 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
         by_shared().await > regranted,
         "nothing pipelined once allowed again"
     );
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
     conn.create_channel()
@@ -553,4 +559,62 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
     );
     // The host declares the exchange again and pipelines once more.
     pipelined(&srv).await;
+    broker_ctl(&["delete_vhost", &vhost]);
+}
+
+/// The shared reply exchange's bindings in `vhost`: `(routing key,
+/// queue)`.
+fn shared_bindings(vhost: &str) -> Vec<(String, String)> {
+    let out = broker_ctl(&[
+        "list_bindings",
+        "-p",
+        vhost,
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "routing_key",
+        "destination_name",
+    ]);
+    out.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            (cols.first() == Some(&SHARED_REPLIES))
+                .then(|| (cols[1].to_string(), cols[2].to_string()))
+        })
+        .collect()
+}
+
+/// A proxy that starts before any host has declared the shared reply
+/// exchange binds to it once one has.
+#[tokio::test]
+async fn a_proxy_older_than_the_shared_exchange_binds_once_it_exists() {
+    let (user, password) = dedicated_user("early");
+    let url = dedicated_vhost("early", &user, &password);
+    let vhost = url.rsplit_once('/').unwrap().1.to_string();
+    let p = Proxy::connect_with(&ConnectOptions::new(url.clone()), Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(shared_bindings(&vhost).is_empty());
+
+    let srv = Server::connect(&ConnectOptions::new(url.clone()), ServerOptions::default())
+        .await
+        .unwrap();
+    let id = unique("early");
+    srv.serve_native(&id, slow_add(0)).await.unwrap();
+    pipelined(&srv).await;
+    let bound = callme_tests::eventually(Duration::from_secs(20), || {
+        let bindings = shared_bindings(&vhost);
+        let key = p.reply_exchange().to_string();
+        async move { bindings.iter().any(|(k, _)| *k == key).then_some(()) }
+    })
+    .await;
+    assert!(
+        bound.is_some(),
+        "the proxy never bound: {:?}",
+        shared_bindings(&vhost)
+    );
+    let sum: i64 = p.use_server(&id).invoke("add", (2, 3)).await.unwrap();
+    assert_eq!(sum, 5);
+    drop((p, srv));
+    broker_ctl(&["delete_vhost", &vhost]);
 }

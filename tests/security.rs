@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use callme::protocol::Args;
+use callme::protocol::{Args, SHARED_REPLIES};
 use callme::{ConnectOptions, Error, Proxy, Server, ServerOptions};
 use callme_tests::{
     Host, amqp_url_as, amqps_port, broker_ctl, deploy, native_add, plugin_path, pos, proxy,
@@ -153,6 +153,118 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
     );
     // And the refusal does not break her proxy.
     assert_eq!(olivia_adds(2, 2).await, 4);
+
+    broker_ctl(&["delete_user", &carl]);
+    broker_ctl(&["delete_user", &olivia]);
+}
+
+/// The recipes with the shared reply exchange: carl's host pipelines its
+/// replies, olivia's proxy binds her own key and no other. Without the
+/// topic permissions, whoever may read the exchange could bind `#` and
+/// read every reply: the broker refuses her that.
+#[tokio::test]
+async fn topic_permissions_keep_the_shared_replies_private() {
+    let tag = unique("t").replace('-', "");
+    let foo = format!("foo{tag}");
+    let (carl, olivia) = (format!("carl{tag}"), format!("olivia{tag}"));
+    add_user(&carl, "carl-pw");
+    add_user(&olivia, "olivia-pw");
+    broker_ctl(&[
+        "set_permissions",
+        &carl,
+        &format!("server_{foo}_.*|{SHARED_REPLIES}"),
+        &format!("server_{foo}_.*|client_.*_ex_.*|{SHARED_REPLIES}"),
+        &format!("server_{foo}_.*"),
+    ]);
+    broker_ctl(&[
+        "set_permissions",
+        &olivia,
+        &format!("client_{olivia}_.*"),
+        &format!("client_{olivia}_.*|server_{foo}_ex"),
+        &format!("client_{olivia}_.*|{SHARED_REPLIES}"),
+    ]);
+    broker_ctl(&[
+        "set_topic_permissions",
+        &olivia,
+        SHARED_REPLIES,
+        "^$",
+        &format!("^client_{olivia}_"),
+    ]);
+
+    let carl_host = Server::connect(
+        &ConnectOptions::new(amqp_url_as(&carl, "carl-pw")),
+        ServerOptions::default(),
+    )
+    .await
+    .expect("carl connects");
+    carl_host.serve_native(&foo, native_add()).await.unwrap();
+    let up = callme_tests::eventually(Duration::from_secs(20), || {
+        let up = carl_host.replies_pipelined();
+        async move { up.then_some(()) }
+    })
+    .await;
+    assert!(up.is_some(), "carl's host does not pipeline its replies");
+
+    let olivia_proxy = Proxy::connect_with(
+        &ConnectOptions::new(amqp_url_as(&olivia, "olivia-pw")),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("olivia connects");
+    let bindings = broker_ctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "routing_key",
+    ]);
+    assert!(
+        bindings.lines().any(|l| l
+            .split_whitespace()
+            .eq([SHARED_REPLIES, olivia_proxy.reply_exchange()])),
+        "olivia's proxy did not bind its key"
+    );
+    let sums = futures_util::future::join_all((0..32i64).map(|i| {
+        let fooserver = olivia_proxy.use_server(&foo);
+        async move { fooserver.invoke::<_, i64>("add", (i, 1)).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(sums, (1..=32).collect::<Vec<i64>>());
+
+    // Her own queue, bound to every reply, or to someone else's: refused.
+    let conn = lapin::Connection::connect(
+        &amqp_url_as(&olivia, "olivia-pw"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let queue = format!("client_{olivia}_queue_spy");
+    for key in ["#".to_string(), format!("client_carl{tag}_ex_x")] {
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let bound = channel
+            .queue_bind(
+                queue.as_str().into(),
+                SHARED_REPLIES.into(),
+                key.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await;
+        let e = bound.expect_err("a binding olivia may not make");
+        assert!(e.to_string().contains("ACCESS_REFUSED"), "{key}: {e}");
+    }
 
     broker_ctl(&["delete_user", &carl]);
     broker_ctl(&["delete_user", &olivia]);

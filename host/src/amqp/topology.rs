@@ -227,14 +227,28 @@ pub(crate) async fn declare_shared_replies(channel: &Channel) -> Result<(), lapi
         .await
 }
 
+/// What became of binding a reply queue to the shared reply exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SharedBinding {
+    /// Bound: replies may come that way.
+    Bound,
+    /// The exchange does not exist (yet): no host has declared it.
+    NoExchange,
+    /// Refused (the broker's permissions: read on the exchange, and topic
+    /// permissions on the key), or a key that is not exact, or the broker
+    /// did not answer: not tried again on this connection.
+    Refused,
+}
+
 /// Binds `queue` to the shared reply exchange with `key`, on a channel of
 /// its own (a refusal closes the channel it came on), closed after.
-/// Whether the binding was made: the exchange may not exist yet (no host
-/// has declared it), or the broker's permissions (read on the exchange,
-/// and topic permissions on the key) may refuse it.
-pub(crate) async fn bind_shared_replies(conn: &Connection, queue: &str, key: &str) -> bool {
+pub(crate) async fn bind_shared_replies(
+    conn: &Connection,
+    queue: &str,
+    key: &str,
+) -> SharedBinding {
     if !crate::protocol::is_exact_topic_key(key) {
-        return false;
+        return SharedBinding::Refused;
     }
     let bind = async {
         let channel = conn.create_channel().await?;
@@ -250,8 +264,9 @@ pub(crate) async fn bind_shared_replies(conn: &Connection, queue: &str, key: &st
         close_soon(channel);
         Ok::<_, lapin::Error>(())
     };
-    matches!(
-        tokio::time::timeout(REDECLARE_TIMEOUT, bind).await,
-        Ok(Ok(()))
-    )
+    match tokio::time::timeout(REDECLARE_TIMEOUT, bind).await {
+        Ok(Ok(())) => SharedBinding::Bound,
+        Ok(Err(e)) if super::publisher::is_not_found(&e) => SharedBinding::NoExchange,
+        Ok(Err(_)) | Err(_) => SharedBinding::Refused,
+    }
 }

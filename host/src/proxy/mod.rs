@@ -43,6 +43,7 @@ use replies::{Replies, ReplyNames};
 
 use crate::amqp::link::State;
 use crate::amqp::publisher::{Published, Publisher};
+use crate::amqp::topology::SharedBinding;
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::protocol::{
     Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, REPLY_VIA, Request, SHARED_REPLIES, TIMESTAMP_IN_MS,
@@ -202,7 +203,8 @@ impl Proxy {
         let conn = conn
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
-        let shared = Arc::new(AtomicBool::new(names.bind_shared(&conn).await));
+        let binding = names.bind_shared(&conn).await;
+        let shared = Arc::new(AtomicBool::new(binding == SharedBinding::Bound));
         let pending = Arc::new(Pending::default());
         let (ready_tx, ready) = watch::channel(Some(conn.clone()));
         let replies = Replies {
@@ -210,6 +212,7 @@ impl Proxy {
             pending: pending.clone(),
             ready: ready_tx,
             shared: shared.clone(),
+            binding,
         };
         tokio::spawn(resubscribe::run(replies, state, (conn, channel, consumer)));
         Ok(Proxy {

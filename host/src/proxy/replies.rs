@@ -19,9 +19,14 @@ use tracing::{debug, warn};
 use super::pending::Pending;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::resubscribe::Subscription;
-use crate::amqp::topology;
+use crate::amqp::topology::{self, SharedBinding};
 use crate::protocol::{Response, client_exchange, client_queue};
 use crate::{Error, ErrorKind, RemoteError};
+
+/// First wait before binding to the shared reply exchange is tried again
+/// on a connection where it failed; it doubles up to [`REBIND_MAX`].
+const REBIND_START: std::time::Duration = std::time::Duration::from_secs(1);
+const REBIND_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The proxy's reply exchange and queue.
 #[derive(Clone)]
@@ -49,12 +54,11 @@ impl ReplyNames {
 
     /// Binds the reply queue, once declared on `conn`, to the shared reply
     /// exchange with the reply exchange's name as the key, so servers can
-    /// pipeline replies to it; whether it could (see
-    /// `topology::bind_shared_replies`). Where it could not, replies come
-    /// by the reply exchange alone.
-    pub(super) async fn bind_shared(&self, conn: &Connection) -> bool {
+    /// pipeline replies to it. Where it could not, replies come by the
+    /// reply exchange alone.
+    pub(super) async fn bind_shared(&self, conn: &Connection) -> SharedBinding {
         let bound = topology::bind_shared_replies(conn, &self.queue, &self.exchange).await;
-        debug!(target: "callme::proxy", reply_exchange = %self.exchange, bound, "shared reply exchange");
+        debug!(target: "callme::proxy", reply_exchange = %self.exchange, ?bound, "shared reply exchange");
         bound
     }
 
@@ -90,6 +94,9 @@ pub(super) struct Replies {
     /// Whether the reply queue is bound to the shared reply exchange on
     /// that connection (set before `ready`).
     pub(super) shared: Arc<AtomicBool>,
+    /// What binding it to the shared reply exchange gave on the current
+    /// connection.
+    pub(super) binding: SharedBinding,
 }
 
 impl Subscription for Replies {
@@ -99,14 +106,32 @@ impl Subscription for Replies {
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
         let declared = self.names.declare(conn).await?;
-        let shared = self.names.bind_shared(conn).await;
-        self.shared.store(shared, Ordering::Release);
+        self.binding = self.names.bind_shared(conn).await;
+        self.shared
+            .store(self.binding == SharedBinding::Bound, Ordering::Release);
         Ok(Some(declared))
     }
 
     async fn consume(&mut self, conn: &Arc<Connection>, _channel: &Channel, consumer: Consumer) {
         self.ready.send_replace(Some(conn.clone()));
-        self.take_replies(consumer).await;
+        let rebind = async {
+            // The shared reply exchange may not exist yet (no host has
+            // declared it): tried again now and then on this connection.
+            let mut wait = REBIND_START;
+            let mut binding = self.binding;
+            while binding == SharedBinding::NoExchange {
+                tokio::time::sleep(wait).await;
+                binding = self.names.bind_shared(conn).await;
+                wait = (wait * 2).min(REBIND_MAX);
+            }
+            self.shared
+                .store(binding == SharedBinding::Bound, Ordering::Release);
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = self.take_replies(consumer) => {}
+            () = rebind => {}
+        }
         // Replies to calls sent on that connection went with it (the reply
         // queue is exclusive to it): fail those calls now rather than let
         // them wait out their timeouts.
