@@ -8,7 +8,7 @@ import json
 import pytest
 
 import callme_client as callme
-from conftest import Host, unique
+from conftest import Host, rabbitmqctl, unique
 
 
 def test_a_thousand_calls_in_flight(amqp_url: str, host: Host) -> None:
@@ -79,9 +79,12 @@ def test_a_closed_async_proxy_refuses_calls(amqp_url: str, host: Host) -> None:
     asyncio.run(main())
 
 
-def test_requests_carry_their_send_time_and_a_trace(amqp_url: str) -> None:
+def test_requests_carry_their_send_time_and_a_trace(amqp_url: str, host: Host) -> None:
     """What a host reads from a request besides its body (docs/protocol.md):
-    the send time, for its queue-wait metric, and a W3C traceparent."""
+    the send time, for its queue-wait metric, a W3C traceparent, and that
+    the caller bound its reply queue to the shared reply exchange (which a
+    host declared)."""
+    wait_for_shared_replies()
     import time
 
     import aio_pika
@@ -107,6 +110,7 @@ def test_requests_carry_their_send_time_and_a_trace(amqp_url: str) -> None:
                         "timestamp": message.timestamp.timestamp() if message.timestamp else None,
                         "timestamp_in_ms": headers.get("timestamp_in_ms"),
                         "traceparent": headers.get("traceparent"),
+                        "via": headers.get("x-callme-reply-via"),
                     }
                     reply = aio_pika.Message(
                         json.dumps({"result": seen}).encode(),
@@ -125,5 +129,38 @@ def test_requests_carry_their_send_time_and_a_trace(amqp_url: str) -> None:
         version, trace_id, span_id, flags = seen["traceparent"].split("-")
         assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "01"), seen
         assert int(trace_id, 16) != 0 and int(span_id, 16) != 0, seen
+        assert seen["via"] == "callme_replies", seen
+
+    asyncio.run(main())
+
+
+def wait_for_shared_replies() -> None:
+    """Waits until a host has declared the shared reply exchange."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while "callme_replies" not in rabbitmqctl("list_exchanges", "-q", "--no-table-headers", "name"):
+        assert time.monotonic() < deadline, "no host declared callme_replies"
+        time.sleep(0.2)
+
+
+def test_replies_come_by_the_shared_exchange_under_load(amqp_url: str, host: Host) -> None:
+    """The proxy binds its reply queue to ``callme_replies`` with its
+    exchange's name as the key, and a busy host pipelines replies that way
+    (docs/protocol.md): the answers are the same."""
+    wait_for_shared_replies()
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=60) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 1) == 2
+            bindings = rabbitmqctl(
+                "list_bindings", "-q", "--no-table-headers", "source_name", "routing_key"
+            )
+            assert ["callme_replies", proxy.reply_exchange] in [
+                line.split() for line in bindings.splitlines()
+            ], bindings
+            results = await asyncio.gather(*(calc.add(i, 1) for i in range(500)))
+            assert results == [i + 1 for i in range(500)]
 
     asyncio.run(main())
