@@ -231,7 +231,7 @@ fn main() -> anyhow::Result<()> {
         }
         println!();
         ratios(
-            "callme / raw echo (targets: p50 <= 1.15x, throughput >= 0.85x)",
+            "callme / raw echo (targets: p50 <= 1.25x, throughput >= 0.75x)",
             callme,
             raw,
         );
