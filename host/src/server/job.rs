@@ -73,7 +73,7 @@ impl Job {
             if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
                 warn!(target: "callme::server", server_id = %self.id, held_back = held, "request without reply_to or correlation_id dropped");
             }
-            ack(&delivery).await;
+            ack(&self._channel, &delivery).await;
             return;
         };
         let content_type = props.content_type().as_ref().map(|s| s.to_string());
@@ -149,7 +149,7 @@ impl Job {
                 if pipelined {
                     observe::reply_pipelined(&self.id);
                 }
-                if ack(&delivery).await {
+                if ack(&self._channel, &delivery).await {
                     inner.answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -171,7 +171,7 @@ impl Job {
                 if let Some(held) = throttle.admit() {
                     info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
                 }
-                ack(&delivery).await;
+                ack(&self._channel, &delivery).await;
             }
             Sent::Failed(e) => {
                 // Given back once for another try (here or on another
@@ -278,15 +278,17 @@ fn call_depth(delivery: &Delivery) -> u32 {
 }
 
 /// Acks a request; whether the broker took the ack.
-async fn ack(delivery: &Delivery) -> bool {
-    match delivery.ack(BasicAckOptions::default()).await {
-        Ok(true) => true,
-        Ok(false) => {
-            warn!(target: "callme::server", "ack not sent: the request's channel is closed; the broker will redeliver");
-            false
-        }
+async fn ack(channel: &Channel, delivery: &Delivery) -> bool {
+    // On the channel the request came on, directly: the delivery's own
+    // acker goes through lapin's internal task first, one more hand-off
+    // between threads for every request.
+    let acked = channel
+        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+        .await;
+    match acked {
+        Ok(()) => true,
         Err(e) => {
-            warn!(target: "callme::server", error = %e, "ack failed; the broker will redeliver");
+            warn!(target: "callme::server", error = %e, "ack failed (the request's channel is closed?); the broker will redeliver");
             false
         }
     }
