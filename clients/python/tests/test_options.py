@@ -52,6 +52,11 @@ def test_bad_combinations_are_refused() -> None:
         ConnectOptions.build("amqps://h/%2f", cert_file="c.pem")
     with pytest.raises(ValueError, match="expected"):
         ConnectOptions.build("http://u:secret@h/")
+    for bad in ("soon", "-5", "1.5", ""):
+        with pytest.raises(ValueError, match="connection_timeout") as refused:
+            ConnectOptions.build(f"amqp://u:secret@h/%2f?connection_timeout={bad}")
+        assert "secret" not in str(refused.value)
+    assert ConnectOptions.build("amqp://h/%2f?connection_timeout=250").handshake_timeout(15) == 0.25
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,13 @@ class ConnectOptions:
                     "",
                 )
             )
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        timeout = query.get("connection_timeout")
+        if timeout is not None and not (timeout.isascii() and timeout.isdigit()):
+            raise ValueError(
+                f"invalid AMQP URL {redact_url(amqp_url)!r}: connection_timeout must be "
+                f"a whole number of milliseconds, not {timeout!r}"
+            )
         if any((ca_file, cert_file, key_file)) and urlsplit(url).scheme != "amqps":
             raise ValueError("TLS files given but the URL is not amqps://")
         if bool(cert_file) != bool(key_file):
@@ -177,10 +184,9 @@ class ConnectOptions:
         ``connection_timeout`` query parameter (milliseconds, as in
         RabbitMQ's URI query parameters guide), else ``default``."""
         raw = dict(parse_qsl(urlsplit(self.url).query)).get("connection_timeout")
-        try:
-            ms = int(raw) if raw is not None else 0
-        except ValueError:
-            ms = 0
+        # Checked by `build`: a whole number; 0 means the default, as in
+        # the Rust client.
+        ms = int(raw) if raw is not None else 0
         return ms / 1000 if ms > 0 else default
 
     def ssl_context(self) -> Optional[_ssl.SSLContext]:
