@@ -159,17 +159,18 @@ async fn keep(
     mut server: watch::Receiver<State>,
 ) {
     let mut retry = RETRY_START;
+    // A refusal is logged when it is new, not on every retry.
     let mut last_refusal: Option<String> = None;
-    let mut refused = |why: String, retry: Duration| {
-        if last_refusal.as_deref() != Some(why.as_str()) {
+    let refused = |last: &mut Option<String>, why: String, retry: Duration| {
+        if last.as_deref() != Some(why.as_str()) {
             info!(target: "callme::server", exchange = SHARED_REPLIES, reason = %why, retry_in = ?retry, "replies are not pipelined: each goes by its caller's own exchange");
-            last_refusal = Some(why);
+            *last = Some(why);
         }
     };
     let own = loop {
         match Link::connect_auxiliary(&options, "callme replies").await {
             Ok(link) => break link,
-            Err(e) => refused(e.to_string(), retry),
+            Err(e) => refused(&mut last_refusal, e.to_string(), retry),
         }
         if !pause(retry, &mut server).await {
             return;
@@ -188,6 +189,7 @@ async fn keep(
         match open(&conn).await {
             Ok(channel) => {
                 info!(target: "callme::server", exchange = SHARED_REPLIES, "replies to callers bound to the shared reply exchange are pipelined");
+                last_refusal = None;
                 pipeline.set(Some(channel.clone()));
                 let opened = Instant::now();
                 watch_channel(&pipeline, &channel, &mut link, &mut server).await;
@@ -200,7 +202,7 @@ async fn keep(
                 }
                 debug!(target: "callme::server", exchange = SHARED_REPLIES, "reply pipeline closed");
             }
-            Err(e) => refused(e.to_string(), retry),
+            Err(e) => refused(&mut last_refusal, e.to_string(), retry),
         }
         if !pause(retry, &mut server).await {
             break;
