@@ -569,20 +569,9 @@ impl RawClient {
         }
     }
 
-    /// Binds its queue to the shared reply exchange with its exchange's
-    /// name as the key, as a proxy does (the exchange must exist: a
-    /// host declares it).
-    pub async fn bind_shared(&self) {
-        self.channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                callme::protocol::SHARED_REPLIES.into(),
-                self.exchange.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+    /// Its reply queue's name.
+    pub fn queue(&self) -> &str {
+        &self.queue
     }
 
     /// Sends `body` to `server`: with `content_type` when given, this

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use callme::protocol::{Args, REPLY_VIA, SHARED_REPLIES, server_exchange};
+use callme::protocol::{Args, REPLY_QUEUE, client_queue, server_exchange};
 use callme::{
     ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
 };
@@ -92,9 +92,11 @@ async fn lying_requests(server_id: &str, n: usize) {
             .with_content_type("application/json".into())
             .with_correlation_id(format!("lie-{i}").into())
             .with_reply_to(format!("no-such-exchange-{}", uuid::Uuid::new_v4()).into());
-        // Half of them claim a binding to the shared reply exchange too.
+        // Half of them name a reply queue too, one that does not exist:
+        // pipelined, dropped by the broker, and confirmed.
         let props = if i % 2 == 1 {
-            props.with_headers(reply_via())
+            let made_up = client_queue("liar", &uuid::Uuid::new_v4().to_string());
+            props.with_headers(reply_queue(&made_up))
         } else {
             props
         };
@@ -187,10 +189,14 @@ async fn replies_to_missing_exchanges_cost_no_other_caller_its_reply() {
     }
     let left: usize = leavers.into_iter().map(|r| r.expect("task")).sum();
 
-    // Every lie's reply is found undeliverable and its request acked.
+    // Every lie and good call is acked: each lie's reply found
+    // undeliverable or (the ones that name a reply queue, when the host
+    // was busy) dropped by the broker and confirmed. (A leaver's request
+    // may expire in the queue first.)
     let all_dropped = callme_tests::eventually(Duration::from_secs(20), || {
-        let n = srv.undeliverable();
-        async move { (n >= 800).then_some(n) }
+        let n = srv.undeliverable() + srv.answered();
+        let direct = srv.undeliverable();
+        async move { (n >= 800 + 4 * 75 && direct >= 400).then_some(n) }
     })
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -203,8 +209,9 @@ async fn replies_to_missing_exchanges_cost_no_other_caller_its_reply() {
     assert_eq!(answered.load(Ordering::Relaxed), 4 * 75);
     assert!(
         all_dropped.is_some(),
-        "the lies' requests were not all acked: {} undeliverable",
-        srv.undeliverable()
+        "the lies' requests were not all acked: {} undeliverable, {} answered",
+        srv.undeliverable(),
+        srv.answered()
     );
     // Its consumer connection and its reply pipeline's.
     assert!(connections <= 2, "{connections} connections");
@@ -321,19 +328,16 @@ async fn an_invalid_concurrency_changes_nothing() {
     assert_eq!(v, json!("1"));
 }
 
-/// The header a caller bound to the shared reply exchange sends.
-fn reply_via() -> FieldTable {
+/// The header naming a caller's reply queue, as a proxy sends it.
+fn reply_queue(queue: &str) -> FieldTable {
     let mut headers = FieldTable::default();
-    headers.insert(
-        REPLY_VIA.into(),
-        AMQPValue::LongString(SHARED_REPLIES.into()),
-    );
+    headers.insert(REPLY_QUEUE.into(), AMQPValue::LongString(queue.into()));
     headers
 }
 
 /// Waits until `srv` pipelines replies.
 async fn pipelined(srv: &Server) {
-    let up = callme_tests::eventually(Duration::from_secs(20), || {
+    let up = callme_tests::eventually(Duration::from_secs(30), || {
         let up = srv.replies_pipelined();
         async move { up.then_some(()) }
     })
@@ -342,7 +346,8 @@ async fn pipelined(srv: &Server) {
 }
 
 /// Sends `n` requests at once, with `headers`, and takes their replies:
-/// how many came by the shared reply exchange. Every reply is checked.
+/// how many came pipelined, by the default exchange. Every reply is
+/// checked.
 async fn burst(client: &mut RawClient, id: &str, n: i64, headers: FieldTable) -> usize {
     for i in 0..n {
         let body = serde_json::to_vec(&json!({"func": "add", "args": [i, 1]})).unwrap();
@@ -358,7 +363,7 @@ async fn burst(client: &mut RawClient, id: &str, n: i64, headers: FieldTable) ->
             )
             .await;
     }
-    let mut shared = 0;
+    let mut pipelined = 0;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..n {
         let reply = client.next_reply(None).await;
@@ -372,18 +377,41 @@ async fn burst(client: &mut RawClient, id: &str, n: i64, headers: FieldTable) ->
         assert!(seen.insert(i), "two replies to {corr}");
         let body: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
         assert_eq!(body, json!({"result": i + 1}));
-        if reply.exchange.as_str() == SHARED_REPLIES {
-            shared += 1;
+        if reply.exchange.as_str().is_empty() {
+            pipelined += 1;
         }
     }
-    shared
+    pipelined
 }
 
-/// A busy host pipelines the replies of callers that bound the shared
-/// reply exchange, and only theirs; a lone call's reply goes by the
-/// caller's own exchange. A proxy binds it by itself.
+/// A host's metrics endpoint, in this process: a function reading how many
+/// replies of `id` were pipelined.
+async fn pipelined_count() -> impl AsyncFn(&str) -> f64 {
+    let endpoint = callme::observe::Endpoint::bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let port = endpoint.local_addr().unwrap().port();
+    tokio::spawn(endpoint.run());
+    move |id: &str| {
+        let id = id.to_string();
+        async move {
+            let text = callme_tests::scrape(port).await;
+            callme_tests::value(
+                &text,
+                "callme_replies_pipelined_total",
+                &[("server_id", &id)],
+            )
+        }
+    }
+}
+
+/// A busy host pipelines the replies of callers that name their reply
+/// queue, and only theirs; a lone call's reply goes by the caller's own
+/// exchange, and so does one whose header names something that is not a
+/// proxy's reply queue (a server's request queue, say). A proxy names its
+/// queue by itself.
 #[tokio::test]
-async fn replies_under_load_go_by_the_shared_exchange_to_callers_bound_to_it() {
+async fn replies_under_load_are_pipelined_to_callers_that_name_their_queue() {
     let srv = server(ServerOptions {
         concurrency: 16,
         ..ServerOptions::default()
@@ -394,37 +422,33 @@ async fn replies_under_load_go_by_the_shared_exchange_to_callers_bound_to_it() {
     pipelined(&srv).await;
 
     let mut client = RawClient::connect().await;
-    client.bind_shared().await;
-    let by_shared = burst(&mut client, &id, 48, reply_via()).await;
+    let queue = client.queue().to_string();
+    let by_pipeline = burst(&mut client, &id, 48, reply_queue(&queue)).await;
     // The last two or so are answered once the host is quiet again.
-    assert!(by_shared >= 40, "{by_shared} of 48 replies pipelined");
+    assert!(by_pipeline >= 40, "{by_pipeline} of 48 replies pipelined");
     assert_eq!(burst(&mut client, &id, 48, FieldTable::default()).await, 0);
-    let lone = burst(&mut client, &id, 1, reply_via()).await;
+    let server_queue = callme::protocol::server_queue(&id);
+    assert_eq!(
+        burst(&mut client, &id, 48, reply_queue(&server_queue)).await,
+        0,
+        "a reply was pipelined to a server's request queue"
+    );
+    let lone = burst(&mut client, &id, 1, reply_queue(&queue)).await;
     assert_eq!(lone, 0, "a lone call's reply was pipelined");
 
-    // A proxy's reply queue is bound with its exchange's name as the key.
+    // A proxy's calls under load are pipelined too.
+    let count = pipelined_count().await;
+    let other = unique("piped");
+    srv.serve_native(&other, slow_add(20)).await.unwrap();
     let p = proxy(Duration::from_secs(20)).await;
-    let bindings = broker_ctl(&[
-        "list_bindings",
-        "-q",
-        "--no-table-headers",
-        "source_name",
-        "routing_key",
-    ]);
-    assert!(
-        bindings.lines().any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols == [SHARED_REPLIES, p.reply_exchange()]
-        }),
-        "no binding of {} on {SHARED_REPLIES}",
-        p.reply_exchange()
-    );
     let sums = join_all((0..64i64).map(|i| {
-        let sp = p.use_server(&id);
+        let sp = p.use_server(&other);
         async move { sp.invoke::<_, i64>("add", (i, 1)).await.unwrap() }
     }))
     .await;
     assert_eq!(sums, (1..=64).collect::<Vec<i64>>());
+    let piped = count(&other).await;
+    assert!(piped >= 32.0, "{piped} of 64 proxy calls pipelined");
 }
 
 /// The pid of `user`'s connection named `name` (`callme server`).
@@ -442,14 +466,14 @@ fn connection_pid(user: &str, name: &str) -> Option<String> {
         .find_map(|l| l.split('\t').nth(1).map(str::to_string))
 }
 
-/// An operator who takes the shared reply exchange away from a busy host
-/// (its user may no longer publish there and its reply connection is
-/// closed; then the exchange is deleted) costs no caller its reply, and
-/// the host keeps its consumer connection: the replies in flight go by
-/// each caller's exchange instead.
+/// An operator who takes the default exchange away from a busy host's
+/// user (and closes its reply connection, since the broker applies
+/// permissions to new channels), then gives it back, then closes the
+/// reply connection again, costs no caller its reply, and the host keeps
+/// its consumer connection: the replies in flight go by each caller's
+/// exchange meanwhile.
 #[tokio::test]
-async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
-    // A vhost of its own: the exchange it takes away is its vhost's alone.
+async fn taking_the_pipeline_away_under_load_loses_no_reply() {
     let (user, password) = dedicated_user("revoke");
     let url = dedicated_vhost("revoke", &user, &password);
     let vhost = url.rsplit_once('/').unwrap().1.to_string();
@@ -465,27 +489,19 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
     let id = unique("revoke");
     srv.serve_native(&id, slow_add(20)).await.unwrap();
     pipelined(&srv).await;
-    let endpoint = callme::observe::Endpoint::bind("127.0.0.1:0")
-        .await
-        .unwrap();
-    let port = endpoint.local_addr().unwrap().port();
-    tokio::spawn(endpoint.run());
-    let by_shared = async || {
-        let text = callme_tests::scrape(port).await;
-        callme_tests::value(
-            &text,
-            "callme_replies_pipelined_total",
-            &[("server_id", &id)],
-        )
-    };
+    let count = pipelined_count().await;
     let consumer_conn = connection_pid(&user, "callme server").expect("the host's connection");
+    let close_replies = || {
+        let replies = connection_pid(&user, "callme replies").expect("the reply connection");
+        broker_ctl(&["close_connection", &replies, "closed by the test"]);
+    };
 
     let p = Proxy::connect_with(&ConnectOptions::new(url.clone()), Duration::from_secs(30))
         .await
         .unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
-    // Calls for 15 s, a few at a time.
-    const CALLS: i64 = 6000;
+    // Calls for 20 s, a few at a time.
+    const CALLS: i64 = 8000;
     let calls: Vec<_> = (0..CALLS)
         .map(|i| {
             let sp = p.use_server(&id);
@@ -498,56 +514,48 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
             })
         })
         .collect();
-    // A third of the way: no more writing to the shared exchange.
     while answered.load(Ordering::Relaxed) < 500 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let first = by_shared().await;
+    let first = count(&id).await;
     assert!(first > 100.0, "{first} replies pipelined of 500");
-    // The broker applies a permission change to new channels (its Access
-    // Control guide: checks are cached per channel), so the operator
-    // closes the host's reply connection too.
+
     broker_ctl(&[
         "set_permissions",
         "-p",
         &vhost,
         &user,
         ".*",
-        &format!("^(?!{SHARED_REPLIES}$).*"),
+        "^(?!amq\\.default$).*",
         ".*",
     ]);
-    let replies_conn = connection_pid(&user, "callme replies").expect("the reply connection");
-    broker_ctl(&["close_connection", &replies_conn, "permissions changed"]);
+    close_replies();
     let off = callme_tests::eventually(Duration::from_secs(10), || {
         let up = srv.replies_pipelined();
         async move { (!up).then_some(()) }
     })
     .await;
     assert!(off.is_some(), "the host still pipelines without permission");
-    // Allowed again: once the host pipelines again, the exchange is
-    // deleted under it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!srv.replies_pipelined(), "the pipeline came back refused");
+
     broker_ctl(&["set_permissions", "-p", &vhost, &user, ".*", ".*", ".*"]);
     pipelined(&srv).await;
-    let before_delete = answered.load(Ordering::Relaxed);
-    assert!(
-        before_delete < CALLS as usize - 500,
-        "calls ran out: {before_delete}"
-    );
-    let regranted = by_shared().await;
+    let regranted = count(&id).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        by_shared().await > regranted,
+        count(&id).await > regranted,
         "nothing pipelined once allowed again"
     );
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    conn.create_channel()
-        .await
-        .unwrap()
-        .exchange_delete(SHARED_REPLIES.into(), Default::default())
-        .await
-        .unwrap();
+
+    close_replies();
+    pipelined(&srv).await;
+    let left = CALLS as usize - answered.load(Ordering::Relaxed);
+    assert!(
+        left > 500,
+        "calls ran out before the last step: {left} left"
+    );
+
     for call in join_all(calls).await {
         call.expect("every call answered");
     }
@@ -557,64 +565,6 @@ async fn taking_the_shared_exchange_away_under_load_loses_no_reply() {
         Some(consumer_conn.as_str()),
         "the host's consumer connection was replaced"
     );
-    // The host declares the exchange again and pipelines once more.
-    pipelined(&srv).await;
-    broker_ctl(&["delete_vhost", &vhost]);
-}
-
-/// The shared reply exchange's bindings in `vhost`: `(routing key,
-/// queue)`.
-fn shared_bindings(vhost: &str) -> Vec<(String, String)> {
-    let out = broker_ctl(&[
-        "list_bindings",
-        "-p",
-        vhost,
-        "-q",
-        "--no-table-headers",
-        "source_name",
-        "routing_key",
-        "destination_name",
-    ]);
-    out.lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split('\t').collect();
-            (cols.first() == Some(&SHARED_REPLIES))
-                .then(|| (cols[1].to_string(), cols[2].to_string()))
-        })
-        .collect()
-}
-
-/// A proxy that starts before any host has declared the shared reply
-/// exchange binds to it once one has.
-#[tokio::test]
-async fn a_proxy_older_than_the_shared_exchange_binds_once_it_exists() {
-    let (user, password) = dedicated_user("early");
-    let url = dedicated_vhost("early", &user, &password);
-    let vhost = url.rsplit_once('/').unwrap().1.to_string();
-    let p = Proxy::connect_with(&ConnectOptions::new(url.clone()), Duration::from_secs(20))
-        .await
-        .unwrap();
-    assert!(shared_bindings(&vhost).is_empty());
-
-    let srv = Server::connect(&ConnectOptions::new(url.clone()), ServerOptions::default())
-        .await
-        .unwrap();
-    let id = unique("early");
-    srv.serve_native(&id, slow_add(0)).await.unwrap();
-    pipelined(&srv).await;
-    let bound = callme_tests::eventually(Duration::from_secs(20), || {
-        let bindings = shared_bindings(&vhost);
-        let key = p.reply_exchange().to_string();
-        async move { bindings.iter().any(|(k, _)| *k == key).then_some(()) }
-    })
-    .await;
-    assert!(
-        bound.is_some(),
-        "the proxy never bound: {:?}",
-        shared_bindings(&vhost)
-    );
-    let sum: i64 = p.use_server(&id).invoke("add", (2, 3)).await.unwrap();
-    assert_eq!(sum, 5);
     drop((p, srv));
     broker_ctl(&["delete_vhost", &vhost]);
 }

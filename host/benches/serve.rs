@@ -54,6 +54,7 @@ type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 struct Client {
     channel: Channel,
     reply_exchange: String,
+    reply_queue: String,
     waiting: Waiting,
     _conn: Arc<Connection>,
 }
@@ -66,29 +67,6 @@ impl Client {
         let reply_exchange = format!("client_bench_ex_{uid}");
         let reply_queue = format!("client_bench_queue_{uid}");
         declare_bound(&channel, &reply_exchange, &reply_queue).await?;
-        // The shared reply exchange, as a proxy binds it (protocol.md):
-        // declared here too, so the bench does not depend on a host
-        // having run first.
-        channel
-            .exchange_declare(
-                "callme_replies".into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                reply_queue.as_str().into(),
-                "callme_replies".into(),
-                reply_exchange.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         let mut replies = channel
             .basic_consume(
                 reply_queue.as_str().into(),
@@ -117,6 +95,7 @@ impl Client {
         Ok(Client {
             channel,
             reply_exchange,
+            reply_queue,
             waiting,
             _conn: Arc::new(conn),
         })
@@ -133,7 +112,7 @@ impl Client {
             .with_correlation_id(corr.as_str().into())
             .with_reply_to(self.reply_exchange.as_str().into())
             .with_expiration(CALL_TIMEOUT.as_millis().to_string().into())
-            .with_headers(reply_via());
+            .with_headers(reply_queue_header(&self.reply_queue));
         self.channel
             .basic_publish(
                 format!("server_{server}_ex").as_str().into(),
@@ -158,13 +137,13 @@ impl Client {
     }
 }
 
-/// The header by which a caller says its reply queue is bound to the
-/// shared reply exchange.
-fn reply_via() -> FieldTable {
+/// The header naming the caller's reply queue, so a busy server can
+/// pipeline its replies there (protocol.md, "Pipelined replies").
+fn reply_queue_header(queue: &str) -> FieldTable {
     let mut headers = FieldTable::default();
     headers.insert(
-        "x-callme-reply-via".into(),
-        lapin::types::AMQPValue::LongString("callme_replies".into()),
+        "x-callme-reply-queue".into(),
+        lapin::types::AMQPValue::LongString(queue.into()),
     );
     headers
 }

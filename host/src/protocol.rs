@@ -30,27 +30,32 @@ pub const TIMESTAMP_IN_MS: &str = "timestamp_in_ms";
 /// in a cycle stop.
 pub const CALL_DEPTH: &str = "x-callme-depth";
 
-/// The exchange replies can also travel by: one durable topic exchange
-/// that always exists, to which a proxy binds its reply queue with its
-/// reply exchange's name as the key. A reply to a caller that left is
-/// then unroutable (returned) rather than a publish to a missing exchange,
-/// which closes the channel it came on, so a server can pipeline replies
-/// on one channel. See `docs/protocol.md`, "The shared reply exchange".
-pub const SHARED_REPLIES: &str = "callme_replies";
+/// The request header naming the caller's reply queue
+/// (`client_USER_queue_UUID`). A busy server that may publish to the
+/// default exchange sends the reply there, with that queue's name as the
+/// routing key, pipelined on one channel: the default exchange always
+/// exists and the queue exists exactly as long as its caller, so a reply
+/// to a caller that left is dropped by the broker rather than a publish to
+/// a missing exchange, which closes the channel it came on. A server that
+/// may not, or does not know the header, replies by `reply_to`. See
+/// `docs/protocol.md`, "Pipelined replies".
+pub const REPLY_QUEUE: &str = "x-callme-reply-queue";
 
-/// The request header by which a caller says its reply queue is bound to
-/// [`SHARED_REPLIES`] with its `reply_to` as the key: its value is that
-/// exchange's name. A server that may publish there sends the reply that
-/// way, and by `reply_to` as before when it may not or the reply comes
-/// back unroutable.
-pub const REPLY_VIA: &str = "x-callme-reply-via";
-
-/// Whether `key` is safe as a binding key on [`SHARED_REPLIES`]: a topic
-/// binding key whose dot-separated words include `*` or `#` would match
-/// other callers' keys, so such a caller does not bind and its replies go
-/// by its own exchange.
-pub fn is_exact_topic_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= 255 && key.split('.').all(|w| w != "*" && w != "#")
+/// Whether `name` can be taken from [`REPLY_QUEUE`]: a proxy's reply queue
+/// by its shape, `client_USER_queue_ID` (`ID` 32 to 36 hex digits and
+/// dashes). A server publishes where a caller says only within that shape,
+/// so a caller cannot make it write into a server's request queue.
+pub fn is_reply_queue_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("client_") else {
+        return false;
+    };
+    let Some((user, id)) = rest.rsplit_once("_queue_") else {
+        return false;
+    };
+    name.len() <= 255
+        && !user.is_empty()
+        && (32..=36).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 /// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
@@ -345,15 +350,24 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn only_exact_keys_bind_the_shared_reply_exchange() {
-        assert!(is_exact_topic_key("client_guest_ex_1b4e28ba-2fa1"));
-        assert!(is_exact_topic_key("client_ann.lee_ex_1"));
-        assert!(is_exact_topic_key("client_a#b_ex_1"));
-        assert!(!is_exact_topic_key("client_a.*.b_ex_1"));
-        assert!(!is_exact_topic_key("client_a.#_ex_1.#"));
-        assert!(!is_exact_topic_key("#"));
-        assert!(!is_exact_topic_key(""));
-        assert!(!is_exact_topic_key(&"x".repeat(256)));
+    fn only_a_proxys_reply_queue_is_taken_from_the_header() {
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        assert!(is_reply_queue_name(&client_queue("guest", uid)));
+        assert!(is_reply_queue_name(&client_queue(
+            "ann.lee",
+            &uid.replace('-', "")
+        )));
+        assert!(is_reply_queue_name(&client_queue("a_queue_b", uid)));
+        assert!(!is_reply_queue_name("server_calc_queue"));
+        assert!(!is_reply_queue_name(&client_exchange("guest", uid)));
+        assert!(!is_reply_queue_name(&client_queue("", uid)));
+        assert!(!is_reply_queue_name(&client_queue("guest", "not-an-id")));
+        assert!(!is_reply_queue_name(&client_queue(
+            "guest",
+            &format!("{uid}x")
+        )));
+        assert!(!is_reply_queue_name(&client_queue(&"u".repeat(240), uid)));
+        assert!(!is_reply_queue_name("amq.gen-abc"));
     }
 
     #[test]

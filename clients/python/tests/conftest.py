@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import time
@@ -81,6 +82,8 @@ class Host:
     """Server id of the hostile plugin, limited to a 300 ms deadline and 16 MiB of memory."""
     missing: str
     """A server id nobody serves."""
+    metrics_port: int = 0
+    """The host's metrics endpoint, on 127.0.0.1."""
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +99,15 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     for needed in (plugins / "calc.wasm", plugins / "hostile.wasm", binary):
         if not needed.exists():
             pytest.fail(f"{needed} is missing: run scripts/build-plugins and cargo build")
-    served = Host(calc=unique("py-calc"), hostile=unique("py-hostile"), missing=unique("py-nobody"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    served = Host(
+        calc=unique("py-calc"),
+        hostile=unique("py-hostile"),
+        missing=unique("py-nobody"),
+        metrics_port=metrics_port,
+    )
     root = tmp_path_factory.mktemp("host")
     directory = root / "plugins"
     directory.mkdir()
@@ -111,7 +122,8 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [str(binary), "serve", "--plugins", str(directory), "--ready-file", str(ready),
-             "--cache-dir", str(cache), "--concurrency", "16"],
+             "--cache-dir", str(cache), "--concurrency", "16",
+             "--metrics-addr", f"127.0.0.1:{metrics_port}"],
             env={**os.environ, "CALLME_AMQP_URL": url, "RUST_LOG": "callme=info", "NO_COLOR": "1"},
             stdout=subprocess.DEVNULL,
             stderr=log_file,

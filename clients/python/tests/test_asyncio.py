@@ -8,7 +8,7 @@ import json
 import pytest
 
 import callme_client as callme
-from conftest import Host, rabbitmqctl, unique
+from conftest import Host, unique
 
 
 def test_a_thousand_calls_in_flight(amqp_url: str, host: Host) -> None:
@@ -79,12 +79,10 @@ def test_a_closed_async_proxy_refuses_calls(amqp_url: str, host: Host) -> None:
     asyncio.run(main())
 
 
-def test_requests_carry_their_send_time_and_a_trace(amqp_url: str, host: Host) -> None:
+def test_requests_carry_their_send_time_and_a_trace(amqp_url: str) -> None:
     """What a host reads from a request besides its body (docs/protocol.md):
-    the send time, for its queue-wait metric, a W3C traceparent, and that
-    the caller bound its reply queue to the shared reply exchange (which a
-    host declared)."""
-    wait_for_shared_replies()
+    the send time, for its queue-wait metric, a W3C traceparent, and the
+    reply queue, where a busy host pipelines replies."""
     import time
 
     import aio_pika
@@ -92,6 +90,7 @@ def test_requests_carry_their_send_time_and_a_trace(amqp_url: str, host: Host) -
     from callme_client.protocol import server_exchange
 
     server_id = unique("headers")
+    proxy_queue: "list[str]" = []
 
     async def main() -> None:
         connection = await aio_pika.connect(amqp_url)
@@ -110,7 +109,7 @@ def test_requests_carry_their_send_time_and_a_trace(amqp_url: str, host: Host) -
                         "timestamp": message.timestamp.timestamp() if message.timestamp else None,
                         "timestamp_in_ms": headers.get("timestamp_in_ms"),
                         "traceparent": headers.get("traceparent"),
-                        "via": headers.get("x-callme-reply-via"),
+                        "queue": headers.get("x-callme-reply-queue"),
                     }
                     reply = aio_pika.Message(
                         json.dumps({"result": seen}).encode(),
@@ -123,44 +122,39 @@ def test_requests_carry_their_send_time_and_a_trace(amqp_url: str, host: Host) -
             before = time.time()
             async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
                 seen = await proxy.use_server(server_id).call("anything")
+                assert proxy._link is not None
+                proxy_queue.append(proxy._link.queue)
             after = time.time()
         assert before - 1 <= seen["timestamp_in_ms"] / 1000 <= after + 1, seen
         assert int(before) - 1 <= seen["timestamp"] <= after + 1, seen
         version, trace_id, span_id, flags = seen["traceparent"].split("-")
         assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "01"), seen
         assert int(trace_id, 16) != 0 and int(span_id, 16) != 0, seen
-        assert seen["via"] == "callme_replies", seen
+        assert seen["queue"] == proxy_queue[0], seen
 
     asyncio.run(main())
 
 
-def wait_for_shared_replies() -> None:
-    """Waits until a host has declared the shared reply exchange."""
-    import time
 
-    deadline = time.monotonic() + 20
-    while "callme_replies" not in rabbitmqctl("list_exchanges", "-q", "--no-table-headers", "name"):
-        assert time.monotonic() < deadline, "no host declared callme_replies"
-        time.sleep(0.2)
+def test_replies_come_pipelined_under_load(amqp_url: str, host: Host) -> None:
+    """Under load the host pipelines replies to the reply queue the client
+    names (docs/protocol.md, "Pipelined replies"): the answers are the
+    same, and the host counts them."""
+    import re
+    import urllib.request
 
-
-def test_replies_come_by_the_shared_exchange_under_load(amqp_url: str, host: Host) -> None:
-    """The proxy binds its reply queue to ``callme_replies`` with its
-    exchange's name as the key, and a busy host pipelines replies that way
-    (docs/protocol.md): the answers are the same."""
-    wait_for_shared_replies()
+    def pipelined() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{host.metrics_port}/metrics").read()
+        pattern = r'callme_replies_pipelined_total\{server_id="%s"\} (\S+)' % re.escape(host.calc)
+        found = re.search(pattern, text.decode())
+        return float(found.group(1)) if found else 0.0
 
     async def main() -> None:
         async with callme.AsyncProxy(amqp_url, timeout=60) as proxy:
             calc = proxy.use_server(host.calc)
-            assert await calc.add(1, 1) == 2
-            bindings = rabbitmqctl(
-                "list_bindings", "-q", "--no-table-headers", "source_name", "routing_key"
-            )
-            assert ["callme_replies", proxy.reply_exchange] in [
-                line.split() for line in bindings.splitlines()
-            ], bindings
+            before = pipelined()
             results = await asyncio.gather(*(calc.add(i, 1) for i in range(500)))
             assert results == [i + 1 for i in range(500)]
+            assert pipelined() - before >= 100, (before, pipelined())
 
     asyncio.run(main())

@@ -1,41 +1,50 @@
-//! Replies pipelined on one confirm channel, by the shared reply exchange only.
+//! Replies pipelined on one confirm channel, to callers' reply queues by the default exchange.
 //!
 //! A publish to a caller's own reply exchange may close the channel it
 //! goes on (the caller left and its exchange went with it), so those are
-//! made one per channel at a time (`publisher`). The shared reply exchange
-//! (`protocol::SHARED_REPLIES`) is durable and never deleted by callme, so
-//! a reply to a caller that left is only unroutable there: returned under
-//! `mandatory`, the channel untouched. Replies to it can share one channel
-//! and be confirmed as the broker goes, as a raw server's are.
+//! made one per channel at a time (`publisher`). The default exchange
+//! (`""`) always exists and routes by queue name, and a proxy's reply
+//! queue exists exactly as long as the proxy: a reply published there to
+//! a caller that left is dropped by the broker (no `mandatory`), the
+//! channel untouched. Replies that go that way can share one channel and
+//! be confirmed as the broker goes, as a raw server's are; a confirm means
+//! the reply reached its caller's queue or that its caller is gone, and
+//! either way the request is done.
 //!
-//! The channel can still fail: the broker refuses this user the exchange
-//! (its permissions, or an operator who deleted the exchange), or the
-//! connection drops. A publish that fails, or is not plainly confirmed, is
-//! reported as not sent, and the caller of [`Pipeline::publish`] sends the
-//! reply the other way (by the caller's own exchange, on a lane of its
-//! own): the pipeline only ever adds a way for a reply to arrive. After a
-//! failure the pipeline stays off for a while before it is tried again, so
-//! a refusal that lasts costs one failed publish per period, not one per
-//! reply.
+//! The channel can still fail: the broker refuses this user the default
+//! exchange, or the connection drops. A publish that fails, or is not
+//! plainly confirmed in time, is reported as not sent, and the caller of
+//! [`Pipeline::publish`] sends the reply the other way (by the caller's
+//! own exchange, on a lane of its own): the pipeline only ever adds a way
+//! for a reply to arrive. After a failure the pipeline stays off for a
+//! while before it is tried again, so a refusal that lasts costs one
+//! failed publish per period, not one per reply.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info};
 
 use super::connect::ConnectOptions;
 use super::link::{self, Link, State};
-use super::topology::{self, declare_on};
+use super::topology;
 use crate::Error;
-use crate::protocol::SHARED_REPLIES;
 
-/// The routing key of the test publish made on each new channel: nobody
-/// binds it, so the broker returns it.
-const PROBE_KEY: &str = "_probe";
+/// The exchange replies are pipelined to: the default exchange, which
+/// routes by queue name.
+const DEFAULT_EXCHANGE: &str = "";
+
+/// How long a pipelined reply may wait for its confirm before it is sent
+/// the other way (a connection that stopped answering is found out by
+/// its heartbeat only much later).
+const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
+
+/// The routing key of the test publish made on each new channel: no queue
+/// has that name, so the broker drops it.
+const PROBE_KEY: &str = "callme.pipeline.probe";
 
 /// How long the test publish may take.
 const PROBE_WITHIN: Duration = Duration::from_secs(15);
@@ -43,28 +52,31 @@ const PROBE_WITHIN: Duration = Duration::from_secs(15);
 /// How often the channel's status is looked at, beside failed publishes.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
-/// First wait before the pipeline is tried again after a failure; it
-/// doubles up to [`RETRY_MAX`], and starts again once the pipeline has
-/// stayed up for [`RETRY_MAX`].
+/// First wait before the pipeline is opened again after it failed or was
+/// refused; it doubles up to [`RETRY_MAX`] while it keeps being refused,
+/// and starts again once it opens.
 const RETRY_START: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// One confirm channel for replies to the shared reply exchange, kept open
+/// One confirm channel for replies by the default exchange, kept open
 /// across the link's connections.
 pub(crate) struct Pipeline {
     channel: Mutex<Option<Channel>>,
     /// Told when a publish failed, so the channel is looked at at once.
     failed: Notify,
+    /// The task keeping the pipeline, until it has closed its connection.
+    keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// What became of a reply sent by the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Piped {
-    /// The broker took it and routed it to the caller's queue.
+    /// The broker took it: it is in the caller's queue, or the caller is
+    /// gone.
     Confirmed,
-    /// Not sent, or not known to have arrived: no pipeline now, the
-    /// broker returned it (no queue bound with that key), refused it, or
-    /// the channel failed under it. Send it the other way.
+    /// Not sent, or not known to have arrived: no pipeline now, the broker
+    /// refused it, the channel failed under it, or its confirm did not
+    /// come in time. Send it the other way.
     NotSent,
 }
 
@@ -78,43 +90,56 @@ impl Pipeline {
         let pipeline = Arc::new(Pipeline {
             channel: Mutex::new(None),
             failed: Notify::new(),
+            keeper: Mutex::new(None),
         });
-        tokio::spawn(keep(pipeline.clone(), options, server));
+        let keeper = tokio::spawn(keep(pipeline.clone(), options, server));
+        *pipeline.keeper.lock().unwrap_or_else(|p| p.into_inner()) = Some(keeper);
         pipeline
     }
 
-    /// Publishes `body` to the shared reply exchange with routing key
-    /// `key` (the caller's `reply_to`), `mandatory`, and waits for its
-    /// confirm.
+    /// Waits, up to `limit`, until the pipeline has closed its connection
+    /// after the server's link was closed.
+    pub(crate) async fn closed(&self, limit: Duration) {
+        let keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(keeper) = keeper {
+            let _ = tokio::time::timeout(limit, keeper).await;
+        }
+    }
+
+    /// Publishes `body` to the default exchange with routing key `queue`
+    /// (the caller's reply queue), and waits for its confirm.
     pub(crate) async fn publish(
         &self,
-        key: &str,
+        queue: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Piped {
         let Some(channel) = self.channel() else {
             return Piped::NotSent;
         };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
         let sent = async {
             channel
-                .basic_publish(SHARED_REPLIES.into(), key.into(), options, body, properties)
+                .basic_publish(
+                    DEFAULT_EXCHANGE.into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
                 .await?
                 .await
-        }
-        .await;
-        match sent {
-            Ok(Confirmation::Ack(None)) => Piped::Confirmed,
-            // Returned (nobody bound that key), or nacked: the channel is
-            // fine; this reply goes the other way.
-            Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(_) | Confirmation::NotRequested) => {
+        };
+        match tokio::time::timeout(CONFIRM_WITHIN, sent).await {
+            Ok(Ok(Confirmation::Ack(_))) => Piped::Confirmed,
+            // Nacked: the channel is fine; this reply goes the other way.
+            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Piped::NotSent,
+            Ok(Err(e)) => {
+                debug!(target: "callme::server", error = %e, "pipelined reply failed");
+                self.failed.notify_one();
                 Piped::NotSent
             }
-            Err(e) => {
-                debug!(target: "callme::server", error = %e, "pipelined reply failed");
+            Err(_) => {
+                debug!(target: "callme::server", "pipelined reply not confirmed in time");
                 self.failed.notify_one();
                 Piped::NotSent
             }
@@ -163,7 +188,7 @@ async fn keep(
     let mut last_refusal: Option<String> = None;
     let refused = |last: &mut Option<String>, why: String, retry: Duration| {
         if last.as_deref() != Some(why.as_str()) {
-            info!(target: "callme::server", exchange = SHARED_REPLIES, reason = %why, retry_in = ?retry, "replies are not pipelined: each goes by its caller's own exchange");
+            info!(target: "callme::server", reason = %why, retry_in = ?retry, "replies are not pipelined: each goes by its caller's own exchange");
             *last = Some(why);
         }
     };
@@ -186,21 +211,22 @@ async fn keep(
         let Some(conn) = conn.filter(|_| !ended(&server)) else {
             break;
         };
-        match open(&conn).await {
+        let opened = tokio::select! {
+            opened = open(&conn) => opened,
+            _ = server.wait_for(|s| matches!(s, State::Closed)) => break,
+        };
+        match opened {
             Ok(channel) => {
-                info!(target: "callme::server", exchange = SHARED_REPLIES, "replies to callers bound to the shared reply exchange are pipelined");
+                info!(target: "callme::server", "replies are pipelined by the default exchange to callers that name their reply queue");
                 last_refusal = None;
+                retry = RETRY_START;
                 pipeline.set(Some(channel.clone()));
-                let opened = Instant::now();
                 watch_channel(&pipeline, &channel, &mut link, &mut server).await;
                 pipeline.set(None);
                 if channel.status().connected() {
                     topology::close_soon(channel);
                 }
-                if opened.elapsed() >= RETRY_MAX {
-                    retry = RETRY_START;
-                }
-                debug!(target: "callme::server", exchange = SHARED_REPLIES, "reply pipeline closed");
+                debug!(target: "callme::server", "reply pipeline closed");
             }
             Err(e) => refused(&mut last_refusal, e.to_string(), retry),
         }
@@ -213,72 +239,45 @@ async fn keep(
     own.close().await;
 }
 
-/// Declares the shared reply exchange (or finds it declared, when this
-/// user may not declare it) and opens a confirm channel for replies.
+/// Opens a confirm channel for replies, and makes one test publish on it.
 async fn open(conn: &Connection) -> Result<Channel, Error> {
-    let declared = declare_on(conn, async |channel| {
-        topology::declare_shared_replies(channel)
-            .await
-            .map_err(super::connect::classify_lapin)
-    })
-    .await;
-    let declared = match declared {
-        Ok((channel, ())) => Ok(channel),
-        // A user who may not configure it may still publish to it, if
-        // the operator (or another host) declared it.
-        Err(Error::AccessRefused(_)) => declare_on(conn, async |channel| {
-            channel
-                .exchange_declare(
-                    SHARED_REPLIES.into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(super::connect::classify_lapin)
-        })
+    let late = || Error::Disconnected("the broker did not open a channel in time".into());
+    let channel = tokio::time::timeout(PROBE_WITHIN, conn.create_channel())
         .await
-        .map(|(channel, ())| channel),
-        Err(e) => Err(e),
-    }?;
-    declared
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
+        .map_err(|_| late())?
         .map_err(super::connect::classify_lapin)?;
-    // One publish nobody is bound to take, before any reply: a user who
-    // may not write to the exchange learns it here, on a channel with
+    // One publish nobody receives, before any reply: a user who may not
+    // write to the default exchange learns it here, on a channel with
     // nothing else on it, not from a reply.
     let probe = async {
-        declared
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
             .basic_publish(
-                SHARED_REPLIES.into(),
+                DEFAULT_EXCHANGE.into(),
                 PROBE_KEY.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                BasicPublishOptions::default(),
                 b"",
                 BasicProperties::default(),
             )
             .await?
             .await
     };
-    match tokio::time::timeout(PROBE_WITHIN, probe).await {
-        Ok(Ok(Confirmation::Ack(_))) => Ok(declared),
-        Ok(Ok(other)) => Err(Error::Disconnected(format!(
-            "the broker did not take a test publish to {SHARED_REPLIES}: {other:?}"
-        ))),
-        Ok(Err(e)) => Err(super::connect::classify_lapin(e)),
-        Err(_) => {
-            topology::close_soon(declared);
-            Err(Error::Disconnected(format!(
-                "the broker did not confirm a test publish to {SHARED_REPLIES} in time"
-            )))
-        }
+    let refused = match tokio::time::timeout(PROBE_WITHIN, probe).await {
+        Ok(Ok(Confirmation::Ack(_))) => return Ok(channel),
+        Ok(Ok(other)) => Error::Disconnected(format!(
+            "the broker did not take a test publish to the default exchange: {other:?}"
+        )),
+        Ok(Err(e)) => super::connect::classify_lapin(e),
+        Err(_) => Error::Disconnected(
+            "the broker did not confirm a test publish to the default exchange in time".into(),
+        ),
+    };
+    if channel.status().connected() {
+        topology::close_soon(channel);
     }
+    Err(refused)
 }
 
 /// Resolves when `channel` is no longer usable, or the link moved on from

@@ -279,7 +279,7 @@ impl Metrics {
         );
         r.register(
             "callme_replies_pipelined",
-            "Replies sent by the shared reply exchange (pipelined on the host's reply connection) to callers bound to it; the others go by each caller's own exchange",
+            "Replies pipelined by the default exchange to the reply queue their caller named, on the host's reply connection; the others go by each caller's own exchange",
             m.pipelined.clone(),
         );
         r.register(
@@ -615,7 +615,7 @@ pub(crate) fn reply_undeliverable(server_id: &str, why: ReplyLost) {
         .inc();
 }
 
-/// A reply of `server_id` went by the shared reply exchange.
+/// A reply of `server_id` was pipelined by the default exchange.
 pub(crate) fn reply_pipelined(server_id: &str) {
     if !recording() {
         return;

@@ -3,9 +3,9 @@
 //! A [`Proxy`] declares its own reply exchange and queue
 //! (`client_USER_ex_UUID`, `client_USER_queue_UUID`), publishes requests to
 //! `server_ID_ex` with publisher confirms and `mandatory` set, and matches
-//! replies to calls by correlation id. Where the broker lets it, the reply
-//! queue is also bound to the shared reply exchange, and requests say so,
-//! so servers can pipeline their replies (see `docs/protocol.md`). Many tasks share one proxy; calls
+//! replies to calls by correlation id. Requests also name the reply queue,
+//! so a busy server can pipeline its replies there (see
+//! `docs/protocol.md`, "Pipelined replies"). Many tasks share one proxy; calls
 //! are multiplexed on its connection. A request nobody can route fails at
 //! once with [`Error::NoSuchServer`]; a reply that arrives after its call
 //! timed out is dropped. When the broker connection is lost, calls
@@ -25,7 +25,6 @@ mod pending;
 mod replies;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
@@ -43,10 +42,9 @@ use replies::{Replies, ReplyNames};
 
 use crate::amqp::link::State;
 use crate::amqp::publisher::{Published, Publisher};
-use crate::amqp::topology::SharedBinding;
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::protocol::{
-    Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, REPLY_VIA, Request, SHARED_REPLIES, TIMESTAMP_IN_MS,
+    Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, REPLY_QUEUE, Request, TIMESTAMP_IN_MS,
     server_exchange,
 };
 use crate::{Error, TraceContext, TraceId};
@@ -140,9 +138,9 @@ struct Inner {
     /// at a time, so a request to a missing server costs no other call.
     publisher: Publisher,
     reply_exchange: String,
-    /// Whether the reply queue is bound to the shared reply exchange on
-    /// the current connection: requests then say so (`REPLY_VIA`).
-    shared: Arc<AtomicBool>,
+    /// The reply queue, named in every request (`REPLY_QUEUE`) so a busy
+    /// server can pipeline replies to it.
+    reply_queue: String,
     pending: Arc<Pending>,
     timeout: Duration,
     /// Where calls are counted, once the program gives a registry.
@@ -203,16 +201,12 @@ impl Proxy {
         let conn = conn
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
-        let binding = names.bind_shared(&conn).await;
-        let shared = Arc::new(AtomicBool::new(binding == SharedBinding::Bound));
         let pending = Arc::new(Pending::default());
         let (ready_tx, ready) = watch::channel(Some(conn.clone()));
         let replies = Replies {
             names: names.clone(),
             pending: pending.clone(),
             ready: ready_tx,
-            shared: shared.clone(),
-            binding,
         };
         tokio::spawn(resubscribe::run(replies, state, (conn, channel, consumer)));
         Ok(Proxy {
@@ -221,7 +215,7 @@ impl Proxy {
                 ready,
                 publisher: Publisher::new(PUBLISH_LANES),
                 reply_exchange: names.exchange,
-                shared,
+                reply_queue: names.queue,
                 pending,
                 timeout,
                 #[cfg(feature = "metrics")]
@@ -392,12 +386,10 @@ impl Proxy {
             TIMESTAMP_IN_MS.into(),
             AMQPValue::LongLongInt(i64::try_from(sent.as_millis()).unwrap_or(i64::MAX)),
         );
-        if self.inner.shared.load(Ordering::Acquire) {
-            headers.insert(
-                REPLY_VIA.into(),
-                AMQPValue::LongString(SHARED_REPLIES.into()),
-            );
-        }
+        headers.insert(
+            REPLY_QUEUE.into(),
+            AMQPValue::LongString(self.inner.reply_queue.as_str().into()),
+        );
         let props = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(call.corr.into())

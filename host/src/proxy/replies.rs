@@ -7,7 +7,6 @@
 //! connection the names are declared again and the proxy is ready again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use lapin::options::BasicConsumeOptions;
@@ -19,20 +18,15 @@ use tracing::{debug, warn};
 use super::pending::Pending;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::resubscribe::Subscription;
-use crate::amqp::topology::{self, SharedBinding};
+use crate::amqp::topology;
 use crate::protocol::{Response, client_exchange, client_queue};
 use crate::{Error, ErrorKind, RemoteError};
-
-/// First wait before binding to the shared reply exchange is tried again
-/// on a connection where it failed; it doubles up to [`REBIND_MAX`].
-const REBIND_START: std::time::Duration = std::time::Duration::from_secs(1);
-const REBIND_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The proxy's reply exchange and queue.
 #[derive(Clone)]
 pub(super) struct ReplyNames {
     pub(super) exchange: String,
-    queue: String,
+    pub(super) queue: String,
     consumer_tag: String,
 }
 
@@ -50,16 +44,6 @@ impl ReplyNames {
     /// binds them and starts consuming.
     pub(super) async fn declare(&self, conn: &Connection) -> Result<(Channel, Consumer), Error> {
         topology::declare_on(conn, async |channel| self.declare_on(channel).await).await
-    }
-
-    /// Binds the reply queue, once declared on `conn`, to the shared reply
-    /// exchange with the reply exchange's name as the key, so servers can
-    /// pipeline replies to it. Where it could not, replies come by the
-    /// reply exchange alone.
-    pub(super) async fn bind_shared(&self, conn: &Connection) -> SharedBinding {
-        let bound = topology::bind_shared_replies(conn, &self.queue, &self.exchange).await;
-        debug!(target: "callme::proxy", reply_exchange = %self.exchange, ?bound, "shared reply exchange");
-        bound
     }
 
     async fn declare_on(&self, channel: &Channel) -> Result<Consumer, Error> {
@@ -91,12 +75,6 @@ pub(super) struct Replies {
     /// The connection the reply queue is consumed on, while there is one;
     /// closed when the proxy is dropped.
     pub(super) ready: watch::Sender<Option<Arc<Connection>>>,
-    /// Whether the reply queue is bound to the shared reply exchange on
-    /// that connection (set before `ready`).
-    pub(super) shared: Arc<AtomicBool>,
-    /// What binding it to the shared reply exchange gave on the current
-    /// connection.
-    pub(super) binding: SharedBinding,
 }
 
 impl Subscription for Replies {
@@ -105,33 +83,12 @@ impl Subscription for Replies {
     }
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
-        let declared = self.names.declare(conn).await?;
-        self.binding = self.names.bind_shared(conn).await;
-        self.shared
-            .store(self.binding == SharedBinding::Bound, Ordering::Release);
-        Ok(Some(declared))
+        self.names.declare(conn).await.map(Some)
     }
 
     async fn consume(&mut self, conn: &Arc<Connection>, _channel: &Channel, consumer: Consumer) {
         self.ready.send_replace(Some(conn.clone()));
-        let rebind = async {
-            // The shared reply exchange may not exist yet (no host has
-            // declared it): tried again now and then on this connection.
-            let mut wait = REBIND_START;
-            let mut binding = self.binding;
-            while binding == SharedBinding::NoExchange {
-                tokio::time::sleep(wait).await;
-                binding = self.names.bind_shared(conn).await;
-                wait = (wait * 2).min(REBIND_MAX);
-            }
-            self.shared
-                .store(binding == SharedBinding::Bound, Ordering::Release);
-            std::future::pending::<()>().await;
-        };
-        tokio::select! {
-            () = self.take_replies(consumer) => {}
-            () = rebind => {}
-        }
+        self.take_replies(consumer).await;
         // Replies to calls sent on that connection went with it (the reply
         // queue is exclusive to it): fail those calls now rather than let
         // them wait out their timeouts.

@@ -26,7 +26,9 @@ use super::Server;
 use super::reply::{Replier, Sent};
 use super::service::{Context, QUIET_IN_FLIGHT, QUIET_MAX_REQUEST_BYTES, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
-use crate::protocol::{CALL_DEPTH, CONTENT_TYPE, REPLY_VIA, Request, Response, SHARED_REPLIES};
+use crate::protocol::{
+    CALL_DEPTH, CONTENT_TYPE, REPLY_QUEUE, Request, Response, is_reply_queue_name,
+};
 use crate::{ErrorKind, RemoteError, TraceContext};
 
 /// One delivery of a served id.
@@ -136,13 +138,14 @@ impl Job {
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
         let inner = &self.server.inner;
-        // A lone reply goes the direct way: a pipeline saves nothing
-        // without others to share it, and the caller's direct exchange
-        // routes it a little faster than the topic exchange does.
-        let pipelined = asks_shared_replies(&delivery) && !self.is_quiet();
+        // A lone reply goes by the caller's exchange: a pipeline saves
+        // nothing without others to share it, and that way it stays on the
+        // connection the request came on (the pipeline's is another, one
+        // more thread to wake).
+        let queue = reply_queue(&delivery).filter(|_| !self.is_quiet());
         match self
             .replier
-            .send(&reply_to, pipelined, &corr, &body, &trace)
+            .send(&reply_to, queue, &corr, &body, &trace)
             .await
         {
             Sent::Delivered { pipelined } => {
@@ -203,20 +206,21 @@ impl Job {
     }
 }
 
-/// Whether the caller says its reply queue is bound to the shared reply
-/// exchange (`REPLY_VIA` names it).
-fn asks_shared_replies(delivery: &Delivery) -> bool {
+/// The reply queue the caller names (`REPLY_QUEUE`), if it has the shape
+/// of one.
+fn reply_queue(delivery: &Delivery) -> Option<&str> {
     use lapin::types::AMQPValue;
-    let via = delivery
+    let named = delivery
         .properties
         .headers()
         .as_ref()
-        .and_then(|h| h.inner().get(REPLY_VIA));
-    match via {
-        Some(AMQPValue::LongString(s)) => s.as_bytes() == SHARED_REPLIES.as_bytes(),
-        Some(AMQPValue::ShortString(s)) => s.as_str() == SHARED_REPLIES,
-        _ => false,
-    }
+        .and_then(|h| h.inner().get(REPLY_QUEUE));
+    let name = match named {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok()?,
+        Some(AMQPValue::ShortString(s)) => s.as_str(),
+        _ => return None,
+    };
+    is_reply_queue_name(name).then_some(name)
 }
 
 /// How many times the broker delivered this request before: quorum queues

@@ -120,8 +120,8 @@ struct Inner {
     answered: AtomicU64,
     /// Where replies are published, for every served id.
     publisher: Arc<Publisher>,
-    /// Where replies to callers bound to the shared reply exchange are
-    /// pipelined first.
+    /// Where replies to callers that name their reply queue are pipelined
+    /// first.
     pipeline: Arc<Pipeline>,
     /// Requests whose reply could never be delivered, acked without one.
     undeliverable: AtomicU64,
@@ -327,10 +327,10 @@ impl Server {
         self.inner.undeliverable.load(Ordering::Relaxed)
     }
 
-    /// Whether replies to callers bound to the shared reply exchange
-    /// (`protocol::SHARED_REPLIES`) are pipelined now: the host has its
-    /// reply connection, found the exchange and may publish to it. When
-    /// not, every reply goes by its caller's own exchange.
+    /// Whether replies to callers that name their reply queue
+    /// (`protocol::REPLY_QUEUE`) are pipelined now: the host has its reply
+    /// connection and may publish to the default exchange. When not, every
+    /// reply goes by its caller's own exchange.
     pub fn replies_pipelined(&self) -> bool {
         self.inner.pipeline.is_up()
     }
@@ -405,6 +405,10 @@ impl Server {
             }
         }
         self.inner.link.close().await;
+        self.inner
+            .pipeline
+            .closed(crate::amqp::link::CLOSE_TIMEOUT)
+            .await;
     }
 
     /// Resolves when the broker connection is closed for good: after

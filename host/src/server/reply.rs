@@ -31,8 +31,8 @@ const ATTEMPTS: usize = 3;
 /// What became of a reply.
 #[derive(Debug)]
 pub(super) enum Sent {
-    /// The broker confirmed it; `pipelined` when by the shared reply
-    /// exchange.
+    /// The broker confirmed it; `pipelined` when by the default exchange
+    /// (where a reply to a caller that left is dropped, and confirmed).
     Delivered { pipelined: bool },
     /// It can never be delivered: the caller's exchange does not exist, or
     /// this server may not write to it.
@@ -64,14 +64,14 @@ impl Replier {
     }
 
     /// Publishes `body` as the reply to `corr` on `exchange`, its
-    /// `traceparent` the server's span of the call, `trace`. With `shared`
-    /// (the caller bound its queue to the shared reply exchange with
-    /// `exchange` as the key), the reply is pipelined that way first, and
-    /// sent by `exchange` only if that did not plainly succeed.
+    /// `traceparent` the server's span of the call, `trace`. With `queue`
+    /// (the caller's reply queue, see `protocol::REPLY_QUEUE`), the reply
+    /// is pipelined to it by the default exchange first, and sent by
+    /// `exchange` only if that did not plainly succeed.
     pub(super) async fn send(
         &self,
         exchange: &str,
-        shared: bool,
+        queue: Option<&str>,
         corr: &str,
         body: &[u8],
         trace: &TraceContext,
@@ -80,7 +80,8 @@ impl Replier {
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(corr.into())
             .with_headers(trace.headers());
-        if shared && self.pipeline.publish(exchange, body, props.clone()).await == Piped::Confirmed
+        if let Some(queue) = queue
+            && self.pipeline.publish(queue, body, props.clone()).await == Piped::Confirmed
         {
             return Sent::Delivered { pipelined: true };
         }

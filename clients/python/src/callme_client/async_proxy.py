@@ -30,8 +30,7 @@ from .options import ConnectOptions
 from .protocol import (
     CONTENT_TYPE,
     DESCRIBE,
-    REPLY_VIA,
-    SHARED_REPLIES,
+    REPLY_QUEUE,
     decode_response,
     encode_request,
     server_exchange,
@@ -239,12 +238,6 @@ class AsyncProxy:
         self._pending[correlation_id] = reply
         try:
             sent_ms = time.time_ns() // 1_000_000
-            headers: "dict[str, Any]" = {
-                "timestamp_in_ms": sent_ms,
-                "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
-            }
-            if link.shared:
-                headers[REPLY_VIA] = SHARED_REPLIES
             properties = aiormq.spec.Basic.Properties(
                 content_type=CONTENT_TYPE,
                 correlation_id=correlation_id,
@@ -256,7 +249,11 @@ class AsyncProxy:
                 timestamp=datetime.datetime.fromtimestamp(
                     sent_ms // 1000, tz=datetime.timezone.utc
                 ),
-                headers=headers,
+                headers={
+                    "timestamp_in_ms": sent_ms,
+                    "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+                    REPLY_QUEUE: link.queue,
+                },
             )
             log.debug("call %s.%s correlation_id=%s", server_id, func, correlation_id)
             await publisher.publish(

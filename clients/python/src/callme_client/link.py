@@ -3,11 +3,7 @@
 A :class:`Link` opens the connection, declares the proxy's reply exchange
 ``client_USER_ex_UUID`` (direct, auto-delete) and its exclusive,
 auto-delete queue ``client_USER_queue_UUID`` bound to it with ``""``, and
-consumes that queue without acks, handing each reply to ``on_reply``. Where
-the broker allows it, the queue is also bound to the shared reply exchange
-``callme_replies`` with the exchange's name as the key (:attr:`Link.shared`),
-so servers can pipeline replies to it; when that exchange does not exist
-yet the binding is tried again now and then on the same connection. When
+consumes that queue without acks, handing each reply to ``on_reply``. When
 the connection (or the reply channel) is lost it calls ``on_lost`` (the
 proxy fails the calls waiting for replies), then reconnects with backoff and
 declares the same names again; calls made meanwhile wait for
@@ -28,7 +24,6 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from . import errors
 from .options import ConnectOptions
-from .protocol import SHARED_REPLIES, exact_topic_key
 
 __all__ = ["Link", "CONNECT_TIMEOUT"]
 
@@ -43,14 +38,6 @@ CONNECT_TIMEOUT = 15.0
 #: seconds), later ones at most this far apart.
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 3.0
-
-#: Binding to the shared reply exchange while it does not exist is tried
-#: again after this long, doubling up to the second value.
-_REBIND_FIRST = 1.0
-_REBIND_MAX = 60.0
-
-# What binding to the shared reply exchange gave.
-_BOUND, _NO_EXCHANGE, _REFUSED = "bound", "no exchange", "refused"
 
 
 class Link:
@@ -71,11 +58,7 @@ class Link:
         self._connection: Optional[AbstractConnection] = None
         self._ready = asyncio.Event()
         self._task: Optional["asyncio.Task[None]"] = None
-        self._rebind: Optional["asyncio.Task[None]"] = None
         self._closing = False
-        #: Whether the reply queue is bound to the shared reply exchange on
-        #: the current connection: requests then say so.
-        self.shared = False
 
     async def start(self) -> None:
         """Connects for the first time; later losses are repaired in the
@@ -112,8 +95,6 @@ class Link:
         exchange and queue with it."""
         self._closing = True
         self._ready.set()
-        if self._rebind is not None:
-            self._rebind.cancel()
         connection, self._connection = self._connection, None
         if self._task is not None:
             self._task.cancel()
@@ -174,56 +155,10 @@ class Link:
                     f"cannot declare the reply queue {self.queue!r}: {errors.reply_text(e)}"
                 ) from None
             raise
-        binding = await self._bind_shared(connection)
-        self.shared = binding == _BOUND
-        if self._rebind is not None:
-            self._rebind.cancel()
-            self._rebind = None
-        if binding == _NO_EXCHANGE:
-            self._rebind = asyncio.ensure_future(self._bind_later(connection))
         log.debug(
-            "proxy ready: broker %s, reply exchange %s, shared reply exchange: %s",
-            options.redacted,
-            self.exchange,
-            binding,
+            "proxy ready: broker %s, reply exchange %s", options.redacted, self.exchange
         )
         return connection, channel
-
-    async def _bind_shared(self, connection: AbstractConnection) -> str:
-        """Binds the reply queue to the shared reply exchange, on a channel
-        of its own (a refusal closes the channel it came on)."""
-        if not exact_topic_key(self.exchange):
-            return _REFUSED
-        try:
-            channel = await connection.channel(publisher_confirms=False)
-        except (aiormq.exceptions.AMQPError, OSError, RuntimeError):
-            return _REFUSED
-        try:
-            underlay = await channel.get_underlay_channel()
-            await underlay.queue_bind(self.queue, SHARED_REPLIES, routing_key=self.exchange)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return _NO_EXCHANGE
-        except (aiormq.exceptions.AMQPError, OSError, RuntimeError):
-            return _REFUSED
-        try:
-            await channel.close()
-        except Exception:  # the binding is made; the channel is only a tool
-            pass
-        return _BOUND
-
-    async def _bind_later(self, connection: AbstractConnection) -> None:
-        """Tries the shared reply exchange again while it does not exist
-        and ``connection`` is the current one."""
-        delay = _REBIND_FIRST
-        while not self._closing:
-            await asyncio.sleep(delay)
-            if connection is not self._connection or connection.is_closed:
-                return
-            binding = await self._bind_shared(connection)
-            if binding != _NO_EXCHANGE:
-                self.shared = binding == _BOUND and connection is self._connection
-                return
-            delay = min(delay * 2, _REBIND_MAX)
 
     async def _keep(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
         loop = asyncio.get_running_loop()
@@ -242,7 +177,6 @@ class Link:
                 on_close()
             await lost
             self._connection = None
-            self.shared = False
             self._ready.clear()
             if self._closing:
                 return

@@ -17,9 +17,7 @@ from .errors import remote_error
 __all__ = [
     "CONTENT_TYPE",
     "DESCRIBE",
-    "REPLY_VIA",
-    "SHARED_REPLIES",
-    "exact_topic_key",
+    "REPLY_QUEUE",
     "encode_request",
     "decode_response",
     "server_exchange",
@@ -31,20 +29,10 @@ CONTENT_TYPE = "application/json"
 #: The reserved function every server answers with its description.
 DESCRIBE = "_describe"
 
-#: The shared reply exchange (docs/protocol.md): a durable topic exchange
-#: a caller binds its reply queue to, with its reply exchange's name as the
-#: key, so a busy server can pipeline its replies.
-SHARED_REPLIES = "callme_replies"
-
-#: The request header saying the caller's reply queue is bound to
-#: :data:`SHARED_REPLIES` with its ``reply_to`` as the key.
-REPLY_VIA = "x-callme-reply-via"
-
-
-def exact_topic_key(key: str) -> bool:
-    """Whether ``key`` binds exactly on a topic exchange: no dot-separated
-    word of it is ``*`` or ``#``, which would match other callers' keys."""
-    return 0 < len(key.encode()) <= 255 and all(w not in ("*", "#") for w in key.split("."))
+#: The request header naming the caller's reply queue, so a busy server
+#: can pipeline its replies there by the default exchange
+#: (docs/protocol.md, "Pipelined replies").
+REPLY_QUEUE = "x-callme-reply-queue"
 
 # Server ids are limited to these characters; the broker's exchange names
 # are built from them and are at most 255 bytes.
