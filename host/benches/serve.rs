@@ -9,7 +9,8 @@
 //!
 //! Speed: the client publishes `{"func": "add", "args": [i, 1]}` to
 //! `server_ID_ex` and takes `{"result": i + 1}` from its own reply queue,
-//! without confirms, the same way for every target. The targets:
+//! without confirms, naming that queue in `x-callme-reply-queue` (which
+//! the raw servers ignore), the same way for every target. The targets:
 //!
 //! - **raw echo**: a lapin server that declares a server's exchange and
 //!   queue as callme does, parses the request, and publishes the answer

@@ -5,7 +5,7 @@
 //! - `link`: one connection that replaces itself when lost.
 //! - `topology`: the exchanges, queues and bindings callme declares.
 //! - `publisher`: publishing with confirms, one publish per channel at a time.
-//! - `pipeline`: replies pipelined on one channel, by the shared reply
+//! - `pipeline`: replies pipelined on one channel, by the default
 //!   exchange.
 //! - `resubscribe`: the consume loop that outlives connections, used by
 //!   the server's request consumers and the proxy's reply consumer.
