@@ -56,6 +56,8 @@ def test_bad_combinations_are_refused() -> None:
         with pytest.raises(ValueError, match="connection_timeout") as refused:
             ConnectOptions.build(f"amqp://u:secret@h/%2f?connection_timeout={bad}")
         assert "secret" not in str(refused.value)
+    with pytest.raises(ValueError, match="connection_timeout"):
+        ConnectOptions(url="amqp://h/%2f?connection_timeout=soon")
     assert ConnectOptions.build("amqp://h/%2f?connection_timeout=250").handshake_timeout(15) == 0.25
 
 

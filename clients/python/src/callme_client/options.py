@@ -59,6 +59,15 @@ class ConnectOptions:
     key_file: Optional[str] = None
     connection_name: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        query = dict(parse_qsl(urlsplit(self.url).query, keep_blank_values=True))
+        timeout = query.get("connection_timeout")
+        if timeout is not None and not (timeout.isascii() and timeout.isdigit()):
+            raise ValueError(
+                f"invalid AMQP URL {redact_url(self.url)!r}: connection_timeout must be "
+                f"a whole number of milliseconds, not {timeout!r}"
+            )
+
     @classmethod
     def build(
         cls,
@@ -133,13 +142,6 @@ class ConnectOptions:
                     "",
                 )
             )
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        timeout = query.get("connection_timeout")
-        if timeout is not None and not (timeout.isascii() and timeout.isdigit()):
-            raise ValueError(
-                f"invalid AMQP URL {redact_url(amqp_url)!r}: connection_timeout must be "
-                f"a whole number of milliseconds, not {timeout!r}"
-            )
         if any((ca_file, cert_file, key_file)) and urlsplit(url).scheme != "amqps":
             raise ValueError("TLS files given but the URL is not amqps://")
         if bool(cert_file) != bool(key_file):
@@ -184,8 +186,8 @@ class ConnectOptions:
         ``connection_timeout`` query parameter (milliseconds, as in
         RabbitMQ's URI query parameters guide), else ``default``."""
         raw = dict(parse_qsl(urlsplit(self.url).query)).get("connection_timeout")
-        # Checked by `build`: a whole number; 0 means the default, as in
-        # the Rust client.
+        # Checked when the options were made: a whole number; 0 means the
+        # default, as in the Rust client.
         ms = int(raw) if raw is not None else 0
         return ms / 1000 if ms > 0 else default
 
