@@ -91,8 +91,8 @@ pub fn amqp_url_as(user: &str, password: &str) -> String {
 }
 
 /// A virtual host of its own, `user` allowed everything on it, for a test
-/// that changes what every host and proxy of its vhost shares (the shared
-/// reply exchange): its URL as `user`.
+/// that changes what every host and proxy of its vhost shares (a user's
+/// permissions, the connections of a user): its URL as `user`.
 pub fn dedicated_vhost(prefix: &str, user: &str, password: &str) -> String {
     let vhost = unique(prefix);
     broker_ctl(&["add_vhost", &vhost]);

@@ -13,12 +13,14 @@
 //!
 //! The channel can still fail: the broker refuses this user the default
 //! exchange, or the connection drops. A publish that fails, or is not
-//! plainly confirmed in time, is reported as not sent, and the caller of
+//! plainly confirmed within 2 s, is reported as not sent, and the caller of
 //! [`Pipeline::publish`] sends the reply the other way (by the caller's
 //! own exchange, on a lane of its own): the pipeline only ever adds a way
-//! for a reply to arrive. After a failure the pipeline stays off for a
-//! while before it is tried again, so a refusal that lasts costs one
-//! failed publish per period, not one per reply.
+//! for a reply to arrive. A failure or a missed confirm closes the
+//! pipeline, and it stays off for a while before it is tried again, so a
+//! trouble that lasts costs one failed publish per period, not one per
+//! reply. Replies over 1 MiB are never pipelined (`MAX_BODY`): a body
+//! the broker refuses for its size closes the channel it came on.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,7 +42,12 @@ const DEFAULT_EXCHANGE: &str = "";
 /// How long a pipelined reply may wait for its confirm before it is sent
 /// the other way (a connection that stopped answering is found out by
 /// its heartbeat only much later).
-const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
+const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
+
+/// The largest reply pipelined: RabbitMQ refuses a message over its
+/// `max_message_size` (16 MiB by default in 4.x) by closing the channel,
+/// which would fail every reply pipelined beside it.
+pub(crate) const MAX_BODY: usize = 1 << 20;
 
 /// The routing key of the test publish made on each new channel: no queue
 /// has that name, so the broker drops it.
@@ -53,8 +60,8 @@ const PROBE_WITHIN: Duration = Duration::from_secs(15);
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// First wait before the pipeline is opened again after it failed or was
-/// refused; it doubles up to [`RETRY_MAX`] while it keeps being refused,
-/// and starts again once it opens.
+/// refused; it doubles up to [`RETRY_MAX`] while it keeps failing, and
+/// starts again once a pipeline has lived [`RETRY_MAX`].
 const RETRY_START: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -139,7 +146,11 @@ impl Pipeline {
                 Piped::NotSent
             }
             Err(_) => {
+                // A connection that stopped answering, or one the broker
+                // holds back: the pipeline is closed at once, so the
+                // replies behind this one do not each wait as long.
                 debug!(target: "callme::server", "pipelined reply not confirmed in time");
+                self.set(None);
                 self.failed.notify_one();
                 Piped::NotSent
             }
@@ -219,10 +230,16 @@ async fn keep(
             Ok(channel) => {
                 info!(target: "callme::server", "replies are pipelined by the default exchange to callers that name their reply queue");
                 last_refusal = None;
-                retry = RETRY_START;
                 pipeline.set(Some(channel.clone()));
+                let opened = std::time::Instant::now();
                 watch_channel(&pipeline, &channel, &mut link, &mut server).await;
                 pipeline.set(None);
+                // A pipeline that lived a while starts its backoff again;
+                // one that keeps failing as soon as it opens waits longer
+                // each time.
+                if opened.elapsed() >= RETRY_MAX {
+                    retry = RETRY_START;
+                }
                 if channel.status().connected() {
                     topology::close_soon(channel);
                 }
@@ -296,7 +313,12 @@ async fn watch_channel(
             _ = server.wait_for(|s| matches!(s, State::Closed)) => return,
         }
         let link_up = matches!(&*link.borrow(), State::Up(_));
-        if !link_up || !channel.status().connected() || ended(server) {
+        let kept = pipeline
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !link_up || !kept || !channel.status().connected() || ended(server) {
             return;
         }
     }

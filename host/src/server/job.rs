@@ -138,11 +138,12 @@ impl Job {
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
         let inner = &self.server.inner;
-        // A lone reply goes by the caller's exchange: a pipeline saves
+        // A lone reply, or a large one, goes by the caller's exchange: a pipeline saves
         // nothing without others to share it, and that way it stays on the
         // connection the request came on (the pipeline's is another, one
         // more thread to wake).
-        let queue = reply_queue(&delivery).filter(|_| !self.is_quiet());
+        let queue = reply_queue(&delivery)
+            .filter(|_| !self.is_quiet() && body.len() <= crate::amqp::pipeline::MAX_BODY);
         match self
             .replier
             .send(&reply_to, queue, &corr, &body, &trace)
