@@ -78,29 +78,57 @@ fn add_user(user: &str, password: &str) {
     broker_ctl(&["add_user", user, password]);
 }
 
-/// The seed's recipes: carl may serve only fooserver; olivia may call only
-/// fooserver. Server ids and users are made unique per run.
-#[tokio::test]
-async fn permission_recipes_decide_who_calls_and_serves_what() {
-    let tag = unique("p").replace('-', "");
-    let (foo, bar) = (format!("foo{tag}"), format!("bar{tag}"));
+/// Users and a server id of the seed's recipes, unique per run.
+struct Recipe {
+    tag: String,
+    /// The server id carl may serve (`fooserver` in the seed).
+    server: String,
+    carl: String,
+    olivia: String,
+}
+
+/// Adds carl (password `carl-pw`), who may serve only a new server id
+/// and reply to any client, plus what `carl_writes_also` adds to his write pattern; and
+/// olivia (`olivia-pw`), who may call only that id: the seed's recipes.
+fn recipe_users(prefix: &str, carl_writes_also: &str) -> Recipe {
+    let tag = unique(prefix).replace('-', "");
+    let server = format!("foo{tag}");
     let (carl, olivia) = (format!("carl{tag}"), format!("olivia{tag}"));
     add_user(&carl, "carl-pw");
     add_user(&olivia, "olivia-pw");
     broker_ctl(&[
         "set_permissions",
         &carl,
-        &format!("server_{foo}_.*"),
-        &format!("server_{foo}_.*|client_.*_ex_.*"),
-        &format!("server_{foo}_.*"),
+        &format!("server_{server}_.*"),
+        &format!("server_{server}_.*|client_.*_ex_.*{carl_writes_also}"),
+        &format!("server_{server}_.*"),
     ]);
     broker_ctl(&[
         "set_permissions",
         &olivia,
         &format!("client_{olivia}_.*"),
-        &format!("client_{olivia}_.*|server_{foo}_ex"),
+        &format!("client_{olivia}_.*|server_{server}_ex"),
         &format!("client_{olivia}_.*"),
     ]);
+    Recipe {
+        tag,
+        server,
+        carl,
+        olivia,
+    }
+}
+
+/// The seed's recipes: carl may serve only fooserver; olivia may call only
+/// fooserver. Server ids and users are made unique per run.
+#[tokio::test]
+async fn permission_recipes_decide_who_calls_and_serves_what() {
+    let Recipe {
+        tag,
+        server: foo,
+        carl,
+        olivia,
+    } = recipe_users("p", "");
+    let bar = format!("bar{tag}");
 
     // carl serves fooserver.
     let carl_host = Server::connect(
@@ -163,25 +191,12 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
 /// olivia's own permissions do not change.
 #[tokio::test]
 async fn the_recipe_for_pipelined_replies() {
-    let tag = unique("t").replace('-', "");
-    let foo = format!("foo{tag}");
-    let (carl, olivia) = (format!("carl{tag}"), format!("olivia{tag}"));
-    add_user(&carl, "carl-pw");
-    add_user(&olivia, "olivia-pw");
-    broker_ctl(&[
-        "set_permissions",
-        &carl,
-        &format!("server_{foo}_.*"),
-        &format!("server_{foo}_.*|client_.*_ex_.*|amq\\.default"),
-        &format!("server_{foo}_.*"),
-    ]);
-    broker_ctl(&[
-        "set_permissions",
-        &olivia,
-        &format!("client_{olivia}_.*"),
-        &format!("client_{olivia}_.*|server_{foo}_ex"),
-        &format!("client_{olivia}_.*"),
-    ]);
+    let Recipe {
+        server: foo,
+        carl,
+        olivia,
+        ..
+    } = recipe_users("t", "|amq\\.default");
 
     let carl_host = Server::connect(
         &ConnectOptions::new(amqp_url_as(&carl, "carl-pw")),
