@@ -385,3 +385,24 @@ async fn one_shot_commands_print_only_their_result() {
         );
     }
 }
+
+/// `--no-pipelined-replies` turns the reply pipeline off, and the host
+/// says so; it answers all the same.
+#[tokio::test]
+async fn serve_without_pipelined_replies() {
+    let dir = tempdir();
+    let id = unique("unpiped");
+    std::fs::copy(plugin_path("calc"), dir.join(format!("{id}.wasm"))).unwrap();
+    let mut host = Host::serve(&dir, &["--no-pipelined-replies"]);
+    host.wait_ready(Duration::from_secs(30));
+    let o = tokio::task::spawn_blocking(move || callme(&["call", &id, "add", "1", "1"]))
+        .await
+        .unwrap();
+    assert_eq!(stdout(&o), "2", "{}", String::from_utf8_lossy(&o.stderr));
+    let log = host.log_text();
+    assert!(
+        log.contains("replies are not pipelined (turned off)"),
+        "{log}"
+    );
+    assert!(!log.contains("replies are pipelined by"), "{log}");
+}

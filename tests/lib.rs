@@ -636,6 +636,11 @@ impl RawClient {
         serde_json::from_slice(&reply.data).unwrap_or(Value::Null)
     }
 
+    /// A reply already received, if there is one.
+    pub fn try_reply(&mut self) -> Option<Delivery> {
+        self.replies.try_recv().ok()
+    }
+
     /// The next reply (to `corr`, when given).
     pub async fn next_reply(&mut self, corr: Option<&str>) -> Delivery {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -654,7 +659,8 @@ impl RawClient {
     }
 }
 
-async fn raw_channel() -> (Connection, lapin::Channel) {
+/// A plain AMQP connection to the test broker, and a channel on it.
+pub async fn raw_channel() -> (Connection, lapin::Channel) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();

@@ -4,18 +4,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use callme::protocol::{Args, REPLY_QUEUE, client_queue, server_exchange};
+use callme::protocol::{Args, REPLY_QUEUE, client_exchange, client_queue, server_exchange};
 use callme::{
     ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
 };
 use callme_tests::{
-    RawClient, amqp_url, amqp_url_as, broker_ctl, dedicated_vhost, load, pos, proxy, server,
-    slow_calls, unique,
+    RawClient, amqp_url, amqp_url_as, broker_ctl, dedicated_vhost, load, pos, proxy, raw_channel,
+    server, slow_calls, unique,
 };
 use futures_util::future::join_all;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
 
 /// `add(a, b)` that takes `ms` milliseconds, so replies overlap.
@@ -349,6 +352,18 @@ async fn pipelined(srv: &Server) {
 /// how many came pipelined, by the default exchange. Every reply is
 /// checked.
 async fn burst(client: &mut RawClient, id: &str, n: i64, headers: FieldTable) -> usize {
+    send_burst(client, id, n, headers).await;
+    let replies = take_replies(client, n as usize).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, _) in &replies {
+        assert!(seen.insert(*i), "two replies to request {i}");
+    }
+    replies.iter().filter(|(_, piped)| *piped).count()
+}
+
+/// Sends `n` requests to `id` at once, `add(i, 1)` for each `i` below
+/// `n`, with `headers`.
+async fn send_burst(client: &RawClient, id: &str, n: i64, headers: FieldTable) {
     for i in 0..n {
         let body = serde_json::to_vec(&json!({"func": "add", "args": [i, 1]})).unwrap();
         let corr = format!("burst-{i}");
@@ -363,25 +378,32 @@ async fn burst(client: &mut RawClient, id: &str, n: i64, headers: FieldTable) ->
             )
             .await;
     }
-    let mut pipelined = 0;
-    let mut seen = std::collections::BTreeSet::new();
+}
+
+/// Takes `n` replies to [`send_burst`]: for each, the request it answers
+/// (its sum checked) and whether it came pipelined.
+async fn take_replies(client: &mut RawClient, n: usize) -> Vec<(i64, bool)> {
+    let mut replies = Vec::with_capacity(n);
     for _ in 0..n {
         let reply = client.next_reply(None).await;
-        let corr = reply.properties.correlation_id().as_ref().unwrap();
-        let i: i64 = corr
-            .as_str()
-            .strip_prefix("burst-")
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(seen.insert(i), "two replies to {corr}");
-        let body: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
-        assert_eq!(body, json!({"result": i + 1}));
-        if reply.exchange.as_str().is_empty() {
-            pipelined += 1;
-        }
+        replies.push(burst_reply(&reply));
     }
-    pipelined
+    replies
+}
+
+/// The request a reply to [`send_burst`] answers, its sum checked, and
+/// whether it came by the default exchange.
+fn burst_reply(reply: &lapin::message::Delivery) -> (i64, bool) {
+    let corr = reply.properties.correlation_id().as_ref().unwrap();
+    let i: i64 = corr
+        .as_str()
+        .strip_prefix("burst-")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(body, json!({"result": i + 1}), "the reply to {corr}");
+    (i, reply.exchange.as_str().is_empty())
 }
 
 /// A host's metrics endpoint, in this process: a function reading how many
@@ -407,8 +429,9 @@ async fn pipelined_count() -> impl AsyncFn(&str) -> f64 {
 
 /// A busy host pipelines the replies of callers that name their reply
 /// queue, and only theirs; a lone call's reply goes by the caller's own
-/// exchange, and so does one whose header names something that is not a
-/// proxy's reply queue (a server's request queue, say). A proxy names its
+/// exchange, and so does one whose header names something that is not the
+/// reply queue paired with its `reply_to` (a server's request queue, or
+/// another caller's queue). A proxy names its
 /// queue by itself.
 #[tokio::test]
 async fn replies_under_load_are_pipelined_to_callers_that_name_their_queue() {
@@ -432,6 +455,18 @@ async fn replies_under_load_are_pipelined_to_callers_that_name_their_queue() {
         burst(&mut client, &id, 48, reply_queue(&server_queue)).await,
         0,
         "a reply was pipelined to a server's request queue"
+    );
+    // Another caller's reply queue: the reply goes where `reply_to` says,
+    // never into the queue the header names.
+    let mut other_caller = RawClient::connect().await;
+    assert_eq!(
+        burst(&mut client, &id, 48, reply_queue(other_caller.queue())).await,
+        0,
+        "a reply was pipelined to another caller's queue"
+    );
+    assert!(
+        other_caller.try_reply().is_none(),
+        "another caller got a reply it did not ask for"
     );
     let lone = burst(&mut client, &id, 1, reply_queue(&queue)).await;
     assert_eq!(lone, 0, "a lone call's reply was pipelined");
@@ -567,4 +602,130 @@ async fn taking_the_pipeline_away_under_load_loses_no_reply() {
     );
     drop((p, srv));
     broker_ctl(&["delete_vhost", &vhost]);
+}
+
+/// A pipelined reply the broker refuses goes by the caller's own exchange
+/// instead, and the pipeline stays up for the others. The queue the header
+/// names takes 5 messages and refuses the rest: with `x-overflow` set to
+/// `reject-publish`, RabbitMQ nacks a confirmed publish to a full queue
+/// (its "Queue Length Limit" guide, 3.7 and later); it is not bound to the
+/// caller's exchange, so what reaches the caller's other queue came the
+/// other way.
+#[tokio::test]
+async fn a_refused_pipelined_reply_goes_by_the_callers_exchange() {
+    let srv = server(ServerOptions {
+        concurrency: 16,
+        ..ServerOptions::default()
+    })
+    .await;
+    let id = unique("nacked");
+    srv.serve_native(&id, slow_add(20)).await.unwrap();
+    pipelined(&srv).await;
+
+    let uid = uuid::Uuid::new_v4().simple().to_string();
+    let exchange = client_exchange("guest", &uid);
+    let full = client_queue("guest", &uid);
+    let (_conn, channel) = raw_channel().await;
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut limit = FieldTable::default();
+    limit.insert("x-max-length".into(), AMQPValue::LongInt(5));
+    limit.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            limit,
+        )
+        .await
+        .unwrap();
+    let mut client = RawClient::overhear(&exchange).await;
+
+    send_burst(&client, &id, 48, reply_queue(&full)).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, piped) in take_replies(&mut client, 43).await {
+        assert!(!piped, "the reply to {i} came by the default exchange");
+        assert!(seen.insert(i), "two replies to request {i}");
+    }
+    for _ in 0..5 {
+        let got = channel
+            .basic_get(full.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("5 replies pipelined into the queue the header names");
+        let (i, piped) = burst_reply(&got.delivery);
+        assert!(
+            piped,
+            "the reply to {i} in the named queue came another way"
+        );
+        assert!(seen.insert(i), "two replies to request {i}");
+    }
+    assert_eq!(seen, (0..48).collect(), "a reply was lost");
+    assert!(client.try_reply().is_none(), "a reply came twice");
+    assert!(
+        srv.replies_pipelined(),
+        "a refused reply closed the pipeline"
+    );
+}
+
+/// A host's reply pipeline holds a connection of its own while it is up,
+/// and it closes with the host; a host told not to pipeline never opens
+/// it, and answers every reply by its caller's exchange.
+#[tokio::test]
+async fn the_reply_connection_is_opened_only_when_asked_and_closes_with_the_host() {
+    let (user, password) = dedicated_user("pipeconn");
+    let connect = ConnectOptions::new(amqp_url_as(&user, &password));
+    let options = ServerOptions {
+        concurrency: 16,
+        ..ServerOptions::default()
+    };
+    let srv = Server::connect(&connect, options.clone()).await.unwrap();
+    pipelined(&srv).await;
+    assert!(connection_pid(&user, "callme replies").is_some());
+    srv.shutdown(Duration::from_secs(5)).await;
+    let gone = callme_tests::eventually(Duration::from_secs(10), || {
+        let left = user_channels(&user).0;
+        async move { (left == 0).then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "a connection outlived its host's shutdown");
+
+    let off = Server::connect(
+        &connect,
+        ServerOptions {
+            pipeline_replies: false,
+            ..options
+        },
+    )
+    .await
+    .unwrap();
+    let id = unique("unpiped");
+    off.serve_native(&id, slow_add(20)).await.unwrap();
+    let mut client = RawClient::connect().await;
+    let queue = client.queue().to_string();
+    assert_eq!(burst(&mut client, &id, 48, reply_queue(&queue)).await, 0);
+    assert!(!off.replies_pipelined());
+    assert_eq!(
+        user_channels(&user).0,
+        1,
+        "a host told not to pipeline opened a second connection"
+    );
+    off.shutdown(Duration::from_secs(5)).await;
 }

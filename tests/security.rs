@@ -78,7 +78,7 @@ fn add_user(user: &str, password: &str) {
     broker_ctl(&["add_user", user, password]);
 }
 
-/// Users and a server id of the seed's recipes, unique per run.
+/// Users and a server id of the permission recipes, unique per run.
 struct Recipe {
     tag: String,
     /// The server id carl may serve (`fooserver` in the seed).
@@ -87,29 +87,55 @@ struct Recipe {
     olivia: String,
 }
 
-/// Adds carl (password `carl-pw`), who may serve only a new server id
-/// and reply to any client, plus what `carl_writes_also` adds to his write pattern; and
-/// olivia (`olivia-pw`), who may call only that id: the seed's recipes.
-fn recipe_users(prefix: &str, carl_writes_also: &str) -> Recipe {
+/// The permission recipes of docs/protocol.md.
+#[derive(Clone, Copy, PartialEq)]
+enum Patterns {
+    /// The seed's, verbatim: unanchored, so `client_olivia_.*` also
+    /// matches names of a user `olivia_x`.
+    Seed,
+    /// The anchored ones, with write on the default exchange for carl so
+    /// that his host pipelines its replies.
+    Anchored,
+}
+
+/// Adds carl (password `carl-pw`), who may serve only a new server id and
+/// reply to any client, and olivia (`olivia-pw`), who may call only that
+/// id, with the recipe `patterns`.
+fn recipe_users(prefix: &str, patterns: Patterns) -> Recipe {
     let tag = unique(prefix).replace('-', "");
     let server = format!("foo{tag}");
     let (carl, olivia) = (format!("carl{tag}"), format!("olivia{tag}"));
     add_user(&carl, "carl-pw");
     add_user(&olivia, "olivia-pw");
-    broker_ctl(&[
-        "set_permissions",
-        &carl,
-        &format!("server_{server}_.*"),
-        &format!("server_{server}_.*|client_.*_ex_.*{carl_writes_also}"),
-        &format!("server_{server}_.*"),
-    ]);
-    broker_ctl(&[
-        "set_permissions",
-        &olivia,
-        &format!("client_{olivia}_.*"),
-        &format!("client_{olivia}_.*|server_{server}_ex"),
-        &format!("client_{olivia}_.*"),
-    ]);
+    let (carl_may, olivia_may) = match patterns {
+        Patterns::Seed => (
+            [
+                format!("server_{server}_.*"),
+                format!("server_{server}_.*|client_.*_ex_.*"),
+                format!("server_{server}_.*"),
+            ],
+            [
+                format!("client_{olivia}_.*"),
+                format!("client_{olivia}_.*|server_{server}_ex"),
+                format!("client_{olivia}_.*"),
+            ],
+        ),
+        Patterns::Anchored => (
+            [
+                format!("^server_{server}_(ex|queue)$"),
+                format!("^(server_{server}_(ex|queue)|client_.+_ex_[0-9a-f-]+|amq\\.default)$"),
+                format!("^server_{server}_(ex|queue)$"),
+            ],
+            [
+                format!("^client_{olivia}_(ex|queue)_[0-9a-f-]+$"),
+                format!("^(client_{olivia}_(ex|queue)_[0-9a-f-]+|server_{server}_ex)$"),
+                format!("^client_{olivia}_(ex|queue)_[0-9a-f-]+$"),
+            ],
+        ),
+    };
+    for (user, [configure, write, read]) in [(&carl, carl_may), (&olivia, olivia_may)] {
+        broker_ctl(&["set_permissions", user, &configure, &write, &read]);
+    }
     Recipe {
         tag,
         server,
@@ -122,12 +148,22 @@ fn recipe_users(prefix: &str, carl_writes_also: &str) -> Recipe {
 /// fooserver. Server ids and users are made unique per run.
 #[tokio::test]
 async fn permission_recipes_decide_who_calls_and_serves_what() {
+    recipes_decide_who_calls_and_serves_what(Patterns::Seed).await;
+}
+
+/// The same with the anchored recipes.
+#[tokio::test]
+async fn anchored_recipes_decide_who_calls_and_serves_what() {
+    recipes_decide_who_calls_and_serves_what(Patterns::Anchored).await;
+}
+
+async fn recipes_decide_who_calls_and_serves_what(patterns: Patterns) {
     let Recipe {
         tag,
-        server: foo,
+        server: foo_id,
         carl,
         olivia,
-    } = recipe_users("p", "");
+    } = recipe_users("p", patterns);
     let bar = format!("bar{tag}");
 
     // carl serves fooserver.
@@ -138,7 +174,7 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
     .await
     .expect("carl connects");
     carl_host
-        .serve_native(&foo, native_add())
+        .serve_native(&foo_id, native_add())
         .await
         .expect("carl may serve fooserver");
     // carl may not serve barserver, and is told so.
@@ -162,7 +198,7 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
     .await
     .expect("olivia connects");
     let olivia_adds = |a: i64, b: i64| {
-        let fooserver = olivia_proxy.use_server(&foo);
+        let fooserver = olivia_proxy.use_server(&foo_id);
         async move { fooserver.invoke::<_, i64>("add", (a, b)).await.unwrap() }
     };
     assert_eq!(olivia_adds(1, 1).await, 2);
@@ -188,7 +224,7 @@ async fn permission_recipes_decide_who_calls_and_serves_what() {
 
 /// The recipe for pipelined replies: carl may also write to the default
 /// exchange, and his host pipelines olivia's replies to her reply queue;
-/// olivia's own permissions do not change.
+/// olivia needs nothing more.
 #[tokio::test]
 async fn the_recipe_for_pipelined_replies() {
     let Recipe {
@@ -196,7 +232,7 @@ async fn the_recipe_for_pipelined_replies() {
         carl,
         olivia,
         ..
-    } = recipe_users("t", "|amq\\.default");
+    } = recipe_users("t", Patterns::Anchored);
 
     let carl_host = Server::connect(
         &ConnectOptions::new(amqp_url_as(&carl, "carl-pw")),
@@ -294,4 +330,99 @@ async fn guest_output_cannot_flood_the_host_log() {
         log.contains("more guest log records dropped"),
         "drops not noted: {log}"
     );
+}
+
+/// The seed's recipes are unanchored: `client_olivia_.*` also matches the
+/// reply exchange of a user `olivia_x`, so olivia may bind a queue of her
+/// own to it and read olivia_x's replies. The anchored recipes allow her
+/// only her own names.
+#[tokio::test]
+async fn anchored_recipes_keep_each_caller_to_its_own_names() {
+    for patterns in [Patterns::Seed, Patterns::Anchored] {
+        let Recipe { olivia, carl, .. } = recipe_users("a", patterns);
+        let uid = uuid::Uuid::new_v4().simple().to_string();
+        let own = (
+            callme::protocol::client_exchange(&olivia, &uid),
+            callme::protocol::client_queue(&olivia, &uid),
+        );
+        // The reply exchange of a user named olivia_x, as her proxy declares
+        // it (here by a user allowed everything).
+        let theirs = callme::protocol::client_exchange(&format!("{olivia}_x"), &uid);
+        let (_guest, guest) = callme_tests::raw_channel().await;
+        guest
+            .exchange_declare(
+                theirs.as_str().into(),
+                lapin::ExchangeKind::Direct,
+                lapin::options::ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+
+        let conn = lapin::Connection::connect(
+            &amqp_url_as(&olivia, "olivia-pw"),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("olivia connects");
+        let channel = conn.create_channel().await.unwrap();
+        // Her own exchange and queue, as her proxy makes them.
+        channel
+            .exchange_declare(
+                own.0.as_str().into(),
+                lapin::ExchangeKind::Direct,
+                lapin::options::ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("olivia declares her reply exchange");
+        channel
+            .queue_declare(
+                own.1.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("olivia declares her reply queue");
+        let bind = |exchange: String| {
+            let channel = channel.clone();
+            let queue = own.1.clone();
+            async move {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        "".into(),
+                        lapin::options::QueueBindOptions::default(),
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await
+            }
+        };
+        bind(own.0.clone())
+            .await
+            .expect("olivia binds her queue to her exchange");
+        let stolen = bind(theirs.clone()).await;
+        match patterns {
+            Patterns::Seed => {
+                assert!(stolen.is_ok(), "the seed's recipe refused: {stolen:?}")
+            }
+            Patterns::Anchored => {
+                let e = stolen.expect_err("olivia bound her queue to olivia_x's replies");
+                assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+            }
+        }
+        broker_ctl(&["delete_user", &carl]);
+        broker_ctl(&["delete_user", &olivia]);
+    }
 }

@@ -41,21 +41,32 @@ pub const CALL_DEPTH: &str = "x-callme-depth";
 /// `docs/protocol.md`, "Pipelined replies".
 pub const REPLY_QUEUE: &str = "x-callme-reply-queue";
 
-/// Whether `name` can be taken from [`REPLY_QUEUE`]: a proxy's reply queue
-/// by its shape, `client_USER_queue_ID` (`ID` 32 to 36 hex digits and
-/// dashes). A server publishes where a caller says only within that shape,
-/// so a caller cannot make it write into a server's request queue.
-pub fn is_reply_queue_name(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("client_") else {
+/// Whether `queue`, named in [`REPLY_QUEUE`], can be taken for a request
+/// whose `reply_to` is `reply_to`: only a proxy's reply queue
+/// (`client_USER_queue_ID`, `ID` 32 to 36 hex digits and dashes) paired
+/// with the reply exchange the request names (`client_USER_ex_ID`, the
+/// same user and ID). A server publishes where a caller says only within
+/// that pair, so a caller can neither make it write into a server's
+/// request queue nor send a reply to another caller's queue by any route
+/// `reply_to` did not already name.
+pub fn is_reply_queue_of(queue: &str, reply_to: &str) -> bool {
+    let (Some((user, id)), Some(paired)) = (
+        client_name_parts(queue, "_queue_"),
+        client_name_parts(reply_to, "_ex_"),
+    ) else {
         return false;
     };
-    let Some((user, id)) = rest.rsplit_once("_queue_") else {
-        return false;
-    };
-    name.len() <= 255
+    queue.len() <= 255
         && !user.is_empty()
         && (32..=36).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        && paired == (user, id)
+}
+
+/// The user and ID of `client_USER{infix}ID`. The ID is hex digits and
+/// dashes, so the last `infix` is the one that ends the user's name.
+fn client_name_parts<'a>(name: &'a str, infix: &str) -> Option<(&'a str, &'a str)> {
+    name.strip_prefix("client_")?.rsplit_once(infix)
 }
 
 /// The type of a server queue (RabbitMQ's "Queues" and "Quorum Queues"
@@ -350,24 +361,33 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn only_a_proxys_reply_queue_is_taken_from_the_header() {
+    fn only_the_queue_paired_with_reply_to_is_taken_from_the_header() {
         let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
-        assert!(is_reply_queue_name(&client_queue("guest", uid)));
-        assert!(is_reply_queue_name(&client_queue(
-            "ann.lee",
-            &uid.replace('-', "")
-        )));
-        assert!(is_reply_queue_name(&client_queue("a_queue_b", uid)));
-        assert!(!is_reply_queue_name("server_calc_queue"));
-        assert!(!is_reply_queue_name(&client_exchange("guest", uid)));
-        assert!(!is_reply_queue_name(&client_queue("", uid)));
-        assert!(!is_reply_queue_name(&client_queue("guest", "not-an-id")));
-        assert!(!is_reply_queue_name(&client_queue(
-            "guest",
-            &format!("{uid}x")
-        )));
-        assert!(!is_reply_queue_name(&client_queue(&"u".repeat(240), uid)));
-        assert!(!is_reply_queue_name("amq.gen-abc"));
+        let ok = |user: &str, id: &str| {
+            is_reply_queue_of(&client_queue(user, id), &client_exchange(user, id))
+        };
+        assert!(ok("guest", uid));
+        assert!(ok("ann.lee", &uid.replace('-', "")));
+        assert!(ok("a_queue_b", uid));
+        assert!(ok("a_ex_b", uid));
+        let guest_ex = client_exchange("guest", uid);
+        // Another caller's queue: another user, or the same user's other proxy.
+        assert!(!is_reply_queue_of(&client_queue("olivia", uid), &guest_ex));
+        assert!(!is_reply_queue_of(&client_queue("guest_x", uid), &guest_ex));
+        let other = "2b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        assert!(!is_reply_queue_of(&client_queue("guest", other), &guest_ex));
+        // Not a proxy's reply queue at all.
+        assert!(!is_reply_queue_of("server_calc_queue", &guest_ex));
+        assert!(!is_reply_queue_of(&guest_ex, &guest_ex));
+        assert!(!is_reply_queue_of("amq.gen-abc", &guest_ex));
+        assert!(!is_reply_queue_of(
+            &client_queue("guest", uid),
+            "server_calc_ex"
+        ));
+        assert!(!ok("", uid));
+        assert!(!ok("guest", "not-an-id"));
+        assert!(!ok("guest", &format!("{uid}x")));
+        assert!(!ok(&"u".repeat(240), uid));
     }
 
     #[test]

@@ -11,6 +11,7 @@ env)"``); the TLS tests also read ``CALLME_TEST_TLS_DIR`` and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import signal
@@ -180,9 +181,10 @@ def broker_users(host: Host) -> Iterator[List[BrokerUser]]:
         _add_user(
             f"py-olivia-{tag}",
             f"pw-{uuid.uuid4().hex}",
-            f"client_py-olivia-{tag}_.*",
-            f"client_py-olivia-{tag}_.*|server_{host.calc}_ex",
-            f"client_py-olivia-{tag}_.*",
+            # The anchored recipe of docs/protocol.md.
+            f"^client_py-olivia-{tag}_(ex|queue)_[0-9a-f-]+$",
+            f"^(client_py-olivia-{tag}_(ex|queue)_[0-9a-f-]+|server_{re.escape(host.calc)}_ex)$",
+            f"^client_py-olivia-{tag}_(ex|queue)_[0-9a-f-]+$",
         ),
     ]
     try:

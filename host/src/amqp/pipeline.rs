@@ -22,6 +22,7 @@
 //! reply. Replies over 1 MiB are never pipelined (`MAX_BODY`): a body
 //! the broker refuses for its size closes the channel it came on.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,7 +69,11 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// One confirm channel for replies by the default exchange, kept open
 /// across the link's connections.
 pub(crate) struct Pipeline {
-    channel: Mutex<Option<Channel>>,
+    /// The channel, with the number it was opened as: a publish that
+    /// failed closes only the channel it went on, not a newer one.
+    channel: Mutex<Option<(u64, Channel)>>,
+    /// How many channels were opened.
+    opened: AtomicU64,
     /// Told when a publish failed, so the channel is looked at at once.
     failed: Notify,
     /// The task keeping the pipeline, until it has closed its connection.
@@ -94,14 +99,21 @@ impl Pipeline {
     /// does to it (closing the channel, or the whole connection, over a
     /// refused publish) costs the server's consumers nothing.
     pub(crate) fn start(options: ConnectOptions, server: watch::Receiver<State>) -> Arc<Pipeline> {
-        let pipeline = Arc::new(Pipeline {
-            channel: Mutex::new(None),
-            failed: Notify::new(),
-            keeper: Mutex::new(None),
-        });
+        let pipeline = Pipeline::off();
         let keeper = tokio::spawn(keep(pipeline.clone(), options, server));
         *pipeline.keeper.lock().unwrap_or_else(|p| p.into_inner()) = Some(keeper);
         pipeline
+    }
+
+    /// A pipeline that is never opened: every reply goes by its caller's
+    /// own exchange.
+    pub(crate) fn off() -> Arc<Pipeline> {
+        Arc::new(Pipeline {
+            channel: Mutex::new(None),
+            opened: AtomicU64::new(0),
+            failed: Notify::new(),
+            keeper: Mutex::new(None),
+        })
     }
 
     /// Waits, up to `limit`, until the pipeline has closed its connection
@@ -121,7 +133,7 @@ impl Pipeline {
         body: &[u8],
         properties: BasicProperties,
     ) -> Piped {
-        let Some(channel) = self.channel() else {
+        let Some((number, channel)) = self.current() else {
             return Piped::NotSent;
         };
         let sent = async {
@@ -150,7 +162,7 @@ impl Pipeline {
                 // holds back: the pipeline is closed at once, so the
                 // replies behind this one do not each wait as long.
                 debug!(target: "callme::server", "pipelined reply not confirmed in time");
-                self.set(None);
+                self.take(number);
                 self.failed.notify_one();
                 Piped::NotSent
             }
@@ -159,16 +171,35 @@ impl Pipeline {
 
     /// Whether replies can be pipelined now.
     pub(crate) fn is_up(&self) -> bool {
-        self.channel().is_some()
+        self.current().is_some()
     }
 
-    fn channel(&self) -> Option<Channel> {
+    fn current(&self) -> Option<(u64, Channel)> {
         let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        channel.as_ref().filter(|c| c.status().connected()).cloned()
+        channel
+            .as_ref()
+            .filter(|(_, c)| c.status().connected())
+            .cloned()
     }
 
-    fn set(&self, channel: Option<Channel>) {
-        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = channel;
+    /// Puts `channel` to use; its number.
+    fn set(&self, channel: Channel) -> u64 {
+        let number = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, channel));
+        number
+    }
+
+    /// Stops using the channel numbered `number`, if it is still the one
+    /// in use.
+    fn take(&self, number: u64) {
+        let mut channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        if channel.as_ref().is_some_and(|(n, _)| *n == number) {
+            *channel = None;
+        }
+    }
+
+    fn clear(&self) {
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -188,72 +219,133 @@ async fn pause(wait: Duration, server: &mut watch::Receiver<State>) -> bool {
 
 /// Connects, then opens the pipeline on each connection of its link, and
 /// again after a failure once a backoff has passed; closes the link when
-/// the server's is closed.
+/// the server's is closed. A connection whose pipeline the broker refuses
+/// is closed while the pipeline waits to be tried again, so a host whose
+/// user may not publish to the default exchange holds no second
+/// connection (RabbitMQ counts connections against a user's and a
+/// vhost's `max-connections` limits).
 async fn keep(
     pipeline: Arc<Pipeline>,
     options: ConnectOptions,
     mut server: watch::Receiver<State>,
 ) {
-    let mut retry = RETRY_START;
-    // A refusal is logged when it is new, not on every retry.
-    let mut last_refusal: Option<String> = None;
-    let refused = |last: &mut Option<String>, why: String, retry: Duration| {
-        if last.as_deref() != Some(why.as_str()) {
-            info!(target: "callme::server", reason = %why, retry_in = ?retry, "replies are not pipelined: each goes by its caller's own exchange");
-            *last = Some(why);
-        }
+    let mut keeper = Keeper {
+        pipeline,
+        retry: RETRY_START,
+        last_refusal: None,
     };
-    let own = loop {
-        match Link::connect_auxiliary(&options, "callme replies").await {
-            Ok(link) => break link,
-            Err(e) => refused(&mut last_refusal, e.to_string(), retry),
-        }
-        if !pause(retry, &mut server).await {
-            return;
-        }
-        retry = (retry * 2).min(RETRY_MAX);
-    };
-    let mut link = own.subscribe();
     loop {
-        let conn = tokio::select! {
-            conn = link::up(&mut link) => conn,
-            _ = server.wait_for(|s| matches!(s, State::Closed)) => None,
-        };
-        let Some(conn) = conn.filter(|_| !ended(&server)) else {
-            break;
-        };
-        let opened = tokio::select! {
-            opened = open(&conn) => opened,
-            _ = server.wait_for(|s| matches!(s, State::Closed)) => break,
-        };
-        match opened {
-            Ok(channel) => {
-                info!(target: "callme::server", "replies are pipelined by the default exchange to callers that name their reply queue");
-                last_refusal = None;
-                pipeline.set(Some(channel.clone()));
-                let opened = std::time::Instant::now();
-                watch_channel(&pipeline, &channel, &mut link, &mut server).await;
-                pipeline.set(None);
-                // A pipeline that lived a while starts its backoff again;
-                // one that keeps failing as soon as it opens waits longer
-                // each time.
-                if opened.elapsed() >= RETRY_MAX {
-                    retry = RETRY_START;
-                }
-                if channel.status().connected() {
-                    topology::close_soon(channel);
-                }
-                debug!(target: "callme::server", "reply pipeline closed");
+        let turn = match Link::connect_auxiliary(&options, "callme replies").await {
+            Ok(own) => {
+                let turn = if ended(&server) {
+                    Turn::Stop
+                } else {
+                    keeper.on(&mut own.subscribe(), &mut server).await
+                };
+                keeper.pipeline.clear();
+                own.close().await;
+                turn
             }
-            Err(e) => refused(&mut last_refusal, e.to_string(), retry),
-        }
-        if !pause(retry, &mut server).await {
+            Err(e) => {
+                keeper.refused(e.to_string());
+                Turn::Reconnect
+            }
+        };
+        if matches!(turn, Turn::Stop) || !keeper.pause(&mut server).await {
             break;
         }
-        retry = (retry * 2).min(RETRY_MAX);
     }
-    pipeline.set(None);
-    own.close().await;
+    keeper.pipeline.clear();
+}
+
+/// What ends one connection of the pipeline.
+enum Turn {
+    /// The server's link is closed for good: so is the pipeline.
+    Stop,
+    /// The broker refused the pipeline, or its connection closed for
+    /// good: connect again after the backoff.
+    Reconnect,
+}
+
+/// What [`keep`] carries from one connection to the next.
+struct Keeper {
+    pipeline: Arc<Pipeline>,
+    /// The next wait before trying again.
+    retry: Duration,
+    /// The last refusal logged: one is logged when it is new, not on
+    /// every retry.
+    last_refusal: Option<String>,
+}
+
+impl Keeper {
+    fn refused(&mut self, why: String) {
+        if self.last_refusal.as_deref() != Some(why.as_str()) {
+            info!(target: "callme::server", reason = %why, retry_in = ?self.retry, "replies are not pipelined: each goes by its caller's own exchange");
+            self.last_refusal = Some(why);
+        }
+    }
+
+    /// Waits the backoff and doubles it; `false` when the server's link
+    /// closed meanwhile.
+    async fn pause(&mut self, server: &mut watch::Receiver<State>) -> bool {
+        let go_on = pause(self.retry, server).await;
+        self.retry = (self.retry * 2).min(RETRY_MAX);
+        go_on
+    }
+
+    /// Opens the pipeline on each connection of `link` until the broker
+    /// refuses it, the link closes for good, or the server's link does.
+    async fn on(
+        &mut self,
+        link: &mut watch::Receiver<State>,
+        server: &mut watch::Receiver<State>,
+    ) -> Turn {
+        loop {
+            let conn = tokio::select! {
+                conn = link::up(link) => conn,
+                _ = server.wait_for(|s| matches!(s, State::Closed)) => None,
+            };
+            if ended(server) {
+                return Turn::Stop;
+            }
+            let Some(conn) = conn else {
+                // Its own link gave up reconnecting (`auto_recover` off):
+                // the pipeline connects again by itself.
+                info!(target: "callme::server", retry_in = ?self.retry, "the reply pipeline's connection closed: replies go by each caller's own exchange until it is back");
+                return Turn::Reconnect;
+            };
+            let opened = tokio::select! {
+                opened = open(&conn) => opened,
+                _ = server.wait_for(|s| matches!(s, State::Closed)) => return Turn::Stop,
+            };
+            let channel = match opened {
+                Ok(channel) => channel,
+                Err(e) => {
+                    self.refused(e.to_string());
+                    return Turn::Reconnect;
+                }
+            };
+            info!(target: "callme::server", "replies are pipelined by the default exchange to callers that name their reply queue");
+            self.last_refusal = None;
+            let number = self.pipeline.set(channel.clone());
+            let opened = std::time::Instant::now();
+            watch_channel(&self.pipeline, number, &channel, link, server).await;
+            self.pipeline.take(number);
+            // A pipeline that lived a while starts its backoff again; one
+            // that keeps failing as soon as it opens waits longer each
+            // time.
+            if opened.elapsed() >= RETRY_MAX {
+                self.retry = RETRY_START;
+            }
+            if channel.status().connected() {
+                topology::close_soon(channel);
+            }
+            debug!(target: "callme::server", "reply pipeline closed");
+            if !self.pause(server).await {
+                return Turn::Stop;
+            }
+        }
+    }
 }
 
 /// Opens a confirm channel for replies, and makes one test publish on it.
@@ -301,6 +393,7 @@ async fn open(conn: &Connection) -> Result<Channel, Error> {
 /// the connection it is on.
 async fn watch_channel(
     pipeline: &Pipeline,
+    number: u64,
     channel: &Channel,
     link: &mut watch::Receiver<State>,
     server: &mut watch::Receiver<State>,
@@ -317,7 +410,8 @@ async fn watch_channel(
             .channel
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+            .as_ref()
+            .is_some_and(|(n, _)| *n == number);
         if !link_up || !kept || !channel.status().connected() || ended(server) {
             return;
         }

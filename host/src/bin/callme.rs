@@ -120,6 +120,11 @@ enum Command {
         /// kept so old command lines run.
         #[arg(long, hide = true)]
         no_auto_delete: bool,
+        /// Never pipeline replies by the default exchange: no second
+        /// connection to the broker, every reply by its caller's own
+        /// exchange (slower under load; see docs/protocol.md).
+        #[arg(long, env = "CALLME_NO_PIPELINED_REPLIES", value_parser = clap::builder::BoolishValueParser::new())]
+        no_pipelined_replies: bool,
         /// Seconds to finish running calls after SIGTERM or Ctrl-C.
         #[arg(long, default_value_t = 30)]
         grace: u64,
@@ -282,6 +287,7 @@ async fn run(command: Command) -> ExitCode {
             delivery_limit,
             durable,
             no_auto_delete,
+            no_pipelined_replies,
             grace,
             cache_dir,
             max_instances,
@@ -308,6 +314,7 @@ async fn run(command: Command) -> ExitCode {
                     queue_type: queue_type.into(),
                     queue_expires: (queue_expires > 0).then(|| Duration::from_secs(queue_expires)),
                     delivery_limit,
+                    pipeline_replies: !no_pipelined_replies,
                     ..Default::default()
                 },
                 runtime: config,

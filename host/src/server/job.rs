@@ -27,7 +27,7 @@ use super::reply::{Replier, Sent};
 use super::service::{Context, QUIET_IN_FLIGHT, QUIET_MAX_REQUEST_BYTES, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{
-    CALL_DEPTH, CONTENT_TYPE, REPLY_QUEUE, Request, Response, is_reply_queue_name,
+    CALL_DEPTH, CONTENT_TYPE, REPLY_QUEUE, Request, Response, is_reply_queue_of,
 };
 use crate::{ErrorKind, RemoteError, TraceContext};
 
@@ -142,7 +142,7 @@ impl Job {
         // nothing without others to share it, and that way it stays on the
         // connection the request came on (the pipeline's is another, one
         // more thread to wake).
-        let queue = reply_queue(&delivery)
+        let queue = reply_queue(&delivery, &reply_to)
             .filter(|_| !self.is_quiet() && body.len() <= crate::amqp::pipeline::MAX_BODY);
         match self
             .replier
@@ -207,9 +207,9 @@ impl Job {
     }
 }
 
-/// The reply queue the caller names (`REPLY_QUEUE`), if it has the shape
-/// of one.
-fn reply_queue(delivery: &Delivery) -> Option<&str> {
+/// The reply queue the caller names (`REPLY_QUEUE`), if it is the one
+/// paired with the request's `reply_to`.
+fn reply_queue<'a>(delivery: &'a Delivery, reply_to: &str) -> Option<&'a str> {
     use lapin::types::AMQPValue;
     let named = delivery
         .properties
@@ -221,7 +221,7 @@ fn reply_queue(delivery: &Delivery) -> Option<&str> {
         Some(AMQPValue::ShortString(s)) => s.as_str(),
         _ => return None,
     };
-    is_reply_queue_name(name).then_some(name)
+    is_reply_queue_of(name, reply_to).then_some(name)
 }
 
 /// How many times the broker delivered this request before: quorum queues

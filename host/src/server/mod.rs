@@ -68,6 +68,12 @@ pub struct ServerOptions {
     pub max_request_bytes: usize,
     /// Threads that run plugin code.
     pub executor_threads: usize,
+    /// Whether replies may be pipelined by the default exchange to callers
+    /// that name their reply queue (see `docs/protocol.md`, "Pipelined
+    /// replies"): one more connection to the broker, opened while the
+    /// broker lets this user publish to `amq.default`. Off: every reply
+    /// goes by its caller's own exchange, one per channel at a time.
+    pub pipeline_replies: bool,
 }
 
 /// How long a server queue nobody consumes from lives by default.
@@ -96,6 +102,7 @@ impl Default for ServerOptions {
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             executor_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            pipeline_replies: true,
         }
     }
 }
@@ -197,7 +204,12 @@ impl Server {
                 source,
             })?;
         info!(target: "callme::server", broker = %link.first_node(), "connected");
-        let pipeline = Pipeline::start(connect.clone(), link.subscribe());
+        let pipeline = if options.pipeline_replies {
+            Pipeline::start(connect.clone(), link.subscribe())
+        } else {
+            info!(target: "callme::server", "replies are not pipelined (turned off): each goes by its caller's own exchange");
+            Pipeline::off()
+        };
         let server = Server {
             inner: Arc::new(Inner {
                 link,
