@@ -573,6 +573,14 @@ async fn taking_the_pipeline_away_under_load_loses_no_reply() {
     assert!(off.is_some(), "the host still pipelines without permission");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!srv.replies_pipelined(), "the pipeline came back refused");
+    // Refused, the host holds no second connection (but for the moment
+    // of each retry).
+    let closed = callme_tests::eventually(Duration::from_secs(10), || {
+        let left = connection_pid(&user, "callme replies");
+        async move { left.is_none().then_some(()) }
+    })
+    .await;
+    assert!(closed.is_some(), "a refused host kept its reply connection");
 
     broker_ctl(&["set_permissions", "-p", &vhost, &user, ".*", ".*", ".*"]);
     pipelined(&srv).await;
