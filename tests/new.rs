@@ -127,6 +127,10 @@ async fn new_rust_plugin_builds_tests_and_answers() {
         "{tested}"
     );
     greet_answers(&wasm, "new-rust").await;
+    // The project asks for the small guest stack the repository's plugins
+    // have (a cheaper reset of each fresh instance).
+    let config = std::fs::read_to_string(dir.join(".cargo/config.toml")).unwrap();
+    assert!(config.contains("-zstack-size=262144"), "{config}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -293,6 +293,26 @@ async fn unbounded_recursion_traps() {
     }
 }
 
+/// Plugins built here have a 256 KiB stack in linear memory (the
+/// workspace's `.cargo/config.toml`), not rustc's 1 MiB: a frame larger than
+/// that traps (the stack is first in memory, so an overflow runs off its
+/// start rather than into the plugin's data), and the next call is fresh.
+#[tokio::test]
+async fn a_frame_larger_than_the_guest_stack_traps() {
+    let p = load("hostile", "hostile", PluginSettings::default());
+    assert_eq!(
+        p.call("big-frame", &pos(json!([64]))).await.unwrap(),
+        json!(64 << 10)
+    );
+    let e = contained(&p, "big-frame", pos(json!([512]))).await;
+    assert!(matches!(e, PluginError::Trap { .. }), "{e:?}");
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+    assert_eq!(
+        p.call("big-frame", &pos(json!([64]))).await.unwrap(),
+        json!(64 << 10)
+    );
+}
+
 #[tokio::test]
 async fn panic_message_reaches_the_caller() {
     let p = load("hostile", "hostile", PluginSettings::default());
@@ -490,4 +510,89 @@ async fn spares_are_fresh_and_get_their_limits_when_taken() {
     let e = p.call("bomb", &Args::default()).await.unwrap_err();
     assert!(matches!(e, PluginError::MemoryLimit { .. }), "{e:?}");
     assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+}
+
+/// Asks the kernel to page out every private writable mapping of this
+/// process (`MADV_PAGEOUT`, Linux 5.4 and later): with swap on, the pages
+/// written go to swap.
+#[allow(unsafe_code)]
+fn page_out_everything() {
+    unsafe extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+    }
+    const MADV_PAGEOUT: i32 = 21;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(range), Some(perms)) = (cols.next(), cols.next()) else {
+            continue;
+        };
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        if perms.starts_with("rw") {
+            // SAFETY: advice only; MADV_PAGEOUT never changes what the
+            // memory holds, and failures (a range it does not apply to)
+            // are ignored.
+            unsafe {
+                madvise(start as *mut _, end - start, MADV_PAGEOUT);
+            }
+        }
+    }
+}
+
+/// KiB of this process in swap (`VmSwap`).
+fn swapped_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSwap:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether a swap device is on (`/proc/swaps` lists more than its header).
+fn swap_on() -> bool {
+    std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().count() > 1)
+}
+
+/// An instance's memory, swapped out while it lived, does not reach the
+/// next instance made in its slot: each call's state is its own even under
+/// memory pressure. Needs swap (`.ci/run` turns on a swap file and sets
+/// `CALLME_TEST_SWAP=required`); without it the test says so and checks
+/// nothing else.
+#[tokio::test]
+async fn a_fresh_instance_never_sees_its_slots_last_memory_swapped_out() {
+    if !swap_on() {
+        assert_ne!(
+            std::env::var("CALLME_TEST_SWAP").as_deref(),
+            Ok("required"),
+            "CALLME_TEST_SWAP=required, and no swap is on"
+        );
+        eprintln!("skipped: no swap is on (swapon a file to run this test)");
+        return;
+    }
+    let p = load("hostile", "hostile", PluginSettings::default());
+    let mut paged_out = false;
+    for round in 0..5 {
+        let mut s = p.session().await.unwrap();
+        let first = s.call("counter", &Args::default()).await.unwrap();
+        assert_eq!(
+            first,
+            json!(1),
+            "round {round}: a fresh instance counted on from the last one's state"
+        );
+        assert_eq!(s.call("counter", &Args::default()).await.unwrap(), json!(2));
+        let before = swapped_kib();
+        page_out_everything();
+        paged_out |= swapped_kib() > before;
+        drop(s);
+    }
+    assert!(paged_out, "nothing of this process went to swap");
 }

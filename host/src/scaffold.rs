@@ -149,6 +149,10 @@ impl Language {
                 ),
                 ("README.md", include_str!("../templates/rust/README.md")),
                 (".gitignore", include_str!("../templates/rust/gitignore")),
+                (
+                    ".cargo/config.toml",
+                    include_str!("../templates/rust/cargo-config.toml"),
+                ),
                 ("src/lib.rs", include_str!("../templates/rust/src/lib.rs")),
                 ("wit/world.wit", WORLD),
             ],

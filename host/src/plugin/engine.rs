@@ -198,8 +198,7 @@ impl Runtime {
                 .table_elements(1 << 16)
                 .max_unused_warm_slots(MAX_UNUSED_WARM_SLOTS.min(n))
                 // A fresh instance per call is the default, so slot reuse
-                // is the hot path: reset guests' memory with memset (or
-                // only the pages they dirtied, where the kernel can tell)
+                // is the hot path: reset guests' memory with memset
                 // instead of madvise and a page fault per page. 16 MiB
                 // covers what an interpreter guest dirties in a call
                 // (measured: Python `add` made per call 5.4 -> 3.7 ms, from
@@ -209,7 +208,19 @@ impl Runtime {
                 .linear_memory_keep_resident(16 << 20)
                 .table_keep_resident(1 << 20)
                 .async_stack_keep_resident(128 << 10)
-                .pagemap_scan(wasmtime::Enabled::Auto)
+                // Never reset a slot by scanning for the pages its last
+                // instance wrote (Linux `PAGEMAP_SCAN`). wasmtime 48's scan
+                // looks only at pages present in memory: a written page the
+                // kernel has swapped out (or is migrating at that instant)
+                // is neither reset nor dropped, and the next instance in
+                // the slot reads the last one's data
+                // (`runtime::a_fresh_instance_never_sees_its_slots_last_memory_swapped_out`
+                // fails with the scan on). Resetting the first
+                // `linear_memory_keep_resident` bytes in full and dropping
+                // the rest is correct whatever the kernel did with the
+                // pages; it costs a small instance about 7 µs more CPU
+                // (docs/benchmarks.md).
+                .pagemap_scan(wasmtime::Enabled::No)
                 // Give each slot back to the pool as its instance is
                 // dropped, never batched. A slot keeps the memory image of
                 // the last module it ran, and that image holds the

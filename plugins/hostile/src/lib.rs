@@ -38,6 +38,14 @@ impl Guest for Hostile {
         dive(n)
     }
 
+    fn big_frame(kib: u32) -> u64 {
+        match kib {
+            0..=64 => frame::<{ 64 << 10 }>(),
+            65..=512 => frame::<{ 512 << 10 }>(),
+            _ => frame::<{ 4096 << 10 }>(),
+        }
+    }
+
     fn boom(message: String) {
         panic!("{message}");
     }
@@ -88,6 +96,15 @@ impl Guest for Hostile {
         }
         Self::print(text);
     }
+}
+
+/// A checksum of an `N`-byte array that lives on the stack: `black_box`
+/// keeps it from being optimised away or moved to the heap.
+#[inline(never)]
+fn frame<const N: usize>() -> u64 {
+    let mut block = [1u8; N];
+    black_box(&mut block);
+    block.iter().map(|b| u64::from(*b)).sum()
 }
 
 /// One level deeper, forever; the addition after the call keeps it from
