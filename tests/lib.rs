@@ -699,6 +699,17 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// Serves this process's metrics on a free local port, as a host's
+/// `--metrics-addr` does: the port, for [`scrape`].
+pub async fn metrics_endpoint() -> u16 {
+    let endpoint = callme::observe::Endpoint::bind("127.0.0.1:0")
+        .await
+        .expect("bind a local port");
+    let port = endpoint.local_addr().expect("its address").port();
+    tokio::spawn(endpoint.run());
+    port
+}
+
 /// Scrapes `/metrics`.
 pub async fn scrape(port: u16) -> String {
     let (status, body) = http_get(port, "/metrics").await;

@@ -409,11 +409,7 @@ fn burst_reply(reply: &lapin::message::Delivery) -> (i64, bool) {
 /// A host's metrics endpoint, in this process: a function reading how many
 /// replies of `id` were pipelined.
 async fn pipelined_count() -> impl AsyncFn(&str) -> f64 {
-    let endpoint = callme::observe::Endpoint::bind("127.0.0.1:0")
-        .await
-        .unwrap();
-    let port = endpoint.local_addr().unwrap().port();
-    tokio::spawn(endpoint.run());
+    let port = callme_tests::metrics_endpoint().await;
     move |id: &str| {
         let id = id.to_string();
         async move {

@@ -257,11 +257,7 @@ async fn the_recipe_for_pipelined_replies() {
     .await;
     assert!(up.is_some(), "carl's host does not pipeline its replies");
 
-    let endpoint = callme::observe::Endpoint::bind("127.0.0.1:0")
-        .await
-        .unwrap();
-    let port = endpoint.local_addr().unwrap().port();
-    tokio::spawn(endpoint.run());
+    let port = callme_tests::metrics_endpoint().await;
     let olivia_proxy = Proxy::connect_with(
         &ConnectOptions::new(amqp_url_as(&olivia, "olivia-pw")),
         Duration::from_secs(10),
