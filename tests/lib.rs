@@ -491,18 +491,7 @@ impl RawClient {
         let uid = uuid::Uuid::new_v4().simple().to_string();
         let exchange = client_exchange("guest", &uid);
         let (conn, channel) = raw_channel().await;
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        declare_reply_exchange(&channel, &exchange).await.unwrap();
         RawClient::listen(conn, channel, exchange, &uid).await
     }
 
@@ -657,6 +646,22 @@ impl RawClient {
             }
         }
     }
+}
+
+/// Declares `name` on `channel` as a proxy declares its reply exchange:
+/// direct, auto-delete.
+pub async fn declare_reply_exchange(channel: &lapin::Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// A plain AMQP connection to the test broker, and a channel on it.

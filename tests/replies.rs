@@ -9,16 +9,15 @@ use callme::{
     ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
 };
 use callme_tests::{
-    RawClient, amqp_url, amqp_url_as, broker_ctl, dedicated_vhost, load, pos, proxy, raw_channel,
-    server, slow_calls, unique,
+    RawClient, amqp_url, amqp_url_as, broker_ctl, declare_reply_exchange, dedicated_vhost, load,
+    pos, proxy, raw_channel, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueDeclareOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
 /// `add(a, b)` that takes `ms` milliseconds, so replies overlap.
@@ -630,18 +629,7 @@ async fn a_refused_pipelined_reply_goes_by_the_callers_exchange() {
     let exchange = client_exchange("guest", &uid);
     let full = client_queue("guest", &uid);
     let (_conn, channel) = raw_channel().await;
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                auto_delete: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_reply_exchange(&channel, &exchange).await.unwrap();
     let mut limit = FieldTable::default();
     limit.insert("x-max-length".into(), AMQPValue::LongInt(5));
     limit.insert(

@@ -345,16 +345,7 @@ async fn anchored_recipes_keep_each_caller_to_its_own_names() {
         // it (here by a user allowed everything).
         let theirs = callme::protocol::client_exchange(&format!("{olivia}_x"), &uid);
         let (_guest, guest) = callme_tests::raw_channel().await;
-        guest
-            .exchange_declare(
-                theirs.as_str().into(),
-                lapin::ExchangeKind::Direct,
-                lapin::options::ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
+        callme_tests::declare_reply_exchange(&guest, &theirs)
             .await
             .unwrap();
 
@@ -366,16 +357,7 @@ async fn anchored_recipes_keep_each_caller_to_its_own_names() {
         .expect("olivia connects");
         let channel = conn.create_channel().await.unwrap();
         // Her own exchange and queue, as her proxy makes them.
-        channel
-            .exchange_declare(
-                own.0.as_str().into(),
-                lapin::ExchangeKind::Direct,
-                lapin::options::ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
+        callme_tests::declare_reply_exchange(&channel, &own.0)
             .await
             .expect("olivia declares her reply exchange");
         channel
