@@ -400,6 +400,15 @@ async fn anchored_recipes_keep_each_caller_to_its_own_names() {
                 assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
             }
         }
+        // Bound to nothing (in the anchored case), it would outlive the
+        // test: auto-delete goes with the last binding.
+        guest
+            .exchange_delete(
+                theirs.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
         broker_ctl(&["delete_user", &carl]);
         broker_ctl(&["delete_user", &olivia]);
     }

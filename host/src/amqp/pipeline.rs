@@ -235,7 +235,10 @@ async fn keep(
         last_refusal: None,
     };
     loop {
-        let turn = match Link::connect_auxiliary(&options, "callme replies").await {
+        let Some(connected) = connect(&options, &mut server).await else {
+            break;
+        };
+        let turn = match connected {
             Ok(own) => {
                 let turn = if ended(&server) {
                     Turn::Stop
@@ -251,11 +254,40 @@ async fn keep(
                 Turn::Reconnect
             }
         };
-        if matches!(turn, Turn::Stop) || !keeper.pause(&mut server).await {
+        let go_on = match turn {
+            Turn::Stop => false,
+            Turn::Reconnect => keeper.pause(&mut server).await,
+            Turn::ReconnectNow => !ended(&server),
+        };
+        if !go_on {
             break;
         }
     }
     keeper.pipeline.clear();
+}
+
+/// Connects the pipeline's own link; `None` when the server's link closed
+/// first. A connection still being made then is closed once made, by a
+/// task of its own, so a host that stopped leaves none behind and its
+/// shutdown does not wait for it.
+async fn connect(
+    options: &ConnectOptions,
+    server: &mut watch::Receiver<State>,
+) -> Option<Result<Link, Error>> {
+    let options = options.clone();
+    let mut connecting =
+        Box::pin(async move { Link::connect_auxiliary(&options, "callme replies").await });
+    tokio::select! {
+        connected = &mut connecting => Some(connected),
+        _ = server.wait_for(|s| matches!(s, State::Closed)) => {
+            tokio::spawn(async move {
+                if let Ok(own) = connecting.await {
+                    own.close().await;
+                }
+            });
+            None
+        }
+    }
 }
 
 /// What ends one connection of the pipeline.
@@ -265,6 +297,9 @@ enum Turn {
     /// The broker refused the pipeline, or its connection closed for
     /// good: connect again after the backoff.
     Reconnect,
+    /// Its connection closed for good while the backoff was being waited:
+    /// connect again at once.
+    ReconnectNow,
 }
 
 /// What [`keep`] carries from one connection to the next.
@@ -300,6 +335,8 @@ impl Keeper {
         link: &mut watch::Receiver<State>,
         server: &mut watch::Receiver<State>,
     ) -> Turn {
+        // Whether the backoff was just waited, so it is not waited twice.
+        let mut paused = false;
         loop {
             let conn = tokio::select! {
                 conn = link::up(link) => conn,
@@ -311,8 +348,12 @@ impl Keeper {
             let Some(conn) = conn else {
                 // Its own link gave up reconnecting (`auto_recover` off):
                 // the pipeline connects again by itself.
-                info!(target: "callme::server", retry_in = ?self.retry, "the reply pipeline's connection closed: replies go by each caller's own exchange until it is back");
-                return Turn::Reconnect;
+                info!(target: "callme::server", "the reply pipeline's connection closed: replies go by each caller's own exchange until it is back");
+                return if paused {
+                    Turn::ReconnectNow
+                } else {
+                    Turn::Reconnect
+                };
             };
             let opened = tokio::select! {
                 opened = open(&conn) => opened,
@@ -344,6 +385,7 @@ impl Keeper {
             if !self.pause(server).await {
                 return Turn::Stop;
             }
+            paused = true;
         }
     }
 }
