@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
+import aiormq.connection
 import pytest
 
 import callme_client as callme
+import callme_client.async_proxy as callme_async_proxy
+import callme_client.publisher as callme_publisher
 from conftest import Host, unique
 
 
@@ -36,7 +40,10 @@ def test_the_seed_example_awaited_connects_on_first_use(amqp_url: str, host: Hos
     asyncio.run(main())
 
 
-def test_missing_servers_beside_served_ones(amqp_url: str, host: Host) -> None:
+def missing_beside_served(amqp_url: str, host: Host, calls: int) -> None:
+    """``calls`` calls at once on one proxy, every other one to a server id
+    nobody serves: each of those fails alone, with ``NoSuchServer``."""
+
     async def main() -> None:
         async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
 
@@ -47,10 +54,31 @@ def test_missing_servers_beside_served_ones(amqp_url: str, host: Host) -> None:
                 except callme.NoSuchServer:
                     return "missing"
 
-            results = await asyncio.gather(*(one(i) for i in range(400)))
-            assert results.count("ok") == 200 and results.count("missing") == 200
+            results = await asyncio.gather(*(one(i) for i in range(calls)))
+            assert results.count("ok") == calls // 2 and results.count("missing") == calls // 2
 
     asyncio.run(main())
+
+
+def test_missing_servers_beside_served_ones(amqp_url: str, host: Host) -> None:
+    missing_beside_served(amqp_url, host, 400)
+
+
+def test_missing_servers_beside_served_ones_with_aiormqs_write_queue_full(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiormq answers a channel the broker closed (a request to a missing
+    server) with a ``CloseOk`` it drops when its write queue is full; the
+    broker then closes the whole connection when aiormq reuses the
+    channel's number. The proxy makes that queue unbounded. Here aiormq's
+    bound is 1 frame, so without that the queue is full all the time, and
+    the proxy has 2 lanes, so a lane the broker closed is most often the
+    highest-numbered channel, whose number aiormq gives the next one."""
+    monkeypatch.setattr(aiormq.connection.Connection, "FRAME_BUFFER_SIZE", 1)
+    monkeypatch.setattr(
+        callme_async_proxy, "Publisher", functools.partial(callme_publisher.Publisher, lanes=2)
+    )
+    missing_beside_served(amqp_url, host, 1000)
 
 
 def test_async_errors_and_timeouts(amqp_url: str, host: Host) -> None:

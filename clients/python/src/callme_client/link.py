@@ -131,6 +131,7 @@ class Link:
             raise errors.ConnectionError(
                 f"cannot connect to the broker at {options.redacted}: {errors.reply_text(e)}"
             ) from None
+        _never_drop_frames(connection)
         try:
             channel = await connection.channel(publisher_confirms=False)
             exchange = await channel.declare_exchange(
@@ -216,4 +217,24 @@ async def _close_quietly(connection: AbstractConnection) -> None:
         await connection.close()
     except Exception:  # a connection the broker closed may fail to close again
         pass
+
+
+def _never_drop_frames(connection: AbstractConnection) -> None:
+    """Makes the write queue of ``connection``'s aiormq connection unbounded.
+
+    aiormq (6.8 and 7.2) answers the broker's ``Channel.Close`` by putting
+    a ``CloseOk`` on that queue with ``put_nowait``, and drops it when the
+    queue is full (10 frames, under load). The broker then still holds the
+    channel, and the next channel aiormq opens with its number makes the
+    broker close the whole connection ("second 'channel.open' seen"): a
+    call to a missing server would fail every call in flight. Requests
+    here are bounded by the publisher's lanes, so the queue stays small.
+    """
+    transport = getattr(connection, "transport", None)
+    queue = getattr(getattr(transport, "connection", None), "write_queue", None)
+    if isinstance(queue, asyncio.Queue):
+        setattr(queue, "_maxsize", 0)
+    else:
+        log.warning("cannot reach aiormq's write queue: a busy proxy may lose its connection "
+                    "when a call finds no server")
 
