@@ -413,3 +413,73 @@ async fn anchored_recipes_keep_each_caller_to_its_own_names() {
         broker_ctl(&["delete_user", &olivia]);
     }
 }
+
+/// A host whose plugins call out is a caller too (docs/plugins.md). Under
+/// the anchored recipes carl may not declare a caller's names, so serving
+/// a plugin granted calls out is refused at once, saying so; with a
+/// caller's names and write on the server called, his relay plugin
+/// reaches barserver for olivia.
+#[tokio::test]
+async fn a_host_calling_out_needs_a_callers_names_under_the_anchored_recipes() {
+    use callme::plugin::{Capabilities, DEFAULT_MAX_CALL_DEPTH, RpcGrant};
+    let Recipe {
+        tag,
+        server: foo_id,
+        carl,
+        olivia,
+    } = recipe_users("o", Patterns::Anchored);
+    let bar = format!("bar{tag}");
+    let guest_host = server(ServerOptions::default()).await;
+    guest_host.serve_native(&bar, native_add()).await.unwrap();
+    let relay = || {
+        let settings = callme::PluginSettings {
+            capabilities: Capabilities {
+                rpc: RpcGrant::new([bar.as_str()], DEFAULT_MAX_CALL_DEPTH).unwrap(),
+                ..Capabilities::default()
+            },
+            ..callme::PluginSettings::default()
+        };
+        callme_tests::load("relay", &foo_id, settings)
+    };
+    let as_carl = ConnectOptions::new(amqp_url_as(&carl, "carl-pw"));
+    let carl_connects = || Server::connect(&as_carl, ServerOptions::default());
+
+    let carl_host = carl_connects().await.expect("carl connects");
+    let refused = carl_host.serve_plugin(relay()).await;
+    assert!(
+        matches!(refused, Err(Error::AccessRefused(_))),
+        "{refused:?}"
+    );
+    carl_host.shutdown(Duration::from_secs(5)).await;
+
+    let own = format!("server_{foo_id}_(ex|queue)|client_{carl}_(ex|queue)_[0-9a-f-]+");
+    broker_ctl(&[
+        "set_permissions",
+        &carl,
+        &format!("^({own})$"),
+        &format!(
+            "^(server_{foo_id}_(ex|queue)|client_.+_ex_[0-9a-f-]+|amq\\.default|client_{carl}_queue_[0-9a-f-]+|server_{bar}_ex)$"
+        ),
+        &format!("^({own})$"),
+    ]);
+    let carl_host = carl_connects().await.expect("carl connects");
+    carl_host
+        .serve_plugin(relay())
+        .await
+        .expect("carl serves a plugin that calls out");
+    let olivia_proxy = Proxy::connect_with(
+        &ConnectOptions::new(amqp_url_as(&olivia, "olivia-pw")),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("olivia connects");
+    let sum: i64 = olivia_proxy
+        .use_server(&foo_id)
+        .invoke("add-via", (&bar, 20, 22))
+        .await
+        .unwrap();
+    assert_eq!(sum, 42);
+    carl_host.shutdown(Duration::from_secs(5)).await;
+    broker_ctl(&["delete_user", &carl]);
+    broker_ctl(&["delete_user", &olivia]);
+}
