@@ -48,7 +48,7 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
 /// The largest reply pipelined: RabbitMQ refuses a message over its
 /// `max_message_size` (16 MiB by default in 4.x) by closing the channel,
 /// which would fail every reply pipelined beside it.
-pub(crate) const MAX_BODY: usize = 1 << 20;
+const MAX_BODY: usize = 1 << 20;
 
 /// The routing key of the test publish made on each new channel: no queue
 /// has that name, so the broker drops it.
@@ -126,13 +126,17 @@ impl Pipeline {
     }
 
     /// Publishes `body` to the default exchange with routing key `queue`
-    /// (the caller's reply queue), and waits for its confirm.
+    /// (the caller's reply queue), and waits for its confirm. A body over
+    /// [`MAX_BODY`] is not sent.
     pub(crate) async fn publish(
         &self,
         queue: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Piped {
+        if body.len() > MAX_BODY {
+            return Piped::NotSent;
+        }
         let Some((number, channel)) = self.current() else {
             return Piped::NotSent;
         };
@@ -197,10 +201,6 @@ impl Pipeline {
             *channel = None;
         }
     }
-
-    fn clear(&self) {
-        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
 }
 
 /// Whether the server's link is closed for good (or gone).
@@ -245,7 +245,6 @@ async fn keep(
                 } else {
                     keeper.on(&mut own.subscribe(), &mut server).await
                 };
-                keeper.pipeline.clear();
                 own.close().await;
                 turn
             }
@@ -263,7 +262,6 @@ async fn keep(
             break;
         }
     }
-    keeper.pipeline.clear();
 }
 
 /// Connects the pipeline's own link; `None` when the server's link closed

@@ -160,7 +160,7 @@ async fn open(conn: &Connection) -> Result<Channel, Error> {
 
 /// Whether the broker refused a publish because its exchange does not
 /// exist.
-pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+fn is_not_found(e: &lapin::Error) -> bool {
     matches!(
         e.kind(),
         lapin::ErrorKind::ProtocolError(amqp)

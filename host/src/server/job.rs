@@ -138,12 +138,11 @@ impl Job {
         let failed = outcome.as_ref().err().map(|e| e.kind);
         let body = Response::from(outcome).encode();
         let inner = &self.server.inner;
-        // A lone reply, or a large one, goes by the caller's exchange: a pipeline saves
+        // A lone reply goes by the caller's exchange: a pipeline saves
         // nothing without others to share it, and that way it stays on the
         // connection the request came on (the pipeline's is another, one
-        // more thread to wake).
-        let queue = reply_queue(&delivery, &reply_to)
-            .filter(|_| !self.is_quiet() && body.len() <= crate::amqp::pipeline::MAX_BODY);
+        // more thread to wake). A large one does too (`Pipeline::publish`).
+        let queue = reply_queue(&delivery, &reply_to).filter(|_| !self.is_quiet());
         match self
             .replier
             .send(&reply_to, queue, &corr, &body, &trace)

@@ -237,4 +237,3 @@ def _never_drop_frames(connection: AbstractConnection) -> None:
     else:
         log.warning("cannot reach aiormq's write queue: a busy proxy may lose its connection "
                     "when a call finds no server")
-
