@@ -557,6 +557,17 @@ fn swapped_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Says the swap test was skipped, and why; fails instead where
+/// `CALLME_TEST_SWAP=required` (as `.ci/run` sets it once swap is on).
+fn skip_without_swap(why: &str) {
+    assert_ne!(
+        std::env::var("CALLME_TEST_SWAP").as_deref(),
+        Ok("required"),
+        "CALLME_TEST_SWAP=required, but {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// Whether a swap device is on (`/proc/swaps` lists more than its header).
 fn swap_on() -> bool {
     std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().count() > 1)
@@ -572,12 +583,7 @@ fn swap_on() -> bool {
 #[tokio::test]
 async fn a_fresh_instance_never_sees_its_slots_last_memory_swapped_out() {
     if !swap_on() {
-        assert_ne!(
-            std::env::var("CALLME_TEST_SWAP").as_deref(),
-            Ok("required"),
-            "CALLME_TEST_SWAP=required, and no swap is on"
-        );
-        eprintln!("skipped: no swap is on (swapon a file to run this test)");
+        skip_without_swap("no swap is on (swapon a file to run this test)");
         return;
     }
     let out = tokio::task::spawn_blocking(|| {
@@ -640,12 +646,9 @@ async fn swapped_out_slot_probe() {
         page_out_everything();
         let after = swapped_kib();
         if after <= before {
-            assert_ne!(
-                std::env::var("CALLME_TEST_SWAP").as_deref(),
-                Ok("required"),
+            skip_without_swap(&format!(
                 "round {round}: nothing went to swap ({before} kB, then {after} kB)"
-            );
-            eprintln!("skipped: nothing of this process goes to swap");
+            ));
             return;
         }
         drop(s);
