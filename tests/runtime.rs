@@ -654,3 +654,129 @@ async fn swapped_out_slot_probe() {
         drop(s);
     }
 }
+
+/// A component of two instances of one core module, each with a linear
+/// memory of one page: `grow-a` and `grow-b` grow one memory each by
+/// `pages` (`memory.grow`: the old size in pages, -1 if refused), `fail`
+/// traps.
+const TWO_MEMORIES: &str = r#"
+(component
+  (core module $m
+    (memory 1)
+    (func (export "grow") (param i32) (result i32)
+      local.get 0
+      memory.grow)
+    (func (export "fail")
+      unreachable))
+  (core instance $a (instantiate $m))
+  (core instance $b (instantiate $m))
+  (func (export "grow-a") (param "pages" u32) (result s32)
+    (canon lift (core func $a "grow")))
+  (func (export "grow-b") (param "pages" u32) (result s32)
+    (canon lift (core func $b "grow")))
+  (func (export "fail")
+    (canon lift (core func $a "fail"))))
+"#;
+
+fn two_memories(settings: PluginSettings) -> Plugin {
+    let bytes = wat::parse_str(TWO_MEMORIES).expect("the component's text");
+    Plugin::load(&runtime(), "two-memories", &bytes, settings).expect("plugin loads")
+}
+
+/// `memory_bytes` caps a call's memory, however many linear memories the
+/// component has: with a cap of 16 pages, two memories of one page may
+/// grow by 14 pages in all, not by 15 each.
+#[tokio::test]
+async fn the_memory_cap_holds_for_all_of_a_components_memories_together() {
+    let settings = PluginSettings {
+        limits: Limits {
+            memory_bytes: 16 << 16,
+            ..Limits::default()
+        },
+        reuse_instances: true,
+        ..PluginSettings::default()
+    };
+    let p = two_memories(settings);
+    let mut session = p.session().await.unwrap();
+    assert_eq!(
+        session.call("grow-a", &pos(json!([10]))).await.unwrap(),
+        json!(1)
+    );
+    // 2 + 10 pages in use: 5 more would be 17.
+    assert_eq!(
+        session.call("grow-b", &pos(json!([5]))).await.unwrap(),
+        json!(-1),
+        "the second memory grew past the cap the first one had used"
+    );
+    assert_eq!(
+        session.call("grow-b", &pos(json!([4]))).await.unwrap(),
+        json!(1)
+    );
+    assert_eq!(
+        session.call("grow-a", &pos(json!([1]))).await.unwrap(),
+        json!(-1)
+    );
+}
+
+/// A growth refused in one call, which the guest got over, says nothing
+/// about the next call on the same instance: a trap there is a trap, not
+/// `MemoryLimit`.
+#[tokio::test]
+async fn a_memory_refusal_is_forgotten_by_the_next_call_of_an_instance() {
+    let settings = PluginSettings {
+        limits: Limits {
+            memory_bytes: 16 << 16,
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let p = two_memories(settings);
+    let mut session = p.session().await.unwrap();
+    assert_eq!(
+        session.call("grow-a", &pos(json!([100]))).await.unwrap(),
+        json!(-1)
+    );
+    let e = session.call("fail", &Args::default()).await.unwrap_err();
+    assert!(matches!(e, PluginError::Trap { .. }), "{e:?}");
+}
+
+/// A call that waits for an instance slot spends its deadline waiting: it
+/// ends by its deadline, counted from when it was made, not from when it
+/// found a slot.
+#[tokio::test]
+async fn waiting_for_a_slot_counts_against_the_deadline() {
+    let rt = callme::Runtime::with_config(callme::RuntimeConfig {
+        max_instances: 1,
+        ..callme::RuntimeConfig::default()
+    })
+    .unwrap();
+    let settings = PluginSettings {
+        limits: Limits {
+            deadline: Duration::from_millis(400),
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let p = Plugin::load(&rt, "hostile", &plugin_bytes("hostile"), settings).unwrap();
+    // The first holds the only slot for 300 ms; the second, waiting that
+    // long for it, has 100 ms left for its 300 ms sleep.
+    let ms = pos(json!([300]));
+    let (first, second) = tokio::join!(p.call("sleep", &ms), p.call("sleep", &ms));
+    let outcomes = [first, second];
+    assert_eq!(
+        outcomes.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    let late = outcomes.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(
+        matches!(
+            late,
+            PluginError::Timeout {
+                cause: TimeoutCause::Deadline,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+}

@@ -105,7 +105,8 @@ impl Session<'_> {
         let mut sandbox = self.sandbox.take().ok_or_else(|| {
             PluginError::internal("this session ended after an earlier error".to_string())
         })?;
-        plugin.instances.arm(&mut sandbox.store);
+        let deadline = Instant::now() + plugin.instances.settings.limits.deadline;
+        plugin.instances.arm(&mut sandbox, deadline);
         let context = CallContext::default();
         let result = run(&plugin.instances, &mut sandbox, export, &params, context).await;
         if sandbox.instance.is_some() {
@@ -127,14 +128,13 @@ async fn run(
     context: CallContext,
 ) -> Result<Value, PluginError> {
     let started = Instant::now();
-    // The sandbox was armed just now: its deadline is this far away.
-    let deadline = started + instances.settings.limits.deadline;
+    let deadline = sandbox.deadline;
     let caps = &mut sandbox.store.data_mut().caps;
     caps.begin(&instances.settings.capabilities, context, deadline);
     let instance = sandbox.instance.take();
     let store = &mut sandbox.store;
     let outcome = instances
-        .with_deadline(async move {
+        .with_deadline(deadline, async move {
             let instance = match instance {
                 Some(i) => i,
                 None => {

@@ -316,6 +316,9 @@ impl Drop for Waiting<'_> {
 pub(super) struct Sandbox {
     pub(super) store: Store<CallState>,
     pub(super) instance: Option<Instance>,
+    /// When the call its store is armed for must end (see
+    /// [`Instances::arm`]).
+    pub(super) deadline: Instant,
     // After the store, so dropped after it: wasmtime has the pool slot
     // back before another instance may take this one's place.
     _slot: Slot,
@@ -422,13 +425,15 @@ impl Instances {
 
     /// A sandbox for the next call, armed with fresh limits: a spare or an
     /// idle instance if there is one, else a new store (the caller
-    /// instantiates) in a slot of its own.
+    /// instantiates) in a slot of its own. The call's deadline runs from
+    /// now, so time spent waiting for a slot is part of it.
     ///
     /// # Errors
     ///
     /// [`PluginError::Timeout`] when every slot stays in a call for
     /// longer than the plugin's deadline.
     pub(super) async fn sandbox(self: &Arc<Self>) -> Result<Sandbox, PluginError> {
+        let deadline = Instant::now() + self.settings.limits.deadline;
         let capacity = self.capacity();
         self.last_call
             .store(capacity.now_ms() + 1, Ordering::Relaxed);
@@ -441,18 +446,14 @@ impl Instances {
             }) => {
                 // No longer kept: its place is free for the replacement.
                 drop(quota);
-                self.arm(&mut sandbox.store);
+                self.arm(&mut sandbox, deadline);
                 sandbox
             }
             None => {
                 let slot = capacity
                     .slot_for_call(self.weight, self.settings.limits.deadline, &self.name)
                     .await?;
-                Sandbox {
-                    store: self.new_store(),
-                    instance: None,
-                    _slot: slot,
-                }
+                self.new_sandbox(slot, deadline)
             }
         };
         // After the call has its slot: a spare made first could take it.
@@ -467,15 +468,12 @@ impl Instances {
     ///
     /// As [`Instances::sandbox`].
     pub(super) async fn fresh_sandbox(&self) -> Result<Sandbox, PluginError> {
+        let deadline = Instant::now() + self.settings.limits.deadline;
         let slot = self
             .capacity()
             .slot_for_call(self.weight, self.settings.limits.deadline, &self.name)
             .await?;
-        Ok(Sandbox {
-            store: self.new_store(),
-            instance: None,
-            _slot: slot,
-        })
+        Ok(self.new_sandbox(slot, deadline))
     }
 
     /// Takes back a sandbox after its call. With `reuse_instances`, one
@@ -585,16 +583,13 @@ impl Instances {
     /// Instantiates into a new store in `slot`, under the plugin's limits.
     async fn make(&self, slot: Slot) -> wasmtime::Result<Sandbox> {
         observe::instance_made(&self.name, observe::Made::Spare);
-        let mut store = self.new_store();
-        let store_ref = &mut store;
+        let mut sandbox = self.new_sandbox(slot, Instant::now() + self.settings.limits.deadline);
+        let deadline = sandbox.deadline;
         let instance = self
-            .with_deadline(self.pre.instantiate_async(store_ref))
+            .with_deadline(deadline, self.pre.instantiate_async(&mut sandbox.store))
             .await?;
-        Ok(Sandbox {
-            store,
-            instance: Some(instance),
-            _slot: slot,
-        })
+        sandbox.instance = Some(instance);
+        Ok(sandbox)
     }
 
     /// The component, to instantiate in a store of this plugin.
@@ -602,8 +597,9 @@ impl Instances {
         &self.pre
     }
 
-    /// A new store with nothing granted, armed with the plugin's limits.
-    fn new_store(&self) -> Store<CallState> {
+    /// A new store with nothing granted in `slot`, armed with the plugin's
+    /// limits for a call that must end by `deadline`.
+    fn new_sandbox(&self, slot: Slot, deadline: Instant) -> Sandbox {
         let mut store = Store::new(
             &self.runtime.inner.engine,
             CallState::new(
@@ -614,18 +610,27 @@ impl Instances {
             ),
         );
         store.limiter(|s| &mut s.limiter);
-        self.arm(&mut store);
-        store
+        let mut sandbox = Sandbox {
+            store,
+            instance: None,
+            deadline,
+            _slot: slot,
+        };
+        self.arm(&mut sandbox, deadline);
+        sandbox
     }
 
-    /// Refills fuel and sets the deadline for the next call in `store`.
-    pub(super) fn arm(&self, store: &mut Store<CallState>) {
+    /// Refills fuel, sets the deadline (`deadline`) and forgets any memory
+    /// refused before, for the next call in `sandbox`.
+    pub(super) fn arm(&self, sandbox: &mut Sandbox, deadline: Instant) {
+        sandbox.deadline = deadline;
+        let store = &mut sandbox.store;
+        store.data_mut().limiter.refused = None;
         // Fuel is enabled on the engine, so setting it cannot fail.
         let _ = store.set_fuel(self.settings.limits.fuel);
         // Never fails on an async engine.
         let _ = store.fuel_async_yield_interval(Some(super::YIELD_EVERY_FUEL));
         let limit = self.settings.limits.deadline;
-        let deadline = Instant::now() + limit;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
@@ -643,16 +648,18 @@ impl Instances {
         });
     }
 
-    /// Runs `fut` under the plugin's deadline. The epoch callback stops
-    /// running guest code; this timeout also stops a guest blocked in a
-    /// WASI call (a sleep, a poll), where no guest code runs. Either way
-    /// the error is a [`DeadlinePassed`].
+    /// Runs `fut` until `deadline`, the one its store was armed with. The
+    /// epoch callback stops running guest code; this timeout also stops a
+    /// guest blocked in a WASI call (a sleep, a poll), where no guest code
+    /// runs. Either way the error is a [`DeadlinePassed`].
     pub(super) async fn with_deadline<T>(
         &self,
+        deadline: Instant,
         fut: impl Future<Output = wasmtime::Result<T>>,
     ) -> wasmtime::Result<T> {
         let limit = self.settings.limits.deadline;
-        match tokio::time::timeout(limit + EPOCH_TICK * 2, fut).await {
+        let until = tokio::time::Instant::from_std(deadline) + EPOCH_TICK * 2;
+        match tokio::time::timeout_at(until, fut).await {
             Ok(outcome) => outcome,
             Err(_) => Err(wasmtime::Error::new(DeadlinePassed {
                 limit,

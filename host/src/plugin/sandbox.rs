@@ -3,8 +3,9 @@
 //! A [`CallState`] lives in a fresh wasmtime store for exactly one call (or
 //! one reused instance). WASI is built with no preopened directories, no
 //! environment, no arguments, no network and an empty stdin; stdout and
-//! stderr are captured. The limiter enforces the plugin's memory cap and
-//! remembers that it refused, so a guest that aborts after a failed
+//! stderr are captured. The limiter enforces the plugin's memory cap, on
+//! all of the store's linear memories together, and remembers that it
+//! refused, so a guest that aborts after a failed
 //! allocation is reported as `MemoryLimit`, not as a plain trap.
 //!
 //! Callers choose what a guest prints and logs, and the host's log is
@@ -90,10 +91,7 @@ impl CallState {
         CallState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                cap: memory_bytes,
-                refused: None,
-            },
+            limiter: MemoryLimiter::new(memory_bytes),
             plugin,
             stdout,
             stderr,
@@ -199,11 +197,29 @@ impl Host for CallState {
     }
 }
 
-/// Caps linear memory and remembers the growth it refused.
+/// Caps the linear memories of a store, all of them together (a
+/// component may have one per core module), and remembers the growth it
+/// refused.
 pub(crate) struct MemoryLimiter {
     cap: usize,
-    /// The first growth it refused.
+    /// Bytes of every memory of the store so far: each one's growth is
+    /// counted from 0 as it is made.
+    total: usize,
+    /// The growth last allowed, taken back if it then failed.
+    pending: usize,
+    /// The first growth it refused (since the store was last armed).
     pub(crate) refused: Option<MemoryRefused>,
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(cap: usize) -> MemoryLimiter {
+        MemoryLimiter {
+            cap,
+            total: 0,
+            pending: 0,
+            refused: None,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -213,12 +229,27 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.cap {
-            self.refused
-                .get_or_insert(MemoryRefused { current, desired });
+        let grows = desired.saturating_sub(current);
+        let total = self.total.saturating_add(grows);
+        if total > self.cap {
+            // Reported as that memory's sizes plus the others', so the
+            // message speaks of the store's memory as a whole.
+            let others = self.total.saturating_sub(current);
+            self.refused.get_or_insert(MemoryRefused {
+                current: others.saturating_add(current),
+                desired: others.saturating_add(desired),
+            });
             return Ok(false);
         }
+        self.total = total;
+        self.pending = grows;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.total = self.total.saturating_sub(std::mem::take(&mut self.pending));
+        tracing::debug!(target: "callme::plugin", error = %error, "memory growth failed");
+        Ok(())
     }
 
     fn table_growing(
