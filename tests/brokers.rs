@@ -7,7 +7,8 @@ use std::time::Duration;
 use callme::protocol::{Args, server_queue};
 use callme::{Error, ErrorKind, NativeFunctions, QueueType, ServerOptions};
 use callme_tests::{
-    Forwarder, amqp_url, broker_ctl, eventually, free_port, native_add, pos, proxy, server, unique,
+    Forwarder, amqp_url, amqp_url_as, broker_ctl, connection_pid, dedicated_user, eventually,
+    free_port, native_add, pos, proxy, server, unique,
 };
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -108,9 +109,18 @@ async fn refused_within(p: &callme::Proxy, id: &str, limit: Duration) -> bool {
 
 #[tokio::test]
 async fn the_last_host_to_stop_takes_its_queue_along() {
+    last_host_takes_the_queue(ServerOptions::default()).await;
+}
+
+#[tokio::test]
+async fn the_last_host_to_stop_takes_its_quorum_queue_along() {
+    last_host_takes_the_queue(quorum()).await;
+}
+
+async fn last_host_takes_the_queue(options: ServerOptions) {
     let id = unique("last");
-    let first = server(ServerOptions::default()).await;
-    let second = server(ServerOptions::default()).await;
+    let first = server(options.clone()).await;
+    let second = server(options).await;
     first.serve_native(&id, native_add()).await.unwrap();
     second.serve_native(&id, native_add()).await.unwrap();
     let p = proxy(Duration::from_secs(5)).await;
@@ -126,6 +136,43 @@ async fn the_last_host_to_stop_takes_its_queue_along() {
     assert!(
         refused_within(&p, &id, Duration::from_secs(10)).await,
         "the queue of {id} outlived its last host"
+    );
+}
+
+/// Stopping a quorum id deletes its queue as it does a classic one's, and
+/// costs the host's other ids nothing: RabbitMQ refuses `queue.delete`
+/// with `if-unused` or `if-empty` on a quorum queue with a connection
+/// error (540, `not_implemented`; `rabbit_quorum_queue:delete`, 3.8 to
+/// 4.x), which would take every id of the host down with it.
+#[tokio::test]
+async fn stopping_a_quorum_id_deletes_its_queue_and_keeps_the_hosts_connection() {
+    let (user, password) = dedicated_user("qstop");
+    let host = callme::Server::connect(
+        &callme::ConnectOptions::new(amqp_url_as(&user, &password)),
+        quorum(),
+    )
+    .await
+    .unwrap();
+    let (gone, kept) = (unique("qgone"), unique("qkept"));
+    host.serve_native(&gone, native_add()).await.unwrap();
+    host.serve_native(&kept, native_add()).await.unwrap();
+    let before = connection_pid(&user, "callme server").expect("the host's connection");
+    let p = proxy(Duration::from_secs(5)).await;
+
+    assert!(host.stop_serving(&gone).await.unwrap());
+    assert!(
+        refused_within(&p, &gone, Duration::from_secs(10)).await,
+        "the quorum queue of {gone} outlived its last host"
+    );
+    for i in 0..20i64 {
+        let sum: i64 = p.use_server(&kept).invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(sum, i + 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        connection_pid(&user, "callme server").as_deref(),
+        Some(before.as_str()),
+        "stopping one id cost the host its connection"
     );
 }
 

@@ -180,6 +180,31 @@ pub fn runtime() -> Runtime {
     .clone()
 }
 
+/// A broker user of its own, so the broker's connection and channel
+/// counts of that user are this test's alone.
+pub fn dedicated_user(prefix: &str) -> (String, String) {
+    let user = unique(prefix);
+    let password = format!("{user}-pw");
+    broker_ctl(&["add_user", &user, &password]);
+    broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    (user, password)
+}
+
+/// The pid of `user`'s connection named `name` (`callme server`).
+pub fn connection_pid(user: &str, name: &str) -> Option<String> {
+    let out = broker_ctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "user",
+        "pid",
+        "client_properties",
+    ]);
+    out.lines()
+        .filter(|l| l.starts_with(&format!("{user}\t")) && l.contains(name))
+        .find_map(|l| l.split('\t').nth(1).map(str::to_string))
+}
+
 /// Loads a built plugin under `name` with `limits`.
 pub fn load(plugin: &str, name: &str, limits: PluginSettings) -> Plugin {
     Plugin::load(&runtime(), name, &plugin_bytes(plugin), limits).expect("plugin loads")

@@ -9,8 +9,8 @@ use callme::{
     ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
 };
 use callme_tests::{
-    RawClient, amqp_url, amqp_url_as, broker_ctl, declare_reply_exchange, dedicated_vhost, load,
-    pos, proxy, raw_channel, server, slow_calls, unique,
+    RawClient, amqp_url, amqp_url_as, broker_ctl, connection_pid, declare_reply_exchange,
+    dedicated_user, dedicated_vhost, load, pos, proxy, raw_channel, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{
@@ -34,16 +34,6 @@ fn slow_add(ms: u64) -> NativeFunctions {
         }
     });
     f
-}
-
-/// A broker user of its own, so the broker's connection and channel
-/// counts of that user are this test's alone.
-fn dedicated_user(prefix: &str) -> (String, String) {
-    let user = unique(prefix);
-    let password = format!("{user}-pw");
-    broker_ctl(&["add_user", &user, &password]);
-    broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    (user, password)
 }
 
 /// `(connections, channels)` the broker counts for `user`.
@@ -479,21 +469,6 @@ async fn replies_under_load_are_pipelined_to_callers_that_name_their_queue() {
     assert_eq!(sums, (1..=64).collect::<Vec<i64>>());
     let piped = count(&other).await;
     assert!(piped >= 32.0, "{piped} of 64 proxy calls pipelined");
-}
-
-/// The pid of `user`'s connection named `name` (`callme server`).
-fn connection_pid(user: &str, name: &str) -> Option<String> {
-    let out = broker_ctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "user",
-        "pid",
-        "client_properties",
-    ]);
-    out.lines()
-        .filter(|l| l.starts_with(&format!("{user}\t")) && l.contains(name))
-        .find_map(|l| l.split('\t').nth(1).map(str::to_string))
 }
 
 /// An operator who takes the default exchange away from a busy host's

@@ -161,28 +161,78 @@ pub(crate) async fn declare_server(
 
 /// Deletes a server id's queue if nobody consumes from it and nothing is
 /// waiting in it, on a channel of its own (a refusal closes the channel
-/// it came on). Whether it was deleted.
+/// it came on). Whether it is gone.
+///
+/// A classic queue is deleted with `if-unused` and `if-empty`, so the
+/// broker checks both at the moment it deletes. RabbitMQ refuses those
+/// flags on a quorum queue, and not politely: `rabbit_quorum_queue:delete`
+/// answers them with `not_implemented`, a connection error (540) that
+/// would close every channel of the host's connection (3.8 to 4.x). So a
+/// quorum queue is looked at first (a passive declare: its consumers and
+/// ready messages) and deleted without flags when both are 0. A request
+/// published in the moment between is lost with the queue (its caller
+/// times out), and a host that began consuming in that moment has its
+/// consumer cancelled and declares the queue again.
 #[cfg(feature = "server")]
-pub(crate) async fn delete_server_queue_if_idle(conn: &Connection, id: &str) -> bool {
+pub(crate) async fn delete_server_queue_if_idle(
+    conn: &Connection,
+    id: &str,
+    shape: ServerQueue,
+) -> bool {
     use lapin::options::QueueDeleteOptions;
+    let queue = crate::protocol::server_queue(id);
     let delete = async {
         let channel = conn.create_channel().await?;
-        let deleted = channel
-            .queue_delete(
-                crate::protocol::server_queue(id).as_str().into(),
-                QueueDeleteOptions {
-                    if_unused: true,
-                    if_empty: true,
-                    ..QueueDeleteOptions::default()
-                },
-            )
-            .await;
+        let flags = if shape.quorum {
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(q) if q.consumer_count() == 0 && q.message_count() == 0 => {}
+                Ok(_) => {
+                    close_soon(channel);
+                    return Ok(false);
+                }
+                // Not there: nothing to delete.
+                Err(e) if is_not_found(&e) => return Ok(true),
+                Err(e) => return Err(e),
+            }
+            QueueDeleteOptions::default()
+        } else {
+            QueueDeleteOptions {
+                if_unused: true,
+                if_empty: true,
+                ..QueueDeleteOptions::default()
+            }
+        };
+        let deleted = channel.queue_delete(queue.as_str().into(), flags).await;
         if deleted.is_ok() {
             close_soon(channel);
         }
-        deleted
+        deleted.map(|_| true)
     };
-    matches!(tokio::time::timeout(CLOSE_TIMEOUT, delete).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(CLOSE_TIMEOUT, delete).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Whether the broker answered `NOT_FOUND` (404).
+#[cfg(feature = "server")]
+fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 /// Declares a proxy's reply exchange and queue and binds them: both go

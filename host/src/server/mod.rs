@@ -370,10 +370,12 @@ impl Server {
         let Some(served) = self.stop(server_id).await? else {
             return Ok(false);
         };
+        let shape = self.inner.options.queue_shape(&served.service);
         tokio::spawn(retire(
             Arc::downgrade(&self.inner),
             server_id.to_string(),
             served.share,
+            shape,
         ));
         Ok(true)
     }
@@ -398,7 +400,10 @@ impl Server {
         let mut stopped = Vec::new();
         for id in self.inner.registry.ids() {
             match self.stop(&id).await {
-                Ok(_) => stopped.push(id),
+                Ok(Some(served)) => {
+                    stopped.push((id, self.inner.options.queue_shape(&served.service)));
+                }
+                Ok(None) => {}
                 Err(e) => {
                     warn!(target: "callme::server", server_id = %id, error = %e, "cancel failed")
                 }
@@ -412,8 +417,8 @@ impl Server {
             }
         }
         if let Some(conn) = self.inner.link.current() {
-            for id in &stopped {
-                topology::delete_server_queue_if_idle(&conn, id).await;
+            for (id, shape) in &stopped {
+                topology::delete_server_queue_if_idle(&conn, id, *shape).await;
             }
         }
         self.inner.link.close().await;
@@ -498,7 +503,7 @@ const RETIRE_FOR: Duration = Duration::from_secs(30);
 /// queue if it is idle, retrying while requests wait in it; gives up when
 /// the id is served here again, the server is gone, or [`RETIRE_FOR`]
 /// has passed (the queue then expires by itself).
-async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share) {
+async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share, shape: ServerQueue) {
     let calls = share.concurrency() as u32;
     let _ = tokio::time::timeout(RETIRE_FOR, share.slots().acquire_many(calls)).await;
     let until = tokio::time::Instant::now() + RETIRE_FOR;
@@ -513,7 +518,7 @@ async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share) {
             inner.link.current()
         };
         if let Some(conn) = conn
-            && topology::delete_server_queue_if_idle(&conn, &id).await
+            && topology::delete_server_queue_if_idle(&conn, &id, shape).await
         {
             debug!(target: "callme::server", server_id = %id, "queue deleted");
             return;
