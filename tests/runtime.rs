@@ -780,3 +780,33 @@ async fn waiting_for_a_slot_counts_against_the_deadline() {
         "{late:?}"
     );
 }
+
+/// Host memory a guest can make the host hold outside its linear memory
+/// is bounded too: `wasi:http` is linked for every plugin, and a request
+/// never sent keeps what its body was given. A plugin granted nothing can
+/// make requests and write their bodies (only sending is refused); the
+/// host takes so little per body, and so few handles per call, that half
+/// a GiB is out of reach.
+#[tokio::test]
+async fn a_guest_cannot_make_the_host_hold_memory_through_unsent_http_bodies() {
+    let p = load("hostile", "hostile", PluginSettings::default());
+    match p.call("hoard", &pos(json!([512]))).await {
+        Ok(written) => {
+            let written = written.as_u64().expect("bytes written");
+            assert!(
+                written < 64 << 20,
+                "the host took {written} bytes of unsent request bodies"
+            );
+        }
+        Err(PluginError::GuestError { message, .. }) => {
+            eprintln!("hoard stopped: {message}");
+        }
+        Err(PluginError::Trap { message }) => {
+            eprintln!("hoard stopped: {message}");
+            assert!(message.contains("resource"), "{message}");
+        }
+        Err(other) => panic!("hoard: {other:?}"),
+    }
+    // And the next call is served as ever.
+    assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
+}

@@ -39,6 +39,13 @@ use host_bindings::callme::plugin::host::{Host, Level};
 /// a guest that grows one without end.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// Handles one store may hold in the host's resource table (WASI
+/// streams, pollables, `wasi:http` requests, bodies and headers, ...):
+/// far more than any guest keeps at once (a request in flight takes about
+/// ten), and few enough that what the host holds behind them stays
+/// bounded (see `caps::http`). wasmtime's own default is 1,000,000.
+pub(crate) const MAX_HOST_HANDLES: usize = 4096;
+
 /// `host.log` records one call may write: enough for a guest's account of
 /// what it did, too few to flood the log.
 const MAX_GUEST_LOG_RECORDS: usize = 16;
@@ -90,7 +97,11 @@ impl CallState {
             .build();
         CallState {
             wasi,
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_HOST_HANDLES);
+                table
+            },
             limiter: MemoryLimiter::new(memory_bytes),
             plugin,
             stdout,

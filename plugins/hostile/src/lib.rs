@@ -96,6 +96,42 @@ impl Guest for Hostile {
         }
         Self::print(text);
     }
+
+    fn hoard(mib: u32) -> Result<u64, String> {
+        use wasip2::http::types::{Fields, OutgoingRequest};
+        let goal = u64::from(mib) * MIB as u64;
+        let chunk = vec![7u8; MIB];
+        let mut written = 0u64;
+        // Kept, never sent: each holds what was written into its body.
+        let mut kept = Vec::new();
+        while written < goal {
+            let request = OutgoingRequest::new(Fields::new());
+            let body = request
+                .body()
+                .map_err(|()| format!("no body after {written} bytes"))?;
+            let stream = body
+                .write()
+                .map_err(|()| format!("no body stream after {written} bytes"))?;
+            loop {
+                let permit = stream
+                    .check_write()
+                    .map_err(|e| format!("{e:?} after {written} bytes"))?;
+                if permit == 0 || written >= goal {
+                    break;
+                }
+                let n = (permit as usize).min(chunk.len());
+                stream
+                    .write(&chunk[..n])
+                    .map_err(|e| format!("{e:?} after {written} bytes"))?;
+                written += n as u64;
+            }
+            // Children first when dropped: the stream, its body, the request.
+            kept.push((stream, body, request));
+        }
+        black_box(&kept);
+        drop(kept);
+        Ok(written)
+    }
 }
 
 /// A checksum of an `N`-byte array that lives on the stack: `black_box`

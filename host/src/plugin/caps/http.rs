@@ -201,12 +201,37 @@ impl HttpGrant {
     }
 }
 
+/// What the host holds for a request's headers (one `fields`), and how
+/// much of a request's body it takes per write, while a request is being
+/// made: small, because a guest may make many requests it never sends
+/// (only sending is checked), each holding that much of the host's memory
+/// outside the guest's linear memory. With the store's handle limit
+/// (`sandbox::MAX_HOST_HANDLES`, 4,096) that bounds what one call can
+/// make the host hold: about 8 MiB for a plugin granted nothing, 64 MiB
+/// for one granted HTTP.
+const FIELDS_BYTES_GRANTED: usize = 16 << 10;
+const FIELDS_BYTES_NOT_GRANTED: usize = 1 << 10;
+const BODY_CHUNK_GRANTED: usize = 16 << 10;
+const BODY_CHUNK_NOT_GRANTED: usize = 1 << 10;
+
 /// The `wasi:http` part of a store: the crate's context and the hooks that
 /// check and limit every request.
-#[derive(Default)]
 pub(crate) struct HttpState {
     ctx: WasiHttpCtx,
     hooks: HttpHooks,
+}
+
+impl Default for HttpState {
+    /// As for a plugin granted nothing, which is what a store is until a
+    /// call begins (a spare's start-up code runs before).
+    fn default() -> Self {
+        let mut ctx = WasiHttpCtx::new();
+        ctx.set_field_size_limit(FIELDS_BYTES_NOT_GRANTED);
+        HttpState {
+            ctx,
+            hooks: HttpHooks::default(),
+        }
+    }
 }
 
 impl HttpState {
@@ -215,6 +240,11 @@ impl HttpState {
     pub(super) fn begin(&mut self, grant: &HttpGrant) {
         self.hooks.grant = grant.is_granted().then(|| grant.clone());
         self.hooks.sent = 0;
+        self.ctx.set_field_size_limit(if grant.is_granted() {
+            FIELDS_BYTES_GRANTED
+        } else {
+            FIELDS_BYTES_NOT_GRANTED
+        });
     }
 }
 
@@ -294,6 +324,19 @@ impl WasiHttpHooks for HttpHooks {
             });
             result
         })
+    }
+
+    // One chunk waits for the connection while the guest writes the next.
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        if self.grant.is_some() {
+            BODY_CHUNK_GRANTED
+        } else {
+            BODY_CHUNK_NOT_GRANTED
+        }
     }
 
     // The crate logs these as warnings; they are what a guest's server
