@@ -495,6 +495,9 @@ enum Answer {
     Never,
     /// Sends the headers and the start of the body, then nothing more.
     Stalls,
+    /// Reads the request, never answers, and reads on until the client
+    /// closes the connection (counted in [`HttpServer::open`]).
+    Hold,
 }
 
 /// The body [`Answer::Body`] sends.
@@ -507,6 +510,8 @@ fn answer_body(extra: usize) -> String {
 struct HttpServer {
     port: u16,
     accepted: Arc<AtomicUsize>,
+    /// Connections the client has not closed ([`Answer::Hold`] only).
+    open: Arc<AtomicUsize>,
 }
 
 impl HttpServer {
@@ -517,13 +522,16 @@ impl HttpServer {
             .expect("bind the test HTTP server");
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
+        let still_open = open.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     return;
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
+                let still_open = still_open.clone();
                 tokio::spawn(async move {
                     let mut request = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -555,13 +563,29 @@ impl HttpServer {
                             std::future::pending::<()>().await;
                             return;
                         }
+                        Answer::Hold => {
+                            still_open.fetch_add(1, Ordering::SeqCst);
+                            while let Ok(n) = stream.read(&mut buf).await
+                                && n > 0
+                            {}
+                            still_open.fetch_sub(1, Ordering::SeqCst);
+                            return;
+                        }
                     };
                     let _ = stream.write_all(reply.as_bytes()).await;
                     let _ = stream.shutdown().await;
                 });
             }
         });
-        HttpServer { port, accepted }
+        HttpServer {
+            port,
+            accepted,
+            open,
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     fn url(&self, path: &str) -> String {
@@ -592,6 +616,41 @@ async fn fetch(p: &callme::Plugin, url: &str) -> Result<String, String> {
         Ok(Value::String(body)) => Ok(body),
         Err(callme::PluginError::GuestError { message, .. }) => Err(message),
         other => panic!("expected a body or a GuestError, got {other:?}"),
+    }
+}
+
+/// A request a guest sends and keeps ends with the call that sent it,
+/// even where the instance is kept for the next call (`reuse_instances`):
+/// calls that each leave requests behind could otherwise pile up
+/// connections past the per-call limit and the deadline.
+#[tokio::test]
+async fn http_requests_a_kept_instance_holds_end_with_their_call() {
+    let web = HttpServer::start(Answer::Hold).await;
+    let mut settings = granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(60));
+    settings.reuse_instances = true;
+    let p = load("hostile", &unique("cap-fire"), settings);
+    for round in 1..=3u64 {
+        let sent = p
+            .call("fire", &pos(json!([web.authority(), 4])))
+            .await
+            .unwrap();
+        assert_eq!(sent, json!(4));
+        assert_eq!(web.accepted(), 4 * round as usize, "round {round}");
+        // The instance was kept: its state says so.
+        assert_eq!(
+            p.call("counter", &Args::default()).await.unwrap(),
+            json!(round)
+        );
+        let closed = eventually(Duration::from_secs(5), || async {
+            (web.open() == 0).then_some(())
+        })
+        .await;
+        assert!(
+            closed.is_some(),
+            "round {round}: {} connections of ended calls still open ({} accepted)",
+            web.open(),
+            web.accepted()
+        );
     }
 }
 

@@ -14,6 +14,12 @@ const MIB: usize = 1 << 20;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+thread_local! {
+    /// Requests `fire` sent, kept for as long as the instance lives.
+    static FIRED: std::cell::RefCell<Vec<wasip2::http::types::FutureIncomingResponse>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 struct Hostile;
 
 impl Guest for Hostile {
@@ -95,6 +101,25 @@ impl Guest for Hostile {
             text.push('\n');
         }
         Self::print(text);
+    }
+
+    fn fire(authority: String, n: u32) -> Result<u32, String> {
+        use wasip2::http::outgoing_handler;
+        use wasip2::http::types::{Fields, OutgoingRequest, Scheme};
+        for i in 0..n {
+            let request = OutgoingRequest::new(Fields::new());
+            request
+                .set_scheme(Some(&Scheme::Http))
+                .and_then(|()| request.set_authority(Some(&authority)))
+                .and_then(|()| request.set_path_with_query(Some("/")))
+                .map_err(|()| format!("invalid authority {authority}"))?;
+            let pending = outgoing_handler::handle(request, None)
+                .map_err(|e| format!("request {i}: {e:?}"))?;
+            FIRED.with(|fired| fired.borrow_mut().push(pending));
+        }
+        // Time for the host to connect and send them.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(n)
     }
 
     fn hoard(mib: u32) -> Result<u64, String> {

@@ -23,7 +23,8 @@
 //! with the first request allowed), whatever runtime the call runs on:
 //! the server's plugin executor has no I/O driver, and guests' sockets
 //! stay apart from the broker's. Dropping a request (the guest drops it,
-//! or its call ends) stops it there too.
+//! or its call ends) stops it there too, and so does the end of its call
+//! when the guest keeps it (an instance kept for the next call).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -256,8 +257,20 @@ struct HttpHooks {
     grant: Option<HttpGrant>,
     /// Requests the call being served has sent.
     sent: u32,
+    /// Their tasks, stopped when the call ends (these hooks are dropped
+    /// then), even where the guest keeps their futures: an instance kept
+    /// for the next call (`reuse_instances`) keeps its resource table.
+    running: Vec<tokio::task::AbortHandle>,
     /// For the log.
     plugin: Option<Arc<str>>,
+}
+
+impl Drop for HttpHooks {
+    fn drop(&mut self) {
+        for task in self.running.drain(..) {
+            task.abort();
+        }
+    }
 }
 
 impl HttpHooks {
@@ -302,8 +315,12 @@ impl WasiHttpHooks for HttpHooks {
         self.sent += 1;
         let (cap, timeout) = (grant.max_response_bytes, grant.timeout);
         tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request");
-        let sent =
-            io_runtime().map(|io| run_on(io, send(io.clone(), request, options, cap, timeout)));
+        let sent = io_runtime().map(|io| {
+            let (task, sent) = run_on(io, send(io.clone(), request, options, cap, timeout));
+            self.running.retain(|t| !t.is_finished());
+            self.running.push(task);
+            sent
+        });
         let counted = Counted {
             plugin,
             entry,
@@ -407,11 +424,15 @@ fn io_runtime() -> Result<&'static tokio::runtime::Handle, HttpError> {
         })
 }
 
-/// Runs `future` on `io`; dropping what this returns stops it.
+/// Runs `future` on `io`: its task, and its outcome; dropping the
+/// outcome's future stops the task, and so does aborting it.
 fn run_on<T: Send + 'static>(
     io: &tokio::runtime::Handle,
     future: impl Future<Output = T> + Send + 'static,
-) -> impl Future<Output = Result<T, HttpError>> + Send + 'static {
+) -> (
+    tokio::task::AbortHandle,
+    impl Future<Output = Result<T, HttpError>> + Send + 'static,
+) {
     /// Aborts the task when the request is dropped.
     struct Abort(tokio::task::AbortHandle);
     impl Drop for Abort {
@@ -420,12 +441,14 @@ fn run_on<T: Send + 'static>(
         }
     }
     let task = io.spawn(future);
+    let handle = task.abort_handle();
     let abort = Abort(task.abort_handle());
-    async move {
+    let outcome = async move {
         let _abort = abort;
         task.await
             .map_err(|e| HttpError::InternalError(Some(format!("the request's task failed: {e}"))))
-    }
+    };
+    (handle, outcome)
 }
 
 /// Sends an allowed request on `io`: at most `timeout` until the last
@@ -465,7 +488,7 @@ async fn send(
     // The connection ends with the time limit too, whether or not the
     // guest reads the body; a moment after it, so that a body still
     // coming fails with the timeout, not with a connection closed.
-    let connection = run_on(&io, async move {
+    let (_, connection) = run_on(&io, async move {
         tokio::time::timeout_at(deadline + CONNECTION_GRACE, connection)
             .await
             .unwrap_or(Ok(()))
