@@ -696,3 +696,49 @@ async fn the_reply_connection_is_opened_only_when_asked_and_closes_with_the_host
     );
     off.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A reply the broker refuses for its size (over `max_message_size`,
+/// 16 MiB on the test node as on RabbitMQ 4.x) reaches its caller as a
+/// typed error, once, instead of no reply (the request run again, then
+/// dropped); and a request too large is refused to its caller by name.
+#[tokio::test]
+async fn a_reply_too_large_for_the_broker_reaches_its_caller_as_an_error() {
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("toolarge");
+    let settings = PluginSettings {
+        limits: callme::Limits {
+            memory_bytes: 256 << 20,
+            result_bytes: 64 << 20,
+            ..callme::Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    srv.serve_plugin(load("hostile", &id, settings))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(20)).await;
+    let e = p
+        .use_server(&id)
+        .call("huge", pos(json!([20])))
+        .await
+        .unwrap_err();
+    match e {
+        Error::Remote(r) => {
+            assert_eq!(r.kind, ErrorKind::MemoryLimit, "{r:?}");
+            assert!(r.message.contains("maximum message size"), "{r:?}");
+        }
+        other => panic!("expected a MemoryLimit reply, got {other:?}"),
+    }
+    // It ran once, and the host serves on.
+    let small: String = p.use_server(&id).invoke("huge", (1,)).await.unwrap();
+    assert_eq!(small.len(), 1 << 20);
+    assert_eq!(srv.answered(), 2);
+
+    let big = "x".repeat(17 << 20);
+    let e = p
+        .use_server(&id)
+        .call("print", pos(json!([big])))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+}

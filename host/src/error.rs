@@ -205,6 +205,15 @@ pub enum Error {
         /// The server id called.
         server: String,
     },
+    /// The broker refused a request for its size (over its
+    /// `max_message_size`: 16 MiB by default in RabbitMQ 4.x).
+    #[error("the broker refused the request for `{server}` for its size: {reason}")]
+    TooLarge {
+        /// The server id called.
+        server: String,
+        /// What the broker said.
+        reason: String,
+    },
     /// A setting is invalid (an AMQP URI, a TLS file, a server id, a
     /// concurrency out of range).
     #[error("configuration: {0}")]
@@ -258,6 +267,7 @@ impl Error {
             Error::Config(_) => "Config",
             Error::Plugin(e) => e.type_name(),
             Error::Rejected { .. }
+            | Error::TooLarge { .. }
             | Error::Runtime { .. }
             | Error::Watch { .. }
             | Error::WatcherStopped

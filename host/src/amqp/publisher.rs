@@ -30,12 +30,16 @@ use crate::Error;
 const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What became of a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Published {
     /// The broker took it.
     Confirmed,
     /// `mandatory` was set and no queue was bound to take it.
     Returned,
+    /// The broker refused it for its size (over its `max_message_size`:
+    /// 16 MiB by default in RabbitMQ 4.x, 128 MiB in 3.x), closing the
+    /// lane; the message says so.
+    TooLarge(String),
     /// The exchange does not exist (the broker closed the lane with 404).
     NoExchange,
     /// The broker refused it (a negative confirm).
@@ -119,6 +123,7 @@ impl Publisher {
             }),
             // The lane is closed by the broker; dropping it lets it go.
             Err(e) if is_not_found(&e) => Ok(Published::NoExchange),
+            Err(e) if let Some(message) = too_large(&e) => Ok(Published::TooLarge(message)),
             Err(e) => Err(classify_lapin(e)),
         }
     }
@@ -156,6 +161,23 @@ async fn open(conn: &Connection) -> Result<Channel, Error> {
         .await
         .map_err(classify_lapin)?;
     Ok(channel)
+}
+
+/// The broker's message when it refused a publish for its size: a
+/// channel error `406 PRECONDITION_FAILED - message size N is larger than
+/// configured max size M` (RabbitMQ 3.8 to 4.x, `rabbit_channel`).
+fn too_large(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) && amqp.get_message().as_str().contains("max size") =>
+        {
+            Some(amqp.get_message().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Whether the broker refused a publish because its exchange does not

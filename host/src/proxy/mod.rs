@@ -488,6 +488,10 @@ impl Proxy {
             Published::Nacked => Err(Error::Rejected {
                 server: server.to_string(),
             }),
+            Published::TooLarge(reason) => Err(Error::TooLarge {
+                server: server.to_string(),
+                reason,
+            }),
         }
     }
 }

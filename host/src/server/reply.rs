@@ -21,7 +21,7 @@ use crate::amqp::link;
 use crate::amqp::pipeline::{Piped, Pipeline};
 use crate::amqp::publisher::{Published, Publisher};
 use crate::observe::ReplyLost;
-use crate::protocol::CONTENT_TYPE;
+use crate::protocol::{CONTENT_TYPE, ErrorKind, RemoteError, Response};
 use crate::{Error, TraceContext};
 
 /// Attempts at publishing one reply when its lane or the connection fails
@@ -86,7 +86,10 @@ impl Replier {
             return Sent::Delivered { pipelined: true };
         }
         let mut last = None;
+        // An error reply sent in place of one too large for the broker.
+        let mut replacement: Option<Vec<u8>> = None;
         for _ in 0..ATTEMPTS {
+            let body = replacement.as_deref().unwrap_or(body);
             let conn = match &*self.link.borrow() {
                 link::State::Up(conn) => conn.clone(),
                 link::State::Down | link::State::Closed => break,
@@ -107,6 +110,26 @@ impl Replier {
                 }
                 Ok(Published::NoExchange) => {
                     return Sent::Undeliverable(ReplyLost::CallerGone);
+                }
+                // Too large for the broker: the caller gets a small
+                // error reply in its place, typed as a result over its
+                // cap is, rather than no reply (the request run again,
+                // then dropped).
+                Ok(Published::TooLarge(refusal)) if replacement.is_none() => {
+                    let error = RemoteError::new(
+                        ErrorKind::MemoryLimit,
+                        format!(
+                            "the reply of {} bytes is over the broker's maximum message size ({})",
+                            body.len(),
+                            refusal.escape_debug()
+                        ),
+                    );
+                    replacement = Some(Response::from(Err(error)).encode());
+                }
+                Ok(Published::TooLarge(refusal)) => {
+                    last = Some(Error::Disconnected(format!(
+                        "the broker refused the reply: {refusal}"
+                    )));
                 }
                 Ok(Published::Nacked) => {
                     last = Some(Error::Disconnected(
