@@ -477,3 +477,54 @@ async fn a_sidecar_picks_the_queue_type_and_it_cannot_change_while_served() {
     .await;
     assert!(named.is_some(), "{}", host.log_text());
 }
+
+/// An id stopped and served again at once is served: the stopped id's
+/// queue deletion, which waits for its calls, never deletes the queue the
+/// new serving has just declared.
+#[tokio::test]
+async fn an_id_stopped_and_served_again_at_once_is_served() {
+    let host = server(ServerOptions::default()).await;
+    let id = unique("again");
+    let p = proxy(Duration::from_secs(5)).await;
+    host.serve_native(&id, native_add()).await.unwrap();
+    for i in 0..30i64 {
+        assert!(host.stop_serving(&id).await.unwrap());
+        host.serve_native(&id, native_add())
+            .await
+            .unwrap_or_else(|e| panic!("serving {id} again, round {i}: {e}"));
+        let sum: i64 = p
+            .use_server(&id)
+            .invoke("add", (i, 1))
+            .await
+            .unwrap_or_else(|e| panic!("round {i}: {e}"));
+        assert_eq!(sum, i + 1);
+    }
+}
+
+/// A host that starts serving an id while the id's last host stops (and
+/// deletes its idle queue) serves it all the same.
+#[tokio::test]
+async fn a_host_starting_as_the_last_one_stops_serves_the_id() {
+    let leaving = server(ServerOptions::default()).await;
+    let coming = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(5)).await;
+    for i in 0..20i64 {
+        let id = unique("handover");
+        leaving.serve_native(&id, native_add()).await.unwrap();
+        let (stopped, served) = tokio::join!(
+            leaving.stop_serving(&id),
+            coming.serve_native(&id, native_add())
+        );
+        assert!(stopped.unwrap());
+        served.unwrap_or_else(|e| panic!("serving {id}, round {i}: {e}"));
+        // Past the leaving host's deletion (it follows its stop at once).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sum: i64 = p
+            .use_server(&id)
+            .invoke("add", (i, 1))
+            .await
+            .unwrap_or_else(|e| panic!("round {i}: {e}"));
+        assert_eq!(sum, i + 1);
+        coming.stop_serving(&id).await.unwrap();
+    }
+}

@@ -226,7 +226,7 @@ pub(crate) async fn delete_server_queue_if_idle(
 
 /// Whether the broker answered `NOT_FOUND` (404).
 #[cfg(feature = "server")]
-fn is_not_found(e: &lapin::Error) -> bool {
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(
         e.kind(),

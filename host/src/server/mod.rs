@@ -451,10 +451,22 @@ impl Server {
             )));
         };
         let shape = self.inner.options.queue_shape(&service);
-        let (channel, (tag, first)) = topology::declare_on(&conn, async |ch| {
-            consumer::subscribe(ch, &id, shape, concurrency).await
-        })
-        .await?;
+        // Another host that stopped serving the id may delete its idle
+        // queue between this declare and the consume: declared again.
+        let mut attempts = 0;
+        let (channel, (tag, first)) = loop {
+            attempts += 1;
+            let declared = topology::declare_on(&conn, async |ch| {
+                consumer::subscribe(ch, &id, shape, concurrency).await
+            })
+            .await;
+            match declared {
+                Err(Error::Connection(e)) if attempts < 3 && topology::is_not_found(&e) => {
+                    debug!(target: "callme::server", server_id = %id, "queue deleted while declared; declaring again");
+                }
+                other => break other?,
+            }
+        };
         let service = Arc::new(service);
         let slots = share.slots();
         let (handover, handed) = mpsc::unbounded_channel();
@@ -508,20 +520,23 @@ async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share, shape: 
     let _ = tokio::time::timeout(RETIRE_FOR, share.slots().acquire_many(calls)).await;
     let until = tokio::time::Instant::now() + RETIRE_FOR;
     loop {
-        let conn = {
+        {
             let Some(inner) = inner.upgrade() else {
                 return;
             };
+            // Under the lock serving takes: an id served again declares
+            // its queue and starts consuming before this looks, or after
+            // this has deleted the old one, never in between.
+            let _changing = inner.changes.lock().await;
             if inner.registry.contains(&id) {
                 return;
             }
-            inner.link.current()
-        };
-        if let Some(conn) = conn
-            && topology::delete_server_queue_if_idle(&conn, &id, shape).await
-        {
-            debug!(target: "callme::server", server_id = %id, "queue deleted");
-            return;
+            if let Some(conn) = inner.link.current()
+                && topology::delete_server_queue_if_idle(&conn, &id, shape).await
+            {
+                debug!(target: "callme::server", server_id = %id, "queue deleted");
+                return;
+            }
         }
         if tokio::time::Instant::now() >= until {
             return;
