@@ -5,6 +5,8 @@
 //! same run. Each test uses its own server ids, so tests run in parallel
 //! without seeing each other's traffic.
 
+pub mod raw_amqp;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -78,6 +80,13 @@ pub fn callme_bin() -> PathBuf {
 pub fn amqp_url() -> String {
     std::env::var("CALLME_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".to_string())
+}
+
+/// `HOST:PORT` of the test broker.
+pub fn amqp_host_port() -> String {
+    let url = amqp_url();
+    let rest = url.split_once('@').map_or(url.as_str(), |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }
 
 /// Connection options for the test broker as `user`/`password`.

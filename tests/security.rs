@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use callme::protocol::Args;
+use callme::protocol::{Args, server_exchange};
 use callme::{ConnectOptions, Error, Proxy, Server, ServerOptions};
 use callme_tests::{
     Host, amqp_url_as, amqps_port, broker_ctl, deploy, native_add, plugin_path, pos, proxy,
@@ -482,4 +482,44 @@ async fn a_host_calling_out_needs_a_callers_names_under_the_anchored_recipes() {
     carl_host.shutdown(Duration::from_secs(5)).await;
     broker_ctl(&["delete_user", &carl]);
     broker_ctl(&["delete_user", &olivia]);
+}
+
+/// A request whose properties lapin cannot read (a `message_id` that is
+/// not UTF-8, which RabbitMQ passes on as it got it) takes the host's
+/// connection down once: the host then takes it out of the queue, and
+/// serves every id as before. Without that it would be delivered again
+/// after every reconnection, and nobody would be served.
+#[tokio::test]
+async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection() {
+    let srv = server(ServerOptions::default()).await;
+    let (poisoned, beside) = (unique("unreadable"), unique("beside"));
+    srv.serve_native(&poisoned, native_add()).await.unwrap();
+    srv.serve_native(&beside, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&poisoned).invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(sum, 2);
+
+    callme_tests::raw_amqp::publish(
+        &callme_tests::amqp_host_port(),
+        &server_exchange(&poisoned),
+        callme_tests::raw_amqp::RawProperties {
+            content_type: b"application/json",
+            correlation_id: b"poison",
+            reply_to: b"nobody",
+            message_id: b"\xff\xfe not UTF-8",
+        },
+        br#"{"func":"add","args":[1,2]}"#,
+    )
+    .await;
+
+    for id in [&poisoned, &beside, &poisoned] {
+        for i in 0..5i64 {
+            let sum: i64 = p
+                .use_server(id)
+                .invoke("add", (i, 1))
+                .await
+                .unwrap_or_else(|e| panic!("{id}, call {i}: {e}"));
+            assert_eq!(sum, i + 1);
+        }
+    }
 }

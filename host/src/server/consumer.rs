@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use super::job::Job;
 use super::reply::Replier;
 use super::service::Service;
-use super::{Inner, Server};
+use super::{Inner, Server, unreadable};
 use crate::Error;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::link::CLOSE_TIMEOUT;
@@ -182,6 +182,10 @@ pub(super) struct Consuming {
     /// Consumers that replace the current one on its channel (a new
     /// prefetch).
     pub(super) handed: mpsc::UnboundedReceiver<Consumer>,
+    /// The last consumer ended because its connection could not be read:
+    /// an unreadable request is to be taken out of the queue before
+    /// consuming again (see [`super::unreadable`]).
+    pub(super) unreadable: bool,
 }
 
 impl Consuming {
@@ -208,6 +212,7 @@ impl Consuming {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, "consumer lost");
+                    self.unreadable = unreadable::is_unreadable(&e);
                     return;
                 }
             };
@@ -251,6 +256,16 @@ impl Subscription for Consuming {
             return Ok(None);
         };
         let inner = &server.inner;
+        if std::mem::take(&mut self.unreadable) {
+            let prefetch = inner
+                .registry
+                .still_served(&self.id, &self.service)
+                .unwrap_or(inner.options.concurrency);
+            let look = unreadable::look_ahead(prefetch);
+            if let Err(e) = unreadable::take_out(&inner.connect, &self.id, look).await {
+                warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
+            }
+        }
         let _changing = inner.changes.lock().await;
         let Some(concurrency) = inner.registry.still_served(&self.id, &self.service) else {
             return Ok(None);

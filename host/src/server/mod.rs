@@ -9,6 +9,8 @@
 //! acked only after its reply is confirmed by the broker: a host that dies
 //! mid-call leaves the request to be redelivered. Bad messages are answered with `BadRequest` (or logged
 //! and dropped when they cannot be answered); they never stop the server.
+//! One the AMQP client cannot even read costs the host its connection
+//! once, and is then taken out of its queue (`unreadable`).
 //! When the broker connection is lost, the link reconnects and each
 //! served id declares its exchange and queue again and resumes consuming.
 //!
@@ -16,13 +18,16 @@
 //! - `service`: what answers an id (a plugin or native functions);
 //! - `consumer`: an id's consumer: subscribe, prefetch, the consume loop;
 //! - `job`: one request from delivery to ack;
-//! - `reply`: publishing replies and what became of them.
+//! - `reply`: publishing replies and what became of them;
+//! - `unreadable`: taking a request the AMQP client cannot read out of
+//!   its queue.
 
 mod consumer;
 mod job;
 mod registry;
 mod reply;
 mod service;
+mod unreadable;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +120,9 @@ pub struct Server {
 
 struct Inner {
     link: Link,
+    /// How the link connects, for connections of a moment (taking out an
+    /// unreadable request).
+    connect: ConnectOptions,
     options: ServerOptions,
     registry: Registry<ConsumerHandle>,
     /// Held by whatever starts, swaps or stops a server id, so two of them
@@ -213,6 +221,7 @@ impl Server {
         let server = Server {
             inner: Arc::new(Inner {
                 link,
+                connect: connect.clone(),
                 options,
                 registry: Registry::new(),
                 changes: tokio::sync::Mutex::new(()),
@@ -496,6 +505,7 @@ impl Server {
             slots,
             handover,
             handed,
+            unreadable: false,
         };
         tokio::spawn(resubscribe::run(
             consuming,

@@ -1,0 +1,242 @@
+//! Requests the AMQP client cannot read: found in a served id's queue and taken out of it, so they do not take the host's connection down again and again.
+//!
+//! lapin 4.12 (amq-protocol 10) reads AMQP short strings (`message_id`,
+//! `correlation_id`, `app_id`, a header's name, ...) as UTF-8 and fails the
+//! whole connection when one is not; RabbitMQ (3.x and 4.x) passes such
+//! bytes through as it got them. One request published with such a
+//! property, by any caller allowed to call the id, is delivered to the
+//! host, kills its connection (every id it serves, every call in flight
+//! given back to its queue), is given back unacked, and is delivered again
+//! when the host has reconnected: a loop with no end.
+//!
+//! So when a consumer ends because its connection could not be read, the
+//! id's consume loop calls [`take_out`] before it consumes again, on a
+//! connection of its own that is there to be lost:
+//!
+//! 1. it looks: `basic.get` without acks, the first requests (twice the
+//!    id's prefetch, and 16 more: [`look_ahead`]) held unacked (they go back to the queue, in their order,
+//!    when that connection closes). If none of them kills the
+//!    connection, the request was in another id's queue, and nothing
+//!    moved here;
+//! 2. if one did, it takes the requests before it again with `no-ack`
+//!    (the broker forgets a request as it hands it over), publishing each
+//!    back to the id's exchange and waiting for its confirm before taking
+//!    the next, until the unreadable one: delivered with `no-ack`, it is
+//!    gone from the queue even though it ends that connection.
+//!
+//! What this costs: the requests ahead of it move to the back of the queue
+//! (callme does not order requests), counted as new deliveries; one whose
+//! republishing fails is lost (logged), as is one in a moment where another
+//! host consumed ahead of this one. Only after a connection was lost to an
+//! unreadable message.
+
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection, Event};
+use tracing::{error, info, warn};
+
+use crate::amqp::ConnectOptions;
+use crate::amqp::connect::classify_lapin;
+use crate::amqp::link::CLOSE_TIMEOUT;
+use crate::protocol::{server_exchange, server_queue};
+
+/// Requests looked at, and at most taken out and put back, per id: an
+/// unreadable one is among those the host's consumer had just been given
+/// (its prefetch, at most 65,535).
+pub(super) fn look_ahead(prefetch: usize) -> usize {
+    prefetch.saturating_mul(2).saturating_add(16)
+}
+
+/// What [`take_out`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TakenOut {
+    /// No request among the first ones looked at could not be read.
+    Nothing,
+    /// The unreadable request is gone; `moved` requests ahead of it were
+    /// put back at the end of the queue.
+    Removed { moved: usize },
+    /// It was not found the second time (another host took requests in
+    /// between); `moved` were put back.
+    Missed { moved: usize },
+}
+
+/// Whether `e` says the connection could not be read.
+pub(super) fn is_unreadable(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
+}
+
+/// Looks at the first `look` requests of `id`'s queue and takes out the
+/// first one that cannot be read (see the module's docs).
+///
+/// # Errors
+///
+/// A broker error other than the connection failing to read a request.
+pub(super) async fn take_out(
+    connect: &ConnectOptions,
+    id: &str,
+    look: usize,
+) -> Result<TakenOut, crate::Error> {
+    if !unreadable_within(connect, id, look).await? {
+        return Ok(TakenOut::Nothing);
+    }
+    let conn = connect.connect("callme unreadable request").await?;
+    let taken = take_until_unreadable(&conn, id, look).await;
+    close(&conn).await;
+    let outcome = taken?;
+    match &outcome {
+        TakenOut::Removed { moved } => {
+            warn!(target: "callme::server", server_id = id, moved, "removed a request the AMQP client cannot read (a short string that is not UTF-8): it had closed the host's connection")
+        }
+        TakenOut::Missed { moved } => {
+            info!(target: "callme::server", server_id = id, moved, "an unreadable request was not found again")
+        }
+        TakenOut::Nothing => {}
+    }
+    Ok(outcome)
+}
+
+/// What one `basic.get` brought.
+enum Got {
+    Message(Box<BasicGetMessage>),
+    Empty,
+    /// The connection failed to read it.
+    Unreadable,
+}
+
+/// How long one `basic.get` may take.
+const GET_WITHIN: Duration = Duration::from_secs(5);
+
+/// One `basic.get` from `id`'s queue. A request lapin cannot read fails
+/// the connection; the get itself may then never answer, so the
+/// connection's events are watched beside it.
+async fn get_one(
+    channel: &Channel,
+    events: &mut (impl Stream<Item = Event> + Unpin),
+    id: &str,
+    no_ack: bool,
+) -> Result<Got, crate::Error> {
+    let get = channel.basic_get(server_queue(id).as_str().into(), BasicGetOptions { no_ack });
+    let watched = async {
+        tokio::pin!(get);
+        loop {
+            tokio::select! {
+                got = &mut get => return match got {
+                    Ok(Some(message)) => Ok(Got::Message(Box::new(message))),
+                    Ok(None) => Ok(Got::Empty),
+                    Err(e) if is_unreadable(&e) => Ok(Got::Unreadable),
+                    Err(e) => Err(classify_lapin(e)),
+                },
+                event = events.next() => match event {
+                    Some(Event::Error(e)) if is_unreadable(&e) => return Ok(Got::Unreadable),
+                    Some(Event::Error(e)) => return Err(classify_lapin(e)),
+                    Some(_) => {}
+                    None => {
+                        return Err(crate::Error::Disconnected(
+                            "the connection ended".into(),
+                        ));
+                    }
+                },
+            }
+        }
+    };
+    tokio::time::timeout(GET_WITHIN, watched)
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::Error::Disconnected(
+                "the broker did not answer in time".into(),
+            ))
+        })
+}
+
+/// Whether one of the first `look` requests of `id`'s queue cannot be
+/// read: they are taken unacked, and all go back when the connection
+/// closes (or is lost to the unreadable one).
+async fn unreadable_within(
+    connect: &ConnectOptions,
+    id: &str,
+    look: usize,
+) -> Result<bool, crate::Error> {
+    let conn = connect.connect("callme request check").await?;
+    let mut events = Box::pin(conn.events_listener());
+    let looked = async {
+        let channel = conn.create_channel().await.map_err(classify_lapin)?;
+        for _ in 0..look {
+            match get_one(&channel, &mut events, id, false).await? {
+                // Held unacked until the connection closes.
+                Got::Message(_held) => {}
+                Got::Empty => return Ok(false),
+                Got::Unreadable => return Ok(true),
+            }
+        }
+        Ok(false)
+    };
+    let found = looked.await;
+    close(&conn).await;
+    found
+}
+
+/// Takes requests of `id` with `no-ack` until the one that cannot be
+/// read, putting each readable one back by the id's exchange.
+async fn take_until_unreadable(
+    conn: &Connection,
+    id: &str,
+    look: usize,
+) -> Result<TakenOut, crate::Error> {
+    let mut events = Box::pin(conn.events_listener());
+    let taking = conn.create_channel().await.map_err(classify_lapin)?;
+    let back = conn.create_channel().await.map_err(classify_lapin)?;
+    back.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    let mut moved = 0;
+    for _ in 0..look {
+        match get_one(&taking, &mut events, id, true).await? {
+            Got::Message(message) => {
+                let delivery = &message.delivery;
+                if let Err(e) = put_back(&back, id, &delivery.data, &delivery.properties).await {
+                    error!(target: "callme::server", server_id = id, error = %e, "a request taken out to reach an unreadable one could not be put back: it is lost");
+                } else {
+                    moved += 1;
+                }
+            }
+            Got::Empty => return Ok(TakenOut::Missed { moved }),
+            Got::Unreadable => return Ok(TakenOut::Removed { moved }),
+        }
+    }
+    Ok(TakenOut::Missed { moved })
+}
+
+/// Closes `conn` if it is still open, giving up after a while.
+async fn close(conn: &Connection) {
+    if conn.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "done".into())).await;
+    }
+}
+
+/// Publishes a request back to `id`'s exchange, confirmed.
+async fn put_back(
+    channel: &Channel,
+    id: &str,
+    body: &[u8],
+    properties: &lapin::BasicProperties,
+) -> Result<(), String> {
+    let confirm = channel
+        .basic_publish(
+            server_exchange(id).as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            body,
+            properties.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    match confirm {
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err("the broker refused it (negative confirm)".into()),
+    }
+}
