@@ -158,6 +158,18 @@ async fn serve_call_and_describe_end_to_end() {
     assert_eq!(stderr_json(&o)["type"], "GuestError");
     let o = callme(&["call", "--timeout", "5", &unique("nobody"), "add", "1", "1"]);
     assert_eq!(stderr_json(&o)["type"], "NoSuchServer");
+    // An id no server could have, and a timeout of ages: typed answers,
+    // never a panic.
+    let o = callme(&["call", &"a".repeat(250), "add", "1", "1"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(stderr_json(&o)["type"], "Config");
+    let o = callme(&["call", "--timeout", "1e19", &id, "add", "2", "3"]);
+    assert_eq!(stdout(&o), "5", "{}", String::from_utf8_lossy(&o.stderr));
 
     host.terminate();
     assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");

@@ -503,3 +503,40 @@ async fn a_dropped_server_stops_serving() {
         .await;
     assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
 }
+
+/// Timeouts of any length work: `Duration::MAX` does not overflow a
+/// clock, and one past RabbitMQ's longest `expiration` (2^32 - 1 ms) is
+/// not refused by the broker, with or without retry; an id no server could
+/// have (over 200 characters) is refused by name.
+#[tokio::test]
+async fn any_timeout_works_and_an_impossible_id_is_refused() {
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("longwait");
+    srv.serve_native(&id, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum = p
+        .call(&id, "add", pos(json!([1, 2])), Duration::MAX)
+        .await
+        .unwrap();
+    assert_eq!(sum, json!(3));
+    let sixty_days = Duration::from_secs(60 * 24 * 3600);
+    let retried = p.use_server(&id).with_retry(true);
+    let sum = tokio::time::timeout(
+        Duration::from_secs(10),
+        retried.call_timeout("add", pos(json!([2, 2])), sixty_days),
+    )
+    .await
+    .expect("a call with a 60-day timeout answered at once")
+    .unwrap();
+    assert_eq!(sum, json!(4));
+    let e = p
+        .call(
+            &"a".repeat(250),
+            "add",
+            pos(json!([1, 2])),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+}

@@ -45,7 +45,7 @@ use crate::amqp::publisher::{Published, Publisher};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::protocol::{
     Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, REPLY_QUEUE, Request, TIMESTAMP_IN_MS,
-    server_exchange,
+    is_valid_server_id, server_exchange,
 };
 use crate::{Error, TraceContext, TraceId};
 
@@ -121,6 +121,10 @@ const PUBLISH_LANES: usize = 64;
 
 /// The seed's default: a call waits this long for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest a call waits: longer timeouts (up to `Duration::MAX`) are
+/// taken as this, a hundred years.
+const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A client of callme servers. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -326,7 +330,15 @@ impl Proxy {
         args: Args,
         options: CallOptions,
     ) -> Result<Value, Error> {
-        let timeout = options.timeout;
+        if !is_valid_server_id(server) {
+            return Err(Error::Config(format!(
+                "invalid server id `{}`: 1 to 200 letters, digits, `-`, `_` and `.`",
+                server.escape_debug()
+            )));
+        }
+        // A timeout of years still ends; one of centuries is taken as
+        // "as long as can be" rather than overflow a clock.
+        let timeout = options.timeout.min(MAX_TIMEOUT);
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let corr = uuid::Uuid::new_v4().to_string();
@@ -375,7 +387,10 @@ impl Proxy {
             Err(e) => return Attempt::Done(Err(e)),
         };
         let (_waiting, rx) = self.inner.pending.wait(call.corr);
-        let millis = call.timeout.as_millis().max(1);
+        // RabbitMQ takes an `expiration` of at most 2^32 - 1 ms (49.7
+        // days) and refuses the publish beyond: a longer timeout lets the
+        // request wait that long in the queue.
+        let millis = call.timeout.as_millis().clamp(1, u128::from(u32::MAX));
         // When it was sent, for the host's queue wait: the `timestamp`
         // property in seconds, and in milliseconds in a header.
         let sent = std::time::SystemTime::now()
