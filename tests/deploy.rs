@@ -430,3 +430,89 @@ async fn bad_names_and_sidecars_are_skipped_at_start() {
     let d = p.use_server(&zero).describe().await.unwrap();
     assert_eq!(d["concurrency"], json!(2));
 }
+
+/// Files that are no plugin file at all never stall the host: a FIFO
+/// renamed in (opening it would block until a writer comes) and a symlink
+/// to `/dev/zero` (reading it never ends) are refused by name, and what
+/// is deployed after them is served. A symlink to a plugin made in place,
+/// which raises no event worth acting on, is served all the same.
+#[tokio::test]
+async fn fifos_devices_and_symlinks_in_the_directory_never_stall_the_host() {
+    let dir = tempdir();
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+
+    let staged = tempdir().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&staged)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let fifo = unique("fifo");
+    std::fs::rename(&staged, dir.join(format!("{fifo}.wasm"))).unwrap();
+    let zero = unique("zero");
+    std::os::unix::fs::symlink("/dev/zero", dir.join(format!("{zero}.wasm"))).unwrap();
+    barrier(&p, &dir).await;
+
+    let linked = unique("linked");
+    std::os::unix::fs::symlink(plugin_path("calc"), dir.join(format!("{linked}.wasm"))).unwrap();
+    wait_version(&p, &linked, "1").await;
+    for id in [&fifo, &zero] {
+        let e = version(&p, id).await.unwrap_err();
+        assert!(matches!(e, Error::NoSuchServer(_)), "{id}: {e:?}");
+    }
+    let log = host.log_text();
+    assert!(
+        log.contains(&format!("{fifo}.wasm")) && log.contains("not a regular file"),
+        "the FIFO is not named as refused"
+    );
+}
+
+/// The plugins directory removed and made again (or replaced by another)
+/// is followed: what is deployed in the new one is served.
+#[tokio::test]
+async fn a_plugins_directory_made_again_is_followed() {
+    let dir = tempdir();
+    let first = unique("before");
+    deploy(&plugin_path("calc"), &dir, &format!("{first}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &first, "1").await;
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let second = unique("after");
+    deploy(&plugin_path("calc-v2"), &dir, &format!("{second}.wasm"));
+    wait_version(&p, &second, "2").await;
+    // What went with the old directory is withdrawn.
+    let gone = eventually(WAIT, || async {
+        matches!(version(&p, &first).await, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "{first} is still served");
+}
+
+/// A plugin deployed while the host is away from its broker is served
+/// once the broker is back, without anything touching the file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_deployed_while_the_broker_is_away_is_served_when_it_is_back() {
+    let forwarder = callme_tests::Forwarder::start().await;
+    let port = forwarder.port();
+    let dir = tempdir();
+    let url = forwarder.url();
+    let mut host = Host::serve(&dir, &["--amqp-url", &url]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    barrier(&p, &dir).await;
+
+    forwarder.cut();
+    // Long enough for the host to see its connection gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = unique("late");
+    deploy(&plugin_path("calc"), &dir, &format!("{late}.wasm"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _back = callme_tests::Forwarder::on(port).await;
+    wait_version(&p, &late, "1").await;
+}

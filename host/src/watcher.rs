@@ -10,6 +10,17 @@
 //! logged once per content. A `cp` over a served file is acted on when the
 //! writer closes it, so a half-written file is never served (and if one is
 //! seen, it fails validation and the next event retries).
+//!
+//! Events can be missed: the kernel's queue overflows under a flood of
+//! changes, a symlink made in place raises no event worth acting on, the
+//! directory itself is removed or replaced, a change cannot be applied
+//! while the broker is away. So the whole directory is also looked at
+//! every [`RESYNC`] (and at once after an overflow or a watcher error):
+//! each file whose size, time or inode changed since it was last applied,
+//! and each one whose change could not be applied, is reconciled again,
+//! and a directory replaced is watched anew. Only regular files (a symlink
+//! to one included) are read, up to [`MAX_PLUGIN_BYTES`]: a FIFO or a
+//! device named `NAME.wasm` is refused, not opened.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -29,6 +40,81 @@ use crate::{Error, PluginError, Server};
 /// one copy or rename arrive in a burst.
 const SETTLE: Duration = Duration::from_millis(15);
 
+/// How often the whole directory is looked at, besides events.
+pub(crate) const RESYNC: Duration = Duration::from_secs(5);
+
+/// Largest plugin file read: components are megabytes; an interpreter's
+/// with its runtime, tens.
+pub(crate) const MAX_PLUGIN_BYTES: u64 = 256 << 20;
+
+/// Largest sidecar read.
+const MAX_SIDECAR_BYTES: u64 = 1 << 20;
+
+/// What the watcher tells the reconciler.
+enum Change {
+    /// Something about the plugin `NAME` changed.
+    One(String),
+    /// Events may have been missed: look at everything.
+    All,
+}
+
+/// What a file looked like when it was last applied: size, modification
+/// time and inode (of the file a symlink points to). A file whose stamp
+/// is unchanged is not read again by a resync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: (u64, u64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            inode: (m.dev(), m.ino()),
+        })
+    }
+}
+
+/// The stamps of a plugin's `.wasm` and sidecar.
+fn stamps(dir: &Path, name: &str) -> (Option<Stamp>, Option<Stamp>) {
+    (
+        Stamp::of(&dir.join(format!("{name}.wasm"))),
+        Stamp::of(&dir.join(format!("{name}.toml"))),
+    )
+}
+
+/// Reads `path` if it is a regular file (or a symlink to one) of at most
+/// `max` bytes: never a FIFO, a device or a directory, which could block
+/// or never end.
+fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, over the limit of {max}",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "grew past the limit of {max} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// The server id a file in the plugins directory belongs to, if any.
 pub(crate) fn plugin_name(path: &Path) -> Option<String> {
     let file = path.file_name()?.to_str()?;
@@ -40,7 +126,7 @@ pub(crate) fn plugin_name(path: &Path) -> Option<String> {
         return None;
     }
     // Editors' and copy tools' temporaries: `calc.wasm.tmp`, `calc.part.wasm`.
-    if stem.contains(".tmp") || stem.ends_with(".part") || stem.ends_with(".swp") {
+    if stem.ends_with(".tmp") || stem.ends_with(".part") || stem.ends_with(".swp") {
         return None;
     }
     Some(stem.to_string())
@@ -54,7 +140,9 @@ pub(crate) fn plugin_name(path: &Path) -> Option<String> {
 /// the wrong type, numbers out of their bounds.
 pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<PluginSettings, String> {
     let path = dir.join(format!("{name}.toml"));
-    match std::fs::read_to_string(&path) {
+    let text = read_regular(&path, MAX_SIDECAR_BYTES)
+        .and_then(|bytes| String::from_utf8(bytes).map_err(|_| std::io::Error::other("not UTF-8")));
+    match text {
         Ok(text) => PluginSettings::from_toml(&text)
             .map_err(|e| format!("{}: {}", path.display(), e.one_line(&text))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PluginSettings::default()),
@@ -70,6 +158,9 @@ struct Known {
     /// Hash and settings (or why the sidecar is invalid) that failed last,
     /// so a broken file or sidecar is reported once.
     refused: Option<(String, Result<PluginSettings, String>)>,
+    /// The files as they were when last reconciled to an end (served or
+    /// refused); `None` while a change waits to be applied.
+    applied: Option<(Option<Stamp>, Option<Stamp>)>,
 }
 
 /// Keeps a server in step with a plugins directory.
@@ -80,8 +171,69 @@ pub(crate) struct Deployer {
     known: HashMap<String, Known>,
     /// Files whose name is no server id, already reported.
     misnamed: HashSet<String>,
-    events: mpsc::UnboundedReceiver<String>,
-    _watcher: notify::RecommendedWatcher,
+    events: mpsc::UnboundedReceiver<Change>,
+    /// Where the watcher sends, for a new watcher on a replaced directory.
+    sender: mpsc::UnboundedSender<Change>,
+    watcher: notify::RecommendedWatcher,
+    /// The directory watched: device and inode.
+    watched: Option<(u64, u64)>,
+}
+
+/// The device and inode of `dir`.
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A watcher of `dir` (not recursive) that sends to `tx`.
+fn watch_dir(
+    dir: &Path,
+    tx: mpsc::UnboundedSender<Change>,
+) -> Result<notify::RecommendedWatcher, Error> {
+    let own = dir.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // A watcher error or an overflowed queue: events were lost.
+        let Ok(event) = event else {
+            let _ = tx.send(Change::All);
+            return;
+        };
+        if event.need_rescan() || event.paths.iter().any(|p| p == &own) {
+            let _ = tx.send(Change::All);
+            return;
+        }
+        // A `cp` over a file shows as create/modify events and then a
+        // close-after-write: act on the close, never on a file still
+        // being written. Renames and moves are atomic, and so is a
+        // symlink made in place (it raises only a create).
+        let relevant = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_) => true,
+            EventKind::Create(_) => event.paths.iter().any(|p| {
+                p.symlink_metadata()
+                    .is_ok_and(|m| m.file_type().is_symlink())
+            }),
+            _ => false,
+        };
+        if relevant {
+            for path in &event.paths {
+                if let Some(name) = plugin_name(path) {
+                    let _ = tx.send(Change::One(name));
+                }
+            }
+        }
+    })
+    .map_err(|e| Error::Watch {
+        dir: dir.to_path_buf(),
+        source: Box::new(e),
+    })?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| Error::Watch {
+            dir: dir.to_path_buf(),
+            source: Box::new(e),
+        })?;
+    Ok(watcher)
 }
 
 impl Deployer {
@@ -92,37 +244,9 @@ impl Deployer {
     ///
     /// [`Error::Config`] when the directory cannot be watched.
     pub(crate) fn new(dir: PathBuf, runtime: Runtime, server: Server) -> Result<Self, Error> {
-        let (tx, events) = mpsc::unbounded_channel::<String>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                // A `cp` over a file shows as create/modify events and then a
-                // close-after-write: act on the close, never on a file still
-                // being written. Renames and moves are atomic.
-                let relevant = matches!(
-                    event.kind,
-                    EventKind::Access(AccessKind::Close(AccessMode::Write))
-                        | EventKind::Modify(ModifyKind::Name(_))
-                        | EventKind::Remove(_)
-                );
-                if relevant {
-                    for path in &event.paths {
-                        if let Some(name) = plugin_name(path) {
-                            let _ = tx.send(name);
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::Watch {
-                dir: dir.clone(),
-                source: Box::new(e),
-            })?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|e| Error::Watch {
-                dir: dir.clone(),
-                source: Box::new(e),
-            })?;
+        let (sender, events) = mpsc::unbounded_channel();
+        let watched = dir_identity(&dir);
+        let watcher = watch_dir(&dir, sender.clone())?;
         Ok(Deployer {
             dir,
             runtime,
@@ -130,7 +254,9 @@ impl Deployer {
             known: HashMap::new(),
             misnamed: HashSet::new(),
             events,
-            _watcher: watcher,
+            sender,
+            watcher,
+            watched,
         })
     }
 
@@ -177,7 +303,8 @@ impl Deployer {
             }
             return Ok(());
         }
-        let bytes = match std::fs::read(&path) {
+        let stamped = stamps(&self.dir, name);
+        let bytes = match read_regular(&path, MAX_PLUGIN_BYTES) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.known.remove(name);
@@ -188,13 +315,21 @@ impl Deployer {
                 return Ok(());
             }
             Err(e) => {
-                error!(target: "callme::server", file = %path.display(), error = %e, "cannot read plugin");
+                // Reported once until the file changes.
+                let known = self.known.entry(name.to_string()).or_default();
+                if known.applied.as_ref() != Some(&stamped) {
+                    error!(target: "callme::server", file = %path.display(), error = %e, "cannot read plugin");
+                    known.applied = Some(stamped);
+                }
                 return Ok(());
             }
         };
         let hash = content_hash(&bytes);
         let settings = read_settings(&self.dir, name);
         let known = self.known.entry(name.to_string()).or_default();
+        // Until this ends in a version served or refused; a change that
+        // could not be applied (the broker away) is tried again.
+        known.applied = None;
         if let Ok(limits) = &settings
             && known
                 .serving
@@ -204,10 +339,12 @@ impl Deployer {
             // Back to what serves (a bad sidecar undone, say): a later
             // failure is news again.
             known.refused = None;
+            known.applied = Some(stamped);
             return Ok(());
         }
         let attempt = (hash, settings);
         if known.refused.as_ref() == Some(&attempt) {
+            known.applied = Some(stamped);
             return Ok(());
         }
         let outcome = if known.serving.is_some() {
@@ -225,6 +362,7 @@ impl Deployer {
                     LoadFailure::InvalidSettings,
                 );
                 known.refused = Some((hash, Err(reason)));
+                known.applied = Some(stamped);
                 return Ok(());
             }
         };
@@ -244,6 +382,7 @@ impl Deployer {
                     Ok(()) => {
                         known.serving = Some((hash.clone(), limits));
                         known.refused = None;
+                        known.applied = Some(stamped);
                         observe::plugin_served(name, &hash, swapped);
                         info!(
                             target: "callme::server",
@@ -255,9 +394,16 @@ impl Deployer {
                         return Ok(());
                     }
                     // The server refused this plugin (its id, its
-                    // concurrency, the broker's permissions for it): the
-                    // others are not concerned.
-                    Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => e.to_string(),
+                    // concurrency, its queue, the broker's permissions for
+                    // it): the others are not concerned. Not remembered
+                    // as refused: what made it fail is outside the file,
+                    // so the next event about it (a `touch`) tries again.
+                    Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => {
+                        error!(target: "callme::server", plugin = name, file = %path.display(), version = %&hash[..12], reason = %e, "refused: {outcome}");
+                        observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
+                        known.applied = Some(stamped);
+                        return Ok(());
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -273,25 +419,97 @@ impl Deployer {
         );
         observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
         known.refused = Some((hash, Ok(limits)));
+        known.applied = Some(stamped);
         Ok(())
+    }
+
+    /// Looks at the whole directory: watches it anew if it was replaced,
+    /// and reconciles every plugin whose files changed since they were
+    /// applied, every one not applied yet, and every one known that is
+    /// gone.
+    async fn resync(&mut self) {
+        let now = dir_identity(&self.dir);
+        if now.is_some() && now != self.watched {
+            match watch_dir(&self.dir, self.sender.clone()) {
+                Ok(watcher) => {
+                    info!(target: "callme::server", dir = %self.dir.display(), "the plugins directory was replaced: watching the new one");
+                    self.watcher = watcher;
+                    self.watched = now;
+                }
+                Err(e) => {
+                    warn!(target: "callme::server", dir = %self.dir.display(), error = %e, "cannot watch the plugins directory again yet")
+                }
+            }
+        }
+        let mut names: HashSet<String> = std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| plugin_name(&e.path()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.extend(self.known.keys().cloned());
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort();
+        for name in names {
+            if !is_valid_server_id(&name) && !self.dir.join(format!("{name}.wasm")).exists() {
+                self.misnamed.remove(&name);
+                continue;
+            }
+            let unchanged = self
+                .known
+                .get(&name)
+                .and_then(|k| k.applied.as_ref())
+                .is_some_and(|applied| *applied == stamps(&self.dir, &name));
+            if unchanged {
+                continue;
+            }
+            if !self.dir.join(format!("{name}.wasm")).exists() && !self.known.contains_key(&name) {
+                continue;
+            }
+            if let Err(e) = self.reconcile(&name).await {
+                warn!(target: "callme::server", plugin = %name, error = %e, "could not apply change");
+            }
+        }
     }
 
     /// Follows the directory until the watcher stops.
     pub(crate) async fn watch(mut self) -> Result<(), Error> {
         info!(target: "callme::server", dir = %self.dir.display(), "watching for plugins");
-        while let Some(first) = self.events.recv().await {
-            let mut names = HashSet::from([first]);
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        loop {
+            let first = tokio::select! {
+                change = self.events.recv() => match change {
+                    Some(change) => change,
+                    None => return Ok(()),
+                },
+                _ = resync.tick() => Change::All,
+            };
             tokio::time::sleep(SETTLE).await;
-            while let Ok(n) = self.events.try_recv() {
-                names.insert(n);
+            let mut all = false;
+            let mut names = HashSet::new();
+            for change in
+                std::iter::once(first).chain(std::iter::from_fn(|| self.events.try_recv().ok()))
+            {
+                match change {
+                    Change::One(name) => {
+                        names.insert(name);
+                    }
+                    Change::All => all = true,
+                }
             }
             for name in names {
                 if let Err(e) = self.reconcile(&name).await {
                     warn!(target: "callme::server", plugin = %name, error = %e, "could not apply change");
                 }
             }
+            if all {
+                self.resync().await;
+            }
         }
-        Ok(())
     }
 }
 
@@ -308,6 +526,10 @@ mod tests {
         assert_eq!(
             plugin_name(Path::new("/p/calc.toml")).as_deref(),
             Some("calc")
+        );
+        assert_eq!(
+            plugin_name(Path::new("/p/report.tmpl.wasm")).as_deref(),
+            Some("report.tmpl")
         );
         for ignored in [
             "/p/.calc.wasm",
