@@ -540,3 +540,31 @@ async fn any_timeout_works_and_an_impossible_id_is_refused() {
         .unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
 }
+
+/// A `BlockingProxy` made and used in plain code may be dropped in async
+/// code (dropping a tokio runtime there panics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_proxy_may_be_dropped_in_async_code() {
+    let s = server(ServerOptions::default()).await;
+    let id = unique("blockdrop");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let made = {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || {
+            let bp = callme::BlockingProxy::connect(
+                &callme_tests::connect_options(),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            assert_eq!(bp.call(&id, "add", pos(json!([2, 3]))).unwrap(), json!(5));
+            bp
+        })
+        .await
+        .unwrap()
+    };
+    drop(made);
+    // And the server is still answered by others.
+    let p = proxy(Duration::from_secs(5)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(sum, 2);
+}

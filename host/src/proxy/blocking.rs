@@ -9,9 +9,33 @@ use crate::protocol::Args;
 use crate::{ConnectOptions, Error};
 
 /// A proxy for code that is not async: it runs its own small runtime.
+///
+/// Its methods block, so async code uses [`Proxy`] instead (tokio panics
+/// at a blocking call on one of its async threads). It may be dropped
+/// anywhere, async code included: its connection is closed, then its
+/// runtime ends without blocking there.
 pub struct BlockingProxy {
-    runtime: tokio::runtime::Runtime,
-    proxy: Proxy,
+    /// Both `Some` until dropped: the proxy goes first, in its runtime.
+    runtime: Option<tokio::runtime::Runtime>,
+    proxy: Option<Proxy>,
+}
+
+impl Drop for BlockingProxy {
+    fn drop(&mut self) {
+        let proxy = self.proxy.take();
+        if let Some(runtime) = self.runtime.take() {
+            {
+                let _inside = runtime.enter();
+                drop(proxy);
+            }
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Async code may not block on a runtime's end.
+                runtime.shutdown_background();
+            } else {
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 impl BlockingProxy {
@@ -31,7 +55,10 @@ impl BlockingProxy {
                 source,
             })?;
         let proxy = runtime.block_on(Proxy::connect_with(options, timeout))?;
-        Ok(BlockingProxy { runtime, proxy })
+        Ok(BlockingProxy {
+            runtime: Some(runtime),
+            proxy: Some(proxy),
+        })
     }
 
     /// Calls `func` on `server`; see [`Proxy::call`].
@@ -40,9 +67,8 @@ impl BlockingProxy {
     ///
     /// See [`Proxy::call`].
     pub fn call(&self, server: &str, func: &str, args: Args) -> Result<Value, Error> {
-        let timeout = self.proxy.default_timeout();
-        self.runtime
-            .block_on(self.proxy.call(server, func, args, timeout))
+        let timeout = self.proxy().default_timeout();
+        self.call_timeout(server, func, args, timeout)
     }
 
     /// Calls with a timeout for this call only.
@@ -57,7 +83,15 @@ impl BlockingProxy {
         args: Args,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        self.runtime
-            .block_on(self.proxy.call(server, func, args, timeout))
+        self.runtime()
+            .block_on(self.proxy().call(server, func, args, timeout))
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("present until dropped")
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("present until dropped")
     }
 }
