@@ -478,6 +478,16 @@ async fn a_sidecar_picks_the_queue_type_and_it_cannot_change_while_served() {
     assert!(named.is_some(), "{}", host.log_text());
 }
 
+/// `add(i, 1)` of `id` answers `i + 1`.
+async fn answers_add(p: &callme::Proxy, id: &str, i: i64) {
+    let sum: i64 = p
+        .use_server(id)
+        .invoke("add", (i, 1))
+        .await
+        .unwrap_or_else(|e| panic!("{id}, round {i}: {e}"));
+    assert_eq!(sum, i + 1);
+}
+
 /// An id stopped and served again at once is served: the stopped id's
 /// queue deletion, which waits for its calls, never deletes the queue the
 /// new serving has just declared.
@@ -492,12 +502,7 @@ async fn an_id_stopped_and_served_again_at_once_is_served() {
         host.serve_native(&id, native_add())
             .await
             .unwrap_or_else(|e| panic!("serving {id} again, round {i}: {e}"));
-        let sum: i64 = p
-            .use_server(&id)
-            .invoke("add", (i, 1))
-            .await
-            .unwrap_or_else(|e| panic!("round {i}: {e}"));
-        assert_eq!(sum, i + 1);
+        answers_add(&p, &id, i).await;
     }
 }
 
@@ -519,12 +524,7 @@ async fn a_host_starting_as_the_last_one_stops_serves_the_id() {
         served.unwrap_or_else(|e| panic!("serving {id}, round {i}: {e}"));
         // Past the leaving host's deletion (it follows its stop at once).
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let sum: i64 = p
-            .use_server(&id)
-            .invoke("add", (i, 1))
-            .await
-            .unwrap_or_else(|e| panic!("round {i}: {e}"));
-        assert_eq!(sum, i + 1);
+        answers_add(&p, &id, i).await;
         coming.stop_serving(&id).await.unwrap();
     }
 }

@@ -17,7 +17,8 @@
 //! while the broker is away. So the whole directory is also looked at
 //! every [`RESYNC`] (and at once after an overflow or a watcher error):
 //! each file whose size, time or inode changed since it was last applied,
-//! and each one whose change could not be applied, is reconciled again,
+//! and each one whose change could not be applied, is reconciled again
+//! (once it has not been written to for [`QUIET`]),
 //! and a directory replaced is watched anew. Only regular files (a symlink
 //! to one included) are read, up to [`MAX_PLUGIN_BYTES`]: a FIFO or a
 //! device named `NAME.wasm` is refused, not opened.
@@ -42,6 +43,10 @@ const SETTLE: Duration = Duration::from_millis(15);
 
 /// How often the whole directory is looked at, besides events.
 pub(crate) const RESYNC: Duration = Duration::from_secs(5);
+
+/// A resync leaves alone a file modified this recently: it may be being
+/// written in place, and its writer's close will say when it is whole.
+const QUIET: Duration = Duration::from_secs(3);
 
 /// Largest plugin file read: components are megabytes; an interpreter's
 /// with its runtime, tens.
@@ -69,6 +74,15 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// Whether the file was modified less than [`QUIET`] ago.
+    fn is_recent(stamp: &Option<Stamp>) -> bool {
+        stamp
+            .as_ref()
+            .and_then(|s| s.modified)
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age < QUIET)
+    }
+
     fn of(path: &Path) -> Option<Stamp> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
@@ -457,12 +471,15 @@ impl Deployer {
                 self.misnamed.remove(&name);
                 continue;
             }
+            let now = stamps(&self.dir, &name);
             let unchanged = self
                 .known
                 .get(&name)
                 .and_then(|k| k.applied.as_ref())
-                .is_some_and(|applied| *applied == stamps(&self.dir, &name));
-            if unchanged {
+                .is_some_and(|applied| *applied == now);
+            // A file written in place right now is left to its writer's
+            // close (its event), never read half written.
+            if unchanged || [&now.0, &now.1].into_iter().any(Stamp::is_recent) {
                 continue;
             }
             if !self.dir.join(format!("{name}.wasm")).exists() && !self.known.contains_key(&name) {
