@@ -523,3 +523,26 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
         }
     }
 }
+
+/// A broker user whose name is too long for callme's reply names (AMQP
+/// names are at most 255 bytes) is told so when its proxy connects, not
+/// met with a panic.
+#[tokio::test]
+async fn a_user_name_too_long_for_the_reply_names_is_refused_by_name() {
+    let user = format!("{}-{}", unique("long"), "u".repeat(200));
+    let password = "long-user-pw";
+    broker_ctl(&["add_user", &user, password]);
+    broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let e = Proxy::connect_with(
+        &ConnectOptions::new(amqp_url_as(&user, password)),
+        Duration::from_secs(5),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(e, Error::Config(ref m) if m.contains("at most 205")),
+        "{e:?}"
+    );
+    broker_ctl(&["delete_user", &user]);
+}

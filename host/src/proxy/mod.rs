@@ -201,6 +201,17 @@ impl Proxy {
         timeout: Duration,
     ) -> Result<Proxy, Error> {
         let uid = uuid::Uuid::new_v4().to_string();
+        // AMQP names are at most 255 bytes; the reply queue's name carries
+        // the user's.
+        let longest = crate::protocol::client_queue(user, &uid).len();
+        if longest > 255 {
+            return Err(Error::Config(format!(
+                "the broker user name is {} bytes: callme's reply names \
+                 (client_USER_queue_ID) must fit AMQP's 255 bytes, so it may have at most {}",
+                user.len(),
+                user.len() - (longest - 255)
+            )));
+        }
         let names = ReplyNames::new(user, &uid);
         let conn = conn
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
