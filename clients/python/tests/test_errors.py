@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import socket
 import time
 import traceback
@@ -163,3 +165,27 @@ def test_every_error_is_a_callme_error() -> None:
                   callme.MemoryLimit, callme.BadRequest, callme.Internal,
                   callme.RemoteTimeout, callme.Rejected):
         assert issubclass(error, callme.CallmeError)
+
+
+def test_malformed_responses_are_value_errors_not_other_exceptions() -> None:
+    # Callers turn a ValueError into RemoteError("BadResponse").
+    for body in (b'{"error": "x"}', b'{"error": [1]}', b"[" * 5000, b"{}", b"7"):
+        with pytest.raises(ValueError):
+            decode_response(body)
+
+
+def test_any_timeout_works(proxy: callme.Proxy, host: Host) -> None:
+    # Infinite, and past RabbitMQ's longest expiration (2**32 - 1 ms).
+    assert proxy.use_server(host.calc, timeout=math.inf).add(1, 1) == 2
+    assert proxy.use_server(host.calc, timeout=60 * 24 * 3600).add(2, 2) == 4
+
+
+def test_a_blocking_call_inside_a_running_event_loop_is_refused_before_sending(
+    proxy: callme.Proxy, host: Host
+) -> None:
+    async def inside() -> None:
+        with pytest.raises(RuntimeError, match="AsyncProxy"):
+            proxy.use_server(host.calc).add(1, 1)
+
+    asyncio.run(inside())
+    assert proxy.use_server(host.calc).add(3, 4) == 7

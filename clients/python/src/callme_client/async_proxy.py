@@ -242,7 +242,8 @@ class AsyncProxy:
                 content_type=CONTENT_TYPE,
                 correlation_id=correlation_id,
                 reply_to=link.exchange,
-                expiration=str(max(1, int(timeout * 1000))),
+                # RabbitMQ refuses an expiration over 2**32 - 1 ms.
+                expiration=str(min(max(1, int(timeout * 1000)), MAX_EXPIRATION_MS)),
                 delivery_mode=1,  # not persistent
                 # When it was sent, for the host's queue-wait metric
                 # (docs/protocol.md), and a W3C trace of its own.
@@ -324,8 +325,17 @@ class AsyncServerProxy:
         return f"<AsyncServerProxy {self._server_id!r} timeout={self._timeout:g}>"
 
 
+#: The longest ``expiration`` RabbitMQ takes (ms): a request of a call with a
+#: longer timeout waits at most that long in the queue.
+MAX_EXPIRATION_MS = 2**32 - 1
+
+#: The longest a call waits: a longer timeout, ``math.inf`` included, is
+#: taken as this (a hundred years).
+MAX_TIMEOUT = 100 * 365 * 24 * 3600.0
+
+
 def _positive(timeout: float) -> float:
     timeout = float(timeout)
     if not timeout > 0:
         raise ValueError(f"a timeout is a positive number of seconds, not {timeout!r}")
-    return timeout
+    return min(timeout, MAX_TIMEOUT)

@@ -70,11 +70,16 @@ def decode_response(body: bytes) -> Any:
     :raises RemoteError: (a subclass per ``type``) when it carries an error.
     :raises ValueError: when it is not a response.
     """
-    response = json.loads(body)
+    try:
+        response = json.loads(body)
+    except RecursionError:
+        raise ValueError("a response nested too deeply") from None
     if not isinstance(response, dict):
         raise ValueError("a response is a JSON object")
     if "error" in response:
         error = response["error"] or {}
+        if not isinstance(error, dict):
+            raise ValueError("a response's `error` is a JSON object")
         raise remote_error(
             str(error.get("type", "Internal")),
             str(error.get("message", "")),

@@ -54,9 +54,17 @@ class _SharedLoop:
         self._driver.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if _running_loop() is self.loop:
+        running = _running_loop()
+        if running is self.loop:
             coroutine.close()
             raise RuntimeError("a blocking Proxy cannot be called from its own event loop")
+        if running is not None:
+            # It would block that loop, or fail half-way with the call
+            # still queued: refused before anything is sent.
+            coroutine.close()
+            raise RuntimeError(
+                "a blocking Proxy cannot be called from a running event loop: use AsyncProxy"
+            )
         if self.closed:
             coroutine.close()
             raise errors.ConnectionError("the proxy is closed")
@@ -76,9 +84,10 @@ class _SharedLoop:
             return self.loop.run_until_complete(task)
         except asyncio.CancelledError:
             raise errors.ConnectionError("the proxy was closed") from None
-        except BaseException as e:
-            # KeyboardInterrupt in the caller: the call is abandoned.
-            if not isinstance(e, Exception) and not task.done():
+        except BaseException:
+            # KeyboardInterrupt in the caller, or the loop could not run:
+            # the call is abandoned, never left to be sent later.
+            if not task.done():
                 task.cancel()
             raise
 
