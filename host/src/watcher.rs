@@ -467,11 +467,15 @@ impl Deployer {
         let mut names: Vec<String> = names.into_iter().collect();
         names.sort();
         for name in names {
-            if !is_valid_server_id(&name) && !self.dir.join(format!("{name}.wasm")).exists() {
+            let now = stamps(&self.dir, &name);
+            let present = now.0.is_some();
+            if !is_valid_server_id(&name) && !present {
                 self.misnamed.remove(&name);
                 continue;
             }
-            let now = stamps(&self.dir, &name);
+            if !present && !self.known.contains_key(&name) {
+                continue;
+            }
             let unchanged = self
                 .known
                 .get(&name)
@@ -480,9 +484,6 @@ impl Deployer {
             // A file written in place right now is left to its writer's
             // close (its event), never read half written.
             if unchanged || [&now.0, &now.1].into_iter().any(Stamp::is_recent) {
-                continue;
-            }
-            if !self.dir.join(format!("{name}.wasm")).exists() && !self.known.contains_key(&name) {
                 continue;
             }
             if let Err(e) = self.reconcile(&name).await {

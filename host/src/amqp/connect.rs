@@ -261,6 +261,17 @@ fn handshake_limit(uri: &AMQPUri) -> Duration {
         .map_or(CONNECT_TIMEOUT, Duration::from_millis)
 }
 
+/// Whether the broker answered `NOT_FOUND` (404): an exchange or queue
+/// that does not exist.
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
 /// Maps a lapin error to ours, recognising the broker's permission
 /// refusals by their reply code: 403 `ACCESS_REFUSED`, as a channel error
 /// (no permission on a resource) or a connection error (a refused login),

@@ -23,7 +23,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Semaphore;
 
-use super::connect::classify_lapin;
+use super::connect::{classify_lapin, is_not_found};
 use crate::Error;
 
 /// How long closing a nacked lane may take before it is left to go.
@@ -122,6 +122,7 @@ impl Publisher {
                 }
             }),
             // The lane is closed by the broker; dropping it lets it go.
+            // The exchange does not exist.
             Err(e) if is_not_found(&e) => Ok(Published::NoExchange),
             Err(e) if let Some(message) = too_large(&e) => Ok(Published::TooLarge(message)),
             Err(e) => Err(classify_lapin(e)),
@@ -178,14 +179,4 @@ fn too_large(e: &lapin::Error) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// Whether the broker refused a publish because its exchange does not
-/// exist.
-fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-    )
 }

@@ -201,7 +201,7 @@ pub(crate) async fn delete_server_queue_if_idle(
                     return Ok(false);
                 }
                 // Not there: nothing to delete.
-                Err(e) if is_not_found(&e) => return Ok(true),
+                Err(e) if super::connect::is_not_found(&e) => return Ok(true),
                 Err(e) => return Err(e),
             }
             QueueDeleteOptions::default()
@@ -221,17 +221,6 @@ pub(crate) async fn delete_server_queue_if_idle(
     matches!(
         tokio::time::timeout(CLOSE_TIMEOUT, delete).await,
         Ok(Ok(true))
-    )
-}
-
-/// Whether the broker answered `NOT_FOUND` (404).
-#[cfg(feature = "server")]
-pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
     )
 }
 

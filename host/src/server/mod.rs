@@ -470,7 +470,9 @@ impl Server {
             })
             .await;
             match declared {
-                Err(Error::Connection(e)) if attempts < 3 && topology::is_not_found(&e) => {
+                Err(Error::Connection(e))
+                    if attempts < 3 && crate::amqp::connect::is_not_found(&e) =>
+                {
                     debug!(target: "callme::server", server_id = %id, "queue deleted while declared; declaring again");
                 }
                 other => break other?,
