@@ -7,8 +7,8 @@ use std::time::Duration;
 use callme::protocol::{Args, server_queue};
 use callme::{Error, ErrorKind, NativeFunctions, QueueType, ServerOptions};
 use callme_tests::{
-    Forwarder, amqp_url, amqp_url_as, broker_ctl, connection_pid, dedicated_user, eventually,
-    free_port, native_add, pos, proxy, server, unique,
+    Forwarder, amqp_url, amqp_url_as, answers_add, broker_ctl, connection_pid, dedicated_user,
+    eventually, free_port, native_add, pos, proxy, server, unique,
 };
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -476,16 +476,6 @@ async fn a_sidecar_picks_the_queue_type_and_it_cannot_change_while_served() {
     })
     .await;
     assert!(named.is_some(), "{}", host.log_text());
-}
-
-/// `add(i, 1)` of `id` answers `i + 1`.
-async fn answers_add(p: &callme::Proxy, id: &str, i: i64) {
-    let sum: i64 = p
-        .use_server(id)
-        .invoke("add", (i, 1))
-        .await
-        .unwrap_or_else(|e| panic!("{id}, round {i}: {e}"));
-    assert_eq!(sum, i + 1);
 }
 
 /// An id stopped and served again at once is served: the stopped id's

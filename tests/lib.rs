@@ -214,6 +214,17 @@ pub fn connection_pid(user: &str, name: &str) -> Option<String> {
         .find_map(|l| l.split('\t').nth(1).map(str::to_string))
 }
 
+/// Asserts that `add(i, 1)` of `id` answers `i + 1` (a server of
+/// [`native_add`] or calc).
+pub async fn answers_add(p: &Proxy, id: &str, i: i64) {
+    let sum: i64 = p
+        .use_server(id)
+        .invoke("add", (i, 1))
+        .await
+        .unwrap_or_else(|e| panic!("{id}, add({i}, 1): {e}"));
+    assert_eq!(sum, i + 1);
+}
+
 /// Loads a built plugin under `name` with `limits`.
 pub fn load(plugin: &str, name: &str, limits: PluginSettings) -> Plugin {
     Plugin::load(&runtime(), name, &plugin_bytes(plugin), limits).expect("plugin loads")

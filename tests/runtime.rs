@@ -678,7 +678,15 @@ const TWO_MEMORIES: &str = r#"
     (canon lift (core func $a "fail"))))
 "#;
 
-fn two_memories(settings: PluginSettings) -> Plugin {
+/// [`TWO_MEMORIES`], its memory capped at 16 pages.
+fn two_memories() -> Plugin {
+    let settings = PluginSettings {
+        limits: Limits {
+            memory_bytes: 16 << 16,
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
+    };
     let bytes = wat::parse_str(TWO_MEMORIES).expect("the component's text");
     Plugin::load(&runtime(), "two-memories", &bytes, settings).expect("plugin loads")
 }
@@ -688,15 +696,7 @@ fn two_memories(settings: PluginSettings) -> Plugin {
 /// grow by 14 pages in all, not by 15 each.
 #[tokio::test]
 async fn the_memory_cap_holds_for_all_of_a_components_memories_together() {
-    let settings = PluginSettings {
-        limits: Limits {
-            memory_bytes: 16 << 16,
-            ..Limits::default()
-        },
-        reuse_instances: true,
-        ..PluginSettings::default()
-    };
-    let p = two_memories(settings);
+    let p = two_memories();
     let mut session = p.session().await.unwrap();
     assert_eq!(
         session.call("grow-a", &pos(json!([10]))).await.unwrap(),
@@ -723,14 +723,7 @@ async fn the_memory_cap_holds_for_all_of_a_components_memories_together() {
 /// `MemoryLimit`.
 #[tokio::test]
 async fn a_memory_refusal_is_forgotten_by_the_next_call_of_an_instance() {
-    let settings = PluginSettings {
-        limits: Limits {
-            memory_bytes: 16 << 16,
-            ..Limits::default()
-        },
-        ..PluginSettings::default()
-    };
-    let p = two_memories(settings);
+    let p = two_memories();
     let mut session = p.session().await.unwrap();
     assert_eq!(
         session.call("grow-a", &pos(json!([100]))).await.unwrap(),
