@@ -25,6 +25,22 @@ async fn wait_version(p: &Proxy, id: &str, want: &str) {
     assert!(got.is_some(), "{id} never answered version {want}");
 }
 
+/// Waits until calls to `id` fail with `NoSuchServer`: its plugin was
+/// withdrawn and its queue deleted. Each try waits 300 ms at most, so the
+/// tries themselves do not keep requests waiting in the queue, which a
+/// stopped id's queue deletion waits for (up to 30 s, `if-empty`).
+async fn wait_withdrawn(p: &Proxy, id: &str) -> bool {
+    eventually(WAIT, || async {
+        let r = p
+            .use_server(id)
+            .call_timeout("version", Args::default(), Duration::from_millis(300))
+            .await;
+        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await
+    .is_some()
+}
+
 /// Deploys a good plugin under another name and waits for it: the host
 /// handles changes in order, so everything before it has been handled.
 async fn barrier(p: &Proxy, dir: &Path) {
@@ -173,11 +189,10 @@ async fn delete_then_restore() {
     wait_version(&p, &id, "1").await;
 
     std::fs::remove_file(&file).unwrap();
-    let gone = eventually(WAIT, || async {
-        matches!(version(&p, &id).await, Err(Error::NoSuchServer(_))).then_some(())
-    })
-    .await;
-    assert!(gone.is_some(), "deleted plugin still answers");
+    assert!(
+        wait_withdrawn(&p, &id).await,
+        "deleted plugin still answers"
+    );
 
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
     wait_version(&p, &id, "1").await;
@@ -487,11 +502,7 @@ async fn a_plugins_directory_made_again_is_followed() {
     deploy(&plugin_path("calc-v2"), &dir, &format!("{second}.wasm"));
     wait_version(&p, &second, "2").await;
     // What went with the old directory is withdrawn.
-    let gone = eventually(WAIT, || async {
-        matches!(version(&p, &first).await, Err(Error::NoSuchServer(_))).then_some(())
-    })
-    .await;
-    assert!(gone.is_some(), "{first} is still served");
+    assert!(wait_withdrawn(&p, &first).await, "{first} is still served");
 }
 
 /// A plugin deployed while the host is away from its broker is served
