@@ -686,3 +686,40 @@ async fn refused_redeliveries_and_queue_waits_are_counted() {
     );
     drop(host);
 }
+
+/// Clients that take every connection of the metrics endpoint and stop
+/// reading what it answers cannot make its health probe fail: beyond the
+/// places for scrapes, a connection still gets health and readiness (and
+/// `503` for the metrics), and once they leave, scrapes are served again.
+#[tokio::test]
+async fn clients_holding_every_connection_cannot_fail_the_health_probe() {
+    let port = callme_tests::metrics_endpoint().await;
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        // Writes until the endpoint stops reading: it is stuck writing
+        // answers nobody reads.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(300),
+            stream.write_all(pipelined.as_bytes()),
+        )
+        .await;
+        held.push(stream);
+    }
+    let health = tokio::time::timeout(Duration::from_secs(5), http_get(port, "/healthz")).await;
+    assert_eq!(health.expect("no answer to /healthz"), (200, "ok\n".into()));
+    let ready = tokio::time::timeout(Duration::from_secs(5), http_get(port, "/readyz")).await;
+    assert!(ready.is_ok(), "no answer to /readyz");
+    let metrics = tokio::time::timeout(Duration::from_secs(5), http_get(port, "/metrics")).await;
+    assert_eq!(metrics.expect("no answer to /metrics").0, 503);
+
+    drop(held);
+    let served = eventually(Duration::from_secs(10), || async {
+        (http_get(port, "/metrics").await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "scrapes not served once the clients left");
+}

@@ -541,3 +541,95 @@ async fn a_user_name_too_long_for_the_reply_names_is_refused_by_name() {
     );
     broker_ctl(&["delete_user", &user]);
 }
+
+/// A server (or anyone who may publish to a caller's reply queue) that
+/// floods it with replies cannot make the caller hold them: the proxy
+/// takes at most 64 unacknowledged replies from the broker, the rest wait
+/// in the broker's queue, and the caller's own calls are answered all the
+/// while. Once the flood is over, every reply taken has been acknowledged.
+#[tokio::test]
+async fn a_flood_of_replies_waits_in_the_broker_not_in_the_caller() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    let s = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let id = unique("flooded");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let mut overheard = callme_tests::RawClient::overhear(&server_exchange(&id)).await;
+    callme_tests::answers_add(&p, &id, 1).await;
+    let request = overheard.next_reply(None).await;
+    let queue = match request
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(callme::protocol::REPLY_QUEUE).cloned())
+    {
+        Some(lapin::types::AMQPValue::LongString(q)) => q.to_string(),
+        other => panic!("no reply queue named: {other:?}"),
+    };
+
+    let consumers = broker_ctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "ack_required",
+        "prefetch_count",
+    ]);
+    let reply_consumer: Vec<&str> = consumers
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&queue.as_str()))
+        .unwrap_or_else(|| panic!("no consumer of {queue}: {consumers}"))[1..]
+        .to_vec();
+    assert_eq!(reply_consumer, ["true", "64"], "{queue}: {consumers}");
+
+    let (_conn, flood) = callme_tests::raw_channel().await;
+    let body = vec![b' '; 64 << 10];
+    let flooding = async {
+        for i in 0..4_000 {
+            let props = BasicProperties::default().with_correlation_id(format!("flood-{i}").into());
+            flood
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let calling = async {
+        for i in 0..200 {
+            callme_tests::answers_add(&p, &id, i).await;
+        }
+    };
+    tokio::join!(flooding, calling);
+
+    let drained = callme_tests::eventually(Duration::from_secs(30), || {
+        let queue = queue.clone();
+        async move {
+            let listed = broker_ctl(&[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ]);
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [queue.as_str(), "0", "0"])
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        drained.is_some(),
+        "the flood was not taken and acknowledged"
+    );
+    callme_tests::answers_add(&p, &id, 7).await;
+}

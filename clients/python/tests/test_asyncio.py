@@ -186,3 +186,56 @@ def test_replies_come_pipelined_under_load(amqp_url: str, host: Host) -> None:
             assert pipelined() - before >= 100, (before, pipelined())
 
     asyncio.run(main())
+
+
+def test_a_flood_of_replies_waits_in_the_broker_not_in_the_caller(amqp_url: str, host: Host) -> None:
+    """Whoever may publish to a proxy's reply queue cannot make it hold a
+    flood of replies: the proxy takes at most 64 unacknowledged, the rest
+    waits in the broker, its own calls are answered all the while, and
+    once the flood is over every reply taken is acknowledged."""
+    import aio_pika
+    from conftest import rabbitmqctl
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 1) == 2
+            assert proxy._link is not None
+            queue = proxy._link.queue
+            consumers = rabbitmqctl(
+                "list_consumers", "-q", "--no-table-headers",
+                "queue_name", "ack_required", "prefetch_count",
+            )
+            mine = [line.split() for line in consumers.splitlines() if line.split()[:1] == [queue]]
+            assert mine and mine[0][1:] == ["true", "64"], consumers
+
+            flooder = await aio_pika.connect(amqp_url)
+            async with flooder:
+                channel = await flooder.channel(publisher_confirms=False)
+                body = b" " * (64 << 10)
+
+                async def flood() -> None:
+                    for i in range(4000):
+                        await channel.default_exchange.publish(
+                            aio_pika.Message(body, correlation_id=f"flood-{i}"), routing_key=queue
+                        )
+
+                async def calls() -> None:
+                    for i in range(200):
+                        assert await calc.add(i, 1) == i + 1
+
+                await asyncio.gather(flood(), calls())
+
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                listed = rabbitmqctl(
+                    "list_queues", "-q", "--no-table-headers",
+                    "name", "messages_ready", "messages_unacknowledged",
+                )
+                if [queue, "0", "0"] in [line.split() for line in listed.splitlines()]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, listed
+                await asyncio.sleep(0.2)
+            assert await calc.add(7, 1) == 8
+
+    asyncio.run(main())

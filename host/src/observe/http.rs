@@ -3,8 +3,15 @@
 //! A small HTTP/1 server on the host's own runtime. `/healthz` answers 200
 //! while the process runs; `/readyz` answers 200 while the host is ready
 //! and 503 with the reason otherwise; `/metrics` answers every metric in
-//! the OpenMetrics text format, which Prometheus reads. It holds at most
-//! [`MAX_CONNECTIONS`] connections at once, whatever its clients do.
+//! the OpenMetrics text format, which Prometheus reads.
+//!
+//! It holds at most [`MAX_CONNECTIONS`] connections at once, each for at
+//! most [`CONNECTION_LIFETIME`], whatever its clients do (a client that
+//! never reads its answers included). When they are all taken, up to
+//! [`MAX_OVERFLOW`] more connections get one answer each within
+//! [`OVERFLOW_LIFETIME`]: health and readiness as ever, `503` for the
+//! metrics. So clients that hold every place cannot make the liveness
+//! probe fail, and beyond both limits a connection is closed at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,9 +30,20 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
-/// Connections served at once; more wait in the listen backlog. Scrapers
-/// and probes need a handful.
+/// Connections served in full at once. Scrapers and probes need a
+/// handful.
 const MAX_CONNECTIONS: usize = 32;
+
+/// How long a connection may last, its answers written included, so a
+/// client that stops reading does not hold its place for good.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Connections beyond [`MAX_CONNECTIONS`] answered once each (health and
+/// readiness only), at once.
+const MAX_OVERFLOW: usize = 256;
+
+/// How long such a connection may last.
+const OVERFLOW_LIFETIME: Duration = Duration::from_secs(2);
 
 /// A client that has not sent a request's headers within this time is
 /// disconnected, so idle or stalled connections do not hold a place.
@@ -70,11 +88,8 @@ impl Endpoint {
             info!(target: "callme::server", %addr, "metrics, health and readiness endpoint listening");
         }
         let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let overflow = Arc::new(Semaphore::new(MAX_OVERFLOW));
         loop {
-            // The semaphore is never closed.
-            let Ok(place) = places.clone().acquire_owned().await else {
-                return;
-            };
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -83,22 +98,56 @@ impl Endpoint {
                     continue;
                 }
             };
+            let (place, full) = match places.clone().try_acquire_owned() {
+                Ok(place) => (place, true),
+                Err(_) => match overflow.clone().try_acquire_owned() {
+                    Ok(place) => (place, false),
+                    Err(_) => {
+                        debug!(target: "callme::server", "metrics endpoint: every place taken, connection closed");
+                        continue;
+                    }
+                },
+            };
             tokio::spawn(async move {
-                let served = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service_fn(respond))
-                    .await;
-                if let Err(e) = served {
-                    debug!(target: "callme::server", error = %e, "metrics endpoint: connection ended");
-                }
+                serve(stream, full).await;
                 drop(place);
             });
         }
     }
 }
 
-async fn respond(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// Serves one connection: in `full`, or with one answer and no metrics.
+async fn serve(stream: tokio::net::TcpStream, full: bool) {
+    let (lifetime, header_timeout) = if full {
+        (CONNECTION_LIFETIME, HEADER_TIMEOUT)
+    } else {
+        (OVERFLOW_LIFETIME, OVERFLOW_LIFETIME)
+    };
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(full)
+        .serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |request| respond(request, full)),
+        );
+    match tokio::time::timeout(lifetime, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            debug!(target: "callme::server", error = %e, "metrics endpoint: connection ended");
+        }
+        Err(_) => {
+            debug!(target: "callme::server", "metrics endpoint: connection closed after its time");
+        }
+    }
+}
+
+/// The answer to `request`; the metrics only on a connection served in
+/// `full`.
+async fn respond(
+    request: Request<Incoming>,
+    full: bool,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
         response
@@ -107,6 +156,10 @@ async fn respond(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, In
         return Ok(response);
     }
     let response = match request.uri().path() {
+        "/metrics" if !full => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: every connection for metrics is taken\n".into(),
+        ),
         "/metrics" => {
             let mut response = text(StatusCode::OK, super::render());
             response

@@ -369,16 +369,37 @@ pub(crate) fn queue_wait(server_id: &str, properties: &lapin::BasicProperties) {
     if !recording() {
         return;
     }
-    if let Some(sent) = sent_at(properties) {
-        // A caller's clock ahead of this host's gives a negative wait: 0.
-        let waited = SystemTime::now()
-            .duration_since(sent)
-            .unwrap_or(Duration::ZERO);
+    if let Some(waited) = waited(properties, SystemTime::now()) {
         METRICS
             .queue_wait
             .get_or_create(&id(server_id))
             .observe(waited.as_secs_f64());
     }
+}
+
+/// The longest wait believed of a request without an `expiration`: one
+/// sent longer ago says so falsely (or its caller's clock is wrong), and
+/// is not recorded.
+const MAX_BELIEVED_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long a request with `properties` waited until `now`, when it says
+/// when it was sent and that is believable: no longer than its
+/// `expiration` (past which the broker drops it) and a minute for clocks,
+/// or [`MAX_BELIEVED_WAIT`]. Any caller can write the timestamp, and one
+/// that claims years must not move the histogram everyone reads.
+fn waited(properties: &lapin::BasicProperties, now: SystemTime) -> Option<Duration> {
+    // A caller's clock ahead of this host's gives a negative wait: 0.
+    let waited = now
+        .duration_since(sent_at(properties)?)
+        .unwrap_or(Duration::ZERO);
+    let believed = properties
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok())
+        .map_or(MAX_BELIEVED_WAIT, |ms| {
+            Duration::from_millis(ms).saturating_add(Duration::from_secs(60))
+        });
+    (waited <= believed).then_some(waited)
 }
 
 /// When a request was sent: its `timestamp_in_ms` header (milliseconds,
@@ -841,6 +862,34 @@ impl Drop for LinkWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_longer_than_the_request_could_have_waited_is_not_believed() {
+        use lapin::types::{AMQPValue, FieldTable};
+        let now = SystemTime::now();
+        let sent = |ago: Duration, expiration: Option<&str>| {
+            let ms = now.duration_since(UNIX_EPOCH).unwrap() - ago;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                TIMESTAMP_IN_MS.into(),
+                AMQPValue::LongLongInt(ms.as_millis() as i64),
+            );
+            let props = lapin::BasicProperties::default().with_headers(headers);
+            match expiration {
+                Some(e) => props.with_expiration(e.into()),
+                None => props,
+            }
+        };
+        let secs = Duration::from_secs;
+        let w = |p| waited(&p, now).map(|d| d.as_secs());
+        assert_eq!(w(sent(secs(5), Some("60000"))), Some(5));
+        assert_eq!(w(sent(secs(100), Some("60000"))), Some(100));
+        assert_eq!(w(sent(secs(200), Some("60000"))), None);
+        assert_eq!(w(sent(secs(3600), None)), Some(3600));
+        assert_eq!(w(sent(secs(55 * 365 * 86400), None)), None);
+        let zero = lapin::BasicProperties::default().with_timestamp(0);
+        assert_eq!(waited(&zero, now), None, "sent in 1970");
+    }
 
     fn lines_with(text: &str, needle: &str) -> Vec<String> {
         text.lines()

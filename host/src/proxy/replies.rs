@@ -5,11 +5,18 @@
 //! connection: when the connection is lost, so are the replies on their
 //! way, and the calls waiting for them are failed at once. On each new
 //! connection the names are declared again and the proxy is ready again.
+//!
+//! Replies are acknowledged, at most [`REPLY_PREFETCH`] at a time on
+//! their way to the proxy, so whoever may publish to the reply queue (a
+//! server, rightly or not) cannot make the proxy hold more than that many
+//! messages: the rest waits in the broker, under its own limits. A reply
+//! nobody waits for is dropped before its body is read.
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::watch;
@@ -21,6 +28,17 @@ use crate::amqp::resubscribe::Subscription;
 use crate::amqp::topology;
 use crate::protocol::{Response, client_exchange, client_queue};
 use crate::{Error, ErrorKind, RemoteError};
+
+/// Replies the broker sends the proxy before it acknowledges any: with
+/// the broker's message size limit (16 MiB by default on RabbitMQ 4.x),
+/// what a flood of replies can make a proxy hold.
+pub(super) const REPLY_PREFETCH: u16 = 64;
+
+/// Replies taken before they are acknowledged together.
+const ACK_EVERY: u32 = 16;
+
+/// How long replies taken wait for more before they are acknowledged.
+const ACK_IDLE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The proxy's reply exchange and queue.
 #[derive(Clone)]
@@ -50,12 +68,15 @@ impl ReplyNames {
         topology::declare_reply(channel, &self.exchange, &self.queue)
             .await
             .map_err(classify_lapin)?;
+        channel
+            .basic_qos(REPLY_PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(classify_lapin)?;
         let consumer = channel
             .basic_consume(
                 self.queue.as_str().into(),
                 self.consumer_tag.as_str().into(),
                 BasicConsumeOptions {
-                    no_ack: true,
                     exclusive: true,
                     ..BasicConsumeOptions::default()
                 },
@@ -86,9 +107,9 @@ impl Subscription for Replies {
         self.names.declare(conn).await.map(Some)
     }
 
-    async fn consume(&mut self, conn: &Arc<Connection>, _channel: &Channel, consumer: Consumer) {
+    async fn consume(&mut self, conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
         self.ready.send_replace(Some(conn.clone()));
-        self.take_replies(consumer).await;
+        self.take_replies(channel, consumer).await;
         // Replies to calls sent on that connection went with it (the reply
         // queue is exclusive to it): fail those calls now rather than let
         // them wait out their timeouts.
@@ -106,12 +127,28 @@ impl Subscription for Replies {
 }
 
 impl Replies {
-    /// Takes replies until the consumer ends.
-    async fn take_replies(&self, mut consumer: Consumer) {
-        while let Some(delivery) = consumer.next().await {
-            let delivery = match delivery {
-                Ok(d) => d,
-                Err(e) => {
+    /// Takes replies until the consumer ends, acknowledging them in runs:
+    /// every [`ACK_EVERY`], and what is left once none came for
+    /// [`ACK_IDLE`].
+    async fn take_replies(&self, channel: &Channel, mut consumer: Consumer) {
+        let mut unacked = None;
+        let mut taken = 0;
+        loop {
+            let next = match unacked {
+                None => consumer.next().await,
+                Some(tag) => tokio::select! {
+                    next = consumer.next() => next,
+                    () = tokio::time::sleep(ACK_IDLE) => {
+                        self.ack(channel, tag).await;
+                        unacked = None;
+                        taken = 0;
+                        continue;
+                    }
+                },
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
                     // A proxy being dropped closes its connection under
                     // the consumer: that is no loss worth a warning.
                     if self.ready.is_closed() {
@@ -121,20 +158,49 @@ impl Replies {
                     }
                     return;
                 }
+                None => return,
             };
-            let Some(corr) = delivery.properties.correlation_id().as_ref() else {
-                debug!(target: "callme::proxy", "reply without correlation id dropped");
-                continue;
-            };
-            let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
-                Response::Error(RemoteError::new(
-                    ErrorKind::Internal,
-                    format!("malformed reply: {e}"),
-                ))
-            });
-            if !self.pending.answer(corr.as_str(), response) {
-                debug!(target: "callme::proxy", correlation_id = %corr, "late or unknown reply dropped");
+            self.take(&delivery);
+            taken += 1;
+            if taken < ACK_EVERY {
+                unacked = Some(delivery.delivery_tag);
+            } else {
+                self.ack(channel, delivery.delivery_tag).await;
+                unacked = None;
+                taken = 0;
             }
         }
+    }
+
+    /// Acknowledges every reply up to `tag`. A failure means the channel
+    /// is gone, and the consumer with it.
+    async fn ack(&self, channel: &Channel, tag: u64) {
+        let acked = channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await;
+        if let Err(e) = acked {
+            debug!(target: "callme::proxy", error = %e, "replies not acknowledged");
+        }
+    }
+
+    /// Hands one reply to the call waiting for it; reads its body only if
+    /// a call does.
+    fn take(&self, delivery: &Delivery) {
+        let Some(corr) = delivery.properties.correlation_id().as_ref() else {
+            debug!(target: "callme::proxy", "reply without correlation id dropped");
+            return;
+        };
+        let Some(call) = self.pending.take(corr.as_str()) else {
+            debug!(target: "callme::proxy", correlation_id = %corr.as_str().escape_debug(), "late or unknown reply dropped");
+            return;
+        };
+        let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
+            Response::Error(RemoteError::new(
+                ErrorKind::Internal,
+                format!("malformed reply: {e}"),
+            ))
+        });
+        // The call may have ended since: then nobody reads it.
+        let _ = call.send(response);
     }
 }

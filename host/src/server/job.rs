@@ -193,7 +193,7 @@ impl Job {
                     .await;
             }
         }
-        debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr, error = ?failed, elapsed = ?started.elapsed(), "answered");
+        debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr.escape_debug(), error = ?failed, elapsed = ?started.elapsed(), "answered");
     }
 }
 

@@ -277,7 +277,7 @@ class AsyncProxy:
         waiting = self._pending.get(correlation_id)
         if waiting is None or waiting.done():
             # A reply after its call timed out, or a duplicate.
-            log.debug("dropped a reply nobody waits for: correlation_id=%s", correlation_id)
+            log.debug("dropped a reply nobody waits for: correlation_id=%r", correlation_id)
             return
         waiting.set_result(body)
 

@@ -3,7 +3,10 @@
 A :class:`Link` opens the connection, declares the proxy's reply exchange
 ``client_USER_ex_UUID`` (direct, auto-delete) and its exclusive,
 auto-delete queue ``client_USER_queue_UUID`` bound to it with ``""``, and
-consumes that queue without acks, handing each reply to ``on_reply``. When
+consumes that queue, handing each reply to ``on_reply``. Replies are
+acknowledged, at most :data:`REPLY_PREFETCH` at a time on their way (as the
+Rust proxy does), so whoever may publish to the queue cannot make the proxy
+hold more than that many: the rest waits in the broker. When
 the connection (or the reply channel) is lost it calls ``on_lost`` (the
 proxy fails the calls waiting for replies), then reconnects with backoff and
 declares the same names again; calls made meanwhile wait for
@@ -34,6 +37,15 @@ log = logging.getLogger("callme.proxy")
 #: unless the URL's ``connection_timeout`` (milliseconds) says otherwise.
 CONNECT_TIMEOUT = 15.0
 
+#: Replies the broker sends before any is acknowledged: with the broker's
+#: message size limit, what a flood of replies can make a proxy hold.
+REPLY_PREFETCH = 64
+
+#: Replies acknowledged together, and how long replies taken wait for more
+#: before they are acknowledged anyway.
+_ACK_EVERY = 16
+_ACK_IDLE = 0.05
+
 #: Reconnection backoff: the first retry comes soon (a restart takes a few
 #: seconds), later ones at most this far apart.
 _BACKOFF_FIRST = 0.1
@@ -59,6 +71,11 @@ class Link:
         self._ready = asyncio.Event()
         self._task: Optional["asyncio.Task[None]"] = None
         self._closing = False
+        # The last reply taken and not yet acknowledged (its channel and
+        # tag), how many are, and the timer that acknowledges them.
+        self._unacked: "Optional[tuple[Any, int]]" = None
+        self._taken = 0
+        self._ack_timer: Optional[asyncio.TimerHandle] = None
 
     async def start(self) -> None:
         """Connects for the first time; later losses are repaired in the
@@ -144,7 +161,8 @@ class Link:
             # Consumed on aiormq's channel under aio-pika's: a reply needs
             # its correlation id and body only, not an IncomingMessage.
             underlay = await channel.get_underlay_channel()
-            await underlay.basic_consume(self.queue, self._deliver, no_ack=True)
+            await underlay.basic_qos(prefetch_count=REPLY_PREFETCH)
+            await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
         except BaseException as e:
             await _close_quietly(connection)
             if isinstance(e, aiormq.exceptions.ChannelAccessRefused):
@@ -208,8 +226,36 @@ class Link:
         correlation_id = message.header.properties.correlation_id
         if correlation_id is None:
             log.debug("dropped a reply without correlation id")
+        else:
+            self._on_reply(correlation_id, message.body)
+        tag = message.delivery_tag
+        if tag is None:
             return
-        self._on_reply(correlation_id, message.body)
+        self._unacked = (message.channel, tag)
+        self._taken += 1
+        if self._taken >= _ACK_EVERY:
+            self._ack()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(_ACK_IDLE, self._ack)
+
+    def _ack(self) -> None:
+        """Acknowledges every reply taken so far (``multiple``)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        unacked, self._unacked, self._taken = self._unacked, None, 0
+        if unacked is None:
+            return
+        channel, tag = unacked
+        if channel.is_closed:
+            return  # its replies went with it
+        ack = asyncio.ensure_future(channel.basic_ack(tag, multiple=True, wait=False))
+        ack.add_done_callback(_ack_done)
+
+
+def _ack_done(ack: "asyncio.Future[None]") -> None:
+    if not ack.cancelled() and ack.exception() is not None:
+        log.debug("replies not acknowledged: %s", ack.exception())
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:

@@ -65,6 +65,17 @@ pub enum ConfigError {
         /// The variable named.
         var: String,
     },
+    /// A value naming one of [`BROKER_SETTINGS`]: the broker's address,
+    /// credentials and key files never reach a plugin.
+    #[error(
+        "config key `{key}`: `${{{var}}}` is callme's own broker setting, which plugins are never given"
+    )]
+    ReservedEnv {
+        /// The key.
+        key: String,
+        /// The variable named.
+        var: String,
+    },
     /// More keys than [`MAX_CONFIG_KEYS`].
     #[error("`[config]` has {count} keys: at most {MAX_CONFIG_KEYS} are allowed")]
     TooManyKeys {
@@ -82,6 +93,15 @@ pub enum ConfigError {
         bytes: usize,
     },
 }
+
+/// The variables `callme` reads the broker's address, credentials and TLS
+/// files from (see `callme serve --help`): never handed to a plugin.
+pub(crate) const BROKER_SETTINGS: [&str; 4] = [
+    "CALLME_AMQP_URL",
+    "CALLME_CA_FILE",
+    "CALLME_CERT_FILE",
+    "CALLME_KEY_FILE",
+];
 
 /// The variable a value names, if it is written `${NAME}`.
 fn env_reference(raw: &str) -> Option<&str> {
@@ -108,6 +128,12 @@ impl Config {
         let mut values = BTreeMap::new();
         for (key, written) in raw {
             let value = match env_reference(&written) {
+                Some(var) if BROKER_SETTINGS.contains(&var) => {
+                    return Err(ConfigError::ReservedEnv {
+                        key,
+                        var: var.to_string(),
+                    });
+                }
                 Some(var) => match env(var) {
                     Some(value) => ConfigValue {
                         value,
@@ -220,6 +246,25 @@ mod tests {
             e.to_string(),
             "config key `api_key`: the environment variable `NOT_SET_ANYWHERE` is not set"
         );
+    }
+
+    #[test]
+    fn callmes_own_settings_are_never_handed_to_a_plugin() {
+        let e = Config::resolve(raw(&[("broker", "${CALLME_AMQP_URL}")]), |_| {
+            Some("amqp://callme:pw@broker".to_string())
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config key `broker`: `${CALLME_AMQP_URL}` is callme's own broker setting, which plugins are never given"
+        );
+        for var in BROKER_SETTINGS {
+            let written = format!("${{{var}}}");
+            let e = Config::resolve(raw(&[("x", &written)]), |_| Some("v".into()));
+            assert!(matches!(e, Err(ConfigError::ReservedEnv { .. })), "{var}");
+        }
+        let own = Config::resolve(raw(&[("x", "${CALLME_TEST_TOKEN}")]), |_| Some("v".into()));
+        assert_eq!(own.unwrap().get("x").unwrap().value(), "v");
     }
 
     #[test]

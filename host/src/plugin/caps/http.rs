@@ -188,9 +188,14 @@ impl HttpGrant {
     }
 
     /// The entry that grants a request to `uri`, if one does: its host
-    /// and port, the port defaulting to the scheme's.
+    /// and port, the port defaulting to the scheme's. An authority with
+    /// user information (`user@host`) is never granted: the connection
+    /// would go to the whole string, not to the host checked.
     fn entry_for(&self, uri: &Uri) -> Option<&str> {
         let authority = uri.authority()?;
+        if authority.as_str().contains('@') {
+            return None;
+        }
         let port = authority.port_u16().or_else(|| match uri.scheme() {
             Some(s) if *s == Scheme::HTTP => Some(80),
             Some(s) if *s == Scheme::HTTPS => Some(443),
@@ -257,6 +262,8 @@ struct HttpHooks {
     grant: Option<HttpGrant>,
     /// Requests the call being served has sent.
     sent: u32,
+    /// Requests it was refused: only the first is logged.
+    denied: u32,
     /// Their tasks, stopped when the call ends (these hooks are dropped
     /// then), even where the guest keeps their futures: an instance kept
     /// for the next call (`reuse_instances`) keeps its resource table.
@@ -303,7 +310,10 @@ impl WasiHttpHooks for HttpHooks {
             .as_ref()
             .and_then(|g| Some((g, g.entry_for(uri)?.to_string())));
         let Some((grant, entry)) = granted else {
-            tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request denied");
+            if self.denied == 0 {
+                tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request denied (further denials in this call are not logged)");
+            }
+            self.denied = self.denied.saturating_add(1);
             observe::plugin_http_request(&plugin, "_not_allowed", "denied", None);
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
@@ -586,6 +596,8 @@ mod tests {
         assert!(!allows("https://evil.example.com/"));
         assert!(!allows("http://127.0.0.1.nip.io:8080/"));
         assert!(!allows("/no/authority"));
+        assert!(!allows("http://token@127.0.0.1:8080/"));
+        assert!(!allows("https://user:pw@api.example.com/v1"));
         assert!(!HttpGrant::default().allows("127.0.0.1", 8080));
         assert!(!HttpGrant::default().is_granted());
         assert_eq!(

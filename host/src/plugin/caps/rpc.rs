@@ -153,6 +153,12 @@ impl CallFailure {
                 message: remote.message,
                 data: (!remote.data.is_null()).then(|| remote.data.to_string()),
             },
+            // The broker's words name the host's user and vhost: the
+            // guest is told only that access was refused.
+            Error::AccessRefused(_) => CallFailure::new(
+                e.type_name(),
+                "the broker refused this host access to that server".to_string(),
+            ),
             other => CallFailure::new(other.type_name(), other.to_string()),
         }
     }
@@ -292,6 +298,21 @@ impl Drop for Counted<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_tells_the_guest_nothing_of_the_hosts_user() {
+        let refused = Error::AccessRefused(
+            "ACCESS_REFUSED - write access to exchange 'x' in vhost 'prod' refused for user 'callme-host'".into(),
+        );
+        let failure = CallFailure::from_error(refused);
+        assert_eq!(failure.kind, "AccessRefused");
+        assert!(
+            !failure.message.contains("callme-host"),
+            "{}",
+            failure.message
+        );
+        assert!(!failure.message.contains("prod"), "{}", failure.message);
+    }
 
     #[test]
     fn grants_name_servers_or_everything() {
