@@ -498,6 +498,9 @@ enum Answer {
     /// Reads the request, never answers, and reads on until the client
     /// closes the connection (counted in [`HttpServer::open`]).
     Hold,
+    /// As [`Answer::Hold`], after sending the headers and the start of a
+    /// body: the client has its response and holds its connection.
+    HoldAnswered,
 }
 
 /// The body [`Answer::Body`] sends.
@@ -563,7 +566,12 @@ impl HttpServer {
                             std::future::pending::<()>().await;
                             return;
                         }
-                        Answer::Hold => {
+                        Answer::Hold | Answer::HoldAnswered => {
+                            if matches!(answer, Answer::HoldAnswered) {
+                                let start =
+                                    "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nthe start";
+                                let _ = stream.write_all(start.as_bytes()).await;
+                            }
                             still_open.fetch_add(1, Ordering::SeqCst);
                             while let Ok(n) = stream.read(&mut buf).await
                                 && n > 0
@@ -625,7 +633,19 @@ async fn fetch(p: &callme::Plugin, url: &str) -> Result<String, String> {
 /// connections past the per-call limit and the deadline.
 #[tokio::test]
 async fn http_requests_a_kept_instance_holds_end_with_their_call() {
-    let web = HttpServer::start(Answer::Hold).await;
+    requests_end_with_their_call(Answer::Hold).await;
+}
+
+/// As above, where the guest has its responses and keeps their bodies:
+/// their connections end with the call too, so the next call (perhaps
+/// another caller's) cannot read on from them.
+#[tokio::test]
+async fn http_responses_a_kept_instance_holds_end_with_their_call() {
+    requests_end_with_their_call(Answer::HoldAnswered).await;
+}
+
+async fn requests_end_with_their_call(answer: Answer) {
+    let web = HttpServer::start(answer).await;
     let mut settings = granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(60));
     settings.reuse_instances = true;
     let p = load("hostile", &unique("cap-fire"), settings);

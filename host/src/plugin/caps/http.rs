@@ -268,6 +268,9 @@ struct HttpHooks {
     /// then), even where the guest keeps their futures: an instance kept
     /// for the next call (`reuse_instances`) keeps its resource table.
     running: Vec<tokio::task::AbortHandle>,
+    /// The connections of their responses, which outlive the requests'
+    /// tasks while the guest holds a response body: stopped with them.
+    connections: Connections,
     /// For the log.
     plugin: Option<Arc<str>>,
 }
@@ -277,6 +280,27 @@ impl Drop for HttpHooks {
         for task in self.running.drain(..) {
             task.abort();
         }
+        for task in self.connections.lock().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// The tasks of a call's response connections, shared with the requests'
+/// tasks that start them.
+#[derive(Clone, Default)]
+struct Connections(Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>);
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::AbortHandle>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `task`, forgetting those that ended.
+    fn push(&self, task: tokio::task::AbortHandle) {
+        let mut tasks = self.lock();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 }
 
@@ -326,7 +350,11 @@ impl WasiHttpHooks for HttpHooks {
         let (cap, timeout) = (grant.max_response_bytes, grant.timeout);
         tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request");
         let sent = io_runtime().map(|io| {
-            let (task, sent) = run_on(io, send(io.clone(), request, options, cap, timeout));
+            let connections = self.connections.clone();
+            let (task, sent) = run_on(
+                io,
+                send(io.clone(), request, options, cap, timeout, connections),
+            );
             self.running.retain(|t| !t.is_finished());
             self.running.push(task);
             sent
@@ -462,13 +490,15 @@ fn run_on<T: Send + 'static>(
 }
 
 /// Sends an allowed request on `io`: at most `timeout` until the last
-/// byte of the response, a body of at most `cap` bytes.
+/// byte of the response, a body of at most `cap` bytes. The response's
+/// connection goes into `connections`, to end with the call.
 async fn send(
     io: tokio::runtime::Handle,
     request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
     cap: u64,
     timeout: Duration,
+    connections: Connections,
 ) -> Sent {
     let deadline = tokio::time::Instant::now() + timeout;
     let sent = tokio::time::timeout_at(
@@ -498,11 +528,12 @@ async fn send(
     // The connection ends with the time limit too, whether or not the
     // guest reads the body; a moment after it, so that a body still
     // coming fails with the timeout, not with a connection closed.
-    let (_, connection) = run_on(&io, async move {
+    let (task, connection) = run_on(&io, async move {
         tokio::time::timeout_at(deadline + CONNECTION_GRACE, connection)
             .await
             .unwrap_or(Ok(()))
     });
+    connections.push(task);
     Ok((response, Box::new(async move { connection.await? })))
 }
 
