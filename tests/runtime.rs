@@ -803,3 +803,52 @@ async fn a_guest_cannot_make_the_host_hold_memory_through_unsent_http_bodies() {
     // And the next call is served as ever.
     assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
 }
+
+/// Used instances handed to a thread that never gets to drop them (the
+/// lowest-priority thread of a host so busy it gets no CPU; here, a
+/// runtime nobody drives) do not take their slots with them: past a few,
+/// an instance is dropped where its call ended, so calls never run out of
+/// slots (with 4 slots, 20 calls, none waits), and what that thread never
+/// started is done elsewhere soon after.
+#[tokio::test]
+async fn used_instances_come_back_when_the_thread_that_drops_them_is_starved() {
+    let rt = callme::Runtime::with_config(callme::RuntimeConfig {
+        max_instances: 4,
+        ..callme::RuntimeConfig::default()
+    })
+    .unwrap();
+    let settings = PluginSettings {
+        limits: Limits {
+            deadline: Duration::from_secs(2),
+            ..Limits::default()
+        },
+        prewarm: 1,
+        ..PluginSettings::default()
+    };
+    let p = Plugin::load(&rt, "calc", &plugin_bytes("calc"), settings).unwrap();
+    let starved = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    p.start_prewarm(starved.handle());
+    for i in 0..20i64 {
+        assert_eq!(
+            p.call("add", &pos(json!([i, 1]))).await.unwrap(),
+            json!(i + 1),
+            "call {i}"
+        );
+    }
+    let stats = rt.stats();
+    assert_eq!(stats.waited, 0, "{stats:?}");
+    assert!(stats.instances <= 4, "{stats:?}");
+    // What the starved thread never started is done by the call's own
+    // runtime after a few milliseconds: every used instance is dropped,
+    // and the spare is made.
+    let settled = eventually(Duration::from_secs(5), || async {
+        let st = rt.stats();
+        (st.instances == 1 && st.kept == 1).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "{:?}", rt.stats());
+    assert_eq!(p.spares(), 1);
+    starved.shutdown_background();
+}

@@ -55,9 +55,10 @@ impl Plugin {
     ) -> Result<Value, PluginError> {
         let export = self.export(func)?;
         let params = bind_args(&export.info, &export.params, args)?;
-        let mut sandbox = self.instances.sandbox().await?;
+        let busy = context.busy;
+        let mut sandbox = self.instances.sandbox(busy).await?;
         let result = run(&self.instances, &mut sandbox, export, &params, context).await;
-        self.instances.give_back(sandbox);
+        self.instances.give_back(sandbox, busy);
         result
     }
 

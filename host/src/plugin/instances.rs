@@ -87,6 +87,63 @@ struct Counters {
     /// Calls waiting for a slot right now: while there are any, no
     /// instance is kept (it would hold a slot a call waits for).
     waiting: AtomicUsize,
+    /// Used instances handed to the background thread to be dropped and
+    /// not dropped yet.
+    dropping: AtomicUsize,
+}
+
+/// How long work handed to the quiet thread may wait for it before a
+/// thread of ordinary priority does it: that thread gets CPU only when
+/// nothing else wants it, and a machine busy with other work may give it
+/// none, while the work holds an instance slot, and a used instance the
+/// code of its plugin's version.
+const RESCUE_AFTER: Duration = Duration::from_millis(5);
+
+/// Where a spare is made or a used instance dropped: `handle`, or, when
+/// `rescuer` is given and `handle` has not started the work within
+/// [`RESCUE_AFTER`], `rescuer`.
+struct Maker {
+    handle: tokio::runtime::Handle,
+    rescuer: Option<tokio::runtime::Handle>,
+}
+
+impl Maker {
+    /// Runs `work` once, where [`Maker`] says.
+    fn run(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let Some(rescuer) = &self.rescuer else {
+            return drop(self.handle.spawn(work));
+        };
+        let work = Arc::new(Mutex::new(Some(Box::pin(work))));
+        let taken = Arc::clone(&work);
+        let take = move || taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let rescue = take.clone();
+        drop(self.handle.spawn(async move {
+            if let Some(work) = take() {
+                work.await;
+            }
+        }));
+        drop(rescuer.spawn(async move {
+            tokio::time::sleep(RESCUE_AFTER).await;
+            if let Some(work) = rescue() {
+                work.await;
+            }
+        }));
+    }
+}
+
+/// Used instances waiting for the background thread to drop them, at
+/// most (and an eighth of the slots, at least one): past them, the thread
+/// is starved (the host is saturated), and a call's instance is dropped
+/// where the call ended, so slots come back.
+const MAX_DROPPING: usize = 16;
+
+/// One instance handed over to be dropped, counted until it is.
+struct Dropping(Arc<Counters>);
+
+impl Drop for Dropping {
+    fn drop(&mut self) {
+        self.0.dropping.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The instance slots of a runtime, and the plugins that keep instances
@@ -95,6 +152,8 @@ pub(crate) struct Capacity {
     slots: Arc<Semaphore>,
     max_instances: u32,
     max_kept: usize,
+    /// Used instances handed over to be dropped, at most.
+    max_dropping: usize,
     counters: Arc<Counters>,
     /// Every plugin loaded, to find kept instances to evict. Weak, so a
     /// replaced version goes away with its last call.
@@ -132,6 +191,7 @@ impl Capacity {
             slots: Arc::new(Semaphore::new(max_instances as usize)),
             max_instances,
             max_kept: max_instances.div_ceil(KEPT_SHARE) as usize,
+            max_dropping: (max_instances as usize / 8).clamp(1, MAX_DROPPING),
             counters: Arc::default(),
             plugins: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -396,6 +456,26 @@ impl Instances {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Where spares are made and used instances dropped, if spares are
+    /// kept: the thread given to `start_prewarm`, unless the host is
+    /// `busy` (see `CallContext::busy`): then the runtime of the call at
+    /// hand, where that work competes with calls as an equal (under load
+    /// a lowest-priority thread gets too little CPU to keep up).
+    fn maker(&self, busy: bool) -> Option<Maker> {
+        let quiet = self.maker.get()?;
+        let current = tokio::runtime::Handle::try_current().ok();
+        Some(match current {
+            Some(current) if busy => Maker {
+                handle: current,
+                rescuer: None,
+            },
+            current => Maker {
+                handle: quiet.clone(),
+                rescuer: current,
+            },
+        })
+    }
+
     /// Starts keeping `settings.prewarm` spares, made on `handle`. Until
     /// this is called (and with `prewarm = 0`) every fresh call makes its
     /// own instance, which suits one-shot use.
@@ -404,7 +484,7 @@ impl Instances {
             return;
         }
         if self.maker.set(handle.clone()).is_ok() {
-            self.replenish();
+            self.replenish(false);
         }
     }
 
@@ -432,7 +512,7 @@ impl Instances {
     ///
     /// [`PluginError::Timeout`] when every slot stays in a call for
     /// longer than the plugin's deadline.
-    pub(super) async fn sandbox(self: &Arc<Self>) -> Result<Sandbox, PluginError> {
+    pub(super) async fn sandbox(self: &Arc<Self>, busy: bool) -> Result<Sandbox, PluginError> {
         let deadline = Instant::now() + self.settings.limits.deadline;
         let capacity = self.capacity();
         self.last_call
@@ -458,7 +538,7 @@ impl Instances {
         };
         // After the call has its slot: a spare made first could take it.
         // A no-op unless spares are kept (never with reuse).
-        self.replenish();
+        self.replenish(busy);
         Ok(sandbox)
     }
 
@@ -479,7 +559,7 @@ impl Instances {
     /// Takes back a sandbox after its call. With `reuse_instances`, one
     /// whose call returned (it still has its instance) is kept for the
     /// next call; anything else is discarded.
-    pub(super) fn give_back(&self, sandbox: Sandbox) {
+    pub(super) fn give_back(&self, sandbox: Sandbox, busy: bool) {
         let reusable = self.settings.reuse_instances
             && sandbox.instance.is_some()
             && self.pool().ready.len() < MAX_IDLE;
@@ -496,10 +576,10 @@ impl Instances {
                     _counted: observe::instance_kept(&self.name),
                 };
                 if let Err(kept) = self.keep(kept) {
-                    self.discard(kept.sandbox);
+                    self.discard(kept.sandbox, busy);
                 }
             }
-            None => self.discard(sandbox),
+            None => self.discard(sandbox, busy),
         }
     }
 
@@ -518,19 +598,35 @@ impl Instances {
     }
 
     /// Drops a used sandbox. Giving its memory back to the pool takes as
-    /// long as a small call, so where spares are made (off the caller's
-    /// path) the drop happens there too.
-    pub(super) fn discard(&self, sandbox: Sandbox) {
-        match self.maker.get() {
-            Some(handle) => drop(handle.spawn(async move { drop(sandbox) })),
-            None => drop(sandbox),
+    /// long as a small call (longer for an interpreter), so where spares
+    /// are made (off the caller's path, at the lowest priority) the drop
+    /// happens there too, unless enough already wait there
+    /// ([`MAX_DROPPING`]).
+    pub(super) fn discard(&self, sandbox: Sandbox, busy: bool) {
+        let Some(maker) = self.maker(busy) else {
+            return drop(sandbox);
+        };
+        if maker.rescuer.is_none() {
+            // Busy: on the executor, as one of its tasks.
+            return maker.run(async move { drop(sandbox) });
         }
+        let capacity = self.capacity();
+        let counters = &capacity.counters;
+        let dropping = Dropping(Arc::clone(counters));
+        if counters.dropping.fetch_add(1, Ordering::SeqCst) >= capacity.max_dropping {
+            drop(dropping);
+            return drop(sandbox);
+        }
+        maker.run(async move {
+            drop(sandbox);
+            drop(dropping);
+        });
     }
 
     /// Starts making spares until ready and being made reach the target,
     /// from free slots only and while no call waits for one.
-    fn replenish(self: &Arc<Self>) {
-        let Some(handle) = self.maker.get() else {
+    fn replenish(self: &Arc<Self>, busy: bool) {
+        let Some(maker) = self.maker(busy) else {
             return;
         };
         let capacity = self.capacity();
@@ -556,7 +652,7 @@ impl Instances {
                 return;
             };
             let this = Arc::clone(self);
-            handle.spawn(async move {
+            maker.run(async move {
                 let made = this.make(slot).await;
                 this.pool().making -= 1;
                 match made {

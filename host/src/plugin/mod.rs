@@ -121,8 +121,12 @@ impl Plugin {
     }
 
     /// Starts keeping the spare instances the plugin's `prewarm` setting
-    /// asks for, made on `handle` (see [`PluginSettings::prewarm`]). A
-    /// server does this for each plugin it serves; one-shot users need not.
+    /// asks for (see [`PluginSettings::prewarm`]), made, and used
+    /// instances dropped, on `handle` (a server gives its lowest-priority
+    /// thread), except for calls whose [`CallContext::busy`] is set: then
+    /// on the runtime of the call. Work `handle` has not started within a
+    /// few milliseconds is done on the caller's runtime. A server does
+    /// this for each plugin it serves; one-shot users need not.
     pub fn start_prewarm(&self, handle: &tokio::runtime::Handle) {
         self.instances.start_prewarm(handle);
     }

@@ -26,6 +26,7 @@ mod consumer;
 mod job;
 mod registry;
 mod reply;
+mod runtimes;
 mod service;
 mod unreadable;
 
@@ -40,6 +41,7 @@ use tracing::{debug, info, warn};
 use consumer::{ConsumerHandle, Consuming};
 use registry::{Entry, Registry, Share, Swap, check_concurrency};
 use reply::{Replier, Throttle};
+use runtimes::Executor;
 pub use service::NativeFunctions;
 use service::Service;
 
@@ -130,6 +132,9 @@ struct Inner {
     /// stop between a start's declare and its consume).
     changes: tokio::sync::Mutex<()>,
     executor: Executor,
+    /// Where spare instances are made and used ones dropped, at the
+    /// lowest CPU priority.
+    background: Executor,
     in_flight: Arc<Semaphore>,
     /// Requests answered and acked.
     answered: AtomicU64,
@@ -165,25 +170,6 @@ const NOISY_PERIOD: Duration = Duration::from_secs(10);
 /// a server opens for replies, whatever its callers do.
 const REPLY_LANES: usize = 64;
 
-/// The runtime plugin code runs on, shut down without blocking when the
-/// server goes away (dropping a runtime inside async code would panic).
-struct Executor(Option<tokio::runtime::Runtime>);
-
-impl Executor {
-    fn handle(&self) -> &tokio::runtime::Handle {
-        // Only `Drop` takes the runtime out.
-        self.0.as_ref().expect("executor is running").handle()
-    }
-}
-
-impl Drop for Executor {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 /// Calls in flight across the whole server; far above any concurrency
 /// setting, it only exists so shutdown can wait for them.
 const MAX_IN_FLIGHT: u32 = 1 << 20;
@@ -202,15 +188,8 @@ impl Server {
         check_concurrency(options.concurrency)?;
         let user = connect.user(&connect.parse()?);
         let link = Link::connect(connect, "callme server").await?;
-        let executor = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(options.executor_threads.max(1))
-            .thread_name("callme-plugin")
-            .enable_time()
-            .build()
-            .map_err(|source| Error::Runtime {
-                what: "the plugin executor",
-                source,
-            })?;
+        let executor = Executor::plugins(options.executor_threads)?;
+        let background = Executor::background()?;
         info!(target: "callme::server", broker = %link.first_node(), "connected");
         let pipeline = if options.pipeline_replies {
             Pipeline::start(connect.clone(), link.subscribe())
@@ -225,7 +204,8 @@ impl Server {
                 options,
                 registry: Registry::new(),
                 changes: tokio::sync::Mutex::new(()),
-                executor: Executor(Some(executor)),
+                executor,
+                background,
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
                 answered: AtomicU64::new(0),
                 publisher: Arc::new(Publisher::new(REPLY_LANES)),
@@ -284,7 +264,7 @@ impl Server {
                 .get_or_try_init(|| Proxy::sharing(&inner.link, &inner.user, DEFAULT_TIMEOUT))
                 .await?;
         }
-        plugin.start_prewarm(self.inner.executor.handle());
+        plugin.start_prewarm(self.inner.background.handle());
         match self.inner.registry.swap_plugin(&id, plugin, wanted)? {
             Swap::NotServed(plugin) => {
                 self.start(id, Service::Plugin(ArcSwap::from_pointee(plugin)), wanted)

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
@@ -129,8 +131,10 @@ impl Service {
                 }
                 // The call's span follows it onto the plugin executor, so
                 // the plugin's log lines carry its trace.
-                let context =
-                    CallContext::new(cx.depth, Some(cx.trace.clone()), cx.calls_out.cloned());
+                let context = CallContext {
+                    busy: !cx.quiet,
+                    ..CallContext::new(cx.depth, Some(cx.trace.clone()), cx.calls_out.cloned())
+                };
                 let in_place = cx.quiet && plugin.has_ready_instance();
                 let call =
                     async move { plugin.call_with(&func, &args, context).await }.in_current_span();
@@ -170,16 +174,23 @@ pub(super) const QUIET_IN_FLIGHT: usize = 2;
 /// arguments into the guest takes a few microseconds, not milliseconds.
 pub(super) const QUIET_MAX_REQUEST_BYTES: usize = 64 << 10;
 
+/// How long a call run in place may keep running here through its own
+/// yields (a guest yields every [`crate::plugin::YIELD_EVERY_FUEL`] units
+/// of fuel) before it moves to the executor: the first call of a fresh
+/// JavaScript instance yields once or twice in its first few hundred
+/// microseconds, and moving it then cost it the hop.
+pub(super) const IN_PLACE_BUDGET: Duration = Duration::from_millis(1);
+
 /// Runs a plugin call on the plugin executor, except when `in_place`:
 /// then the call is first polled right here, and moves to the executor
-/// only at its first wait or yield. The hop to the executor and back is
+/// at its first wait, or at a yield once it has run here for
+/// [`IN_PLACE_BUDGET`]. The hop to the executor and back is
 /// half of what a small call costs its caller (about 25 µs of 35–50),
 /// and most calls finish without waiting. The server asks for it only
 /// while the host is nearly idle (see [`Context::quiet`]), for a small
 /// request, and when an instance is ready: nothing is made and nothing
-/// dropped on this thread then, and a guest yields every
-/// [`crate::plugin::YIELD_EVERY_FUEL`] units of fuel, so the call holds
-/// this thread for a fraction of a millisecond at most. Under load,
+/// dropped on this thread then, and the call holds this thread for about
+/// [`IN_PLACE_BUDGET`] at most. Under load,
 /// calls run on the executor from the start, where they do not hold up
 /// the threads that talk to the broker.
 ///
@@ -193,10 +204,30 @@ where
 {
     let mut call = Box::pin(call);
     if in_place {
+        let started = Instant::now();
         let first = std::future::poll_fn(|task| {
             let _executor = cx.executor.enter();
             Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
-                call.as_mut().poll(task)
+                loop {
+                    // Polled with a waker that says whether the call woke
+                    // itself while polled: it yielded, and has more to
+                    // run now, rather than waiting for something.
+                    let woken = Arc::new(Woken {
+                        yielded: AtomicBool::new(false),
+                        task: task.waker().clone(),
+                    });
+                    let waker = Waker::from(Arc::clone(&woken));
+                    let polled = call
+                        .as_mut()
+                        .poll(&mut std::task::Context::from_waker(&waker));
+                    if polled.is_pending()
+                        && woken.yielded.load(Ordering::SeqCst)
+                        && started.elapsed() < IN_PLACE_BUDGET
+                    {
+                        continue;
+                    }
+                    return polled;
+                }
             })))
         })
         .await;
@@ -207,6 +238,24 @@ where
         }
     }
     cx.executor.spawn(call).await.map_err(|e| e.to_string())
+}
+
+/// A call's waker while it runs in place: notes a wake, and passes it on
+/// to the task running the call.
+struct Woken {
+    yielded: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.yielded.store(true, Ordering::SeqCst);
+        self.task.wake_by_ref();
+    }
 }
 
 /// What a caught panic says.

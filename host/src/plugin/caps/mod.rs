@@ -76,6 +76,12 @@ pub struct CallContext {
     /// The proxy the guest's calls go through; without one (a plugin run
     /// outside a server) they fail with `Unavailable`.
     pub proxy: Option<Proxy>,
+    /// The host is busy (more requests in flight than a caller calling in
+    /// sequence makes): the work no call waits for, making spares and
+    /// dropping used instances, is done with the calls rather than on the
+    /// lowest-priority thread given to `Plugin::start_prewarm`, which
+    /// gets too little CPU under load to keep up.
+    pub busy: bool,
 }
 
 impl CallContext {
@@ -86,6 +92,7 @@ impl CallContext {
             depth,
             trace,
             proxy,
+            busy: false,
         }
     }
 }
