@@ -377,6 +377,9 @@ pub(crate) fn queue_wait(server_id: &str, properties: &lapin::BasicProperties) {
     }
 }
 
+/// How far apart a caller's clock and this host's are believed to be.
+const CLOCK_SLACK: Duration = Duration::from_secs(60);
+
 /// The longest wait believed of a request without an `expiration`: one
 /// sent longer ago says so falsely (or its caller's clock is wrong), and
 /// is not recorded.
@@ -388,16 +391,22 @@ const MAX_BELIEVED_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// or [`MAX_BELIEVED_WAIT`]. Any caller can write the timestamp, and one
 /// that claims years must not move the histogram everyone reads.
 fn waited(properties: &lapin::BasicProperties, now: SystemTime) -> Option<Duration> {
-    // A caller's clock ahead of this host's gives a negative wait: 0.
-    let waited = now
-        .duration_since(sent_at(properties)?)
-        .unwrap_or(Duration::ZERO);
+    let sent = sent_at(properties)?;
+    // A caller's clock a little ahead of this host's gives a negative
+    // wait: 0. Far ahead, it is not believed either.
+    if sent
+        .duration_since(now)
+        .is_ok_and(|ahead| ahead > CLOCK_SLACK)
+    {
+        return None;
+    }
+    let waited = now.duration_since(sent).unwrap_or(Duration::ZERO);
     let believed = properties
         .expiration()
         .as_ref()
         .and_then(|e| e.as_str().parse::<u64>().ok())
         .map_or(MAX_BELIEVED_WAIT, |ms| {
-            Duration::from_millis(ms).saturating_add(Duration::from_secs(60))
+            Duration::from_millis(ms).saturating_add(CLOCK_SLACK)
         });
     (waited <= believed).then_some(waited)
 }
@@ -887,6 +896,17 @@ mod tests {
         assert_eq!(w(sent(secs(200), Some("60000"))), None);
         assert_eq!(w(sent(secs(3600), None)), Some(3600));
         assert_eq!(w(sent(secs(55 * 365 * 86400), None)), None);
+        let ahead = |by: Duration| {
+            let ms = now.duration_since(UNIX_EPOCH).unwrap() + by;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                TIMESTAMP_IN_MS.into(),
+                AMQPValue::LongLongInt(ms.as_millis() as i64),
+            );
+            lapin::BasicProperties::default().with_headers(headers)
+        };
+        assert_eq!(w(ahead(secs(5))), Some(0), "a clock a little ahead");
+        assert_eq!(w(ahead(secs(3600))), None, "a clock far ahead");
         let zero = lapin::BasicProperties::default().with_timestamp(0);
         assert_eq!(waited(&zero, now), None, "sent in 1970");
     }

@@ -606,8 +606,8 @@ impl Instances {
         let Some(maker) = self.maker(busy) else {
             return drop(sandbox);
         };
-        if maker.rescuer.is_none() {
-            // Busy: on the executor, as one of its tasks.
+        if busy {
+            // On the call's runtime, as one of its tasks.
             return maker.run(async move { drop(sandbox) });
         }
         let capacity = self.capacity();

@@ -264,7 +264,13 @@ impl Server {
                 .get_or_try_init(|| Proxy::sharing(&inner.link, &inner.user, DEFAULT_TIMEOUT))
                 .await?;
         }
-        plugin.start_prewarm(self.inner.background.handle());
+        {
+            // Inside the executor, which rescues what the background
+            // thread does not start in time (not this runtime, which
+            // talks to the broker).
+            let _executor = self.inner.executor.handle().enter();
+            plugin.start_prewarm(self.inner.background.handle());
+        }
         match self.inner.registry.swap_plugin(&id, plugin, wanted)? {
             Swap::NotServed(plugin) => {
                 self.start(id, Service::Plugin(ArcSwap::from_pointee(plugin)), wanted)

@@ -12,6 +12,11 @@
 //! is used only while the host is quiet, and work it has not started
 //! within a few milliseconds (the machine is busy with other work) is
 //! done on the executor instead (see `Instances::maker`).
+//!
+//! The cost of a thread at that priority: work it has started holds what
+//! it holds (the plugin's pool lock for a moment, allocator locks) until
+//! it runs again, so on a machine saturated by other processes a call
+//! may wait behind it for as long as the kernel keeps it off the CPU.
 
 use tokio::runtime::{Builder, Handle, Runtime};
 use tracing::debug;

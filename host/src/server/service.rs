@@ -220,8 +220,11 @@ where
                     let polled = call
                         .as_mut()
                         .poll(&mut std::task::Context::from_waker(&waker));
+                    // Not when the wake was tokio's own, for this task's
+                    // spent budget: polling again would only spin.
                     if polled.is_pending()
                         && woken.yielded.load(Ordering::SeqCst)
+                        && tokio::task::coop::has_budget_remaining()
                         && started.elapsed() < IN_PLACE_BUDGET
                     {
                         continue;

@@ -112,6 +112,10 @@ class Link:
         exchange and queue with it."""
         self._closing = True
         self._ready.set()
+        if self._ack_timer is not None:
+            # The replies go with the connection: nothing to acknowledge.
+            self._ack_timer.cancel()
+            self._ack_timer = None
         connection, self._connection = self._connection, None
         if self._task is not None:
             self._task.cancel()
@@ -231,7 +235,10 @@ class Link:
         tag = message.delivery_tag
         if tag is None:
             return
-        self._unacked = (message.channel, tag)
+        unacked = self._unacked
+        if unacked is None or unacked[0] is not message.channel or unacked[1] < tag:
+            # The highest tag taken: `multiple` settles it and all before.
+            self._unacked = (message.channel, tag)
         self._taken += 1
         if self._taken >= _ACK_EVERY:
             self._ack()

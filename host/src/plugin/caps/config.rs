@@ -128,7 +128,7 @@ impl Config {
         let mut values = BTreeMap::new();
         for (key, written) in raw {
             let value = match env_reference(&written) {
-                Some(var) if BROKER_SETTINGS.contains(&var) => {
+                Some(var) if BROKER_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(var)) => {
                     return Err(ConfigError::ReservedEnv {
                         key,
                         var: var.to_string(),
@@ -263,6 +263,8 @@ mod tests {
             let e = Config::resolve(raw(&[("x", &written)]), |_| Some("v".into()));
             assert!(matches!(e, Err(ConfigError::ReservedEnv { .. })), "{var}");
         }
+        let lower = Config::resolve(raw(&[("x", "${callme_amqp_url}")]), |_| Some("v".into()));
+        assert!(matches!(lower, Err(ConfigError::ReservedEnv { .. })));
         let own = Config::resolve(raw(&[("x", "${CALLME_TEST_TOKEN}")]), |_| Some("v".into()));
         assert_eq!(own.unwrap().get("x").unwrap().value(), "v");
     }

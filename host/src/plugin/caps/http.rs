@@ -280,27 +280,44 @@ impl Drop for HttpHooks {
         for task in self.running.drain(..) {
             task.abort();
         }
-        for task in self.connections.lock().drain(..) {
-            task.abort();
-        }
+        self.connections.end();
     }
 }
 
 /// The tasks of a call's response connections, shared with the requests'
-/// tasks that start them.
-#[derive(Clone, Default)]
-struct Connections(Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>);
+/// tasks that start them; `None` once the call ended.
+#[derive(Clone)]
+struct Connections(Arc<std::sync::Mutex<Option<Vec<tokio::task::AbortHandle>>>>);
+
+impl Default for Connections {
+    fn default() -> Connections {
+        Connections(Arc::new(std::sync::Mutex::new(Some(Vec::new()))))
+    }
+}
 
 impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::AbortHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<tokio::task::AbortHandle>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds `task`, forgetting those that ended.
+    /// Adds `task`, forgetting those that ended; aborts it if the call
+    /// has ended already (a request's task may get its response just
+    /// as its call ends).
     fn push(&self, task: tokio::task::AbortHandle) {
-        let mut tasks = self.lock();
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task);
+        match self.lock().as_mut() {
+            Some(tasks) => {
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task);
+            }
+            None => task.abort(),
+        }
+    }
+
+    /// Aborts every task, and any added later.
+    fn end(&self) {
+        for task in self.lock().take().into_iter().flatten() {
+            task.abort();
+        }
     }
 }
 
