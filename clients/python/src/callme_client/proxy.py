@@ -10,12 +10,20 @@ connection; their threads wait for their results. While nobody calls,
 the daemon thread runs the loop a few times a second, so the connection
 keeps its heartbeats and reconnects. Closing the proxy (or the end of
 the program) closes the connection and stops the thread.
+
+A process forked from one holding a proxy (``os.fork()``, the ``fork``
+start method of :mod:`multiprocessing`, pre-forking servers) shares the
+parent's socket and its event loop's epoll instance. The child never
+touches them: at the fork it sets the parent's connection aside, never to
+be used, closed or collected there, and its first call opens a
+connection of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import weakref
 from functools import partial
@@ -41,6 +49,7 @@ class _SharedLoop:
 
     def __init__(self) -> None:
         self.closed = False
+        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self._turn = threading.Lock()
         # Calls handed to the daemon thread and not yet done, and whether
@@ -190,7 +199,29 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
 
 
 def _shut_down(shared: _SharedLoop, proxy: AsyncProxy) -> None:
+    if shared.pid != os.getpid():
+        # A forked child: the connection is its parent's.
+        return
     shared.close(proxy)
+
+
+#: Every blocking proxy of this process, for the fork handler.
+_PROXIES: "weakref.WeakSet[Proxy]" = weakref.WeakSet()
+
+#: The connections and loops a forked child inherited, kept so that they
+#: are never collected there: collecting a loop closes it, which takes its
+#: file descriptors out of the epoll instance the child shares with its
+#: parent, out of the parent's loop too.
+_INHERITED: "list[tuple[_SharedLoop, AsyncProxy]]" = []
+
+
+def _after_fork_in_child() -> None:
+    for proxy in list(_PROXIES):
+        proxy._set_aside()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def _close(proxy: AsyncProxy) -> None:
@@ -235,9 +266,9 @@ class Proxy:
         key_file: Optional[str] = None,
         connection_name: Optional[str] = None,
     ) -> None:
-        self._async = AsyncProxy(
-            amqp_url,
-            timeout,
+        self._settings: Dict[str, Any] = dict(
+            amqp_url=amqp_url,
+            timeout=timeout,
             amqp_host=amqp_host,
             amqp_user=amqp_user,
             amqp_password=amqp_password,
@@ -249,13 +280,45 @@ class Proxy:
             key_file=key_file,
             connection_name=connection_name,
         )
-        self._loop = _SharedLoop()
-        self._finalizer = weakref.finalize(self, _shut_down, self._loop, self._async)
+        self._closed = False
+        # Guards making a connection in a forked child.
+        self._renewing = threading.Lock()
+        self._open()
+        _PROXIES.add(self)
+
+    def _open(self) -> None:
+        """Makes the connection, its loop and its daemon thread; the proxy
+        takes them only once connected."""
+        connection = AsyncProxy(**self._settings)
+        loop = _SharedLoop()
+        finalizer = weakref.finalize(self, _shut_down, loop, connection)
         try:
-            self._loop.run(self._async.connect())
+            loop.run(connection.connect())
         except BaseException:
-            self._finalizer()
+            finalizer()
             raise
+        self._async, self._loop, self._finalizer = connection, loop, finalizer
+
+    def _set_aside(self) -> None:
+        """In a forked child, right after the fork: the connection and loop
+        are the parent's; they are kept, untouched, and the next call makes
+        new ones."""
+        self._finalizer.detach()
+        _INHERITED.append((self._loop, self._async))
+        # Another thread of the parent may have held it at the fork.
+        self._renewing = threading.Lock()
+
+    def _current(self) -> "tuple[_SharedLoop, AsyncProxy]":
+        """This process's loop and connection, made here if the proxy came
+        from the parent of a fork."""
+        if self._loop.pid != os.getpid():
+            with self._renewing:
+                if self._loop.pid != os.getpid():
+                    if self._finalizer.alive:
+                        # Forked without the fork handler (by C code).
+                        self._set_aside()
+                    self._open()
+        return self._loop, self._async
 
     @property
     def timeout(self) -> float:
@@ -264,7 +327,10 @@ class Proxy:
 
     @property
     def reply_exchange(self) -> Optional[str]:
-        """The exchange this proxy receives replies on."""
+        """The exchange this proxy receives replies on; None in a forked
+        child until its first call."""
+        if self._loop.pid != os.getpid():
+            return None
         return self._async.reply_exchange
 
     def use_server(self, server_id: str, timeout: Optional[float] = None) -> "ServerProxy":
@@ -283,10 +349,15 @@ class Proxy:
     ) -> Any:
         """Calls ``func`` of ``server_id``; see :meth:`AsyncProxy.call` for
         the exceptions."""
-        return self._loop.run(self._async.call(server_id, func, args, kwargs, timeout=timeout))
+        if self._closed:
+            raise errors.ConnectionError("the proxy is closed")
+        loop, connection = self._current()
+        return loop.run(connection.call(server_id, func, args, kwargs, timeout=timeout))
 
     def close(self) -> None:
-        """Closes the connection and stops the proxy's thread."""
+        """Closes the connection and stops the proxy's thread. In a forked
+        child that has not called yet, there is nothing of its own to close."""
+        self._closed = True
         self._finalizer()
 
     def __enter__(self) -> "Proxy":

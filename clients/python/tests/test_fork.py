@@ -1,0 +1,91 @@
+"""A blocking proxy across ``os.fork()``: the child gets a connection of
+its own, and the parent's connection never hears of the child.
+
+A forked child shares its parent's socket and its event loop's epoll
+instance; whatever the child did on them (a request, a reply read, the
+close at its exit, its loop's clean-up) would reach the parent's
+connection. The script runs in a process of its own so its children can
+exit the normal way, at-exit handlers and all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import Host
+
+CHILD_SCRIPT = textwrap.dedent(
+    """
+    import gc, os, sys, threading
+    from concurrent.futures import ThreadPoolExecutor
+    import callme_client as callme
+
+    url, calc = sys.argv[1], sys.argv[2]
+    proxy = callme.Proxy(url, timeout=20)
+    server = proxy.use_server(calc)
+    assert server.add(1, 2) == 3
+    parent_exchange = proxy.reply_exchange
+
+    children = []
+    for n in range(4):
+        pid = os.fork()
+        if pid == 0:
+            # In the child: the proxy answers on a connection of its own,
+            # also from several threads at once.
+            ok = server.add(n, 100) == n + 100
+            with ThreadPoolExecutor(4) as pool:
+                ok = ok and list(pool.map(lambda i: server.add(i, n), range(40))) == [
+                    i + n for i in range(40)
+                ]
+            ok = ok and proxy.reply_exchange != parent_exchange
+            if n % 2 == 0:
+                proxy.close()
+            gc.collect()
+            # The normal exit: at-exit handlers and finalizers run.
+            sys.exit(0 if ok else 3)
+        children.append(pid)
+
+    # The parent calls while its children call and exit.
+    for i in range(200):
+        assert server.add(i, 1) == i + 1, i
+    statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
+
+    # The parent's connection is whole: calls alone, and calls from many
+    # threads at once (handed to the proxy's own thread, which the child's
+    # clean-up could have cut off from its loop).
+    gc.collect()
+    assert proxy.reply_exchange == parent_exchange
+    for i in range(50):
+        assert server.add(i, 2) == i + 2
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda i: server.add(i, 3), range(400))) == [
+            i + 3 for i in range(400)
+        ]
+    proxy.close()
+    print("fork-ok")
+    """
+)
+
+
+def test_a_forked_child_calls_on_its_own_connection_and_the_parent_keeps_its_own(
+    amqp_url: str, host: Host, tmp_path: Path
+) -> None:
+    script = tmp_path / "fork_children.py"
+    script.write_text(CHILD_SCRIPT)
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run(
+        [sys.executable, str(script), amqp_url, host.calc],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "fork-ok" in done.stdout, (
+        f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr[-4000:]}"
+    )
