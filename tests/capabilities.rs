@@ -946,6 +946,103 @@ async fn http_grants_apply_on_hot_deploy_and_inspect_names_http() {
     );
 }
 
+/// A plugin granted a name whose name server never answers cannot stall
+/// the other plugins' requests, nor make the host hold a thread per
+/// lookup: a lookup cannot be stopped once started, so each plugin has
+/// a few running at most, and its other requests wait for those.
+///
+/// The host runs in a mount namespace of its own whose `resolv.conf`
+/// names a server on 127.0.0.77 that reads nothing (30 s per lookup);
+/// this needs root, as CI has.
+#[tokio::test]
+async fn a_plugin_whose_names_never_resolve_stalls_no_other_plugin() {
+    let _silent = std::net::UdpSocket::bind("127.0.0.77:53")
+        .expect("bind a silent name server on 127.0.0.77:53 (needs root)");
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let dir = tempdir();
+    let resolv = dir.with_extension("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.77\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    let (slow, fast) = (unique("cap-dns-slow"), unique("cap-dns-fast"));
+    deploy(&plugin_path("hostile"), &dir, &format!("{slow}.wasm"));
+    std::fs::write(
+        dir.join(format!("{slow}.toml")),
+        "allowed_hosts = [\"never-answers.callme.test:80\"]\nhttp_timeout_ms = 60000\n",
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{fast}.wasm"));
+    let local = format!("localhost:{}", web.port);
+    std::fs::write(
+        dir.join(format!("{fast}.toml")),
+        format!("allowed_hosts = [\"{local}\"]\nhttp_timeout_ms = 5000\n"),
+    )
+    .unwrap();
+
+    let log = dir.with_extension("log");
+    let ready_file = dir.with_extension("ready");
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+        .arg(&resolv)
+        .arg(callme_bin())
+        .arg("serve")
+        .arg("--plugins")
+        .arg(&dir)
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .env("CALLME_AMQP_URL", amqp_url())
+        .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
+        .env("RUST_LOG", "callme=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start callme serve in a mount namespace (unshare, mount: needs root)");
+    let mut host = Host {
+        child,
+        log,
+        ready_file,
+    };
+    host.wait_ready(Duration::from_secs(60));
+
+    let px = proxy(Duration::from_secs(30)).await;
+    // 3 calls, each starting 256 requests to the name that never
+    // resolves (the call ends 0.3 s later, its requests with it).
+    for _ in 0..3 {
+        let sent = px
+            .use_server(&slow)
+            .call("fire", pos(json!(["never-answers.callme.test:80", 256])))
+            .await
+            .unwrap();
+        assert_eq!(sent, json!(256));
+    }
+    // Another plugin's request, by a name of /etc/hosts, goes through.
+    let started = Instant::now();
+    let fetched = px
+        .use_server(&fast)
+        .call("fetch", pos(json!([format!("http://{local}/")])))
+        .await;
+    assert_eq!(
+        fetched.ok(),
+        Some(json!(answer_body(0))),
+        "after {:?}; {}",
+        started.elapsed(),
+        host.log_text()
+    );
+    assert_eq!(web.accepted(), 1);
+    // And the host holds a few lookups, not one thread each.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.child.id())).unwrap();
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Threads: in /proc/PID/status");
+    assert!(threads < 64, "the host runs {threads} threads");
+}
+
 /// The Python and JavaScript relays (`plugins/relay-py`, `plugins/relay-js`)
 /// use `config` and `rpc` through their languages' bindings of the same
 /// contract, and are refused the same way.

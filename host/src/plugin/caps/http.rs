@@ -19,6 +19,9 @@
 //! (the guest has read at most the cap; nothing tells it the body ended).
 //! The call's own deadline still applies around all of it.
 //!
+//! How a request is sent (names looked up under a bound per plugin, the
+//! connection, TLS) is in `send.rs` beside this file.
+//!
 //! Requests run on a small runtime of their own (one thread, started
 //! with the first request allowed), whatever runtime the call runs on:
 //! the server's plugin executor has no I/O driver, and guests' sockets
@@ -47,6 +50,8 @@ use wasmtime_wasi_http::{
 
 use crate::observe;
 use crate::plugin::sandbox::CallState;
+
+mod send;
 
 /// Largest response body by default: a page or a JSON document, not a
 /// download. The guest holds it in its linear memory.
@@ -370,7 +375,15 @@ impl WasiHttpHooks for HttpHooks {
             let connections = self.connections.clone();
             let (task, sent) = run_on(
                 io,
-                send(io.clone(), request, options, cap, timeout, connections),
+                send(
+                    io.clone(),
+                    plugin.clone(),
+                    request,
+                    options,
+                    cap,
+                    timeout,
+                    connections,
+                ),
             );
             self.running.retain(|t| !t.is_finished());
             self.running.push(task);
@@ -511,6 +524,7 @@ fn run_on<T: Send + 'static>(
 /// connection goes into `connections`, to end with the call.
 async fn send(
     io: tokio::runtime::Handle,
+    plugin: Arc<str>,
     request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
     cap: u64,
@@ -518,11 +532,8 @@ async fn send(
     connections: Connections,
 ) -> Sent {
     let deadline = tokio::time::Instant::now() + timeout;
-    let sent = tokio::time::timeout_at(
-        deadline,
-        wasmtime_wasi_http::default_send_request(request, options),
-    )
-    .await;
+    let between_bytes = options.and_then(|o| o.between_bytes_timeout);
+    let sent = tokio::time::timeout_at(deadline, send::send(&plugin, request, options)).await;
     let (response, connection) = sent.map_err(|_| HttpError::HttpResponseTimeout)??;
     let length = response
         .headers()
@@ -538,6 +549,7 @@ async fn send(
             received: 0,
             cap,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            between_bytes: between_bytes.map(|gap| (gap, Box::pin(tokio::time::sleep(gap)))),
             done: false,
         }
         .boxed_unsync()
@@ -560,6 +572,9 @@ struct CappedBody {
     received: u64,
     cap: u64,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The longest wait the guest accepts between two frames, and the
+    /// timer of the current wait.
+    between_bytes: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     /// Failed: nothing more comes.
     done: bool,
 }
@@ -585,15 +600,25 @@ impl Body for CappedBody {
                         self.received,
                     )))));
                 }
+                if let Some((gap, timer)) = self.between_bytes.as_mut() {
+                    let next = tokio::time::Instant::now() + *gap;
+                    timer.as_mut().reset(next);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
                     self.done = true;
-                    Poll::Ready(Some(Err(HttpError::HttpResponseTimeout)))
+                    return Poll::Ready(Some(Err(HttpError::HttpResponseTimeout)));
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                if let Some((_, timer)) = self.between_bytes.as_mut()
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)));
+                }
+                Poll::Pending
+            }
             other => other,
         }
     }

@@ -1,0 +1,291 @@
+//! How an allowed request reaches its server: the name looked up under a bound per plugin, the TCP connection, TLS, and HTTP/1.1.
+//!
+//! Names are looked up by the system's resolver (`getaddrinfo`, as the
+//! standard library does, so `/etc/hosts` and `nsswitch.conf` apply) on
+//! the blocking threads of the HTTP runtime. A lookup cannot be stopped
+//! once started: a request that is dropped, or runs out of time, leaves
+//! its lookup running until the resolver gives up, which for a name
+//! server that never answers is `timeout × attempts` of `resolv.conf`
+//! (10 s by default, more with several servers). So a lookup holds a
+//! permit of its plugin ([`LOOKUPS_PER_PLUGIN`]) and one of the host
+//! ([`LOOKUPS_IN_ALL`]) until it returns, not until its request ends: a
+//! plugin whose names resolve slowly waits for its own lookups, and the
+//! other plugins' requests go on. An IP address is never looked up.
+//!
+//! TLS is rustls with the Mozilla roots of `webpki-roots` (no client
+//! certificate), the server's name checked against its certificate; the
+//! configuration is made once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::http::uri::Scheme;
+use hyper::http::{self, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::rustls;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
+
+/// Lookups one plugin may have running at once.
+pub(crate) const LOOKUPS_PER_PLUGIN: usize = 4;
+
+/// Lookups the host may have running at once, all plugins together; the
+/// HTTP runtime has more blocking threads than this.
+pub(crate) const LOOKUPS_IN_ALL: usize = 64;
+
+/// A response, and the future that drives its connection.
+pub(super) type Connected = (
+    http::Response<WasiBody>,
+    Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>>,
+);
+
+/// Sends `request` for `plugin`: looks up its host, connects, speaks TLS
+/// for `https`, sends it, and returns once the response's head is in.
+/// The guest's `connect_timeout` bounds the connection and TLS, its
+/// `first_byte_timeout` the wait for the head; the caller bounds the
+/// whole.
+pub(super) async fn send(
+    plugin: &Arc<str>,
+    mut request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+) -> Result<Connected, HttpError> {
+    let uri = request.uri();
+    let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
+    let tls = uri.scheme() == Some(&Scheme::HTTPS);
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let host = authority.host().to_string();
+    let forever = Duration::from_secs(600);
+    let connect_timeout = options.and_then(|o| o.connect_timeout).unwrap_or(forever);
+    let first_byte_timeout = options
+        .and_then(|o| o.first_byte_timeout)
+        .unwrap_or(forever);
+
+    let addresses = resolve(plugin, &host, port).await?;
+    let connecting = async {
+        let stream = TcpStream::connect(&addresses[..])
+            .await
+            .map_err(HttpError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Stream> = if tls {
+            let name = server_name(&host)?;
+            Box::new(
+                tokio_rustls::TlsConnector::from(tls_config())
+                    .connect(name, stream)
+                    .await
+                    .map_err(HttpError::Tls)?,
+            )
+        } else {
+            Box::new(stream)
+        };
+        hyper::client::conn::http1::Builder::new()
+            .handshake::<_, WasiBody>(TokioIo::new(stream))
+            .await
+            .map_err(HttpError::from)
+    };
+    let (mut sender, connection) = tokio::time::timeout(connect_timeout, connecting)
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)??;
+
+    // On the wire the request names only its path: the authority goes in
+    // `Host`, which the guest's request carries or hyper adds.
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    *request.uri_mut() = Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+
+    let mut response = pin!(tokio::time::timeout(
+        first_byte_timeout,
+        sender.send_request(request)
+    ));
+    let mut connection = Some(connection);
+    // The connection's I/O is driven while the head is awaited.
+    let head = std::future::poll_fn(|cx| {
+        if let Poll::Ready(head) = response.as_mut().poll(cx) {
+            return Poll::Ready(head);
+        }
+        if let Some(conn) = connection.as_mut()
+            && let Poll::Ready(ended) = Pin::new(conn).poll(cx)
+        {
+            connection = None;
+            if let Err(e) = ended {
+                return Poll::Ready(Ok(Err(e)));
+            }
+            return response.as_mut().poll(cx);
+        }
+        Poll::Pending
+    })
+    .await
+    .map_err(|_| HttpError::ConnectionReadTimeout)?
+    .map_err(HttpError::from)?;
+
+    let head = head.map(|body| body.map_err(HttpError::from).boxed_unsync());
+    let driven: Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>> =
+        Box::pin(async move {
+            match connection {
+                Some(conn) => conn.await.map_err(|e| {
+                    if e.is_timeout() {
+                        HttpError::HttpResponseTimeout
+                    } else {
+                        HttpError::from(e)
+                    }
+                }),
+                None => Ok(()),
+            }
+        });
+    Ok((head, driven))
+}
+
+/// What TLS or a plain socket is, to hyper.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// The addresses of `host`: an IP address as it is, a name looked up
+/// under the bounds above.
+async fn resolve(plugin: &Arc<str>, host: &str, port: u16) -> Result<Vec<SocketAddr>, HttpError> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let lookups = Lookups::get();
+    let mine = lookups.of(plugin).acquire_owned().await;
+    let all = lookups.all.clone().acquire_owned().await;
+    let (Ok(mine), Ok(all)) = (mine, all) else {
+        return Err(HttpError::InternalError(Some("lookups are closed".into())));
+    };
+    let name = host.to_string();
+    let found = tokio::task::spawn_blocking(move || {
+        let _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit) = (mine, all);
+        (name.as_str(), port)
+            .to_socket_addrs()
+            .map(Iterator::collect::<Vec<_>>)
+    })
+    .await
+    .map_err(|e| HttpError::InternalError(Some(format!("the lookup failed: {e}"))))?;
+    match found {
+        Ok(addresses) if !addresses.is_empty() => Ok(addresses),
+        Ok(_) => Err(HttpError::DestinationNotFound),
+        Err(e) => {
+            tracing::debug!(target: "callme::plugin", plugin = &**plugin, host, error = %e, "http lookup failed");
+            Err(HttpError::DnsError {
+                rcode: None,
+                info_code: None,
+            })
+        }
+    }
+}
+
+/// The permits lookups take.
+struct Lookups {
+    all: Arc<Semaphore>,
+    plugins: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+}
+
+impl Lookups {
+    fn get() -> &'static Lookups {
+        static LOOKUPS: OnceLock<Lookups> = OnceLock::new();
+        LOOKUPS.get_or_init(|| Lookups {
+            all: Arc::new(Semaphore::new(LOOKUPS_IN_ALL)),
+            plugins: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The permits of `plugin`. Plugins with no lookup running are
+    /// forgotten once there are many.
+    fn of(&self, plugin: &Arc<str>) -> Arc<Semaphore> {
+        let mut plugins = self.plugins.lock().unwrap_or_else(|p| p.into_inner());
+        if plugins.len() >= 1024 && !plugins.contains_key(plugin) {
+            plugins.retain(|_, s| s.available_permits() < LOOKUPS_PER_PLUGIN);
+        }
+        plugins
+            .entry(plugin.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(LOOKUPS_PER_PLUGIN)))
+            .clone()
+    }
+}
+
+/// The name a server's certificate must carry.
+fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, HttpError> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(rustls::pki_types::ServerName::from(ip));
+    }
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| HttpError::HttpRequestUriInvalid)
+}
+
+/// The TLS client configuration, made once.
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+            };
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+            match config {
+                Ok(config) => Arc::new(config),
+                // The ring provider supports the default versions.
+                Err(e) => unreachable!("rustls refused its own defaults: {e}"),
+            }
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn addresses_are_not_looked_up() {
+        let p: Arc<str> = Arc::from("p");
+        assert_eq!(
+            resolve(&p, "127.0.0.1", 80).await.unwrap(),
+            ["127.0.0.1:80".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve(&p, "[::1]", 8080).await.unwrap(),
+            ["[::1]:8080".parse().unwrap()]
+        );
+        assert!(matches!(
+            server_name("[::1]").unwrap(),
+            rustls::pki_types::ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name("api.example.com").unwrap(),
+            rustls::pki_types::ServerName::DnsName(_)
+        ));
+        // The TLS configuration builds with its provider.
+        assert!(!tls_config().alpn_protocols.contains(&b"h2".to_vec()));
+    }
+
+    #[test]
+    fn a_plugins_permits_are_its_own() {
+        let lookups = Lookups::get();
+        let a = lookups.of(&Arc::from("permits-a"));
+        let _held: Vec<_> = (0..LOOKUPS_PER_PLUGIN)
+            .map(|_| a.clone().try_acquire_owned().unwrap())
+            .collect();
+        assert!(lookups.of(&Arc::from("permits-a")).try_acquire().is_err());
+        assert!(lookups.of(&Arc::from("permits-b")).try_acquire().is_ok());
+    }
+}
