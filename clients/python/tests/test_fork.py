@@ -1,5 +1,6 @@
 """A blocking proxy across ``os.fork()``: the child gets a connection of
-its own, and the parent's connection never hears of the child.
+its own, and the parent's connection never hears of the child, whether the child calls
+(first from several threads at once), closes the proxy or drops it.
 
 A forked child shares its parent's socket and its event loop's epoll
 instance; whatever the child did on them (a request, a reply read, the
@@ -34,16 +35,32 @@ CHILD_SCRIPT = textwrap.dedent(
     for n in range(4):
         pid = os.fork()
         if pid == 0:
-            # In the child: the proxy answers on a connection of its own,
-            # also from several threads at once.
-            ok = server.add(n, 100) == n + 100
-            with ThreadPoolExecutor(4) as pool:
-                ok = ok and list(pool.map(lambda i: server.add(i, n), range(40))) == [
-                    i + n for i in range(40)
-                ]
-            ok = ok and proxy.reply_exchange != parent_exchange
-            if n % 2 == 0:
+            ok = True
+            if n == 0:
+                # The child's first call, from 4 threads at once: one
+                # connection is made for them.
+                start = threading.Barrier(4)
+
+                def first(i):
+                    start.wait()
+                    return server.add(i, 100)
+
+                with ThreadPoolExecutor(4) as pool:
+                    ok = list(pool.map(first, range(4))) == [100, 101, 102, 103]
+            if n in (0, 1):
+                ok = ok and server.add(n, 100) == n + 100
+                with ThreadPoolExecutor(4) as pool:
+                    ok = ok and list(pool.map(lambda i: server.add(i, n), range(40))) == [
+                        i + n for i in range(40)
+                    ]
+                ok = ok and proxy.reply_exchange != parent_exchange
+            if n in (1, 2):
+                # Closed: the child's own connection (1), or nothing of its
+                # own yet (2).
                 proxy.close()
+            if n == 3:
+                # Dropped without a call.
+                del server, proxy
             gc.collect()
             # The normal exit: at-exit handlers and finalizers run.
             sys.exit(0 if ok else 3)
@@ -89,3 +106,7 @@ def test_a_forked_child_calls_on_its_own_connection_and_the_parent_keeps_its_own
     assert done.returncode == 0 and "fork-ok" in done.stdout, (
         f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr[-4000:]}"
     )
+    # The parent's connection was never lost (the proxy would have made
+    # another, and said so on the callme.proxy logger).
+    assert "lost the connection" not in done.stderr, done.stderr[-4000:]
+    assert "reconnect" not in done.stderr, done.stderr[-4000:]

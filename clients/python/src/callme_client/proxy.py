@@ -200,7 +200,9 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
 
 def _shut_down(shared: _SharedLoop, proxy: AsyncProxy) -> None:
     if shared.pid != os.getpid():
-        # A forked child: the connection is its parent's.
+        # A child forked without the fork handler (by C code): the
+        # connection is its parent's, kept and never collected here.
+        _INHERITED.append((shared, proxy))
         return
     shared.close(proxy)
 
@@ -217,6 +219,8 @@ _INHERITED: "list[tuple[_SharedLoop, AsyncProxy]]" = []
 
 def _after_fork_in_child() -> None:
     for proxy in list(_PROXIES):
+        # Another thread of the parent may have held it at the fork.
+        proxy._renewing = threading.Lock()
         proxy._set_aside()
 
 
@@ -303,20 +307,20 @@ class Proxy:
         """In a forked child, right after the fork: the connection and loop
         are the parent's; they are kept, untouched, and the next call makes
         new ones."""
-        self._finalizer.detach()
-        _INHERITED.append((self._loop, self._async))
-        # Another thread of the parent may have held it at the fork.
-        self._renewing = threading.Lock()
+        if self._finalizer.detach() is not None:
+            _INHERITED.append((self._loop, self._async))
 
     def _current(self) -> "tuple[_SharedLoop, AsyncProxy]":
         """This process's loop and connection, made here if the proxy came
         from the parent of a fork."""
         if self._loop.pid != os.getpid():
             with self._renewing:
+                if self._closed:
+                    raise errors.ConnectionError("the proxy is closed")
                 if self._loop.pid != os.getpid():
-                    if self._finalizer.alive:
-                        # Forked without the fork handler (by C code).
-                        self._set_aside()
+                    # Forked without the fork handler (by C code), the
+                    # finalizer is still armed: disarmed here.
+                    self._set_aside()
                     self._open()
         return self._loop, self._async
 
@@ -357,8 +361,10 @@ class Proxy:
     def close(self) -> None:
         """Closes the connection and stops the proxy's thread. In a forked
         child that has not called yet, there is nothing of its own to close."""
-        self._closed = True
-        self._finalizer()
+        with self._renewing:
+            self._closed = True
+            finalizer = self._finalizer
+        finalizer()
 
     def __enter__(self) -> "Proxy":
         return self
