@@ -10,7 +10,10 @@
 //! permit of its plugin ([`LOOKUPS_PER_PLUGIN`]) and one of the host
 //! ([`LOOKUPS_IN_ALL`]) until it returns, not until its request ends: a
 //! plugin whose names resolve slowly waits for its own lookups, and the
-//! other plugins' requests go on. An IP address is never looked up.
+//! other plugins' requests go on (up to 64 such plugins at once; past
+//! that, lookups wait for each other). The guest's `connect-timeout`
+//! bounds the wait for a lookup too (`DnsTimeout`). An IP address is
+//! never looked up.
 //!
 //! TLS is rustls with the Mozilla roots of `webpki-roots` (no client
 //! certificate), the server's name checked against its certificate; the
@@ -36,9 +39,11 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
 /// Lookups one plugin may have running at once.
 pub(crate) const LOOKUPS_PER_PLUGIN: usize = 4;
 
-/// Lookups the host may have running at once, all plugins together; the
-/// HTTP runtime has more blocking threads than this.
-pub(crate) const LOOKUPS_IN_ALL: usize = 64;
+/// Lookups the host may have running at once, all plugins together: the
+/// most threads lookups hold. Up to 64 plugins can have all theirs stalled
+/// before the others' lookups wait too. The HTTP runtime has more
+/// blocking threads than this.
+pub(crate) const LOOKUPS_IN_ALL: usize = 256;
 
 /// A response, and the future that drives its connection.
 pub(super) type Connected = (
@@ -67,7 +72,9 @@ pub(super) async fn send(
         .and_then(|o| o.first_byte_timeout)
         .unwrap_or(forever);
 
-    let addresses = resolve(plugin, &host, port).await?;
+    let addresses = tokio::time::timeout(connect_timeout, resolve(plugin, &host, port))
+        .await
+        .map_err(|_| HttpError::DnsTimeout)??;
     let connecting = async {
         let stream = TcpStream::connect(&addresses[..])
             .await
@@ -93,8 +100,8 @@ pub(super) async fn send(
         .await
         .map_err(|_| HttpError::ConnectionTimeout)??;
 
-    // On the wire the request names only its path: the authority goes in
-    // `Host`, which the guest's request carries or hyper adds.
+    // On the wire the request names only its path: the authority is in
+    // `Host`, which wasmtime-wasi-http set from it (guests may not).
     let path = request
         .uri()
         .path_and_query()
