@@ -519,6 +519,72 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
     }
 }
 
+/// A caller who keeps sending requests the host cannot read costs the
+/// callers of the host's other ids one reconnection at most: once one
+/// such request has taken the host's connection down, the id it was sent
+/// to is consumed on a connection of its own, and further ones take down
+/// only that. Requests sent at once are taken out together.
+#[tokio::test]
+async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
+    let dir = callme_tests::tempdir();
+    let (poisoned, beside) = (unique("unreadable-flood"), unique("beside-flood"));
+    let calc = callme_tests::plugin_path("calc");
+    callme_tests::deploy(&calc, &dir, &format!("{poisoned}.wasm"));
+    callme_tests::deploy(&calc, &dir, &format!("{beside}.wasm"));
+    let mut host = callme_tests::Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    callme_tests::answers_add(&p, &poisoned, 1).await;
+    callme_tests::answers_add(&p, &beside, 1).await;
+
+    let exchange = server_exchange(&poisoned);
+    let flood = async {
+        for _ in 0..20 {
+            callme_tests::raw_amqp::publish(
+                &callme_tests::amqp_host_port(),
+                &exchange,
+                callme_tests::raw_amqp::RawProperties {
+                    content_type: b"application/json",
+                    correlation_id: b"poison",
+                    reply_to: b"nobody",
+                    message_id: b"\xff\xfe not UTF-8",
+                },
+                br#"{"func":"add","args":[1,2]}"#,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // One at a time, while the other id is called all along.
+    let calls = async {
+        for i in 0..150 {
+            callme_tests::answers_add(&p, &beside, i).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::join!(flood, calls);
+    // Both ids are served.
+    for i in 0..5 {
+        callme_tests::answers_add(&p, &poisoned, i).await;
+        callme_tests::answers_add(&p, &beside, i).await;
+    }
+    let log = host.log_text();
+    let lost = |connection: &str| {
+        log.lines()
+            .filter(|l| l.contains("reconnected") && l.contains(connection))
+            .count()
+    };
+    let shared = lost("connection=\"callme server\"");
+    assert!(
+        shared <= 1,
+        "the host's connection was lost {shared} times:\n{log}"
+    );
+    assert!(
+        log.contains("is consumed on a connection of its own"),
+        "the id was not moved:\n{log}"
+    );
+}
+
 /// A broker user whose name is too long for callme's reply names (AMQP
 /// names are at most 255 bytes) is told so when its proxy connects, not
 /// met with a panic.

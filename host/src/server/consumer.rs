@@ -6,6 +6,13 @@
 //! the shared resubscribe loop, so it consumes again after a lost
 //! connection; it holds the server weakly, so dropping every handle of a
 //! server ends it.
+//!
+//! An id whose consumer was lost to a request the AMQP client cannot read
+//! (see [`super::unreadable`]) consumes from then on on a connection of
+//! its own: whoever sent that request may send more, and each would
+//! otherwise take down the connection every other id is consumed on,
+//! with every call in flight on it. On its own connection, it costs only
+//! the callers of that id.
 
 use std::sync::{Arc, Weak};
 
@@ -21,8 +28,9 @@ use super::reply::Replier;
 use super::service::Service;
 use super::{Inner, Server, unreadable};
 use crate::Error;
+use crate::amqp::Link;
 use crate::amqp::connect::classify_lapin;
-use crate::amqp::link::CLOSE_TIMEOUT;
+use crate::amqp::link::{self, CLOSE_TIMEOUT};
 use crate::amqp::resubscribe::Subscription;
 use crate::amqp::topology::{self, ServerQueue};
 use crate::protocol::server_queue;
@@ -186,6 +194,9 @@ pub(super) struct Consuming {
     /// an unreadable request is to be taken out of the queue before
     /// consuming again (see [`super::unreadable`]).
     pub(super) unreadable: bool,
+    /// The id's connection of its own, once a request it was sent could
+    /// not be read; until then it is consumed on the server's.
+    pub(super) own: Option<Arc<Link>>,
 }
 
 impl Consuming {
@@ -237,6 +248,7 @@ impl Consuming {
                 service: self.service.clone(),
                 replier: self.replier.clone(),
                 _channel: channel.clone(),
+                _own: self.own.clone(),
             };
             tokio::spawn(async move {
                 job.handle(delivery).await;
@@ -265,7 +277,27 @@ impl Subscription for Consuming {
             if let Err(e) = unreadable::take_out(&inner.connect, &self.id, look).await {
                 warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
             }
+            if self.own.is_none() {
+                match Link::connect_auxiliary(&inner.connect, "callme server (one id)").await {
+                    Ok(own) => {
+                        warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed on a connection of its own from now on, so that more such requests cost no other id anything");
+                        self.own = Some(Arc::new(own));
+                    }
+                    Err(e) => {
+                        warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot open a connection of its own for this id: it stays on the server's");
+                    }
+                }
+            }
         }
+        let own_conn = match &self.own {
+            Some(own) => link::up(&mut own.subscribe()).await,
+            None => None,
+        };
+        if own_conn.is_none() {
+            // Closed for good (without `auto_recover`): the server's, then.
+            self.own = None;
+        }
+        let conn = own_conn.as_deref().unwrap_or(conn);
         let _changing = inner.changes.lock().await;
         let Some(concurrency) = inner.registry.still_served(&self.id, &self.service) else {
             return Ok(None);

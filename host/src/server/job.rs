@@ -39,6 +39,9 @@ pub(super) struct Job {
     pub(super) replier: Replier,
     /// The channel the request came on, kept open until it is acked.
     pub(super) _channel: Channel,
+    /// The connection of its own the id consumes on, if it was moved to
+    /// one ([`super::consumer`]): kept open until the request is acked.
+    pub(super) _own: Option<Arc<crate::amqp::Link>>,
 }
 
 impl Job {

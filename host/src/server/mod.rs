@@ -494,6 +494,7 @@ impl Server {
             handover,
             handed,
             unreadable: false,
+            own: None,
         };
         tokio::spawn(resubscribe::run(
             consuming,

@@ -24,6 +24,11 @@
 //!    the next, until the unreadable one: delivered with `no-ack`, it is
 //!    gone from the queue even though it ends that connection.
 //!
+//! This is repeated while the first requests hold another unreadable
+//! one (up to 64): a caller who sent many at once costs the host's
+//! connection once. (The id is then consumed on a connection of its own,
+//! see [`super::consumer`].)
+//!
 //! What this costs: the requests ahead of it move to the back of the queue
 //! (callme does not order requests), counted as new deliveries; one whose
 //! republishing fails is lost (logged), as is one in a moment where another
@@ -68,13 +73,36 @@ pub(super) fn is_unreadable(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
 }
 
-/// Looks at the first `look` requests of `id`'s queue and takes out the
-/// first one that cannot be read (see the module's docs).
+/// Most unreadable requests taken out in one go: a caller who sent many
+/// at once costs the host's connection once, not once each.
+const MAX_TAKEN_OUT: usize = 64;
+
+/// Looks at the first `look` requests of `id`'s queue and takes out those
+/// that cannot be read, one at a time, until none is left among them or
+/// [`MAX_TAKEN_OUT`] are gone (see the module's docs). Returns how many
+/// were taken out.
 ///
 /// # Errors
 ///
 /// A broker error other than the connection failing to read a request.
 pub(super) async fn take_out(
+    connect: &ConnectOptions,
+    id: &str,
+    look: usize,
+) -> Result<usize, crate::Error> {
+    let mut removed = 0;
+    while removed < MAX_TAKEN_OUT {
+        match take_out_one(connect, id, look).await? {
+            TakenOut::Removed { .. } => removed += 1,
+            TakenOut::Nothing | TakenOut::Missed { .. } => break,
+        }
+    }
+    Ok(removed)
+}
+
+/// Looks at the first `look` requests of `id`'s queue and takes out the
+/// first one that cannot be read.
+async fn take_out_one(
     connect: &ConnectOptions,
     id: &str,
     look: usize,
