@@ -562,7 +562,15 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::join!(flood, calls);
+    // And the id the flood goes to, which answers all along too, on its
+    // own connection, whatever happens to the server's.
+    let attacked = async {
+        for i in 0..20 {
+            callme_tests::answers_add(&p, &poisoned, i).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::join!(flood, calls, attacked);
     // Both ids are served.
     for i in 0..5 {
         callme_tests::answers_add(&p, &poisoned, i).await;
@@ -580,9 +588,12 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
         "the host's connection was lost {shared} times:\n{log}"
     );
     assert!(
-        log.contains("is consumed on a connection of its own"),
+        log.contains("on a connection of its own from now on"),
         "the id was not moved:\n{log}"
     );
+    // Later ones did reach the id on its own connection.
+    let own = lost("connection=\"callme server (one id)\"");
+    assert!(own >= 1, "the id's own connection was never lost:\n{log}");
 }
 
 /// A broker user whose name is too long for callme's reply names (AMQP

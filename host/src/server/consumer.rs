@@ -204,6 +204,22 @@ impl Consuming {
         self.inner.upgrade().map(|inner| Server { inner })
     }
 
+    /// Waits for the id's own connection to be up, holding nothing of the
+    /// server meanwhile: `None` if the id stops being served while it
+    /// waits, `Some(None)` if that connection is closed for good.
+    async fn own_up(&self, own: &Link) -> Option<Option<Arc<Connection>>> {
+        let mut state = own.subscribe();
+        loop {
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_secs(1), link::up(&mut state));
+            match waited.await {
+                Ok(up) => return Some(up),
+                Err(_) if !self.wanted() => return None,
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Spawns a job per delivery until the consumer ends (cancelled, or
     /// its connection lost). A consumer cancelled because a replacement
     /// took over on the same channel is read to its end, then the
@@ -264,11 +280,11 @@ impl Subscription for Consuming {
     }
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
-        let Some(server) = self.server() else {
-            return Ok(None);
-        };
-        let inner = &server.inner;
         if std::mem::take(&mut self.unreadable) {
+            let Some(server) = self.server() else {
+                return Ok(None);
+            };
+            let inner = &server.inner;
             let prefetch = inner
                 .registry
                 .still_served(&self.id, &self.service)
@@ -278,10 +294,14 @@ impl Subscription for Consuming {
                 warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
             }
             if self.own.is_none() {
-                match Link::connect_auxiliary(&inner.connect, "callme server (one id)").await {
-                    Ok(own) => {
-                        warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed on a connection of its own from now on, so that more such requests cost no other id anything");
-                        self.own = Some(Arc::new(own));
+                match inner.own_link().await {
+                    Ok(Some((own, replier))) => {
+                        warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed, and answered, on a connection of its own from now on, so that more such requests cost no other id anything");
+                        self.own = Some(own);
+                        self.replier = replier;
+                    }
+                    Ok(None) => {
+                        warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read, and as many ids as may have a connection of their own have one: it stays on the server's");
                     }
                     Err(e) => {
                         warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot open a connection of its own for this id: it stays on the server's");
@@ -289,13 +309,21 @@ impl Subscription for Consuming {
                 }
             }
         }
-        let own_conn = match &self.own {
-            Some(own) => link::up(&mut own.subscribe()).await,
+        let own_conn = match self.own.clone() {
+            Some(own) => match self.own_up(&own).await {
+                Some(up) => up,
+                None => return Ok(None),
+            },
             None => None,
         };
-        if own_conn.is_none() {
+        let Some(server) = self.server() else {
+            return Ok(None);
+        };
+        let inner = &server.inner;
+        if self.own.is_some() && own_conn.is_none() {
             // Closed for good (without `auto_recover`): the server's, then.
             self.own = None;
+            self.replier = inner.replier();
         }
         let conn = own_conn.as_deref().unwrap_or(conn);
         let _changing = inner.changes.lock().await;

@@ -152,6 +152,50 @@ struct Inner {
     /// The proxy plugins granted `rpc` call through, over `link`: made
     /// when the first such plugin is served.
     calls_out: tokio::sync::OnceCell<Proxy>,
+    /// The connections of their own that ids sent an unreadable request
+    /// consume and reply on ([`consumer`]): closed at shutdown, after the
+    /// calls in flight; at most [`MAX_OWN_LINKS`] at once.
+    own_links: std::sync::Mutex<Vec<std::sync::Weak<Link>>>,
+}
+
+/// Most ids that may each have a connection of their own: past that, an
+/// id sent an unreadable request stays on the server's connection, so
+/// that a caller cannot make the host open connections without bound.
+const MAX_OWN_LINKS: usize = 8;
+
+impl Inner {
+    /// Replies on the server's connection.
+    fn replier(&self) -> Replier {
+        Replier::new(
+            self.link.subscribe(),
+            self.publisher.clone(),
+            self.pipeline.clone(),
+        )
+    }
+
+    /// A connection of its own for an id, unless [`MAX_OWN_LINKS`] are
+    /// open; with the replier that publishes on it.
+    async fn own_link(&self) -> Result<Option<(Arc<Link>, Replier)>, Error> {
+        let live = |links: &mut Vec<std::sync::Weak<Link>>| {
+            links.retain(|l| l.strong_count() > 0);
+            links.len()
+        };
+        if live(&mut self.own_links.lock().unwrap_or_else(|p| p.into_inner())) >= MAX_OWN_LINKS {
+            return Ok(None);
+        }
+        let link =
+            Arc::new(Link::connect_auxiliary(&self.connect, "callme server (one id)").await?);
+        let replier = Replier::new(
+            link.subscribe(),
+            Arc::new(Publisher::new(REPLY_LANES)),
+            self.pipeline.clone(),
+        );
+        self.own_links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&link));
+        Ok(Some((link, replier)))
+    }
 }
 
 /// The warnings any caller can trigger, each logged at most once per
@@ -211,6 +255,7 @@ impl Server {
                 publisher: Arc::new(Publisher::new(REPLY_LANES)),
                 pipeline,
                 undeliverable: AtomicU64::new(0),
+                own_links: std::sync::Mutex::new(Vec::new()),
                 noisy: Noisy {
                     caller_gone: Throttle::new(NOISY_PERIOD),
                     access_refused: Throttle::new(NOISY_PERIOD),
@@ -417,6 +462,17 @@ impl Server {
             }
         }
         self.inner.link.close().await;
+        let own: Vec<_> = self
+            .inner
+            .own_links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for link in own {
+            link.close().await;
+        }
         self.inner
             .pipeline
             .closed(crate::amqp::link::CLOSE_TIMEOUT)
@@ -483,11 +539,7 @@ impl Server {
         info!(target: "callme::server", server_id = %id, concurrency, "serving");
         let consuming = Consuming {
             inner: Arc::downgrade(&self.inner),
-            replier: Replier::new(
-                self.inner.link.subscribe(),
-                self.inner.publisher.clone(),
-                self.inner.pipeline.clone(),
-            ),
+            replier: self.inner.replier(),
             id,
             service,
             slots,
