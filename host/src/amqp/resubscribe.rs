@@ -41,6 +41,13 @@ pub(crate) trait Subscription {
     /// Whether to subscribe again after a consumer ended.
     fn wanted(&self) -> bool;
 
+    /// The state of a link of the subscription's own, to wait for instead
+    /// of the shared link's before subscribing again (a server id moved
+    /// to a connection of its own); by default none.
+    fn own_link(&self) -> Option<watch::Receiver<State>> {
+        None
+    }
+
     /// Resolves when the owner is gone, ending the loop at once (by
     /// default: never).
     async fn gone(&self) {
@@ -77,8 +84,15 @@ pub(crate) async fn run<S: Subscription>(
             _ = subscription.gone() => return,
         }
         attempt += 1;
+        let mut own = subscription.own_link();
+        let waited = async {
+            match own.as_mut() {
+                Some(own) => link::up(own).await,
+                None => link::up(&mut link).await,
+            }
+        };
         let up = tokio::select! {
-            up = link::up(&mut link) => up,
+            up = waited => up,
             _ = subscription.gone() => return,
         };
         let Some(conn) = up else {

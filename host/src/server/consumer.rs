@@ -20,15 +20,14 @@ use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::job::Job;
 use super::reply::Replier;
 use super::service::Service;
-use super::{Inner, Server, unreadable};
+use super::{Inner, OwnLink, Server, unreadable};
 use crate::Error;
-use crate::amqp::Link;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::link::{self, CLOSE_TIMEOUT};
 use crate::amqp::resubscribe::Subscription;
@@ -196,7 +195,7 @@ pub(super) struct Consuming {
     pub(super) unreadable: bool,
     /// The id's connection of its own, once a request it was sent could
     /// not be read; until then it is consumed on the server's.
-    pub(super) own: Option<Arc<Link>>,
+    pub(super) own: Option<Arc<OwnLink>>,
 }
 
 impl Consuming {
@@ -207,8 +206,8 @@ impl Consuming {
     /// Waits for the id's own connection to be up, holding nothing of the
     /// server meanwhile: `None` if the id stops being served while it
     /// waits, `Some(None)` if that connection is closed for good.
-    async fn own_up(&self, own: &Link) -> Option<Option<Arc<Connection>>> {
-        let mut state = own.subscribe();
+    async fn own_up(&self, own: &OwnLink) -> Option<Option<Arc<Connection>>> {
+        let mut state = own.link.subscribe();
         loop {
             let waited =
                 tokio::time::timeout(std::time::Duration::from_secs(1), link::up(&mut state));
@@ -290,10 +289,16 @@ impl Subscription for Consuming {
                 .still_served(&self.id, &self.service)
                 .unwrap_or(inner.options.concurrency);
             let look = unreadable::look_ahead(prefetch);
-            if let Err(e) = unreadable::take_out(&inner.connect, &self.id, look).await {
-                warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
-            }
-            if self.own.is_none() {
+            // Every consumer of the lost connection was told it could not
+            // be read; the id whose queue held the request moves.
+            let removed = match unreadable::take_out(&inner.connect, &self.id, look).await {
+                Ok(removed) => removed,
+                Err(e) => {
+                    warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
+                    0
+                }
+            };
+            if removed > 0 && self.own.is_none() {
                 match inner.own_link().await {
                     Ok(Some((own, replier))) => {
                         warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed, and answered, on a connection of its own from now on, so that more such requests cost no other id anything");
@@ -350,6 +355,10 @@ impl Subscription for Consuming {
         self.take(channel, consumer).await;
         // A replacement made for that channel died with it.
         while self.handed.try_recv().is_ok() {}
+    }
+
+    fn own_link(&self) -> Option<watch::Receiver<link::State>> {
+        self.own.as_ref().map(|own| own.link.subscribe())
     }
 
     fn wanted(&self) -> bool {

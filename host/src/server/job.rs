@@ -41,7 +41,7 @@ pub(super) struct Job {
     pub(super) _channel: Channel,
     /// The connection of its own the id consumes on, if it was moved to
     /// one ([`super::consumer`]): kept open until the request is acked.
-    pub(super) _own: Option<Arc<crate::amqp::Link>>,
+    pub(super) _own: Option<Arc<super::OwnLink>>,
 }
 
 impl Job {

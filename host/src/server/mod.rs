@@ -155,7 +155,16 @@ struct Inner {
     /// The connections of their own that ids sent an unreadable request
     /// consume and reply on ([`consumer`]): closed at shutdown, after the
     /// calls in flight; at most [`MAX_OWN_LINKS`] at once.
-    own_links: std::sync::Mutex<Vec<std::sync::Weak<Link>>>,
+    own_links: std::sync::Mutex<Vec<std::sync::Weak<OwnLink>>>,
+    /// One permit per connection of its own an id may open.
+    own_slots: Arc<Semaphore>,
+}
+
+/// An id's connection of its own, holding one of [`MAX_OWN_LINKS`] until
+/// the last call on it has ended.
+pub(super) struct OwnLink {
+    pub(super) link: Link,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Most ids that may each have a connection of their own: past that, an
@@ -175,26 +184,21 @@ impl Inner {
 
     /// A connection of its own for an id, unless [`MAX_OWN_LINKS`] are
     /// open; with the replier that publishes on it.
-    async fn own_link(&self) -> Result<Option<(Arc<Link>, Replier)>, Error> {
-        let live = |links: &mut Vec<std::sync::Weak<Link>>| {
-            links.retain(|l| l.strong_count() > 0);
-            links.len()
-        };
-        if live(&mut self.own_links.lock().unwrap_or_else(|p| p.into_inner())) >= MAX_OWN_LINKS {
+    async fn own_link(&self) -> Result<Option<(Arc<OwnLink>, Replier)>, Error> {
+        let Ok(slot) = self.own_slots.clone().try_acquire_owned() else {
             return Ok(None);
-        }
-        let link =
-            Arc::new(Link::connect_auxiliary(&self.connect, "callme server (one id)").await?);
+        };
+        let link = Link::connect_auxiliary(&self.connect, "callme server (one id)").await?;
+        let own = Arc::new(OwnLink { link, _slot: slot });
         let replier = Replier::new(
-            link.subscribe(),
+            own.link.subscribe(),
             Arc::new(Publisher::new(REPLY_LANES)),
             self.pipeline.clone(),
         );
-        self.own_links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&link));
-        Ok(Some((link, replier)))
+        let mut links = self.own_links.lock().unwrap_or_else(|p| p.into_inner());
+        links.retain(|l| l.strong_count() > 0);
+        links.push(Arc::downgrade(&own));
+        Ok(Some((own, replier)))
     }
 }
 
@@ -256,6 +260,7 @@ impl Server {
                 pipeline,
                 undeliverable: AtomicU64::new(0),
                 own_links: std::sync::Mutex::new(Vec::new()),
+                own_slots: Arc::new(Semaphore::new(MAX_OWN_LINKS)),
                 noisy: Noisy {
                     caller_gone: Throttle::new(NOISY_PERIOD),
                     access_refused: Throttle::new(NOISY_PERIOD),
@@ -470,8 +475,8 @@ impl Server {
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .collect();
-        for link in own {
-            link.close().await;
+        for own in own {
+            own.link.close().await;
         }
         self.inner
             .pipeline
