@@ -7,7 +7,7 @@
 //! connections), in process and through a `callme serve` host and its
 //! sidecar files, and check what it may and may not do.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -338,30 +338,9 @@ async fn a_sub_call_ends_with_its_callers_deadline() {
 /// Starts `callme serve` on `dir` with `env` set, logging everything of
 /// callme's (trace level, so a secret logged anywhere is seen).
 fn serve_with_env(dir: &std::path::Path, env: &[(&str, &str)]) -> Host {
-    let log = dir.with_extension("log");
-    let ready_file = dir.with_extension("ready");
-    let log_file = std::fs::File::create(&log).expect("create host log");
     let mut command = Command::new(callme_bin());
-    command
-        .arg("serve")
-        .arg("--plugins")
-        .arg(dir)
-        .arg("--ready-file")
-        .arg(&ready_file)
-        .env("CALLME_AMQP_URL", amqp_url())
-        .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
-        .env("RUST_LOG", "callme=trace")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log_file);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    Host {
-        child: command.spawn().expect("start callme serve"),
-        log,
-        ready_file,
-    }
+    command.envs(env.iter().copied());
+    Host::start(command, dir, &[], "callme=trace")
 }
 
 #[tokio::test]
@@ -986,31 +965,13 @@ async fn a_plugin_whose_names_never_resolve_stalls_no_other_plugin() {
     )
     .unwrap();
 
-    let log = dir.with_extension("log");
-    let ready_file = dir.with_extension("ready");
-    let child = Command::new("unshare")
+    let mut namespaced = Command::new("unshare");
+    namespaced
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
         .arg(&resolv)
-        .arg(callme_bin())
-        .arg("serve")
-        .arg("--plugins")
-        .arg(&dir)
-        .arg("--ready-file")
-        .arg(&ready_file)
-        .env("CALLME_AMQP_URL", amqp_url())
-        .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
-        .env("RUST_LOG", "callme=info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start callme serve in a mount namespace (unshare, mount: needs root)");
-    let mut host = Host {
-        child,
-        log,
-        ready_file,
-    };
+        .arg(callme_bin());
+    let mut host = Host::start(namespaced, &dir, &[], "callme=info");
     host.wait_ready(Duration::from_secs(60));
 
     let px = proxy(Duration::from_secs(30)).await;

@@ -301,10 +301,23 @@ impl Host {
 
     /// As [`Host::serve`], with its own compilation cache directory.
     pub fn serve_with_cache(dir: &Path, extra: &[&str], cache: &Path) -> Host {
+        let mut command = Command::new(callme_bin());
+        command.env("CALLME_CACHE_DIR", cache);
+        Host::start(command, dir, extra, "callme=info")
+    }
+
+    /// Runs `command` (the `callme` binary, or a program that runs it with
+    /// the arguments that follow) with `serve --plugins DIR`, a ready
+    /// file, `extra` arguments and `RUST_LOG=log_level`, against the test
+    /// broker, as [`Host::serve`] does.
+    pub fn start(mut command: Command, dir: &Path, extra: &[&str], log_level: &str) -> Host {
         let log = dir.with_extension("log");
         let ready_file = dir.with_extension("ready");
         let log_file = std::fs::File::create(&log).expect("create host log");
-        let child = Command::new(callme_bin())
+        if command.get_envs().all(|(k, _)| k != "CALLME_CACHE_DIR") {
+            command.env("CALLME_CACHE_DIR", target_dir().join("test-cache"));
+        }
+        let child = command
             .arg("serve")
             .arg("--plugins")
             .arg(dir)
@@ -312,8 +325,7 @@ impl Host {
             .arg(&ready_file)
             .args(extra)
             .env("CALLME_AMQP_URL", amqp_url())
-            .env("CALLME_CACHE_DIR", cache)
-            .env("RUST_LOG", "callme=info")
+            .env("RUST_LOG", log_level)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -484,6 +484,23 @@ async fn a_host_calling_out_needs_a_callers_names_under_the_anchored_recipes() {
     broker_ctl(&["delete_user", &olivia]);
 }
 
+/// Publishes to `id` a request lapin cannot read: its `message_id` is
+/// not UTF-8, which RabbitMQ passes on as it got it.
+async fn publish_unreadable(id: &str) {
+    callme_tests::raw_amqp::publish(
+        &callme_tests::amqp_host_port(),
+        &server_exchange(id),
+        callme_tests::raw_amqp::RawProperties {
+            content_type: b"application/json",
+            correlation_id: b"poison",
+            reply_to: b"nobody",
+            message_id: b"\xff\xfe not UTF-8",
+        },
+        br#"{"func":"add","args":[1,2]}"#,
+    )
+    .await;
+}
+
 /// A request whose properties lapin cannot read (a `message_id` that is
 /// not UTF-8, which RabbitMQ passes on as it got it) takes the host's
 /// connection down once: the host then takes it out of the queue, and
@@ -499,18 +516,7 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
     let sum: i64 = p.use_server(&poisoned).invoke("add", (1, 1)).await.unwrap();
     assert_eq!(sum, 2);
 
-    callme_tests::raw_amqp::publish(
-        &callme_tests::amqp_host_port(),
-        &server_exchange(&poisoned),
-        callme_tests::raw_amqp::RawProperties {
-            content_type: b"application/json",
-            correlation_id: b"poison",
-            reply_to: b"nobody",
-            message_id: b"\xff\xfe not UTF-8",
-        },
-        br#"{"func":"add","args":[1,2]}"#,
-    )
-    .await;
+    publish_unreadable(&poisoned).await;
 
     for id in [&poisoned, &beside, &poisoned] {
         for i in 0..5i64 {
@@ -537,21 +543,7 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     callme_tests::answers_add(&p, &poisoned, 1).await;
     callme_tests::answers_add(&p, &beside, 1).await;
 
-    let exchange = server_exchange(&poisoned);
-    let broker = callme_tests::amqp_host_port();
-    let poison = || {
-        callme_tests::raw_amqp::publish(
-            &broker,
-            &exchange,
-            callme_tests::raw_amqp::RawProperties {
-                content_type: b"application/json",
-                correlation_id: b"poison",
-                reply_to: b"nobody",
-                message_id: b"\xff\xfe not UTF-8",
-            },
-            br#"{"func":"add","args":[1,2]}"#,
-        )
-    };
+    let poison = || publish_unreadable(&poisoned);
     // The first one takes the host's connection down, and moves the id
     // to a connection of its own: the id it was sent to, and no other
     // (every consumer on the lost connection hears it could not be read).

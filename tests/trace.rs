@@ -1,12 +1,11 @@
 //! Trace context: a call's `traceparent` continued by the server, in its reply and its log.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use callme::{ServerOptions, TraceContext};
 use callme_tests::{
-    Host, RawClient, amqp_url, callme_bin, deploy, plugin_path, proxy, serve_calc, server,
-    target_dir, tempdir, unique,
+    Host, RawClient, callme_bin, deploy, plugin_path, proxy, serve_calc, server, tempdir, unique,
 };
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
@@ -194,27 +193,7 @@ async fn every_log_line_of_a_call_names_its_trace() {
     let dir = tempdir();
     let id = unique("tracelog");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let log = dir.with_extension("log");
-    let ready_file = dir.with_extension("ready");
-    let child = Command::new(callme_bin())
-        .arg("serve")
-        .arg("--plugins")
-        .arg(&dir)
-        .arg("--ready-file")
-        .arg(&ready_file)
-        .env("CALLME_AMQP_URL", amqp_url())
-        .env("CALLME_CACHE_DIR", target_dir().join("test-cache"))
-        .env("RUST_LOG", "callme=debug")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start callme serve");
-    let mut host = Host {
-        child,
-        log,
-        ready_file,
-    };
+    let mut host = Host::start(Command::new(callme_bin()), &dir, &[], "callme=debug");
     host.wait_ready(Duration::from_secs(60));
 
     let p = proxy(Duration::from_secs(10)).await;
