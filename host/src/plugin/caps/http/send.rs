@@ -53,9 +53,9 @@ pub(super) type Connected = (
 
 /// Sends `request` for `plugin`: looks up its host, connects, speaks TLS
 /// for `https`, sends it, and returns once the response's head is in.
-/// The guest's `connect_timeout` bounds the connection and TLS, its
-/// `first_byte_timeout` the wait for the head; the caller bounds the
-/// whole.
+/// The guest's `connect_timeout` bounds the lookup, then the connection
+/// and TLS; its `first_byte_timeout` the wait for the head; the caller
+/// bounds the whole.
 pub(super) async fn send(
     plugin: &Arc<str>,
     mut request: http::Request<WasiBody>,
