@@ -203,22 +203,6 @@ impl Consuming {
         self.inner.upgrade().map(|inner| Server { inner })
     }
 
-    /// Waits for the id's own connection to be up, holding nothing of the
-    /// server meanwhile: `None` if the id stops being served while it
-    /// waits, `Some(None)` if that connection is closed for good.
-    async fn own_up(&self, own: &OwnLink) -> Option<Option<Arc<Connection>>> {
-        let mut state = own.link.subscribe();
-        loop {
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_secs(1), link::up(&mut state));
-            match waited.await {
-                Ok(up) => return Some(up),
-                Err(_) if !self.wanted() => return None,
-                Err(_) => {}
-            }
-        }
-    }
-
     /// Spawns a job per delivery until the consumer ends (cancelled, or
     /// its connection lost). A consumer cancelled because a replacement
     /// took over on the same channel is read to its end, then the
@@ -314,22 +298,24 @@ impl Subscription for Consuming {
                 }
             }
         }
-        let own_conn = match self.own.clone() {
-            Some(own) => match self.own_up(&own).await {
-                Some(up) => up,
-                None => return Ok(None),
-            },
-            None => None,
-        };
         let Some(server) = self.server() else {
             return Ok(None);
         };
         let inner = &server.inner;
-        if self.own.is_some() && own_conn.is_none() {
-            // Closed for good (without `auto_recover`): the server's, then.
-            self.own = None;
-            self.replier = inner.replier();
-        }
+        // A moved id's consumer goes on its own connection, which the
+        // consume loop waited for (`own_link`).
+        let own_conn = match &self.own {
+            Some(own) if own.link.is_closed() => {
+                // Closed for good (without `auto_recover`): the server's, then.
+                self.own = None;
+                self.replier = inner.replier();
+                None
+            }
+            Some(own) => Some(own.link.current().ok_or_else(|| {
+                Error::Disconnected("the id's own connection is down: reconnecting".into())
+            })?),
+            None => None,
+        };
         let conn = own_conn.as_deref().unwrap_or(conn);
         let _changing = inner.changes.lock().await;
         let Some(concurrency) = inner.registry.still_served(&self.id, &self.service) else {

@@ -92,9 +92,15 @@ pub(super) async fn take_out(
 ) -> Result<usize, crate::Error> {
     let mut removed = 0;
     while removed < MAX_TAKEN_OUT {
-        match take_out_one(connect, id, look).await? {
-            TakenOut::Removed { .. } => removed += 1,
-            TakenOut::Nothing | TakenOut::Missed { .. } => break,
+        match take_out_one(connect, id, look).await {
+            Ok(TakenOut::Removed { .. }) => removed += 1,
+            Ok(TakenOut::Nothing | TakenOut::Missed { .. }) => break,
+            // What was taken out is gone all the same.
+            Err(e) if removed > 0 => {
+                warn!(target: "callme::server", server_id = id, removed, error = %e, "stopped taking out unreadable requests");
+                break;
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(removed)
