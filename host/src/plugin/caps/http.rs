@@ -545,7 +545,7 @@ async fn send(
     }
     let response = response.map(|body| {
         CappedBody {
-            inner: body.boxed_unsync(),
+            inner: body,
             received: 0,
             cap,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),

@@ -160,11 +160,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 /// The addresses of `host`: an IP address as it is, a name looked up
 /// under the bounds above.
 async fn resolve(plugin: &Arc<str>, host: &str, port: u16) -> Result<Vec<SocketAddr>, HttpError> {
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if let Ok(ip) = bare.parse::<IpAddr>() {
+    if let Some(ip) = ip_address(host) {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let lookups = Lookups::get();
@@ -193,6 +189,15 @@ async fn resolve(plugin: &Arc<str>, host: &str, port: u16) -> Result<Vec<SocketA
             })
         }
     }
+}
+
+/// The address a URL's host is, if it is one (`127.0.0.1`, `[::1]`).
+fn ip_address(host: &str) -> Option<IpAddr> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.parse().ok()
 }
 
 /// The permits lookups take.
@@ -226,11 +231,7 @@ impl Lookups {
 
 /// The name a server's certificate must carry.
 fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, HttpError> {
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if let Ok(ip) = bare.parse::<IpAddr>() {
+    if let Some(ip) = ip_address(host) {
         return Ok(rustls::pki_types::ServerName::from(ip));
     }
     rustls::pki_types::ServerName::try_from(host.to_string())
