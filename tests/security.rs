@@ -495,6 +495,7 @@ async fn publish_unreadable(id: &str) {
             correlation_id: b"poison",
             reply_to: b"nobody",
             message_id: b"\xff\xfe not UTF-8",
+            headers: None,
         },
         br#"{"func":"add","args":[1,2]}"#,
     )
@@ -605,6 +606,66 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     // Later ones did reach the id on its own connection.
     let own = lost("connection=\"callme server (one id)\"");
     assert!(own >= 1, "the id's own connection was never lost:\n{log}");
+}
+
+/// A request whose headers nest as deep as one frame holds (some 26,000
+/// arrays in RabbitMQ's default 128 KiB frame, which the broker passes on
+/// as it got them) is served like any other. The AMQP client parses and
+/// drops such a table by recursion, about 1 to 2 KiB of stack a level:
+/// on a thread's default 2 MiB stack the host would abort, every caller's
+/// calls with it, and abort again on each redelivery.
+#[tokio::test]
+async fn a_request_with_headers_nested_as_deep_as_a_frame_holds_costs_nobody_anything() {
+    let dir = callme_tests::tempdir();
+    let (deep, beside) = (unique("deep-headers"), unique("beside-deep"));
+    let calc = callme_tests::plugin_path("calc");
+    callme_tests::deploy(&calc, &dir, &format!("{deep}.wasm"));
+    callme_tests::deploy(&calc, &dir, &format!("{beside}.wasm"));
+    let mut host = callme_tests::Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    callme_tests::answers_add(&p, &deep, 1).await;
+
+    // The rest of the content header takes less than 256 bytes.
+    let depth = (callme_tests::raw_amqp::MAX_FRAME_PAYLOAD - 256) / 5;
+    let headers = callme_tests::raw_amqp::nested_headers(depth);
+    for _ in 0..3 {
+        callme_tests::raw_amqp::publish(
+            &callme_tests::amqp_host_port(),
+            &server_exchange(&deep),
+            callme_tests::raw_amqp::RawProperties {
+                content_type: b"application/json",
+                correlation_id: b"deep",
+                reply_to: b"nobody",
+                message_id: b"deep",
+                headers: Some(&headers),
+            },
+            br#"{"func":"add","args":[1,2]}"#,
+        )
+        .await;
+    }
+    for i in 0..5 {
+        callme_tests::answers_add(&p, &deep, i).await;
+        callme_tests::answers_add(&p, &beside, i).await;
+    }
+    assert!(
+        matches!(host.child.try_wait(), Ok(None)),
+        "the host exited:\n{}",
+        host.log_text()
+    );
+    let log = host.log_text();
+    assert!(
+        !log.contains("reconnected"),
+        "the host lost its connection:\n{log}"
+    );
+    // The requests were read, and answered (to an exchange that is not
+    // there): they are not waiting to crash a host.
+    let queued = broker_ctl(&["list_queues", "name", "messages"]);
+    let left = queued
+        .lines()
+        .find(|l| l.starts_with(&format!("server_{deep}_queue")))
+        .unwrap_or_else(|| panic!("no queue for {deep}:\n{queued}"));
+    assert!(left.ends_with("\t0"), "requests left: {left}");
 }
 
 /// A broker user whose name is too long for callme's reply names (AMQP

@@ -44,7 +44,9 @@ mod trace;
 #[cfg(feature = "server")]
 mod watcher;
 
-pub use amqp::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
+pub use amqp::{
+    ConnectOptions, DEFAULT_AMQP_URL, MIN_THREAD_STACK, redact_uri, thread_stack_to_set,
+};
 pub use error::{Error, PluginError, TimeoutCause};
 #[cfg(feature = "server")]
 pub use plugin::{

@@ -9,6 +9,7 @@
 //!   exchange.
 //! - `resubscribe`: the consume loop that outlives connections, used by
 //!   the server's request consumers and the proxy's reply consumer.
+//! - `stack`: the thread stack reading any header the broker passes on takes.
 
 pub(crate) mod connect;
 pub(crate) mod link;
@@ -16,7 +17,9 @@ pub(crate) mod link;
 pub(crate) mod pipeline;
 pub(crate) mod publisher;
 pub(crate) mod resubscribe;
+mod stack;
 pub(crate) mod topology;
 
 pub use connect::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
 pub(crate) use link::Link;
+pub use stack::{MIN_THREAD_STACK, thread_stack_to_set};

@@ -246,7 +246,22 @@ impl From<QueueTypeArg> for callme::QueueType {
     }
 }
 
+/// Gives every thread spawned without a stack size of its own (lapin's
+/// I/O threads, the runtimes' workers) the stack reading any header the
+/// broker passes on takes (`callme::MIN_THREAD_STACK`).
+#[allow(unsafe_code)]
+fn raise_thread_stacks() {
+    if let Some(bytes) =
+        callme::thread_stack_to_set(std::env::var("RUST_MIN_STACK").ok().as_deref())
+    {
+        // SAFETY: called first thing in `main`, before any thread is
+        // spawned, so nothing reads the environment meanwhile.
+        unsafe { std::env::set_var("RUST_MIN_STACK", bytes.to_string()) };
+    }
+}
+
 fn main() -> ExitCode {
+    raise_thread_stacks();
     let cli = Cli::parse();
     // One-shot commands print JSON on stdout and stderr: keep the broker
     // client's own chatter out of it unless RUST_LOG asks for it.

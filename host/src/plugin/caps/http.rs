@@ -476,6 +476,10 @@ fn io_runtime() -> Result<&'static tokio::runtime::Handle, HttpError> {
         let built = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("callme-http")
+            // Its threads (one worker, and up to 256 looking names up)
+            // never read a broker message: the default stack, not the
+            // larger one `callme` gives the others (`thread_stack_to_set`).
+            .thread_stack_size(2 << 20)
             .enable_all()
             .build();
         built
