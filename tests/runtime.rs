@@ -852,3 +852,58 @@ async fn used_instances_come_back_when_the_thread_that_drops_them_is_starved() {
     assert_eq!(p.spares(), 1);
     starved.shutdown_background();
 }
+
+/// A component whose one function returns a type written out to some 10
+/// MB: a tuple of 100 tuples of 100 copies of an enum whose one case is
+/// named with 1,000 letters. Its text would grow with the name (100,000
+/// bytes are allowed) and the copies (a million), to gigabytes.
+fn huge_type_component() -> Vec<u8> {
+    let name = "a".repeat(1000);
+    let e100 = vec!["$e"; 100].join(" ");
+    let t100 = vec!["$t1"; 100].join(" ");
+    let text = format!(
+        r#"
+(component
+  (type $e0 (enum "{name}"))
+  (export $e "e" (type $e0))
+  (type $t1 (tuple {e100}))
+  (type $t2 (tuple {t100}))
+  (core module $m
+    (memory (export "mem") 1)
+    (func (export "f") (result i32) i32.const 0))
+  (core instance $i (instantiate $m))
+  (alias core export $i "mem" (core memory $mem))
+  (func (export "f") (result $t2)
+    (canon lift (core func $i "f") (memory $mem))))
+"#
+    );
+    wat::parse_str(&text).expect("the component's text")
+}
+
+/// A function's signature is text of at most 16 KiB, however large its
+/// types are written out: loading a component, `_describe` and error
+/// messages write it, and a hostile component could otherwise make the
+/// host write gigabytes, and run out of memory, at load.
+#[tokio::test]
+async fn a_type_written_out_to_gigabytes_is_cut_short() {
+    let p = Plugin::load(
+        &runtime(),
+        "huge-type",
+        &huge_type_component(),
+        PluginSettings::default(),
+    )
+    .expect("plugin loads");
+    let functions = p.functions();
+    let f = functions.iter().find(|f| f.name == "f").expect("f");
+    assert!(
+        f.signature.len() <= 16 * 1024 + 4,
+        "a signature of {} bytes",
+        f.signature.len()
+    );
+    assert!(f.signature.starts_with("func() -> tuple<tuple<enum { aaaa"));
+    assert!(
+        f.signature.ends_with('…'),
+        "{}",
+        &f.signature[f.signature.len() - 40..]
+    );
+}
