@@ -154,6 +154,35 @@ async fn add_via_calls_a_served_calc_and_describe_names_the_capabilities() {
     srv.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A plugin's arguments to another server are refused before they are
+/// parsed when their text is larger than a server takes by default (4
+/// MiB): parsed, `[0,0,...]` would take the host 16 times its text, outside
+/// every limit of the plugin's. Nothing is published; arguments within the
+/// limit go out as before.
+#[tokio::test]
+async fn arguments_larger_than_a_request_may_be_are_refused_before_they_are_parsed() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let (target, _calls, mut overheard) = watched_target(&srv).await;
+    let hostile = unique("cap-hostile");
+    srv.serve_plugin(load("hostile", &hostile, granted(&[], &[&target])))
+        .await
+        .unwrap();
+    let guest = p.use_server(&hostile);
+    let flood = |kib: u32| guest.call("flood-call", callme::args_from((&target, kib)).unwrap());
+    let refused = guest_error(flood(5 * 1024).await);
+    assert!(
+        refused.starts_with("InvalidArguments: the arguments are 5242")
+            && refused.contains("at most 4194304"),
+        "{refused}"
+    );
+    nothing_published(&mut overheard).await;
+    // 1 KiB goes out, and the target adds its 500 zeros.
+    assert_eq!(flood(1).await.unwrap(), json!("0"));
+    assert!(depth_sent(&mut overheard).await.is_some(), "not published");
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn a_server_not_granted_is_refused_in_the_guest_and_nothing_is_published() {
     let srv = server(ServerOptions::default()).await;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-callme_guest::generate!();
+callme_guest::generate_v0_2!();
 
 const MIB: usize = 1 << 20;
 
@@ -120,6 +120,17 @@ impl Guest for Hostile {
         // Time for the host to connect and send them.
         std::thread::sleep(Duration::from_millis(300));
         Ok(n)
+    }
+
+    fn flood_call(server: String, kib: u32) -> Result<String, String> {
+        let mut args = String::with_capacity(kib as usize * 1024 + 2);
+        args.push('[');
+        while args.len() < kib as usize * 1024 {
+            args.push_str("0,");
+        }
+        args.push_str("0]");
+        callme_guest::v0_2::rpc::call(&server, "add", &args)
+            .map_err(|e| format!("{}: {}", e.type_, e.message))
     }
 
     fn hoard(mib: u32) -> Result<u64, String> {

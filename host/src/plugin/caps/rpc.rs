@@ -17,7 +17,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::CallContext;
-use crate::protocol::{Args, is_valid_server_id};
+use crate::protocol::{Args, DEFAULT_MAX_REQUEST_BYTES, is_valid_server_id};
 use crate::proxy::CallOptions;
 use crate::{Error, ErrorKind};
 
@@ -214,6 +214,20 @@ pub(crate) async fn call(
                     "this call has sent {} calls to other servers, the most it may \
                      (the sidecar's `rpc_max_calls`)",
                     grant.max_calls
+                ),
+            ));
+        }
+        // The text is the guest's, as large as its memory: refused before
+        // it is parsed (a value takes up to 16 times its text's bytes),
+        // at the size every server refuses by default anyway.
+        if args.len() > DEFAULT_MAX_REQUEST_BYTES {
+            return Err(CallFailure::new(
+                ErrorKind::InvalidArguments.as_str(),
+                format!(
+                    "the arguments are {} bytes of JSON; a call's may be at most {} \
+                     (servers refuse larger requests)",
+                    args.len(),
+                    DEFAULT_MAX_REQUEST_BYTES
                 ),
             ));
         }
