@@ -87,6 +87,15 @@ def test_a_request_too_large_is_a_bad_request(proxy: callme.Proxy, host: Host) -
         proxy.use_server(host.calc).add("x" * (5 << 20), 1)
 
 
+def test_a_request_over_the_brokers_size_limit_is_too_large_and_costs_nothing_else(
+    proxy: callme.Proxy, host: Host
+) -> None:
+    # The test broker's max_message_size is 16 MiB, as RabbitMQ 4.x's default.
+    with pytest.raises(callme.TooLarge, match="max size"):
+        proxy.use_server(host.calc).add("x" * (17 << 20), 1)
+    assert proxy.use_server(host.calc).add(1, 2) == 3
+
+
 def test_arguments_that_are_not_json_fail_before_sending(proxy: callme.Proxy, host: Host) -> None:
     with pytest.raises(TypeError):
         proxy.use_server(host.calc).add(object(), 1)
@@ -163,7 +172,7 @@ def test_every_error_is_a_callme_error() -> None:
                   callme.ConnectionError, callme.RemoteError, callme.GuestError,
                   callme.InvalidArguments, callme.NoSuchFunction, callme.Trap,
                   callme.MemoryLimit, callme.BadRequest, callme.Internal,
-                  callme.RemoteTimeout, callme.Rejected):
+                  callme.RemoteTimeout, callme.Rejected, callme.TooLarge):
         assert issubclass(error, callme.CallmeError)
 
 
@@ -177,6 +186,8 @@ def test_malformed_responses_are_value_errors_not_other_exceptions() -> None:
 def test_any_timeout_works(proxy: callme.Proxy, host: Host) -> None:
     # Infinite, and past RabbitMQ's longest expiration (2**32 - 1 ms).
     assert proxy.use_server(host.calc, timeout=math.inf).add(1, 1) == 2
+    # An int past float's range.
+    assert proxy.use_server(host.calc, timeout=10**400).add(1, 2) == 3
     assert proxy.use_server(host.calc, timeout=60 * 24 * 3600).add(2, 2) == 4
 
 
@@ -189,3 +200,14 @@ def test_a_blocking_call_inside_a_running_event_loop_is_refused_before_sending(
 
     asyncio.run(inside())
     assert proxy.use_server(host.calc).add(3, 4) == 7
+
+
+def test_keyword_arguments_named_func_or_self_go_to_the_server(
+    proxy: callme.Proxy, host: Host
+) -> None:
+    # calc's add takes `a` and `b`: the server, not Python, refuses these.
+    for kwargs in ({"func": 1, "b": 2}, {"self": 1, "b": 2}):
+        with pytest.raises(callme.InvalidArguments):
+            proxy.use_server(host.calc).add(**kwargs)
+        with pytest.raises(callme.InvalidArguments):
+            proxy.use_server(host.calc).call("add", **kwargs)

@@ -83,3 +83,15 @@ def test_the_connection_name_goes_in_the_url() -> None:
     assert "name=mine" in named.connection_url()
     from_url = ConnectOptions.build("amqp://h/%2f?name=fromurl")
     assert "name=fromurl" in from_url.connection_url()
+
+
+def test_no_password_in_the_options_repr_or_a_bad_url_s_error() -> None:
+    options = ConnectOptions.build("amqp://bob:s3cret@host:5672/%2f", ca_file=None)
+    assert "s3cret" not in repr(options) and "bob:***@host" in repr(options)
+    assert "s3cret" not in repr(ConnectOptions(url="amqp://bob:s3cret@h/%2f"))
+    # urllib reads `s3cr3t` as the port of `bob:s3cr3t/x@host`; its own
+    # message would quote it.
+    with pytest.raises(ValueError) as refused:
+        ConnectOptions.build("amqp://bob:s3cr3t/x@host/%2f", amqp_vhost="v")
+    assert "s3cr3t" not in str(refused.value), refused.value
+    assert "port is not a number" in str(refused.value)

@@ -17,7 +17,7 @@ from typing import List
 import pytest
 
 import callme_client as callme
-from conftest import BrokerUser, Host, close_connection, url_for
+from conftest import BrokerUser, Host, close_connection, rabbitmqctl, url_for
 
 
 def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> float:
@@ -113,3 +113,20 @@ def test_an_idle_blocking_proxy_reconnects_without_being_called(
             time.sleep(0.1)
         assert "lost the connection" in caplog.text and "reconnected" in caplog.text
         assert calc.add(2, 2) == 4
+
+
+def test_a_deleted_reply_queue_is_declared_again(
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker cancels the consumer of a deleted queue and leaves the
+    # channel open: nothing closes, yet no reply can come.
+    caplog.set_level(logging.INFO, logger="callme.proxy")
+    with callme.Proxy(amqp_url, timeout=5) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        exchange = proxy.reply_exchange
+        assert exchange is not None
+        rabbitmqctl("delete_queue", exchange.replace("_ex_", "_queue_", 1))
+        assert call_until_answered(calc) < 5
+        assert [calc.add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+    assert "cancelled the reply consumer" in caplog.text

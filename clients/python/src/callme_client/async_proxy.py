@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -306,9 +307,11 @@ class AsyncServerProxy:
     def timeout(self) -> float:
         return self._timeout
 
-    async def call(self, func: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, func: str, /, *args: Any, **kwargs: Any) -> Any:
         """Calls ``func`` with positional and keyword arguments; the way to
-        call a function whose name is not a Python identifier."""
+        call a function whose name is not a Python identifier. ``func`` is
+        positional only, so a function may take keyword arguments named
+        ``func`` or ``self``."""
         return await self._proxy.call(self._server_id, func, args, kwargs, timeout=self._timeout)
 
     async def describe(self) -> Dict[str, Any]:
@@ -335,7 +338,11 @@ MAX_TIMEOUT = 100 * 365 * 24 * 3600.0
 
 
 def _positive(timeout: float) -> float:
-    timeout = float(timeout)
+    try:
+        timeout = float(timeout)
+    except OverflowError:
+        # An int past float's range: as long as can be, if positive.
+        timeout = math.inf if timeout > 0 else -math.inf
     if not timeout > 0:
         raise ValueError(f"a timeout is a positive number of seconds, not {timeout!r}")
     return min(timeout, MAX_TIMEOUT)

@@ -65,6 +65,12 @@ class Rejected(CallmeError):
     confirm), for example because a queue is over its length limit."""
 
 
+class TooLarge(CallmeError):
+    """The broker refused the request for its size (over its
+    ``max_message_size``: 16 MiB by default in RabbitMQ 4.x, 128 MiB in
+    3.x). Sending it again would fail again."""
+
+
 class RemoteError(CallmeError):
     """The server answered with an error.
 

@@ -7,7 +7,8 @@ consumes that queue, handing each reply to ``on_reply``. Replies are
 acknowledged, at most :data:`REPLY_PREFETCH` at a time on their way (as the
 Rust proxy does), so whoever may publish to the queue cannot make the proxy
 hold more than that many: the rest waits in the broker. When
-the connection (or the reply channel) is lost it calls ``on_lost`` (the
+the connection (or the reply channel, or the reply consumer, which the
+broker cancels when the queue is deleted) is lost it calls ``on_lost`` (the
 proxy fails the calls waiting for replies), then reconnects with backoff and
 declares the same names again; calls made meanwhile wait for
 :meth:`Link.connection`.
@@ -46,6 +47,10 @@ REPLY_PREFETCH = 64
 _ACK_EVERY = 16
 _ACK_IDLE = 0.05
 
+#: How often the link looks whether the broker still has its reply
+#: consumer, where the AMQP library does not say when it cancels it.
+_CONSUMER_CHECK = 1.0
+
 #: Reconnection backoff: the first retry comes soon (a restart takes a few
 #: seconds), later ones at most this far apart.
 _BACKOFF_FIRST = 0.1
@@ -76,6 +81,8 @@ class Link:
         self._unacked: "Optional[tuple[Any, int]]" = None
         self._taken = 0
         self._ack_timer: Optional[asyncio.TimerHandle] = None
+        # The reply consumer: its channel (aiormq's) and tag.
+        self._consumer: "tuple[Any, str]" = (None, "")
 
     async def start(self) -> None:
         """Connects for the first time; later losses are repaired in the
@@ -166,7 +173,8 @@ class Link:
             # its correlation id and body only, not an IncomingMessage.
             underlay = await channel.get_underlay_channel()
             await underlay.basic_qos(prefetch_count=REPLY_PREFETCH)
-            await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
+            consume = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
+            self._consumer = (underlay, consume.consumer_tag)
         except BaseException as e:
             await _close_quietly(connection)
             if isinstance(e, aiormq.exceptions.ChannelAccessRefused):
@@ -194,18 +202,50 @@ class Link:
 
             connection.close_callbacks.add(on_close)
             channel.close_callbacks.add(on_close)
+            # The broker cancels the reply consumer when the queue is
+            # deleted (an operator, a clean-up script), and keeps the
+            # channel open: without the queue no reply can come, so that is
+            # a loss too. aiormq 7 says so at once; aiormq 6 only forgets
+            # the consumer, which is looked for every second.
+            underlay, tag = self._consumer
+
+            def on_cancel(frame: Any) -> None:
+                if getattr(frame, "consumer_tag", None) == tag:
+                    on_close()
+
+            cancel_callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
+            if cancel_callbacks is not None:
+                cancel_callbacks.add(on_cancel)
             self._connection = connection
             self._ready.set()
             if connection.is_closed or channel.is_closed:
                 on_close()
+            check: Optional[asyncio.TimerHandle] = None
+
+            def look() -> None:
+                nonlocal check
+                if tag not in underlay.consumers:
+                    on_close()
+                elif not lost.done():
+                    check = loop.call_later(_CONSUMER_CHECK, look)
+
+            look()
             await lost
+            if check is not None:
+                check.cancel()
             self._connection = None
             self._ready.clear()
             if self._closing:
                 return
-            log.warning(
-                "lost the connection to the broker at %s; reconnecting", self.options.redacted
-            )
+            if tag not in underlay.consumers and not channel.is_closed:
+                log.warning(
+                    "the broker cancelled the reply consumer (was the queue %s deleted?); "
+                    "declaring it again", self.queue
+                )
+            else:
+                log.warning(
+                    "lost the connection to the broker at %s; reconnecting", self.options.redacted
+                )
             self._on_lost()
             await _close_quietly(connection)
             connection, channel = await self._reopen()

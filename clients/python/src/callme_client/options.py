@@ -43,7 +43,7 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{shown}@{tail}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConnectOptions:
     """A broker to connect to.
 
@@ -123,7 +123,15 @@ class ConnectOptions:
             host = amqp_host if amqp_host is not None else (parts.hostname or "localhost")
             if ":" in host and not host.startswith("["):
                 host = f"[{host}]"
-            port = amqp_port if amqp_port is not None else parts.port
+            try:
+                port = amqp_port if amqp_port is not None else parts.port
+            except ValueError:
+                # urllib's message quotes what it took for the port, which
+                # may be part of the password.
+                raise ValueError(
+                    f"invalid AMQP URL {redact_url(amqp_url)!r}: its port is not a number "
+                    "(a password holding '/', '?', '#' or '@' must be percent-encoded)"
+                ) from None
             if port is None:
                 port = 5671 if tls else 5672
             vhost = amqp_vhost if amqp_vhost is not None else (unquote(parts.path[1:]) or "/")
@@ -152,6 +160,15 @@ class ConnectOptions:
             cert_file=cert_file,
             key_file=key_file,
             connection_name=connection_name,
+        )
+
+    def __repr__(self) -> str:
+        # Shown by debuggers, tracebacks with locals and error reporters:
+        # never the password.
+        return (
+            f"ConnectOptions(url={self.redacted!r}, ca_file={self.ca_file!r}, "
+            f"cert_file={self.cert_file!r}, key_file={self.key_file!r}, "
+            f"connection_name={self.connection_name!r})"
         )
 
     @property

@@ -398,9 +398,11 @@ class ServerProxy:
     def timeout(self) -> float:
         return self._timeout
 
-    def call(self, func: str, *args: Any, **kwargs: Any) -> Any:
+    def call(self, func: str, /, *args: Any, **kwargs: Any) -> Any:
         """Calls ``func`` with positional and keyword arguments; the way to
-        call a function whose name is not a Python identifier."""
+        call a function whose name is not a Python identifier. ``func`` is
+        positional only, so a function may take keyword arguments named
+        ``func`` or ``self``."""
         return self._proxy.call(self._server_id, func, args, kwargs, timeout=self._timeout)
 
     def describe(self) -> Dict[str, Any]:

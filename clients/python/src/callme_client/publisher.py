@@ -62,6 +62,7 @@ class Publisher:
             bound to it.
         :raises AccessRefused: the user may not publish to the exchange.
         :raises Rejected: the broker refused the request (negative confirm).
+        :raises TooLarge: the broker refused the request for its size.
         :raises ConnectionError: the connection failed.
         """
         async with self._lanes:
@@ -95,6 +96,18 @@ class Publisher:
                 raise errors.AccessRefused(
                     f"the broker refused a request to {exchange!r}: {errors.reply_text(e)}"
                 ) from None
+            except aiormq.exceptions.ChannelPreconditionFailed as e:
+                # The broker closed this lane. For its size: 406
+                # PRECONDITION_FAILED "message size N is larger than
+                # configured max size M" (RabbitMQ 3.8 to 4.x).
+                text = errors.reply_text(e)
+                if "max size" in text:
+                    raise errors.TooLarge(
+                        f"the broker refused the request to {server_id!r}: {text}"
+                    ) from None
+                raise errors.ConnectionError(
+                    f"the request to {server_id!r} could not be sent: {text}"
+                ) from e
             except asyncio.CancelledError:
                 # Timed out waiting for its confirm: the lane may still get
                 # that confirm, so it is closed rather than reused.
