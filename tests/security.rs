@@ -608,6 +608,95 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     assert!(own >= 1, "the id's own connection was never lost:\n{log}");
 }
 
+/// Publishes to `exchange` a message lapin cannot read: its `message_id`
+/// is not UTF-8, which RabbitMQ passes on as it got it.
+async fn publish_unreadable_to(exchange: &str) {
+    callme_tests::raw_amqp::publish(
+        &callme_tests::amqp_host_port(),
+        exchange,
+        callme_tests::raw_amqp::RawProperties {
+            content_type: b"application/json",
+            correlation_id: b"poison",
+            reply_to: b"nobody",
+            message_id: b"\xff\xfe not UTF-8",
+            headers: None,
+        },
+        br#"{"result":3}"#,
+    )
+    .await;
+}
+
+/// The replies to the calls plugins make (granted `rpc`) come on a
+/// connection of the host's made for them, not the one its requests come
+/// on: a server called (or anyone who may publish to the reply exchange,
+/// whose name every such request carries) that sends a reply the AMQP
+/// client cannot read costs that connection a reconnection, and the
+/// host's callers nothing.
+#[tokio::test]
+async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing() {
+    let dir = tempdir();
+    let (relay, target) = (unique("relay-out"), unique("target-out"));
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        format!("rpc = [\"{target}\"]\n"),
+    )
+    .unwrap();
+    deploy(&plugin_path("calc"), &dir, &format!("{target}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    let mut overheard = callme_tests::RawClient::overhear(&server_exchange(&target)).await;
+    let via: i64 = p
+        .use_server(&relay)
+        .invoke("add-via", (&target, 1, 2))
+        .await
+        .unwrap();
+    assert_eq!(via, 3);
+    let request = overheard.next_reply(None).await;
+    let reply_to = request
+        .properties
+        .reply_to()
+        .as_ref()
+        .expect("a reply address")
+        .to_string();
+
+    for _ in 0..3 {
+        publish_unreadable_to(&reply_to).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for i in 0..5 {
+        callme_tests::answers_add(&p, &target, i).await;
+    }
+    // The plugin's calls work again once their connection is back.
+    let start = Instant::now();
+    loop {
+        match p
+            .use_server(&relay)
+            .invoke::<_, i64>("add-via", (&target, 2, 2))
+            .await
+        {
+            Ok(sum) => {
+                assert_eq!(sum, 4);
+                break;
+            }
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = host.log_text();
+    let lost = |connection: &str| {
+        log.lines()
+            .filter(|l| l.contains("reconnected") && l.contains(connection))
+            .count()
+    };
+    assert_eq!(lost("connection=\"callme server\""), 0, "{log}");
+    assert!(
+        lost("connection=\"callme server (calls out)\"") >= 1,
+        "{log}"
+    );
+}
+
 /// A request whose headers nest as deep as one frame holds (some 26,000
 /// arrays in RabbitMQ's default 128 KiB frame, which the broker passes on
 /// as it got them) is served like any other. The AMQP client parses and

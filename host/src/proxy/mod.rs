@@ -133,9 +133,8 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Held for its connection, which closes when the proxy is dropped;
-    /// `None` for a proxy sharing its owner's link (see `Proxy::sharing`).
-    _link: Option<Link>,
+    /// Held for its connection, which closes when the proxy is dropped.
+    _link: Link,
     /// The connection the reply queue is consumed on, while there is one.
     ready: watch::Receiver<Option<Arc<Connection>>>,
     /// The channels requests are published on, one request per channel
@@ -175,26 +174,23 @@ impl Proxy {
         let user = options.user(&uri);
         let link = Link::connect(options, "callme proxy").await?;
         let (conn, state) = (link.current(), link.subscribe());
-        let proxy = Proxy::start(Some(link), conn, state, &user, timeout).await?;
+        let proxy = Proxy::start(link, conn, state, &user, timeout).await?;
         debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %proxy.reply_exchange(), "proxy ready");
         Ok(proxy)
     }
 
-    /// A proxy over a link its owner keeps (a server's, for the calls its
-    /// plugins make), as AMQP user `user`: one connection for both.
+    /// A proxy over `link`, a connection its owner opened for it (a
+    /// server's, for the calls its plugins make), as AMQP user `user`.
     #[cfg(feature = "server")]
-    pub(crate) async fn sharing(
-        link: &Link,
-        user: &str,
-        timeout: Duration,
-    ) -> Result<Proxy, Error> {
-        Proxy::start(None, link.current(), link.subscribe(), user, timeout).await
+    pub(crate) async fn over(link: Link, user: &str, timeout: Duration) -> Result<Proxy, Error> {
+        let (conn, state) = (link.current(), link.subscribe());
+        Proxy::start(link, conn, state, user, timeout).await
     }
 
     /// Declares the reply queue on `conn`, the link's connection, and
     /// starts consuming it, across the link's reconnections (`state`).
     async fn start(
-        owned: Option<Link>,
+        owned: Link,
         conn: Option<Arc<Connection>>,
         state: watch::Receiver<State>,
         user: &str,

@@ -149,8 +149,10 @@ struct Inner {
     noisy: Noisy,
     /// The AMQP user, whose name the proxy's reply queue carries.
     user: String,
-    /// The proxy plugins granted `rpc` call through, over `link`: made
-    /// when the first such plugin is served.
+    /// The proxy plugins granted `rpc` call through, on a connection of
+    /// its own (so that whoever may publish to its reply queue can cost
+    /// the server's requests nothing): made when the first such plugin is
+    /// served.
     calls_out: tokio::sync::OnceCell<Proxy>,
     /// The connections of their own that ids sent an unreadable request
     /// consume and reply on ([`consumer`]): closed at shutdown, after the
@@ -311,7 +313,11 @@ impl Server {
             let inner = &self.inner;
             inner
                 .calls_out
-                .get_or_try_init(|| Proxy::sharing(&inner.link, &inner.user, DEFAULT_TIMEOUT))
+                .get_or_try_init(|| async {
+                    let link = Link::connect_auxiliary(&inner.connect, "callme server (calls out)")
+                        .await?;
+                    Proxy::over(link, &inner.user, DEFAULT_TIMEOUT).await
+                })
                 .await?;
         }
         {
