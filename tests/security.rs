@@ -757,6 +757,89 @@ async fn a_request_with_headers_nested_as_deep_as_a_frame_holds_costs_nobody_any
     assert!(left.ends_with("\t0"), "requests left: {left}");
 }
 
+/// A caller who may call many ids of a host and sends each a request the
+/// AMQP client cannot read reaches the host's connection once per id, and
+/// costs an id it did not send one nothing: 10 ids attacked, more than
+/// may each have a connection of their own (8), so the last ones share
+/// one of those; after that, more such requests to any of them leave the
+/// host's connection alone. An id with no request waiting is not even
+/// looked at (its requests would count another delivery).
+#[tokio::test]
+async fn unreadable_requests_to_more_ids_than_may_have_a_connection_of_their_own_stay_off_the_servers()
+ {
+    let dir = tempdir();
+    let calc = plugin_path("calc");
+    let attacked: Vec<String> = (0..10)
+        .map(|i| unique(&format!("unreadable-many{i}")))
+        .collect();
+    let bystander = unique("bystander-many");
+    for id in attacked.iter().chain([&bystander]) {
+        deploy(&calc, &dir, &format!("{id}.wasm"));
+    }
+    let mut command = std::process::Command::new(callme_tests::callme_bin());
+    command.env(
+        "CALLME_CACHE_DIR",
+        callme_tests::target_dir().join("test-cache"),
+    );
+    let mut host = Host::start(command, &dir, &[], "callme=debug,lapin=off");
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    let moved = |log: &str, id: &str| {
+        log.lines().any(|l| {
+            l.contains("on a connection of its own from now on")
+                && l.split_whitespace().any(|w| w == format!("server_id={id}"))
+        })
+    };
+    for id in &attacked {
+        publish_unreadable(id).await;
+        let start = Instant::now();
+        while !moved(&host.log_text(), id) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{id} was not moved:\n{}",
+                host.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        callme_tests::answers_add(&p, id, 1).await;
+    }
+    let shared_losses = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("reconnected") && l.contains("connection=\"callme server\""))
+            .count()
+    };
+    let before = shared_losses(&host.log_text());
+    assert!(
+        before <= attacked.len(),
+        "{before} losses:\n{}",
+        host.log_text()
+    );
+    // Again, to each: only their own connections go.
+    for id in &attacked {
+        publish_unreadable(id).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in attacked.iter().chain([&bystander]) {
+        for i in 0..3 {
+            callme_tests::answers_add(&p, id, i).await;
+        }
+    }
+    let log = host.log_text();
+    assert_eq!(shared_losses(&log), before, "{log}");
+    assert!(!moved(&log, &bystander), "{log}");
+    let shared = log
+        .lines()
+        .filter(|l| l.contains("shared with other ids sent such requests"))
+        .count();
+    assert_eq!(shared, 2, "{log}");
+    let looked_at_bystander = log.lines().any(|l| {
+        l.contains("looking for a request the AMQP client cannot read")
+            && l.split_whitespace()
+                .any(|w| w == format!("server_id={bystander}"))
+    });
+    assert!(!looked_at_bystander, "{log}");
+}
+
 /// A broker user whose name is too long for callme's reply names (AMQP
 /// names are at most 255 bytes) is told so when its proxy connects, not
 /// met with a panic.

@@ -162,16 +162,19 @@ struct Inner {
     own_slots: Arc<Semaphore>,
 }
 
-/// An id's connection of its own, holding one of [`MAX_OWN_LINKS`] until
-/// the last call on it has ended.
+/// A connection of its own for ids sent an unreadable request, holding one
+/// of [`MAX_OWN_LINKS`] until the last call on it has ended; with the
+/// publisher their replies go by.
 pub(super) struct OwnLink {
     pub(super) link: Link,
+    publisher: Arc<Publisher>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Most ids that may each have a connection of their own: past that, an
-/// id sent an unreadable request stays on the server's connection, so
-/// that a caller cannot make the host open connections without bound.
+/// Most connections of their own that ids sent an unreadable request may
+/// have: past that, such an id shares the one of those that fewest use,
+/// so that a caller can neither make the host open connections without
+/// bound nor, by sending to more ids, reach the server's connection again.
 const MAX_OWN_LINKS: usize = 8;
 
 impl Inner {
@@ -184,23 +187,40 @@ impl Inner {
         )
     }
 
-    /// A connection of its own for an id, unless [`MAX_OWN_LINKS`] are
-    /// open; with the replier that publishes on it.
-    async fn own_link(&self) -> Result<Option<(Arc<OwnLink>, Replier)>, Error> {
+    /// A connection of its own for an id, or, once [`MAX_OWN_LINKS`] are
+    /// open, the one of those fewest use (`true` then); with the replier
+    /// that publishes on it. `None` when none is open after all.
+    async fn own_link(&self) -> Result<Option<(Arc<OwnLink>, Replier, bool)>, Error> {
+        let replier = |own: &OwnLink| {
+            Replier::new(
+                own.link.subscribe(),
+                own.publisher.clone(),
+                self.pipeline.clone(),
+            )
+        };
         let Ok(slot) = self.own_slots.clone().try_acquire_owned() else {
-            return Ok(None);
+            let links = self.own_links.lock().unwrap_or_else(|p| p.into_inner());
+            let least = links
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter(|own| !own.link.is_closed())
+                .min_by_key(Arc::strong_count);
+            return Ok(least.map(|own| {
+                let replier = replier(&own);
+                (own, replier, true)
+            }));
         };
         let link = Link::connect_auxiliary(&self.connect, "callme server (one id)").await?;
-        let own = Arc::new(OwnLink { link, _slot: slot });
-        let replier = Replier::new(
-            own.link.subscribe(),
-            Arc::new(Publisher::new(REPLY_LANES)),
-            self.pipeline.clone(),
-        );
+        let own = Arc::new(OwnLink {
+            link,
+            publisher: Arc::new(Publisher::new(REPLY_LANES)),
+            _slot: slot,
+        });
+        let replier = replier(&own);
         let mut links = self.own_links.lock().unwrap_or_else(|p| p.into_inner());
         links.retain(|l| l.strong_count() > 0);
         links.push(Arc::downgrade(&own));
-        Ok(Some((own, replier)))
+        Ok(Some((own, replier, false)))
     }
 }
 

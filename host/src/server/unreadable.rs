@@ -13,7 +13,9 @@
 //! id's consume loop calls [`take_out`] before it consumes again, on a
 //! connection of its own that is there to be lost:
 //!
-//! 1. it looks: `basic.get` without acks, the first requests (twice the
+//! 1. it looks, if the queue holds any request waiting (a passive
+//!    declare says how many; an idle id's queue cannot hold it, and its
+//!    requests are spared another delivery): `basic.get` without acks, the first requests (twice the
 //!    id's prefetch, and 16 more: [`look_ahead`]) held unacked (they go back to the queue, in their order,
 //!    when that connection closes). If none of them kills the
 //!    connection, the request was in another id's queue, and nothing
@@ -39,9 +41,12 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, Event};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::amqp::ConnectOptions;
 use crate::amqp::connect::classify_lapin;
@@ -197,6 +202,25 @@ async fn unreadable_within(
     let mut events = Box::pin(conn.events_listener());
     let looked = async {
         let channel = conn.create_channel().await.map_err(classify_lapin)?;
+        // Every consumer of a lost connection is told it could not be
+        // read. A queue with no request waiting cannot hold the one that
+        // killed it: no need to look, and make its requests count another
+        // delivery (which quorum queues count against the delivery limit).
+        let queue = channel
+            .queue_declare(
+                server_queue(id).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify_lapin)?;
+        if queue.message_count() == 0 {
+            return Ok(false);
+        }
+        debug!(target: "callme::server", server_id = id, waiting = queue.message_count(), "looking for a request the AMQP client cannot read");
         for _ in 0..look {
             match get_one(&channel, &mut events, id, false).await? {
                 // Held unacked until the connection closes.
@@ -257,7 +281,7 @@ async fn put_back(
     body: &[u8],
     properties: &lapin::BasicProperties,
 ) -> Result<(), String> {
-    let confirm = channel
+    let confirmed = channel
         .basic_publish(
             server_exchange(id).as_str().into(),
             "".into(),
@@ -266,8 +290,12 @@ async fn put_back(
             properties.clone(),
         )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    // A broker that holds publishes back (a memory or disk alarm) would
+    // otherwise keep the id from being consumed at all.
+    let confirm = tokio::time::timeout(GET_WITHIN, confirmed)
         .await
+        .map_err(|_| format!("no confirm within {GET_WITHIN:?}"))?
         .map_err(|e| e.to_string())?;
     match confirm {
         Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
