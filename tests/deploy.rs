@@ -484,6 +484,46 @@ async fn fifos_devices_and_symlinks_in_the_directory_never_stall_the_host() {
     );
 }
 
+/// A plugin deployed as a symbolic link (`NAME.wasm -> releases/v1/...`)
+/// whose link is pointed at a file that is not there yet (a typo, a
+/// release not unpacked) keeps its version serving, and the host says
+/// why; pointed at a file that is there, the new version is served.
+#[tokio::test]
+async fn a_symlink_to_nothing_keeps_the_version_serving() {
+    let dir = tempdir();
+    let releases = tempdir();
+    std::fs::create_dir_all(releases.join("v1")).unwrap();
+    std::fs::copy(plugin_path("calc"), releases.join("v1/calc.wasm")).unwrap();
+    let id = unique("linked-release");
+    let link = dir.join(format!("{id}.wasm"));
+    // Re-pointed the safe way: a link made aside, then renamed over.
+    let point = |to: &Path| {
+        let aside = dir.join(format!(".{id}.wasm.incoming"));
+        std::os::unix::fs::symlink(to, &aside).unwrap();
+        std::fs::rename(&aside, &link).unwrap();
+    };
+    point(&releases.join("v1/calc.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    point(&releases.join("v2/calc.wasm"));
+    barrier(&p, &dir).await;
+    assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
+    let log = host.log_text();
+    assert!(
+        log.contains("a symbolic link to a file that is not there"),
+        "{log}"
+    );
+    assert!(!log.contains(&format!("plugin={id} removed")), "{log}");
+
+    std::fs::create_dir_all(releases.join("v2")).unwrap();
+    std::fs::copy(plugin_path("calc-v2"), releases.join("v2/calc.wasm")).unwrap();
+    point(&releases.join("v2/calc.wasm"));
+    wait_version(&p, &id, "2").await;
+}
+
 /// The plugins directory removed and made again (or replaced by another)
 /// is followed: what is deployed in the new one is served.
 #[tokio::test]

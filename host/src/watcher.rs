@@ -104,10 +104,29 @@ fn stamps(dir: &Path, name: &str) -> (Option<Stamp>, Option<Stamp>) {
 
 /// Reads `path` if it is a regular file (or a symlink to one) of at most
 /// `max` bytes: never a FIFO, a device or a directory, which could block
-/// or never end.
+/// or never end. The file is opened without blocking and what was opened
+/// is checked, so a FIFO moved into place between a look and the open
+/// cannot hold the watcher. A symbolic link to nothing is an error, not a
+/// file that is gone: what serves keeps serving.
 fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let meta = std::fs::metadata(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::symlink_metadata(path).is_ok() =>
+        {
+            return Err(std::io::Error::other(
+                "a symbolic link to a file that is not there",
+            ));
+        }
+        opened => opened?,
+    };
+    let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
@@ -118,9 +137,7 @@ fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
         )));
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut bytes)?;
+    file.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::other(format!(
             "grew past the limit of {max} bytes"
@@ -318,8 +335,19 @@ impl Deployer {
             return Ok(());
         }
         let stamped = stamps(&self.dir, name);
-        let bytes = match read_regular(&path, MAX_PLUGIN_BYTES) {
-            Ok(b) => b,
+        // Reading and hashing up to 256 MiB is no work for the runtime
+        // that talks to the broker.
+        let reading = path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            read_regular(&reading, MAX_PLUGIN_BYTES).map(|bytes| {
+                let hash = content_hash(&bytes);
+                (bytes, hash)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))));
+        let (bytes, hash) = match read {
+            Ok(read) => read,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.known.remove(name);
                 observe::plugin_removed(name);
@@ -338,7 +366,6 @@ impl Deployer {
                 return Ok(());
             }
         };
-        let hash = content_hash(&bytes);
         let settings = read_settings(&self.dir, name);
         let known = self.known.entry(name.to_string()).or_default();
         // Until this ends in a version served or refused; a change that
