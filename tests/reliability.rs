@@ -129,6 +129,36 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
     drop(b);
 }
 
+/// A plugin copied into the directory while the host stops (in its grace
+/// period, finishing calls) is not loaded: served then, it would take
+/// requests the process drops on its way out, to be run again elsewhere.
+#[tokio::test]
+async fn a_plugin_deployed_while_the_host_stops_is_not_served() {
+    let dir = tempdir();
+    let id = unique("stopping");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--grace", "20"]);
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(30)).await;
+    let calls = slow_calls(&p, &id, 2, 3000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = unique("late-in-stop");
+    deploy(&plugin_path("calc"), &dir, &format!("{late}.wasm"));
+    let (answered, results) = answered(calls).await;
+    assert_eq!(answered, 2, "{results:?}");
+    assert_eq!(
+        host.wait(Duration::from_secs(25)),
+        Some(0),
+        "{}",
+        host.log_text()
+    );
+    let log = host.log_text();
+    assert!(log.contains("all calls answered"), "{log}");
+    assert!(!log.contains(&late), "{log}");
+}
+
 #[tokio::test]
 async fn stopping_acks_every_call_it_finishes() {
     // Two servers share an id; one stops while it runs calls. Each call it

@@ -98,16 +98,20 @@ impl Host {
             grace,
             ..
         } = self;
-        let watch = tokio::spawn(deployer.watch());
+        let mut watch = tokio::spawn(deployer.watch());
         let outcome = tokio::select! {
             _ = stop => {
+                // No plugin is loaded or swapped once stopping: it would
+                // take requests that the process, on its way out, drops.
+                watch.abort();
+                let _ = (&mut watch).await;
                 observe::set_phase(Phase::Stopping);
                 info!(target: "callme::server", ?grace, "stopping: finishing running calls");
                 server.shutdown(grace).await;
                 Ok(())
             }
             _ = server.closed() => Err(Error::BrokerLost),
-            r = watch => match r {
+            r = &mut watch => match r {
                 Ok(Err(e)) => Err(e),
                 _ => Err(Error::WatcherStopped),
             },
