@@ -20,6 +20,7 @@ use super::bind::bind_args;
 use super::caps::CallContext;
 use super::export::Export;
 use super::instances::{Instances, Sandbox};
+use super::output::{LOG_RECORD_BYTES, one_line};
 use super::sandbox::CallState;
 use super::trap::classify;
 use super::value::{Budget, placeholder, to_json};
@@ -165,7 +166,10 @@ async fn run(
     match &result {
         Ok(_) => tracing::debug!(target: "callme::plugin", plugin, func, ?elapsed, "call"),
         Err(e) => {
-            tracing::debug!(target: "callme::plugin", plugin, func, ?elapsed, error = %e, "call failed")
+            // The guest's own words (a `GuestError` of up to `result_bytes`,
+            // a trap with its stderr): one line, of bounded length.
+            let (error, _) = one_line(&e.to_string(), LOG_RECORD_BYTES);
+            tracing::debug!(target: "callme::plugin", plugin, func, ?elapsed, %error, "call failed")
         }
     }
     result

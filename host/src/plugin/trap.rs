@@ -132,10 +132,23 @@ pub(super) fn classify(
     }
 }
 
-/// The last `n` lines of `text` that are not blank.
+/// Most bytes of the guest's stderr a trap's message carries (to the
+/// caller, and to the log): the end of it, where a panic message is.
+const STDERR_BYTES: usize = 4 << 10;
+
+/// The last `n` lines of `text` that are not blank, at most
+/// [`STDERR_BYTES`] of them (their end, after `…`).
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    let last = lines[lines.len().saturating_sub(n)..].join("\n");
+    if last.len() <= STDERR_BYTES {
+        return last;
+    }
+    let mut from = last.len() - STDERR_BYTES;
+    while !last.is_char_boundary(from) {
+        from += 1;
+    }
+    format!("…{}", &last[from..])
 }
 
 #[cfg(test)]
@@ -162,6 +175,23 @@ mod tests {
         current: 1 << 20,
         desired: 2 << 20,
     };
+
+    #[test]
+    fn a_traps_stderr_is_its_last_lines_and_at_most_4_kib() {
+        let line = "x".repeat(100 << 10);
+        let stderr = format!(
+            "first\n{}\npanicked at the end\n",
+            vec![line.as_str(); 30].join("\n")
+        );
+        let said = last_lines(&stderr, STDERR_LINES);
+        assert!(
+            said.len() <= STDERR_BYTES + '…'.len_utf8(),
+            "{} bytes",
+            said.len()
+        );
+        assert!(said.starts_with('…') && said.ends_with("panicked at the end"));
+        assert_eq!(last_lines("a\n\n b \nc\n", 2), " b \nc");
+    }
 
     #[test]
     fn spent_fuel_is_a_fuel_timeout() {
