@@ -484,6 +484,30 @@ async fn fifos_devices_and_symlinks_in_the_directory_never_stall_the_host() {
     );
 }
 
+/// A version no instance can be made of (here: settings whose memory cap
+/// is below what the module needs to start) is refused when it is
+/// deployed, and the version before it serves on: served, it would fail
+/// every call.
+#[tokio::test]
+async fn a_version_no_instance_can_be_made_of_is_refused_and_the_old_one_serves() {
+    let dir = tempdir();
+    let id = unique("cannot-start");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    // One page of 64 KiB: calc's module starts with more.
+    std::fs::write(dir.join(format!("{id}.toml")), "memory_bytes = 65536\n").unwrap();
+    barrier(&p, &dir).await;
+    assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
+    let sum = p.use_server(&id).call("add", pos(json!([2, 3]))).await;
+    assert_eq!(sum.ok(), Some(json!(5)));
+    let log = host.log_text();
+    assert!(log.contains("an instance of it cannot be made"), "{log}");
+}
+
 /// A plugin deployed as a symbolic link (`NAME.wasm -> releases/v1/...`)
 /// whose link is pointed at a file that is not there yet (a typo, a
 /// release not unpacked) keeps its version serving, and the host says

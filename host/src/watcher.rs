@@ -416,6 +416,22 @@ impl Deployer {
                 .await
                 // A load that panicked refuses that plugin only.
                 .unwrap_or_else(|e| Err(PluginError::internal(format!("loading failed: {e}"))));
+        // An instance is made once before the version is served: one that
+        // can never be made (an initial memory over its `memory_bytes`, a
+        // start function that traps or spins) would fail every call, and
+        // is refused instead, the version before it serving on.
+        let loaded = match loaded {
+            Ok(plugin) => match plugin.session().await {
+                Ok(session) => {
+                    drop(session);
+                    Ok(plugin)
+                }
+                Err(e) => Err(PluginError::invalid_plugin(format!(
+                    "an instance of it cannot be made: {e}"
+                ))),
+            },
+            Err(e) => Err(e),
+        };
         let refusal = match loaded {
             Ok(plugin) => {
                 let swapped = known.serving.is_some();
