@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 
 import aiormq.connection
 import pytest
@@ -237,5 +238,41 @@ def test_a_flood_of_replies_waits_in_the_broker_not_in_the_caller(amqp_url: str,
                 assert asyncio.get_running_loop().time() < deadline, listed
                 await asyncio.sleep(0.2)
             assert await calc.add(7, 1) == 8
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_error_no_one_asked_for_is_told_from_a_cancellation() -> None:
+    # aiormq fails what waits on a connection it gave up with a
+    # CancelledError of its own; the proxy must not take it for its
+    # caller's cancellation (or its deadline's).
+    from callme_client.publisher import cancelled_by_caller
+
+    async def main() -> None:
+        seen: "list[bool]" = []
+        handed: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+        handed.set_exception(asyncio.CancelledError())
+
+        async def waits_on_handed() -> None:
+            try:
+                await handed
+            except asyncio.CancelledError:
+                seen.append(cancelled_by_caller())
+
+        async def is_cancelled() -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                seen.append(cancelled_by_caller())
+
+        await asyncio.ensure_future(waits_on_handed())
+        task = asyncio.ensure_future(is_cancelled())
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if sys.version_info >= (3, 11):
+            assert seen == [False, True]
+        else:
+            assert seen == [True, True]
 
     asyncio.run(main())

@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from . import errors
 from .options import ConnectOptions
+from .publisher import cancelled_by_caller
 
 __all__ = ["Link", "CONNECT_TIMEOUT"]
 
@@ -259,11 +260,16 @@ class Link:
             attempts += 1
             try:
                 return await self._open()
-            except errors.CallmeError as e:
-                # Every 10th failure is logged at warning level, so an outage
-                # says it goes on without flooding the log.
+            except (asyncio.CancelledError, Exception) as e:
+                if isinstance(e, asyncio.CancelledError) and (self._closing or cancelled_by_caller()):
+                    raise  # the proxy is closing
+                # Anything else (a CancelledError aiormq raised for itself,
+                # an error no one foresaw) is an attempt that failed: the
+                # link must never stop trying while the proxy is open.
+                # Every 10th failure is logged at warning level, so an
+                # outage says it goes on without flooding the log.
                 level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG
-                log.log(level, "reconnecting (attempt %d) failed: %s", attempts, e)
+                log.log(level, "reconnecting (attempt %d) failed: %s", attempts, str(e) or type(e).__name__)
             delay = min(delay * 2, _BACKOFF_MAX)
 
     async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:

@@ -113,6 +113,13 @@ class Publisher:
                 # that confirm, so it is closed rather than reused.
                 if channel is not None:
                     _close_later(channel)
+                if not cancelled_by_caller():
+                    # aiormq fails what waits on a connection it gave up
+                    # (its heartbeat watchdog) with a CancelledError of
+                    # its own: the connection is lost, nobody cancelled.
+                    raise errors.ConnectionError(
+                        f"the request to {server_id!r} could not be sent: the connection was lost"
+                    ) from None
                 raise
             except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as e:
                 raise errors.ConnectionError(
@@ -138,6 +145,16 @@ class Publisher:
     def clear(self) -> None:
         """Forgets every lane (their connection is gone or going)."""
         self._idle.clear()
+
+
+def cancelled_by_caller() -> bool:
+    """Whether the current task is being cancelled (by its caller, or a
+    call's deadline), rather than handed a ``CancelledError`` an AMQP
+    library raised for reasons of its own. Python before 3.11 cannot
+    tell: there, every one is taken as a cancellation."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _close_later(channel: AbstractChannel) -> None:
