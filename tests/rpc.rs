@@ -568,3 +568,36 @@ async fn a_blocking_proxy_may_be_dropped_in_async_code() {
     let sum: i64 = p.use_server(&id).invoke("add", (1, 1)).await.unwrap();
     assert_eq!(sum, 2);
 }
+
+/// A call whose time is up before its request is sent sends nothing: a
+/// zero timeout fails with `Timeout` at once, and no server runs a request
+/// nobody waits for. (A call sent again after a lost connection likewise
+/// expires with what is left of its timeout, not a whole one.)
+#[tokio::test]
+async fn a_call_with_no_time_left_sends_nothing() {
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("no-time");
+    srv.serve_native(&id, native_add()).await.unwrap();
+    let mut overheard =
+        callme_tests::RawClient::overhear(&callme::protocol::server_exchange(&id)).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let e = p
+        .use_server(&id)
+        .call_timeout("add", pos(json!([1, 2])), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    let published = tokio::time::timeout(Duration::from_millis(500), overheard.next_reply(None));
+    assert!(published.await.is_err(), "a request was published");
+    // The next call, with time, goes out and is answered.
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    assert!(
+        overheard
+            .next_reply(None)
+            .await
+            .properties
+            .expiration()
+            .is_some()
+    );
+}

@@ -907,3 +907,28 @@ async fn a_type_written_out_to_gigabytes_is_cut_short() {
         &f.signature[f.signature.len() - 40..]
     );
 }
+
+/// Random bytes are made on the host before the guest gets them: a guest
+/// may ask for no more than its memory cap, not wasmtime's 64 MiB default
+/// whatever the cap, so a call's host memory follows its plugin's limit.
+#[tokio::test]
+async fn random_bytes_are_capped_by_the_plugins_memory() {
+    let limits = PluginSettings {
+        limits: Limits {
+            memory_bytes: 4 << 20,
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let p = load("hostile", "hostile", limits);
+    assert_eq!(
+        p.call("random", &pos(json!([1]))).await.unwrap(),
+        json!(1 << 20)
+    );
+    match contained(&p, "random", pos(json!([16]))).await {
+        PluginError::Trap { message } => {
+            assert!(message.contains("exceeds limit 4194304"), "{message}");
+        }
+        e => panic!("expected a trap, got {e:?}"),
+    }
+}

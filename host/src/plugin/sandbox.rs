@@ -94,6 +94,10 @@ impl CallState {
             .allow_ip_name_lookup(false)
             .allow_tcp(false)
             .allow_udp(false)
+            // Random bytes are made on the host before the guest gets
+            // them: no more than the guest's memory could hold (wasmtime's
+            // default is 64 MiB whatever the cap).
+            .max_random_size(u64::try_from(memory_bytes).unwrap_or(u64::MAX))
             .build();
         CallState {
             wasi,

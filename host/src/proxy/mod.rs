@@ -380,24 +380,44 @@ impl Proxy {
                         return self.ended(server, func, Err(e), started);
                     }
                     debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, "sending again");
-                    // Give the link a moment to notice a dead connection.
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    // Give the link a moment to notice a dead connection,
+                    // within the call's time.
+                    let pause = tokio::time::Instant::now() + RETRY_PAUSE;
+                    tokio::time::sleep_until(pause.min(deadline)).await;
                 }
             }
         }
     }
 
-    /// Sends a call once and waits for its reply.
+    /// Sends a call once and waits for its reply; nothing is sent once
+    /// the call's time is up.
     async fn attempt(&self, call: &Call<'_>) -> Attempt {
+        let timed_out = || {
+            Attempt::Done(Err(Error::Timeout {
+                server: call.server.to_string(),
+                timeout: call.timeout,
+            }))
+        };
+        if tokio::time::Instant::now() >= call.deadline {
+            return timed_out();
+        }
         let conn = match self.ready(call.deadline, call.timeout).await {
             Ok(conn) => conn,
             Err(e) => return Attempt::Done(Err(e)),
         };
+        // Ready only as the deadline passed: nobody would wait for it.
+        let left = call
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return timed_out();
+        }
         let (_waiting, rx) = self.inner.pending.wait(call.corr);
-        // RabbitMQ takes an `expiration` of at most 2^32 - 1 ms (49.7
-        // days) and refuses the publish beyond: a longer timeout lets the
-        // request wait that long in the queue.
-        let millis = call.timeout.as_millis().clamp(1, u128::from(u32::MAX));
+        // The request expires when its call stops waiting (a call sent
+        // again has less time left). RabbitMQ takes an `expiration` of at
+        // most 2^32 - 1 ms (49.7 days) and refuses the publish beyond: a
+        // longer timeout lets the request wait that long in the queue.
+        let millis = left.as_millis().clamp(1, u128::from(u32::MAX));
         // When it was sent, for the host's queue wait: the `timestamp`
         // property in seconds, and in milliseconds in a header.
         let sent = std::time::SystemTime::now()
@@ -449,12 +469,7 @@ impl Proxy {
             }
         })
         .await;
-        outcome.unwrap_or_else(|_| {
-            Attempt::Done(Err(Error::Timeout {
-                server: call.server.to_string(),
-                timeout: call.timeout,
-            }))
-        })
+        outcome.unwrap_or_else(|_| timed_out())
     }
 
     /// The connection the reply queue is consumed on, waiting for one

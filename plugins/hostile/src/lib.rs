@@ -133,6 +133,10 @@ impl Guest for Hostile {
             .map_err(|e| format!("{}: {}", e.type_, e.message))
     }
 
+    fn random(mib: u32) -> u64 {
+        wasip2::random::random::get_random_bytes(u64::from(mib) * MIB as u64).len() as u64
+    }
+
     fn hoard(mib: u32) -> Result<u64, String> {
         use wasip2::http::types::{Fields, OutgoingRequest};
         let goal = u64::from(mib) * MIB as u64;
