@@ -47,8 +47,10 @@ pub struct PluginSettings {
     pub limits: Limits,
     /// Keep instances between calls instead of a fresh sandbox per call.
     /// Faster for big guests (interpreters), but state a guest keeps in
-    /// memory is seen by the next call it serves; an instance is
-    /// discarded after any error. Off by default.
+    /// memory is seen by the next call it serves. An instance whose call
+    /// was stopped part-way (a trap, a limit) is discarded; one whose
+    /// function returned, an error value (`GuestError`) included, is
+    /// kept. Off by default.
     pub reuse_instances: bool,
     /// Spare instances kept ready, fresh and never called, so a call need
     /// not wait for its instance to be made; each one a call takes is
