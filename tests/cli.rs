@@ -326,6 +326,8 @@ fn serve_with_a_malformed_uri_never_shows_the_password() {
         assert!(!out.contains("s3cretpw"), "{uri}: {out}");
         assert!(!o.status.success(), "{uri}: serve did not stop ({took:?})");
         assert!(out.contains("invalid AMQP URI"), "{uri}: {out}");
+        // The library's type, as `callme call` gives it.
+        assert_eq!(stderr_json(&o)["type"], "Config", "{uri}: {out}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -723,3 +723,25 @@ async fn clients_holding_every_connection_cannot_fail_the_health_probe() {
     .await;
     assert!(served.is_some(), "scrapes not served once the clients left");
 }
+
+/// A client that keeps opening connections and sends nothing on them
+/// takes every place and every extra one; the oldest extra connection
+/// gives way to the newest, so the liveness probe is still answered.
+#[tokio::test]
+async fn clients_opening_connections_without_end_cannot_fail_the_health_probe() {
+    let port = callme_tests::metrics_endpoint().await;
+    let mut held = Vec::new();
+    // 32 places, 256 extra, and more.
+    for _ in 0..(32 + 256 + 40) {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    // Time for the endpoint to take them all in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = tokio::time::timeout(Duration::from_secs(5), http_get(port, "/healthz")).await;
+    assert_eq!(health.expect("no answer to /healthz"), (200, "ok\n".into()));
+    drop(held);
+}

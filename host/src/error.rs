@@ -252,7 +252,7 @@ impl Error {
     /// The name this error goes by outside Rust (the `type` of the
     /// command line's JSON errors): a remote error's wire type, or one of
     /// `Timeout`, `NoSuchServer`, `AccessRefused`, `Connection`,
-    /// `Config`, `Error`.
+    /// `Config`, `Rejected`, `TooLarge`, `Error`.
     pub fn type_name(&self) -> &'static str {
         match self {
             Error::Remote(r) => r.kind.as_str(),
@@ -265,10 +265,10 @@ impl Error {
             | Error::Disconnected(_)
             | Error::BrokerLost => "Connection",
             Error::Config(_) => "Config",
+            Error::Rejected { .. } => "Rejected",
+            Error::TooLarge { .. } => "TooLarge",
             Error::Plugin(e) => e.type_name(),
-            Error::Rejected { .. }
-            | Error::TooLarge { .. }
-            | Error::Runtime { .. }
+            Error::Runtime { .. }
             | Error::Watch { .. }
             | Error::WatcherStopped
             | Error::Json(_) => "Error",

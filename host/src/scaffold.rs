@@ -39,6 +39,7 @@ const RESERVED: &[&str] = &[
     "char",
     "constructor",
     "enum",
+    "error-context",
     "export",
     "f32",
     "f64",
@@ -52,6 +53,8 @@ const RESERVED: &[&str] = &[
     "include",
     "interface",
     "list",
+    "map",
+    "option",
     "own",
     "package",
     "record",
@@ -275,14 +278,15 @@ pub fn check_name(name: &str) -> Result<(), ScaffoldError> {
     if name.is_empty() {
         return refuse("it is empty".to_string());
     }
-    if name.len() > MAX_NAME_LEN {
-        return refuse(format!("it is {} characters long", name.len()));
-    }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
         return refuse(format!("it contains {c:?}"));
+    }
+    // ASCII from here: its length in bytes is its length in characters.
+    if name.len() > MAX_NAME_LEN {
+        return refuse(format!("it is {} characters long", name.len()));
     }
     for word in name.split('-') {
         match word.chars().next() {
@@ -436,9 +440,16 @@ mod tests {
         for name in ["-x", "x-", "a--b"] {
             assert!(problem(name).contains("empty word"), "{name}");
         }
-        for name in ["list", "world", "fn", "test", "std"] {
+        // Every keyword of WIT (wit-parser 0.254's lexer), and some of Rust.
+        let wit = "use type func u8 u16 u32 u64 s8 s16 s32 s64 f32 f64 char resource own \
+                   borrow record flags variant enum bool string option result future stream \
+                   error-context list map as from static interface tuple world import export \
+                   package constructor include with async";
+        for name in wit.split_whitespace().chain(["fn", "test", "std"]) {
             assert_eq!(problem(name), "it is a keyword", "{name}");
         }
+        // The rule a name breaks first is its characters, then its length.
+        assert_eq!(problem(&"é".repeat(33)), "it contains 'é'");
         let message = check_name("Hello").unwrap_err().to_string();
         assert!(message.contains(NAME_RULE), "{message}");
     }

@@ -337,7 +337,12 @@ async fn run(command: Command) -> ExitCode {
             };
             match serve(options, ready_file.as_deref(), metrics_addr.as_deref()).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail_local(&e),
+                // The library's errors keep their type (`Config`,
+                // `Connection`, `AccessRefused`, ...).
+                Err(e) => match e.downcast_ref::<callme::Error>() {
+                    Some(e) => fail_error(e),
+                    None => fail_local(&e),
+                },
             }
         }
         Command::Call {
@@ -508,11 +513,20 @@ fn write_ready_file(path: &Path) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("--ready-file {} names no file", path.display()))?;
+    // A name nobody can guess, made new: never a file (or a link to one)
+    // someone put there first, as in a shared directory like /tmp.
     let mut staged = std::ffi::OsString::from(".");
     staged.push(name);
-    staged.push(format!(".{}.tmp", std::process::id()));
+    staged.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
     let staged = path.with_file_name(staged);
-    std::fs::write(&staged, format!("{}\n", std::process::id()))
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&staged)
+        .and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, "{}", std::process::id())
+        })
         .with_context(|| format!("cannot write {}", staged.display()))?;
     if let Err(e) = std::fs::rename(&staged, path) {
         let _ = std::fs::remove_file(&staged);

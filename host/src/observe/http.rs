@@ -10,9 +10,11 @@
 //! never reads its answers included). When they are all taken, up to
 //! [`MAX_OVERFLOW`] more connections get one answer each within
 //! [`OVERFLOW_LIFETIME`]: health and readiness as ever, `503` for the
-//! metrics. So clients that hold every place cannot make the liveness
-//! probe fail, and beyond both limits a connection is closed at once.
+//! metrics; beyond both limits, the oldest of those is closed for the
+//! newest. So clients that hold every place, or keep opening connections,
+//! cannot make the liveness probe fail.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 use tracing::{debug, info};
 
 /// Connections served in full at once. Scrapers and probes need a
@@ -39,7 +42,8 @@ const MAX_CONNECTIONS: usize = 32;
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Connections beyond [`MAX_CONNECTIONS`] answered once each (health and
-/// readiness only), at once.
+/// readiness only), at once; past that many, the oldest is closed for
+/// the newest.
 const MAX_OVERFLOW: usize = 256;
 
 /// How long such a connection may last.
@@ -48,6 +52,10 @@ const OVERFLOW_LIFETIME: Duration = Duration::from_secs(2);
 /// A client that has not sent a request's headers within this time is
 /// disconnected, so idle or stalled connections do not hold a place.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes of a request a connection buffers (hyper's least): a
+/// request here is a line and a few headers.
+const MAX_REQUEST_BUFFER: usize = 8192;
 
 /// Wait after a failed accept (out of file descriptors, say), so the loop
 /// does not spin.
@@ -88,7 +96,8 @@ impl Endpoint {
             info!(target: "callme::server", %addr, "metrics, health and readiness endpoint listening");
         }
         let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let overflow = Arc::new(Semaphore::new(MAX_OVERFLOW));
+        // The overflow's connections, oldest first.
+        let mut overflow: VecDeque<AbortHandle> = VecDeque::with_capacity(MAX_OVERFLOW);
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -98,20 +107,23 @@ impl Endpoint {
                     continue;
                 }
             };
-            let (place, full) = match places.clone().try_acquire_owned() {
-                Ok(place) => (place, true),
-                Err(_) => match overflow.clone().try_acquire_owned() {
-                    Ok(place) => (place, false),
-                    Err(_) => {
-                        debug!(target: "callme::server", "metrics endpoint: every place taken, connection closed");
-                        continue;
-                    }
-                },
-            };
-            tokio::spawn(async move {
-                serve(stream, full).await;
-                drop(place);
-            });
+            if let Ok(place) = places.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    serve(stream, true).await;
+                    drop(place);
+                });
+                continue;
+            }
+            overflow.retain(|c| !c.is_finished());
+            if overflow.len() >= MAX_OVERFLOW {
+                // The oldest gives way: a probe, newest, is answered
+                // however many connections a client keeps opening.
+                if let Some(oldest) = overflow.pop_front() {
+                    debug!(target: "callme::server", "metrics endpoint: every place taken, the oldest extra connection closed");
+                    oldest.abort();
+                }
+            }
+            overflow.push_back(tokio::spawn(serve(stream, false)).abort_handle());
         }
     }
 }
@@ -126,6 +138,8 @@ async fn serve(stream: tokio::net::TcpStream, full: bool) {
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        // hyper's least: requests here are a line and a few headers.
+        .max_buf_size(MAX_REQUEST_BUFFER)
         .keep_alive(full)
         .serve_connection(
             TokioIo::new(stream),
