@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -175,10 +175,10 @@ async fn respond(
             "busy: every connection for metrics is taken\n".into(),
         ),
         "/metrics" => {
-            let mut response = text(StatusCode::OK, super::render());
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            let mut response = Response::new(Full::new(rendered().await));
+            let headers = response.headers_mut();
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -192,6 +192,35 @@ async fn respond(
         ),
     };
     Ok(response)
+}
+
+/// At most one rendering of the metrics starts in this time: scrapes
+/// sent in a stream (on many connections, pipelined) cost the host about
+/// ten renderings a second, not one each.
+const RENDER_EVERY: Duration = Duration::from_millis(100);
+
+/// The last rendering of the metrics, and when it started.
+static RENDERED: tokio::sync::Mutex<Option<(Instant, Bytes)>> = tokio::sync::Mutex::const_new(None);
+
+/// The metrics as text, rendered off the runtime's workers (which talk to
+/// the broker), one rendering at a time. A scrape gets a rendering that
+/// started after it arrived: its own, or one made while it waited.
+async fn rendered() -> Bytes {
+    let arrived = Instant::now();
+    let mut last = RENDERED.lock().await;
+    if let Some((started, text)) = &*last {
+        if *started >= arrived {
+            return text.clone();
+        }
+        tokio::time::sleep_until((*started + RENDER_EVERY).into()).await;
+    }
+    let started = Instant::now();
+    let text = tokio::task::spawn_blocking(super::render)
+        .await
+        .map(Bytes::from)
+        .unwrap_or_default();
+    *last = Some((started, text.clone()));
+    text
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
