@@ -487,9 +487,15 @@ async fn a_host_calling_out_needs_a_callers_names_under_the_anchored_recipes() {
 /// Publishes to `id` a request lapin cannot read: its `message_id` is
 /// not UTF-8, which RabbitMQ passes on as it got it.
 async fn publish_unreadable(id: &str) {
+    publish_unreadable_to(&server_exchange(id)).await;
+}
+
+/// Publishes to `exchange` a message lapin cannot read (a `message_id`
+/// that is not UTF-8), whose body is a request to `add`.
+async fn publish_unreadable_to(exchange: &str) {
     callme_tests::raw_amqp::publish(
         &callme_tests::amqp_host_port(),
-        &server_exchange(id),
+        exchange,
         callme_tests::raw_amqp::RawProperties {
             content_type: b"application/json",
             correlation_id: b"poison",
@@ -500,6 +506,24 @@ async fn publish_unreadable(id: &str) {
         br#"{"func":"add","args":[1,2]}"#,
     )
     .await;
+}
+
+/// `callme serve` with calc deployed under each of `ids`, ready, logging
+/// at `log_level`.
+fn calc_host(ids: &[&str], log_level: &str) -> Host {
+    let dir = tempdir();
+    let calc = plugin_path("calc");
+    for id in ids {
+        deploy(&calc, &dir, &format!("{id}.wasm"));
+    }
+    let mut host = Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        &dir,
+        &[],
+        log_level,
+    );
+    host.wait_ready(Duration::from_secs(60));
+    host
 }
 
 /// A request whose properties lapin cannot read (a `message_id` that is
@@ -533,13 +557,8 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
 /// only that. Requests sent at once are taken out together.
 #[tokio::test]
 async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
-    let dir = callme_tests::tempdir();
     let (poisoned, beside) = (unique("unreadable-flood"), unique("beside-flood"));
-    let calc = callme_tests::plugin_path("calc");
-    callme_tests::deploy(&calc, &dir, &format!("{poisoned}.wasm"));
-    callme_tests::deploy(&calc, &dir, &format!("{beside}.wasm"));
-    let mut host = callme_tests::Host::serve(&dir, &[]);
-    host.wait_ready(Duration::from_secs(60));
+    let host = calc_host(&[&poisoned, &beside], "callme=info");
     let p = proxy(Duration::from_secs(30)).await;
     callme_tests::answers_add(&p, &poisoned, 1).await;
     callme_tests::answers_add(&p, &beside, 1).await;
@@ -606,24 +625,6 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     // Later ones did reach the id on its own connection.
     let own = lost("connection=\"callme server (one id)\"");
     assert!(own >= 1, "the id's own connection was never lost:\n{log}");
-}
-
-/// Publishes to `exchange` a message lapin cannot read: its `message_id`
-/// is not UTF-8, which RabbitMQ passes on as it got it.
-async fn publish_unreadable_to(exchange: &str) {
-    callme_tests::raw_amqp::publish(
-        &callme_tests::amqp_host_port(),
-        exchange,
-        callme_tests::raw_amqp::RawProperties {
-            content_type: b"application/json",
-            correlation_id: b"poison",
-            reply_to: b"nobody",
-            message_id: b"\xff\xfe not UTF-8",
-            headers: None,
-        },
-        br#"{"result":3}"#,
-    )
-    .await;
 }
 
 /// The replies to the calls plugins make (granted `rpc`) come on a
@@ -705,13 +706,8 @@ async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing()
 /// calls with it, and abort again on each redelivery.
 #[tokio::test]
 async fn a_request_with_headers_nested_as_deep_as_a_frame_holds_costs_nobody_anything() {
-    let dir = callme_tests::tempdir();
     let (deep, beside) = (unique("deep-headers"), unique("beside-deep"));
-    let calc = callme_tests::plugin_path("calc");
-    callme_tests::deploy(&calc, &dir, &format!("{deep}.wasm"));
-    callme_tests::deploy(&calc, &dir, &format!("{beside}.wasm"));
-    let mut host = callme_tests::Host::serve(&dir, &[]);
-    host.wait_ready(Duration::from_secs(60));
+    let mut host = calc_host(&[&deep, &beside], "callme=info");
     let p = proxy(Duration::from_secs(30)).await;
     callme_tests::answers_add(&p, &deep, 1).await;
 
@@ -767,22 +763,16 @@ async fn a_request_with_headers_nested_as_deep_as_a_frame_holds_costs_nobody_any
 #[tokio::test]
 async fn unreadable_requests_to_more_ids_than_may_have_a_connection_of_their_own_stay_off_the_servers()
  {
-    let dir = tempdir();
-    let calc = plugin_path("calc");
     let attacked: Vec<String> = (0..10)
         .map(|i| unique(&format!("unreadable-many{i}")))
         .collect();
     let bystander = unique("bystander-many");
-    for id in attacked.iter().chain([&bystander]) {
-        deploy(&calc, &dir, &format!("{id}.wasm"));
-    }
-    let mut command = std::process::Command::new(callme_tests::callme_bin());
-    command.env(
-        "CALLME_CACHE_DIR",
-        callme_tests::target_dir().join("test-cache"),
-    );
-    let mut host = Host::start(command, &dir, &[], "callme=debug,lapin=off");
-    host.wait_ready(Duration::from_secs(60));
+    let ids: Vec<&str> = attacked
+        .iter()
+        .chain([&bystander])
+        .map(String::as_str)
+        .collect();
+    let host = calc_host(&ids, "callme=debug,lapin=off");
     let p = proxy(Duration::from_secs(30)).await;
     let moved = |log: &str, id: &str| {
         log.lines().any(|l| {
