@@ -98,12 +98,14 @@ impl Host {
             grace,
             ..
         } = self;
-        let mut watch = tokio::spawn(deployer.watch());
+        let (stop_watching, stop_rx) = tokio::sync::watch::channel(false);
+        let mut watch = tokio::spawn(deployer.watch(stop_rx));
         let outcome = tokio::select! {
             _ = stop => {
                 // No plugin is loaded or swapped once stopping: it would
                 // take requests that the process, on its way out, drops.
-                watch.abort();
+                // A change under way is finished first, not cut half-way.
+                let _ = stop_watching.send(true);
                 let _ = (&mut watch).await;
                 observe::set_phase(Phase::Stopping);
                 info!(target: "callme::server", ?grace, "stopping: finishing running calls");

@@ -111,21 +111,24 @@ fn stamps(dir: &Path, name: &str) -> (Option<Stamp>, Option<Stamp>) {
 fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path);
-    let file = match opened {
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                && std::fs::symlink_metadata(path).is_ok() =>
-        {
-            return Err(std::io::Error::other(
-                "a symbolic link to a file that is not there",
-            ));
+    let not_there = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(path).is_ok() {
+            std::io::Error::other("a symbolic link to a file that is not there")
+        } else {
+            e
         }
-        opened => opened?,
     };
+    // Looked at before it is opened: opening some devices acts (a
+    // terminal, a watchdog, a tape).
+    if !std::fs::metadata(path).map_err(not_there)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(not_there)?;
+    // And again as opened: it may have been swapped since.
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
@@ -420,16 +423,26 @@ impl Deployer {
         // can never be made (an initial memory over its `memory_bytes`, a
         // start function that traps or spins) would fail every call, and
         // is refused instead, the version before it serving on.
+        // On the plugin executor, not this runtime, which talks to the
+        // broker; within the plugin's deadline.
         let loaded = match loaded {
-            Ok(plugin) => match plugin.session().await {
-                Ok(session) => {
-                    drop(session);
-                    Ok(plugin)
+            Ok(plugin) => {
+                let tried = self
+                    .server
+                    .plugin_executor()
+                    .spawn(async move {
+                        let made = plugin.try_instance().await;
+                        (plugin, made)
+                    })
+                    .await;
+                match tried {
+                    Ok((plugin, Ok(_))) => Ok(plugin),
+                    Ok((_, Err(e))) => Err(PluginError::invalid_plugin(format!(
+                        "an instance of it cannot be made: {e}"
+                    ))),
+                    Err(e) => Err(PluginError::internal(format!("trying it failed: {e}"))),
                 }
-                Err(e) => Err(PluginError::invalid_plugin(format!(
-                    "an instance of it cannot be made: {e}"
-                ))),
-            },
+            }
             Err(e) => Err(e),
         };
         let refusal = match loaded {
@@ -536,11 +549,19 @@ impl Deployer {
     }
 
     /// Follows the directory until the watcher stops.
-    pub(crate) async fn watch(mut self) -> Result<(), Error> {
+    pub(crate) async fn watch(
+        mut self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Error> {
         info!(target: "callme::server", dir = %self.dir.display(), "watching for plugins");
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
+        // Asked to stop (or the sender gone): never in the middle of a
+        // change, which would leave an id half swapped.
+        let stopping = |stop: &tokio::sync::watch::Receiver<bool>| {
+            *stop.borrow() || stop.has_changed().is_err()
+        };
         loop {
             let first = tokio::select! {
                 change = self.events.recv() => match change {
@@ -548,8 +569,12 @@ impl Deployer {
                     None => return Ok(()),
                 },
                 _ = resync.tick() => Change::All,
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
             };
-            tokio::time::sleep(SETTLE).await;
+            tokio::select! {
+                () = tokio::time::sleep(SETTLE) => {}
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            }
             let mut all = false;
             let mut names = HashSet::new();
             for change in
@@ -563,11 +588,14 @@ impl Deployer {
                 }
             }
             for name in names {
+                if stopping(&stop) {
+                    return Ok(());
+                }
                 if let Err(e) = self.reconcile(&name).await {
                     warn!(target: "callme::server", plugin = %name, error = %e, "could not apply change");
                 }
             }
-            if all {
+            if all && !stopping(&stop) {
                 self.resync().await;
             }
         }

@@ -174,13 +174,19 @@ async fn respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy: every connection for metrics is taken\n".into(),
         ),
-        "/metrics" => {
-            let mut response = Response::new(Full::new(rendered().await));
-            let headers = response.headers_mut();
-            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
-            response
-        }
+        "/metrics" => match rendered().await {
+            Some(metrics) => {
+                let mut response = Response::new(Full::new(metrics));
+                let headers = response.headers_mut();
+                headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+                response
+            }
+            None => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the metrics could not be rendered\n".into(),
+            ),
+        },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match super::readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
@@ -205,22 +211,24 @@ static RENDERED: tokio::sync::Mutex<Option<(Instant, Bytes)>> = tokio::sync::Mut
 /// The metrics as text, rendered off the runtime's workers (which talk to
 /// the broker), one rendering at a time. A scrape gets a rendering that
 /// started after it arrived: its own, or one made while it waited.
-async fn rendered() -> Bytes {
+/// `None` when rendering failed (it panicked): the scrape fails, rather
+/// than every series seeming gone.
+async fn rendered() -> Option<Bytes> {
     let arrived = Instant::now();
     let mut last = RENDERED.lock().await;
     if let Some((started, text)) = &*last {
         if *started >= arrived {
-            return text.clone();
+            return Some(text.clone());
         }
         tokio::time::sleep_until((*started + RENDER_EVERY).into()).await;
     }
     let started = Instant::now();
     let text = tokio::task::spawn_blocking(super::render)
         .await
-        .map(Bytes::from)
-        .unwrap_or_default();
+        .ok()
+        .map(Bytes::from)?;
     *last = Some((started, text.clone()));
-    text
+    Some(text)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -86,6 +86,35 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// Makes one instance, within the plugin's limits and deadline, and
+    /// drops it: whether one can be made at all, tried before a version
+    /// is served. `Ok(false)` when no instance slot came free within the
+    /// deadline, which says nothing about the plugin.
+    ///
+    /// # Errors
+    ///
+    /// How making the instance failed: `MemoryLimit`, `Trap`, `Timeout`
+    /// (a start function that spins or blocks).
+    pub(crate) async fn try_instance(&self) -> Result<bool, PluginError> {
+        let Ok(mut sandbox) = self.instances.fresh_sandbox().await else {
+            return Ok(false);
+        };
+        let deadline = sandbox.deadline;
+        let store = &mut sandbox.store;
+        let made = self
+            .instances
+            .with_deadline(deadline, self.instances.pre().instantiate_async(store))
+            .await;
+        let outcome = match made {
+            Ok(_) => Ok(true),
+            Err(e) => Err(failure(e, sandbox.store.data())),
+        };
+        self.instances.give_back(sandbox, false);
+        outcome
+    }
+}
+
 /// One instance serving several calls in sequence; see [`Plugin::session`].
 pub struct Session<'a> {
     plugin: &'a Plugin,

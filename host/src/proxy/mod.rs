@@ -133,8 +133,8 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Held for its connection, which closes when the proxy is dropped.
-    _link: Link,
+    /// Its connection, which closes when the proxy is dropped.
+    link: Link,
     /// The connection the reply queue is consumed on, while there is one.
     ready: watch::Receiver<Option<Arc<Connection>>>,
     /// The channels requests are published on, one request per channel
@@ -222,7 +222,7 @@ impl Proxy {
         tokio::spawn(resubscribe::run(replies, state, (conn, channel, consumer)));
         Ok(Proxy {
             inner: Arc::new(Inner {
-                _link: owned,
+                link: owned,
                 ready,
                 publisher: Publisher::new(PUBLISH_LANES),
                 reply_exchange: names.exchange,
@@ -272,6 +272,13 @@ impl Proxy {
         #[cfg(not(feature = "metrics"))]
         let _ = (server, func, started);
         outcome
+    }
+
+    /// Closes its connection now (its owner is shutting down); calls made
+    /// after fail.
+    #[cfg(feature = "server")]
+    pub(crate) async fn close(&self) {
+        self.inner.link.close().await;
     }
 
     /// A handle on the server `server_id` (the seed's `use_server`).

@@ -504,10 +504,19 @@ impl Server {
         for own in own {
             own.link.close().await;
         }
+        if let Some(calls_out) = self.inner.calls_out.get() {
+            calls_out.close().await;
+        }
         self.inner
             .pipeline
             .closed(crate::amqp::link::CLOSE_TIMEOUT)
             .await;
+    }
+
+    /// The runtime plugin calls run on, for plugin work the server does
+    /// not start itself (a new version's first instance, say).
+    pub(crate) fn plugin_executor(&self) -> tokio::runtime::Handle {
+        self.inner.executor.handle().clone()
     }
 
     /// Resolves when the broker connection is closed for good: after

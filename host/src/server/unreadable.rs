@@ -14,8 +14,8 @@
 //! connection of its own that is there to be lost:
 //!
 //! 1. it looks, if the queue holds any request waiting (a passive
-//!    declare says how many; an idle id's queue cannot hold it, and its
-//!    requests are spared another delivery): `basic.get` without acks, the first requests (twice the
+//!    declare says how many; an idle id's queue cannot hold it): `basic.get`
+//!    without acks, the first requests (twice the
 //!    id's prefetch, and 16 more: [`look_ahead`]) held unacked (they go back to the queue, in their order,
 //!    when that connection closes). If none of them kills the
 //!    connection, the request was in another id's queue, and nothing
@@ -204,8 +204,8 @@ async fn unreadable_within(
         let channel = conn.create_channel().await.map_err(classify_lapin)?;
         // Every consumer of a lost connection is told it could not be
         // read. A queue with no request waiting cannot hold the one that
-        // killed it: no need to look, and make its requests count another
-        // delivery (which quorum queues count against the delivery limit).
+        // killed it: an idle id need not look. (A busy one looks: its
+        // requests given back by the lost connection are waiting.)
         let queue = channel
             .queue_declare(
                 server_queue(id).as_str().into(),
@@ -218,6 +218,7 @@ async fn unreadable_within(
             .await
             .map_err(classify_lapin)?;
         if queue.message_count() == 0 {
+            debug!(target: "callme::server", server_id = id, "no request waiting: not looked at for one the AMQP client cannot read");
             return Ok(false);
         }
         debug!(target: "callme::server", server_id = id, waiting = queue.message_count(), "looking for a request the AMQP client cannot read");
