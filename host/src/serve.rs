@@ -104,9 +104,13 @@ impl Host {
             _ = stop => {
                 // No plugin is loaded or swapped once stopping: it would
                 // take requests that the process, on its way out, drops.
-                // A change under way is finished first, not cut half-way.
+                // A change under way is finished first, not cut half-way,
+                // within the grace period (a new version's first instance
+                // may take its plugin's whole deadline).
                 let _ = stop_watching.send(true);
-                let _ = (&mut watch).await;
+                if tokio::time::timeout(grace, &mut watch).await.is_err() {
+                    watch.abort();
+                }
                 observe::set_phase(Phase::Stopping);
                 info!(target: "callme::server", ?grace, "stopping: finishing running calls");
                 server.shutdown(grace).await;

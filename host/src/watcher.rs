@@ -104,9 +104,9 @@ fn stamps(dir: &Path, name: &str) -> (Option<Stamp>, Option<Stamp>) {
 
 /// Reads `path` if it is a regular file (or a symlink to one) of at most
 /// `max` bytes: never a FIFO, a device or a directory, which could block
-/// or never end. The file is opened without blocking and what was opened
-/// is checked, so a FIFO moved into place between a look and the open
-/// cannot hold the watcher. A symbolic link to nothing is an error, not a
+/// or never end. It is looked at before it is opened, and again as
+/// opened (without blocking), so a FIFO moved into place between the
+/// look and the open cannot hold the watcher. A symbolic link to nothing is an error, not a
 /// file that is gone: what serves keeps serving.
 fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
@@ -436,7 +436,7 @@ impl Deployer {
                     })
                     .await;
                 match tried {
-                    Ok((plugin, Ok(_))) => Ok(plugin),
+                    Ok((plugin, Ok(()))) => Ok(plugin),
                     Ok((_, Err(e))) => Err(PluginError::invalid_plugin(format!(
                         "an instance of it cannot be made: {e}"
                     ))),

@@ -89,16 +89,16 @@ impl Plugin {
 impl Plugin {
     /// Makes one instance, within the plugin's limits and deadline, and
     /// drops it: whether one can be made at all, tried before a version
-    /// is served. `Ok(false)` when no instance slot came free within the
-    /// deadline, which says nothing about the plugin.
+    /// is served. When no instance slot comes free within the deadline
+    /// nothing is learnt, and nothing is held against the plugin.
     ///
     /// # Errors
     ///
     /// How making the instance failed: `MemoryLimit`, `Trap`, `Timeout`
     /// (a start function that spins or blocks).
-    pub(crate) async fn try_instance(&self) -> Result<bool, PluginError> {
+    pub(crate) async fn try_instance(&self) -> Result<(), PluginError> {
         let Ok(mut sandbox) = self.instances.fresh_sandbox().await else {
-            return Ok(false);
+            return Ok(());
         };
         let deadline = sandbox.deadline;
         let store = &mut sandbox.store;
@@ -106,10 +106,7 @@ impl Plugin {
             .instances
             .with_deadline(deadline, self.instances.pre().instantiate_async(store))
             .await;
-        let outcome = match made {
-            Ok(_) => Ok(true),
-            Err(e) => Err(failure(e, sandbox.store.data())),
-        };
+        let outcome = made.map(drop).map_err(|e| failure(e, sandbox.store.data()));
         self.instances.give_back(sandbox, false);
         outcome
     }

@@ -284,13 +284,12 @@ impl Subscription for Consuming {
             };
             if removed > 0 && self.own.is_none() {
                 match inner.own_link().await {
-                    Ok(Some((own, replier, false))) => {
-                        warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed, and answered, on a connection of its own from now on, so that more such requests cost no other id anything");
-                        self.own = Some(own);
-                        self.replier = replier;
-                    }
-                    Ok(Some((own, replier, true))) => {
-                        warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed, and answered, on a connection of its own from now on, shared with other ids sent such requests (as many have one as may), so that more such requests cost the server's other ids nothing");
+                    Ok(Some((own, replier, shared))) => {
+                        if shared {
+                            warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed, and answered, on a connection of its own from now on, shared with other ids sent such requests (as many have one as may), so that more such requests cost the server's other ids nothing");
+                        } else {
+                            warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read: the id is consumed, and answered, on a connection of its own from now on, so that more such requests cost no other id anything");
+                        }
                         self.own = Some(own);
                         self.replier = replier;
                     }
