@@ -133,7 +133,15 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Its connection, which closes when the proxy is dropped.
+    /// Its connection, which closes when the proxy is dropped (or when a
+    /// server owning it closes it, `Proxy::close`).
+    #[cfg_attr(
+        not(feature = "server"),
+        allow(
+            dead_code,
+            reason = "held for its connection; only a server closes it early"
+        )
+    )]
     link: Link,
     /// The connection the reply queue is consumed on, while there is one.
     ready: watch::Receiver<Option<Arc<Connection>>>,
