@@ -511,6 +511,11 @@ async fn publish_unreadable_to(exchange: &str) {
 /// `callme serve` with calc deployed under each of `ids`, ready, logging
 /// at `log_level`.
 fn calc_host(ids: &[&str], log_level: &str) -> Host {
+    calc_host_with(ids, &[], log_level)
+}
+
+/// [`calc_host`] with `extra` arguments to `callme serve`.
+fn calc_host_with(ids: &[&str], extra: &[&str], log_level: &str) -> Host {
     let dir = tempdir();
     let calc = plugin_path("calc");
     for id in ids {
@@ -519,11 +524,33 @@ fn calc_host(ids: &[&str], log_level: &str) -> Host {
     let mut host = Host::start(
         std::process::Command::new(callme_tests::callme_bin()),
         &dir,
-        &[],
+        extra,
         log_level,
     );
     host.wait_ready(Duration::from_secs(60));
     host
+}
+
+/// Whether the host's log says `id` was moved to a connection of its own.
+fn moved(log: &str, id: &str) -> bool {
+    log.lines().any(|l| {
+        l.contains("on a connection of its own from now on")
+            && l.split_whitespace().any(|w| w == format!("server_id={id}"))
+    })
+}
+
+/// Waits until the host's log says `id` was moved to a connection of its
+/// own.
+async fn wait_moved(host: &Host, id: &str) {
+    let start = Instant::now();
+    while !moved(&host.log_text(), id) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{id} was not moved:\n{}",
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A request whose properties lapin cannot read (a `message_id` that is
@@ -568,21 +595,7 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     // to a connection of its own: the id it was sent to, and no other
     // (every consumer on the lost connection hears it could not be read).
     poison().await;
-    let moved = |id: &str| {
-        host.log_text().lines().any(|l| {
-            l.contains("on a connection of its own from now on")
-                && l.split_whitespace().any(|w| w == format!("server_id={id}"))
-        })
-    };
-    let start = Instant::now();
-    while !moved(&poisoned) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the id was not moved:\n{}",
-            host.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_moved(&host, &poisoned).await;
     let flood = async {
         for _ in 0..19 {
             poison().await;
@@ -621,7 +634,10 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
         shared <= 1,
         "the host's connection was lost {shared} times:\n{log}"
     );
-    assert!(!moved(&beside), "an id nobody attacked was moved:\n{log}");
+    assert!(
+        !moved(&log, &beside),
+        "an id nobody attacked was moved:\n{log}"
+    );
     // Later ones did reach the id on its own connection.
     let own = lost("connection=\"callme server (one id)\"");
     assert!(own >= 1, "the id's own connection was never lost:\n{log}");
@@ -774,23 +790,9 @@ async fn unreadable_requests_to_more_ids_than_may_have_a_connection_of_their_own
         .collect();
     let host = calc_host(&ids, "callme=debug,lapin=off");
     let p = proxy(Duration::from_secs(30)).await;
-    let moved = |log: &str, id: &str| {
-        log.lines().any(|l| {
-            l.contains("on a connection of its own from now on")
-                && l.split_whitespace().any(|w| w == format!("server_id={id}"))
-        })
-    };
     for id in &attacked {
         publish_unreadable(id).await;
-        let start = Instant::now();
-        while !moved(&host.log_text(), id) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{id} was not moved:\n{}",
-                host.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_moved(&host, id).await;
         callme_tests::answers_add(&p, id, 1).await;
     }
     let shared_losses = |log: &str| {
@@ -831,6 +833,54 @@ async fn unreadable_requests_to_more_ids_than_may_have_a_connection_of_their_own
         !bystander_says("looking for a request the AMQP client cannot read"),
         "{log}"
     );
+}
+
+/// A request in flight when the host loses its connection goes back to
+/// its queue, and a quorum queue counts that return (RabbitMQ 3.10 here)
+/// as it counts the return from a host that died running it, which is
+/// what the delivery limit (3) is for. A caller able to cost the host its
+/// connection a few times in a row (unreadable requests to ids not yet
+/// moved to a connection of their own) must not get another caller's
+/// request refused by that limit: the host does not count the returns it
+/// lived through, nor the times it looked at the request for an
+/// unreadable one.
+#[tokio::test]
+async fn connection_losses_the_host_lives_through_do_not_count_against_a_callers_request() {
+    let victim = unique("limit-victim");
+    let attacked: Vec<String> = (0..3)
+        .map(|i| unique(&format!("limit-attack{i}")))
+        .collect();
+    let ids: Vec<&str> = attacked
+        .iter()
+        .chain([&victim])
+        .map(String::as_str)
+        .collect();
+    let host = calc_host_with(&ids, &["--queue-type", "quorum"], "callme=info");
+    let p = proxy(Duration::from_secs(60)).await;
+    callme_tests::answers_add(&p, &victim, 1).await;
+    // A call that takes a while, in flight through every loss below.
+    let slow = {
+        let sp = p.use_server(&victim);
+        tokio::spawn(async move { sp.call("slow-version", pos(json!([8000]))).await })
+    };
+    for id in &attacked {
+        // The request is in flight again (the second time round, taken
+        // again after the last loss).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        publish_unreadable(id).await;
+        wait_moved(&host, id).await;
+    }
+    let answer = slow.await.unwrap();
+    let log = host.log_text();
+    match answer {
+        Ok(v) => assert!(v.is_string(), "{v}"),
+        Err(e) => panic!("the victim's call failed: {e:?}\n{log}"),
+    }
+    let shared_losses = log
+        .lines()
+        .filter(|l| l.contains("reconnected") && l.contains("connection=\"callme server\""))
+        .count();
+    assert!(shared_losses >= 2, "{shared_losses} losses:\n{log}");
 }
 
 /// A broker user whose name is too long for callme's reply names (AMQP

@@ -23,6 +23,7 @@ use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::given_back::Taken;
 use super::job::Job;
 use super::reply::Replier;
 use super::service::Service;
@@ -206,8 +207,14 @@ impl Consuming {
     /// Spawns a job per delivery until the consumer ends (cancelled, or
     /// its connection lost). A consumer cancelled because a replacement
     /// took over on the same channel is read to its end, then the
-    /// replacement is.
-    async fn take(&mut self, channel: &Channel, mut consumer: Consumer) {
+    /// replacement is. Returns whether the channel was lost (the requests
+    /// `taken` holds then went back to the queue).
+    async fn take(
+        &mut self,
+        channel: &Channel,
+        mut consumer: Consumer,
+        taken: &Arc<Taken>,
+    ) -> bool {
         loop {
             let Some(delivery) = consumer.next().await else {
                 match self.handed.try_recv() {
@@ -215,7 +222,7 @@ impl Consuming {
                         consumer = next;
                         continue;
                     }
-                    _ => return,
+                    _ => return !channel.status().connected(),
                 }
             };
             let delivery = match delivery {
@@ -223,22 +230,38 @@ impl Consuming {
                 Err(e) => {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, "consumer lost");
                     self.unreadable = unreadable::is_unreadable(&e);
-                    return;
+                    return true;
                 }
             };
             let Some(server) = self.server() else {
-                return;
+                return false;
+            };
+            let props = &delivery.properties;
+            let holding = match (props.reply_to(), props.correlation_id()) {
+                (Some(reply_to), Some(corr)) => {
+                    let key =
+                        server
+                            .inner
+                            .given_back
+                            .key(&self.id, reply_to.as_str(), corr.as_str());
+                    Some(taken.hold(delivery.delivery_tag, key))
+                }
+                // Dropped unanswered, whatever its count.
+                _ => None,
             };
             // Both semaphores stay open for the server's lifetime.
             let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                return;
+                return false;
             };
             let Ok(flight) = server.inner.in_flight.clone().acquire_owned().await else {
-                return;
+                return false;
             };
             if !delivery.acker.usable() {
                 // Its channel closed while it waited for a slot: the broker
                 // has put it back in the queue.
+                if let Some(holding) = &holding {
+                    server.inner.given_back.note([holding.key()]);
+                }
                 continue;
             }
             let job = Job {
@@ -246,6 +269,7 @@ impl Consuming {
                 id: self.id.clone(),
                 service: self.service.clone(),
                 replier: self.replier.clone(),
+                holding,
                 _channel: channel.clone(),
                 _own: self.own.clone(),
             };
@@ -275,7 +299,14 @@ impl Subscription for Consuming {
             let look = unreadable::look_ahead(prefetch);
             // Every consumer of the lost connection was told it could not
             // be read; the id whose queue held the request moves.
-            let removed = match unreadable::take_out(&inner.connect, &self.id, look).await {
+            let removed = match unreadable::take_out(
+                &inner.connect,
+                &self.id,
+                look,
+                &inner.given_back,
+            )
+            .await
+            {
                 Ok(removed) => removed,
                 Err(e) => {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
@@ -342,7 +373,16 @@ impl Subscription for Consuming {
 
     async fn consume(&mut self, _conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
         let _consuming = crate::observe::consuming(&self.id);
-        self.take(channel, consumer).await;
+        let taken = Arc::new(Taken::default());
+        if self.take(channel, consumer, &taken).await {
+            // Back in the queue, from a host that lives: not held against
+            // them when they come again.
+            let held = taken.held();
+            if let (Some(server), false) = (self.server(), held.is_empty()) {
+                debug!(target: "callme::server", server_id = %self.id, requests = held.len(), "requests in flight went back to the queue with the channel");
+                server.inner.given_back.note(held);
+            }
+        }
         // A replacement made for that channel died with it.
         while self.handed.try_recv().is_ok() {}
     }

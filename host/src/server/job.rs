@@ -23,6 +23,7 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::MAX_IN_FLIGHT;
 use super::Server;
+use super::given_back::Holding;
 use super::reply::{Replier, Sent};
 use super::service::{Context, QUIET_IN_FLIGHT, QUIET_MAX_REQUEST_BYTES, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
@@ -37,6 +38,10 @@ pub(super) struct Job {
     pub(super) id: String,
     pub(super) service: Arc<Service>,
     pub(super) replier: Replier,
+    /// Held by the consumer until settled: what goes back to the queue if
+    /// the channel is lost ([`super::given_back`]). `None` for a request
+    /// that cannot be answered.
+    pub(super) holding: Option<Holding>,
     /// The channel the request came on, kept open until it is acked.
     pub(super) _channel: Channel,
     /// The connection of its own the id consumes on, if it was moved to
@@ -83,7 +88,12 @@ impl Job {
         };
         let content_type = props.content_type().as_ref().map(|s| s.to_string());
         let limit = self.server.inner.options.delivery_limit;
-        let delivered_before = delivery_count(&delivery);
+        // Not counting the times this host gave it back and lived.
+        let delivered_before = delivery_count(&delivery).saturating_sub(u64::from(
+            self.holding
+                .as_ref()
+                .map_or(0, |h| self.server.inner.given_back.times(h.key())),
+        ));
         let outcome = match content_type.as_deref() {
             // Before anything else about it: a request that keeps killing
             // its hosts is not decoded, let alone run, again.
@@ -157,6 +167,7 @@ impl Job {
                 }
                 if ack(&self._channel, &delivery).await {
                     inner.answered.fetch_add(1, Ordering::Relaxed);
+                    self.settled();
                 }
             }
             Sent::Undeliverable(why) => {
@@ -177,7 +188,9 @@ impl Job {
                 if let Some(held) = throttle.admit() {
                     info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
                 }
-                ack(&self._channel, &delivery).await;
+                if ack(&self._channel, &delivery).await {
+                    self.settled();
+                }
             }
             Sent::Failed(e) => {
                 // Given back once for another try (here or on another
@@ -187,6 +200,9 @@ impl Job {
                 observe::reply_not_sent(&self.id);
                 if let Some(held) = inner.noisy.not_sent.admit() {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
+                }
+                if let (true, Some(holding)) = (requeue, &self.holding) {
+                    inner.given_back.note([holding.key()]);
                 }
                 let _ = delivery
                     .nack(BasicNackOptions {
@@ -201,6 +217,13 @@ impl Job {
 }
 
 impl Job {
+    /// The request is acked: nothing of it is noted any more.
+    fn settled(&self) {
+        if let Some(holding) = &self.holding {
+            self.server.inner.given_back.forget(holding.key());
+        }
+    }
+
     /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]
     /// requests taken and not yet settled, across its ids.
     fn is_quiet(&self) -> bool {

@@ -20,9 +20,12 @@
 //! - `job`: one request from delivery to ack;
 //! - `reply`: publishing replies and what became of them;
 //! - `unreadable`: taking a request the AMQP client cannot read out of
-//!   its queue.
+//!   its queue;
+//! - `given_back`: the requests the host gave back and lived through,
+//!   which the delivery limit does not count.
 
 mod consumer;
+mod given_back;
 mod job;
 mod registry;
 mod reply;
@@ -138,6 +141,9 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// Requests answered and acked.
     answered: AtomicU64,
+    /// Requests this host gave back to the broker and lived through: not
+    /// counted by the delivery limit.
+    given_back: given_back::GivenBack,
     /// Where replies are published, for every served id.
     publisher: Arc<Publisher>,
     /// Where replies to callers that name their reply queue are pipelined
@@ -278,6 +284,7 @@ impl Server {
                 background,
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
                 answered: AtomicU64::new(0),
+                given_back: given_back::GivenBack::default(),
                 publisher: Arc::new(Publisher::new(REPLY_LANES)),
                 pipeline,
                 undeliverable: AtomicU64::new(0),

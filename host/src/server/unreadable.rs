@@ -32,7 +32,9 @@
 //! see [`super::consumer`].)
 //!
 //! What this costs: the requests ahead of it move to the back of the queue
-//! (callme does not order requests), counted as new deliveries; one whose
+//! (callme does not order requests), and a quorum queue counts each
+//! request looked at as delivered once more (this host does not hold that
+//! against it, see [`super::given_back`]); one whose
 //! republishing fails is lost (logged), as is one in a moment where another
 //! host consumed ahead of this one. Only after a connection was lost to an
 //! unreadable message.
@@ -48,6 +50,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, Event};
 use tracing::{debug, error, info, warn};
 
+use super::given_back::GivenBack;
 use crate::amqp::ConnectOptions;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::link::CLOSE_TIMEOUT;
@@ -94,10 +97,11 @@ pub(super) async fn take_out(
     connect: &ConnectOptions,
     id: &str,
     look: usize,
+    given_back: &GivenBack,
 ) -> Result<usize, crate::Error> {
     let mut removed = 0;
     while removed < MAX_TAKEN_OUT {
-        match take_out_one(connect, id, look).await {
+        match take_out_one(connect, id, look, given_back).await {
             Ok(TakenOut::Removed { .. }) => removed += 1,
             Ok(TakenOut::Nothing | TakenOut::Missed { .. }) => break,
             // What was taken out is gone all the same.
@@ -117,8 +121,9 @@ async fn take_out_one(
     connect: &ConnectOptions,
     id: &str,
     look: usize,
+    given_back: &GivenBack,
 ) -> Result<TakenOut, crate::Error> {
-    if !unreadable_within(connect, id, look).await? {
+    if !unreadable_within(connect, id, look, given_back).await? {
         return Ok(TakenOut::Nothing);
     }
     let conn = connect.connect("callme unreadable request").await?;
@@ -192,11 +197,12 @@ async fn get_one(
 
 /// Whether one of the first `look` requests of `id`'s queue cannot be
 /// read: they are taken unacked, and all go back when the connection
-/// closes (or is lost to the unreadable one).
+/// closes (or is lost to the unreadable one), noted in `given_back`.
 async fn unreadable_within(
     connect: &ConnectOptions,
     id: &str,
     look: usize,
+    given_back: &GivenBack,
 ) -> Result<bool, crate::Error> {
     let conn = connect.connect("callme request check").await?;
     let mut events = Box::pin(conn.events_listener());
@@ -225,7 +231,13 @@ async fn unreadable_within(
         for _ in 0..look {
             match get_one(&channel, &mut events, id, false).await? {
                 // Held unacked until the connection closes.
-                Got::Message(_held) => {}
+                Got::Message(held) => {
+                    let props = &held.delivery.properties;
+                    if let (Some(reply_to), Some(corr)) = (props.reply_to(), props.correlation_id())
+                    {
+                        given_back.note([given_back.key(id, reply_to.as_str(), corr.as_str())]);
+                    }
+                }
                 Got::Empty => return Ok(false),
                 Got::Unreadable => return Ok(true),
             }
