@@ -855,13 +855,19 @@ async fn connection_losses_the_host_lives_through_do_not_count_against_a_callers
         .chain([&victim])
         .map(String::as_str)
         .collect();
-    let host = calc_host_with(&ids, &["--queue-type", "quorum"], "callme=info");
+    let host = calc_host_with(
+        &ids,
+        &["--queue-type", "quorum"],
+        "callme=debug,lapin=off,wasmtime=off,cranelift=off",
+    );
     let p = proxy(Duration::from_secs(60)).await;
     callme_tests::answers_add(&p, &victim, 1).await;
-    // A call that takes a while, in flight through every loss below.
+    // A call that takes longer than the whole attack (but less than the
+    // default deadline, 10 s), in flight through every loss below: its
+    // first run cannot answer before a refusal would.
     let slow = {
         let sp = p.use_server(&victim);
-        tokio::spawn(async move { sp.call("slow-version", pos(json!([8000]))).await })
+        tokio::spawn(async move { sp.call("slow-version", pos(json!([9000]))).await })
     };
     for id in &attacked {
         // The request is in flight again (the second time round, taken
@@ -881,6 +887,14 @@ async fn connection_losses_the_host_lives_through_do_not_count_against_a_callers
         .filter(|l| l.contains("reconnected") && l.contains("connection=\"callme server\""))
         .count();
     assert!(shared_losses >= 2, "{shared_losses} losses:\n{log}");
+    // Its request did go back, more often than the limit allows.
+    let went_back = log
+        .lines()
+        .filter(|l| {
+            l.contains("requests in flight went back to the queue") && l.contains(victim.as_str())
+        })
+        .count();
+    assert!(went_back >= 2, "given back {went_back} times:\n{log}");
 }
 
 /// A broker user whose name is too long for callme's reply names (AMQP

@@ -258,10 +258,7 @@ impl Consuming {
             };
             if !delivery.acker.usable() {
                 // Its channel closed while it waited for a slot: the broker
-                // has put it back in the queue.
-                if let Some(holding) = &holding {
-                    server.inner.given_back.note([holding.key()]);
-                }
+                // has put it back in the queue (noted as its holding goes).
                 continue;
             }
             let job = Job {
@@ -373,14 +370,16 @@ impl Subscription for Consuming {
 
     async fn consume(&mut self, _conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
         let _consuming = crate::observe::consuming(&self.id);
-        let taken = Arc::new(Taken::default());
-        if self.take(channel, consumer, &taken).await {
-            // Back in the queue, from a host that lives: not held against
-            // them when they come again.
-            let held = taken.held();
-            if let (Some(server), false) = (self.server(), held.is_empty()) {
-                debug!(target: "callme::server", server_id = %self.id, requests = held.len(), "requests in flight went back to the queue with the channel");
-                server.inner.given_back.note(held);
+        if let Some(server) = self.server() {
+            let taken = Taken::new(server.inner.given_back.clone());
+            drop(server);
+            if self.take(channel, consumer, &taken).await {
+                // Back in the queue, from a host that lives: not held
+                // against them when they come again.
+                let went_back = taken.lost();
+                if went_back > 0 {
+                    debug!(target: "callme::server", server_id = %self.id, requests = went_back, "requests in flight went back to the queue with the channel");
+                }
             }
         }
         // A replacement made for that channel died with it.

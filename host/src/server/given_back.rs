@@ -9,7 +9,8 @@
 //!   it goes back to its queue;
 //! - when it looks for a request the AMQP client cannot read
 //!   ([`super::unreadable`]), the requests it looks at go back;
-//! - when a reply could not be sent, the request is given back once.
+//! - when a reply could not be sent, the request is given back once
+//!   (`basic.reject`, which every version counts).
 //!
 //! Quorum queues count such returns in `x-delivery-count` (RabbitMQ's
 //! "Quorum Queues" guide, poison message handling: 3.x counts every
@@ -22,7 +23,9 @@
 //!
 //! So the host notes each request it gave back while it lived, by server
 //! id, `reply_to` and `correlation_id`, and does not count those
-//! deliveries (up to [`MAX_TIMES`] a request). Another host, or this one
+//! deliveries (up to [`MAX_TIMES`] a request). A request a consumer took
+//! is held (in [`Taken`]) until it is settled: acked, or rejected; if
+//! its channel is lost first, or its settling fails, it is noted, once. Another host, or this one
 //! restarted, knows nothing of them and counts them all: a request that
 //! kills every host it reaches is still stopped by the limit. That also
 //! means the protection is a host's own: with several hosts of one id, a
@@ -30,12 +33,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Requests noted at most: past it, no more are noted until some are
-/// forgotten or expire (those are then counted, as without notes).
+/// Requests noted at most; past half of it, the older half is let go.
 const MAX_NOTED: usize = 1 << 16;
 
 /// Returns of one request not counted at most: one that costs the host
@@ -43,8 +45,10 @@ const MAX_NOTED: usize = 1 << 16;
 /// still stopped by the limit, this many deliveries later.
 const MAX_TIMES: u32 = 16;
 
-/// How long a note is kept: a request given back and not delivered again
-/// within it (it expired, or went to another host) is forgotten.
+/// How long a note is kept at most; at least half of it, unless
+/// [`MAX_NOTED`] newer ones push it out. A request given back and not
+/// delivered here again within it (it expired, or went to another host)
+/// is forgotten.
 const KEPT_FOR: Duration = Duration::from_secs(60 * 60);
 
 /// What identifies a request here: its server id, `reply_to` and
@@ -52,20 +56,73 @@ const KEPT_FOR: Duration = Duration::from_secs(60 * 60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct RequestKey(u64);
 
+/// The notes, in two generations: new notes go into `current`; when it
+/// is full or half of [`KEPT_FOR`] old, it becomes `previous`, and the
+/// previous one is let go. No note is swept one by one.
 #[derive(Debug)]
-struct Noted {
-    times: u32,
-    at: Instant,
+struct Notes {
+    current: HashMap<RequestKey, u32>,
+    previous: HashMap<RequestKey, u32>,
+    /// When `current` was begun.
+    since: Instant,
+}
+
+impl Notes {
+    fn age(&mut self, now: Instant) {
+        let age = now.saturating_duration_since(self.since);
+        if age >= KEPT_FOR {
+            self.previous.clear();
+            self.current.clear();
+            self.since = now;
+        } else if age >= KEPT_FOR / 2 {
+            self.next_generation(now);
+        }
+    }
+
+    fn next_generation(&mut self, now: Instant) {
+        self.previous = std::mem::take(&mut self.current);
+        self.since = now;
+    }
+
+    fn note(&mut self, key: RequestKey, now: Instant) {
+        if let Some(times) = self.current.get_mut(&key) {
+            *times = times.saturating_add(1);
+            return;
+        }
+        let times = self.previous.remove(&key).unwrap_or(0).saturating_add(1);
+        if self.current.len() >= MAX_NOTED / 2 {
+            self.next_generation(now);
+        }
+        self.current.insert(key, times);
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
 }
 
 /// The requests this host gave back and how many times.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct GivenBack {
     keys: RandomState,
-    noted: Mutex<HashMap<RequestKey, Noted>>,
-    /// How many are noted: zero on a host that never gave one back, which
-    /// then takes no lock per request.
+    notes: Mutex<Notes>,
+    /// How many are noted: zero on a host that gave none back lately,
+    /// which then takes no lock per request.
     len: AtomicUsize,
+}
+
+impl Default for GivenBack {
+    fn default() -> Self {
+        GivenBack {
+            keys: RandomState::new(),
+            notes: Mutex::new(Notes {
+                current: HashMap::new(),
+                previous: HashMap::new(),
+                since: Instant::now(),
+            }),
+            len: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl GivenBack {
@@ -80,28 +137,20 @@ impl GivenBack {
     }
 
     fn note_at(&self, keys: impl IntoIterator<Item = RequestKey>, now: Instant) {
-        let mut noted = self.lock();
-        let mut swept = false;
-        for key in keys {
-            if let Some(entry) = noted.get_mut(&key) {
-                entry.times = entry.times.saturating_add(1);
-                entry.at = now;
-                continue;
-            }
-            if noted.len() >= MAX_NOTED && !swept {
-                noted.retain(|_, n| now.saturating_duration_since(n.at) < KEPT_FOR);
-                swept = true;
-            }
-            if noted.len() >= MAX_NOTED {
-                continue;
-            }
-            noted.insert(key, Noted { times: 1, at: now });
+        let mut keys = keys.into_iter().peekable();
+        if keys.peek().is_none() {
+            return;
         }
-        self.len.store(noted.len(), Ordering::Relaxed);
+        let mut notes = self.lock();
+        notes.age(now);
+        for key in keys {
+            notes.note(key, now);
+        }
+        self.len.store(notes.len(), Ordering::Relaxed);
     }
 
-    /// How many times this host gave the request back (within
-    /// [`KEPT_FOR`]), up to [`MAX_TIMES`].
+    /// How many times this host gave the request back lately, up to
+    /// [`MAX_TIMES`].
     pub(super) fn times(&self, key: RequestKey) -> u32 {
         self.times_at(key, Instant::now())
     }
@@ -110,39 +159,48 @@ impl GivenBack {
         if self.len.load(Ordering::Relaxed) == 0 {
             return 0;
         }
-        self.lock()
-            .get(&key)
-            .filter(|n| now.saturating_duration_since(n.at) < KEPT_FOR)
-            .map_or(0, |n| n.times.min(MAX_TIMES))
+        let mut notes = self.lock();
+        notes.age(now);
+        self.len.store(notes.len(), Ordering::Relaxed);
+        let times = notes.current.get(&key).or_else(|| notes.previous.get(&key));
+        times.map_or(0, |&t| t.min(MAX_TIMES))
     }
 
     /// Forgets a request: it was answered (or dropped) and acked.
-    pub(super) fn forget(&self, key: RequestKey) {
+    fn forget(&self, key: RequestKey) {
         if self.len.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut noted = self.lock();
-        if noted.remove(&key).is_some() {
-            self.len.store(noted.len(), Ordering::Relaxed);
-        }
+        let mut notes = self.lock();
+        notes.current.remove(&key);
+        notes.previous.remove(&key);
+        self.len.store(notes.len(), Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestKey, Noted>> {
-        self.noted.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Notes> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// The requests one consumer (on one channel) has taken and not yet
 /// settled, by delivery tag: what goes back to the queue if the channel
 /// is lost.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Taken {
     held: Mutex<HashMap<u64, RequestKey>>,
+    given_back: Arc<GivenBack>,
 }
 
 impl Taken {
-    /// Holds a request until the returned guard is dropped.
-    pub(super) fn hold(self: &std::sync::Arc<Self>, tag: u64, key: RequestKey) -> Holding {
+    pub(super) fn new(given_back: Arc<GivenBack>) -> Arc<Self> {
+        Arc::new(Taken {
+            held: Mutex::new(HashMap::new()),
+            given_back,
+        })
+    }
+
+    /// Holds a request until it is settled (see [`Holding`]).
+    pub(super) fn hold(self: &Arc<Self>, tag: u64, key: RequestKey) -> Holding {
         self.lock().insert(tag, key);
         Holding {
             taken: self.clone(),
@@ -151,20 +209,32 @@ impl Taken {
         }
     }
 
-    /// The keys of the requests held now.
-    pub(super) fn held(&self) -> Vec<RequestKey> {
-        self.lock().values().copied().collect()
+    /// The channel is lost: every request held went back to its queue.
+    /// Returns how many.
+    pub(super) fn lost(&self) -> usize {
+        let keys: Vec<RequestKey> = self.lock().drain().map(|(_, key)| key).collect();
+        let n = keys.len();
+        self.given_back.note(keys);
+        n
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, RequestKey>> {
+    /// Lets go of the request `tag`; whether it was still held (not let go
+    /// with the channel already).
+    fn release(&self, tag: u64) -> bool {
+        self.lock().remove(&tag).is_some()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, RequestKey>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// A request held by its consumer's [`Taken`] until dropped.
+/// A request held by its consumer's [`Taken`]. Dropped without being
+/// settled (its ack or reject failed, or was never sent), it is noted as
+/// given back: it goes back to its queue with its channel.
 #[derive(Debug)]
 pub(super) struct Holding {
-    taken: std::sync::Arc<Taken>,
+    taken: Arc<Taken>,
     tag: u64,
     key: RequestKey,
 }
@@ -173,18 +243,27 @@ impl Holding {
     pub(super) fn key(&self) -> RequestKey {
         self.key
     }
+
+    /// It was acked, or rejected without going back: nothing of it is
+    /// noted any more.
+    pub(super) fn settled(self) {
+        if self.taken.release(self.tag) {
+            self.taken.given_back.forget(self.key);
+        }
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        self.taken.lock().remove(&self.tag);
+        if self.taken.release(self.tag) {
+            self.taken.given_back.note([self.key]);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     #[test]
@@ -208,6 +287,7 @@ mod tests {
         assert_eq!(given.times(given.key("other", "client_x_ex_1", "c1")), 0);
         given.forget(key);
         assert_eq!(given.times(key), 0);
+        assert_eq!(given.len.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -221,46 +301,77 @@ mod tests {
     }
 
     #[test]
-    fn notes_expire() {
+    fn notes_are_kept_between_half_and_all_of_their_time() {
         let given = GivenBack::default();
-        let key = given.key("calc", "r", "c");
+        let (early, late) = (
+            given.key("calc", "r", "early"),
+            given.key("calc", "r", "late"),
+        );
         let then = Instant::now();
-        given.note_at([key], then);
-        assert_eq!(given.times_at(key, then + KEPT_FOR / 2), 1);
-        assert_eq!(given.times_at(key, then + KEPT_FOR), 0);
+        given.note_at([early], then);
+        given.note_at([late], then + KEPT_FOR / 2 - Duration::from_secs(1));
+        // Half the time on: both kept, in the previous generation.
+        let half = then + KEPT_FOR / 2;
+        assert_eq!(given.times_at(early, half), 1);
+        assert_eq!(given.times_at(late, half), 1);
+        // Noted again: counted on, in the current one.
+        given.note_at([late], half);
+        assert_eq!(given.times_at(late, half), 2);
+        // Another half on, the early one is gone; not counted again from
+        // where it was.
+        let full = half + KEPT_FOR / 2;
+        assert_eq!(given.times_at(early, full), 0);
+        assert_eq!(given.times_at(late, full), 2);
+        given.note_at([early], full);
+        assert_eq!(given.times_at(early, full), 1);
+        // Long after, nothing is left, and no lock is taken.
+        assert_eq!(given.times_at(late, full + KEPT_FOR), 0);
+        assert_eq!(given.len.load(Ordering::Relaxed), 0);
     }
 
     #[test]
-    fn the_notes_are_bounded_and_make_room_from_expired_ones() {
+    fn the_notes_are_bounded_and_the_oldest_go_first() {
         let given = GivenBack::default();
-        let then = Instant::now();
-        let keys = |from: usize, n: usize| {
-            (from..from + n)
-                .map(|i| given.key("calc", "r", &i.to_string()))
-                .collect::<Vec<_>>()
-        };
-        given.note_at(keys(0, MAX_NOTED), then);
-        let past = given.key("calc", "r", "past the bound");
-        given.note_at([past], then);
-        assert_eq!(given.times_at(past, then), 0, "noted past the bound");
-        // Once the first ones expire, there is room again.
-        let later = then + KEPT_FOR;
-        given.note_at([past], later);
-        assert_eq!(given.times_at(past, later), 1);
-        assert_eq!(given.len.load(Ordering::Relaxed), 1);
+        let key = |i: usize| given.key("calc", "r", &i.to_string());
+        let now = Instant::now();
+        given.note_at((0..MAX_NOTED).map(key), now);
+        assert_eq!(given.len.load(Ordering::Relaxed), MAX_NOTED);
+        assert_eq!(given.times_at(key(0), now), 1);
+        // One more: the older half goes.
+        given.note_at([key(MAX_NOTED)], now);
+        assert_eq!(given.times_at(key(0), now), 0);
+        assert_eq!(given.times_at(key(MAX_NOTED / 2 - 1), now), 0);
+        assert_eq!(given.times_at(key(MAX_NOTED / 2), now), 1);
+        assert_eq!(given.times_at(key(MAX_NOTED), now), 1);
+        given.note_at((MAX_NOTED..3 * MAX_NOTED).map(key), now);
+        assert!(given.len.load(Ordering::Relaxed) <= MAX_NOTED);
+        assert_eq!(given.times_at(key(3 * MAX_NOTED - 1), now), 1);
     }
 
     #[test]
-    fn a_consumer_holds_what_it_took_until_it_is_settled() {
-        let given = GivenBack::default();
-        let taken = Arc::new(Taken::default());
-        let (a, b) = (given.key("calc", "r", "a"), given.key("calc", "r", "b"));
-        let first = taken.hold(1, a);
-        let second = taken.hold(2, b);
-        assert_eq!(first.key(), a);
-        drop(first);
-        assert_eq!(taken.held(), vec![b]);
-        drop(second);
-        assert!(taken.held().is_empty());
+    fn a_held_request_is_noted_once_whichever_way_it_goes_back() {
+        let given = Arc::new(GivenBack::default());
+        let key = |c: &str| given.key("calc", "r", c);
+        let taken = Taken::new(given.clone());
+        // Acked: nothing noted, and what was noted before is forgotten.
+        given.note([key("acked")]);
+        taken.hold(1, key("acked")).settled();
+        assert_eq!(given.times(key("acked")), 0);
+        // Its settling failed: noted when dropped.
+        drop(taken.hold(2, key("failed")));
+        assert_eq!(given.times(key("failed")), 1);
+        // The channel lost while it runs: noted then, and not again when
+        // its ack fails after.
+        let running = taken.hold(3, key("running"));
+        assert_eq!(taken.lost(), 1);
+        assert_eq!(given.times(key("running")), 1);
+        drop(running);
+        assert_eq!(given.times(key("running")), 1);
+        // Nor forgotten if it is acked after all: its ack went nowhere.
+        let late = taken.hold(4, key("late"));
+        taken.lost();
+        late.settled();
+        assert_eq!(given.times(key("late")), 1);
+        assert_eq!(taken.lost(), 0);
     }
 }

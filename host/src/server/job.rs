@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::MAX_IN_FLIGHT;
@@ -38,9 +38,9 @@ pub(super) struct Job {
     pub(super) id: String,
     pub(super) service: Arc<Service>,
     pub(super) replier: Replier,
-    /// Held by the consumer until settled: what goes back to the queue if
-    /// the channel is lost ([`super::given_back`]). `None` for a request
-    /// that cannot be answered.
+    /// Held by the consumer until acked or rejected: noted as given back
+    /// if it goes back to the queue instead ([`super::given_back`]).
+    /// `None` for a request that cannot be answered.
     pub(super) holding: Option<Holding>,
     /// The channel the request came on, kept open until it is acked.
     pub(super) _channel: Channel,
@@ -71,7 +71,8 @@ impl Job {
         self.run(delivery, trace).instrument(span).await;
     }
 
-    async fn run(self, delivery: Delivery, trace: TraceContext) {
+    async fn run(mut self, delivery: Delivery, trace: TraceContext) {
+        let holding = self.holding.take();
         let started = Instant::now();
         let _in_flight = observe::call_started(&self.id);
         let props = &delivery.properties;
@@ -90,7 +91,7 @@ impl Job {
         let limit = self.server.inner.options.delivery_limit;
         // Not counting the times this host gave it back and lived.
         let delivered_before = delivery_count(&delivery).saturating_sub(u64::from(
-            self.holding
+            holding
                 .as_ref()
                 .map_or(0, |h| self.server.inner.given_back.times(h.key())),
         ));
@@ -167,7 +168,7 @@ impl Job {
                 }
                 if ack(&self._channel, &delivery).await {
                     inner.answered.fetch_add(1, Ordering::Relaxed);
-                    self.settled();
+                    settled(holding);
                 }
             }
             Sent::Undeliverable(why) => {
@@ -189,7 +190,7 @@ impl Job {
                     info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
                 }
                 if ack(&self._channel, &delivery).await {
-                    self.settled();
+                    settled(holding);
                 }
             }
             Sent::Failed(e) => {
@@ -201,29 +202,29 @@ impl Job {
                 if let Some(held) = inner.noisy.not_sent.admit() {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
                 }
-                if let (true, Some(holding)) = (requeue, &self.holding) {
-                    inner.given_back.note([holding.key()]);
+                // `basic.reject`: every RabbitMQ version counts it as a
+                // failed delivery (4.3 no longer counts a `basic.nack`).
+                let rejected = delivery.reject(BasicRejectOptions { requeue }).await;
+                if rejected.is_ok() && !requeue {
+                    settled(holding);
                 }
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                // Otherwise it goes back to the queue: noted as given back
+                // when its holding is dropped.
             }
         }
         debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr.escape_debug(), error = ?failed, elapsed = ?started.elapsed(), "answered");
     }
 }
 
-impl Job {
-    /// The request is acked: nothing of it is noted any more.
-    fn settled(&self) {
-        if let Some(holding) = &self.holding {
-            self.server.inner.given_back.forget(holding.key());
-        }
+/// The request is acked, or dropped for good: nothing of it is noted any
+/// more.
+fn settled(holding: Option<Holding>) {
+    if let Some(holding) = holding {
+        holding.settled();
     }
+}
 
+impl Job {
     /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]
     /// requests taken and not yet settled, across its ids.
     fn is_quiet(&self) -> bool {

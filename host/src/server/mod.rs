@@ -143,7 +143,7 @@ struct Inner {
     answered: AtomicU64,
     /// Requests this host gave back to the broker and lived through: not
     /// counted by the delivery limit.
-    given_back: given_back::GivenBack,
+    given_back: Arc<given_back::GivenBack>,
     /// Where replies are published, for every served id.
     publisher: Arc<Publisher>,
     /// Where replies to callers that name their reply queue are pipelined
@@ -284,7 +284,7 @@ impl Server {
                 background,
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
                 answered: AtomicU64::new(0),
-                given_back: given_back::GivenBack::default(),
+                given_back: Arc::default(),
                 publisher: Arc::new(Publisher::new(REPLY_LANES)),
                 pipeline,
                 undeliverable: AtomicU64::new(0),

@@ -206,6 +206,7 @@ async fn unreadable_within(
 ) -> Result<bool, crate::Error> {
     let conn = connect.connect("callme request check").await?;
     let mut events = Box::pin(conn.events_listener());
+    let mut looked_at = Vec::new();
     let looked = async {
         let channel = conn.create_channel().await.map_err(classify_lapin)?;
         // Every consumer of a lost connection is told it could not be
@@ -235,7 +236,7 @@ async fn unreadable_within(
                     let props = &held.delivery.properties;
                     if let (Some(reply_to), Some(corr)) = (props.reply_to(), props.correlation_id())
                     {
-                        given_back.note([given_back.key(id, reply_to.as_str(), corr.as_str())]);
+                        looked_at.push(given_back.key(id, reply_to.as_str(), corr.as_str()));
                     }
                 }
                 Got::Empty => return Ok(false),
@@ -246,6 +247,7 @@ async fn unreadable_within(
     };
     let found = looked.await;
     close(&conn).await;
+    given_back.note(looked_at);
     found
 }
 
