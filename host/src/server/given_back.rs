@@ -13,10 +13,12 @@
 //!   (`basic.reject`, which every version counts).
 //!
 //! Quorum queues count such returns in `x-delivery-count` (RabbitMQ's
-//! "Quorum Queues" guide, poison message handling: 3.x counts every
-//! return, as the tests here see on 3.10; 4.3 narrowed the count to
-//! returns that say a delivery failed, a closed channel or connection
-//! among them). So a caller able to cost the host its connection a few
+//! "Quorum Queues" guide, poison message handling: 3.x and 4.0 to 4.2
+//! count every return, as the tests here see on 3.10; from 4.3 the guide's
+//! "When is delivery count incremented?" counts only failed deliveries: a
+//! `basic.reject`, and a delivery whose channel or connection went away,
+//! but not a `basic.nack`, which is why the host gives back with
+//! `basic.reject`). So a caller able to cost the host its connection a few
 //! times (unreadable requests to ids not yet moved to a connection of
 //! their own) could get another caller's request, in flight at the time,
 //! refused as `Internal`.
