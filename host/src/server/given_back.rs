@@ -47,10 +47,10 @@ const MAX_NOTED: usize = 1 << 16;
 /// still stopped by the limit, this many deliveries later.
 const MAX_TIMES: u32 = 16;
 
-/// How long a note is kept at most; at least half of it, unless
-/// [`MAX_NOTED`] newer ones push it out. A request given back and not
-/// delivered here again within it (it expired, or went to another host)
-/// is forgotten.
+/// How long a note is kept after the request was last given back, unless
+/// half of [`MAX_NOTED`] newer ones push it out. A request given back
+/// and not delivered here again within it (it expired, or went to
+/// another host) is forgotten.
 const KEPT_FOR: Duration = Duration::from_secs(60 * 60);
 
 /// What identifies a request here: its server id, `reply_to` and
@@ -58,44 +58,63 @@ const KEPT_FOR: Duration = Duration::from_secs(60 * 60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct RequestKey(u64);
 
+/// A request's returns, and when it was last given back.
+#[derive(Debug, Clone, Copy)]
+struct Noted {
+    times: u32,
+    at: Instant,
+}
+
+impl Noted {
+    fn live(self, now: Instant) -> Option<Self> {
+        (now.saturating_duration_since(self.at) < KEPT_FOR).then_some(self)
+    }
+}
+
 /// The notes, in two generations: new notes go into `current`; when it
-/// is full or half of [`KEPT_FOR`] old, it becomes `previous`, and the
-/// previous one is let go. No note is swept one by one.
-#[derive(Debug)]
+/// holds half of [`MAX_NOTED`], it becomes `previous`, and the previous
+/// one is let go. A note older than [`KEPT_FOR`] is not read; once the
+/// newest is that old, all are let go. No note is swept one by one.
+#[derive(Debug, Default)]
 struct Notes {
-    current: HashMap<RequestKey, u32>,
-    previous: HashMap<RequestKey, u32>,
-    /// When `current` was begun.
-    since: Instant,
+    current: HashMap<RequestKey, Noted>,
+    previous: HashMap<RequestKey, Noted>,
+    /// When the last note was made.
+    newest: Option<Instant>,
 }
 
 impl Notes {
+    /// Lets every note go once the newest is too old to be read.
     fn age(&mut self, now: Instant) {
-        let age = now.saturating_duration_since(self.since);
-        if age >= KEPT_FOR {
-            self.previous.clear();
-            self.current.clear();
-            self.since = now;
-        } else if age >= KEPT_FOR / 2 {
-            self.next_generation(now);
+        if self
+            .newest
+            .is_some_and(|newest| now.saturating_duration_since(newest) >= KEPT_FOR)
+        {
+            *self = Notes::default();
         }
-    }
-
-    fn next_generation(&mut self, now: Instant) {
-        self.previous = std::mem::take(&mut self.current);
-        self.since = now;
     }
 
     fn note(&mut self, key: RequestKey, now: Instant) {
-        if let Some(times) = self.current.get_mut(&key) {
-            *times = times.saturating_add(1);
-            return;
+        let before = match self.current.get(&key) {
+            Some(&noted) => Some(noted),
+            None => self.previous.remove(&key),
+        };
+        let times = before
+            .and_then(|n| n.live(now))
+            .map_or(0, |n| n.times)
+            .saturating_add(1);
+        if !self.current.contains_key(&key) && self.current.len() >= MAX_NOTED / 2 {
+            self.previous = std::mem::take(&mut self.current);
         }
-        let times = self.previous.remove(&key).unwrap_or(0).saturating_add(1);
-        if self.current.len() >= MAX_NOTED / 2 {
-            self.next_generation(now);
-        }
-        self.current.insert(key, times);
+        self.current.insert(key, Noted { times, at: now });
+        self.newest = Some(now);
+    }
+
+    fn get(&self, key: RequestKey, now: Instant) -> Option<Noted> {
+        self.current
+            .get(&key)
+            .or_else(|| self.previous.get(&key))
+            .and_then(|n| n.live(now))
     }
 
     fn len(&self) -> usize {
@@ -104,27 +123,13 @@ impl Notes {
 }
 
 /// The requests this host gave back and how many times.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct GivenBack {
     keys: RandomState,
     notes: Mutex<Notes>,
-    /// How many are noted: zero on a host that gave none back lately,
-    /// which then takes no lock per request.
+    /// How many are noted: zero on a host that gave none back for
+    /// [`KEPT_FOR`], which then takes no lock per request.
     len: AtomicUsize,
-}
-
-impl Default for GivenBack {
-    fn default() -> Self {
-        GivenBack {
-            keys: RandomState::new(),
-            notes: Mutex::new(Notes {
-                current: HashMap::new(),
-                previous: HashMap::new(),
-                since: Instant::now(),
-            }),
-            len: AtomicUsize::new(0),
-        }
-    }
 }
 
 impl GivenBack {
@@ -164,8 +169,7 @@ impl GivenBack {
         let mut notes = self.lock();
         notes.age(now);
         self.len.store(notes.len(), Ordering::Relaxed);
-        let times = notes.current.get(&key).or_else(|| notes.previous.get(&key));
-        times.map_or(0, |&t| t.min(MAX_TIMES))
+        notes.get(key, now).map_or(0, |n| n.times.min(MAX_TIMES))
     }
 
     /// Forgets a request: it was answered (or dropped) and acked.
@@ -208,6 +212,7 @@ impl Taken {
             taken: self.clone(),
             tag,
             key,
+            settled: false,
         }
     }
 
@@ -239,6 +244,7 @@ pub(super) struct Holding {
     taken: Arc<Taken>,
     tag: u64,
     key: RequestKey,
+    settled: bool,
 }
 
 impl Holding {
@@ -246,19 +252,29 @@ impl Holding {
         self.key
     }
 
+    /// It is about to be given back (`basic.reject` with requeue): noted
+    /// now, before the broker can deliver it again, and only once
+    /// whether the reject goes out or its channel is lost.
+    pub(super) fn given_back(mut self) {
+        if self.taken.release(self.tag) {
+            self.taken.given_back.note([self.key]);
+        }
+        self.settled = true;
+    }
+
     /// It was acked, or rejected without going back: nothing of it is
     /// noted any more.
-    pub(super) fn settled(self) {
+    pub(super) fn settled(mut self) {
         if self.taken.release(self.tag) {
             self.taken.given_back.forget(self.key);
         }
-        std::mem::forget(self);
+        self.settled = true;
     }
 }
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        if self.taken.release(self.tag) {
+        if !self.settled && self.taken.release(self.tag) {
             self.taken.given_back.note([self.key]);
         }
     }
@@ -303,30 +319,26 @@ mod tests {
     }
 
     #[test]
-    fn notes_are_kept_between_half_and_all_of_their_time() {
+    fn notes_are_kept_for_their_time_from_the_last_return() {
         let given = GivenBack::default();
         let (early, late) = (
             given.key("calc", "r", "early"),
             given.key("calc", "r", "late"),
         );
         let then = Instant::now();
-        given.note_at([early], then);
-        given.note_at([late], then + KEPT_FOR / 2 - Duration::from_secs(1));
-        // Half the time on: both kept, in the previous generation.
-        let half = then + KEPT_FOR / 2;
-        assert_eq!(given.times_at(early, half), 1);
-        assert_eq!(given.times_at(late, half), 1);
-        // Noted again: counted on, in the current one.
-        given.note_at([late], half);
-        assert_eq!(given.times_at(late, half), 2);
-        // Another half on, the early one is gone; not counted again from
-        // where it was.
-        let full = half + KEPT_FOR / 2;
+        given.note_at([early, late], then);
+        given.note_at([late], then + KEPT_FOR / 2);
+        let almost = then + KEPT_FOR - Duration::from_secs(1);
+        assert_eq!(given.times_at(early, almost), 1);
+        assert_eq!(given.times_at(late, almost), 2);
+        // Its time is up: not read, and counted from nothing if given
+        // back again.
+        let full = then + KEPT_FOR;
         assert_eq!(given.times_at(early, full), 0);
         assert_eq!(given.times_at(late, full), 2);
         given.note_at([early], full);
         assert_eq!(given.times_at(early, full), 1);
-        // Long after, nothing is left, and no lock is taken.
+        // Long after the newest, nothing is left, and no lock is taken.
         assert_eq!(given.times_at(late, full + KEPT_FOR), 0);
         assert_eq!(given.len.load(Ordering::Relaxed), 0);
     }
@@ -369,11 +381,18 @@ mod tests {
         assert_eq!(given.times(key("running")), 1);
         drop(running);
         assert_eq!(given.times(key("running")), 1);
+        // Given back on purpose: noted before, and once.
+        let requeued = taken.hold(5, key("requeued"));
+        requeued.given_back();
+        assert_eq!(given.times(key("requeued")), 1);
+        assert_eq!(taken.lost(), 0);
         // Nor forgotten if it is acked after all: its ack went nowhere.
         let late = taken.hold(4, key("late"));
         taken.lost();
         late.settled();
         assert_eq!(given.times(key("late")), 1);
         assert_eq!(taken.lost(), 0);
+        // Nothing of the consumer's is kept once its requests are done.
+        assert_eq!(Arc::strong_count(&taken), 1);
     }
 }

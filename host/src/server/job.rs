@@ -204,12 +204,22 @@ impl Job {
                 }
                 // `basic.reject`: every RabbitMQ version counts it as a
                 // failed delivery (4.3 no longer counts a `basic.nack`).
+                // One given back is noted first: the broker may deliver it
+                // again at once.
+                let holding = match holding {
+                    Some(holding) if requeue => {
+                        holding.given_back();
+                        None
+                    }
+                    other => other,
+                };
+                // `Ok(false)`: nothing was sent (the channel is gone), and
+                // it goes back with the channel, noted as its holding is
+                // dropped.
                 let rejected = delivery.reject(BasicRejectOptions { requeue }).await;
-                if rejected.is_ok() && !requeue {
+                if matches!(rejected, Ok(true)) {
                     settled(holding);
                 }
-                // Otherwise it goes back to the queue: noted as given back
-                // when its holding is dropped.
             }
         }
         debug!(target: "callme::server", server_id = %self.id, correlation_id = %corr.escape_debug(), error = ?failed, elapsed = ?started.elapsed(), "answered");
