@@ -213,7 +213,8 @@ async fn a_request_delivered_too_often_is_not_run_again() {
         let sp = p.use_server(&id);
         tokio::spawn(async move { sp.call("add", pos(json!([1, 1]))).await })
     };
-    // Three hosts take the request and die before answering it.
+    // Taken three times and given back unanswered, as by three hosts
+    // that died running it.
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();

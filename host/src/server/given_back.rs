@@ -172,7 +172,7 @@ impl GivenBack {
         notes.get(key, now).map_or(0, |n| n.times.min(MAX_TIMES))
     }
 
-    /// Forgets a request: it was answered (or dropped) and acked.
+    /// Forgets a request: it was acked, or rejected for good.
     fn forget(&self, key: RequestKey) {
         if self.len.load(Ordering::Relaxed) == 0 {
             return;
