@@ -714,6 +714,109 @@ async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing()
     );
 }
 
+/// A library server connected without `auto_recover` still reconnects its
+/// plugins' calls out: that connection is lost on its own (a reply the
+/// AMQP client cannot read is enough, sent by anyone who may publish to
+/// the reply exchange every such request names) while the server goes on
+/// serving, and it used to close for good, failing every later call out
+/// with "the proxy's broker connection is closed" until the server was
+/// dropped. It closes with the server.
+#[tokio::test]
+async fn a_server_without_auto_recover_still_gets_its_calls_out_back() {
+    let (user, password) = callme_tests::dedicated_user("calls-out");
+    let options = ConnectOptions {
+        auto_recover: false,
+        ..ConnectOptions::new(amqp_url_as(&user, &password))
+    };
+    let srv = Server::connect(&options, ServerOptions::default())
+        .await
+        .unwrap();
+    let (relay, target) = (unique("relay-norecover"), unique("target-norecover"));
+    srv.serve_native(&target, native_add()).await.unwrap();
+    let settings = callme::PluginSettings {
+        capabilities: callme::plugin::Capabilities {
+            rpc: callme::plugin::RpcGrant::new(
+                [target.as_str()],
+                callme::plugin::DEFAULT_MAX_CALL_DEPTH,
+            )
+            .unwrap(),
+            ..callme::plugin::Capabilities::default()
+        },
+        ..callme::PluginSettings::default()
+    };
+    srv.serve_plugin(callme_tests::load("relay", &relay, settings))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    let mut overheard = callme_tests::RawClient::overhear(&server_exchange(&target)).await;
+    let via: i64 = p
+        .use_server(&relay)
+        .invoke("add-via", (&target, 1, 2))
+        .await
+        .unwrap();
+    assert_eq!(via, 3);
+    let request = overheard.next_reply(None).await;
+    let reply_to = request
+        .properties
+        .reply_to()
+        .as_ref()
+        .expect("a reply address")
+        .to_string();
+    let server_conn =
+        callme_tests::connection_pid(&user, "\"callme server\"").expect("the server's connection");
+    let calls_out = || callme_tests::connection_pid(&user, "callme server (calls out)");
+    let before = calls_out().expect("the calls-out connection");
+
+    publish_unreadable_to(&reply_to).await;
+    let start = Instant::now();
+    loop {
+        match p
+            .use_server(&relay)
+            .invoke::<_, i64>("add-via", (&target, 2, 2))
+            .await
+        {
+            Ok(sum) => {
+                assert_eq!(sum, 4);
+                break;
+            }
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the plugin's calls out did not come back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = calls_out().expect("the calls-out connection");
+    assert_ne!(before, after, "the calls-out connection was not lost");
+    assert_eq!(
+        callme_tests::connection_pid(&user, "\"callme server\"").as_ref(),
+        Some(&server_conn),
+        "the server's own connection was lost"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), srv.closed())
+            .await
+            .is_err(),
+        "the server's link closed"
+    );
+    callme_tests::answers_add(&p, &target, 7).await;
+
+    // Closed with the server's link, when that is lost for good.
+    broker_ctl(&["close_connection", &server_conn, "closed by the test"]);
+    tokio::time::timeout(Duration::from_secs(10), srv.closed())
+        .await
+        .expect("the server's link closed for good");
+    let start = Instant::now();
+    while calls_out().is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the calls-out connection outlived its server's"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A request whose headers nest as deep as one frame holds (some 26,000
 /// arrays in RabbitMQ's default 128 KiB frame, which the broker passes on
 /// as it got them) is served like any other. The AMQP client parses and

@@ -30,7 +30,9 @@ pub struct ConnectOptions {
     pub key_file: Option<PathBuf>,
     /// Proxies and servers reconnect by themselves when the connection is
     /// lost, with backoff, re-declaring their exchanges, queues and
-    /// consumers (on by default). Off, a lost connection is final.
+    /// consumers (on by default). Off, a lost connection is final; a
+    /// server's connection for its plugins' calls out still reconnects
+    /// (the server serves on without it), and closes with the server's.
     pub auto_recover: bool,
 }
 

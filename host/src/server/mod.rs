@@ -341,9 +341,26 @@ impl Server {
             inner
                 .calls_out
                 .get_or_try_init(|| async {
-                    let link = Link::connect_auxiliary(&inner.connect, "callme server (calls out)")
-                        .await?;
-                    Proxy::over(link, &inner.user, DEFAULT_TIMEOUT).await
+                    // Reconnects by itself whatever the server's
+                    // `auto_recover`: the server goes on serving when
+                    // this connection alone is lost (a reply the AMQP
+                    // client cannot read is enough), and a link closed
+                    // for good would fail every later call out until the
+                    // server is dropped. It closes with the server's.
+                    let options = ConnectOptions {
+                        auto_recover: true,
+                        ..inner.connect.clone()
+                    };
+                    let link =
+                        Link::connect_auxiliary(&options, "callme server (calls out)").await?;
+                    let proxy = Proxy::over(link, &inner.user, DEFAULT_TIMEOUT).await?;
+                    let server = inner.link.subscribe();
+                    let calls_out = proxy.clone();
+                    tokio::spawn(async move {
+                        closed_for_good(server).await;
+                        calls_out.close().await;
+                    });
+                    Ok::<_, Error>(proxy)
                 })
                 .await?;
         }
@@ -648,4 +665,12 @@ fn invalid_id(id: &str) -> Error {
         "invalid server id `{}`: use letters, digits, `-`, `_` and `.`",
         id.escape_debug()
     ))
+}
+
+/// Resolves when the server's link is closed for good, or gone with the
+/// server.
+async fn closed_for_good(mut server: tokio::sync::watch::Receiver<crate::amqp::link::State>) {
+    let _ = server
+        .wait_for(|s| matches!(s, crate::amqp::link::State::Closed))
+        .await;
 }
