@@ -194,6 +194,60 @@ fn ready_file_is_there_while_the_host_serves() {
     );
 }
 
+/// A host stopping leaves the ready file alone when it names another
+/// process: a host started since on the same file wrote it.
+#[test]
+fn a_host_leaves_a_ready_file_another_host_wrote() {
+    let dir = tempdir();
+    deploy(
+        &plugin_path("calc"),
+        &dir,
+        &format!("{}.wasm", unique("ready-other")),
+    );
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(30));
+    let other = format!("{}\n", host.child.id() + 1);
+    std::fs::write(&host.ready_file, &other).unwrap();
+    host.terminate();
+    assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");
+    assert_eq!(
+        std::fs::read_to_string(&host.ready_file).ok().as_deref(),
+        Some(other.as_str()),
+        "the host removed another host's ready file"
+    );
+}
+
+/// A host that cannot write its ready file stops at once with an error:
+/// nobody would learn that it serves.
+#[test]
+fn a_host_that_cannot_write_its_ready_file_stops() {
+    let dir = tempdir();
+    deploy(
+        &plugin_path("calc"),
+        &dir,
+        &format!("{}.wasm", unique("ready-nowhere")),
+    );
+    let nowhere = dir.join("missing").join("ready");
+    let cache = callme_tests::target_dir().join("test-cache");
+    let (o, _) = callme_within(
+        &[
+            "serve",
+            "--plugins",
+            dir.to_str().unwrap(),
+            "--ready-file",
+            nowhere.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        "callme=info",
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write"), "{stderr}");
+    assert!(!nowhere.exists());
+}
+
 #[test]
 fn negative_numbers_are_arguments() {
     let calc = plugin_path("calc");

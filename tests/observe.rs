@@ -279,6 +279,8 @@ async fn a_metrics_address_in_use_stops_the_host_at_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempdir();
+    // Left by a host that was killed: it must not outlive this one either.
+    std::fs::write(dir.with_extension("ready"), "1\n").unwrap();
     let mut host = Host::serve(&dir, &["--metrics-addr", &addr]);
     let code = host.wait(Duration::from_secs(20));
     assert!(

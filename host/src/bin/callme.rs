@@ -468,7 +468,12 @@ async fn serve(
     ready_file: Option<&Path>,
     metrics_addr: Option<&str>,
 ) -> anyhow::Result<()> {
-    // Bound first: a wrong address fails at once, not after connecting.
+    // A file left by a host that was killed must not announce this one,
+    // even if this one cannot start.
+    if let Some(path) = ready_file {
+        remove_ready_file(path)?;
+    }
+    // Bound before connecting: a wrong address fails at once.
     let endpoint = match metrics_addr {
         Some(addr) => Some(
             callme::observe::Endpoint::bind(addr)
@@ -477,10 +482,6 @@ async fn serve(
         ),
         None => None,
     };
-    // A file left by a host that was killed must not announce this one.
-    if let Some(path) = ready_file {
-        remove_ready_file(path)?;
-    }
     // Runs until the process exits.
     if let Some(endpoint) = endpoint {
         tokio::spawn(endpoint.run());

@@ -269,7 +269,7 @@ impl Metrics {
         );
         r.register(
             "callme_undeliverable_replies",
-            "Replies that could never be delivered (the caller's reply exchange is gone, or this server may not publish to it): the request is acked without one",
+            "Replies that could never be delivered (the caller's reply exchange is gone, or this server may not publish to it): the request is acked without one. A pipelined reply to a caller that left is dropped by the broker unseen and not counted here",
             m.undeliverable.clone(),
         );
         r.register(

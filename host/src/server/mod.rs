@@ -422,14 +422,17 @@ impl Server {
 
     /// Requests answered and acked since the server started, over every
     /// server id: a request is counted once its reply is confirmed by the
-    /// broker and it is acked (so it will not be delivered again).
+    /// broker and it is acked (so it will not be delivered again). A
+    /// pipelined reply to a caller that left is dropped by the broker
+    /// unseen, and counted here.
     pub fn answered(&self) -> u64 {
         self.inner.answered.load(Ordering::Relaxed)
     }
 
     /// Requests whose reply could never be delivered (the caller's reply
     /// exchange does not exist, or this server may not publish to it):
-    /// acked without a reply.
+    /// acked without a reply. Only replies sent by the caller's exchange:
+    /// see [`Server::answered`] for pipelined ones.
     pub fn undeliverable(&self) -> u64 {
         self.inner.undeliverable.load(Ordering::Relaxed)
     }
