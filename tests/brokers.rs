@@ -406,6 +406,223 @@ async fn a_call_lost_with_its_connection_is_sent_again_when_asked() {
     nodes[2].cut();
 }
 
+/// A string header of a request.
+fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match d.properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        other => panic!("{name} is not a string: {other:?}"),
+    }
+}
+
+/// A call sent again is the same call: the same correlation id (so
+/// whichever reply comes first answers it, and the other is dropped), the
+/// same trace, and an expiration of the time it has left, not a whole
+/// timeout again. The test plays the server, so it sees both requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
+    use lapin::options::BasicPublishOptions;
+    let id = unique("resent");
+    let (_conn, channel) = callme_tests::raw_channel().await;
+    let exchange = callme::protocol::server_exchange(&id);
+    callme_tests::declare_reply_exchange(&channel, &exchange)
+        .await
+        .unwrap();
+    let mut requests = callme_tests::RawClient::overhear(&exchange).await;
+    let nodes = [Forwarder::start().await, Forwarder::start().await];
+    let list = nodes
+        .iter()
+        .map(Forwarder::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let p =
+        callme::Proxy::connect_with(&callme::ConnectOptions::new(list), Duration::from_secs(20))
+            .await
+            .unwrap();
+    let call = {
+        let sp = p.use_server(&id).with_retry(true);
+        tokio::spawn(async move { sp.call("add", pos(json!([1, 2]))).await })
+    };
+    let first = requests.next_reply(None).await;
+    // Some of its 20 s pass before the connection goes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes[0].cut();
+    let again = requests.next_reply(None).await;
+    let corr = |d: &lapin::message::Delivery| {
+        d.properties
+            .correlation_id()
+            .as_ref()
+            .expect("a correlation id")
+            .to_string()
+    };
+    let expiration = |d: &lapin::message::Delivery| -> u64 {
+        d.properties
+            .expiration()
+            .as_ref()
+            .expect("an expiration")
+            .as_str()
+            .parse()
+            .expect("milliseconds")
+    };
+    assert_eq!(corr(&again), corr(&first), "sent again as another call");
+    let trace = header(&first, "traceparent").expect("a traceparent");
+    assert_eq!(header(&again, "traceparent"), Some(trace), "another trace");
+    assert!(
+        expiration(&again) <= expiration(&first) - 1000,
+        "sent again with {} ms to live, first with {} ms",
+        expiration(&again),
+        expiration(&first)
+    );
+    // The first request's reply answers the call.
+    let reply_to = again
+        .properties
+        .reply_to()
+        .as_ref()
+        .expect("a reply address")
+        .to_string();
+    channel
+        .basic_publish(
+            reply_to.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &callme::protocol::Response::Result(json!(3)).encode(),
+            lapin::BasicProperties::default().with_correlation_id(corr(&first).into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call was answered")
+        .unwrap();
+    assert_eq!(answer.ok(), Some(json!(3)));
+    nodes[1].cut();
+}
+
+/// A request the broker refuses (a negative confirm) is sent again with
+/// retry, until the broker takes it. The server's queue here holds one
+/// message and refuses the rest (`x-overflow` `reject-publish`: RabbitMQ
+/// nacks a confirmed publish to a full queue, its "Queue Length Limit"
+/// guide, 3.7 and later); the test plays the server.
+#[tokio::test]
+async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
+    use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let id = unique("refused");
+    let (_conn, channel) = callme_tests::raw_channel().await;
+    let exchange = callme::protocol::server_exchange(&id);
+    let queue = server_queue(&id);
+    callme_tests::declare_reply_exchange(&channel, &exchange)
+        .await
+        .unwrap();
+    let mut limit = FieldTable::default();
+    limit.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    limit.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            limit,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The queue is full.
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"filler",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(20)).await;
+    let refused = p.use_server(&id).call("add", pos(json!([1, 2]))).await;
+    assert!(
+        matches!(refused, Err(Error::Rejected { .. })),
+        "{refused:?}"
+    );
+
+    let call = {
+        let sp = p.use_server(&id).with_retry(true);
+        tokio::spawn(async move { sp.call("add", pos(json!([1, 2]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let get = || async {
+        channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+    };
+    let filler = get().await.expect("the filler");
+    assert_eq!(filler.delivery.data, b"filler");
+    let request = eventually(Duration::from_secs(10), || async { get().await })
+        .await
+        .expect("the request, sent again once the queue had room");
+    let properties = &request.delivery.properties;
+    channel
+        .basic_publish(
+            properties
+                .reply_to()
+                .as_ref()
+                .expect("a reply address")
+                .as_str()
+                .into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &callme::protocol::Response::Result(json!(3)).encode(),
+            lapin::BasicProperties::default().with_correlation_id(
+                properties
+                    .correlation_id()
+                    .clone()
+                    .expect("a correlation id"),
+            ),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call was answered")
+        .unwrap();
+    assert_eq!(answer.ok(), Some(json!(3)));
+}
+
+/// Retry sends again what the connection lost, not what the broker
+/// answered: a call to an id nobody serves is `NoSuchServer` at once.
+#[tokio::test]
+async fn retry_does_not_send_again_a_call_nobody_serves() {
+    let p = proxy(Duration::from_secs(10)).await;
+    let r = p
+        .use_server(&unique("nobody-retry"))
+        .with_retry(true)
+        .call_timeout("add", pos(json!([1, 2])), Duration::from_secs(3))
+        .await;
+    assert!(matches!(r, Err(Error::NoSuchServer(_))), "{r:?}");
+}
+
 #[tokio::test]
 async fn callers_of_a_reconnecting_host_wait_for_it_rather_than_hear_no_such_server() {
     let id = unique("reconnecting");

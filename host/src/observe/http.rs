@@ -205,30 +205,48 @@ async fn respond(
 /// ten renderings a second, not one each.
 const RENDER_EVERY: Duration = Duration::from_millis(100);
 
-/// The last rendering of the metrics, and when it started.
-static RENDERED: tokio::sync::Mutex<Option<(Instant, Bytes)>> = tokio::sync::Mutex::const_new(None);
-
 /// The metrics as text, rendered off the runtime's workers (which talk to
 /// the broker), one rendering at a time. A scrape gets a rendering that
 /// started after it arrived: its own, or one made while it waited.
 /// `None` when rendering failed (it panicked): the scrape fails, rather
 /// than every series seeming gone.
 async fn rendered() -> Option<Bytes> {
-    let arrived = Instant::now();
-    let mut last = RENDERED.lock().await;
-    if let Some((started, text)) = &*last {
-        if *started >= arrived {
-            return Some(text.clone());
+    static RENDERED: Renderings = Renderings::new();
+    RENDERED.get(super::render).await
+}
+
+/// Renderings shared by the scrapes that wait for them.
+struct Renderings {
+    /// The last rendering, and when it started.
+    last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Renderings {
+    const fn new() -> Renderings {
+        Renderings {
+            last: tokio::sync::Mutex::const_new(None),
         }
-        tokio::time::sleep_until((*started + RENDER_EVERY).into()).await;
     }
-    let started = Instant::now();
-    let text = tokio::task::spawn_blocking(super::render)
-        .await
-        .ok()
-        .map(Bytes::from)?;
-    *last = Some((started, text.clone()));
-    Some(text)
+
+    /// A rendering by `render` that started after this call: the last
+    /// one if it did, else a new one, at most one each [`RENDER_EVERY`].
+    async fn get(&self, render: fn() -> String) -> Option<Bytes> {
+        let arrived = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, text)) = &*last {
+            if *started >= arrived {
+                return Some(text.clone());
+            }
+            tokio::time::sleep_until((*started + RENDER_EVERY).into()).await;
+        }
+        let started = Instant::now();
+        let text = tokio::task::spawn_blocking(render)
+            .await
+            .ok()
+            .map(Bytes::from)?;
+        *last = Some((started, text.clone()));
+        Some(text)
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -238,4 +256,51 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(PLAIN));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Scrapes that wait together for the metrics share one rendering,
+    /// each gets one that started after it arrived, and renderings start
+    /// at least [`RENDER_EVERY`] apart.
+    #[tokio::test(flavor = "current_thread")]
+    async fn scrapes_share_fresh_renderings_at_most_ten_a_second() {
+        static RENDERS: AtomicUsize = AtomicUsize::new(0);
+        static STARTS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+        fn render() -> String {
+            STARTS.lock().unwrap().push(Instant::now());
+            format!("rendering {}", RENDERS.fetch_add(1, Ordering::SeqCst))
+        }
+        let renderings: &'static Renderings = Box::leak(Box::new(Renderings::new()));
+
+        // 16 scrapes arrive while a rendering is under way (the lock is
+        // held here): one rendering answers them all.
+        let held = renderings.last.lock().await;
+        let scrapes: Vec<_> = (0..16)
+            .map(|_| tokio::spawn(renderings.get(render)))
+            .collect();
+        // On this one thread, every scrape runs up to the lock first.
+        tokio::task::yield_now().await;
+        drop(held);
+        for scrape in scrapes {
+            assert_eq!(scrape.await.unwrap().as_deref(), Some(&b"rendering 0"[..]));
+        }
+        assert_eq!(RENDERS.load(Ordering::SeqCst), 1);
+
+        // Scrapes one after another each get a rendering of their own,
+        // never the one before.
+        for n in 1..4 {
+            let text = renderings.get(render).await.unwrap();
+            assert_eq!(text, format!("rendering {n}").as_bytes());
+        }
+        let starts = STARTS.lock().unwrap().clone();
+        for pair in starts.windows(2) {
+            assert!(pair[1] - pair[0] >= RENDER_EVERY, "{starts:?}");
+        }
+    }
 }
