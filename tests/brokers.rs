@@ -372,11 +372,7 @@ async fn a_call_lost_with_its_connection_is_sent_again_when_asked() {
         Forwarder::start().await,
         Forwarder::start().await,
     ];
-    let list = nodes
-        .iter()
-        .map(Forwarder::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = Forwarder::list(&nodes);
     let p =
         callme::Proxy::connect_with(&callme::ConnectOptions::new(list), Duration::from_secs(20))
             .await
@@ -422,7 +418,6 @@ fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
 /// timeout again. The test plays the server, so it sees both requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
-    use lapin::options::BasicPublishOptions;
     let id = unique("resent");
     let (_conn, channel) = callme_tests::raw_channel().await;
     let exchange = callme::protocol::server_exchange(&id);
@@ -431,11 +426,7 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
         .unwrap();
     let mut requests = callme_tests::RawClient::overhear(&exchange).await;
     let nodes = [Forwarder::start().await, Forwarder::start().await];
-    let list = nodes
-        .iter()
-        .map(Forwarder::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = Forwarder::list(&nodes);
     let p =
         callme::Proxy::connect_with(&callme::ConnectOptions::new(list), Duration::from_secs(20))
             .await
@@ -475,24 +466,7 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
         expiration(&first)
     );
     // The first request's reply answers the call.
-    let reply_to = again
-        .properties
-        .reply_to()
-        .as_ref()
-        .expect("a reply address")
-        .to_string();
-    channel
-        .basic_publish(
-            reply_to.as_str().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            &callme::protocol::Response::Result(json!(3)).encode(),
-            lapin::BasicProperties::default().with_correlation_id(corr(&first).into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    callme_tests::answer(&channel, &first, json!(3)).await;
     let answer = tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .expect("the call was answered")
@@ -508,8 +482,7 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
 /// guide, 3.7 and later); the test plays the server.
 #[tokio::test]
 async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
-    use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
     let id = unique("refused");
     let (_conn, channel) = callme_tests::raw_channel().await;
     let exchange = callme::protocol::server_exchange(&id);
@@ -517,12 +490,6 @@ async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
     callme_tests::declare_reply_exchange(&channel, &exchange)
         .await
         .unwrap();
-    let mut limit = FieldTable::default();
-    limit.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    limit.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
     channel
         .queue_declare(
             queue.as_str().into(),
@@ -530,20 +497,11 @@ async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
                 exclusive: true,
                 ..QueueDeclareOptions::default()
             },
-            limit,
+            callme_tests::reject_publish_over(1),
         )
         .await
         .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    callme_tests::bind_queue(&channel, &queue, &exchange).await;
     // The queue is full.
     channel
         .basic_publish(
@@ -580,29 +538,7 @@ async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
     let request = eventually(Duration::from_secs(10), || async { get().await })
         .await
         .expect("the request, sent again once the queue had room");
-    let properties = &request.delivery.properties;
-    channel
-        .basic_publish(
-            properties
-                .reply_to()
-                .as_ref()
-                .expect("a reply address")
-                .as_str()
-                .into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            &callme::protocol::Response::Result(json!(3)).encode(),
-            lapin::BasicProperties::default().with_correlation_id(
-                properties
-                    .correlation_id()
-                    .clone()
-                    .expect("a correlation id"),
-            ),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    callme_tests::answer(&channel, &request.delivery, json!(3)).await;
     let answer = tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .expect("the call was answered")
@@ -627,11 +563,7 @@ async fn retry_does_not_send_again_a_call_nobody_serves() {
 async fn callers_of_a_reconnecting_host_wait_for_it_rather_than_hear_no_such_server() {
     let id = unique("reconnecting");
     let nodes = [Forwarder::start().await, Forwarder::start().await];
-    let list = nodes
-        .iter()
-        .map(Forwarder::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = Forwarder::list(&nodes);
     let host =
         callme::Server::connect(&callme::ConnectOptions::new(list), ServerOptions::default())
             .await

@@ -520,6 +520,15 @@ impl Forwarder {
     pub fn cut(&self) {
         self.task.abort();
     }
+
+    /// The test broker's URLs through `nodes`, as a list to connect with.
+    pub fn list(nodes: &[Forwarder]) -> String {
+        nodes
+            .iter()
+            .map(Forwarder::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// The test broker's URL with its port replaced by `port`.
@@ -578,16 +587,7 @@ impl RawClient {
             )
             .await
             .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        bind_queue(&channel, &queue, &exchange).await;
         let mut consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -719,6 +719,57 @@ pub async fn declare_reply_exchange(channel: &lapin::Channel, name: &str) -> lap
             FieldTable::default(),
         )
         .await
+}
+
+/// Binds `queue` to `exchange` with the routing key `""`, as a server's
+/// queue and a proxy's reply queue are bound.
+pub async fn bind_queue(channel: &lapin::Channel, queue: &str, exchange: &str) {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Queue arguments for a queue that holds `n` messages and refuses more:
+/// with `x-overflow` `reject-publish`, RabbitMQ nacks a confirmed publish
+/// to a full queue (its "Queue Length Limit" guide, 3.7 and later).
+pub fn reject_publish_over(n: i32) -> FieldTable {
+    let mut limit = FieldTable::default();
+    limit.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(n));
+    limit.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    limit
+}
+
+/// Answers `request` as a server would: `value` as its result, to its
+/// `reply_to` with its correlation id, confirmed.
+pub async fn answer(channel: &lapin::Channel, request: &Delivery, value: Value) {
+    let properties = &request.properties;
+    let reply_to = properties.reply_to().as_ref().expect("a reply address");
+    let corr = properties
+        .correlation_id()
+        .clone()
+        .expect("a correlation id");
+    channel
+        .basic_publish(
+            reply_to.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &callme::protocol::Response::Result(value).encode(),
+            BasicProperties::default().with_correlation_id(corr),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 /// A plain AMQP connection to the test broker, and a channel on it.

@@ -615,12 +615,6 @@ async fn a_refused_pipelined_reply_goes_by_the_callers_exchange() {
     let full = client_queue("guest", &uid);
     let (_conn, channel) = raw_channel().await;
     declare_reply_exchange(&channel, &exchange).await.unwrap();
-    let mut limit = FieldTable::default();
-    limit.insert("x-max-length".into(), AMQPValue::LongInt(5));
-    limit.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
     channel
         .queue_declare(
             full.as_str().into(),
@@ -629,7 +623,7 @@ async fn a_refused_pipelined_reply_goes_by_the_callers_exchange() {
                 auto_delete: true,
                 ..QueueDeclareOptions::default()
             },
-            limit,
+            callme_tests::reject_publish_over(5),
         )
         .await
         .unwrap();

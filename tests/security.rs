@@ -643,6 +643,49 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     assert!(own >= 1, "the id's own connection was never lost:\n{log}");
 }
 
+/// Calls `add-via` of `relay` (relay granted `rpc` to `target`, an `add`)
+/// once; the reply address its calls out name, read off the request it
+/// sent.
+async fn calls_out_reply_to(p: &Proxy, relay: &str, target: &str) -> String {
+    let mut overheard = callme_tests::RawClient::overhear(&server_exchange(target)).await;
+    let via: i64 = p
+        .use_server(relay)
+        .invoke("add-via", (target, 1, 2))
+        .await
+        .unwrap();
+    assert_eq!(via, 3);
+    let request = overheard.next_reply(None).await;
+    request
+        .properties
+        .reply_to()
+        .as_ref()
+        .expect("a reply address")
+        .to_string()
+}
+
+/// Calls `add-via` of `relay` until it is answered, for up to 20 s: its
+/// calls out work again.
+async fn calls_out_answered(p: &Proxy, relay: &str, target: &str) {
+    let start = Instant::now();
+    loop {
+        match p
+            .use_server(relay)
+            .invoke::<_, i64>("add-via", (target, 2, 2))
+            .await
+        {
+            Ok(sum) => {
+                assert_eq!(sum, 4);
+                return;
+            }
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the plugin's calls out did not come back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The replies to the calls plugins make (granted `rpc`) come on a
 /// connection of the host's made for them, not the one its requests come
 /// on: a server called (or anyone who may publish to the reply exchange,
@@ -663,20 +706,7 @@ async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing()
     let mut host = Host::serve(&dir, &[]);
     host.wait_ready(Duration::from_secs(60));
     let p = proxy(Duration::from_secs(30)).await;
-    let mut overheard = callme_tests::RawClient::overhear(&server_exchange(&target)).await;
-    let via: i64 = p
-        .use_server(&relay)
-        .invoke("add-via", (&target, 1, 2))
-        .await
-        .unwrap();
-    assert_eq!(via, 3);
-    let request = overheard.next_reply(None).await;
-    let reply_to = request
-        .properties
-        .reply_to()
-        .as_ref()
-        .expect("a reply address")
-        .to_string();
+    let reply_to = calls_out_reply_to(&p, &relay, &target).await;
 
     for _ in 0..3 {
         publish_unreadable_to(&reply_to).await;
@@ -686,21 +716,7 @@ async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing()
         callme_tests::answers_add(&p, &target, i).await;
     }
     // The plugin's calls work again once their connection is back.
-    let start = Instant::now();
-    loop {
-        match p
-            .use_server(&relay)
-            .invoke::<_, i64>("add-via", (&target, 2, 2))
-            .await
-        {
-            Ok(sum) => {
-                assert_eq!(sum, 4);
-                break;
-            }
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    calls_out_answered(&p, &relay, &target).await;
     let log = host.log_text();
     let lost = |connection: &str| {
         log.lines()
@@ -748,44 +764,14 @@ async fn a_server_without_auto_recover_still_gets_its_calls_out_back() {
         .await
         .unwrap();
     let p = proxy(Duration::from_secs(30)).await;
-    let mut overheard = callme_tests::RawClient::overhear(&server_exchange(&target)).await;
-    let via: i64 = p
-        .use_server(&relay)
-        .invoke("add-via", (&target, 1, 2))
-        .await
-        .unwrap();
-    assert_eq!(via, 3);
-    let request = overheard.next_reply(None).await;
-    let reply_to = request
-        .properties
-        .reply_to()
-        .as_ref()
-        .expect("a reply address")
-        .to_string();
+    let reply_to = calls_out_reply_to(&p, &relay, &target).await;
     let server_conn =
         callme_tests::connection_pid(&user, "\"callme server\"").expect("the server's connection");
     let calls_out = || callme_tests::connection_pid(&user, "callme server (calls out)");
     let before = calls_out().expect("the calls-out connection");
 
     publish_unreadable_to(&reply_to).await;
-    let start = Instant::now();
-    loop {
-        match p
-            .use_server(&relay)
-            .invoke::<_, i64>("add-via", (&target, 2, 2))
-            .await
-        {
-            Ok(sum) => {
-                assert_eq!(sum, 4);
-                break;
-            }
-            Err(e) => assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the plugin's calls out did not come back: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    calls_out_answered(&p, &relay, &target).await;
     let after = calls_out().expect("the calls-out connection");
     assert_ne!(before, after, "the calls-out connection was not lost");
     assert_eq!(
