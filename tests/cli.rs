@@ -5,7 +5,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use callme_tests::{Host, amqp_url, callme_bin, deploy, eventually, plugin_path, tempdir, unique};
+use callme_tests::{
+    Forwarder, Host, amqp_url, callme_bin, deploy, eventually, plugin_path, tempdir, unique,
+};
 use serde_json::Value;
 
 fn callme(args: &[&str]) -> Output {
@@ -246,6 +248,44 @@ fn a_host_that_cannot_write_its_ready_file_stops() {
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot write"), "{stderr}");
     assert!(!nowhere.exists());
+}
+
+/// `callme call --retry` sends its call again on the next node when its
+/// connection goes before the reply, and prints the answer; the test
+/// plays the server, so it sees both requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_with_retry_is_sent_again_when_its_node_goes() {
+    let id = unique("cli-retry");
+    let (_conn, channel) = callme_tests::raw_channel().await;
+    let exchange = callme::protocol::server_exchange(&id);
+    callme_tests::declare_reply_exchange(&channel, &exchange)
+        .await
+        .unwrap();
+    let mut requests = callme_tests::RawClient::overhear(&exchange).await;
+    let nodes = [Forwarder::start().await, Forwarder::start().await];
+    let child = Command::new(callme_bin())
+        .args(["call", "--retry", "--timeout", "30", "--amqp-url"])
+        .arg(Forwarder::list(&nodes))
+        .args([id.as_str(), "add", "1", "2"])
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run callme");
+    let first = requests.next_reply(None).await;
+    nodes[0].cut();
+    let again = requests.next_reply(None).await;
+    assert_eq!(
+        again.properties.correlation_id(),
+        first.properties.correlation_id()
+    );
+    callme_tests::answer(&channel, &again, serde_json::json!(3)).await;
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("callme ran");
+    assert_eq!(stdout(&o), "3", "{}", String::from_utf8_lossy(&o.stderr));
+    nodes[1].cut();
 }
 
 #[test]
