@@ -14,6 +14,11 @@ turn, so a machine that slows down during the run slows them alike):
   least a blocking caller on a plain AMQP library does per call (no
   timeouts, errors or threads), calling the same host: a reference for
   what a blocking Python client could reach;
+- ``lean pamqp client``: bench/lean_pamqp.py, the same calls as the lean
+  pika client with pamqp's framing on a plain socket (the least an AMQP
+  layer can do), under this interpreter, which holds pamqp through
+  aio-pika: a reference for what a blocking Python caller could reach
+  with no AMQP library between it and the socket;
 - ``Proxy shared by 8 threads``: calls/s of 8 threads calling through one
   blocking proxy at once (8 × the round's calls), printed apart: its
   calls are not sequential.
@@ -196,6 +201,15 @@ def main() -> None:
             )
             procs.append(pika_client)
             rows["lean pika client"] = worker_round(pika_client, "the lean pika client", pika_log)
+        pamqp_log = work / "lean-pamqp.log"
+        pamqp_client = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("lean_pamqp.py")), "call", server_id],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(pamqp_log, "wb"),
+            text=True,
+        )
+        procs.append(pamqp_client)
+        rows["lean pamqp client"] = worker_round(pamqp_client, "the lean pamqp client", pamqp_log)
+
         def shared_round(n: int) -> float:
             """Calls/s of THREADS threads sharing the blocking proxy, n
             calls in all."""
@@ -258,6 +272,8 @@ def main() -> None:
             ratio("lean pika client / callme 0.2.0", "lean pika client", "callme 0.2.0 (kombu)")
             ratio("callme_client Proxy / lean pika client",
                   "callme_client Proxy", "lean pika client")
+
+        ratio("lean pamqp client / callme 0.2.0", "lean pamqp client", "callme 0.2.0 (kombu)")
 
         proxy.close()
         loop.run_until_complete(aproxy.close())
