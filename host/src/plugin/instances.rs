@@ -32,6 +32,7 @@ use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::engine::{EPOCH_TICK, Runtime};
+use super::maker::{Maker, Watch};
 use super::sandbox::CallState;
 use super::settings::PluginSettings;
 use super::trap::DeadlinePassed;
@@ -90,45 +91,6 @@ struct Counters {
     /// Used instances handed to the background thread to be dropped and
     /// not dropped yet.
     dropping: AtomicUsize,
-}
-
-/// How long work handed to the quiet thread may wait for it before a
-/// thread of ordinary priority does it: that thread gets CPU only when
-/// nothing else wants it, and a machine busy with other work may give it
-/// none, while the work holds an instance slot, and a used instance the
-/// code of its plugin's version.
-const RESCUE_AFTER: Duration = Duration::from_millis(5);
-
-/// Where a spare is made or a used instance dropped: `handle`, or, when
-/// `rescuer` is given and `handle` has not started the work within
-/// [`RESCUE_AFTER`], `rescuer`.
-struct Maker {
-    handle: tokio::runtime::Handle,
-    rescuer: Option<tokio::runtime::Handle>,
-}
-
-impl Maker {
-    /// Runs `work` once, where [`Maker`] says.
-    fn run(&self, work: impl Future<Output = ()> + Send + 'static) {
-        let Some(rescuer) = &self.rescuer else {
-            return drop(self.handle.spawn(work));
-        };
-        let work = Arc::new(Mutex::new(Some(Box::pin(work))));
-        let taken = Arc::clone(&work);
-        let take = move || taken.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let rescue = take.clone();
-        drop(self.handle.spawn(async move {
-            if let Some(work) = take() {
-                work.await;
-            }
-        }));
-        drop(rescuer.spawn(async move {
-            tokio::time::sleep(RESCUE_AFTER).await;
-            if let Some(work) = rescue() {
-                work.await;
-            }
-        }));
-    }
 }
 
 /// Used instances waiting for the background thread to drop them, at
@@ -403,6 +365,8 @@ pub(super) struct Instances {
     pool: Mutex<Pool>,
     /// Where spares are made; set by [`Instances::start_prewarm`].
     maker: OnceLock<tokio::runtime::Handle>,
+    /// The work handed to that thread and not started yet.
+    watch: Arc<Watch>,
     /// When a call last started, in ms since the capacity's start, or 0
     /// for never: the plugin called least recently gives its kept
     /// instances up first, and one never called takes no one's place.
@@ -442,6 +406,7 @@ impl Instances {
             weight,
             pool: Mutex::new(Pool::default()),
             maker: OnceLock::new(),
+            watch: Arc::default(),
             last_call: AtomicU64::new(0),
         });
         instances.capacity().register(&instances);
@@ -471,7 +436,7 @@ impl Instances {
             },
             current => Maker {
                 handle: quiet.clone(),
-                rescuer: current,
+                rescuer: current.map(|rescuer| (rescuer, Arc::clone(&self.watch))),
             },
         })
     }

@@ -36,6 +36,7 @@ mod export;
 mod instances;
 mod limits;
 mod load;
+mod maker;
 mod output;
 mod sandbox;
 mod settings;

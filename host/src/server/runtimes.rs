@@ -11,7 +11,7 @@
 //! (`SCHED_IDLE` on Linux), so it takes only CPU nothing else wants. It
 //! is used only while the host is quiet, and work it has not started
 //! within a few milliseconds (the machine is busy with other work) is
-//! done on the executor instead (see `Instances::maker`).
+//! done on the executor instead (see `plugin/maker.rs`).
 //!
 //! The cost of a thread at that priority: work it has started holds what
 //! it holds (the plugin's pool lock for a moment, allocator locks) until
