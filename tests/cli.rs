@@ -250,6 +250,18 @@ fn a_host_that_cannot_write_its_ready_file_stops() {
     assert!(!nowhere.exists());
 }
 
+/// A child process killed if the test ends before it is waited for.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `callme call --retry` sends its call again on the next node when its
 /// connection goes before the reply, and prints the answer; the test
 /// plays the server, so it sees both requests.
@@ -263,15 +275,17 @@ async fn call_with_retry_is_sent_again_when_its_node_goes() {
         .unwrap();
     let mut requests = callme_tests::RawClient::overhear(&exchange).await;
     let nodes = [Forwarder::start().await, Forwarder::start().await];
-    let child = Command::new(callme_bin())
-        .args(["call", "--retry", "--timeout", "30", "--amqp-url"])
-        .arg(Forwarder::list(&nodes))
-        .args([id.as_str(), "add", "1", "2"])
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run callme");
+    let mut child = KillOnDrop(Some(
+        Command::new(callme_bin())
+            .args(["call", "--retry", "--timeout", "30", "--amqp-url"])
+            .arg(Forwarder::list(&nodes))
+            .args([id.as_str(), "add", "1", "2"])
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run callme"),
+    ));
     let first = requests.next_reply(None).await;
     nodes[0].cut();
     let again = requests.next_reply(None).await;
@@ -280,6 +294,7 @@ async fn call_with_retry_is_sent_again_when_its_node_goes() {
         first.properties.correlation_id()
     );
     callme_tests::answer(&channel, &again, serde_json::json!(3)).await;
+    let child = child.0.take().expect("the child");
     let o = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()

@@ -260,7 +260,6 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
@@ -271,11 +270,10 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn scrapes_share_fresh_renderings_at_most_ten_a_second() {
         static RENDERS: AtomicUsize = AtomicUsize::new(0);
-        static STARTS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
         fn render() -> String {
-            STARTS.lock().unwrap().push(Instant::now());
             format!("rendering {}", RENDERS.fetch_add(1, Ordering::SeqCst))
         }
+        let mut starts = Vec::new();
         let renderings: &'static Renderings = Box::leak(Box::new(Renderings::new()));
 
         // 16 scrapes arrive while a rendering is under way (the lock is
@@ -291,14 +289,16 @@ mod tests {
             assert_eq!(scrape.await.unwrap().as_deref(), Some(&b"rendering 0"[..]));
         }
         assert_eq!(RENDERS.load(Ordering::SeqCst), 1);
+        starts.extend(renderings.last.lock().await.as_ref().map(|(at, _)| *at));
 
         // Scrapes one after another each get a rendering of their own,
         // never the one before.
         for n in 1..4 {
             let text = renderings.get(render).await.unwrap();
             assert_eq!(text, format!("rendering {n}").as_bytes());
+            starts.extend(renderings.last.lock().await.as_ref().map(|(at, _)| *at));
         }
-        let starts = STARTS.lock().unwrap().clone();
+        assert_eq!(starts.len(), 4);
         for pair in starts.windows(2) {
             assert!(pair[1] - pair[0] >= RENDER_EVERY, "{starts:?}");
         }

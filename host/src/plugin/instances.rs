@@ -93,6 +93,16 @@ struct Counters {
     dropping: AtomicUsize,
 }
 
+/// A spare being made, counted in [`Pool::making`] until it is made, or
+/// its work is dropped without running (its runtime shut down).
+struct Making(Arc<Instances>);
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        self.0.pool().making -= 1;
+    }
+}
+
 /// Used instances waiting for the background thread to drop them, at
 /// most (and an eighth of the slots, at least one): past them, the thread
 /// is starved (the host is saturated), and a call's instance is dropped
@@ -616,10 +626,11 @@ impl Instances {
                 self.pool().making -= 1;
                 return;
             };
-            let this = Arc::clone(self);
+            let making = Making(Arc::clone(self));
             maker.run(async move {
+                let this = Arc::clone(&making.0);
                 let made = this.make(slot).await;
-                this.pool().making -= 1;
+                drop(making);
                 match made {
                     Ok(sandbox) => {
                         let kept = Kept {

@@ -13,12 +13,13 @@
 //! then, and the task ends with nothing to do. A task per piece of work
 //! (one to make the spare a call took, one to drop the instance it used)
 //! woke a thread twice a call for that, about a tenth of a quiet host's
-//! CPU per call; a watch wakes one at most once each [`RESCUE_AFTER`].
+//! CPU per call; while the quiet thread keeps up, a watch wakes one at
+//! most once each [`RESCUE_AFTER`].
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -33,14 +34,20 @@ pub(super) const RESCUE_AFTER: Duration = Duration::from_millis(5);
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// One piece of work, taken once: by the quiet thread or the rescuer.
+/// The quiet thread's task owns it; the watch holds it weakly, so work
+/// dropped unrun (its runtime shut down) frees what it holds, and a
+/// plugin's watch never keeps the plugin alive through the work it
+/// watches.
 type Once = Arc<Mutex<Option<Work>>>;
 
 fn take(work: &Once) -> Option<Work> {
     work.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
-fn taken(work: &Once) -> bool {
-    work.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+/// Whether `work` was started, or is gone.
+fn taken(work: &Weak<Mutex<Option<Work>>>) -> bool {
+    work.upgrade()
+        .is_none_or(|w| w.lock().unwrap_or_else(|p| p.into_inner()).is_none())
 }
 
 /// Where a spare is made or a used instance dropped: `handle`, or, when
@@ -64,7 +71,7 @@ impl Maker {
                 work.await;
             }
         }));
-        watch.add(work, rescuer);
+        watch.add(Arc::downgrade(&work), rescuer);
     }
 }
 
@@ -75,8 +82,24 @@ pub(super) struct Watch(Mutex<Watched>);
 
 #[derive(Default)]
 struct Watched {
-    pending: VecDeque<(Instant, Once)>,
+    pending: VecDeque<(Instant, Weak<Mutex<Option<Work>>>)>,
     watched: bool,
+}
+
+/// A watch task's claim: if the task ends without saying it is done (its
+/// runtime shut down, or the spawn refused), the next work added starts
+/// a new watch, which takes over what is pending.
+struct Watching {
+    watch: Arc<Watch>,
+    done: bool,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if !self.done {
+            self.watch.watched().watched = false;
+        }
+    }
 }
 
 impl Watch {
@@ -86,22 +109,28 @@ impl Watch {
 
     /// Watches `work`, handed over now; a task on `rescuer` watches from
     /// now on if none does.
-    fn add(self: &Arc<Self>, work: Once, rescuer: &Handle) {
+    fn add(self: &Arc<Self>, work: Weak<Mutex<Option<Work>>>, rescuer: &Handle) {
         let mut watched = self.watched();
         watched.pending.push_back((Instant::now(), work));
         if !watched.watched {
             watched.watched = true;
             drop(watched);
-            drop(rescuer.spawn(Arc::clone(self).watch(rescuer.clone())));
+            let claim = Watching {
+                watch: Arc::clone(self),
+                done: false,
+            };
+            drop(rescuer.spawn(claim.watch(rescuer.clone())));
         }
     }
+}
 
+impl Watching {
     /// Until nothing is left to watch: waits until the oldest work is due,
     /// and has `rescuer` do what is due and not started.
-    async fn watch(self: Arc<Self>, rescuer: Handle) {
+    async fn watch(mut self, rescuer: Handle) {
         loop {
             let due = {
-                let mut watched = self.watched();
+                let mut watched = self.watch.watched();
                 while watched.pending.front().is_some_and(|(_, w)| taken(w)) {
                     watched.pending.pop_front();
                 }
@@ -111,13 +140,14 @@ impl Watch {
                         // Under the lock: work added from now on starts a
                         // new watch.
                         watched.watched = false;
+                        self.done = true;
                         return;
                     }
                 }
             };
             tokio::time::sleep_until(due.into()).await;
             let late: Vec<Work> = {
-                let mut watched = self.watched();
+                let mut watched = self.watch.watched();
                 let now = Instant::now();
                 let mut late = Vec::new();
                 while let Some((at, _)) = watched.pending.front() {
@@ -125,7 +155,7 @@ impl Watch {
                         break;
                     }
                     if let Some((_, work)) = watched.pending.pop_front()
-                        && let Some(work) = take(&work)
+                        && let Some(work) = work.upgrade().as_ref().and_then(take)
                     {
                         late.push(work);
                     }
@@ -185,10 +215,8 @@ mod tests {
         assert!(started.elapsed() >= RESCUE_AFTER);
         // The quiet thread, free now, finds them taken.
         release.send(()).unwrap();
-        tokio::time::sleep(RESCUE_AFTER * 4).await;
+        ended(&watch).await;
         assert_eq!(DONE.load(Ordering::SeqCst), 3);
-        assert!(!watch.watched().watched);
-        assert!(watch.watched().pending.is_empty());
 
         // Work the quiet thread starts at once is its own, and the watch
         // lets it go without doing it again.
@@ -198,10 +226,66 @@ mod tests {
                 QUIET.fetch_add(1, Ordering::SeqCst);
             });
         }
-        tokio::time::sleep(RESCUE_AFTER * 4).await;
+        ended(&watch).await;
         assert_eq!(QUIET.load(Ordering::SeqCst), 100);
+        quiet.shutdown_background();
+    }
+
+    /// Waits until the watch has nothing left and no task watches.
+    async fn ended(watch: &Watch) {
+        let started = Instant::now();
+        loop {
+            {
+                let watched = watch.watched();
+                if !watched.watched && watched.pending.is_empty() {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the watch goes on"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A watch whose runtime shut down under it is taken over by the
+    /// next work added: nothing pending is left unrescued.
+    #[test]
+    fn a_watch_whose_runtime_went_is_taken_over() {
+        static DONE: AtomicUsize = AtomicUsize::new(0);
+        let watch = Arc::new(Watch::default());
+        let (quiet, _release) = held_runtime();
+        let gone = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let maker = Maker {
+            handle: quiet.handle().clone(),
+            rescuer: Some((gone.handle().clone(), Arc::clone(&watch))),
+        };
+        maker.run(async {
+            DONE.fetch_add(1, Ordering::SeqCst);
+        });
+        // Its watch task was spawned on a runtime that never ran it.
+        drop(gone);
         assert!(!watch.watched().watched);
-        assert!(watch.watched().pending.is_empty());
+        let rescuer = tokio::runtime::Runtime::new().unwrap();
+        let maker = Maker {
+            handle: quiet.handle().clone(),
+            rescuer: Some((rescuer.handle().clone(), Arc::clone(&watch))),
+        };
+        maker.run(async {
+            DONE.fetch_add(1, Ordering::SeqCst);
+        });
+        rescuer.block_on(async {
+            let started = Instant::now();
+            while DONE.load(Ordering::SeqCst) < 2 {
+                assert!(started.elapsed() < Duration::from_secs(10), "not rescued");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            ended(&watch).await;
+        });
         quiet.shutdown_background();
     }
 }
