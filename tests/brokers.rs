@@ -419,12 +419,7 @@ fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
     let id = unique("resent");
-    let (_conn, channel) = callme_tests::raw_channel().await;
-    let exchange = callme::protocol::server_exchange(&id);
-    callme_tests::declare_reply_exchange(&channel, &exchange)
-        .await
-        .unwrap();
-    let mut requests = callme_tests::RawClient::overhear(&exchange).await;
+    let mut server = callme_tests::PlayedServer::start(&id).await;
     let nodes = [Forwarder::start().await, Forwarder::start().await];
     let list = Forwarder::list(&nodes);
     let p =
@@ -435,11 +430,11 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
         let sp = p.use_server(&id).with_retry(true);
         tokio::spawn(async move { sp.call("add", pos(json!([1, 2]))).await })
     };
-    let first = requests.next_reply(None).await;
+    let first = server.requests.next_reply(None).await;
     // Some of its 20 s pass before the connection goes.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     nodes[0].cut();
-    let again = requests.next_reply(None).await;
+    let again = server.requests.next_reply(None).await;
     let corr = |d: &lapin::message::Delivery| {
         d.properties
             .correlation_id()
@@ -466,7 +461,7 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
         expiration(&first)
     );
     // The first request's reply answers the call.
-    callme_tests::answer(&channel, &first, json!(3)).await;
+    callme_tests::answer(&server.channel, &first, json!(3)).await;
     let answer = tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .expect("the call was answered")

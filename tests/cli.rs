@@ -268,12 +268,7 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_with_retry_is_sent_again_when_its_node_goes() {
     let id = unique("cli-retry");
-    let (_conn, channel) = callme_tests::raw_channel().await;
-    let exchange = callme::protocol::server_exchange(&id);
-    callme_tests::declare_reply_exchange(&channel, &exchange)
-        .await
-        .unwrap();
-    let mut requests = callme_tests::RawClient::overhear(&exchange).await;
+    let mut server = callme_tests::PlayedServer::start(&id).await;
     let nodes = [Forwarder::start().await, Forwarder::start().await];
     let mut child = KillOnDrop(Some(
         Command::new(callme_bin())
@@ -286,14 +281,14 @@ async fn call_with_retry_is_sent_again_when_its_node_goes() {
             .spawn()
             .expect("run callme"),
     ));
-    let first = requests.next_reply(None).await;
+    let first = server.requests.next_reply(None).await;
     nodes[0].cut();
-    let again = requests.next_reply(None).await;
+    let again = server.requests.next_reply(None).await;
     assert_eq!(
         again.properties.correlation_id(),
         first.properties.correlation_id()
     );
-    callme_tests::answer(&channel, &again, serde_json::json!(3)).await;
+    callme_tests::answer(&server.channel, &again, serde_json::json!(3)).await;
     let child = child.0.take().expect("the child");
     let o = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await

@@ -772,6 +772,33 @@ pub async fn answer(channel: &lapin::Channel, request: &Delivery, value: Value) 
         .unwrap();
 }
 
+/// The test playing the server `id`: its exchange, declared, and every
+/// request sent to it, seen (a queue of the test's bound to it). Answer
+/// them with [`answer`] on `channel`.
+pub struct PlayedServer {
+    /// The connection `channel` is on.
+    pub conn: Connection,
+    /// A channel to answer on.
+    pub channel: lapin::Channel,
+    /// The requests sent to the server.
+    pub requests: RawClient,
+}
+
+impl PlayedServer {
+    /// Plays the server `id`.
+    pub async fn start(id: &str) -> PlayedServer {
+        let (conn, channel) = raw_channel().await;
+        let exchange = server_exchange(id);
+        declare_reply_exchange(&channel, &exchange).await.unwrap();
+        let requests = RawClient::overhear(&exchange).await;
+        PlayedServer {
+            conn,
+            channel,
+            requests,
+        }
+    }
+}
+
 /// A plain AMQP connection to the test broker, and a channel on it.
 pub async fn raw_channel() -> (Connection, lapin::Channel) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())

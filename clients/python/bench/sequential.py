@@ -192,23 +192,20 @@ def main() -> None:
             "callme_client AsyncProxy": async_round,
             "callme 0.2.0 (kombu)": seed_round,
         }
-        if opts.pika_python:
-            pika_log = work / "lean-pika.log"
-            pika_client = subprocess.Popen(
-                [opts.pika_python, str(Path(__file__).with_name("lean_pika.py")), "call", server_id],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(pika_log, "wb"),
+        def lean_client(python: str, script: str, name: str) -> None:
+            """Adds the row of a lean client, run by ``python``."""
+            log = work / f"{script}.log"
+            client = subprocess.Popen(
+                [python, str(Path(__file__).with_name(script)), "call", server_id],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),
                 text=True,
             )
-            procs.append(pika_client)
-            rows["lean pika client"] = worker_round(pika_client, "the lean pika client", pika_log)
-        pamqp_log = work / "lean-pamqp.log"
-        pamqp_client = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("lean_pamqp.py")), "call", server_id],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(pamqp_log, "wb"),
-            text=True,
-        )
-        procs.append(pamqp_client)
-        rows["lean pamqp client"] = worker_round(pamqp_client, "the lean pamqp client", pamqp_log)
+            procs.append(client)
+            rows[name] = worker_round(client, f"the {name}", log)
+
+        if opts.pika_python:
+            lean_client(opts.pika_python, "lean_pika.py", "lean pika client")
+        lean_client(sys.executable, "lean_pamqp.py", "lean pamqp client")
 
         def shared_round(n: int) -> float:
             """Calls/s of THREADS threads sharing the blocking proxy, n
