@@ -359,6 +359,17 @@ fn counted_sleep(runs: Arc<AtomicUsize>) -> NativeFunctions {
     f
 }
 
+/// A proxy (20 s timeout) connecting to the test broker through `nodes`,
+/// tried in turn.
+async fn proxy_through(nodes: &[Forwarder]) -> callme::Proxy {
+    callme::Proxy::connect_with(
+        &callme::ConnectOptions::new(Forwarder::list(nodes)),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_call_lost_with_its_connection_is_sent_again_when_asked() {
     let id = unique("retry");
@@ -372,11 +383,7 @@ async fn a_call_lost_with_its_connection_is_sent_again_when_asked() {
         Forwarder::start().await,
         Forwarder::start().await,
     ];
-    let list = Forwarder::list(&nodes);
-    let p =
-        callme::Proxy::connect_with(&callme::ConnectOptions::new(list), Duration::from_secs(20))
-            .await
-            .unwrap();
+    let p = proxy_through(&nodes).await;
     // With retry: the connection goes mid-call, the call is sent again on
     // the next node and answered.
     let retried = {
@@ -421,11 +428,7 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
     let id = unique("resent");
     let mut server = callme_tests::PlayedServer::start(&id).await;
     let nodes = [Forwarder::start().await, Forwarder::start().await];
-    let list = Forwarder::list(&nodes);
-    let p =
-        callme::Proxy::connect_with(&callme::ConnectOptions::new(list), Duration::from_secs(20))
-            .await
-            .unwrap();
+    let p = proxy_through(&nodes).await;
     let call = {
         let sp = p.use_server(&id).with_retry(true);
         tokio::spawn(async move { sp.call("add", pos(json!([1, 2]))).await })

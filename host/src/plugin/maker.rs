@@ -29,23 +29,25 @@ use tokio::runtime::Handle;
 /// nothing else wants it, and a machine busy with other work may give it
 /// none, while the work holds an instance slot, and a used instance the
 /// code of its plugin's version.
-pub(super) const RESCUE_AFTER: Duration = Duration::from_millis(5);
+const RESCUE_AFTER: Duration = Duration::from_millis(5);
 
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// One piece of work, taken once: by the quiet thread or the rescuer.
-/// The quiet thread's task owns it; the watch holds it weakly, so work
-/// dropped unrun (its runtime shut down) frees what it holds, and a
-/// plugin's watch never keeps the plugin alive through the work it
-/// watches.
-type Once = Arc<Mutex<Option<Work>>>;
+type Slot = Mutex<Option<Work>>;
+
+/// A [`Slot`] as the quiet thread's task owns it; the watch holds it
+/// weakly, so work dropped unrun (its runtime shut down) frees what it
+/// holds, and a plugin's watch never keeps the plugin alive through the
+/// work it watches.
+type Once = Arc<Slot>;
 
 fn take(work: &Once) -> Option<Work> {
     work.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// Whether `work` was started, or is gone.
-fn taken(work: &Weak<Mutex<Option<Work>>>) -> bool {
+fn taken(work: &Weak<Slot>) -> bool {
     work.upgrade()
         .is_none_or(|w| w.lock().unwrap_or_else(|p| p.into_inner()).is_none())
 }
@@ -82,7 +84,7 @@ pub(super) struct Watch(Mutex<Watched>);
 
 #[derive(Default)]
 struct Watched {
-    pending: VecDeque<(Instant, Weak<Mutex<Option<Work>>>)>,
+    pending: VecDeque<(Instant, Weak<Slot>)>,
     watched: bool,
 }
 
@@ -109,7 +111,7 @@ impl Watch {
 
     /// Watches `work`, handed over now; a task on `rescuer` watches from
     /// now on if none does.
-    fn add(self: &Arc<Self>, work: Weak<Mutex<Option<Work>>>, rescuer: &Handle) {
+    fn add(self: &Arc<Self>, work: Weak<Slot>, rescuer: &Handle) {
         let mut watched = self.watched();
         watched.pending.push_back((Instant::now(), work));
         if !watched.watched {
