@@ -2,6 +2,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -219,8 +220,31 @@ fn a_host_leaves_a_ready_file_another_host_wrote() {
     );
 }
 
+/// Runs `callme serve` on `dir` with `--ready-file ready` until it exits
+/// (at most 60 s): its output.
+fn serve_with_ready_file(dir: &Path, ready: &Path) -> Output {
+    let cache = callme_tests::target_dir().join("test-cache");
+    let (o, _) = callme_within(
+        &[
+            "serve",
+            "--plugins",
+            dir.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        "callme=info",
+        Duration::from_secs(60),
+    );
+    o
+}
+
 /// A host that cannot write its ready file stops at once with an error:
-/// nobody would learn that it serves.
+/// nobody would learn that it serves. Both where its directory is missing
+/// (found at start) and where only the file's writing fails, once the host
+/// is serving (a name whose staging name is longer than a file name may
+/// be, while its lock's is not).
 #[test]
 fn a_host_that_cannot_write_its_ready_file_stops() {
     let dir = tempdir();
@@ -229,25 +253,51 @@ fn a_host_that_cannot_write_its_ready_file_stops() {
         &dir,
         &format!("{}.wasm", unique("ready-nowhere")),
     );
-    let nowhere = dir.join("missing").join("ready");
-    let cache = callme_tests::target_dir().join("test-cache");
-    let (o, _) = callme_within(
-        &[
-            "serve",
-            "--plugins",
-            dir.to_str().unwrap(),
-            "--ready-file",
-            nowhere.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-        ],
-        "callme=info",
-        Duration::from_secs(60),
+    let files = tempdir();
+    for nowhere in [
+        files.join("missing").join("ready"),
+        files.join("r".repeat(230)),
+    ] {
+        let o = serve_with_ready_file(&dir, &nowhere);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("cannot write"), "{stderr}");
+        assert!(!nowhere.exists());
+    }
+}
+
+/// A second host given the ready file of one that is serving stops at
+/// start, and leaves that file as it was: whoever waits on it still learns
+/// that the first host serves.
+#[test]
+fn a_second_host_on_the_same_ready_file_stops_and_leaves_it() {
+    let dir = tempdir();
+    deploy(
+        &plugin_path("calc"),
+        &dir,
+        &format!("{}.wasm", unique("ready-twice")),
     );
+    let mut host = Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(30));
+    let written = std::fs::read_to_string(&host.ready_file).unwrap();
+    assert_eq!(written.trim(), host.child.id().to_string());
+    let o = serve_with_ready_file(&dir, &host.ready_file);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("cannot write"), "{stderr}");
-    assert!(!nowhere.exists());
+    assert!(stderr.contains("another callme serve"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&host.ready_file).ok(),
+        Some(written),
+        "the second host touched the first one's ready file"
+    );
+    host.terminate();
+    assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");
+    assert!(!host.ready_file.exists());
+    // Its lock goes with it: a host started now is served.
+    let mut next = Host::serve(&dir, &[]);
+    next.wait_ready(Duration::from_secs(30));
+    next.terminate();
+    assert_eq!(next.wait(Duration::from_secs(20)), Some(0), "graceful exit");
 }
 
 /// A child process killed if the test ends before it is waited for.

@@ -137,7 +137,9 @@ enum Command {
         max_instances: u32,
         /// A file written (with the host's pid) once every plugin already
         /// in the directory is served, and removed when the host stops: a
-        /// script can wait for it instead of reading the log.
+        /// script can wait for it instead of reading the log. One host a
+        /// file: a second one given the same file stops at start (the lock
+        /// is `.NAME.lock` beside it).
         #[arg(long, env = "CALLME_READY_FILE")]
         ready_file: Option<PathBuf>,
         /// HOST:PORT to serve Prometheus metrics (`/metrics`), liveness
@@ -468,6 +470,9 @@ async fn serve(
     ready_file: Option<&Path>,
     metrics_addr: Option<&str>,
 ) -> anyhow::Result<()> {
+    // One host a ready file: held until this function returns, and let go
+    // by the kernel if the process is killed.
+    let _lock = ready_file.map(lock_ready_file).transpose()?;
     // A file left by a host that was killed must not announce this one,
     // even if this one cannot start.
     if let Some(path) = ready_file {
@@ -505,6 +510,38 @@ async fn serve(
     match ready_file {
         Some(path) => outcome.and(remove_own_ready_file(path)),
         None => outcome,
+    }
+}
+
+/// Takes the lock of the ready file `path`, a file beside it named
+/// `.NAME.lock` (left in place: removing it would let two hosts each hold
+/// a lock of their own). A second host given the same ready file stops
+/// here, before it touches the first one's file.
+fn lock_ready_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("--ready-file {} names no file", path.display()))?;
+    let mut lock_name = std::ffi::OsString::from(".");
+    lock_name.push(name);
+    lock_name.push(".lock");
+    let lock = path.with_file_name(lock_name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    // Never through a link someone put there, as in a shared directory.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    let file = options
+        .open(&lock)
+        .with_context(|| format!("cannot write the ready file's lock {}", lock.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another callme serve is running with --ready-file {}: stop it, or give each host a ready file of its own",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", lock.display()))
+        }
     }
 }
 
