@@ -6,12 +6,15 @@ import asyncio
 import functools
 import json
 import sys
+import time
+from typing import Any
 
 import aiormq.connection
 import pytest
 
 import callme_client as callme
 import callme_client.async_proxy as callme_async_proxy
+import callme_client.link as callme_link
 import callme_client.publisher as callme_publisher
 from conftest import Host, unique
 
@@ -274,5 +277,88 @@ def test_a_cancelled_error_no_one_asked_for_is_told_from_a_cancellation() -> Non
             assert seen == [False, True]
         else:
             assert seen == [True, True]
+
+    asyncio.run(main())
+
+
+def test_a_request_expires_when_its_call_does(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's ``expiration`` is the time its call has left when it is
+    sent, not its whole timeout: a call that waited 1.5 s for its
+    connection, of 4 s, lets the broker keep its request 2.5 s at most, so
+    it never runs long after its caller gave up."""
+    sent: "list[int]" = []
+    publish = callme_publisher.Publisher.publish
+
+    async def noting(self: Any, connection: Any, server_id: str, exchange: str, body: bytes, properties: Any) -> None:
+        sent.append(int(properties.expiration))
+        await publish(self, connection, server_id, exchange, body, properties)
+
+    connection = callme_link.Link.connection
+
+    async def slow(self: Any) -> Any:
+        await asyncio.sleep(1.5)
+        return await connection(self)
+
+    monkeypatch.setattr(callme_publisher.Publisher, "publish", noting)
+    monkeypatch.setattr(callme_link.Link, "connection", slow)
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=4) as proxy:
+            assert await proxy.use_server(host.calc).add(1, 1) == 2
+
+    asyncio.run(main())
+    assert len(sent) == 1 and 1000 < sent[0] <= 2500, sent
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="cancellations are counted from Python 3.11")
+def test_a_cancellation_that_comes_with_the_deadline_is_kept(amqp_url: str, host: Host) -> None:
+    """A task cancelled by its owner in the same instant as its call's
+    deadline passes is cancelled, not handed a ``Timeout`` its owner could
+    catch and carry on from: the loop is held past both, so both land
+    before the call wakes."""
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url) as proxy:
+            await proxy.connect()
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(
+                proxy.use_server(host.calc, timeout=0.5).call("slow-version", 3000)
+            )
+            await asyncio.sleep(0)
+            loop.call_later(0.4, time.sleep, 0.3)  # holds the loop past the deadline
+            loop.call_later(0.45, task.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The proxy serves on.
+            assert await proxy.use_server(host.calc).add(2, 2) == 4
+
+    asyncio.run(main())
+
+
+def test_a_first_connection_that_failed_unforeseen_is_tried_again(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However the first connection attempt failed, the next call tries
+    again rather than getting that failure for ever."""
+    start = callme_link.Link.start
+    failures = [RuntimeError("unforeseen")]
+
+    async def failing_once(self: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await start(self)
+
+    monkeypatch.setattr(callme_link.Link, "start", failing_once)
+
+    async def main() -> None:
+        proxy = callme.AsyncProxy(amqp_url)
+        try:
+            with pytest.raises(RuntimeError, match="unforeseen"):
+                await proxy.use_server(host.calc).add(1, 1)
+            assert await proxy.use_server(host.calc).add(1, 2) == 3
+        finally:
+            await proxy.close()
 
     asyncio.run(main())

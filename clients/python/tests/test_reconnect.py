@@ -12,11 +12,13 @@ import logging
 import threading
 import time
 import uuid
-from typing import List
+from typing import Any, List
 
 import pytest
 
 import callme_client as callme
+import callme_client.link as callme_link
+import callme_client.publisher as callme_publisher
 from conftest import BrokerUser, Host, close_connection, rabbitmqctl, url_for
 
 
@@ -130,3 +132,44 @@ def test_a_deleted_reply_queue_is_declared_again(
         assert call_until_answered(calc) < 5
         assert [calc.add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
     assert "cancelled the reply consumer" in caplog.text
+
+
+def test_a_reconnection_attempt_aiormq_cancels_is_tried_again(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiormq fails what waits on a connection it gives up (its heartbeat
+    watchdog, say, while the broker is half there) with a CancelledError of
+    its own. A reconnection attempt that ends so is one that failed, and the
+    next one follows, even where a task cannot tell that error from its own
+    cancellation (before Python 3.11; played here by having every
+    CancelledError look like the caller's)."""
+    monkeypatch.setattr(callme_publisher, "cancelled_by_caller", lambda: True)
+    monkeypatch.setattr(callme_link, "cancelled_by_caller", lambda: True, raising=False)
+    opened = callme_link.Link._open
+    opens: List[int] = []
+
+    async def cancelled_once_when_reopening(self: callme_link.Link) -> Any:
+        opens.append(1)
+        if len(opens) == 2:
+            raise asyncio.CancelledError()
+        return await opened(self)
+
+    monkeypatch.setattr(callme_link.Link, "_open", cancelled_once_when_reopening)
+    name = f"callme-py-reconnect-cancelled-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=20, connection_name=name) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 1) == 2
+            await asyncio.get_running_loop().run_in_executor(None, close_connection, name)
+            start = time.monotonic()
+            while True:
+                try:
+                    assert await calc.add(1, 2) == 3
+                    break
+                except callme.ConnectionError:
+                    assert time.monotonic() - start < 10, "the link stopped reconnecting"
+                    await asyncio.sleep(0.05)
+            assert len(opens) >= 3
+
+    asyncio.run(main())

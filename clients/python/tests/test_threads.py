@@ -85,3 +85,35 @@ def test_closing_a_proxy_ends_every_call_waiting_on_it(
     assert all(isinstance(e, callme.ConnectionError) for e in outcome), outcome
     with pytest.raises(callme.ConnectionError, match="closed"):
         proxy.use_server(host.calc).add(1, 1)
+
+
+def test_closing_a_proxy_while_its_thread_drives_calls_ends_them_quietly(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first call runs the loop and ends; the calls handed over
+    meanwhile are then driven by the proxy's own thread, which a close must
+    end as quietly as it ends the calls: no thread dies with a traceback."""
+    crashed: List[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    proxy = callme.Proxy(amqp_url, timeout=30)
+    outcome: List[BaseException] = []
+
+    def calling(ms: int) -> None:
+        try:
+            proxy.use_server(host.calc).call("slow-version", ms)
+        except BaseException as e:
+            outcome.append(e)
+
+    first = threading.Thread(target=calling, args=(300,))
+    first.start()
+    time.sleep(0.1)
+    others = [threading.Thread(target=calling, args=(5000,)) for _ in range(3)]
+    for thread in others:
+        thread.start()
+    time.sleep(1.0)  # the first is answered; the proxy's thread drives the rest
+    proxy.close()
+    for thread in [first, *others]:
+        thread.join(timeout=5)
+    assert len(outcome) == 3 and all(isinstance(e, callme.ConnectionError) for e in outcome), outcome
+    time.sleep(0.3)
+    assert [args.exc_type for args in crashed] == []

@@ -134,9 +134,10 @@ class AsyncProxy:
         starting = self._starting
         try:
             await asyncio.shield(starting)
-        except errors.CallmeError:
-            if self._starting is starting:
-                # The next call tries again.
+        except BaseException:
+            if starting.done() and self._starting is starting:
+                # The next call tries again, whatever this attempt ended
+                # with (a caller cancelled while it waits leaves it going).
                 self._starting = None
             raise
 
@@ -202,11 +203,12 @@ class AsyncProxy:
             expired.append(True)
             task.cancel()
 
-        deadline = asyncio.get_running_loop().call_later(timeout, expire)
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(timeout, expire)
         try:
-            return await self._call(server_id, func, body, timeout, stage)
+            return await self._call(server_id, func, body, loop.time() + timeout, stage)
         except asyncio.CancelledError:
-            if not expired:
+            if not expired or _cancelled_besides_the_timer(task):
                 raise  # cancelled by the caller
             if stage[0] == "connecting":
                 raise errors.ConnectionError(
@@ -226,7 +228,7 @@ class AsyncProxy:
                     uncancel()
 
     async def _call(
-        self, server_id: str, func: str, body: bytes, timeout: float, stage: "list[str]"
+        self, server_id: str, func: str, body: bytes, deadline: float, stage: "list[str]"
     ) -> Any:
         await self.connect()
         link, publisher = self._link, self._publisher
@@ -243,8 +245,11 @@ class AsyncProxy:
                 content_type=CONTENT_TYPE,
                 correlation_id=correlation_id,
                 reply_to=link.exchange,
-                # RabbitMQ refuses an expiration over 2**32 - 1 ms.
-                expiration=str(min(max(1, int(timeout * 1000)), MAX_EXPIRATION_MS)),
+                # The time the call has left (connecting and waiting for a
+                # publish slot took some), so the broker drops a request
+                # nobody took before its caller gave up. RabbitMQ refuses an
+                # expiration over 2**32 - 1 ms.
+                expiration=str(_expiration_ms(deadline - asyncio.get_running_loop().time())),
                 delivery_mode=1,  # not persistent
                 # When it was sent, for the host's queue-wait metric
                 # (docs/protocol.md), and a W3C trace of its own.
@@ -335,6 +340,19 @@ MAX_EXPIRATION_MS = 2**32 - 1
 #: The longest a call waits: a longer timeout, ``math.inf`` included, is
 #: taken as this (a hundred years).
 MAX_TIMEOUT = 100 * 365 * 24 * 3600.0
+
+
+def _expiration_ms(left: float) -> int:
+    """A request's ``expiration`` for a call with ``left`` seconds to go."""
+    return min(max(1, math.ceil(left * 1000)), MAX_EXPIRATION_MS)
+
+
+def _cancelled_besides_the_timer(task: "asyncio.Task[Any]") -> bool:
+    """Whether someone other than the call's own timer also cancelled
+    ``task`` (Python 3.11 and later count the cancellations asked for;
+    earlier versions cannot tell, and the timer's reading wins)."""
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 1
 
 
 def _positive(timeout: float) -> float:

@@ -28,7 +28,6 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from . import errors
 from .options import ConnectOptions
-from .publisher import cancelled_by_caller
 
 __all__ = ["Link", "CONNECT_TIMEOUT"]
 
@@ -258,14 +257,26 @@ class Link:
         while True:
             await asyncio.sleep(delay)
             attempts += 1
+            # Each attempt is a task of its own, so that a CancelledError
+            # it ends with is aiormq's (giving up the connection it was
+            # opening), never this task's: before Python 3.11 the two look
+            # the same, and taking aiormq's for a close would end the link.
+            attempt = asyncio.ensure_future(self._open())
             try:
-                return await self._open()
+                await asyncio.wait({attempt})
+            except asyncio.CancelledError:
+                # The proxy is closing: the attempt goes too.
+                attempt.cancel()
+                await asyncio.wait({attempt})
+                if not attempt.cancelled() and attempt.exception() is None:
+                    await _close_quietly(attempt.result()[0])
+                raise
+            try:
+                return attempt.result()
             except (asyncio.CancelledError, Exception) as e:
-                if isinstance(e, asyncio.CancelledError) and (self._closing or cancelled_by_caller()):
-                    raise  # the proxy is closing
-                # Anything else (a CancelledError aiormq raised for itself,
-                # an error no one foresaw) is an attempt that failed: the
-                # link must never stop trying while the proxy is open.
+                # A CancelledError aiormq raised for itself, or an error no
+                # one foresaw: an attempt that failed. The link must never
+                # stop trying while the proxy is open.
                 # Every 10th failure is logged at warning level, so an
                 # outage says it goes on without flooding the log.
                 level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG

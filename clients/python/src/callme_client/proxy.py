@@ -157,7 +157,9 @@ class _SharedLoop:
                     else:
                         # One pass over what is due: timers, I/O ready now.
                         self.loop.run_until_complete(asyncio.sleep(0))
-                except Exception:  # the thread must never end before the proxy
+                # The thread must never end before the proxy; a close
+                # cancels what it drives (CancelledError, not an Exception).
+                except (Exception, asyncio.CancelledError):
                     pass
 
     def close(self, proxy: AsyncProxy) -> None:
