@@ -804,6 +804,33 @@ async fn a_guest_cannot_make_the_host_hold_memory_through_unsent_http_bodies() {
     assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
 }
 
+/// Nor through what a request not sent is given: its method, authority
+/// and path with query are bounded here (`wasmtime-wasi-http` takes the
+/// first two at any length, the path up to 64 KiB), so a plugin granted
+/// nothing cannot make the host hold gigabytes by giving each of its
+/// requests a long one. Ordinary ones are taken.
+#[tokio::test]
+async fn a_guest_cannot_make_the_host_hold_memory_through_long_request_parts() {
+    let p = load("hostile", "hostile", PluginSettings::default());
+    for (part, long) in [
+        ("method", 1 << 20),
+        ("authority", 1 << 20),
+        ("path", 60 << 10),
+        ("path", 4 << 10),
+    ] {
+        let taken = p
+            .call("hoard-parts", &pos(json!([part, long, 64])))
+            .await
+            .unwrap();
+        assert_eq!(taken, json!(0), "{part} of {long} bytes: taken {taken}");
+        let ordinary = p
+            .call("hoard-parts", &pos(json!([part, 40, 64])))
+            .await
+            .unwrap();
+        assert_eq!(ordinary, json!(40 * 64), "{part}");
+    }
+}
+
 /// Used instances handed to a thread that never gets to drop them (the
 /// lowest-priority thread of a host so busy it gets no CPU; here, a
 /// runtime nobody drives) do not take their slots with them: past a few,

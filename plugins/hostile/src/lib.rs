@@ -172,6 +172,30 @@ impl Guest for Hostile {
         drop(kept);
         Ok(written)
     }
+
+    fn hoard_parts(part: String, bytes: u32, count: u32) -> Result<u64, String> {
+        use wasip2::http::types::{Fields, Method, OutgoingRequest};
+        let value = "a".repeat(bytes as usize);
+        let path = format!("/{}", &value[value.len().min(1)..]);
+        let mut taken = 0u64;
+        // Kept, never sent: each holds what the host took.
+        let mut kept = Vec::new();
+        for _ in 0..count {
+            let request = OutgoingRequest::new(Fields::new());
+            let set = match part.as_str() {
+                "method" => request.set_method(&Method::Other(value.clone())),
+                "authority" => request.set_authority(Some(&value)),
+                "path" => request.set_path_with_query(Some(&path)),
+                other => return Err(format!("no part {other:?}")),
+            };
+            if set.is_ok() {
+                taken += u64::from(bytes);
+            }
+            kept.push(request);
+        }
+        black_box(&kept);
+        Ok(taken)
+    }
 }
 
 /// A checksum of an `N`-byte array that lives on the stack: `black_box`

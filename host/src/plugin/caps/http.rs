@@ -20,7 +20,9 @@
 //! The call's own deadline still applies around all of it.
 //!
 //! How a request is sent (names looked up under a bound per plugin, the
-//! connection, TLS) is in `send.rs` beside this file.
+//! connection, TLS) is in `send.rs` beside this file; the bounds on what
+//! a request not yet sent may hold (its method, authority and path) in
+//! `parts.rs`.
 //!
 //! Requests run on a small runtime of their own (one thread, started
 //! with the first request allowed), whatever runtime the call runs on:
@@ -51,6 +53,7 @@ use wasmtime_wasi_http::{
 use crate::observe;
 use crate::plugin::sandbox::CallState;
 
+pub(super) mod parts;
 mod send;
 
 /// Largest response body by default: a page or a JSON document, not a

@@ -150,6 +150,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<CallState>) -> Result<(), Plugin
     config_wit::add_to_linker::<CallState, HasSelf<CallState>>(linker, |s| s).map_err(failed)?;
     rpc_wit::add_to_linker::<CallState, HasSelf<CallState>>(linker, |s| s).map_err(failed)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)
+        .and_then(|()| http::parts::add_to_linker(linker))
         .map_err(|e| PluginError::internal(format!("linking wasi:http: {e:#}")))?;
     Ok(())
 }
