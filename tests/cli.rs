@@ -284,7 +284,7 @@ fn a_second_host_on_the_same_ready_file_stops_and_leaves_it() {
     let o = serve_with_ready_file(&dir, &host.ready_file);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("another callme serve"), "{stderr}");
+    assert!(stderr.contains("held by another process"), "{stderr}");
     assert_eq!(
         std::fs::read_to_string(&host.ready_file).ok(),
         Some(written),

@@ -829,6 +829,25 @@ async fn a_guest_cannot_make_the_host_hold_memory_through_long_request_parts() {
             .unwrap();
         assert_eq!(ordinary, json!(40 * 64), "{part}");
     }
+    // Granted HTTP, a path as long as common servers take (8 KiB) is
+    // taken, a longer one is not.
+    let mut granted = PluginSettings::default();
+    granted.capabilities.http = callme::plugin::HttpGrant::new(
+        ["example.com:80"],
+        callme::plugin::DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let p = load("hostile", "hostile", granted);
+    for (bytes, taken) in [(8 << 10, 4 * (8 << 10)), ((8 << 10) + 1, 0)] {
+        assert_eq!(
+            p.call("hoard-parts", &pos(json!(["path", bytes, 4])))
+                .await
+                .unwrap(),
+            json!(taken),
+            "a path of {bytes} bytes, granted"
+        );
+    }
 }
 
 /// Used instances handed to a thread that never gets to drop them (the

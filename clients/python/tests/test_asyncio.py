@@ -291,9 +291,10 @@ def test_a_request_expires_when_its_call_does(
     sent: "list[int]" = []
     publish = callme_publisher.Publisher.publish
 
-    async def noting(self: Any, connection: Any, server_id: str, exchange: str, body: bytes, properties: Any) -> None:
+    async def noting(self: Any, connection: Any, server_id: str, exchange: str, body: bytes,
+                     properties: Any, deadline: Any = None) -> None:
+        await publish(self, connection, server_id, exchange, body, properties, deadline)
         sent.append(int(properties.expiration))
-        await publish(self, connection, server_id, exchange, body, properties)
 
     connection = callme_link.Link.connection
 
@@ -341,9 +342,11 @@ def test_a_first_connection_that_failed_unforeseen_is_tried_again(
     amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """However the first connection attempt failed, the next call tries
-    again rather than getting that failure for ever."""
+    again rather than getting that failure for ever; an attempt aiormq
+    gave up (with a CancelledError of its own) is a ConnectionError to the
+    caller, who cancelled nothing."""
     start = callme_link.Link.start
-    failures = [RuntimeError("unforeseen")]
+    failures: "list[BaseException]" = [asyncio.CancelledError(), RuntimeError("unforeseen")]
 
     async def failing_once(self: Any) -> None:
         if failures:
@@ -357,8 +360,39 @@ def test_a_first_connection_that_failed_unforeseen_is_tried_again(
         try:
             with pytest.raises(RuntimeError, match="unforeseen"):
                 await proxy.use_server(host.calc).add(1, 1)
+            with pytest.raises(callme.ConnectionError, match="given up"):
+                await proxy.use_server(host.calc).add(1, 1)
             assert await proxy.use_server(host.calc).add(1, 2) == 3
         finally:
             await proxy.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="cancellations are counted from Python 3.11")
+def test_a_call_made_in_a_clean_up_after_a_cancellation_still_times_out(
+    amqp_url: str, host: Host
+) -> None:
+    """A task that caught a cancellation and calls while it cleans up has
+    a cancellation counted already: its call's deadline is still a
+    ``Timeout``, not taken for someone else's cancellation."""
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url) as proxy:
+            await proxy.connect()
+
+            async def cleaning_up() -> str:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    with pytest.raises(callme.Timeout):
+                        await proxy.use_server(host.calc, timeout=0.3).call("slow-version", 2000)
+                    return "cleaned up"
+                return "not cancelled"
+
+            task = asyncio.ensure_future(cleaning_up())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            assert await task == "cleaned up"
 
     asyncio.run(main())

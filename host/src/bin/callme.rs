@@ -536,7 +536,8 @@ fn lock_ready_file(path: &Path) -> anyhow::Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another callme serve is running with --ready-file {}: stop it, or give each host a ready file of its own",
+            "the lock {} of --ready-file {} is held by another process (another callme serve with this ready file?): stop it, or give each host a ready file of its own",
+            lock.display(),
             path.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {

@@ -37,7 +37,7 @@ from .protocol import (
     server_exchange,
     valid_server_id,
 )
-from .publisher import Publisher
+from .publisher import MAX_EXPIRATION_MS, Publisher
 
 __all__ = ["AsyncProxy", "AsyncServerProxy", "DEFAULT_TIMEOUT"]
 
@@ -139,6 +139,13 @@ class AsyncProxy:
                 # The next call tries again, whatever this attempt ended
                 # with (a caller cancelled while it waits leaves it going).
                 self._starting = None
+            if starting.done() and starting.cancelled():
+                # Nobody cancels the attempt but aiormq, giving up the
+                # connection it was opening: a failed attempt.
+                raise errors.ConnectionError(
+                    f"cannot connect to the broker at {self._options.redacted}: "
+                    "the connection was given up while it opened"
+                ) from None
             raise
 
     async def _start(self) -> None:
@@ -198,6 +205,9 @@ class AsyncProxy:
         if task is None:
             raise RuntimeError("AsyncProxy.call must be awaited in a task")
         expired: "list[bool]" = []
+        # Cancellations asked of the task before this call (in a clean-up
+        # after one, say): not this call's business.
+        cancelled_before = _cancellations(task)
 
         def expire() -> None:
             expired.append(True)
@@ -208,7 +218,7 @@ class AsyncProxy:
         try:
             return await self._call(server_id, func, body, loop.time() + timeout, stage)
         except asyncio.CancelledError:
-            if not expired or _cancelled_besides_the_timer(task):
+            if not expired or _cancellations(task) > cancelled_before + 1:
                 raise  # cancelled by the caller
             if stage[0] == "connecting":
                 raise errors.ConnectionError(
@@ -245,11 +255,9 @@ class AsyncProxy:
                 content_type=CONTENT_TYPE,
                 correlation_id=correlation_id,
                 reply_to=link.exchange,
-                # The time the call has left (connecting and waiting for a
-                # publish slot took some), so the broker drops a request
-                # nobody took before its caller gave up. RabbitMQ refuses an
-                # expiration over 2**32 - 1 ms.
-                expiration=str(_expiration_ms(deadline - asyncio.get_running_loop().time())),
+                # Set by the publisher once it may send: the time the call
+                # has left then.
+                expiration=str(MAX_EXPIRATION_MS),
                 delivery_mode=1,  # not persistent
                 # When it was sent, for the host's queue-wait metric
                 # (docs/protocol.md), and a W3C trace of its own.
@@ -264,7 +272,7 @@ class AsyncProxy:
             )
             log.debug("call %s.%s correlation_id=%s", server_id, func, correlation_id)
             await publisher.publish(
-                connection, server_id, server_exchange(server_id), body, properties
+                connection, server_id, server_exchange(server_id), body, properties, deadline
             )
             response = await reply
         finally:
@@ -333,26 +341,18 @@ class AsyncServerProxy:
         return f"<AsyncServerProxy {self._server_id!r} timeout={self._timeout:g}>"
 
 
-#: The longest ``expiration`` RabbitMQ takes (ms): a request of a call with a
-#: longer timeout waits at most that long in the queue.
-MAX_EXPIRATION_MS = 2**32 - 1
-
 #: The longest a call waits: a longer timeout, ``math.inf`` included, is
 #: taken as this (a hundred years).
 MAX_TIMEOUT = 100 * 365 * 24 * 3600.0
 
 
-def _expiration_ms(left: float) -> int:
-    """A request's ``expiration`` for a call with ``left`` seconds to go."""
-    return min(max(1, math.ceil(left * 1000)), MAX_EXPIRATION_MS)
-
-
-def _cancelled_besides_the_timer(task: "asyncio.Task[Any]") -> bool:
-    """Whether someone other than the call's own timer also cancelled
-    ``task`` (Python 3.11 and later count the cancellations asked for;
-    earlier versions cannot tell, and the timer's reading wins)."""
+def _cancellations(task: "asyncio.Task[Any]") -> int:
+    """The cancellations asked of ``task`` and not taken back, which
+    Python 3.11 and later count: one more than before the call is its
+    timer's, more is someone else's. Earlier versions cannot tell (0
+    always), and the timer's reading wins."""
     cancelling = getattr(task, "cancelling", None)
-    return cancelling is not None and cancelling() > 1
+    return 0 if cancelling is None else int(cancelling())
 
 
 def _positive(timeout: float) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import List, Optional, Tuple
 
 import aiormq
@@ -47,10 +48,14 @@ class Publisher:
         exchange: str,
         body: bytes,
         properties: aiormq.spec.Basic.Properties,
+        deadline: Optional[float] = None,
     ) -> None:
         """Publishes ``body`` with ``properties`` to ``exchange`` with
         routing key ``""`` and ``mandatory`` set, and waits for the broker's
-        confirm.
+        confirm. With a ``deadline`` (the event loop's time), the request's
+        ``expiration`` is the time left when it is sent, after any wait for
+        a lane here, so the broker drops a request nobody took before its
+        caller gave up.
 
         The request goes straight to aiormq's channel under aio-pika's, as
         aio-pika's ``Exchange.publish`` does itself: building an aio-pika
@@ -73,6 +78,10 @@ class Publisher:
                         publisher_confirms=True, on_return_raises=True
                     )
                 underlay = await channel.get_underlay_channel()
+                if deadline is not None:
+                    properties.expiration = str(
+                        expiration_ms(deadline - asyncio.get_running_loop().time())
+                    )
                 await underlay.basic_publish(
                     body,
                     exchange=exchange,
@@ -145,6 +154,16 @@ class Publisher:
     def clear(self) -> None:
         """Forgets every lane (their connection is gone or going)."""
         self._idle.clear()
+
+
+#: The longest ``expiration`` RabbitMQ takes (ms): a request of a call with a
+#: longer timeout waits at most that long in the queue.
+MAX_EXPIRATION_MS = 2**32 - 1
+
+
+def expiration_ms(left: float) -> int:
+    """A request's ``expiration`` for a call with ``left`` seconds to go."""
+    return min(max(1, math.ceil(left * 1000)), MAX_EXPIRATION_MS)
 
 
 def cancelled_by_caller() -> bool:

@@ -220,8 +220,9 @@ impl HttpGrant {
 /// made: small, because a guest may make many requests it never sends
 /// (only sending is checked), each holding that much of the host's memory
 /// outside the guest's linear memory. With the store's handle limit
-/// (`sandbox::MAX_HOST_HANDLES`, 4,096) that bounds what one call can
-/// make the host hold: about 8 MiB for a plugin granted nothing, 64 MiB
+/// (`sandbox::MAX_HOST_HANDLES`, 4,096) and the bounds on a request's
+/// method, authority and path (`parts.rs`), that bounds what one call can
+/// make the host hold: about 10 MiB for a plugin granted nothing, 100 MiB
 /// for one granted HTTP.
 const FIELDS_BYTES_GRANTED: usize = 16 << 10;
 const FIELDS_BYTES_NOT_GRANTED: usize = 1 << 10;

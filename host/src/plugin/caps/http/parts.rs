@@ -8,8 +8,9 @@
 //! requests, each holding megabytes of the host's memory outside its
 //! linear memory: gigabytes in one call. The setters are defined again
 //! here, over the crate's own, refusing (the interface's `err`) a part
-//! longer than any request needs, so a call's requests hold at most a
-//! few MiB of such parts beside their headers.
+//! longer than any request needs: with their headers (`http.rs`), a
+//! call's unsent requests hold at most about 10 MiB of the host's memory
+//! for a plugin granted nothing, 100 MiB for one granted HTTP.
 
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource};
@@ -19,8 +20,11 @@ use wasmtime_wasi_http::p2::types::HostOutgoingRequest;
 
 use crate::plugin::sandbox::CallState;
 
-/// The `wasi:http/types` instance `wasmtime-wasi-http` links, which
-/// guests' imports of any 0.2 version resolve to.
+/// The `wasi:http/types` instance `wasmtime-wasi-http` links (48.0.8:
+/// its `wit/deps/http.wit`), which guests' imports of any 0.2 version
+/// resolve to. A crate that names another would leave this one defined
+/// beside it, unused: `runtime::a_guest_cannot_make_the_host_hold_memory_through_long_request_parts`
+/// fails then.
 const TYPES: &str = "wasi:http/types@0.2.12";
 
 /// Longest method: extension methods are short tokens (the longest
