@@ -29,18 +29,18 @@ const TYPES: &str = "wasi:http/types@0.2.12";
 
 /// Longest method: extension methods are short tokens (the longest
 /// registered one, `VERSION-CONTROL`, has 15 bytes).
-pub(super) const MAX_METHOD_BYTES: usize = 64;
+const MAX_METHOD_BYTES: usize = 64;
 
 /// Longest authority: a host name (at most 253 bytes in DNS) or an IPv6
 /// literal, and a port.
-pub(super) const MAX_AUTHORITY_BYTES: usize = 300;
+const MAX_AUTHORITY_BYTES: usize = 300;
 
 /// Longest path with query for a plugin granted HTTP: what common servers
 /// take in a request line (8 KiB).
-pub(super) const PATH_BYTES_GRANTED: usize = 8 << 10;
+const PATH_BYTES_GRANTED: usize = 8 << 10;
 
 /// The same for a plugin granted nothing, whose requests are all refused.
-pub(super) const PATH_BYTES_NOT_GRANTED: usize = 1 << 10;
+const PATH_BYTES_NOT_GRANTED: usize = 1 << 10;
 
 type Request = Resource<HostOutgoingRequest>;
 type Setter = wasmtime::Result<(Result<(), ()>,)>;
