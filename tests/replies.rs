@@ -266,6 +266,70 @@ async fn a_call_to_a_missing_server_costs_no_concurrent_call() {
     assert_eq!((good, missing), (200, 200));
 }
 
+/// Callers that give up before their requests are written (a dropped
+/// future, a short timeout, while large requests ahead of theirs are still
+/// being sent) cost no other call on the same proxy its reply. A lane
+/// given up was closed at once, and lapin sends a channel's `close` ahead
+/// of publishes still queued for it: the broker then got a publish on a
+/// closed channel and closed the proxy's connection (`CHANNEL_ERROR -
+/// expected 'channel.open'`), so the calls in flight beside it lost their
+/// replies and ran again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_while_their_requests_are_written_cost_no_other_call() {
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("written");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut f = NativeFunctions::new();
+    let counted = runs.clone();
+    f.register("slow", "func() -> s64", move |_: Args| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(json!(5))
+    });
+    f.register("len", "func(s: string) -> u64", |args: Args| {
+        Ok(json!(args.args[0].as_str().map_or(0, str::len)))
+    });
+    srv.serve_native(&id, f).await.unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    let slow = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.invoke::<_, i64>("slow", ()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each round queues large requests, then small ones behind them whose
+    // callers give up after a millisecond, most before they are written.
+    let big = Arc::new("x".repeat(3 << 20));
+    for _ in 0..3 {
+        let ahead: Vec<_> = (0..12)
+            .map(|_| {
+                let (sp, big) = (p.use_server(&id), big.clone());
+                tokio::spawn(async move { sp.invoke::<_, u64>("len", (big.as_str(),)).await })
+            })
+            .collect();
+        for _ in 0..60 {
+            let sp = p.use_server(&id);
+            let call = sp.invoke::<_, u64>("len", ("abc",));
+            let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for a in ahead {
+            assert_eq!(a.await.expect("task").expect("a large call"), 3 << 20);
+        }
+    }
+    assert_eq!(slow.await.expect("task").expect("the slow call's reply"), 5);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the slow call was sent again: its first reply was lost"
+    );
+    let n = p
+        .use_server(&id)
+        .invoke::<_, u64>("len", ("abc",))
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+}
+
 #[tokio::test]
 async fn changing_concurrency_under_a_backlog_loses_nothing() {
     let srv = server(ServerOptions::default()).await;

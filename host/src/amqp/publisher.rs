@@ -15,19 +15,33 @@
 //! channel, and their number is bounded, so a flood of refused publishes
 //! can neither touch another publish nor grow the connection's channel
 //! count.
+//!
+//! A publish whose caller stops waiting (a timeout, a dropped future)
+//! keeps its lane until the broker has confirmed it, in a task of its own:
+//! dropping a lane closes its channel, and lapin 4.12 sends a channel's
+//! `close` ahead of publish frames still queued for it, so a large request
+//! given up part-way would otherwise reach the broker after its channel's
+//! close, and the broker would close the whole connection (`UNEXPECTED_FRAME`
+//! or `CHANNEL_ERROR`), failing every other call waiting on it.
 
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::connect::{classify_lapin, is_not_found};
 use crate::Error;
 
 /// How long closing a nacked lane may take before it is left to go.
-const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// How long a lane whose caller stopped waiting is kept for the broker's
+/// confirm of its publish (which says every frame of it was sent) before
+/// it is let go anyway.
+const SETTLE_WITHIN: Duration = Duration::from_secs(60);
 
 /// What became of a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +64,7 @@ pub(crate) enum Published {
 /// time.
 pub(crate) struct Publisher {
     idle: Mutex<Vec<Lane>>,
-    lanes: Semaphore,
+    lanes: Arc<Semaphore>,
 }
 
 struct Lane {
@@ -65,7 +79,7 @@ impl Publisher {
     pub(crate) fn new(lanes: usize) -> Publisher {
         Publisher {
             idle: Mutex::new(Vec::new()),
-            lanes: Semaphore::new(lanes.max(1)),
+            lanes: Arc::new(Semaphore::new(lanes.max(1))),
         }
     }
 
@@ -88,10 +102,14 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<Published, Error> {
         // The semaphore is never closed.
-        let _lane = self.lanes.acquire().await.ok();
+        let lane = self.lanes.clone().acquire_owned().await.ok();
         let channel = match self.take(conn) {
             Some(channel) => channel,
             None => open(conn).await?,
+        };
+        let mut sending = Sending {
+            channel: Some(channel.clone()),
+            lane,
         };
         let sent = async {
             channel
@@ -100,6 +118,7 @@ impl Publisher {
                 .await
         }
         .await;
+        sending.settled();
         match sent {
             Ok(confirmation) => Ok(match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {
@@ -150,6 +169,40 @@ impl Publisher {
                     conn: Arc::downgrade(conn),
                     channel,
                 });
+        }
+    }
+}
+
+/// A lane while its publish is under way. Dropped before [`Sending::settled`]
+/// (its caller stopped waiting), it hands the lane to a task that keeps it,
+/// and its lane permit, until the broker has confirmed the publish, so the
+/// channel is closed only after every frame of the publish was sent.
+struct Sending {
+    channel: Option<Channel>,
+    lane: Option<OwnedSemaphorePermit>,
+}
+
+impl Sending {
+    /// The publish finished, confirmed or failed: the lane is the caller's
+    /// to keep or drop.
+    fn settled(&mut self) {
+        self.channel = None;
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        let lane = self.lane.take();
+        // Outside a runtime there is nobody to wait: the lane goes now.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(SETTLE_WITHIN, channel.wait_for_confirms()).await;
+                drop(channel);
+                drop(lane);
+            });
         }
     }
 }
