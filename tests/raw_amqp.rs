@@ -28,10 +28,49 @@ pub struct RawProperties<'a> {
     pub headers: Option<&'a [u8]>,
 }
 
-/// The largest frame the broker takes (its `frame_max`, 128 KiB by
-/// default in RabbitMQ 3.x and 4.x), less a frame's 8 bytes around its
-/// payload.
+/// The largest frame payload an AMQP client reads: the `frame_max` both
+/// sides agreed on (RabbitMQ's default, 128 KiB in 3.x and 4.x), less a
+/// frame's 8 bytes around its payload.
 pub const MAX_FRAME_PAYLOAD: usize = 131_072 - 8;
+
+/// The largest frame payload RabbitMQ takes from a publisher: 8 bytes more
+/// than [`MAX_FRAME_PAYLOAD`] (`rabbit_reader` allows a frame that much
+/// over `frame_max`), passed on to consumers as it is.
+pub const BROKER_MAX_FRAME_PAYLOAD: usize = MAX_FRAME_PAYLOAD + 8;
+
+/// A field table of exactly `len` bytes on the wire (its length first):
+/// `{"x": "..."}`, a long string padding it out.
+pub fn padding_headers(len: usize) -> Vec<u8> {
+    let pad = len.checked_sub(11).expect("a table of at least 11 bytes");
+    let mut table = Vec::with_capacity(len);
+    table.extend_from_slice(&u32::try_from(len - 4).unwrap().to_be_bytes());
+    short(&mut table, b"x");
+    table.push(b'S');
+    long(&mut table, &vec![b'.'; pad]);
+    table
+}
+
+/// The content header of a message of `body_len` bytes with `properties`.
+pub fn content_header(body_len: usize, properties: &RawProperties<'_>) -> Vec<u8> {
+    let mut header = Vec::new();
+    header.extend_from_slice(&60u16.to_be_bytes());
+    header.extend_from_slice(&0u16.to_be_bytes());
+    header.extend_from_slice(&(body_len as u64).to_be_bytes());
+    // content-type, headers, correlation-id, reply-to, message-id
+    let mut flags: u16 = (1 << 15) | (1 << 10) | (1 << 9) | (1 << 7);
+    if properties.headers.is_some() {
+        flags |= 1 << 13;
+    }
+    header.extend_from_slice(&flags.to_be_bytes());
+    short(&mut header, properties.content_type);
+    if let Some(headers) = properties.headers {
+        header.extend_from_slice(headers);
+    }
+    short(&mut header, properties.correlation_id);
+    short(&mut header, properties.reply_to);
+    short(&mut header, properties.message_id);
+    header
+}
 
 /// A field table `{"x": [[[...]]]}`: arrays nested `depth` deep, 5 bytes
 /// a level.
@@ -139,25 +178,9 @@ pub async fn publish(host_port: &str, exchange: &str, properties: RawProperties<
     short(&mut args, b"");
     args.push(0);
     send(&mut s, FRAME_METHOD, 1, &method(60, 40, &args)).await;
-    let mut header = Vec::new();
-    header.extend_from_slice(&60u16.to_be_bytes());
-    header.extend_from_slice(&0u16.to_be_bytes());
-    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    // content-type, headers, correlation-id, reply-to, message-id
-    let mut flags: u16 = (1 << 15) | (1 << 10) | (1 << 9) | (1 << 7);
-    if properties.headers.is_some() {
-        flags |= 1 << 13;
-    }
-    header.extend_from_slice(&flags.to_be_bytes());
-    short(&mut header, properties.content_type);
-    if let Some(headers) = properties.headers {
-        header.extend_from_slice(headers);
-    }
-    short(&mut header, properties.correlation_id);
-    short(&mut header, properties.reply_to);
-    short(&mut header, properties.message_id);
+    let header = content_header(body.len(), &properties);
     assert!(
-        header.len() <= MAX_FRAME_PAYLOAD,
+        header.len() <= BROKER_MAX_FRAME_PAYLOAD,
         "the content header fits a frame"
     );
     send(&mut s, FRAME_HEADER, 1, &header).await;

@@ -577,6 +577,72 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
     }
 }
 
+/// A request whose content header is a frame up to 8 bytes larger than
+/// the AMQP client reads (RabbitMQ takes a publisher's frame that much over
+/// `frame_max`, and may add headers of its own on the way: a quorum
+/// queue's `x-delivery-count`, the timestamp interceptor's header) makes
+/// lapin close the host's connection (`FRAME_ERROR`), like a request it
+/// cannot parse: it costs the other callers one reconnection, and is taken
+/// out of its queue. Without that it would be delivered again after every
+/// reconnection, and nobody would be served.
+#[tokio::test]
+async fn a_request_whose_header_is_over_the_clients_frame_size_costs_the_other_callers_one_reconnection()
+ {
+    let srv = server(ServerOptions::default()).await;
+    let (poisoned, beside) = (unique("big-header"), unique("beside-big-header"));
+    srv.serve_native(&poisoned, native_add()).await.unwrap();
+    srv.serve_native(&beside, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&poisoned).invoke("add", (1, 1)).await.unwrap();
+    assert_eq!(sum, 2);
+
+    use callme_tests::raw_amqp::{
+        BROKER_MAX_FRAME_PAYLOAD, RawProperties, content_header, padding_headers,
+    };
+    let body = br#"{"func":"add","args":[1,2]}"#;
+    let properties = |headers| RawProperties {
+        content_type: b"application/json",
+        correlation_id: b"big",
+        reply_to: b"nobody",
+        message_id: b"big",
+        headers,
+    };
+    let rest = content_header(body.len(), &properties(None)).len();
+    let headers = padding_headers(BROKER_MAX_FRAME_PAYLOAD - rest);
+    let big = properties(Some(&headers));
+    assert_eq!(
+        content_header(body.len(), &big).len(),
+        BROKER_MAX_FRAME_PAYLOAD
+    );
+    callme_tests::raw_amqp::publish(
+        &callme_tests::amqp_host_port(),
+        &server_exchange(&poisoned),
+        big,
+        body,
+    )
+    .await;
+
+    for id in [&poisoned, &beside, &poisoned] {
+        for i in 0..5i64 {
+            callme_tests::answers_add(&p, id, i).await;
+        }
+    }
+    // The big request is gone from its queue (the broker's count may lag
+    // a moment behind the calls just answered).
+    let queue = format!("server_{poisoned}_queue\t");
+    let left = || {
+        let queued = broker_ctl(&["list_queues", "name", "messages"]);
+        let line = queued.lines().find(|l| l.starts_with(&queue));
+        line.unwrap_or_else(|| panic!("no queue for {poisoned}:\n{queued}"))
+            .to_string()
+    };
+    let empty = callme_tests::eventually(Duration::from_secs(10), || async {
+        left().ends_with("\t0").then_some(())
+    })
+    .await;
+    assert!(empty.is_some(), "requests left: {}", left());
+}
+
 /// A caller who keeps sending requests the host cannot read costs the
 /// callers of the host's other ids one reconnection at most: once one
 /// such request has taken the host's connection down, the id it was sent

@@ -3,8 +3,11 @@
 //! lapin 4.12 (amq-protocol 10) reads AMQP short strings (`message_id`,
 //! `correlation_id`, `app_id`, a header's name, ...) as UTF-8 and fails the
 //! whole connection when one is not; RabbitMQ (3.x and 4.x) passes such
-//! bytes through as it got them. One request published with such a
-//! property, by any caller allowed to call the id, is delivered to the
+//! bytes through as it got them. lapin also fails the connection on a
+//! frame over its `frame_max`, and RabbitMQ takes a publisher's frame up
+//! to 8 bytes over it (and may add headers of its own on the way). One
+//! request published with such a property or such a header, by any caller
+//! allowed to call the id, is delivered to the
 //! host, kills its connection (every id it serves, every call in flight
 //! given back to its queue), is given back unacked, and is delivered again
 //! when the host has reconnected: a loop with no end.
@@ -46,6 +49,7 @@ use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPHardError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, Event};
 use tracing::{debug, error, info, warn};
@@ -76,9 +80,22 @@ pub(super) enum TakenOut {
     Missed { moved: usize },
 }
 
-/// Whether `e` says the connection could not be read.
+/// Whether `e` says the connection could not be read: a frame lapin
+/// could not parse, or one over the connection's `frame_max`, which lapin
+/// refuses (closing the connection with `FRAME_ERROR`, "frame too large")
+/// while RabbitMQ (3.x and 4.x, `rabbit_reader`) takes a publisher's
+/// frame up to 8 bytes over it and may pass on a content header grown by
+/// headers it adds itself (a quorum queue's `x-delivery-count`). A
+/// `FRAME_ERROR` the broker sends has its own words, not lapin's.
 pub(super) fn is_unreadable(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
+    match e.kind() {
+        lapin::ErrorKind::ParsingError(_) => true,
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            matches!(amqp.kind(), AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
+                && amqp.get_message().as_str().starts_with("frame too large")
+        }
+        _ => false,
+    }
 }
 
 /// Most unreadable requests taken out in one go: a caller who sent many
@@ -132,7 +149,7 @@ async fn take_out_one(
     let outcome = taken?;
     match &outcome {
         TakenOut::Removed { moved } => {
-            warn!(target: "callme::server", server_id = id, moved, "removed a request the AMQP client cannot read (a short string that is not UTF-8): it had closed the host's connection")
+            warn!(target: "callme::server", server_id = id, moved, "removed a request the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size): it had closed the host's connection")
         }
         TakenOut::Missed { moved } => {
             info!(target: "callme::server", server_id = id, moved, "an unreadable request was not found again")
