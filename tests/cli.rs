@@ -466,6 +466,47 @@ fn malformed_uri_never_shows_the_password() {
     }
 }
 
+/// Tracing everything, lapin's frames included, never writes the broker
+/// password: the connection's `start-ok` carries it (SASL PLAIN), and lapin
+/// traces each frame it writes with its bytes.
+#[test]
+fn tracing_every_frame_never_shows_the_password() {
+    let url = format!(
+        "amqp://guest:s3cretpw@{}/%2f",
+        callme_tests::amqp_host_port()
+    );
+    let bytes = b"s3cretpw".map(|b| b.to_string()).join(", ");
+    for rust_log in [
+        "trace",
+        "lapin=trace",
+        "lapin::io_loop=trace,lapin::frames=trace,lapin::channels=trace",
+    ] {
+        let (o, _) = callme_within(
+            &[
+                "call",
+                "--timeout",
+                "5",
+                "--amqp-url",
+                &url,
+                "calc",
+                "add",
+                "1",
+                "2",
+            ],
+            rust_log,
+            Duration::from_secs(30),
+        );
+        let out = all_output(&o);
+        assert!(!o.status.success(), "{rust_log}: {out}");
+        assert!(
+            out.contains("lapin"),
+            "{rust_log}: lapin logged nothing: {out}"
+        );
+        assert!(!out.contains("s3cretpw"), "{rust_log}: {out}");
+        assert!(!out.contains(&bytes), "{rust_log}: {out}");
+    }
+}
+
 #[test]
 fn serve_with_a_malformed_uri_never_shows_the_password() {
     let dir = tempdir();

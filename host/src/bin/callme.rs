@@ -275,10 +275,7 @@ fn main() -> ExitCode {
         _ => "warn,lapin=off",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
+        .with_env_filter(log_filter(default_filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -291,6 +288,25 @@ fn main() -> ExitCode {
     // background tasks, which do not expect it.
     runtime.shutdown_background();
     code
+}
+
+/// lapin's modules that trace every frame they send or take as it is:
+/// the connection's `start-ok` holds the broker password (SASL PLAIN), and
+/// `update-secret` a new token.
+const FRAME_TRACING: [&str; 3] = ["lapin::io_loop", "lapin::frames", "lapin::channels"];
+
+/// `RUST_LOG`'s filter, or `default` without it; lapin's frame traces are
+/// never let through, whatever `RUST_LOG` asks, so credentials never reach
+/// the log.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    for target in FRAME_TRACING {
+        if let Ok(directive) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
 }
 
 async fn run(command: Command) -> ExitCode {
