@@ -350,6 +350,11 @@ impl Subscription for Consuming {
         };
         let conn = own_conn.as_deref().unwrap_or(conn);
         let _changing = inner.changes.lock().await;
+        // A replacement made meanwhile (a new prefetch while the loop
+        // waited to subscribe) is on the channel the last consumer had,
+        // not the one made here: dropped, it lets that channel go. Under
+        // the lock, every later one is made on this subscription's.
+        while self.handed.try_recv().is_ok() {}
         let Some(concurrency) = inner.registry.still_served(&self.id, &self.service) else {
             return Ok(None);
         };
