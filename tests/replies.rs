@@ -4,13 +4,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use callme::protocol::{Args, REPLY_QUEUE, client_exchange, client_queue, server_exchange};
+use callme::protocol::{
+    Args, REPLY_QUEUE, client_exchange, client_queue, server_exchange, server_queue,
+};
 use callme::{
     ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
 };
 use callme_tests::{
-    RawClient, amqp_url, amqp_url_as, broker_ctl, connection_pid, declare_reply_exchange,
-    dedicated_user, dedicated_vhost, load, pos, proxy, raw_channel, server, slow_calls, unique,
+    RawClient, amqp_url, amqp_url_as, answers_add, broker_ctl, connection_pid,
+    declare_reply_exchange, dedicated_user, dedicated_vhost, load, native_add, pos, proxy,
+    raw_channel, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{
@@ -328,6 +331,67 @@ async fn calls_given_up_while_their_requests_are_written_cost_no_other_call() {
         .await
         .unwrap();
     assert_eq!(n, 3);
+}
+
+/// A classic queue's process, suspended inside the broker until dropped:
+/// the queue takes nothing and confirms nothing meanwhile, as a quorum
+/// queue that lost its majority does.
+struct Suspended(String);
+
+impl Suspended {
+    fn queue(name: &str) -> Suspended {
+        let suspended = Suspended(name.to_string());
+        broker_ctl(&["eval", &suspended.on_pid("sys:suspend")]);
+        suspended
+    }
+
+    fn on_pid(&self, f: &str) -> String {
+        format!(
+            r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{}">>)), {f}(amqqueue:get_pid(Q))."#,
+            self.0
+        )
+    }
+}
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        broker_ctl(&["eval", &self.on_pid("sys:resume")]);
+    }
+}
+
+/// A server whose queue stops confirming requests holds at most a quarter
+/// of a proxy's publish lanes: 80 calls to it wait for their confirms (a
+/// request holds its lane until then), and a call to another server on
+/// the same proxy is answered meanwhile. Without the bound the 80 took
+/// all 64 lanes, and every other call waited with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_confirming_holds_a_quarter_of_a_proxys_lanes() {
+    let srv = server(ServerOptions::default()).await;
+    let (stuck, healthy) = (unique("unconfirming"), unique("confirming"));
+    srv.serve_native(&stuck, native_add()).await.unwrap();
+    srv.serve_native(&healthy, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    answers_add(&p, &stuck, 1).await;
+    let suspended = Suspended::queue(&server_queue(&stuck));
+    let waiting: Vec<_> = (0..80i64)
+        .map(|i| {
+            let sp = p.use_server(&stuck);
+            tokio::spawn(async move { (i, sp.invoke::<_, i64>("add", (i, 1)).await) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let beside = tokio::time::timeout(
+        Duration::from_secs(5),
+        p.use_server(&healthy).invoke::<_, i64>("add", (2, 3)),
+    )
+    .await;
+    drop(suspended);
+    let beside = beside.expect("the call to the other server waited for a lane");
+    assert_eq!(beside.expect("the other server's answer"), 5);
+    for call in join_all(waiting).await {
+        let (i, sum) = call.expect("task");
+        assert_eq!(sum.expect("answered once the queue is back"), i + 1);
+    }
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ import callme_client as callme
 import callme_client.async_proxy as callme_async_proxy
 import callme_client.link as callme_link
 import callme_client.publisher as callme_publisher
-from conftest import Host, unique
+from conftest import Host, rabbitmqctl, unique
 
 
 def test_a_thousand_calls_in_flight(amqp_url: str, host: Host) -> None:
@@ -394,5 +394,42 @@ def test_a_call_made_in_a_clean_up_after_a_cancellation_still_times_out(
             await asyncio.sleep(0.05)
             task.cancel()
             assert await task == "cleaned up"
+
+    asyncio.run(main())
+
+
+def _on_queue_process(queue: str, function: str) -> None:
+    """Calls ``function`` (``sys:suspend``, ``sys:resume``) on the process of
+    the classic queue ``queue`` inside the broker."""
+    rabbitmqctl(
+        "eval",
+        f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+        f"{function}(amqqueue:get_pid(Q)).",
+    )
+
+
+def test_a_server_that_stops_confirming_holds_a_quarter_of_the_lanes(
+    amqp_url: str, host: Host
+) -> None:
+    """A server whose queue stops confirming requests (here its queue's
+    process suspended inside the broker, as a quorum queue without a
+    majority withholds confirms) holds at most a quarter of a proxy's
+    lanes: with 80 calls to it waiting for their confirms, a call to
+    another server is answered."""
+    queue = f"server_{host.hostile}_queue"
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
+            stuck = proxy.use_server(host.hostile)
+            assert await stuck.counter() == 1
+            _on_queue_process(queue, "sys:suspend")
+            try:
+                waiting = [asyncio.ensure_future(stuck.counter()) for _ in range(80)]
+                await asyncio.sleep(0.5)
+                beside = await asyncio.wait_for(proxy.use_server(host.calc).add(2, 3), 5)
+            finally:
+                _on_queue_process(queue, "sys:resume")
+            assert beside == 5
+            assert await asyncio.gather(*waiting) == [1] * 80
 
     asyncio.run(main())

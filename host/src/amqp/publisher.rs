@@ -16,6 +16,13 @@
 //! can neither touch another publish nor grow the connection's channel
 //! count.
 //!
+//! One exchange holds at most a quarter of the lanes: a server whose queue
+//! stops confirming (a quorum queue that lost its majority, RabbitMQ 3.8
+//! to 4.x, withholds confirms until it has one again) keeps the lanes its
+//! requests took until their calls give up, and without a bound its
+//! callers would take every lane and stall the calls to every other
+//! server.
+//!
 //! A publish whose caller stops waiting (a timeout, a dropped future)
 //! keeps its lane until the broker has confirmed it, in a task of its own:
 //! dropping a lane closes its channel, and lapin 4.12 sends a channel's
@@ -24,6 +31,7 @@
 //! close, and the broker would close the whole connection (`UNEXPECTED_FRAME`
 //! or `CHANNEL_ERROR`), failing every other call waiting on it.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -65,6 +73,11 @@ pub(crate) enum Published {
 pub(crate) struct Publisher {
     idle: Mutex<Vec<Lane>>,
     lanes: Arc<Semaphore>,
+    /// The lanes each exchange may hold at once, for the exchanges that
+    /// hold one or wait for one now.
+    per_exchange: Arc<Mutex<HashMap<String, Share>>>,
+    /// How many lanes one exchange may hold.
+    exchange_lanes: usize,
 }
 
 struct Lane {
@@ -75,12 +88,39 @@ struct Lane {
 }
 
 impl Publisher {
-    /// A publisher with at most `lanes` channels open at once.
+    /// A publisher with at most `lanes` channels open at once, a quarter
+    /// of them at most for one exchange.
     pub(crate) fn new(lanes: usize) -> Publisher {
+        let lanes = lanes.max(1);
         Publisher {
             idle: Mutex::new(Vec::new()),
-            lanes: Arc::new(Semaphore::new(lanes.max(1))),
+            lanes: Arc::new(Semaphore::new(lanes)),
+            per_exchange: Arc::default(),
+            exchange_lanes: (lanes / 4).max(1),
         }
+    }
+
+    /// A lane's worth of `exchange`'s share, waited for.
+    async fn exchange_lane(&self, exchange: &str) -> ExchangeLane {
+        let share = {
+            let mut shares = lock(&self.per_exchange);
+            let entry = shares.entry(exchange.to_string()).or_insert_with(|| Share {
+                lanes: Arc::new(Semaphore::new(self.exchange_lanes)),
+                users: 0,
+            });
+            entry.users += 1;
+            entry.lanes.clone()
+        };
+        // Counted as a user from here, whether it gets a lane or its
+        // caller stops waiting.
+        let mut lane = ExchangeLane {
+            exchange: exchange.to_string(),
+            permit: None,
+            shares: self.per_exchange.clone(),
+        };
+        // The semaphore is never closed.
+        lane.permit = share.acquire_owned().await.ok();
+        lane
     }
 
     /// Publishes `body` to `exchange` with routing key `""` on `conn` and
@@ -101,6 +141,9 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<Published, Error> {
+        // An exchange's share first: calls to a server that holds its
+        // share wait without holding a lane others could use.
+        let share = self.exchange_lane(exchange).await;
         // The semaphore is never closed.
         let lane = self.lanes.clone().acquire_owned().await.ok();
         let channel = match self.take(conn) {
@@ -110,6 +153,7 @@ impl Publisher {
         let mut sending = Sending {
             channel: Some(channel.clone()),
             lane,
+            share: Some(share),
         };
         let sent = async {
             channel
@@ -180,6 +224,7 @@ impl Publisher {
 struct Sending {
     channel: Option<Channel>,
     lane: Option<OwnedSemaphorePermit>,
+    share: Option<ExchangeLane>,
 }
 
 impl Sending {
@@ -195,16 +240,48 @@ impl Drop for Sending {
         let Some(channel) = self.channel.take() else {
             return;
         };
-        let lane = self.lane.take();
+        let (lane, share) = (self.lane.take(), self.share.take());
         // Outside a runtime there is nobody to wait: the lane goes now.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let _ = tokio::time::timeout(SETTLE_WITHIN, channel.wait_for_confirms()).await;
                 drop(channel);
-                drop(lane);
+                drop((lane, share));
             });
         }
     }
+}
+
+/// One exchange's share of the lanes.
+struct Share {
+    lanes: Arc<Semaphore>,
+    /// Publishes holding one of them or waiting for one.
+    users: usize,
+}
+
+/// A lane of an exchange's share, held while its publish is under way
+/// (or waited for). The last user takes the exchange's entry away.
+struct ExchangeLane {
+    exchange: String,
+    permit: Option<OwnedSemaphorePermit>,
+    shares: Arc<Mutex<HashMap<String, Share>>>,
+}
+
+impl Drop for ExchangeLane {
+    fn drop(&mut self) {
+        let mut shares = lock(&self.shares);
+        drop(self.permit.take());
+        if let Some(share) = shares.get_mut(&self.exchange) {
+            share.users -= 1;
+            if share.users == 0 {
+                shares.remove(&self.exchange);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A new channel in confirm mode.
@@ -231,5 +308,33 @@ fn too_large(e: &lapin::Error) -> Option<String> {
             Some(amqp.get_message().to_string())
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchanges(p: &Publisher) -> usize {
+        lock(&p.per_exchange).len()
+    }
+
+    #[tokio::test]
+    async fn one_exchange_holds_a_quarter_of_the_lanes_and_leaves_no_entry() {
+        let p = Publisher::new(8);
+        let a1 = p.exchange_lane("a").await;
+        let a2 = p.exchange_lane("a").await;
+        // The third waits for one of the first two; another exchange not.
+        let third = tokio::time::timeout(Duration::from_millis(50), p.exchange_lane("a")).await;
+        assert!(third.is_err(), "a third lane for one exchange of 8 lanes");
+        let b = p.exchange_lane("b").await;
+        assert_eq!(exchanges(&p), 2);
+        // A caller that stops waiting leaves nothing behind either.
+        let waiting = p.exchange_lane("a");
+        let _ = tokio::time::timeout(Duration::from_millis(10), waiting).await;
+        drop(a1);
+        let a3 = p.exchange_lane("a").await;
+        drop((a2, a3, b));
+        assert_eq!(exchanges(&p), 0);
     }
 }

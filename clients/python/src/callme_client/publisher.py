@@ -7,8 +7,12 @@ confirms on it. A :class:`Publisher` gives each request a channel of its
 own, a *lane*, until its confirm is back: a refused request closes only its
 own lane. Lanes are reused, so the common case costs what a shared channel
 does, and their number is bounded, so a flood of requests to missing
-servers cannot grow the connection's channel count. The Rust proxy does
-the same.
+servers cannot grow the connection's channel count. One exchange holds at
+most a quarter of the lanes: a server whose queue stops confirming (a
+quorum queue that lost its majority withholds confirms until it has one
+again) keeps the lanes its requests took until their calls give up, and
+the calls to other servers go on in the rest. The Rust proxy does the
+same.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import aiormq
 import aiormq.exceptions
@@ -34,12 +38,26 @@ log = logging.getLogger("callme.proxy")
 LANES = 64
 
 
+class _Share:
+    """One exchange's share of the lanes, while requests to it hold or wait
+    for one."""
+
+    __slots__ = ("lanes", "users")
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = asyncio.Semaphore(lanes)
+        self.users = 0
+
+
 class Publisher:
     """A bounded pool of confirm-mode channels. Made and used on one event loop."""
 
     def __init__(self, lanes: int = LANES) -> None:
+        lanes = max(1, lanes)
         self._idle: List[Tuple[AbstractConnection, AbstractChannel]] = []
-        self._lanes = asyncio.Semaphore(max(1, lanes))
+        self._lanes = asyncio.Semaphore(lanes)
+        self._exchange_lanes = max(1, lanes // 4)
+        self._shares: Dict[str, _Share] = {}
 
     async def publish(
         self,
@@ -70,6 +88,29 @@ class Publisher:
         :raises TooLarge: the broker refused the request for its size.
         :raises ConnectionError: the connection failed.
         """
+        share = self._shares.get(exchange)
+        if share is None:
+            share = self._shares[exchange] = _Share(self._exchange_lanes)
+        share.users += 1
+        try:
+            # The exchange's share first: calls to a server that holds its
+            # share wait without holding a lane others could use.
+            async with share.lanes:
+                await self._publish(connection, server_id, exchange, body, properties, deadline)
+        finally:
+            share.users -= 1
+            if share.users == 0:
+                del self._shares[exchange]
+
+    async def _publish(
+        self,
+        connection: AbstractConnection,
+        server_id: str,
+        exchange: str,
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
+        deadline: Optional[float],
+    ) -> None:
         async with self._lanes:
             channel = self._take(connection)
             try:
