@@ -466,9 +466,9 @@ fn malformed_uri_never_shows_the_password() {
     }
 }
 
-/// Tracing everything, lapin's frames included, never writes the broker
-/// password: the connection's `start-ok` carries it (SASL PLAIN), and lapin
-/// traces each frame it writes with its bytes.
+/// Tracing everything, lapin's included, by target or by span, never
+/// writes the broker password: the connection's `start-ok` carries it
+/// (SASL PLAIN), and lapin traces each frame it writes with its bytes.
 #[test]
 fn tracing_every_frame_never_shows_the_password() {
     let url = format!(
@@ -476,10 +476,16 @@ fn tracing_every_frame_never_shows_the_password() {
         callme_tests::amqp_host_port()
     );
     let bytes = b"s3cretpw".map(|b| b.to_string()).join(", ");
-    for rust_log in [
-        "trace",
-        "lapin=trace",
-        "lapin::io_loop=trace,lapin::frames=trace,lapin::channels=trace",
+    // Each filter, and whether lapin still logs below `trace` with it.
+    for (rust_log, some_lapin) in [
+        ("trace", true),
+        ("lapin=trace", true),
+        (
+            "lapin::io_loop=trace,lapin::frames=trace,lapin::internal_rpc=trace",
+            false,
+        ),
+        // By span: lapin's I/O thread runs in one named `io_loop`.
+        ("[io_loop]=trace", true),
     ] {
         let (o, _) = callme_within(
             &[
@@ -498,13 +504,32 @@ fn tracing_every_frame_never_shows_the_password() {
         );
         let out = all_output(&o);
         assert!(!o.status.success(), "{rust_log}: {out}");
-        assert!(
+        assert_eq!(
             out.contains("lapin"),
-            "{rust_log}: lapin logged nothing: {out}"
+            some_lapin,
+            "{rust_log}: what lapin logged: {out}"
         );
         assert!(!out.contains("s3cretpw"), "{rust_log}: {out}");
         assert!(!out.contains(&bytes), "{rust_log}: {out}");
     }
+    // And what keeps the password out keeps lapin quiet where asked.
+    let (o, _) = callme_within(
+        &[
+            "call",
+            "--timeout",
+            "5",
+            "--amqp-url",
+            &url,
+            "calc",
+            "add",
+            "1",
+            "2",
+        ],
+        "off",
+        Duration::from_secs(30),
+    );
+    let out = all_output(&o);
+    assert!(!out.contains("lapin"), "RUST_LOG=off: {out}");
 }
 
 #[test]

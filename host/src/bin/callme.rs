@@ -128,7 +128,8 @@ enum Command {
         /// Seconds to finish running calls after SIGTERM or Ctrl-C.
         #[arg(long, default_value_t = 30)]
         grace: u64,
-        /// Compiled-artifact cache directory.
+        /// Compiled-artifact cache directory (the code is kept in its
+        /// `wasmtime` subdirectory; refused if another user could write to it).
         #[arg(long, env = "CALLME_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
         /// Sandboxes alive at once over every plugin (calls in flight, kept
@@ -274,11 +275,16 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "info,lapin=off",
         _ => "warn,lapin=off",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter(default_filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::{Layer, fmt};
+        let log = fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(log_filter(default_filter));
+        tracing_subscriber::registry().with(log).init();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail_local(&anyhow::anyhow!("cannot start the runtime: {e}")),
@@ -290,23 +296,23 @@ fn main() -> ExitCode {
     code
 }
 
-/// lapin's modules that trace every frame they send or take as it is:
-/// the connection's `start-ok` holds the broker password (SASL PLAIN), and
-/// `update-secret` a new token.
-const FRAME_TRACING: [&str; 3] = ["lapin::io_loop", "lapin::frames", "lapin::channels"];
-
-/// `RUST_LOG`'s filter, or `default` without it; lapin's frame traces are
-/// never let through, whatever `RUST_LOG` asks, so credentials never reach
-/// the log.
-fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    let mut filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    for target in FRAME_TRACING {
-        if let Ok(directive) = format!("{target}=debug").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    filter
+/// `RUST_LOG`'s filter, or `default` without it, and never the `trace`
+/// level of lapin (or its protocol crates), whatever `RUST_LOG` asks (by target or by span): lapin
+/// traces every frame it writes with its bytes (the connection's
+/// `start-ok` holds the broker password, SASL PLAIN) and every internal
+/// command (`update-secret`'s new token among them).
+fn log_filter<S>(default: &str) -> impl tracing_subscriber::layer::Filter<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+    let asked = EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let no_lapin_trace = filter_fn(|meta| {
+        let amqp = ["lapin", "amq_protocol"];
+        !(*meta.level() == tracing::Level::TRACE
+            && amqp.iter().any(|t| meta.target().starts_with(t)))
+    });
+    asked.and(no_lapin_trace)
 }
 
 async fn run(command: Command) -> ExitCode {
