@@ -1166,3 +1166,56 @@ async fn a_flood_of_replies_waits_in_the_broker_not_in_the_caller() {
     );
     callme_tests::answers_add(&p, &id, 7).await;
 }
+
+/// The compilation cache keeps to a directory of its own inside the one
+/// given: wasmtime's cache cleaner deletes what it does not recognise in
+/// its directory, two levels deep, so `--cache-dir` pointed at one that
+/// holds anything else (mistaken for the plugins directory, or a home)
+/// would lose it.
+#[tokio::test]
+async fn a_cache_directory_that_holds_other_files_keeps_them() {
+    let cache = tempdir();
+    std::fs::write(cache.join("keep.txt"), b"mine").unwrap();
+    std::fs::create_dir_all(cache.join("a/b/c")).unwrap();
+    std::fs::write(cache.join("a/b/c/d.txt"), b"mine too").unwrap();
+    std::fs::write(cache.join("a/e.txt"), b"and this").unwrap();
+    let dir = tempdir();
+    let id = unique("cache-beside");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve_with_cache(&dir, &[], &cache);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(10)).await;
+    callme_tests::answers_add(&p, &id, 1).await;
+    // The cleaner runs on its own thread after the first compilation.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for kept in ["keep.txt", "a/b/c/d.txt", "a/e.txt"] {
+        assert!(cache.join(kept).exists(), "{kept} was deleted");
+    }
+    assert!(cache.join("wasmtime").is_dir());
+}
+
+/// A cache directory other users may write to is refused, with the
+/// reason: the cache holds native code the host would run.
+#[test]
+fn a_cache_directory_others_may_write_to_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let cache = tempdir();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(callme_tests::callme_bin())
+        .args([
+            "invoke",
+            plugin_path("calc").to_str().unwrap(),
+            "add",
+            "1",
+            "2",
+        ])
+        .env("CALLME_CACHE_DIR", &cache)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run callme");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("may be written by other users"), "{stderr}");
+    // Nothing was made or loaded there.
+    assert!(!cache.join("wasmtime").exists());
+}

@@ -79,6 +79,11 @@ const MAX_UNUSED_WARM_SLOTS: u32 = 16;
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Where compiled artifacts are cached; `None` disables the cache.
+    /// They are kept in a directory of their own inside it, `wasmtime`,
+    /// made with mode 0700; a path another user could change (a directory
+    /// on the way owned by another user, or writable by others and not
+    /// sticky) refuses the runtime, since the cache holds native code the
+    /// host runs.
     pub cache_dir: Option<PathBuf>,
     /// Use the pooling allocator (falls back to on-demand allocation, with
     /// a warning, when the pool cannot reserve its memory).
@@ -163,8 +168,11 @@ impl Runtime {
         }
         let cache = match &config.cache_dir {
             Some(dir) => {
+                let artifacts = super::cache::artifacts_dir(dir).map_err(|e| {
+                    PluginError::internal(format!("compilation cache in {}: {e}", dir.display()))
+                })?;
                 let mut cc = CacheConfig::new();
-                cc.with_directory(dir);
+                cc.with_directory(&artifacts);
                 Some(Cache::new(cc).map_err(|e| {
                     PluginError::internal(format!("compilation cache in {}: {e:#}", dir.display()))
                 })?)

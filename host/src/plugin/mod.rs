@@ -29,6 +29,7 @@
 //! - `signature`: WIT signatures as text.
 
 mod bind;
+mod cache;
 mod call;
 mod caps;
 mod engine;
