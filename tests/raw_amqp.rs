@@ -1,4 +1,4 @@
-//! A publisher that writes AMQP 0-9-1 frames itself, for requests no AMQP client library would send: short strings that are not UTF-8, headers nested as deep as a frame holds.
+//! A publisher that writes AMQP 0-9-1 frames itself, for requests no AMQP client library would send: short strings that are not UTF-8, headers nested as deep as a frame holds, a content header over the client's frame size.
 //!
 //! lapin, like most clients, only sends UTF-8 short strings and headers it
 //! built from values; RabbitMQ takes any bytes. This is the least of the protocol that publishes one message

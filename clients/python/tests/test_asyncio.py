@@ -422,13 +422,13 @@ def test_a_server_that_stops_confirming_holds_a_quarter_of_the_lanes(
         async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
             stuck = proxy.use_server(host.hostile)
             assert await stuck.counter() == 1
-            _on_queue_process(queue, "sys:suspend")
+            await asyncio.to_thread(_on_queue_process, queue, "sys:suspend")
             try:
                 waiting = [asyncio.ensure_future(stuck.counter()) for _ in range(80)]
                 await asyncio.sleep(0.5)
                 beside = await asyncio.wait_for(proxy.use_server(host.calc).add(2, 3), 5)
             finally:
-                _on_queue_process(queue, "sys:resume")
+                await asyncio.to_thread(_on_queue_process, queue, "sys:resume")
             assert beside == 5
             assert await asyncio.gather(*waiting) == [1] * 80
 

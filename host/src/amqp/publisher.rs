@@ -19,12 +19,13 @@
 //! One exchange holds at most a quarter of the lanes: a server whose queue
 //! stops confirming (a quorum queue that lost its majority, RabbitMQ 3.8
 //! to 4.x, withholds confirms until it has one again) keeps the lanes its
-//! requests took until their calls give up, and without a bound its
+//! requests took until the broker confirms them, and without a bound its
 //! callers would take every lane and stall the calls to every other
-//! server.
+//! server. (Four such servers at once still take them all.)
 //!
 //! A publish whose caller stops waiting (a timeout, a dropped future)
-//! keeps its lane until the broker has confirmed it, in a task of its own:
+//! keeps its lane until the broker has confirmed it (or the channel is
+//! lost), in a task of its own:
 //! dropping a lane closes its channel, and lapin 4.12 sends a channel's
 //! `close` ahead of publish frames still queued for it, so a large request
 //! given up part-way would otherwise reach the broker after its channel's
@@ -46,10 +47,10 @@ use crate::Error;
 /// How long closing a nacked lane may take before it is left to go.
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
-/// How long a lane whose caller stopped waiting is kept for the broker's
-/// confirm of its publish (which says every frame of it was sent) before
-/// it is let go anyway.
-const SETTLE_WITHIN: Duration = Duration::from_secs(60);
+/// How often a lane whose caller stopped waiting, and whose publish the
+/// broker has not confirmed yet, is looked at: it is let go once its
+/// channel is gone (with its connection, or closed by the broker).
+const SETTLE_CHECK: Duration = Duration::from_secs(10);
 
 /// What became of a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,10 +242,19 @@ impl Drop for Sending {
             return;
         };
         let (lane, share) = (self.lane.take(), self.share.take());
-        // Outside a runtime there is nobody to wait: the lane goes now.
+        // Outside a runtime (or in one shutting down, which drops the task
+        // unrun) there is nobody to wait: the lane goes now. The proxy and
+        // the server close their connections then anyway.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = tokio::time::timeout(SETTLE_WITHIN, channel.wait_for_confirms()).await;
+                // Not before the confirm, however long the broker takes
+                // (a connection it blocked for a memory alarm sends
+                // nothing meanwhile): the frames may still be queued.
+                while tokio::time::timeout(SETTLE_CHECK, channel.wait_for_confirms())
+                    .await
+                    .is_err()
+                    && channel.status().connected()
+                {}
                 drop(channel);
                 drop((lane, share));
             });
