@@ -595,3 +595,52 @@ async fn a_plugin_deployed_while_the_broker_is_away_is_served_when_it_is_back() 
     let _back = callme_tests::Forwarder::on(port).await;
     wait_version(&p, &late, "1").await;
 }
+
+/// An idle host looks its plugins directory over once every few seconds:
+/// reading the directory raises an event on it (opened, closed), which
+/// was taken as a change and made the host look it over again, every few
+/// milliseconds, for as long as it ran. Moving the directory away and
+/// making a new one is still seen.
+#[tokio::test]
+async fn an_idle_host_does_not_look_its_directory_over_in_a_loop() {
+    let dir = tempdir();
+    assert!(dir.is_absolute());
+    let id = unique("idle-dir");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        &dir,
+        &[],
+        "callme::server=debug",
+    );
+    host.wait_ready(Duration::from_secs(60));
+    let looked = || {
+        host.log_text()
+            .matches("looking over the plugins directory")
+            .count()
+    };
+    let before = looked();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = looked() - before;
+    // One periodic look (every 5 s) may fall in those 3 s.
+    assert!(during <= 1, "looked over {during} times in 3 s idle");
+
+    // The directory replaced: the new one is served.
+    let moved = dir.with_extension("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let next = unique("idle-dir-next");
+    deploy(&plugin_path("calc"), &dir, &format!("{next}.wasm"));
+    let p = proxy(Duration::from_secs(30)).await;
+    let start = Instant::now();
+    loop {
+        match p.use_server(&next).invoke::<_, i64>("add", (1, 2)).await {
+            Ok(sum) => break assert_eq!(sum, 3),
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(20), "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&moved);
+}

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::observe::{self, LoadFailure};
 use crate::plugin::{Plugin, PluginSettings, Runtime, content_hash};
@@ -224,15 +224,34 @@ fn watch_dir(
     dir: &Path,
     tx: mpsc::UnboundedSender<Change>,
 ) -> Result<notify::RecommendedWatcher, Error> {
-    let own = dir.to_path_buf();
+    // The directory's own events carry its path as given to the watch;
+    // both forms are compared, whatever form that is.
+    let own = [
+        dir.to_path_buf(),
+        std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+    ];
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // A watcher error or an overflowed queue: events were lost.
         let Ok(event) = event else {
             let _ = tx.send(Change::All);
             return;
         };
-        if event.need_rescan() || event.paths.iter().any(|p| p == &own) {
+        if event.need_rescan() {
             let _ = tx.send(Change::All);
+            return;
+        }
+        if event.paths.iter().any(|p| own.contains(p)) {
+            // The directory itself removed or moved away: look it over
+            // (and watch the new one). Anything else on it is no change,
+            // least of all its being opened and read, which looking it
+            // over does: taken as a change, that looked it over again
+            // and again, every few milliseconds.
+            if matches!(
+                event.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            ) {
+                let _ = tx.send(Change::All);
+            }
             return;
         }
         // A `cp` over a file shows as create/modify events and then a
@@ -498,6 +517,7 @@ impl Deployer {
     /// applied, every one not applied yet, and every one known that is
     /// gone.
     async fn resync(&mut self) {
+        debug!(target: "callme::server", dir = %self.dir.display(), "looking over the plugins directory");
         let now = dir_identity(&self.dir);
         if now.is_some() && now != self.watched {
             match watch_dir(&self.dir, self.sender.clone()) {
