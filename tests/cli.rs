@@ -476,16 +476,19 @@ fn tracing_every_frame_never_shows_the_password() {
         callme_tests::amqp_host_port()
     );
     let bytes = b"s3cretpw".map(|b| b.to_string()).join(", ");
-    // Each filter, and whether lapin still logs below `trace` with it.
+    // Each filter, and whether lapin logs anything with it (at other
+    // levels than `trace`), when that is sure.
     for (rust_log, some_lapin) in [
-        ("trace", true),
-        ("lapin=trace", true),
+        ("trace", Some(true)),
+        ("lapin=trace", Some(true)),
         (
             "lapin::io_loop=trace,lapin::frames=trace,lapin::internal_rpc=trace",
-            false,
+            None,
         ),
         // By span: lapin's I/O thread runs in one named `io_loop`.
-        ("[io_loop]=trace", true),
+        ("[io_loop]=trace", None),
+        // What keeps the password out keeps lapin quiet where asked.
+        ("off", Some(false)),
     ] {
         let (o, _) = callme_within(
             &[
@@ -504,32 +507,16 @@ fn tracing_every_frame_never_shows_the_password() {
         );
         let out = all_output(&o);
         assert!(!o.status.success(), "{rust_log}: {out}");
-        assert_eq!(
-            out.contains("lapin"),
-            some_lapin,
-            "{rust_log}: what lapin logged: {out}"
-        );
+        if let Some(some_lapin) = some_lapin {
+            assert_eq!(
+                out.contains("lapin"),
+                some_lapin,
+                "{rust_log}: what lapin logged: {out}"
+            );
+        }
         assert!(!out.contains("s3cretpw"), "{rust_log}: {out}");
         assert!(!out.contains(&bytes), "{rust_log}: {out}");
     }
-    // And what keeps the password out keeps lapin quiet where asked.
-    let (o, _) = callme_within(
-        &[
-            "call",
-            "--timeout",
-            "5",
-            "--amqp-url",
-            &url,
-            "calc",
-            "add",
-            "1",
-            "2",
-        ],
-        "off",
-        Duration::from_secs(30),
-    );
-    let out = all_output(&o);
-    assert!(!out.contains("lapin"), "RUST_LOG=off: {out}");
 }
 
 #[test]

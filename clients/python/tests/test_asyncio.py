@@ -433,3 +433,28 @@ def test_a_server_that_stops_confirming_holds_a_quarter_of_the_lanes(
             assert await asyncio.gather(*waiting) == [1] * 80
 
     asyncio.run(main())
+
+
+def test_an_exchange_share_is_a_quarter_of_the_lanes_and_leaves_no_entry() -> None:
+    """The share's bookkeeping alone: at most a quarter of the lanes for one
+    exchange, and no entry left once nobody holds or waits for one, a
+    caller that stopped waiting included."""
+
+    async def main() -> None:
+        publisher = callme_publisher.Publisher(lanes=8)
+        shares = publisher._shares
+
+        def lane(exchange: str) -> Any:
+            return callme_publisher._ExchangeLane(shares, exchange, publisher._exchange_lanes)
+
+        held = [lane("a"), lane("a"), lane("b")]
+        for each in held:
+            await each.__aenter__()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(lane("a").__aenter__(), 0.05)
+        assert sorted(shares) == ["a", "b"]
+        for each in held:
+            await each.__aexit__(None, None, None)
+        assert shares == {}
+
+    asyncio.run(main())

@@ -25,12 +25,12 @@
 //!
 //! A publish whose caller stops waiting (a timeout, a dropped future)
 //! keeps its lane until the broker has confirmed it (or the channel is
-//! lost), in a task of its own:
-//! dropping a lane closes its channel, and lapin 4.12 sends a channel's
-//! `close` ahead of publish frames still queued for it, so a large request
-//! given up part-way would otherwise reach the broker after its channel's
-//! close, and the broker would close the whole connection (`UNEXPECTED_FRAME`
-//! or `CHANNEL_ERROR`), failing every other call waiting on it.
+//! lost), in a task of its own: dropping a lane closes its channel, and
+//! lapin 4.12 sends a channel's `close` ahead of publishes still queued for
+//! it (behind other large ones), so a request given up before it was
+//! written would otherwise reach the broker after its channel's close, and
+//! the broker would close the whole connection (`CHANNEL_ERROR - expected
+//! 'channel.open'`), failing every other call waiting on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

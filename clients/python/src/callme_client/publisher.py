@@ -49,6 +49,40 @@ class _Share:
         self.users = 0
 
 
+class _ExchangeLane:
+    """A lane of one exchange's share, held while a publish to it is under
+    way (or waited for). Counted from when it is made, so a caller that
+    stops waiting for it leaves nothing behind; the last one out takes the
+    exchange's entry away."""
+
+    __slots__ = ("_shares", "_exchange", "_share")
+
+    def __init__(self, shares: Dict[str, _Share], exchange: str, lanes: int) -> None:
+        share = shares.get(exchange)
+        if share is None:
+            share = shares[exchange] = _Share(lanes)
+        share.users += 1
+        self._shares = shares
+        self._exchange = exchange
+        self._share = share
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._share.lanes.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *_: object) -> None:
+        self._share.lanes.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._share.users -= 1
+        if self._share.users == 0:
+            del self._shares[self._exchange]
+
+
 class Publisher:
     """A bounded pool of confirm-mode channels. Made and used on one event loop."""
 
@@ -88,30 +122,9 @@ class Publisher:
         :raises TooLarge: the broker refused the request for its size.
         :raises ConnectionError: the connection failed.
         """
-        share = self._shares.get(exchange)
-        if share is None:
-            share = self._shares[exchange] = _Share(self._exchange_lanes)
-        share.users += 1
-        try:
-            # The exchange's share first: calls to a server that holds its
-            # share wait without holding a lane others could use.
-            async with share.lanes:
-                await self._publish(connection, server_id, exchange, body, properties, deadline)
-        finally:
-            share.users -= 1
-            if share.users == 0:
-                del self._shares[exchange]
-
-    async def _publish(
-        self,
-        connection: AbstractConnection,
-        server_id: str,
-        exchange: str,
-        body: bytes,
-        properties: aiormq.spec.Basic.Properties,
-        deadline: Optional[float],
-    ) -> None:
-        async with self._lanes:
+        # The exchange's share first: calls to a server that holds its
+        # share wait without holding a lane others could use.
+        async with _ExchangeLane(self._shares, exchange, self._exchange_lanes), self._lanes:
             channel = self._take(connection)
             try:
                 if channel is None:
