@@ -12,7 +12,8 @@
 //!
 //! So wasmtime gets a directory of its own inside the one configured,
 //! [`ARTIFACTS`], made with mode 0700, and the cache is used only if no
-//! other user can change what that path leads to: the directory and every
+//! other user can change what that path leads to: on its real path (links
+//! resolved, and given to wasmtime as such), the directory and every
 //! directory above it is owned by this user or root, and none is writable
 //! by others, unless sticky (as `/tmp` is: others cannot rename or remove
 //! what they do not own there). A directory that fails refuses the
@@ -33,27 +34,30 @@ pub(crate) const ARTIFACTS: &str = "wasmtime";
 /// Why the directory cannot be used: it cannot be made, or another user
 /// could change what it holds.
 pub(crate) fn artifacts_dir(dir: &Path) -> Result<PathBuf, String> {
-    let dir = std::path::absolute(dir)
-        .map_err(|e| format!("{}: cannot tell its absolute path: {e}", dir.display()))?;
     let me = rustix::process::geteuid().as_raw();
     let mut builder = DirBuilder::new();
     builder.recursive(true).mode(0o700);
     // The path to the directory given first: nothing is made inside it
-    // unless no other user can change where it leads.
-    builder
-        .create(&dir)
-        .map_err(|e| format!("{}: cannot create it: {e}", dir.display()))?;
+    // unless no other user can change where it leads. Its real path (links
+    // resolved) is what is checked, and what wasmtime is given, so a link
+    // on the way cannot lead somewhere unchecked, then or later.
+    let dir = made(&builder, dir)?;
     check(&dir, me, false)?;
-    let artifacts = dir.join(ARTIFACTS);
-    builder
-        .create(&artifacts)
-        .map_err(|e| format!("{}: cannot create it: {e}", artifacts.display()))?;
+    let artifacts = made(&builder, &dir.join(ARTIFACTS))?;
     check(&artifacts, me, true)?;
     Ok(artifacts)
 }
 
-/// Checks `path` (the cache's own directory when `own`) and every
-/// directory above it.
+/// `path`, made if need be, as its real path.
+fn made(builder: &DirBuilder, path: &Path) -> Result<PathBuf, String> {
+    builder
+        .create(path)
+        .and_then(|()| std::fs::canonicalize(path))
+        .map_err(|e| format!("{}: cannot create it: {e}", path.display()))
+}
+
+/// Checks `path`, a real path (the cache's own directory when `own`), and
+/// every directory above it.
 fn check(path: &Path, me: u32, own: bool) -> Result<(), String> {
     for (i, p) in path.ancestors().enumerate() {
         let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -72,13 +76,6 @@ fn check(path: &Path, me: u32, own: bool) -> Result<(), String> {
 /// is unsafe for a process running as user `me`, if it is.
 fn unsafe_dir(meta: &std::fs::Metadata, me: u32, own: bool) -> Option<&'static str> {
     let mode = meta.mode();
-    if meta.file_type().is_symlink() {
-        // Followed when the path is used; only its owner (or the owner of
-        // the directory holding it, checked as that directory's turn
-        // comes) can change where it leads.
-        return (own || (meta.uid() != me && meta.uid() != 0))
-            .then_some("is a link (the cache's own directory must be a directory)");
-    }
     if !meta.is_dir() {
         return Some("is not a directory");
     }
@@ -122,7 +119,7 @@ mod tests {
     fn a_directory_of_its_own_is_made_and_reused() {
         let dir = scratch().join("cache");
         let artifacts = artifacts_dir(&dir).expect("a fresh directory");
-        assert_eq!(artifacts, dir.join(ARTIFACTS));
+        assert_eq!(artifacts, dir.canonicalize().unwrap().join(ARTIFACTS));
         let meta = std::fs::metadata(&artifacts).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o700);
         assert_eq!(artifacts_dir(&dir).expect("again"), artifacts);
@@ -161,6 +158,22 @@ mod tests {
                 Some("is owned by another user")
             );
         }
+    }
+
+    #[test]
+    fn a_link_to_a_directory_others_may_write_to_is_refused() {
+        let base = scratch();
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        mode(&open, 0o777);
+        let link = base.join("cache");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        let e = artifacts_dir(&link).unwrap_err();
+        assert!(e.contains("may be written by other users"), "{e}");
+        // A link to a safe directory is followed, and its real path used.
+        mode(&open, 0o700);
+        let artifacts = artifacts_dir(&link).expect("a link to a safe directory");
+        assert_eq!(artifacts, open.canonicalize().unwrap().join(ARTIFACTS));
     }
 
     #[test]
