@@ -978,3 +978,59 @@ async fn random_bytes_are_capped_by_the_plugins_memory() {
         e => panic!("expected a trap, got {e:?}"),
     }
 }
+
+/// A component whose `bytes(n)` returns a `list<u8>` of `n` zeros read
+/// from its memory of 200 pages (12.5 MiB): each element is a byte in
+/// the guest and a whole value on the host as it is lifted.
+const BYTES: &str = r#"
+(component
+  (core module $m
+    (memory (export "mem") 200)
+    (func (export "bytes") (param $n i32) (result i32)
+      (i32.store (i32.const 0) (i32.const 16))
+      (i32.store (i32.const 4) (local.get $n))
+      (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (alias core export $i "mem" (core memory $mem))
+  (func (export "bytes") (param "n" u32) (result (list u8))
+    (canon lift (core func $i "bytes") (memory $mem))))
+"#;
+
+/// [`BYTES`] loaded with a result cap of `result_bytes`.
+fn bytes_plugin(result_bytes: usize) -> Plugin {
+    let settings = PluginSettings {
+        limits: Limits {
+            result_bytes,
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let bytes = wat::parse_str(BYTES).expect("the component's text");
+    Plugin::load(&runtime(), "bytes", &bytes, settings).expect("plugin loads")
+}
+
+/// What the host takes from a guest at once follows the plugin's result
+/// cap, and going over it is a `MemoryLimit`: 12 million bytes of
+/// `list<u8>` (12 MB in the guest, about 480 MB of lifted values on the
+/// host) are refused before they are lifted, under the default cap;
+/// 4 million, whose JSON fits a cap of 64 MiB, come through under that
+/// cap. wasmtime's own limit (128 MiB of lifted values, whatever the
+/// plugin's limits) refused both as a `Trap` of the guest.
+#[tokio::test]
+async fn a_result_too_large_to_lift_is_a_memory_limit() {
+    let p = bytes_plugin(Limits::default().result_bytes);
+    match p.call("bytes", &pos(json!([12_000_000]))).await {
+        Err(PluginError::MemoryLimit { message }) => {
+            assert!(message.contains("more data at once"), "{message}")
+        }
+        other => panic!("expected MemoryLimit, got {other:?}"),
+    }
+    let small = p.call("bytes", &pos(json!([1000]))).await.unwrap();
+    assert_eq!(small, json!(vec![0; 1000]));
+
+    let p = bytes_plugin(64 << 20);
+    let v = p.call("bytes", &pos(json!([4_000_000]))).await.unwrap();
+    let items = v.as_array().expect("a list");
+    assert_eq!(items.len(), 4_000_000);
+    assert!(items.iter().all(|b| b == &json!(0)));
+}

@@ -682,6 +682,7 @@ impl Instances {
             ),
         );
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(super::value::lift_bytes(self.settings.limits.result_bytes));
         let mut sandbox = Sandbox {
             store,
             instance: None,

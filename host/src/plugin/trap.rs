@@ -1,6 +1,7 @@
 //! Why a call stopped without returning: a limit it hit, or a trap of the guest's own.
 //!
-//! Told apart by type, never by the text of a message: wasmtime reports
+//! Told apart by type, not by the text of a message (but for one error
+//! whose type wasmtime keeps private, see `is_too_much_data`): wasmtime reports
 //! spent fuel and guest faults (a panic reaching `unreachable`, a stack
 //! overflow, an access out of bounds) as a [`Trap`], a full instance pool
 //! as a [`PoolConcurrencyLimitError`], and the sandbox raises
@@ -56,6 +57,10 @@ pub(super) enum Stop {
     /// The guest trapped: a Rust panic (`unreachable`), a stack
     /// overflow, an access out of bounds, a division by zero.
     Trap(Trap),
+    /// The guest handed the host more data at once than its plugin's
+    /// limit ([`super::value::lift_bytes`]): its result, or the
+    /// arguments of one of its calls to the host.
+    TooMuchData,
     /// An error with no trap code: a host import that failed, or a guest
     /// that failed in a way wasmtime reports as an error of its own.
     Other,
@@ -84,6 +89,7 @@ impl Stop {
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => Stop::Fuel,
             Some(trap) => Stop::Trap(*trap),
+            None if is_too_much_data(error) => Stop::TooMuchData,
             None => Stop::Other,
         }
     }
@@ -127,9 +133,27 @@ pub(super) fn classify(
             ),
         },
         Stop::NoInstance => PluginError::internal(format!("no sandbox available: {error:#}")),
+        Stop::TooMuchData => PluginError::MemoryLimit {
+            message: "the guest handed the host more data at once than its result cap allows \
+                      (a result, or the arguments of a call to the host)"
+                .into(),
+        },
         Stop::Trap(trap) => with_stderr(trap.to_string()),
         Stop::Other => with_stderr(format!("{error:#}")),
     }
+}
+
+/// Whether `error` is wasmtime's refusal of a transfer from the guest
+/// over the store's limit (`Store::set_hostcall_fuel`). Its type is
+/// private to wasmtime, so it is told by its message, the one exception
+/// here; `runtime::a_result_too_large_to_lift_is_a_memory_limit` fails if
+/// a wasmtime upgrade rewords it.
+fn is_too_much_data(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .to_string()
+            .contains("fuel allocated for hostcalls has been exhausted")
+    })
 }
 
 /// Most bytes of the guest's stderr a trap's message carries (to the

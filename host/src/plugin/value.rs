@@ -348,11 +348,34 @@ impl Budget {
     }
 }
 
+/// What [`to_json`] counts for each value, besides a string's bytes.
+const VALUE_BYTES: usize = 8;
+
+/// Least host memory a guest may have the host take from it at once.
+const MIN_LIFT_BYTES: usize = 16 << 20;
+
+/// The most host memory a guest may have the host take from it at once
+/// (a call's result as it is lifted, or the arguments of one of its
+/// calls to the host), for a result cap of `result_bytes`: what lifting
+/// the largest result that cap lets through takes (every value is a
+/// whole [`Val`] on the host, though a `list<u8>` element is one byte in
+/// the guest), and at least [`MIN_LIFT_BYTES`]. wasmtime refuses a
+/// transfer over it before allocating it; without it, it allows 128 MiB,
+/// whatever the plugin's limits, refusing results its cap lets through
+/// (a cap over 25 MiB) and lifting 128 MiB of values for results its cap
+/// refuses afterwards.
+pub(crate) fn lift_bytes(result_bytes: usize) -> usize {
+    (result_bytes / VALUE_BYTES)
+        .saturating_mul(size_of::<Val>())
+        .saturating_add(result_bytes)
+        .max(MIN_LIFT_BYTES)
+}
+
 /// Converts a value of type `ty` to JSON, failing once the encoded size
 /// would exceed `budget` (estimated: exact for strings, a small constant
 /// for scalars and punctuation).
 pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value, TooLarge> {
-    budget.spend(8)?;
+    budget.spend(VALUE_BYTES)?;
     Ok(match (ty, val) {
         (_, Val::Bool(b)) => Value::Bool(*b),
         (_, Val::S8(v)) => Value::from(*v),
@@ -479,4 +502,18 @@ fn list_json(ty: &Type, items: &[Val], budget: &mut Budget) -> Result<Vec<Value>
 /// A default value of type `ty`, used to size the results slice before a call.
 pub(crate) fn placeholder() -> Val {
     Val::Bool(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_host_takes_at_once_follows_the_result_cap() {
+        assert_eq!(size_of::<Val>(), 40, "the figures in docs/plugins.md");
+        assert_eq!(lift_bytes(16 << 20), 96 << 20);
+        assert_eq!(lift_bytes(1), MIN_LIFT_BYTES);
+        assert_eq!(lift_bytes(512 << 20), 3 << 30);
+        assert_eq!(lift_bytes(usize::MAX), usize::MAX);
+    }
 }
