@@ -41,18 +41,37 @@ async fn wait_withdrawn(p: &Proxy, id: &str) -> bool {
     .is_some()
 }
 
-/// Deploys a good plugin under another name and waits for it: the host
-/// handles changes in order, so everything before it has been handled.
-async fn barrier(p: &Proxy, dir: &Path) {
+/// Serves `dir` as [`Host::serve`] does, with a metrics endpoint for
+/// [`barrier`].
+fn observed(dir: &Path, extra: &[&str]) -> Host {
+    let addr = format!("127.0.0.1:{}", callme_tests::free_port());
+    let mut args = extra.to_vec();
+    args.extend(["--metrics-addr", &addr]);
+    Host::serve(dir, &args)
+}
+
+/// Waits until `host` (served by [`observed`]) has acted on every change
+/// made to `dir` before this: deploys a good plugin under another name,
+/// waits for it, then for the host's count of changes under way to be 0
+/// (changes to different plugins are applied at once, so the one
+/// deployed here may be served before an earlier one is handled).
+async fn barrier(p: &Proxy, host: &Host, dir: &Path) {
     let id = unique("barrier");
     deploy(&plugin_path("calc"), dir, &format!("{id}.wasm"));
     wait_version(p, &id, "1").await;
+    let port = host.metrics.expect("the host serves its metrics");
+    let settled = eventually(WAIT, || async {
+        let text = callme_tests::scrape(port).await;
+        (callme_tests::value(&text, "callme_plugin_changes_pending", &[]) == 0.0).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "changes still pending after {WAIT:?}");
 }
 
 #[tokio::test]
 async fn deploy_by_cp_rename_and_move() {
     let dir = tempdir();
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
 
@@ -71,7 +90,7 @@ async fn deploy_by_cp_rename_and_move() {
     }
     // Ignored names are never served.
     std::fs::copy(plugin_path("calc"), dir.join(".hidden.wasm")).unwrap();
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
     let e = version(&p, "hidden").await.unwrap_err();
     assert!(matches!(e, Error::NoSuchServer(_)), "{e:?}");
 }
@@ -81,7 +100,7 @@ async fn swap_under_load_never_fails_a_call() {
     let dir = tempdir();
     let id = unique("swap");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::serve(&dir, &["--concurrency", "16"]);
+    let mut host = observed(&dir, &["--concurrency", "16"]);
     host.wait_ready(WAIT);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -141,7 +160,7 @@ async fn broken_files_leave_the_old_version_serving() {
     let id = unique("broken");
     let file = format!("{id}.wasm");
     deploy(&plugin_path("calc"), &dir, &file);
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     wait_version(&p, &id, "1").await;
@@ -160,7 +179,7 @@ async fn broken_files_leave_the_old_version_serving() {
         let staged = junk.join(format!("{what}.wasm"));
         std::fs::write(&staged, bytes).unwrap();
         deploy(&staged, &dir, &file);
-        barrier(&p, &dir).await;
+        barrier(&p, &host, &dir).await;
         assert_eq!(
             version(&p, &id).await.unwrap(),
             json!("1"),
@@ -183,7 +202,7 @@ async fn delete_then_restore() {
     let id = unique("delete");
     let file = dir.join(format!("{id}.wasm"));
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     wait_version(&p, &id, "1").await;
@@ -203,7 +222,7 @@ async fn sidecar_limits_apply_and_revert() {
     let dir = tempdir();
     let id = unique("sidecar");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(20)).await;
     let fib35 = || async { p.use_server(&id).call("fib", pos(json!([35]))).await };
@@ -222,7 +241,7 @@ async fn sidecar_limits_apply_and_revert() {
 
     // An invalid sidecar keeps the previous settings and says why.
     std::fs::write(&sidecar, "fuel = 10000000\nfeul = 1\n").unwrap();
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
     assert!(matches!(fib35().await, Err(Error::Remote(r)) if r.kind == ErrorKind::Timeout));
     assert!(host.log_text().contains("feul"), "{}", host.log_text());
 
@@ -236,7 +255,7 @@ async fn running_call_finishes_on_the_old_version() {
     let dir = tempdir();
     let id = unique("inflight");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(20)).await;
     wait_version(&p, &id, "1").await;
@@ -263,7 +282,7 @@ async fn start_serves_everything_before_ready_and_describe_shows_version() {
     for id in &ids {
         deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
     }
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     let hash = callme::plugin::content_hash(&std::fs::read(plugin_path("calc")).unwrap());
@@ -280,7 +299,7 @@ async fn sidecar_sets_concurrency_reuse_prewarm_and_guest_log_level() {
     let dir = tempdir();
     let id = unique("settings");
     deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::serve(&dir, &["--concurrency", "8"]);
+    let mut host = observed(&dir, &["--concurrency", "8"]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(10)).await;
     let print = |text: &'static str| {
@@ -329,7 +348,7 @@ async fn sidecar_sets_concurrency_reuse_prewarm_and_guest_log_level() {
         .unwrap();
     assert!(b.as_u64() > a.as_u64(), "{a} then {b}");
     print("marker-after").await.unwrap();
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
     let log = host.log_text();
     assert!(log.contains("marker-before"), "{log}");
     assert!(
@@ -345,7 +364,7 @@ async fn invalid_sidecar_changes_nothing_and_deleting_it_restores_defaults() {
     let sidecar = dir.join(format!("{id}.toml"));
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
     std::fs::write(&sidecar, "concurrency = 3\n").unwrap();
-    let mut host = Host::serve(&dir, &["--concurrency", "5"]);
+    let mut host = observed(&dir, &["--concurrency", "5"]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(10)).await;
     let concurrency = || async {
@@ -420,7 +439,7 @@ async fn bad_names_and_sidecars_are_skipped_at_start() {
         deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
         std::fs::write(dir.join(format!("{id}.toml")), format!("{setting}\n")).unwrap();
     }
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     assert_eq!(version(&p, &good).await.unwrap(), json!("1"));
@@ -454,7 +473,7 @@ async fn bad_names_and_sidecars_are_skipped_at_start() {
 #[tokio::test]
 async fn fifos_devices_and_symlinks_in_the_directory_never_stall_the_host() {
     let dir = tempdir();
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
 
@@ -468,7 +487,7 @@ async fn fifos_devices_and_symlinks_in_the_directory_never_stall_the_host() {
     std::fs::rename(&staged, dir.join(format!("{fifo}.wasm"))).unwrap();
     let zero = unique("zero");
     std::os::unix::fs::symlink("/dev/zero", dir.join(format!("{zero}.wasm"))).unwrap();
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
 
     let linked = unique("linked");
     std::os::unix::fs::symlink(plugin_path("calc"), dir.join(format!("{linked}.wasm"))).unwrap();
@@ -493,14 +512,14 @@ async fn a_version_no_instance_can_be_made_of_is_refused_and_the_old_one_serves(
     let dir = tempdir();
     let id = unique("cannot-start");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     wait_version(&p, &id, "1").await;
 
     // One page of 64 KiB: calc's module starts with more.
     std::fs::write(dir.join(format!("{id}.toml")), "memory_bytes = 65536\n").unwrap();
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
     assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
     let sum = p.use_server(&id).call("add", pos(json!([2, 3]))).await;
     assert_eq!(sum.ok(), Some(json!(5)));
@@ -527,13 +546,13 @@ async fn a_symlink_to_nothing_keeps_the_version_serving() {
         std::fs::rename(&aside, &link).unwrap();
     };
     point(&releases.join("v1/calc.wasm"));
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     wait_version(&p, &id, "1").await;
 
     point(&releases.join("v2/calc.wasm"));
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
     assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
     let log = host.log_text();
     assert!(
@@ -559,7 +578,7 @@ async fn a_plugins_directory_made_again_is_followed() {
     let dir = tempdir();
     let first = unique("before");
     deploy(&plugin_path("calc"), &dir, &format!("{first}.wasm"));
-    let mut host = Host::serve(&dir, &[]);
+    let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
     wait_version(&p, &first, "1").await;
@@ -581,10 +600,10 @@ async fn a_plugin_deployed_while_the_broker_is_away_is_served_when_it_is_back() 
     let port = forwarder.port();
     let dir = tempdir();
     let url = forwarder.url();
-    let mut host = Host::serve(&dir, &["--amqp-url", &url]);
+    let mut host = observed(&dir, &["--amqp-url", &url]);
     host.wait_ready(WAIT);
     let p = proxy(Duration::from_secs(5)).await;
-    barrier(&p, &dir).await;
+    barrier(&p, &host, &dir).await;
 
     forwarder.cut();
     // Long enough for the host to see its connection gone.
@@ -643,4 +662,204 @@ async fn an_idle_host_does_not_look_its_directory_over_in_a_loop() {
         }
     }
     let _ = std::fs::remove_dir_all(&moved);
+}
+
+/// A component whose module's start function never returns: trying its
+/// first instance takes the plugin's whole deadline.
+const SLOW_TO_START: &str = r#"
+(component
+  (core module $m
+    (func $spin (loop $again (br $again)))
+    (func (export "noop"))
+    (start $spin))
+  (core instance $i (instantiate $m))
+  (func (export "noop") (canon lift (core func $i "noop"))))
+"#;
+
+/// A plugin slow to load (its first instance spins until a 30 s
+/// deadline) holds up no other change: a plugin deployed and another
+/// removed meanwhile are acted on at once, and the slow one is refused
+/// in the end. Changes were applied one at a time, and both waited the
+/// 30 s out.
+#[tokio::test]
+async fn a_plugin_slow_to_load_holds_up_no_other_deploy() {
+    let dir = tempdir();
+    let old = unique("slow-old");
+    deploy(&plugin_path("calc"), &dir, &format!("{old}.wasm"));
+    let mut host = observed(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &old, "1").await;
+
+    let slow = unique("slow-start");
+    std::fs::write(
+        dir.join(format!("{slow}.toml")),
+        "deadline_ms = 30000\nfuel = 100000000000000\n",
+    )
+    .unwrap();
+    let incoming = dir.join(format!(".{slow}.incoming"));
+    std::fs::write(&incoming, wat::parse_str(SLOW_TO_START).unwrap()).unwrap();
+    std::fs::rename(&incoming, dir.join(format!("{slow}.wasm"))).unwrap();
+    // Well into trying its first instance.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let fast = unique("slow-fast");
+    deploy(&plugin_path("calc"), &dir, &format!("{fast}.wasm"));
+    std::fs::remove_file(dir.join(format!("{old}.wasm"))).unwrap();
+    let soon = Duration::from_secs(10);
+    let served = eventually(soon, || async {
+        (version(&p, &fast).await.ok() == Some(json!("1"))).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "{fast} not served within {soon:?}");
+    let withdrawn = eventually(soon, || async {
+        let r = p
+            .use_server(&old)
+            .call_timeout("version", Args::default(), Duration::from_millis(300))
+            .await;
+        matches!(r, Err(Error::NoSuchServer(_))).then_some(())
+    })
+    .await;
+    assert!(withdrawn.is_some(), "{old} not withdrawn within {soon:?}");
+    let refused = |log: &str| {
+        log.lines()
+            .any(|l| l.contains(&slow) && l.contains("an instance of it cannot be made"))
+    };
+    assert!(
+        !refused(&host.log_text()),
+        "{slow} was refused before its deadline ({:?} after the others changed): {}",
+        started.elapsed(),
+        host.log_text()
+    );
+
+    let given_up = eventually(WAIT, || async { refused(&host.log_text()).then_some(()) }).await;
+    assert!(
+        given_up.is_some(),
+        "{slow} never refused: {}",
+        host.log_text()
+    );
+    assert!(matches!(
+        version(&p, &slow).await,
+        Err(Error::NoSuchServer(_))
+    ));
+}
+
+/// A sidecar being written in place (open, part written) when its
+/// `.wasm` arrives is not read until its writer closes it: read at the
+/// `.wasm`'s event, the part written (no limits yet) served the plugin
+/// with the default limits until the sidecar's close a moment later. A
+/// removal is not held up by a sidecar being written.
+#[tokio::test]
+async fn a_sidecar_being_written_is_read_once_it_is_whole() {
+    use std::io::Write;
+    let dir = tempdir();
+    let mut host = callme_tests::Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        &dir,
+        &[],
+        "callme=info,callme::server=debug",
+    );
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(20)).await;
+    let id = unique("half-sidecar");
+
+    let mut sidecar = std::fs::File::create(dir.join(format!("{id}.toml"))).unwrap();
+    sidecar.write_all(b"# calls of this plugin get\n").unwrap();
+    sidecar.flush().unwrap();
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let waiting = eventually(WAIT, || async {
+        host.log_text()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("being written"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "not left to the sidecar's writer: {}",
+        host.log_text()
+    );
+    assert!(
+        matches!(version(&p, &id).await, Err(Error::NoSuchServer(_))),
+        "served while its sidecar is being written"
+    );
+
+    sidecar.write_all(b"fuel = 10000000\n").unwrap();
+    drop(sidecar);
+    let fib35 = eventually(WAIT, || async {
+        match p.use_server(&id).call("fib", pos(json!([35]))).await {
+            Err(Error::NoSuchServer(_)) => None,
+            other => Some(other),
+        }
+    })
+    .await
+    .expect("served once its sidecar is closed");
+    assert!(
+        matches!(&fib35, Err(Error::Remote(r)) if r.kind == ErrorKind::Timeout && r.data == json!("fuel")),
+        "the first version served ran without the sidecar's fuel: {fib35:?}"
+    );
+    let log = host.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(&id) && l.contains("swapped in")),
+        "served twice: {log}"
+    );
+
+    // Its `.wasm` deleted while its sidecar is being written again: the
+    // removal is not held up by the writer.
+    let mut sidecar = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(format!("{id}.toml")))
+        .unwrap();
+    sidecar.write_all(b"# and more\n").unwrap();
+    sidecar.flush().unwrap();
+    std::fs::remove_file(dir.join(format!("{id}.wasm"))).unwrap();
+    assert!(
+        wait_withdrawn(&p, &id).await,
+        "not withdrawn while its sidecar is open"
+    );
+    drop(sidecar);
+}
+
+/// A host told to stop while a version is still loading (its first
+/// instance spinning toward a 20 s deadline) gives that version up and
+/// exits at once, serving nothing new on its way out. It waited for the
+/// load to end, up to its grace period.
+#[tokio::test]
+async fn stopping_gives_up_a_version_still_loading() {
+    let dir = tempdir();
+    let mut host = observed(&dir, &[]);
+    host.wait_ready(WAIT);
+    let slow = unique("stop-slow");
+    std::fs::write(
+        dir.join(format!("{slow}.toml")),
+        "deadline_ms = 20000\nfuel = 100000000000000\n",
+    )
+    .unwrap();
+    let incoming = dir.join(format!(".{slow}.incoming"));
+    std::fs::write(&incoming, wat::parse_str(SLOW_TO_START).unwrap()).unwrap();
+    std::fs::rename(&incoming, dir.join(format!("{slow}.wasm"))).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let stopping = Instant::now();
+    host.terminate();
+    let code = host.wait(Duration::from_secs(30));
+    let took = stopping.elapsed();
+    assert_eq!(code, Some(0), "{}", host.log_text());
+    assert!(
+        took < Duration::from_secs(8),
+        "stopping waited {took:?} for a load to end"
+    );
+    let log = host.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&slow) && l.contains("the version being loaded is given up")),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(&slow) && l.contains("refused")),
+        "its first instance ran to its deadline: {log}"
+    );
 }

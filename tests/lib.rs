@@ -290,6 +290,8 @@ pub struct Host {
     pub log: PathBuf,
     /// Its `--ready-file`.
     pub ready_file: PathBuf,
+    /// The port of its metrics endpoint, when given `--metrics-addr`.
+    pub metrics: Option<u16>,
 }
 
 impl Host {
@@ -331,10 +333,17 @@ impl Host {
             .stderr(log_file)
             .spawn()
             .expect("start callme serve");
+        let metrics = extra
+            .iter()
+            .skip_while(|arg| **arg != "--metrics-addr")
+            .nth(1)
+            .and_then(|addr| addr.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok());
         Host {
             child,
             log,
             ready_file,
+            metrics,
         }
     }
 

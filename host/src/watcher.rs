@@ -9,7 +9,10 @@
 //! serving with its settings, at start-up the plugin is skipped) and is
 //! logged once per content. A `cp` over a served file is acted on when the
 //! writer closes it, so a half-written file is never served (and if one is
-//! seen, it fails validation and the next event retries).
+//! seen, it fails validation and the next event retries); a plugin one of
+//! whose files (its sidecar too) is open for writing is left until it is
+//! closed. Changes to different plugins are applied at once, by a task
+//! each, so one slow to load holds up no other.
 //!
 //! Events can be missed: the kernel's queue overflows under a flood of
 //! changes, a symlink made in place raises no event worth acting on, the
@@ -24,12 +27,15 @@
 //! device named `NAME.wasm` is refused, not opened.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::observe::{self, LoadFailure};
@@ -197,14 +203,130 @@ struct Known {
     applied: Option<(Option<Stamp>, Option<Stamp>)>,
 }
 
-/// Keeps a server in step with a plugins directory.
-pub(crate) struct Deployer {
+/// What applying a change needs: shared by the tasks that apply them.
+struct Apply {
     dir: PathBuf,
     runtime: Runtime,
     server: Server,
+    /// Mebibytes of plugin files being loaded at once (read, compiled and
+    /// their first instance tried): a load takes its file's size, and at
+    /// least a quarter of them, so at most 4 plugins load at once, and
+    /// fewer large ones. Each may be hundreds of megabytes as read,
+    /// compiling one already uses every core, and a first instance runs
+    /// on the threads that run calls.
+    loads: Semaphore,
+    writing: Writing,
+}
+
+/// What [`Apply::loads`] holds: [`MAX_PLUGIN_BYTES`] in mebibytes.
+const LOAD_MIB: u32 = (MAX_PLUGIN_BYTES >> 20) as u32;
+
+/// What one load takes of [`Apply::loads`], for a file of `len` bytes.
+fn load_share(len: u64) -> u32 {
+    u32::try_from(len.div_ceil(1 << 20))
+        .unwrap_or(LOAD_MIB)
+        .clamp(LOAD_MIB / 4, LOAD_MIB)
+}
+
+/// What a task applying a change to one plugin gives back.
+type Applied = (String, Option<Known>, Result<(), Error>);
+
+/// A file written to and not closed since is taken as done after this
+/// long without a write: a hard link made in place raises a create and
+/// nothing more, and an event can be lost without an overflow.
+const WRITER_SILENT: Duration = Duration::from_secs(60);
+
+/// The files of the directory open for writing: written to (or made
+/// empty) and not closed since, with when that was last seen. What a
+/// writer has not closed is not read: a sidecar written in place while
+/// its `.wasm` is copied would be read half-way by the `.wasm`'s event,
+/// and an empty or cut sidecar reads as looser limits and fewer grants
+/// than the one being written.
+#[derive(Clone, Default)]
+struct Writing(Arc<Mutex<HashMap<OsString, Instant>>>);
+
+impl Writing {
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<OsString, Instant>> {
+        // A panic elsewhere while holding it leaves a map still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Follows one event on `paths`.
+    fn follow(&self, kind: &EventKind, paths: &[PathBuf]) {
+        let now = Instant::now();
+        match kind {
+            EventKind::Modify(ModifyKind::Data(_)) => {
+                let mut files = self.files();
+                for name in paths.iter().filter_map(|p| p.file_name()) {
+                    files.insert(name.to_os_string(), now);
+                }
+            }
+            // Made and not written yet: a regular file that is empty. A
+            // symbolic link, a FIFO or a hard link to a whole file is
+            // never written here.
+            EventKind::Create(_) => {
+                let mut files = self.files();
+                for path in paths {
+                    let empty = path
+                        .symlink_metadata()
+                        .is_ok_and(|m| m.file_type().is_file() && m.len() == 0);
+                    if let (true, Some(name)) = (empty, path.file_name()) {
+                        files.insert(name.to_os_string(), now);
+                    }
+                }
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => {
+                let mut files = self.files();
+                for name in paths.iter().filter_map(|p| p.file_name()) {
+                    files.remove(name);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Events were lost: what is open is not known any more, and the
+    /// quiet time of a resync stands in for it.
+    fn forget(&self) {
+        self.files().clear();
+    }
+
+    /// The file of plugin `name` open for writing, if any.
+    fn of(&self, name: &str) -> Option<String> {
+        let mut files = self.files();
+        files.retain(|_, seen| seen.elapsed() < WRITER_SILENT);
+        [format!("{name}.wasm"), format!("{name}.toml")]
+            .into_iter()
+            .find(|file| files.contains_key(OsStr::new(file)))
+    }
+}
+
+/// Keeps a server in step with a plugins directory.
+///
+/// Changes to different plugins are applied at once, each by a task of
+/// its own: a plugin slow to compile, or whose first instance takes its
+/// whole deadline, holds up no other deploy or removal. Changes to one
+/// plugin are applied one after the other.
+pub(crate) struct Deployer {
+    apply: Arc<Apply>,
     known: HashMap<String, Known>,
     /// Files whose name is no server id, already reported.
     misnamed: HashSet<String>,
+    /// Plugins whose change is being applied (their [`Known`] is with the
+    /// task), and whether another change came meanwhile.
+    applying: HashMap<String, bool>,
+    tasks: JoinSet<Applied>,
+    /// The plugin each task applies a change to.
+    task_names: HashMap<tokio::task::Id, String>,
+    writing: Writing,
+    /// Set once the host stops: a change not yet served is given up.
+    stop: watch::Receiver<bool>,
+    /// Keeps [`Self::stop`] open until [`Self::watch`] is given the host's.
+    _not_stopping: watch::Sender<bool>,
     events: mpsc::UnboundedReceiver<Change>,
     /// Where the watcher sends, for a new watcher on a replaced directory.
     sender: mpsc::UnboundedSender<Change>,
@@ -219,10 +341,12 @@ fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// A watcher of `dir` (not recursive) that sends to `tx`.
+/// A watcher of `dir` (not recursive) that sends to `tx`, and follows
+/// which files are open for writing in `writing`.
 fn watch_dir(
     dir: &Path,
     tx: mpsc::UnboundedSender<Change>,
+    writing: Writing,
 ) -> Result<notify::RecommendedWatcher, Error> {
     // The directory's own events carry its path as given to the watch;
     // both forms are compared, whatever form that is.
@@ -233,10 +357,12 @@ fn watch_dir(
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // A watcher error or an overflowed queue: events were lost.
         let Ok(event) = event else {
+            writing.forget();
             let _ = tx.send(Change::All);
             return;
         };
         if event.need_rescan() {
+            writing.forget();
             let _ = tx.send(Change::All);
             return;
         }
@@ -250,10 +376,14 @@ fn watch_dir(
                 event.kind,
                 EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
             ) {
+                writing.forget();
                 let _ = tx.send(Change::All);
             }
             return;
         }
+        // Before the change is sent: the reconciler, told of a `.wasm`,
+        // must already know its sidecar is being written.
+        writing.follow(&event.kind, &event.paths);
         // A `cp` over a file shows as create/modify events and then a
         // close-after-write: act on the close, never on a file still
         // being written. Renames and moves are atomic, and so is a
@@ -299,13 +429,25 @@ impl Deployer {
     pub(crate) fn new(dir: PathBuf, runtime: Runtime, server: Server) -> Result<Self, Error> {
         let (sender, events) = mpsc::unbounded_channel();
         let watched = dir_identity(&dir);
-        let watcher = watch_dir(&dir, sender.clone())?;
+        let writing = Writing::default();
+        let watcher = watch_dir(&dir, sender.clone(), writing.clone())?;
+        let (not_stopping, stop) = watch::channel(false);
         Ok(Deployer {
-            dir,
-            runtime,
-            server,
+            apply: Arc::new(Apply {
+                dir,
+                runtime,
+                server,
+                loads: Semaphore::new(LOAD_MIB as usize),
+                writing: writing.clone(),
+            }),
             known: HashMap::new(),
             misnamed: HashSet::new(),
+            applying: HashMap::new(),
+            tasks: JoinSet::new(),
+            task_names: HashMap::new(),
+            writing,
+            stop,
+            _not_stopping: not_stopping,
             events,
             sender,
             watcher,
@@ -315,8 +457,9 @@ impl Deployer {
 
     /// Loads and serves every plugin in the directory; how many serve.
     pub(crate) async fn load_all(&mut self) -> Result<usize, Error> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::Watch {
-            dir: self.dir.clone(),
+        let dir = &self.apply.dir;
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::Watch {
+            dir: dir.clone(),
             source: Box::new(e),
         })?;
         let mut names: Vec<String> = entries
@@ -326,25 +469,36 @@ impl Deployer {
             .collect();
         names.sort();
         for name in &names {
-            self.reconcile(name).await?;
+            self.change(name);
         }
-        Ok(names.iter().filter(|n| self.server.is_serving(n)).count())
+        let mut broker = Ok(());
+        while let Some(done) = self.tasks.join_next_with_id().await {
+            if let Err(e) = self.applied(done)
+                && broker.is_ok()
+            {
+                broker = Err(e);
+            }
+        }
+        broker?;
+        Ok(names
+            .iter()
+            .filter(|n| self.apply.server.is_serving(n))
+            .count())
     }
 
-    /// Brings server id `name` in line with the directory.
-    ///
-    /// Nothing is applied unless all of it is valid: a file name that is
-    /// no server id, an invalid sidecar, a plugin that does not load, or
-    /// one the server refuses leaves what serves as it was, logged once.
-    ///
-    /// # Errors
-    ///
-    /// Only broker errors: a bad file is logged, not returned.
-    pub(crate) async fn reconcile(&mut self, name: &str) -> Result<(), Error> {
-        let path = self.dir.join(format!("{name}.wasm"));
+    /// Starts bringing server id `name` in line with the directory, unless
+    /// a change to it is being applied already (then it is brought in line
+    /// again after that one) or one of its files is being written (its
+    /// writer's close says when it is whole).
+    fn change(&mut self, name: &str) {
+        if let Some(again) = self.applying.get_mut(name) {
+            *again = true;
+            return;
+        }
         if !is_valid_server_id(name) {
             // Never served, so there is nothing to withdraw; logged again
             // only if the file goes away and comes back.
+            let path = self.apply.dir.join(format!("{name}.wasm"));
             if !path.exists() {
                 self.misnamed.remove(name);
             } else if self.misnamed.insert(name.to_string()) {
@@ -354,184 +508,83 @@ impl Deployer {
                     "skipped: the name is not a server id (1 to 200 letters, digits, `-`, `_` or `.`)"
                 );
             }
-            return Ok(());
+            return;
         }
-        let stamped = stamps(&self.dir, name);
-        // Reading and hashing up to 256 MiB is no work for the runtime
-        // that talks to the broker.
-        let reading = path.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            read_regular(&reading, MAX_PLUGIN_BYTES).map(|bytes| {
-                let hash = content_hash(&bytes);
-                (bytes, hash)
-            })
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))));
-        let (bytes, hash) = match read {
-            Ok(read) => read,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.known.remove(name);
-                observe::plugin_removed(name);
-                if self.server.stop_serving(name).await? {
-                    info!(target: "callme::server", plugin = name, "removed");
+        // A removal is never held up by a sidecar being written.
+        let there = self
+            .apply
+            .dir
+            .join(format!("{name}.wasm"))
+            .symlink_metadata()
+            .is_ok();
+        if there && let Some(file) = self.writing.of(name) {
+            debug!(target: "callme::server", plugin = name, file = %file, "left until its writer closes it: it is being written");
+            return;
+        }
+        let known = self.known.remove(name).unwrap_or_default();
+        self.applying.insert(name.to_string(), false);
+        observe::plugin_change_pending(true);
+        let task = self.tasks.spawn(reconcile(
+            self.apply.clone(),
+            name.to_string(),
+            known,
+            self.stop.clone(),
+        ));
+        self.task_names.insert(task.id(), name.to_string());
+    }
+
+    /// Takes back what a task applying a change learnt, and starts the
+    /// change that came meanwhile; a broker error is returned.
+    fn applied(
+        &mut self,
+        done: Result<(tokio::task::Id, Applied), tokio::task::JoinError>,
+    ) -> Result<(), Error> {
+        let (name, outcome) = match done {
+            Ok((id, (name, known, outcome))) => {
+                self.task_names.remove(&id);
+                if let Some(known) = known {
+                    self.known.insert(name.clone(), known);
                 }
-                return Ok(());
+                (name, outcome)
             }
             Err(e) => {
-                // Reported once until the file changes.
-                let known = self.known.entry(name.to_string()).or_default();
-                if known.applied.as_ref() != Some(&stamped) {
-                    error!(target: "callme::server", file = %path.display(), error = %e, "cannot read plugin");
-                    known.applied = Some(stamped);
-                }
-                return Ok(());
+                // What was known of it is lost with the task: the next
+                // look at the directory reads it again.
+                let name = self.task_names.remove(&e.id()).unwrap_or_default();
+                error!(target: "callme::server", plugin = %name, error = %e, "applying a change failed");
+                (name, Ok(()))
             }
         };
-        let settings = read_settings(&self.dir, name);
-        let known = self.known.entry(name.to_string()).or_default();
-        // Until this ends in a version served or refused; a change that
-        // could not be applied (the broker away) is tried again.
-        known.applied = None;
-        if let Ok(limits) = &settings
-            && known
-                .serving
-                .as_ref()
-                .is_some_and(|(h, l)| h == &hash && l == limits)
-        {
-            // Back to what serves (a bad sidecar undone, say): a later
-            // failure is news again.
-            known.refused = None;
-            known.applied = Some(stamped);
-            return Ok(());
+        // The change that came meanwhile is counted before this one is
+        // not, so the count never reads 0 between them.
+        if self.applying.remove(&name) == Some(true) && !*self.stop.borrow() {
+            self.change(&name);
         }
-        let attempt = (hash, settings);
-        if known.refused.as_ref() == Some(&attempt) {
-            known.applied = Some(stamped);
-            return Ok(());
-        }
-        let outcome = if known.serving.is_some() {
-            "the previous version keeps serving with its settings"
-        } else {
-            "not served"
-        };
-        let (hash, limits) = match attempt {
-            (hash, Ok(limits)) => (hash, limits),
-            (hash, Err(reason)) => {
-                error!(target: "callme::server", plugin = name, version = %&hash[..12], reason = %reason, "invalid settings: {outcome}");
-                observe::plugin_refused(
-                    name,
-                    known.serving.is_some(),
-                    LoadFailure::InvalidSettings,
-                );
-                known.refused = Some((hash, Err(reason)));
-                known.applied = Some(stamped);
-                return Ok(());
-            }
-        };
-        let started = Instant::now();
-        let runtime = self.runtime.clone();
-        let owned_name = name.to_string();
-        let lim = limits.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || Plugin::load(&runtime, &owned_name, &bytes, lim))
-                .await
-                // A load that panicked refuses that plugin only.
-                .unwrap_or_else(|e| Err(PluginError::internal(format!("loading failed: {e}"))));
-        // An instance is made once before the version is served: one that
-        // can never be made (an initial memory over its `memory_bytes`, a
-        // start function that traps or spins) would fail every call, and
-        // is refused instead, the version before it serving on.
-        // On the plugin executor, not this runtime, which talks to the
-        // broker; within the plugin's deadline.
-        let loaded = match loaded {
-            Ok(plugin) => {
-                let tried = self
-                    .server
-                    .plugin_executor()
-                    .spawn(async move {
-                        let made = plugin.try_instance().await;
-                        (plugin, made)
-                    })
-                    .await;
-                match tried {
-                    Ok((plugin, Ok(()))) => Ok(plugin),
-                    Ok((_, Err(e))) => Err(PluginError::invalid_plugin(format!(
-                        "an instance of it cannot be made: {e}"
-                    ))),
-                    Err(e) => Err(PluginError::internal(format!("trying it failed: {e}"))),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let refusal = match loaded {
-            Ok(plugin) => {
-                let swapped = known.serving.is_some();
-                match self.server.serve_plugin(plugin).await {
-                    Ok(()) => {
-                        known.serving = Some((hash.clone(), limits));
-                        known.refused = None;
-                        known.applied = Some(stamped);
-                        observe::plugin_served(name, &hash, swapped);
-                        info!(
-                            target: "callme::server",
-                            plugin = name,
-                            version = %&hash[..12],
-                            elapsed = ?started.elapsed(),
-                            "{}", if swapped { "swapped in" } else { "loaded" }
-                        );
-                        return Ok(());
-                    }
-                    // The server refused this plugin (its id, its
-                    // concurrency, its queue, the broker's permissions for
-                    // it): the others are not concerned. Not remembered
-                    // as refused: what made it fail is outside the file,
-                    // so the next event about it (a `touch`) tries again.
-                    Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => {
-                        error!(target: "callme::server", plugin = name, file = %path.display(), version = %&hash[..12], reason = %e, "refused: {outcome}");
-                        observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
-                        known.applied = Some(stamped);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(e) => e.to_string(),
-        };
-        error!(
-            target: "callme::server",
-            plugin = name,
-            file = %path.display(),
-            version = %&hash[..12],
-            reason = %refusal,
-            "refused: {outcome}"
-        );
-        observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
-        known.refused = Some((hash, Ok(limits)));
-        known.applied = Some(stamped);
-        Ok(())
+        observe::plugin_change_pending(false);
+        outcome
     }
 
     /// Looks at the whole directory: watches it anew if it was replaced,
     /// and reconciles every plugin whose files changed since they were
     /// applied, every one not applied yet, and every one known that is
     /// gone.
-    async fn resync(&mut self) {
-        debug!(target: "callme::server", dir = %self.dir.display(), "looking over the plugins directory");
-        let now = dir_identity(&self.dir);
+    fn resync(&mut self) {
+        let dir = self.apply.dir.clone();
+        debug!(target: "callme::server", dir = %dir.display(), "looking over the plugins directory");
+        let now = dir_identity(&dir);
         if now.is_some() && now != self.watched {
-            match watch_dir(&self.dir, self.sender.clone()) {
+            match watch_dir(&dir, self.sender.clone(), self.writing.clone()) {
                 Ok(watcher) => {
-                    info!(target: "callme::server", dir = %self.dir.display(), "the plugins directory was replaced: watching the new one");
+                    info!(target: "callme::server", dir = %dir.display(), "the plugins directory was replaced: watching the new one");
                     self.watcher = watcher;
                     self.watched = now;
                 }
                 Err(e) => {
-                    warn!(target: "callme::server", dir = %self.dir.display(), error = %e, "cannot watch the plugins directory again yet")
+                    warn!(target: "callme::server", dir = %dir.display(), error = %e, "cannot watch the plugins directory again yet")
                 }
             }
         }
-        let mut names: HashSet<String> = std::fs::read_dir(&self.dir)
+        let mut names: HashSet<String> = std::fs::read_dir(&dir)
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok())
@@ -543,7 +596,12 @@ impl Deployer {
         let mut names: Vec<String> = names.into_iter().collect();
         names.sort();
         for name in names {
-            let now = stamps(&self.dir, &name);
+            // Being applied: its task read the files as they were, and
+            // the next look compares them with that.
+            if self.applying.contains_key(&name) {
+                continue;
+            }
+            let now = stamps(&dir, &name);
             let present = now.0.is_some();
             if !is_valid_server_id(&name) && !present {
                 self.misnamed.remove(&name);
@@ -562,9 +620,7 @@ impl Deployer {
             if unchanged || [&now.0, &now.1].into_iter().any(Stamp::is_recent) {
                 continue;
             }
-            if let Err(e) = self.reconcile(&name).await {
-                warn!(target: "callme::server", plugin = %name, error = %e, "could not apply change");
-            }
+            self.change(&name);
         }
     }
 
@@ -573,27 +629,29 @@ impl Deployer {
         mut self,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), Error> {
-        info!(target: "callme::server", dir = %self.dir.display(), "watching for plugins");
+        info!(target: "callme::server", dir = %self.apply.dir.display(), "watching for plugins");
+        self.stop = stop.clone();
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
-        // Asked to stop (or the sender gone): never in the middle of a
-        // change, which would leave an id half swapped.
-        let stopping = |stop: &tokio::sync::watch::Receiver<bool>| {
-            *stop.borrow() || stop.has_changed().is_err()
-        };
         loop {
             let first = tokio::select! {
                 change = self.events.recv() => match change {
                     Some(change) => change,
-                    None => return Ok(()),
+                    None => break,
                 },
                 _ = resync.tick() => Change::All,
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                Some(done) = self.tasks.join_next_with_id() => {
+                    if let Err(e) = self.applied(done) {
+                        warn!(target: "callme::server", error = %e, "could not apply change");
+                    }
+                    continue;
+                }
+                _ = stop.wait_for(|stop| *stop) => break,
             };
             tokio::select! {
                 () = tokio::time::sleep(SETTLE) => {}
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                _ = stop.wait_for(|stop| *stop) => break,
             }
             let mut all = false;
             let mut names = HashSet::new();
@@ -608,18 +666,236 @@ impl Deployer {
                 }
             }
             for name in names {
-                if stopping(&stop) {
-                    return Ok(());
-                }
-                if let Err(e) = self.reconcile(&name).await {
-                    warn!(target: "callme::server", plugin = %name, error = %e, "could not apply change");
-                }
+                self.change(&name);
             }
-            if all && !stopping(&stop) {
-                self.resync().await;
+            if all {
+                self.resync();
             }
         }
+        // Asked to stop (or the sender gone): changes under way give up
+        // what is not served yet, and the rest is let finish, never cut
+        // in the middle, which would leave an id half swapped.
+        while let Some(done) = self.tasks.join_next_with_id().await {
+            let _ = self.applied(done);
+        }
+        Ok(())
     }
+}
+
+/// Waits for `work` unless the host stops first (`None`).
+async fn unless_stopped<T>(
+    stop: &mut watch::Receiver<bool>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        _ = stop.wait_for(|stop| *stop) => None,
+    }
+}
+
+/// Withdraws server id `name`, whose file is gone.
+async fn remove(apply: &Apply, name: &str) -> Applied {
+    observe::plugin_removed(name);
+    let stopped = apply.server.stop_serving(name).await;
+    if matches!(stopped, Ok(true)) {
+        info!(target: "callme::server", plugin = name, "removed");
+    }
+    (name.to_string(), None, stopped.map(|_| ()))
+}
+
+/// The host stops: the version of `name` being loaded is not served.
+fn given_up(name: &str, known: Known) -> Applied {
+    info!(target: "callme::server", plugin = name, "stopping: the version being loaded is given up");
+    (name.to_string(), Some(known), Ok(()))
+}
+
+/// Brings server id `name` in line with the directory, given what is
+/// known of it; gives back what is known after (`None` once its file is
+/// gone).
+///
+/// Nothing is applied unless all of it is valid: an invalid sidecar, a
+/// plugin that does not load, or one the server refuses leaves what
+/// serves as it was, logged once. Once the host stops, a version not
+/// served yet is given up.
+///
+/// The error is a broker error only: a bad file is logged, not returned.
+async fn reconcile(
+    apply: Arc<Apply>,
+    name: String,
+    mut known: Known,
+    mut stop: watch::Receiver<bool>,
+) -> Applied {
+    let name = name.as_str();
+    let path = apply.dir.join(format!("{name}.wasm"));
+    // A removal is not held up by loads under way: there is nothing to
+    // read. Anything that is there is read only under its share of
+    // the loads.
+    if path
+        .symlink_metadata()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return remove(&apply, name).await;
+    }
+    let share = load_share(std::fs::metadata(&path).map_or(0, |m| m.len()));
+    let Some(Ok(permit)) = unless_stopped(&mut stop, apply.loads.acquire_many(share)).await else {
+        return given_up(name, known);
+    };
+    // Looked at again now that it may be read: the sidecar may have been
+    // opened for writing while this waited; its close says when.
+    if let Some(file) = apply.writing.of(name) {
+        debug!(target: "callme::server", plugin = name, file = %file, "left until its writer closes it: it is being written");
+        return (name.to_string(), Some(known), Ok(()));
+    }
+    let stamped = stamps(&apply.dir, name);
+    // Reading and hashing up to 256 MiB is no work for the runtime
+    // that talks to the broker.
+    let reading = path.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        read_regular(&reading, MAX_PLUGIN_BYTES).map(|bytes| {
+            let hash = content_hash(&bytes);
+            (bytes, hash)
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))));
+    let (bytes, hash) = match read {
+        Ok(read) => read,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return remove(&apply, name).await,
+        Err(e) => {
+            // Reported once until the file changes.
+            if known.applied.as_ref() != Some(&stamped) {
+                error!(target: "callme::server", file = %path.display(), error = %e, "cannot read plugin");
+                known.applied = Some(stamped);
+            }
+            return (name.to_string(), Some(known), Ok(()));
+        }
+    };
+    let settings = read_settings(&apply.dir, name);
+    // Until this ends in a version served or refused; a change that
+    // could not be applied (the broker away) is tried again.
+    known.applied = None;
+    if let Ok(limits) = &settings
+        && known
+            .serving
+            .as_ref()
+            .is_some_and(|(h, l)| h == &hash && l == limits)
+    {
+        // Back to what serves (a bad sidecar undone, say): a later
+        // failure is news again.
+        known.refused = None;
+        known.applied = Some(stamped);
+        return (name.to_string(), Some(known), Ok(()));
+    }
+    let attempt = (hash, settings);
+    if known.refused.as_ref() == Some(&attempt) {
+        known.applied = Some(stamped);
+        return (name.to_string(), Some(known), Ok(()));
+    }
+    let outcome = if known.serving.is_some() {
+        "the previous version keeps serving with its settings"
+    } else {
+        "not served"
+    };
+    let (hash, limits) = match attempt {
+        (hash, Ok(limits)) => (hash, limits),
+        (hash, Err(reason)) => {
+            error!(target: "callme::server", plugin = name, version = %&hash[..12], reason = %reason, "invalid settings: {outcome}");
+            observe::plugin_refused(name, known.serving.is_some(), LoadFailure::InvalidSettings);
+            known.refused = Some((hash, Err(reason)));
+            known.applied = Some(stamped);
+            return (name.to_string(), Some(known), Ok(()));
+        }
+    };
+    let started = Instant::now();
+    let runtime = apply.runtime.clone();
+    let owned_name = name.to_string();
+    let lim = limits.clone();
+    let loading =
+        tokio::task::spawn_blocking(move || Plugin::load(&runtime, &owned_name, &bytes, lim));
+    let Some(loaded) = unless_stopped(&mut stop, loading).await else {
+        return given_up(name, known);
+    };
+    // A load that panicked refuses that plugin only.
+    let loaded =
+        loaded.unwrap_or_else(|e| Err(PluginError::internal(format!("loading failed: {e}"))));
+    // An instance is made once before the version is served: one that
+    // can never be made (an initial memory over its `memory_bytes`, a
+    // start function that traps or spins) would fail every call, and
+    // is refused instead, the version before it serving on.
+    // On the plugin executor, not this runtime, which talks to the
+    // broker; within the plugin's deadline.
+    let loaded = match loaded {
+        Ok(plugin) => {
+            let trying = apply.server.plugin_executor().spawn(async move {
+                let made = plugin.try_instance().await;
+                (plugin, made)
+            });
+            let trial = trying.abort_handle();
+            let Some(tried) = unless_stopped(&mut stop, trying).await else {
+                // Not left running beside the calls the host finishes.
+                trial.abort();
+                return given_up(name, known);
+            };
+            match tried {
+                Ok((plugin, Ok(()))) => Ok(plugin),
+                Ok((_, Err(e))) => Err(PluginError::invalid_plugin(format!(
+                    "an instance of it cannot be made: {e}"
+                ))),
+                Err(e) => Err(PluginError::internal(format!("trying it failed: {e}"))),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    drop(permit);
+    let refusal = match loaded {
+        // No version is served once the host stops: it would take
+        // requests that the process, on its way out, drops.
+        Ok(_) if *stop.borrow() => return given_up(name, known),
+        Ok(plugin) => {
+            let swapped = known.serving.is_some();
+            match apply.server.serve_plugin(plugin).await {
+                Ok(()) => {
+                    known.serving = Some((hash.clone(), limits));
+                    known.refused = None;
+                    known.applied = Some(stamped);
+                    observe::plugin_served(name, &hash, swapped);
+                    info!(
+                        target: "callme::server",
+                        plugin = name,
+                        version = %&hash[..12],
+                        elapsed = ?started.elapsed(),
+                        "{}", if swapped { "swapped in" } else { "loaded" }
+                    );
+                    return (name.to_string(), Some(known), Ok(()));
+                }
+                // The server refused this plugin (its id, its
+                // concurrency, its queue, the broker's permissions for
+                // it): the others are not concerned. Not remembered
+                // as refused: what made it fail is outside the file,
+                // so the next event about it (a `touch`) tries again.
+                Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => {
+                    error!(target: "callme::server", plugin = name, file = %path.display(), version = %&hash[..12], reason = %e, "refused: {outcome}");
+                    observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
+                    known.applied = Some(stamped);
+                    return (name.to_string(), Some(known), Ok(()));
+                }
+                Err(e) => return (name.to_string(), Some(known), Err(e)),
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    error!(
+        target: "callme::server",
+        plugin = name,
+        file = %path.display(),
+        version = %&hash[..12],
+        reason = %refusal,
+        "refused: {outcome}"
+    );
+    observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
+    known.refused = Some((hash, Ok(limits)));
+    known.applied = Some(stamped);
+    (name.to_string(), Some(known), Ok(()))
 }
 
 #[cfg(test)]

@@ -165,6 +165,7 @@ struct Metrics {
     pipelined: Family<IdLabels, Counter>,
     loads: Family<LoadLabels, Counter>,
     plugin_info: Family<VersionLabels, Gauge>,
+    changes_pending: Gauge,
     connected: Family<ConnectionLabels, Gauge>,
     reconnects: Family<ConnectionLabels, Counter>,
     rpc_calls: Family<RpcLabels, Counter>,
@@ -196,6 +197,7 @@ impl Metrics {
             pipelined: Family::default(),
             loads: Family::default(),
             plugin_info: Family::default(),
+            changes_pending: Gauge::default(),
             connected: Family::default(),
             reconnects: Family::default(),
             rpc_calls: Family::default(),
@@ -291,6 +293,11 @@ impl Metrics {
             "callme_plugin_info",
             "The version (SHA-256 of the component) each plugin's server id serves: 1 for the version serving",
             m.plugin_info.clone(),
+        );
+        r.register(
+            "callme_plugin_changes_pending",
+            "Plugins of the directory whose change is being applied (a new version read, compiled and its first instance tried; a removal) or waits to be: 0 once the host has acted on every change it has seen",
+            m.changes_pending.clone(),
         );
         r.register(
             "callme_broker_connected",
@@ -811,6 +818,16 @@ pub(crate) fn plugin_removed(server_id: &str) {
         METRICS
             .plugin_info
             .remove(&VersionLabels { server_id, version });
+    }
+}
+
+/// A change to a plugin of the directory began to be applied (`true`)
+/// or was applied (`false`).
+pub(crate) fn plugin_change_pending(pending: bool) {
+    if pending {
+        METRICS.changes_pending.inc();
+    } else {
+        METRICS.changes_pending.dec();
     }
 }
 

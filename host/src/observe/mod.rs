@@ -38,8 +38,9 @@ pub(crate) use metrics::KeptInstance;
 pub(crate) use metrics::{
     BadRequest, LinkWatch, LoadFailure, Made, Refused, ReplyLost, bad_request, call_finished,
     call_started, consuming, instance_kept, instance_made, instance_waited, plugin_call_ran,
-    plugin_http_request, plugin_refused, plugin_removed, plugin_rpc_call, plugin_served,
-    queue_wait, reply_not_sent, reply_pipelined, reply_undeliverable, request_refused,
+    plugin_change_pending, plugin_http_request, plugin_refused, plugin_removed, plugin_rpc_call,
+    plugin_served, queue_wait, reply_not_sent, reply_pipelined, reply_undeliverable,
+    request_refused,
 };
 /// The Prometheus client library this crate records with, for a program
 /// that gives a proxy its registry and encodes it: the same version.
