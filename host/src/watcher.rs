@@ -191,7 +191,7 @@ pub(crate) fn read_settings(dir: &Path, name: &str) -> Result<PluginSettings, St
 }
 
 /// What is known about one plugin file.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Known {
     /// Hash and settings of the version serving.
     serving: Option<(String, PluginSettings)>,
@@ -316,8 +316,8 @@ pub(crate) struct Deployer {
     known: HashMap<String, Known>,
     /// Files whose name is no server id, already reported.
     misnamed: HashSet<String>,
-    /// Plugins whose change is being applied (their [`Known`] is with the
-    /// task), and whether another change came meanwhile.
+    /// Plugins whose change is being applied (by a task working on a copy
+    /// of their [`Known`]), and whether another change came meanwhile.
     applying: HashMap<String, bool>,
     tasks: JoinSet<Applied>,
     /// The plugin each task applies a change to.
@@ -521,7 +521,8 @@ impl Deployer {
             debug!(target: "callme::server", plugin = name, file = %file, "left until its writer closes it: it is being written");
             return;
         }
-        let known = self.known.remove(name).unwrap_or_default();
+        // The task works on a copy: if it fails, what was known stays.
+        let known = self.known.get(name).cloned().unwrap_or_default();
         self.applying.insert(name.to_string(), false);
         observe::plugin_change_pending(true);
         let task = self.tasks.spawn(reconcile(
@@ -542,14 +543,16 @@ impl Deployer {
         let (name, outcome) = match done {
             Ok((id, (name, known, outcome))) => {
                 self.task_names.remove(&id);
-                if let Some(known) = known {
-                    self.known.insert(name.clone(), known);
-                }
+                match known {
+                    Some(known) => self.known.insert(name.clone(), known),
+                    None => self.known.remove(&name),
+                };
                 (name, outcome)
             }
             Err(e) => {
-                // What was known of it is lost with the task: the next
-                // look at the directory reads it again.
+                // What was known before it stays, its stamps older than
+                // the files: the next look at the directory reads them
+                // again.
                 let name = self.task_names.remove(&e.id()).unwrap_or_default();
                 error!(target: "callme::server", plugin = %name, error = %e, "applying a change failed");
                 (name, Ok(()))
@@ -693,14 +696,23 @@ async fn unless_stopped<T>(
     }
 }
 
-/// Withdraws server id `name`, whose file is gone.
-async fn remove(apply: &Apply, name: &str) -> Applied {
-    observe::plugin_removed(name);
-    let stopped = apply.server.stop_serving(name).await;
-    if matches!(stopped, Ok(true)) {
-        info!(target: "callme::server", plugin = name, "removed");
+/// Withdraws server id `name`, whose file is gone. What is known of it
+/// is forgotten once it is withdrawn; kept, to be tried again, if the
+/// broker would not let it be.
+async fn remove(apply: &Apply, name: &str, mut known: Known) -> Applied {
+    match apply.server.stop_serving(name).await {
+        Ok(stopped) => {
+            observe::plugin_removed(name);
+            if stopped {
+                info!(target: "callme::server", plugin = name, "removed");
+            }
+            (name.to_string(), None, Ok(()))
+        }
+        Err(e) => {
+            known.applied = None;
+            (name.to_string(), Some(known), Err(e))
+        }
     }
-    (name.to_string(), None, stopped.map(|_| ()))
 }
 
 /// The host stops: the version of `name` being loaded is not served.
@@ -734,7 +746,7 @@ async fn reconcile(
         .symlink_metadata()
         .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     {
-        return remove(&apply, name).await;
+        return remove(&apply, name, known).await;
     }
     let share = load_share(std::fs::metadata(&path).map_or(0, |m| m.len()));
     let Some(Ok(permit)) = unless_stopped(&mut stop, apply.loads.acquire_many(share)).await else {
@@ -760,7 +772,9 @@ async fn reconcile(
     .unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))));
     let (bytes, hash) = match read {
         Ok(read) => read,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return remove(&apply, name).await,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return remove(&apply, name, known).await;
+        }
         Err(e) => {
             // Reported once until the file changes.
             if known.applied.as_ref() != Some(&stamped) {
