@@ -509,6 +509,9 @@ enum Answer {
     /// As [`Answer::Hold`], after sending the headers and the start of a
     /// body: the client has its response and holds its connection.
     HoldAnswered,
+    /// `200 OK` with a header this many bytes long, and the body of
+    /// [`Answer::Body`]`(0)`.
+    BigHead(usize),
 }
 
 /// The body [`Answer::Body`] sends.
@@ -557,6 +560,14 @@ impl HttpServer {
                             let body = answer_body(extra);
                             format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        }
+                        Answer::BigHead(n) => {
+                            let body = answer_body(0);
+                            format!(
+                                "HTTP/1.1 200 OK\r\nx-padding: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                "x".repeat(n),
                                 body.len()
                             )
                         }
@@ -680,6 +691,70 @@ async fn requests_end_with_their_call(answer: Answer) {
             web.accepted()
         );
     }
+}
+
+/// A response's head is bounded by 64 KiB of read buffer (hyper stops
+/// once a head is still not whole with that much read, so a head may
+/// reach twice that): the host holds it outside the guest's memory for
+/// as long as the guest keeps the response, and hyper's own bound (about
+/// 400 KiB) let a plugin's 256 requests to a server sending long heads
+/// hold 100 MiB of the host's memory.
+#[tokio::test]
+async fn a_response_head_over_the_bound_is_refused() {
+    let relay = unique("cap-head");
+    let long = HttpServer::start(Answer::BigHead(300 << 10)).await;
+    let fits = HttpServer::start(Answer::BigHead(32 << 10)).await;
+    let p = load(
+        "relay",
+        &relay,
+        granted_http(
+            &[&long.authority(), &fits.authority()],
+            1 << 20,
+            Duration::from_secs(10),
+        ),
+    );
+    let refused = fetch(&p, &long.url("/")).await;
+    assert!(refused.is_err(), "a 300 KiB head came through");
+    assert_eq!(long.accepted(), 1);
+    assert_eq!(fetch(&p, &fits.url("/")).await.unwrap(), answer_body(0));
+}
+
+/// One plugin has at most 64 connections open at once, all its calls
+/// together: a plugin starting 200 requests to a server that never
+/// answers (and keeping them) has 64 of them connected, the rest waiting,
+/// and another plugin's requests go through meanwhile. Each request had
+/// a connection of its own, so 8 such calls (the default concurrency)
+/// held 2,048 descriptors, more than a host's usual limit of 1,024 open
+/// files: its broker connection and its plugins directory failed with it.
+#[tokio::test]
+async fn one_plugin_holds_at_most_64_connections() {
+    let silent = HttpServer::start(Answer::Hold).await;
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let p = load(
+        "hostile",
+        &unique("cap-conns"),
+        granted_http(&[&silent.authority()], 1 << 20, Duration::from_secs(60)),
+    );
+    let other = load(
+        "relay",
+        &unique("cap-conns-other"),
+        granted_http(&[&web.authority()], 1 << 20, Duration::from_secs(10)),
+    );
+    let args = pos(json!([silent.authority(), 200]));
+    let fired = p.call("fire", &args);
+    let fetched = async {
+        // While the 200 requests are being made.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fetch(&other, &web.url("/")).await
+    };
+    let (fired, fetched) = tokio::join!(fired, fetched);
+    fired.unwrap();
+    assert_eq!(fetched.unwrap(), answer_body(0));
+    let accepted = silent.accepted();
+    assert!(
+        (1..=64).contains(&accepted),
+        "{accepted} connections of one plugin at once"
+    );
 }
 
 #[tokio::test]

@@ -483,6 +483,23 @@ fn new_plugin(dir: &Path, name: &str, language: callme::scaffold::Language) -> a
     Ok(())
 }
 
+/// Raises the soft limit of open files to the hard one, as servers do:
+/// plugins' outbound HTTP connections are bounded by half of it, and a
+/// soft limit of 1,024 (a common default) would leave them few.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(target: "callme::server", error = %e, "cannot raise the limit of open files");
+        }
+    }
+}
+
 /// Serves until SIGTERM or Ctrl-C, with `ready_file` present while every
 /// plugin of the directory is served, and the metrics endpoint on
 /// `metrics_addr` from the start (so health answers while the broker is
@@ -492,6 +509,7 @@ async fn serve(
     ready_file: Option<&Path>,
     metrics_addr: Option<&str>,
 ) -> anyhow::Result<()> {
+    raise_open_files_limit();
     // One host a ready file: held until this function returns, and let go
     // by the kernel if the process is killed.
     let _lock = ready_file.map(lock_ready_file).transpose()?;

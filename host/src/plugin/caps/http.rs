@@ -409,6 +409,7 @@ impl WasiHttpHooks for HttpHooks {
                     | HttpError::ConnectionReadTimeout,
                 ) => "timeout",
                 Err(HttpError::HttpResponseBodySize(_)) => "too_large",
+                Err(HttpError::ConnectionLimitReached) => "limit",
                 Err(_) => "error",
             });
             result

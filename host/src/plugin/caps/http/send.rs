@@ -15,6 +15,16 @@
 //! bounds the wait for a lookup too (`DnsTimeout`). An IP address is
 //! never looked up.
 //!
+//! Connections are bounded the same way: a plugin has at most
+//! [`CONNECTIONS_PER_PLUGIN`] open at once, all its calls together, and
+//! the host at most half the file descriptors it may open (see
+//! [`connections_in_all`]); a request past either waits, within its
+//! connect timeout, for one to close. So one plugin holding connections
+//! open (to a server that never answers, or responses it never reads)
+//! can neither starve the others of connections nor the host of the
+//! descriptors its broker connection and its plugins directory need.
+//! A response's head is bounded by [`MAX_HEAD_BYTES`].
+//!
 //! TLS is rustls with the Mozilla roots of `webpki-roots` (no client
 //! certificate), the server's name checked against its certificate; the
 //! configuration is made once.
@@ -45,6 +55,29 @@ pub(crate) const LOOKUPS_PER_PLUGIN: usize = 4;
 /// blocking threads than this.
 pub(crate) const LOOKUPS_IN_ALL: usize = 256;
 
+/// Connections one plugin may have open at once, all its calls together.
+pub(crate) const CONNECTIONS_PER_PLUGIN: usize = 64;
+
+/// hyper's read buffer, which bounds a response's head (status line and
+/// headers): hyper fails a head still not whole with this much read, so
+/// a head may reach twice this. The response holds it outside the
+/// guest's memory as long as the guest keeps it; hyper's default is
+/// about 400 KiB.
+pub(crate) const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// Connections the host may have open at once, all plugins together:
+/// half the file descriptors the process may open (its soft
+/// `RLIMIT_NOFILE`, which `callme serve` raises to the hard one), at
+/// least 16 and at most 4,096.
+pub(crate) fn connections_in_all() -> usize {
+    let open_files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    usize::try_from(open_files / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 4096)
+}
+
 /// A response, and the future that drives its connection.
 pub(super) type Connected = (
     http::Response<WasiBody>,
@@ -72,6 +105,10 @@ pub(super) async fn send(
         .and_then(|o| o.first_byte_timeout)
         .unwrap_or(forever);
 
+    // Held as long as the connection is open.
+    let permits = tokio::time::timeout(connect_timeout, Permits::connections().acquire(plugin))
+        .await
+        .map_err(|_| HttpError::ConnectionLimitReached)??;
     let addresses = tokio::time::timeout(connect_timeout, resolve(plugin, &host, port))
         .await
         .map_err(|_| HttpError::DnsTimeout)??;
@@ -92,6 +129,7 @@ pub(super) async fn send(
             Box::new(stream)
         };
         hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEAD_BYTES)
             .handshake::<_, WasiBody>(TokioIo::new(stream))
             .await
             .map_err(HttpError::from)
@@ -139,6 +177,7 @@ pub(super) async fn send(
     let head = head.map(|body| body.map_err(HttpError::from).boxed_unsync());
     let driven: Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>> =
         Box::pin(async move {
+            let _permits = permits;
             match connection {
                 Some(conn) => conn.await.map_err(|e| {
                     if e.is_timeout() {
@@ -163,15 +202,10 @@ async fn resolve(plugin: &Arc<str>, host: &str, port: u16) -> Result<Vec<SocketA
     if let Some(ip) = ip_address(host) {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let lookups = Lookups::get();
-    let mine = lookups.of(plugin).acquire_owned().await;
-    let all = lookups.all.clone().acquire_owned().await;
-    let (Ok(mine), Ok(all)) = (mine, all) else {
-        return Err(HttpError::InternalError(Some("lookups are closed".into())));
-    };
+    let permits = Permits::lookups().acquire(plugin).await?;
     let name = host.to_string();
     let found = tokio::task::spawn_blocking(move || {
-        let _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit) = (mine, all);
+        let _permits = permits;
         (name.as_str(), port)
             .to_socket_addrs()
             .map(Iterator::collect::<Vec<_>>)
@@ -200,32 +234,57 @@ fn ip_address(host: &str) -> Option<IpAddr> {
     bare.parse().ok()
 }
 
-/// The permits lookups take.
-struct Lookups {
+/// Permits of one kind (lookups, connections): so many for each plugin,
+/// and so many for all of them.
+struct Permits {
     all: Arc<Semaphore>,
+    each: usize,
     plugins: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
 }
 
-impl Lookups {
-    fn get() -> &'static Lookups {
-        static LOOKUPS: OnceLock<Lookups> = OnceLock::new();
-        LOOKUPS.get_or_init(|| Lookups {
-            all: Arc::new(Semaphore::new(LOOKUPS_IN_ALL)),
+impl Permits {
+    fn new(all: usize, each: usize) -> Permits {
+        Permits {
+            all: Arc::new(Semaphore::new(all)),
+            each,
             plugins: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    /// The permits of `plugin`. Plugins with no lookup running are
-    /// forgotten once there are many.
+    fn lookups() -> &'static Permits {
+        static LOOKUPS: OnceLock<Permits> = OnceLock::new();
+        LOOKUPS.get_or_init(|| Permits::new(LOOKUPS_IN_ALL, LOOKUPS_PER_PLUGIN))
+    }
+
+    fn connections() -> &'static Permits {
+        static CONNECTIONS: OnceLock<Permits> = OnceLock::new();
+        CONNECTIONS.get_or_init(|| Permits::new(connections_in_all(), CONNECTIONS_PER_PLUGIN))
+    }
+
+    /// The permits of `plugin`. Plugins holding none are forgotten once
+    /// there are many.
     fn of(&self, plugin: &Arc<str>) -> Arc<Semaphore> {
         let mut plugins = self.plugins.lock().unwrap_or_else(|p| p.into_inner());
         if plugins.len() >= 1024 && !plugins.contains_key(plugin) {
-            plugins.retain(|_, s| s.available_permits() < LOOKUPS_PER_PLUGIN);
+            plugins.retain(|_, s| s.available_permits() < self.each);
         }
         plugins
             .entry(plugin.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(LOOKUPS_PER_PLUGIN)))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.each)))
             .clone()
+    }
+
+    /// One of `plugin`'s permits and one of all, once both are free.
+    async fn acquire(
+        &self,
+        plugin: &Arc<str>,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), HttpError> {
+        let mine = self.of(plugin).acquire_owned().await;
+        let all = self.all.clone().acquire_owned().await;
+        match (mine, all) {
+            (Ok(mine), Ok(all)) => Ok((mine, all)),
+            _ => Err(HttpError::InternalError(Some("permits are closed".into()))),
+        }
     }
 }
 
@@ -288,12 +347,28 @@ mod tests {
 
     #[test]
     fn a_plugins_permits_are_its_own() {
-        let lookups = Lookups::get();
-        let a = lookups.of(&Arc::from("permits-a"));
-        let _held: Vec<_> = (0..LOOKUPS_PER_PLUGIN)
-            .map(|_| a.clone().try_acquire_owned().unwrap())
-            .collect();
-        assert!(lookups.of(&Arc::from("permits-a")).try_acquire().is_err());
-        assert!(lookups.of(&Arc::from("permits-b")).try_acquire().is_ok());
+        for (permits, each) in [
+            (Permits::lookups(), LOOKUPS_PER_PLUGIN),
+            (Permits::connections(), CONNECTIONS_PER_PLUGIN),
+        ] {
+            let a = permits.of(&Arc::from("permits-a"));
+            let _held: Vec<_> = (0..each)
+                .map(|_| a.clone().try_acquire_owned().unwrap())
+                .collect();
+            assert!(permits.of(&Arc::from("permits-a")).try_acquire().is_err());
+            assert!(permits.of(&Arc::from("permits-b")).try_acquire().is_ok());
+        }
+    }
+
+    #[test]
+    fn connections_in_all_are_half_the_open_files() {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let open_files = limit.current.unwrap_or(u64::MAX);
+        let all = connections_in_all();
+        assert!((16..=4096).contains(&all));
+        assert!(
+            all as u64 <= open_files / 2 || all == 16,
+            "{all} of {open_files}"
+        );
     }
 }
