@@ -458,3 +458,54 @@ def test_an_exchange_share_is_a_quarter_of_the_lanes_and_leaves_no_entry() -> No
         assert shares == {}
 
     asyncio.run(main())
+
+
+def test_calls_to_a_missing_server_leave_nothing_on_the_connection(
+    amqp_url: str, host: Host
+) -> None:
+    """Each call to a server id nobody serves has its lane closed by the
+    broker. Lanes opened through aio-pika left a callback (with its event,
+    lock and task) on the connection for each, about 2 KB a call for the
+    connection's life: a caller polling a server that is not up yet grew
+    without bound."""
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url=amqp_url, timeout=10) as proxy:
+            assert await proxy.use_server(host.calc).add(1, 1) == 2
+            assert proxy._link is not None
+            connection = await proxy._link.connection()
+            # aiormq's own closing future: each observer of the
+            # connection's `closing` hangs a callback on it.
+            closing = connection.transport.connection._closing
+
+            def callbacks() -> int:
+                return len(closing._callbacks or [])
+
+            before = callbacks()
+            for _ in range(50):
+                with pytest.raises(callme.NoSuchServer):
+                    await proxy.use_server(host.missing).add(1, 1)
+            await asyncio.sleep(0.2)
+            assert callbacks() - before <= 2, f"{before} callbacks, then {callbacks()}"
+            assert await proxy.use_server(host.calc).add(2, 3) == 5
+
+    asyncio.run(main())
+
+
+def test_a_proxy_used_from_another_event_loop_says_so(amqp_url: str, host: Host) -> None:
+    """A proxy made at module level and used under two ``asyncio.run``s:
+    the second loop's call waited out its whole timeout for a connection
+    whose loop was gone, and said the broker could not be reached."""
+    proxy = callme.AsyncProxy(amqp_url=amqp_url, timeout=10)
+
+    async def first() -> None:
+        assert await proxy.use_server(host.calc).add(1, 1) == 2
+
+    async def second() -> None:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="event loop"):
+            await proxy.use_server(host.calc).add(1, 1)
+        assert time.monotonic() - started < 1
+
+    asyncio.run(first())
+    asyncio.run(second())

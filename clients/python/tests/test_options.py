@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 
 from callme_client import redact_url
@@ -95,3 +97,22 @@ def test_no_password_in_the_options_repr_or_a_bad_url_s_error() -> None:
         ConnectOptions.build("amqp://bob:s3cr3t/x@host/%2f", amqp_vhost="v")
     assert "s3cr3t" not in str(refused.value), refused.value
     assert "port is not a number" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((), {"amqp_host": "admin:Hunter2@rabbit.prod"}),
+        (("admin:Hunter2@rabbit.prod",), {}),
+        ((), {"amqp_host": "admin:Hunter2@[::1]"}),
+    ],
+)
+def test_a_host_holding_a_password_is_refused_without_it(args: tuple, kwargs: dict) -> None:
+    """A seed-style host that holds ``user:password@`` was taken for an
+    IPv6 address, and urllib's error quoted it, password and all."""
+    with pytest.raises(ValueError) as caught:
+        ConnectOptions.build(*args, **kwargs)
+    assert "Hunter2" not in str(caught.value)
+    error = caught.value
+    shown = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    assert "Hunter2" not in shown

@@ -59,7 +59,8 @@ class AsyncProxy:
     ``connection_name`` is shown by the broker's management tools.
 
     A proxy belongs to the event loop it first connects on; any number of
-    tasks of that loop share it.
+    tasks of that loop share it. Used from another loop, it raises
+    :class:`RuntimeError`.
     """
 
     def __init__(
@@ -97,6 +98,26 @@ class AsyncProxy:
         self._starting: Optional["asyncio.Future[None]"] = None
         self._pending: Dict[str, "asyncio.Future[bytes]"] = {}
         self._closed = False
+        # The event loop it first connected on, which its connection's
+        # tasks run on.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def _check_loop(self) -> None:
+        """Raises if this runs on another event loop than the proxy's.
+
+        Its connection lives on the loop it first connected on: from
+        another (a second ``asyncio.run``, a test framework's loop per
+        test), calls would wait out their timeout for a connection whose
+        loop no longer runs, or write to it from the wrong loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError(
+                "this AsyncProxy belongs to the event loop it first connected on, "
+                "and this is another one: make one AsyncProxy per event loop"
+            )
 
     @property
     def timeout(self) -> float:
@@ -127,6 +148,7 @@ class AsyncProxy:
         """
         if self._closed:
             raise errors.ConnectionError("the proxy is closed")
+        self._check_loop()
         if self._link is not None:
             return
         if self._starting is None:
@@ -195,6 +217,7 @@ class AsyncProxy:
         :raises TypeError, ValueError: an argument is not JSON-serialisable.
         """
         timeout = self._timeout if timeout is None else _positive(timeout)
+        self._check_loop()
         body = encode_request(func, args, kwargs)
         if not valid_server_id(server_id):
             raise errors.NoSuchServer(server_id)
@@ -301,6 +324,10 @@ class AsyncProxy:
         for waiting in self._pending.values():
             if not waiting.done():
                 waiting.set_exception(errors.ConnectionError(why))
+                # Taken as seen: a call still publishing when the
+                # connection goes fails on its own and never awaits this
+                # future, which asyncio would report as "never retrieved".
+                waiting.exception()
 
 
 class AsyncServerProxy:

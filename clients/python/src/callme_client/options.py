@@ -13,7 +13,7 @@ import os
 import ssl as _ssl
 from dataclasses import dataclass
 from typing import Optional
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 __all__ = ["ConnectOptions", "redact_url", "ENV_URL"]
 
@@ -43,6 +43,15 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{shown}@{tail}"
 
 
+def _split(url: str) -> SplitResult:
+    """``urlsplit(url)``, whose errors quote what they could not parse
+    (a host that holds ``user:password@``): raised again without it."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ValueError(f"invalid AMQP URL {redact_url(url)!r}") from None
+
+
 @dataclass(frozen=True, repr=False)
 class ConnectOptions:
     """A broker to connect to.
@@ -60,7 +69,7 @@ class ConnectOptions:
     connection_name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        query = dict(parse_qsl(urlsplit(self.url).query, keep_blank_values=True))
+        query = dict(parse_qsl(_split(self.url).query, keep_blank_values=True))
         timeout = query.get("connection_timeout")
         if timeout is not None and not (timeout.isascii() and timeout.isdigit()):
             raise ValueError(
@@ -106,7 +115,14 @@ class ConnectOptions:
             # The seed's first positional argument was the host name.
             amqp_host, amqp_url = amqp_url, _DEFAULT_URL
             seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
-        parts = urlsplit(amqp_url)
+        if amqp_host is not None and any(c in amqp_host for c in "@/?#"):
+            # Not quoted: it may be `user:password@host`.
+            raise ValueError(
+                "invalid AMQP host: a host name or address, without a user, password, "
+                "path or query (give those as amqp_user, amqp_password, amqp_vhost, "
+                "or a whole amqp:// URL)"
+            )
+        parts = _split(amqp_url)
         if parts.scheme not in ("amqp", "amqps"):
             raise ValueError(
                 f"invalid AMQP URL {redact_url(amqp_url)!r}: expected "
@@ -150,7 +166,7 @@ class ConnectOptions:
                     "",
                 )
             )
-        if any((ca_file, cert_file, key_file)) and urlsplit(url).scheme != "amqps":
+        if any((ca_file, cert_file, key_file)) and _split(url).scheme != "amqps":
             raise ValueError("TLS files given but the URL is not amqps://")
         if bool(cert_file) != bool(key_file):
             raise ValueError("a client certificate needs both a certificate and a key file")
