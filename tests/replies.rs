@@ -874,3 +874,49 @@ async fn a_reply_too_large_for_the_broker_reaches_its_caller_as_an_error() {
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
 }
+
+/// A large reply is read by the call it answers, not by the proxy's one
+/// task that takes every reply: another call's reply, come just after
+/// it, is handed over at once. The reply task read each body itself, so a
+/// server answering with megabytes of JSON (a hostile one, or a plugin's
+/// `rpc` callee) held up the replies of every other call on the proxy
+/// while it was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_reply_holds_up_no_other_calls_reply() {
+    let big_id = unique("big-reply");
+    let small_id = unique("small-reply");
+    let mut big = callme_tests::PlayedServer::start(&big_id).await;
+    let mut small = callme_tests::PlayedServer::start(&small_id).await;
+    let p = Arc::new(proxy(Duration::from_secs(60)).await);
+    let finished = Arc::new(AtomicUsize::new(0));
+    let call = |id: String| {
+        let (p, finished) = (p.clone(), finished.clone());
+        tokio::spawn(async move {
+            let r = p.use_server(&id).call("f", pos(json!([]))).await;
+            let order = finished.fetch_add(1, Ordering::SeqCst);
+            (r, order, std::time::Instant::now())
+        })
+    };
+    let big_call = call(big_id.clone());
+    let small_call = call(small_id.clone());
+    let big_request = big.requests.next_reply(None).await;
+    let small_request = small.requests.next_reply(None).await;
+    // 1.5 million numbers: 11 MB of JSON (under the test broker's 16 MiB
+    // message size), long to read in a debug build.
+    let numbers: Vec<u32> = (0..1_500_000).collect();
+    callme_tests::answer(&big.channel, &big_request, json!(numbers)).await;
+    callme_tests::answer(&small.channel, &small_request, json!("small")).await;
+    let (small_reply, small_order, small_done) = small_call.await.unwrap();
+    let (big_reply, big_order, big_done) = big_call.await.unwrap();
+    assert_eq!(small_reply.unwrap(), json!("small"));
+    assert_eq!(big_reply.unwrap().as_array().map(Vec::len), Some(1_500_000));
+    // Read by its own call, the large reply takes hundreds of
+    // milliseconds (360 on the machine this was written on) after the
+    // small call is done; read by the reply task, the two calls ended
+    // microseconds apart, in either order.
+    let ahead = big_done.saturating_duration_since(small_done);
+    assert!(
+        small_order < big_order && ahead >= Duration::from_millis(50),
+        "the small reply waited for the large one to be read (done {ahead:?} before it)"
+    );
+}

@@ -474,7 +474,7 @@ impl Proxy {
                     }
                     reply = &mut rx => {
                         return match reply {
-                            Ok(response) => Attempt::Done(response.into_result().map_err(Error::Remote)),
+                            Ok(body) => Attempt::Done(replies::read(&body).into_result().map_err(Error::Remote)),
                             Err(_) => Attempt::Lost(Error::Disconnected(
                                 "the connection to the broker was lost before the reply came".into(),
                             )),

@@ -160,12 +160,13 @@ impl Replies {
                 }
                 None => return,
             };
-            self.take(&delivery);
+            let tag = delivery.delivery_tag;
+            self.take(delivery);
             taken += 1;
             if taken < ACK_EVERY {
-                unacked = Some(delivery.delivery_tag);
+                unacked = Some(tag);
             } else {
-                self.ack(channel, delivery.delivery_tag).await;
+                self.ack(channel, tag).await;
                 unacked = None;
                 taken = 0;
             }
@@ -183,9 +184,9 @@ impl Replies {
         }
     }
 
-    /// Hands one reply to the call waiting for it; reads its body only if
-    /// a call does.
-    fn take(&self, delivery: &Delivery) {
+    /// Hands one reply's body to the call waiting for it, which reads it
+    /// (see [`read`]).
+    fn take(&self, delivery: Delivery) {
         let Some(corr) = delivery.properties.correlation_id().as_ref() else {
             debug!(target: "callme::proxy", "reply without correlation id dropped");
             return;
@@ -194,13 +195,18 @@ impl Replies {
             debug!(target: "callme::proxy", correlation_id = %corr.as_str().escape_debug(), "late or unknown reply dropped");
             return;
         };
-        let response = Response::decode(&delivery.data).unwrap_or_else(|e| {
-            Response::Error(RemoteError::new(
-                ErrorKind::Internal,
-                format!("malformed reply: {e}"),
-            ))
-        });
         // The call may have ended since: then nobody reads it.
-        let _ = call.send(response);
+        let _ = call.send(delivery.data);
     }
+}
+
+/// A reply's body read as a response; one that is none, an `Internal`
+/// error saying so.
+pub(super) fn read(body: &[u8]) -> Response {
+    Response::decode(body).unwrap_or_else(|e| {
+        Response::Error(RemoteError::new(
+            ErrorKind::Internal,
+            format!("malformed reply: {e}"),
+        ))
+    })
 }
