@@ -419,10 +419,12 @@ fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
     }
 }
 
-/// A call sent again is the same call: the same correlation id (so
-/// whichever reply comes first answers it, and the other is dropped), the
-/// same trace, and an expiration of the time it has left, not a whole
-/// timeout again. The test plays the server, so it sees both requests.
+/// A call sent again is the same call: the same correlation id, the same
+/// trace, and an expiration of the time it has left, not a whole timeout
+/// again. The test plays the server, so it sees both requests. The first
+/// one's reply no longer finds the proxy (its reply exchange went with
+/// the connection, and the new connection's has a new name): the reply
+/// to the request sent again answers the call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
     let id = unique("resent");
@@ -463,8 +465,19 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
         expiration(&again),
         expiration(&first)
     );
-    // The first request's reply answers the call.
-    callme_tests::answer(&server.channel, &first, json!(3)).await;
+    // The first request's reply goes to a reply exchange that is gone.
+    let gone = first
+        .properties
+        .reply_to()
+        .as_ref()
+        .expect("a reply address")
+        .to_string();
+    assert_ne!(
+        again.properties.reply_to().as_ref().map(|r| r.to_string()),
+        Some(gone),
+        "sent again to the lost connection's reply exchange"
+    );
+    callme_tests::answer(&server.channel, &again, json!(3)).await;
     let answer = tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .expect("the call was answered")

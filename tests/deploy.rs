@@ -676,6 +676,19 @@ const SLOW_TO_START: &str = r#"
   (func (export "noop") (canon lift (core func $i "noop"))))
 "#;
 
+/// Deploys [`SLOW_TO_START`] as `id` in `dir`, its first instance given
+/// `deadline_ms` (and fuel enough to spin until then).
+fn deploy_slow_to_start(dir: &Path, id: &str, deadline_ms: u64) {
+    std::fs::write(
+        dir.join(format!("{id}.toml")),
+        format!("deadline_ms = {deadline_ms}\nfuel = 100000000000000\n"),
+    )
+    .unwrap();
+    let incoming = dir.join(format!(".{id}.incoming"));
+    std::fs::write(&incoming, wat::parse_str(SLOW_TO_START).unwrap()).unwrap();
+    std::fs::rename(&incoming, dir.join(format!("{id}.wasm"))).unwrap();
+}
+
 /// A plugin slow to load (its first instance spins until a 30 s
 /// deadline) holds up no other change: a plugin deployed and another
 /// removed meanwhile are acted on at once, and the slow one is refused
@@ -692,14 +705,7 @@ async fn a_plugin_slow_to_load_holds_up_no_other_deploy() {
     wait_version(&p, &old, "1").await;
 
     let slow = unique("slow-start");
-    std::fs::write(
-        dir.join(format!("{slow}.toml")),
-        "deadline_ms = 30000\nfuel = 100000000000000\n",
-    )
-    .unwrap();
-    let incoming = dir.join(format!(".{slow}.incoming"));
-    std::fs::write(&incoming, wat::parse_str(SLOW_TO_START).unwrap()).unwrap();
-    std::fs::rename(&incoming, dir.join(format!("{slow}.wasm"))).unwrap();
+    deploy_slow_to_start(&dir, &slow, 30_000);
     // Well into trying its first instance.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -832,14 +838,7 @@ async fn stopping_gives_up_a_version_still_loading() {
     let mut host = observed(&dir, &[]);
     host.wait_ready(WAIT);
     let slow = unique("stop-slow");
-    std::fs::write(
-        dir.join(format!("{slow}.toml")),
-        "deadline_ms = 20000\nfuel = 100000000000000\n",
-    )
-    .unwrap();
-    let incoming = dir.join(format!(".{slow}.incoming"));
-    std::fs::write(&incoming, wat::parse_str(SLOW_TO_START).unwrap()).unwrap();
-    std::fs::rename(&incoming, dir.join(format!("{slow}.wasm"))).unwrap();
+    deploy_slow_to_start(&dir, &slow, 20_000);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let stopping = Instant::now();

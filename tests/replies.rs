@@ -920,3 +920,42 @@ async fn a_large_reply_holds_up_no_other_calls_reply() {
         "the small reply waited for the large one to be read (done {ahead:?} before it)"
     );
 }
+
+/// A proxy names its reply exchange and queue anew on each connection.
+/// Any server it calls learns them, and anyone who may write to them can
+/// end its connection with one message lapin cannot read: named as
+/// before, they were there to be written to again the moment the proxy
+/// was back, and a server it no longer called could keep it down.
+#[tokio::test]
+async fn a_proxy_names_its_reply_queue_anew_on_each_connection() {
+    let (user, password) = dedicated_user("renamed");
+    let url = callme_tests::amqp_url_as(&user, &password);
+    let srv = Server::connect(&ConnectOptions::new(url.clone()), ServerOptions::default())
+        .await
+        .unwrap();
+    let id = unique("renamed");
+    srv.serve_native(&id, native_add()).await.unwrap();
+    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    let before = p.reply_exchange();
+
+    let conn = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    callme_tests::broker_ctl(&["close_connection", &conn, "closed by the test"]);
+    let answered = callme_tests::eventually(Duration::from_secs(15), || async {
+        p.use_server(&id).invoke::<_, i64>("add", (2, 3)).await.ok()
+    })
+    .await;
+    assert_eq!(answered, Some(5));
+    let after = p.reply_exchange();
+    assert_ne!(
+        after, before,
+        "the same reply exchange on the new connection"
+    );
+    assert!(after.starts_with(&format!("client_{user}_ex_")), "{after}");
+    let queues = callme_tests::broker_ctl(&["list_queues", "-q", "name"]);
+    assert!(!queues.contains(&before.replace("_ex_", "_queue_")));
+    assert!(queues.contains(&after.replace("_ex_", "_queue_")));
+}

@@ -678,17 +678,23 @@ const TWO_MEMORIES: &str = r#"
     (canon lift (core func $a "fail"))))
 "#;
 
-/// [`TWO_MEMORIES`], its memory capped at 16 pages.
-fn two_memories() -> Plugin {
+/// The component written in `text`, loaded as `name` with `limits`.
+fn from_text(text: &str, name: &str, limits: Limits) -> Plugin {
     let settings = PluginSettings {
-        limits: Limits {
-            memory_bytes: 16 << 16,
-            ..Limits::default()
-        },
+        limits,
         ..PluginSettings::default()
     };
-    let bytes = wat::parse_str(TWO_MEMORIES).expect("the component's text");
-    Plugin::load(&runtime(), "two-memories", &bytes, settings).expect("plugin loads")
+    let bytes = wat::parse_str(text).expect("the component's text");
+    Plugin::load(&runtime(), name, &bytes, settings).expect("plugin loads")
+}
+
+/// [`TWO_MEMORIES`], its memory capped at 16 pages.
+fn two_memories() -> Plugin {
+    let limits = Limits {
+        memory_bytes: 16 << 16,
+        ..Limits::default()
+    };
+    from_text(TWO_MEMORIES, "two-memories", limits)
 }
 
 /// `memory_bytes` caps a call's memory, however many linear memories the
@@ -998,15 +1004,11 @@ const BYTES: &str = r#"
 
 /// [`BYTES`] loaded with a result cap of `result_bytes`.
 fn bytes_plugin(result_bytes: usize) -> Plugin {
-    let settings = PluginSettings {
-        limits: Limits {
-            result_bytes,
-            ..Limits::default()
-        },
-        ..PluginSettings::default()
+    let limits = Limits {
+        result_bytes,
+        ..Limits::default()
     };
-    let bytes = wat::parse_str(BYTES).expect("the component's text");
-    Plugin::load(&runtime(), "bytes", &bytes, settings).expect("plugin loads")
+    from_text(BYTES, "bytes", limits)
 }
 
 /// What the host takes from a guest at once follows the plugin's result

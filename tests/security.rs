@@ -757,7 +757,8 @@ async fn calls_out_answered(p: &Proxy, relay: &str, target: &str) {
 /// on: a server called (or anyone who may publish to the reply exchange,
 /// whose name every such request carries) that sends a reply the AMQP
 /// client cannot read costs that connection a reconnection, and the
-/// host's callers nothing.
+/// host's callers nothing. The reply exchange is named anew on the new
+/// connection, so it takes another call to learn where to write again.
 #[tokio::test]
 async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing() {
     let dir = tempdir();
@@ -772,17 +773,21 @@ async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing()
     let mut host = Host::serve(&dir, &[]);
     host.wait_ready(Duration::from_secs(60));
     let p = proxy(Duration::from_secs(30)).await;
-    let reply_to = calls_out_reply_to(&p, &relay, &target).await;
+    let mut reply_to = calls_out_reply_to(&p, &relay, &target).await;
 
-    for _ in 0..3 {
+    for round in 0..3 {
         publish_unreadable_to(&reply_to).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..5 {
+            callme_tests::answers_add(&p, &target, i).await;
+        }
+        // The plugin's calls work again once their connection is back,
+        // and their replies come to a reply exchange named anew: the
+        // one written to is gone with the connection it served.
+        calls_out_answered(&p, &relay, &target).await;
+        let renamed = calls_out_reply_to(&p, &relay, &target).await;
+        assert_ne!(renamed, reply_to, "round {round}: the same reply exchange");
+        reply_to = renamed;
     }
-    for i in 0..5 {
-        callme_tests::answers_add(&p, &target, i).await;
-    }
-    // The plugin's calls work again once their connection is back.
-    calls_out_answered(&p, &relay, &target).await;
     let log = host.log_text();
     let lost = |connection: &str| {
         log.lines()

@@ -158,7 +158,7 @@ async fn the_proxy_sends_the_callers_trace_or_a_new_one() {
     let s = server(ServerOptions::default()).await;
     let p = proxy(Duration::from_secs(10)).await;
     let id = serve_calc(&s, &p, "proxytrace").await;
-    let mut overheard = RawClient::overhear(p.reply_exchange()).await;
+    let mut overheard = RawClient::overhear(&p.reply_exchange()).await;
 
     let ours = TraceContext::parse(&known_traceparent())
         .unwrap()

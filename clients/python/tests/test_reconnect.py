@@ -173,3 +173,29 @@ def test_a_reconnection_attempt_aiormq_cancels_is_tried_again(
             assert len(opens) >= 3
 
     asyncio.run(main())
+
+
+def test_the_reply_queue_is_named_anew_for_each_connection(
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any server a proxy calls learns its reply queue's name, and anyone
+    who may write there can end the proxy's connection with one message
+    the AMQP library cannot read. Named as before, the queue was there to
+    be written to again the moment the proxy was back; named anew, a
+    server must be called again to learn it."""
+    caplog.set_level(logging.INFO, logger="callme.proxy")
+    name = f"callme-py-renamed-{uuid.uuid4().hex[:8]}"
+    with callme.Proxy(amqp_url, timeout=20, connection_name=name) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        before = proxy.reply_exchange
+        assert before is not None
+        close_connection(name)
+        assert call_until_answered(calc) < 15
+        after = proxy.reply_exchange
+        assert after is not None and after != before
+        assert after.startswith(before[: before.index("_ex_") + 4])
+        # The old queue went with its connection.
+        queues = rabbitmqctl("list_queues", "name")
+        assert before.replace("_ex_", "_queue_", 1) not in queues
+        assert after.replace("_ex_", "_queue_", 1) in queues

@@ -143,15 +143,12 @@ struct Inner {
         )
     )]
     link: Link,
-    /// The connection the reply queue is consumed on, while there is one.
-    ready: watch::Receiver<Option<Arc<Connection>>>,
+    /// The connection the reply queue is consumed on, while there is one,
+    /// and the reply names declared on it.
+    ready: watch::Receiver<replies::Ready>,
     /// The channels requests are published on, one request per channel
     /// at a time, so a request to a missing server costs no other call.
     publisher: Publisher,
-    reply_exchange: String,
-    /// The reply queue, named in every request (`REPLY_QUEUE`) so a busy
-    /// server can pipeline replies to it.
-    reply_queue: String,
     pending: Arc<Pending>,
     timeout: Duration,
     /// Where calls are counted, once the program gives a registry.
@@ -204,10 +201,10 @@ impl Proxy {
         user: &str,
         timeout: Duration,
     ) -> Result<Proxy, Error> {
-        let uid = uuid::Uuid::new_v4().to_string();
         // AMQP names are at most 255 bytes; the reply queue's name carries
         // the user's.
-        let longest = crate::protocol::client_queue(user, &uid).len();
+        let names = ReplyNames::new(user);
+        let longest = names.queue.len();
         if longest > 255 {
             return Err(Error::Config(format!(
                 "the broker user name is {} bytes: callme's reply names \
@@ -216,14 +213,15 @@ impl Proxy {
                 user.len() - (longest - 255)
             )));
         }
-        let names = ReplyNames::new(user, &uid);
+        let names = Arc::new(names);
         let conn = conn
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
         let pending = Arc::new(Pending::default());
-        let (ready_tx, ready) = watch::channel(Some(conn.clone()));
+        let (ready_tx, ready) = watch::channel((Some(conn.clone()), names.clone()));
         let replies = Replies {
-            names: names.clone(),
+            user: user.to_string(),
+            names,
             pending: pending.clone(),
             ready: ready_tx,
         };
@@ -233,8 +231,6 @@ impl Proxy {
                 link: owned,
                 ready,
                 publisher: Publisher::new(PUBLISH_LANES),
-                reply_exchange: names.exchange,
-                reply_queue: names.queue,
                 pending,
                 timeout,
                 #[cfg(feature = "metrics")]
@@ -303,9 +299,11 @@ impl Proxy {
         self.inner.timeout
     }
 
-    /// The exchange this proxy receives replies on.
-    pub fn reply_exchange(&self) -> &str {
-        &self.inner.reply_exchange
+    /// The exchange this proxy receives replies on: named anew on each
+    /// connection to the broker (this is the current one's, or the last
+    /// one's while it reconnects).
+    pub fn reply_exchange(&self) -> String {
+        self.inner.ready.borrow().1.exchange.clone()
     }
 
     /// Calls `func` on `server` with `args`, waiting at most `timeout`.
@@ -416,7 +414,7 @@ impl Proxy {
         if tokio::time::Instant::now() >= call.deadline {
             return timed_out();
         }
-        let conn = match self.ready(call.deadline, call.timeout).await {
+        let (conn, names) = match self.ready(call.deadline, call.timeout).await {
             Ok(conn) => conn,
             Err(e) => return Attempt::Done(Err(e)),
         };
@@ -445,12 +443,12 @@ impl Proxy {
         );
         headers.insert(
             REPLY_QUEUE.into(),
-            AMQPValue::LongString(self.inner.reply_queue.as_str().into()),
+            AMQPValue::LongString(names.queue.as_str().into()),
         );
         let props = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_correlation_id(call.corr.into())
-            .with_reply_to(self.inner.reply_exchange.as_str().into())
+            .with_reply_to(names.exchange.as_str().into())
             .with_expiration(millis.to_string().into())
             .with_timestamp(sent.as_secs())
             .with_headers(headers);
@@ -487,23 +485,30 @@ impl Proxy {
         outcome.unwrap_or_else(|_| timed_out())
     }
 
-    /// The connection the reply queue is consumed on, waiting for one
-    /// until `deadline` while the link is re-established.
+    /// The connection the reply queue is consumed on, and the names of
+    /// the reply exchange and queue on it, waiting for one until
+    /// `deadline` while the link is re-established.
     async fn ready(
         &self,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Result<Arc<Connection>, Error> {
+    ) -> Result<(Arc<Connection>, Arc<ReplyNames>), Error> {
         let mut ready = self.inner.ready.clone();
         // A connection the broker dropped stays in `ready` until the link
         // has noticed (within 250 ms): publishing on it would fail the
         // call at once, so wait for the link's next word instead.
         let wait = tokio::time::timeout_at(
             deadline,
-            ready.wait_for(|conn| conn.as_ref().is_some_and(|c| c.status().connected())),
+            ready.wait_for(|(conn, _)| conn.as_ref().is_some_and(|c| c.status().connected())),
         );
         match wait.await {
-            Ok(Ok(conn)) => Ok(conn.clone().expect("waited for a connection")),
+            Ok(Ok(ready)) => {
+                let (conn, names) = &*ready;
+                Ok((
+                    conn.clone().expect("waited for a connection"),
+                    names.clone(),
+                ))
+            }
             Ok(Err(_)) => Err(Error::Disconnected(
                 "the proxy's broker connection is closed".into(),
             )),

@@ -1,10 +1,14 @@
 //! The proxy's reply queue and its consumer, across reconnections.
 //!
-//! The reply exchange and queue keep their names for the proxy's life, so
-//! a caller's `reply_to` never changes. The queue is exclusive to the
-//! connection: when the connection is lost, so are the replies on their
-//! way, and the calls waiting for them are failed at once. On each new
-//! connection the names are declared again and the proxy is ready again.
+//! The queue is exclusive to the connection: when the connection is
+//! lost, so are the replies on their way, and the calls waiting for them
+//! are failed at once. On each new connection a reply exchange and queue
+//! are declared under new names and the proxy is ready again. Any server
+//! the proxy calls learns the names, and anyone who may write to them can
+//! end the connection with one message lapin cannot read (a header over
+//! the frame size, a correlation id that is not UTF-8): named anew, they
+//! are not there to be written to again the moment the proxy is back, and
+//! a server must be called again to learn them.
 //!
 //! Replies are acknowledged, at most [`REPLY_PREFETCH`] at a time on
 //! their way to the proxy, so whoever may publish to the reply queue (a
@@ -49,8 +53,13 @@ pub(super) struct ReplyNames {
 }
 
 impl ReplyNames {
+    /// New names for a proxy of broker user `user`.
+    pub(super) fn new(user: &str) -> ReplyNames {
+        ReplyNames::with_uid(user, &uuid::Uuid::new_v4().to_string())
+    }
+
     /// The names of a proxy of broker user `user`, unique by `uid`.
-    pub(super) fn new(user: &str, uid: &str) -> ReplyNames {
+    pub(super) fn with_uid(user: &str, uid: &str) -> ReplyNames {
         ReplyNames {
             exchange: client_exchange(user, uid),
             queue: client_queue(user, uid),
@@ -88,14 +97,21 @@ impl ReplyNames {
     }
 }
 
+/// The connection the reply queue is consumed on, while there is one,
+/// and the names of the reply exchange and queue (declared on it, or on
+/// the last one).
+pub(super) type Ready = (Option<Arc<Connection>>, Arc<ReplyNames>);
+
 /// The reply consumer: hands each reply to the call waiting for it, and
-/// tells the proxy on which connection it can publish.
+/// tells the proxy on which connection it can publish, and what replies
+/// to it are addressed to.
 pub(super) struct Replies {
-    pub(super) names: ReplyNames,
+    /// The broker user the names carry.
+    pub(super) user: String,
+    pub(super) names: Arc<ReplyNames>,
     pub(super) pending: Arc<Pending>,
-    /// The connection the reply queue is consumed on, while there is one;
-    /// closed when the proxy is dropped.
-    pub(super) ready: watch::Sender<Option<Arc<Connection>>>,
+    /// Closed when the proxy is dropped.
+    pub(super) ready: watch::Sender<Ready>,
 }
 
 impl Subscription for Replies {
@@ -104,16 +120,18 @@ impl Subscription for Replies {
     }
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
+        self.names = Arc::new(ReplyNames::new(&self.user));
         self.names.declare(conn).await.map(Some)
     }
 
     async fn consume(&mut self, conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
-        self.ready.send_replace(Some(conn.clone()));
+        self.ready
+            .send_replace((Some(conn.clone()), self.names.clone()));
         self.take_replies(channel, consumer).await;
         // Replies to calls sent on that connection went with it (the reply
         // queue is exclusive to it): fail those calls now rather than let
         // them wait out their timeouts.
-        self.ready.send_replace(None);
+        self.ready.send_replace((None, self.names.clone()));
         self.pending.fail_all();
     }
 

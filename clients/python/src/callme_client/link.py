@@ -67,9 +67,10 @@ class Link:
         on_lost: Callable[[], None],
     ) -> None:
         self.options = options
-        uid = str(uuid.uuid4())
-        self.exchange = f"client_{options.user}_ex_{uid}"
-        self.queue = f"client_{options.user}_queue_{uid}"
+        # The reply exchange and queue: named anew for each connection
+        # (see `_name`).
+        self.exchange = ""
+        self.queue = ""
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._connection: Optional[AbstractConnection] = None
@@ -136,8 +137,23 @@ class Link:
             except Exception:  # closing a broken connection may fail; it is gone anyway
                 pass
 
+    def _name(self) -> None:
+        """New names for the reply exchange and queue.
+
+        Any server the proxy calls learns them, and anyone who may write to
+        them can end the connection with one message its AMQP library
+        cannot read (a correlation id that is not UTF-8, say): the library
+        gives the connection up, failing every call in flight. Named anew
+        for each connection, they are not there to be written to again the
+        moment it is back: a server has to be called again to learn them.
+        """
+        uid = str(uuid.uuid4())
+        self.exchange = f"client_{self.options.user}_ex_{uid}"
+        self.queue = f"client_{self.options.user}_queue_{uid}"
+
     async def _open(self) -> "tuple[AbstractConnection, AbstractChannel]":
         options = self.options
+        self._name()
         limit = options.handshake_timeout(CONNECT_TIMEOUT)
         try:
             connection = await aio_pika.connect(
