@@ -117,3 +117,67 @@ def test_closing_a_proxy_while_its_thread_drives_calls_ends_them_quietly(
     assert len(outcome) == 3 and all(isinstance(e, callme.ConnectionError) for e in outcome), outcome
     time.sleep(0.3)
     assert [args.exc_type for args in crashed] == []
+
+
+def test_an_interrupt_that_reaches_the_proxys_own_thread_does_not_end_it(
+    amqp_url: str, host: Host
+) -> None:
+    """A KeyboardInterrupt meant for the main thread can surface later in
+    a task of the proxy's loop (aiormq's reader re-raises it after its
+    clean-up), while the proxy's own thread runs the loop. It ended that
+    thread, and with it the calls handed to it: a thread calling while
+    another held the loop waited forever. Played here by a callback that
+    raises it, run by the proxy's thread while nobody calls."""
+    with callme.Proxy(amqp_url, timeout=10) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        loop = proxy._loop
+        loop.loop.call_soon_threadsafe(interrupt)
+        # The proxy's thread runs the loop five times a second while idle.
+        time.sleep(0.6)
+        assert loop._driver.is_alive(), "the proxy's thread ended"
+
+        def caller(thread: int) -> int:
+            return sum(calc.add(thread, i) for i in range(20))
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            futures = [pool.submit(caller, t) for t in range(THREADS)]
+            sums = [f.result(timeout=30) for f in futures]
+        assert sums == [20 * t + sum(range(20)) for t in range(THREADS)]
+
+
+def test_a_call_handed_over_as_the_proxy_closes_does_not_hang() -> None:
+    """A call handed to the proxy's thread just after a close ran the
+    loop's last turn was left to nobody: it waited forever. Played here
+    by a loop whose thread has ended, closed while the call waits."""
+    import asyncio
+
+    import callme_client.proxy as callme_proxy
+
+    shared = callme_proxy._SharedLoop()
+    with shared._state:
+        shared._stopped = True
+        shared._state.notify()
+    shared._driver.join(5)
+    outcome: List[BaseException] = []
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    def call() -> None:
+        try:
+            shared._hand_over(forever())
+        except BaseException as e:
+            outcome.append(e)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    time.sleep(0.3)
+    shared.loop.close()
+    caller.join(10)
+    assert not caller.is_alive(), "the call waits forever"
+    assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError), outcome

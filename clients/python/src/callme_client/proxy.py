@@ -43,6 +43,11 @@ T = TypeVar("T")
 IDLE_TICK = 0.2
 
 
+#: How often a call handed to the proxy's thread looks whether the loop
+#: was closed under it (seconds).
+_HANDED_LOOK = 0.5
+
+
 class _SharedLoop:
     """An event loop run by one thread at a time, the holder of ``_turn``:
     a caller whose call is the only one, else the daemon thread."""
@@ -112,7 +117,14 @@ class _SharedLoop:
             raise errors.ConnectionError("the proxy is closed") from None
         future.add_done_callback(lambda _: self._handed_done())
         try:
-            return future.result()
+            # Looked at now and then: a close that ran the loop's last turn
+            # just before this was handed over leaves it to nobody.
+            while True:
+                try:
+                    return future.result(timeout=_HANDED_LOOK)
+                except concurrent.futures.TimeoutError:
+                    if self.loop.is_closed():
+                        raise errors.ConnectionError("the proxy was closed") from None
         except concurrent.futures.CancelledError:
             raise errors.ConnectionError("the proxy was closed") from None
         except BaseException as e:
@@ -157,9 +169,13 @@ class _SharedLoop:
                     else:
                         # One pass over what is due: timers, I/O ready now.
                         self.loop.run_until_complete(asyncio.sleep(0))
-                # The thread must never end before the proxy; a close
-                # cancels what it drives (CancelledError, not an Exception).
-                except (Exception, asyncio.CancelledError):
+                # The thread must never end before the proxy: a close
+                # cancels what it drives (CancelledError, not an
+                # Exception), and a KeyboardInterrupt meant for the main
+                # thread can surface in a task of the loop (aiormq's reader
+                # raises it again after its clean-up) while this thread
+                # runs it. Neither is this thread's to act on.
+                except BaseException:
                     pass
 
     def close(self, proxy: AsyncProxy) -> None:
