@@ -474,9 +474,10 @@ def test_calls_to_a_missing_server_leave_nothing_on_the_connection(
             assert await proxy.use_server(host.calc).add(1, 1) == 2
             assert proxy._link is not None
             connection = await proxy._link.connection()
-            # aiormq's own closing future: each observer of the
-            # connection's `closing` hangs a callback on it.
-            closing = connection.transport.connection._closing
+            # aiormq's own closing future (aiormq 7 hands out observers of
+            # it, each hanging a callback on it; aiormq 6 hands it out).
+            underlay = connection.transport.connection
+            closing = getattr(underlay, "_closing", None) or underlay.closing
 
             def callbacks() -> int:
                 return len(closing._callbacks or [])
@@ -509,3 +510,23 @@ def test_a_proxy_used_from_another_event_loop_says_so(amqp_url: str, host: Host)
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_a_proxy_whose_first_connect_failed_is_free_for_another_loop() -> None:
+    """A program that tries again under a new ``asyncio.run`` after a
+    first connect failed (the broker was down) gets a connection error
+    again, not the other-loop refusal: nothing was bound to the first
+    loop."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = callme.AsyncProxy(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2f", timeout=2)
+
+    async def attempt() -> None:
+        with pytest.raises(callme.ConnectionError):
+            await proxy.use_server("calc").add(1, 1)
+
+    asyncio.run(attempt())
+    asyncio.run(attempt())

@@ -10,8 +10,8 @@
 //! once with [`Error::NoSuchServer`]; a reply that arrives after its call
 //! timed out is dropped. When the broker connection is lost, calls
 //! waiting for replies fail at once with [`Error::Disconnected`]; the proxy
-//! reconnects, declares its reply queue again under the same name, and
-//! calls made meanwhile wait for that within their timeouts. Every
+//! reconnects, declares a reply queue under a new name, and calls made
+//! meanwhile wait for that within their timeouts. Every
 //! request carries a W3C `traceparent`: the caller's trace when it gives
 //! one ([`ServerProxy::with_trace`], [`CallOptions::trace`]), a new trace
 //! otherwise.
@@ -222,6 +222,7 @@ impl Proxy {
         let replies = Replies {
             user: user.to_string(),
             names,
+            served: false,
             pending: pending.clone(),
             ready: ready_tx,
         };

@@ -109,6 +109,11 @@ pub(super) struct Replies {
     /// The broker user the names carry.
     pub(super) user: String,
     pub(super) names: Arc<ReplyNames>,
+    /// Whether `names` served a connection: then the next one gets new
+    /// ones. A declare that failed part-way (an exchange made, its queue
+    /// refused) is tried again under the same names, leaving no exchange
+    /// behind that nothing would ever bind and delete.
+    pub(super) served: bool,
     pub(super) pending: Arc<Pending>,
     /// Closed when the proxy is dropped.
     pub(super) ready: watch::Sender<Ready>,
@@ -120,11 +125,15 @@ impl Subscription for Replies {
     }
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
-        self.names = Arc::new(ReplyNames::new(&self.user));
+        if self.served {
+            self.names = Arc::new(ReplyNames::new(&self.user));
+            self.served = false;
+        }
         self.names.declare(conn).await.map(Some)
     }
 
     async fn consume(&mut self, conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
+        self.served = true;
         self.ready
             .send_replace((Some(conn.clone()), self.names.clone()));
         self.take_replies(channel, consumer).await;

@@ -110,10 +110,7 @@ class AsyncProxy:
         test), calls would wait out their timeout for a connection whose
         loop no longer runs, or write to it from the wrong loop.
         """
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
             raise RuntimeError(
                 "this AsyncProxy belongs to the event loop it first connected on, "
                 "and this is another one: make one AsyncProxy per event loop"
@@ -178,6 +175,10 @@ class AsyncProxy:
             raise errors.ConnectionError("the proxy was closed while it connected")
         self._publisher = Publisher()
         self._link = link
+        # Bound to this loop once connected: a first connect that failed
+        # leaves the proxy free for another loop (a program trying again
+        # under a new asyncio.run).
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         """Closes the connection; calls still waiting fail with

@@ -10,8 +10,8 @@ hold more than that many: the rest waits in the broker. When
 the connection (or the reply channel, or the reply consumer, which the
 broker cancels when the queue is deleted) is lost it calls ``on_lost`` (the
 proxy fails the calls waiting for replies), then reconnects with backoff and
-declares the same names again; calls made meanwhile wait for
-:meth:`Link.connection`.
+declares a reply exchange and queue under new names (see ``Link._name``);
+calls made meanwhile wait for :meth:`Link.connection`.
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ class Link:
     ) -> None:
         self.options = options
         # The reply exchange and queue: named anew for each connection
-        # (see `_name`).
+        # (see `_name`), once the last names served one.
         self.exchange = ""
         self.queue = ""
+        self._served = False
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._connection: Optional[AbstractConnection] = None
@@ -153,7 +154,12 @@ class Link:
 
     async def _open(self) -> "tuple[AbstractConnection, AbstractChannel]":
         options = self.options
-        self._name()
+        # A declare that failed part-way (the exchange made, its queue
+        # refused) is tried again under the same names, leaving no
+        # exchange behind that nothing would ever bind and delete.
+        if self._served or not self.exchange:
+            self._name()
+            self._served = False
         limit = options.handshake_timeout(CONNECT_TIMEOUT)
         try:
             connection = await aio_pika.connect(
@@ -202,6 +208,7 @@ class Link:
                     f"cannot declare the reply queue {self.queue!r}: {errors.reply_text(e)}"
                 ) from None
             raise
+        self._served = True
         log.debug(
             "proxy ready: broker %s, reply exchange %s", options.redacted, self.exchange
         )
@@ -256,7 +263,7 @@ class Link:
             if tag not in underlay.consumers and not channel.is_closed:
                 log.warning(
                     "the broker cancelled the reply consumer (was the queue %s deleted?); "
-                    "declaring it again", self.queue
+                    "connecting again", self.queue
                 )
             else:
                 log.warning(

@@ -119,12 +119,11 @@ class _SharedLoop:
         try:
             # Looked at now and then: a close that ran the loop's last turn
             # just before this was handed over leaves it to nobody.
-            while True:
-                try:
-                    return future.result(timeout=_HANDED_LOOK)
-                except concurrent.futures.TimeoutError:
-                    if self.loop.is_closed():
-                        raise errors.ConnectionError("the proxy was closed") from None
+            while not future.done():
+                concurrent.futures.wait([future], timeout=_HANDED_LOOK)
+                if not future.done() and self.loop.is_closed():
+                    raise errors.ConnectionError("the proxy was closed") from None
+            return future.result()
         except concurrent.futures.CancelledError:
             raise errors.ConnectionError("the proxy was closed") from None
         except BaseException as e:

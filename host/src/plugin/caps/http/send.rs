@@ -105,13 +105,15 @@ pub(super) async fn send(
         .and_then(|o| o.first_byte_timeout)
         .unwrap_or(forever);
 
-    // Held as long as the connection is open.
-    let permits = tokio::time::timeout(connect_timeout, Permits::connections().acquire(plugin))
-        .await
-        .map_err(|_| HttpError::ConnectionLimitReached)??;
     let addresses = tokio::time::timeout(connect_timeout, resolve(plugin, &host, port))
         .await
         .map_err(|_| HttpError::DnsTimeout)??;
+    // Taken once the name is looked up (a request waiting for a slow
+    // lookup holds no socket, and must not hold the plugin's connections
+    // to other hosts), held as long as the connection is open.
+    let permits = tokio::time::timeout(connect_timeout, Permits::connections().acquire(plugin))
+        .await
+        .map_err(|_| HttpError::ConnectionLimitReached)??;
     let connecting = async {
         let stream = TcpStream::connect(&addresses[..])
             .await
