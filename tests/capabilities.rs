@@ -1332,3 +1332,45 @@ async fn calls_and_http_requests_of_plugins_are_counted_in_the_metrics() {
     drop(host);
     srv.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A refused HTTP request is logged once a call, not once a request (a
+/// guest looping on refused requests cannot flood the log), and the
+/// next call's first refusal is logged again, in an instance kept
+/// between calls too.
+#[tokio::test]
+async fn refused_http_requests_are_logged_once_a_call() {
+    let p = proxy(Duration::from_secs(30)).await;
+    let web = HttpServer::start(Answer::Body(0)).await;
+    let dir = tempdir();
+    let relay = unique("cap-logged");
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        format!(
+            "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 1\n",
+            web.authority()
+        ),
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let mut command = Command::new(callme_bin());
+    command.env("CALLME_CACHE_DIR", target_dir().join("test-cache"));
+    let mut host = Host::start(command, &dir, &[], "callme=debug");
+    host.wait_ready(Duration::from_secs(60));
+    let sp = p.use_server(&relay);
+
+    // A guest that goes on past each refusal.
+    let denied = format!("http://127.0.0.1:{}/", web.port.wrapping_add(1).max(1));
+    for _ in 0..2 {
+        let fetched = sp.call("fetch-all", pos(json!([denied, 50]))).await;
+        assert_eq!(fetched.unwrap(), json!(0));
+        let fetched = sp.call("fetch-all", pos(json!([web.url("/"), 50]))).await;
+        assert_eq!(fetched.unwrap(), json!(1));
+    }
+    assert_eq!(web.accepted(), 2);
+    host.terminate();
+    host.wait(Duration::from_secs(30));
+    let log = host.log_text();
+    let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(count("http request denied"), 2, "{log}");
+    assert_eq!(count("http request over the call's limit"), 2, "{log}");
+}

@@ -3,11 +3,11 @@
 //! `add-via` calls `add` of another callme server through the host
 //! (`rpc`; `add-via-times` in a loop), `setting` reads the plugin's own
 //! settings (`config`), and `fetch` makes an HTTP GET through the
-//! standard `wasi:http/outgoing-handler` (`http`; `fetch-times` in a
-//! loop). Each works only once the plugin's sidecar grants it; without a
-//! grant the host refuses in the guest, and this plugin passes the refusal
-//! on as its own error. The integration tests (`tests/capabilities.rs`)
-//! use it.
+//! standard `wasi:http/outgoing-handler` (`http`; `fetch-times` and
+//! `fetch-all` in a loop). Each works only once the plugin's sidecar
+//! grants it; without a grant the host refuses in the guest, and this
+//! plugin passes the refusal on as its own error. The integration tests
+//! (`tests/capabilities.rs`) use it.
 
 callme_guest::generate_v0_2!();
 
@@ -43,6 +43,13 @@ impl Guest for Relay {
             Self::fetch(url.clone()).map_err(|e| format!("request {n}: {e}"))?;
         }
         Ok(times)
+    }
+
+    fn fetch_all(url: String, times: u32) -> u32 {
+        let fetched = (0..times)
+            .filter(|_| Self::fetch(url.clone()).is_ok())
+            .count();
+        u32::try_from(fetched).unwrap_or(u32::MAX)
     }
 }
 

@@ -255,6 +255,7 @@ impl HttpState {
     pub(super) fn begin(&mut self, grant: &HttpGrant) {
         self.hooks.grant = grant.is_granted().then(|| grant.clone());
         self.hooks.sent = 0;
+        self.hooks.denied = 0;
         self.ctx.set_field_size_limit(if grant.is_granted() {
             FIELDS_BYTES_GRANTED
         } else {
@@ -271,7 +272,8 @@ struct HttpHooks {
     grant: Option<HttpGrant>,
     /// Requests the call being served has sent.
     sent: u32,
-    /// Requests it was refused: only the first is logged.
+    /// Requests it was refused (not granted, or over its limit): only the
+    /// first is logged.
     denied: u32,
     /// Their tasks, stopped when the call ends (these hooks are dropped
     /// then), even where the guest keeps their futures: an instance kept
@@ -368,7 +370,10 @@ impl WasiHttpHooks for HttpHooks {
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
         if self.sent >= grant.max_requests {
-            tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, max = grant.max_requests, "http request over the call's limit");
+            if self.denied == 0 {
+                tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, max = grant.max_requests, "http request over the call's limit (further refusals in this call are not logged)");
+            }
+            self.denied = self.denied.saturating_add(1);
             observe::plugin_http_request(&plugin, &entry, "limit", None);
             return Box::new(async { Err(HttpError::ConnectionLimitReached) });
         }

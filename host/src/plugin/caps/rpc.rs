@@ -164,6 +164,9 @@ impl CallFailure {
     }
 }
 
+/// The longest function name a guest may call.
+const MAX_FUNC_BYTES: usize = 1024;
+
 /// Makes one call for the guest of `plugin`: checks, then sends through
 /// the context's proxy; the result as JSON text. `sent` counts the calls
 /// the calling call has sent, this one included once it is sent. Every
@@ -214,6 +217,17 @@ pub(crate) async fn call(
                     "this call has sent {} calls to other servers, the most it may \
                      (the sidecar's `rpc_max_calls`)",
                     grant.max_calls
+                ),
+            ));
+        }
+        // The name is the guest's too, and goes into the request and the
+        // host's log: no export has a name anywhere near this long.
+        if func.len() > MAX_FUNC_BYTES {
+            return Err(CallFailure::new(
+                ErrorKind::BadRequest.as_str(),
+                format!(
+                    "the function name is {} bytes; a call's may be at most {MAX_FUNC_BYTES}",
+                    func.len()
                 ),
             ));
         }
@@ -349,12 +363,22 @@ mod tests {
     }
 
     fn run(grant: &RpcGrant, cx: &CallContext, server: &str, args: &str) -> CallFailure {
+        run_func(grant, cx, server, "add", args)
+    }
+
+    fn run_func(
+        grant: &RpcGrant,
+        cx: &CallContext,
+        server: &str,
+        func: &str,
+        args: &str,
+    ) -> CallFailure {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
         let mut sent = 0;
-        rt.block_on(call("p", grant, cx, None, &mut sent, server, "add", args))
+        rt.block_on(call("p", grant, cx, None, &mut sent, server, func, args))
             .unwrap_err()
     }
 
@@ -384,7 +408,20 @@ mod tests {
         );
         assert_eq!(run(&grant, &cx, "calc", "1").kind, "InvalidArguments");
         assert_eq!(run(&grant, &cx, "calc", "[1,").kind, "InvalidArguments");
+        let long = "f".repeat(MAX_FUNC_BYTES + 1);
+        let failure = run_func(&grant, &cx, "calc", &long, "[1, 2]");
+        assert_eq!(failure.kind, "BadRequest", "{}", failure.message);
+        assert!(
+            failure.message.contains("at most 1024"),
+            "{}",
+            failure.message
+        );
         // Without a proxy (a plugin run outside a server).
         assert_eq!(run(&grant, &cx, "calc", "[1, 2]").kind, "Unavailable");
+        let longest = "f".repeat(MAX_FUNC_BYTES);
+        assert_eq!(
+            run_func(&grant, &cx, "calc", &longest, "[1, 2]").kind,
+            "Unavailable"
+        );
     }
 }
