@@ -719,6 +719,79 @@ async fn a_response_head_over_the_bound_is_refused() {
     assert_eq!(fetch(&p, &fits.url("/")).await.unwrap(), answer_body(0));
 }
 
+/// The response heads one call receives are bounded (4 MiB): a plugin
+/// fetching from a server that sends long heads gets its requests past
+/// that refused, each call afresh. And an instance kept between calls
+/// (`reuse_instances`), which may keep the responses of earlier calls,
+/// is replaced once it has received 16 MiB of heads: before, one kept
+/// instance could hold 4,096 heads of up to 128 KiB, 512 MiB of the
+/// host's memory outside every limit of the plugin's.
+#[tokio::test]
+async fn the_response_heads_a_call_and_a_kept_instance_receive_are_bounded() {
+    let p = proxy(Duration::from_secs(60)).await;
+    let web = HttpServer::start(Answer::BigHead(60 << 10)).await;
+    let dir = tempdir();
+    let relay = unique("cap-heads");
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        format!(
+            "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
+            web.authority()
+        ),
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut host = Host::serve(&dir, &["--metrics-addr", &addr]);
+    host.wait_ready(Duration::from_secs(60));
+    let sp = p.use_server(&relay);
+    let made = async || {
+        let text = scrape(port).await;
+        value(
+            &text,
+            "callme_instances_made_total",
+            &[("server_id", &relay), ("purpose", "call")],
+        )
+    };
+
+    // 100 heads of 60 KiB: about 68 fit in a call's 4 MiB.
+    for _ in 0..2 {
+        let fetched = sp.call("fetch-all", pos(json!([web.url("/"), 100]))).await;
+        let fetched = fetched.unwrap().as_u64().unwrap();
+        assert!(
+            (60..=70).contains(&fetched),
+            "{fetched} heads of 60 KiB in a call"
+        );
+    }
+    // 2 × 4 MiB so far; 2 calls of 3.5 MiB more stay under 16 MiB.
+    let before = made().await;
+    for _ in 0..2 {
+        let fetched = sp.call("fetch-all", pos(json!([web.url("/"), 60]))).await;
+        assert_eq!(fetched.unwrap(), json!(60));
+    }
+    assert_eq!(made().await, before, "the instance was not kept");
+    // Past 16 MiB: the next call gets a fresh instance.
+    let fetched = sp.call("fetch-all", pos(json!([web.url("/"), 60]))).await;
+    assert_eq!(fetched.unwrap(), json!(60));
+    assert_eq!(
+        sp.call("fetch-all", pos(json!([web.url("/"), 0])))
+            .await
+            .unwrap(),
+        json!(0)
+    );
+    assert_eq!(made().await, before + 1.0, "the spent instance was kept");
+    let text = scrape(port).await;
+    let too_large = value(
+        &text,
+        "callme_plugin_http_requests_total",
+        &[("server_id", &relay), ("outcome", "too_large")],
+    );
+    assert!(too_large >= 60.0, "{text}");
+    host.terminate();
+    host.wait(Duration::from_secs(30));
+}
+
 /// One plugin has at most 64 connections open at once, all its calls
 /// together: a plugin starting 200 requests to a server that never
 /// answers (and keeping them) has 64 of them connected, the rest waiting,

@@ -322,7 +322,7 @@ impl Metrics {
         );
         r.register(
             "callme_plugin_http_requests",
-            "HTTP requests plugins made, by the plugin's server id, host (`host:port` as the sidecar allows it, `_not_allowed` for one refused) and outcome (`ok`: a response came, whatever its status; `denied`, `limit`: refused before any connection; `timeout`: no response head in time; `too_large`: its length is over the cap; `error`; `cancelled`: the call or the guest dropped it first)",
+            "HTTP requests plugins made, by the plugin's server id, host (`host:port` as the sidecar allows it, `_not_allowed` for one refused) and outcome (`ok`: a response came, whatever its status; `denied`, `limit`: refused before any connection; `timeout`: no response head in time; `too_large`: its length is over the cap, or its head over what the call may receive; `error`; `cancelled`: the call or the guest dropped it first)",
             m.http_requests.clone(),
         );
         r.register_with_unit(

@@ -537,6 +537,7 @@ impl Instances {
     pub(super) fn give_back(&self, sandbox: Sandbox, busy: bool) {
         let reusable = self.settings.reuse_instances
             && sandbox.instance.is_some()
+            && !sandbox.store.data().caps.is_spent()
             && self.pool().ready.len() < MAX_IDLE;
         let quota = if reusable {
             self.capacity().reserve_kept(self)

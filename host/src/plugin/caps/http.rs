@@ -53,8 +53,11 @@ use wasmtime_wasi_http::{
 use crate::observe;
 use crate::plugin::sandbox::CallState;
 
+mod heads;
 pub(super) mod parts;
 mod send;
+
+use heads::Heads;
 
 /// Largest response body by default: a page or a JSON document, not a
 /// download. The guest holds it in its linear memory.
@@ -250,6 +253,20 @@ impl Default for HttpState {
 }
 
 impl HttpState {
+    /// The state for the instance's next call, once this one's has
+    /// ended: nothing of the call's, the count of the instance's heads.
+    pub(super) fn ended(&self) -> HttpState {
+        let mut next = HttpState::default();
+        next.hooks.heads = self.hooks.heads.next_call();
+        next
+    }
+
+    /// Whether the instance has received too much in response heads to
+    /// be kept for another call.
+    pub(super) fn is_spent(&self) -> bool {
+        self.hooks.heads.instance_spent()
+    }
+
     /// Arms the hooks with what the sidecar grants. A plugin granted
     /// nothing costs its calls nothing here.
     pub(super) fn begin(&mut self, grant: &HttpGrant) {
@@ -284,6 +301,8 @@ struct HttpHooks {
     connections: Connections,
     /// For the log.
     plugin: Option<Arc<str>>,
+    /// The response heads the call and its instance have received.
+    heads: Heads,
 }
 
 impl Drop for HttpHooks {
@@ -404,8 +423,14 @@ impl WasiHttpHooks for HttpHooks {
             started: Instant::now(),
             outcome: None,
         };
+        let heads = self.heads.clone();
         Box::new(async move {
-            let result = async { sent?.await? }.await;
+            let result = async {
+                let (response, connection) = sent?.await??;
+                heads.take(response.headers())?;
+                Ok((response, connection))
+            }
+            .await;
             counted.ended(match &result {
                 Ok(_) => "ok",
                 Err(
@@ -413,7 +438,10 @@ impl WasiHttpHooks for HttpHooks {
                     | HttpError::ConnectionTimeout
                     | HttpError::ConnectionReadTimeout,
                 ) => "timeout",
-                Err(HttpError::HttpResponseBodySize(_)) => "too_large",
+                Err(
+                    HttpError::HttpResponseBodySize(_)
+                    | HttpError::HttpResponseHeaderSectionSize(_),
+                ) => "too_large",
                 Err(HttpError::ConnectionLimitReached) => "limit",
                 Err(_) => "error",
             });

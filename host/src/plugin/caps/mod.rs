@@ -128,7 +128,16 @@ impl CallCaps {
 
     /// Forgets the call, so an instance kept for later holds no proxy.
     pub(crate) fn end(&mut self) {
-        *self = CallCaps::default();
+        *self = CallCaps {
+            http: self.http.ended(),
+            ..CallCaps::default()
+        };
+    }
+
+    /// Whether what the instance was given through its capabilities
+    /// rules out keeping it for another call (see `http::heads`).
+    pub(crate) fn is_spent(&self) -> bool {
+        self.http.is_spent()
     }
 }
 
