@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use callme::protocol::{Args, server_exchange};
 use callme::{ConnectOptions, Error, Proxy, Server, ServerOptions};
 use callme_tests::{
-    Host, amqp_url_as, amqps_port, broker_ctl, deploy, native_add, plugin_path, pos, proxy,
-    serve_calc, server, tempdir, tls_dir, unique,
+    Host, amqp_url_as, amqps_port, broker_ctl, dedicated_vhost, deploy, native_add, plugin_path,
+    pos, proxy, serve_calc, server, tempdir, tls_dir, unique,
 };
 use serde_json::json;
 
@@ -46,6 +46,60 @@ async fn mutual_tls_with_external_auth() {
     // client certificate's common name.
     let opts = tls(format!("amqps://localhost:{}/%2f", amqps_port()), true);
     round_trip(&opts, &opts).await;
+}
+
+/// A proxy logging in with its certificate names its reply exchange and
+/// queue after the user its URI names (the user the broker maps the
+/// certificate to), so the anchored recipe of docs/protocol.md can keep
+/// certificate users to their own names; with none in the URI, after
+/// `external`. Both were named `guest` (the URI parser's default), so a
+/// certificate user had to be allowed the names of `guest` and of every
+/// other certificate user.
+#[tokio::test]
+async fn a_certificate_login_is_named_by_its_uri_under_the_anchored_recipe() {
+    let tls_user = "callme-tls";
+    let guest = dedicated_vhost("tls-names", "guest", "guest");
+    let vhost = guest.rsplit_once('/').unwrap().1.to_string();
+    let s = Server::connect(&ConnectOptions::new(guest), ServerOptions::default())
+        .await
+        .unwrap();
+    let id = unique("tls-named");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let own = format!("client_{tls_user}_(ex|queue)_[0-9a-f-]+");
+    broker_ctl(&[
+        "set_permissions",
+        "-p",
+        &vhost,
+        tls_user,
+        &format!("^{own}$"),
+        &format!("^({own}|server_{id}_ex)$"),
+        &format!("^{own}$"),
+    ]);
+
+    let named = tls(
+        format!("amqps://{tls_user}@localhost:{}/{vhost}", amqps_port()),
+        true,
+    );
+    let p = Proxy::connect_with(&named, Duration::from_secs(10))
+        .await
+        .expect("a proxy named after its certificate's user");
+    assert!(
+        p.reply_exchange().starts_with("client_callme-tls_ex_"),
+        "{}",
+        p.reply_exchange()
+    );
+    let sum = p.use_server(&id).call("add", pos(json!([1, 2]))).await;
+    assert_eq!(sum.unwrap(), json!(3));
+
+    let unnamed = tls(format!("amqps://localhost:{}/{vhost}", amqps_port()), true);
+    let opts = ConnectOptions {
+        auto_recover: false,
+        ..unnamed
+    };
+    let refused = Proxy::connect_with(&opts, Duration::from_secs(10)).await;
+    let e = refused.err().expect("the recipe allows only its own names");
+    assert!(e.to_string().contains("client_external_ex_"), "{e}");
+    s.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

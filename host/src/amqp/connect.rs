@@ -131,12 +131,23 @@ impl ConnectOptions {
                 if self.cert_file.is_some() && uri.query.auth_mechanism.is_none() {
                     uri.query.auth_mechanism = Some(SASLMechanism::External);
                 }
+                // The parser fills in `guest` for a URI naming no user; an
+                // EXTERNAL login sends no user name, and the broker takes
+                // it from the certificate, so none is what it is.
+                if uri.query.auth_mechanism == Some(SASLMechanism::External)
+                    && !names_a_user(entry)
+                {
+                    uri.authority.userinfo.username.clear();
+                }
                 Ok(uri)
             })
             .collect()
     }
 
-    /// The user name the broker will see (for naming the proxy's exchange).
+    /// The user name the proxy's reply exchange and queue are named
+    /// after: the URI's, or `external` for an EXTERNAL login whose URI
+    /// names none (write the user the broker maps the certificate to in
+    /// the URI, `amqps://USER@host/vhost`, to have the names carry it).
     pub(crate) fn user(&self, uri: &AMQPUri) -> String {
         let name = &uri.authority.userinfo.username;
         if name.is_empty() {
@@ -355,9 +366,37 @@ fn uri_problem(parser_message: &str) -> &'static str {
         .map_or("malformed", |(_, problem)| problem)
 }
 
+/// Whether the URI `entry` has user information (`user@`, `user:pw@`)
+/// in its authority.
+fn names_a_user(entry: &str) -> bool {
+    let rest = entry.split_once("://").map_or(entry, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_external_login_is_named_by_its_uri_or_external() {
+        let user = |uri: &str, cert: bool| {
+            let options = ConnectOptions {
+                cert_file: cert.then(|| PathBuf::from("client.pem")),
+                ..ConnectOptions::new(uri)
+            };
+            options.user(&options.parse().unwrap())
+        };
+        assert_eq!(user("amqps://broker/%2f", true), "external");
+        assert_eq!(user("amqps://broker:5671", true), "external");
+        assert_eq!(user("amqps://callme-tls@broker/%2f", true), "callme-tls");
+        assert_eq!(user("amqps://ann:pw@broker/%2f?auth=plain", true), "ann");
+        // A PLAIN login naming no user is the parser's `guest`, as the
+        // broker sees it.
+        assert_eq!(user("amqp://broker/%2f", false), "guest");
+        assert_eq!(user("amqp://broker/a@b", false), "guest");
+        assert_eq!(user("amqps://broker/a@b", true), "external");
+    }
 
     #[test]
     fn the_uri_may_set_the_handshake_limit() {
