@@ -539,6 +539,19 @@ async fn any_timeout_works_and_an_impossible_id_is_refused() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
+    // An id as long as a guest's memory is not copied, nor escaped (six
+    // bytes for each of these), into the message.
+    let e = p
+        .call(
+            &"\u{7f}".repeat(1 << 20),
+            "add",
+            pos(json!([1, 2])),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(e.to_string().len() < 2000, "{} bytes", e.to_string().len());
 }
 
 /// A `BlockingProxy` made and used in plain code may be dropped in async

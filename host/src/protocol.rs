@@ -154,6 +154,17 @@ pub fn is_valid_server_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// `id` as a message may show it: escaped, and cut to the longest a
+/// server id may be (an id comes from a caller or a guest, as long as
+/// its memory, and escaping can make each byte six).
+pub fn shown_id(id: &str) -> String {
+    const SHOWN: usize = 200;
+    match id.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}…", id[..cut].escape_debug()),
+        None => id.escape_debug().to_string(),
+    }
+}
+
 /// The arguments of a call: positional, by name, or both.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Args {
@@ -359,6 +370,14 @@ impl From<Result<Value, RemoteError>> for Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn ids_are_shown_escaped_and_cut() {
+        assert_eq!(shown_id("calc"), "calc");
+        assert_eq!(shown_id("a\nb"), "a\\nb");
+        let long = shown_id(&"é".repeat(300));
+        assert_eq!(long, format!("{}…", "é".repeat(200)));
+    }
 
     #[test]
     fn only_the_queue_paired_with_reply_to_is_taken_from_the_header() {

@@ -45,7 +45,7 @@ use crate::amqp::publisher::{Published, Publisher};
 use crate::amqp::{ConnectOptions, Link, resubscribe};
 use crate::protocol::{
     Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, REPLY_QUEUE, Request, TIMESTAMP_IN_MS,
-    is_valid_server_id, server_exchange,
+    is_valid_server_id, server_exchange, shown_id,
 };
 use crate::{Error, TraceContext, TraceId};
 
@@ -354,7 +354,7 @@ impl Proxy {
         if !is_valid_server_id(server) {
             return Err(Error::Config(format!(
                 "invalid server id `{}`: 1 to 200 letters, digits, `-`, `_` and `.`",
-                server.escape_debug()
+                shown_id(server)
             )));
         }
         // A timeout of years still ends; one of centuries is taken as

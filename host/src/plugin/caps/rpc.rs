@@ -17,7 +17,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::CallContext;
-use crate::protocol::{Args, DEFAULT_MAX_REQUEST_BYTES, is_valid_server_id};
+use crate::protocol::{Args, DEFAULT_MAX_REQUEST_BYTES, is_valid_server_id, shown_id};
 use crate::proxy::CallOptions;
 use crate::{Error, ErrorKind};
 
@@ -195,7 +195,7 @@ pub(crate) async fn call(
                 "NotGranted",
                 format!(
                     "calls to server `{}` are not granted to this plugin (its sidecar's `rpc` list)",
-                    server.escape_debug()
+                    shown_id(server)
                 ),
             ));
         }
@@ -291,7 +291,8 @@ pub(crate) async fn call(
             }
             Err(e) => {
                 let failure = CallFailure::from_error(e);
-                tracing::debug!(target: "callme::plugin", plugin, server, func, depth, ?elapsed, error = %failure.kind, "rpc call failed");
+                let server = shown_id(server);
+                tracing::debug!(target: "callme::plugin", plugin, %server, func, depth, ?elapsed, error = %failure.kind, "rpc call failed");
                 Err(failure)
             }
         }
@@ -387,6 +388,11 @@ mod tests {
         let grant = RpcGrant::new(["calc"], 2).unwrap();
         let cx = CallContext::default();
         assert_eq!(run(&grant, &cx, "other", "[1, 2]").kind, "NotGranted");
+        // The guest's id is not copied whole, nor escaped whole, into the
+        // message (six bytes for each of these).
+        let long = run(&grant, &cx, &"\u{7f}".repeat(1 << 20), "[1, 2]");
+        assert_eq!(long.kind, "NotGranted");
+        assert!(long.message.len() < 2000, "{} bytes", long.message.len());
         let deep = CallContext {
             depth: 2,
             ..CallContext::default()
