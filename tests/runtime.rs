@@ -1036,3 +1036,48 @@ async fn a_result_too_large_to_lift_is_a_memory_limit() {
     assert_eq!(items.len(), 4_000_000);
     assert!(items.iter().all(|b| b == &json!(0)));
 }
+
+/// A component exporting `count` functions `f0`, `f1`, ... (each named
+/// `prefix` and its number) that return nothing.
+fn many_functions(prefix: &str, count: usize) -> Vec<u8> {
+    let funcs: String = (0..count)
+        .map(|i| format!("  (func (export \"{prefix}{i}\") (canon lift (core func $i \"f\")))\n"))
+        .collect();
+    let text = format!(
+        r#"
+(component
+  (core module $m (func (export "f")))
+  (core instance $i (instantiate $m))
+{funcs})
+"#
+    );
+    wat::parse_str(&text).expect("the component's text")
+}
+
+/// A function's name is a metric label and a log field of every call to
+/// it, so a plugin may export at most 1,024 functions of names up to 256
+/// bytes: a component exporting functions named with 90,000 letters each
+/// made the metrics endpoint tens of megabytes and each call's log lines
+/// as long. Refused at load, the message quoting only a name's start.
+#[tokio::test]
+async fn a_plugin_exports_at_most_1024_functions_of_short_names() {
+    let load = |bytes: &[u8]| Plugin::load(&runtime(), "names", bytes, PluginSettings::default());
+    let long = "f".repeat(252);
+    let p = load(&many_functions(&long, 10)).expect("names of 253 bytes load");
+    assert_eq!(p.functions().len(), 10);
+    let longer = "f".repeat(90_000);
+    match load(&many_functions(&longer, 1)) {
+        Err(PluginError::InvalidPlugin { message }) => {
+            assert!(message.contains("over the 256"), "{message}");
+            assert!(message.len() < 400, "{} bytes", message.len());
+        }
+        other => panic!("expected InvalidPlugin, got {:?}", other.map(|_| ())),
+    }
+    assert!(load(&many_functions("f", 1024)).is_ok());
+    match load(&many_functions("f", 1025)) {
+        Err(PluginError::InvalidPlugin { message }) => {
+            assert!(message.contains("more than 1024 functions"), "{message}");
+        }
+        other => panic!("expected InvalidPlugin, got {:?}", other.map(|_| ())),
+    }
+}

@@ -22,6 +22,15 @@ pub struct FunctionInfo {
     pub signature: String,
 }
 
+/// The longest name a plugin's function may have (with its interface's
+/// short name and the `.`): a name is a metric label and a log field of
+/// every call.
+pub(crate) const MAX_NAME_BYTES: usize = 256;
+
+/// The most functions a plugin may export: each becomes a series of
+/// several metrics once called.
+pub(crate) const MAX_FUNCTIONS: usize = 1024;
+
 /// A callable function of a loaded plugin.
 pub(super) struct Export {
     pub(super) info: FunctionInfo,
@@ -37,14 +46,23 @@ impl Export {
     ///
     /// # Errors
     ///
-    /// [`PluginError::InvalidPlugin`] when a parameter or the result has a
-    /// type without a JSON form (naming the function, the parameter and
-    /// the type), or the function is async.
+    /// [`PluginError::InvalidPlugin`] when its name is over
+    /// [`MAX_NAME_BYTES`], a parameter or the result has a type without a
+    /// JSON form (naming the function, the parameter and the type), or the
+    /// function is async.
     pub(super) fn new(
         name: String,
         index: ComponentExportIndex,
         func: &ComponentFunc,
     ) -> Result<Export, PluginError> {
+        if name.len() > MAX_NAME_BYTES {
+            let shown: String = name.chars().take(64).collect();
+            return Err(PluginError::invalid_plugin(format!(
+                "function `{}…`: its name is {} bytes, over the {MAX_NAME_BYTES} a name may have",
+                shown.escape_debug(),
+                name.len()
+            )));
+        }
         let params: Vec<(String, Type)> = func.params().map(|(n, t)| (n.to_string(), t)).collect();
         let results: Vec<Type> = func.results().collect();
         for (pname, t) in &params {

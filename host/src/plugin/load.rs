@@ -15,7 +15,7 @@ use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
 use super::caps::{capability_of, is_callme_v2};
-use super::export::Export;
+use super::export::{Export, MAX_FUNCTIONS};
 use super::instances::Instances;
 use super::{Plugin, PluginSettings, Runtime};
 use crate::PluginError;
@@ -126,7 +126,7 @@ impl Plugin {
                         .get_export_index(None, export_name)
                         .ok_or_else(|| PluginError::internal(format!("export `{export_name}`")))?;
                     let e = Export::new(export_name.to_string(), index, &func)?;
-                    exports.insert(e.info.name.clone(), e);
+                    add_export(&mut exports, e)?;
                 }
                 // Toolchain plumbing, not the author's functions:
                 // componentize-py exports its interpreter set-up as a bare
@@ -147,7 +147,7 @@ impl Plugin {
                                     PluginError::internal(format!("export `{func_name}`"))
                                 })?;
                             let e = Export::new(format!("{short}.{func_name}"), index, &func)?;
-                            exports.insert(e.info.name.clone(), e);
+                            add_export(&mut exports, e)?;
                         }
                     }
                 }
@@ -169,6 +169,17 @@ impl Plugin {
             instances: Instances::new(runtime.clone(), name.into(), settings, pre, weight),
         })
     }
+}
+
+/// Adds `export`, unless the plugin has its most functions already.
+fn add_export(exports: &mut BTreeMap<String, Export>, export: Export) -> Result<(), PluginError> {
+    if exports.len() >= MAX_FUNCTIONS {
+        return Err(PluginError::invalid_plugin(format!(
+            "exports more than {MAX_FUNCTIONS} functions"
+        )));
+    }
+    exports.insert(export.info.name.clone(), export);
+    Ok(())
 }
 
 #[cfg(test)]
