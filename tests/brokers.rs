@@ -139,6 +139,46 @@ async fn last_host_takes_the_queue(options: ServerOptions) {
     );
 }
 
+/// A host that stops serving an id never deletes its quorum queue while
+/// the queue's leader does not answer: RabbitMQ reports such a queue's
+/// consumers and messages as 0 and 0 (`rabbit_quorum_queue:stat/2`), and
+/// forces a delete its members cannot agree on, taking the queue from
+/// under the other hosts consuming from it, which are not told. Here the
+/// leader is suspended inside the broker while the leaving host looks
+/// (for 8 s), and the other host must still serve the id afterwards.
+#[tokio::test]
+async fn a_host_leaving_keeps_a_quorum_queue_whose_leader_does_not_answer() {
+    let id = unique("qleader");
+    let leaving = server(quorum()).await;
+    let staying = server(quorum()).await;
+    leaving.serve_native(&id, native_add()).await.unwrap();
+    staying.serve_native(&id, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    answers_add(&p, &id, 1).await;
+    // The leaving host looks its queue over every 500 ms, and the
+    // staying host's consumer keeps it.
+    leaving.stop_serving(&id).await.unwrap();
+    let queue = server_queue(&id);
+    let on_leader = |f: &str| {
+        format!(
+            r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), {f}(amqqueue:get_pid(Q))."#
+        )
+    };
+    broker_ctl(&["eval", &on_leader("sys:suspend")]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    broker_ctl(&["eval", &on_leader("sys:resume")]);
+    let listed = broker_ctl(&["list_queues", "name"]);
+    assert!(
+        listed.lines().any(|l| l.trim() == queue),
+        "the quorum queue of {id} was deleted under its other host"
+    );
+    for i in 0..10 {
+        answers_add(&p, &id, i).await;
+    }
+    staying.shutdown(Duration::from_secs(5)).await;
+    leaving.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Stopping a quorum id deletes its queue as it does a classic one's, and
 /// costs the host's other ids nothing: RabbitMQ refuses `queue.delete`
 /// with `if-unused` or `if-empty` on a quorum queue with a connection

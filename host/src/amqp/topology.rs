@@ -173,36 +173,69 @@ pub(crate) async fn declare_server(
 /// published in the moment between is lost with the queue (its caller
 /// times out), and a host that began consuming in that moment has its
 /// consumer cancelled and declares the queue again.
+///
+/// But a quorum queue's counts are not always the queue's: its leader is
+/// asked with a timeout of 250 ms, and a leader that does not answer in
+/// time, or none (a majority lost, an election) is reported as 0 and 0
+/// (`rabbit_quorum_queue:stat/2`, 3.8 to 4.x). And a delete the queue's
+/// members cannot agree on is forced: every member goes, with whatever
+/// was waiting and under whichever hosts consume from it, and those are
+/// not told (`rabbit_quorum_queue:delete/4`, "Attempting force delete").
+/// So zeros are believed only once the leader has answered: a `basic.get`
+/// goes to the leader and waits for it; if it finds nothing, the counts
+/// are asked again and, still 0 and 0, the queue is deleted. A request it
+/// finds is given back (`basic.nack`, which RabbitMQ 4.x does not count
+/// against the delivery limit), and a leader that does not answer within
+/// [`CLOSE_TIMEOUT`] leaves the queue where it is.
 #[cfg(feature = "server")]
 pub(crate) async fn delete_server_queue_if_idle(
     conn: &Connection,
     id: &str,
     shape: ServerQueue,
 ) -> bool {
-    use lapin::options::QueueDeleteOptions;
+    use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeleteOptions};
     let queue = crate::protocol::server_queue(id);
+    let Ok(Ok(channel)) = tokio::time::timeout(CLOSE_TIMEOUT, conn.create_channel()).await else {
+        return false;
+    };
+    let idle = async || {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => Ok(Some(q.consumer_count() == 0 && q.message_count() == 0)),
+            // Not there: nothing to delete.
+            Err(e) if super::connect::is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
     let delete = async {
-        let channel = conn.create_channel().await?;
         let flags = if shape.quorum {
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match declared {
-                Ok(q) if q.consumer_count() == 0 && q.message_count() == 0 => {}
-                Ok(_) => {
-                    close_soon(channel);
-                    return Ok(false);
-                }
-                // Not there: nothing to delete.
-                Err(e) if super::connect::is_not_found(&e) => return Ok(true),
-                Err(e) => return Err(e),
+            match idle().await? {
+                Some(true) => {}
+                Some(false) => return Ok(false),
+                None => return Ok(true),
+            }
+            let options = BasicGetOptions { no_ack: false };
+            if let Some(waiting) = channel.basic_get(queue.as_str().into(), options).await? {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                waiting.delivery.nack(requeue).await?;
+                return Ok(false);
+            }
+            match idle().await? {
+                Some(true) => {}
+                Some(false) => return Ok(false),
+                None => return Ok(true),
             }
             QueueDeleteOptions::default()
         } else {
@@ -212,16 +245,19 @@ pub(crate) async fn delete_server_queue_if_idle(
                 ..QueueDeleteOptions::default()
             }
         };
-        let deleted = channel.queue_delete(queue.as_str().into(), flags).await;
-        if deleted.is_ok() {
-            close_soon(channel);
-        }
-        deleted.map(|_| true)
+        channel
+            .queue_delete(queue.as_str().into(), flags)
+            .await
+            .map(|_| true)
     };
-    matches!(
+    let deleted = matches!(
         tokio::time::timeout(CLOSE_TIMEOUT, delete).await,
         Ok(Ok(true))
-    )
+    );
+    // Closed however it went: a `basic.get` still waiting for the leader
+    // must not leave a request on a channel nobody reads.
+    close_soon(channel);
+    deleted
 }
 
 /// Declares a proxy's reply exchange and queue and binds them: both go
