@@ -139,6 +139,61 @@ async fn last_host_takes_the_queue(options: ServerOptions) {
     );
 }
 
+/// A connection to a broker that accepts it and never answers is given up
+/// whole when its time runs out: its socket is closed (and lapin's thread
+/// for it ends with it). lapin 4.12 runs a connection on a thread of its
+/// own from the start, and the host only dropped the future of one that
+/// timed out: the thread and its socket stayed, waiting, one more at each
+/// attempt, until the host ran out of descriptors.
+#[tokio::test]
+async fn a_connection_given_up_leaves_no_socket_open() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let open = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (o, a) = (open.clone(), accepted.clone());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            o.fetch_add(1, Ordering::SeqCst);
+            let o = o.clone();
+            // Never a byte back; counted closed at its end.
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while matches!(
+                    tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await,
+                    Ok(n) if n > 0
+                ) {}
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let options = callme::ConnectOptions {
+        auto_recover: false,
+        ..callme::ConnectOptions::new(format!(
+            "amqp://guest:guest@127.0.0.1:{port}/%2f?connection_timeout=300"
+        ))
+    };
+    for _ in 0..5 {
+        let e = callme::Proxy::connect_with(&options, Duration::from_secs(1))
+            .await
+            .err()
+            .expect("no broker answers");
+        assert!(matches!(e, callme::Error::ConnectTimeout { .. }), "{e}");
+    }
+    let closed = eventually(Duration::from_secs(5), || async {
+        (open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    assert!(accepted.load(Ordering::SeqCst) >= 5);
+    assert!(
+        closed.is_some(),
+        "{} of {} connections given up are still open",
+        open.load(Ordering::SeqCst),
+        accepted.load(Ordering::SeqCst)
+    );
+}
+
 /// A host that stops serving an id never deletes its quorum queue while
 /// the queue's leader does not answer: RabbitMQ reports such a queue's
 /// consumers and messages as 0 and 0 (`rabbit_quorum_queue:stat/2`), and

@@ -4,10 +4,13 @@
 //! URI; every log line and error shows [`redact_uri`] of it instead, and
 //! an error about a URI that does not parse shows nothing of it.
 
+use std::net::Shutdown;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AsyncTcpStream, OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use lapin::{Connection, ConnectionProperties};
 
@@ -238,8 +241,31 @@ impl ConnectOptions {
         let limit = handshake_limit(&uri);
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let runtime = lapin::runtime::default_runtime().map_err(Error::Connection)?;
-        let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
-        match tokio::time::timeout(limit, connect).await {
+        let socket = Handshake::default();
+        let opening = socket.clone();
+        let connect = Connection::connector(
+            uri,
+            runtime,
+            async move |uri: AMQPUri, runtime| {
+                let addresses =
+                    runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+                let stream = AsyncTcpStream::connect(&runtime, addresses).await?;
+                if let AsyncTcpStream::Plain(plain) = &stream {
+                    opening.hold(plain.get_ref().as_fd().try_clone_to_owned()?)?;
+                }
+                Ok(match uri.scheme {
+                    AMQPScheme::AMQP => stream,
+                    AMQPScheme::AMQPS => stream.into_tls(&uri.authority.host, tls.as_ref()).await?,
+                })
+            },
+            props,
+        );
+        let connected = tokio::time::timeout(limit, connect).await;
+        match &connected {
+            Ok(Ok(_)) => socket.forget(),
+            _ => socket.give_up(),
+        }
+        match connected {
             Ok(Ok(conn)) => Ok(conn),
             // Bytes that do not parse as AMQP frames: the peer speaks
             // another protocol, and the parser's own message says nothing
@@ -255,6 +281,50 @@ impl ConnectOptions {
                 broker: redact_uri(entry),
                 timeout: limit,
             }),
+        }
+    }
+}
+
+/// The socket of a connection being opened, so that a handshake given up
+/// ends there too. lapin runs a connection on a thread of its own from
+/// the start, and dropping the future of a connection not yet open leaves
+/// that thread and its socket waiting for the broker for good (lapin
+/// 4.12): a broker that accepts connections and never answers cost the
+/// host a thread and a descriptor at each attempt. The thread ends on the
+/// end of its socket, so the socket is shut down.
+#[derive(Clone, Default)]
+struct Handshake(Arc<Mutex<(bool, Option<std::net::TcpStream>)>>);
+
+impl Handshake {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, Option<std::net::TcpStream>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a duplicate of the socket being opened; refused, and shut
+    /// down, once the handshake is given up.
+    fn hold(&self, socket: OwnedFd) -> std::io::Result<()> {
+        let socket = std::net::TcpStream::from(socket);
+        let mut state = self.lock();
+        if state.0 {
+            let _ = socket.shutdown(Shutdown::Both);
+            return Err(std::io::Error::other("the connection was given up"));
+        }
+        state.1 = Some(socket);
+        Ok(())
+    }
+
+    /// The handshake ended well: the connection owns its socket.
+    fn forget(&self) {
+        self.lock().1 = None;
+    }
+
+    /// The handshake is given up: its socket, and any made later, shut
+    /// down.
+    fn give_up(&self) {
+        let mut state = self.lock();
+        state.0 = true;
+        if let Some(socket) = state.1.take() {
+            let _ = socket.shutdown(Shutdown::Both);
         }
     }
 }
