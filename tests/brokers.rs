@@ -194,6 +194,70 @@ async fn a_connection_given_up_leaves_no_socket_open() {
     );
 }
 
+/// An id whose queue does not answer holds up no other id of its host:
+/// two quorum ids whose leaders are suspended inside the broker, the
+/// host's connection closed; while their consumers wait to be set up
+/// again (15 s before each is given up), a new id is served and called
+/// at once. One lock for the whole host held every change behind them:
+/// other ids' consumers, deploys, removals, and stopping.
+#[tokio::test]
+async fn an_id_whose_queue_does_not_answer_holds_up_no_other_id() {
+    let (user, password) = dedicated_user("qstuck");
+    let host = callme::Server::connect(
+        &callme::ConnectOptions::new(amqp_url_as(&user, &password)),
+        quorum(),
+    )
+    .await
+    .unwrap();
+    let stuck = [unique("qstuck-a"), unique("qstuck-b")];
+    for id in &stuck {
+        host.serve_native(id, native_add()).await.unwrap();
+    }
+    let on_leader = |id: &str, f: &str| {
+        let queue = server_queue(id);
+        format!(
+            r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), {f}(amqqueue:get_pid(Q))."#
+        )
+    };
+    for id in &stuck {
+        broker_ctl(&["eval", &on_leader(id, "sys:suspend")]);
+    }
+    let conn = connection_pid(&user, "callme server").expect("the host's connection");
+    broker_ctl(&["close_connection", &conn, "closed by the test"]);
+    // Back on a new connection, each stuck id waits for its consumer.
+    let reconnected = eventually(Duration::from_secs(10), || async {
+        connection_pid(&user, "callme server").filter(|c| *c != conn)
+    })
+    .await;
+    assert!(reconnected.is_some(), "the host did not reconnect");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = std::time::Instant::now();
+    let fresh = unique("qfresh");
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        host.serve_native(&fresh, native_add()),
+    )
+    .await;
+    let waited = started.elapsed();
+    for id in &stuck {
+        broker_ctl(&["eval", &on_leader(id, "sys:resume")]);
+    }
+    served
+        .expect("serving a new id waited for the stuck ones")
+        .unwrap();
+    assert!(
+        waited < Duration::from_secs(5),
+        "serving a new id took {waited:?}"
+    );
+    let p = proxy(Duration::from_secs(30)).await;
+    answers_add(&p, &fresh, 2).await;
+    for id in &stuck {
+        answers_add(&p, id, 3).await;
+    }
+    host.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A host that stops serving an id never deletes its quorum queue while
 /// the queue's leader does not answer: RabbitMQ reports such a queue's
 /// consumers and messages as 0 and 0 (`rabbit_quorum_queue:stat/2`), and

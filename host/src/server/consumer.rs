@@ -349,7 +349,7 @@ impl Subscription for Consuming {
             None => None,
         };
         let conn = own_conn.as_deref().unwrap_or(conn);
-        let _changing = inner.changes.lock().await;
+        let _changing = inner.changes.lock(&self.id).await;
         // A replacement made meanwhile (a new prefetch while the loop
         // waited to subscribe) is on the channel the last consumer had,
         // not the one made here: dropped, it lets that channel go. Under

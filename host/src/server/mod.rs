@@ -24,6 +24,7 @@
 //! - `given_back`: the requests the host gave back and lived through,
 //!   which the delivery limit does not count.
 
+mod changes;
 mod consumer;
 mod given_back;
 mod job;
@@ -130,10 +131,10 @@ struct Inner {
     connect: ConnectOptions,
     options: ServerOptions,
     registry: Registry<ConsumerHandle>,
-    /// Held by whatever starts, swaps or stops a server id, so two of them
-    /// for the same id never interleave (two consumers for one id, or a
-    /// stop between a start's declare and its consume).
-    changes: tokio::sync::Mutex<()>,
+    /// Held, for an id, by whatever starts, swaps or stops it, so two of
+    /// them for the same id never interleave (two consumers for one id,
+    /// or a stop between a start's declare and its consume).
+    changes: changes::Changes,
     executor: Executor,
     /// Where spare instances are made and used ones dropped, at the
     /// lowest CPU priority.
@@ -279,7 +280,7 @@ impl Server {
                 connect: connect.clone(),
                 options,
                 registry: Registry::new(),
-                changes: tokio::sync::Mutex::new(()),
+                changes: changes::Changes::default(),
                 executor,
                 background,
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
@@ -313,8 +314,8 @@ impl Server {
     /// functions; broker errors when declaring or consuming fails
     /// ([`Error::AccessRefused`] when the broker's permissions forbid it).
     pub async fn serve_plugin(&self, plugin: Plugin) -> Result<(), Error> {
-        let _changing = self.inner.changes.lock().await;
         let id = plugin.name().to_string();
+        let _changing = self.inner.changes.lock(&id).await;
         let wanted = plugin
             .settings()
             .concurrency
@@ -405,7 +406,7 @@ impl Server {
         server_id: &str,
         functions: NativeFunctions,
     ) -> Result<(), Error> {
-        let _changing = self.inner.changes.lock().await;
+        let _changing = self.inner.changes.lock(server_id).await;
         if self.is_serving(server_id) {
             return Err(Error::Config(format!(
                 "server id `{server_id}` is already served"
@@ -480,7 +481,7 @@ impl Server {
 
     /// Cancels the consumer of `server_id` and forgets it.
     async fn stop(&self, server_id: &str) -> Result<Option<Entry<ConsumerHandle>>, Error> {
-        let _changing = self.inner.changes.lock().await;
+        let _changing = self.inner.changes.lock(server_id).await;
         let Some(served) = self.inner.registry.remove(server_id) else {
             return Ok(None);
         };
@@ -515,9 +516,16 @@ impl Server {
             }
         }
         if let Some(conn) = self.inner.link.current() {
-            for (id, shape) in &stopped {
-                topology::delete_server_queue_if_idle(&conn, id, *shape).await;
+            // At once: a quorum queue whose leader does not answer takes
+            // its whole time to be left alone.
+            let mut deleting = tokio::task::JoinSet::new();
+            for (id, shape) in stopped {
+                let conn = conn.clone();
+                deleting.spawn(async move {
+                    topology::delete_server_queue_if_idle(&conn, &id, shape).await;
+                });
             }
+            while deleting.join_next().await.is_some() {}
         }
         self.inner.link.close().await;
         let own: Vec<_> = self
@@ -645,7 +653,7 @@ async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share, shape: 
             // Under the lock serving takes: an id served again declares
             // its queue and starts consuming before this looks, or after
             // this has deleted the old one, never in between.
-            let _changing = inner.changes.lock().await;
+            let _changing = inner.changes.lock(&id).await;
             if inner.registry.contains(&id) {
                 return;
             }
