@@ -7,8 +7,9 @@ use std::time::Duration;
 use callme::protocol::{Args, server_queue};
 use callme::{Error, ErrorKind, NativeFunctions, QueueType, ServerOptions};
 use callme_tests::{
-    Forwarder, amqp_url, amqp_url_as, answers_add, broker_ctl, connection_pid, dedicated_user,
-    eventually, free_port, native_add, pos, proxy, server, unique,
+    Forwarder, Host, amqp_url, amqp_url_as, answers_add, broker_ctl, connection_pid,
+    dedicated_user, deploy, eventually, free_port, native_add, plugin_path, pos, proxy, server,
+    tempdir, unique,
 };
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -192,6 +193,57 @@ async fn a_connection_given_up_leaves_no_socket_open() {
         open.load(Ordering::SeqCst),
         accepted.load(Ordering::SeqCst)
     );
+}
+
+/// A host whose broker user is at its connection limit waits for a
+/// connection to end instead of giving up: RabbitMQ refuses a connection
+/// over a user's (or a virtual host's) limit with the same code as a
+/// virtual host the user may not open (530, `NOT_ALLOWED`), and the host
+/// took it for a refusal and exited. A host restarted while its
+/// predecessor's connections still count (until their heartbeats time
+/// out) would never come back.
+#[tokio::test]
+async fn a_host_at_its_users_connection_limit_waits_for_a_connection_to_end() {
+    let (user, password) = dedicated_user("climit");
+    broker_ctl(&["set_user_limits", &user, r#"{"max-connections": 4}"#]);
+    let url = amqp_url_as(&user, &password);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            Connection::connect(&url, ConnectionProperties::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let refused = callme::Proxy::connect(&url)
+        .await
+        .err()
+        .expect("over the limit");
+    assert!(
+        !matches!(refused, Error::AccessRefused(_)),
+        "the limit was taken for a refusal: {refused:?}"
+    );
+
+    let dir = tempdir();
+    deploy(
+        &plugin_path("calc"),
+        &dir,
+        &format!("{}.wasm", unique("climit-calc")),
+    );
+    let mut host = Host::serve(&dir, &["--amqp-url", &url]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        host.child.try_wait().unwrap(),
+        None,
+        "the host exited: {}",
+        host.log_text()
+    );
+    for conn in held {
+        let _ = conn.close(200, "done".into()).await;
+    }
+    host.wait_ready(Duration::from_secs(30));
+    host.terminate();
+    host.wait(Duration::from_secs(30));
 }
 
 /// An id whose queue does not answer holds up no other id of its host:

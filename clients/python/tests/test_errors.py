@@ -7,12 +7,13 @@ import math
 import socket
 import time
 import traceback
+import uuid
 
 import pytest
 
 import callme_client as callme
 from callme_client.protocol import decode_response
-from conftest import BrokerUser, Host, url_for
+from conftest import BrokerUser, Host, _add_user, rabbitmqctl, url_for
 
 
 def test_a_missing_server_fails_at_once(proxy: callme.Proxy, host: Host) -> None:
@@ -124,6 +125,20 @@ def test_a_wrong_password_is_access_refused_without_the_password(
     shown = "".join(traceback.format_exception(caught.type, caught.value, caught.tb))
     assert "refused" in str(caught.value)
     assert wrong not in shown and user.password not in shown
+
+
+def test_a_connection_limit_is_a_connection_error_not_a_refusal(amqp_url: str) -> None:
+    # RabbitMQ refuses a connection over a user's limit with the code of a
+    # refused virtual host (530); the limit ends when a connection does.
+    user = _add_user(f"py-limit-{uuid.uuid4().hex[:8]}", "pw-limit", ".*", ".*", ".*")
+    try:
+        rabbitmqctl("set_user_limits", user.name, '{"max-connections": 0}')
+        with pytest.raises(callme.ConnectionError) as caught:
+            callme.Proxy(url_for(amqp_url, user.name, user.password), timeout=5)
+        assert not isinstance(caught.value, callme.AccessRefused)
+        assert user.password not in str(caught.value)
+    finally:
+        rabbitmqctl("delete_user", user.name)
 
 
 def test_a_server_the_user_may_not_call_is_access_refused(

@@ -362,11 +362,17 @@ pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
 pub(crate) fn classify_lapin(e: lapin::Error) -> Error {
     use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
     let refused = match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => matches!(
-            amqp.kind(),
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
-        ),
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => true,
+            // Also how RabbitMQ refuses a connection over a user's or a
+            // virtual host's connection limit ("... connection limit (N)
+            // is reached", `rabbit_reader`, 3.x and 4.x), which ends as
+            // soon as another connection does: not a refusal to give up on.
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                !amqp.get_message().as_str().contains("connection limit")
+            }
+            _ => false,
+        },
         _ => false,
     };
     if refused {

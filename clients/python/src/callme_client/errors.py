@@ -141,6 +141,11 @@ def reply_text(e: BaseException) -> str:
     args: Tuple[Any, ...] = tuple(getattr(e, "args", ()))
     if len(args) >= 2 and isinstance(args[1], str):
         return args[1]
+    # A `Connection.Close` frame where another was expected (aiormq 6).
+    for arg in args:
+        text = getattr(arg, "reply_text", None)
+        if isinstance(text, str) and text:
+            return text
     return str(e) or type(e).__name__
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import aio_pika
 import aiormq.abc
 import aiormq.exceptions
+import pamqp.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from . import errors
@@ -177,7 +178,10 @@ class Link:
             raise errors.ConnectionError(
                 f"the broker at {options.redacted} did not answer within {limit:g} s"
             ) from None
-        except (aiormq.exceptions.AMQPError, OSError) as e:
+        except (aiormq.exceptions.AMQPError, pamqp.exceptions.PAMQPException, OSError) as e:
+            # pamqp's own errors too: aiormq 6 raises one when the broker
+            # closes the connection during its handshake (a connection
+            # limit reached).
             raise errors.ConnectionError(
                 f"cannot connect to the broker at {options.redacted}: {errors.reply_text(e)}"
             ) from None
