@@ -138,6 +138,14 @@ fn parse_entry(entry: &str) -> Result<String, InvalidHost> {
     if authority.host().is_empty() {
         return Err(invalid("the host is empty"));
     }
+    // The URI grammar lets a host hold these, and no request's host
+    // matches them: a pattern that looks like it grants much would grant
+    // nothing.
+    if authority.host().contains(['*', '?', '%']) {
+        return Err(invalid(
+            "a host is a name or an address: there is no wildcard (list each host)",
+        ));
+    }
     match authority.port_u16() {
         Some(0) => Err(invalid("port 0")),
         Some(port) => Ok(host_port(authority.host(), port)),
@@ -732,6 +740,9 @@ mod tests {
             "host:99999",
             "",
             "host:80/path",
+            "*.example.com:443",
+            "*:443",
+            "api?.example.com:443",
         ] {
             let e = HttpGrant::new([entry], 1, DEFAULT_HTTP_TIMEOUT).unwrap_err();
             assert!(e.to_string().contains("is not HOST:PORT"), "{entry}: {e}");
