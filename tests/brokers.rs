@@ -697,6 +697,96 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
     nodes[1].cut();
 }
 
+/// A request whose reply could not be sent is given back once for
+/// another try, even if the broker marks it delivered before because of a
+/// return the host lived through: here its first run's connection is
+/// closed under it, and every reply to its caller is refused (a full
+/// reply queue, `reject-publish`). Run on the lost connection, run again
+/// with its reply refused, given back, run a third time, refused again,
+/// dropped: 3 runs. The host took the broker's `redelivered` as "given
+/// back before" and dropped it after the second.
+#[tokio::test]
+async fn a_request_returned_by_a_lost_connection_still_gets_its_one_retry() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    let (user, password) = dedicated_user("retry-once");
+    let host = callme::Server::connect(
+        &callme::ConnectOptions::new(amqp_url_as(&user, &password)),
+        ServerOptions::default(),
+    )
+    .await
+    .unwrap();
+    let id = unique("retry-once");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut f = NativeFunctions::new();
+    let counted = runs.clone();
+    f.register("slow-once", "func() -> u32", move |_args: Args| {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        Ok(json!(1))
+    });
+    host.serve_native(&id, f).await.unwrap();
+
+    // A caller whose reply queue is full and refuses more.
+    let (_conn, channel) = callme_tests::raw_channel().await;
+    let uid = uuid::Uuid::new_v4().to_string();
+    let exchange = callme::protocol::client_exchange("guest", &uid);
+    let queue = callme::protocol::client_queue("guest", &uid);
+    callme_tests::declare_reply_exchange(&channel, &exchange)
+        .await
+        .unwrap();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            callme_tests::reject_publish_over(1),
+        )
+        .await
+        .unwrap();
+    callme_tests::bind_queue(&channel, &queue, &exchange).await;
+    let publish = async |to_exchange: &str, key: &str, body: &[u8], props| {
+        channel
+            .basic_publish(
+                to_exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    };
+    publish("", &queue, b"filler", lapin::BasicProperties::default()).await;
+    let request = serde_json::to_vec(&json!({"func": "slow-once"})).unwrap();
+    let props = lapin::BasicProperties::default()
+        .with_content_type(callme::protocol::CONTENT_TYPE.into())
+        .with_reply_to(exchange.as_str().into())
+        .with_correlation_id("retry-once-1".into());
+    publish(&callme::protocol::server_exchange(&id), "", &request, props).await;
+
+    // Its first run loses its connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let conn = connection_pid(&user, "callme server").expect("the host's connection");
+    broker_ctl(&["close_connection", &conn, "closed by the test"]);
+    let third = eventually(Duration::from_secs(20), || async {
+        (runs.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        third.is_some(),
+        "run {} times: no retry after the reply failed",
+        runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "given back more than once");
+    host.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A request the broker refuses (a negative confirm) is sent again with
 /// retry, until the broker takes it. The server's queue here holds one
 /// message and refuses the rest (`x-overflow` `reject-publish`: RabbitMQ

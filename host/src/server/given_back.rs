@@ -63,6 +63,9 @@ pub(super) struct RequestKey(u64);
 struct Noted {
     times: u32,
     at: Instant,
+    /// Whether one of the returns was after a reply that could not be
+    /// sent.
+    reply_failed: bool,
 }
 
 impl Noted {
@@ -94,19 +97,25 @@ impl Notes {
         }
     }
 
-    fn note(&mut self, key: RequestKey, now: Instant) {
+    fn note(&mut self, key: RequestKey, now: Instant, reply_failed: bool) {
         let before = match self.current.get(&key) {
             Some(&noted) => Some(noted),
             None => self.previous.remove(&key),
-        };
-        let times = before
-            .and_then(|n| n.live(now))
-            .map_or(0, |n| n.times)
-            .saturating_add(1);
+        }
+        .and_then(|n| n.live(now));
+        let times = before.map_or(0, |n| n.times).saturating_add(1);
+        let reply_failed = reply_failed || before.is_some_and(|n| n.reply_failed);
         if !self.current.contains_key(&key) && self.current.len() >= MAX_NOTED / 2 {
             self.previous = std::mem::take(&mut self.current);
         }
-        self.current.insert(key, Noted { times, at: now });
+        self.current.insert(
+            key,
+            Noted {
+                times,
+                at: now,
+                reply_failed,
+            },
+        );
         self.newest = Some(now);
     }
 
@@ -140,10 +149,15 @@ impl GivenBack {
 
     /// Notes that each of `keys` was given back once more.
     pub(super) fn note(&self, keys: impl IntoIterator<Item = RequestKey>) {
-        self.note_at(keys, Instant::now());
+        self.note_at(keys, Instant::now(), false);
     }
 
-    fn note_at(&self, keys: impl IntoIterator<Item = RequestKey>, now: Instant) {
+    fn note_at(
+        &self,
+        keys: impl IntoIterator<Item = RequestKey>,
+        now: Instant,
+        reply_failed: bool,
+    ) {
         let mut keys = keys.into_iter().peekable();
         if keys.peek().is_none() {
             return;
@@ -151,7 +165,7 @@ impl GivenBack {
         let mut notes = self.lock();
         notes.age(now);
         for key in keys {
-            notes.note(key, now);
+            notes.note(key, now, reply_failed);
         }
         self.len.store(notes.len(), Ordering::Relaxed);
     }
@@ -170,6 +184,18 @@ impl GivenBack {
         notes.age(now);
         self.len.store(notes.len(), Ordering::Relaxed);
         notes.get(key, now).map_or(0, |n| n.times.min(MAX_TIMES))
+    }
+
+    /// Whether this host gave the request back lately after a reply that
+    /// could not be sent.
+    pub(super) fn reply_failed(&self, key: RequestKey) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let mut notes = self.lock();
+        notes.age(now);
+        notes.get(key, now).is_some_and(|n| n.reply_failed)
     }
 
     /// Forgets a request: it was acked, or rejected for good.
@@ -252,12 +278,15 @@ impl Holding {
         self.key
     }
 
-    /// It is about to be given back (`basic.reject` with requeue): noted
-    /// now, before the broker can deliver it again, and only once
-    /// whether the reject goes out or its channel is lost.
+    /// It is about to be given back (`basic.reject` with requeue) after
+    /// its reply could not be sent: noted now, before the broker can
+    /// deliver it again, and only once whether the reject goes out or its
+    /// channel is lost.
     pub(super) fn given_back(mut self) {
         if self.taken.release(self.tag) {
-            self.taken.given_back.note([self.key]);
+            self.taken
+                .given_back
+                .note_at([self.key], Instant::now(), true);
         }
         self.settled = true;
     }
@@ -326,8 +355,8 @@ mod tests {
             given.key("calc", "r", "late"),
         );
         let then = Instant::now();
-        given.note_at([early, late], then);
-        given.note_at([late], then + KEPT_FOR / 2);
+        given.note_at([early, late], then, false);
+        given.note_at([late], then + KEPT_FOR / 2, false);
         let almost = then + KEPT_FOR - Duration::from_secs(1);
         assert_eq!(given.times_at(early, almost), 1);
         assert_eq!(given.times_at(late, almost), 2);
@@ -336,7 +365,7 @@ mod tests {
         let full = then + KEPT_FOR;
         assert_eq!(given.times_at(early, full), 0);
         assert_eq!(given.times_at(late, full), 2);
-        given.note_at([early], full);
+        given.note_at([early], full, false);
         assert_eq!(given.times_at(early, full), 1);
         // Long after the newest, nothing is left, and no lock is taken.
         assert_eq!(given.times_at(late, full + KEPT_FOR), 0);
@@ -344,20 +373,36 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_that_failed_is_remembered_with_the_returns() {
+        let given = GivenBack::default();
+        let key = given.key("calc", "r", "c");
+        let now = Instant::now();
+        given.note_at([key], now, false);
+        assert!(!given.reply_failed(key));
+        given.note_at([key], now, true);
+        // A later return for another reason keeps it.
+        given.note_at([key], now, false);
+        assert!(given.reply_failed(key));
+        assert_eq!(given.times_at(key, now), 3);
+        given.forget(key);
+        assert!(!given.reply_failed(key));
+    }
+
+    #[test]
     fn the_notes_are_bounded_and_the_oldest_go_first() {
         let given = GivenBack::default();
         let key = |i: usize| given.key("calc", "r", &i.to_string());
         let now = Instant::now();
-        given.note_at((0..MAX_NOTED).map(key), now);
+        given.note_at((0..MAX_NOTED).map(key), now, false);
         assert_eq!(given.len.load(Ordering::Relaxed), MAX_NOTED);
         assert_eq!(given.times_at(key(0), now), 1);
         // One more: the older half goes.
-        given.note_at([key(MAX_NOTED)], now);
+        given.note_at([key(MAX_NOTED)], now, false);
         assert_eq!(given.times_at(key(0), now), 0);
         assert_eq!(given.times_at(key(MAX_NOTED / 2 - 1), now), 0);
         assert_eq!(given.times_at(key(MAX_NOTED / 2), now), 1);
         assert_eq!(given.times_at(key(MAX_NOTED), now), 1);
-        given.note_at((MAX_NOTED..3 * MAX_NOTED).map(key), now);
+        given.note_at((MAX_NOTED..3 * MAX_NOTED).map(key), now, false);
         assert!(given.len.load(Ordering::Relaxed) <= MAX_NOTED);
         assert_eq!(given.times_at(key(3 * MAX_NOTED - 1), now), 1);
     }

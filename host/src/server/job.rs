@@ -195,9 +195,20 @@ impl Job {
             }
             Sent::Failed(e) => {
                 // Given back once for another try (here or on another
-                // host); a request that was already given back is dropped
-                // rather than run in a loop.
-                let requeue = !delivery.redelivered;
+                // host); a request given back before for a reply not sent,
+                // or delivered before for a reason this host did not live
+                // through (another host died running it), is dropped
+                // rather than run in a loop. Returns it lived through (a
+                // lost connection, a look for an unreadable request) do
+                // not count: the broker marks those `redelivered` too.
+                let reply_failed_before = holding
+                    .as_ref()
+                    .is_some_and(|h| inner.given_back.reply_failed(h.key()));
+                // A request whose channel is gone goes back with it, noted
+                // as such (not as a reply that failed) when its holding
+                // is dropped.
+                let channel_lost = !self._channel.status().connected();
+                let requeue = delivered_before == 0 && !reply_failed_before && !channel_lost;
                 observe::reply_not_sent(&self.id);
                 if let Some(held) = inner.noisy.not_sent.admit() {
                     warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
@@ -209,6 +220,10 @@ impl Job {
                 let holding = match holding {
                     Some(holding) if requeue => {
                         holding.given_back();
+                        None
+                    }
+                    Some(holding) if channel_lost => {
+                        drop(holding);
                         None
                     }
                     other => other,
