@@ -697,6 +697,54 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
     nodes[1].cut();
 }
 
+/// Declares `exchange` (direct) and an exclusive `queue` bound to it that
+/// holds one message and refuses the rest (`x-overflow` `reject-publish`:
+/// RabbitMQ nacks a confirmed publish to a full queue, its "Queue Length
+/// Limit" guide, 3.7 and later), and fills it.
+async fn declare_full_queue(channel: &lapin::Channel, exchange: &str, queue: &str) {
+    use lapin::options::QueueDeclareOptions;
+    callme_tests::declare_reply_exchange(channel, exchange)
+        .await
+        .unwrap();
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            callme_tests::reject_publish_over(1),
+        )
+        .await
+        .unwrap();
+    callme_tests::bind_queue(channel, queue, exchange).await;
+    let filler = lapin::BasicProperties::default();
+    publish(channel, "", queue, b"filler", filler).await;
+}
+
+/// Publishes `body` to `exchange` with `key`, confirmed.
+async fn publish(
+    channel: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) {
+    use lapin::options::BasicPublishOptions;
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 /// A request whose reply could not be sent is given back once for
 /// another try, even if the broker marks it delivered before because of a
 /// return the host lived through: here its first run's connection is
@@ -707,7 +755,6 @@ async fn a_call_sent_again_keeps_its_correlation_id_trace_and_deadline() {
 /// back before" and dropped it after the second.
 #[tokio::test]
 async fn a_request_returned_by_a_lost_connection_still_gets_its_one_retry() {
-    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
     let (user, password) = dedicated_user("retry-once");
     let host = callme::Server::connect(
         &callme::ConnectOptions::new(amqp_url_as(&user, &password)),
@@ -732,42 +779,14 @@ async fn a_request_returned_by_a_lost_connection_still_gets_its_one_retry() {
     let uid = uuid::Uuid::new_v4().to_string();
     let exchange = callme::protocol::client_exchange("guest", &uid);
     let queue = callme::protocol::client_queue("guest", &uid);
-    callme_tests::declare_reply_exchange(&channel, &exchange)
-        .await
-        .unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            callme_tests::reject_publish_over(1),
-        )
-        .await
-        .unwrap();
-    callme_tests::bind_queue(&channel, &queue, &exchange).await;
-    let publish = async |to_exchange: &str, key: &str, body: &[u8], props| {
-        channel
-            .basic_publish(
-                to_exchange.into(),
-                key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    };
-    publish("", &queue, b"filler", lapin::BasicProperties::default()).await;
+    declare_full_queue(&channel, &exchange, &queue).await;
     let request = serde_json::to_vec(&json!({"func": "slow-once"})).unwrap();
     let props = lapin::BasicProperties::default()
         .with_content_type(callme::protocol::CONTENT_TYPE.into())
         .with_reply_to(exchange.as_str().into())
         .with_correlation_id("retry-once-1".into());
-    publish(&callme::protocol::server_exchange(&id), "", &request, props).await;
+    let server = callme::protocol::server_exchange(&id);
+    publish(&channel, &server, "", &request, props).await;
 
     // Its first run loses its connection.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -794,39 +813,11 @@ async fn a_request_returned_by_a_lost_connection_still_gets_its_one_retry() {
 /// guide, 3.7 and later); the test plays the server.
 #[tokio::test]
 async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
-    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
     let id = unique("refused");
     let (_conn, channel) = callme_tests::raw_channel().await;
     let exchange = callme::protocol::server_exchange(&id);
     let queue = server_queue(&id);
-    callme_tests::declare_reply_exchange(&channel, &exchange)
-        .await
-        .unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            callme_tests::reject_publish_over(1),
-        )
-        .await
-        .unwrap();
-    callme_tests::bind_queue(&channel, &queue, &exchange).await;
-    // The queue is full.
-    channel
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"filler",
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    declare_full_queue(&channel, &exchange, &queue).await;
     let p = proxy(Duration::from_secs(20)).await;
     let refused = p.use_server(&id).call("add", pos(json!([1, 2]))).await;
     assert!(

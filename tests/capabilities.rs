@@ -514,6 +514,22 @@ enum Answer {
     BigHead(usize),
 }
 
+/// The `relay` plugin served under a new id (`prefix` and a number) by a
+/// `callme serve` of its own, with `sidecar` as its sidecar, logging at
+/// `log_level`, its metrics on a free port: the host, the id and the port.
+fn serve_relay(prefix: &str, sidecar: &str, log_level: &str) -> (Host, String, u16) {
+    let dir = tempdir();
+    let relay = unique(prefix);
+    std::fs::write(dir.join(format!("{relay}.toml")), sidecar).unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let command = Command::new(callme_bin());
+    let mut host = Host::start(command, &dir, &["--metrics-addr", &addr], log_level);
+    host.wait_ready(Duration::from_secs(60));
+    (host, relay, port)
+}
+
 /// The body [`Answer::Body`] sends.
 fn answer_body(extra: usize) -> String {
     format!("hello from the test server{}", "x".repeat(extra))
@@ -730,21 +746,11 @@ async fn a_response_head_over_the_bound_is_refused() {
 async fn the_response_heads_a_call_and_a_kept_instance_receive_are_bounded() {
     let p = proxy(Duration::from_secs(60)).await;
     let web = HttpServer::start(Answer::BigHead(60 << 10)).await;
-    let dir = tempdir();
-    let relay = unique("cap-heads");
-    std::fs::write(
-        dir.join(format!("{relay}.toml")),
-        format!(
-            "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
-            web.authority()
-        ),
-    )
-    .unwrap();
-    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut host = Host::serve(&dir, &["--metrics-addr", &addr]);
-    host.wait_ready(Duration::from_secs(60));
+    let sidecar = format!(
+        "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
+        web.authority()
+    );
+    let (mut host, relay, port) = serve_relay("cap-heads", &sidecar, "callme=info");
     let sp = p.use_server(&relay);
     let made = async || {
         let text = scrape(port).await;
@@ -1313,21 +1319,11 @@ async fn calls_and_http_requests_of_plugins_are_counted_in_the_metrics() {
     let calc = serve_calc(&srv, &p, "cap-calc-counted").await;
     let web = HttpServer::start(Answer::Body(0)).await;
 
-    let dir = tempdir();
-    let relay = unique("cap-counted");
-    std::fs::write(
-        dir.join(format!("{relay}.toml")),
-        format!(
-            "rpc = [\"{calc}\"]\nrpc_max_calls = 2\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 2\n",
-            web.authority()
-        ),
-    )
-    .unwrap();
-    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut host = Host::serve(&dir, &["--metrics-addr", &addr]);
-    host.wait_ready(Duration::from_secs(60));
+    let sidecar = format!(
+        "rpc = [\"{calc}\"]\nrpc_max_calls = 2\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 2\n",
+        web.authority()
+    );
+    let (host, relay, port) = serve_relay("cap-counted", &sidecar, "callme=info");
     let sp = p.use_server(&relay);
 
     assert_eq!(
@@ -1414,21 +1410,11 @@ async fn calls_and_http_requests_of_plugins_are_counted_in_the_metrics() {
 async fn refused_http_requests_are_logged_once_a_call() {
     let p = proxy(Duration::from_secs(30)).await;
     let web = HttpServer::start(Answer::Body(0)).await;
-    let dir = tempdir();
-    let relay = unique("cap-logged");
-    std::fs::write(
-        dir.join(format!("{relay}.toml")),
-        format!(
-            "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 1\n",
-            web.authority()
-        ),
-    )
-    .unwrap();
-    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
-    let mut command = Command::new(callme_bin());
-    command.env("CALLME_CACHE_DIR", target_dir().join("test-cache"));
-    let mut host = Host::start(command, &dir, &[], "callme=debug");
-    host.wait_ready(Duration::from_secs(60));
+    let sidecar = format!(
+        "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 1\n",
+        web.authority()
+    );
+    let (mut host, relay, _) = serve_relay("cap-logged", &sidecar, "callme=debug");
     let sp = p.use_server(&relay);
 
     // A guest that goes on past each refusal.
