@@ -246,6 +246,15 @@ async fn a_host_at_its_users_connection_limit_waits_for_a_connection_to_end() {
     host.wait(Duration::from_secs(30));
 }
 
+/// An expression for `rabbitmqctl eval` calling `f` (`sys:suspend`,
+/// `sys:resume`) on the leader of `id`'s quorum queue (its Ra server).
+fn on_leader(id: &str, f: &str) -> String {
+    let queue = server_queue(id);
+    format!(
+        r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), {f}(amqqueue:get_pid(Q))."#
+    )
+}
+
 /// An id whose queue does not answer holds up no other id of its host:
 /// two quorum ids whose leaders are suspended inside the broker, the
 /// host's connection closed; while their consumers wait to be set up
@@ -265,12 +274,6 @@ async fn an_id_whose_queue_does_not_answer_holds_up_no_other_id() {
     for id in &stuck {
         host.serve_native(id, native_add()).await.unwrap();
     }
-    let on_leader = |id: &str, f: &str| {
-        let queue = server_queue(id);
-        format!(
-            r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), {f}(amqqueue:get_pid(Q))."#
-        )
-    };
     for id in &stuck {
         broker_ctl(&["eval", &on_leader(id, "sys:suspend")]);
     }
@@ -330,14 +333,9 @@ async fn a_host_leaving_keeps_a_quorum_queue_whose_leader_does_not_answer() {
     // staying host's consumer keeps it.
     leaving.stop_serving(&id).await.unwrap();
     let queue = server_queue(&id);
-    let on_leader = |f: &str| {
-        format!(
-            r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), {f}(amqqueue:get_pid(Q))."#
-        )
-    };
-    broker_ctl(&["eval", &on_leader("sys:suspend")]);
+    broker_ctl(&["eval", &on_leader(&id, "sys:suspend")]);
     tokio::time::sleep(Duration::from_secs(8)).await;
-    broker_ctl(&["eval", &on_leader("sys:resume")]);
+    broker_ctl(&["eval", &on_leader(&id, "sys:resume")]);
     let listed = broker_ctl(&["list_queues", "name"]);
     assert!(
         listed.lines().any(|l| l.trim() == queue),
