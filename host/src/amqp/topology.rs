@@ -184,9 +184,11 @@ pub(crate) async fn declare_server(
 /// So zeros are believed only once the leader has answered: a `basic.get`
 /// goes to the leader and waits for it; if it finds nothing, the counts
 /// are asked again and, still 0 and 0, the queue is deleted. A request it
-/// finds is given back (`basic.nack`, which RabbitMQ 4.x does not count
-/// against the delivery limit), and a leader that does not answer within
-/// [`CLOSE_TIMEOUT`] leaves the queue where it is.
+/// finds is given back (`basic.nack`: RabbitMQ 4.3 and later do not count
+/// it in `x-delivery-count`; earlier versions count every return, so such
+/// a request comes to its next host delivered once more), and a leader
+/// that does not answer within [`CLOSE_TIMEOUT`] leaves the queue where
+/// it is.
 #[cfg(feature = "server")]
 pub(crate) async fn delete_server_queue_if_idle(
     conn: &Connection,

@@ -15,6 +15,7 @@
 //! served id declares its exchange and queue again and resumes consuming.
 //!
 //! - `registry`: the served ids, their services and shares of calls;
+//! - `changes`: the lock each id's start, swap, stop and retirement take;
 //! - `service`: what answers an id (a plugin or native functions);
 //! - `consumer`: an id's consumer: subscribe, prefetch, the consume loop;
 //! - `job`: one request from delivery to ack;

@@ -22,7 +22,8 @@
 //! How a request is sent (names looked up under a bound per plugin, the
 //! connection, TLS) is in `send.rs` beside this file; the bounds on what
 //! a request not yet sent may hold (its method, authority and path) in
-//! `parts.rs`.
+//! `parts.rs`; the bounds on the response heads a call and a kept
+//! instance receive in `heads.rs`.
 //!
 //! Requests run on a small runtime of their own (one thread, started
 //! with the first request allowed), whatever runtime the call runs on:
@@ -434,8 +435,8 @@ impl WasiHttpHooks for HttpHooks {
         let heads = self.heads.clone();
         Box::new(async move {
             let result = async {
-                let (response, connection) = sent?.await??;
-                heads.take(response.headers())?;
+                let (mut response, connection) = sent?.await??;
+                heads.take(&mut response)?;
                 Ok((response, connection))
             }
             .await;

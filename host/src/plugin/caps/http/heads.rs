@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hyper::http::HeaderMap;
+use hyper::http::{self, HeaderMap, HeaderValue};
 use wasmtime_wasi_http::Error as HttpError;
 
 /// Bytes of response heads one call may receive: 256 requests (the
@@ -46,10 +46,16 @@ impl Heads {
         }
     }
 
-    /// Counts a response's `headers`, or refuses them when the call has
-    /// received its share.
-    pub(super) fn take(&self, headers: &HeaderMap) -> Result<(), HttpError> {
-        let size = head_size(headers);
+    /// Counts a response's head, or refuses it when the call has received
+    /// its share. What the response keeps is made its own: hyper's header
+    /// values are slices of its whole read buffer (up to twice
+    /// `send::MAX_HEAD_BYTES`), so a value of one byte written after 60 KiB
+    /// of blanks held those 60 KiB, and so did extensions made from it.
+    pub(super) fn take<B>(&self, response: &mut http::Response<B>) -> Result<(), HttpError> {
+        response.extensions_mut().clear();
+        let headers = owned(response.headers());
+        *response.headers_mut() = headers;
+        let size = head_size(response.headers());
         let before = self.call.fetch_add(size, Ordering::Relaxed);
         if before.saturating_add(size) > CALL_HEAD_BYTES {
             self.call.fetch_sub(size, Ordering::Relaxed);
@@ -65,6 +71,19 @@ impl Heads {
     pub(super) fn instance_spent(&self) -> bool {
         self.instance.load(Ordering::Relaxed) > INSTANCE_HEAD_BYTES
     }
+}
+
+/// `headers` with values of their own, sharing no buffer. A value that
+/// is already valid stays valid.
+fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut own = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.set_sensitive(value.is_sensitive());
+            own.append(name.clone(), copy);
+        }
+    }
+    own
 }
 
 /// What `headers` hold, about.
@@ -87,32 +106,56 @@ mod tests {
         headers
     }
 
+    fn response(headers: HeaderMap) -> http::Response<()> {
+        let mut response = http::Response::new(());
+        *response.headers_mut() = headers;
+        response
+    }
+
+    #[test]
+    fn a_kept_head_holds_no_part_of_the_buffer_it_was_read_from() {
+        // As hyper reads a head: values are slices of its read buffer.
+        let buffer = bytes::Bytes::from(vec![b'b'; 64 << 10]);
+        let mut headers = HeaderMap::new();
+        let value = HeaderValue::from_maybe_shared(buffer.slice(0..1)).unwrap();
+        headers.insert("x-a", value);
+        let mut kept = response(headers);
+        kept.extensions_mut().insert(buffer.slice(1..2));
+        assert!(!buffer.is_unique());
+        Heads::default().take(&mut kept).unwrap();
+        assert!(
+            buffer.is_unique(),
+            "the response still holds its read buffer"
+        );
+        assert_eq!(kept.headers()["x-a"], "b");
+    }
+
     #[test]
     fn a_call_receives_its_share_and_an_instance_is_spent_after_its_own() {
         let heads = Heads::default();
-        let big = head(1 << 20);
+        let big = || response(head(1 << 20));
         for _ in 0..3 {
-            heads.take(&big).unwrap();
+            heads.take(&mut big()).unwrap();
         }
         // The fourth would pass the call's 4 MiB (with the entries' cost).
         assert!(matches!(
-            heads.take(&big),
+            heads.take(&mut big()),
             Err(HttpError::HttpResponseHeaderSectionSize(Some(_)))
         ));
         // A refused head is not counted: a small one still fits.
-        heads.take(&head(1000)).unwrap();
+        heads.take(&mut response(head(1000))).unwrap();
         assert!(!heads.instance_spent());
         let mut call = heads.clone();
         for _ in 0..4 {
             call = call.next_call();
             for _ in 0..3 {
-                call.take(&big).unwrap();
+                call.take(&mut big()).unwrap();
             }
         }
         // 15 MiB and a bit: not yet spent; 3 more are.
         assert!(!call.instance_spent());
         call = call.next_call();
-        call.take(&big).unwrap();
+        call.take(&mut big()).unwrap();
         assert!(call.instance_spent());
         assert!(heads.instance_spent(), "the count is the instance's");
     }
