@@ -96,6 +96,28 @@ fn inspect_lists_functions_with_signatures() {
 }
 
 #[test]
+fn output_to_a_pipe_nobody_reads_ends_quietly() {
+    // `callme inspect x.wasm | head -1`: the reader gone before the
+    // output is written. The command ends as other tools do, by SIGPIPE,
+    // not with a panic and its backtrace on stderr.
+    use std::os::unix::process::ExitStatusExt as _;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let calc = plugin_path("calc");
+    let o = Command::new(callme_bin())
+        .args(["inspect", calc.to_str().unwrap()])
+        .env("RUST_LOG", "off")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run callme");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    const SIGPIPE: i32 = 13;
+    assert_eq!(o.status.signal(), Some(SIGPIPE), "{:?}: {err}", o.status);
+}
+
+#[test]
 fn invoke_runs_one_call_locally() {
     let calc = plugin_path("calc");
     let c = calc.to_str().unwrap();

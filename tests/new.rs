@@ -274,3 +274,57 @@ fn new_writes_into_a_folder_named_after_the_plugin() {
         assert!(parent.join("hello").join(file).is_file(), "{file}");
     }
 }
+
+#[test]
+fn new_that_fails_part_way_leaves_the_directory_as_it_found_it() {
+    // A disk that fills part-way, played by a limit on the size of a file
+    // the process writes (2 KiB: the contract is larger), with the signal
+    // that limit raises ignored so that the write fails instead.
+    let parent = tempdir();
+    let missing = parent.join("missing");
+    let empty = parent.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for dir in [&missing, &empty] {
+        for lang in ["rust", "python", "js"] {
+            let o = Command::new("bash")
+                .args(["-c", "trap '' XFSZ; ulimit -f 2; exec \"$@\"", "bash"])
+                .arg(callme_bin())
+                .args(["new", "hello", "--lang", lang, "--dir"])
+                .arg(dir)
+                .env("RUST_LOG", "off")
+                .output()
+                .expect("run callme");
+            assert!(!o.status.success(), "{lang}: written under a 2 KiB limit");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("File too large"), "{lang}: {err}");
+            if dir == &missing {
+                assert!(!dir.exists(), "{lang}: {} was left", dir.display());
+            } else {
+                let left: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+                assert!(
+                    left.is_empty(),
+                    "{lang}: {left:?} left in {}",
+                    dir.display()
+                );
+            }
+            // And the same command, with room, then works.
+            let o = callme(&[
+                "new",
+                "hello",
+                "--lang",
+                lang,
+                "--dir",
+                dir.to_str().unwrap(),
+            ]);
+            assert!(
+                o.status.success(),
+                "{lang}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::fs::remove_dir_all(dir).unwrap();
+            if dir == &empty {
+                std::fs::create_dir(dir).unwrap();
+            }
+        }
+    }
+}

@@ -350,36 +350,85 @@ pub fn create(dir: &Path, name: &str, language: Language) -> Result<Vec<PathBuf>
         })
         .collect();
     files.push((dir.join("wit/deps/callme/callme.wit"), CONTRACT.to_string()));
+    let mut written = Written::default();
     for (path, text) in &files {
-        write_new(path, text)?;
+        if let Err(e) = written.file(path, text) {
+            // A project half written is no project: the directory is left
+            // as it was found, so the same command can be run again.
+            written.undo();
+            return Err(e);
+        }
     }
     Ok(files.into_iter().map(|(path, _)| path).collect())
+}
+
+/// What one [`create`] has made so far, so that a failure part-way can
+/// take it away again.
+#[derive(Default)]
+struct Written {
+    /// Directories made, outermost first.
+    dirs: Vec<PathBuf>,
+    /// Files made, or opened to be made.
+    files: Vec<PathBuf>,
+}
+
+impl Written {
+    /// Writes `text` to `path`, a file that must not exist yet, making the
+    /// directories it needs: nothing that appeared meanwhile is
+    /// overwritten.
+    fn file(&mut self, path: &Path, text: &str) -> Result<(), ScaffoldError> {
+        if let Some(parent) = path.parent() {
+            self.dir(parent)?;
+        }
+        let io = |source| ScaffoldError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io)?;
+        self.files.push(path.to_path_buf());
+        file.write_all(text.as_bytes()).map_err(io)
+    }
+
+    /// Makes `dir` and whichever of its parents are missing.
+    fn dir(&mut self, dir: &Path) -> Result<(), ScaffoldError> {
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && d.symlink_metadata().is_err())
+            .collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => self.dirs.push(d.to_path_buf()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(ScaffoldError::Io {
+                        path: d.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what was made, newest first; a directory that something
+    /// else has put a file into meanwhile stays.
+    fn undo(self) {
+        for file in self.files.iter().rev() {
+            let _ = std::fs::remove_file(file);
+        }
+        for dir in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// The name Cargo gives a crate's library files: `-` becomes `_`.
 fn crate_file_name(name: &str) -> String {
     name.replace('-', "_")
-}
-
-/// Writes `text` to `path`, a file that must not exist yet: nothing that
-/// appeared meanwhile is overwritten.
-fn write_new(path: &Path, text: &str) -> Result<(), ScaffoldError> {
-    let io = |source| ScaffoldError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| ScaffoldError::Io {
-            path: parent.to_path_buf(),
-            source,
-        })?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)
 }
 
 #[cfg(test)]

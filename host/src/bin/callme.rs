@@ -263,9 +263,24 @@ fn raise_thread_stacks() {
     }
 }
 
+/// Lets a write to a pipe whose reader has gone end the process by
+/// `SIGPIPE`, as other command-line tools end (`callme describe x | head`),
+/// instead of the write failing and `println!` panicking. Rust starts
+/// programs with the signal ignored.
+#[allow(unsafe_code)]
+fn end_on_closed_pipe() {
+    // SAFETY: called in `main` before any thread is spawned; setting a
+    // signal's disposition to its default touches no memory.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     raise_thread_stacks();
     let cli = Cli::parse();
+    // Not for `serve`: a log reader that goes away must not stop the host.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        end_on_closed_pipe();
+    }
     // One-shot commands print JSON on stdout and stderr: keep the broker
     // client's own chatter out of it unless RUST_LOG asks for it.
     let default_filter = match cli.command {
@@ -472,15 +487,22 @@ fn new_plugin(dir: &Path, name: &str, language: callme::scaffold::Language) -> a
     callme::scaffold::create(dir, name, language)?;
     println!("created the {language} plugin {name} in {}", dir.display());
     println!("build it (see {}):", dir.join("README.md").display());
-    println!("  cd {}", dir.display());
+    println!("  cd {}", shell_word(dir));
     for command in language.build_commands(name) {
         println!("  {command}");
     }
     println!(
         "  callme invoke {} greet '\"ann\"'",
-        language.component_path(name).display()
+        shell_word(&language.component_path(name))
     );
     Ok(())
+}
+
+/// `path` as one word of a shell command, quoted where it needs to be, so
+/// a printed command can be copied as it stands.
+fn shell_word(path: &Path) -> String {
+    let path = path.to_string_lossy();
+    shlex::try_quote(&path).map_or_else(|_| format!("{path:?}"), |quoted| quoted.into_owned())
 }
 
 /// Raises the soft limit of open files to the hard one, as servers do:
