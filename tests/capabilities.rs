@@ -379,11 +379,11 @@ async fn a_secret_reaches_the_guest_but_not_describe_the_log_or_errors() {
     let secret = format!("s3cret-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(
         dir.join(format!("{relay}.toml")),
-        "rpc = [\"nobody-here\"]\n[config]\ntoken = \"${CALLME_TEST_RELAY_TOKEN}\"\nplain = \"visible\"\n",
+        "rpc = [\"nobody-here\"]\n[config]\ntoken = \"${CALLME_SECRET_TEST_RELAY_TOKEN}\"\nplain = \"visible\"\n",
     )
     .unwrap();
     deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
-    let mut host = serve_with_env(&dir, &[("CALLME_TEST_RELAY_TOKEN", &secret)]);
+    let mut host = serve_with_env(&dir, &[("CALLME_SECRET_TEST_RELAY_TOKEN", &secret)]);
     host.wait_ready(Duration::from_secs(60));
     let p = proxy(Duration::from_secs(30)).await;
     let sp = p.use_server(&relay);
@@ -420,7 +420,7 @@ async fn a_secret_reaches_the_guest_but_not_describe_the_log_or_errors() {
 async fn a_missing_environment_variable_is_a_load_error_naming_the_key() {
     let dir = tempdir();
     let relay = unique("cap-unset");
-    let var = format!("CALLME_TEST_UNSET_{}", uuid::Uuid::new_v4().simple());
+    let var = format!("CALLME_SECRET_TEST_UNSET_{}", uuid::Uuid::new_v4().simple());
     std::fs::write(
         dir.join(format!("{relay}.toml")),
         format!("[config]\napi_key = \"${{{var}}}\"\n"),
@@ -444,6 +444,49 @@ async fn a_missing_environment_variable_is_a_load_error_naming_the_key() {
     assert!(
         matches!(outcome, Err(Error::NoSuchServer(_))),
         "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_sidecar_reaches_only_the_variables_named_as_plugin_secrets() {
+    // The host's environment holds more than plugin secrets: here a
+    // cluster's broker URLs, with their password, as `scripts/broker
+    // cluster env` exports them for the host.
+    let dir = tempdir();
+    let relay = unique("cap-hostenv");
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let urls = format!("amqp://ops:{password}@node1:5672/%2f");
+    std::fs::write(
+        dir.join(format!("{relay}.toml")),
+        "[config]\nbroker = \"${CALLME_CLUSTER_URLS}\"\n",
+    )
+    .unwrap();
+    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    let mut host = serve_with_env(&dir, &[("CALLME_CLUSTER_URLS", &urls)]);
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(10)).await;
+    let outcome = p
+        .use_server(&relay)
+        .call("setting", pos(json!(["broker"])))
+        .await;
+    assert!(
+        matches!(outcome, Err(Error::NoSuchServer(_))),
+        "a plugin was served the host's variable: {outcome:?}"
+    );
+    host.terminate();
+    host.wait(Duration::from_secs(10));
+    let log = host.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("invalid settings") && l.contains(&relay))
+        .unwrap_or_else(|| panic!("no load error for {relay}: {log}"));
+    assert!(
+        line.contains("not a plugin secret") && line.contains("CALLME_CLUSTER_URLS"),
+        "{line}"
+    );
+    assert!(
+        !log.contains(&password),
+        "the variable's value is in the log: {log}"
     );
 }
 

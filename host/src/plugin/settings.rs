@@ -400,10 +400,10 @@ mod tests {
             PluginSettings::default().capabilities,
             Capabilities::default()
         );
-        let env = |var: &str| (var == "RELAY_TOKEN").then(|| "s3cret".to_string());
+        let env = |var: &str| (var == "CALLME_SECRET_RELAY_TOKEN").then(|| "s3cret".to_string());
         let settings = PluginSettings::from_toml_with_env(
             "rpc = [\"calc\", \"billing\"]\nrpc_max_depth = 3\nrpc_max_calls = 12\n\
-             [config]\ngreeting = \"hi\"\ntoken = \"${RELAY_TOKEN}\"\n",
+             [config]\ngreeting = \"hi\"\ntoken = \"${CALLME_SECRET_RELAY_TOKEN}\"\n",
             env,
         )
         .unwrap();
@@ -415,8 +415,11 @@ mod tests {
         assert_eq!(caps.config.get("token").unwrap().value(), "s3cret");
         assert!(!format!("{settings:?}").contains("s3cret"));
 
-        let e = PluginSettings::from_toml_with_env("[config]\nkey = \"${UNSET}\"", |_| None)
-            .unwrap_err();
+        let e = PluginSettings::from_toml_with_env(
+            "[config]\nkey = \"${CALLME_SECRET_UNSET}\"",
+            |_| None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("`key`"), "{e}");
         let settings = PluginSettings::from_toml(
             "allowed_hosts = [\"API.example.com:443\", \"127.0.0.1:8080\"]\n\

@@ -2,9 +2,12 @@
 //!
 //! A value written `"${NAME}"` is a secret: it is read from the host's
 //! environment variable `NAME` when the sidecar is read (so when the
-//! plugin is loaded or its sidecar changes), and a variable that is not
-//! set makes the sidecar invalid, the error naming the key and the
-//! variable, never a value. A secret's value is kept only here and handed
+//! plugin is loaded or its sidecar changes). Only variables named
+//! `CALLME_SECRET_...` ([`SECRET_PREFIX`]) are plugin secrets: the rest of
+//! the host's environment (its broker URLs, a cloud key) is nothing a
+//! sidecar can name. A variable that is not set, or not a secret, makes
+//! the sidecar invalid, the error naming the key and the variable, never
+//! a value. A secret's value is kept only here and handed
 //! to the guest that asks for it: `Debug` shows the variable's name in its
 //! place, and nothing else prints config values.
 
@@ -65,12 +68,13 @@ pub enum ConfigError {
         /// The variable named.
         var: String,
     },
-    /// A value naming one of [`BROKER_SETTINGS`]: the broker's address,
-    /// credentials and key files never reach a plugin.
+    /// A value naming a variable that is not a plugin secret (not named
+    /// [`SECRET_PREFIX`]...): the host's own settings, the broker's
+    /// credentials among them, never reach a plugin.
     #[error(
-        "config key `{key}`: `${{{var}}}` is callme's own broker setting, which plugins are never given"
+        "config key `{key}`: `${{{var}}}` is not a plugin secret: plugins are given only environment variables whose names start with `{SECRET_PREFIX}`"
     )]
-    ReservedEnv {
+    NotASecret {
         /// The key.
         key: String,
         /// The variable named.
@@ -94,14 +98,12 @@ pub enum ConfigError {
     },
 }
 
-/// The variables `callme` reads the broker's address, credentials and TLS
-/// files from (see `callme serve --help`): never handed to a plugin.
-pub(crate) const BROKER_SETTINGS: [&str; 4] = [
-    "CALLME_AMQP_URL",
-    "CALLME_CA_FILE",
-    "CALLME_CERT_FILE",
-    "CALLME_KEY_FILE",
-];
+/// How the names of the environment variables a plugin may be given
+/// start: an operator exports `CALLME_SECRET_BILLING_KEY` for a sidecar
+/// naming `${CALLME_SECRET_BILLING_KEY}`, and nothing else of the host's
+/// environment is within a sidecar's reach (as Spin gives its components
+/// only `SPIN_VARIABLE_...` variables).
+pub const SECRET_PREFIX: &str = "CALLME_SECRET_";
 
 /// The variable a value names, if it is written `${NAME}`.
 fn env_reference(raw: &str) -> Option<&str> {
@@ -128,8 +130,10 @@ impl Config {
         let mut values = BTreeMap::new();
         for (key, written) in raw {
             let value = match env_reference(&written) {
-                Some(var) if BROKER_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(var)) => {
-                    return Err(ConfigError::ReservedEnv {
+                Some(var)
+                    if var.len() <= SECRET_PREFIX.len() || !var.starts_with(SECRET_PREFIX) =>
+                {
+                    return Err(ConfigError::NotASecret {
                         key,
                         var: var.to_string(),
                     });
@@ -210,11 +214,11 @@ mod tests {
 
     #[test]
     fn plain_values_stay_and_references_are_read_from_the_environment() {
-        let env = |var: &str| (var == "TOKEN").then(|| "s3cret".to_string());
+        let env = |var: &str| (var == "CALLME_SECRET_TOKEN").then(|| "s3cret".to_string());
         let config = Config::resolve(
             raw(&[
                 ("greeting", "hi"),
-                ("token", "${TOKEN}"),
+                ("token", "${CALLME_SECRET_TOKEN}"),
                 ("odd", "${not a var}"),
             ]),
             env,
@@ -230,7 +234,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_a_secret() {
-        let config = Config::resolve(raw(&[("token", "${TOKEN}")]), |_| {
+        let config = Config::resolve(raw(&[("token", "${CALLME_SECRET_TOKEN}")]), |_| {
             Some("s3cret".to_string())
         })
         .unwrap();
@@ -241,31 +245,45 @@ mod tests {
 
     #[test]
     fn a_missing_variable_names_the_key_and_variable() {
-        let e = Config::resolve(raw(&[("api_key", "${NOT_SET_ANYWHERE}")]), |_| None).unwrap_err();
+        let e =
+            Config::resolve(raw(&[("api_key", "${CALLME_SECRET_NOT_SET}")]), |_| None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "config key `api_key`: the environment variable `NOT_SET_ANYWHERE` is not set"
+            "config key `api_key`: the environment variable `CALLME_SECRET_NOT_SET` is not set"
         );
     }
 
     #[test]
-    fn callmes_own_settings_are_never_handed_to_a_plugin() {
+    fn only_variables_named_as_plugin_secrets_are_read() {
         let e = Config::resolve(raw(&[("broker", "${CALLME_AMQP_URL}")]), |_| {
             Some("amqp://callme:pw@broker".to_string())
         })
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "config key `broker`: `${CALLME_AMQP_URL}` is callme's own broker setting, which plugins are never given"
+            "config key `broker`: `${CALLME_AMQP_URL}` is not a plugin secret: plugins are given only environment variables whose names start with `CALLME_SECRET_`"
         );
-        for var in BROKER_SETTINGS {
+        let read = std::cell::Cell::new(0);
+        for var in [
+            "CALLME_CA_FILE",
+            "CALLME_CLUSTER_URLS",
+            "AWS_SECRET_ACCESS_KEY",
+            "HOME",
+            "callme_secret_lower",
+            "CALLME_SECRET_",
+            "X_CALLME_SECRET_Y",
+        ] {
             let written = format!("${{{var}}}");
-            let e = Config::resolve(raw(&[("x", &written)]), |_| Some("v".into()));
-            assert!(matches!(e, Err(ConfigError::ReservedEnv { .. })), "{var}");
+            let e = Config::resolve(raw(&[("x", &written)]), |_| {
+                read.set(read.get() + 1);
+                Some("v".into())
+            });
+            assert!(matches!(e, Err(ConfigError::NotASecret { .. })), "{var}");
         }
-        let lower = Config::resolve(raw(&[("x", "${callme_amqp_url}")]), |_| Some("v".into()));
-        assert!(matches!(lower, Err(ConfigError::ReservedEnv { .. })));
-        let own = Config::resolve(raw(&[("x", "${CALLME_TEST_TOKEN}")]), |_| Some("v".into()));
+        assert_eq!(read.get(), 0, "a variable that is not a secret was read");
+        let own = Config::resolve(raw(&[("x", "${CALLME_SECRET_TEST_TOKEN}")]), |_| {
+            Some("v".into())
+        });
         assert_eq!(own.unwrap().get("x").unwrap().value(), "v");
     }
 
@@ -279,7 +297,10 @@ mod tests {
             Err(ConfigError::TooManyKeys { .. })
         ));
         let long = "x".repeat(MAX_CONFIG_VALUE_BYTES + 1);
-        let e = Config::resolve(raw(&[("big", "${BIG}")]), |_| Some(long.clone())).unwrap_err();
+        let e = Config::resolve(raw(&[("big", "${CALLME_SECRET_BIG}")]), |_| {
+            Some(long.clone())
+        })
+        .unwrap_err();
         assert!(matches!(e, ConfigError::TooLong { .. }), "{e}");
         assert!(!e.to_string().contains("xxx"));
     }
