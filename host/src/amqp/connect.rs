@@ -131,6 +131,13 @@ impl ConnectOptions {
                         uri_problem(&e)
                     ))
                 })?;
+                // amq-protocol-uri 10.6 takes the host of an IPv6 literal
+                // (`amqp://u:p@[2001:db8::5]/`) for no host and puts its
+                // default, `localhost`, in its place: the credentials
+                // would go to whatever listens on this machine.
+                if let Some(ip) = ipv6_host(entry) {
+                    uri.authority.host = ip.to_string();
+                }
                 if self.cert_file.is_some() && uri.query.auth_mechanism.is_none() {
                     uri.query.auth_mechanism = Some(SASLMechanism::External);
                 }
@@ -282,6 +289,14 @@ impl ConnectOptions {
                 timeout: limit,
             }),
         }
+    }
+}
+
+/// The address of a URI whose host is an IPv6 literal (`[::1]`).
+fn ipv6_host(entry: &str) -> Option<std::net::Ipv6Addr> {
+    match url::Url::parse(entry).ok()?.host()? {
+        url::Host::Ipv6(ip) => Some(ip),
+        _ => None,
     }
 }
 
@@ -548,6 +563,26 @@ mod tests {
         }
         assert_eq!(redact_uri("amqp://bob@h/v"), "amqp://bob@h/v");
         assert_eq!(redact_uri("not a uri"), "not a uri");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_the_host_connected_to() {
+        let uri = ConnectOptions::new("amqp://svc:pw@[2001:db8::5]:5999/%2f")
+            .parse()
+            .unwrap();
+        assert_eq!(uri.authority.host, "2001:db8::5");
+        assert_eq!(uri.authority.port, 5999);
+        let uri = ConnectOptions::new("amqps://[::1]/%2f").parse().unwrap();
+        assert_eq!(uri.authority.host, "::1");
+        assert_eq!(uri.authority.port, 5671);
+        let uri = ConnectOptions::new("amqp://svc:pw@10.0.0.7:5672/%2f")
+            .parse()
+            .unwrap();
+        assert_eq!(uri.authority.host, "10.0.0.7");
+        let uri = ConnectOptions::new("amqp://svc:pw@broker.example/%2f")
+            .parse()
+            .unwrap();
+        assert_eq!(uri.authority.host, "broker.example");
     }
 
     #[test]
