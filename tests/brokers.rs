@@ -141,8 +141,9 @@ async fn last_host_takes_the_queue(options: ServerOptions) {
 }
 
 /// A connection to a broker that accepts it and never answers is given up
-/// whole when its time runs out: its socket is closed (and lapin's thread
-/// for it ends with it). lapin 4.12 runs a connection on a thread of its
+/// whole when its time runs out, or when its caller gives up first (a
+/// timeout of its own around `Proxy::connect`): its socket is closed (and
+/// lapin's thread for it ends with it). lapin 4.12 runs a connection on a thread of its
 /// own from the start, and the host only dropped the future of one that
 /// timed out: the thread and its socket stayed, waiting, one more at each
 /// attempt, until the host ran out of descriptors.
@@ -182,11 +183,21 @@ async fn a_connection_given_up_leaves_no_socket_open() {
             .expect("no broker answers");
         assert!(matches!(e, callme::Error::ConnectTimeout { .. }), "{e}");
     }
+    // And 5 given up by their caller, before the handshake's own limit.
+    let patient = callme::ConnectOptions {
+        auto_recover: false,
+        ..callme::ConnectOptions::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+    };
+    for _ in 0..5 {
+        let connecting = callme::Proxy::connect_with(&patient, Duration::from_secs(1));
+        let given_up = tokio::time::timeout(Duration::from_millis(300), connecting).await;
+        assert!(given_up.is_err(), "no broker answers");
+    }
     let closed = eventually(Duration::from_secs(5), || async {
         (open.load(Ordering::SeqCst) == 0).then_some(())
     })
     .await;
-    assert!(accepted.load(Ordering::SeqCst) >= 5);
+    assert!(accepted.load(Ordering::SeqCst) >= 10);
     assert!(
         closed.is_some(),
         "{} of {} connections given up are still open",

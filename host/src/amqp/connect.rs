@@ -267,11 +267,12 @@ impl ConnectOptions {
             },
             props,
         );
+        // Given up if this future is dropped before the handshake ends
+        // (the caller's own timeout, a host stopping), not only on its
+        // limit here.
+        let attempt = Attempt(Some(socket));
         let connected = tokio::time::timeout(limit, connect).await;
-        match &connected {
-            Ok(Ok(_)) => socket.forget(),
-            _ => socket.give_up(),
-        }
+        attempt.end(matches!(connected, Ok(Ok(_))));
         match connected {
             Ok(Ok(conn)) => Ok(conn),
             // Bytes that do not parse as AMQP frames: the peer speaks
@@ -340,6 +341,30 @@ impl Handshake {
         state.0 = true;
         if let Some(socket) = state.1.take() {
             let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A [`Handshake`] under way: given up when dropped before it ends.
+struct Attempt(Option<Handshake>);
+
+impl Attempt {
+    /// The handshake ended: the connection keeps its socket if `opened`.
+    fn end(mut self, opened: bool) {
+        if let Some(socket) = self.0.take() {
+            if opened {
+                socket.forget();
+            } else {
+                socket.give_up();
+            }
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(socket) = self.0.take() {
+            socket.give_up();
         }
     }
 }
