@@ -383,6 +383,57 @@ async fn chatty_guests_are_captured_not_failed() {
 }
 
 #[tokio::test]
+async fn settings_a_program_makes_are_bounded_as_a_sidecars_are() {
+    // A deadline of `Duration::MAX` overflowed the clock of every call (a
+    // panic in the caller's task); the others are out of a sidecar's
+    // bounds too, and a program's settings now meet the same ones.
+    let bytes = plugin_bytes("calc");
+    let mut http_timeout = PluginSettings::default();
+    http_timeout.capabilities.http.timeout = Duration::MAX;
+    let mut no_calls = PluginSettings::default();
+    no_calls.capabilities.rpc.max_calls = 0;
+    for (key, settings) in [
+        (
+            "deadline_ms",
+            PluginSettings {
+                limits: Limits {
+                    deadline: Duration::MAX,
+                    ..Limits::default()
+                },
+                ..PluginSettings::default()
+            },
+        ),
+        (
+            "fuel",
+            PluginSettings {
+                limits: Limits {
+                    fuel: 0,
+                    ..Limits::default()
+                },
+                ..PluginSettings::default()
+            },
+        ),
+        (
+            "concurrency",
+            PluginSettings {
+                concurrency: Some(0),
+                ..PluginSettings::default()
+            },
+        ),
+        ("http_timeout_ms", http_timeout),
+        ("rpc_max_calls", no_calls),
+    ] {
+        match Plugin::load(&runtime(), "calc", &bytes, settings) {
+            Err(PluginError::InvalidPlugin { message }) => {
+                assert!(message.contains(key), "{key}: {message}");
+            }
+            Err(other) => panic!("{key}: expected InvalidPlugin, got {other:?}"),
+            Ok(_) => panic!("{key}: loaded"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn unknown_import_is_refused_at_load() {
     let e = Plugin::load(
         &runtime(),

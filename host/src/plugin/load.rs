@@ -75,7 +75,9 @@ impl Plugin {
     /// [`PluginError::InvalidPlugin`] when the bytes are not a valid
     /// component, an export uses a type without a JSON form (naming the
     /// function and the type), it imports anything but WASI 0.2 and
-    /// `callme:plugin/host` (naming the import), or it cannot be linked.
+    /// `callme:plugin/host` (naming the import), or it cannot be linked;
+    /// also for `settings` outside the bounds a sidecar keeps to (naming
+    /// the sidecar key).
     pub fn load(
         runtime: &Runtime,
         name: &str,
@@ -83,6 +85,9 @@ impl Plugin {
         settings: PluginSettings,
     ) -> Result<Plugin, PluginError> {
         let rt = &runtime.inner;
+        settings
+            .check()
+            .map_err(|e| PluginError::invalid_plugin(format!("invalid settings: {e}")))?;
         let memory_bytes = settings.limits.memory_bytes;
         if memory_bytes > rt.config.max_memory_bytes {
             return Err(PluginError::invalid_plugin(format!(

@@ -175,7 +175,6 @@ impl PluginSettings {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<PluginSettings, SettingsError> {
         let sidecar: Sidecar = toml::from_str(text)?;
-        sidecar.check()?;
         let capabilities = Capabilities {
             config: Config::resolve(sidecar.config.clone(), env)?,
             rpc: RpcGrant::new(sidecar.rpc.clone(), sidecar.rpc_max_depth)?
@@ -187,10 +186,12 @@ impl PluginSettings {
             )?
             .with_max_requests(sidecar.http_max_requests),
         };
-        Ok(PluginSettings {
+        let settings = PluginSettings {
             capabilities,
             ..sidecar.into()
-        })
+        };
+        settings.check()?;
+        Ok(settings)
     }
 }
 
@@ -285,51 +286,57 @@ impl From<Sidecar> for PluginSettings {
     }
 }
 
-impl Sidecar {
-    /// Checks every numeric setting against its bounds.
-    fn check(&self) -> Result<(), SettingsError> {
-        fn within<T: Into<u128>>(
-            key: &'static str,
-            value: T,
-            min: T,
-            max: T,
-        ) -> Result<(), SettingsError> {
-            let (value, min, max) = (value.into(), min.into(), max.into());
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(SettingsError::OutOfRange {
-                    key,
-                    value,
-                    min,
-                    max,
-                })
-            }
-        }
+/// `value` if it is within `min..=max`, else the sidecar key's refusal.
+fn within<T: Into<u128>>(key: &'static str, value: T, min: T, max: T) -> Result<(), SettingsError> {
+    let (value, min, max) = (value.into(), min.into(), max.into());
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(SettingsError::OutOfRange {
+            key,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+impl PluginSettings {
+    /// Checks every numeric setting against its bounds, named by its
+    /// sidecar key: what every sidecar is checked against, and what [`Plugin::load`](super::Plugin::load) asks of settings a
+    /// program made (a deadline of `Duration::MAX` would overflow the
+    /// first call's clock).
+    ///
+    /// # Errors
+    ///
+    /// [`SettingsError::OutOfRange`] for the first number outside its
+    /// bounds (see the `MAX_*` and `MIN_*` constants).
+    pub(crate) fn check(&self) -> Result<(), SettingsError> {
         // usize is at most 64 bits on every target wasmtime supports.
         let size = |n: usize| n as u64;
-        within("fuel", self.fuel, 1, MAX_FUEL)?;
+        let limits = &self.limits;
+        within("fuel", limits.fuel, 1, MAX_FUEL)?;
         within(
             "deadline_ms",
-            u128::from(self.deadline_ms),
+            limits.deadline.as_millis(),
             1,
             MAX_DEADLINE.as_millis(),
         )?;
         within(
             "memory_bytes",
-            size(self.memory_bytes),
+            size(limits.memory_bytes),
             size(MIN_MEMORY_BYTES),
             size(MAX_MEMORY_BYTES),
         )?;
         within(
             "result_bytes",
-            size(self.result_bytes),
+            size(limits.result_bytes),
             1,
             size(MAX_RESULT_BYTES),
         )?;
         within(
             "output_bytes",
-            size(self.output_bytes),
+            size(limits.output_bytes),
             0,
             size(MAX_OUTPUT_BYTES),
         )?;
@@ -337,23 +344,19 @@ impl Sidecar {
         if let Some(concurrency) = self.concurrency {
             within("concurrency", size(concurrency), 1, size(MAX_CONCURRENCY))?;
         }
-        within("rpc_max_depth", self.rpc_max_depth, 1, MAX_CALL_DEPTH)?;
-        within("rpc_max_calls", self.rpc_max_calls, 1, MAX_CALLS)?;
-        within(
-            "http_max_requests",
-            self.http_max_requests,
-            1,
-            MAX_HTTP_REQUESTS,
-        )?;
+        let (rpc, http) = (&self.capabilities.rpc, &self.capabilities.http);
+        within("rpc_max_depth", rpc.max_depth, 1, MAX_CALL_DEPTH)?;
+        within("rpc_max_calls", rpc.max_calls, 1, MAX_CALLS)?;
+        within("http_max_requests", http.max_requests, 1, MAX_HTTP_REQUESTS)?;
         within(
             "http_max_response_bytes",
-            self.http_max_response_bytes,
+            http.max_response_bytes,
             1,
             MAX_HTTP_RESPONSE_BYTES,
         )?;
         within(
             "http_timeout_ms",
-            u128::from(self.http_timeout_ms),
+            http.timeout.as_millis(),
             1,
             MAX_DEADLINE.as_millis(),
         )?;
@@ -391,7 +394,7 @@ mod tests {
             PluginSettings::from_toml("").unwrap(),
             PluginSettings::default()
         );
-        Sidecar::default().check().unwrap();
+        PluginSettings::default().check().unwrap();
     }
 
     #[test]

@@ -95,6 +95,36 @@ pub const DEFAULT_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 3;
 
 impl ServerOptions {
+    /// Refuses options no server can run with, before anything is
+    /// connected: the command line bounds them, a program may not.
+    fn check(&self) -> Result<(), Error> {
+        check_concurrency(self.concurrency)?;
+        if self.delivery_limit == 0 {
+            return Err(Error::Config(
+                "delivery_limit must be at least 1: a request is delivered once before it runs"
+                    .into(),
+            ));
+        }
+        if self.max_request_bytes == 0 {
+            return Err(Error::Config(
+                "max_request_bytes must be at least 1: no request fits in 0 bytes".into(),
+            ));
+        }
+        // RabbitMQ takes `x-expires` from 1 ms to 2^32 - 1 ms (its
+        // "Time-to-Live and Expiration" guide), and refuses the queue
+        // otherwise, at every serve.
+        if let Some(expires) = self.queue_expires
+            && (expires < Duration::from_millis(1)
+                || expires > Duration::from_millis(u64::from(u32::MAX)))
+        {
+            return Err(Error::Config(format!(
+                "queue_expires must be between 1 ms and {} ms, not {expires:?}",
+                u32::MAX
+            )));
+        }
+        Ok(())
+    }
+
     /// How the queue of an id served by `service` is declared: its own
     /// queue type if it has one, else the server's.
     fn queue_shape(&self, service: &Service) -> ServerQueue {
@@ -263,7 +293,7 @@ impl Server {
         connect: &ConnectOptions,
         options: ServerOptions,
     ) -> Result<Server, Error> {
-        check_concurrency(options.concurrency)?;
+        options.check()?;
         let user = connect.user(&connect.parse()?);
         let link = Link::connect(connect, "callme server").await?;
         let executor = Executor::plugins(options.executor_threads)?;
@@ -685,4 +715,58 @@ async fn closed_for_good(mut server: tokio::sync::watch::Receiver<crate::amqp::l
     let _ = server
         .wait_for(|s| matches!(s, crate::amqp::link::State::Closed))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn options_no_server_can_run_with_are_refused_before_connecting() {
+        // Nothing listens there: a refusal must come before any connect.
+        let nowhere = ConnectOptions::new("amqp://guest:guest@127.0.0.1:1/%2f");
+        for (what, options) in [
+            (
+                "concurrency",
+                ServerOptions {
+                    concurrency: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "delivery_limit",
+                ServerOptions {
+                    delivery_limit: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "max_request_bytes",
+                ServerOptions {
+                    max_request_bytes: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "queue_expires",
+                ServerOptions {
+                    queue_expires: Some(Duration::ZERO),
+                    ..Default::default()
+                },
+            ),
+            (
+                "queue_expires",
+                ServerOptions {
+                    queue_expires: Some(Duration::from_secs(50 * 24 * 3600)),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            match Server::connect(&nowhere, options).await {
+                Err(Error::Config(message)) => assert!(message.contains(what), "{message}"),
+                Err(e) => panic!("{what}: expected a Config error, got {e}"),
+                Ok(_) => panic!("{what}: connected"),
+            }
+        }
+    }
 }
