@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use callme::protocol::{Args, server_exchange};
 use callme::{ConnectOptions, Error, Proxy, Server, ServerOptions};
 use callme_tests::{
-    Host, amqp_url_as, amqps_port, broker_ctl, dedicated_vhost, deploy, native_add, plugin_path,
-    pos, proxy, serve_calc, server, tempdir, tls_dir, unique,
+    Host, amqp_url_as, amqps_port, broker_ctl, callme_bin, dedicated_vhost, deploy, native_add,
+    plugin_path, pos, proxy, serve_calc, server, tempdir, tls_dir, unique,
 };
 use serde_json::json;
 
@@ -1277,4 +1277,46 @@ fn a_cache_directory_others_may_write_to_is_refused() {
     assert!(stderr.contains("may be written by other users"), "{stderr}");
     // Nothing was made or loaded there.
     assert!(!cache.join("wasmtime").exists());
+}
+
+/// A host that cannot reach its broker over TLS says why: the cause
+/// (here a certificate nothing in `--ca-file` issued) is in the line that
+/// says it waits, which said only "the broker connection failed", half a
+/// minute after half a minute, with nothing to act on.
+#[test]
+fn a_host_waiting_on_a_tls_failure_logs_its_cause() {
+    let dir = tempdir();
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", amqps_port());
+    // The server's own certificate taken for a CA: it issued nothing.
+    let not_the_ca = tls_dir().join("server.pem");
+    let mut host = Host::start(
+        std::process::Command::new(callme_bin()),
+        &dir,
+        &[
+            "--amqp-url",
+            &url,
+            "--ca-file",
+            not_the_ca.to_str().unwrap(),
+        ],
+        "callme=info",
+    );
+    let started = Instant::now();
+    let line = loop {
+        let log = host.log_text();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("the broker is unreachable"))
+        {
+            break line.to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no line about the broker: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    host.terminate();
+    host.wait(Duration::from_secs(10));
+    assert!(line.contains("certificate"), "{line}");
+    assert!(!line.contains("guest:guest"), "{line}");
 }

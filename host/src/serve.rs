@@ -149,7 +149,7 @@ async fn connect_patiently(options: &ServeOptions) -> Result<Server, Error> {
             ) if options.connect.auto_recover => {
                 // Said at once, then every half minute while it lasts.
                 if reported.is_none_or(|at: Instant| at.elapsed() >= WAIT_REPORT_EVERY) {
-                    warn!(target: "callme::server", broker = %options.connect.redacted(), error = %e, waited = ?since.elapsed(), "the broker is unreachable: waiting for it before serving");
+                    warn!(target: "callme::server", broker = %options.connect.redacted(), error = %e.chain(), waited = ?since.elapsed(), "the broker is unreachable: waiting for it before serving");
                     reported = Some(Instant::now());
                 }
             }

@@ -646,7 +646,7 @@ impl Deployer {
                 _ = resync.tick() => Change::All,
                 Some(done) = self.tasks.join_next_with_id() => {
                     if let Err(e) = self.applied(done) {
-                        warn!(target: "callme::server", error = %e, "could not apply change");
+                        warn!(target: "callme::server", error = %e.chain(), "could not apply change");
                     }
                     continue;
                 }

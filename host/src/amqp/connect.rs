@@ -24,7 +24,8 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 pub struct ConnectOptions {
     /// `amqp://user:pass@host:port/vhost` or `amqps://...`.
     pub uri: String,
-    /// PEM file of the CA that signed the broker's certificate (TLS).
+    /// PEM file of the CA that signed the broker's certificate (TLS),
+    /// trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate for mutual TLS; with it, authentication is
     /// EXTERNAL unless the URI names another mechanism.
@@ -171,17 +172,31 @@ impl ConnectOptions {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))
         };
+        // A file without what it is named for would be passed over without
+        // a word (a CA file of no certificate leaves the system's roots
+        // alone to be trusted): refused, naming the file.
+        let holding = |p: &PathBuf, bytes: Vec<u8>, what: &str, marker: &str| {
+            if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                Ok(bytes)
+            } else {
+                Err(Error::Config(format!(
+                    "{} holds no {what} in PEM form",
+                    p.display()
+                )))
+            }
+        };
+        const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
         let cert_chain = match &self.ca_file {
             Some(p) => Some(
-                String::from_utf8(read(p)?)
+                String::from_utf8(holding(p, read(p)?, "certificate", CERTIFICATE)?)
                     .map_err(|_| Error::Config(format!("{} is not PEM text", p.display())))?,
             ),
             None => None,
         };
         let identity = match (&self.cert_file, &self.key_file) {
             (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
-                pem: read(cert)?,
-                key: read(key)?,
+                pem: holding(cert, read(cert)?, "certificate", CERTIFICATE)?,
+                key: holding(key, read(key)?, "private key", "PRIVATE KEY-----")?,
             }),
             (None, None) => None,
             _ => {
@@ -588,6 +603,56 @@ mod tests {
         }
         assert_eq!(redact_uri("amqp://bob@h/v"), "amqp://bob@h/v");
         assert_eq!(redact_uri("not a uri"), "not a uri");
+    }
+
+    #[test]
+    fn tls_files_without_what_they_are_named_for_are_refused() {
+        let dir = std::env::temp_dir().join(format!("callme-tls-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            Some(path)
+        };
+        let uri: AMQPUri = "amqps://localhost/%2f".parse().unwrap();
+        let options = |ca, cert_file, key_file| ConnectOptions {
+            ca_file: ca,
+            cert_file,
+            key_file,
+            ..ConnectOptions::new("amqps://localhost/%2f")
+        };
+        let refused = |o: ConnectOptions, what: &str| match o.tls(&uri) {
+            Err(Error::Config(message)) => assert!(message.contains(what), "{message}"),
+            other => panic!("{what}: expected a Config error, got {other:?}"),
+        };
+        refused(
+            options(file("empty.pem", ""), None, None),
+            "empty.pem holds no certificate",
+        );
+        refused(
+            options(file("key-as-ca.pem", key), None, None),
+            "key-as-ca.pem holds no certificate",
+        );
+        refused(
+            options(None, file("c.pem", cert), file("no-key.pem", cert)),
+            "no-key.pem holds no private key",
+        );
+        refused(
+            options(None, file("k-as-cert.pem", key), file("k.pem", key)),
+            "k-as-cert.pem holds no certificate",
+        );
+        assert!(
+            options(
+                file("ca.pem", cert),
+                file("c.pem", cert),
+                file("k.pem", key)
+            )
+            .tls(&uri)
+            .is_ok()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -243,9 +243,9 @@ async fn supervise(
                     break Arc::new(fresh);
                 }
                 Err(e) => {
-                    debug!(target: "callme::link", connection = name, %broker, attempt, error = %e, "reconnection failed");
+                    debug!(target: "callme::link", connection = name, %broker, attempt, error = %e.chain(), "reconnection failed");
                     if !reported && down_since.elapsed() >= DOWN_REPORT_AFTER {
-                        error!(target: "callme::link", connection = name, %broker, down_for = ?down_since.elapsed(), error = %e, "the broker is still unreachable: nothing is served or called until it is back");
+                        error!(target: "callme::link", connection = name, %broker, down_for = ?down_since.elapsed(), error = %e.chain(), "the broker is still unreachable: nothing is served or called until it is back");
                         reported = true;
                     }
                 }

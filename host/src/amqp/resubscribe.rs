@@ -107,10 +107,10 @@ pub(crate) async fn run<S: Subscription>(
             }
             Ok(None) => return,
             Err(e) if attempt > QUIET_ATTEMPTS => {
-                warn!(target: "callme::amqp", what = %subscription.what(), attempt, error = %e, "cannot consume again yet");
+                warn!(target: "callme::amqp", what = %subscription.what(), attempt, error = %e.chain(), "cannot consume again yet");
             }
             Err(e) => {
-                debug!(target: "callme::amqp", what = %subscription.what(), attempt, error = %e, "cannot consume again yet");
+                debug!(target: "callme::amqp", what = %subscription.what(), attempt, error = %e.chain(), "cannot consume again yet");
             }
         }
     }

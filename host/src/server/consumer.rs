@@ -325,7 +325,7 @@ impl Subscription for Consuming {
                         warn!(target: "callme::server", server_id = %self.id, "a request to this id could not be read, and no connection of its own could be had: it stays on the server's");
                     }
                     Err(e) => {
-                        warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot open a connection of its own for this id: it stays on the server's");
+                        warn!(target: "callme::server", server_id = %self.id, error = %e.chain(), "cannot open a connection of its own for this id: it stays on the server's");
                     }
                 }
             }

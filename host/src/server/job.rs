@@ -211,7 +211,7 @@ impl Job {
                 let requeue = delivered_before == 0 && !reply_failed_before && !channel_lost;
                 observe::reply_not_sent(&self.id);
                 if let Some(held) = inner.noisy.not_sent.admit() {
-                    warn!(target: "callme::server", server_id = %self.id, error = %e, requeue, held_back = held, "reply not sent");
+                    warn!(target: "callme::server", server_id = %self.id, error = %e.chain(), requeue, held_back = held, "reply not sent");
                 }
                 // `basic.reject`: every RabbitMQ version counts it as a
                 // failed delivery (4.3 no longer counts a `basic.nack`).

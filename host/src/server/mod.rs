@@ -535,7 +535,7 @@ impl Server {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    warn!(target: "callme::server", server_id = %id, error = %e, "cancel failed")
+                    warn!(target: "callme::server", server_id = %id, error = %e.chain(), "cancel failed")
                 }
             }
         }
