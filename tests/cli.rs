@@ -649,3 +649,37 @@ async fn serve_without_pipelined_replies() {
     );
     assert!(!log.contains("replies are pipelined by"), "{log}");
 }
+
+#[test]
+fn a_host_given_its_broker_password_on_the_command_line_says_where_it_belongs() {
+    let said = "the broker password is on the command line";
+    let dir = tempdir();
+    let url = amqp_url();
+    assert!(
+        url.contains(":guest@"),
+        "the test broker's URL names a password: {url}"
+    );
+    let mut in_argv = Host::start(
+        Command::new(callme_bin()),
+        &dir,
+        &["--amqp-url", &url],
+        "callme=info",
+    );
+    in_argv.wait_ready(Duration::from_secs(30));
+    in_argv.terminate();
+    in_argv.wait(Duration::from_secs(10));
+    let log = in_argv.log_text();
+    assert!(
+        log.contains(said) && log.contains("CALLME_AMQP_URL"),
+        "{log}"
+    );
+    assert!(!log.contains(":guest@"), "{log}");
+    // From the environment (as every other test host gets it): nothing to say.
+    let mut in_env = Host::serve(&dir, &[]);
+    in_env.wait_ready(Duration::from_secs(30));
+    in_env.terminate();
+    in_env.wait(Duration::from_secs(10));
+    let log = in_env.log_text();
+    assert!(log.contains("serving") || log.contains("ready"), "{log}");
+    assert!(!log.contains(said), "{log}");
+}

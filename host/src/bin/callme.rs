@@ -276,7 +276,11 @@ fn end_on_closed_pipe() {
 
 fn main() -> ExitCode {
     raise_thread_stacks();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // Not for `serve`: a log reader that goes away must not stop the host.
     if !matches!(cli.command, Command::Serve { .. }) {
         end_on_closed_pipe();
@@ -300,6 +304,9 @@ fn main() -> ExitCode {
             .with_filter(log_filter(default_filter));
         tracing_subscriber::registry().with(log).init();
     }
+    if let Command::Serve { broker, .. } = &cli.command {
+        warn_of_a_password_in_argv(broker, &matches);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail_local(&anyhow::anyhow!("cannot start the runtime: {e}")),
@@ -309,6 +316,20 @@ fn main() -> ExitCode {
     // background tasks, which do not expect it.
     runtime.shutdown_background();
     code
+}
+
+/// Says so when `serve` was given the broker password on its command
+/// line: a host runs for months, and its arguments are there for any
+/// local user to read (`ps`, `/proc/PID/cmdline`) all that time, where
+/// `CALLME_AMQP_URL` is readable by its own user only.
+fn warn_of_a_password_in_argv(broker: &Broker, matches: &clap::ArgMatches) {
+    let given = matches
+        .subcommand()
+        .and_then(|(_, sub)| sub.value_source("amqp_url"));
+    let options = broker.options(true);
+    if given == Some(clap::parser::ValueSource::CommandLine) && options.redacted() != options.uri {
+        tracing::warn!(target: "callme::server", "the broker password is on the command line, where every local user can read it (ps, /proc/PID/cmdline) while the host runs: give the URL in CALLME_AMQP_URL instead");
+    }
 }
 
 /// `RUST_LOG`'s filter, or `default` without it, and never the `trace`
