@@ -43,7 +43,14 @@ impl BlockingProxy {
     ///
     /// # Errors
     ///
-    /// As [`Proxy::connect`], or [`Error::Config`] when the runtime cannot start.
+    /// As [`Proxy::connect`], or [`Error::Runtime`] when its runtime cannot
+    /// start.
+    ///
+    /// # Panics
+    ///
+    /// Called on a thread that runs async code (a tokio worker): tokio
+    /// refuses to block there. Use [`Proxy`] in async code, or call this
+    /// inside `spawn_blocking`.
     pub fn connect(options: &ConnectOptions, timeout: Duration) -> Result<BlockingProxy, Error> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

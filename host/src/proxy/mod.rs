@@ -315,8 +315,11 @@ impl Proxy {
     /// # Errors
     ///
     /// [`Error::Timeout`], [`Error::NoSuchServer`], [`Error::AccessRefused`],
-    /// [`Error::Remote`] (the server's error), [`Error::Disconnected`] or
-    /// [`Error::Connection`].
+    /// [`Error::Remote`] (the server's error), [`Error::Disconnected`] (the
+    /// connection lost, or down for the whole timeout),
+    /// [`Error::Connection`], [`Error::BrokerLost`] (closed for good: no
+    /// reconnection), [`Error::Rejected`], [`Error::TooLarge`], or
+    /// [`Error::Config`] for a server id that cannot be one.
     pub async fn call(
         &self,
         server: &str,
@@ -510,9 +513,10 @@ impl Proxy {
                     names.clone(),
                 ))
             }
-            Ok(Err(_)) => Err(Error::Disconnected(
-                "the proxy's broker connection is closed".into(),
-            )),
+            // Closed for good (reconnection off, or the proxy closed): not
+            // a state that passes, so not `Disconnected`, which callers
+            // may wait out.
+            Ok(Err(_)) => Err(Error::BrokerLost),
             Err(_) => Err(Error::Disconnected(format!(
                 "no connection to the broker within the call's timeout of {timeout:?} (reconnecting)"
             ))),
@@ -667,8 +671,9 @@ impl ServerProxy {
 ///
 /// # Errors
 ///
-/// [`Error::Json`] when it does not serialise, [`Error::Config`] when it is
-/// neither an array, an object nor null.
+/// [`Error::Json`] when it does not serialise. An array is the positional
+/// arguments, an object the keyword arguments, null none, and any other
+/// value the one positional argument (`args_from(5)` is `[5]`).
 pub fn args_from<A: Serialize>(args: A) -> Result<Args, Error> {
     match serde_json::to_value(args).map_err(Error::Json)? {
         Value::Array(a) => Ok(Args::positional(a)),
