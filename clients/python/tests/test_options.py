@@ -45,6 +45,12 @@ def test_a_client_certificate_means_external_login() -> None:
     assert options.user == "external"
     plain = ConnectOptions.build("amqps://u:p@h/%2f?auth=plain", cert_file="c", key_file="k")
     assert "auth=plain" in plain.connection_url()
+    # RabbitMQ's spelling, which the Rust proxy reads, is read here too.
+    rabbit = ConnectOptions.build(
+        "amqps://u:p@h/%2f?auth_mechanism=PLAIN", cert_file="c", key_file="k"
+    )
+    assert "auth=plain" in rabbit.connection_url()
+    assert "auth_mechanism" not in rabbit.connection_url()
 
 
 def test_bad_combinations_are_refused() -> None:

@@ -121,17 +121,22 @@ impl ConnectOptions {
                 // Neither the URI nor the parser's message (which can quote
                 // it) is shown: a URI that does not parse has no reliable
                 // place where its password starts and ends.
+                let which = if count > 1 {
+                    format!(" (entry {} of {count})", i + 1)
+                } else {
+                    String::new()
+                };
                 let mut uri: AMQPUri = entry.parse().map_err(|e: String| {
-                    let which = if count > 1 {
-                        format!(" (entry {} of {count})", i + 1)
-                    } else {
-                        String::new()
-                    };
                     Error::Config(format!(
                         "invalid AMQP URI{which}: {} (expected amqp://user:password@host:port/vhost or amqps://...)",
                         uri_problem(&e)
                     ))
                 })?;
+                if let Some(mechanism) = read_query(entry).map_err(|problem| {
+                    Error::Config(format!("invalid AMQP URI{which}: {problem}"))
+                })? {
+                    uri.query.auth_mechanism = Some(mechanism);
+                }
                 // amq-protocol-uri 10.6 takes the host of an IPv6 literal
                 // (`amqp://u:p@[2001:db8::5]/`) for no host and puts its
                 // default, `localhost`, in its place: the credentials
@@ -306,6 +311,46 @@ impl ConnectOptions {
             }),
         }
     }
+}
+
+/// The query parameters a broker URI may have: those of RabbitMQ's "URI
+/// Query Parameters" guide that the AMQP client reads, and `auth`, the
+/// Python client's (aio-pika's) spelling of `auth_mechanism`.
+const QUERY_KEYS: [&str; 6] = [
+    "heartbeat",
+    "connection_timeout",
+    "channel_max",
+    "frame_max",
+    "auth_mechanism",
+    "auth",
+];
+
+/// Checks the query of a broker URI: a parameter nothing reads (a
+/// misspelling, or the guide's `cacertfile`, which would leave TLS to the
+/// system's roots) is refused rather than passed over. The mechanism an
+/// `auth` parameter names, if any.
+fn read_query(entry: &str) -> Result<Option<SASLMechanism>, String> {
+    let Ok(url) = url::Url::parse(entry) else {
+        return Ok(None);
+    };
+    let mut mechanism = None;
+    for (key, value) in url.query_pairs() {
+        if !QUERY_KEYS.contains(&&*key) {
+            let key: String = key.chars().take(64).collect();
+            return Err(format!(
+                "unknown query parameter `{key}` (callme reads {}; TLS files are given by --ca-file, --cert-file and --key-file)",
+                QUERY_KEYS.join(", ")
+            ));
+        }
+        if key == "auth" {
+            mechanism = Some(
+                value
+                    .parse()
+                    .map_err(|_| "unknown auth mechanism in `auth`".to_string())?,
+            );
+        }
+    }
+    Ok(mechanism)
 }
 
 /// The address of a URI whose host is an IPv6 literal (`[::1]`).
@@ -653,6 +698,39 @@ mod tests {
             .is_ok()
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_query_parameter_nothing_reads_is_refused_and_auth_is_read() {
+        for (uri, says) in [
+            (
+                "amqps://u:pw@h/%2f?cacertfile=/etc/ca.pem",
+                "unknown query parameter `cacertfile`",
+            ),
+            (
+                "amqp://u:pw@h/%2f?heartbeat=5&hearbeat=5",
+                "unknown query parameter `hearbeat`",
+            ),
+            ("amqp://u:pw@h/%2f?auth=nope", "unknown auth mechanism"),
+        ] {
+            match ConnectOptions::new(uri).parse() {
+                Err(Error::Config(message)) => {
+                    assert!(message.contains(says), "{uri}: {message}");
+                    assert!(!message.contains("pw"), "{uri}: {message}");
+                }
+                other => panic!("{uri}: expected a Config error, got {other:?}"),
+            }
+        }
+        let uri = ConnectOptions::new("amqp://u:pw@h/%2f?auth=external&heartbeat=5")
+            .parse()
+            .unwrap();
+        assert_eq!(uri.query.auth_mechanism, Some(SASLMechanism::External));
+        assert_eq!(uri.query.heartbeat, Some(5));
+        let uri =
+            ConnectOptions::new("amqp://u:pw@h/%2f?auth_mechanism=plain&connection_timeout=9")
+                .parse()
+                .unwrap();
+        assert_eq!(uri.query.auth_mechanism, Some(SASLMechanism::Plain));
     }
 
     #[test]

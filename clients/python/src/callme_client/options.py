@@ -201,11 +201,17 @@ class ConnectOptions:
 
     def connection_url(self) -> str:
         """The URL handed to the AMQP library: with ``auth=external`` added
-        when a client certificate is given and the URL names no mechanism,
+        when a client certificate is given and the URL names no mechanism
+        (as ``auth`` or as RabbitMQ's ``auth_mechanism``),
         and the connection name (``callme proxy`` unless the URL or
         ``connection_name`` names one)."""
         parts = urlsplit(self.url)
         query = dict(parse_qsl(parts.query))
+        # RabbitMQ's URI parameter (and the Rust proxy's) for what the
+        # AMQP library here calls ``auth``: one URL serves both clients.
+        if "auth_mechanism" in query:
+            mechanism = query.pop("auth_mechanism")
+            query.setdefault("auth", mechanism.lower())
         if self.cert_file and "auth" not in query:
             query["auth"] = "external"
         # The broker shows it as the connection's name; every aio-pika
