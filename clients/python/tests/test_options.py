@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import traceback
+from pathlib import Path
 
 import pytest
 
@@ -39,18 +41,48 @@ def test_the_environment_gives_the_default_url(monkeypatch: pytest.MonkeyPatch) 
     assert ConnectOptions.build().url == "amqp://guest:guest@localhost/%2f"
 
 
-def test_a_client_certificate_means_external_login() -> None:
-    options = ConnectOptions.build("amqps://h/%2f", cert_file="c.pem", key_file="k.pem")
+@pytest.fixture
+def tls() -> Path:
+    """The test broker's TLS files (``scripts/broker env``)."""
+    directory = os.environ.get("CALLME_TEST_TLS_DIR")
+    if not directory:
+        pytest.fail('CALLME_TEST_TLS_DIR is not set: eval "$(scripts/broker env)" first')
+    return Path(directory)
+
+
+def test_a_client_certificate_means_external_login(tls: Path) -> None:
+    c, k = str(tls / "client.pem"), str(tls / "client.key")
+    options = ConnectOptions.build("amqps://h/%2f", cert_file=c, key_file=k)
     assert "auth=external" in options.connection_url()
     assert options.user == "external"
-    plain = ConnectOptions.build("amqps://u:p@h/%2f?auth=plain", cert_file="c", key_file="k")
+    plain = ConnectOptions.build("amqps://u:p@h/%2f?auth=plain", cert_file=c, key_file=k)
     assert "auth=plain" in plain.connection_url()
     # RabbitMQ's spelling, which the Rust proxy reads, is read here too.
     rabbit = ConnectOptions.build(
-        "amqps://u:p@h/%2f?auth_mechanism=PLAIN", cert_file="c", key_file="k"
+        "amqps://u:p@h/%2f?auth_mechanism=PLAIN", cert_file=c, key_file=k
     )
     assert "auth=plain" in rabbit.connection_url()
     assert "auth_mechanism" not in rabbit.connection_url()
+
+
+def test_a_tls_file_that_cannot_serve_is_refused_naming_it(tls: Path, tmp_path: Path) -> None:
+    """Said when the options are made, naming the file and what it is
+    for; it was a ``ConnectionError`` at each connect, with no file name
+    (``No such file or directory``, ``[SSL] PEM lib``)."""
+    missing = str(tmp_path / "gone.pem")
+    with pytest.raises(ValueError, match=f"cannot read ca_file '{missing}'"):
+        ConnectOptions.build("amqps://h/%2f", ca_file=missing)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="ca_file .*junk.pem.* holds no CA certificate"):
+        ConnectOptions.build("amqps://h/%2f", ca_file=str(junk))
+    with pytest.raises(ValueError, match="cert_file .*client.pem.* and key_file .*junk.pem"):
+        ConnectOptions.build(
+            "amqps://h/%2f", cert_file=str(tls / "client.pem"), key_file=str(junk)
+        )
+    with pytest.raises(ValueError, match="cannot read key_file"):
+        ConnectOptions.build("amqps://h/%2f", cert_file=str(tls / "client.pem"), key_file=missing)
+    assert ConnectOptions.build("amqps://h/%2f", ca_file=str(tls / "ca.pem")).ca_file
 
 
 def test_bad_combinations_are_refused() -> None:

@@ -163,9 +163,15 @@ class Link:
             self._served = False
         limit = options.handshake_timeout(CONNECT_TIMEOUT)
         try:
+            # Read again at each connect (a certificate renewed in place);
+            # one gone or broken since is this connect's failure.
+            ssl_context = options.ssl_context()
+        except ValueError as e:
+            raise errors.ConnectionError(str(e)) from None
+        try:
             connection = await aio_pika.connect(
                 options.connection_url(),
-                ssl_context=options.ssl_context(),
+                ssl_context=ssl_context,
                 timeout=limit,
             )
         except (aiormq.exceptions.ProbableAuthenticationError,

@@ -102,8 +102,9 @@ class ConnectOptions:
         ``amqp://guest:guest@localhost:5672/%2f``.
 
         :raises ValueError: for a URL that is not ``amqp://`` or
-            ``amqps://``, TLS files with a plain ``amqp://`` URL, or a
-            certificate without its key.
+            ``amqps://``, TLS files with a plain ``amqp://`` URL, a
+            certificate without its key, or a TLS file that cannot be read
+            or holds no PEM certificate or key (naming it).
         """
         seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
         if amqp_url is None:
@@ -170,13 +171,17 @@ class ConnectOptions:
             raise ValueError("TLS files given but the URL is not amqps://")
         if bool(cert_file) != bool(key_file):
             raise ValueError("a client certificate needs both a certificate and a key file")
-        return cls(
+        options = cls(
             url=url,
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
             connection_name=connection_name,
         )
+        # The TLS files are read once here: a missing or broken one is
+        # said at once, naming it, not at every connect as an outage.
+        options.ssl_context()
+        return options
 
     def __repr__(self) -> str:
         # Shown by debuggers, tracebacks with locals and error reporters:
@@ -235,8 +240,27 @@ class ConnectOptions:
         the system's CAs, or ``ca_file``'s, plus the client certificate."""
         if urlsplit(self.url).scheme != "amqps":
             return None
-        context = _ssl.create_default_context(cafile=self.ca_file)
+        files = (("ca_file", self.ca_file), ("cert_file", self.cert_file),
+                 ("key_file", self.key_file))
+        for what, path in files:
+            if path:
+                try:
+                    open(path, "rb").close()
+                except OSError as e:
+                    raise ValueError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
+        try:
+            context = _ssl.create_default_context(cafile=self.ca_file)
+        except _ssl.SSLError as e:
+            raise ValueError(
+                f"ca_file {self.ca_file!r} holds no CA certificate in PEM form: {e.reason or e}"
+            ) from None
         if self.cert_file and self.key_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except _ssl.SSLError as e:
+                raise ValueError(
+                    f"cert_file {self.cert_file!r} and key_file {self.key_file!r} are not "
+                    f"a PEM certificate and its private key: {e.reason or e}"
+                ) from None
         return context
 
