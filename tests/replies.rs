@@ -8,12 +8,13 @@ use callme::protocol::{
     Args, REPLY_QUEUE, client_exchange, client_queue, server_exchange, server_queue,
 };
 use callme::{
-    ConnectOptions, Error, ErrorKind, NativeFunctions, PluginSettings, Proxy, Server, ServerOptions,
+    ConnectOptions, Error, ErrorKind, NativeFunctions, Plugin, PluginError, PluginSettings, Proxy,
+    Server, ServerOptions,
 };
 use callme_tests::{
     RawClient, amqp_url, amqp_url_as, answers_add, broker_ctl, connection_pid,
-    declare_reply_exchange, dedicated_user, dedicated_vhost, load, native_add, pos, proxy,
-    raw_channel, server, slow_calls, unique,
+    declare_reply_exchange, dedicated_user, dedicated_vhost, load, native_add, plugin_bytes, pos,
+    proxy, raw_channel, runtime, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{
@@ -431,18 +432,20 @@ async fn changing_concurrency_under_a_backlog_loses_nothing() {
 async fn an_invalid_concurrency_changes_nothing() {
     let srv = server(ServerOptions::default()).await;
     let id = unique("keep");
-    let with = |concurrency, version: &str| {
-        let limits = PluginSettings {
-            concurrency: Some(concurrency),
-            ..PluginSettings::default()
-        };
-        load(version, &id, limits)
+    let with = |concurrency| PluginSettings {
+        concurrency: Some(concurrency),
+        ..PluginSettings::default()
     };
-    srv.serve_plugin(with(3, "calc")).await.unwrap();
+    srv.serve_plugin(load("calc", &id, with(3))).await.unwrap();
     let before = srv.plugin(&id).unwrap().hash().to_string();
+    // Refused as it is loaded, before a server sees it.
     for bad in [0, 70_000] {
-        let refused = srv.serve_plugin(with(bad, "calc-v2")).await;
-        assert!(matches!(refused, Err(Error::Config(_))), "{refused:?}");
+        let refused = Plugin::load(&runtime(), &id, &plugin_bytes("calc-v2"), with(bad));
+        assert!(
+            matches!(&refused, Err(PluginError::InvalidPlugin { message }) if message.contains("concurrency")),
+            "{:?}",
+            refused.err()
+        );
     }
     // The version and the settings serving before are serving still.
     assert_eq!(srv.plugin(&id).unwrap().hash(), before);

@@ -175,6 +175,7 @@ impl PluginSettings {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<PluginSettings, SettingsError> {
         let sidecar: Sidecar = toml::from_str(text)?;
+        within("fuel", sidecar.fuel, 1, MAX_FUEL)?;
         let capabilities = Capabilities {
             config: Config::resolve(sidecar.config.clone(), env)?,
             rpc: RpcGrant::new(sidecar.rpc.clone(), sidecar.rpc_max_depth)?
@@ -315,7 +316,9 @@ impl PluginSettings {
         // usize is at most 64 bits on every target wasmtime supports.
         let size = |n: usize| n as u64;
         let limits = &self.limits;
-        within("fuel", limits.fuel, 1, MAX_FUEL)?;
+        // A program may give a call all the fuel there is (and rely on the
+        // deadline); a sidecar keeps to [`MAX_FUEL`], checked as it is read.
+        within("fuel", limits.fuel, 1, u64::MAX)?;
         within(
             "deadline_ms",
             limits.deadline.as_millis(),
