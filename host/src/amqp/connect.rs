@@ -336,9 +336,19 @@ fn read_query(entry: &str) -> Result<Option<SASLMechanism>, String> {
     let mut mechanism = None;
     for (key, value) in url.query_pairs() {
         if !QUERY_KEYS.contains(&&*key) {
-            let key: String = key.chars().take(64).collect();
+            // A password holding an unencoded `?` ends the authority early
+            // and the rest of it is read as the query: a key is named only
+            // when it cannot be that (no `@` after the `?`, a plain word).
+            let from_password = entry.split_once('?').is_some_and(|(_, q)| q.contains('@'));
+            let plain = (1..=32).contains(&key.len())
+                && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            let named = if plain && !from_password {
+                format!("`{key}`")
+            } else {
+                "that is not one of them".to_string()
+            };
             return Err(format!(
-                "unknown query parameter `{key}` (callme reads {}; TLS files are given by --ca-file, --cert-file and --key-file)",
+                "unknown query parameter {named} (callme reads {}; TLS files are given by --ca-file, --cert-file and --key-file)",
                 QUERY_KEYS.join(", ")
             ));
         }
@@ -764,6 +774,9 @@ mod tests {
             "amqp://bob:hunter2@h/v?auth_mechanism=hunter2",
             "amqp://bob:hunter2@h/v?heartbeat=hunter2",
             "amqp://bob:hunter2@[::hunter2]/v",
+            "amqp://bob:?hunter2@h/v",
+            "amqp://bob:123/x?hunter2@h/v",
+            "amqp://bob:?x&hunter2=1@h/v",
             "hunter2",
         ] {
             let e = ConnectOptions::new(uri).parse().unwrap_err();
