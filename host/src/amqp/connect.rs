@@ -132,17 +132,22 @@ impl ConnectOptions {
                         uri_problem(&e)
                     ))
                 })?;
-                if let Some(mechanism) = read_query(entry).map_err(|problem| {
-                    Error::Config(format!("invalid AMQP URI{which}: {problem}"))
-                })? {
-                    uri.query.auth_mechanism = Some(mechanism);
-                }
-                // amq-protocol-uri 10.6 takes the host of an IPv6 literal
-                // (`amqp://u:p@[2001:db8::5]/`) for no host and puts its
-                // default, `localhost`, in its place: the credentials
-                // would go to whatever listens on this machine.
-                if let Some(ip) = ipv6_host(entry) {
-                    uri.authority.host = ip.to_string();
+                // What amq-protocol-uri 10.6 does not read of the URI, read
+                // from the same parse (it parses with the same crate, so
+                // this one succeeds too).
+                if let Ok(url) = url::Url::parse(entry) {
+                    if let Some(mechanism) = read_query(entry, &url).map_err(|problem| {
+                        Error::Config(format!("invalid AMQP URI{which}: {problem}"))
+                    })? {
+                        uri.query.auth_mechanism = Some(mechanism);
+                    }
+                    // It takes the host of an IPv6 literal
+                    // (`amqp://u:p@[2001:db8::5]/`) for no host and puts its
+                    // default, `localhost`, in its place: the credentials
+                    // would go to whatever listens on this machine.
+                    if let Some(url::Host::Ipv6(ip)) = url.host() {
+                        uri.authority.host = ip.to_string();
+                    }
                 }
                 if self.cert_file.is_some() && uri.query.auth_mechanism.is_none() {
                     uri.query.auth_mechanism = Some(SASLMechanism::External);
@@ -325,14 +330,11 @@ const QUERY_KEYS: [&str; 6] = [
     "auth",
 ];
 
-/// Checks the query of a broker URI: a parameter nothing reads (a
+/// Checks the query of a broker URI (`entry`, parsed as `url`): a parameter nothing reads (a
 /// misspelling, or the guide's `cacertfile`, which would leave TLS to the
 /// system's roots) is refused rather than passed over. The mechanism an
 /// `auth` parameter names, if any.
-fn read_query(entry: &str) -> Result<Option<SASLMechanism>, String> {
-    let Ok(url) = url::Url::parse(entry) else {
-        return Ok(None);
-    };
+fn read_query(entry: &str, url: &url::Url) -> Result<Option<SASLMechanism>, String> {
     let mut mechanism = None;
     for (key, value) in url.query_pairs() {
         if !QUERY_KEYS.contains(&&*key) {
@@ -361,14 +363,6 @@ fn read_query(entry: &str) -> Result<Option<SASLMechanism>, String> {
         }
     }
     Ok(mechanism)
-}
-
-/// The address of a URI whose host is an IPv6 literal (`[::1]`).
-fn ipv6_host(entry: &str) -> Option<std::net::Ipv6Addr> {
-    match url::Url::parse(entry).ok()?.host()? {
-        url::Host::Ipv6(ip) => Some(ip),
-        _ => None,
-    }
 }
 
 /// The socket of a connection being opened, so that a handshake given up
