@@ -674,6 +674,22 @@ fn a_host_given_its_broker_password_on_the_command_line_says_where_it_belongs() 
         "{log}"
     );
     assert!(!log.contains(":guest@"), "{log}");
+    // A list of nodes, spaced after its comma, with no password (the
+    // broker's default login): nothing to say.
+    let bare = url.replacen("guest:guest@", "", 1);
+    let list = format!("{bare}, {bare}");
+    let mut no_password = Host::start(
+        Command::new(callme_bin()),
+        &dir,
+        &["--amqp-url", &list],
+        "callme=info",
+    );
+    no_password.wait_ready(Duration::from_secs(30));
+    no_password.terminate();
+    no_password.wait(Duration::from_secs(10));
+    let log = no_password.log_text();
+    assert!(log.contains("serving") || log.contains("ready"), "{log}");
+    assert!(!log.contains(said), "{log}");
     // From the environment (as every other test host gets it): nothing to say.
     let mut in_env = Host::serve(&dir, &[]);
     in_env.wait_ready(Duration::from_secs(30));

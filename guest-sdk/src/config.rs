@@ -2,9 +2,11 @@
 //!
 //! A plugin on `callme:plugin@0.2.0` reads a setting with [`get`]. The
 //! host answers from the `[config]` table of the sidecar `NAME.toml`
-//! beside the plugin; a value written `"${VAR}"` there is the host's
-//! environment variable `VAR` (a secret: the host never logs or shows
-//! it). A plugin without a `[config]` table gets `None` for every key.
+//! beside the plugin; a value written `"${CALLME_SECRET_NAME}"` there is
+//! the host's environment variable of that name (a secret: the host never
+//! logs or shows it). Only variables whose names start with
+//! `CALLME_SECRET_` can be named; a sidecar naming any other is refused.
+//! A plugin without a `[config]` table gets `None` for every key.
 
 /// The value of `key` in the plugin's `[config]` table, if it is set.
 ///

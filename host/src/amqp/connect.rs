@@ -81,6 +81,12 @@ impl ConnectOptions {
             .join(",")
     }
 
+    /// Whether any of the URI(s) holds a password (or anything that
+    /// [`ConnectOptions::redacted`] would hide).
+    pub fn has_password(&self) -> bool {
+        self.entries().iter().any(|u| redact_uri(u) != *u)
+    }
+
     /// Broker `i` of the list (counted from 0, wrapping), passwords
     /// masked: the node a connection was made to or lost.
     pub(crate) fn redacted_node(&self, i: usize) -> String {
@@ -576,6 +582,15 @@ mod tests {
         assert_eq!(user("amqp://broker/%2f", false), "guest");
         assert_eq!(user("amqp://broker/a@b", false), "guest");
         assert_eq!(user("amqps://broker/a@b", true), "external");
+    }
+
+    #[test]
+    fn a_password_is_found_in_any_uri_of_a_list_and_only_there() {
+        let has = |uri: &str| ConnectOptions::new(uri).has_password();
+        assert!(!has("amqp://h1/%2f, amqp://h2/%2f"));
+        assert!(!has("amqp://ann@h1/%2f"));
+        assert!(has("amqp://h1/%2f, amqp://ann:pw@h2/%2f"));
+        assert!(has("amqp://ann:pw@h1/%2f"));
     }
 
     #[test]

@@ -327,7 +327,7 @@ fn warn_of_a_password_in_argv(broker: &Broker, matches: &clap::ArgMatches) {
         .subcommand()
         .and_then(|(_, sub)| sub.value_source("amqp_url"));
     let options = broker.options(true);
-    if given == Some(clap::parser::ValueSource::CommandLine) && options.redacted() != options.uri {
+    if given == Some(clap::parser::ValueSource::CommandLine) && options.has_password() {
         tracing::warn!(target: "callme::server", "the broker password is on the command line, where every local user can read it (ps, /proc/PID/cmdline) while the host runs: give the URL in CALLME_AMQP_URL instead");
     }
 }
