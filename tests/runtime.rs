@@ -1132,3 +1132,46 @@ async fn a_plugin_exports_at_most_1024_functions_of_short_names() {
         other => panic!("expected InvalidPlugin, got {:?}", other.map(|_| ())),
     }
 }
+
+/// A component whose module's start function blocks in a WASI call (a
+/// 60 s sleep on a pollable), where no fuel or epoch can stop it.
+const BLOCKED_AT_START: &str = r#"
+(component
+  (import "wasi:io/poll@0.2.0" (instance $poll
+    (export "pollable" (type (sub resource)))
+    (export "[method]pollable.block" (func (param "self" (borrow 0))))))
+  (alias export $poll "pollable" (type $pollable))
+  (import "wasi:clocks/monotonic-clock@0.2.0" (instance $clock
+    (alias outer 1 $pollable (type))
+    (export "pollable" (type (eq 0)))
+    (export "subscribe-duration" (func (param "when" u64) (result (own 1))))))
+  (core func $sub (canon lower (func $clock "subscribe-duration")))
+  (core func $block (canon lower (func $poll "[method]pollable.block")))
+  (core module $m
+    (import "c" "sub" (func $sub (param i64) (result i32)))
+    (import "c" "block" (func $block (param i32)))
+    (func $sleep (call $block (call $sub (i64.const 60000000000))))
+    (func (export "noop"))
+    (start $sleep))
+  (core instance $i (instantiate $m
+    (with "c" (instance (export "sub" (func $sub)) (export "block" (func $block))))))
+  (func (export "noop") (canon lift (core func $i "noop"))))
+"#;
+
+/// A session's instance is made within the plugin's deadline, as a
+/// call's is: a start function blocked in a host call fails the session
+/// with `Timeout` once the deadline passes, and does not hold its caller.
+#[tokio::test]
+async fn a_session_whose_instance_blocks_as_it_starts_ends_by_its_deadline() {
+    let limits = Limits {
+        deadline: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let p = from_text(BLOCKED_AT_START, "blocked-at-start", limits);
+    let made = tokio::time::timeout(Duration::from_secs(20), p.session()).await;
+    let Ok(made) = made else {
+        panic!("making the session's instance was not stopped by its deadline");
+    };
+    let e = made.err().expect("the instance cannot be made");
+    assert!(matches!(e, PluginError::Timeout { .. }), "{e:?}");
+}

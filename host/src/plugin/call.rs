@@ -69,16 +69,24 @@ impl Plugin {
     ///
     /// # Errors
     ///
-    /// As [`Plugin::call`], for the instantiation.
+    /// As [`Plugin::call`], for the instantiation, which has the plugin's
+    /// deadline: a start function that spins or blocks ends in `Timeout`.
     pub async fn session(&self) -> Result<Session<'_>, PluginError> {
         let mut sandbox = self.instances.fresh_sandbox().await?;
-        let instance = self
+        let deadline = sandbox.deadline;
+        let store = &mut sandbox.store;
+        let made = self
             .instances
-            .pre()
-            .instantiate_async(&mut sandbox.store)
-            .await
-            .map_err(|e| failure(e, sandbox.store.data()))?;
-        sandbox.instance = Some(instance);
+            .with_deadline(deadline, self.instances.pre().instantiate_async(store))
+            .await;
+        match made {
+            Ok(instance) => sandbox.instance = Some(instance),
+            Err(e) => {
+                let e = failure(e, sandbox.store.data());
+                self.instances.give_back(sandbox, false);
+                return Err(e);
+            }
+        }
         Ok(Session {
             plugin: self,
             sandbox: Some(sandbox),
