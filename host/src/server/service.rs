@@ -39,13 +39,24 @@ impl NativeFunctions {
 
     /// Registers `f` as `name`. `signature` is what `_describe` shows
     /// (e.g. `func(a: s64, b: s64) -> s64`). `f` runs on a blocking
-    /// thread, so it may compute or block.
+    /// thread, so it may compute or block. Registering a name again
+    /// replaces its function, as the seed's `register_function` did.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is empty or starts with `_`: such names are the
+    /// protocol's own (`_describe`), and a caller could never reach the
+    /// function.
     pub fn register(
         &mut self,
         name: &str,
         signature: &str,
         f: impl Fn(Args) -> Result<Value, RemoteError> + Send + Sync + 'static,
     ) -> &mut Self {
+        assert!(
+            !name.is_empty() && !name.starts_with('_'),
+            "a native function cannot be named `{name}`: names that are empty or start with `_` are reserved for the protocol"
+        );
         self.functions
             .insert(name.to_string(), (signature.to_string(), Arc::new(f)));
         self
@@ -320,5 +331,27 @@ impl NativeFunctions {
                 format!("the function panicked: {e}"),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "reserved for the protocol")]
+    fn a_native_function_cannot_take_the_protocols_own_name() {
+        NativeFunctions::new().register(DESCRIBE, "func()", |_| Ok(Value::Null));
+    }
+
+    #[test]
+    fn a_name_registered_again_is_replaced() {
+        let mut natives = NativeFunctions::new();
+        natives
+            .register("add", "func(a: s64) -> s64", |_| Ok(Value::Null))
+            .register("add", "func(a: s64, b: s64) -> s64", |_| Ok(Value::Null));
+        let described = natives.describe();
+        assert_eq!(described.len(), 1);
+        assert_eq!(described[0].signature, "func(a: s64, b: s64) -> s64");
     }
 }
