@@ -154,3 +154,36 @@ def test_a_host_holding_a_password_is_refused_without_it(args: tuple, kwargs: di
     error = caught.value
     shown = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     assert "Hunter2" not in shown
+
+
+@pytest.mark.parametrize(
+    "url, named",
+    [
+        ("amqps://u:p@h/%2f?cacertfile=/etc/ca.pem", "`cacertfile`"),
+        ("amqp://u:p@h/%2f?hearbeat=10", "`hearbeat`"),
+        ("amqp://u:p@h/%2f?no_verify_ssl=1", "`no_verify_ssl`"),
+        # An unencoded `?` in the password: nothing of it is quoted.
+        ("amqp://u:?s3cret@h/%2f", "that is not one of them"),
+        ("amqp://u:ab?Key=s3cret@h/%2f", "that is not one of them"),
+    ],
+)
+def test_a_query_parameter_nothing_reads_is_refused_naming_it_only_if_safe(
+    url: str, named: str
+) -> None:
+    """The AMQP library here reads TLS files from the URL only when it is given
+    no TLS context, which callme always gives: ``?cacertfile=`` (RabbitMQ's
+    spelling) or ``?cafile=`` would have been passed over, TLS left to the
+    system's roots, as the Rust side used to."""
+    with pytest.raises(ValueError) as refused:
+        ConnectOptions.build(url)
+    said = str(refused.value)
+    assert f"unknown query parameter {named}" in said, said
+    assert "s3cret" not in said, said
+
+
+def test_the_query_parameters_callme_reads_are_taken() -> None:
+    url = (
+        "amqp://u:p@h/%2f?heartbeat=10&connection_timeout=500&channel_max=8"
+        "&frame_max=8192&auth_mechanism=PLAIN&name=mine"
+    )
+    assert ConnectOptions.build(url).handshake_timeout(9.0) == 0.5

@@ -43,6 +43,31 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{shown}@{tail}"
 
 
+# The query parameters read: RabbitMQ's URI parameters the Rust side reads
+# too (so one URL serves both clients; anything else, such as the guide's
+# ``cacertfile``, would be passed over in silence) and ``name``, the
+# connection's name as the broker shows it.
+_QUERY_KEYS = (
+    "heartbeat",
+    "connection_timeout",
+    "channel_max",
+    "frame_max",
+    "auth_mechanism",
+    "auth",
+    "name",
+)
+
+
+def _named_key(url: str, key: str) -> str:
+    """An unknown query key as an error names it: quoted only when it cannot
+    be part of a password (an unencoded ``?`` in a password makes the rest
+    of it the query), so a plain lowercase word with no ``@`` after the
+    ``?``."""
+    from_password = "@" in url.partition("?")[2]
+    plain = 1 <= len(key) <= 32 and all(c == "_" or ("a" <= c <= "z") for c in key)
+    return f"`{key}`" if plain and not from_password else "that is not one of them"
+
+
 def _split(url: str) -> SplitResult:
     """``urlsplit(url)``, whose errors quote what they could not parse
     (a host that holds ``user:password@``): raised again without it."""
@@ -69,7 +94,15 @@ class ConnectOptions:
     connection_name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        query = dict(parse_qsl(_split(self.url).query, keep_blank_values=True))
+        pairs = parse_qsl(_split(self.url).query, keep_blank_values=True)
+        for key, _ in pairs:
+            if key not in _QUERY_KEYS:
+                raise ValueError(
+                    f"invalid AMQP URL {redact_url(self.url)!r}: unknown query parameter "
+                    f"{_named_key(self.url, key)} (callme reads {', '.join(_QUERY_KEYS)}; "
+                    "TLS files are given by ca_file, cert_file and key_file)"
+                )
+        query = dict(pairs)
         timeout = query.get("connection_timeout")
         if timeout is not None and not (timeout.isascii() and timeout.isdigit()):
             raise ValueError(
