@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import traceback
 from pathlib import Path
 
@@ -83,6 +84,24 @@ def test_a_tls_file_that_cannot_serve_is_refused_naming_it(tls: Path, tmp_path: 
     with pytest.raises(ValueError, match="cannot read key_file"):
         ConnectOptions.build("amqps://h/%2f", cert_file=str(tls / "client.pem"), key_file=missing)
     assert ConnectOptions.build("amqps://h/%2f", ca_file=str(tls / "ca.pem")).ca_file
+
+
+def test_an_encrypted_key_is_refused_without_asking_for_its_passphrase(
+    tls: Path, tmp_path: Path
+) -> None:
+    """OpenSSL asks for the passphrase of an encrypted key on the terminal
+    when it is given no other way, and waits for it there, at every
+    connect."""
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(tls / "client.key"), "-aes256",
+         "-passout", "pass:hunter2", "-out", str(encrypted)],
+        check=True,
+    )
+    with pytest.raises(ValueError, match="encrypted.pem.* holds an encrypted private key"):
+        ConnectOptions.build(
+            "amqps://h/%2f", cert_file=str(tls / "client.pem"), key_file=str(encrypted)
+        )
 
 
 def test_bad_combinations_are_refused() -> None:

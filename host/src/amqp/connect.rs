@@ -190,29 +190,55 @@ impl ConnectOptions {
         };
         // A file without what it is named for would be passed over without
         // a word (a CA file of no certificate leaves the system's roots
-        // alone to be trusted): refused, naming the file.
-        let holding = |p: &PathBuf, bytes: Vec<u8>, what: &str, marker: &str| {
-            if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
-                Ok(bytes)
-            } else {
-                Err(Error::Config(format!(
-                    "{} holds no {what} in PEM form",
+        // alone to be trusted), and one the TLS library cannot read fails
+        // each connect: read here as it will be read, and refused naming
+        // the file (never quoting it: a key file's text is the key).
+        let certificates = |p: &PathBuf, bytes: Vec<u8>| {
+            use rustls_pki_types::CertificateDer;
+            use rustls_pki_types::pem::PemObject;
+            let found = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| Error::Config(format!("{} is not valid PEM", p.display())))?;
+            if found.is_empty() {
+                return Err(Error::Config(format!(
+                    "{} holds no certificate in PEM form",
                     p.display()
-                )))
+                )));
+            }
+            Ok(bytes)
+        };
+        let private_key = |p: &PathBuf, bytes: Vec<u8>| {
+            use rustls_pki_types::PrivateKeyDer;
+            use rustls_pki_types::pem::{self, PemObject};
+            match PrivateKeyDer::from_pem_slice(&bytes) {
+                Ok(_) => Ok(bytes),
+                Err(pem::Error::NoItemsFound) => {
+                    let encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
+                    Err(Error::Config(
+                        if bytes.windows(encrypted.len()).any(|w| w == encrypted) {
+                            format!(
+                                "{} holds an encrypted private key, which callme cannot read: give it unencrypted (openssl pkey -in KEY -out KEY.plain)",
+                                p.display()
+                            )
+                        } else {
+                            format!("{} holds no private key in PEM form", p.display())
+                        },
+                    ))
+                }
+                Err(_) => Err(Error::Config(format!("{} is not valid PEM", p.display()))),
             }
         };
-        const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
         let cert_chain = match &self.ca_file {
             Some(p) => Some(
-                String::from_utf8(holding(p, read(p)?, "certificate", CERTIFICATE)?)
+                String::from_utf8(certificates(p, read(p)?)?)
                     .map_err(|_| Error::Config(format!("{} is not PEM text", p.display())))?,
             ),
             None => None,
         };
         let identity = match (&self.cert_file, &self.key_file) {
             (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
-                pem: holding(cert, read(cert)?, "certificate", CERTIFICATE)?,
-                key: holding(key, read(key)?, "private key", "PRIVATE KEY-----")?,
+                pem: certificates(cert, read(cert)?)?,
+                key: private_key(key, read(key)?)?,
             }),
             (None, None) => None,
             _ => {
@@ -706,6 +732,32 @@ mod tests {
         refused(
             options(None, file("k-as-cert.pem", key), file("k.pem", key)),
             "k-as-cert.pem holds no certificate",
+        );
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIE\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        refused(
+            options(None, file("c.pem", cert), file("enc.pem", encrypted)),
+            "enc.pem holds an encrypted private key",
+        );
+        let damaged = "-----BEGIN PRIVATE KEY-----\nM!*I\n-----END PRIVATE KEY-----\n";
+        refused(
+            options(None, file("c.pem", cert), file("damaged.pem", damaged)),
+            "damaged.pem is not valid PEM",
+        );
+        refused(
+            options(
+                file("cut.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n"),
+                None,
+                None,
+            ),
+            "cut.pem is not valid PEM",
+        );
+        // PKCS#1 and SEC1 keys are read as well as PKCS#8 ones.
+        let rsa = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n";
+        assert!(
+            options(None, file("c.pem", cert), file("rsa.pem", rsa))
+                .tls(&uri)
+                .is_ok()
         );
         assert!(
             options(

@@ -288,8 +288,18 @@ class ConnectOptions:
                 f"ca_file {self.ca_file!r} holds no CA certificate in PEM form: {e.reason or e}"
             ) from None
         if self.cert_file and self.key_file:
+            key_file = self.key_file
+
+            def no_passphrase() -> bytes:
+                # Without it OpenSSL would ask for one on the terminal, and
+                # wait there, at every connect.
+                raise ValueError(
+                    f"key_file {key_file!r} holds an encrypted private key, which callme "
+                    "cannot read: give it unencrypted (openssl pkey -in KEY -out KEY.plain)"
+                )
+
             try:
-                context.load_cert_chain(self.cert_file, self.key_file)
+                context.load_cert_chain(self.cert_file, self.key_file, password=no_passphrase)
             except _ssl.SSLError as e:
                 raise ValueError(
                     f"cert_file {self.cert_file!r} and key_file {self.key_file!r} are not "
