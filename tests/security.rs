@@ -102,6 +102,38 @@ async fn a_certificate_login_is_named_by_its_uri_under_the_anchored_recipe() {
     s.shutdown(Duration::from_secs(5)).await;
 }
 
+/// `--ca-file` names the CAs trusted, as `curl --cacert` and Python's
+/// `cafile` do: a broker the system's roots would trust but the CA file
+/// does not is refused. The file used to be trusted besides the system's
+/// roots. Here the system's roots are the broker's CA (`SSL_CERT_FILE`)
+/// and the CA file something that issued nothing.
+#[test]
+fn a_ca_file_is_the_only_ca_trusted() {
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", amqps_port());
+    let describe = |ca_file: Option<&str>| {
+        let mut command = std::process::Command::new(callme_bin());
+        command
+            .args(["describe", "nosuch", "--timeout", "10", "--amqp-url", &url])
+            .env("SSL_CERT_FILE", tls_dir().join("ca.pem"))
+            .env_remove("CALLME_AMQP_URL");
+        if let Some(ca) = ca_file {
+            command.args(["--ca-file", ca]);
+        }
+        let out = command.output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The system's roots alone: the broker is trusted (and the server is
+    // looked for).
+    let said = describe(None);
+    assert!(said.contains("NoSuchServer"), "{said}");
+    let not_the_ca = tls_dir().join("server.pem");
+    let said = describe(Some(not_the_ca.to_str().unwrap()));
+    assert!(
+        said.contains("\"Connection\"") && said.contains("UnknownIssuer"),
+        "a CA file that did not issue the broker's certificate: {said}"
+    );
+}
+
 #[tokio::test]
 async fn tls_without_the_ca_is_refused() {
     let opts = ConnectOptions::new(format!(

@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::tcp::{AsyncTcpStream, OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AsyncTcpStream, RustlsConnector, RustlsConnectorConfig};
 use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use lapin::{Connection, ConnectionProperties};
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::Error;
 
@@ -24,8 +26,8 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 pub struct ConnectOptions {
     /// `amqp://user:pass@host:port/vhost` or `amqps://...`.
     pub uri: String,
-    /// PEM file of the CA that signed the broker's certificate (TLS),
-    /// trusted besides the system's roots.
+    /// PEM file of the CA(s) that signed the broker's certificate (TLS):
+    /// the only roots trusted when given; without it, the system's.
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate for mutual TLS; with it, authentication is
     /// EXTERNAL unless the URI names another mechanism.
@@ -184,18 +186,39 @@ impl ConnectOptions {
         }
     }
 
-    fn tls(&self, uri: &AMQPUri) -> Result<OwnedTLSConfig, Error> {
+    /// The TLS connector for `uri` (`None` for `amqp://`). With a CA file,
+    /// its certificates are the only roots trusted, as with `curl
+    /// --cacert` or Python's `cafile`; without, the system's.
+    fn tls(&self, uri: &AMQPUri) -> Result<Option<RustlsConnector>, Error> {
+        let files = self.tls_files(uri)?;
+        if uri.scheme != AMQPScheme::AMQPS {
+            return Ok(None);
+        }
+        let config = match files.roots {
+            Some(roots) => RustlsConnectorConfig::default().with_parsable_certificates(roots),
+            None => RustlsConnectorConfig::new_with_platform_verifier(),
+        };
+        let connector = match files.identity {
+            Some((chain, key)) => config.connector_with_single_cert(chain, key),
+            None => config.connector_with_no_client_auth(),
+        };
+        connector
+            .map(Some)
+            .map_err(|e| Error::Config(format!("the TLS files cannot be used: {e}")))
+    }
+
+    /// The TLS files, read as the TLS library will read them.
+    fn tls_files(&self, uri: &AMQPUri) -> Result<TlsFiles, Error> {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))
         };
         // A file without what it is named for would be passed over without
-        // a word (a CA file of no certificate leaves the system's roots
-        // alone to be trusted), and one the TLS library cannot read fails
-        // each connect: read here as it will be read, and refused naming
-        // the file (never quoting it: a key file's text is the key).
-        let certificates = |p: &PathBuf, bytes: Vec<u8>| {
-            use rustls_pki_types::CertificateDer;
-            use rustls_pki_types::pem::PemObject;
+        // a word (a CA file of no certificate leaves nothing to trust), and
+        // one the TLS library cannot read fails each connect: read here,
+        // and refused naming the file (never quoting it: a key file's text
+        // is the key).
+        let certificates = |p: &PathBuf| {
+            let bytes = read(p)?;
             let found = CertificateDer::pem_slice_iter(&bytes)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| Error::Config(format!("{} is not valid PEM", p.display())))?;
@@ -205,13 +228,12 @@ impl ConnectOptions {
                     p.display()
                 )));
             }
-            Ok(bytes)
+            Ok(found)
         };
-        let private_key = |p: &PathBuf, bytes: Vec<u8>| {
-            use rustls_pki_types::PrivateKeyDer;
-            use rustls_pki_types::pem::{self, PemObject};
+        let private_key = |p: &PathBuf| {
+            let bytes = read(p)?;
             match PrivateKeyDer::from_pem_slice(&bytes) {
-                Ok(_) => Ok(bytes),
+                Ok(key) => Ok(key),
                 Err(pem::Error::NoItemsFound) => {
                     let encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
                     Err(Error::Config(
@@ -228,18 +250,9 @@ impl ConnectOptions {
                 Err(_) => Err(Error::Config(format!("{} is not valid PEM", p.display()))),
             }
         };
-        let cert_chain = match &self.ca_file {
-            Some(p) => Some(
-                String::from_utf8(certificates(p, read(p)?)?)
-                    .map_err(|_| Error::Config(format!("{} is not PEM text", p.display())))?,
-            ),
-            None => None,
-        };
+        let roots = self.ca_file.as_ref().map(certificates).transpose()?;
         let identity = match (&self.cert_file, &self.key_file) {
-            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
-                pem: certificates(cert, read(cert)?)?,
-                key: private_key(key, read(key)?)?,
-            }),
+            (Some(cert), Some(key)) => Some((certificates(cert)?, private_key(key)?)),
             (None, None) => None,
             _ => {
                 return Err(Error::Config(
@@ -247,15 +260,12 @@ impl ConnectOptions {
                 ));
             }
         };
-        if (cert_chain.is_some() || identity.is_some()) && uri.scheme != AMQPScheme::AMQPS {
+        if (roots.is_some() || identity.is_some()) && uri.scheme != AMQPScheme::AMQPS {
             return Err(Error::Config(
                 "TLS files given but the URI is not amqps://".into(),
             ));
         }
-        Ok(OwnedTLSConfig {
-            identity,
-            cert_chain,
-        })
+        Ok(TlsFiles { roots, identity })
     }
 
     /// Opens one connection (which does not reconnect by itself).
@@ -319,7 +329,16 @@ impl ConnectOptions {
                 }
                 Ok(match uri.scheme {
                     AMQPScheme::AMQP => stream,
-                    AMQPScheme::AMQPS => stream.into_tls(&uri.authority.host, tls.as_ref()).await?,
+                    AMQPScheme::AMQPS => match &tls {
+                        Some(connector) => {
+                            stream.into_rustls(connector, &uri.authority.host).await?
+                        }
+                        None => {
+                            return Err(
+                                std::io::Error::other("no TLS connector for amqps://").into()
+                            );
+                        }
+                    },
                 })
             },
             props,
@@ -395,6 +414,12 @@ fn read_query(entry: &str, url: &url::Url) -> Result<Option<SASLMechanism>, Stri
         }
     }
     Ok(mechanism)
+}
+
+/// TLS files as read: the CA's certificates and the client's identity.
+struct TlsFiles {
+    roots: Option<Vec<CertificateDer<'static>>>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
 /// The socket of a connection being opened, so that a handshake given up
@@ -713,7 +738,7 @@ mod tests {
             key_file,
             ..ConnectOptions::new("amqps://localhost/%2f")
         };
-        let refused = |o: ConnectOptions, what: &str| match o.tls(&uri) {
+        let refused = |o: ConnectOptions, what: &str| match o.tls_files(&uri) {
             Err(Error::Config(message)) => assert!(message.contains(what), "{message}"),
             other => panic!("{what}: expected a Config error, got {other:?}"),
         };
@@ -756,7 +781,7 @@ mod tests {
         let rsa = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n";
         assert!(
             options(None, file("c.pem", cert), file("rsa.pem", rsa))
-                .tls(&uri)
+                .tls_files(&uri)
                 .is_ok()
         );
         assert!(
@@ -765,7 +790,7 @@ mod tests {
                 file("c.pem", cert),
                 file("k.pem", key)
             )
-            .tls(&uri)
+            .tls_files(&uri)
             .is_ok()
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -37,7 +37,7 @@ struct Broker {
         hide_env_values = true
     )]
     amqp_url: String,
-    /// PEM file of the CA that signed the broker's certificate.
+    /// PEM file of the CA(s) that signed the broker's certificate: the only ones trusted (without it, the system's roots).
     #[arg(long, env = "CALLME_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// PEM client certificate (mutual TLS, EXTERNAL authentication).
