@@ -435,6 +435,34 @@ proptest! {
     }
 
     #[test]
+    fn well_formed_requests_are_read_as_sent(
+        func in "[a-z][a-z0-9.-]{0,16}",
+        args in prop::collection::vec(arb_json(), 0..3),
+        kwargs in prop::collection::btree_map("[a-z_]{1,6}", arb_json(), 0..3),
+        extra in "[a-z]{1,6}",
+    ) {
+        let kwargs: serde_json::Map<String, Value> = kwargs.into_iter().collect();
+        let sent = Request {
+            func: func.clone(),
+            args: Args { args: args.clone(), kwargs: kwargs.clone() },
+        };
+        // As this crate writes it, and as any client writes it: both
+        // argument keys, even empty.
+        prop_assert_eq!(&Request::decode(&sent.encode(), 1 << 20).unwrap(), &sent);
+        let mut written = json!({"func": func, "args": args, "kwargs": kwargs});
+        prop_assert_eq!(
+            &Request::decode(&serde_json::to_vec(&written).unwrap(), 1 << 20).unwrap(),
+            &sent
+        );
+        // A key that is not part of a request is refused, not ignored.
+        if !["func", "args", "kwargs"].contains(&extra.as_str()) {
+            written[&extra] = json!(1);
+            let body = serde_json::to_vec(&written).unwrap();
+            prop_assert!(Request::decode(&body, 1 << 20).is_err(), "{} accepted", extra);
+        }
+    }
+
+    #[test]
     fn json_to_wit_conversion_never_panics(
         func in prop::sample::select(TYPES_FUNCS),
         args in prop::collection::vec(arb_json(), 0..3),

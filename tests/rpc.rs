@@ -19,6 +19,15 @@ fn natives(tag: &'static str) -> NativeFunctions {
         Ok(json!(tag))
     });
     f.register("whoami", "func() -> string", move |_| Ok(json!(tag)));
+    f.register(
+        "echo-after",
+        "func(ms: u64, v: string) -> string",
+        |args: Args| {
+            let ms = args.args.first().and_then(Value::as_u64).unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(args.args.get(1).cloned().unwrap_or(Value::Null))
+        },
+    );
     f
 }
 
@@ -290,14 +299,58 @@ async fn late_reply_does_not_confuse_the_next_call() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }));
-    // The late reply lands while this call waits; it must get its own.
+    // The late reply (`"late"`, at about 600 ms) lands while this call
+    // waits (answered at about 1 s); it must get its own.
+    let started = Instant::now();
     let v = sp
-        .call_timeout("add", pos(json!([20, 22])), Duration::from_secs(5))
+        .call_timeout(
+            "echo-after",
+            pos(json!([800, "second"])),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
-    assert_eq!(v, json!(42));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(v, json!("second"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "the second call was not waiting when the late reply came: {:?}",
+        started.elapsed()
+    );
     assert_eq!(sp.call("add", pos(json!([1, 2]))).await.unwrap(), json!(3));
+}
+
+/// Keyword arguments go through the broker as they are given (the
+/// request's `kwargs`), from the proxy and from `callme call --kwargs`.
+#[tokio::test]
+async fn keyword_arguments_reach_the_server() {
+    let s = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let id = serve_calc(&s, &p, "kwargs").await;
+    let sum = p
+        .use_server(&id)
+        .call("add", callme_tests::kw(json!({"a": 40, "b": 2})))
+        .await
+        .unwrap();
+    assert_eq!(sum, json!(42));
+    // Given out of order: matched by name, not by position.
+    let sum = p
+        .use_server(&id)
+        .call("add", callme_tests::kw(json!({"b": -2, "a": 5})))
+        .await
+        .unwrap();
+    assert_eq!(sum, json!(3));
+    // Off this runtime's thread, which serves the calls.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(callme_tests::callme_bin())
+            .args(["call", &id, "add", "--kwargs", r#"{"a": 30, "b": 12}"#])
+            .env("CALLME_AMQP_URL", callme_tests::amqp_url())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 }
 
 #[tokio::test]
@@ -613,4 +666,31 @@ async fn a_call_with_no_time_left_sends_nothing() {
             .expiration()
             .is_some()
     );
+}
+
+/// A float crosses the broker as the very number sent, both ways: JSON
+/// read with the default parser could come out one unit in the last
+/// place off (`-3.043388641313571e238` read as `...5713e238`).
+#[tokio::test]
+async fn a_float_crosses_the_broker_exactly() {
+    let id = unique("floats");
+    let s = server(ServerOptions::default()).await;
+    s.serve_native(&id, natives("floats")).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    for x in [
+        -3.043388641313571e238,
+        0.1 + 0.2,
+        f64::MIN_POSITIVE,
+        5e-324,
+        f64::MAX,
+        -0.0,
+    ] {
+        let back = p
+            .use_server(&id)
+            .call("echo-after", pos(json!([0, x])))
+            .await
+            .unwrap();
+        let back = back.as_f64().unwrap();
+        assert_eq!(back.to_bits(), x.to_bits(), "{x:e} came back as {back:e}");
+    }
 }

@@ -90,12 +90,20 @@ def test_async_errors_and_timeouts(amqp_url: str, host: Host) -> None:
         async with callme.AsyncProxy(amqp_url, timeout=30) as proxy:
             with pytest.raises(callme.GuestError):
                 await proxy.use_server(host.calc).divide(1, 0)
+            started = time.monotonic()
             with pytest.raises(callme.Timeout):
                 await proxy.use_server(host.calc, timeout=0.3).call("slow-version", 1000)
             # Calls made while one times out are not disturbed.
             slow = asyncio.ensure_future(proxy.use_server(host.calc).call("slow-version", 300))
             assert await proxy.use_server(host.calc).add(1, 2) == 3
             assert await slow == "1"
+            # Nor by its reply, landing at about 1 s among calls in flight.
+            calc = proxy.use_server(host.calc)
+            i = 0
+            while time.monotonic() < started + 1.5:
+                got = await asyncio.gather(*(calc.add(i, k) for k in range(4)))
+                assert got == [i + k for k in range(4)]
+                i += 1
 
     asyncio.run(main())
 
