@@ -352,8 +352,9 @@ async fn latencies(p: &callme::Proxy, id: &str, n: usize) -> (Duration, Duration
     (samples[n / 2], samples[n * 99 / 100])
 }
 
-fn arb_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
+/// A JSON scalar: what most parameters take.
+fn arb_leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
@@ -369,8 +370,11 @@ fn arb_json() -> impl Strategy<Value = Value> {
             Just("ok")
         ]
         .prop_map(Value::from),
-    ];
-    leaf.prop_recursive(4, 32, 6, |inner| {
+    ]
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    arb_leaf().prop_recursive(4, 32, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::btree_map(
@@ -486,8 +490,12 @@ async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
     // generated inputs; whatever passes the check must round-trip.
     let plugin = types_plugin();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
-    let strategy = (prop::sample::select(TYPES_FUNCS), arb_json());
+    let strategy = (
+        prop::sample::select(TYPES_FUNCS),
+        prop_oneof![arb_leaf(), arb_json()],
+    );
     let mut called = HashSet::new();
+    let mut echoed = 0;
     for _ in 0..300 {
         let (func, arg) = strategy.new_tree(&mut runner).unwrap().current();
         let args = pos(json!([arg]));
@@ -503,9 +511,26 @@ async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
                 "{func}({arg}): {result:?}"
             );
             called.insert(func);
+            // An echo gives its argument back as it went (an `f32` as the
+            // nearest `f32`), and what it gave back, given again, unchanged.
+            if let (true, Ok(once)) = (func.starts_with("echo-"), &result) {
+                let twice = plugin.call(func, &pos(json!([once]))).await;
+                assert_eq!(twice.as_ref().ok(), Some(once), "{func}({arg}) then {once}");
+                if func != "echo-f32" {
+                    assert_eq!(once, &arg, "{func}({arg})");
+                }
+                echoed += 1;
+            }
         }
     }
-    let _ = called;
+    // Random JSON fits the functions of common shapes (numbers, strings,
+    // lists, options); the rest are `every_wit_type_round_trips`'s.
+    assert!(
+        called.len() >= 6,
+        "only {} of the functions were called: {called:?}",
+        called.len()
+    );
+    assert!(echoed >= 10, "only {echoed} echoes round-tripped");
 }
 
 #[tokio::test]
