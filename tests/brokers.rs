@@ -979,3 +979,40 @@ async fn a_host_starting_as_the_last_one_stops_serves_the_id() {
         coming.stop_serving(&id).await.unwrap();
     }
 }
+
+/// A call made while its proxy is reconnecting waits for the connection,
+/// within its own timeout, and is answered: it does not fail because the
+/// broker happened to be away when it was made. The broker (a forwarder)
+/// goes away, a call is made 300 ms later, and the broker comes back
+/// 1.5 s after that.
+#[tokio::test]
+async fn a_call_made_while_its_proxy_reconnects_waits_and_is_answered() {
+    let s = server(ServerOptions::default()).await;
+    let id = callme_tests::unique("meanwhile");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let node = Forwarder::start().await;
+    let port = node.port();
+    let p = callme::Proxy::connect_with(
+        &callme::ConnectOptions::new(node.url()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+
+    node.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let made = std::time::Instant::now();
+    let call = {
+        let p = p.clone();
+        let id = id.clone();
+        tokio::spawn(async move { p.use_server(&id).invoke::<_, i64>("add", (2, 3)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!call.is_finished(), "the call ended while the broker was away");
+    let _back = Forwarder::on(port).await;
+    let answered = call.await.unwrap();
+    assert_eq!(answered.unwrap(), 5, "answered once the broker was back");
+    assert!(made.elapsed() < Duration::from_secs(10));
+}

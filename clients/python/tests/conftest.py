@@ -16,11 +16,12 @@ import shutil
 import socket
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 from urllib.parse import urlsplit, unquote
 
 import pytest
@@ -212,3 +213,79 @@ def url_parts(url: str) -> dict:
         "amqp_password": unquote(parts.password or ""),
         "amqp_vhost": unquote(parts.path[1:]) or "/",
     }
+
+
+class Forwarder:
+    """A TCP forwarder to the broker on a local port: a broker node of the
+    test's own. ``cut()`` closes it and every connection it carries, as a
+    node going away would; ``start()`` opens it again on the same port."""
+
+    def __init__(self, broker: str) -> None:
+        parts = urlsplit(broker)
+        self._broker = (parts.hostname or "127.0.0.1", parts.port or 5672)
+        self._url = broker
+        self._listener: Optional[socket.socket] = None
+        self._carried: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self.port = 0
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """The broker's URL through this forwarder."""
+        parts = urlsplit(self._url)
+        netloc = parts.netloc.rsplit("@", 1)
+        userinfo = f"{netloc[0]}@" if len(netloc) == 2 else ""
+        return parts._replace(netloc=f"{userinfo}127.0.0.1:{self.port}").geturl()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            carried, self._carried = self._carried, []
+        for s in ([listener] if listener else []) + carried:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                inbound, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                outbound = socket.create_connection(self._broker)
+            except OSError:
+                inbound.close()
+                continue
+            with self._lock:
+                self._carried += [inbound, outbound]
+            for a, b in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -19,7 +19,7 @@ import pytest
 import callme_client as callme
 import callme_client.link as callme_link
 import callme_client.publisher as callme_publisher
-from conftest import BrokerUser, Host, close_connection, rabbitmqctl, url_for
+from conftest import BrokerUser, Forwarder, Host, close_connection, rabbitmqctl, url_for
 
 
 def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> float:
@@ -199,3 +199,57 @@ def test_the_reply_queue_is_named_anew_for_each_connection(
         queues = rabbitmqctl("list_queues", "name")
         assert before.replace("_ex_", "_queue_", 1) not in queues
         assert after.replace("_ex_", "_queue_", 1) in queues
+
+
+def test_a_call_made_while_the_broker_is_away_waits_for_it(amqp_url: str, host: Host) -> None:
+    """A call made while the proxy reconnects waits for the connection,
+    within its own timeout, and is answered: the broker (a forwarder) goes
+    away, a call is made 0.3 s later, and the broker is back 1.5 s after
+    that."""
+    node = Forwarder(amqp_url)
+    try:
+        with callme.Proxy(node.url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 2) == 3
+            node.cut()
+            time.sleep(0.3)
+            outcome: List[Any] = []
+            call = threading.Thread(target=lambda: outcome.append(_attempt(calc)))
+            call.start()
+            call.join(timeout=1.5)
+            assert call.is_alive(), f"the call ended while the broker was away: {outcome}"
+            node.start()
+            call.join(timeout=15)
+            assert outcome == [5]
+    finally:
+        node.cut()
+
+
+def test_an_awaited_call_made_while_the_broker_is_away_waits_for_it(
+    amqp_url: str, host: Host
+) -> None:
+    node = Forwarder(amqp_url)
+
+    async def main() -> None:
+        async with callme.AsyncProxy(node.url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 2) == 3
+            node.cut()
+            await asyncio.sleep(0.3)
+            call = asyncio.ensure_future(calc.add(2, 3))
+            await asyncio.sleep(1.5)
+            assert not call.done(), f"the call ended while the broker was away: {call}"
+            node.start()
+            assert await asyncio.wait_for(call, 15) == 5
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.cut()
+
+
+def _attempt(server: callme.ServerProxy) -> Any:
+    try:
+        return server.add(2, 3)
+    except BaseException as e:  # reported by the test
+        return e

@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 import weakref
 from functools import partial
 from typing import Any, Callable, Coroutine, Dict, Mapping, Optional, Sequence, TypeVar
@@ -41,6 +42,15 @@ T = TypeVar("T")
 #: for heartbeats (RabbitMQ's default is a minute) and for reconnecting
 #: soon after a broker comes back.
 IDLE_TICK = 0.2
+
+
+#: How long the loop may have been left alone before a call settles it
+#: first (seconds): what the broker said meanwhile (a closed connection)
+#: is then taken in before the call looks at the connection.
+_SETTLE_AFTER = 0.02
+
+#: At most this many passes of the loop settle it.
+_SETTLE_PASSES = 16
 
 
 #: How often a call handed to the proxy's thread looks whether the loop
@@ -64,6 +74,8 @@ class _SharedLoop:
         self._stopped = False
         # What the daemon thread awaits while it drains handed calls.
         self._waker: "Optional[asyncio.Future[None]]" = None
+        # When a thread last ran the loop (time.monotonic()).
+        self._last_ran = time.monotonic()
         self._driver = threading.Thread(target=self._drive, name="callme-proxy", daemon=True)
         self._driver.start()
 
@@ -88,8 +100,15 @@ class _SharedLoop:
                 if self.loop.is_closed():
                     coroutine.close()
                     raise errors.ConnectionError("the proxy is closed")
+                if time.monotonic() - self._last_ran > _SETTLE_AFTER:
+                    # A connection lost while nobody ran the loop is seen
+                    # as lost before the call is sent on it; the call then
+                    # waits for the next one, as calls made while the
+                    # proxy reconnects do.
+                    self.loop.run_until_complete(_settle(self.loop))
                 return self._run_here(self.loop.create_task(coroutine))
             finally:
+                self._last_ran = time.monotonic()
                 self._turn.release()
         return self._hand_over(coroutine)
 
@@ -166,8 +185,9 @@ class _SharedLoop:
                     if busy:
                         self.loop.run_until_complete(self._drain())
                     else:
-                        # One pass over what is due: timers, I/O ready now.
-                        self.loop.run_until_complete(asyncio.sleep(0))
+                        # What is due (timers, I/O ready now) and what that
+                        # makes ready in turn.
+                        self.loop.run_until_complete(_settle(self.loop))
                 # The thread must never end before the proxy: a close
                 # cancels what it drives (CancelledError, not an
                 # Exception), and a KeyboardInterrupt meant for the main
@@ -176,6 +196,8 @@ class _SharedLoop:
                 # runs it. Neither is this thread's to act on.
                 except BaseException:
                     pass
+                finally:
+                    self._last_ran = time.monotonic()
 
     def close(self, proxy: AsyncProxy) -> None:
         """Closes ``proxy``, ends every call still running, closes the loop."""
@@ -205,6 +227,18 @@ class _SharedLoop:
             except Exception:  # at exit, a broker that is gone cannot be said goodbye to
                 pass
             self.loop.close()
+
+
+async def _settle(loop: asyncio.AbstractEventLoop) -> None:
+    """Runs ``loop`` until nothing is ready to run (or for
+    ``_SETTLE_PASSES`` passes): a broker's closing of the connection takes
+    a few passes to reach the link (the socket's end read, the reader
+    failing, the connection closing, the link told)."""
+    for _ in range(_SETTLE_PASSES):
+        await asyncio.sleep(0)
+        # CPython's queue of callbacks ready to run; without it, every pass.
+        if not getattr(loop, "_ready", True):
+            return
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
