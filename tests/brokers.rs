@@ -1010,7 +1010,10 @@ async fn a_call_made_while_its_proxy_reconnects_waits_and_is_answered() {
         tokio::spawn(async move { p.use_server(&id).invoke::<_, i64>("add", (2, 3)).await })
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!call.is_finished(), "the call ended while the broker was away");
+    assert!(
+        !call.is_finished(),
+        "the call ended while the broker was away"
+    );
     let _back = Forwarder::on(port).await;
     let answered = call.await.unwrap();
     assert_eq!(answered.unwrap(), 5, "answered once the broker was back");

@@ -891,7 +891,14 @@ pub fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
 
 /// The sum of the samples of `name` having `labels` (0 when there are none).
 pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples(text)
+    value_of(text, name, labels).unwrap_or(0.0)
+}
+
+/// The sum of the samples of `name` having `labels`, or `None` when there
+/// are none: for a series that must be there (a gauge read as 0 when it is
+/// missing would pass for one that is 0).
+pub fn value_of(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found: Vec<f64> = samples(text)
         .into_iter()
         .filter(|(n, l, _)| {
             n == name
@@ -900,5 +907,6 @@ pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                     .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
         })
         .map(|(_, _, v)| v)
-        .sum()
+        .collect();
+    (!found.is_empty()).then(|| found.iter().sum())
 }
