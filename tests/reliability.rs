@@ -75,6 +75,29 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     .await;
     let v: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
     assert_eq!(v, 4);
+    // ... acknowledged (neither left unacknowledged nor put back to be
+    // delivered again), and answered to nobody.
+    let queue = callme::protocol::server_queue(&id);
+    let drained = callme_tests::eventually(Duration::from_secs(10), || async {
+        let listed = callme_tests::broker_ctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        listed
+            .lines()
+            .any(|l| l == format!("{queue}\t0\t0"))
+            .then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "requests left in {queue}");
+    assert!(
+        raw.try_reply().is_none(),
+        "an unanswerable request was answered"
+    );
 }
 
 /// Waits for `calls`; how many were answered with calc's version, and
@@ -98,11 +121,25 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
     let dir = tempdir();
     let id = unique("graceful");
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut a = Host::serve(&dir, &["--concurrency", "2", "--grace", "20"]);
+    // Each call a host runs to its end is a line of its own.
+    let host = |dir: &std::path::Path, extra: &[&str]| {
+        let mut command = std::process::Command::new(callme_tests::callme_bin());
+        command.env(
+            "CALLME_CACHE_DIR",
+            callme_tests::target_dir().join("test-cache"),
+        );
+        Host::start(command, dir, extra, "callme=info,callme::plugin=debug")
+    };
+    let ran = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("callme::plugin: call ") && l.contains("func=\"slow-version\""))
+            .count()
+    };
+    let mut a = host(&dir, &["--concurrency", "2", "--grace", "20"]);
     a.wait_ready(Duration::from_secs(30));
     let dir_b = tempdir();
     deploy(&plugin_path("calc"), &dir_b, &format!("{id}.wasm"));
-    let mut b = Host::serve(&dir_b, &["--concurrency", "2"]);
+    let mut b = host(&dir_b, &["--concurrency", "2"]);
     b.wait_ready(Duration::from_secs(30));
 
     let p = proxy(Duration::from_secs(30)).await;
@@ -125,6 +162,18 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
         a.log_text().contains("all calls answered"),
         "{}",
         a.log_text()
+    );
+    // The calls the stopping host was running, it finished; none ran twice.
+    let (by_a, by_b) = (ran(&a.log_text()), ran(&b.log_text()));
+    assert!(
+        by_a >= 1,
+        "the stopping host finished none of its calls: {}",
+        a.log_text()
+    );
+    assert_eq!(
+        by_a + by_b,
+        10,
+        "calls run: {by_a} by the stopping host, {by_b} by the other"
     );
     drop(b);
 }
