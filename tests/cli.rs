@@ -636,12 +636,37 @@ async fn serve_without_pipelined_replies() {
     let dir = tempdir();
     let id = unique("unpiped");
     std::fs::copy(plugin_path("calc"), dir.join(format!("{id}.wasm"))).unwrap();
-    let mut host = Host::serve(&dir, &["--no-pipelined-replies"]);
+    let port = callme_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut host = Host::serve(&dir, &["--no-pipelined-replies", "--metrics-addr", &addr]);
     host.wait_ready(Duration::from_secs(30));
-    let o = tokio::task::spawn_blocking(move || callme(&["call", &id, "add", "1", "1"]))
+    let call_id = id.clone();
+    let o = tokio::task::spawn_blocking(move || callme(&["call", &call_id, "add", "1", "1"]))
         .await
         .unwrap();
     assert_eq!(stdout(&o), "2", "{}", String::from_utf8_lossy(&o.stderr));
+    // A burst, whose replies a host pipelines when it may (a proxy names
+    // its reply queue, and many are in flight): none is.
+    let p = callme_tests::proxy(Duration::from_secs(30)).await;
+    let calls = (0..48i64).map(|i| {
+        let sp = p.use_server(&id);
+        async move { sp.invoke::<_, i64>("add", (i, 1)).await }
+    });
+    for (i, sum) in futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(sum.unwrap(), i as i64 + 1);
+    }
+    let text = callme_tests::scrape(port).await;
+    let served = callme_tests::value_of(&text, "callme_calls_total", &[("server_id", &id)]);
+    assert!(
+        served.is_some_and(|n| n >= 49.0),
+        "calls counted: {served:?}"
+    );
+    let pipelined = callme_tests::value(&text, "callme_replies_pipelined_total", &[]);
+    assert_eq!(pipelined, 0.0, "replies pipelined with the pipeline off");
     let log = host.log_text();
     assert!(
         log.contains("replies are not pipelined (turned off)"),

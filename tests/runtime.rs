@@ -849,7 +849,16 @@ async fn a_guest_cannot_make_the_host_hold_memory_through_unsent_http_bodies() {
             );
         }
         Err(PluginError::GuestError { message, .. }) => {
-            eprintln!("hoard stopped: {message}");
+            // "... after N bytes": stopped, and soon.
+            let written: u64 = message
+                .rsplit_once(" after ")
+                .and_then(|(_, n)| n.strip_suffix(" bytes"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("hoard stopped without a count: {message}"));
+            assert!(
+                written < 64 << 20,
+                "the host took {written} bytes of unsent request bodies: {message}"
+            );
         }
         Err(PluginError::Trap { message }) => {
             eprintln!("hoard stopped: {message}");
