@@ -325,19 +325,23 @@ async fn a_call_sends_at_most_its_limit_of_calls_and_the_next_call_starts_afresh
     srv.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A plugin's call to another server is one hop of its caller's call: it
+/// is sent with what is left of the serving call's deadline as its
+/// expiration, continues the caller's trace, and ends with the deadline
+/// (the server it calls, played by the test, never answers).
 #[tokio::test]
-async fn a_sub_call_ends_with_its_callers_deadline() {
+async fn a_sub_call_ends_with_its_callers_deadline_and_continues_its_trace() {
     let srv = server(ServerOptions::default()).await;
     let p = proxy(Duration::from_secs(60)).await;
     let slow = unique("cap-slow");
-    let (add, calls) = counting_add(Duration::from_secs(20));
-    srv.serve_native(&slow, add).await.unwrap();
+    let mut played = PlayedServer::start(&slow).await;
     let relay = unique("cap-relay");
     let mut settings = granted(&[], &[&slow]);
     settings.limits.deadline = Duration::from_millis(1000);
     srv.serve_plugin(load("relay", &relay, settings))
         .await
         .unwrap();
+    let mut outer = RawClient::overhear(&server_exchange(&relay)).await;
 
     let started = Instant::now();
     let outcome = p
@@ -346,7 +350,7 @@ async fn a_sub_call_ends_with_its_callers_deadline() {
         .await;
     let elapsed = started.elapsed();
     // The guest's sub-call times out with the relay's deadline (or the
-    // deadline stops the relay itself): never the slow server's 20 s.
+    // deadline stops the relay itself): never the proxy's 60 s.
     match &outcome {
         Err(Error::Remote(RemoteError {
             kind: ErrorKind::GuestError,
@@ -360,7 +364,49 @@ async fn a_sub_call_ends_with_its_callers_deadline() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let request = outer.next_reply(None).await;
+    let sub = played.requests.next_reply(None).await;
+    assert!(
+        played.requests.try_reply().is_none(),
+        "the sub-call was sent more than once"
+    );
+    let expiration: u64 = sub
+        .properties
+        .expiration()
+        .as_ref()
+        .expect("the sub-call has an expiration")
+        .as_str()
+        .parse()
+        .expect("milliseconds");
+    assert!(
+        expiration <= 1000,
+        "the sub-call may wait {expiration} ms, past its caller's 1000 ms deadline"
+    );
+    let traceparent = |d: &lapin::message::Delivery| match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent").cloned())
+    {
+        Some(lapin::types::AMQPValue::LongString(s)) => {
+            String::from_utf8_lossy(s.as_bytes()).into_owned()
+        }
+        other => panic!("no traceparent: {other:?}"),
+    };
+    // `00-TRACE-SPAN-FLAGS`: the same trace, a span of its own.
+    let (caller, hop) = (traceparent(&request), traceparent(&sub));
+    let parts = |t: &str| t.split('-').map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        parts(&hop)[1],
+        parts(&caller)[1],
+        "{hop} is not in {caller}'s trace"
+    );
+    assert_ne!(
+        parts(&hop)[2],
+        parts(&caller)[2],
+        "{hop} has its caller's span"
+    );
     srv.shutdown(Duration::from_secs(1)).await;
 }
 
