@@ -724,3 +724,42 @@ fn a_host_given_its_broker_password_on_the_command_line_says_where_it_belongs() 
     assert!(log.contains("serving") || log.contains("ready"), "{log}");
     assert!(!log.contains(said), "{log}");
 }
+
+/// `callme serve` waits for a broker that is down, but ends at once, and
+/// not successfully, on what waiting cannot cure: a refused login (the
+/// password never shown) and a peer that is not an AMQP broker.
+#[test]
+fn serve_ends_at_once_on_what_waiting_cannot_cure() {
+    let dir = tempdir();
+    let not_amqp = fake_broker(|stream| {
+        let mut header = [0u8; 8];
+        let _ = stream.read_exact(&mut header);
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let cases = [
+        (
+            callme_tests::amqp_url_as("guest", "not-the-password-xyzzy"),
+            "refused",
+        ),
+        (
+            format!("amqp://guest:guest@127.0.0.1:{not_amqp}/%2f"),
+            "is not an AMQP broker",
+        ),
+    ];
+    for (url, says) in cases {
+        let mut host = Host::start(
+            Command::new(callme_bin()),
+            &dir,
+            &["--amqp-url", &url],
+            "callme=info",
+        );
+        let code = host.wait(Duration::from_secs(20));
+        let log = host.log_text();
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{says}: ended with {code:?}: {log}"
+        );
+        assert!(log.contains(says), "{says}: {log}");
+        assert!(!log.contains("xyzzy"), "{log}");
+    }
+}

@@ -156,6 +156,7 @@ async fn wrong_password_is_refused_without_showing_it() {
         .await
         .err()
         .expect("bad password");
+    assert!(matches!(e, Error::AccessRefused(_)), "{e:?}");
     let text = format!("{e} {e:?}");
     assert!(!text.contains("xyzzy"), "{text}");
 }
