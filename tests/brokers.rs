@@ -533,6 +533,10 @@ async fn a_list_of_brokers_is_tried_in_turn_and_failed_over() {
         .unwrap();
     let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
     assert_eq!(sum, 3);
+    // The host and the proxy are on the first node that answers (each
+    // has its connection there; the proxy maybe a second, to publish).
+    assert!(first.accepted() >= 2, "{} on the first", first.accepted());
+    assert_eq!(second.accepted(), 0, "connections to the second node");
     // That node goes away: both fail over to the next one that answers.
     first.cut();
     let back = eventually(Duration::from_secs(20), || async {
@@ -541,6 +545,11 @@ async fn a_list_of_brokers_is_tried_in_turn_and_failed_over() {
     })
     .await;
     assert!(back.is_some(), "no failover to the second broker");
+    assert!(
+        second.accepted() >= 2,
+        "{} on the second",
+        second.accepted()
+    );
     second.cut();
 }
 

@@ -484,6 +484,7 @@ fn broker_authority() -> String {
 pub struct Forwarder {
     port: u16,
     task: tokio::task::JoinHandle<()>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Forwarder {
@@ -499,10 +500,13 @@ impl Forwarder {
             .expect("bind the forwarder");
         let port = listener.local_addr().expect("its address").port();
         let broker = broker_authority();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
         let task = tokio::spawn(async move {
             // Dropped with the task: every connection ends with it.
             let mut carried = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let broker = broker.clone();
                 carried.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
@@ -512,12 +516,21 @@ impl Forwarder {
                 while carried.try_join_next().is_some() {}
             }
         });
-        Forwarder { port, task }
+        Forwarder {
+            port,
+            task,
+            accepted,
+        }
     }
 
     /// Its port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// How many connections it has taken.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The test broker's URL through this forwarder.
