@@ -236,4 +236,14 @@ async fn every_log_line_of_a_call_names_its_trace() {
         lines.iter().any(|l| l.contains("callme::plugin")),
         "no plugin line with trace id {trace_id}:\n{log}"
     );
+    // And no line about the call without it.
+    let stray: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("func=\"add\"") || l.contains("function=\"add\""))
+        .filter(|l| !l.contains(&trace_id))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "lines of the call without its trace: {stray:#?}"
+    );
 }
