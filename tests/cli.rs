@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use callme_tests::{
     Forwarder, Host, amqp_url, callme_bin, deploy, eventually, plugin_path, tempdir, unique,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn callme(args: &[&str]) -> Output {
     Command::new(callme_bin())
@@ -135,6 +135,48 @@ fn invoke_runs_one_call_locally() {
     assert_eq!(stderr_json(&o)["type"], "InvalidArguments");
     let o = callme(&["invoke", c, "add", "1", "not-json"]);
     assert!(!o.status.success());
+}
+
+/// `invoke` runs the call within the limits it is given.
+#[test]
+fn invoke_keeps_to_the_limits_it_is_given() {
+    let hostile = plugin_path("hostile");
+    let h = hostile.to_str().unwrap();
+    let o = callme(&["invoke", h, "spin", "--fuel", "100000"]);
+    let e = stderr_json(&o);
+    assert_eq!(
+        (&e["type"], &e["data"]),
+        (&json!("Timeout"), &json!("fuel")),
+        "{e}"
+    );
+    let o = callme(&[
+        "invoke",
+        h,
+        "spin",
+        "--fuel",
+        &u64::MAX.to_string(),
+        "--deadline-ms",
+        "300",
+    ]);
+    let e = stderr_json(&o);
+    assert_eq!(
+        (&e["type"], &e["data"]),
+        (&json!("Timeout"), &json!("deadline")),
+        "{e}"
+    );
+    // Stopped at the cap asked for, far below the default one.
+    let o = callme(&["invoke", h, "bomb", "--memory-bytes", "2000000"]);
+    let e = stderr_json(&o);
+    assert_eq!(e["type"], "MemoryLimit", "{e}");
+    // "linear memory would grow from FROM to TO bytes, over the cap"
+    let size = |word: usize| -> u64 {
+        e["message"]
+            .as_str()
+            .and_then(|m| m.split_whitespace().nth(word))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no size in {e}"))
+    };
+    assert!(size(5) <= 2_000_000 && size(7) > 2_000_000, "{e}");
 }
 
 #[tokio::test]
@@ -761,5 +803,67 @@ fn serve_ends_at_once_on_what_waiting_cannot_cure() {
         );
         assert!(log.contains(says), "{says}: {log}");
         assert!(!log.contains("xyzzy"), "{log}");
+    }
+}
+
+/// Every setting of `serve` can come from the environment, as a service
+/// manager gives them: the plugins directory, concurrency, ready file,
+/// metrics address, instance cap and the reply pipeline.
+#[tokio::test]
+async fn serve_takes_its_settings_from_the_environment() {
+    let dir = tempdir();
+    let id = unique("from-env");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let ready = dir.with_extension("env-ready");
+    let log = dir.with_extension("env-log");
+    let port = callme_tests::free_port();
+    let mut child = Command::new(callme_bin())
+        .arg("serve")
+        .env("CALLME_AMQP_URL", amqp_url())
+        .env("CALLME_PLUGINS", &dir)
+        .env("CALLME_CONCURRENCY", "3")
+        .env("CALLME_READY_FILE", &ready)
+        .env("CALLME_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("CALLME_MAX_INSTANCES", "7")
+        .env("CALLME_NO_PIPELINED_REPLIES", "1")
+        .env(
+            "CALLME_CACHE_DIR",
+            callme_tests::target_dir().join("test-cache"),
+        )
+        .env("RUST_LOG", "callme=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let up = eventually(Duration::from_secs(30), || async {
+        let said = std::fs::read_to_string(&ready).ok()?;
+        (said.trim() == pid).then_some(())
+    })
+    .await;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        up.is_some(),
+        "no ready file from CALLME_READY_FILE: {}",
+        text()
+    );
+    let p = callme_tests::proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    let metrics = callme_tests::scrape(port).await;
+    assert!(
+        callme_tests::value_of(&metrics, "callme_calls_total", &[("server_id", &id)]).is_some(),
+        "no metrics at CALLME_METRICS_ADDR: {metrics}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let said = text();
+    for setting in [
+        "max_instances=7",
+        "concurrency=3",
+        "replies are not pipelined (turned off)",
+    ] {
+        assert!(said.contains(setting), "{setting}: {said}");
     }
 }

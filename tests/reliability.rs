@@ -178,6 +178,34 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
     drop(b);
 }
 
+/// Ctrl-C (SIGINT) stops a host as SIGTERM does: the calls it runs are
+/// finished and answered, and it exits 0.
+#[tokio::test]
+async fn ctrl_c_finishes_running_calls_as_sigterm_does() {
+    let dir = tempdir();
+    let id = unique("ctrl-c");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--grace", "20"]);
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(30)).await;
+    let calls = slow_calls(&p, &id, 2, 1500);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.signal("INT");
+    let (answered, results) = answered(calls).await;
+    assert_eq!(answered, 2, "{results:?}");
+    assert_eq!(
+        host.wait(Duration::from_secs(25)),
+        Some(0),
+        "{}",
+        host.log_text()
+    );
+    assert!(
+        host.log_text().contains("all calls answered"),
+        "{}",
+        host.log_text()
+    );
+}
+
 /// A plugin copied into the directory while the host stops (in its grace
 /// period, finishing calls) is not loaded: served then, it would take
 /// requests the process drops on its way out, to be run again elsewhere.
