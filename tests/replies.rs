@@ -612,6 +612,64 @@ async fn replies_under_load_are_pipelined_to_callers_that_name_their_queue() {
     assert!(piped >= 32.0, "{piped} of 64 proxy calls pipelined");
 }
 
+/// A reply over 1 MiB never goes by the pipeline, even to a caller that
+/// names its reply queue on a busy host: it goes by the caller's own
+/// exchange. Small replies in the same bursts are pipelined.
+#[tokio::test]
+async fn large_replies_go_by_the_callers_exchange_under_load() {
+    let srv = server(ServerOptions {
+        concurrency: 16,
+        ..ServerOptions::default()
+    })
+    .await;
+    let id = unique("piped-big");
+    let mut natives = slow_add(20);
+    natives.register("big", "func(n: u32) -> string", |args: Args| {
+        std::thread::sleep(Duration::from_millis(20));
+        let n = args
+            .args
+            .first()
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        Ok(json!("x".repeat(n as usize)))
+    });
+    srv.serve_native(&id, natives).await.unwrap();
+    pipelined(&srv).await;
+    let mut client = RawClient::connect().await;
+    let queue = client.queue().to_string();
+    // A burst of small replies: pipelined.
+    let small = burst(&mut client, &id, 32, reply_queue(&queue)).await;
+    assert!(small >= 24, "{small} of 32 small replies pipelined");
+    // A burst of large ones, just over 1 MiB as JSON, and just under.
+    for (n, may_pipeline) in [((1 << 20) + 16, false), ((1 << 20) - 64, true)] {
+        for i in 0..24 {
+            let body = serde_json::to_vec(&json!({"func": "big", "args": [n]})).unwrap();
+            client
+                .send_with(
+                    &id,
+                    &body,
+                    Some("application/json"),
+                    true,
+                    Some(&format!("big-{n}-{i}")),
+                    reply_queue(&queue),
+                )
+                .await;
+        }
+        let mut piped = 0;
+        for _ in 0..24 {
+            let reply = client.next_reply(None).await;
+            let body: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+            assert_eq!(body["result"].as_str().map(str::len), Some(n));
+            piped += usize::from(reply.exchange.as_str().is_empty());
+        }
+        if may_pipeline {
+            assert!(piped > 0, "no reply under 1 MiB was pipelined");
+        } else {
+            assert_eq!(piped, 0, "{piped} replies over 1 MiB were pipelined");
+        }
+    }
+}
+
 /// An operator who takes the default exchange away from a busy host's
 /// user (and closes its reply connection, since the broker applies
 /// permissions to new channels), then gives it back, then closes the
