@@ -196,6 +196,21 @@ async fn broken_files_leave_the_old_version_serving() {
         let log = host.log_text();
         assert!(refusals(&log) > before, "no clear error for {what}: {log}");
     }
+    // Each broken version counted once, however many times the directory
+    // is looked over (every 5 s) while the last one stays there.
+    let port = host.metrics.expect("the host serves its metrics");
+    let failed = || async {
+        let text = callme_tests::scrape(port).await;
+        let labels = [
+            ("server_id", id.as_str()),
+            ("action", "reload"),
+            ("outcome", "failed"),
+        ];
+        callme_tests::value_of(&text, "callme_plugin_loads_total", &labels)
+    };
+    assert_eq!(failed().await, Some(3.0));
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(failed().await, Some(3.0), "a broken version counted again");
     // A good file after the broken ones is picked up.
     deploy(&plugin_path("calc-v2"), &dir, &file);
     wait_version(&p, &id, "2").await;
@@ -414,6 +429,16 @@ async fn invalid_sidecar_changes_nothing_and_deleting_it_restores_defaults() {
     assert!(logged.is_some(), "{}", host.log_text());
     assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
     assert_eq!(concurrency().await, json!(3));
+    // Each refusal counted, as what it was.
+    let port = host.metrics.expect("the host serves its metrics");
+    let text = callme_tests::scrape(port).await;
+    let labels = [
+        ("server_id", id.as_str()),
+        ("action", "reload"),
+        ("outcome", "invalid_settings"),
+    ];
+    let refused = callme_tests::value_of(&text, "callme_plugin_loads_total", &labels);
+    assert_eq!(refused, Some(6.0), "{text}");
 
     // Without a sidecar the defaults apply, the host's --concurrency among them.
     std::fs::remove_file(&sidecar).unwrap();
