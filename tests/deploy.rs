@@ -904,3 +904,39 @@ async fn stopping_gives_up_a_version_still_loading() {
         "its first instance ran to its deadline: {log}"
     );
 }
+
+/// A file over 256 MiB is refused unread, naming its size, and the host
+/// goes on serving (the file here is sparse: its size costs no disk).
+#[tokio::test]
+async fn a_plugin_file_over_the_size_limit_is_refused_unread() {
+    let dir = tempdir();
+    let id = unique("beside-huge");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = observed(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    let huge = unique("huge");
+    let incoming = dir.join(format!(".{huge}.incoming"));
+    std::fs::File::create(&incoming)
+        .unwrap()
+        .set_len((256 << 20) + 1)
+        .unwrap();
+    std::fs::rename(&incoming, dir.join(format!("{huge}.wasm"))).unwrap();
+    barrier(&p, &host, &dir).await;
+    let log = host.log_text();
+    assert!(
+        log.lines().any(
+            |l| l.contains(&huge) && l.contains("268435457 bytes, over the limit of 268435456")
+        ),
+        "{log}"
+    );
+    let e = p
+        .use_server(&huge)
+        .call("add", Args::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NoSuchServer(_)), "{e:?}");
+    assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
+}
