@@ -1028,3 +1028,61 @@ async fn a_call_made_while_its_proxy_reconnects_waits_and_is_answered() {
     assert_eq!(answered.unwrap(), 5, "answered once the broker was back");
     assert!(made.elapsed() < Duration::from_secs(10));
 }
+
+/// A plugin refused for something outside its file (here its queue,
+/// declared classic by another host, where its sidecar asks for quorum)
+/// is tried again on the next event about it: once the other host has
+/// gone, a `touch` serves it.
+#[tokio::test]
+async fn a_plugin_refused_for_its_queue_is_served_after_a_touch_once_that_is_fixed() {
+    let id = unique("touched");
+    let other = server(ServerOptions::default()).await;
+    other.serve_native(&id, native_add()).await.unwrap();
+
+    let dir = callme_tests::tempdir();
+    std::fs::write(dir.join(format!("{id}.toml")), "queue_type = \"quorum\"\n").unwrap();
+    let file = dir.join(format!("{id}.wasm"));
+    callme_tests::deploy(
+        &callme_tests::plugin_path("calc"),
+        &dir,
+        &format!("{id}.wasm"),
+    );
+    let mut host = callme_tests::Host::serve(&dir, &[]);
+    host.wait_ready(Duration::from_secs(60));
+    let refused = eventually(Duration::from_secs(20), || async {
+        let log = host.log_text();
+        log.lines()
+            .any(|l| l.contains(&id) && l.contains("refused"))
+            .then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "{}", host.log_text());
+
+    // The other host goes, and its idle queue with it.
+    assert!(other.stop_serving(&id).await.unwrap());
+    let gone = eventually(Duration::from_secs(20), || async {
+        (!queues().iter().any(|(name, ..)| *name == server_queue(&id))).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the classic queue stayed");
+    std::fs::File::options()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    let p = proxy(Duration::from_secs(5)).await;
+    let served = eventually(Duration::from_secs(20), || async {
+        p.use_server(&id)
+            .invoke::<_, serde_json::Value>("version", ())
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(served, Some(json!("1")), "{}", host.log_text());
+    let (_, durable, _, _, arguments) = queues()
+        .into_iter()
+        .find(|(name, ..)| *name == server_queue(&id))
+        .expect("the plugin's queue");
+    assert!(durable && arguments.contains("quorum"), "{arguments}");
+}
