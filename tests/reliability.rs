@@ -566,14 +566,14 @@ async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
     // The full path (bind, call, lift, convert back) for a sample of
     // generated inputs; whatever passes the check must round-trip.
     let plugin = types_plugin();
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(1000));
     let strategy = (
         prop::sample::select(TYPES_FUNCS),
         prop_oneof![arb_leaf(), arb_json()],
     );
     let mut called = HashSet::new();
     let mut echoed = 0;
-    for _ in 0..300 {
+    for _ in 0..1000 {
         let (func, arg) = strategy.new_tree(&mut runner).unwrap().current();
         let args = pos(json!([arg]));
         if plugin.check_args(func, &args).is_ok() {
@@ -588,12 +588,26 @@ async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
                 "{func}({arg}): {result:?}"
             );
             called.insert(func);
-            // An echo gives its argument back as it went (an `f32` as the
-            // nearest `f32`), and what it gave back, given again, unchanged.
+            // What an echo gives back, given again, comes back unchanged.
             if let (true, Ok(once)) = (func.starts_with("echo-"), &result) {
                 let twice = plugin.call(func, &pos(json!([once]))).await;
                 assert_eq!(twice.as_ref().ok(), Some(once), "{func}({arg}) then {once}");
-                if func != "echo-f32" {
+                // Types of one JSON form come back as they went; the
+                // others in their canonical form (a variant case without a
+                // payload given as its name comes back as `{"case": null}`,
+                // an `f32` as the nearest `f32`).
+                let one_form = [
+                    "echo-bool",
+                    "echo-s8",
+                    "echo-u16",
+                    "echo-s64",
+                    "echo-u64",
+                    "echo-char",
+                    "echo-string",
+                    "echo-list",
+                    "echo-tuple",
+                ];
+                if one_form.contains(&func) {
                     assert_eq!(once, &arg, "{func}({arg})");
                 }
                 echoed += 1;
@@ -601,13 +615,14 @@ async fn fuzzed_arguments_through_the_sandbox_never_break_it() {
         }
     }
     // Random JSON fits the functions of common shapes (numbers, strings,
-    // lists, options); the rest are `every_wit_type_round_trips`'s.
+    // lists, options): 8 to 13 of them, and 46 to 69 echoes, in 25 runs of
+    // 1,000 samples. The rest are `every_wit_type_round_trips`'s.
     assert!(
         called.len() >= 6,
         "only {} of the functions were called: {called:?}",
         called.len()
     );
-    assert!(echoed >= 10, "only {echoed} echoes round-tripped");
+    assert!(echoed >= 25, "only {echoed} echoes round-tripped");
 }
 
 #[tokio::test]
