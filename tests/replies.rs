@@ -310,12 +310,18 @@ async fn calls_given_up_while_their_requests_are_written_cost_no_other_call() {
                 tokio::spawn(async move { sp.invoke::<_, u64>("len", (big.as_str(),)).await })
             })
             .collect();
+        let mut given_up = 0;
         for _ in 0..60 {
             let sp = p.use_server(&id);
             let call = sp.invoke::<_, u64>("len", ("abc",));
-            let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
+            given_up += usize::from(
+                tokio::time::timeout(Duration::from_millis(1), call)
+                    .await
+                    .is_err(),
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        assert!(given_up >= 20, "only {given_up} of 60 calls given up");
         for a in ahead {
             assert_eq!(a.await.expect("task").expect("a large call"), 3 << 20);
         }
