@@ -392,7 +392,9 @@ async fn a_server_that_stops_confirming_holds_a_quarter_of_a_proxys_lanes() {
         p.use_server(&healthy).invoke::<_, i64>("add", (2, 3)),
     )
     .await;
+    let done = waiting.iter().filter(|w| w.is_finished()).count();
     drop(suspended);
+    assert_eq!(done, 0, "calls to the queue that confirms nothing ended");
     let beside = beside.expect("the call to the other server waited for a lane");
     assert_eq!(beside.expect("the other server's answer"), 5);
     for call in join_all(waiting).await {

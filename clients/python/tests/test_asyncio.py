@@ -435,6 +435,8 @@ def test_a_server_that_stops_confirming_holds_a_quarter_of_the_lanes(
                 waiting = [asyncio.ensure_future(stuck.counter()) for _ in range(80)]
                 await asyncio.sleep(0.5)
                 beside = await asyncio.wait_for(proxy.use_server(host.calc).add(2, 3), 5)
+                done = sum(w.done() for w in waiting)
+                assert done == 0, f"{done} calls to the queue that confirms nothing ended"
             finally:
                 await asyncio.to_thread(_on_queue_process, queue, "sys:resume")
             assert beside == 5
