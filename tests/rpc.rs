@@ -694,3 +694,44 @@ async fn a_float_crosses_the_broker_exactly() {
         assert_eq!(back.to_bits(), x.to_bits(), "{x:e} came back as {back:e}");
     }
 }
+
+/// A deadline over the 30 minutes a broker lets a consumer hold a request
+/// (RabbitMQ's `consumer_timeout`) is a program's to give its own calls,
+/// not a served plugin's: the plugin loads and runs, and the server
+/// refuses to serve it, naming why.
+#[tokio::test]
+async fn a_deadline_longer_than_a_broker_allows_is_for_local_calls_only() {
+    let id = unique("long-deadline");
+    let settings = PluginSettings {
+        limits: callme::Limits {
+            deadline: Duration::from_secs(2 * 3600),
+            ..callme::Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let plugin = load("calc", &id, settings);
+    assert_eq!(
+        plugin.call("add", &pos(json!([1, 2]))).await.unwrap(),
+        json!(3)
+    );
+    let s = server(ServerOptions::default()).await;
+    match s.serve_plugin(plugin).await {
+        Err(Error::Config(message)) => {
+            assert!(message.contains("consumer_timeout"), "{message}")
+        }
+        other => panic!("served with a 2 h deadline: {other:?}"),
+    }
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(callme_tests::callme_bin())
+            .args([
+                "invoke",
+                callme_tests::plugin_path("calc").to_str().unwrap(),
+            ])
+            .args(["add", "2", "3", "--deadline-ms", "7200000"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5", "{out:?}");
+}

@@ -45,11 +45,19 @@ pub const DEFAULT_OUTPUT_BYTES: usize = 64 << 10;
 /// deadline alone, set this.
 pub(crate) const MAX_FUEL: u64 = 100_000_000_000_000;
 
-/// Longest deadline a sidecar may set. The server acks a request once it
-/// is answered, and RabbitMQ closes the channel of a consumer that holds a
-/// delivery unacked longer than its `consumer_timeout` (30 minutes by
-/// default): a longer call could never be answered.
+/// Longest deadline of a served call (a sidecar's, or one
+/// [`Server::serve_plugin`](crate::Server::serve_plugin) takes). The server
+/// acks a request once it is answered, and RabbitMQ closes the channel of
+/// a consumer that holds a delivery unacked longer than its
+/// `consumer_timeout` (30 minutes by default since 3.8.15: the
+/// "Delivery Acknowledgement Timeout" of its consumers guide): a longer
+/// call could never be answered.
 pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// Longest deadline of a call run outside a server (`callme invoke`, a
+/// program's own [`Plugin::call`](crate::Plugin::call)): a year, a bound
+/// only so that the call's clock cannot overflow.
+pub(crate) const MAX_LOCAL_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Smallest memory cap: one WebAssembly page. Below it no guest with a
 /// linear memory can even be instantiated.

@@ -56,11 +56,11 @@ pub use caps::{
 pub use engine::{DEFAULT_MAX_INSTANCES, EPOCH_TICK, Runtime, RuntimeConfig, default_cache_dir};
 pub use export::FunctionInfo;
 pub use instances::RuntimeStats;
-pub(crate) use limits::YIELD_EVERY_FUEL;
 pub use limits::{
     DEFAULT_DEADLINE, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES,
     DEFAULT_RESULT_BYTES, Limits,
 };
+pub(crate) use limits::{MAX_DEADLINE, YIELD_EVERY_FUEL};
 pub use load::content_hash;
 pub use settings::{DEFAULT_PREWARM, GuestLogLevel, PluginSettings};
 

@@ -22,8 +22,8 @@ use super::caps::{
     InvalidHost, RpcGrant,
 };
 use super::limits::{
-    Limits, MAX_DEADLINE, MAX_FUEL, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES, MAX_RESULT_BYTES,
-    MIN_MEMORY_BYTES,
+    Limits, MAX_DEADLINE, MAX_FUEL, MAX_LOCAL_DEADLINE, MAX_MEMORY_BYTES, MAX_OUTPUT_BYTES,
+    MAX_RESULT_BYTES, MIN_MEMORY_BYTES,
 };
 
 /// Spare instances a served plugin keeps by default: enough to answer a
@@ -176,6 +176,14 @@ impl PluginSettings {
     ) -> Result<PluginSettings, SettingsError> {
         let sidecar: Sidecar = toml::from_str(text)?;
         within("fuel", sidecar.fuel, 1, MAX_FUEL)?;
+        // What a served call may take; a program's own calls may take
+        // longer (see [`PluginSettings::check`]).
+        within(
+            "deadline_ms",
+            u128::from(sidecar.deadline_ms),
+            1,
+            MAX_DEADLINE.as_millis(),
+        )?;
         let capabilities = Capabilities {
             config: Config::resolve(sidecar.config.clone(), env)?,
             rpc: RpcGrant::new(sidecar.rpc.clone(), sidecar.rpc_max_depth)?
@@ -319,11 +327,13 @@ impl PluginSettings {
         // A program may give a call all the fuel there is (and rely on the
         // deadline); a sidecar keeps to [`MAX_FUEL`], checked as it is read.
         within("fuel", limits.fuel, 1, u64::MAX)?;
+        // Served, a call keeps to [`MAX_DEADLINE`]: a sidecar's is checked
+        // as it is read, a program's by the server that serves it.
         within(
             "deadline_ms",
             limits.deadline.as_millis(),
             1,
-            MAX_DEADLINE.as_millis(),
+            MAX_LOCAL_DEADLINE.as_millis(),
         )?;
         within(
             "memory_bytes",

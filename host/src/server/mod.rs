@@ -357,6 +357,15 @@ impl Server {
         if !is_valid_server_id(&id) {
             return Err(invalid_id(&id));
         }
+        let deadline = plugin.settings().limits.deadline;
+        if deadline > crate::plugin::MAX_DEADLINE {
+            return Err(Error::Config(format!(
+                "`{id}`'s deadline of {deadline:?} is over the {:?} a served call may take: \
+                 RabbitMQ closes the channel of a consumer holding a request longer than its \
+                 consumer_timeout (30 minutes by default)",
+                crate::plugin::MAX_DEADLINE
+            )));
+        }
         if let Some(serving) = self.inner.registry.plugin(&id) {
             let default = self.inner.options.queue_type;
             let now = serving.settings().queue_type.unwrap_or(default);
