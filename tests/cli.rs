@@ -137,6 +137,41 @@ fn invoke_runs_one_call_locally() {
     assert!(!o.status.success());
 }
 
+/// `invoke` reads the sidecar beside the plugin, as `serve` does, and its
+/// flags go over it; an invalid sidecar is refused, naming it.
+#[test]
+fn invoke_reads_the_sidecar_beside_the_plugin() {
+    let dir = tempdir();
+    let plugin = dir.join("hostile.wasm");
+    std::fs::copy(plugin_path("hostile"), &plugin).unwrap();
+    let p = plugin.to_str().unwrap();
+    std::fs::write(
+        dir.join("hostile.toml"),
+        "fuel = 100000000000000\ndeadline_ms = 200\n",
+    )
+    .unwrap();
+    let e = stderr_json(&callme(&["invoke", p, "spin"]));
+    assert_eq!(
+        (&e["type"], &e["data"]),
+        (&json!("Timeout"), &json!("deadline")),
+        "{e}"
+    );
+    let e = stderr_json(&callme(&["invoke", p, "spin", "--fuel", "100000"]));
+    assert_eq!(
+        (&e["type"], &e["data"]),
+        (&json!("Timeout"), &json!("fuel")),
+        "{e}"
+    );
+    std::fs::write(dir.join("hostile.toml"), "deadline_ms = 0\n").unwrap();
+    let e = stderr_json(&callme(&["invoke", p, "spin"]));
+    assert_eq!(e["type"], "InvalidPlugin", "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("hostile.toml") && message.contains("deadline_ms"),
+        "{e}"
+    );
+}
+
 /// `invoke` runs the call within the limits it is given.
 #[test]
 fn invoke_keeps_to_the_limits_it_is_given() {

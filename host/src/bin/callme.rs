@@ -110,8 +110,10 @@ enum Command {
         #[arg(long, env = "CALLME_QUEUE_EXPIRES", default_value_t = callme::DEFAULT_QUEUE_EXPIRES.as_secs())]
         queue_expires: u64,
         /// Deliveries after which a request is refused rather than run
-        /// again (quorum queues count them).
-        #[arg(long, default_value_t = callme::DEFAULT_DELIVERY_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
+        /// again. Quorum queues count them; a classic queue tells only
+        /// whether a request was delivered before, so there any limit
+        /// above 1 never refuses.
+        #[arg(long, env = "CALLME_DELIVERY_LIMIT", default_value_t = callme::DEFAULT_DELIVERY_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
         delivery_limit: u32,
         /// Server queues are durable now; kept so old command lines run.
         #[arg(long, hide = true)]
@@ -126,7 +128,7 @@ enum Command {
         #[arg(long, env = "CALLME_NO_PIPELINED_REPLIES", value_parser = clap::builder::BoolishValueParser::new())]
         no_pipelined_replies: bool,
         /// Seconds to finish running calls after SIGTERM or Ctrl-C.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, env = "CALLME_GRACE", default_value_t = 30)]
         grace: u64,
         /// Compiled-artifact cache directory (the code is kept in its
         /// `wasmtime` subdirectory; refused if another user could write to it).
@@ -183,7 +185,8 @@ enum Command {
         /// The component file.
         plugin: PathBuf,
     },
-    /// Call a plugin function locally, without a broker.
+    /// Call a plugin function locally, without a broker, with the settings
+    /// of its sidecar (NAME.toml beside it) if it has one.
     Invoke {
         /// The component file.
         plugin: PathBuf,
@@ -471,7 +474,12 @@ async fn run(command: Command) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail_local(&e),
             };
-            let mut settings = PluginSettings::default();
+            // The sidecar beside the plugin, as `serve` reads it; the
+            // flags over it.
+            let mut settings = match PluginSettings::beside(&plugin) {
+                Ok(s) => s,
+                Err(e) => return fail_plugin(e),
+            };
             if let Some(f) = fuel {
                 settings.limits.fuel = f;
             }

@@ -169,6 +169,25 @@ impl PluginSettings {
         PluginSettings::from_toml_with_env(text, |var| std::env::var(var).ok())
     }
 
+    /// The settings of the sidecar beside `plugin_file` (`NAME.toml` beside
+    /// `NAME.wasm`), read and checked as `callme serve` reads them; the
+    /// defaults when there is none.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginError::InvalidPlugin`](super::PluginError::InvalidPlugin)
+    /// naming the sidecar and what is wrong with it (never a secret's value).
+    pub fn beside(plugin_file: &std::path::Path) -> Result<PluginSettings, super::PluginError> {
+        let dir = plugin_file.parent().unwrap_or(std::path::Path::new("."));
+        let name = plugin_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        crate::watcher::read_settings(dir, &name).map_err(|e| super::PluginError::InvalidPlugin {
+            message: format!("invalid settings: {e}"),
+        })
+    }
+
     /// As [`PluginSettings::from_toml`], reading secrets through `env`.
     fn from_toml_with_env(
         text: &str,

@@ -340,8 +340,9 @@ impl Proxy {
     /// after its leader's node is lost), is sent again once the connection is
     /// back, within the same timeout and under the same correlation id, so
     /// the first reply to come is the one kept. The function may then run
-    /// twice: fine for plugins (a fresh sandbox per call), for native
-    /// functions only if they are idempotent. Every attempt carries the
+    /// twice: fine for a plugin that has no effect outside its sandbox
+    /// (a fresh one per call), for one granted `rpc` or `allowed_hosts`
+    /// and for native functions only if they are idempotent. Every attempt carries the
     /// same `traceparent`.
     ///
     /// # Errors
