@@ -129,7 +129,7 @@ pub mod v0_2 {
 /// Writes `message` to the host's log at `level`.
 ///
 /// The host tags the line with the plugin's name and drops it if it is below
-/// the host's configured level. Off wasm (native unit tests) the line goes to
+/// the plugin's `log_level` (set by its sidecar). Off wasm (native unit tests) the line goes to
 /// stderr instead. The macros [`trace!`], [`debug!`], [`info!`], [`warn!`]
 /// and [`error!`] format and log in one step.
 pub fn log(level: Level, message: &str) {

@@ -71,7 +71,8 @@ pub enum PluginError {
         /// Why.
         message: String,
     },
-    /// The host failed for a reason of its own (no sandbox free, ...).
+    /// The host failed for a reason of its own (its engine could not be
+    /// made, ...).
     #[error("internal error: {message}")]
     Internal {
         /// Why.

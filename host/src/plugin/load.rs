@@ -74,8 +74,9 @@ impl Plugin {
     ///
     /// [`PluginError::InvalidPlugin`] when the bytes are not a valid
     /// component, an export uses a type without a JSON form (naming the
-    /// function and the type), it imports anything but WASI 0.2 and
-    /// `callme:plugin/host` (naming the import), or it cannot be linked;
+    /// function and the type), it imports anything but WASI 0.2 and the
+    /// `callme:plugin` interfaces of 0.1 and 0.2 (naming the import), or it
+    /// cannot be linked;
     /// also for `settings` outside the bounds a sidecar keeps to (naming
     /// the sidecar key).
     pub fn load(
