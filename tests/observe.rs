@@ -747,3 +747,31 @@ async fn clients_opening_connections_without_end_cannot_fail_the_health_probe() 
     assert_eq!(health.expect("no answer to /healthz"), (200, "ok\n".into()));
     drop(held);
 }
+
+/// A call that finds every instance slot of the host in a call waits for
+/// one, and says so: counted by server id, and warned of in the log.
+#[tokio::test]
+async fn a_call_waiting_for_an_instance_slot_is_counted_and_warned_of() {
+    let (host, id, port) = host_with_calc("slot-wait", &["--max-instances", "1"]).await;
+    let p = proxy(Duration::from_secs(20)).await;
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move {
+                sp.call("slow-version", callme_tests::pos(json!([400])))
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), json!("1"));
+    }
+    let text = scrape(port).await;
+    let waits = callme_tests::value_of(&text, "callme_instance_waits_total", &[("server_id", &id)]);
+    assert!(waits.is_some_and(|n| n >= 1.0), "waits counted: {waits:?}");
+    let log = host.log_text();
+    assert!(
+        log.contains("all instance slots are in calls") && log.contains("max_instances=1"),
+        "{log}"
+    );
+}
