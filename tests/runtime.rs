@@ -1184,3 +1184,29 @@ async fn a_session_whose_instance_blocks_as_it_starts_ends_by_its_deadline() {
     let e = made.err().expect("the instance cannot be made");
     assert!(matches!(e, PluginError::Timeout { .. }), "{e:?}");
 }
+
+/// Two exported interfaces of one short name (`test:a/util` and
+/// `test:b/util`, or two versions of one interface) would both be called
+/// `util.f`: refused, where the last one took every call meant for the
+/// first.
+#[tokio::test]
+async fn interfaces_callers_could_not_tell_apart_are_refused() {
+    let text = r#"
+(component
+  (core module $m (func (export "f")))
+  (core instance $i (instantiate $m))
+  (func $f (canon lift (core func $i "f")))
+  (instance $a (export "f" (func $f)))
+  (instance $b (export "f" (func $f)))
+  (export "test:a/util" (instance $a))
+  (export "test:b/util" (instance $b)))
+"#;
+    let bytes = wat::parse_str(text).expect("the component's text");
+    match Plugin::load(&runtime(), "clash", &bytes, PluginSettings::default()) {
+        Err(PluginError::InvalidPlugin { message }) => {
+            assert!(message.contains("`util.f`"), "{message}")
+        }
+        Err(other) => panic!("expected InvalidPlugin, got {other:?}"),
+        Ok(p) => panic!("loaded, serving {:?}", p.functions()),
+    }
+}

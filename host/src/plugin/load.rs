@@ -184,6 +184,15 @@ fn add_export(exports: &mut BTreeMap<String, Export>, export: Export) -> Result<
             "exports more than {MAX_FUNCTIONS} functions"
         )));
     }
+    // Interfaces of one short name (two versions of one interface, or
+    // two packages' `util`) would give two functions one name, and the
+    // last would silently take every call meant for the first.
+    if exports.contains_key(&export.info.name) {
+        return Err(PluginError::invalid_plugin(format!(
+            "exports two functions callers would both call `{}` (interfaces of one short name, such as two versions of one interface): rename one",
+            export.info.name
+        )));
+    }
     exports.insert(export.info.name.clone(), export);
     Ok(())
 }
