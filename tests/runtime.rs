@@ -1210,3 +1210,77 @@ async fn interfaces_callers_could_not_tell_apart_are_refused() {
         Ok(p) => panic!("loaded, serving {:?}", p.functions()),
     }
 }
+
+/// A component whose `f()` returns all 32 flags of a type whose every
+/// flag has a 200-character name: 6.4 KB of JSON from one 4-byte value.
+fn long_flags() -> String {
+    let names: String = (0..32)
+        .map(|i| format!(" \"f{i:02}{}\"", "x".repeat(197)))
+        .collect();
+    format!(
+        r#"
+(component
+  (core module $m (func (export "f") (result i32) (i32.const -1)))
+  (core instance $i (instantiate $m))
+  (type $fl (flags{names}))
+  (export $fl2 "fl" (type $fl))
+  (func (export "f") (result $fl2) (canon lift (core func $i "f"))))
+"#
+    )
+}
+
+/// The result cap counts the JSON a result becomes: every flag's name,
+/// a string's escapes (a control character is 6 bytes of JSON), a
+/// number's digits, and a `GuestError`'s text twice (as its message and
+/// its data). Each of these went through a cap of 1,000 bytes at several
+/// times its size.
+#[tokio::test]
+async fn the_result_cap_counts_the_json_a_result_becomes() {
+    let limits = Limits {
+        result_bytes: 1000,
+        ..Limits::default()
+    };
+    let over = |e: Result<Value, PluginError>, what: &str| match e {
+        Err(PluginError::MemoryLimit { .. }) => {}
+        Ok(v) => panic!(
+            "{what}: expected MemoryLimit, got {} bytes",
+            v.to_string().len()
+        ),
+        Err(e) => panic!("{what}: expected MemoryLimit, got {e:?}"),
+    };
+    let flags = from_text(&long_flags(), "long-flags", limits.clone());
+    over(flags.call("f", &Args::default()).await, "32 long flags");
+
+    let settings = PluginSettings {
+        limits,
+        ..PluginSettings::default()
+    };
+    let types = load("types", "types", settings);
+    let control = "\u{1}".repeat(900);
+    over(
+        types.call("echo-string", &pos(json!([control]))).await,
+        "900 control characters",
+    );
+    // 900 plain characters are 902 bytes of JSON: within the cap.
+    let plain = "a".repeat(900);
+    assert_eq!(
+        types
+            .call("echo-string", &pos(json!([plain])))
+            .await
+            .unwrap(),
+        json!(plain)
+    );
+    let wide = vec![i32::MIN; 100];
+    over(
+        types.call("echo-list", &pos(json!([wide]))).await,
+        "100 numbers of 11 digits",
+    );
+    let narrow = vec![1; 100];
+    assert_eq!(
+        types
+            .call("echo-list", &pos(json!([narrow])))
+            .await
+            .unwrap(),
+        json!(narrow)
+    );
+}

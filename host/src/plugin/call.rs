@@ -254,6 +254,8 @@ fn results_json(export: &Export, results: &[Val], cap: usize) -> Result<Value, P
                     Value::Null => "the function returned an error".into(),
                     other => other.to_string(),
                 };
+                // The reply holds it twice: as the message and as the data.
+                budget.spend(message.len()).map_err(too_large)?;
                 Err(PluginError::GuestError {
                     message,
                     payload: data,

@@ -342,7 +342,7 @@ impl Budget {
         Budget { left: bytes }
     }
 
-    fn spend(&mut self, bytes: usize) -> Result<(), TooLarge> {
+    pub(crate) fn spend(&mut self, bytes: usize) -> Result<(), TooLarge> {
         self.left = self.left.checked_sub(bytes).ok_or(TooLarge)?;
         Ok(())
     }
@@ -350,6 +350,22 @@ impl Budget {
 
 /// What [`to_json`] counts for each value, besides a string's bytes.
 const VALUE_BYTES: usize = 8;
+
+/// The longest text of a float in JSON (`-2.2250738585072014e-308`).
+const FLOAT_BYTES: usize = 24;
+
+/// The bytes of `s` as a JSON string: quotes and escapes counted (a
+/// control character is 6 bytes, `\u0001`).
+pub(crate) fn json_string_bytes(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
 
 /// Least host memory a guest may have the host take from it at once.
 const MIN_LIFT_BYTES: usize = 16 << 20;
@@ -376,6 +392,20 @@ pub(crate) fn lift_bytes(result_bytes: usize) -> usize {
 /// for scalars and punctuation).
 pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value, TooLarge> {
     budget.spend(VALUE_BYTES)?;
+    // A number's text beyond what every value is counted (up to 20 digits
+    // and a sign; a float up to 24 characters).
+    let digits = |n: u64, negative: bool| -> usize {
+        n.checked_ilog10().map_or(1, |d| d as usize + 1) + usize::from(negative)
+    };
+    let mut number = |len: usize| budget.spend(len.saturating_sub(VALUE_BYTES));
+    match val {
+        Val::S64(v) => number(digits(v.unsigned_abs(), *v < 0))?,
+        Val::U64(v) => number(digits(*v, false))?,
+        Val::S32(v) => number(digits(u64::from(v.unsigned_abs()), *v < 0))?,
+        Val::U32(v) => number(digits(u64::from(*v), false))?,
+        Val::Float32(_) | Val::Float64(_) => number(FLOAT_BYTES)?,
+        _ => {}
+    }
     Ok(match (ty, val) {
         (_, Val::Bool(b)) => Value::Bool(*b),
         (_, Val::S8(v)) => Value::from(*v),
@@ -388,9 +418,12 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
         (_, Val::U64(v)) => Value::from(*v),
         (_, Val::Float32(v)) => float_json(f64::from(*v)),
         (_, Val::Float64(v)) => float_json(*v),
-        (_, Val::Char(c)) => Value::String(c.to_string()),
+        (_, Val::Char(c)) => {
+            budget.spend(json_string_bytes(c.encode_utf8(&mut [0; 4])))?;
+            Value::String(c.to_string())
+        }
         (_, Val::String(s)) => {
-            budget.spend(s.len())?;
+            budget.spend(json_string_bytes(s))?;
             Value::String(s.clone())
         }
         (Type::List(l), Val::List(items)) => {
@@ -453,13 +486,15 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
             budget.spend(name.len())?;
             Value::String(name.clone())
         }
-        (Type::Flags(flags), Val::Flags(set)) => Value::Array(
-            flags
-                .names()
-                .filter(|n| set.iter().any(|s| s == n))
-                .map(|n| Value::String(n.to_string()))
-                .collect(),
-        ),
+        (Type::Flags(flags), Val::Flags(set)) => {
+            let mut names = Vec::new();
+            for n in flags.names().filter(|n| set.iter().any(|s| s == n)) {
+                // `"name",` for each flag set.
+                budget.spend(n.len() + 3)?;
+                names.push(Value::String(n.to_string()));
+            }
+            Value::Array(names)
+        }
         (Type::Option(_), Val::Option(None)) => Value::Null,
         (Type::Option(o), Val::Option(Some(v))) => {
             let inner = o.ty();
