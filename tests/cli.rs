@@ -902,3 +902,83 @@ async fn serve_takes_its_settings_from_the_environment() {
         assert!(said.contains(setting), "{setting}: {said}");
     }
 }
+
+/// The seed's examples run against the test broker: `add_server` serves
+/// `fooserver`, `add_client` prints 2, and `fib_timeout` sees `fib(35)`
+/// time out, then answered with a patient timeout. The server binds its
+/// arguments as a plugin does: each once, no others, `add` wrapping.
+#[tokio::test]
+async fn the_seed_examples_run() {
+    use std::io::BufRead as _;
+    let examples = callme_bin().parent().unwrap().join("examples");
+    let example = |name: &str| {
+        let path = examples.join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: cargo build --examples",
+            path.display()
+        );
+        let mut command = Command::new(path);
+        command.env("CALLME_AMQP_URL", amqp_url());
+        command
+    };
+    let mut server = example("add_server")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its log and its word, on stdout.
+    let lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let said = tokio::task::spawn_blocking(move || {
+        lines
+            .map_while(Result::ok)
+            .take(20)
+            .find(|l| l.contains("serving fooserver"))
+    })
+    .await
+    .unwrap();
+    assert!(said.is_some(), "add_server never said it serves fooserver");
+    let run = |mut command: Command| async move {
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap()
+    };
+    let client = run(example("add_client")).await;
+    assert_eq!(stdout(&client), "2", "{client:?}");
+    let fib = run(example("fib_timeout")).await;
+    let said = String::from_utf8_lossy(&fib.stdout);
+    assert!(fib.status.success(), "{fib:?}");
+    assert!(said.contains("fib(35): timed out after"), "{said}");
+    assert!(
+        said.contains("fib(35) = 9227465 with a 60 s timeout"),
+        "{said}"
+    );
+
+    let p = callme_tests::proxy(Duration::from_secs(10)).await;
+    let foo = p.use_server("fooserver");
+    let kind = |r: Result<Value, callme::Error>| match r {
+        Err(callme::Error::Remote(e)) => e.kind,
+        other => panic!("expected a remote error, got {other:?}"),
+    };
+    use callme::ErrorKind::InvalidArguments;
+    let pos = callme_tests::pos;
+    assert_eq!(
+        kind(foo.call("add", pos(json!([1, 2, 3]))).await),
+        InvalidArguments
+    );
+    let both = callme::protocol::Args {
+        args: vec![json!(1), json!(2)],
+        kwargs: json!({"a": 5}).as_object().unwrap().clone(),
+    };
+    assert_eq!(kind(foo.call("add", both).await), InvalidArguments);
+    assert_eq!(
+        kind(foo.call("fib", pos(json!([1000]))).await),
+        InvalidArguments
+    );
+    assert_eq!(
+        foo.call("add", pos(json!([i64::MAX, 1]))).await.unwrap(),
+        json!(i64::MIN)
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}

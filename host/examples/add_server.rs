@@ -10,21 +10,40 @@ use callme::protocol::Args;
 use callme::{ConnectOptions, ErrorKind, NativeFunctions, RemoteError, Server, ServerOptions};
 use serde_json::json;
 
+/// The naive recursion of the seed's example: slow on purpose (`fib(35)`
+/// takes seconds), so `n` is kept to what ends in minutes.
 fn fib(n: u64) -> u64 {
     if n < 2 { n } else { fib(n - 1) + fib(n - 2) }
 }
 
-fn int(args: &Args, i: usize, name: &str) -> Result<i64, RemoteError> {
-    args.args
-        .get(i)
-        .or_else(|| args.kwargs.get(name))
-        .and_then(|v| v.as_i64())
-        .ok_or_else(|| {
-            RemoteError::new(
-                ErrorKind::InvalidArguments,
-                format!("`{name}` must be an integer"),
-            )
-        })
+/// The largest `n` the naive `fib` is asked for.
+const MAX_FIB: i64 = 45;
+
+/// The integer arguments named `names`, given by position or by name, as
+/// a plugin's are bound: each once, and no others.
+fn ints<const N: usize>(args: &Args, names: [&str; N]) -> Result<[i64; N], RemoteError> {
+    let invalid = |message: String| RemoteError::new(ErrorKind::InvalidArguments, message);
+    if args.args.len() > N {
+        return Err(invalid(format!(
+            "takes {N} arguments, {} given",
+            args.args.len()
+        )));
+    }
+    if let Some(unknown) = args.kwargs.keys().find(|k| !names.contains(&k.as_str())) {
+        return Err(invalid(format!("no parameter `{unknown}`")));
+    }
+    let mut out = [0; N];
+    for (i, name) in names.iter().enumerate() {
+        let value = match (args.args.get(i), args.kwargs.get(*name)) {
+            (Some(_), Some(_)) => return Err(invalid(format!("`{name}` given twice"))),
+            (Some(v), None) | (None, Some(v)) => v,
+            (None, None) => return Err(invalid(format!("`{name}` is missing"))),
+        };
+        out[i] = value
+            .as_i64()
+            .ok_or_else(|| invalid(format!("`{name}` must be an integer")))?;
+    }
+    Ok(out)
 }
 
 #[tokio::main]
@@ -38,10 +57,19 @@ async fn main() -> anyhow::Result<()> {
     let mut functions = NativeFunctions::new();
     functions
         .register("add", "func(a: s64, b: s64) -> s64", |args| {
-            Ok(json!(int(&args, 0, "a")? + int(&args, 1, "b")?))
+            // Wrapping, as an s64 `add` of a plugin does.
+            let [a, b] = ints(&args, ["a", "b"])?;
+            Ok(json!(a.wrapping_add(b)))
         })
         .register("fib", "func(n: u64) -> u64", |args| {
-            Ok(json!(fib(int(&args, 0, "n")?.clamp(0, 90) as u64)))
+            let [n] = ints(&args, ["n"])?;
+            if !(0..=MAX_FIB).contains(&n) {
+                return Err(RemoteError::new(
+                    ErrorKind::InvalidArguments,
+                    format!("`n` must be 0 to {MAX_FIB}"),
+                ));
+            }
+            Ok(json!(fib(n as u64)))
         });
     server.serve_native("fooserver", functions).await?;
     println!("serving fooserver; Ctrl-C to stop");
