@@ -1284,3 +1284,25 @@ async fn the_result_cap_counts_the_json_a_result_becomes() {
         json!(narrow)
     );
 }
+
+/// An `f32` argument out of its range is refused, whether too large or so
+/// small it would become 0 (which it silently did); a subnormal one is
+/// kept, and 0 is 0.
+#[tokio::test]
+async fn an_f32_out_of_range_is_refused_not_changed() {
+    let p = load("types", "types", PluginSettings::default());
+    for v in [1e39, -1e39, 1e-50, -1e-50] {
+        match p.call("echo-f32", &pos(json!([v]))).await {
+            Err(PluginError::InvalidArguments { message }) => {
+                assert!(message.contains("out of range for f32"), "{v}: {message}")
+            }
+            other => panic!("{v}: expected InvalidArguments, got {other:?}"),
+        }
+    }
+    let subnormal = f64::from(f32::from_bits(1));
+    assert_eq!(
+        echo(&p, "echo-f32", json!(subnormal)).await,
+        json!(subnormal)
+    );
+    assert_eq!(echo(&p, "echo-f32", json!(0.0)).await, json!(0.0));
+}

@@ -82,7 +82,9 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
         Type::U64 => Val::U64(json.as_u64().ok_or_else(err)?),
         Type::Float32 => {
             let v = float(json).ok_or_else(err)?;
-            if v.is_finite() && (v as f32).is_infinite() {
+            // Too large, or so small it would be 0 (a subnormal f32 is
+            // kept): out of range either way, not silently changed.
+            if v.is_finite() && ((v as f32).is_infinite() || (v != 0.0 && v as f32 == 0.0)) {
                 return Err(Mismatch {
                     path: path.to_string(),
                     message: format!("{v} is out of range for f32"),
