@@ -483,6 +483,33 @@ fn broker_authority() -> String {
         .to_string()
 }
 
+/// Waits (up to 10 s: the broker's counts lag a moment behind the calls
+/// just answered) for the request queue of server `id` to hold nothing,
+/// neither ready nor unacknowledged.
+pub async fn wait_queue_settled(id: &str) {
+    let queue = callme::protocol::server_queue(id);
+    let line = || {
+        let listed = broker_ctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        listed
+            .lines()
+            .find(|l| l.split('\t').next() == Some(queue.as_str()))
+            .unwrap_or_else(|| panic!("no queue {queue}:\n{listed}"))
+            .to_string()
+    };
+    let settled = eventually(Duration::from_secs(10), || async {
+        (line() == format!("{queue}\t0\t0")).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "requests left: {}", line());
+}
+
 /// A TCP forwarder to the test broker on a local port: a broker node of
 /// the test's own. Cutting it closes every connection it carries, as a
 /// node going away would.

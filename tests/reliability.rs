@@ -77,23 +77,7 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     assert_eq!(v, 4);
     // ... acknowledged (neither left unacknowledged nor put back to be
     // delivered again), and answered to nobody.
-    let queue = callme::protocol::server_queue(&id);
-    let drained = callme_tests::eventually(Duration::from_secs(10), || async {
-        let listed = callme_tests::broker_ctl(&[
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ]);
-        listed
-            .lines()
-            .any(|l| l == format!("{queue}\t0\t0"))
-            .then_some(())
-    })
-    .await;
-    assert!(drained.is_some(), "requests left in {queue}");
+    callme_tests::wait_queue_settled(&id).await;
     assert!(
         raw.try_reply().is_none(),
         "an unanswerable request was answered"
@@ -114,6 +98,16 @@ async fn answered(
         .filter(|r| matches!(r, Ok(Ok(v)) if v == &json!("1")))
         .count();
     (answered, results)
+}
+
+/// Waits for `host`, told to stop, to exit 0 having answered every call
+/// it ran; its log.
+fn stopped_after_answering(host: &mut Host) -> String {
+    let code = host.wait(Duration::from_secs(25));
+    let log = host.log_text();
+    assert_eq!(code, Some(0), "exit 0 once told to stop: {log}");
+    assert!(log.contains("all calls answered"), "{log}");
+    log
 }
 
 #[tokio::test]
@@ -152,23 +146,12 @@ async fn graceful_shutdown_answers_running_calls_and_leaves_the_rest() {
         10 - answered
     );
     assert_eq!(answered, 10, "{results:?}");
-    assert_eq!(
-        a.wait(Duration::from_secs(25)),
-        Some(0),
-        "exit 0 after SIGTERM: {}",
-        a.log_text()
-    );
-    assert!(
-        a.log_text().contains("all calls answered"),
-        "{}",
-        a.log_text()
-    );
+    let log_a = stopped_after_answering(&mut a);
     // The calls the stopping host was running, it finished; none ran twice.
-    let (by_a, by_b) = (ran(&a.log_text()), ran(&b.log_text()));
+    let (by_a, by_b) = (ran(&log_a), ran(&b.log_text()));
     assert!(
         by_a >= 1,
-        "the stopping host finished none of its calls: {}",
-        a.log_text()
+        "the stopping host finished none of its calls: {log_a}"
     );
     assert_eq!(
         by_a + by_b,
@@ -193,17 +176,7 @@ async fn ctrl_c_finishes_running_calls_as_sigterm_does() {
     host.signal("INT");
     let (answered, results) = answered(calls).await;
     assert_eq!(answered, 2, "{results:?}");
-    assert_eq!(
-        host.wait(Duration::from_secs(25)),
-        Some(0),
-        "{}",
-        host.log_text()
-    );
-    assert!(
-        host.log_text().contains("all calls answered"),
-        "{}",
-        host.log_text()
-    );
+    stopped_after_answering(&mut host);
 }
 
 /// A plugin copied into the directory while the host stops (in its grace
@@ -225,14 +198,7 @@ async fn a_plugin_deployed_while_the_host_stops_is_not_served() {
     deploy(&plugin_path("calc"), &dir, &format!("{late}.wasm"));
     let (answered, results) = answered(calls).await;
     assert_eq!(answered, 2, "{results:?}");
-    assert_eq!(
-        host.wait(Duration::from_secs(25)),
-        Some(0),
-        "{}",
-        host.log_text()
-    );
-    let log = host.log_text();
-    assert!(log.contains("all calls answered"), "{log}");
+    let log = stopped_after_answering(&mut host);
     assert!(!log.contains(&late), "{log}");
 }
 

@@ -662,24 +662,7 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
             callme_tests::answers_add(&p, id, i).await;
         }
     }
-    assert_queue_empties(&poisoned).await;
-}
-
-/// Waits for the queue of `id` to hold nothing (the broker's count may lag
-/// a moment behind the calls just answered).
-async fn assert_queue_empties(id: &str) {
-    let queue = format!("server_{id}_queue\t");
-    let left = || {
-        let queued = broker_ctl(&["list_queues", "name", "messages"]);
-        let line = queued.lines().find(|l| l.starts_with(&queue));
-        line.unwrap_or_else(|| panic!("no queue for {id}:\n{queued}"))
-            .to_string()
-    };
-    let empty = callme_tests::eventually(Duration::from_secs(10), || async {
-        left().ends_with("\t0").then_some(())
-    })
-    .await;
-    assert!(empty.is_some(), "requests left: {}", left());
+    callme_tests::wait_queue_settled(&poisoned).await;
 }
 
 /// A request whose content header is a frame up to 8 bytes larger than
@@ -733,7 +716,7 @@ async fn a_request_whose_header_is_over_the_clients_frame_size_costs_the_other_c
         }
     }
     // The big request is gone from its queue.
-    assert_queue_empties(&poisoned).await;
+    callme_tests::wait_queue_settled(&poisoned).await;
 }
 
 /// A caller who keeps sending requests the host cannot read costs the
