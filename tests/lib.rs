@@ -483,11 +483,10 @@ fn broker_authority() -> String {
         .to_string()
 }
 
-/// Waits (up to 10 s: the broker's counts lag a moment behind the calls
-/// just answered) for the request queue of server `id` to hold nothing,
-/// neither ready nor unacknowledged.
-pub async fn wait_queue_settled(id: &str) {
-    let queue = callme::protocol::server_queue(id);
+/// Waits up to `limit` (the broker's counts lag a moment behind the calls
+/// just answered) for `queue` to hold nothing, neither ready nor
+/// unacknowledged.
+pub async fn wait_queue_settled(queue: &str, limit: Duration) {
     let line = || {
         let listed = broker_ctl(&[
             "list_queues",
@@ -499,11 +498,11 @@ pub async fn wait_queue_settled(id: &str) {
         ]);
         listed
             .lines()
-            .find(|l| l.split('\t').next() == Some(queue.as_str()))
+            .find(|l| l.split('\t').next() == Some(queue))
             .unwrap_or_else(|| panic!("no queue {queue}:\n{listed}"))
             .to_string()
     };
-    let settled = eventually(Duration::from_secs(10), || async {
+    let settled = eventually(limit, || async {
         (line() == format!("{queue}\t0\t0")).then_some(())
     })
     .await;

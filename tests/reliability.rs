@@ -77,7 +77,11 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     assert_eq!(v, 4);
     // ... acknowledged (neither left unacknowledged nor put back to be
     // delivered again), and answered to nobody.
-    callme_tests::wait_queue_settled(&id).await;
+    callme_tests::wait_queue_settled(
+        &callme::protocol::server_queue(&id),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(
         raw.try_reply().is_none(),
         "an unanswerable request was answered"
