@@ -1300,9 +1300,20 @@ async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
     let p = proxy(Duration::from_secs(60)).await;
     let calc = serve_calc(&srv, &p, "cap-calc-lang").await;
     let missing = unique("cap-nobody");
+    // An `add` whose answers no s64 `add-via` can give.
+    let odd = unique("cap-odd");
+    let mut odd_add = NativeFunctions::new();
+    odd_add.register("add", "func(a: s64, b: s64) -> f64", |args: Args| {
+        Ok(match args.args.first().and_then(Value::as_i64) {
+            Some(0) => json!(3.5),
+            Some(1) => json!(null),
+            _ => json!(1u64 << 63),
+        })
+    });
+    srv.serve_native(&odd, odd_add).await.unwrap();
     for plugin in ["relay-py", "relay-js"] {
         let relay = unique(plugin);
-        let settings = granted(&[("greeting", "hello")], &[&calc, &missing]);
+        let settings = granted(&[("greeting", "hello")], &[&calc, &missing, &odd]);
         srv.serve_plugin(load(plugin, &relay, settings))
             .await
             .unwrap();
@@ -1317,6 +1328,12 @@ async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
         assert!(refused.starts_with("NotGranted: "), "{plugin}: {refused}");
         let nobody = guest_error(relay.call("add-via", pos(json!([&missing, 1, 2]))).await);
         assert!(nobody.starts_with("NoSuchServer: "), "{plugin}: {nobody}");
+        // Answers that are no s64 are the relay's typed error, not a
+        // number cut short or a trap.
+        for a in [0, 1, 2] {
+            let bad = guest_error(relay.call("add-via", pos(json!([&odd, a, 0]))).await);
+            assert!(bad.starts_with("BadResponse: "), "{plugin}({a}): {bad}");
+        }
         let described = relay.describe().await.unwrap();
         assert_eq!(
             described["capabilities"],

@@ -23,7 +23,12 @@ export function addVia(server, a, b) {
     const error = e.payload ?? e;
     throw `${error.type}: ${error.message}`;
   }
-  return BigInt(result);
+  // An s64, or the answer is not one this function can give.
+  const value = /^-?\d+$/.test(result) ? BigInt(result) : null;
+  if (value === null || BigInt.asIntN(64, value) !== value) {
+    throw `BadResponse: ${server}.add answered ${result.slice(0, 100)}, not an s64`;
+  }
+  return value;
 }
 
 /** The plugin's setting `key`, or `undefined`. */

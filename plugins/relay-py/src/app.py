@@ -26,7 +26,11 @@ class WitWorld(wit_world.WitWorld):
             result = rpc.call(server, "add", json.dumps([a, b]))
         except Err as e:
             raise Err(f"{e.value.type}: {e.value.message}")
-        return int(json.loads(result))
+        value = json.loads(result)
+        # An s64, or the answer is not one this function can give.
+        if type(value) is not int or not -(2**63) <= value < 2**63:
+            raise Err(f"BadResponse: {server}.add answered {result[:100]}, not an s64")
+        return value
 
     def setting(self, key: str) -> Optional[str]:
         return config.get(key)
