@@ -1307,7 +1307,12 @@ async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
         Ok(match args.args.first().and_then(Value::as_i64) {
             Some(0) => json!(3.5),
             Some(1) => json!(null),
-            _ => json!(1u64 << 63),
+            Some(2) => json!(1u64 << 63),
+            // Replies the host does not take for its plugins at all: over
+            // its request size limit, and of more arrays than that allows
+            // (600,000 of `[0]`, 2.4 MB, about 100 MB parsed).
+            Some(3) => json!("x".repeat(5 << 20)),
+            _ => Value::Array(vec![json!([0]); 600_000]),
         })
     });
     srv.serve_native(&odd, odd_add).await.unwrap();
@@ -1333,6 +1338,16 @@ async fn python_and_javascript_plugins_relay_calls_and_read_settings() {
         for a in [0, 1, 2] {
             let bad = guest_error(relay.call("add-via", pos(json!([&odd, a, 0]))).await);
             assert!(bad.starts_with("BadResponse: "), "{plugin}({a}): {bad}");
+        }
+        for (a, said) in [
+            (3, "the limit is 4194304"),
+            (4, "1 JSON objects and 600001 arrays"),
+        ] {
+            let big = guest_error(relay.call("add-via", pos(json!([&odd, a, 0]))).await);
+            assert!(
+                big.starts_with("Internal: malformed reply: ") && big.contains(said),
+                "{plugin}({a}): {big}"
+            );
         }
         let described = relay.describe().await.unwrap();
         assert_eq!(

@@ -47,12 +47,21 @@ async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
             Some("text/plain"),
         ),
         ("not a request", br#"{"fn":"add"}"#.to_vec(), None),
+        (
+            "a key given twice",
+            br#"{"func":"add","kwargs":{"a":1,"b":2,"a":3}}"#.to_vec(),
+            Some("application/json"),
+        ),
     ];
     for (what, body, ct) in cases {
         let corr = unique("c");
         raw.send(&id, &body, ct, true, Some(&corr)).await;
         let reply = raw.reply_body(&corr).await;
         assert_eq!(reply["error"]["type"], "BadRequest", "{what}: {reply}");
+        if what == "a key given twice" {
+            let message = reply["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("`a` is given twice"), "{message}");
+        }
         let v: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
         assert_eq!(v, 3, "serving after {what}");
     }

@@ -1252,7 +1252,7 @@ async fn the_result_cap_counts_the_json_a_result_becomes() {
     over(flags.call("f", &Args::default()).await, "32 long flags");
 
     let settings = PluginSettings {
-        limits,
+        limits: limits.clone(),
         ..PluginSettings::default()
     };
     let types = load("types", "types", settings);
@@ -1283,6 +1283,46 @@ async fn the_result_cap_counts_the_json_a_result_becomes() {
             .unwrap(),
         json!(narrow)
     );
+    // A string `err` is the reply's message and its data: 140 control
+    // characters are 842 bytes of JSON each time.
+    let control = "\u{1}".repeat(140);
+    over(
+        types
+            .call("echo-result", &pos(json!([{ "err": control }])))
+            .await,
+        "an error of 140 control characters",
+    );
+    let plain = "a".repeat(400);
+    match types
+        .call("echo-result", &pos(json!([{ "err": plain }])))
+        .await
+    {
+        Err(PluginError::GuestError { message, .. }) => assert_eq!(message, plain),
+        other => panic!("an error of 400 characters: {other:?}"),
+    }
+    // A case without a payload is `{"ok":null}`: 12 bytes each, with its
+    // comma, in a list of 100.
+    let oks = from_text(&payloadless_results(100), "oks", limits);
+    over(
+        oks.call("f", &Args::default()).await,
+        "100 payloadless results",
+    );
+}
+
+/// A component whose `f` returns a `list<result>` of `n` `ok`s.
+fn payloadless_results(n: u8) -> String {
+    format!(
+        r#"
+(component
+  (core module $m
+    (memory (export "mem") 1)
+    (data (i32.const 0) "\08\00\00\00\{n:02x}\00\00\00")
+    (func (export "f") (result i32) (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (type $r (list (result)))
+  (func (export "f") (result $r) (canon lift (core func $i "f") (memory (core memory $i "mem")))))
+"#
+    )
 }
 
 /// An `f32` argument out of its range is refused, whether too large or so

@@ -19,6 +19,7 @@
 //! - `server/`: served ids and their consumers, one job per delivery from
 //!   decode to ack, replies (feature `server`).
 //! - `plugin/`: the plugin runtime: loading, calls and their limits, settings (feature `server`).
+//! - `json`: JSON read strictly, each object naming a key once (requests).
 //! - `trace`: W3C trace context, the `traceparent` a call carries.
 //! - `watcher`: the plugins directory: load, follow, swap (feature `server`).
 //! - `serve`: the `callme serve` loop: signals, graceful shutdown.
@@ -28,6 +29,7 @@
 
 mod amqp;
 mod error;
+mod json;
 #[cfg(feature = "metrics")]
 pub mod observe;
 #[cfg(feature = "server")]

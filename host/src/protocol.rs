@@ -11,6 +11,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::json;
+
 /// The content type of every request and response body.
 pub const CONTENT_TYPE: &str = "application/json";
 
@@ -195,8 +197,7 @@ impl Args {
 }
 
 /// A request body: `{"func": "add", "args": [1, 2], "kwargs": {}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "Map<String, Value>")]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Request {
     /// The function to call, dotted for functions of exported interfaces.
     pub func: String,
@@ -205,38 +206,54 @@ pub struct Request {
     pub args: Args,
 }
 
-/// A request is read as the JSON object it is, its fields then taken out
-/// of it: a flattened field would have the whole body buffered first,
-/// about doubling what a large request takes in memory while it is parsed.
-impl TryFrom<Map<String, Value>> for Request {
-    type Error = String;
-
-    fn try_from(mut body: Map<String, Value>) -> Result<Self, String> {
-        let func = match body.remove("func") {
-            Some(Value::String(func)) => func,
-            Some(_) => return Err("`func` is not a string".into()),
-            None => return Err("missing field `func`".into()),
-        };
-        let args = match body.remove("args") {
-            None => Vec::new(),
-            Some(Value::Array(args)) => args,
-            Some(_) => return Err("`args` is not an array".into()),
-        };
-        let kwargs = match body.remove("kwargs") {
-            None => Map::new(),
-            Some(Value::Object(kwargs)) => kwargs,
-            Some(_) => return Err("`kwargs` is not an object".into()),
-        };
-        if let Some(key) = body.keys().next() {
-            return Err(format!(
-                "unknown field `{}`, expected `func`, `args` or `kwargs`",
-                shown_id(key)
-            ));
+/// A request is read field by field, each at most once, and its arguments
+/// with every object's keys unique (see [`crate::json`]): a flattened
+/// field would have the whole body buffered first, about doubling what a
+/// large request takes in memory while it is parsed.
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Request;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a request object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Request, A::Error> {
+                use serde::de::Error;
+                let (mut func, mut args, mut kwargs) = (None, None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    let twice = match key.as_str() {
+                        "func" => func.replace(map.next_value::<String>()?).is_some(),
+                        "args" => args
+                            .replace(map.next_value_seed(json::UniqueArray)?)
+                            .is_some(),
+                        "kwargs" => kwargs
+                            .replace(map.next_value_seed(json::UniqueObject)?)
+                            .is_some(),
+                        _ => {
+                            return Err(A::Error::custom(format_args!(
+                                "unknown field `{}`, expected `func`, `args` or `kwargs`",
+                                shown_id(&key)
+                            )));
+                        }
+                    };
+                    if twice {
+                        return Err(A::Error::custom(format_args!("`{key}` is given twice")));
+                    }
+                }
+                Ok(Request {
+                    func: func.ok_or_else(|| A::Error::missing_field("func"))?,
+                    args: Args {
+                        args: args.unwrap_or_default(),
+                        kwargs: kwargs.unwrap_or_default(),
+                    },
+                })
+            }
         }
-        Ok(Request {
-            func,
-            args: Args { args, kwargs },
-        })
+        d.deserialize_map(Fields)
     }
 }
 
@@ -244,12 +261,18 @@ impl TryFrom<Map<String, Value>> for Request {
 /// 131,072 objects in a request of the default 4 MiB, about 90 MB parsed.
 const BYTES_PER_OBJECT: usize = 32;
 
+/// Bytes of the request size limit each JSON array needs: an array of one
+/// number (`[0],`, 4 bytes) takes about 170 bytes parsed, so a request of
+/// them alone is held to about 90 MB too.
+const BYTES_PER_ARRAY: usize = 8;
+
 /// Objects a request may always hold, however small its size limit.
 const MIN_OBJECTS: usize = 1024;
 
-/// The JSON objects of `text`: its `{` outside strings.
-fn count_objects(text: &str) -> usize {
-    let (mut in_string, mut escaped, mut objects) = (false, false, 0);
+/// The JSON objects and arrays of `text`: its `{` and `[` outside strings.
+fn count_containers(text: &str) -> (usize, usize) {
+    let (mut in_string, mut escaped) = (false, false);
+    let (mut objects, mut arrays) = (0, 0);
     for b in text.bytes() {
         match (in_string, escaped, b) {
             (true, true, _) => escaped = false,
@@ -258,10 +281,52 @@ fn count_objects(text: &str) -> usize {
             (true, false, _) => {}
             (false, _, b'"') => in_string = true,
             (false, _, b'{') => objects += 1,
+            (false, _, b'[') => arrays += 1,
             (false, _, _) => {}
         }
     }
-    objects
+    (objects, arrays)
+}
+
+/// Why `text` holds more JSON objects and arrays than a body of at most
+/// `max_bytes` may, if it does.
+///
+/// A JSON object takes about 700 bytes once parsed, from as few as 2 of
+/// text, and an array about 170 from 4: a body of tiny objects would take
+/// about 90 times its size (350 MB for 4 MiB), of tiny arrays about 40
+/// times, before anything in it is checked.
+fn too_many_containers(text: &str, max_bytes: usize) -> Option<String> {
+    let (objects, arrays) = count_containers(text);
+    let allowed = (max_bytes / BYTES_PER_OBJECT).max(MIN_OBJECTS) * BYTES_PER_OBJECT;
+    let used = objects
+        .saturating_mul(BYTES_PER_OBJECT)
+        .saturating_add(arrays.saturating_mul(BYTES_PER_ARRAY));
+    (used > allowed).then(|| {
+        format!(
+            "holds {objects} JSON objects and {arrays} arrays, more than its size limit \
+             allows: each object counts {BYTES_PER_OBJECT} bytes and each array \
+             {BYTES_PER_ARRAY} against {allowed} (the limit, {max_bytes} bytes, or \
+             {MIN_OBJECTS} objects at least)"
+        )
+    })
+}
+
+/// Most characters of a parse error a `BadRequest` quotes: serde's text
+/// quotes a value it did not expect whole (a 4 MiB string given for
+/// `args`), which the reply would carry back several times its size.
+const PARSE_ERROR_CHARS: usize = 300;
+
+/// A parse error's `text` cut to [`PARSE_ERROR_CHARS`] characters, saying
+/// so and where in the body the error is.
+fn cut(mut text: String, line: usize, column: usize) -> String {
+    if let Some((at, _)) = text.char_indices().nth(PARSE_ERROR_CHARS) {
+        let left = text[at..].chars().count();
+        text.truncate(at);
+        text.push_str(&format!(
+            "… ({left} characters more) at line {line} column {column}"
+        ));
+    }
+    text
 }
 
 impl Request {
@@ -287,24 +352,19 @@ impl Request {
                 format!("request body is not UTF-8: {e}"),
             )
         })?;
-        // A JSON object takes about 700 bytes once parsed, from as few as
-        // 2 of text: a request of tiny objects would take about 90 times
-        // its size (350 MB for 4 MiB) before any argument is checked.
-        let objects = count_objects(text);
-        let most = (max_bytes / BYTES_PER_OBJECT).max(MIN_OBJECTS);
-        if objects > most {
+        if let Some(refusal) = too_many_containers(text, max_bytes) {
             return Err(RemoteError::new(
                 ErrorKind::BadRequest,
-                format!(
-                    "request body holds {objects} JSON objects, the limit is {most} \
-                     (one per {BYTES_PER_OBJECT} bytes of the {max_bytes}-byte request limit)"
-                ),
+                format!("request body {refusal}"),
             ));
         }
         serde_json::from_str(text).map_err(|e| {
             RemoteError::new(
                 ErrorKind::BadRequest,
-                format!("request body is not a valid request: {e}"),
+                format!(
+                    "request body is not a valid request: {}",
+                    cut(e.to_string(), e.line(), e.column())
+                ),
             )
         })
     }
@@ -421,6 +481,28 @@ impl Response {
         serde_json::from_slice(body)
     }
 
+    /// Decodes a response body of at most `max_bytes`, held to the JSON
+    /// objects and arrays a request of that size may hold (see
+    /// [`Request::decode`]): what a server can make its caller take in
+    /// memory.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong with the body, for a person.
+    pub fn decode_within(body: &[u8], max_bytes: usize) -> Result<Response, String> {
+        if body.len() > max_bytes {
+            return Err(format!(
+                "the reply is {} bytes, the limit is {max_bytes}",
+                body.len()
+            ));
+        }
+        let text = std::str::from_utf8(body).map_err(|e| format!("the reply is not UTF-8: {e}"))?;
+        if let Some(refusal) = too_many_containers(text, max_bytes) {
+            return Err(format!("the reply {refusal}"));
+        }
+        serde_json::from_str(text).map_err(|e| cut(e.to_string(), e.line(), e.column()))
+    }
+
     /// The response as a `Result`.
     pub fn into_result(self) -> Result<Value, RemoteError> {
         match self {
@@ -444,7 +526,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_request_of_more_objects_than_its_size_allows_is_refused_unparsed() {
+    fn a_request_of_more_objects_or_arrays_than_its_size_allows_is_refused_unparsed() {
         let max = 4 << 20;
         let tiny = vec![r#"{"a":0}"#; 200_000].join(",");
         let body = format!(r#"{{"func":"f","args":[[{tiny}]]}}"#);
@@ -453,19 +535,34 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::BadRequest);
         assert!(
             e.message
-                .contains("200001 JSON objects, the limit is 131072"),
+                .contains("200001 JSON objects and 2 arrays, more than its size limit allows"),
             "{}",
             e.message
         );
+        // Arrays count a quarter of an object each: 600,000 of `[0]`
+        // (2.4 MB) are too many, 500,000 are not.
+        for (n, ok) in [(600_000, false), (500_000, true)] {
+            let tiny = vec!["[0]"; n].join(",");
+            let body = format!(r#"{{"func":"f","args":[{tiny}]}}"#);
+            assert_eq!(
+                Request::decode(body.as_bytes(), max).is_ok(),
+                ok,
+                "{n} arrays"
+            );
+        }
         // Braces in strings (escaped quotes among them) are no objects.
         let text = vec![r#""{\"{""#; 200_000].join(",");
         let body = format!(r#"{{"func":"f","args":[[{text}]]}}"#);
         let r = Request::decode(body.as_bytes(), max).unwrap();
         assert_eq!(r.args.args[0].as_array().map(Vec::len), Some(200_000));
-        // As many as the limit allows are read.
-        let allowed = vec!["{}"; 131_071].join(",");
+        // As many as the limit allows are read (with the request's own
+        // object and its two arrays, a quarter of an object each), and
+        // not one object more.
+        let allowed = vec!["{}"; 131_070].join(",");
         let body = format!(r#"{{"func":"f","args":[[{allowed}]]}}"#);
         assert!(Request::decode(body.as_bytes(), max).is_ok());
+        let body = format!(r#"{{"func":"f","args":[[{allowed},{{}}]]}}"#);
+        assert!(Request::decode(body.as_bytes(), max).is_err());
     }
     use serde_json::json;
 
@@ -565,8 +662,51 @@ mod tests {
             let e = Request::decode(body, 1024).unwrap_err();
             assert_eq!(e.kind, ErrorKind::BadRequest, "{body:?}");
         }
+        // A key given twice, in the request or anywhere in its arguments,
+        // is refused rather than read as one of the two.
+        for (body, said) in [
+            (&br#"{"func":"f","func":"g"}"#[..], "`func` is given twice"),
+            (
+                br#"{"func":"f","args":[1],"args":[2]}"#,
+                "`args` is given twice",
+            ),
+            (
+                br#"{"kwargs":{},"func":"f","kwargs":{}}"#,
+                "`kwargs` is given twice",
+            ),
+            (
+                br#"{"func":"f","kwargs":{"a":1,"a":1}}"#,
+                "`a` is given twice",
+            ),
+            (
+                br#"{"func":"f","args":[[{"r":{"x":1,"x":2}}]]}"#,
+                "`x` is given twice",
+            ),
+        ] {
+            let e = Request::decode(body, 1024).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{body:?}");
+            assert!(e.message.contains(said), "{body:?}: {}", e.message);
+        }
+        let r = Request::decode(
+            br#"{"kwargs":{"a":{"x":1}},"func":"f","args":[{"x":2}]}"#,
+            1024,
+        )
+        .unwrap();
+        assert_eq!(r.args.kwargs["a"], json!({"x": 1}));
+        assert_eq!(r.args.args, vec![json!({"x": 2})]);
         let e = Request::decode(&[b' '; 2000], 1024).unwrap_err();
         assert!(e.message.contains("limit"));
+        // A value quoted by the parser's error is cut short: the reply
+        // never carries the request back, escaped several times over.
+        let body = format!(r#"{{"func":"f","args":"{}"}}"#, "\u{80}".repeat(100_000));
+        let e = Request::decode(body.as_bytes(), 1 << 20).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert!(e.message.len() < 1000, "{} bytes", e.message.len());
+        assert!(
+            e.message.contains("characters more) at line 1 column"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

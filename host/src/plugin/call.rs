@@ -23,7 +23,7 @@ use super::instances::{Instances, Sandbox};
 use super::output::{LOG_RECORD_BYTES, one_line};
 use super::sandbox::CallState;
 use super::trap::classify;
-use super::value::{Budget, placeholder, to_json};
+use super::value::{Budget, json_string_bytes, placeholder, to_json};
 use crate::protocol::Args;
 use crate::{PluginError, observe};
 
@@ -255,7 +255,9 @@ fn results_json(export: &Export, results: &[Val], cap: usize) -> Result<Value, P
                     other => other.to_string(),
                 };
                 // The reply holds it twice: as the message and as the data.
-                budget.spend(message.len()).map_err(too_large)?;
+                budget
+                    .spend(json_string_bytes(&message))
+                    .map_err(too_large)?;
                 Err(PluginError::GuestError {
                     message,
                     payload: data,

@@ -369,6 +369,20 @@ pub(crate) fn json_string_bytes(s: &str) -> usize {
         .sum::<usize>()
 }
 
+/// The bytes of `key` as an object's key: the JSON string and its `:`.
+/// (The braces and the comma after the entry are the value's own
+/// [`VALUE_BYTES`].)
+fn key_bytes(key: &str) -> usize {
+    json_string_bytes(key) + 1
+}
+
+/// The `null` of a case without a payload (`{"ok":null}`), which has no
+/// value of its own to be counted.
+fn null(budget: &mut Budget) -> Result<Value, TooLarge> {
+    budget.spend(4)?;
+    Ok(Value::Null)
+}
+
 /// Least host memory a guest may have the host take from it at once.
 const MIN_LIFT_BYTES: usize = 16 << 20;
 
@@ -442,7 +456,7 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
                 let mut obj = Map::new();
                 for (k, v) in pairs {
                     if let Val::String(k) = k {
-                        budget.spend(k.len())?;
+                        budget.spend(key_bytes(k))?;
                         obj.insert(k.clone(), to_json(&vt, v, budget)?);
                     }
                 }
@@ -468,7 +482,7 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
         (Type::Record(r), Val::Record(fields)) => {
             let mut obj = Map::new();
             for (field, (name, v)) in r.fields().zip(fields) {
-                budget.spend(name.len())?;
+                budget.spend(key_bytes(name))?;
                 obj.insert(name.clone(), to_json(&field.ty, v, budget)?);
             }
             Value::Object(obj)
@@ -477,15 +491,15 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
             let case_ty = var.cases().find(|c| c.name == name).and_then(|c| c.ty);
             let inner = match (case_ty, payload) {
                 (Some(t), Some(p)) => to_json(&t, p, budget)?,
-                _ => Value::Null,
+                _ => null(budget)?,
             };
-            budget.spend(name.len())?;
+            budget.spend(key_bytes(name))?;
             let mut obj = Map::new();
             obj.insert(name.clone(), inner);
             Value::Object(obj)
         }
         (_, Val::Enum(name)) => {
-            budget.spend(name.len())?;
+            budget.spend(json_string_bytes(name))?;
             Value::String(name.clone())
         }
         (Type::Flags(flags), Val::Flags(set)) => {
@@ -502,6 +516,7 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
             let inner = o.ty();
             let json = to_json(&inner, v, budget)?;
             if can_be_null(&inner) {
+                budget.spend(key_bytes("some"))?;
                 let mut obj = Map::new();
                 obj.insert("some".into(), json);
                 Value::Object(obj)
@@ -516,8 +531,9 @@ pub(crate) fn to_json(ty: &Type, val: &Val, budget: &mut Budget) -> Result<Value
             };
             let inner = match (side, payload) {
                 (Some(t), Some(p)) => to_json(&t, p, budget)?,
-                _ => Value::Null,
+                _ => null(budget)?,
             };
+            budget.spend(key_bytes(name))?;
             let mut obj = Map::new();
             obj.insert(name.into(), inner);
             Value::Object(obj)

@@ -151,6 +151,12 @@ struct Inner {
     publisher: Publisher,
     pending: Arc<Pending>,
     timeout: Duration,
+    /// The largest reply taken, held to the JSON objects and arrays a
+    /// request of that size may hold: set for the calls a server's plugins
+    /// make, where any server they call could otherwise make the host
+    /// parse a reply of the broker's largest message size. A program's
+    /// own proxy takes what its servers send.
+    reply_limit: Option<usize>,
     /// Where calls are counted, once the program gives a registry.
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<crate::observe::ClientMetrics>,
@@ -179,7 +185,7 @@ impl Proxy {
         let user = options.user(&uri);
         let link = Link::connect(options, "callme proxy").await?;
         let (conn, state) = (link.current(), link.subscribe());
-        let proxy = Proxy::start(link, conn, state, &user, timeout).await?;
+        let proxy = Proxy::start(link, conn, state, &user, timeout, None).await?;
         debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %proxy.reply_exchange(), "proxy ready");
         Ok(proxy)
     }
@@ -189,7 +195,8 @@ impl Proxy {
     #[cfg(feature = "server")]
     pub(crate) async fn over(link: Link, user: &str, timeout: Duration) -> Result<Proxy, Error> {
         let (conn, state) = (link.current(), link.subscribe());
-        Proxy::start(link, conn, state, user, timeout).await
+        let limit = Some(crate::protocol::DEFAULT_MAX_REQUEST_BYTES);
+        Proxy::start(link, conn, state, user, timeout, limit).await
     }
 
     /// Declares the reply queue on `conn`, the link's connection, and
@@ -200,6 +207,7 @@ impl Proxy {
         state: watch::Receiver<State>,
         user: &str,
         timeout: Duration,
+        reply_limit: Option<usize>,
     ) -> Result<Proxy, Error> {
         // AMQP names are at most 255 bytes; the reply queue's name carries
         // the user's.
@@ -234,6 +242,7 @@ impl Proxy {
                 publisher: Publisher::new(PUBLISH_LANES),
                 pending,
                 timeout,
+                reply_limit,
                 #[cfg(feature = "metrics")]
                 metrics: std::sync::OnceLock::new(),
             }),
@@ -477,7 +486,7 @@ impl Proxy {
                     }
                     reply = &mut rx => {
                         return match reply {
-                            Ok(body) => Attempt::Done(replies::read(&body).into_result().map_err(Error::Remote)),
+                            Ok(body) => Attempt::Done(replies::read(&body, self.inner.reply_limit).into_result().map_err(Error::Remote)),
                             Err(_) => Attempt::Lost(Error::Disconnected(
                                 "the connection to the broker was lost before the reply came".into(),
                             )),

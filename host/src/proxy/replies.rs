@@ -227,10 +227,15 @@ impl Replies {
     }
 }
 
-/// A reply's body read as a response; one that is none, an `Internal`
-/// error saying so.
-pub(super) fn read(body: &[u8]) -> Response {
-    Response::decode(body).unwrap_or_else(|e| {
+/// A reply's body read as a response, of at most `limit` bytes if given
+/// (see [`Response::decode_within`]); one that is none, or over the
+/// limit, an `Internal` error saying so.
+pub(super) fn read(body: &[u8], limit: Option<usize>) -> Response {
+    let response = match limit {
+        Some(max) => Response::decode_within(body, max),
+        None => Response::decode(body).map_err(|e| e.to_string()),
+    };
+    response.unwrap_or_else(|e| {
         Response::Error(RemoteError::new(
             ErrorKind::Internal,
             format!("malformed reply: {e}"),
