@@ -861,6 +861,8 @@ async fn serve_takes_its_settings_from_the_environment() {
         .env("CALLME_METRICS_ADDR", format!("127.0.0.1:{port}"))
         .env("CALLME_MAX_INSTANCES", "7")
         .env("CALLME_NO_PIPELINED_REPLIES", "1")
+        .env("CALLME_DELIVERY_LIMIT", "9")
+        .env("CALLME_GRACE", "7")
         .env(
             "CALLME_CACHE_DIR",
             callme_tests::target_dir().join("test-cache"),
@@ -898,6 +900,8 @@ async fn serve_takes_its_settings_from_the_environment() {
         "max_instances=7",
         "concurrency=3",
         "replies are not pipelined (turned off)",
+        "delivery_limit=9",
+        "grace=7s",
     ] {
         assert!(said.contains(setting), "{setting}: {said}");
     }

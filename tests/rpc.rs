@@ -721,6 +721,19 @@ async fn a_deadline_longer_than_a_broker_allows_is_for_local_calls_only() {
         }
         other => panic!("served with a 2 h deadline: {other:?}"),
     }
+    // 30 minutes, the broker's own default, is served.
+    let at_limit = PluginSettings {
+        limits: callme::Limits {
+            deadline: Duration::from_secs(30 * 60),
+            ..callme::Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let id = unique("limit-deadline");
+    s.serve_plugin(load("calc", &id, at_limit)).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let v: i64 = p.use_server(&id).invoke("add", (2, 2)).await.unwrap();
+    assert_eq!(v, 4);
     let out = tokio::task::spawn_blocking(|| {
         std::process::Command::new(callme_tests::callme_bin())
             .args([

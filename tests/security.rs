@@ -134,6 +134,34 @@ fn a_ca_file_is_the_only_ca_trusted() {
     );
 }
 
+/// A client certificate given with a key that is not its own is refused
+/// before anything is sent, naming both files.
+#[tokio::test]
+async fn a_client_certificate_with_a_key_not_its_own_is_refused_naming_both() {
+    let opts = ConnectOptions {
+        ca_file: Some(tls_dir().join("ca.pem")),
+        cert_file: Some(tls_dir().join("client.pem")),
+        key_file: Some(tls_dir().join("server.key")),
+        ..ConnectOptions::new(format!(
+            "amqps://localhost:{}/%2f?auth_mechanism=external",
+            amqps_port()
+        ))
+    };
+    let e = Proxy::connect_with(&opts, Duration::from_secs(5))
+        .await
+        .err()
+        .expect("a key that is not the certificate's");
+    let Error::Config(message) = &e else {
+        panic!("expected a Config error, got {e:?}");
+    };
+    assert!(
+        message.contains("client.pem")
+            && message.contains("server.key")
+            && message.contains("cannot be used together"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn tls_without_the_ca_is_refused() {
     let opts = ConnectOptions::new(format!(

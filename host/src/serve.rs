@@ -62,6 +62,8 @@ impl Host {
             plugins = count,
             cache_hits = hits,
             cache_misses = misses,
+            delivery_limit = options.server.delivery_limit,
+            grace = ?options.grace,
             elapsed = ?started.elapsed(),
             "ready"
         );

@@ -198,13 +198,30 @@ impl ConnectOptions {
             Some(roots) => RustlsConnectorConfig::default().with_parsable_certificates(roots),
             None => RustlsConnectorConfig::new_with_platform_verifier(),
         };
-        let connector = match files.identity {
-            Some((chain, key)) => config.connector_with_single_cert(chain, key),
-            None => config.connector_with_no_client_auth(),
+        // The files are named (as given), never quoted.
+        let shown = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or(String::new(), |p| p.display().to_string())
         };
-        connector
-            .map(Some)
-            .map_err(|e| Error::Config(format!("the TLS files cannot be used: {e}")))
+        let connector = match files.identity {
+            Some((chain, key)) => config.connector_with_single_cert(chain, key).map_err(|e| {
+                format!(
+                    "the client certificate {} and the key {} cannot be used together \
+                     (is the key the certificate's own?): {e}",
+                    shown(&self.cert_file),
+                    shown(&self.key_file)
+                )
+            }),
+            None => config
+                .connector_with_no_client_auth()
+                .map_err(|e| format!("the TLS settings cannot be used: {e}")),
+        };
+        connector.map(Some).map_err(|e| {
+            Error::Config(match &self.ca_file {
+                Some(ca) => format!("{e} (CA file {})", ca.display()),
+                None => e,
+            })
+        })
     }
 
     /// The TLS files, read as the TLS library will read them.
