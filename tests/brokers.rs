@@ -1086,3 +1086,52 @@ async fn a_plugin_refused_for_its_queue_is_served_after_a_touch_once_that_is_fix
         .expect("the plugin's queue");
     assert!(durable && arguments.contains("quorum"), "{arguments}");
 }
+
+/// The queue-length policy of deploy.md ("A bound on each server's
+/// queue") on a served id: with one call running and one waiting, a third
+/// is refused by the broker at once (`Rejected`), and the first two are
+/// answered. RabbitMQ counts only ready messages against `max-length`
+/// ("Queue Length Limit" guide).
+#[tokio::test]
+async fn a_queue_length_policy_refuses_requests_past_it_at_once() {
+    let id = unique("bounded");
+    let policy = format!("callme-test-{id}");
+    broker_ctl(&[
+        "set_policy",
+        &policy,
+        &format!("^{}$", server_queue(&id).replace('.', "\\.")),
+        r#"{"max-length": 1, "overflow": "reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let host = callme_tests::server(ServerOptions {
+        concurrency: 1,
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut f = NativeFunctions::new();
+    f.register("slow", "func() -> u32", |_: Args| {
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(json!(1))
+    });
+    host.serve_native(&id, f).await.unwrap();
+    let p = proxy(Duration::from_secs(20)).await;
+    let call = || {
+        let s = p.use_server(&id);
+        tokio::spawn(async move { s.call("slow", Args::default()).await })
+    };
+    let running = call();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let waiting = call();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let refused = p.use_server(&id).call("slow", Args::default()).await;
+    broker_ctl(&["clear_policy", &policy]);
+    assert!(
+        matches!(refused, Err(Error::Rejected { .. })),
+        "{refused:?}"
+    );
+    for c in [running, waiting] {
+        assert_eq!(c.await.unwrap().unwrap(), json!(1));
+    }
+    host.shutdown(Duration::from_secs(5)).await;
+}
