@@ -18,6 +18,7 @@ import pytest
 
 import callme_client as callme
 import callme_client.link as callme_link
+import callme_client.proxy as callme_proxy
 import callme_client.publisher as callme_publisher
 from conftest import BrokerUser, Forwarder, Host, close_connection, rabbitmqctl, url_for
 
@@ -201,11 +202,17 @@ def test_the_reply_queue_is_named_anew_for_each_connection(
         assert after.replace("_ex_", "_queue_", 1) in queues
 
 
-def test_a_call_made_while_the_broker_is_away_waits_for_it(amqp_url: str, host: Host) -> None:
+@pytest.mark.parametrize("idle_tick", ["as shipped", "never while the test runs"])
+def test_a_call_made_while_the_broker_is_away_waits_for_it(
+    amqp_url: str, host: Host, idle_tick: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A call made while the proxy reconnects waits for the connection,
     within its own timeout, and is answered: the broker (a forwarder) goes
     away, a call is made 0.3 s later, and the broker is back 1.5 s after
-    that."""
+    that. Whether the proxy's idle tick has seen the loss by then, or (its
+    tick put off) the call must see it itself before it is sent."""
+    if idle_tick != "as shipped":
+        monkeypatch.setattr(callme_proxy, "IDLE_TICK", 60.0)
     node = Forwarder(amqp_url)
     try:
         with callme.Proxy(node.url, timeout=10) as proxy:
