@@ -1135,3 +1135,40 @@ async fn a_queue_length_policy_refuses_requests_past_it_at_once() {
     }
     host.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A proxy whose connection drops again and again, a second or so apart,
+/// answers calls again as soon as it is back each time: its reply
+/// consumer waits for the next connection, not for a backoff of its own
+/// that grew with each drop (3 s after the sixth, so a call with a 2 s
+/// timeout made then failed though the broker was up).
+#[tokio::test]
+async fn a_proxy_that_loses_its_connection_often_is_back_as_soon_as_it_is() {
+    let s = server(ServerOptions::default()).await;
+    let id = unique("flapping");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let mut node = Forwarder::start().await;
+    let port = node.port();
+    let p = callme::Proxy::connect_with(
+        &callme::ConnectOptions::new(node.url()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    answers_add(&p, &id, 0).await;
+    for round in 1..=7 {
+        node.cut();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        node = Forwarder::on(port).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sum = p
+            .use_server(&id)
+            .with_timeout(Duration::from_secs(2))
+            .invoke::<_, i64>("add", (round, 1))
+            .await;
+        assert_eq!(
+            sum.as_ref().ok(),
+            Some(&(round + 1)),
+            "after drop {round}: {sum:?}"
+        );
+    }
+}

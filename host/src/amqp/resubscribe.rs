@@ -68,10 +68,16 @@ pub(crate) async fn run<S: Subscription>(
     let mut current = Some(first);
     let mut attempt = 0;
     loop {
+        // A consumer that ended with its connection waits for the next
+        // connection only: the link backs off between connections, and
+        // counting its losses here too would keep a consumer away for
+        // seconds after each of a few quick reconnections.
+        let mut with_its_connection = false;
         if let Some((conn, channel, consumer)) = current.take() {
             let since = Instant::now();
             subscription.consume(&conn, &channel, consumer).await;
-            if since.elapsed() >= STEADY_AFTER {
+            with_its_connection = !conn.status().connected();
+            if since.elapsed() >= STEADY_AFTER || with_its_connection {
                 attempt = 0;
             }
         }
@@ -79,9 +85,11 @@ pub(crate) async fn run<S: Subscription>(
             debug!(target: "callme::amqp", what = %subscription.what(), "consumer ended");
             return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(link::backoff(attempt)) => {}
-            _ = subscription.gone() => return,
+        if !with_its_connection {
+            tokio::select! {
+                _ = tokio::time::sleep(link::backoff(attempt)) => {}
+                _ = subscription.gone() => return,
+            }
         }
         attempt += 1;
         let mut own = subscription.own_link();
