@@ -842,6 +842,18 @@ async fn a_request_the_broker_refuses_is_sent_again_with_retry() {
         matches!(refused, Err(Error::Rejected { .. })),
         "{refused:?}"
     );
+    // Sent again and refused until its time is up, it ends with the
+    // refusal, not a timeout of its own.
+    let retried = p
+        .use_server(&id)
+        .with_retry(true)
+        .with_timeout(Duration::from_millis(1500))
+        .call("add", pos(json!([1, 2])))
+        .await;
+    assert!(
+        matches!(retried, Err(Error::Rejected { .. })),
+        "{retried:?}"
+    );
 
     let call = {
         let sp = p.use_server(&id).with_retry(true);

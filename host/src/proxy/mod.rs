@@ -115,6 +115,11 @@ enum Attempt {
 /// The pause before a call is sent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// The longest pause between two tries of one call: the pause doubles
+/// with each try, so a broker refusing the request (a queue at its length
+/// limit, deploy.md) gets a few tries a second from it, not twenty.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
 /// Requests one proxy has on their way to the broker at once (each on a
 /// channel of its own until confirmed); more wait for a free channel.
 const PUBLISH_LANES: usize = 64;
@@ -399,6 +404,7 @@ impl Proxy {
             deadline,
             timeout,
         };
+        let mut pause = RETRY_PAUSE;
         loop {
             match self.attempt(&call).await {
                 Attempt::Done(outcome) => return self.ended(server, func, outcome, started),
@@ -406,11 +412,18 @@ impl Proxy {
                     if !options.retry || tokio::time::Instant::now() >= deadline {
                         return self.ended(server, func, Err(e), started);
                     }
-                    debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, "sending again");
+                    debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, ?pause, "sending again");
                     // Give the link a moment to notice a dead connection,
-                    // within the call's time.
-                    let pause = tokio::time::Instant::now() + RETRY_PAUSE;
-                    tokio::time::sleep_until(pause.min(deadline)).await;
+                    // and a broker refusing the request (a full queue) a
+                    // longer one each time, within the call's time.
+                    tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline))
+                        .await;
+                    pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                    // Out of time while pausing: the call ends with what
+                    // it was lost to, not a timeout of its own.
+                    if tokio::time::Instant::now() >= deadline {
+                        return self.ended(server, func, Err(e), started);
+                    }
                 }
             }
         }
