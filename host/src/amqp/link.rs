@@ -136,14 +136,12 @@ impl Link {
     }
 
     /// Closes the connection and stops reconnecting.
-    #[cfg(feature = "server")]
     pub(crate) async fn close(&self) {
         let _ = self.stop.send(true);
         self.closed().await;
     }
 
     /// Resolves when the link is closed for good.
-    #[cfg(feature = "server")]
     pub(crate) async fn closed(&self) {
         let mut state = self.state.clone();
         let _ = state.wait_for(|s| matches!(s, State::Closed)).await;

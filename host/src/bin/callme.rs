@@ -750,7 +750,12 @@ where
         }
     };
     let left = timeout.saturating_sub(started.elapsed());
-    match f(proxy, left).await {
+    let closing = proxy.clone();
+    let outcome = f(proxy, left).await;
+    // Closed with the broker's word: cut, it would log each command as a
+    // client gone without closing its connection.
+    let _ = tokio::time::timeout(Duration::from_secs(2), closing.close()).await;
+    match outcome {
         Ok(v) if pretty => {
             println!("{v:#}");
             ExitCode::SUCCESS

@@ -20,19 +20,30 @@ pub struct BlockingProxy {
     proxy: Option<Proxy>,
 }
 
+/// How long a dropped [`BlockingProxy`] waits for the broker to take the
+/// close of its connection.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for BlockingProxy {
     fn drop(&mut self) {
         let proxy = self.proxy.take();
         if let Some(runtime) = self.runtime.take() {
-            {
-                let _inside = runtime.enter();
-                drop(proxy);
-            }
             if tokio::runtime::Handle::try_current().is_ok() {
-                // Async code may not block on a runtime's end.
+                // Async code may not block: the connection is dropped, and
+                // the runtime ends without waiting.
+                {
+                    let _inside = runtime.enter();
+                    drop(proxy);
+                }
                 runtime.shutdown_background();
             } else {
-                runtime.shutdown_timeout(Duration::from_secs(2));
+                if let Some(proxy) = proxy {
+                    // Closed with the broker's word, not cut.
+                    runtime.block_on(async {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, proxy.close()).await;
+                    });
+                }
+                runtime.shutdown_timeout(CLOSE_WAIT);
             }
         }
     }

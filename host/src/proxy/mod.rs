@@ -140,13 +140,6 @@ pub struct Proxy {
 struct Inner {
     /// Its connection, which closes when the proxy is dropped (or when a
     /// server owning it closes it, `Proxy::close`).
-    #[cfg_attr(
-        not(feature = "server"),
-        allow(
-            dead_code,
-            reason = "held for its connection; only a server closes it early"
-        )
-    )]
     link: Link,
     /// The connection the reply queue is consumed on, while there is one,
     /// and the reply names declared on it.
@@ -293,10 +286,13 @@ impl Proxy {
         outcome
     }
 
-    /// Closes its connection now (its owner is shutting down); calls made
-    /// after fail.
-    #[cfg(feature = "server")]
-    pub(crate) async fn close(&self) {
+    /// Closes its connection now, telling the broker (which otherwise logs
+    /// a connection closed under it), and stops reconnecting; calls still
+    /// waiting fail with [`Error::Disconnected`], calls made after with
+    /// [`Error::BrokerLost`]. Every clone shares the connection, so it is
+    /// closed for them too. Dropping the last clone closes it as well,
+    /// without waiting for the broker's word.
+    pub async fn close(&self) {
         self.inner.link.close().await;
     }
 
