@@ -1309,6 +1309,47 @@ async fn the_result_cap_counts_the_json_a_result_becomes() {
     );
 }
 
+/// A record type of 1,000 optional fields makes each `{}` of a request
+/// 2,000 values on the host: a request of 3,000 of them (9 KB) would have
+/// been 6 million values (over 500 MB) before any limit applied. The
+/// values one call's arguments make are bounded, an absent optional field
+/// counting two.
+#[tokio::test]
+async fn absent_optional_fields_cannot_make_a_small_request_huge() {
+    let p = from_text(&sparse_records(1000), "sparse", Limits::default());
+    let few = vec![json!({}); 3];
+    assert_eq!(p.call("f", &pos(json!([few]))).await.unwrap(), json!(3));
+    let many = vec![json!({}); 3000];
+    match p.call("f", &pos(json!([many]))).await {
+        Err(PluginError::InvalidArguments { message }) => {
+            assert!(message.contains("make more than 4194304 values"), "{message}")
+        }
+        other => panic!("3,000 empty records of 1,000 optional fields: {other:?}"),
+    }
+}
+
+/// A component whose `f` takes a list of records of `n` `option<u8>`
+/// fields and returns how many it got.
+fn sparse_records(n: usize) -> String {
+    let fields: String = (0..n).map(|i| format!(" (field \"f{i}\" (option u8))")).collect();
+    format!(
+        r#"
+(component
+  (core module $m
+    (memory (export "mem") 1)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "f") (param i32 i32) (result i32) (local.get 1)))
+  (core instance $i (instantiate $m))
+  (type $r (record{fields}))
+  (export $r2 "r" (type $r))
+  (type $l (list $r2))
+  (func (export "f") (param "xs" $l) (result u32)
+    (canon lift (core func $i "f") (memory (core memory $i "mem"))
+      (realloc (core func $i "realloc")))))
+"#
+    )
+}
+
 /// A component whose `f` returns a `list<result>` of `n` `ok`s.
 fn payloadless_results(n: u8) -> String {
     format!(

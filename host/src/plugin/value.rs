@@ -6,6 +6,8 @@
 //! `char` is one scalar, records must have exactly their fields. Errors name
 //! the path to the offending value (`p.label`, `xs[3]`) and the expected type.
 
+use std::fmt;
+
 use serde_json::{Map, Number, Value};
 use wasmtime::component::{Type, Val};
 
@@ -20,7 +22,7 @@ pub(crate) struct Mismatch {
     pub message: String,
 }
 
-fn mismatch(path: &str, ty: &Type, got: &Value) -> Mismatch {
+fn mismatch(path: &Path<'_>, ty: &Type, got: &Value) -> Mismatch {
     Mismatch {
         path: path.to_string(),
         message: format!("expected {}, got {}", type_name(ty), describe_json(got)),
@@ -43,8 +45,58 @@ fn can_be_null(ty: &Type) -> bool {
     matches!(ty, Type::Option(_))
 }
 
-/// Converts JSON to a value of type `ty`.
+/// Where a value is in the arguments (`p.label`, `xs[3]`): made into text
+/// only for an error, so binding allocates nothing for it.
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root(&'a str),
+    Index(&'a Path<'a>, usize),
+    Field(&'a Path<'a>, &'a str),
+}
+
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Root(name) => f.write_str(name),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+            Path::Field(parent, name) => write!(f, "{parent}.{name}"),
+        }
+    }
+}
+
+/// Most values one call's arguments may become, an absent optional field
+/// counting two (its `none` and its name): twice what a 4 MiB request of
+/// small numbers makes. A record type of many optional fields would
+/// otherwise make each `{}` in a request thousands of values.
+pub(crate) const MAX_BOUND_VALUES: usize = 1 << 22;
+
+/// Values made so far for one call's arguments.
+#[derive(Default)]
+struct Made(usize);
+
+impl Made {
+    fn add(&mut self, values: usize, path: &Path<'_>) -> Result<(), Mismatch> {
+        self.0 += values;
+        if self.0 > MAX_BOUND_VALUES {
+            return Err(Mismatch {
+                path: path.to_string(),
+                message: format!(
+                    "the arguments make more than {MAX_BOUND_VALUES} values \
+                     (an absent optional field counts two)"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Converts JSON to a value of type `ty`, `path` naming it in errors.
 pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mismatch> {
+    bind(ty, json, &Path::Root(path), &mut Made::default())
+}
+
+fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val, Mismatch> {
+    made.add(1, path)?;
     let err = || mismatch(path, ty, json);
     Ok(match ty {
         Type::Bool => Val::Bool(json.as_bool().ok_or_else(err)?),
@@ -113,13 +165,11 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
         Type::List(list) => {
             let items = json.as_array().ok_or_else(err)?;
             let elem = list.ty();
-            Val::List(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| from_json(&elem, v, &format!("{path}[{i}]")))
-                    .collect::<Result<_, _>>()?,
-            )
+            let mut out = Vec::with_capacity(items.len());
+            for (i, v) in items.iter().enumerate() {
+                out.push(bind(&elem, v, &Path::Index(path, i), made)?);
+            }
+            Val::List(out)
         }
         Type::FixedLengthList(list) => {
             let items = json.as_array().ok_or_else(err)?;
@@ -127,13 +177,11 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
                 return Err(err());
             }
             let elem = list.ty();
-            Val::FixedLengthList(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| from_json(&elem, v, &format!("{path}[{i}]")))
-                    .collect::<Result<_, _>>()?,
-            )
+            let mut out = Vec::with_capacity(items.len());
+            for (i, v) in items.iter().enumerate() {
+                out.push(bind(&elem, v, &Path::Index(path, i), made)?);
+            }
+            Val::FixedLengthList(out)
         }
         Type::Map(map) => {
             let (kt, vt) = (map.key(), map.value());
@@ -141,23 +189,24 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
             match json {
                 Value::Object(obj) if kt == Type::String => {
                     for (k, v) in obj {
+                        made.add(1, path)?;
                         out.push((
                             Val::String(k.clone()),
-                            from_json(&vt, v, &format!("{path}.{k}"))?,
+                            bind(&vt, v, &Path::Field(path, k), made)?,
                         ));
                     }
                 }
                 Value::Array(pairs) => {
                     for (i, pair) in pairs.iter().enumerate() {
-                        let p = format!("{path}[{i}]");
+                        let p = Path::Index(path, i);
                         match pair.as_array().map(Vec::as_slice) {
                             Some([k, v]) => out.push((
-                                from_json(&kt, k, &format!("{p}[0]"))?,
-                                from_json(&vt, v, &format!("{p}[1]"))?,
+                                bind(&kt, k, &Path::Index(&p, 0), made)?,
+                                bind(&vt, v, &Path::Index(&p, 1), made)?,
                             )),
                             _ => {
                                 return Err(Mismatch {
-                                    path: p,
+                                    path: p.to_string(),
                                     message: format!(
                                         "expected a [key, value] pair, got {}",
                                         describe_json(pair)
@@ -177,30 +226,28 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
             if items.len() != types.len() {
                 return Err(err());
             }
-            Val::Tuple(
-                types
-                    .iter()
-                    .zip(items)
-                    .enumerate()
-                    .map(|(i, (t, v))| from_json(t, v, &format!("{path}[{i}]")))
-                    .collect::<Result<_, _>>()?,
-            )
+            let mut out = Vec::with_capacity(items.len());
+            for (i, (t, v)) in types.iter().zip(items).enumerate() {
+                out.push(bind(t, v, &Path::Index(path, i), made)?);
+            }
+            Val::Tuple(out)
         }
         Type::Record(record) => {
             let obj = json.as_object().ok_or_else(err)?;
             let mut fields = Vec::new();
             for field in record.fields() {
-                let p = format!("{path}.{}", field.name);
+                let p = Path::Field(path, field.name);
                 match obj.get(field.name) {
-                    Some(v) => fields.push((field.name.to_string(), from_json(&field.ty, v, &p)?)),
+                    Some(v) => fields.push((field.name.to_string(), bind(&field.ty, v, &p, made)?)),
                     // An absent optional field is `none`: records grow
                     // optional fields without breaking old callers.
                     None if matches!(field.ty, Type::Option(_)) => {
+                        made.add(2, &p)?;
                         fields.push((field.name.to_string(), Val::Option(None)))
                     }
                     None => {
                         return Err(Mismatch {
-                            path: p,
+                            path: p.to_string(),
                             message: format!("missing field of type {}", type_name(&field.ty)),
                         });
                     }
@@ -211,7 +258,7 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
                 .find(|k| !record.fields().any(|f| f.name == k.as_str()))
             {
                 return Err(Mismatch {
-                    path: format!("{path}.{extra}"),
+                    path: Path::Field(path, extra).to_string(),
                     message: format!("unknown field for {}", type_name(ty)),
                 });
             }
@@ -228,7 +275,7 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
                 })?;
             let payload = match (&case.ty, payload) {
                 (None, None | Some(Value::Null)) => None,
-                (Some(t), Some(v)) => Some(Box::new(from_json(t, v, &format!("{path}.{name}"))?)),
+                (Some(t), Some(v)) => Some(Box::new(bind(t, v, &Path::Field(path, name), made)?)),
                 _ => return Err(err()),
             };
             Val::Variant(name.to_string(), payload)
@@ -264,9 +311,9 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
                 _ if can_be_null(&inner) => {
                     let obj = json.as_object().filter(|o| o.len() == 1).ok_or_else(err)?;
                     let v = obj.get("some").ok_or_else(err)?;
-                    Val::Option(Some(Box::new(from_json(&inner, v, path)?)))
+                    Val::Option(Some(Box::new(bind(&inner, v, path, made)?)))
                 }
-                _ => Val::Option(Some(Box::new(from_json(&inner, json, path)?))),
+                _ => Val::Option(Some(Box::new(bind(&inner, json, path, made)?))),
             }
         }
         Type::Result(result) => {
@@ -278,7 +325,7 @@ pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mism
             };
             let value = match (side, payload) {
                 (None, None | Some(Value::Null)) => None,
-                (Some(t), Some(v)) => Some(Box::new(from_json(&t, v, &format!("{path}.{name}"))?)),
+                (Some(t), Some(v)) => Some(Box::new(bind(&t, v, &Path::Field(path, name), made)?)),
                 _ => return Err(err()),
             };
             Val::Result(if name == "ok" { Ok(value) } else { Err(value) })
