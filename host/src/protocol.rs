@@ -295,7 +295,7 @@ fn count_containers(text: &str) -> (usize, usize) {
 /// text, and an array about 170 from 4: a body of tiny objects would take
 /// about 90 times its size (350 MB for 4 MiB), of tiny arrays about 40
 /// times, before anything in it is checked.
-fn too_many_containers(text: &str, max_bytes: usize) -> Option<String> {
+pub(crate) fn too_many_containers(text: &str, max_bytes: usize) -> Option<String> {
     let (objects, arrays) = count_containers(text);
     let allowed = (max_bytes / BYTES_PER_OBJECT).max(MIN_OBJECTS) * BYTES_PER_OBJECT;
     let used = objects

@@ -39,6 +39,9 @@ use host_bindings::callme::plugin::host::{Host, Level};
 /// a guest that grows one without end.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// Most random bytes a guest gets in one call to `wasi:random`.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
 /// Handles one store may hold in the host's resource table (WASI
 /// streams, pollables, `wasi:http` requests, bodies and headers, ...):
 /// far more than any guest keeps at once (a request in flight takes about
@@ -95,9 +98,11 @@ impl CallState {
             .allow_tcp(false)
             .allow_udp(false)
             // Random bytes are made on the host before the guest gets
-            // them: no more than the guest's memory could hold (wasmtime's
-            // default is 64 MiB whatever the cap).
-            .max_random_size(u64::try_from(memory_bytes).unwrap_or(u64::MAX))
+            // them, and held while they are copied in: at most 1 MiB at
+            // once (wasmtime's default is 64 MiB whatever the cap), which
+            // no guest's source of randomness asks for (wasi-libc's
+            // `getentropy` takes 256 bytes).
+            .max_random_size(MAX_RANDOM_BYTES.min(u64::try_from(memory_bytes).unwrap_or(u64::MAX)))
             .build();
         CallState {
             wasi,

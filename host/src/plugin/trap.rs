@@ -20,6 +20,12 @@ use crate::{PluginError, TimeoutCause};
 /// panic message or an interpreter's traceback.
 const STDERR_LINES: usize = 20;
 
+/// Most characters of wasmtime's own text a `Trap` carries: a failed host
+/// call's text ends in a backtrace of the guest's function names, which
+/// the guest chooses (a name may be 100 KB), and it is sent to the caller
+/// whatever the plugin's result cap.
+const TRAP_MESSAGE_CHARS: usize = 4096;
+
 /// The call ran past its deadline: raised by the epoch callback while
 /// guest code runs (wasmtime unwinds the guest with it), or by the host's
 /// timer when the guest is blocked in a host call, where no guest code
@@ -104,6 +110,13 @@ pub(super) fn classify(
     stderr: &str,
 ) -> PluginError {
     let with_stderr = |mut message: String| {
+        // wasmtime's text of a host call's failure carries a backtrace of
+        // the guest's own function names, as long as the guest makes them.
+        if let Some((at, _)) = message.char_indices().nth(TRAP_MESSAGE_CHARS) {
+            let left = message.len() - at;
+            message.truncate(at);
+            message.push_str(&format!("… ({left} bytes more)"));
+        }
         let guest_said = last_lines(stderr, STDERR_LINES);
         if !guest_said.is_empty() {
             message.push_str("; guest stderr: ");

@@ -232,8 +232,9 @@ pub(crate) async fn call(
             ));
         }
         // The text is the guest's, as large as its memory: refused before
-        // it is parsed (a value takes up to 16 times its text's bytes),
-        // at the size every server refuses by default anyway.
+        // it is parsed, at the size and the count of objects and arrays
+        // every server refuses by default anyway (an object takes about
+        // 700 bytes once parsed).
         if args.len() > DEFAULT_MAX_REQUEST_BYTES {
             return Err(CallFailure::new(
                 ErrorKind::InvalidArguments.as_str(),
@@ -243,6 +244,12 @@ pub(crate) async fn call(
                     args.len(),
                     DEFAULT_MAX_REQUEST_BYTES
                 ),
+            ));
+        }
+        if let Some(refusal) = crate::protocol::too_many_containers(args, DEFAULT_MAX_REQUEST_BYTES) {
+            return Err(CallFailure::new(
+                ErrorKind::InvalidArguments.as_str(),
+                format!("the arguments {refusal}"),
             ));
         }
         let args = match serde_json::from_str::<Value>(args) {
