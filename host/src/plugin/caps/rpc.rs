@@ -421,6 +421,16 @@ mod tests {
         );
         assert_eq!(run(&grant, &cx, "calc", "1").kind, "InvalidArguments");
         assert_eq!(run(&grant, &cx, "calc", "[1,").kind, "InvalidArguments");
+        // More arrays than a request of the size every server takes may
+        // hold (2.4 MB of `[0]`, about 100 MB parsed): refused unparsed.
+        let arrays = format!("[{}]", vec!["[0]"; 600_000].join(","));
+        let failure = run(&grant, &cx, "calc", &arrays);
+        assert_eq!(failure.kind, "InvalidArguments");
+        assert!(
+            failure.message.contains("600001 arrays"),
+            "{}",
+            failure.message
+        );
         let long = "f".repeat(MAX_FUNC_BYTES + 1);
         let failure = run_func(&grant, &cx, "calc", &long, "[1, 2]");
         assert_eq!(failure.kind, "BadRequest", "{}", failure.message);
