@@ -95,6 +95,31 @@ fn inspect_lists_functions_with_signatures() {
     assert!(e["message"].as_str().unwrap().contains("evil"));
 }
 
+/// `callme call` reads its arguments as a server reads a request: a key
+/// given twice is refused before anything is sent (no broker is reached
+/// here), and `--kwargs` must be an object.
+#[test]
+fn call_refuses_arguments_a_server_would() {
+    let nowhere = "amqp://127.0.0.1:1/%2f";
+    for (args, said) in [
+        (&["--kwargs", r#"{"a":1,"a":2}"#][..], "`a` is given twice"),
+        (&[r#"[{"k":1,"k":1}]"#], "`k` is given twice"),
+        (&["--kwargs", "[1]"], "--kwargs is not a JSON object"),
+        (&["1 2"], "argument 1 is not JSON"),
+    ] {
+        let mut argv = vec!["call", "--amqp-url", nowhere, "calc", "add"];
+        argv.extend_from_slice(args);
+        let o = callme(&argv);
+        assert!(!o.status.success(), "{args:?}");
+        let e = stderr_json(&o);
+        assert_eq!(e["type"], "Error", "{args:?}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(said),
+            "{args:?}: {e}"
+        );
+    }
+}
+
 #[test]
 fn output_to_a_pipe_nobody_reads_ends_quietly() {
     // `callme inspect x.wasm | head -1`: the reader gone before the

@@ -257,6 +257,20 @@ impl<'de> Deserialize<'de> for Request {
     }
 }
 
+/// Parses JSON text as a request's arguments are read: an object that
+/// gives one key twice is refused, anywhere in it (see [`Request::decode`]).
+///
+/// # Errors
+///
+/// The text is not one JSON value, or names a key twice in an object.
+pub fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = json::Unique.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 /// Bytes of the request size limit each JSON object of a request needs:
 /// 131,072 objects in a request of the default 4 MiB, about 90 MB parsed.
 const BYTES_PER_OBJECT: usize = 32;
@@ -565,6 +579,17 @@ mod tests {
         assert!(Request::decode(body.as_bytes(), max).is_err());
     }
     use serde_json::json;
+
+    #[test]
+    fn json_text_is_read_as_requests_are() {
+        assert_eq!(
+            parse_json(r#" {"a": [1, {"b": 2}]} "#).unwrap(),
+            json!({"a": [1, {"b": 2}]})
+        );
+        for bad in [r#"{"a":1,"a":2}"#, "[1] 2", "", "[1,"] {
+            assert!(parse_json(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn ids_are_shown_escaped_and_cut() {

@@ -76,13 +76,18 @@ struct CallArgs {
 impl CallArgs {
     fn parse(&self) -> anyhow::Result<Args> {
         let mut args = Args::default();
+        // Read as the server reads them: a key given twice is refused
+        // here, not sent to be refused there.
         for (i, a) in self.args.iter().enumerate() {
-            let v: Value = serde_json::from_str(a)
+            let v = callme::protocol::parse_json(a)
                 .with_context(|| format!("argument {} is not JSON: {a}", i + 1))?;
             args.args.push(v);
         }
         if let Some(k) = &self.kwargs {
-            args.kwargs = serde_json::from_str(k).context("--kwargs is not a JSON object")?;
+            match callme::protocol::parse_json(k).context("--kwargs is not JSON")? {
+                Value::Object(kwargs) => args.kwargs = kwargs,
+                _ => anyhow::bail!("--kwargs is not a JSON object"),
+            }
         }
         Ok(args)
     }
