@@ -1028,3 +1028,52 @@ async fn a_proxy_names_its_reply_queue_anew_on_each_connection() {
     assert!(!queues.contains(&before.replace("_ex_", "_queue_")));
     assert!(queues.contains(&after.replace("_ex_", "_queue_")));
 }
+
+/// A proxy whose user may no longer declare its reply queue (the
+/// permission taken away while it was connected, then its connection
+/// lost) fails calls at once with `AccessRefused`, saying why, rather than
+/// letting each wait out its timeout as `Disconnected`; given the
+/// permission back, it is answered again.
+#[tokio::test]
+async fn a_proxy_refused_its_reply_queue_says_so_at_once() {
+    let (user, password) = dedicated_user("unqueued");
+    let s = callme_tests::server(ServerOptions::default()).await;
+    let id = unique("unqueued");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let p = Proxy::connect_with(
+        &ConnectOptions::new(callme_tests::amqp_url_as(&user, &password)),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+
+    // Configure nothing (no reply exchange or queue), write and read all.
+    callme_tests::broker_ctl(&["set_permissions", "-p", "/", &user, "^$", ".*", ".*"]);
+    let conn = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    callme_tests::broker_ctl(&["close_connection", &conn, "closed by the test"]);
+    let refused = callme_tests::eventually(Duration::from_secs(15), || async {
+        match p.use_server(&id).invoke::<_, i64>("add", (2, 3)).await {
+            Err(Error::AccessRefused(why)) => Some(why),
+            _ => None,
+        }
+    })
+    .await
+    .expect("calls refused with AccessRefused");
+    assert!(refused.contains("reply queue"), "{refused}");
+    // However long it would wait.
+    let again = p
+        .use_server(&id)
+        .with_timeout(Duration::from_secs(3600))
+        .invoke::<_, i64>("add", (2, 3))
+        .await;
+    assert!(matches!(again, Err(Error::AccessRefused(_))), "{again:?}");
+
+    callme_tests::broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let answered = callme_tests::eventually(Duration::from_secs(15), || async {
+        p.use_server(&id).invoke::<_, i64>("add", (2, 3)).await.ok()
+    })
+    .await;
+    assert_eq!(answered, Some(5));
+}

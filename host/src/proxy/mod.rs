@@ -224,7 +224,7 @@ impl Proxy {
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
         let pending = Arc::new(Pending::default());
-        let (ready_tx, ready) = watch::channel((Some(conn.clone()), names.clone()));
+        let (ready_tx, ready) = watch::channel((Some(conn.clone()), names.clone(), None));
         let replies = Replies {
             user: user.to_string(),
             names,
@@ -522,16 +522,20 @@ impl Proxy {
         // call at once, so wait for the link's next word instead.
         let wait = tokio::time::timeout_at(
             deadline,
-            ready.wait_for(|(conn, _)| conn.as_ref().is_some_and(|c| c.status().connected())),
+            ready.wait_for(|(conn, _, refused)| {
+                refused.is_some() || conn.as_ref().is_some_and(|c| c.status().connected())
+            }),
         );
         match wait.await {
-            Ok(Ok(ready)) => {
-                let (conn, names) = &*ready;
-                Ok((
+            Ok(Ok(ready)) => match &*ready {
+                (_, _, Some(refused)) => Err(Error::AccessRefused(format!(
+                    "the proxy cannot declare its reply queue again: {refused}"
+                ))),
+                (conn, names, None) => Ok((
                     conn.clone().expect("waited for a connection"),
                     names.clone(),
-                ))
-            }
+                )),
+            },
             // Closed for good (reconnection off, or the proxy closed): not
             // a state that passes, so not `Disconnected`, which callers
             // may wait out.

@@ -97,10 +97,12 @@ impl ReplyNames {
     }
 }
 
-/// The connection the reply queue is consumed on, while there is one,
-/// and the names of the reply exchange and queue (declared on it, or on
-/// the last one).
-pub(super) type Ready = (Option<Arc<Connection>>, Arc<ReplyNames>);
+/// The connection the reply queue is consumed on, while there is one;
+/// the names of the reply exchange and queue (declared on it, or on the
+/// last one); and, while the broker refuses to let them be declared again
+/// (a permission taken away), why: calls fail with it at once rather than
+/// wait out their timeouts for a reply queue that cannot be.
+pub(super) type Ready = (Option<Arc<Connection>>, Arc<ReplyNames>, Option<String>);
 
 /// The reply consumer: hands each reply to the call waiting for it, and
 /// tells the proxy on which connection it can publish, and what replies
@@ -129,18 +131,25 @@ impl Subscription for Replies {
             self.names = Arc::new(ReplyNames::new(&self.user));
             self.served = false;
         }
-        self.names.declare(conn).await.map(Some)
+        match self.names.declare(conn).await {
+            Ok(declared) => Ok(Some(declared)),
+            Err(Error::AccessRefused(why)) => {
+                self.ready.send_modify(|ready| ready.2 = Some(why.clone()));
+                Err(Error::AccessRefused(why))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn consume(&mut self, conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
         self.served = true;
         self.ready
-            .send_replace((Some(conn.clone()), self.names.clone()));
+            .send_replace((Some(conn.clone()), self.names.clone(), None));
         self.take_replies(channel, consumer).await;
         // Replies to calls sent on that connection went with it (the reply
         // queue is exclusive to it): fail those calls now rather than let
         // them wait out their timeouts.
-        self.ready.send_replace((None, self.names.clone()));
+        self.ready.send_replace((None, self.names.clone(), None));
         self.pending.fail_all();
     }
 
