@@ -260,3 +260,47 @@ def _attempt(server: callme.ServerProxy) -> Any:
         return server.add(2, 3)
     except BaseException as e:  # reported by the test
         return e
+
+
+def test_a_proxy_refused_its_reply_queue_says_so_at_once(amqp_url: str, host: Host) -> None:
+    """A proxy whose user may no longer declare its reply queue (the
+    permission taken away, then its connection lost) fails calls at once
+    with ``AccessRefused``, saying why, rather than letting each wait out
+    its timeout; given the permission back, it is answered again."""
+    tag = uuid.uuid4().hex[:8]
+    user = BrokerUser(f"py-unqueued-{tag}", f"pw-{uuid.uuid4().hex}")
+    rabbitmqctl("add_user", user.name, user.password)
+    rabbitmqctl("set_permissions", "-p", "/", user.name, ".*", ".*", ".*")
+    name = f"callme-py-unqueued-{tag}"
+    try:
+        url = url_for(amqp_url, user.name, user.password)
+        with callme.Proxy(url, timeout=20, connection_name=name) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 2) == 3
+            rabbitmqctl("set_permissions", "-p", "/", user.name, "^$", ".*", ".*")
+            close_connection(name)
+            limit = time.monotonic() + 15
+            while True:
+                try:
+                    calc.add(2, 3)
+                except callme.AccessRefused as e:
+                    assert "reply queue" in str(e)
+                    break
+                except callme.ConnectionError:
+                    pass
+                assert time.monotonic() < limit, "never refused"
+                time.sleep(0.05)
+            # At once, not when its 20 s are up.
+            with pytest.raises(callme.AccessRefused):
+                calc.add(2, 3)
+            rabbitmqctl("set_permissions", "-p", "/", user.name, ".*", ".*", ".*")
+            limit = time.monotonic() + 15
+            while True:
+                try:
+                    assert calc.add(2, 3) == 5
+                    break
+                except (callme.AccessRefused, callme.ConnectionError):
+                    assert time.monotonic() < limit, "not answered again"
+                    time.sleep(0.1)
+    finally:
+        rabbitmqctl("delete_user", user.name)

@@ -86,6 +86,9 @@ class Link:
         self._ack_timer: Optional[asyncio.TimerHandle] = None
         # The reply consumer: its channel (aiormq's) and tag.
         self._consumer: "tuple[Any, str]" = (None, "")
+        # While the broker refuses the reply queue on reconnecting (a
+        # permission taken away), why: calls fail with it at once.
+        self._refused: Optional[errors.AccessRefused] = None
 
     async def start(self) -> None:
         """Connects for the first time; later losses are repaired in the
@@ -109,6 +112,10 @@ class Link:
             connection = self._connection
             if connection is not None and not connection.is_closed:
                 return connection
+            if self._refused is not None:
+                raise errors.AccessRefused(
+                    f"the proxy cannot declare its reply queue again: {self._refused}"
+                )
             self._ready.clear()
             await self._ready.wait()
 
@@ -305,7 +312,16 @@ class Link:
                     await _close_quietly(attempt.result()[0])
                 raise
             try:
-                return attempt.result()
+                opened = attempt.result()
+                self._refused = None
+                return opened
+            except errors.AccessRefused as e:
+                # Calls waiting for the link, and made while this lasts,
+                # fail with it rather than wait out their timeouts.
+                self._refused = e
+                self._ready.set()
+                level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG
+                log.log(level, "reconnecting (attempt %d) refused: %s", attempts, e)
             except (asyncio.CancelledError, Exception) as e:
                 # A CancelledError aiormq raised for itself, or an error no
                 # one foresaw: an attempt that failed. The link must never
