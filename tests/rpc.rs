@@ -748,3 +748,25 @@ async fn a_deadline_longer_than_a_broker_allows_is_for_local_calls_only() {
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5", "{out:?}");
 }
+
+/// A proxy whose connection may have few channels (`channel_max=8` in its
+/// URI; a broker may set it lower too) publishes on as many lanes as fit:
+/// 40 calls at once are all answered, where the calls past the channels
+/// failed with "channels limit reached".
+#[tokio::test]
+async fn a_proxy_with_few_channels_answers_many_calls_at_once() {
+    let s = server(ServerOptions::default()).await;
+    let id = unique("few-channels");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let url = format!("{}?channel_max=8", callme_tests::amqp_url());
+    let p = Proxy::connect_with(&callme::ConnectOptions::new(url), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let calls = (0..40i64).map(|i| {
+        let s = p.use_server(&id);
+        async move { s.invoke::<_, i64>("add", (i, 1)).await }
+    });
+    for (i, sum) in join_all(calls).await.into_iter().enumerate() {
+        assert_eq!(sum.ok(), Some(i as i64 + 1), "call {i}");
+    }
+}

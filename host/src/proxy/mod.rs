@@ -224,6 +224,12 @@ impl Proxy {
             .ok_or_else(|| Error::Disconnected("the broker connection was lost at once".into()))?;
         let (channel, consumer) = names.declare(&conn).await?;
         let pending = Arc::new(Pending::default());
+        // No more lanes than the connection may have channels: besides
+        // the connection's own and the reply consumer's, a few for lanes
+        // still closing (a broker or URI `channel_max` of 8 leaves 4).
+        let lanes = usize::from(conn.configuration().channel_max())
+            .saturating_sub(4)
+            .clamp(1, PUBLISH_LANES);
         let (ready_tx, ready) = watch::channel((Some(conn.clone()), names.clone(), None));
         let replies = Replies {
             user: user.to_string(),
@@ -237,7 +243,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 link: owned,
                 ready,
-                publisher: Publisher::new(PUBLISH_LANES),
+                publisher: Publisher::new(lanes),
                 pending,
                 timeout,
                 reply_limit,
