@@ -1360,9 +1360,12 @@ async fn the_result_cap_counts_the_json_a_result_becomes() {
 async fn absent_optional_fields_cannot_make_a_small_request_huge() {
     let p = from_text(&sparse_records(1000), "sparse", Limits::default());
     let few = vec![json!({}); 3];
-    assert_eq!(p.call("f", &pos(json!([few]))).await.unwrap(), json!(3));
+    assert_eq!(
+        p.call("f", &pos(json!([few, few]))).await.unwrap(),
+        json!(3)
+    );
     let many = vec![json!({}); 3000];
-    match p.call("f", &pos(json!([many]))).await {
+    match p.call("f", &pos(json!([many, few]))).await {
         Err(PluginError::InvalidArguments { message }) => {
             assert!(
                 message.contains("make more than 4194304 values"),
@@ -1371,10 +1374,22 @@ async fn absent_optional_fields_cannot_make_a_small_request_huge() {
         }
         other => panic!("3,000 empty records of 1,000 optional fields: {other:?}"),
     }
+    // The bound is the call's, not each argument's: 1,500 records in each
+    // of two arguments are as many.
+    let half = vec![json!({}); 1500];
+    match p.call("f", &pos(json!([half, half]))).await {
+        Err(PluginError::InvalidArguments { message }) => {
+            assert!(
+                message.contains("make more than 4194304 values"),
+                "{message}"
+            )
+        }
+        other => panic!("1,500 and 1,500 empty records: {other:?}"),
+    }
 }
 
-/// A component whose `f` takes a list of records of `n` `option<u8>`
-/// fields and returns how many it got.
+/// A component whose `f(xs, ys)` takes two lists of records of `n`
+/// `option<u8>` fields and returns how many the first had.
 fn sparse_records(n: usize) -> String {
     let fields: String = (0..n)
         .map(|i| format!(" (field \"f{i}\" (option u8))"))
@@ -1385,12 +1400,12 @@ fn sparse_records(n: usize) -> String {
   (core module $m
     (memory (export "mem") 1)
     (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "f") (param i32 i32) (result i32) (local.get 1)))
+    (func (export "f") (param i32 i32 i32 i32) (result i32) (local.get 1)))
   (core instance $i (instantiate $m))
   (type $r (record{fields}))
   (export $r2 "r" (type $r))
   (type $l (list $r2))
-  (func (export "f") (param "xs" $l) (result u32)
+  (func (export "f") (param "xs" $l) (param "ys" $l) (result u32)
     (canon lift (core func $i "f") (memory (core memory $i "mem"))
       (realloc (core func $i "realloc")))))
 "#

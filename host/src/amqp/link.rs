@@ -125,7 +125,6 @@ impl Link {
     }
 
     /// Whether the link is closed for good.
-    #[cfg(feature = "server")]
     pub(crate) fn is_closed(&self) -> bool {
         matches!(&*self.state.borrow(), State::Closed)
     }

@@ -10,7 +10,7 @@ use wasmtime::component::{Type, Val};
 
 use super::export::FunctionInfo;
 use super::signature::type_name;
-use super::value::{Mismatch, from_json};
+use super::value::{Made, Mismatch, from_json_counted};
 use crate::PluginError;
 use crate::protocol::Args;
 
@@ -50,6 +50,8 @@ pub(super) fn bind_args(
         )));
     }
     let mut vals = Vec::with_capacity(params.len());
+    // One count for all the arguments: the bound is a call's.
+    let mut made = Made::default();
     for (i, (pname, ty)) in params.iter().enumerate() {
         let json: &Value = match (args.args.get(i), args.kwargs.get(pname)) {
             (Some(_), Some(_)) => {
@@ -66,9 +68,9 @@ pub(super) fn bind_args(
                 )));
             }
         };
-        let val = from_json(ty, json, pname).map_err(|Mismatch { path, message }| {
-            invalid(format!("argument `{path}`: {message}"))
-        })?;
+        let val = from_json_counted(ty, json, pname, &mut made).map_err(
+            |Mismatch { path, message }| invalid(format!("argument `{path}`: {message}")),
+        )?;
         vals.push(val);
     }
     Ok(vals)

@@ -70,9 +70,9 @@ impl fmt::Display for Path<'_> {
 /// otherwise make each `{}` in a request thousands of values.
 pub(crate) const MAX_BOUND_VALUES: usize = 1 << 22;
 
-/// Values made so far for one call's arguments.
+/// Values made so far for one call's arguments: one for all of them.
 #[derive(Default)]
-struct Made(usize);
+pub(crate) struct Made(usize);
 
 impl Made {
     fn add(&mut self, values: usize, path: &Path<'_>) -> Result<(), Mismatch> {
@@ -90,9 +90,15 @@ impl Made {
     }
 }
 
-/// Converts JSON to a value of type `ty`, `path` naming it in errors.
-pub(crate) fn from_json(ty: &Type, json: &Value, path: &str) -> Result<Val, Mismatch> {
-    bind(ty, json, &Path::Root(path), &mut Made::default())
+/// Converts JSON to a value of type `ty`, `path` naming it in errors, the
+/// values made counted in `made` (one for all of a call's arguments).
+pub(crate) fn from_json_counted(
+    ty: &Type,
+    json: &Value,
+    path: &str,
+    made: &mut Made,
+) -> Result<Val, Mismatch> {
+    bind(ty, json, &Path::Root(path), made)
 }
 
 fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val, Mismatch> {

@@ -38,9 +38,11 @@ impl Drop for BlockingProxy {
                 runtime.shutdown_background();
             } else {
                 if let Some(proxy) = proxy {
-                    // Closed with the broker's word, not cut.
-                    runtime.block_on(async {
+                    // Closed with the broker's word, not cut, and dropped
+                    // in its runtime.
+                    runtime.block_on(async move {
                         let _ = tokio::time::timeout(CLOSE_WAIT, proxy.close()).await;
+                        drop(proxy);
                     });
                 }
                 runtime.shutdown_timeout(CLOSE_WAIT);

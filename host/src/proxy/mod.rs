@@ -533,6 +533,8 @@ impl Proxy {
             }),
         );
         match wait.await {
+            // Closed since (the proxy closed): no refusal stands.
+            Ok(Ok(_)) if self.inner.link.is_closed() => Err(Error::BrokerLost),
             Ok(Ok(ready)) => match &*ready {
                 (_, _, Some(refused)) => Err(Error::AccessRefused(format!(
                     "the proxy cannot declare its reply queue again: {refused}"

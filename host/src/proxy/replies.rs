@@ -137,7 +137,11 @@ impl Subscription for Replies {
                 self.ready.send_modify(|ready| ready.2 = Some(why.clone()));
                 Err(Error::AccessRefused(why))
             }
-            Err(e) => Err(e),
+            // Refused no longer, but down: calls wait for the connection.
+            Err(e) => {
+                self.ready.send_modify(|ready| ready.2 = None);
+                Err(e)
+            }
         }
     }
 
@@ -159,6 +163,11 @@ impl Subscription for Replies {
 
     async fn gone(&self) {
         self.ready.closed().await;
+    }
+
+    fn closed(&mut self) {
+        // Closed for good: calls get `BrokerLost`, not a refusal of before.
+        self.ready.send_modify(|ready| ready.2 = None);
     }
 }
 
@@ -241,13 +250,9 @@ impl Replies {
 /// limit, an `Internal` error saying so.
 pub(super) fn read(body: &[u8], limit: Option<usize>) -> Response {
     let response = match limit {
-        Some(max) => Response::decode_within(body, max),
-        None => Response::decode(body).map_err(|e| e.to_string()),
+        Some(max) => Response::decode_within(body, max)
+            .map_err(|e| format!("reply not taken: {e} (the limit of replies to plugins' calls)")),
+        None => Response::decode(body).map_err(|e| format!("malformed reply: {e}")),
     };
-    response.unwrap_or_else(|e| {
-        Response::Error(RemoteError::new(
-            ErrorKind::Internal,
-            format!("malformed reply: {e}"),
-        ))
-    })
+    response.unwrap_or_else(|e| Response::Error(RemoteError::new(ErrorKind::Internal, e)))
 }

@@ -217,7 +217,7 @@ class Link:
         except BaseException as e:
             await _close_quietly(connection)
             if isinstance(e, aiormq.exceptions.ChannelAccessRefused):
-                raise errors.AccessRefused(
+                raise _ReplyQueueRefused(
                     f"the broker refused the reply queue {self.queue!r}: {errors.reply_text(e)}"
                 ) from None
             if isinstance(e, (aiormq.exceptions.AMQPError, OSError, RuntimeError)):
@@ -315,9 +315,10 @@ class Link:
                 opened = attempt.result()
                 self._refused = None
                 return opened
-            except errors.AccessRefused as e:
+            except _ReplyQueueRefused as e:
                 # Calls waiting for the link, and made while this lasts,
-                # fail with it rather than wait out their timeouts.
+                # fail with it rather than wait out their timeouts (as the
+                # Rust proxy's do; a refused login is waited out, as there).
                 self._refused = e
                 self._ready.set()
                 level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG
@@ -325,7 +326,9 @@ class Link:
             except (asyncio.CancelledError, Exception) as e:
                 # A CancelledError aiormq raised for itself, or an error no
                 # one foresaw: an attempt that failed. The link must never
-                # stop trying while the proxy is open.
+                # stop trying while the proxy is open. A refusal of before
+                # no longer stands: calls wait for the connection.
+                self._refused = None
                 # Every 10th failure is logged at warning level, so an
                 # outage says it goes on without flooding the log.
                 level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG
@@ -364,6 +367,10 @@ class Link:
             return  # its replies went with it
         ack = asyncio.ensure_future(channel.basic_ack(tag, multiple=True, wait=False))
         ack.add_done_callback(_ack_done)
+
+
+class _ReplyQueueRefused(errors.AccessRefused):
+    """The broker refused the proxy's reply exchange or queue."""
 
 
 def _ack_done(ack: "asyncio.Future[None]") -> None:

@@ -249,10 +249,11 @@ pub(crate) async fn call(
         if let Some(refusal) = crate::protocol::too_many_containers(args, DEFAULT_MAX_REQUEST_BYTES) {
             return Err(CallFailure::new(
                 ErrorKind::InvalidArguments.as_str(),
-                format!("the arguments {refusal}"),
+                format!("the arguments' text {refusal}"),
             ));
         }
-        let args = match serde_json::from_str::<Value>(args) {
+        // Read as a server reads a request: a key given twice is refused.
+        let args = match crate::protocol::parse_json(args) {
             Ok(Value::Array(a)) => Args::positional(a),
             Ok(Value::Object(o)) => Args::keywords(o),
             Ok(_) => {
