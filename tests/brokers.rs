@@ -481,6 +481,17 @@ async fn a_request_delivered_too_often_is_not_run_again() {
         other => panic!("expected the request refused, got {other:?}"),
     }
     assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // Counted for the operators' poison alert.
+    let text = callme::observe::render();
+    assert_eq!(
+        callme_tests::value(
+            &text,
+            "callme_requests_refused_total",
+            &[("server_id", &id), ("reason", "delivery_limit")]
+        ),
+        1.0,
+        "{text}"
+    );
     // A fresh request runs as usual.
     let v = p
         .use_server(&id)

@@ -253,6 +253,44 @@ async fn stopping_acks_every_call_it_finishes() {
     assert_eq!(by_a + by_b, n as u64, "a call was answered twice, or never");
 }
 
+/// The last host of an id stops while its calls outlast the grace
+/// period: it keeps the id's queue (which it otherwise deletes, so that
+/// callers get `NoSuchServer` at once), since the requests it took and
+/// did not answer go back to it as its connection closes. The broker
+/// counts neither in `message_count` nor for `queue.delete`'s `if-empty`
+/// a request taken and not acked (RabbitMQ 3.x and 4.x count ready
+/// messages only): deleted, the queue took them along, and the next host
+/// never saw them. So the call is answered by the next host.
+#[tokio::test]
+async fn the_last_host_stopping_past_its_grace_keeps_the_queue_its_calls_go_back_to() {
+    let id = unique("past-grace");
+    let first = server(ServerOptions::default()).await;
+    first
+        .serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    // Longer than the stop takes, even on a loaded machine.
+    let calls = slow_calls(&p, &id, 2, 8000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.shutdown(Duration::from_millis(300)).await;
+    let queued = callme_tests::broker_ctl(&["list_queues", "name"]);
+    assert!(
+        queued
+            .lines()
+            .any(|l| l == callme::protocol::server_queue(&id)),
+        "the queue was deleted with requests taken from it:\n{queued}"
+    );
+    let next = server(ServerOptions::default()).await;
+    next.serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let (answered, results) = answered(calls).await;
+    assert_eq!(answered, 2, "{results:?}");
+    assert!(next.answered() > 0, "the calls cut were not run again");
+    next.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn host_killed_mid_call_loses_nothing() {
     let (dir_a, dir_b) = (tempdir(), tempdir());

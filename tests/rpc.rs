@@ -721,10 +721,22 @@ async fn a_deadline_longer_than_a_broker_allows_is_for_local_calls_only() {
         }
         other => panic!("served with a 2 h deadline: {other:?}"),
     }
-    // 30 minutes, the broker's own default, is served.
-    let at_limit = PluginSettings {
+    // 25 minutes, five short of the broker's own default, is served;
+    // 30 is not.
+    let over = PluginSettings {
         limits: callme::Limits {
             deadline: Duration::from_secs(30 * 60),
+            ..callme::Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let refused = s
+        .serve_plugin(load("calc", &unique("over-deadline"), over))
+        .await;
+    assert!(matches!(refused, Err(Error::Config(_))), "{refused:?}");
+    let at_limit = PluginSettings {
+        limits: callme::Limits {
+            deadline: Duration::from_secs(25 * 60),
             ..callme::Limits::default()
         },
         ..PluginSettings::default()

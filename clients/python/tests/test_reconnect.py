@@ -176,6 +176,40 @@ def test_a_reconnection_attempt_aiormq_cancels_is_tried_again(
     asyncio.run(main())
 
 
+def test_a_reconnection_attempt_interrupted_is_tried_again(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt surfacing in a reconnection attempt (Ctrl-C
+    while the caller's thread runs the proxy's loop) reaches that thread,
+    and ends that attempt only: the link goes on trying, where it used to
+    stop for good, every later call waiting out its timeout."""
+    opened = callme_link.Link._open
+    opens: List[int] = []
+
+    async def interrupted_once_when_reopening(self: callme_link.Link) -> Any:
+        opens.append(1)
+        if len(opens) == 2:
+            raise KeyboardInterrupt()
+        return await opened(self)
+
+    monkeypatch.setattr(callme_link.Link, "_open", interrupted_once_when_reopening)
+    name = f"callme-py-reconnect-interrupted-{uuid.uuid4().hex[:8]}"
+    with callme.Proxy(amqp_url, timeout=3, connection_name=name) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        close_connection(name)
+        start = time.monotonic()
+        while True:
+            try:
+                assert calc.add(1, 2) == 3
+                break
+            except (KeyboardInterrupt, callme.ConnectionError, callme.Timeout):
+                pass
+            assert time.monotonic() - start < 15, "the link stopped reconnecting"
+            time.sleep(0.05)
+        assert len(opens) >= 3
+
+
 def test_the_reply_queue_is_named_anew_for_each_connection(
     amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
 ) -> None:

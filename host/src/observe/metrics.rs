@@ -30,7 +30,7 @@ const UNKNOWN_FUNCTION: &str = "_unknown";
 
 /// Upper bounds of the call-duration buckets, in seconds: from a native
 /// function answering within a millisecond to the longest deadline a
-/// plugin may have (30 minutes).
+/// plugin may have (25 minutes), and then some.
 const CALL_SECONDS_BUCKETS: [f64; 17] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     300.0, 1800.0,

@@ -49,10 +49,13 @@ pub(crate) const MAX_FUEL: u64 = 100_000_000_000_000;
 /// [`Server::serve_plugin`](crate::Server::serve_plugin) takes). The server
 /// acks a request once it is answered, and RabbitMQ closes the channel of
 /// a consumer that holds a delivery unacked longer than its
-/// `consumer_timeout` (30 minutes by default since 3.8.15: the
+/// `consumer_timeout` (30 minutes by default since 3.8.15, and in 4.x: the
 /// "Delivery Acknowledgement Timeout" of its consumers guide): a longer
-/// call could never be answered.
-pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// call could never be answered. Five minutes short of it, for the time a
+/// request waits for its turn and its reply for its confirm: a call that
+/// took the whole 30 minutes would be acked just past the broker's limit,
+/// and the channel closed under every other call on it (run again).
+pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(25 * 60);
 
 /// Longest deadline of a call run outside a server (`callme invoke`, a
 /// program's own [`Plugin::call`](crate::Plugin::call)): a year, a bound

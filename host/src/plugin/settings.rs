@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn a_sidecar_within_bounds_is_taken_whole() {
         let settings = PluginSettings::from_toml(
-            "fuel = 1\ndeadline_ms = 1800000\nmemory_bytes = 65536\nresult_bytes = 1\n\
+            "fuel = 1\ndeadline_ms = 1500000\nmemory_bytes = 65536\nresult_bytes = 1\n\
              output_bytes = 0\nprewarm = 64\nconcurrency = 65535\nlog_level = \"off\"\n\
              reuse_instances = true\nqueue_type = \"quorum\"\n",
         )
@@ -477,7 +477,7 @@ mod tests {
             "http_max_response_bytes = 0",
             "http_max_response_bytes = 4294967297",
             "http_timeout_ms = 0",
-            "http_timeout_ms = 1800001",
+            "http_timeout_ms = 1500001",
             "rpc = [\"not an id\"]",
             "rpc_max_depth = 0",
             "rpc_max_depth = 65",
@@ -501,7 +501,7 @@ mod tests {
             ("fuel = 9223372036854775807", "fuel"),
             ("fuel = 18446744073709551615", "fuel"),
             ("deadline_ms = 0", "deadline_ms"),
-            ("deadline_ms = 1800001", "deadline_ms"),
+            ("deadline_ms = 1500001", "deadline_ms"),
             // Would overflow the call's deadline instant.
             ("deadline_ms = 18446744073709551615", "deadline_ms"),
             ("memory_bytes = 0", "memory_bytes"),

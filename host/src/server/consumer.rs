@@ -43,6 +43,8 @@ pub(super) struct ConsumerHandle {
     /// Hands a replacement consumer (same channel, new prefetch) to the
     /// consume loop.
     pub(super) handover: mpsc::UnboundedSender<Consumer>,
+    /// The requests it has taken and not settled.
+    pub(super) taken: Arc<Taken>,
 }
 
 /// Declares the exchange and queue of `id` on `channel`, binds them, and
@@ -197,6 +199,8 @@ pub(super) struct Consuming {
     /// The id's connection of its own, once a request it was sent could
     /// not be read; until then it is consumed on the server's.
     pub(super) own: Option<Arc<OwnLink>>,
+    /// What the current consumer has taken (one for each subscription).
+    pub(super) taken: Arc<Taken>,
 }
 
 impl Consuming {
@@ -363,10 +367,12 @@ impl Subscription for Consuming {
             subscribe(ch, &self.id, shape, concurrency).await
         })
         .await?;
+        self.taken = Taken::new(inner.given_back.clone());
         let handle = ConsumerHandle {
             channel: channel.clone(),
             tag,
             handover: self.handover.clone(),
+            taken: self.taken.clone(),
         };
         inner.registry.set_consumer(&self.id, &self.service, handle);
         info!(target: "callme::server", server_id = %self.id, concurrency, "consuming");
@@ -375,18 +381,16 @@ impl Subscription for Consuming {
 
     async fn consume(&mut self, _conn: &Arc<Connection>, channel: &Channel, consumer: Consumer) {
         let _consuming = crate::observe::consuming(&self.id);
-        if let Some(server) = self.server() {
-            let taken = Taken::new(server.inner.given_back.clone());
-            drop(server);
-            if self.take(channel, consumer, &taken).await {
-                // Back in the queue, from a host that lives: not held
-                // against them when they come again.
-                let went_back = taken.lost();
-                if went_back > 0 {
-                    debug!(target: "callme::server", server_id = %self.id, requests = went_back, "requests in flight went back to the queue with the channel");
-                }
+        let taken = self.taken.clone();
+        if self.server().is_some() && self.take(channel, consumer, &taken).await {
+            // Back in the queue, from a host that lives: not held
+            // against them when they come again.
+            let went_back = taken.lost();
+            if went_back > 0 {
+                debug!(target: "callme::server", server_id = %self.id, requests = went_back, "requests in flight went back to the queue with the channel");
             }
         }
+        taken.end();
         // A replacement made for that channel died with it.
         while self.handed.try_recv().is_ok() {}
     }

@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -221,6 +221,8 @@ impl GivenBack {
 pub(super) struct Taken {
     held: Mutex<HashMap<u64, RequestKey>>,
     given_back: Arc<GivenBack>,
+    /// The consumer has ended: no more requests come to it.
+    ended: AtomicBool,
 }
 
 impl Taken {
@@ -228,7 +230,33 @@ impl Taken {
         Arc::new(Taken {
             held: Mutex::new(HashMap::new()),
             given_back,
+            ended: AtomicBool::new(false),
         })
+    }
+
+    /// Its consumer has ended (cancelled, or its channel lost).
+    pub(super) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// Whether nothing of its queue is left here, waiting up to `within`
+    /// for a consumer just cancelled to end: no request will come, and
+    /// every one taken is settled or went back with its channel. Only
+    /// then may the queue be deleted: a request taken and not acked is not
+    /// counted by the broker's `message_count` nor by `queue.delete`'s
+    /// `if-empty` (both count ready messages only), so deleting the queue
+    /// under it would leave it nowhere to go back to.
+    pub(super) async fn let_go(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        loop {
+            let ended = self.ended.load(Ordering::Acquire);
+            // Read after `ended`: the loop holds a request before it ends.
+            let held = !self.lock().is_empty();
+            if ended || held || Instant::now() >= until {
+                return ended && !held;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Holds a request until it is settled (see [`Holding`]).

@@ -76,7 +76,6 @@ impl Job {
         let started = Instant::now();
         let _in_flight = observe::call_started(&self.id);
         let props = &delivery.properties;
-        observe::queue_wait(&self.id, props);
         let reply_to = props.reply_to().as_ref().map(|s| s.to_string());
         let corr = props.correlation_id().as_ref().map(|s| s.to_string());
         let (Some(reply_to), Some(corr)) = (reply_to, corr) else {
@@ -87,10 +86,15 @@ impl Job {
             ack(&self._channel, &delivery).await;
             return;
         };
+        // Only requests that can be answered: one dropped above costs its
+        // sender nothing, and would let anyone fill the queue wait with
+        // any age it likes.
+        observe::queue_wait(&self.id, props);
         let content_type = props.content_type().as_ref().map(|s| s.to_string());
         let limit = self.server.inner.options.delivery_limit;
         // Not counting the times this host gave it back and lived.
-        let delivered_before = delivery_count(&delivery).saturating_sub(u64::from(
+        let quorum = self.server.inner.options.queue_shape(&self.service).quorum;
+        let delivered_before = delivery_count(&delivery, quorum).saturating_sub(u64::from(
             holding
                 .as_ref()
                 .map_or(0, |h| self.server.inner.given_back.times(h.key())),
@@ -277,10 +281,17 @@ fn reply_queue<'a>(delivery: &'a Delivery, reply_to: &str) -> Option<&'a str> {
 
 /// How many times the broker delivered this request before: quorum queues
 /// count it in `x-delivery-count` (RabbitMQ's "Quorum Queues" guide,
-/// poison message handling); classic queues only say whether it was
-/// delivered before at all.
-fn delivery_count(delivery: &Delivery) -> u64 {
+/// poison message handling, 3.8 to 4.x); classic queues only say whether
+/// it was delivered before at all (`redelivered`). The header is the
+/// broker's only on a redelivery from a quorum queue: on a first delivery,
+/// or from a classic queue, it is whatever the caller wrote, and a caller
+/// could have its own request refused (and the operators' poison alert
+/// raised) with one forged header.
+fn delivery_count(delivery: &Delivery, quorum: bool) -> u64 {
     use lapin::types::AMQPValue;
+    if !delivery.redelivered || !quorum {
+        return u64::from(delivery.redelivered);
+    }
     let counted = delivery
         .properties
         .headers()

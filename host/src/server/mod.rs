@@ -362,7 +362,7 @@ impl Server {
             return Err(Error::Config(format!(
                 "`{id}`'s deadline of {deadline:?} is over the {:?} a served call may take: \
                  RabbitMQ closes the channel of a consumer holding a request longer than its \
-                 consumer_timeout (30 minutes by default)",
+                 consumer_timeout (30 minutes by default), less the time to reply",
                 crate::plugin::MAX_DEADLINE
             )));
         }
@@ -514,6 +514,7 @@ impl Server {
             Arc::downgrade(&self.inner),
             server_id.to_string(),
             served.share,
+            served.consumer.taken,
             shape,
         ));
         Ok(true)
@@ -540,7 +541,8 @@ impl Server {
         for id in self.inner.registry.ids() {
             match self.stop(&id).await {
                 Ok(Some(served)) => {
-                    stopped.push((id, self.inner.options.queue_shape(&served.service)));
+                    let shape = self.inner.options.queue_shape(&served.service);
+                    stopped.push((id, shape, served.consumer.taken));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -549,19 +551,33 @@ impl Server {
             }
         }
         let all = tokio::time::timeout(grace, self.inner.in_flight.acquire_many(MAX_IN_FLIGHT));
-        match all.await {
-            Ok(_) => info!(target: "callme::server", "all calls answered"),
-            Err(_) => {
-                warn!(target: "callme::server", ?grace, "grace period over with calls still running")
+        // Held to the end: a request taken but still waiting for its turn
+        // does not start now only to be cut by the close below; it goes
+        // back to its queue with its channel.
+        let _all = match all.await {
+            Ok(all) => {
+                info!(target: "callme::server", "all calls answered");
+                all.ok()
             }
-        }
+            Err(_) => {
+                warn!(target: "callme::server", ?grace, "grace period over with calls still running");
+                None
+            }
+        };
         if let Some(conn) = self.inner.link.current() {
             // At once: a quorum queue whose leader does not answer takes
             // its whole time to be left alone.
             let mut deleting = tokio::task::JoinSet::new();
-            for (id, shape) in stopped {
+            for (id, shape, taken) in stopped {
                 let conn = conn.clone();
                 deleting.spawn(async move {
+                    // Requests of it still held here (a call past the
+                    // grace period, one waiting for its turn) go back to
+                    // it when the connection closes: it stays for them.
+                    if !taken.let_go(LET_GO_WITHIN).await {
+                        info!(target: "callme::server", server_id = %id, "queue kept: requests taken here go back to it");
+                        return;
+                    }
                     topology::delete_server_queue_if_idle(&conn, &id, shape).await;
                 });
             }
@@ -638,10 +654,12 @@ impl Server {
         let service = Arc::new(service);
         let slots = share.slots();
         let (handover, handed) = mpsc::unbounded_channel();
+        let taken = given_back::Taken::new(self.inner.given_back.clone());
         let handle = ConsumerHandle {
             channel: channel.clone(),
             tag,
             handover: handover.clone(),
+            taken: taken.clone(),
         };
         self.inner.registry.insert(
             &id,
@@ -662,6 +680,7 @@ impl Server {
             handed,
             unreadable: false,
             own: None,
+            taken,
         };
         tokio::spawn(resubscribe::run(
             consuming,
@@ -677,16 +696,34 @@ impl Server {
 /// still consumes from it.
 const RETIRE_FOR: Duration = Duration::from_secs(30);
 
+/// How long a stopped id's consumer, cancelled, may take to end before
+/// its queue is kept as though it still held requests.
+const LET_GO_WITHIN: Duration = Duration::from_secs(1);
+
 /// After the last call of a stopped id here has finished, deletes its
-/// queue if it is idle, retrying while requests wait in it; gives up when
-/// the id is served here again, the server is gone, or [`RETIRE_FOR`]
-/// has passed (the queue then expires by itself).
-async fn retire(inner: std::sync::Weak<Inner>, id: String, share: Share, shape: ServerQueue) {
+/// queue if it is idle and nothing of it is held here, retrying while
+/// requests wait in it; gives up when the id is served here again, the
+/// server is gone, or [`RETIRE_FOR`] has passed (the queue then expires
+/// by itself).
+async fn retire(
+    inner: std::sync::Weak<Inner>,
+    id: String,
+    share: Share,
+    taken: Arc<given_back::Taken>,
+    shape: ServerQueue,
+) {
     let calls = share.concurrency() as u32;
     let _ = tokio::time::timeout(RETIRE_FOR, share.slots().acquire_many(calls)).await;
     let until = tokio::time::Instant::now() + RETIRE_FOR;
     loop {
-        {
+        // A call still running (past `RETIRE_FOR`), or one taken and not
+        // started: its request goes back to this queue if the connection
+        // is lost, so the queue stays while it is here.
+        let let_go = taken.let_go(LET_GO_WITHIN).await;
+        if !let_go && inner.strong_count() == 0 {
+            return;
+        }
+        if let_go {
             let Some(inner) = inner.upgrade() else {
                 return;
             };

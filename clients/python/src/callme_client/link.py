@@ -323,11 +323,13 @@ class Link:
                 self._ready.set()
                 level = logging.WARNING if attempts % 10 == 1 else logging.DEBUG
                 log.log(level, "reconnecting (attempt %d) refused: %s", attempts, e)
-            except (asyncio.CancelledError, Exception) as e:
-                # A CancelledError aiormq raised for itself, or an error no
-                # one foresaw: an attempt that failed. The link must never
-                # stop trying while the proxy is open. A refusal of before
-                # no longer stands: calls wait for the connection.
+            except BaseException as e:
+                # A CancelledError aiormq raised for itself, an error no
+                # one foresaw, or a KeyboardInterrupt or SystemExit meant
+                # for the thread running the loop (asyncio raises it there
+                # too): an attempt that failed. The link must never stop
+                # trying while the proxy is open. A refusal of before no
+                # longer stands: calls wait for the connection.
                 self._refused = None
                 # Every 10th failure is logged at warning level, so an
                 # outage says it goes on without flooding the log.
