@@ -940,3 +940,58 @@ async fn a_plugin_file_over_the_size_limit_is_refused_unread() {
     assert!(matches!(e, Error::NoSuchServer(_)), "{e:?}");
     assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
 }
+
+/// A stop signal while the host still loads its directory (a plugin slow
+/// to start holds "ready" back for its 30 s deadline) is a graceful stop:
+/// the plugins served already take calls, and the ones running are
+/// finished and answered before the host exits 0, at once rather than
+/// after the slow one. The signal used to be listened for only once every
+/// plugin was served: it killed the host mid-call.
+#[tokio::test]
+async fn a_stop_while_plugins_load_finishes_the_calls_running() {
+    let dir = tempdir();
+    let id = unique("load-stop");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    deploy_slow_to_start(&dir, &unique("load-stop-slow"), 30_000);
+    let mut host = Host::serve(&dir, &["--grace", "20"]);
+    let p = proxy(Duration::from_secs(20)).await;
+    wait_version(&p, &id, "1").await;
+    assert!(!host.is_ready(), "ready while a plugin is still loading");
+    let call = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.call("slow-version", pos(json!([1500]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.terminate();
+    let code = host.wait(Duration::from_secs(15));
+    let log = host.log_text();
+    assert_eq!(code, Some(0), "exit 0 within 15 s of the stop: {log}");
+    assert!(log.contains("all calls answered"), "{log}");
+    assert_eq!(call.await.unwrap().unwrap(), json!("1"));
+}
+
+/// A second stop signal ends the host at once, calls running or not
+/// (their requests go back to the queue, as when a host is killed): an
+/// operator's second Ctrl-C is no longer swallowed for the whole grace
+/// period.
+#[tokio::test]
+async fn a_second_stop_signal_ends_the_host_at_once() {
+    let dir = tempdir();
+    let id = unique("second-stop");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--grace", "60"]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(30)).await;
+    let _call = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.call("slow-version", pos(json!([20000]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    host.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.signal("INT");
+    let code = host.wait(Duration::from_secs(10));
+    let log = host.log_text();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("a second stop signal"), "{log}");
+}

@@ -49,12 +49,49 @@ impl Host {
     ///
     /// When the engine, the broker or the plugins directory cannot be used.
     pub async fn start(options: ServeOptions) -> Result<Host, Error> {
+        match Host::start_until(options, std::future::pending()).await? {
+            Some(host) => Ok(host),
+            None => unreachable!("a start that cannot be stopped was stopped"),
+        }
+    }
+
+    /// As [`Host::start`], unless `stop` resolves first: then the plugins
+    /// already served finish their running calls (within the grace
+    /// period), as after [`Host::run_until`]'s stop, and this returns
+    /// `None`. Loading every plugin may take long (each first instance is
+    /// tried, within its deadline), and the ones loaded first already
+    /// take calls: a stop signal in that time is a graceful stop too.
+    ///
+    /// # Errors
+    ///
+    /// As [`Host::start`].
+    pub async fn start_until(
+        options: ServeOptions,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Host>, Error> {
         let started = Instant::now();
+        let mut stop = std::pin::pin!(stop);
         let runtime = Runtime::with_config(options.runtime.clone()).map_err(Error::Plugin)?;
-        let server = connect_patiently(&options).await?;
+        let server = tokio::select! {
+            server = connect_patiently(&options) => server?,
+            () = &mut stop => {
+                info!(target: "callme::server", "stopped before the broker was reached");
+                return Ok(None);
+            }
+        };
         let mut deployer =
             Deployer::new(options.plugins_dir.clone(), runtime.clone(), server.clone())?;
-        let count = deployer.load_all().await?;
+        let loaded = tokio::select! {
+            count = deployer.load_all() => Some(count?),
+            () = &mut stop => None,
+        };
+        let Some(count) = loaded else {
+            observe::set_phase(Phase::Stopping);
+            info!(target: "callme::server", grace = ?options.grace, "stopping before every plugin was served: finishing running calls");
+            server.shutdown(options.grace).await;
+            info!(target: "callme::server", "stopped");
+            return Ok(None);
+        };
         let (hits, misses) = runtime.cache_stats();
         info!(
             target: "callme::server",
@@ -68,12 +105,12 @@ impl Host {
             "ready"
         );
         observe::set_phase(Phase::Serving);
-        Ok(Host {
+        Ok(Some(Host {
             server,
             runtime,
             deployer,
             grace: options.grace,
-        })
+        }))
     }
 
     /// The server, to serve more (native functions, say) beside the directory.
@@ -109,11 +146,13 @@ impl Host {
                 // A change under way is finished first, not cut half-way,
                 // within the grace period (a new version's first instance
                 // may take its plugin's whole deadline).
+                // Not ready from now on: a balancer or an orchestrator
+                // sends no more work here.
+                observe::set_phase(Phase::Stopping);
                 let _ = stop_watching.send(true);
                 if tokio::time::timeout(grace, &mut watch).await.is_err() {
                     watch.abort();
                 }
-                observe::set_phase(Phase::Stopping);
                 info!(target: "callme::server", ?grace, "stopping: finishing running calls");
                 server.shutdown(grace).await;
                 Ok(())
@@ -171,10 +210,11 @@ const WAIT_REPORT_EVERY: Duration = Duration::from_secs(30);
 ///
 /// As [`Host::start`] and [`Host::run_until`].
 pub async fn run(options: ServeOptions) -> Result<(), Error> {
-    Host::start(options)
-        .await?
-        .run_until(shutdown_signal())
-        .await
+    let mut stop = std::pin::pin!(shutdown_signal());
+    match Host::start_until(options, &mut stop).await? {
+        Some(host) => host.run_until(stop).await,
+        None => Ok(()),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -587,10 +587,12 @@ async fn serve(
     if let Some(endpoint) = endpoint {
         tokio::spawn(endpoint.run());
     }
-    let host = callme::serve::Host::start(options).await?;
-    // Listen for the signals before saying ready, so that a stop sent as
-    // soon as the file appears is a graceful one.
-    let stop = stop_signal().context("cannot listen for SIGTERM and Ctrl-C")?;
+    // Listened for from the start: plugins served first take calls while
+    // the others load, and a stop then is a graceful one too.
+    let mut stop = std::pin::pin!(stop_signal().context("cannot listen for SIGTERM and Ctrl-C")?);
+    let Some(host) = callme::serve::Host::start_until(options, &mut stop).await? else {
+        return Ok(());
+    };
     let written = match ready_file {
         Some(path) => write_ready_file(path),
         None => Ok(()),
@@ -702,6 +704,17 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
                 _ = term.recv() => {}
                 _ = interrupt.recv() => {}
             }
+            // A second one ends the process at once, without waiting for
+            // the running calls: the broker gives their requests back to
+            // the queue, as when a host is killed.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+                tracing::warn!(target: "callme::server", "a second stop signal: exiting now, without finishing running calls (their requests go back to the queue)");
+                std::process::exit(1);
+            });
         })
     }
     #[cfg(not(unix))]
