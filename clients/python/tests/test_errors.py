@@ -193,7 +193,10 @@ def test_every_error_is_a_callme_error() -> None:
 
 def test_malformed_responses_are_value_errors_not_other_exceptions() -> None:
     # Callers turn a ValueError into RemoteError("BadResponse").
-    for body in (b'{"error": "x"}', b'{"error": [1]}', b"[" * 5000, b"{}", b"7"):
+    for body in (b'{"error": "x"}', b'{"error": [1]}', b"[" * 5000, b"{}", b"7",
+                 b'{"error": null}', b'{"error": 0}', b'{"result": 1, "error": null}',
+                 b'{"result": 1, "error": {"type": "Internal"}}', b'{"result": 1, "result": 2}',
+                 b'{"result": {"a": 1, "a": 2}}', b'{"result": NaN}', b'{"result": -Infinity}'):
         with pytest.raises(ValueError):
             decode_response(body)
 
@@ -226,3 +229,24 @@ def test_keyword_arguments_named_func_or_self_go_to_the_server(
             proxy.use_server(host.calc).add(**kwargs)
         with pytest.raises(callme.InvalidArguments):
             proxy.use_server(host.calc).call("add", **kwargs)
+
+
+def test_a_broker_that_stalls_after_the_handshake_is_given_up_on_in_time(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection's time limit (``connection_timeout``) covers the
+    reply queue's set-up too: a broker that takes the handshake and then
+    never answers a declare (a node cut off from its cluster's majority)
+    fails the proxy's start with ``ConnectionError``, where it waited
+    until the heartbeat gave up (minutes), or for ever without one."""
+    import aio_pika.channel
+
+    async def stalls(*_: object, **__: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(aio_pika.channel.Channel, "declare_queue", stalls)
+    url = amqp_url + ("&" if "?" in amqp_url else "?") + "connection_timeout=2000"
+    start = time.monotonic()
+    with pytest.raises(callme.ConnectionError, match="did not set up the reply queue"):
+        callme.Proxy(url, timeout=5).close()
+    assert time.monotonic() - start < 8

@@ -97,12 +97,25 @@ impl ConnectOptions {
     }
 
     /// The broker URIs: `uri` may list several nodes of one cluster,
-    /// separated by commas.
+    /// separated by commas. A comma may also be part of a password (RFC
+    /// 3986 allows it unescaped in the user information), so a new entry
+    /// starts only where what follows a comma is a URI of its own
+    /// (`amqp://` or `amqps://`): split anywhere else, a password's first
+    /// part would be read as a host name, and shown in the log.
     fn entries(&self) -> Vec<&str> {
-        let entries: Vec<&str> = self
-            .uri
-            .split(',')
-            .map(str::trim)
+        let uri = self.uri.as_str();
+        let mut entries = Vec::new();
+        let mut start = 0;
+        for (comma, _) in uri.match_indices(',') {
+            if starts_a_uri(&uri[comma + 1..]) {
+                entries.push(&uri[start..comma]);
+                start = comma + 1;
+            }
+        }
+        entries.push(&uri[start..]);
+        let entries: Vec<&str> = entries
+            .into_iter()
+            .map(|u| u.trim().trim_end_matches(',').trim_end())
             .filter(|u| !u.is_empty())
             .collect();
         if entries.is_empty() {
@@ -560,6 +573,15 @@ pub(crate) fn classify_lapin(e: lapin::Error) -> Error {
     }
 }
 
+/// Whether `text` (after any spaces) begins with an AMQP URI's scheme.
+fn starts_a_uri(text: &str) -> bool {
+    let text = text.trim_start().as_bytes();
+    [&b"amqp://"[..], b"amqps://"].iter().any(|scheme| {
+        text.get(..scheme.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(scheme))
+    })
+}
+
 /// `uri` with the password replaced by `***`, for logs and errors.
 ///
 /// Everything before the last `@` is taken as user info, whether or not
@@ -708,6 +730,25 @@ mod tests {
         assert_eq!(redact_uri("amqp://u:p@ss@h"), "amqp://u:***@h");
         let opts = ConnectOptions::new("amqp://bob:hunter2@h:1/v");
         assert!(!format!("{opts:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_comma_in_a_password_is_the_passwords() {
+        let opts = ConnectOptions::new("amqp://u:a,b@h1/%2f, AMQPS://v:c,,d@h2/%2f,");
+        assert_eq!(
+            opts.entries(),
+            ["amqp://u:a,b@h1/%2f", "AMQPS://v:c,,d@h2/%2f"]
+        );
+        assert_eq!(opts.redacted(), "amqp://u:***@h1/%2f,AMQPS://v:***@h2/%2f");
+        assert!(ConnectOptions::new("amqp://u:a,b@h").has_password());
+        assert_eq!(
+            ConnectOptions::new("amqp://u:a,b@h")
+                .parse()
+                .unwrap()
+                .authority
+                .host,
+            "h"
+        );
     }
 
     #[test]

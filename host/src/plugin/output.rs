@@ -22,13 +22,16 @@ pub(crate) const LOG_RECORD_BYTES: usize = 4 << 10;
 
 /// `text` as one log line of at most `cap` bytes: line breaks and other
 /// control characters escaped (so guest text cannot forge records of its
-/// own or send escape sequences to a terminal), cut at a character
-/// boundary. Returns the line and how many bytes of `text` were left out.
+/// own or send escape sequences to a terminal), and so are the Unicode
+/// line and paragraph separators (which some log viewers break lines at)
+/// and the bidirectional controls (which reorder how the text around them
+/// reads); cut at a character boundary. Returns the line and how many
+/// bytes of `text` were left out.
 pub(crate) fn one_line(text: &str, cap: usize) -> (String, usize) {
     let mut line = String::with_capacity(text.len().min(cap));
     for (at, c) in text.char_indices() {
         let before = line.len();
-        if c.is_control() && c != '\t' {
+        if (c.is_control() && c != '\t') || hides_how_text_reads(c) {
             // Writing to a String cannot fail.
             let _ = write!(line, "{}", c.escape_default());
         } else {
@@ -40,6 +43,22 @@ pub(crate) fn one_line(text: &str, cap: usize) -> (String, usize) {
         }
     }
     (line, 0)
+}
+
+/// U+2028 and U+2029, and the bidirectional formatting characters
+/// (Unicode Standard Annex #9: U+061C, U+200E, U+200F, U+202A to U+202E,
+/// U+2066 to U+2069).
+fn hides_how_text_reads(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2028}'
+            | '\u{2029}'
+            | '\u{061C}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// One stream's output of a call, as it goes to the log.
@@ -215,6 +234,10 @@ mod tests {
             ("a\\nb\\r\\n\\u{1b}[2Jc\td".into(), 0)
         );
         // Cut at a character boundary, never inside an escape.
+        assert_eq!(
+            one_line("a\u{2028}b\u{2029}c\u{202E}d\u{2066}e\u{200F}f", 100).0,
+            "a\\u{2028}b\\u{2029}c\\u{202e}d\\u{2066}e\\u{200f}f"
+        );
         assert_eq!(one_line("héllo", 2), ("h".into(), 5));
         assert_eq!(one_line("ab\ncd", 3), ("ab".into(), 3));
         assert_eq!(one_line("", 0), (String::new(), 0));

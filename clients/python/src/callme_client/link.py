@@ -169,6 +169,12 @@ class Link:
             self._name()
             self._served = False
         limit = options.handshake_timeout(CONNECT_TIMEOUT)
+        # One limit for the whole of it, the reply queue's set-up too: a
+        # broker that takes the handshake and then stalls (a node cut off
+        # from its cluster's majority, which cannot declare) must not
+        # keep the proxy waiting for ever.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
         try:
             # Read again at each connect (a certificate renewed in place);
             # one gone or broken since is this connect's failure.
@@ -199,7 +205,8 @@ class Link:
                 f"cannot connect to the broker at {options.redacted}: {errors.reply_text(e)}"
             ) from None
         _never_drop_frames(connection)
-        try:
+
+        async def set_up() -> Any:
             channel = await connection.channel(publisher_confirms=False)
             exchange = await channel.declare_exchange(
                 self.exchange, aio_pika.ExchangeType.DIRECT, durable=False, auto_delete=True
@@ -214,8 +221,17 @@ class Link:
             await underlay.basic_qos(prefetch_count=REPLY_PREFETCH)
             consume = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
             self._consumer = (underlay, consume.consumer_tag)
+            return channel
+
+        try:
+            channel = await asyncio.wait_for(set_up(), max(0.0, deadline - loop.time()))
         except BaseException as e:
             await _close_quietly(connection)
+            if isinstance(e, asyncio.TimeoutError):
+                raise errors.ConnectionError(
+                    f"the broker at {options.redacted} did not set up the reply queue "
+                    f"within {limit:g} s of connecting"
+                ) from None
             if isinstance(e, aiormq.exceptions.ChannelAccessRefused):
                 raise _ReplyQueueRefused(
                     f"the broker refused the reply queue {self.queue!r}: {errors.reply_text(e)}"

@@ -64,6 +64,19 @@ def encode_request(
     return json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _unique_keys(pairs: "list[tuple[str, Any]]") -> "dict[str, Any]":
+    found: "dict[str, Any]" = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"a response names the key {key[:100]!r} twice")
+        found[key] = value
+    return found
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"a response holds {constant}, which is not JSON")
+
+
 def decode_response(body: bytes) -> Any:
     """The result a response body carries.
 
@@ -71,13 +84,18 @@ def decode_response(body: bytes) -> Any:
     :raises ValueError: when it is not a response.
     """
     try:
-        response = json.loads(body)
+        # As strict as the host reads requests (I-JSON, RFC 7493): a key
+        # given twice, or NaN and Infinity, which are not JSON, make no
+        # response.
+        response = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("a response nested too deeply") from None
     if not isinstance(response, dict):
         raise ValueError("a response is a JSON object")
     if "error" in response:
-        error = response["error"] or {}
+        if "result" in response:
+            raise ValueError("a response has a `result` or an `error`, not both")
+        error = response["error"]
         if not isinstance(error, dict):
             raise ValueError("a response's `error` is a JSON object")
         raise remote_error(
