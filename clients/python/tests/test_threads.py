@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -181,3 +184,54 @@ def test_a_call_handed_over_as_the_proxy_closes_does_not_hang() -> None:
     caller.join(10)
     assert not caller.is_alive(), "the call waits forever"
     assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError), outcome
+
+
+def test_a_signal_handler_may_call_and_close_the_proxy_its_thread_is_calling(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler that calls the proxy, then closes it (a SIGTERM
+    handler saying goodbye, say), while its thread is in a call of the
+    proxy between taking the loop's turn and running the loop: its call
+    is answered, and the close ends the call it interrupted. Both used to
+    wait for ever for a turn only their own thread could give back. The
+    handler is made to run at that point: the comparison with
+    ``_SETTLE_AFTER`` there sends the signal."""
+    import callme_client.proxy as proxy_module
+
+    if not hasattr(signal, "SIGUSR1"):
+        pytest.skip("no SIGUSR1 here")
+    # A hang fails the run rather than holding it for ever.
+    faulthandler.dump_traceback_later(60, exit=True)
+    answered: List[int] = []
+    try:
+        with callme.Proxy(amqp_url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 1) == 2
+
+            def handler(signum: int, frame: object) -> None:
+                answered.append(calc.add(2, 2))
+                proxy.close()
+
+            class Interrupting(float):
+                fired = False
+
+                def __lt__(self, other: object) -> bool:
+                    if not Interrupting.fired:
+                        Interrupting.fired = True
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    return False
+
+            previous = signal.signal(signal.SIGUSR1, handler)
+            try:
+                monkeypatch.setattr(proxy_module, "_SETTLE_AFTER", Interrupting(0.0))
+                with pytest.raises(callme.ConnectionError):
+                    calc.add(3, 3)
+            finally:
+                signal.signal(signal.SIGUSR1, previous)
+            assert Interrupting.fired
+            assert answered == [4]
+            with pytest.raises(callme.ConnectionError, match="closed"):
+                calc.add(4, 4)
+            assert proxy._loop.loop.is_closed()
+    finally:
+        faulthandler.cancel_dump_traceback_later()

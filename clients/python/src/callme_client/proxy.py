@@ -67,6 +67,11 @@ class _SharedLoop:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self._turn = threading.Lock()
+        # The thread holding ``_turn`` (its ``threading.get_ident()``).
+        self._holder: Optional[int] = None
+        # A close asked for by the holder of ``_turn`` from within its own
+        # call (a signal handler, say), run when that turn ends.
+        self._closing: "Optional[asyncio.Task[None]]" = None
         # Calls handed to the daemon thread and not yet done, and whether
         # it should stop; guarded by the condition.
         self._state = threading.Condition()
@@ -94,8 +99,16 @@ class _SharedLoop:
         if self.closed:
             coroutine.close()
             raise errors.ConnectionError("the proxy is closed")
+        if self._holder == threading.get_ident():
+            # This thread holds the loop's turn but is not running the
+            # loop: a signal handler (or a finalizer) interrupted its own
+            # call between taking the turn and running the loop. Handed
+            # over, this call would wait for ever for a turn that only its
+            # own thread can give back; the loop is this thread's to run.
+            return self._run_here(self.loop.create_task(coroutine))
         if self._turn.acquire(blocking=False):
             # Nobody runs the loop: run the call on it here.
+            self._holder = threading.get_ident()
             try:
                 if self.loop.is_closed():
                     coroutine.close()
@@ -109,8 +122,22 @@ class _SharedLoop:
                 return self._run_here(self.loop.create_task(coroutine))
             finally:
                 self._last_ran = time.monotonic()
+                self._finish_close()
+                self._holder = None
                 self._turn.release()
         return self._hand_over(coroutine)
+
+    def _finish_close(self) -> None:
+        """Runs a close asked for during this thread's turn, and closes
+        the loop."""
+        closing, self._closing = self._closing, None
+        if closing is None or self.loop.is_closed():
+            return
+        try:
+            self.loop.run_until_complete(closing)
+        except BaseException:  # a broker that is gone cannot be said goodbye to
+            pass
+        self.loop.close()
 
     def _run_here(self, task: "asyncio.Task[T]") -> T:
         try:
@@ -181,6 +208,7 @@ class _SharedLoop:
             with self._turn:
                 if self.loop.is_closed():
                     return
+                self._holder = threading.get_ident()
                 try:
                     if busy:
                         self.loop.run_until_complete(self._drain())
@@ -198,6 +226,9 @@ class _SharedLoop:
                     pass
                 finally:
                     self._last_ran = time.monotonic()
+                    # A finalizer run on this thread may have asked.
+                    self._finish_close()
+                    self._holder = None
 
     def close(self, proxy: AsyncProxy) -> None:
         """Closes ``proxy``, ends every call still running, closes the loop."""
@@ -211,6 +242,14 @@ class _SharedLoop:
             # Collected while this loop runs, on the thread running it:
             # that thread finishes the job.
             self.loop.create_task(_close(proxy))
+            return
+        if self._holder == threading.get_ident():
+            # Asked for by a signal handler (or a finalizer) interrupting
+            # this thread's own call, which holds the loop's turn: waiting
+            # for the turn would wait for ever. The close runs as that call
+            # goes on (ending it), and the loop closes when its turn ends.
+            if self._closing is None:
+                self._closing = self.loop.create_task(_close(proxy))
             return
         # Calls running on another thread's turn are cancelled by the
         # close, which ends that turn.
