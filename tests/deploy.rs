@@ -995,3 +995,75 @@ async fn a_second_stop_signal_ends_the_host_at_once() {
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("a second stop signal"), "{log}");
 }
+
+/// A component whose module's start function counts to 400 million (a
+/// second or more) and then returns: trying its first instance takes that
+/// long, and it is served after.
+const SLOW_BUT_STARTS: &str = r#"
+(component
+  (core module $m
+    (func $count (local $i i32)
+      (loop $again
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $again (i32.lt_u (local.get $i) (i32.const 400000000)))))
+    (func (export "noop"))
+    (start $count))
+  (core instance $i (instantiate $m))
+  (func (export "noop") (canon lift (core func $i "noop"))))
+"#;
+
+/// The broker connection lost while the host serves its directory at
+/// start-up (a plugin still being tried when it goes) does not end the
+/// host: the plugins not served yet are once the broker is back, and the
+/// host says it is ready then. It used to exit, cutting the calls the
+/// plugins served first were running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_lost_while_the_plugins_load_is_waited_for() {
+    let forwarder = callme_tests::Forwarder::start().await;
+    let port = forwarder.port();
+    let dir = tempdir();
+    let fast = unique("load-lost-fast");
+    deploy(&plugin_path("calc"), &dir, &format!("{fast}.wasm"));
+    let slow = unique("load-lost-slow");
+    std::fs::write(
+        dir.join(format!("{slow}.toml")),
+        "deadline_ms = 60000\nfuel = 100000000000000\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(format!("{slow}.wasm")),
+        wat::parse_str(SLOW_BUT_STARTS).unwrap(),
+    )
+    .unwrap();
+    let url = forwarder.url();
+    let mut host = Host::serve(&dir, &["--amqp-url", &url]);
+    let p = proxy(Duration::from_secs(5)).await;
+    // Served first, while the slow one is tried.
+    wait_version(&p, &fast, "1").await;
+    assert!(!host.is_ready(), "ready before the slow plugin was served");
+    forwarder.cut();
+    // Once the slow plugin's trial is over, it is served on a connection
+    // that is gone: the host says it waits for the broker, and lives.
+    let until = Instant::now() + WAIT;
+    while !host.log_text().contains("trying again once it is back") {
+        assert!(
+            matches!(host.child.try_wait(), Ok(None)),
+            "the host exited: {}",
+            host.log_text()
+        );
+        assert!(Instant::now() < until, "{}", host.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _back = callme_tests::Forwarder::on(port).await;
+    host.wait_ready(WAIT);
+    wait_version(&p, &fast, "1").await;
+    let served = eventually(WAIT, || async {
+        let r = p
+            .use_server(&slow)
+            .call_timeout("noop", Args::default(), Duration::from_secs(2))
+            .await;
+        r.is_ok().then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "{slow} not served: {}", host.log_text());
+}

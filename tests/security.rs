@@ -443,6 +443,50 @@ async fn guest_output_cannot_flood_the_host_log() {
     );
 }
 
+/// However many calls a caller makes a plugin print on, its output takes
+/// at most 64 KiB of the host's log a second (256 KiB at once): the log is
+/// every plugin's and every caller's. What was held back is counted. A
+/// plugin beside it logs as before.
+#[tokio::test]
+async fn a_plugin_called_again_and_again_cannot_flood_the_host_log() {
+    const CALLS: usize = 200;
+    let dir = tempdir();
+    let noisy = unique("noisier");
+    deploy(&plugin_path("hostile"), &dir, &format!("{noisy}.wasm"));
+    let mut host = Host::serve(&dir, &["--concurrency", "16"]);
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(60)).await;
+    let before = host.log_text().len();
+    let started = std::time::Instant::now();
+    // Each call: 64 KiB on stdout and on stderr and 3300 `host.log`
+    // records, some 13 KiB of log once cut to a call's share.
+    let spam: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let sp = p.use_server(&noisy);
+            tokio::spawn(async move { sp.call("spam", pos(json!([3300]))).await })
+        })
+        .collect();
+    for call in spam {
+        call.await.unwrap().unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let log = host.log_text();
+    let grown = (log.len() - before) as f64;
+    // The burst, and a second's worth for each second it took (each line
+    // counted with its fields), and room for the host's own lines.
+    let allowed = (256 << 10) as f64 + seconds * (64 << 10) as f64 + (64 << 10) as f64;
+    let lines = log[before..].lines().count() as f64;
+    assert!(
+        grown < allowed,
+        "{CALLS} calls in {seconds:.1} s wrote {grown} bytes of log in {lines} lines"
+    );
+    assert!(
+        log.contains("guest lines") && log.contains("held back"),
+        "what was held back is not said: {}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+}
+
 /// The seed's recipes are unanchored: `client_olivia_.*` also matches the
 /// reply exchange of a user `olivia_x`, so olivia may bind a queue of her
 /// own to it and read olivia_x's replies. The anchored recipes allow her

@@ -47,6 +47,10 @@ use crate::{Error, PluginError, Server};
 /// one copy or rename arrive in a burst.
 const SETTLE: Duration = Duration::from_millis(15);
 
+/// How long start-up waits before serving again the plugins a lost
+/// broker connection kept from being served.
+const LOAD_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 /// How often the whole directory is looked at, besides events.
 pub(crate) const RESYNC: Duration = Duration::from_secs(5);
 
@@ -471,15 +475,28 @@ impl Deployer {
         for name in &names {
             self.change(name);
         }
-        let mut broker = Ok(());
-        while let Some(done) = self.tasks.join_next_with_id().await {
-            if let Err(e) = self.applied(done)
-                && broker.is_ok()
-            {
-                broker = Err(e);
+        loop {
+            let mut broker = Ok(());
+            while let Some(done) = self.tasks.join_next_with_id().await {
+                if let Err(e) = self.applied(done)
+                    && broker.is_ok()
+                {
+                    broker = Err(e);
+                }
             }
+            let Err(e) = broker else { break };
+            // The broker went away while the plugins were served: the ones
+            // not served yet are once it is back, as after start-up (and
+            // start-up ends only when every plugin is served). Ending here
+            // instead would cut the calls the plugins served first run.
+            warn!(target: "callme::server", error = %e.chain(), "the broker connection failed while serving the plugins: trying again once it is back");
+            tokio::select! {
+                () = tokio::time::sleep(LOAD_AGAIN_AFTER) => {}
+                // Lost for good (no reconnecting): nothing to wait for.
+                () = self.apply.server.closed() => return Err(e),
+            }
+            self.resync();
         }
-        broker?;
         Ok(names
             .iter()
             .filter(|n| self.apply.server.is_serving(n))

@@ -98,16 +98,16 @@ impl ConnectOptions {
 
     /// The broker URIs: `uri` may list several nodes of one cluster,
     /// separated by commas. A comma may also be part of a password (RFC
-    /// 3986 allows it unescaped in the user information), so a new entry
-    /// starts only where what follows a comma is a URI of its own
-    /// (`amqp://` or `amqps://`): split anywhere else, a password's first
+    /// 3986 allows it unescaped in the user information), so a comma ends
+    /// an entry only past its `@`, or where what follows is a URI of its
+    /// own (`amqp://` or `amqps://`): split inside a password, its first
     /// part would be read as a host name, and shown in the log.
     fn entries(&self) -> Vec<&str> {
         let uri = self.uri.as_str();
         let mut entries = Vec::new();
         let mut start = 0;
         for (comma, _) in uri.match_indices(',') {
-            if starts_a_uri(&uri[comma + 1..]) {
+            if uri[start..comma].contains('@') || starts_a_uri(&uri[comma + 1..]) {
                 entries.push(&uri[start..comma]);
                 start = comma + 1;
             }
@@ -741,6 +741,11 @@ mod tests {
         );
         assert_eq!(opts.redacted(), "amqp://u:***@h1/%2f,AMQPS://v:***@h2/%2f");
         assert!(ConnectOptions::new("amqp://u:a,b@h").has_password());
+        // Past an entry's `@`, a comma ends it, whatever follows.
+        assert_eq!(
+            ConnectOptions::new("amqp://u:p@h1,amqp//v:q@h2").entries(),
+            ["amqp://u:p@h1", "amqp//v:q@h2"]
+        );
         assert_eq!(
             ConnectOptions::new("amqp://u:a,b@h")
                 .parse()

@@ -37,6 +37,7 @@ mod export;
 mod instances;
 mod limits;
 mod load;
+mod log_rate;
 mod maker;
 mod output;
 mod sandbox;

@@ -21,6 +21,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::caps::CallCaps;
+use super::log_rate::{self, Admit};
 use super::output::{CapturedOutput, Excerpt, LOG_RECORD_BYTES, one_line};
 use super::settings::GuestLogLevel;
 use super::trap::MemoryRefused;
@@ -139,6 +140,9 @@ impl CallState {
             else {
                 continue;
             };
+            if !may_log(&self.plugin, line.len()) {
+                continue;
+            }
             if dropped_bytes == 0 {
                 tracing::info!(target: "callme::plugin", plugin, stream, "{line}");
             } else {
@@ -149,7 +153,7 @@ impl CallState {
         budget.records.store(0, Ordering::Relaxed);
         budget.bytes.store(0, Ordering::Relaxed);
         let dropped = budget.dropped.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
+        if dropped > 0 && may_log(&self.plugin, 100) {
             tracing::warn!(
                 target: "callme::plugin",
                 plugin,
@@ -157,6 +161,27 @@ impl CallState {
                 "{dropped} more guest log records dropped: a call may log {MAX_GUEST_LOG_RECORDS} records, {GUEST_LOG_BYTES} bytes in all"
             );
         }
+    }
+}
+
+/// Whether a line of `len` bytes of `plugin`'s guest text goes to the log
+/// now ([`log_rate`]); says first how many were held back, if any were.
+fn may_log(plugin: &Arc<str>, len: usize) -> bool {
+    match log_rate::admit(plugin, len) {
+        Admit::Yes => true,
+        Admit::After { lines, bytes } => {
+            tracing::warn!(
+                target: "callme::plugin",
+                plugin = &**plugin,
+                held_back_lines = lines,
+                held_back_bytes = bytes,
+                "{lines} guest lines ({bytes} bytes) held back: a plugin's output may take {} KiB of the log a second ({} KiB at once)",
+                log_rate::BYTES_PER_SECOND >> 10,
+                log_rate::BURST_BYTES >> 10,
+            );
+            true
+        }
+        Admit::No => false,
     }
 }
 
@@ -208,6 +233,9 @@ impl Host for CallState {
         }
         *records += 1;
         *bytes += line.len();
+        if !may_log(&self.plugin, line.len()) {
+            return;
+        }
         let plugin = &*self.plugin;
         if dropped_bytes == 0 {
             guest_event!(level, target: "callme::plugin", plugin, "{line}");

@@ -538,8 +538,20 @@ impl Server {
     /// else consumes from and nothing waits in.
     pub async fn shutdown(&self, grace: Duration) {
         let mut stopped = Vec::new();
+        // Every id at once: one at a time, with many ids and a slow
+        // broker, the ids not cancelled yet went on taking requests, and
+        // the grace period began late.
+        let mut stopping = tokio::task::JoinSet::new();
         for id in self.inner.registry.ids() {
-            match self.stop(&id).await {
+            let server = self.clone();
+            stopping.spawn(async move {
+                let outcome = server.stop(&id).await;
+                (id, outcome)
+            });
+        }
+        while let Some(done) = stopping.join_next().await {
+            let Ok((id, outcome)) = done else { continue };
+            match outcome {
                 Ok(Some(served)) => {
                     let shape = self.inner.options.queue_shape(&served.service);
                     stopped.push((id, shape, served.consumer.taken));
