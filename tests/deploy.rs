@@ -970,6 +970,61 @@ async fn a_stop_while_plugins_load_finishes_the_calls_running() {
     assert_eq!(call.await.unwrap().unwrap(), json!("1"));
 }
 
+/// A plugin still being tried when a stop comes at start-up is given up:
+/// it is not served once the ids have been stopped, where it would take
+/// requests that the process, on its way out, drops.
+#[tokio::test]
+async fn a_stop_while_plugins_load_serves_no_plugin_after_it() {
+    let dir = tempdir();
+    let id = unique("load-stop-fast");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let late = unique("load-stop-late");
+    std::fs::write(
+        dir.join(format!("{late}.toml")),
+        "deadline_ms = 60000\nfuel = 100000000000000\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(format!("{late}.wasm")),
+        wat::parse_str(SLOW_BUT_STARTS).unwrap(),
+    )
+    .unwrap();
+    let mut host = Host::serve(&dir, &["--grace", "20"]);
+    let p = proxy(Duration::from_secs(20)).await;
+    wait_version(&p, &id, "1").await;
+    assert!(!host.is_ready(), "ready while a plugin is still loading");
+    let call = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.call("slow-version", pos(json!([8000]))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.terminate();
+    // Its trial (about a second) ends well within the call running.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let r = p
+            .use_server(&late)
+            .call_timeout("noop", Args::default(), Duration::from_secs(1))
+            .await;
+        // Served after the stop, it would take the request and never
+        // run it (the stop holds every turn), then drop it on its way out.
+        assert!(
+            matches!(r, Err(Error::NoSuchServer(_))),
+            "{late} served after the stop: {r:?} {}",
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(call.await.unwrap().unwrap(), json!("1"));
+    let code = host.wait(Duration::from_secs(15));
+    let log = host.log_text();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("the version being loaded is given up"),
+        "{log}"
+    );
+}
+
 /// A second stop signal ends the host at once, calls running or not
 /// (their requests go back to the queue, as when a host is killed): an
 /// operator's second Ctrl-C is no longer swallowed for the whole grace

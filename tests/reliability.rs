@@ -291,6 +291,52 @@ async fn the_last_host_stopping_past_its_grace_keeps_the_queue_its_calls_go_back
     next.shutdown(Duration::from_secs(5)).await;
 }
 
+/// An id stopped, served again and stopped again: the first stop's
+/// retirement, once its own call is over, does not delete the queue the
+/// second serving's call was taken from (its request would have nowhere
+/// to go back to). It used to look only at its own serving's requests.
+#[tokio::test]
+async fn an_id_stopped_twice_keeps_its_queue_for_the_second_servings_calls() {
+    let id = unique("stopped-twice");
+    let s = server(ServerOptions::default()).await;
+    let queue = callme::protocol::server_queue(&id);
+    let queued = || {
+        callme_tests::broker_ctl(&["list_queues", "name"])
+            .lines()
+            .any(|l| l == queue)
+    };
+    s.serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    let first = slow_calls(&p, &id, 1, 2000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.stop_serving(&id).await.unwrap());
+    s.serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let second = slow_calls(&p, &id, 1, 8000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.stop_serving(&id).await.unwrap());
+    let (answered_first, results) = answered(first).await;
+    assert_eq!(answered_first, 1, "{results:?}");
+    // The first retirement looks every half second once its call is over.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        queued(),
+        "the queue was deleted with a request of the second serving taken from it"
+    );
+    let (answered_second, results) = answered(second).await;
+    assert_eq!(answered_second, 1, "{results:?}");
+    // Its own retirement deletes it once that call is over.
+    let gone = callme_tests::eventually(Duration::from_secs(10), || async {
+        (!queued()).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the queue of an id no longer served stayed");
+    s.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn host_killed_mid_call_loses_nothing() {
     let (dir_a, dir_b) = (tempdir(), tempdir());

@@ -87,6 +87,9 @@ impl Host {
         };
         let Some(count) = loaded else {
             observe::set_phase(Phase::Stopping);
+            // As in [`Host::run_until`]: what is being loaded is given up
+            // (or, being swapped in, finished) before the ids are stopped.
+            let _ = tokio::time::timeout(options.grace, deployer.stop()).await;
             info!(target: "callme::server", grace = ?options.grace, "stopping before every plugin was served: finishing running calls");
             server.shutdown(options.grace).await;
             info!(target: "callme::server", "stopped");

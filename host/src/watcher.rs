@@ -329,8 +329,9 @@ pub(crate) struct Deployer {
     writing: Writing,
     /// Set once the host stops: a change not yet served is given up.
     stop: watch::Receiver<bool>,
-    /// Keeps [`Self::stop`] open until [`Self::watch`] is given the host's.
-    _not_stopping: watch::Sender<bool>,
+    /// Sets [`Self::stop`] until [`Self::watch`] is given the host's:
+    /// [`Self::stop`] during [`Self::load_all`].
+    stopping: watch::Sender<bool>,
     events: mpsc::UnboundedReceiver<Change>,
     /// Where the watcher sends, for a new watcher on a replaced directory.
     sender: mpsc::UnboundedSender<Change>,
@@ -435,7 +436,7 @@ impl Deployer {
         let watched = dir_identity(&dir);
         let writing = Writing::default();
         let watcher = watch_dir(&dir, sender.clone(), writing.clone())?;
-        let (not_stopping, stop) = watch::channel(false);
+        let (stopping, stop) = watch::channel(false);
         Ok(Deployer {
             apply: Arc::new(Apply {
                 dir,
@@ -451,7 +452,7 @@ impl Deployer {
             task_names: HashMap::new(),
             writing,
             stop,
-            _not_stopping: not_stopping,
+            stopping,
             events,
             sender,
             watcher,
@@ -692,13 +693,26 @@ impl Deployer {
                 self.resync();
             }
         }
-        // Asked to stop (or the sender gone): changes under way give up
-        // what is not served yet, and the rest is let finish, never cut
-        // in the middle, which would leave an id half swapped.
+        self.finish().await;
+        Ok(())
+    }
+
+    /// The host stops while [`Self::load_all`] runs (its future dropped):
+    /// no plugin not served yet is served from now on. A plugin served
+    /// once the server has begun to stop would take requests that the
+    /// process, on its way out, drops.
+    pub(crate) async fn stop(mut self) {
+        let _ = self.stopping.send(true);
+        self.finish().await;
+    }
+
+    /// Asked to stop: changes under way give up what is not served yet,
+    /// and the rest is let finish, never cut in the middle, which would
+    /// leave an id half swapped.
+    async fn finish(&mut self) {
         while let Some(done) = self.tasks.join_next_with_id().await {
             let _ = self.applied(done);
         }
-        Ok(())
     }
 }
 

@@ -35,6 +35,7 @@ mod runtimes;
 mod service;
 mod unreadable;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -196,6 +197,10 @@ struct Inner {
     /// consume and reply on ([`consumer`]): closed at shutdown, after the
     /// calls in flight; at most [`MAX_OWN_LINKS`] at once.
     own_links: std::sync::Mutex<Vec<std::sync::Weak<OwnLink>>>,
+    /// The retirement of each id stopped lately ([`retire`]), ended when
+    /// the id is served again: that serving's requests are not its to
+    /// look after, and a second stop retires them itself.
+    retiring: std::sync::Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// One permit per connection of its own an id may open.
     own_slots: Arc<Semaphore>,
 }
@@ -216,6 +221,10 @@ pub(super) struct OwnLink {
 const MAX_OWN_LINKS: usize = 8;
 
 impl Inner {
+    fn retiring(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::AbortHandle>> {
+        self.retiring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Replies on the server's connection.
     fn replier(&self) -> Replier {
         Replier::new(
@@ -321,6 +330,7 @@ impl Server {
                 pipeline,
                 undeliverable: AtomicU64::new(0),
                 own_links: std::sync::Mutex::new(Vec::new()),
+                retiring: std::sync::Mutex::default(),
                 own_slots: Arc::new(Semaphore::new(MAX_OWN_LINKS)),
                 noisy: Noisy {
                     caller_gone: Throttle::new(NOISY_PERIOD),
@@ -506,23 +516,36 @@ impl Server {
     ///
     /// Broker errors while cancelling.
     pub async fn stop_serving(&self, server_id: &str) -> Result<bool, Error> {
-        let Some(served) = self.stop(server_id).await? else {
+        // Held until its retirement is known: no serving of the id comes
+        // in between (see [`Inner::retiring`]).
+        let _changing = self.inner.changes.lock(server_id).await;
+        let Some(served) = self.stop_locked(server_id).await? else {
             return Ok(false);
         };
         let shape = self.inner.options.queue_shape(&served.service);
-        tokio::spawn(retire(
+        let retiring = tokio::spawn(retire(
             Arc::downgrade(&self.inner),
             server_id.to_string(),
             served.share,
             served.consumer.taken,
             shape,
         ));
+        let mut all = self.inner.retiring();
+        all.retain(|_, r| !r.is_finished());
+        if let Some(earlier) = all.insert(server_id.to_string(), retiring.abort_handle()) {
+            earlier.abort();
+        }
         Ok(true)
     }
 
     /// Cancels the consumer of `server_id` and forgets it.
     async fn stop(&self, server_id: &str) -> Result<Option<Entry<ConsumerHandle>>, Error> {
         let _changing = self.inner.changes.lock(server_id).await;
+        self.stop_locked(server_id).await
+    }
+
+    /// [`Server::stop`], its caller holding the id's lock.
+    async fn stop_locked(&self, server_id: &str) -> Result<Option<Entry<ConsumerHandle>>, Error> {
         let Some(served) = self.inner.registry.remove(server_id) else {
             return Ok(None);
         };
@@ -666,6 +689,12 @@ impl Server {
         let service = Arc::new(service);
         let slots = share.slots();
         let (handover, handed) = mpsc::unbounded_channel();
+        // Under the id's lock, so its retirement is not deleting the
+        // queue right now: it would also look after this serving's
+        // requests, and, stopped again, delete the queue under them.
+        if let Some(earlier) = self.inner.retiring().remove(&id) {
+            earlier.abort();
+        }
         let taken = given_back::Taken::new(self.inner.given_back.clone());
         let handle = ConsumerHandle {
             channel: channel.clone(),
