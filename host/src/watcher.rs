@@ -47,9 +47,9 @@ use crate::{Error, PluginError, Server};
 /// one copy or rename arrive in a burst.
 const SETTLE: Duration = Duration::from_millis(15);
 
-/// How long start-up waits before serving again the plugins a lost
-/// broker connection kept from being served.
-const LOAD_AGAIN_AFTER: Duration = Duration::from_secs(1);
+/// How often start-up, kept from serving plugins by a lost broker
+/// connection, says it still waits.
+const LOAD_REPORT_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the whole directory is looked at, besides events.
 pub(crate) const RESYNC: Duration = Duration::from_secs(5);
@@ -476,6 +476,8 @@ impl Deployer {
         for name in &names {
             self.change(name);
         }
+        let mut attempt = 0;
+        let mut reported: Option<std::time::Instant> = None;
         loop {
             let mut broker = Ok(());
             while let Some(done) = self.tasks.join_next_with_id().await {
@@ -490,12 +492,33 @@ impl Deployer {
             // not served yet are once it is back, as after start-up (and
             // start-up ends only when every plugin is served). Ending here
             // instead would cut the calls the plugins served first run.
-            warn!(target: "callme::server", error = %e.chain(), "the broker connection failed while serving the plugins: trying again once it is back");
+            // An error waiting cannot cure ends start-up, as it would
+            // before any plugin is served.
+            if !matches!(
+                e,
+                Error::Connection(_)
+                    | Error::Disconnected(_)
+                    | Error::ConnectTimeout { .. }
+                    | Error::BrokerLost
+            ) {
+                return Err(e);
+            }
+            // Said at once, then every half minute while it lasts.
+            if reported.is_none_or(|at| at.elapsed() >= LOAD_REPORT_EVERY) {
+                warn!(target: "callme::server", error = %e.chain(), attempts = attempt + 1, "the broker connection failed while serving the plugins: trying again once it is back");
+                reported = Some(std::time::Instant::now());
+            }
+            // The link may not have seen the loss yet: a moment first,
+            // then until it is up again (none at all once it is closed
+            // for good: nothing to wait for).
             tokio::select! {
-                () = tokio::time::sleep(LOAD_AGAIN_AFTER) => {}
-                // Lost for good (no reconnecting): nothing to wait for.
+                () = tokio::time::sleep(crate::amqp::link::backoff(attempt)) => {}
                 () = self.apply.server.closed() => return Err(e),
             }
+            if !self.apply.server.up().await {
+                return Err(e);
+            }
+            attempt += 1;
             self.resync();
         }
         Ok(names

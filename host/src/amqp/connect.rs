@@ -101,7 +101,9 @@ impl ConnectOptions {
     /// 3986 allows it unescaped in the user information), so a comma ends
     /// an entry only past its `@`, or where what follows is a URI of its
     /// own (`amqp://` or `amqps://`): split inside a password, its first
-    /// part would be read as a host name, and shown in the log.
+    /// part would be read as a host name, and shown in the log. An `@` in
+    /// a password is `%40`, as RFC 3986 has it, so an entry's `@` is the
+    /// one before its host.
     fn entries(&self) -> Vec<&str> {
         let uri = self.uri.as_str();
         let mut entries = Vec::new();

@@ -707,13 +707,15 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
             // A second one ends the process at once, without waiting for
             // the running calls: the broker gives their requests back to
             // the queue, as when a host is killed.
+            // Its status is the shell's for a process a signal ended (128
+            // and the signal's number), not 1, which says start-up failed.
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
+                let code = tokio::select! {
+                    _ = term.recv() => 128 + 15,
+                    _ = interrupt.recv() => 128 + 2,
+                };
                 tracing::warn!(target: "callme::server", "a second stop signal: exiting now, without finishing running calls (their requests go back to the queue)");
-                std::process::exit(1);
+                std::process::exit(code);
             });
         })
     }

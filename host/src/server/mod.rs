@@ -652,6 +652,14 @@ impl Server {
         self.inner.link.closed().await;
     }
 
+    /// Waits until the broker connection is up; `false` once it is
+    /// closed for good.
+    pub(crate) async fn up(&self) -> bool {
+        crate::amqp::link::up(&mut self.inner.link.subscribe())
+            .await
+            .is_some()
+    }
+
     async fn start(&self, id: String, service: Service, concurrency: usize) -> Result<(), Error> {
         let share = Share::new(concurrency)?;
         if !is_valid_server_id(&id) {
