@@ -210,6 +210,49 @@ def test_a_reconnection_attempt_interrupted_is_tried_again(
         assert len(opens) >= 3
 
 
+def test_a_ctrl_c_while_the_reply_queue_is_set_up_again_is_raised_once(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt in a reconnection's set-up of the reply queue
+    reaches the thread running the loop once. Set up under
+    ``asyncio.wait_for``, which before Python 3.12 runs it in a task of
+    its own, it was raised there a second time, from the attempt awaiting
+    that task: one Ctrl-C interrupted two calls."""
+    import aio_pika
+
+    declare = aio_pika.Channel.declare_queue
+    declares: List[int] = []
+
+    async def interrupted_once_when_declared_again(self: Any, *args: Any, **kwargs: Any) -> Any:
+        declares.append(1)
+        if len(declares) == 2:
+            raise KeyboardInterrupt()
+        return await declare(self, *args, **kwargs)
+
+    monkeypatch.setattr(aio_pika.Channel, "declare_queue", interrupted_once_when_declared_again)
+    name = f"callme-py-reconnect-ctrl-c-{uuid.uuid4().hex[:8]}"
+    interrupted = 0
+    with callme.Proxy(amqp_url, timeout=3, connection_name=name) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        close_connection(name)
+        start = time.monotonic()
+        answered = 0
+        # This thread calls without a pause, so it runs the loop when the
+        # interrupt surfaces, each time.
+        while answered < 20:
+            try:
+                assert calc.add(1, 2) == 3
+                answered += 1
+            except KeyboardInterrupt:
+                interrupted += 1
+            except (callme.ConnectionError, callme.Timeout):
+                pass
+            assert time.monotonic() - start < 15, "the link stopped reconnecting"
+    assert len(declares) >= 3
+    assert interrupted == 1
+
+
 def test_the_reply_queue_is_named_anew_for_each_connection(
     amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -235,3 +235,101 @@ def test_a_signal_handler_may_call_and_close_the_proxy_its_thread_is_calling(
             assert proxy._loop.loop.is_closed()
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def test_a_signal_handler_just_after_its_thread_took_the_loops_turn_may_call_and_close(
+    amqp_url: str, host: Host
+) -> None:
+    """As above, the signal landing as soon as the call has taken the
+    loop's turn, before it notes which thread holds it: the handler's
+    call waited for ever for the turn."""
+    if not hasattr(signal, "SIGUSR1"):
+        pytest.skip("no SIGUSR1 here")
+    faulthandler.dump_traceback_later(60, exit=True)
+    answered: List[int] = []
+    try:
+        with callme.Proxy(amqp_url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 1) == 2
+            shared = proxy._loop
+
+            def handler(signum: int, frame: object) -> None:
+                answered.append(calc.add(2, 2))
+                proxy.close()
+
+            class Interrupting:
+                """The loop's turn, sending the signal once taken."""
+
+                fired = False
+
+                def __init__(self, turn: "threading.RLock") -> None:
+                    self.turn = turn
+
+                def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+                    taken = self.turn.acquire(blocking, timeout)
+                    if taken and not Interrupting.fired and threading.current_thread() is threading.main_thread():
+                        Interrupting.fired = True
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    return taken
+
+                def release(self) -> None:
+                    self.turn.release()
+
+                def __enter__(self) -> bool:
+                    return self.acquire()
+
+                def __exit__(self, *_: object) -> None:
+                    self.release()
+
+            previous = signal.signal(signal.SIGUSR1, handler)
+            try:
+                shared._turn = Interrupting(shared._turn)  # type: ignore[assignment]
+                with pytest.raises(callme.ConnectionError):
+                    calc.add(3, 3)
+            finally:
+                signal.signal(signal.SIGUSR1, previous)
+            assert Interrupting.fired
+            assert answered == [4]
+            assert shared.loop.is_closed()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def test_a_signal_handler_that_closes_the_proxy_while_its_thread_runs_the_loop_closes_the_loop(
+    amqp_url: str, host: Host
+) -> None:
+    """A signal landing while its thread runs the proxy's loop for a call:
+    a call from the handler is refused at once (it cannot run the loop
+    inside itself), and a close ends the call and, once the call's turn
+    is over, the loop. The loop used to be left open, its thread and
+    sockets with it."""
+    if not hasattr(signal, "SIGUSR1"):
+        pytest.skip("no SIGUSR1 here")
+    faulthandler.dump_traceback_later(60, exit=True)
+    refused: List[BaseException] = []
+    try:
+        with callme.Proxy(amqp_url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 1) == 2
+            shared = proxy._loop
+
+            def handler(signum: int, frame: object) -> None:
+                try:
+                    calc.add(2, 2)
+                except RuntimeError as e:
+                    refused.append(e)
+                proxy.close()
+
+            previous = signal.signal(signal.SIGUSR1, handler)
+            try:
+                timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+                timer.start()
+                with pytest.raises(callme.ConnectionError):
+                    calc.call("slow-version", 3000)
+                timer.join()
+            finally:
+                signal.signal(signal.SIGUSR1, previous)
+            assert len(refused) == 1, refused
+            assert shared.loop.is_closed()
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import aio_pika
 import aiormq.abc
@@ -33,6 +33,8 @@ from .options import ConnectOptions
 __all__ = ["Link", "CONNECT_TIMEOUT"]
 
 log = logging.getLogger("callme.proxy")
+
+T = TypeVar("T")
 
 #: A broker that does not answer a connection attempt within this time is
 #: reported as down rather than left hanging (the Rust proxy's value),
@@ -224,7 +226,7 @@ class Link:
             return channel
 
         try:
-            channel = await asyncio.wait_for(set_up(), max(0.0, deadline - loop.time()))
+            channel = await _by(deadline, set_up())
         except BaseException as e:
             await _close_quietly(connection)
             if isinstance(e, asyncio.TimeoutError):
@@ -421,3 +423,41 @@ def _never_drop_frames(connection: AbstractConnection) -> None:
     else:
         log.warning("cannot reach aiormq's write queue: a busy proxy may lose its connection "
                     "when a call finds no server")
+
+
+async def _by(deadline: float, work: "Awaitable[T]") -> T:
+    """Awaits ``work`` until ``deadline`` (the loop's time), then raises
+    ``asyncio.TimeoutError``. In this task, unlike ``asyncio.wait_for``
+    before Python 3.12, which runs it in a task of its own: a
+    KeyboardInterrupt raised there reached the thread running the loop
+    twice, once from that task and once from this one awaiting it."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_at(deadline, expire)
+    try:
+        done = await work
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        # Python 3.11 and later count cancellations: this one is taken
+        # back, and a cancel from elsewhere meanwhile still stands.
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None and uncancel() > 0:
+            raise
+        raise asyncio.TimeoutError() from None
+    finally:
+        timer.cancel()
+    if expired:
+        # Expired as `work` ended, which swallowed the cancel.
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+    return done

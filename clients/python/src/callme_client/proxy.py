@@ -66,7 +66,14 @@ class _SharedLoop:
         self.closed = False
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        self._turn = threading.Lock()
+        # Reentrant: a signal handler (or a finalizer) that interrupts its
+        # thread's call after the turn is taken, and before the loop runs,
+        # takes the turn again and runs its own call on the loop. Waiting
+        # for it, it would wait for ever for a turn only its own thread
+        # can give back.
+        self._turn = threading.RLock()
+        # How deep the calls holding ``_turn`` are nested in one thread.
+        self._depth = 0
         # The thread holding ``_turn`` (its ``threading.get_ident()``).
         self._holder: Optional[int] = None
         # A close asked for by the holder of ``_turn`` from within its own
@@ -99,19 +106,14 @@ class _SharedLoop:
         if self.closed:
             coroutine.close()
             raise errors.ConnectionError("the proxy is closed")
-        if self._holder == threading.get_ident():
-            # This thread holds the loop's turn but is not running the
-            # loop: a signal handler (or a finalizer) interrupted its own
-            # call between taking the turn and running the loop. Handed
-            # over, this call would wait for ever for a turn that only its
-            # own thread can give back; the loop is this thread's to run.
-            return self._run_here(self.loop.create_task(coroutine))
         if self._turn.acquire(blocking=False):
-            # Nobody runs the loop: run the call on it here.
+            # Nobody runs the loop (or this thread holds the turn and does
+            # not run it: a signal handler interrupting its own call): run
+            # the call on it here.
+            self._depth += 1
             self._holder = threading.get_ident()
             try:
                 if self.loop.is_closed():
-                    coroutine.close()
                     raise errors.ConnectionError("the proxy is closed")
                 if time.monotonic() - self._last_ran > _SETTLE_AFTER:
                     # A connection lost while nobody ran the loop is seen
@@ -119,13 +121,29 @@ class _SharedLoop:
                     # waits for the next one, as calls made while the
                     # proxy reconnects do.
                     self.loop.run_until_complete(_settle(self.loop))
-                return self._run_here(self.loop.create_task(coroutine))
+                task = self.loop.create_task(coroutine)
+            except BaseException:
+                coroutine.close()
+                self._end_turn()
+                if self.loop.is_closed():
+                    # Closed by a signal handler that interrupted this.
+                    raise errors.ConnectionError("the proxy was closed") from None
+                raise
+            try:
+                return self._run_here(task)
             finally:
-                self._last_ran = time.monotonic()
-                self._finish_close()
-                self._holder = None
-                self._turn.release()
+                self._end_turn()
         return self._hand_over(coroutine)
+
+    def _end_turn(self) -> None:
+        """Ends this thread's hold of ``_turn``; the outermost one runs a
+        close asked for meanwhile."""
+        self._depth -= 1
+        if self._depth == 0:
+            self._last_ran = time.monotonic()
+            self._finish_close()
+            self._holder = None
+        self._turn.release()
 
     def _finish_close(self) -> None:
         """Runs a close asked for during this thread's turn, and closes
@@ -208,6 +226,7 @@ class _SharedLoop:
             with self._turn:
                 if self.loop.is_closed():
                     return
+                self._depth += 1
                 self._holder = threading.get_ident()
                 try:
                     if busy:
@@ -225,6 +244,7 @@ class _SharedLoop:
                 except BaseException:
                     pass
                 finally:
+                    self._depth -= 1
                     self._last_ran = time.monotonic()
                     # A finalizer run on this thread may have asked.
                     self._finish_close()
@@ -239,9 +259,12 @@ class _SharedLoop:
         if self.loop.is_closed():
             return
         if _running_loop() is self.loop:
-            # Collected while this loop runs, on the thread running it:
-            # that thread finishes the job.
-            self.loop.create_task(_close(proxy))
+            # Collected, or closed by a signal handler, while this loop
+            # runs, on the thread running it: that thread finishes the job,
+            # and closes the loop when its turn ends.
+            task = self.loop.create_task(_close(proxy))
+            if self._closing is None:
+                self._closing = task
             return
         if self._holder == threading.get_ident():
             # Asked for by a signal handler (or a finalizer) interrupting
