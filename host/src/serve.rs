@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::observe::{self, Phase};
 use crate::plugin::{Runtime, RuntimeConfig};
@@ -161,10 +161,19 @@ impl Host {
                 Ok(())
             }
             _ = server.closed() => Err(Error::BrokerLost),
-            r = &mut watch => match r {
-                Ok(Err(e)) => Err(e),
-                _ => Err(Error::WatcherStopped),
-            },
+            r = &mut watch => {
+                // The directory can no longer be followed (or following it
+                // failed): the host ends with an error, but the calls it
+                // runs are finished first, as at a stop.
+                let e = match r {
+                    Ok(Err(e)) => e,
+                    _ => Error::WatcherStopped,
+                };
+                observe::set_phase(Phase::Stopping);
+                error!(target: "callme::server", error = %e.chain(), ?grace, "the plugins directory is no longer followed: finishing running calls, then stopping");
+                server.shutdown(grace).await;
+                Err(e)
+            }
         };
         observe::set_phase(Phase::Stopping);
         info!(target: "callme::server", "stopped");
