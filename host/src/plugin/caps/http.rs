@@ -383,7 +383,14 @@ impl WasiHttpHooks for HttpHooks {
         _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
         let uri = request.uri();
-        let authority = uri.authority().map_or("", Authority::as_str).to_string();
+        // Its user information (a password, perhaps) is never shown: the
+        // request is refused for it anyway.
+        let authority = uri.authority().map_or(String::new(), |a| {
+            let a = a.as_str();
+            a.rsplit_once('@').map_or(a.to_string(), |(_, host)| {
+                format!("<user information>@{host}")
+            })
+        });
         let plugin = self.plugin.clone().unwrap_or_else(|| Arc::from(""));
         let granted = self
             .grant
@@ -614,7 +621,17 @@ async fn send(
             .unwrap_or(Ok(()))
     });
     connections.push(task);
-    Ok((response, Box::new(async move { connection.await? })))
+    // wasmtime-wasi-http logs any error this gives back as a warning, of
+    // no plugin, past every log budget: one per response a call leaves
+    // unread (its connection ends with the call) would reach the log at
+    // the rate calls come. The host's own, at debug level, names it.
+    let ended = async move {
+        if let Ok(Err(e)) | Err(e) = connection.await {
+            tracing::debug!(target: "callme::plugin", plugin = &*plugin, error = %e, "http connection ended");
+        }
+        Ok(())
+    };
+    Ok((response, Box::new(ended)))
 }
 
 /// A response body that fails once it passes `cap` bytes or its deadline.
