@@ -329,6 +329,47 @@ async fn a_call_sends_at_most_its_limit_of_calls_and_the_next_call_starts_afresh
 /// is sent with what is left of the serving call's deadline as its
 /// expiration, continues the caller's trace, and ends with the deadline
 /// (the server it calls, played by the test, never answers).
+/// A call another server's plugin made ends when its caller stops
+/// waiting (the request's `expiration`, which the host's proxy sets to
+/// the time the calling call has left), not at its own plugin's later
+/// deadline: a plugin with a short deadline calling one with a long one
+/// left calls running, holding their slots, long after its own had ended.
+/// A client's call runs to its plugin's deadline, whatever its request's
+/// `expiration`.
+#[tokio::test]
+async fn a_sub_call_ends_when_its_caller_stops_waiting() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(20)).await;
+    let id = serve_calc(&srv, &p, "cap-ends-by").await;
+    let mut raw = RawClient::connect().await;
+    let body = callme::protocol::Request {
+        func: "slow-version".into(),
+        args: pos(json!([3000])),
+    }
+    .encode();
+    let mut sub = lapin::types::FieldTable::default();
+    sub.insert(CALL_DEPTH.into(), lapin::types::AMQPValue::LongUInt(1));
+    let started = Instant::now();
+    raw.send_expiring(&id, &body, "sub", sub, 500).await;
+    let reply = raw.reply_body("sub").await;
+    assert_eq!(reply["error"]["type"], "Timeout", "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "ran {:?}",
+        started.elapsed()
+    );
+    raw.send_expiring(
+        &id,
+        &body,
+        "client",
+        lapin::types::FieldTable::default(),
+        500,
+    )
+    .await;
+    assert_eq!(raw.reply_body("client").await["result"], "1");
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn a_sub_call_ends_with_its_callers_deadline_and_continues_its_trace() {
     let srv = server(ServerOptions::default()).await;

@@ -709,6 +709,37 @@ impl RawClient {
             .unwrap();
     }
 
+    /// Sends `body` to `server` as a proxy does, with `headers`, this
+    /// client's exchange as `reply_to`, `corr` as the correlation id and
+    /// an `expiration` of `expiration_ms`.
+    pub async fn send_expiring(
+        &self,
+        server: &str,
+        body: &[u8],
+        corr: &str,
+        headers: FieldTable,
+        expiration_ms: u64,
+    ) {
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_content_type(callme::protocol::CONTENT_TYPE.into())
+            .with_reply_to(self.exchange.as_str().into())
+            .with_correlation_id(corr.into())
+            .with_expiration(expiration_ms.to_string().into());
+        self.channel
+            .basic_publish(
+                server_exchange(server).as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     /// As [`RawClient::send_with`], without headers.
     pub async fn send(
         &self,

@@ -57,7 +57,7 @@ impl Plugin {
         let export = self.export(func)?;
         let params = bind_args(&export.info, &export.params, args)?;
         let busy = context.busy;
-        let mut sandbox = self.instances.sandbox(busy).await?;
+        let mut sandbox = self.instances.sandbox(busy, context.ends_by).await?;
         let result = run(&self.instances, &mut sandbox, export, &params, context).await;
         self.instances.give_back(sandbox, busy);
         result

@@ -481,14 +481,23 @@ impl Instances {
     /// A sandbox for the next call, armed with fresh limits: a spare or an
     /// idle instance if there is one, else a new store (the caller
     /// instantiates) in a slot of its own. The call's deadline runs from
-    /// now, so time spent waiting for a slot is part of it.
+    /// now, so time spent waiting for a slot is part of it; it is
+    /// `ends_by` if that comes first (the end of the call that made this
+    /// one).
     ///
     /// # Errors
     ///
     /// [`PluginError::Timeout`] when every slot stays in a call for
     /// longer than the plugin's deadline.
-    pub(super) async fn sandbox(self: &Arc<Self>, busy: bool) -> Result<Sandbox, PluginError> {
-        let deadline = Instant::now() + self.settings.limits.deadline;
+    pub(super) async fn sandbox(
+        self: &Arc<Self>,
+        busy: bool,
+        ends_by: Option<Instant>,
+    ) -> Result<Sandbox, PluginError> {
+        let now = Instant::now();
+        let deadline = ends_by.map_or(now + self.settings.limits.deadline, |end| {
+            end.min(now + self.settings.limits.deadline)
+        });
         let capacity = self.capacity();
         self.last_call
             .store(capacity.now_ms() + 1, Ordering::Relaxed);
@@ -506,7 +515,11 @@ impl Instances {
             }
             None => {
                 let slot = capacity
-                    .slot_for_call(self.weight, self.settings.limits.deadline, &self.name)
+                    .slot_for_call(
+                        self.weight,
+                        deadline.saturating_duration_since(now),
+                        &self.name,
+                    )
                     .await?;
                 self.new_sandbox(slot, deadline)
             }

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -124,12 +124,14 @@ impl Job {
             {
                 Ok(request) => {
                     let inner = &self.server.inner;
+                    let depth = call_depth(&delivery);
                     let cx = Context {
                         id: &self.id,
                         executor: inner.executor.handle(),
                         quiet: self.is_quiet() && delivery.data.len() <= QUIET_MAX_REQUEST_BYTES,
                         default_concurrency: inner.options.concurrency,
-                        depth: call_depth(&delivery),
+                        depth,
+                        ends_by: ends_by(&delivery, depth),
                         trace: &trace,
                         calls_out: inner.calls_out.get(),
                     };
@@ -314,6 +316,28 @@ fn delivery_count(delivery: &Delivery, quorum: bool) -> u64 {
 fn refused(id: &str, error: RemoteError) -> RemoteError {
     observe::request_refused(id, observe::Refused::DeliveryLimit);
     error
+}
+
+/// When the call that sent this request stops waiting for its reply,
+/// for a call a plugin made (`depth` above 0): the host's proxy sets the
+/// request's `expiration` to the time its call has left, which is at
+/// most the calling call's deadline. Counted from now, so later than
+/// that by the time the request waited in its queue. A client's call
+/// runs to its plugin's deadline, as its caller may be one that sets an
+/// `expiration` without waiting that long (a request only worth taking
+/// for a while).
+fn ends_by(delivery: &Delivery, depth: u32) -> Option<Instant> {
+    if depth == 0 {
+        return None;
+    }
+    let ms: u64 = delivery
+        .properties
+        .expiration()
+        .as_ref()?
+        .as_str()
+        .parse()
+        .ok()?;
+    Instant::now().checked_add(Duration::from_millis(ms))
 }
 
 /// How many hops this request is from its client (`x-callme-depth`;

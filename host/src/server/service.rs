@@ -108,6 +108,9 @@ pub(super) struct Context<'a> {
     pub(super) default_concurrency: usize,
     /// Hops the request is from its client (`x-callme-depth`).
     pub(super) depth: u32,
+    /// When the call that made this one (a plugin's) stops waiting for
+    /// it: see [`CallContext::ends_by`].
+    pub(super) ends_by: Option<std::time::Instant>,
     /// The call's span, which calls its plugin makes continue.
     pub(super) trace: &'a TraceContext,
     /// The proxy plugins granted `rpc` call other servers through.
@@ -144,6 +147,7 @@ impl Service {
                 // the plugin's log lines carry its trace.
                 let context = CallContext {
                     busy: !cx.quiet,
+                    ends_by: cx.ends_by,
                     ..CallContext::new(cx.depth, Some(cx.trace.clone()), cx.calls_out.cloned())
                 };
                 let in_place = cx.quiet && plugin.has_ready_instance();

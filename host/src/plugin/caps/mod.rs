@@ -82,6 +82,10 @@ pub struct CallContext {
     /// lowest-priority thread given to `Plugin::start_prewarm`, which
     /// gets too little CPU under load to keep up.
     pub busy: bool,
+    /// When the calling call ends, for a call another server's plugin
+    /// made: this one ends then too, if its own deadline is later. Its
+    /// caller has stopped waiting for it by then.
+    pub ends_by: Option<Instant>,
 }
 
 impl CallContext {
@@ -93,6 +97,7 @@ impl CallContext {
             trace,
             proxy,
             busy: false,
+            ends_by: None,
         }
     }
 }
