@@ -297,6 +297,18 @@ async fn serve_call_and_describe_end_to_end() {
     assert_eq!(stderr_json(&o)["type"], "Config");
     let o = callme(&["call", "--timeout", "1e19", &id, "add", "2", "3"]);
     assert_eq!(stdout(&o), "5", "{}", String::from_utf8_lossy(&o.stderr));
+    // `{"result":5}` is 12 bytes: over a limit of 11, not taken.
+    let o = callme(&["call", "--max-reply-bytes", "11", &id, "add", "2", "3"]);
+    let e = stderr_json(&o);
+    assert_eq!(e["type"], "Internal", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the limit is 11")),
+        "{e}"
+    );
+    let o = callme(&["call", "--max-reply-bytes", "12", &id, "add", "2", "3"]);
+    assert_eq!(stdout(&o), "5", "{}", String::from_utf8_lossy(&o.stderr));
 
     host.terminate();
     assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");

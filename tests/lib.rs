@@ -516,6 +516,7 @@ pub struct Forwarder {
     port: u16,
     task: tokio::task::JoinHandle<()>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 impl Forwarder {
@@ -533,15 +534,24 @@ impl Forwarder {
         let broker = broker_authority();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = accepted.clone();
+        let (stalled, stall) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             // Dropped with the task: every connection ends with it.
             let mut carried = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let broker = broker.clone();
+                let mut stall = stall.clone();
                 carried.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let stalled = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                            r = stall.wait_for(|s| *s) => r.is_ok(),
+                        };
+                        if stalled {
+                            // Both ends stay open, carrying nothing.
+                            std::future::pending::<()>().await;
+                        }
                     }
                 });
                 while carried.try_join_next().is_some() {}
@@ -551,6 +561,7 @@ impl Forwarder {
             port,
             task,
             accepted,
+            stalled,
         }
     }
 
@@ -567,6 +578,13 @@ impl Forwarder {
     /// The test broker's URL through this forwarder.
     pub fn url(&self) -> String {
         url_via(self.port)
+    }
+
+    /// Stops carrying bytes either way, with every connection left open:
+    /// a node that hangs (cut off from its cluster's majority, say)
+    /// rather than going away.
+    pub fn stall(&self) {
+        let _ = self.stalled.send(true);
     }
 
     /// Closes the listener and every connection it carries.

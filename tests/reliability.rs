@@ -253,6 +253,37 @@ async fn stopping_acks_every_call_it_finishes() {
     assert_eq!(by_a + by_b, n as u64, "a call was answered twice, or never");
 }
 
+/// A stop ends within its grace period and the tidying up that follows
+/// it (`SHUTDOWN_TIDY_LIMIT`, 5 s), even with the broker hanging: every cancel,
+/// queue deletion and connection close waited out its own time limit in
+/// turn, about 20 s past a 3 s grace period, where an orchestrator that
+/// set its own limit from `--grace` would kill the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_broker_hanging_ends_within_its_grace_period() {
+    let node = callme_tests::Forwarder::start().await;
+    let dir = tempdir();
+    let id = unique("hung-stop");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let url = node.url();
+    let mut host = Host::serve(&dir, &["--amqp-url", &url, "--grace", "3"]);
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(30)).await;
+    let _calls = slow_calls(&p, &id, 1, 20_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.stall();
+    let stopping = Instant::now();
+    host.terminate();
+    let code = host.wait(Duration::from_secs(40));
+    let took = stopping.elapsed();
+    let log = host.log_text();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        took < Duration::from_secs(3 + 5 + 2),
+        "the stop took {took:?} with a 3 s grace period: {log}"
+    );
+    assert!(log.contains("grace period over"), "{log}");
+}
+
 /// The last host of an id stops while its calls outlast the grace
 /// period: it keeps the id's queue (which it otherwise deletes, so that
 /// callers get `NoSuchServer` at once), since the requests it took and

@@ -1077,3 +1077,49 @@ async fn a_proxy_refused_its_reply_queue_says_so_at_once() {
     .await;
     assert_eq!(answered, Some(5));
 }
+
+/// A reply over the proxy's limit, or one of tiny JSON objects that would
+/// take the caller many times its size to parse (700,000 empty objects:
+/// 2.1 MB of JSON, about 500 MB parsed), is not taken: its call fails
+/// `Internal`, naming the limit, and the proxy's next call is answered. A
+/// program's proxy used to parse whatever a server sent, up to the
+/// broker's largest message (128 MiB in RabbitMQ 3.x: gigabytes parsed),
+/// which could end the process and every caller in it.
+#[tokio::test]
+async fn a_reply_over_the_proxys_limit_is_refused_and_costs_no_other_call() {
+    let id = unique("bomb-reply");
+    let mut played = callme_tests::PlayedServer::start(&id).await;
+    let p = Arc::new(proxy(Duration::from_secs(30)).await);
+    assert_eq!(p.max_reply_bytes(), callme::DEFAULT_MAX_REPLY_BYTES);
+    let call = || {
+        let (p, id) = (p.clone(), id.clone());
+        tokio::spawn(async move { p.use_server(&id).call("f", pos(json!([]))).await })
+    };
+    let refused = |r: Result<serde_json::Value, Error>, why: &str| match r {
+        Err(Error::Remote(e)) => {
+            assert_eq!(e.kind, ErrorKind::Internal, "{e:?}");
+            assert!(
+                e.message.contains(why) && e.message.contains("Proxy::set_max_reply_bytes"),
+                "{e:?}"
+            );
+        }
+        other => panic!("taken: {:?}", other.map(|v| v.to_string().len())),
+    };
+
+    let bombed = call();
+    let request = played.requests.next_reply(None).await;
+    let empties = (0..700_000).map(|_| json!({})).collect();
+    callme_tests::answer(&played.channel, &request, serde_json::Value::Array(empties)).await;
+    refused(bombed.await.unwrap(), "JSON objects");
+
+    p.set_max_reply_bytes(1 << 20);
+    let long = call();
+    let request = played.requests.next_reply(None).await;
+    callme_tests::answer(&played.channel, &request, json!("x".repeat(2 << 20))).await;
+    refused(long.await.unwrap(), "the limit is 1048576");
+
+    let fine = call();
+    let request = played.requests.next_reply(None).await;
+    callme_tests::answer(&played.channel, &request, json!("fine")).await;
+    assert_eq!(fine.await.unwrap().unwrap(), json!("fine"));
+}

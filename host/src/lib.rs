@@ -56,9 +56,13 @@ pub use plugin::{
     RuntimeStats,
 };
 pub use protocol::{Args, ErrorKind, QueueType, RemoteError};
-pub use proxy::{BlockingProxy, CallOptions, DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from};
+pub use proxy::{
+    BlockingProxy, CallOptions, DEFAULT_MAX_REPLY_BYTES, DEFAULT_TIMEOUT, Proxy, ServerProxy,
+    args_from,
+};
 #[cfg(feature = "server")]
 pub use server::{
-    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, NativeFunctions, Server, ServerOptions,
+    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, NativeFunctions, SHUTDOWN_TIDY_LIMIT, Server,
+    ServerOptions,
 };
 pub use trace::{SpanId, TraceContext, TraceId};

@@ -88,10 +88,12 @@ impl Host {
         let Some(count) = loaded else {
             observe::set_phase(Phase::Stopping);
             // As in [`Host::run_until`]: what is being loaded is given up
-            // (or, being swapped in, finished) before the ids are stopped.
-            let _ = tokio::time::timeout(options.grace, deployer.stop()).await;
+            // (or, being swapped in, finished) before the ids are stopped,
+            // all within the one grace period.
+            let by = tokio::time::Instant::now() + options.grace;
+            let _ = tokio::time::timeout_at(by, deployer.stop()).await;
             info!(target: "callme::server", grace = ?options.grace, "stopping before every plugin was served: finishing running calls");
-            server.shutdown(options.grace).await;
+            server.shutdown_by(by).await;
             info!(target: "callme::server", "stopped");
             return Ok(None);
         };
@@ -151,13 +153,18 @@ impl Host {
                 // may take its plugin's whole deadline).
                 // Not ready from now on: a balancer or an orchestrator
                 // sends no more work here.
+                // The change and the calls share the one grace period: a
+                // stop ends within it and the tidying up that follows
+                // ([`Server::shutdown`]), as an orchestrator's own limit
+                // set from `--grace` expects.
                 observe::set_phase(Phase::Stopping);
+                let by = tokio::time::Instant::now() + grace;
                 let _ = stop_watching.send(true);
-                if tokio::time::timeout(grace, &mut watch).await.is_err() {
+                if tokio::time::timeout_at(by, &mut watch).await.is_err() {
                     watch.abort();
                 }
                 info!(target: "callme::server", ?grace, "stopping: finishing running calls");
-                server.shutdown(grace).await;
+                server.shutdown_by(by).await;
                 Ok(())
             }
             _ = server.closed() => Err(Error::BrokerLost),

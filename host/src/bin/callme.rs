@@ -169,6 +169,10 @@ enum Command {
         /// before its reply (the function may then run twice).
         #[arg(long)]
         retry: bool,
+        /// The largest reply taken, in bytes (a larger one is an
+        /// `Internal` error, not parsed).
+        #[arg(long, value_name = "BYTES", default_value_t = callme::DEFAULT_MAX_REPLY_BYTES)]
+        max_reply_bytes: usize,
         #[command(flatten)]
         call: CallArgs,
     },
@@ -418,6 +422,7 @@ async fn run(command: Command) -> ExitCode {
             timeout,
             server,
             retry,
+            max_reply_bytes,
             call,
         } => {
             let args = match call.parse() {
@@ -430,6 +435,7 @@ async fn run(command: Command) -> ExitCode {
                 recover: retry,
             };
             remote(&broker, timeout, shape, |proxy, t| async move {
+                proxy.set_max_reply_bytes(max_reply_bytes);
                 proxy
                     .use_server(&server)
                     .with_retry(retry)

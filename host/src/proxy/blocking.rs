@@ -107,6 +107,11 @@ impl BlockingProxy {
             .block_on(self.proxy().call(server, func, args, timeout))
     }
 
+    /// Sets the largest reply body taken; see [`Proxy::set_max_reply_bytes`].
+    pub fn set_max_reply_bytes(&self, max: usize) {
+        self.proxy().set_max_reply_bytes(max);
+    }
+
     fn proxy(&self) -> &Proxy {
         self.proxy.as_ref().expect("present until dropped")
     }

@@ -25,6 +25,7 @@ mod pending;
 mod replies;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
@@ -127,6 +128,14 @@ const PUBLISH_LANES: usize = 64;
 /// The seed's default: a call waits this long for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Largest reply body a [`Proxy`] takes unless told otherwise
+/// ([`Proxy::set_max_reply_bytes`]): 16 MiB, a plugin's largest result
+/// by default and RabbitMQ 4.x's default `max_message_size`. Its JSON may
+/// also hold only so many objects and arrays (one per 32 bytes of the
+/// limit), so that no reply takes the caller much more memory to parse
+/// than a few hundred megabytes.
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 16 << 20;
+
 /// The longest a call waits: longer timeouts (up to `Duration::MAX`) are
 /// taken as this, a hundred years.
 const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -149,12 +158,16 @@ struct Inner {
     publisher: Publisher,
     pending: Arc<Pending>,
     timeout: Duration,
-    /// The largest reply taken, held to the JSON objects and arrays a
-    /// request of that size may hold: set for the calls a server's plugins
-    /// make, where any server they call could otherwise make the host
-    /// parse a reply of the broker's largest message size. A program's
-    /// own proxy takes what its servers send.
-    reply_limit: Option<usize>,
+    /// The largest reply taken, in bytes, held to the JSON objects and
+    /// arrays a request of that size may hold: otherwise any server called
+    /// could make the caller parse a reply of the broker's largest message
+    /// size into many times that in memory, costing every other caller of
+    /// the process. [`DEFAULT_MAX_REPLY_BYTES`] for a program's proxy, the
+    /// request limit for the calls a server's plugins make.
+    reply_limit: AtomicUsize,
+    /// Whether this proxy makes a server's plugins' calls (which names the
+    /// limit a refused reply broke).
+    for_plugins: bool,
     /// Where calls are counted, once the program gives a registry.
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<crate::observe::ClientMetrics>,
@@ -246,7 +259,8 @@ impl Proxy {
                 publisher: Publisher::new(lanes),
                 pending,
                 timeout,
-                reply_limit,
+                reply_limit: AtomicUsize::new(reply_limit.unwrap_or(DEFAULT_MAX_REPLY_BYTES)),
+                for_plugins: reply_limit.is_some(),
                 #[cfg(feature = "metrics")]
                 metrics: std::sync::OnceLock::new(),
             }),
@@ -309,6 +323,23 @@ impl Proxy {
             server: server_id.to_string(),
             options: CallOptions::new(self.inner.timeout),
         }
+    }
+
+    /// Sets the largest reply body this proxy and its clones take, in
+    /// bytes ([`DEFAULT_MAX_REPLY_BYTES`] unless set), for the calls made
+    /// from now on. A larger reply, or one holding more JSON objects and
+    /// arrays than one per 32 bytes of the limit, is not parsed: its call
+    /// fails with an `Internal` [`Error::Remote`] saying which limit it
+    /// broke, and the other calls go on. Raise it for a server known to
+    /// answer more (a plugin whose `result_bytes` is raised, on a broker
+    /// whose `max_message_size` allows it).
+    pub fn set_max_reply_bytes(&self, max: usize) {
+        self.inner.reply_limit.store(max, Ordering::Relaxed);
+    }
+
+    /// The largest reply body this proxy takes, in bytes.
+    pub fn max_reply_bytes(&self) -> usize {
+        self.inner.reply_limit.load(Ordering::Relaxed)
     }
 
     /// The timeout of calls that do not give one.
@@ -501,7 +532,7 @@ impl Proxy {
                     }
                     reply = &mut rx => {
                         return match reply {
-                            Ok(body) => Attempt::Done(replies::read(&body, self.inner.reply_limit).into_result().map_err(Error::Remote)),
+                            Ok(body) => Attempt::Done(self.read_reply(&body).into_result().map_err(Error::Remote)),
                             Err(_) => Attempt::Lost(Error::Disconnected(
                                 "the connection to the broker was lost before the reply came".into(),
                             )),
@@ -512,6 +543,17 @@ impl Proxy {
         })
         .await;
         outcome.unwrap_or_else(|_| timed_out())
+    }
+
+    /// A reply's body as a response, within the proxy's reply limit.
+    fn read_reply(&self, body: &[u8]) -> crate::protocol::Response {
+        let limit = self.inner.reply_limit.load(Ordering::Relaxed);
+        let whose = if self.inner.for_plugins {
+            "the limit of replies to plugins' calls"
+        } else {
+            "the proxy's limit, Proxy::set_max_reply_bytes"
+        };
+        replies::read(body, limit, whose)
     }
 
     /// The connection the reply queue is consumed on, and the names of

@@ -245,14 +245,14 @@ impl Replies {
     }
 }
 
-/// A reply's body read as a response, of at most `limit` bytes if given
-/// (see [`Response::decode_within`]); one that is none, or over the
-/// limit, an `Internal` error saying so.
-pub(super) fn read(body: &[u8], limit: Option<usize>) -> Response {
-    let response = match limit {
-        Some(max) => Response::decode_within(body, max)
-            .map_err(|e| format!("reply not taken: {e} (the limit of replies to plugins' calls)")),
-        None => Response::decode(body).map_err(|e| format!("malformed reply: {e}")),
-    };
-    response.unwrap_or_else(|e| Response::Error(RemoteError::new(ErrorKind::Internal, e)))
+/// A reply's body read as a response, of at most `limit` bytes (see
+/// [`Response::decode_within`]); one that is none, or over the limit
+/// (named by `whose`), an `Internal` error saying so.
+pub(super) fn read(body: &[u8], limit: usize, whose: &str) -> Response {
+    Response::decode_within(body, limit).unwrap_or_else(|e| {
+        Response::Error(RemoteError::new(
+            ErrorKind::Internal,
+            format!("reply not taken: {e} ({whose})"),
+        ))
+    })
 }

@@ -558,8 +558,16 @@ impl Server {
 
     /// Stops taking requests and waits up to `grace` for the calls in
     /// flight to be answered and acked; then deletes the queues nobody
-    /// else consumes from and nothing waits in.
+    /// else consumes from and nothing waits in, and closes the broker
+    /// connections. It returns within `grace` and [`SHUTDOWN_TIDY_LIMIT`] more,
+    /// however slow the broker: a broker that does not answer only makes
+    /// it skip the tidying up.
     pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown_by(tokio::time::Instant::now() + grace).await;
+    }
+
+    /// [`Server::shutdown`] with its grace period ending at `by`.
+    pub(crate) async fn shutdown_by(&self, by: tokio::time::Instant) {
         let mut stopped = Vec::new();
         // Every id at once: one at a time, with many ids and a slow
         // broker, the ids not cancelled yet went on taking requests, and
@@ -572,20 +580,29 @@ impl Server {
                 (id, outcome)
             });
         }
-        while let Some(done) = stopping.join_next().await {
-            let Ok((id, outcome)) = done else { continue };
-            match outcome {
-                Ok(Some(served)) => {
-                    let shape = self.inner.options.queue_shape(&served.service);
-                    stopped.push((id, shape, served.consumer.taken));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(target: "callme::server", server_id = %id, error = %e.chain(), "cancel failed")
+        let cancelling = async {
+            while let Some(done) = stopping.join_next().await {
+                let Ok((id, outcome)) = done else { continue };
+                match outcome {
+                    Ok(Some(served)) => {
+                        let shape = self.inner.options.queue_shape(&served.service);
+                        stopped.push((id, shape, served.consumer.taken));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(target: "callme::server", server_id = %id, error = %e.chain(), "cancel failed")
+                    }
                 }
             }
+        };
+        // A cancel the broker leaves unanswered takes up to its own time
+        // limit; past the grace period, the connection's close below ends
+        // what is left of them.
+        if tokio::time::timeout_at(by, cancelling).await.is_err() {
+            warn!(target: "callme::server", "grace period over before the broker confirmed every cancel");
         }
-        let all = tokio::time::timeout(grace, self.inner.in_flight.acquire_many(MAX_IN_FLIGHT));
+        stopping.abort_all();
+        let all = tokio::time::timeout_at(by, self.inner.in_flight.acquire_many(MAX_IN_FLIGHT));
         // Held to the end: a request taken but still waiting for its turn
         // does not start now only to be cut by the close below; it goes
         // back to its queue with its channel.
@@ -595,10 +612,21 @@ impl Server {
                 all.ok()
             }
             Err(_) => {
-                warn!(target: "callme::server", ?grace, "grace period over with calls still running");
+                warn!(target: "callme::server", "grace period over with calls still running");
                 None
             }
         };
+        if tokio::time::timeout(SHUTDOWN_TIDY_LIMIT, self.tidy_up(stopped))
+            .await
+            .is_err()
+        {
+            warn!(target: "callme::server", limit = ?SHUTDOWN_TIDY_LIMIT, "the broker did not let the host tidy up in time: leaving its queues and connections as they are");
+        }
+    }
+
+    /// Deletes the queues of the ids `stopped` that nothing else uses, and
+    /// closes every broker connection of this server.
+    async fn tidy_up(&self, stopped: Vec<(String, ServerQueue, Arc<given_back::Taken>)>) {
         if let Some(conn) = self.inner.link.current() {
             // At once: a quorum queue whose leader does not answer takes
             // its whole time to be left alone.
@@ -618,7 +646,6 @@ impl Server {
             }
             while deleting.join_next().await.is_some() {}
         }
-        self.inner.link.close().await;
         let own: Vec<_> = self
             .inner
             .own_links
@@ -627,12 +654,18 @@ impl Server {
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .collect();
-        for own in own {
-            own.link.close().await;
-        }
-        if let Some(calls_out) = self.inner.calls_out.get() {
-            calls_out.close().await;
-        }
+        // All at once: each close waits up to its own time limit for a
+        // broker that does not answer.
+        let calls_out = async {
+            if let Some(calls_out) = self.inner.calls_out.get() {
+                calls_out.close().await;
+            }
+        };
+        tokio::join!(
+            self.inner.link.close(),
+            futures_util::future::join_all(own.iter().map(|own| own.link.close())),
+            calls_out,
+        );
         self.inner
             .pipeline
             .closed(crate::amqp::link::CLOSE_TIMEOUT)
@@ -748,6 +781,10 @@ const RETIRE_FOR: Duration = Duration::from_secs(30);
 /// How long a stopped id's consumer, cancelled, may take to end before
 /// its queue is kept as though it still held requests.
 const LET_GO_WITHIN: Duration = Duration::from_secs(1);
+
+/// Longest time [`Server::shutdown`] takes past its grace period to delete
+/// the queues it leaves and close its connections.
+pub const SHUTDOWN_TIDY_LIMIT: Duration = crate::amqp::link::CLOSE_TIMEOUT;
 
 /// After the last call of a stopped id here has finished, deletes its
 /// queue if it is idle and nothing of it is held here, retrying while
