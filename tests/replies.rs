@@ -12,9 +12,9 @@ use callme::{
     Server, ServerOptions,
 };
 use callme_tests::{
-    RawClient, amqp_url, amqp_url_as, answers_add, broker_ctl, connection_pid,
-    declare_reply_exchange, dedicated_user, dedicated_vhost, load, native_add, plugin_bytes, pos,
-    proxy, raw_channel, runtime, server, slow_calls, unique,
+    PlayedServer, RawClient, amqp_url, amqp_url_as, answer, answers_add, broker_ctl,
+    connection_pid, declare_reply_exchange, dedicated_user, dedicated_vhost, load, native_add,
+    plugin_bytes, pos, proxy, raw_channel, runtime, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{
@@ -401,6 +401,135 @@ async fn a_server_that_stops_confirming_holds_a_quarter_of_a_proxys_lanes() {
         let (i, sum) = call.expect("task");
         assert_eq!(sum.expect("answered once the queue is back"), i + 1);
     }
+}
+
+/// A proxy of one publish lane (`channel_max=5` leaves one beside the
+/// reply consumer and the channels still closing), with `timeout`.
+async fn one_lane_proxy(timeout: Duration) -> Proxy {
+    let url = format!("{}?channel_max=5", amqp_url());
+    Proxy::connect_with(&ConnectOptions::new(url), timeout)
+        .await
+        .unwrap()
+}
+
+/// Call futures their program stopped polling (a slow consumer of a
+/// `buffered` stream, a `select!` on `&mut call`) hold no publish lane:
+/// 24 calls polled once and then left, more than a server's share of the
+/// lanes, keep no other call to that server from its answer, and each is
+/// answered once it is polled again. A request used to be published
+/// inside its caller's future, which held its lane and its server's share
+/// while nobody polled it: the next call to that server waited for them
+/// to its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_left_unpolled_hold_no_lane_from_other_calls() {
+    use futures_util::FutureExt;
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("unpolled");
+    srv.serve_native(&id, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(30)).await;
+    answers_add(&p, &id, 1).await;
+    let mut left: Vec<_> = (0..24i64)
+        .map(|i| {
+            let sp = p.use_server(&id);
+            Box::pin(async move { sp.invoke::<_, i64>("add", (i, 1)).await })
+        })
+        .collect();
+    for call in &mut left {
+        assert!(call.now_or_never().is_none(), "answered at its first poll");
+    }
+    let beside = tokio::time::timeout(
+        Duration::from_secs(5),
+        p.use_server(&id).invoke::<_, i64>("add", (2, 3)),
+    )
+    .await;
+    let beside = beside.expect("a call waited behind calls nobody polled");
+    assert_eq!(beside.expect("its answer"), 5);
+    for (i, call) in left.into_iter().enumerate() {
+        assert_eq!(
+            call.await.expect("answered when polled again"),
+            i as i64 + 1
+        );
+    }
+}
+
+/// A call that gives up on a server whose queue confirms nothing lets its
+/// publish lane go at once: with one lane, the next call, to another
+/// server, is answered, and the proxy's connection is unharmed (the
+/// lane's channel is closed after its request, which the queue still
+/// gets). The lane used to be kept until the broker confirmed the request,
+/// however long after its caller left: one such server per lane stalled
+/// every call of the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_on_a_queue_that_confirms_nothing_frees_its_lane() {
+    let srv = server(ServerOptions::default()).await;
+    let (stuck, healthy) = (unique("given-up"), unique("after-given-up"));
+    srv.serve_native(&stuck, native_add()).await.unwrap();
+    srv.serve_native(&healthy, native_add()).await.unwrap();
+    let p = one_lane_proxy(Duration::from_secs(30)).await;
+    answers_add(&p, &stuck, 1).await;
+    let suspended = Suspended::queue(&server_queue(&stuck));
+    let given_up = p
+        .use_server(&stuck)
+        .with_timeout(Duration::from_secs(1))
+        .invoke::<_, i64>("add", (1, 1))
+        .await;
+    assert!(
+        matches!(given_up, Err(Error::Timeout { .. })),
+        "{given_up:?}"
+    );
+    let beside = tokio::time::timeout(
+        Duration::from_secs(5),
+        p.use_server(&healthy).invoke::<_, i64>("add", (2, 3)),
+    )
+    .await;
+    drop(suspended);
+    let beside = beside.expect("the lane of a call given up was kept for its confirm");
+    assert_eq!(beside.expect("the other server's answer"), 5);
+    answers_add(&p, &stuck, 7).await;
+}
+
+/// A request that waited for a publish lane expires when its call stops
+/// waiting, not its whole timeout after it was made: with the one lane
+/// held 3 s by a request its queue does not confirm, a call with 10 s to
+/// wait is published with about 7 s to live. It used to get the full 10 s,
+/// so a server could run it after its caller had left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waited_for_a_lane_expires_with_its_call() {
+    let srv = server(ServerOptions::default()).await;
+    let stuck = unique("lane-held");
+    srv.serve_native(&stuck, native_add()).await.unwrap();
+    let played = unique("lane-waiter");
+    let mut waiter = PlayedServer::start(&played).await;
+    let p = one_lane_proxy(Duration::from_secs(30)).await;
+    answers_add(&p, &stuck, 1).await;
+    let suspended = Suspended::queue(&server_queue(&stuck));
+    let holder = {
+        let sp = p.use_server(&stuck);
+        tokio::spawn(async move { sp.invoke::<_, i64>("add", (1, 2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = {
+        let sp = p.use_server(&played).with_timeout(Duration::from_secs(10));
+        tokio::spawn(async move { sp.invoke::<_, i64>("add", (3, 4)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(suspended);
+    let request = waiter.requests.next_reply(None).await;
+    let expiration: u64 = request
+        .properties
+        .expiration()
+        .as_ref()
+        .expect("an expiration")
+        .as_str()
+        .parse()
+        .expect("in milliseconds");
+    answer(&waiter.channel, &request, json!(7)).await;
+    assert_eq!(waiting.await.expect("task").expect("answered"), 7);
+    assert_eq!(holder.await.expect("task").expect("answered"), 3);
+    assert!(
+        expiration <= 8_000,
+        "published after waiting 3 s for a lane with {expiration} ms to live of its 10 s"
+    );
 }
 
 #[tokio::test]

@@ -24,13 +24,16 @@
 //! server. (Four such servers at once still take them all.)
 //!
 //! A publish whose caller stops waiting (a timeout, a dropped future)
-//! keeps its lane until the broker has confirmed it (or the channel is
-//! lost), in a task of its own: dropping a lane closes its channel, and
-//! lapin 4.12 sends a channel's `close` ahead of publishes still queued for
-//! it (behind other large ones), so a request given up before it was
-//! written would otherwise reach the broker after its channel's close, and
-//! the broker would close the whole connection (`CHANNEL_ERROR - expected
-//! 'channel.open'`), failing every other call waiting on it.
+//! keeps its lane until every frame of it was written, and no longer: its
+//! channel is then closed (the broker takes the `close` after the
+//! publish) and the lane freed at once, without waiting for a confirm a
+//! queue may withhold for as long as it likes. Not before: dropping a lane
+//! closes its channel, and lapin 4.12 sends a channel's `close` ahead of
+//! publishes still queued for it (behind other large ones), so a request
+//! given up before it was written would otherwise reach the broker after
+//! its channel's close, and the broker would close the whole connection
+//! (`CHANNEL_ERROR - expected 'channel.open'`), failing every other call
+//! waiting on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -67,6 +70,18 @@ pub(crate) enum Published {
     NoExchange,
     /// The broker refused it (a negative confirm).
     Nacked,
+    /// Its caller stopped waiting before the broker confirmed it: its
+    /// lane was closed behind it.
+    Abandoned,
+}
+
+/// A lane held for one publish: its channel, its place among the
+/// publisher's lanes and in its exchange's share. Dropped unused, its
+/// channel is closed.
+pub(crate) struct Held {
+    channel: Channel,
+    lane: Option<OwnedSemaphorePermit>,
+    share: ExchangeLane,
 }
 
 /// A bounded pool of confirm-mode channels, each carrying one publish at a
@@ -130,10 +145,8 @@ impl Publisher {
     ///
     /// # Errors
     ///
-    /// [`Error::AccessRefused`] when the user may not write to the
-    /// exchange; [`Error::Connection`] when the connection or the lane
-    /// failed for another reason (the publish may or may not have reached
-    /// the broker).
+    /// As [`Publisher::send`].
+    #[cfg(feature = "server")]
     pub(crate) async fn publish(
         &self,
         conn: &Arc<Connection>,
@@ -142,6 +155,20 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<Published, Error> {
+        let held = self.hold(conn, exchange).await?;
+        let forever = std::future::pending();
+        self.send(conn, held, exchange, options, body, properties, forever)
+            .await
+    }
+
+    /// A lane for a publish to `exchange` on `conn`, waited for while all
+    /// are busy, or the exchange holds its share.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connection`] (or [`Error::AccessRefused`]) when no channel
+    /// could be opened.
+    pub(crate) async fn hold(&self, conn: &Arc<Connection>, exchange: &str) -> Result<Held, Error> {
         // An exchange's share first: calls to a server that holds its
         // share wait without holding a lane others could use.
         let share = self.exchange_lane(exchange).await;
@@ -151,19 +178,69 @@ impl Publisher {
             Some(channel) => channel,
             None => open(conn).await?,
         };
+        Ok(Held {
+            channel,
+            lane,
+            share,
+        })
+    }
+
+    /// Publishes `body` to `exchange` on `held`, a lane of `conn`, and
+    /// waits for the broker's confirm, or for `gone` (its caller stopped
+    /// waiting): then, once the publish is written, its lane is closed
+    /// and freed without waiting for the confirm
+    /// ([`Published::Abandoned`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AccessRefused`] when the user may not write to the
+    /// exchange; [`Error::Connection`] when the connection or the lane
+    /// failed for another reason (the publish may or may not have reached
+    /// the broker).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send(
+        &self,
+        conn: &Arc<Connection>,
+        held: Held,
+        exchange: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Published, Error> {
+        let Held {
+            channel,
+            lane,
+            share,
+        } = held;
         let mut sending = Sending {
             channel: Some(channel.clone()),
+            written: false,
             lane,
             share: Some(share),
         };
         let sent = async {
-            channel
+            let confirm = channel
                 .basic_publish(exchange.into(), "".into(), options, body, properties)
-                .await?
-                .await
+                .await?;
+            // Every frame is written: from here the lane may be closed.
+            sending.written = true;
+            tokio::select! {
+                confirmed = confirm => confirmed.map(Some),
+                () = gone => Ok(None),
+            }
         }
         .await;
         sending.settled();
+        let sent = match sent {
+            Ok(Some(confirmation)) => Ok(confirmation),
+            Ok(None) => {
+                let close = channel.close(200, "abandoned".into());
+                let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
+                return Ok(Published::Abandoned);
+            }
+            Err(e) => Err(e),
+        };
         match sent {
             Ok(confirmation) => Ok(match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {
@@ -219,11 +296,13 @@ impl Publisher {
 }
 
 /// A lane while its publish is under way. Dropped before [`Sending::settled`]
-/// (its caller stopped waiting), it hands the lane to a task that keeps it,
-/// and its lane permit, until the broker has confirmed the publish, so the
-/// channel is closed only after every frame of the publish was sent.
+/// (its caller stopped waiting), it hands the lane to a task that closes
+/// its channel once every frame of the publish was sent, and only then
+/// lets the lane go.
 struct Sending {
     channel: Option<Channel>,
+    /// Every frame of the publish was written.
+    written: bool,
     lane: Option<OwnedSemaphorePermit>,
     share: Option<ExchangeLane>,
 }
@@ -242,20 +321,26 @@ impl Drop for Sending {
             return;
         };
         let (lane, share) = (self.lane.take(), self.share.take());
+        let written = self.written;
         // Outside a runtime (or in one shutting down, which drops the task
         // unrun) there is nobody to wait: the lane goes now. The proxy and
         // the server close their connections then anyway.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                // Not before the confirm, however long the broker takes
-                // (a connection it blocked for a memory alarm sends
-                // nothing meanwhile): the frames may still be queued.
-                while tokio::time::timeout(SETTLE_CHECK, channel.wait_for_confirms())
-                    .await
-                    .is_err()
-                    && channel.status().connected()
-                {}
-                drop(channel);
+                // Not before the frames were written, however long that
+                // takes (a connection the broker blocked for a memory
+                // alarm sends nothing meanwhile); with no way to see
+                // that, a publish given up while being written keeps its
+                // lane until it is confirmed.
+                if !written {
+                    while tokio::time::timeout(SETTLE_CHECK, channel.wait_for_confirms())
+                        .await
+                        .is_err()
+                        && channel.status().connected()
+                    {}
+                }
+                let close = channel.close(200, "abandoned".into());
+                let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
                 drop((lane, share));
             });
         }

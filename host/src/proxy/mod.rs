@@ -97,7 +97,7 @@ struct Call<'a> {
     server: &'a str,
     func: &'a str,
     corr: &'a str,
-    body: &'a [u8],
+    body: &'a Arc<[u8]>,
     /// `traceparent` and `tracestate`, the same on every attempt.
     headers: &'a FieldTable,
     trace_id: TraceId,
@@ -155,7 +155,7 @@ struct Inner {
     ready: watch::Receiver<replies::Ready>,
     /// The channels requests are published on, one request per channel
     /// at a time, so a request to a missing server costs no other call.
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     pending: Arc<Pending>,
     timeout: Duration,
     /// The largest reply taken, in bytes, held to the JSON objects and
@@ -256,7 +256,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 link: owned,
                 ready,
-                publisher: Publisher::new(lanes),
+                publisher: Arc::new(Publisher::new(lanes)),
                 pending,
                 timeout,
                 reply_limit: AtomicUsize::new(reply_limit.unwrap_or(DEFAULT_MAX_REPLY_BYTES)),
@@ -414,11 +414,12 @@ impl Proxy {
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let corr = uuid::Uuid::new_v4().to_string();
-        let body = Request {
+        let body: Arc<[u8]> = Request {
             func: func.to_string(),
             args,
         }
-        .encode();
+        .encode()
+        .into();
         let trace = match options.trace {
             Some(trace) => trace,
             None => TraceContext::new_trace(),
@@ -486,37 +487,10 @@ impl Proxy {
             return timed_out();
         }
         let (_waiting, rx) = self.inner.pending.wait(call.corr);
-        // The request expires when its call stops waiting (a call sent
-        // again has less time left). RabbitMQ takes an `expiration` of at
-        // most 2^32 - 1 ms (49.7 days) and refuses the publish beyond: a
-        // longer timeout lets the request wait that long in the queue.
-        let millis = left.as_millis().clamp(1, u128::from(u32::MAX));
-        // When it was sent, for the host's queue wait: the `timestamp`
-        // property in seconds, and in milliseconds in a header.
-        let sent = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut headers = call.headers.clone();
-        headers.insert(
-            TIMESTAMP_IN_MS.into(),
-            AMQPValue::LongLongInt(i64::try_from(sent.as_millis()).unwrap_or(i64::MAX)),
-        );
-        headers.insert(
-            REPLY_QUEUE.into(),
-            AMQPValue::LongString(names.queue.as_str().into()),
-        );
-        let props = BasicProperties::default()
-            .with_content_type(CONTENT_TYPE.into())
-            .with_correlation_id(call.corr.into())
-            .with_reply_to(names.exchange.as_str().into())
-            .with_expiration(millis.to_string().into())
-            .with_timestamp(sent.as_secs())
-            .with_headers(headers);
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.
-        let publish = self.publish(&conn, call.server, call.body, props);
-        tokio::pin!(publish);
+        let mut publish = self.send_request(conn, names, call);
         let mut rx = rx;
         let mut confirmed = false;
         let outcome = tokio::time::timeout_at(call.deadline, async {
@@ -524,9 +498,12 @@ impl Proxy {
                 tokio::select! {
                     sent = &mut publish, if !confirmed => {
                         match sent {
-                            Ok(()) => confirmed = true,
-                            Err(e @ (Error::Connection(_) | Error::Rejected { .. })) => return Attempt::Lost(e),
-                            Err(e) => return Attempt::Done(Err(e)),
+                            Ok(Ok(())) => confirmed = true,
+                            Ok(Err(e @ (Error::Connection(_) | Error::Rejected { .. }))) => return Attempt::Lost(e),
+                            Ok(Err(e)) => return Attempt::Done(Err(e)),
+                            // Given up unsent: the call's time ran out
+                            // while it waited for a lane.
+                            Err(_) => return timed_out(),
                         }
                         debug!(target: "callme::proxy", server = call.server, func = call.func, correlation_id = %call.corr, trace_id = %call.trace_id, "request confirmed");
                     }
@@ -596,38 +573,112 @@ impl Proxy {
         }
     }
 
-    async fn publish(
+    /// Publishes `call`'s request on `conn`, with `names` to reply to, in a
+    /// task of its own; what became of it. The task holds its lane only
+    /// while the broker has the request to confirm, however the caller's
+    /// future is polled (or not): a caller that stopped polling its call
+    /// (a slow stream of calls `buffered`, a `select!` on `&mut call`)
+    /// keeps no other call from its lane. Its caller gone, the task
+    /// sends nothing if it has no lane yet, and lets its lane go once the
+    /// request is written.
+    fn send_request(
         &self,
-        conn: &Arc<Connection>,
-        server: &str,
-        body: &[u8],
-        props: BasicProperties,
-    ) -> Result<(), Error> {
-        let exchange = server_exchange(server);
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let published = self
-            .inner
-            .publisher
-            .publish(conn, &exchange, options, body, props)
-            .await?;
-        match published {
-            Published::Confirmed => Ok(()),
-            // No exchange, or an exchange no queue is bound to: nothing
-            // serves that id.
-            Published::Returned | Published::NoExchange => {
-                Err(Error::NoSuchServer(server.to_string()))
+        conn: Arc<Connection>,
+        names: Arc<ReplyNames>,
+        call: &Call<'_>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), Error>> {
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
+        let publisher = self.inner.publisher.clone();
+        let server = call.server.to_string();
+        let exchange = server_exchange(server.as_str());
+        let corr = call.corr.to_string();
+        let headers = call.headers.clone();
+        let body = call.body.clone();
+        let deadline = call.deadline;
+        tokio::spawn(async move {
+            let held = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                held = publisher.hold(&conn, &exchange) => held,
+            };
+            let held = match held {
+                Ok(held) => held,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            // Its properties once it has a lane: the request expires when
+            // its call stops waiting, however long the lane took.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
             }
-            Published::Nacked => Err(Error::Rejected {
-                server: server.to_string(),
-            }),
-            Published::TooLarge(reason) => Err(Error::TooLarge {
-                server: server.to_string(),
-                reason,
-            }),
-        }
+            let props = request_properties(&corr, headers, &names, left);
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let published = publisher
+                .send(&conn, held, &exchange, options, &body, props, tx.closed())
+                .await;
+            let _ = tx.send(published.and_then(|published| request_outcome(&server, published)));
+        });
+        rx
+    }
+}
+
+/// A request's properties: `corr`, the reply names, `headers` and when it
+/// was sent, expiring in `left` (when its call stops waiting: a call sent
+/// again has less time left).
+fn request_properties(
+    corr: &str,
+    mut headers: FieldTable,
+    names: &ReplyNames,
+    left: Duration,
+) -> BasicProperties {
+    // RabbitMQ takes an `expiration` of at most 2^32 - 1 ms (49.7 days)
+    // and refuses the publish beyond: a longer timeout lets the request
+    // wait that long in the queue.
+    let millis = left.as_millis().clamp(1, u128::from(u32::MAX));
+    // When it was sent, for the host's queue wait: the `timestamp`
+    // property in seconds, and in milliseconds in a header.
+    let sent = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    headers.insert(
+        TIMESTAMP_IN_MS.into(),
+        AMQPValue::LongLongInt(i64::try_from(sent.as_millis()).unwrap_or(i64::MAX)),
+    );
+    headers.insert(
+        REPLY_QUEUE.into(),
+        AMQPValue::LongString(names.queue.as_str().into()),
+    );
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_correlation_id(corr.into())
+        .with_reply_to(names.exchange.as_str().into())
+        .with_expiration(millis.to_string().into())
+        .with_timestamp(sent.as_secs())
+        .with_headers(headers)
+}
+
+/// What a request to `server` that was `published` means for its call.
+fn request_outcome(server: &str, published: Published) -> Result<(), Error> {
+    match published {
+        Published::Confirmed => Ok(()),
+        // No exchange, or an exchange no queue is bound to: nothing
+        // serves that id.
+        Published::Returned | Published::NoExchange => Err(Error::NoSuchServer(server.to_string())),
+        Published::Nacked => Err(Error::Rejected {
+            server: server.to_string(),
+        }),
+        Published::TooLarge(reason) => Err(Error::TooLarge {
+            server: server.to_string(),
+            reason,
+        }),
+        // Nobody to tell: its call stopped waiting.
+        Published::Abandoned => Err(Error::Disconnected("the call stopped waiting".into())),
     }
 }
 

@@ -136,6 +136,12 @@ impl Replier {
                         "the broker refused the reply (negative confirm)".into(),
                     ));
                 }
+                // Not asked for: a reply is waited for to the end.
+                Ok(Published::Abandoned) => {
+                    last = Some(Error::Disconnected(
+                        "the reply was given up before its confirm".into(),
+                    ));
+                }
                 Err(Error::AccessRefused(_)) => {
                     return Sent::Undeliverable(ReplyLost::AccessRefused);
                 }
