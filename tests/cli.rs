@@ -309,6 +309,16 @@ async fn serve_call_and_describe_end_to_end() {
     );
     let o = callme(&["call", "--max-reply-bytes", "12", &id, "add", "2", "3"]);
     assert_eq!(stdout(&o), "5", "{}", String::from_utf8_lossy(&o.stderr));
+    // The request is over a limit of 10 bytes: not sent.
+    let o = callme(&["call", "--max-request-bytes", "10", &id, "add", "2", "3"]);
+    let e = stderr_json(&o);
+    assert_eq!(e["type"], "TooLarge", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("over the proxy's limit of 10")),
+        "{e}"
+    );
 
     host.terminate();
     assert_eq!(host.wait(Duration::from_secs(20)), Some(0), "graceful exit");

@@ -1030,7 +1030,9 @@ async fn the_reply_connection_is_opened_only_when_asked_and_closes_with_the_host
 /// A reply the broker refuses for its size (over `max_message_size`,
 /// 16 MiB on the test node as on RabbitMQ 4.x) reaches its caller as a
 /// typed error, once, instead of no reply (the request run again, then
-/// dropped); and a request too large is refused to its caller by name.
+/// dropped); and a request too large is refused to its caller by name:
+/// by the proxy before it is sent, over the proxy's limit, or by the
+/// broker.
 #[tokio::test]
 async fn a_reply_too_large_for_the_broker_reaches_its_caller_as_an_error() {
     let srv = server(ServerOptions::default()).await;
@@ -1064,13 +1066,31 @@ async fn a_reply_too_large_for_the_broker_reaches_its_caller_as_an_error() {
     assert_eq!(small.len(), 1 << 20);
     assert_eq!(srv.answered(), 2);
 
+    // Over the proxy's own limit, 16 MiB by default: refused unsent.
     let big = "x".repeat(17 << 20);
+    let e = p
+        .use_server(&id)
+        .call("print", pos(json!([big.clone()])))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::TooLarge { reason, .. } if reason.contains("over the proxy's limit")),
+        "{e:?}"
+    );
+    assert_eq!(srv.answered(), 2);
+    // Past it, the broker's refusal.
+    p.set_max_request_bytes(64 << 20);
     let e = p
         .use_server(&id)
         .call("print", pos(json!([big])))
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+    assert!(
+        matches!(&e, Error::TooLarge { reason, .. } if reason.contains("the broker refused it")),
+        "{e:?}"
+    );
+    let small: String = p.use_server(&id).invoke("huge", (1,)).await.unwrap();
+    assert_eq!(small.len(), 1 << 20);
 }
 
 /// A large reply is read by the call it answers, not by the proxy's one

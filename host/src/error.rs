@@ -206,13 +206,15 @@ pub enum Error {
         /// The server id called.
         server: String,
     },
-    /// The broker refused a request for its size (over its
-    /// `max_message_size`: 16 MiB by default in RabbitMQ 4.x).
-    #[error("the broker refused the request for `{server}` for its size: {reason}")]
+    /// A request too large to send: over the proxy's own limit
+    /// (`Proxy::set_max_request_bytes`), refused before anything was
+    /// sent, or refused by the broker (over its `max_message_size`:
+    /// 16 MiB by default in RabbitMQ 4.x).
+    #[error("the request for `{server}` is too large: {reason}")]
     TooLarge {
         /// The server id called.
         server: String,
-        /// What the broker said.
+        /// Whose limit it broke, and what it said.
         reason: String,
     },
     /// A setting is invalid (an AMQP URI, a TLS file, a server id, a

@@ -57,8 +57,8 @@ pub use plugin::{
 };
 pub use protocol::{Args, ErrorKind, QueueType, RemoteError};
 pub use proxy::{
-    BlockingProxy, CallOptions, DEFAULT_MAX_REPLY_BYTES, DEFAULT_TIMEOUT, Proxy, ServerProxy,
-    args_from,
+    BlockingProxy, CallOptions, DEFAULT_MAX_PROXY_REQUEST_BYTES, DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_TIMEOUT, Proxy, ServerProxy, args_from,
 };
 #[cfg(feature = "server")]
 pub use server::{

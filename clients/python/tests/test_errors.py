@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import socket
 import time
@@ -199,6 +200,42 @@ def test_malformed_responses_are_value_errors_not_other_exceptions() -> None:
                  b'{"result": {"a": 1, "a": 2}}', b'{"result": NaN}', b'{"result": -Infinity}'):
         with pytest.raises(ValueError):
             decode_response(body)
+
+
+def test_replies_over_the_limit_are_refused_unread() -> None:
+    limit = 1 << 20
+    with pytest.raises(callme.Internal, match="2000013 bytes, the limit is 1048576"):
+        decode_response(b'{"result":"' + b"x" * 2_000_000 + b'"}', limit)
+    # 300 kB of tiny objects would parse into some 7 MB.
+    tiny = b'{"result":[' + b"{}," * 100_000 + b"{}]}"
+    with pytest.raises(callme.Internal, match="100002 JSON objects and 1 arrays"):
+        decode_response(tiny, limit)
+    assert len(decode_response(tiny, 64 << 20)) == 100_001
+    # Braces and brackets in strings, escaped quotes among them, count for nothing.
+    text = '\\"{[' * 100_000
+    body = ('{"result": %s}' % json.dumps(text)).encode()
+    assert decode_response(body, limit) == text
+    # A small limit still takes a reply of a few objects.
+    assert decode_response(b'{"result":[{},{"a":[1]}]}', 64) == [{}, {"a": [1]}]
+
+
+def test_a_reply_over_the_proxys_limit_fails_its_call_alone(amqp_url: str, host: Host) -> None:
+    with pytest.raises(ValueError, match="max_reply_bytes"):
+        callme.Proxy(amqp_url, max_reply_bytes=0)
+    small = callme.Proxy(amqp_url, timeout=30, max_reply_bytes=1 << 20)
+    try:
+        assert small.max_reply_bytes == 1 << 20
+        with pytest.raises(callme.Internal, match="the limit is 1048576 .max_reply_bytes."):
+            small.use_server(host.hostile).huge(2)
+        assert small.use_server(host.calc).add(1, 2) == 3
+    finally:
+        small.close()
+    default = callme.Proxy(amqp_url, timeout=30)
+    try:
+        assert default.max_reply_bytes == callme.DEFAULT_MAX_REPLY_BYTES == 16 << 20
+        assert len(default.use_server(host.hostile).huge(2)) == 2 << 20
+    finally:
+        default.close()
 
 
 def test_any_timeout_works(proxy: callme.Proxy, host: Host) -> None:

@@ -173,6 +173,10 @@ enum Command {
         /// `Internal` error, not parsed).
         #[arg(long, value_name = "BYTES", default_value_t = callme::DEFAULT_MAX_REPLY_BYTES)]
         max_reply_bytes: usize,
+        /// The largest request sent, in bytes (a larger one is a
+        /// `TooLarge` error, not sent).
+        #[arg(long, value_name = "BYTES", default_value_t = callme::DEFAULT_MAX_PROXY_REQUEST_BYTES)]
+        max_request_bytes: usize,
         #[command(flatten)]
         call: CallArgs,
     },
@@ -423,6 +427,7 @@ async fn run(command: Command) -> ExitCode {
             server,
             retry,
             max_reply_bytes,
+            max_request_bytes,
             call,
         } => {
             let args = match call.parse() {
@@ -436,6 +441,7 @@ async fn run(command: Command) -> ExitCode {
             };
             remote(&broker, timeout, shape, |proxy, t| async move {
                 proxy.set_max_reply_bytes(max_reply_bytes);
+                proxy.set_max_request_bytes(max_request_bytes);
                 proxy
                     .use_server(&server)
                     .with_retry(retry)

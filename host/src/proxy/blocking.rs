@@ -112,6 +112,12 @@ impl BlockingProxy {
         self.proxy().set_max_reply_bytes(max);
     }
 
+    /// Sets the largest request body sent; see
+    /// [`Proxy::set_max_request_bytes`].
+    pub fn set_max_request_bytes(&self, max: usize) {
+        self.proxy().set_max_request_bytes(max);
+    }
+
     fn proxy(&self) -> &Proxy {
         self.proxy.as_ref().expect("present until dropped")
     }

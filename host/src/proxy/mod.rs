@@ -136,6 +136,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// than a few hundred megabytes.
 pub const DEFAULT_MAX_REPLY_BYTES: usize = 16 << 20;
 
+/// Largest request body a [`Proxy`] sends unless told otherwise
+/// ([`Proxy::set_max_request_bytes`]): 16 MiB, RabbitMQ 4.x's default
+/// `max_message_size`. A larger request is refused before it is sent:
+/// its frames would hold up every other request and acknowledgement on
+/// the proxy's connection while they are written, for the broker (or the
+/// server, whose own limit is 4 MiB by default) to refuse it after.
+pub const DEFAULT_MAX_PROXY_REQUEST_BYTES: usize = 16 << 20;
+
 /// The longest a call waits: longer timeouts (up to `Duration::MAX`) are
 /// taken as this, a hundred years.
 const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -165,6 +173,8 @@ struct Inner {
     /// the process. [`DEFAULT_MAX_REPLY_BYTES`] for a program's proxy, the
     /// request limit for the calls a server's plugins make.
     reply_limit: AtomicUsize,
+    /// The largest request sent, in bytes.
+    request_limit: AtomicUsize,
     /// Whether this proxy makes a server's plugins' calls (which names the
     /// limit a refused reply broke).
     for_plugins: bool,
@@ -260,6 +270,7 @@ impl Proxy {
                 pending,
                 timeout,
                 reply_limit: AtomicUsize::new(reply_limit.unwrap_or(DEFAULT_MAX_REPLY_BYTES)),
+                request_limit: AtomicUsize::new(DEFAULT_MAX_PROXY_REQUEST_BYTES),
                 for_plugins: reply_limit.is_some(),
                 #[cfg(feature = "metrics")]
                 metrics: std::sync::OnceLock::new(),
@@ -342,6 +353,21 @@ impl Proxy {
         self.inner.reply_limit.load(Ordering::Relaxed)
     }
 
+    /// Sets the largest request body this proxy and its clones send, in
+    /// bytes ([`DEFAULT_MAX_PROXY_REQUEST_BYTES`] unless set), for the
+    /// calls made from now on. A call with a larger request fails with
+    /// [`Error::TooLarge`] before anything is sent. Raise it for a server
+    /// whose `max_request_bytes` is raised, on a broker whose
+    /// `max_message_size` allows it.
+    pub fn set_max_request_bytes(&self, max: usize) {
+        self.inner.request_limit.store(max, Ordering::Relaxed);
+    }
+
+    /// The largest request body this proxy sends, in bytes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.inner.request_limit.load(Ordering::Relaxed)
+    }
+
     /// The timeout of calls that do not give one.
     pub(crate) fn default_timeout(&self) -> Duration {
         self.inner.timeout
@@ -420,6 +446,18 @@ impl Proxy {
         }
         .encode()
         .into();
+        let request_limit = self.inner.request_limit.load(Ordering::Relaxed);
+        if body.len() > request_limit {
+            let e = Error::TooLarge {
+                server: server.to_string(),
+                reason: format!(
+                    "it is {} bytes, over the proxy's limit of {request_limit} \
+                     (Proxy::set_max_request_bytes); nothing was sent",
+                    body.len()
+                ),
+            };
+            return self.ended(server, func, Err(e), started);
+        }
         let trace = match options.trace {
             Some(trace) => trace,
             None => TraceContext::new_trace(),
@@ -673,9 +711,9 @@ fn request_outcome(server: &str, published: Published) -> Result<(), Error> {
         Published::Nacked => Err(Error::Rejected {
             server: server.to_string(),
         }),
-        Published::TooLarge(reason) => Err(Error::TooLarge {
+        Published::TooLarge(refusal) => Err(Error::TooLarge {
             server: server.to_string(),
-            reason,
+            reason: format!("the broker refused it: {refusal}"),
         }),
         // Nobody to tell: its call stopped waiting.
         Published::Abandoned => Err(Error::Disconnected("the call stopped waiting".into())),

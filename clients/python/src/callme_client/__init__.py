@@ -38,6 +38,7 @@ from .errors import (
     Trap,
 )
 from .options import redact_url
+from .protocol import DEFAULT_MAX_REPLY_BYTES
 from .proxy import Proxy, ServerProxy
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "AsyncProxy",
     "AsyncServerProxy",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_MAX_REPLY_BYTES",
     "CallmeError",
     "Timeout",
     "NoSuchServer",

@@ -30,6 +30,7 @@ from .link import Link
 from .options import ConnectOptions
 from .protocol import (
     CONTENT_TYPE,
+    DEFAULT_MAX_REPLY_BYTES,
     DESCRIBE,
     REPLY_QUEUE,
     decode_response,
@@ -57,6 +58,10 @@ class AsyncProxy:
     and ``key_file`` log in with a client certificate (EXTERNAL).
     ``timeout`` (seconds) is the default for every call;
     ``connection_name`` is shown by the broker's management tools.
+    ``max_reply_bytes`` is the largest reply taken (16 MiB by default),
+    with at most one JSON object per 32 bytes of it: a larger reply fails
+    its call with :class:`Internal`, unread, so no server can make the
+    caller parse a broker-sized reply into gigabytes.
 
     A proxy belongs to the event loop it first connects on; any number of
     tasks of that loop share it. Used from another loop, it raises
@@ -78,6 +83,7 @@ class AsyncProxy:
         cert_file: Optional[str] = None,
         key_file: Optional[str] = None,
         connection_name: Optional[str] = None,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         self._options = ConnectOptions.build(
             amqp_url,
@@ -93,6 +99,10 @@ class AsyncProxy:
             connection_name=connection_name,
         )
         self._timeout = _positive(timeout)
+        if isinstance(max_reply_bytes, bool) or not isinstance(max_reply_bytes, int) \
+                or max_reply_bytes < 1:
+            raise ValueError(f"max_reply_bytes must be a positive int, not {max_reply_bytes!r}")
+        self._max_reply_bytes = max_reply_bytes
         self._link: Optional[Link] = None
         self._publisher: Optional[Publisher] = None
         self._starting: Optional["asyncio.Future[None]"] = None
@@ -120,6 +130,11 @@ class AsyncProxy:
     def timeout(self) -> float:
         """The timeout (seconds) of calls that do not set one."""
         return self._timeout
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """The largest reply (in bytes) this proxy takes."""
+        return self._max_reply_bytes
 
     @property
     def reply_exchange(self) -> Optional[str]:
@@ -302,7 +317,7 @@ class AsyncProxy:
         finally:
             self._pending.pop(correlation_id, None)
         try:
-            return decode_response(response)
+            return decode_response(response, self._max_reply_bytes)
         except errors.RemoteError as e:
             log.debug("%s.%s failed remotely: %s", server_id, func, e.type)
             raise

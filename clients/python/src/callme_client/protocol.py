@@ -16,6 +16,7 @@ from .errors import remote_error
 
 __all__ = [
     "CONTENT_TYPE",
+    "DEFAULT_MAX_REPLY_BYTES",
     "DESCRIBE",
     "REPLY_QUEUE",
     "encode_request",
@@ -33,6 +34,23 @@ DESCRIBE = "_describe"
 #: can pipeline its replies there by the default exchange
 #: (docs/protocol.md, "Pipelined replies").
 REPLY_QUEUE = "x-callme-reply-queue"
+
+#: The largest reply body a proxy takes unless told otherwise
+#: (``max_reply_bytes``): 16 MiB, a plugin's default largest result and
+#: RabbitMQ 4.x's default ``max_message_size``.
+DEFAULT_MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+# What each JSON object and array of a reply counts against its size
+# limit, as the host counts them in requests (docs/protocol.md): a body of
+# tiny objects (``{},``) would otherwise take some 25 times its size once
+# parsed, of tiny arrays about 20 times, before anything in it is checked.
+_BYTES_PER_OBJECT = 32
+_BYTES_PER_ARRAY = 8
+# Objects a reply may always hold, however small its limit.
+_MIN_OBJECTS = 1024
+
+# A JSON string, escapes and all: what the braces inside are not counted in.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 # Server ids are limited to these characters; the broker's exchange names
 # are built from them and are at most 255 bytes.
@@ -77,12 +95,43 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"a response holds {constant}, which is not JSON")
 
 
-def decode_response(body: bytes) -> Any:
-    """The result a response body carries.
+def reply_refusal(body: bytes, max_bytes: int) -> Optional[str]:
+    """Why a reply body is not taken under a limit of ``max_bytes``, if it
+    is not: it is larger, or holds more JSON objects and arrays than a
+    body of that size may."""
+    if len(body) > max_bytes:
+        return f"the reply is {len(body)} bytes, the limit is {max_bytes}"
+    allowed = max(max_bytes // _BYTES_PER_OBJECT, _MIN_OBJECTS) * _BYTES_PER_OBJECT
 
-    :raises RemoteError: (a subclass per ``type``) when it carries an error.
+    def used(text: bytes) -> "tuple[int, int, int]":
+        objects, arrays = text.count(b"{"), text.count(b"[")
+        return objects, arrays, objects * _BYTES_PER_OBJECT + arrays * _BYTES_PER_ARRAY
+
+    # Braces in strings counted too: an upper bound, exact when it passes.
+    if used(body)[2] <= allowed:
+        return None
+    objects, arrays, counted = used(_STRING.sub(b"", body))
+    if counted <= allowed:
+        return None
+    return (
+        f"the reply holds {objects} JSON objects and {arrays} arrays, more than its size "
+        f"limit allows: each object counts {_BYTES_PER_OBJECT} bytes and each array "
+        f"{_BYTES_PER_ARRAY} against {allowed} (the limit, {max_bytes} bytes, or "
+        f"{_MIN_OBJECTS} objects at least)"
+    )
+
+
+def decode_response(body: bytes, max_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> Any:
+    """The result a response body carries, if it is within ``max_bytes``
+    (see :func:`reply_refusal`).
+
+    :raises RemoteError: (a subclass per ``type``) when it carries an
+        error; :class:`Internal` when it is over its limit, and not read.
     :raises ValueError: when it is not a response.
     """
+    refusal = reply_refusal(body, max_bytes)
+    if refusal is not None:
+        raise remote_error("Internal", f"reply not taken: {refusal} (max_reply_bytes)")
     try:
         # As strict as the host reads requests (I-JSON, RFC 7493): a key
         # given twice, or NaN and Infinity, which are not JSON, make no

@@ -32,7 +32,7 @@ from typing import Any, Callable, Coroutine, Dict, Mapping, Optional, Sequence, 
 
 from . import errors
 from .async_proxy import DEFAULT_TIMEOUT, AsyncProxy, _positive
-from .protocol import DESCRIBE
+from .protocol import DEFAULT_MAX_REPLY_BYTES, DESCRIBE
 
 __all__ = ["Proxy", "ServerProxy"]
 
@@ -382,6 +382,7 @@ class Proxy:
         cert_file: Optional[str] = None,
         key_file: Optional[str] = None,
         connection_name: Optional[str] = None,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         self._settings: Dict[str, Any] = dict(
             amqp_url=amqp_url,
@@ -396,6 +397,7 @@ class Proxy:
             cert_file=cert_file,
             key_file=key_file,
             connection_name=connection_name,
+            max_reply_bytes=max_reply_bytes,
         )
         self._closed = False
         # Guards making a connection in a forked child.
@@ -441,6 +443,11 @@ class Proxy:
     def timeout(self) -> float:
         """The timeout (seconds) of calls that do not set one."""
         return self._async.timeout
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """The largest reply (in bytes) this proxy takes."""
+        return self._async.max_reply_bytes
 
     @property
     def reply_exchange(self) -> Optional[str]:
