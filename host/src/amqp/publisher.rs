@@ -185,6 +185,12 @@ impl Publisher {
         })
     }
 
+    /// Gives `held`, a lane of `conn` that was not used after all, back
+    /// to be reused.
+    pub(crate) fn put_back(&self, conn: &Arc<Connection>, held: Held) {
+        self.give_back(conn, held.channel);
+    }
+
     /// Publishes `body` to `exchange` on `held`, a lane of `conn`, and
     /// waits for the broker's confirm, or for `gone` (its caller stopped
     /// waiting): then, once the publish is written, its lane is closed

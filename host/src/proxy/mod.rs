@@ -649,7 +649,8 @@ impl Proxy {
             // Its properties once it has a lane: the request expires when
             // its call stops waiting, however long the lane took.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || tx.is_closed() {
+                publisher.put_back(&conn, held);
                 return;
             }
             let props = request_properties(&corr, headers, &names, left);
