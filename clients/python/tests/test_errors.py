@@ -89,13 +89,29 @@ def test_a_request_too_large_is_a_bad_request(proxy: callme.Proxy, host: Host) -
         proxy.use_server(host.calc).add("x" * (5 << 20), 1)
 
 
-def test_a_request_over_the_brokers_size_limit_is_too_large_and_costs_nothing_else(
+def test_a_request_over_the_proxys_limit_is_too_large_and_not_sent(
     proxy: callme.Proxy, host: Host
 ) -> None:
-    # The test broker's max_message_size is 16 MiB, as RabbitMQ 4.x's default.
-    with pytest.raises(callme.TooLarge, match="max size"):
+    assert proxy.max_request_bytes == callme.DEFAULT_MAX_REQUEST_BYTES == 16 << 20
+    with pytest.raises(callme.TooLarge, match="over the proxy's max_request_bytes"):
         proxy.use_server(host.calc).add("x" * (17 << 20), 1)
     assert proxy.use_server(host.calc).add(1, 2) == 3
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        callme.Proxy(max_request_bytes=-1)
+
+
+def test_a_request_over_the_brokers_size_limit_is_too_large_and_costs_nothing_else(
+    amqp_url: str, host: Host
+) -> None:
+    # The test broker's max_message_size is 16 MiB, as RabbitMQ 4.x's
+    # default: past the proxy's own limit, the broker refuses it.
+    proxy = callme.Proxy(amqp_url, timeout=30, max_request_bytes=64 << 20)
+    try:
+        with pytest.raises(callme.TooLarge, match="max size"):
+            proxy.use_server(host.calc).add("x" * (17 << 20), 1)
+        assert proxy.use_server(host.calc).add(1, 2) == 3
+    finally:
+        proxy.close()
 
 
 def test_arguments_that_are_not_json_fail_before_sending(proxy: callme.Proxy, host: Host) -> None:

@@ -38,7 +38,7 @@ from .errors import (
     Trap,
 )
 from .options import redact_url
-from .protocol import DEFAULT_MAX_REPLY_BYTES
+from .protocol import DEFAULT_MAX_REPLY_BYTES, DEFAULT_MAX_REQUEST_BYTES
 from .proxy import Proxy, ServerProxy
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "AsyncServerProxy",
     "DEFAULT_TIMEOUT",
     "DEFAULT_MAX_REPLY_BYTES",
+    "DEFAULT_MAX_REQUEST_BYTES",
     "CallmeError",
     "Timeout",
     "NoSuchServer",

@@ -31,6 +31,7 @@ from .options import ConnectOptions
 from .protocol import (
     CONTENT_TYPE,
     DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
     DESCRIBE,
     REPLY_QUEUE,
     decode_response,
@@ -62,6 +63,8 @@ class AsyncProxy:
     with at most one JSON object per 32 bytes of it: a larger reply fails
     its call with :class:`Internal`, unread, so no server can make the
     caller parse a broker-sized reply into gigabytes.
+    ``max_request_bytes`` is the largest request sent (16 MiB by default):
+    a larger one raises :class:`TooLarge` before anything is sent.
 
     A proxy belongs to the event loop it first connects on; any number of
     tasks of that loop share it. Used from another loop, it raises
@@ -84,6 +87,7 @@ class AsyncProxy:
         key_file: Optional[str] = None,
         connection_name: Optional[str] = None,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self._options = ConnectOptions.build(
             amqp_url,
@@ -99,10 +103,8 @@ class AsyncProxy:
             connection_name=connection_name,
         )
         self._timeout = _positive(timeout)
-        if isinstance(max_reply_bytes, bool) or not isinstance(max_reply_bytes, int) \
-                or max_reply_bytes < 1:
-            raise ValueError(f"max_reply_bytes must be a positive int, not {max_reply_bytes!r}")
-        self._max_reply_bytes = max_reply_bytes
+        self._max_reply_bytes = _byte_limit("max_reply_bytes", max_reply_bytes)
+        self._max_request_bytes = _byte_limit("max_request_bytes", max_request_bytes)
         self._link: Optional[Link] = None
         self._publisher: Optional[Publisher] = None
         self._starting: Optional["asyncio.Future[None]"] = None
@@ -135,6 +137,11 @@ class AsyncProxy:
     def max_reply_bytes(self) -> int:
         """The largest reply (in bytes) this proxy takes."""
         return self._max_reply_bytes
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request (in bytes) this proxy sends."""
+        return self._max_request_bytes
 
     @property
     def reply_exchange(self) -> Optional[str]:
@@ -237,6 +244,14 @@ class AsyncProxy:
         body = encode_request(func, args, kwargs)
         if not valid_server_id(server_id):
             raise errors.NoSuchServer(server_id)
+        if len(body) > self._max_request_bytes:
+            # Its frames would hold up every other call on the connection
+            # while they are written, for the broker (or the server, 4 MiB
+            # by default) to refuse it after.
+            raise errors.TooLarge(
+                f"the request to {server_id!r} is {len(body)} bytes, over the proxy's "
+                f"max_request_bytes of {self._max_request_bytes}; nothing was sent"
+            )
         stage = ["connecting"]
         # The call runs in the caller's task, under a timer that cancels it
         # at the deadline (asyncio.wait_for would make a task per call).
@@ -407,3 +422,10 @@ def _positive(timeout: float) -> float:
     if not timeout > 0:
         raise ValueError(f"a timeout is a positive number of seconds, not {timeout!r}")
     return min(timeout, MAX_TIMEOUT)
+
+
+def _byte_limit(name: str, value: int) -> int:
+    """``value``, checked as a limit in bytes called ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, not {value!r}")
+    return value

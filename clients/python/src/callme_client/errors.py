@@ -66,9 +66,10 @@ class Rejected(CallmeError):
 
 
 class TooLarge(CallmeError):
-    """The broker refused the request for its size (over its
-    ``max_message_size``: 16 MiB by default in RabbitMQ 4.x, 128 MiB in
-    3.x). Sending it again would fail again."""
+    """The request is too large: over the proxy's ``max_request_bytes``
+    (16 MiB by default), refused before it was sent, or refused by the
+    broker (over its ``max_message_size``: 16 MiB by default in RabbitMQ
+    4.x, 128 MiB in 3.x). Sending it again would fail again."""
 
 
 class RemoteError(CallmeError):

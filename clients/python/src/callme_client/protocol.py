@@ -17,6 +17,7 @@ from .errors import remote_error
 __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_MAX_REPLY_BYTES",
+    "DEFAULT_MAX_REQUEST_BYTES",
     "DESCRIBE",
     "REPLY_QUEUE",
     "encode_request",
@@ -39,6 +40,11 @@ REPLY_QUEUE = "x-callme-reply-queue"
 #: (``max_reply_bytes``): 16 MiB, a plugin's default largest result and
 #: RabbitMQ 4.x's default ``max_message_size``.
 DEFAULT_MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+#: The largest request body a proxy sends unless told otherwise
+#: (``max_request_bytes``): 16 MiB, RabbitMQ 4.x's default
+#: ``max_message_size``, as the Rust proxy.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 # What each JSON object and array of a reply counts against its size
 # limit, as the host counts them in requests (docs/protocol.md): a body of

@@ -32,7 +32,7 @@ from typing import Any, Callable, Coroutine, Dict, Mapping, Optional, Sequence, 
 
 from . import errors
 from .async_proxy import DEFAULT_TIMEOUT, AsyncProxy, _positive
-from .protocol import DEFAULT_MAX_REPLY_BYTES, DESCRIBE
+from .protocol import DEFAULT_MAX_REPLY_BYTES, DEFAULT_MAX_REQUEST_BYTES, DESCRIBE
 
 __all__ = ["Proxy", "ServerProxy"]
 
@@ -383,6 +383,7 @@ class Proxy:
         key_file: Optional[str] = None,
         connection_name: Optional[str] = None,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self._settings: Dict[str, Any] = dict(
             amqp_url=amqp_url,
@@ -398,6 +399,7 @@ class Proxy:
             key_file=key_file,
             connection_name=connection_name,
             max_reply_bytes=max_reply_bytes,
+            max_request_bytes=max_request_bytes,
         )
         self._closed = False
         # Guards making a connection in a forked child.
@@ -448,6 +450,11 @@ class Proxy:
     def max_reply_bytes(self) -> int:
         """The largest reply (in bytes) this proxy takes."""
         return self._async.max_reply_bytes
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request (in bytes) this proxy sends."""
+        return self._async.max_request_bytes
 
     @property
     def reply_exchange(self) -> Optional[str]:
