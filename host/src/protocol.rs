@@ -486,11 +486,15 @@ impl Response {
         serde_json::to_vec(self).expect("response serialises")
     }
 
-    /// Decodes a response body.
+    /// Decodes a response body, whatever its size.
     ///
     /// # Errors
     ///
     /// The serde error when the body is not a response.
+    #[deprecated(
+        note = "use `Response::decode_within`: a reply from any server is held to a limit, \
+                as the proxies hold theirs"
+    )]
     pub fn decode(body: &[u8]) -> Result<Response, serde_json::Error> {
         serde_json::from_slice(body)
     }
@@ -743,7 +747,8 @@ mod tests {
             serde_json::to_value(&err).unwrap(),
             json!({"error": {"type": "Trap", "message": "boom", "data": null}})
         );
-        let unknown = Response::decode(br#"{"error":{"type":"Weird","message":"m"}}"#).unwrap();
+        let unknown =
+            Response::decode_within(br#"{"error":{"type":"Weird","message":"m"}}"#, 1024).unwrap();
         assert_eq!(unknown.into_result().unwrap_err().kind, ErrorKind::Unknown);
     }
 }
