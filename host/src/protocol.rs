@@ -207,7 +207,7 @@ pub struct Request {
 }
 
 /// A request is read field by field, each at most once, and its arguments
-/// with every object's keys unique (see [`crate::json`]): a flattened
+/// with every object's keys unique (see `json.rs`): a flattened
 /// field would have the whole body buffered first, about doubling what a
 /// large request takes in memory while it is parsed.
 impl<'de> Deserialize<'de> for Request {

@@ -69,7 +69,7 @@ pub enum ConfigError {
         var: String,
     },
     /// A value naming a variable that is not a plugin secret (not named
-    /// [`SECRET_PREFIX`]...): the host's own settings, the broker's
+    /// `CALLME_SECRET_`...): the host's own settings, the broker's
     /// credentials among them, never reach a plugin.
     #[error(
         "config key `{key}`: `${{{var}}}` is not a plugin secret: plugins are given only environment variables whose names start with `{SECRET_PREFIX}`"
@@ -80,13 +80,13 @@ pub enum ConfigError {
         /// The variable named.
         var: String,
     },
-    /// More keys than [`MAX_CONFIG_KEYS`].
+    /// More keys than allowed (256).
     #[error("`[config]` has {count} keys: at most {MAX_CONFIG_KEYS} are allowed")]
     TooManyKeys {
         /// How many it has.
         count: usize,
     },
-    /// A value longer than [`MAX_CONFIG_VALUE_BYTES`].
+    /// A value longer than allowed (64 KiB).
     #[error(
         "config key `{key}`: the value has {bytes} bytes, at most {MAX_CONFIG_VALUE_BYTES} are allowed"
     )]

@@ -95,8 +95,7 @@ pub struct HttpGrant {
     pub max_response_bytes: u64,
     /// Time one request may take, response body included.
     pub timeout: Duration,
-    /// Most requests one call of the plugin may send (see
-    /// [`DEFAULT_HTTP_MAX_REQUESTS`]).
+    /// Most requests one call of the plugin may send (256 by default).
     pub max_requests: u32,
 }
 

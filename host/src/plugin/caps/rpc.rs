@@ -45,8 +45,7 @@ pub struct RpcGrant {
     servers: BTreeSet<String>,
     /// Deepest hop its calls may be (see [`DEFAULT_MAX_CALL_DEPTH`]).
     pub max_depth: u32,
-    /// Most calls one call of the plugin may send (see
-    /// [`DEFAULT_MAX_CALLS`]).
+    /// Most calls one call of the plugin may send (256 by default).
     pub max_calls: u32,
 }
 
