@@ -438,7 +438,7 @@ async fn calls_left_unpolled_hold_no_lane_from_other_calls() {
         assert!(call.now_or_never().is_none(), "answered at its first poll");
     }
     let beside = tokio::time::timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         p.use_server(&id).invoke::<_, i64>("add", (2, 3)),
     )
     .await;
@@ -478,7 +478,7 @@ async fn a_call_given_up_on_a_queue_that_confirms_nothing_frees_its_lane() {
         "{given_up:?}"
     );
     let beside = tokio::time::timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         p.use_server(&healthy).invoke::<_, i64>("add", (2, 3)),
     )
     .await;
@@ -490,9 +490,9 @@ async fn a_call_given_up_on_a_queue_that_confirms_nothing_frees_its_lane() {
 
 /// A request that waited for a publish lane expires when its call stops
 /// waiting, not its whole timeout after it was made: with the one lane
-/// held 3 s by a request its queue does not confirm, a call with 10 s to
-/// wait is published with about 7 s to live. It used to get the full 10 s,
-/// so a server could run it after its caller had left.
+/// held at least 3 s by a request its queue does not confirm, a call with
+/// 30 s to wait is published with at most 27 s to live. It used to get
+/// the full 30 s, so a server could run it after its caller had left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_waited_for_a_lane_expires_with_its_call() {
     let srv = server(ServerOptions::default()).await;
@@ -509,7 +509,7 @@ async fn a_request_that_waited_for_a_lane_expires_with_its_call() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let waiting = {
-        let sp = p.use_server(&played).with_timeout(Duration::from_secs(10));
+        let sp = p.use_server(&played).with_timeout(Duration::from_secs(30));
         tokio::spawn(async move { sp.invoke::<_, i64>("add", (3, 4)).await })
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -527,9 +527,64 @@ async fn a_request_that_waited_for_a_lane_expires_with_its_call() {
     assert_eq!(waiting.await.expect("task").expect("answered"), 7);
     assert_eq!(holder.await.expect("task").expect("answered"), 3);
     assert!(
-        expiration <= 8_000,
-        "published after waiting 3 s for a lane with {expiration} ms to live of its 10 s"
+        expiration <= 27_000,
+        "published after waiting 3 s for a lane with {expiration} ms to live of its 30 s"
     );
+}
+
+/// A reply the broker does not confirm (its caller's reply queue stopped
+/// confirming, as one on a node cut off from its cluster) holds its
+/// call's slot no longer than the server's `reply_confirm_limit`: the
+/// request is given back once, run again, and dropped when its reply
+/// goes unconfirmed again, and another caller's call, waiting for the
+/// one slot, is answered meanwhile. The reply used to wait for its
+/// confirm for as long as the queue took, the slot and the request with
+/// it, until RabbitMQ's `consumer_timeout` closed the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_the_broker_does_not_confirm_holds_its_slot_only_so_long() {
+    let srv = server(ServerOptions {
+        concurrency: 1,
+        reply_confirm_limit: Duration::from_secs(1),
+        ..ServerOptions::default()
+    })
+    .await;
+    let id = unique("unconfirmed-reply");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let mut f = NativeFunctions::new();
+    f.register("add", "func(a: s64, b: s64) -> s64", move |args: Args| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let n = |i: usize| args.args.get(i).and_then(serde_json::Value::as_i64);
+        Ok(json!(n(0).unwrap_or(0) + n(1).unwrap_or(0)))
+    });
+    srv.serve_native(&id, f).await.unwrap();
+    let stuck = proxy(Duration::from_secs(30)).await;
+    answers_add(&stuck, &id, 1).await;
+    let exchange = stuck.reply_exchange();
+    let (user, uid) = exchange
+        .strip_prefix("client_")
+        .and_then(|rest| rest.rsplit_once("_ex_"))
+        .expect("a reply exchange's name");
+    let suspended = Suspended::queue(&client_queue(user, uid));
+    let lost = {
+        let sp = stuck.use_server(&id);
+        tokio::spawn(async move { sp.invoke::<_, i64>("add", (1, 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = proxy(Duration::from_secs(30)).await;
+    let beside = tokio::time::timeout(
+        Duration::from_secs(15),
+        other.use_server(&id).invoke::<_, i64>("add", (2, 3)),
+    )
+    .await;
+    let ran = runs.load(Ordering::SeqCst);
+    drop(suspended);
+    let beside = beside.expect("a call waited behind a reply the broker did not confirm");
+    assert_eq!(beside.expect("the other caller's answer"), 5);
+    // The warm-up, the unconfirmed call twice (given back once), the other.
+    assert_eq!(ran, 4, "runs");
+    // Its replies were written: the queue takes them once resumed.
+    assert_eq!(lost.await.expect("task").expect("answered at last"), 2);
 }
 
 #[tokio::test]

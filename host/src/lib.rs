@@ -62,7 +62,7 @@ pub use proxy::{
 };
 #[cfg(feature = "server")]
 pub use server::{
-    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, NativeFunctions, SHUTDOWN_TIDY_LIMIT, Server,
-    ServerOptions,
+    DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, DEFAULT_REPLY_CONFIRM_LIMIT,
+    MAX_REPLY_CONFIRM_LIMIT, NativeFunctions, SHUTDOWN_TIDY_LIMIT, Server, ServerOptions,
 };
 pub use trace::{SpanId, TraceContext, TraceId};

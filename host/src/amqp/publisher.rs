@@ -70,8 +70,9 @@ pub(crate) enum Published {
     NoExchange,
     /// The broker refused it (a negative confirm).
     Nacked,
-    /// Its caller stopped waiting before the broker confirmed it: its
-    /// lane was closed behind it.
+    /// Its caller stopped waiting before the broker confirmed it (or
+    /// the time a reply may wait for its confirm ran out): its lane was
+    /// closed behind it.
     Abandoned,
 }
 
@@ -140,13 +141,14 @@ impl Publisher {
     }
 
     /// Publishes `body` to `exchange` with routing key `""` on `conn` and
-    /// waits for the broker's confirm. Waits for a free lane when all are
-    /// busy.
+    /// waits for the broker's confirm, or for `gone` (see
+    /// [`Publisher::send`]). Waits for a free lane when all are busy.
     ///
     /// # Errors
     ///
     /// As [`Publisher::send`].
     #[cfg(feature = "server")]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn publish(
         &self,
         conn: &Arc<Connection>,
@@ -154,10 +156,10 @@ impl Publisher {
         options: BasicPublishOptions,
         body: &[u8],
         properties: BasicProperties,
+        gone: impl Future<Output = ()>,
     ) -> Result<Published, Error> {
         let held = self.hold(conn, exchange).await?;
-        let forever = std::future::pending();
-        self.send(conn, held, exchange, options, body, properties, forever)
+        self.send(conn, held, exchange, options, body, properties, gone)
             .await
     }
 

@@ -120,6 +120,12 @@ enum Command {
         /// above 1 never refuses.
         #[arg(long, env = "CALLME_DELIVERY_LIMIT", default_value_t = callme::DEFAULT_DELIVERY_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
         delivery_limit: u32,
+        /// Seconds a reply may wait for the broker's confirm before it
+        /// counts as not sent (its request given back once for another
+        /// try): a caller's reply queue that stops confirming holds a
+        /// call's slot no longer than that.
+        #[arg(long, env = "CALLME_REPLY_CONFIRM_LIMIT", default_value_t = callme::DEFAULT_REPLY_CONFIRM_LIMIT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=callme::MAX_REPLY_CONFIRM_LIMIT.as_secs()))]
+        reply_confirm_limit: u64,
         /// Server queues are durable now; kept so old command lines run.
         #[arg(long, hide = true)]
         durable: bool,
@@ -376,6 +382,7 @@ async fn run(command: Command) -> ExitCode {
             queue_type,
             queue_expires,
             delivery_limit,
+            reply_confirm_limit,
             durable,
             no_auto_delete,
             no_pipelined_replies,
@@ -406,6 +413,7 @@ async fn run(command: Command) -> ExitCode {
                     queue_expires: (queue_expires > 0).then(|| Duration::from_secs(queue_expires)),
                     delivery_limit,
                     pipeline_replies: !no_pipelined_replies,
+                    reply_confirm_limit: Duration::from_secs(reply_confirm_limit),
                     ..Default::default()
                 },
                 runtime: config,

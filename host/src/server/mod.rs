@@ -87,7 +87,24 @@ pub struct ServerOptions {
     /// broker lets this user publish to `amq.default`. Off: every reply
     /// goes by its caller's own exchange, one per channel at a time.
     pub pipeline_replies: bool,
+    /// How long a reply may wait for the broker's confirm, once written,
+    /// before it counts as not sent: its request is then given back once
+    /// for another try, as for a reply that failed. A caller's reply
+    /// queue that stops confirming (on a node cut off from its cluster)
+    /// would otherwise hold the call's slot, and its request unacked,
+    /// until RabbitMQ's `consumer_timeout` (30 minutes by default) closed
+    /// the channel under every other call on it. At most
+    /// [`MAX_REPLY_CONFIRM_LIMIT`].
+    pub reply_confirm_limit: Duration,
 }
+
+/// How long a reply waits for the broker's confirm by default.
+pub const DEFAULT_REPLY_CONFIRM_LIMIT: Duration = Duration::from_secs(120);
+
+/// The longest a reply may wait for its confirm: with a call's deadline of
+/// at most 25 minutes, the request is acked within RabbitMQ's default
+/// `consumer_timeout` of 30 minutes.
+pub const MAX_REPLY_CONFIRM_LIMIT: Duration = Duration::from_secs(300);
 
 /// How long a server queue nobody consumes from lives by default.
 pub const DEFAULT_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
@@ -105,6 +122,14 @@ impl ServerOptions {
                 "delivery_limit must be at least 1: a request is delivered once before it runs"
                     .into(),
             ));
+        }
+        if self.reply_confirm_limit.is_zero() || self.reply_confirm_limit > MAX_REPLY_CONFIRM_LIMIT
+        {
+            return Err(Error::Config(format!(
+                "reply_confirm_limit must be more than 0 and at most {MAX_REPLY_CONFIRM_LIMIT:?} \
+                 (within RabbitMQ's default consumer_timeout), not {:?}",
+                self.reply_confirm_limit
+            )));
         }
         if self.max_request_bytes == 0 {
             return Err(Error::Config(
@@ -146,6 +171,7 @@ impl Default for ServerOptions {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             executor_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             pipeline_replies: true,
+            reply_confirm_limit: DEFAULT_REPLY_CONFIRM_LIMIT,
         }
     }
 }
@@ -231,6 +257,7 @@ impl Inner {
             self.link.subscribe(),
             self.publisher.clone(),
             self.pipeline.clone(),
+            self.options.reply_confirm_limit,
         )
     }
 
@@ -243,6 +270,7 @@ impl Inner {
                 own.link.subscribe(),
                 own.publisher.clone(),
                 self.pipeline.clone(),
+                self.options.reply_confirm_limit,
             )
         };
         let Ok(slot) = self.own_slots.clone().try_acquire_owned() else {
@@ -890,6 +918,20 @@ mod tests {
                 "queue_expires",
                 ServerOptions {
                     queue_expires: Some(Duration::from_secs(50 * 24 * 3600)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "reply_confirm_limit",
+                ServerOptions {
+                    reply_confirm_limit: Duration::ZERO,
+                    ..Default::default()
+                },
+            ),
+            (
+                "reply_confirm_limit",
+                ServerOptions {
+                    reply_confirm_limit: Duration::from_secs(301),
                     ..Default::default()
                 },
             ),

@@ -7,7 +7,8 @@
 //! lanes keep one refused publish from touching any other. What the
 //! server does with the request then depends on the [`Sent`] outcome:
 //! acked once the reply is confirmed or found undeliverable, given back to
-//! the broker when it could not be sent for a reason that may pass.
+//! the broker when it could not be sent for a reason that may pass, or
+//! was not confirmed within the server's `reply_confirm_limit`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ pub(super) struct Replier {
     link: watch::Receiver<link::State>,
     publisher: Arc<Publisher>,
     pipeline: Arc<Pipeline>,
+    /// How long a written reply waits for its confirm.
+    confirm_limit: Duration,
 }
 
 impl Replier {
@@ -55,11 +58,13 @@ impl Replier {
         link: watch::Receiver<link::State>,
         publisher: Arc<Publisher>,
         pipeline: Arc<Pipeline>,
+        confirm_limit: Duration,
     ) -> Replier {
         Replier {
             link,
             publisher,
             pipeline,
+            confirm_limit,
         }
     }
 
@@ -102,6 +107,7 @@ impl Replier {
                     BasicPublishOptions::default(),
                     body,
                     props.clone(),
+                    tokio::time::sleep(self.confirm_limit),
                 )
                 .await;
             match published {
@@ -136,11 +142,13 @@ impl Replier {
                         "the broker refused the reply (negative confirm)".into(),
                     ));
                 }
-                // Not asked for: a reply is waited for to the end.
+                // Written, and not confirmed in time: not sent again
+                // here, where it would wait as long again.
                 Ok(Published::Abandoned) => {
-                    last = Some(Error::Disconnected(
-                        "the reply was given up before its confirm".into(),
-                    ));
+                    return Sent::Failed(Error::Disconnected(format!(
+                        "the broker did not confirm the reply within {:?}",
+                        self.confirm_limit
+                    )));
                 }
                 Err(Error::AccessRefused(_)) => {
                     return Sent::Undeliverable(ReplyLost::AccessRefused);
