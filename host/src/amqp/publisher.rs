@@ -195,9 +195,9 @@ impl Publisher {
 
     /// Publishes `body` to `exchange` on `held`, a lane of `conn`, and
     /// waits for the broker's confirm, or for `gone` (its caller stopped
-    /// waiting): then, once the publish is written, its lane is closed
-    /// and freed without waiting for the confirm
-    /// ([`Published::Abandoned`]).
+    /// waiting), which is first polled once every frame of the publish
+    /// was written: then its lane is closed and freed without waiting
+    /// for the confirm ([`Published::Abandoned`]).
     ///
     /// # Errors
     ///

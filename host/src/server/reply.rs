@@ -93,6 +93,7 @@ impl Replier {
         let mut last = None;
         // An error reply sent in place of one too large for the broker.
         let mut replacement: Option<Vec<u8>> = None;
+        let confirm_limit = self.confirm_limit;
         for _ in 0..ATTEMPTS {
             let body = replacement.as_deref().unwrap_or(body);
             let conn = match &*self.link.borrow() {
@@ -107,7 +108,9 @@ impl Replier {
                     BasicPublishOptions::default(),
                     body,
                     props.clone(),
-                    tokio::time::sleep(self.confirm_limit),
+                    // Lazy, so timed from its first poll, once the reply
+                    // is written: the wait for a lane does not count.
+                    async move { tokio::time::sleep(confirm_limit).await },
                 )
                 .await;
             match published {
