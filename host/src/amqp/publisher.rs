@@ -243,8 +243,7 @@ impl Publisher {
         let sent = match sent {
             Ok(Some(confirmation)) => Ok(confirmation),
             Ok(None) => {
-                let close = channel.close(200, "abandoned".into());
-                let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
+                close_lane(&channel, "abandoned").await;
                 return Ok(Published::Abandoned);
             }
             Err(e) => Err(e),
@@ -265,8 +264,7 @@ impl Publisher {
                 // (RabbitMQ 3.10 and 4.x). A new channel is spared that:
                 // the nacked lane is closed, not reused.
                 Confirmation::Nack(None) => {
-                    let close = channel.close(200, "nacked".into());
-                    let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
+                    close_lane(&channel, "nacked").await;
                     Published::Nacked
                 }
             }),
@@ -347,8 +345,7 @@ impl Drop for Sending {
                         && channel.status().connected()
                     {}
                 }
-                let close = channel.close(200, "abandoned".into());
-                let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
+                close_lane(&channel, "abandoned").await;
                 drop((lane, share));
             });
         }
@@ -385,6 +382,12 @@ impl Drop for ExchangeLane {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Closes a lane's channel, waiting at most [`CLOSE_WITHIN`] for the
+/// broker's answer: a lane closed is free to be opened again.
+async fn close_lane(channel: &Channel, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_WITHIN, channel.close(200, why.into())).await;
 }
 
 /// A new channel in confirm mode.
