@@ -9,10 +9,11 @@
 //! most [`CONNECTION_LIFETIME`], whatever its clients do (a client that
 //! never reads its answers included). When they are all taken, up to
 //! [`MAX_OVERFLOW`] more connections get one answer each within
-//! [`OVERFLOW_LIFETIME`]: health and readiness as ever, `503` for the
-//! metrics; beyond both limits, the oldest of those is closed for the
-//! newest. So clients that hold every place, or keep opening connections,
-//! cannot make the liveness probe fail.
+//! [`OVERFLOW_LIFETIME`], the metrics included (renderings are shared, at
+//! most ten a second, so an answer costs no rendering of its own);
+//! beyond both limits, the oldest of those is closed for the newest. So
+//! clients that hold every place cannot keep scrapes out, and clients
+//! that keep opening connections cannot make the liveness probe fail.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -41,9 +42,8 @@ const MAX_CONNECTIONS: usize = 32;
 /// client that stops reading does not hold its place for good.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
-/// Connections beyond [`MAX_CONNECTIONS`] answered once each (health and
-/// readiness only), at once; past that many, the oldest is closed for
-/// the newest.
+/// Connections beyond [`MAX_CONNECTIONS`] answered once each, at once;
+/// past that many, the oldest is closed for the newest.
 const MAX_OVERFLOW: usize = 256;
 
 /// How long such a connection may last.
@@ -128,7 +128,7 @@ impl Endpoint {
     }
 }
 
-/// Serves one connection: in `full`, or with one answer and no metrics.
+/// Serves one connection: in `full` (kept alive), or with one answer.
 async fn serve(stream: tokio::net::TcpStream, full: bool) {
     let (lifetime, header_timeout) = if full {
         (CONNECTION_LIFETIME, HEADER_TIMEOUT)
@@ -141,10 +141,7 @@ async fn serve(stream: tokio::net::TcpStream, full: bool) {
         // hyper's least: requests here are a line and a few headers.
         .max_buf_size(MAX_REQUEST_BUFFER)
         .keep_alive(full)
-        .serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |request| respond(request, full)),
-        );
+        .serve_connection(TokioIo::new(stream), service_fn(respond));
     match tokio::time::timeout(lifetime, connection).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -156,12 +153,8 @@ async fn serve(stream: tokio::net::TcpStream, full: bool) {
     }
 }
 
-/// The answer to `request`; the metrics only on a connection served in
-/// `full`.
-async fn respond(
-    request: Request<Incoming>,
-    full: bool,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The answer to `request`.
+async fn respond(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
         response
@@ -170,10 +163,6 @@ async fn respond(
         return Ok(response);
     }
     let response = match request.uri().path() {
-        "/metrics" if !full => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy: every connection for metrics is taken\n".into(),
-        ),
         "/metrics" => match rendered().await {
             Some(metrics) => {
                 let mut response = Response::new(Full::new(metrics));
@@ -206,8 +195,10 @@ async fn respond(
 const RENDER_EVERY: Duration = Duration::from_millis(100);
 
 /// The metrics as text, rendered off the runtime's workers (which talk to
-/// the broker), one rendering at a time. A scrape gets a rendering that
-/// started after it arrived: its own, or one made while it waited.
+/// the broker), one rendering at a time (a scrape that stops waiting
+/// leaves its rendering to finish, the next scrapes waiting for it). A
+/// scrape gets a rendering that started after it arrived: its own, or
+/// one made while it waited.
 /// `None` when rendering failed (it panicked): the scrape fails, rather
 /// than every series seeming gone.
 async fn rendered() -> Option<Bytes> {
@@ -230,7 +221,9 @@ impl Renderings {
 
     /// A rendering by `render` that started after this call: the last
     /// one if it did, else a new one, at most one each [`RENDER_EVERY`].
-    async fn get(&self, render: fn() -> String) -> Option<Bytes> {
+    /// A new one is made by a task of its own, which holds the lock until
+    /// it is done, whether or not this call still waits for it.
+    async fn get(&'static self, render: fn() -> String) -> Option<Bytes> {
         let arrived = Instant::now();
         let mut last = self.last.lock().await;
         if let Some((started, text)) = &*last {
@@ -239,13 +232,16 @@ impl Renderings {
             }
             tokio::time::sleep_until((*started + RENDER_EVERY).into()).await;
         }
-        let started = Instant::now();
-        let text = tokio::task::spawn_blocking(render)
-            .await
-            .ok()
-            .map(Bytes::from)?;
-        *last = Some((started, text.clone()));
-        Some(text)
+        let rendering = tokio::spawn(async move {
+            let started = Instant::now();
+            let text = tokio::task::spawn_blocking(render)
+                .await
+                .ok()
+                .map(Bytes::from)?;
+            *last = Some((started, text.clone()));
+            Some(text)
+        });
+        rendering.await.ok().flatten()
     }
 }
 
@@ -302,5 +298,33 @@ mod tests {
         for pair in starts.windows(2) {
             assert!(pair[1] - pair[0] >= RENDER_EVERY, "{starts:?}");
         }
+    }
+
+    /// A scrape that stops waiting (its connection cut) while its
+    /// rendering is under way leaves it to finish: the next scrape waits
+    /// for it rather than starting another beside it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_scrape_given_up_leaves_no_second_rendering_beside_its_own() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        static RENDERS: AtomicUsize = AtomicUsize::new(0);
+        fn render() -> String {
+            let running = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+            MOST.fetch_max(running, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+            format!("rendering {}", RENDERS.fetch_add(1, Ordering::SeqCst))
+        }
+        let renderings: &'static Renderings = Box::leak(Box::new(Renderings::new()));
+        let given_up = tokio::spawn(renderings.get(render));
+        // Its rendering is under way, then it stops waiting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(RUNNING.load(Ordering::SeqCst), 1);
+        given_up.abort();
+        let next = renderings.get(render).await;
+        assert_eq!(next.as_deref(), Some(&b"rendering 1"[..]));
+        assert_eq!(MOST.load(Ordering::SeqCst), 1, "two renderings ran at once");
+        // The one given up was kept for the scrapes after it.
+        assert_eq!(RENDERS.load(Ordering::SeqCst), 2);
     }
 }
