@@ -1595,3 +1595,32 @@ async fn refused_http_requests_are_logged_once_a_call() {
     assert_eq!(count("http request denied"), 2, "{log}");
     assert_eq!(count("http request over the call's limit"), 2, "{log}");
 }
+
+/// A plugin granted nothing that hands the host requests it cannot make a
+/// URI of (an authority and no path) writes nothing to the host's log,
+/// however many: the HTTP crate warns of each such request (and of each
+/// failed connection, and the TLS library of a server's alerts), outside
+/// the plugin's log budget, and the host's default filter keeps those out.
+#[tokio::test]
+async fn requests_the_host_cannot_send_leave_its_log_alone() {
+    let dir = tempdir();
+    let id = unique("cap-pathless");
+    deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::start(Command::new(callme_bin()), &dir, &[], "");
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(30)).await;
+    let refused = p
+        .use_server(&id)
+        .call("pathless", pos(json!([5000])))
+        .await
+        .unwrap();
+    assert_eq!(refused, json!(5000));
+    let log = host.log_text();
+    assert!(log.contains("loaded"), "not the host's default log: {log}");
+    let warned = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warned < 5,
+        "{warned} warnings:\n{}",
+        &log[..log.len().min(4000)]
+    );
+}

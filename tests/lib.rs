@@ -310,14 +310,20 @@ impl Host {
 
     /// Runs `command` (the `callme` binary, or a program that runs it with
     /// the arguments that follow) with `serve --plugins DIR`, a ready
-    /// file, `extra` arguments and `RUST_LOG=log_level`, against the test
-    /// broker, as [`Host::serve`] does.
+    /// file, `extra` arguments and `RUST_LOG=log_level` (no `RUST_LOG` if
+    /// it is empty: the host's default filter), against the test broker,
+    /// as [`Host::serve`] does.
     pub fn start(mut command: Command, dir: &Path, extra: &[&str], log_level: &str) -> Host {
         let log = dir.with_extension("log");
         let ready_file = dir.with_extension("ready");
         let log_file = std::fs::File::create(&log).expect("create host log");
         if command.get_envs().all(|(k, _)| k != "CALLME_CACHE_DIR") {
             command.env("CALLME_CACHE_DIR", target_dir().join("test-cache"));
+        }
+        if log_level.is_empty() {
+            command.env_remove("RUST_LOG");
+        } else {
+            command.env("RUST_LOG", log_level);
         }
         let child = command
             .arg("serve")
@@ -327,7 +333,6 @@ impl Host {
             .arg(&ready_file)
             .args(extra)
             .env("CALLME_AMQP_URL", amqp_url())
-            .env("RUST_LOG", log_level)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -313,8 +313,13 @@ fn main() -> ExitCode {
         // lapin logs every channel the broker closes as an error: a caller
         // whose reply exchange is gone would put one in the log per call.
         // The link reports what matters about the connection itself.
-        Command::Serve { .. } => "info,lapin=off",
-        _ => "warn,lapin=off",
+        // wasmtime-wasi-http warns of every request a plugin hands it that
+        // it cannot make a URI of or send (a request with no path, a
+        // connection refused), and rustls of a server's alerts: a plugin
+        // could write them by the hundred thousand a call, outside its log
+        // budget. The plugin gets each as an error; its calls are counted.
+        Command::Serve { .. } => "info,lapin=off,wasmtime_wasi_http=error,rustls=error",
+        _ => "warn,lapin=off,wasmtime_wasi_http=error,rustls=error",
     };
     {
         use tracing_subscriber::layer::SubscriberExt;

@@ -122,6 +122,21 @@ impl Guest for Hostile {
         Ok(n)
     }
 
+    fn pathless(n: u32) -> u32 {
+        use wasip2::http::outgoing_handler;
+        use wasip2::http::types::{Fields, OutgoingRequest};
+        let mut refused = 0;
+        for _ in 0..n {
+            let request = OutgoingRequest::new(Fields::new());
+            if request.set_authority(Some("pathless.callme.test")).is_ok()
+                && outgoing_handler::handle(request, None).is_err()
+            {
+                refused += 1;
+            }
+        }
+        refused
+    }
+
     fn flood_call(server: String, kib: u32) -> Result<String, String> {
         let mut args = String::with_capacity(kib as usize * 1024 + 2);
         args.push('[');
