@@ -622,6 +622,81 @@ async fn a_plugins_directory_made_again_is_followed() {
     assert!(wait_withdrawn(&p, &first).await, "{first} is still served");
 }
 
+/// A plugins directory moved away for a moment (a deploy that swaps
+/// directories, `mv plugins plugins.old; mv plugins.new plugins`)
+/// withdraws nothing: what serves keeps serving while there is no
+/// directory, and the one put back in its place is followed as before.
+#[tokio::test]
+async fn a_plugins_directory_moved_away_for_a_moment_withdraws_nothing() {
+    let dir = tempdir();
+    let id = unique("dir-away");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = observed(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).unwrap();
+    // The host looks the directory over within milliseconds of an event
+    // on it; this is many times that.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        version(&p, &id).await.ok(),
+        Some(json!("1")),
+        "withdrawn while its directory was away: {}",
+        host.log_text()
+    );
+    assert!(
+        host.log_text()
+            .contains("cannot read the plugins directory"),
+        "{}",
+        host.log_text()
+    );
+
+    std::fs::rename(&away, &dir).unwrap();
+    deploy(&plugin_path("calc-v2"), &dir, &format!("{id}.wasm"));
+    wait_version(&p, &id, "2").await;
+}
+
+/// A version refused is tried again once its files change, if only by a
+/// `touch`: a refusal for a passing reason (a first instance out of time
+/// on a busy machine, a file the host could not read until its
+/// permissions were mended) is not for good. Here the sidecar is
+/// invalid, so each try is refused and logged again.
+#[tokio::test]
+async fn a_refused_version_is_tried_again_once_its_file_is_touched() {
+    let dir = tempdir();
+    let id = unique("touched");
+    let sidecar = dir.join(format!("{id}.toml"));
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = observed(&dir, &[]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(5)).await;
+    wait_version(&p, &id, "1").await;
+
+    let refusals = || {
+        host.log_text()
+            .lines()
+            .filter(|l| l.contains("invalid settings") && l.contains(&id))
+            .count()
+    };
+    std::fs::write(&sidecar, "concurrency = 0\n").unwrap();
+    let refused = eventually(WAIT, || async { (refusals() == 1).then_some(()) }).await;
+    assert!(refused.is_some(), "{}", host.log_text());
+    // Touched: its modification time, nothing else.
+    let later = std::time::SystemTime::now() + Duration::from_secs(1);
+    std::fs::File::options()
+        .write(true)
+        .open(&sidecar)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let again = eventually(WAIT, || async { (refusals() == 2).then_some(()) }).await;
+    assert!(again.is_some(), "not tried again: {}", host.log_text());
+    assert_eq!(version(&p, &id).await.unwrap(), json!("1"));
+}
+
 /// A plugin deployed while the host is away from its broker is served
 /// once the broker is back, without anything touching the file again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,12 +74,15 @@ enum Change {
 }
 
 /// What a file looked like when it was last applied: size, modification
-/// time and inode (of the file a symlink points to). A file whose stamp
-/// is unchanged is not read again by a resync.
+/// time, status change time and inode (of the file a symlink points to).
+/// A file whose stamp is unchanged is not read again by a resync; one
+/// whose permissions or owner changed (a file the host could not read,
+/// made readable) is, and so is one touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
     len: u64,
     modified: Option<std::time::SystemTime>,
+    changed: (i64, i64),
     inode: (u64, u64),
 }
 
@@ -99,6 +102,7 @@ impl Stamp {
         Some(Stamp {
             len: m.len(),
             modified: m.modified().ok(),
+            changed: (m.ctime(), m.ctime_nsec()),
             inode: (m.dev(), m.ino()),
         })
     }
@@ -338,6 +342,9 @@ pub(crate) struct Deployer {
     watcher: notify::RecommendedWatcher,
     /// The directory watched: device and inode.
     watched: Option<(u64, u64)>,
+    /// The directory could not be read at the last look (moved away,
+    /// replaced, unmounted): said once, until it can be again.
+    unreadable: bool,
 }
 
 /// The device and inode of `dir`.
@@ -457,6 +464,7 @@ impl Deployer {
             sender,
             watcher,
             watched,
+            unreadable: false,
         })
     }
 
@@ -628,14 +636,27 @@ impl Deployer {
                 }
             }
         }
-        let mut names: HashSet<String> = std::fs::read_dir(&dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| plugin_name(&e.path()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // A directory that cannot be read is not one whose plugins are
+        // gone: a deploy that swaps directories (`mv plugins plugins.old;
+        // mv plugins.new plugins`) leaves none there for a moment, and
+        // every id would be withdrawn in it. What serves keeps serving
+        // until the directory can be read again.
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if !std::mem::replace(&mut self.unreadable, true) {
+                    warn!(target: "callme::server", dir = %dir.display(), error = %e, "cannot read the plugins directory: every plugin serving keeps serving until it can be read again");
+                }
+                return;
+            }
+        };
+        if std::mem::take(&mut self.unreadable) {
+            info!(target: "callme::server", dir = %dir.display(), "the plugins directory can be read again");
+        }
+        let mut names: HashSet<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| plugin_name(&e.path()))
+            .collect();
         names.extend(self.known.keys().cloned());
         let mut names: Vec<String> = names.into_iter().collect();
         names.sort();
@@ -754,6 +775,13 @@ async fn unless_stopped<T>(
 /// is forgotten once it is withdrawn; kept, to be tried again, if the
 /// broker would not let it be.
 async fn remove(apply: &Apply, name: &str, mut known: Known) -> Applied {
+    // The file is gone with its directory: nothing is withdrawn until
+    // the directory is back (or a new one in its place) and says so.
+    if !apply.dir.is_dir() {
+        debug!(target: "callme::server", plugin = name, "the plugins directory is not there: kept serving");
+        known.applied = None;
+        return (name.to_string(), Some(known), Ok(()));
+    }
     match apply.server.stop_serving(name).await {
         Ok(stopped) => {
             observe::plugin_removed(name);
@@ -839,6 +867,10 @@ async fn reconcile(
         }
     };
     let settings = read_settings(&apply.dir, name);
+    // A version refused is tried again only once its files changed,
+    // touched included: a refusal for a passing reason (a first instance
+    // that ran out of time on a busy machine) is not for good.
+    let same_files = known.applied.as_ref() == Some(&stamped);
     // Until this ends in a version served or refused; a change that
     // could not be applied (the broker away) is tried again.
     known.applied = None;
@@ -855,7 +887,7 @@ async fn reconcile(
         return (name.to_string(), Some(known), Ok(()));
     }
     let attempt = (hash, settings);
-    if known.refused.as_ref() == Some(&attempt) {
+    if same_files && known.refused.as_ref() == Some(&attempt) {
         known.applied = Some(stamped);
         return (name.to_string(), Some(known), Ok(()));
     }
@@ -969,6 +1001,34 @@ async fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file's stamp changes with its permissions (a file the host could
+    /// not read, made readable, is read again) and with a `touch`.
+    #[test]
+    fn a_stamp_changes_with_permissions_and_touch() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("callme-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("p.wasm");
+        std::fs::write(&file, b"\0asm").unwrap();
+        let before = Stamp::of(&file).unwrap();
+        // Status change times have the clock's granularity.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let chmodded = Stamp::of(&file).unwrap();
+        assert_ne!(before, chmodded);
+        assert_eq!(Stamp::of(&file).unwrap(), chmodded);
+        std::thread::sleep(Duration::from_millis(20));
+        let later = std::time::SystemTime::now();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_ne!(Stamp::of(&file).unwrap(), chmodded);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn names_and_ignored_files() {
