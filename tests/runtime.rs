@@ -870,6 +870,30 @@ async fn a_guest_cannot_make_the_host_hold_memory_through_unsent_http_bodies() {
     assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
 }
 
+/// Nor through what it hands the host's imports: wasmtime copies a string
+/// passed to `log` (or to any import) out of the guest before the host
+/// sees it, and while the guest runs the host takes at most 8 MiB so at
+/// once (twice `rpc.call`'s largest arguments), where a result may be
+/// as large as its cap. A 24 MiB log message fails the call `MemoryLimit`
+/// at once, where it used to be copied (and dropped by the log budget)
+/// call after call, even after the host called into the guest (its
+/// allocator, handing it random bytes) within the call; a 1 MiB one is
+/// taken; a 12 MiB result is still returned.
+#[tokio::test]
+async fn a_guest_cannot_make_the_host_copy_more_than_an_import_takes() {
+    let p = load("hostile", "hostile", PluginSettings::default());
+    match p.call("shout", &pos(json!([24, 20]))).await {
+        Err(PluginError::MemoryLimit { message }) => assert!(
+            message.contains("arguments to a call to the host over 8388608 bytes"),
+            "{message}"
+        ),
+        other => panic!("expected MemoryLimit, got {other:?}"),
+    }
+    p.call("shout", &pos(json!([1, 3]))).await.unwrap();
+    let huge = p.call("huge", &pos(json!([12]))).await.unwrap();
+    assert_eq!(huge.as_str().map(str::len), Some(12 << 20));
+}
+
 /// Nor through what a request not sent is given: its method, authority
 /// and path with query are bounded here (`wasmtime-wasi-http` takes the
 /// first two at any length, the path up to 64 KiB), so a plugin granted

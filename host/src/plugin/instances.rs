@@ -696,7 +696,10 @@ impl Instances {
             ),
         );
         store.limiter(|s| &mut s.limiter);
-        store.set_hostcall_fuel(super::value::lift_bytes(self.settings.limits.result_bytes));
+        super::hostcall::bound(
+            &mut store,
+            super::value::lift_bytes(self.settings.limits.result_bytes),
+        );
         let mut sandbox = Sandbox {
             store,
             instance: None,

@@ -34,6 +34,7 @@ mod call;
 mod caps;
 mod engine;
 mod export;
+mod hostcall;
 mod instances;
 mod limits;
 mod load;

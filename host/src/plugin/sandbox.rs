@@ -79,6 +79,8 @@ pub(crate) struct CallState {
     /// What the sidecar grants and the call being served brings.
     pub(crate) caps: CallCaps,
     guest_log: GuestLogBudget,
+    /// How much the guest may hand the host at once, as its calls go.
+    pub(crate) transfers: super::hostcall::Transfers,
 }
 
 impl CallState {
@@ -119,6 +121,7 @@ impl CallState {
             log_level,
             caps: CallCaps::default(),
             guest_log: GuestLogBudget::default(),
+            transfers: super::hostcall::Transfers::default(),
         }
     }
 

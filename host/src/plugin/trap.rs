@@ -147,9 +147,11 @@ pub(super) fn classify(
         },
         Stop::NoInstance => PluginError::internal(format!("no sandbox available: {error:#}")),
         Stop::TooMuchData => PluginError::MemoryLimit {
-            message: "the guest handed the host more data at once than its result cap allows \
-                      (a result, or the arguments of a call to the host)"
-                .into(),
+            message: format!(
+                "the guest handed the host more data at once than it takes: a result over \
+                 its result cap, or arguments to a call to the host over {} bytes",
+                super::hostcall::IMPORT_BYTES
+            ),
         },
         Stop::Trap(trap) => with_stderr(trap.to_string()),
         Stop::Other => with_stderr(format!("{error:#}")),

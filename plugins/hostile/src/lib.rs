@@ -103,6 +103,16 @@ impl Guest for Hostile {
         Self::print(text);
     }
 
+    fn shout(mib: u32, times: u32) {
+        let message = "!".repeat(mib as usize * MIB);
+        // The host hands the guest a list first, calling its allocator
+        // from within the import: a call into the guest inside a call.
+        black_box(wasip2::random::random::get_random_bytes(16));
+        for _ in 0..times {
+            callme_guest::log(callme_guest::Level::Error, black_box(&message));
+        }
+    }
+
     fn fire(authority: String, n: u32) -> Result<u32, String> {
         use wasip2::http::outgoing_handler;
         use wasip2::http::types::{Fields, OutgoingRequest, Scheme};
