@@ -56,7 +56,10 @@ _BYTES_PER_ARRAY = 8
 _MIN_OBJECTS = 1024
 
 # A JSON string, escapes and all: what the braces inside are not counted in.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# One never closed runs to the end of the body (which is then no JSON):
+# required to close, the pattern was tried again from each quote inside
+# it, a time that grows with the square of the body's length.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 
 # Server ids are limited to these characters; the broker's exchange names
 # are built from them and are at most 255 bytes.
