@@ -236,6 +236,18 @@ def test_replies_over_the_limit_are_refused_unread() -> None:
     assert decode_response(b'{"result":[{},{"a":[1]}]}', 64) == [{}, {"a": [1]}]
 
 
+def test_arguments_that_are_not_a_list_are_refused_unsent(proxy: callme.Proxy, host: Host) -> None:
+    # A string used to go as its characters (["1","2"]), a dict as its
+    # keys, and 0 as no arguments at all.
+    for args in ("12", {"a": 1}, 0, b"12"):
+        with pytest.raises(TypeError, match="must be a list or a tuple"):
+            proxy.call(host.calc, "add", args)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mapping with string keys"):
+        proxy.call(host.calc, "add", [], {1: 2})  # type: ignore[dict-item]
+    assert proxy.call(host.calc, "add", (1, 2)) == 3
+    assert proxy.call(host.calc, "add", None, {"a": 1, "b": 2}) == 3  # type: ignore[arg-type]
+
+
 def test_a_reply_with_a_string_never_closed_is_refused_at_once() -> None:
     # Over the count of objects, so strings are looked for: an escaped
     # quote after another, never closed. Before, each quote started the

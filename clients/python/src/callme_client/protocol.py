@@ -81,8 +81,20 @@ def encode_request(
 ) -> bytes:
     """The body of a request.
 
-    :raises TypeError: when an argument is not JSON-serialisable.
+    :raises TypeError: when ``args`` is not a list or tuple (a string
+        would go as its characters, a dict as its keys), ``kwargs`` not a
+        mapping with string keys, or an argument is not JSON-serialisable.
     """
+    if args is None:
+        args = ()
+    if not isinstance(args, (list, tuple)):
+        raise TypeError(
+            f"the positional arguments must be a list or a tuple, not {type(args).__name__}"
+        )
+    if kwargs is not None and not (
+        isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)
+    ):
+        raise TypeError("the keyword arguments must be a mapping with string keys")
     request: Dict[str, Any] = {"func": func}
     if args:
         request["args"] = list(args)
