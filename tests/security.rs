@@ -737,6 +737,71 @@ async fn a_request_the_host_cannot_read_costs_the_other_callers_one_reconnection
     callme_tests::wait_queue_settled(&server_queue(&poisoned), Duration::from_secs(10)).await;
 }
 
+/// The requests taken out of a queue to reach one the host cannot read
+/// are put back as their callers sent them, but for `user_id`: a caller
+/// may name its own user there (RabbitMQ checks it against the user that
+/// publishes), and the host publishing that back was refused, which
+/// closed the channel it put requests back on. The request was lost, the
+/// look ended there, and the unreadable one, left in the queue, took the
+/// host's connection down again (requests taken after the refused one
+/// could be lost too). Here one such request is ahead of three other
+/// callers' when the unreadable one comes: the host's connection is lost
+/// once, and each request is answered.
+#[tokio::test]
+async fn requests_put_back_past_an_unreadable_one_are_not_lost_to_a_callers_user_id() {
+    let id = unique("unreadable-user-id");
+    let host = calc_host(&[&id], "callme=info");
+
+    // Olivia's request, first in the queue, names her as its user.
+    let (olivia, password) = callme_tests::dedicated_user("olivia");
+    let conn = lapin::Connection::connect(
+        &amqp_url_as(&olivia, &password),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            server_exchange(&id).as_str().into(),
+            "".into(),
+            lapin::options::BasicPublishOptions::default(),
+            br#"{"func":"slow-version","args":[2000]}"#,
+            lapin::BasicProperties::default()
+                .with_user_id(olivia.as_str().into())
+                .with_reply_to("nobody".into())
+                .with_correlation_id("olivia".into())
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Three other callers' requests after it, all running when the
+    // unreadable one comes: they go back to the queue behind hers.
+    let p = proxy(Duration::from_secs(30)).await;
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move { sp.call("slow-version", pos(json!([2000]))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_unreadable(&id).await;
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.ok(), Some(json!("1")), "a request put back was lost");
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let log = host.log_text();
+    let lost = log
+        .lines()
+        .filter(|l| l.contains("lost the broker") && l.contains("connection=\"callme server\""))
+        .count();
+    assert_eq!(lost, 1, "{log}");
+    assert!(!log.contains("could not be put back"), "{log}");
+}
+
 /// A request whose content header is a frame up to 8 bytes larger than
 /// the AMQP client reads (RabbitMQ takes a publisher's frame that much over
 /// `frame_max`, and may add headers of its own on the way: a quorum

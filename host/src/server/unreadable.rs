@@ -35,7 +35,8 @@
 //! see [`super::consumer`].)
 //!
 //! What this costs: the requests ahead of it move to the back of the queue
-//! (callme does not order requests), and a quorum queue counts each
+//! (callme does not order requests), without the `user_id` their callers
+//! may have set (the broker takes it only from that user), and a quorum queue counts each
 //! request looked at as delivered once more (this host does not hold that
 //! against it, see [`super::given_back`]); one whose
 //! republishing fails is lost (logged), as is one in a moment where another
@@ -51,7 +52,7 @@ use lapin::options::{
 };
 use lapin::protocol::{AMQPErrorKind, AMQPHardError};
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, Event};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use tracing::{debug, error, info, warn};
 
 use super::given_back::GivenBack;
@@ -287,16 +288,50 @@ async fn take_until_unreadable(
             Got::Message(message) => {
                 let delivery = &message.delivery;
                 if let Err(e) = put_back(&back, id, &delivery.data, &delivery.properties).await {
-                    error!(target: "callme::server", server_id = id, error = %e, "a request taken out to reach an unreadable one could not be put back: it is lost");
-                } else {
-                    moved += 1;
+                    // Taking more would lose them too, on a channel the
+                    // refusal may have closed.
+                    error!(target: "callme::server", server_id = id, error = %e, "a request taken out to reach an unreadable one could not be put back: it is lost, and no more are taken");
+                    return Ok(TakenOut::Missed { moved });
                 }
+                moved += 1;
             }
             Got::Empty => return Ok(TakenOut::Missed { moved }),
             Got::Unreadable => return Ok(TakenOut::Removed { moved }),
         }
     }
     Ok(TakenOut::Missed { moved })
+}
+
+/// `properties` without `user_id`: RabbitMQ checks it against the user
+/// that publishes (its "Validated User-ID" guide, 3.x and 4.x), so a
+/// caller naming its own user there would have the host's publish of it
+/// refused, and the channel it came on closed. Everything else is kept.
+fn as_put_back(properties: &BasicProperties) -> BasicProperties {
+    let p = properties;
+    let mut out = BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(value) = p.$get() {
+                out = out.$set(value.clone());
+            })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        expiration => with_expiration,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    out
 }
 
 /// Closes `conn` if it is still open, giving up after a while.
@@ -306,7 +341,8 @@ async fn close(conn: &Connection) {
     }
 }
 
-/// Publishes a request back to `id`'s exchange, confirmed.
+/// Publishes a request back to `id`'s exchange, confirmed, with its
+/// properties as its caller sent them but for `user_id` ([`as_put_back`]).
 async fn put_back(
     channel: &Channel,
     id: &str,
@@ -319,7 +355,7 @@ async fn put_back(
             "".into(),
             BasicPublishOptions::default(),
             body,
-            properties.clone(),
+            as_put_back(properties),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -332,5 +368,40 @@ async fn put_back(
     match confirm {
         Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
         Confirmation::Nack(_) => Err("the broker refused it (negative confirm)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldTable};
+
+    use super::*;
+
+    /// A request is put back with every property its caller gave but
+    /// `user_id`.
+    #[test]
+    fn a_request_put_back_keeps_its_properties_but_its_user() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-callme-depth".into(), AMQPValue::LongUInt(2));
+        let full = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("identity".into())
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_expiration("1000".into())
+            .with_message_id("m".into())
+            .with_timestamp(42)
+            .with_type("t".into())
+            .with_app_id("a".into())
+            .with_cluster_id("k".into());
+        let with_user = full.clone().with_user_id("olivia".into());
+        assert_eq!(as_put_back(&with_user), full);
+        assert_eq!(
+            as_put_back(&BasicProperties::default()),
+            BasicProperties::default()
+        );
     }
 }
