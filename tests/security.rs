@@ -802,6 +802,55 @@ async fn requests_put_back_past_an_unreadable_one_are_not_lost_to_a_callers_user
     assert!(!log.contains("could not be put back"), "{log}");
 }
 
+/// A request the host cannot read tells every consumer of the connection
+/// it took down so; only the ids with requests waiting look for it (each
+/// on a connection of its own, a few at a time), and the idle ones open
+/// no connection at all: a host of hundreds of ids used to open hundreds
+/// of connections in one burst.
+#[tokio::test]
+async fn an_unreadable_request_makes_no_idle_id_open_a_connection_to_look() {
+    let poisoned = unique("unreadable-idle");
+    let idle: Vec<String> = (0..12).map(|i| unique(&format!("idle-look{i}"))).collect();
+    let ids: Vec<&str> = [&poisoned]
+        .into_iter()
+        .chain(&idle)
+        .map(String::as_str)
+        .collect();
+    let host = calc_host(&ids, "callme=debug,lapin=off");
+    let p = proxy(Duration::from_secs(10)).await;
+    publish_unreadable(&poisoned).await;
+    wait_moved(&host, &poisoned).await;
+    // The poisoned id looks again once it took the request out, on a
+    // connection of its own: it is not idle.
+    let not_looked = |l: &&str| {
+        l.contains("not looked at for one the AMQP client cannot read") && !l.contains(&poisoned)
+    };
+    let skipped = |log: &str| {
+        log.lines()
+            .filter(not_looked)
+            .filter(|l| l.contains("no connection opened"))
+            .count()
+    };
+    // Time for every id of the lost connection to consume again; none of
+    // them is called until then (a request of this test waiting in its
+    // queue would rightly make it look).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = host.log_text();
+    let opened = log
+        .lines()
+        .filter(not_looked)
+        .filter(|l| !l.contains("no connection opened"))
+        .count();
+    assert_eq!(opened, 0, "idle ids opened connections to look:\n{log}");
+    assert!(
+        skipped(&log) >= 1,
+        "no idle id was told of the request:\n{log}"
+    );
+    for id in &idle {
+        callme_tests::answers_add(&p, id, 1).await;
+    }
+}
+
 /// A request whose content header is a frame up to 8 bytes larger than
 /// the AMQP client reads (RabbitMQ takes a publisher's frame that much over
 /// `frame_max`, and may add headers of its own on the way: a quorum

@@ -299,19 +299,28 @@ impl Subscription for Consuming {
                 .unwrap_or(inner.options.concurrency);
             let look = unreadable::look_ahead(prefetch);
             // Every consumer of the lost connection was told it could not
-            // be read; the id whose queue held the request moves.
-            let removed = match unreadable::take_out(
-                &inner.connect,
-                &self.id,
-                look,
-                &inner.given_back,
-            )
-            .await
-            {
-                Ok(removed) => removed,
+            // be read; the id whose queue held the request moves. An id
+            // with no request waiting is not looked at (nor opens a
+            // connection to look). One the broker cannot tell about (the
+            // connection failing again) tries again on the next.
+            let waiting = match unreadable::waiting(conn, &self.id).await {
+                Ok(waiting) => waiting,
                 Err(e) => {
-                    warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
-                    0
+                    self.unreadable = true;
+                    return Err(e);
+                }
+            };
+            let removed = if waiting == 0 {
+                debug!(target: "callme::server", server_id = %self.id, "no request waiting: not looked at for one the AMQP client cannot read, no connection opened");
+                0
+            } else {
+                match unreadable::take_out(&inner.connect, &self.id, look, &inner.given_back).await
+                {
+                    Ok(removed) => removed,
+                    Err(e) => {
+                        warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
+                        0
+                    }
                 }
             };
             if removed > 0 && self.own.is_none() {

@@ -13,8 +13,11 @@
 //! when the host has reconnected: a loop with no end.
 //!
 //! So when a consumer ends because its connection could not be read, the
-//! id's consume loop calls [`take_out`] before it consumes again, on a
-//! connection of its own that is there to be lost:
+//! id's consume loop asks whether any request waits in its queue
+//! ([`waiting`], on the connection it consumes on: an idle id's queue
+//! cannot hold it, and opens nothing), and if one does calls [`take_out`]
+//! before it consumes again, on a connection of its own that is there to
+//! be lost (four ids of the process at a time):
 //!
 //! 1. it looks, if the queue holds any request waiting (a passive
 //!    declare says how many; an idle id's queue cannot hold it): `basic.get`
@@ -103,6 +106,39 @@ pub(super) fn is_unreadable(e: &lapin::Error) -> bool {
 /// at once costs the host's connection once, not once each.
 const MAX_TAKEN_OUT: usize = 64;
 
+/// Ids of the process looking for an unreadable request at once, each on
+/// connections of its own: every consumer of a connection lost to one is
+/// told so, and a host of hundreds of busy ids would otherwise open
+/// hundreds of connections in one burst.
+static LOOKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// How many requests wait in `id`'s queue, asked on `conn` (the server's
+/// connection, made again): an idle id's queue cannot hold the request
+/// that took the connection down, and is not looked at, so the ids of a
+/// lost connection that were idle open no connection to look.
+///
+/// # Errors
+///
+/// When the broker cannot say (the queue is gone, the connection lost).
+pub(super) async fn waiting(conn: &Connection, id: &str) -> Result<u32, crate::Error> {
+    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+    let declared = channel
+        .queue_declare(
+            server_queue(id).as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(classify_lapin);
+    if channel.status().connected() {
+        crate::amqp::topology::close_soon(channel);
+    }
+    Ok(declared?.message_count())
+}
+
 /// Looks at the first `look` requests of `id`'s queue and takes out those
 /// that cannot be read, one at a time, until none is left among them or
 /// [`MAX_TAKEN_OUT`] are gone (see the module's docs). Returns how many
@@ -117,6 +153,10 @@ pub(super) async fn take_out(
     look: usize,
     given_back: &GivenBack,
 ) -> Result<usize, crate::Error> {
+    let _turn = LOOKS
+        .acquire()
+        .await
+        .map_err(|_| crate::Error::Disconnected("the server is closing".into()))?;
     let mut removed = 0;
     while removed < MAX_TAKEN_OUT {
         match take_out_one(connect, id, look, given_back).await {
