@@ -103,8 +103,9 @@ pub const DEFAULT_REPLY_CONFIRM_LIMIT: Duration = Duration::from_secs(120);
 
 /// The longest a reply may wait for its confirm: with a call's deadline of
 /// at most 25 minutes, the request is acked within RabbitMQ's default
-/// `consumer_timeout` of 30 minutes.
-pub const MAX_REPLY_CONFIRM_LIMIT: Duration = Duration::from_secs(300);
+/// `consumer_timeout` of 30 minutes, with a minute to spare for the waits
+/// around the call (for a slot, for a lane to publish on).
+pub const MAX_REPLY_CONFIRM_LIMIT: Duration = Duration::from_secs(240);
 
 /// How long a server queue nobody consumes from lives by default.
 pub const DEFAULT_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
@@ -931,7 +932,7 @@ mod tests {
             (
                 "reply_confirm_limit",
                 ServerOptions {
-                    reply_confirm_limit: Duration::from_secs(301),
+                    reply_confirm_limit: Duration::from_secs(241),
                     ..Default::default()
                 },
             ),
