@@ -122,7 +122,17 @@ static LOOKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 /// When the broker cannot say (the queue is gone, the connection lost).
 pub(super) async fn waiting(conn: &Connection, id: &str) -> Result<u32, crate::Error> {
     let channel = conn.create_channel().await.map_err(classify_lapin)?;
-    let declared = channel
+    let waiting = waiting_on(&channel, id).await;
+    if channel.status().connected() {
+        crate::amqp::topology::close_soon(channel);
+    }
+    waiting
+}
+
+/// How many requests wait in `id`'s queue, asked on `channel` (a passive
+/// declare, which closes the channel if the queue is gone).
+async fn waiting_on(channel: &Channel, id: &str) -> Result<u32, crate::Error> {
+    let queue = channel
         .queue_declare(
             server_queue(id).as_str().into(),
             QueueDeclareOptions {
@@ -132,11 +142,8 @@ pub(super) async fn waiting(conn: &Connection, id: &str) -> Result<u32, crate::E
             FieldTable::default(),
         )
         .await
-        .map_err(classify_lapin);
-    if channel.status().connected() {
-        crate::amqp::topology::close_soon(channel);
-    }
-    Ok(declared?.message_count())
+        .map_err(classify_lapin)?;
+    Ok(queue.message_count())
 }
 
 /// Looks at the first `look` requests of `id`'s queue and takes out those
@@ -271,22 +278,12 @@ async fn unreadable_within(
         // read. A queue with no request waiting cannot hold the one that
         // killed it: an idle id need not look. (A busy one looks: its
         // requests given back by the lost connection are waiting.)
-        let queue = channel
-            .queue_declare(
-                server_queue(id).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify_lapin)?;
-        if queue.message_count() == 0 {
+        let waiting = waiting_on(&channel, id).await?;
+        if waiting == 0 {
             debug!(target: "callme::server", server_id = id, "no request waiting: not looked at for one the AMQP client cannot read");
             return Ok(false);
         }
-        debug!(target: "callme::server", server_id = id, waiting = queue.message_count(), "looking for a request the AMQP client cannot read");
+        debug!(target: "callme::server", server_id = id, waiting, "looking for a request the AMQP client cannot read");
         for _ in 0..look {
             match get_one(&channel, &mut events, id, false).await? {
                 // Held unacked until the connection closes.
