@@ -87,12 +87,19 @@ async fn every_queue_callme_declares_is_durable_or_exclusive() {
     assert!(durable);
     assert!(arguments.contains("x-queue-type") && arguments.contains("quorum"));
     let reply = p.reply_exchange().replace("_ex_", "_queue_");
-    let (_, _, _, exclusive, _) = all
+    let (_, durable, auto_delete, exclusive, arguments) = all
         .iter()
         .find(|(name, ..)| *name == reply)
         .expect("the proxy's reply queue")
         .clone();
-    assert!(exclusive);
+    // It outlives its connection (`proxy::unreadable`), for 30 s unused,
+    // and is classic whatever the vhost's default queue type.
+    assert!(durable && !auto_delete && !exclusive);
+    assert!(arguments.contains("x-expires"), "{arguments}");
+    assert!(
+        arguments.contains("x-queue-type") && arguments.contains("classic"),
+        "{arguments}"
+    );
 }
 
 /// Whether calls to `id` come to fail with `NoSuchServer` within `limit`.

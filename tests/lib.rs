@@ -214,6 +214,25 @@ pub fn connection_pid(user: &str, name: &str) -> Option<String> {
         .find_map(|l| l.split('\t').nth(1).map(str::to_string))
 }
 
+/// Publishes to `exchange` a message lapin cannot read (a `message_id`
+/// that is not UTF-8, which RabbitMQ passes on as it got it), whose body
+/// is a request to `add`.
+pub async fn publish_unreadable_to(exchange: &str) {
+    raw_amqp::publish(
+        &amqp_host_port(),
+        exchange,
+        raw_amqp::RawProperties {
+            content_type: b"application/json",
+            correlation_id: b"poison",
+            reply_to: b"nobody",
+            message_id: b"\xff\xfe not UTF-8",
+            headers: None,
+        },
+        br#"{"func":"add","args":[1,2]}"#,
+    )
+    .await;
+}
+
 /// Asserts that `add(i, 1)` of `id` answers `i + 1` (a server of
 /// [`native_add`] or calc).
 pub async fn answers_add(p: &Proxy, id: &str, i: i64) {

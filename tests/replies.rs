@@ -116,9 +116,9 @@ async fn lying_requests(server_id: &str, n: usize) {
     }
 }
 
-/// Callers that give up before their reply and leave, taking their reply
-/// exchange with them (the everyday case of a caller with a short
-/// timeout).
+/// Callers that give up before their reply and leave, closing their
+/// proxy, which takes their reply queue and exchange with it (the
+/// everyday case of a caller with a short timeout).
 async fn leaving_callers(server_id: &str, n: usize) -> usize {
     let mut gone = 0;
     for _ in 0..n {
@@ -130,7 +130,7 @@ async fn leaving_callers(server_id: &str, n: usize) -> usize {
         if matches!(r, Err(Error::Timeout { .. })) {
             gone += 1;
         }
-        drop(p);
+        p.close().await;
     }
     gone
 }
@@ -1231,6 +1231,87 @@ async fn a_proxy_names_its_reply_queue_anew_on_each_connection() {
     let queues = callme_tests::broker_ctl(&["list_queues", "-q", "name"]);
     assert!(!queues.contains(&before.replace("_ex_", "_queue_")));
     assert!(queues.contains(&after.replace("_ex_", "_queue_")));
+}
+
+/// A reply the AMQP client cannot read, sent to a proxy's reply exchange
+/// (by a server it calls, or anyone else who may write there), ends the
+/// proxy's connection. It used to fail every call waiting on it
+/// `Disconnected`: their replies went with the connection's exclusive
+/// queue. The reply queue now outlives the connection, and the calls
+/// waiting get their replies from it, those that reached it before the
+/// unreadable one and those that come after. The proxy goes on under new
+/// names, and a second unreadable reply to the old ones costs its
+/// connection nothing.
+#[tokio::test]
+async fn an_unreadable_reply_costs_the_calls_waiting_nothing() {
+    let (user, password) = dedicated_user("unreadable-reply");
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("unreadable-reply");
+    srv.serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let url = amqp_url_as(&user, &password);
+    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
+        .await
+        .unwrap();
+    answers_add(&p, &id, 1).await;
+    let before = p.reply_exchange();
+    let first = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+
+    // Replies ahead of the unreadable one: held in the queue's process
+    // until it is resumed, then delivered in their order.
+    let suspended = Suspended::queue(&before.replace("_ex_", "_queue_"));
+    let quick: Vec<_> = (0..4i64)
+        .map(|i| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move { (i, sp.invoke::<_, i64>("add", (i, 100)).await) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Confirmed once the queue is resumed.
+    let unreadable = {
+        let exchange = before.clone();
+        tokio::spawn(async move { callme_tests::publish_unreadable_to(&exchange).await })
+    };
+    // Replies behind it: the calls are running when it comes (their
+    // requests confirmed: one still on its way to the broker when the
+    // connection ends fails with it).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let slow = slow_calls(&p, &id, 4, 5000);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(suspended);
+    unreadable.await.unwrap();
+    // Another to the same (old) names while the slow calls wait for
+    // replies there: it ends the connection they are taken on, not the
+    // proxy's. (Not in a task of its own: the broker commands below
+    // block this test's thread, and it must come while the calls wait.)
+    callme_tests::publish_unreadable_to(&before).await;
+
+    let second = callme_tests::eventually(Duration::from_secs(15), || async {
+        connection_pid(&user, "callme proxy").filter(|pid| *pid != first)
+    })
+    .await
+    .expect("the unreadable reply did not end the proxy's connection");
+    for call in quick {
+        let (i, sum) = call.await.unwrap();
+        assert_eq!(
+            sum.unwrap(),
+            i + 100,
+            "a call made before the unreadable reply"
+        );
+    }
+    let slow = join_all(slow).await;
+    for version in slow {
+        let version = version.unwrap();
+        assert!(version.is_ok(), "a call running when it came: {version:?}");
+    }
+    answers_add(&p, &id, 2).await;
+    assert_ne!(p.reply_exchange(), before, "not named anew");
+    assert_eq!(
+        connection_pid(&user, "callme proxy"),
+        Some(second),
+        "the proxy's connection was lost again"
+    );
 }
 
 /// A proxy whose user may no longer declare its reply queue (the

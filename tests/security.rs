@@ -646,25 +646,7 @@ async fn a_host_calling_out_needs_a_callers_names_under_the_anchored_recipes() {
 /// Publishes to `id` a request lapin cannot read: its `message_id` is
 /// not UTF-8, which RabbitMQ passes on as it got it.
 async fn publish_unreadable(id: &str) {
-    publish_unreadable_to(&server_exchange(id)).await;
-}
-
-/// Publishes to `exchange` a message lapin cannot read (a `message_id`
-/// that is not UTF-8), whose body is a request to `add`.
-async fn publish_unreadable_to(exchange: &str) {
-    callme_tests::raw_amqp::publish(
-        &callme_tests::amqp_host_port(),
-        exchange,
-        callme_tests::raw_amqp::RawProperties {
-            content_type: b"application/json",
-            correlation_id: b"poison",
-            reply_to: b"nobody",
-            message_id: b"\xff\xfe not UTF-8",
-            headers: None,
-        },
-        br#"{"func":"add","args":[1,2]}"#,
-    )
-    .await;
+    callme_tests::publish_unreadable_to(&server_exchange(id)).await;
 }
 
 /// `callme serve` with calc deployed under each of `ids`, ready, logging
@@ -1038,7 +1020,7 @@ async fn an_unreadable_reply_to_a_plugins_call_costs_the_hosts_callers_nothing()
     let mut reply_to = calls_out_reply_to(&p, &relay, &target).await;
 
     for round in 0..3 {
-        publish_unreadable_to(&reply_to).await;
+        callme_tests::publish_unreadable_to(&reply_to).await;
         for i in 0..5 {
             callme_tests::answers_add(&p, &target, i).await;
         }
@@ -1103,7 +1085,7 @@ async fn a_server_without_auto_recover_still_gets_its_calls_out_back() {
     let calls_out = || callme_tests::connection_pid(&user, "callme server (calls out)");
     let before = calls_out().expect("the calls-out connection");
 
-    publish_unreadable_to(&reply_to).await;
+    callme_tests::publish_unreadable_to(&reply_to).await;
     calls_out_answered(&p, &relay, &target).await;
     let after = calls_out().expect("the calls-out connection");
     assert_ne!(before, after, "the calls-out connection was not lost");

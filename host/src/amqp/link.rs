@@ -58,6 +58,8 @@ pub(crate) struct Link {
     /// The node the first connection went to, password hidden.
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     first_node: String,
+    /// How the link connects, for connections of its owner's beside it.
+    options: ConnectOptions,
 }
 
 impl Link {
@@ -106,6 +108,7 @@ impl Link {
             state,
             stop,
             first_node: node,
+            options: options.clone(),
         })
     }
 
@@ -114,6 +117,12 @@ impl Link {
     #[cfg(feature = "server")]
     pub(crate) fn first_node(&self) -> &str {
         &self.first_node
+    }
+
+    /// How the link connects: for a connection of its own beside the
+    /// link's, there to be lost (`proxy::unreadable`).
+    pub(crate) fn options(&self) -> &ConnectOptions {
+        &self.options
     }
 
     /// The connection, if it is up now.

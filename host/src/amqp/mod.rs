@@ -10,6 +10,8 @@
 //! - `resubscribe`: the consume loop that outlives connections, used by
 //!   the server's request consumers and the proxy's reply consumer.
 //! - `stack`: the thread stack reading any header the broker passes on takes.
+//! - `unreadable`: messages the AMQP client cannot read, and taking one
+//!   out of a queue.
 
 pub(crate) mod connect;
 pub(crate) mod link;
@@ -19,6 +21,7 @@ pub(crate) mod publisher;
 pub(crate) mod resubscribe;
 mod stack;
 pub(crate) mod topology;
+pub(crate) mod unreadable;
 
 pub use connect::{ConnectOptions, DEFAULT_AMQP_URL, redact_uri};
 pub(crate) use link::Link;

@@ -53,24 +53,6 @@ pub(crate) fn close_soon(channel: Channel) {
 
 /// Declares a direct exchange and a queue bound to it with the routing key
 /// `""`: the shape of every server's and every proxy's names.
-async fn declare_bound(
-    channel: &Channel,
-    exchange: &str,
-    queue: &str,
-    exchange_options: ExchangeDeclareOptions,
-    queue_options: QueueDeclareOptions,
-) -> Result<(), lapin::Error> {
-    declare_bound_with(
-        channel,
-        exchange,
-        queue,
-        exchange_options,
-        queue_options,
-        FieldTable::default(),
-    )
-    .await
-}
-
 async fn declare_bound_with(
     channel: &Channel,
     exchange: &str,
@@ -262,14 +244,36 @@ pub(crate) async fn delete_server_queue_if_idle(
     deleted
 }
 
-/// Declares a proxy's reply exchange and queue and binds them: both go
-/// away with the proxy's connection (the queue is exclusive to it).
+/// Declares a proxy's reply exchange and queue and binds them. The queue
+/// outlives the proxy's connection, so that the replies on their way are
+/// kept when the connection is lost to a message it could not read
+/// (`proxy::unreadable`): durable (RabbitMQ 4.x refuses queues that are
+/// neither durable nor exclusive by default, above), deleted by the broker
+/// once unused for `expires` (`x-expires`: no consumer, no `basic.get`, no
+/// declare; RabbitMQ's "Time-To-Live and Expiration" guide, 3.x and 4.x),
+/// and by the proxy when it closes or names its queue anew. It is classic
+/// (`x-queue-type`, "Queues" guide), whatever the vhost's default. The
+/// exchange goes with it (auto-delete: deleted with its last binding).
 pub(crate) async fn declare_reply(
     channel: &Channel,
     exchange: &str,
     queue: &str,
+    expires: Duration,
 ) -> Result<(), lapin::Error> {
-    declare_bound(
+    use lapin::types::{AMQPValue, LongString};
+    let millis = i64::try_from(expires.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+    // Whatever the vhost's default queue type (RabbitMQ 3.13 and 4.x): a
+    // quorum queue per proxy connection would cost a Raft group, and a
+    // stream takes no `x-expires`.
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("classic")),
+    );
+    declare_bound_with(
         channel,
         exchange,
         queue,
@@ -278,10 +282,33 @@ pub(crate) async fn declare_reply(
             ..ExchangeDeclareOptions::default()
         },
         QueueDeclareOptions {
-            auto_delete: true,
-            exclusive: true,
+            durable: true,
             ..QueueDeclareOptions::default()
         },
+        arguments,
     )
     .await
+}
+
+/// Deletes a proxy's reply queue (its exchange goes with it) on a channel
+/// of `conn` of its own, giving up after a while: best effort, as the
+/// broker deletes it anyway once unused (see [`declare_reply`]).
+pub(crate) async fn delete_reply(conn: &Connection, queue: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.create_channel()).await {
+        Ok(Ok(channel)) => delete_reply_on(channel, queue).await,
+        Ok(Err(e)) => {
+            tracing::debug!(target: "callme::proxy", queue = %queue, error = %e, "reply queue not deleted; the broker will");
+        }
+        Err(_) => {}
+    }
+}
+
+/// [`delete_reply`] on `channel`, which it closes.
+pub(crate) async fn delete_reply_on(channel: Channel, queue: &str) {
+    use lapin::options::QueueDeleteOptions;
+    let delete = channel.queue_delete(queue.into(), QueueDeleteOptions::default());
+    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, delete).await {
+        tracing::debug!(target: "callme::proxy", queue = %queue, error = %e, "reply queue not deleted; the broker will");
+    }
+    close_soon(channel);
 }

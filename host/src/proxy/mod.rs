@@ -11,18 +11,23 @@
 //! timed out is dropped. When the broker connection is lost, calls
 //! waiting for replies fail at once with [`Error::Disconnected`]; the proxy
 //! reconnects, declares a reply queue under a new name, and calls made
-//! meanwhile wait for that within their timeouts. Every
+//! meanwhile wait for that within their timeouts. A connection lost to a
+//! reply the AMQP client cannot read fails no call waiting: the reply
+//! queue outlives it, and their replies are taken from it. Every
 //! request carries a W3C `traceparent`: the caller's trace when it gives
 //! one ([`ServerProxy::with_trace`], [`CallOptions::trace`]), a new trace
 //! otherwise.
 //!
 //! - `pending`: calls waiting for replies, by correlation id;
 //! - `replies`: the reply queue and its consumer, across reconnections;
+//! - `unreadable`: the replies left in a reply queue whose connection an
+//!   unreadable reply ended;
 //! - `blocking`: [`BlockingProxy`], for code that is not async.
 
 mod blocking;
 mod pending;
 mod replies;
+mod unreadable;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,7 +48,7 @@ use replies::{Replies, ReplyNames};
 
 use crate::amqp::link::State;
 use crate::amqp::publisher::{Published, Publisher};
-use crate::amqp::{ConnectOptions, Link, resubscribe};
+use crate::amqp::{ConnectOptions, Link, resubscribe, topology};
 use crate::protocol::{
     Args, CALL_DEPTH, CONTENT_TYPE, DESCRIBE, REPLY_QUEUE, Request, TIMESTAMP_IN_MS,
     is_valid_server_id, server_exchange, shown_id,
@@ -260,6 +265,9 @@ impl Proxy {
             served: false,
             pending: pending.clone(),
             ready: ready_tx,
+            connect: owned.options().clone(),
+            draining: false,
+            drains: Arc::new(tokio::sync::Semaphore::new(unreadable::MAX_DRAINS)),
         };
         tokio::spawn(resubscribe::run(replies, state, (conn, channel, consumer)));
         Ok(Proxy {
@@ -321,9 +329,15 @@ impl Proxy {
     /// a connection closed under it), and stops reconnecting; calls still
     /// waiting fail with [`Error::Disconnected`], calls made after with
     /// [`Error::BrokerLost`]. Every clone shares the connection, so it is
-    /// closed for them too. Dropping the last clone closes it as well,
-    /// without waiting for the broker's word.
+    /// closed for them too. Its reply queue is deleted first, if the proxy
+    /// is connected. Dropping the last clone closes the connection as
+    /// well, without waiting for the broker's word, and leaves the reply
+    /// queue for the broker to delete once unused for 30 s.
     pub async fn close(&self) {
+        if let Some(conn) = self.inner.link.current() {
+            let queue = self.inner.ready.borrow().1.queue.clone();
+            topology::delete_reply(&conn, &queue).await;
+        }
         self.inner.link.close().await;
     }
 
@@ -524,7 +538,7 @@ impl Proxy {
         if left.is_zero() {
             return timed_out();
         }
-        let (_waiting, rx) = self.inner.pending.wait(call.corr);
+        let (_waiting, rx) = self.inner.pending.wait(call.corr, &names);
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.

@@ -1,14 +1,19 @@
 //! The proxy's reply queue and its consumer, across reconnections.
 //!
-//! The queue is exclusive to the connection: when the connection is
-//! lost, so are the replies on their way, and the calls waiting for them
-//! are failed at once. On each new connection a reply exchange and queue
-//! are declared under new names and the proxy is ready again. Any server
-//! the proxy calls learns the names, and anyone who may write to them can
-//! end the connection with one message lapin cannot read (a header over
-//! the frame size, a correlation id that is not UTF-8): named anew, they
-//! are not there to be written to again the moment the proxy is back, and
-//! a server must be called again to learn them.
+//! When the connection is lost, the calls waiting for replies are failed
+//! at once, and on the next connection a reply exchange and queue are
+//! declared under new names (the old queue deleted) and the proxy is
+//! ready again: a broker that restarted, or a node that went down, may
+//! have lost the replies on their way. Any server the proxy calls learns
+//! the names, and anyone who may write to them can end the connection
+//! with one message lapin cannot read (a header over the frame size, a
+//! correlation id that is not UTF-8): named anew, they are not there to be
+//! written to again the moment the proxy is back, and a server must be
+//! called again to learn them.
+//!
+//! A connection lost to such a message fails no call waiting: the queue
+//! outlives its connection, and the replies that reach it are handed to
+//! those calls from a connection of its own (see [`super::unreadable`]).
 //!
 //! Replies are acknowledged, at most [`REPLY_PREFETCH`] at a time on
 //! their way to the proxy, so whoever may publish to the reply queue (a
@@ -27,9 +32,11 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::pending::Pending;
+use crate::amqp::ConnectOptions;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::resubscribe::Subscription;
 use crate::amqp::topology;
+use crate::amqp::unreadable::is_unreadable;
 use crate::protocol::{Response, client_exchange, client_queue};
 use crate::{Error, ErrorKind, RemoteError};
 
@@ -37,6 +44,11 @@ use crate::{Error, ErrorKind, RemoteError};
 /// the broker's message size limit (16 MiB by default on RabbitMQ 4.x),
 /// what a flood of replies can make a proxy hold.
 pub(super) const REPLY_PREFETCH: u16 = 64;
+
+/// How long the broker keeps a reply queue nobody uses (no consumer): long
+/// enough for the proxy to connect again after a loss, short enough that
+/// the queue of a proxy that went away without closing does not linger.
+pub(crate) const REPLY_QUEUE_EXPIRES: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Replies taken before they are acknowledged together.
 const ACK_EVERY: u32 = 16;
@@ -74,7 +86,7 @@ impl ReplyNames {
     }
 
     async fn declare_on(&self, channel: &Channel) -> Result<Consumer, Error> {
-        topology::declare_reply(channel, &self.exchange, &self.queue)
+        topology::declare_reply(channel, &self.exchange, &self.queue, REPLY_QUEUE_EXPIRES)
             .await
             .map_err(classify_lapin)?;
         channel
@@ -119,6 +131,14 @@ pub(super) struct Replies {
     pub(super) pending: Arc<Pending>,
     /// Closed when the proxy is dropped.
     pub(super) ready: watch::Sender<Ready>,
+    /// How the proxy's link connects: for the connection of its own the
+    /// replies left in a queue are taken on ([`super::unreadable`]).
+    pub(super) connect: ConnectOptions,
+    /// Whether the queue the last connection left is in the hands of
+    /// [`super::unreadable::drain`], which deletes it when done.
+    pub(super) draining: bool,
+    /// Turns at draining a queue ([`super::unreadable::MAX_DRAINS`]).
+    pub(super) drains: Arc<tokio::sync::Semaphore>,
 }
 
 impl Subscription for Replies {
@@ -127,12 +147,24 @@ impl Subscription for Replies {
     }
 
     async fn subscribe(&mut self, conn: &Connection) -> Result<Option<(Channel, Consumer)>, Error> {
+        let drained = std::mem::take(&mut self.draining);
+        let old = (self.served && !drained).then(|| self.names.queue.clone());
         if self.served {
             self.names = Arc::new(ReplyNames::new(&self.user));
             self.served = false;
         }
         match self.names.declare(conn).await {
-            Ok(declared) => Ok(Some(declared)),
+            Ok(declared) => {
+                // The replies in the old queue were for calls failed with
+                // its connection.
+                // In the background: the proxy is ready meanwhile.
+                if let Some(old) = old
+                    && let Ok(channel) = conn.create_channel().await
+                {
+                    tokio::spawn(async move { topology::delete_reply_on(channel, &old).await });
+                }
+                Ok(Some(declared))
+            }
             Err(Error::AccessRefused(why)) => {
                 self.ready.send_modify(|ready| ready.2 = Some(why.clone()));
                 Err(Error::AccessRefused(why))
@@ -149,11 +181,38 @@ impl Subscription for Replies {
         self.served = true;
         self.ready
             .send_replace((Some(conn.clone()), self.names.clone(), None));
-        self.take_replies(channel, consumer).await;
-        // Replies to calls sent on that connection went with it (the reply
-        // queue is exclusive to it): fail those calls now rather than let
-        // them wait out their timeouts.
+        let ended = self.take_replies(channel, consumer).await;
         self.ready.send_replace((None, self.names.clone(), None));
+        if ended.as_ref().is_some_and(is_unreadable) && !self.ready.is_closed() {
+            // The replies on their way wait in the queue, which outlived
+            // the connection: the calls waiting get them from there.
+            let waiting = self.pending.waiting_on(&self.names.queue);
+            let turn = self.drains.clone().try_acquire_owned();
+            match turn {
+                Ok(turn) if !waiting.is_empty() => {
+                    warn!(target: "callme::proxy", reply_queue = %self.names.queue, calls = waiting.len(), "a reply the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size) ended the proxy's connection: the calls waiting get their replies from its reply queue, on a connection of its own");
+                    tokio::spawn(super::unreadable::drain(
+                        self.connect.clone(),
+                        self.names.queue.clone(),
+                        self.pending.clone(),
+                        waiting,
+                        turn,
+                    ));
+                    self.draining = true;
+                    return;
+                }
+                Ok(_) => {
+                    warn!(target: "callme::proxy", reply_queue = %self.names.queue, "a reply the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size) ended the proxy's connection; no call was waiting");
+                    return;
+                }
+                Err(_) => {
+                    warn!(target: "callme::proxy", reply_queue = %self.names.queue, calls = waiting.len(), "a reply the AMQP client cannot read ended the proxy's connection, and replies are taken from as many queues left behind as may be: the calls waiting fail");
+                }
+            }
+        }
+        // Replies to calls sent on that connection may be lost with it (a
+        // broker restarted, a node down): fail those calls now rather than
+        // let them wait out their timeouts.
         self.pending.fail_all();
     }
 
@@ -166,16 +225,23 @@ impl Subscription for Replies {
     }
 
     fn closed(&mut self) {
-        // Closed for good: calls get `BrokerLost`, not a refusal of before.
+        // Closed for good: calls get `BrokerLost`, not a refusal of before,
+        // and those still waiting (kept across a loss to an unreadable
+        // reply) fail now.
         self.ready.send_modify(|ready| ready.2 = None);
+        self.pending.fail_all();
     }
 }
 
 impl Replies {
     /// Takes replies until the consumer ends, acknowledging them in runs:
     /// every [`ACK_EVERY`], and what is left once none came for
-    /// [`ACK_IDLE`].
-    async fn take_replies(&self, channel: &Channel, mut consumer: Consumer) {
+    /// [`ACK_IDLE`]. Returns the error it ended with, if any.
+    async fn take_replies(
+        &self,
+        channel: &Channel,
+        mut consumer: Consumer,
+    ) -> Option<lapin::Error> {
         let mut unacked = None;
         let mut taken = 0;
         loop {
@@ -201,12 +267,12 @@ impl Replies {
                     } else {
                         warn!(target: "callme::proxy", error = %e, "reply consumer lost");
                     }
-                    return;
+                    return Some(e);
                 }
-                None => return,
+                None => return None,
             };
             let tag = delivery.delivery_tag;
-            self.take(delivery);
+            take(&self.pending, delivery);
             taken += 1;
             if taken < ACK_EVERY {
                 unacked = Some(tag);
@@ -228,21 +294,21 @@ impl Replies {
             debug!(target: "callme::proxy", error = %e, "replies not acknowledged");
         }
     }
+}
 
-    /// Hands one reply's body to the call waiting for it, which reads it
-    /// (see [`read`]).
-    fn take(&self, delivery: Delivery) {
-        let Some(corr) = delivery.properties.correlation_id().as_ref() else {
-            debug!(target: "callme::proxy", "reply without correlation id dropped");
-            return;
-        };
-        let Some(call) = self.pending.take(corr.as_str()) else {
-            debug!(target: "callme::proxy", correlation_id = %corr.as_str().escape_debug(), "late or unknown reply dropped");
-            return;
-        };
-        // The call may have ended since: then nobody reads it.
-        let _ = call.send(delivery.data);
-    }
+/// Hands one reply's body to the call in `pending` waiting for it, which
+/// reads it (see [`read`]).
+pub(super) fn take(pending: &Pending, delivery: Delivery) {
+    let Some(corr) = delivery.properties.correlation_id().as_ref() else {
+        debug!(target: "callme::proxy", "reply without correlation id dropped");
+        return;
+    };
+    let Some(call) = pending.take(corr.as_str()) else {
+        debug!(target: "callme::proxy", correlation_id = %corr.as_str().escape_debug(), "late or unknown reply dropped");
+        return;
+    };
+    // The call may have ended since: then nobody reads it.
+    let _ = call.send(delivery.data);
 }
 
 /// A reply's body read as a response, of at most `limit` bytes (see

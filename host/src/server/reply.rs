@@ -1,8 +1,8 @@
 //! Replies: published with confirms on the server's [`Publisher`], and what became of them.
 //!
 //! A reply goes to the exchange the request named in `reply_to`. That
-//! exchange is gone when the caller has left (a proxy that timed out or
-//! exited takes its auto-delete exchange with it), or never existed when
+//! exchange is gone when the caller has left (a proxy closed, or gone for
+//! 30 s, takes its auto-delete exchange with it), or never existed when
 //! the caller lied. Either way only that reply is lost: the publisher's
 //! lanes keep one refused publish from touching any other. What the
 //! server does with the request then depends on the [`Sent`] outcome:

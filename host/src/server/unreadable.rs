@@ -1,13 +1,7 @@
 //! Requests the AMQP client cannot read: found in a served id's queue and taken out of it, so they do not take the host's connection down again and again.
 //!
-//! lapin 4.12 (amq-protocol 10) reads AMQP short strings (`message_id`,
-//! `correlation_id`, `app_id`, a header's name, ...) as UTF-8 and fails the
-//! whole connection when one is not; RabbitMQ (3.x and 4.x) passes such
-//! bytes through as it got them. lapin also fails the connection on a
-//! frame over its `frame_max`, and RabbitMQ takes a publisher's frame up
-//! to 8 bytes over it (and may add headers of its own on the way). One
-//! request published with such a property or such a header, by any caller
-//! allowed to call the id, is delivered to the
+//! One request the AMQP client cannot read (see [`crate::amqp::unreadable`]),
+//! published by any caller allowed to call the id, is delivered to the
 //! host, kills its connection (every id it serves, every call in flight
 //! given back to its queue), is given back unacked, and is delivered again
 //! when the host has reconnected: a loop with no end.
@@ -46,22 +40,16 @@
 //! host consumed ahead of this one. Only after a connection was lost to an
 //! unreadable message.
 
-use std::time::Duration;
-
-use futures_util::{Stream, StreamExt};
-use lapin::message::BasicGetMessage;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tracing::{debug, error, info, warn};
 
 use super::given_back::GivenBack;
 use crate::amqp::ConnectOptions;
 use crate::amqp::connect::classify_lapin;
-use crate::amqp::link::CLOSE_TIMEOUT;
+pub(super) use crate::amqp::unreadable::is_unreadable;
+use crate::amqp::unreadable::{GET_WITHIN, Got, close, get_one};
 use crate::protocol::{server_exchange, server_queue};
 
 /// Requests looked at, and at most taken out and put back, per id: an
@@ -82,24 +70,6 @@ pub(super) enum TakenOut {
     /// It was not found the second time (another host took requests in
     /// between); `moved` were put back.
     Missed { moved: usize },
-}
-
-/// Whether `e` says the connection could not be read: a frame lapin
-/// could not parse, or one over the connection's `frame_max`, which lapin
-/// refuses (closing the connection with `FRAME_ERROR`, "frame too large")
-/// while RabbitMQ (3.x and 4.x, `rabbit_reader`) takes a publisher's
-/// frame up to 8 bytes over it and may pass on a content header grown by
-/// headers it adds itself (a quorum queue's `x-delivery-count`). A
-/// `FRAME_ERROR` the broker sends has its own words, not lapin's.
-pub(super) fn is_unreadable(e: &lapin::Error) -> bool {
-    match e.kind() {
-        lapin::ErrorKind::ParsingError(_) => true,
-        lapin::ErrorKind::ProtocolError(amqp) => {
-            matches!(amqp.kind(), AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
-                && amqp.get_message().as_str().starts_with("frame too large")
-        }
-        _ => false,
-    }
 }
 
 /// Most unreadable requests taken out in one go: a caller who sent many
@@ -207,59 +177,6 @@ async fn take_out_one(
     Ok(outcome)
 }
 
-/// What one `basic.get` brought.
-enum Got {
-    Message(Box<BasicGetMessage>),
-    Empty,
-    /// The connection failed to read it.
-    Unreadable,
-}
-
-/// How long one `basic.get` may take.
-const GET_WITHIN: Duration = Duration::from_secs(5);
-
-/// One `basic.get` from `id`'s queue. A request lapin cannot read fails
-/// the connection; the get itself may then never answer, so the
-/// connection's events are watched beside it.
-async fn get_one(
-    channel: &Channel,
-    events: &mut (impl Stream<Item = Event> + Unpin),
-    id: &str,
-    no_ack: bool,
-) -> Result<Got, crate::Error> {
-    let get = channel.basic_get(server_queue(id).as_str().into(), BasicGetOptions { no_ack });
-    let watched = async {
-        tokio::pin!(get);
-        loop {
-            tokio::select! {
-                got = &mut get => return match got {
-                    Ok(Some(message)) => Ok(Got::Message(Box::new(message))),
-                    Ok(None) => Ok(Got::Empty),
-                    Err(e) if is_unreadable(&e) => Ok(Got::Unreadable),
-                    Err(e) => Err(classify_lapin(e)),
-                },
-                event = events.next() => match event {
-                    Some(Event::Error(e)) if is_unreadable(&e) => return Ok(Got::Unreadable),
-                    Some(Event::Error(e)) => return Err(classify_lapin(e)),
-                    Some(_) => {}
-                    None => {
-                        return Err(crate::Error::Disconnected(
-                            "the connection ended".into(),
-                        ));
-                    }
-                },
-            }
-        }
-    };
-    tokio::time::timeout(GET_WITHIN, watched)
-        .await
-        .unwrap_or_else(|_| {
-            Err(crate::Error::Disconnected(
-                "the broker did not answer in time".into(),
-            ))
-        })
-}
-
 /// Whether one of the first `look` requests of `id`'s queue cannot be
 /// read: they are taken unacked, and all go back when the connection
 /// closes (or is lost to the unreadable one), noted in `given_back`.
@@ -285,7 +202,7 @@ async fn unreadable_within(
         }
         debug!(target: "callme::server", server_id = id, waiting, "looking for a request the AMQP client cannot read");
         for _ in 0..look {
-            match get_one(&channel, &mut events, id, false).await? {
+            match get_one(&channel, &mut events, &server_queue(id), false).await? {
                 // Held unacked until the connection closes.
                 Got::Message(held) => {
                     let props = &held.delivery.properties;
@@ -321,7 +238,7 @@ async fn take_until_unreadable(
         .map_err(classify_lapin)?;
     let mut moved = 0;
     for _ in 0..look {
-        match get_one(&taking, &mut events, id, true).await? {
+        match get_one(&taking, &mut events, &server_queue(id), true).await? {
             Got::Message(message) => {
                 let delivery = &message.delivery;
                 if let Err(e) = put_back(&back, id, &delivery.data, &delivery.properties).await {
@@ -369,13 +286,6 @@ fn as_put_back(properties: &BasicProperties) -> BasicProperties {
         cluster_id => with_cluster_id,
     );
     out
-}
-
-/// Closes `conn` if it is still open, giving up after a while.
-async fn close(conn: &Connection) {
-    if conn.status().connected() {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "done".into())).await;
-    }
 }
 
 /// Publishes a request back to `id`'s exchange, confirmed, with its
