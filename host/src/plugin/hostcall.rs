@@ -50,6 +50,19 @@ pub(crate) fn bound(store: &mut Store<CallState>, result_bytes: usize) {
     store.call_hook(follow);
 }
 
+/// Makes `store` ready for its next call, as [`bound`] left it: no call
+/// into the guest counted as under way, the result's allowance set. A
+/// call whose future was dropped inside the guest (its deadline cut by
+/// the host's timer) never returned through the hook, and would leave
+/// its depth counted; no store is called again after such a call today,
+/// and this keeps it so whatever reuses one.
+pub(crate) fn rearm(store: &mut Store<CallState>) {
+    let transfers = &mut store.data_mut().transfers;
+    transfers.depth = 0;
+    let result_bytes = transfers.result_bytes;
+    store.set_hostcall_fuel(result_bytes);
+}
+
 fn follow(mut store: StoreContextMut<'_, CallState>, hook: CallHook) -> wasmtime::Result<()> {
     let transfers = &mut store.data_mut().transfers;
     match hook {

@@ -710,12 +710,14 @@ impl Instances {
         sandbox
     }
 
-    /// Refills fuel, sets the deadline (`deadline`) and forgets any memory
-    /// refused before, for the next call in `sandbox`.
+    /// Refills fuel, sets the deadline (`deadline`), forgets any memory
+    /// refused before and resets the transfer allowances
+    /// ([`super::hostcall::rearm`]), for the next call in `sandbox`.
     pub(super) fn arm(&self, sandbox: &mut Sandbox, deadline: Instant) {
         sandbox.deadline = deadline;
         let store = &mut sandbox.store;
         store.data_mut().limiter.refused = None;
+        super::hostcall::rearm(store);
         // Fuel is enabled on the engine, so setting it cannot fail.
         let _ = store.set_fuel(self.settings.limits.fuel);
         // Never fails on an async engine.
