@@ -1242,7 +1242,7 @@ async fn a_proxy_names_its_reply_queue_anew_on_each_connection() {
 /// unreadable one and those that come after. The proxy goes on under new
 /// names, and a second unreadable reply to the old ones costs its
 /// connection nothing.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_reply_costs_the_calls_waiting_nothing() {
     let (user, password) = dedicated_user("unreadable-reply");
     let srv = server(ServerOptions::default()).await;
@@ -1284,7 +1284,8 @@ async fn an_unreadable_reply_costs_the_calls_waiting_nothing() {
     // Another to the same (old) names while the slow calls wait for
     // replies there: it ends the connection they are taken on, not the
     // proxy's. (Not in a task of its own: the broker commands below
-    // block this test's thread, and it must come while the calls wait.)
+    // block a thread of the test's, and it must come while the calls
+    // wait.)
     callme_tests::publish_unreadable_to(&before).await;
 
     let second = callme_tests::eventually(Duration::from_secs(15), || async {

@@ -330,13 +330,17 @@ impl Proxy {
     /// waiting fail with [`Error::Disconnected`], calls made after with
     /// [`Error::BrokerLost`]. Every clone shares the connection, so it is
     /// closed for them too. Its reply queue is deleted first, if the proxy
-    /// is connected. Dropping the last clone closes the connection as
+    /// is connected (waiting at most a second for it). Dropping the last
+    /// clone closes the connection as
     /// well, without waiting for the broker's word, and leaves the reply
     /// queue for the broker to delete once unused for 30 s.
     pub async fn close(&self) {
-        if let Some(conn) = self.inner.link.current() {
+        if let Some(conn) = self.inner.link.current()
+            && conn.status().connected()
+        {
             let queue = self.inner.ready.borrow().1.queue.clone();
-            topology::delete_reply(&conn, &queue).await;
+            let delete = topology::delete_reply(&conn, &queue);
+            let _ = tokio::time::timeout(replies::DELETE_WITHIN, delete).await;
         }
         self.inner.link.close().await;
     }

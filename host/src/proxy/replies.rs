@@ -50,6 +50,11 @@ pub(super) const REPLY_PREFETCH: u16 = 64;
 /// the queue of a proxy that went away without closing does not linger.
 pub(crate) const REPLY_QUEUE_EXPIRES: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long deleting a reply queue may hold up what waits for it (the
+/// proxy's close, a new connection's readiness): it is best effort, as the
+/// broker deletes the queue anyway once unused.
+pub(super) const DELETE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Replies taken before they are acknowledged together.
 const ACK_EVERY: u32 = 16;
 
@@ -159,7 +164,8 @@ impl Subscription for Replies {
                 // its connection.
                 // In the background: the proxy is ready meanwhile.
                 if let Some(old) = old
-                    && let Ok(channel) = conn.create_channel().await
+                    && let Ok(Ok(channel)) =
+                        tokio::time::timeout(DELETE_WITHIN, conn.create_channel()).await
                 {
                     tokio::spawn(async move { topology::delete_reply_on(channel, &old).await });
                 }
@@ -187,9 +193,12 @@ impl Subscription for Replies {
             // The replies on their way wait in the queue, which outlived
             // the connection: the calls waiting get them from there.
             let waiting = self.pending.waiting_on(&self.names.queue);
-            let turn = self.drains.clone().try_acquire_owned();
-            match turn {
-                Ok(turn) if !waiting.is_empty() => {
+            if waiting.is_empty() {
+                warn!(target: "callme::proxy", reply_queue = %self.names.queue, "a reply the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size) ended the proxy's connection; no call was waiting");
+                return;
+            }
+            match self.drains.clone().try_acquire_owned() {
+                Ok(turn) => {
                     warn!(target: "callme::proxy", reply_queue = %self.names.queue, calls = waiting.len(), "a reply the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size) ended the proxy's connection: the calls waiting get their replies from its reply queue, on a connection of its own");
                     tokio::spawn(super::unreadable::drain(
                         self.connect.clone(),
@@ -199,16 +208,15 @@ impl Subscription for Replies {
                         turn,
                     ));
                     self.draining = true;
-                    return;
-                }
-                Ok(_) => {
-                    warn!(target: "callme::proxy", reply_queue = %self.names.queue, "a reply the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size) ended the proxy's connection; no call was waiting");
-                    return;
                 }
                 Err(_) => {
+                    // Only this queue's calls: those of the queues being
+                    // drained still get their replies.
                     warn!(target: "callme::proxy", reply_queue = %self.names.queue, calls = waiting.len(), "a reply the AMQP client cannot read ended the proxy's connection, and replies are taken from as many queues left behind as may be: the calls waiting fail");
+                    self.pending.fail(&waiting, &self.names.queue);
                 }
             }
+            return;
         }
         // Replies to calls sent on that connection may be lost with it (a
         // broker restarted, a node down): fail those calls now rather than

@@ -40,7 +40,7 @@ use crate::Error;
 use crate::amqp::ConnectOptions;
 use crate::amqp::connect::classify_lapin;
 use crate::amqp::topology;
-use crate::amqp::unreadable::{Got, close, get_one};
+use crate::amqp::unreadable::{GET_WITHIN, Got, close, get_one};
 
 /// Connections of one drain lost to unreadable replies, at most, before
 /// the calls still waiting are failed.
@@ -84,6 +84,8 @@ pub(super) async fn drain(
         }
         let conn = match connect.connect("callme drain").await {
             Ok(conn) => conn,
+            // A refusal or a bad URI does not pass with waiting.
+            Err(e @ (Error::AccessRefused(_) | Error::Config(_))) => break Some(e),
             Err(e) if attempts + 1 < MAX_CONNECT_ATTEMPTS => {
                 attempts += 1;
                 debug!(target: "callme::proxy", reply_queue = %queue, attempts, error = %e.chain(), "cannot connect to take the replies left yet");
@@ -128,7 +130,10 @@ async fn take_replies(
     waiting: &mut Vec<String>,
 ) -> Result<Turn, Error> {
     let mut events = Box::pin(conn.events_listener());
-    let channel = conn.create_channel().await.map_err(classify_lapin)?;
+    let channel = tokio::time::timeout(GET_WITHIN, conn.create_channel())
+        .await
+        .map_err(|_| Error::Disconnected("the broker did not open a channel in time".into()))?
+        .map_err(classify_lapin)?;
     let mut pause = POLL_FIRST;
     while pending.still_waiting(waiting, queue) {
         match get_one(&channel, &mut events, queue, true).await? {
