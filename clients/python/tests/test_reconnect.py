@@ -21,6 +21,7 @@ import callme_client.link as callme_link
 import callme_client.proxy as callme_proxy
 import callme_client.publisher as callme_publisher
 from conftest import BrokerUser, Forwarder, Host, close_connection, rabbitmqctl, url_for
+from raw_amqp import publish_unreadable
 
 
 def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> float:
@@ -273,10 +274,86 @@ def test_the_reply_queue_is_named_anew_for_each_connection(
         after = proxy.reply_exchange
         assert after is not None and after != before
         assert after.startswith(before[: before.index("_ex_") + 4])
-        # The old queue went with its connection.
-        queues = rabbitmqctl("list_queues", "name")
-        assert before.replace("_ex_", "_queue_", 1) not in queues
-        assert after.replace("_ex_", "_queue_", 1) in queues
+        # The old queue is deleted once the proxy is back.
+        assert queue_gone(before.replace("_ex_", "_queue_", 1))
+        assert after.replace("_ex_", "_queue_", 1) in rabbitmqctl("list_queues", "name")
+
+
+def queue_gone(queue: str, limit: float = 10.0) -> bool:
+    """Whether the broker no longer has ``queue``, or not within ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while queue in rabbitmqctl("list_queues", "name").split():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def server_queue_holds(server_id: str) -> int:
+    """The requests in ``server_id``'s queue, ready or taken and not yet
+    acknowledged."""
+    listed = rabbitmqctl("list_queues", "--no-table-headers", "-q", "name", "messages_ready",
+                         "messages_unacknowledged")
+    for row in listed.splitlines():
+        name, ready, unacked = row.split("\t")
+        if name == f"server_{server_id}_queue":
+            return int(ready) + int(unacked)
+    return 0
+
+
+def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever may publish to a proxy's reply exchange (every server it
+    calls learns the name) can send it a message aiormq cannot read, and
+    that ends the proxy's connection. The reply queue outlives it: the
+    calls waiting get their replies from it all the same, taken on a
+    connection of its own, which a second such message to the old names
+    costs nothing but itself; the proxy goes on under new names."""
+    caplog.set_level(logging.INFO, logger="callme.proxy")
+    name = f"callme-py-unreadable-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with callme.AsyncProxy(amqp_url, timeout=30, connection_name=name) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 1) == 2
+            before = proxy.reply_exchange
+            assert before is not None
+            queue = before.replace("_ex_", "_queue_", 1)
+            listed = rabbitmqctl("list_queues", "--no-table-headers", "-q", "name", "durable",
+                                 "exclusive", "arguments")
+            line = next(row for row in listed.splitlines() if row.startswith(queue))
+            # Durable and not exclusive, classic, expiring (RabbitMQ 4.x
+            # refuses a queue that is neither durable nor exclusive).
+            assert "\ttrue\tfalse\t" in line and "x-expires" in line and "classic" in line, line
+            slow = [asyncio.ensure_future(calc.call("slow-version", 4000)) for _ in range(4)]
+            # Their requests are confirmed once the host has them (a
+            # request not yet confirmed fails with the connection).
+            deadline = time.monotonic() + 15
+            while server_queue_holds(host.calc) < 4:
+                assert time.monotonic() < deadline, "the host did not get the requests"
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(publish_unreadable, amqp_url, before)
+            deadline = time.monotonic() + 15
+            while proxy.reply_exchange == before or not proxy._link or not proxy._link.connected:
+                assert time.monotonic() < deadline, "the proxy did not come back"
+                await asyncio.sleep(0.05)
+            assert await calc.add(2, 3) == 5
+            # Again to the old names, while the slow calls wait: it ends
+            # the connection reading the old queue, and nothing else.
+            await asyncio.to_thread(publish_unreadable, amqp_url, before)
+            answered = await asyncio.gather(*slow, return_exceptions=True)
+            assert answered == ["1"] * 4, answered
+            assert await calc.add(3, 4) == 7
+            assert proxy.reply_exchange != before
+        assert caplog.text.count("lost the connection") == 1, caplog.text
+        # Once the first, put back when its consumer's connection ended,
+        # and once the second, which ended only the drain's connection.
+        assert caplog.text.count("took out a reply the AMQP library cannot read") >= 2
+        # Once nobody waits for it, the old queue is deleted.
+        assert queue_gone(queue)
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("idle_tick", ["as shipped", "never while the test runs"])

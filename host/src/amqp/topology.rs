@@ -118,10 +118,7 @@ pub(crate) async fn declare_server(
         );
     }
     if let Some(expires) = shape.expires {
-        let millis = i64::try_from(expires.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1);
-        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+        arguments.insert("x-expires".into(), expires_argument(expires));
     }
     declare_bound_with(
         channel,
@@ -261,11 +258,8 @@ pub(crate) async fn declare_reply(
     expires: Duration,
 ) -> Result<(), lapin::Error> {
     use lapin::types::{AMQPValue, LongString};
-    let millis = i64::try_from(expires.as_millis())
-        .unwrap_or(i64::MAX)
-        .max(1);
     let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+    arguments.insert("x-expires".into(), expires_argument(expires));
     // Whatever the vhost's default queue type (RabbitMQ 3.13 and 4.x): a
     // quorum queue per proxy connection would cost a Raft group, and a
     // stream takes no `x-expires`.
@@ -290,6 +284,15 @@ pub(crate) async fn declare_reply(
     .await
 }
 
+/// A queue's `x-expires` argument: `expires` in whole milliseconds, at
+/// least 1 (the broker refuses 0).
+fn expires_argument(expires: Duration) -> lapin::types::AMQPValue {
+    let millis = i64::try_from(expires.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    lapin::types::AMQPValue::LongLongInt(millis)
+}
+
 /// Deletes a proxy's reply queue (its exchange goes with it) on a channel
 /// of `conn` of its own, giving up after a while: best effort, as the
 /// broker deletes it anyway once unused (see [`declare_reply`]).
@@ -311,4 +314,25 @@ pub(crate) async fn delete_reply_on(channel: Channel, queue: &str) {
         tracing::debug!(target: "callme::proxy", queue = %queue, error = %e, "reply queue not deleted; the broker will");
     }
     close_soon(channel);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lapin::types::AMQPValue;
+
+    use super::expires_argument;
+
+    #[test]
+    fn an_expiry_is_whole_milliseconds_and_never_zero() {
+        let millis = |d| match expires_argument(d) {
+            AMQPValue::LongLongInt(ms) => ms,
+            other => panic!("not a long long: {other:?}"),
+        };
+        assert_eq!(millis(Duration::from_secs(30)), 30_000);
+        assert_eq!(millis(Duration::from_micros(2_500)), 2);
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::MAX), i64::MAX);
+    }
 }

@@ -7,7 +7,8 @@ replies to calls by correlation id, so any number of calls can be in flight
 at once on its one connection. A request nobody can route fails at once with
 :class:`NoSuchServer`; a reply that comes after its call timed out is
 dropped. When the connection is lost, calls waiting for replies fail with
-:class:`ConnectionError`; the proxy reconnects by itself, and calls made
+:class:`ConnectionError`, unless a reply it could not read ended it (see
+:mod:`callme_client.drain`); the proxy reconnects by itself, and calls made
 meanwhile wait for it within their timeouts.
 """
 
@@ -21,11 +22,12 @@ import secrets
 import time
 import uuid
 from functools import partial
-from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence, Set
 
 import aiormq
 
 from . import errors
+from .drain import MAX_DRAINS, drain
 from .link import Link
 from .options import ConnectOptions
 from .protocol import (
@@ -39,6 +41,7 @@ from .protocol import (
     server_exchange,
     valid_server_id,
 )
+from .pending import Pending
 from .publisher import MAX_EXPIRATION_MS, Publisher
 
 __all__ = ["AsyncProxy", "AsyncServerProxy", "DEFAULT_TIMEOUT"]
@@ -108,7 +111,10 @@ class AsyncProxy:
         self._link: Optional[Link] = None
         self._publisher: Optional[Publisher] = None
         self._starting: Optional["asyncio.Future[None]"] = None
-        self._pending: Dict[str, "asyncio.Future[bytes]"] = {}
+        self._pending = Pending()
+        # Reply queues left by connections an unreadable reply ended,
+        # being read for the calls waiting on them.
+        self._drains: "Set[asyncio.Task[None]]" = set()
         self._closed = False
         # The event loop it first connected on, which its connection's
         # tasks run on.
@@ -207,9 +213,20 @@ class AsyncProxy:
         :class:`ConnectionError`."""
         self._closed = True
         link, self._link = self._link, None
-        if link is not None:
-            await link.close()
-        self._on_lost("the proxy was closed before the reply came")
+        # At once: a reply coming while the queue is deleted is not waited for.
+        self._pending.fail("the proxy was closed before the reply came")
+        try:
+            if link is not None:
+                await link.close()
+        finally:
+            # Nobody waits for their queues now: each deletes its own, if
+            # it can soon; else the broker does, once they expire.
+            if self._drains:
+                _, late = await asyncio.wait(set(self._drains), timeout=_DRAINS_END_WITHIN)
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
 
     async def __aenter__(self) -> "AsyncProxy":
         await self.connect()
@@ -301,8 +318,7 @@ class AsyncProxy:
         connection = await link.connection()
         stage[0] = "calling"
         correlation_id = str(uuid.uuid4())
-        reply: "asyncio.Future[bytes]" = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = reply
+        reply = self._pending.add(correlation_id, link.queue)
         try:
             sent_ms = time.time_ns() // 1_000_000
             properties = aiormq.spec.Basic.Properties(
@@ -330,7 +346,7 @@ class AsyncProxy:
             )
             response = await reply
         finally:
-            self._pending.pop(correlation_id, None)
+            self._pending.remove(correlation_id)
         try:
             return decode_response(response, self._max_reply_bytes)
         except errors.RemoteError as e:
@@ -342,23 +358,36 @@ class AsyncProxy:
             ) from None
 
     def _on_reply(self, correlation_id: str, body: bytes) -> None:
-        waiting = self._pending.get(correlation_id)
-        if waiting is None or waiting.done():
-            # A reply after its call timed out, or a duplicate.
-            log.debug("dropped a reply nobody waits for: correlation_id=%r", correlation_id)
-            return
-        waiting.set_result(body)
+        self._pending.reply(correlation_id, body)
 
-    def _on_lost(self, why: str = "the connection to the broker was lost before the reply came") -> None:
+    def _on_lost(self, queue: str, unreadable: bool) -> bool:
+        """The connection whose reply queue was ``queue`` is lost, to a
+        reply it could not read if ``unreadable``. Its calls waiting for
+        replies fail, or, after an unreadable reply, wait on for the
+        replies a drain takes from ``queue``; whether one does."""
         if self._publisher is not None:
             self._publisher.clear()
-        for waiting in self._pending.values():
-            if not waiting.done():
-                waiting.set_exception(errors.ConnectionError(why))
-                # Taken as seen: a call still publishing when the
-                # connection goes fails on its own and never awaits this
-                # future, which asyncio would report as "never retrieved".
-                waiting.exception()
+        calls = self._pending.waiting_on(queue)
+        if unreadable and calls and len(self._drains) < MAX_DRAINS:
+            task = asyncio.ensure_future(
+                drain(self._options, queue, self._pending, calls, self._on_reply)
+            )
+            self._drains.add(task)
+
+            def done(task: "asyncio.Task[None]") -> None:
+                self._drains.discard(task)
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("reading the reply queue %s failed", queue, exc_info=task.exception())
+                # However it ended (an error not foreseen, a cancel aiormq
+                # raised for itself), no call of its waits out its timeout.
+                self._pending.fail(
+                    "the connection to the broker was lost before the reply came", queue, calls
+                )
+
+            task.add_done_callback(done)
+            return True
+        self._pending.fail("the connection to the broker was lost before the reply came", queue)
+        return False
 
 
 class AsyncServerProxy:
@@ -398,6 +427,10 @@ class AsyncServerProxy:
     def __repr__(self) -> str:
         return f"<AsyncServerProxy {self._server_id!r} timeout={self._timeout:g}>"
 
+
+#: How long closing a proxy waits for the reply queues being drained to be
+#: deleted (seconds); the broker deletes those left once they expire.
+_DRAINS_END_WITHIN = 2.0
 
 #: The longest a call waits: a longer timeout, ``math.inf`` included, is
 #: taken as this (a hundred years).

@@ -1,16 +1,21 @@
 """The proxy's broker connection and reply queue, kept up across broker restarts.
 
 A :class:`Link` opens the connection, declares the proxy's reply exchange
-``client_USER_ex_UUID`` (direct, auto-delete) and its exclusive,
-auto-delete queue ``client_USER_queue_UUID`` bound to it with ``""``, and
-consumes that queue, handing each reply to ``on_reply``. Replies are
+``client_USER_ex_UUID`` (direct, auto-delete) and its queue
+``client_USER_queue_UUID`` bound to it with ``""``, and consumes that
+queue, handing each reply to ``on_reply``. The queue is durable and
+classic, and the broker deletes it once nobody has used it for
+:data:`REPLY_QUEUE_EXPIRES`: it outlives its connection, so that the
+replies to calls waiting when a reply nobody can read ended it are not
+lost with it (see :mod:`callme_client.drain`). Replies are
 acknowledged, at most :data:`REPLY_PREFETCH` at a time on their way (as the
 Rust proxy does), so whoever may publish to the queue cannot make the proxy
 hold more than that many: the rest waits in the broker. When
 the connection (or the reply channel, or the reply consumer, which the
 broker cancels when the queue is deleted) is lost it calls ``on_lost`` (the
-proxy fails the calls waiting for replies), then reconnects with backoff and
-declares a reply exchange and queue under new names (see ``Link._name``);
+proxy fails the calls waiting for replies, or has the queue drained), then
+reconnects with backoff and declares a reply exchange and queue under new
+names (see ``Link._name``), deleting the old queue unless it is drained;
 calls made meanwhile wait for :meth:`Link.connection`.
 """
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, Set, TypeVar
 
 import aio_pika
 import aiormq.abc
@@ -30,7 +35,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from . import errors
 from .options import ConnectOptions
 
-__all__ = ["Link", "CONNECT_TIMEOUT"]
+__all__ = ["Link", "CONNECT_TIMEOUT", "REPLY_QUEUE_EXPIRES", "open_connection", "delete_queue"]
 
 log = logging.getLogger("callme.proxy")
 
@@ -40,6 +45,14 @@ T = TypeVar("T")
 #: reported as down rather than left hanging (the Rust proxy's value),
 #: unless the URL's ``connection_timeout`` (milliseconds) says otherwise.
 CONNECT_TIMEOUT = 15.0
+
+#: Seconds a reply queue nobody consumes, gets from or declares is kept
+#: before the broker deletes it (``x-expires``; the Rust proxy's value).
+REPLY_QUEUE_EXPIRES = 30.0
+
+#: How long deleting a reply queue may hold up what waits for it (the
+#: proxy's close): it is best effort, as the broker deletes it anyway.
+DELETE_WITHIN = 1.0
 
 #: Replies the broker sends before any is acknowledged: with the broker's
 #: message size limit, what a flood of replies can make a proxy hold.
@@ -67,7 +80,7 @@ class Link:
         self,
         options: ConnectOptions,
         on_reply: Callable[[str, bytes], None],
-        on_lost: Callable[[], None],
+        on_lost: Callable[[str, bool], bool],
     ) -> None:
         self.options = options
         # The reply exchange and queue: named anew for each connection
@@ -91,6 +104,8 @@ class Link:
         # While the broker refuses the reply queue on reconnecting (a
         # permission taken away), why: calls fail with it at once.
         self._refused: Optional[errors.AccessRefused] = None
+        # Old reply queues being deleted in the background.
+        self._chores: "Set[asyncio.Task[None]]" = set()
 
     async def start(self) -> None:
         """Connects for the first time; later losses are repaired in the
@@ -127,8 +142,8 @@ class Link:
         return self._connection is not None and not self._connection.is_closed
 
     async def close(self) -> None:
-        """Closes the connection for good; the broker deletes the reply
-        exchange and queue with it."""
+        """Deletes the reply queue (its exchange goes with it), waiting at
+        most :data:`DELETE_WITHIN`, and closes the connection for good."""
         self._closing = True
         self._ready.set()
         if self._ack_timer is not None:
@@ -142,11 +157,14 @@ class Link:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        for chore in self._chores:
+            chore.cancel()
         if connection is not None and not connection.is_closed:
             try:
-                await connection.close()
-            except Exception:  # closing a broken connection may fail; it is gone anyway
-                pass
+                # Else the broker deletes it once unused for REPLY_QUEUE_EXPIRES.
+                await delete_queue(connection, self.queue)
+            finally:
+                await _close_quietly(connection)
 
     def _name(self) -> None:
         """New names for the reply exchange and queue.
@@ -177,51 +195,36 @@ class Link:
         # keep the proxy waiting for ever.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
-        try:
-            # Read again at each connect (a certificate renewed in place);
-            # one gone or broken since is this connect's failure.
-            ssl_context = options.ssl_context()
-        except ValueError as e:
-            raise errors.ConnectionError(str(e)) from None
-        try:
-            connection = await aio_pika.connect(
-                options.connection_url(),
-                ssl_context=ssl_context,
-                timeout=limit,
-            )
-        except (aiormq.exceptions.ProbableAuthenticationError,
-                aiormq.exceptions.AuthenticationError,
-                aiormq.exceptions.ConnectionNotAllowed) as e:
-            raise errors.AccessRefused(
-                f"the broker at {options.redacted} refused the login: {errors.reply_text(e)}"
-            ) from None
-        except asyncio.TimeoutError:
-            raise errors.ConnectionError(
-                f"the broker at {options.redacted} did not answer within {limit:g} s"
-            ) from None
-        except (aiormq.exceptions.AMQPError, pamqp.exceptions.PAMQPException, OSError) as e:
-            # pamqp's own errors too: aiormq 6 raises one when the broker
-            # closes the connection during its handshake (a connection
-            # limit reached).
-            raise errors.ConnectionError(
-                f"cannot connect to the broker at {options.redacted}: {errors.reply_text(e)}"
-            ) from None
-        _never_drop_frames(connection)
+        connection = await open_connection(options, limit)
 
         async def set_up() -> Any:
             channel = await connection.channel(publisher_confirms=False)
             exchange = await channel.declare_exchange(
                 self.exchange, aio_pika.ExchangeType.DIRECT, durable=False, auto_delete=True
             )
+            # Durable, so that RabbitMQ 4.x takes a queue that is not
+            # exclusive (its "Deprecated Features" guide:
+            # transient_nonexcl_queues); classic whatever the vhost's
+            # default queue type (3.13 and 4.x), since a quorum queue per
+            # proxy would cost a Raft group and a stream takes no expiry.
             queue = await channel.declare_queue(
-                self.queue, durable=False, exclusive=True, auto_delete=True
+                self.queue,
+                durable=True,
+                arguments={
+                    "x-queue-type": "classic",
+                    "x-expires": int(REPLY_QUEUE_EXPIRES * 1000),
+                },
             )
             await queue.bind(exchange, routing_key="")
             # Consumed on aiormq's channel under aio-pika's: a reply needs
             # its correlation id and body only, not an IncomingMessage.
             underlay = await channel.get_underlay_channel()
             await underlay.basic_qos(prefetch_count=REPLY_PREFETCH)
-            consume = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
+            # Exclusively: the queue is not exclusive to the connection,
+            # and nobody else is to take its replies.
+            consume = await underlay.basic_consume(
+                self.queue, self._deliver, no_ack=False, exclusive=True
+            )
             self._consumer = (underlay, consume.consumer_tag)
             return channel
 
@@ -253,8 +256,11 @@ class Link:
         loop = asyncio.get_running_loop()
         while not self._closing:
             lost: "asyncio.Future[None]" = loop.create_future()
+            # What the connection and the channel were closed with.
+            reasons: "list[Any]" = []
 
-            def on_close(*_: Any) -> None:
+            def on_close(*args: Any) -> None:
+                reasons.extend(args[1:])
                 if not lost.done():
                     lost.set_result(None)
 
@@ -304,10 +310,17 @@ class Link:
                 log.warning(
                     "lost the connection to the broker at %s; reconnecting", self.options.redacted
                 )
-            self._on_lost()
+            unreadable = any(is_unreadable(reason) for reason in reasons)
+            old = self.queue
+            drained = self._on_lost(old, unreadable)
             await _close_quietly(connection)
             connection, channel = await self._reopen()
             log.warning("reconnected to the broker at %s", self.options.redacted)
+            if not drained and old != self.queue:
+                # Its replies are for calls that failed with the loss.
+                chore = asyncio.ensure_future(delete_queue(connection, old))
+                self._chores.add(chore)
+                chore.add_done_callback(self._chores.discard)
 
     async def _reopen(self) -> "tuple[AbstractConnection, AbstractChannel]":
         delay = _BACKOFF_FIRST
@@ -387,6 +400,86 @@ class Link:
             return  # its replies went with it
         ack = asyncio.ensure_future(channel.basic_ack(tag, multiple=True, wait=False))
         ack.add_done_callback(_ack_done)
+
+
+async def open_connection(
+    options: ConnectOptions, limit: float, purpose: Optional[str] = None
+) -> AbstractConnection:
+    """A connection to the broker of ``options``, named ``purpose`` if
+    given (see :meth:`ConnectOptions.connection_url`), made within
+    ``limit`` seconds.
+
+    :raises AccessRefused: the broker refused the login.
+    :raises ConnectionError: the broker could not be reached.
+    """
+    try:
+        # Read again at each connect (a certificate renewed in place);
+        # one gone or broken since is this connect's failure.
+        ssl_context = options.ssl_context()
+    except ValueError as e:
+        raise errors.ConnectionError(str(e)) from None
+    try:
+        connection = await aio_pika.connect(
+            options.connection_url(purpose),
+            ssl_context=ssl_context,
+            timeout=limit,
+        )
+    except (aiormq.exceptions.ProbableAuthenticationError,
+            aiormq.exceptions.AuthenticationError,
+            aiormq.exceptions.ConnectionNotAllowed) as e:
+        raise errors.AccessRefused(
+            f"the broker at {options.redacted} refused the login: {errors.reply_text(e)}"
+        ) from None
+    except asyncio.TimeoutError:
+        raise errors.ConnectionError(
+            f"the broker at {options.redacted} did not answer within {limit:g} s"
+        ) from None
+    except (aiormq.exceptions.AMQPError, pamqp.exceptions.PAMQPException, OSError) as e:
+        # pamqp's own errors too: aiormq 6 raises one when the broker
+        # closes the connection during its handshake (a connection
+        # limit reached).
+        raise errors.ConnectionError(
+            f"cannot connect to the broker at {options.redacted}: {errors.reply_text(e)}"
+        ) from None
+    _never_drop_frames(connection)
+    return connection
+
+
+async def delete_queue(connection: AbstractConnection, queue: str) -> None:
+    """Deletes the reply queue ``queue`` (its auto-delete exchange goes
+    with its binding) on a channel of ``connection`` of its own, giving up
+    after :data:`DELETE_WITHIN`: best effort, as the broker deletes it
+    anyway once unused for :data:`REPLY_QUEUE_EXPIRES`."""
+
+    async def delete() -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.queue_delete(queue)
+        await channel.close()
+
+    try:
+        await _by(asyncio.get_running_loop().time() + DELETE_WITHIN, delete())
+    except Exception as e:  # best effort, whatever the library raises
+        log.debug("reply queue %s not deleted (the broker will): %s", queue, str(e) or type(e).__name__)
+
+
+def is_unreadable(reason: Any) -> bool:
+    """Whether ``reason``, what a connection was closed with, is a frame
+    the AMQP library could not read: a short string that is not UTF-8,
+    say, which the broker passes on as it got it.
+
+    aiormq 7 closes with ``InvalidFrameError`` (caused by pamqp's
+    ``UnmarshalingException``), aiormq 6 with pamqp 3's bare
+    ``UnicodeDecodeError``.
+    """
+    seen = 0
+    while isinstance(reason, BaseException) and seen < 8:
+        if isinstance(reason, (aiormq.exceptions.InvalidFrameError,
+                               pamqp.exceptions.UnmarshalingException,
+                               UnicodeDecodeError)):
+            return True
+        reason = reason.__cause__ or reason.__context__
+        seen += 1
+    return False
 
 
 class _ReplyQueueRefused(errors.AccessRefused):

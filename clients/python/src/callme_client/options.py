@@ -237,12 +237,13 @@ class ConnectOptions:
         Rust proxy does."""
         return unquote(urlsplit(self.url).username or "") or "external"
 
-    def connection_url(self) -> str:
+    def connection_url(self, purpose: Optional[str] = None) -> str:
         """The URL handed to the AMQP library: with ``auth=external`` added
         when a client certificate is given and the URL names no mechanism
         (as ``auth`` or as RabbitMQ's ``auth_mechanism``),
-        and the connection name (``callme proxy`` unless the URL or
-        ``connection_name`` names one)."""
+        and the connection name: ``purpose`` for a connection the proxy
+        opens for a task of its own (``callme drain``), else ``callme
+        proxy`` unless the URL or ``connection_name`` names one."""
         parts = urlsplit(self.url)
         query = dict(parse_qsl(parts.query))
         # RabbitMQ's URI parameter (and the Rust proxy's) for what the
@@ -254,7 +255,9 @@ class ConnectOptions:
             query["auth"] = "external"
         # The broker shows it as the connection's name; every aio-pika
         # version reads it from here.
-        if self.connection_name or "name" not in query:
+        if purpose is not None:
+            query["name"] = purpose
+        elif self.connection_name or "name" not in query:
             query["name"] = self.connection_name or "callme proxy"
         return urlunsplit(parts._replace(query=urlencode(query)))
 
