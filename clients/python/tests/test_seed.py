@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 
 import callme_client as callme
-from conftest import Host, url_parts
+from conftest import Host, rabbitmqctl, url_parts
 
 
 def test_seed_add_example_with_the_seeds_constructor_arguments(amqp_url: str, host: Host) -> None:
@@ -85,3 +86,19 @@ def test_describe_lists_the_functions(proxy: callme.Proxy, host: Host) -> None:
 def test_the_reply_exchange_follows_the_protocols_names(proxy: callme.Proxy) -> None:
     exchange = proxy.reply_exchange
     assert exchange is not None and exchange.startswith("client_guest_ex_")
+
+
+def test_a_closed_proxy_leaves_no_queue_and_warns_of_nothing(
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reply queue outlives its connection (for the replies an
+    unreadable one would cost), so the proxy deletes it when it closes:
+    its consumer first, since aiormq 7 warns when the broker cancels one
+    under it."""
+    caplog.set_level(logging.WARNING)
+    with callme.Proxy(amqp_url, timeout=10) as proxy:
+        assert proxy.use_server(host.calc).add(2, 2) == 4
+        exchange = proxy.reply_exchange
+        assert exchange is not None
+    assert exchange.replace("_ex_", "_queue_", 1) not in rabbitmqctl("list_queues", "name").split()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -333,3 +335,63 @@ def test_a_signal_handler_that_closes_the_proxy_while_its_thread_runs_the_loop_c
             assert shared.loop.is_closed()
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def test_ctrl_c_costs_only_the_call_it_interrupts(
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ctrl-C while the main thread runs the proxy's loop for its call
+    used to raise KeyboardInterrupt in whichever of the loop's tasks ran
+    at that instant: in aiormq's reader it ended the connection, and
+    every call on it failed. Now it cancels that call, which raises
+    KeyboardInterrupt, and nothing else. Played by real SIGINTs, 80 of
+    them at random moments while the main thread calls without pause."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        pytest.skip("needs the main thread, with Python's own SIGINT handler")
+    caplog.set_level(logging.INFO, logger="callme.proxy")
+    signals = 80
+    sent: List[int] = []
+    done = threading.Event()
+
+    def interrupter() -> None:
+        pace = random.Random(7)
+        while len(sent) < signals and not done.wait(pace.uniform(0.005, 0.03)):
+            os.kill(os.getpid(), signal.SIGINT)
+            sent.append(1)
+
+    answered = interrupted = stray = 0
+    wrong: List[int] = []
+    with callme.Proxy(amqp_url, timeout=10) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        sender = threading.Thread(target=interrupter, daemon=True)
+        sender.start()
+        i = 0
+        try:
+            while len(sent) < signals:
+                try:
+                    try:
+                        value = calc.add(i, 1)
+                    except KeyboardInterrupt:
+                        interrupted += 1
+                        continue
+                    if value != i + 1:
+                        wrong.append(i)
+                    answered += 1
+                    i += 1
+                except KeyboardInterrupt:
+                    stray += 1  # landed in this test's own code, between calls
+        finally:
+            done.set()
+            sender.join(10)
+            try:
+                time.sleep(0.1)  # the last one, if it is still on its way
+            except KeyboardInterrupt:
+                pass
+        print(f"ctrl-c: {answered} answered, {interrupted} interrupted, {stray} between calls")
+        assert interrupted > 0, (answered, stray)
+        assert wrong == []
+        # The connection lived through it, and serves every call after.
+        assert [calc.add(n, n) for n in range(20)] == [2 * n for n in range(20)]
+    assert "lost the connection" not in caplog.text, caplog.text

@@ -161,6 +161,15 @@ class Link:
             chore.cancel()
         if connection is not None and not connection.is_closed:
             try:
+                # Its consumer first: the broker cancels a consumer whose
+                # queue is deleted, and aiormq warns of it.
+                underlay, tag = self._consumer
+                if underlay is not None and not underlay.is_closed:
+                    loop = asyncio.get_running_loop()
+                    await _by(loop.time() + DELETE_WITHIN, underlay.basic_cancel(tag))
+            except Exception:  # best effort: the delete goes on
+                pass
+            try:
                 # Else the broker deletes it once unused for REPLY_QUEUE_EXPIRES.
                 await delete_queue(connection, self.queue)
             finally:

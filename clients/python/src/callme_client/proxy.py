@@ -11,6 +11,12 @@ the daemon thread runs the loop a few times a second, so the connection
 keeps its heartbeats and reconnects. Closing the proxy (or the end of
 the program) closes the connection and stops the thread.
 
+A Ctrl-C while the main thread runs the loop for its call cancels that
+call and raises ``KeyboardInterrupt`` once the loop is left (as
+``asyncio.run`` does), rather than in whichever of the loop's tasks runs
+at that instant: there it could end aiormq's reader (and the connection,
+every call of every thread on it) or the task that reconnects.
+
 A process forked from one holding a proxy (``os.fork()``, the ``fork``
 start method of :mod:`multiprocessing`, pre-forking servers) shares the
 parent's socket and its event loop's epoll instance. The child never
@@ -24,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import signal
 import threading
 import time
 import weakref
 from functools import partial
+from types import FrameType
 from typing import Any, Callable, Coroutine, Dict, Mapping, Optional, Sequence, TypeVar
 
 from . import errors
@@ -56,6 +64,56 @@ _SETTLE_PASSES = 16
 #: How often a call handed to the proxy's thread looks whether the loop
 #: was closed under it (seconds).
 _HANDED_LOOK = 0.5
+
+
+class _CtrlC:
+    """While the main thread runs the loop for a call, SIGINT cancels
+    that call (:attr:`task`) instead of raising ``KeyboardInterrupt``
+    wherever the loop is; :meth:`raise_if_fired` raises it once the loop
+    is left. Only when SIGINT has Python's default handler: one the
+    program set is left alone."""
+
+    __slots__ = ("loop", "task", "fired", "_previous")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: "Optional[asyncio.Task[Any]]" = None
+        self.fired = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_CtrlC":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        # Pressed after the call was done with: raised all the same.
+        self.raise_if_fired()
+
+    def _on_sigint(self, signum: int, frame: Optional[FrameType]) -> None:
+        # Runs in the main thread, between two steps of whatever it runs:
+        # it only asks, and never raises there.
+        self.fired = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        try:
+            # Wakes the loop if it waits for I/O.
+            self.loop.call_soon_threadsafe(_nothing)
+        except RuntimeError:  # closed
+            pass
+
+    def raise_if_fired(self) -> None:
+        if self.fired:
+            self.fired = False
+            raise KeyboardInterrupt
+
+
+def _nothing() -> None:
+    pass
 
 
 class _SharedLoop:
@@ -106,33 +164,38 @@ class _SharedLoop:
         if self.closed:
             coroutine.close()
             raise errors.ConnectionError("the proxy is closed")
-        if self._turn.acquire(blocking=False):
-            # Nobody runs the loop (or this thread holds the turn and does
-            # not run it: a signal handler interrupting its own call): run
-            # the call on it here.
-            self._depth += 1
-            self._holder = threading.get_ident()
-            try:
-                if self.loop.is_closed():
-                    raise errors.ConnectionError("the proxy is closed")
-                if time.monotonic() - self._last_ran > _SETTLE_AFTER:
-                    # A connection lost while nobody ran the loop is seen
-                    # as lost before the call is sent on it; the call then
-                    # waits for the next one, as calls made while the
-                    # proxy reconnects do.
-                    self.loop.run_until_complete(_settle(self.loop))
-                task = self.loop.create_task(coroutine)
-            except BaseException:
-                coroutine.close()
-                self._end_turn()
-                if self.loop.is_closed():
-                    # Closed by a signal handler that interrupted this.
-                    raise errors.ConnectionError("the proxy was closed") from None
-                raise
-            try:
-                return self._run_here(task)
-            finally:
-                self._end_turn()
+        # Before the turn is taken: a Ctrl-C between taking it and the
+        # ``try`` that gives it back would keep it for ever.
+        with _CtrlC(self.loop) as ctrl_c:
+            if self._turn.acquire(blocking=False):
+                # Nobody runs the loop (or this thread holds the turn and
+                # does not run it: a signal handler interrupting its own
+                # call): run the call on it here.
+                self._depth += 1
+                self._holder = threading.get_ident()
+                try:
+                    if self.loop.is_closed():
+                        raise errors.ConnectionError("the proxy is closed")
+                    if time.monotonic() - self._last_ran > _SETTLE_AFTER:
+                        # A connection lost while nobody ran the loop is
+                        # seen as lost before the call is sent on it; the
+                        # call then waits for the next one, as calls made
+                        # while the proxy reconnects do.
+                        self.loop.run_until_complete(_settle(self.loop))
+                    ctrl_c.raise_if_fired()
+                    task = self.loop.create_task(coroutine)
+                    ctrl_c.task = task
+                except BaseException:
+                    coroutine.close()
+                    self._end_turn()
+                    if self.loop.is_closed():
+                        # Closed by a signal handler that interrupted this.
+                        raise errors.ConnectionError("the proxy was closed") from None
+                    raise
+                try:
+                    return self._run_here(task, ctrl_c)
+                finally:
+                    self._end_turn()
         return self._hand_over(coroutine)
 
     def _end_turn(self) -> None:
@@ -157,17 +220,22 @@ class _SharedLoop:
             pass
         self.loop.close()
 
-    def _run_here(self, task: "asyncio.Task[T]") -> T:
+    def _run_here(self, task: "asyncio.Task[T]", ctrl_c: _CtrlC) -> T:
         try:
-            return self.loop.run_until_complete(task)
+            done = self.loop.run_until_complete(task)
         except asyncio.CancelledError:
+            ctrl_c.raise_if_fired()
             raise errors.ConnectionError("the proxy was closed") from None
         except BaseException:
-            # KeyboardInterrupt in the caller, or the loop could not run:
-            # the call is abandoned, never left to be sent later.
+            # KeyboardInterrupt in the caller (a handler of the program's
+            # own), or the loop could not run: the call is abandoned,
+            # never left to be sent later.
             if not task.done():
                 task.cancel()
             raise
+        # Pressed as the call ended: the program asked to stop all the same.
+        ctrl_c.raise_if_fired()
+        return done
 
     def _hand_over(self, coroutine: Coroutine[Any, Any, T]) -> T:
         with self._state:
