@@ -206,3 +206,26 @@ def test_the_query_parameters_callme_reads_are_taken() -> None:
         "&frame_max=8192&auth_mechanism=PLAIN&name=mine"
     )
     assert ConnectOptions.build(url).handshake_timeout(9.0) == 0.5
+
+
+@pytest.mark.parametrize(
+    "query, key",
+    [
+        ("heartbeat=abc", "heartbeat"),
+        ("heartbeat=-1", "heartbeat"),
+        ("heartbeat=70000", "heartbeat"),
+        ("channel_max=1.5", "channel_max"),
+        ("frame_max=4294967296", "frame_max"),
+        ("connection_timeout=", "connection_timeout"),
+        ("connection_timeout=%D9%A3", "connection_timeout"),  # a digit, but not ASCII
+    ],
+)
+def test_a_number_in_the_query_that_is_not_one_is_refused_naming_it(query: str, key: str) -> None:
+    """The AMQP library reads a heartbeat it cannot parse as none at all
+    (aiormq's ``parse_heartbeat``): ``?heartbeat=abc`` turned heartbeats
+    off in silence, and a dead connection went unnoticed."""
+    with pytest.raises(ValueError) as refused:
+        ConnectOptions.build(f"amqp://u:s3cret@h/%2f?{query}")
+    said = str(refused.value)
+    assert f"{key} must be a whole number" in said, said
+    assert "s3cret" not in said, said

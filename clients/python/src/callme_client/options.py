@@ -58,6 +58,17 @@ _QUERY_KEYS = (
 )
 
 
+# The query parameters that are numbers: what they count, and their
+# largest value (AMQP's: a short for the heartbeat and the channel count,
+# a long for the frame size).
+_NUMBERS = (
+    ("connection_timeout", "milliseconds", None),
+    ("heartbeat", "seconds", 65535),
+    ("channel_max", "channels", 65535),
+    ("frame_max", "bytes", 4294967295),
+)
+
+
 def _named_key(url: str, key: str) -> str:
     """An unknown query key as an error names it: quoted only when it cannot
     be part of a password (an unencoded ``?`` in a password makes the rest
@@ -103,12 +114,19 @@ class ConnectOptions:
                     "TLS files are given by ca_file, cert_file and key_file)"
                 )
         query = dict(pairs)
-        timeout = query.get("connection_timeout")
-        if timeout is not None and not (timeout.isascii() and timeout.isdigit()):
-            raise ValueError(
-                f"invalid AMQP URL {redact_url(self.url)!r}: connection_timeout must be "
-                f"a whole number of milliseconds, not {timeout!r}"
-            )
+        # Whole numbers, in the range AMQP gives them: the AMQP library
+        # here reads a heartbeat it cannot parse as none at all, which
+        # would leave a dead connection unnoticed.
+        for key, what, most in _NUMBERS:
+            value = query.get(key)
+            if value is not None and not (
+                value.isascii() and value.isdigit() and (most is None or int(value) <= most)
+            ):
+                bound = "" if most is None else f" up to {most}"
+                raise ValueError(
+                    f"invalid AMQP URL {redact_url(self.url)!r}: {key} must be "
+                    f"a whole number of {what}{bound}, not {value!r}"
+                )
 
     @classmethod
     def build(
