@@ -16,7 +16,7 @@ import callme_client as callme
 import callme_client.async_proxy as callme_async_proxy
 import callme_client.link as callme_link
 import callme_client.publisher as callme_publisher
-from conftest import Host, rabbitmqctl, unique
+from conftest import Forwarder, Host, rabbitmqctl, unique
 
 
 def test_a_thousand_calls_in_flight(amqp_url: str, host: Host) -> None:
@@ -540,3 +540,40 @@ def test_a_proxy_whose_first_connect_failed_is_free_for_another_loop() -> None:
 
     asyncio.run(attempt())
     asyncio.run(attempt())
+
+
+def test_a_connect_every_caller_gave_up_on_is_not_the_next_calls_error(
+    amqp_url: str, host: Host
+) -> None:
+    """A first connect that outlived the one call waiting for it (a
+    broker that takes the connection and never answers) failed after
+    that call had given up. The next call, made once the broker answered
+    again, got that stale failure instead of connecting."""
+    import socket
+
+    forwarder = Forwarder(amqp_url)
+    forwarder.cut()
+    # Takes connections on the forwarder's port and never answers.
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.1", forwarder.port))
+    silent.listen()
+    proxy = callme.AsyncProxy(f"{forwarder.url}?connection_timeout=600", timeout=0.2)
+
+    async def main() -> None:
+        try:
+            with pytest.raises(callme.ConnectionError, match="within the call's timeout"):
+                await proxy.use_server(host.calc).add(1, 1)
+            # The attempt fails at its own limit, with nobody waiting.
+            await asyncio.sleep(1.0)
+            silent.close()
+            forwarder.start()
+            assert await proxy.use_server(host.calc, timeout=10).add(2, 3) == 5
+        finally:
+            await proxy.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close()
+        forwarder.cut()
