@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import os
 import signal
 import threading
@@ -37,6 +38,14 @@ import weakref
 from functools import partial
 from types import FrameType
 from typing import Any, Callable, Coroutine, Dict, Mapping, Optional, Sequence, TypeVar
+
+# What `signal` wraps, without its conversions of handlers to enums,
+# which cost microseconds on each call; `signal` itself where it is not.
+_signals: Any = signal
+try:
+    _signals = importlib.import_module("_signal")
+except ImportError:
+    pass
 
 from . import errors
 from .async_proxy import DEFAULT_TIMEOUT, AsyncProxy, _positive
@@ -83,13 +92,13 @@ class _CtrlC:
 
     def __enter__(self) -> "_CtrlC":
         if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+                and _signals.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = _signals.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def __exit__(self, *_: object) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            _signals.signal(signal.SIGINT, self._previous)
             self._previous = None
         # Pressed after the call was done with: raised all the same.
         self.raise_if_fired()
