@@ -316,6 +316,13 @@ pub fn check_name(name: &str) -> Result<(), ScaffoldError> {
 /// anything is written; [`ScaffoldError::Io`] if writing fails.
 pub fn create(dir: &Path, name: &str, language: Language) -> Result<Vec<PathBuf>, ScaffoldError> {
     check_name(name)?;
+    // An empty path is the current directory, checked as any other: the
+    // files would land there, and `read_dir("")` finds nothing to refuse.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -436,6 +443,15 @@ mod tests {
     use super::*;
 
     const LANGUAGES: [Language; 3] = [Language::Rust, Language::Python, Language::JavaScript];
+
+    /// An empty path is the current directory (here the crate's, never
+    /// empty), refused as such rather than written into unchecked.
+    #[test]
+    fn an_empty_path_is_the_current_directory_and_checked() {
+        assert!(std::fs::read_dir(".").unwrap().next().is_some());
+        let e = create(Path::new(""), "hello", Language::Rust).unwrap_err();
+        assert!(matches!(e, ScaffoldError::NotEmpty { .. }), "{e:?}");
+    }
 
     /// A fresh path under the system's temporary directory, not created.
     fn scratch(label: &str) -> PathBuf {
