@@ -558,14 +558,17 @@ def test_a_connect_every_caller_gave_up_on_is_not_the_next_calls_error(
     silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     silent.bind(("127.0.0.1", forwarder.port))
     silent.listen()
-    proxy = callme.AsyncProxy(f"{forwarder.url}?connection_timeout=600", timeout=0.2)
+    proxy = callme.AsyncProxy(f"{forwarder.url}?connection_timeout=2000", timeout=0.2)
 
     async def main() -> None:
         try:
             with pytest.raises(callme.ConnectionError, match="within the call's timeout"):
                 await proxy.use_server(host.calc).add(1, 1)
             # The attempt fails at its own limit, with nobody waiting.
-            await asyncio.sleep(1.0)
+            attempt = proxy._starting
+            assert attempt is not None
+            await asyncio.wait({attempt}, timeout=10)
+            assert attempt.done() and attempt.exception() is not None
             silent.close()
             forwarder.start()
             assert await proxy.use_server(host.calc, timeout=10).add(2, 3) == 5

@@ -24,6 +24,15 @@ from conftest import BrokerUser, Forwarder, Host, close_connection, rabbitmqctl,
 from raw_amqp import publish_unreadable
 
 
+def until_held(server_id: str, requests: int, limit: float = 15.0) -> None:
+    """Waits until ``server_id``'s queue holds ``requests`` (ready, or
+    taken and not yet acknowledged): the calls that made them were sent."""
+    deadline = time.monotonic() + limit
+    while server_queue_holds(server_id) < requests:
+        assert time.monotonic() < deadline, f"the host did not get {requests} requests"
+        time.sleep(0.1)
+
+
 def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> float:
     start = time.monotonic()
     while True:
@@ -56,7 +65,9 @@ def test_a_waiting_call_fails_and_the_proxy_reconnects(
 
         thread = threading.Thread(target=waiting)
         thread.start()
-        time.sleep(0.5)
+        # Sent: the host has it (a call still being sent when the
+        # connection goes waits for the next one instead).
+        until_held(host.calc, 1)
         close_connection(name)
         closed_at = time.monotonic()
         thread.join(timeout=20)
@@ -82,7 +93,7 @@ def test_the_async_proxy_reconnects_too(amqp_url: str, host: Host) -> None:
         async with callme.AsyncProxy(amqp_url, timeout=20, connection_name=name) as proxy:
             calc = proxy.use_server(host.calc)
             slow = [asyncio.ensure_future(calc.call("slow-version", 8000)) for _ in range(3)]
-            await asyncio.sleep(0.5)
+            await asyncio.get_running_loop().run_in_executor(None, until_held, host.calc, 3)
             await asyncio.get_running_loop().run_in_executor(None, close_connection, name)
             closed_at = time.monotonic()
             outcomes = await asyncio.gather(*slow, return_exceptions=True)
@@ -329,10 +340,7 @@ def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
             slow = [asyncio.ensure_future(calc.call("slow-version", 4000)) for _ in range(4)]
             # Their requests are confirmed once the host has them (a
             # request not yet confirmed fails with the connection).
-            deadline = time.monotonic() + 15
-            while server_queue_holds(host.calc) < 4:
-                assert time.monotonic() < deadline, "the host did not get the requests"
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(until_held, host.calc, 4)
             await asyncio.to_thread(publish_unreadable, amqp_url, before)
             deadline = time.monotonic() + 15
             while proxy.reply_exchange == before or not proxy._link or not proxy._link.connected:

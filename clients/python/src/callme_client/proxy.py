@@ -78,35 +78,54 @@ _HANDED_LOOK = 0.5
 class _CtrlC:
     """While the main thread runs the loop for a call, SIGINT cancels
     that call (:attr:`task`) instead of raising ``KeyboardInterrupt``
-    wherever the loop is; :meth:`raise_if_fired` raises it once the loop
-    is left. Only when SIGINT has Python's default handler: one the
-    program set is left alone."""
+    wherever the loop is; :meth:`restore` raises it once the loop is
+    left. A second SIGINT more than :data:`_SECOND_CTRL_C` after the
+    first raises at once, wherever the loop is, as a way out of a call
+    the first did not end. Only when SIGINT has Python's default
+    handler: one the program set is left alone.
 
-    __slots__ = ("loop", "task", "fired", "_previous")
+    Used as ``try: install() ... finally: restore()``, with ``install``
+    inside the ``try``: a handler of another signal raising just after
+    the swap must not leave this one in place."""
+
+    __slots__ = ("loop", "task", "fired", "_fired_at", "_active", "_handler")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.task: "Optional[asyncio.Task[Any]]" = None
         self.fired = False
-        self._previous: Any = None
+        self._fired_at = 0.0
+        self._active = False
+        # The bound method, made once: what is installed, and looked for
+        # when it is taken out.
+        self._handler = self._on_sigint
 
-    def __enter__(self) -> "_CtrlC":
+    def install(self) -> None:
         if (threading.current_thread() is threading.main_thread()
                 and _signals.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = _signals.signal(signal.SIGINT, self._on_sigint)
-        return self
+            self._active = True
+            _signals.signal(signal.SIGINT, self._handler)
 
-    def __exit__(self, *_: object) -> None:
-        if self._previous is not None:
-            _signals.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    def restore(self) -> None:
+        """Puts Python's handler back, unless the program set one of its
+        own meanwhile; raises ``KeyboardInterrupt`` if SIGINT came."""
+        if self._active:
+            self._active = False
+            _take_out(self._handler)
         # Pressed after the call was done with: raised all the same.
         self.raise_if_fired()
 
     def _on_sigint(self, signum: int, frame: Optional[FrameType]) -> None:
-        # Runs in the main thread, between two steps of whatever it runs:
-        # it only asks, and never raises there.
-        self.fired = True
+        # Runs in the main thread, between two steps of whatever it runs.
+        if not self._active:
+            # Left in place by an exit no one foresaw: Python's own again.
+            _take_out(self._handler)
+            raise KeyboardInterrupt
+        now = time.monotonic()
+        if self.fired and now - self._fired_at > _SECOND_CTRL_C:
+            raise KeyboardInterrupt
+        if not self.fired:
+            self.fired, self._fired_at = True, now
         if self.task is not None and not self.task.done():
             self.task.cancel()
         try:
@@ -115,10 +134,41 @@ class _CtrlC:
         except RuntimeError:  # closed
             pass
 
+    def arm(self, task: "asyncio.Task[Any]") -> None:
+        """``task`` is the call's: SIGINT cancels it, and one that came
+        before it was made cancels it now."""
+        self.task = task
+        if self.fired:
+            task.cancel()
+
     def raise_if_fired(self) -> None:
         if self.fired:
             self.fired = False
             raise KeyboardInterrupt
+
+
+#: How long after a first SIGINT a second one raises at once (seconds):
+#: bursts from a held key or a test stay cancels.
+_SECOND_CTRL_C = 0.5
+
+
+def _take_out(handler: Any) -> None:
+    """Puts Python's SIGINT handler back if ``handler`` is the one in
+    place. Changing a handler first runs those of signals pending, and
+    one of them may raise: the change is then made again before that
+    goes on."""
+    try:
+        if _signals.getsignal(signal.SIGINT) is handler:
+            _signals.signal(signal.SIGINT, signal.default_int_handler)
+    except BaseException:
+        if _signals.getsignal(signal.SIGINT) is handler:
+            _signals.signal(signal.SIGINT, signal.default_int_handler)
+        raise
+
+
+def _sigint_of_a_call(handler: Any) -> bool:
+    """Whether ``handler`` is a call's guard."""
+    return isinstance(getattr(handler, "__self__", None), _CtrlC)
 
 
 def _nothing() -> None:
@@ -175,7 +225,9 @@ class _SharedLoop:
             raise errors.ConnectionError("the proxy is closed")
         # Before the turn is taken: a Ctrl-C between taking it and the
         # ``try`` that gives it back would keep it for ever.
-        with _CtrlC(self.loop) as ctrl_c:
+        ctrl_c = _CtrlC(self.loop)
+        try:
+            ctrl_c.install()
             if self._turn.acquire(blocking=False):
                 # Nobody runs the loop (or this thread holds the turn and
                 # does not run it: a signal handler interrupting its own
@@ -193,7 +245,7 @@ class _SharedLoop:
                         self.loop.run_until_complete(_settle(self.loop))
                     ctrl_c.raise_if_fired()
                     task = self.loop.create_task(coroutine)
-                    ctrl_c.task = task
+                    ctrl_c.arm(task)
                 except BaseException:
                     coroutine.close()
                     self._end_turn()
@@ -205,6 +257,8 @@ class _SharedLoop:
                     return self._run_here(task, ctrl_c)
                 finally:
                     self._end_turn()
+        finally:
+            ctrl_c.restore()
         return self._hand_over(coroutine)
 
     def _end_turn(self) -> None:
@@ -360,12 +414,18 @@ class _SharedLoop:
         with self._turn:
             if self.loop.is_closed():
                 return
+            # A Ctrl-C meanwhile is raised once the loop is closed, not in
+            # one of its tasks, which would leave it open.
+            ctrl_c = _CtrlC(self.loop)
             try:
+                ctrl_c.install()
                 if not closing.done():
                     self.loop.run_until_complete(asyncio.wrap_future(closing, loop=self.loop))
             except Exception:  # at exit, a broker that is gone cannot be said goodbye to
                 pass
-            self.loop.close()
+            finally:
+                self.loop.close()
+                ctrl_c.restore()
 
 
 async def _settle(loop: asyncio.AbstractEventLoop) -> None:
@@ -408,6 +468,10 @@ _INHERITED: "list[tuple[_SharedLoop, AsyncProxy]]" = []
 
 
 def _after_fork_in_child() -> None:
+    # Forked by another thread while the main thread was in a call: that
+    # call's guard is not the child's.
+    if _sigint_of_a_call(_signals.getsignal(signal.SIGINT)):
+        _signals.signal(signal.SIGINT, signal.default_int_handler)
     for proxy in list(_PROXIES):
         # Another thread of the parent may have held it at the fork.
         proxy._renewing = threading.Lock()
