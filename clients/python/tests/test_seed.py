@@ -107,4 +107,10 @@ def test_a_closed_proxy_leaves_no_queue_and_warns_of_nothing(
     while queue in rabbitmqctl("list_queues", "name").split():
         assert time.monotonic() < deadline, "the reply queue was left"
         time.sleep(0.2)
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # The client's and its AMQP library's (asyncio's own may report what
+    # an earlier test left to the garbage collector).
+    ours = ("callme", "aiormq", "aio_pika")
+    assert [
+        r.getMessage() for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith(ours)
+    ] == []

@@ -152,6 +152,7 @@ async def _take(
     connection.close_callbacks.add(lambda *args: reasons.extend(args[1:]))
     loop = asyncio.get_running_loop()
     pause = POLL_FIRST
+    underlay: Any = None
     try:
         channel = await _by(loop.time() + GET_WITHIN, connection.channel(publisher_confirms=False))
         underlay = await channel.get_underlay_channel()
@@ -171,6 +172,13 @@ async def _take(
             "was read"
         ) from None
     except Exception as e:
+        # aiormq 6 leaves the future its `basic_get` would have read the
+        # message from behind when the request fails, to be failed with
+        # the connection and never looked at: taken as seen, or asyncio
+        # reports it.
+        getter = getattr(underlay, "getter", None)
+        if asyncio.isfuture(getter):
+            getter.add_done_callback(_seen)
         # aiormq 6 raises the reader's own error here (pamqp 3's
         # UnicodeDecodeError), aiormq 7 a closed channel's: the
         # connection is closed, and calls back, a moment after the
@@ -183,6 +191,11 @@ async def _take(
         raise errors.ConnectionError(
             f"lost the connection while the reply queue {queue!r} was read: {errors.reply_text(e)}"
         ) from None
+
+
+def _seen(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _reader_failed(connection: AbstractConnection) -> bool:

@@ -354,7 +354,16 @@ class _SharedLoop:
                 if self._stopped:
                     return
                 busy = self._handed > 0
-            with self._turn:
+            if busy:
+                self._turn.acquire()
+            elif (time.monotonic() - self._last_ran < IDLE_TICK
+                  or not self._turn.acquire(blocking=False)):
+                # A caller runs the loop, or ran it lately: nothing waits
+                # for this thread, which would only take the loop from the
+                # next call (handed over to it, then, rather than run in
+                # place).
+                continue
+            try:
                 if self.loop.is_closed():
                     return
                 self._depth += 1
@@ -380,6 +389,8 @@ class _SharedLoop:
                     # A finalizer run on this thread may have asked.
                     self._finish_close()
                     self._holder = None
+            finally:
+                self._turn.release()
 
     def close(self, proxy: AsyncProxy) -> None:
         """Closes ``proxy``, ends every call still running, closes the loop."""
