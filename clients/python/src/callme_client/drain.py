@@ -172,13 +172,6 @@ async def _take(
             "was read"
         ) from None
     except Exception as e:
-        # aiormq 6 leaves the future its `basic_get` would have read the
-        # message from behind when the request fails, to be failed with
-        # the connection and never looked at: taken as seen, or asyncio
-        # reports it.
-        getter = getattr(underlay, "getter", None)
-        if asyncio.isfuture(getter):
-            getter.add_done_callback(_seen)
         # aiormq 6 raises the reader's own error here (pamqp 3's
         # UnicodeDecodeError), aiormq 7 a closed channel's: the
         # connection is closed, and calls back, a moment after the
@@ -191,6 +184,15 @@ async def _take(
         raise errors.ConnectionError(
             f"lost the connection while the reply queue {queue!r} was read: {errors.reply_text(e)}"
         ) from None
+    finally:
+        # aiormq 6 leaves the future its `basic_get` would have read the
+        # message from behind when the get does not end well (a failed
+        # request, a time limit, a cancel), to be failed with the
+        # connection and never looked at: taken as seen, or asyncio
+        # reports it. (aiormq 7 cancels and forgets it itself.)
+        getter = getattr(underlay, "getter", None)
+        if asyncio.isfuture(getter):
+            getter.add_done_callback(_seen)
 
 
 def _seen(future: "asyncio.Future[Any]") -> None:

@@ -356,12 +356,14 @@ class _SharedLoop:
                 busy = self._handed > 0
             if busy:
                 self._turn.acquire()
-            elif (time.monotonic() - self._last_ran < IDLE_TICK
-                  or not self._turn.acquire(blocking=False)):
-                # A caller runs the loop, or ran it lately: nothing waits
-                # for this thread, which would only take the loop from the
-                # next call (handed over to it, then, rather than run in
-                # place).
+            elif not self._turn.acquire(blocking=False):
+                continue  # a caller runs the loop
+            elif time.monotonic() - self._last_ran < IDLE_TICK:
+                # A caller ran it lately (read once the turn is held: a
+                # turn sets it before it ends): nothing waits for this
+                # thread, which would only take the loop from the next
+                # call (handed over to it, then, rather than run in place).
+                self._turn.release()
                 continue
             try:
                 if self.loop.is_closed():
