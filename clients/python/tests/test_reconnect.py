@@ -24,13 +24,28 @@ from conftest import BrokerUser, Forwarder, Host, close_connection, rabbitmqctl,
 from raw_amqp import publish_unreadable
 
 
-def until_held(server_id: str, requests: int, limit: float = 15.0) -> None:
-    """Waits until ``server_id``'s queue holds ``requests`` (ready, or
-    taken and not yet acknowledged): the calls that made them were sent."""
+def counting_sent(monkeypatch: pytest.MonkeyPatch) -> "List[int]":
+    """A list that grows by one as each request is confirmed by the
+    broker: its call then waits for its reply, and a lost connection
+    fails it (a call still being sent waits for the next connection)."""
+    sent: List[int] = []
+    publish = callme_publisher.Publisher.publish
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        done = await publish(self, *args, **kwargs)
+        sent.append(1)
+        return done
+
+    monkeypatch.setattr(callme_publisher.Publisher, "publish", counted)
+    return sent
+
+
+async def until_sent(sent: "List[int]", requests: int, limit: float = 15.0) -> None:
+    """Waits, on the proxy's loop, until ``requests`` were confirmed."""
     deadline = time.monotonic() + limit
-    while server_queue_holds(server_id) < requests:
-        assert time.monotonic() < deadline, f"the host did not get {requests} requests"
-        time.sleep(0.1)
+    while len(sent) < requests:
+        assert time.monotonic() < deadline, f"{len(sent)} of {requests} requests were sent"
+        await asyncio.sleep(0.02)
 
 
 def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> float:
@@ -46,12 +61,13 @@ def call_until_answered(server: callme.ServerProxy, limit: float = 10.0) -> floa
 
 
 def test_a_waiting_call_fails_and_the_proxy_reconnects(
-    amqp_url: str, host: Host, broker_users: "List[BrokerUser]", caplog: pytest.LogCaptureFixture
+    amqp_url: str, host: Host, broker_users: "List[BrokerUser]", caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     user = broker_users[0]
     name = f"callme-py-reconnect-{uuid.uuid4().hex[:8]}"
-    with callme.Proxy(url_for(amqp_url, user.name, user.password), timeout=20,
+    with callme.Proxy(url_for(amqp_url, user.name, user.password), timeout=40,
                       connection_name=name) as proxy:
         calc = proxy.use_server(host.calc)
         assert calc.add(1, 1) == 2
@@ -59,20 +75,24 @@ def test_a_waiting_call_fails_and_the_proxy_reconnects(
 
         def waiting() -> None:
             try:
-                calc.call("slow-version", 9000)
+                # Longer than rabbitmqctl takes to close the connection
+                # on a loaded machine (an Erlang VM started for it).
+                calc.call("slow-version", 30000)
             except BaseException as e:
                 outcome.append(e)
 
+        sent = counting_sent(monkeypatch)
         thread = threading.Thread(target=waiting)
         thread.start()
-        # Sent: the host has it (a call still being sent when the
-        # connection goes waits for the next one instead).
-        until_held(host.calc, 1)
+        deadline = time.monotonic() + 15
+        while not sent:
+            assert time.monotonic() < deadline, "the call was not sent"
+            time.sleep(0.02)
         close_connection(name)
         closed_at = time.monotonic()
         thread.join(timeout=20)
         assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError)
-        assert time.monotonic() - closed_at < 3  # at once, not when the 9 s call ends
+        assert time.monotonic() - closed_at < 3  # at once, not when the 30 s call ends
         call_until_answered(calc)
         # Twice: the second connection is looked after as the first was.
         close_connection(name)
@@ -86,14 +106,19 @@ def test_a_waiting_call_fails_and_the_proxy_reconnects(
     assert any(r.name == "callme.proxy" for r in caplog.records)
 
 
-def test_the_async_proxy_reconnects_too(amqp_url: str, host: Host) -> None:
+def test_the_async_proxy_reconnects_too(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = f"callme-py-reconnect-async-{uuid.uuid4().hex[:8]}"
+    sent = counting_sent(monkeypatch)
 
     async def main() -> None:
-        async with callme.AsyncProxy(amqp_url, timeout=20, connection_name=name) as proxy:
+        async with callme.AsyncProxy(amqp_url, timeout=40, connection_name=name) as proxy:
             calc = proxy.use_server(host.calc)
-            slow = [asyncio.ensure_future(calc.call("slow-version", 8000)) for _ in range(3)]
-            await asyncio.get_running_loop().run_in_executor(None, until_held, host.calc, 3)
+            # Longer than rabbitmqctl takes to close the connection on a
+            # loaded machine (an Erlang VM started for it).
+            slow = [asyncio.ensure_future(calc.call("slow-version", 30000)) for _ in range(3)]
+            await until_sent(sent, 3)
             await asyncio.get_running_loop().run_in_executor(None, close_connection, name)
             closed_at = time.monotonic()
             outcomes = await asyncio.gather(*slow, return_exceptions=True)
@@ -300,20 +325,8 @@ def queue_gone(queue: str, limit: float = 10.0) -> bool:
     return True
 
 
-def server_queue_holds(server_id: str) -> int:
-    """The requests in ``server_id``'s queue, ready or taken and not yet
-    acknowledged."""
-    listed = rabbitmqctl("list_queues", "--no-table-headers", "-q", "name", "messages_ready",
-                         "messages_unacknowledged")
-    for row in listed.splitlines():
-        name, ready, unacked = row.split("\t")
-        if name == f"server_{server_id}_queue":
-            return int(ready) + int(unacked)
-    return 0
-
-
 def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
-    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture
+    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whoever may publish to a proxy's reply exchange (every server it
     calls learns the name) can send it a message aiormq cannot read, and
@@ -337,10 +350,11 @@ def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
             # Durable and not exclusive, classic, expiring (RabbitMQ 4.x
             # refuses a queue that is neither durable nor exclusive).
             assert "\ttrue\tfalse\t" in line and "x-expires" in line and "classic" in line, line
+            sent = counting_sent(monkeypatch)
             slow = [asyncio.ensure_future(calc.call("slow-version", 4000)) for _ in range(4)]
-            # Their requests are confirmed once the host has them (a
-            # request not yet confirmed fails with the connection).
-            await asyncio.to_thread(until_held, host.calc, 4)
+            # Their requests confirmed (one still being sent when the
+            # connection goes fails with it, by design).
+            await until_sent(sent, 4)
             await asyncio.to_thread(publish_unreadable, amqp_url, before)
             deadline = time.monotonic() + 15
             while proxy.reply_exchange == before or not proxy._link or not proxy._link.connected:
