@@ -28,7 +28,7 @@ import aiormq
 
 from . import errors
 from .drain import MAX_DRAINS, drain
-from .link import Link
+from .link import Link, seen
 from .options import ConnectOptions
 from .protocol import (
     CONTENT_TYPE,
@@ -180,7 +180,9 @@ class AsyncProxy:
             # None yet, or one that failed after every caller waiting for
             # it had given up: its error is stale, so this tries again.
             self._starting = asyncio.ensure_future(self._start())
-            self._starting.add_done_callback(_seen)
+            # Its error taken as seen: when every caller gave up on it,
+            # nobody else looks.
+            self._starting.add_done_callback(seen)
         starting = self._starting
         try:
             await asyncio.shield(starting)
@@ -438,14 +440,6 @@ _DRAINS_END_WITHIN = 2.0
 #: The longest a call waits: a longer timeout, ``math.inf`` included, is
 #: taken as this (a hundred years).
 MAX_TIMEOUT = 100 * 365 * 24 * 3600.0
-
-
-def _seen(attempt: "asyncio.Future[None]") -> None:
-    """Takes a connection attempt's error as seen: when every caller gave
-    up on it, nobody else does, and asyncio would report it as never
-    retrieved."""
-    if not attempt.cancelled():
-        attempt.exception()
 
 
 def _cancellations(task: "asyncio.Task[Any]") -> int:

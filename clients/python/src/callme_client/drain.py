@@ -37,7 +37,15 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractConnection
 
 from . import errors
-from .link import CONNECT_TIMEOUT, _by, _close_quietly, delete_queue, is_unreadable, open_connection
+from .link import (
+    CONNECT_TIMEOUT,
+    _by,
+    _close_quietly,
+    delete_queue,
+    is_unreadable,
+    open_connection,
+    seen,
+)
 from .options import ConnectOptions
 from .pending import Pending
 
@@ -192,12 +200,7 @@ async def _take(
         # reports it. (aiormq 7 cancels and forgets it itself.)
         getter = getattr(underlay, "getter", None)
         if asyncio.isfuture(getter):
-            getter.add_done_callback(_seen)
-
-
-def _seen(future: "asyncio.Future[Any]") -> None:
-    if not future.cancelled():
-        future.exception()
+            getter.add_done_callback(seen)
 
 
 def _reader_failed(connection: AbstractConnection) -> bool:

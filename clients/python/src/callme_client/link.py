@@ -35,7 +35,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from . import errors
 from .options import ConnectOptions
 
-__all__ = ["Link", "CONNECT_TIMEOUT", "REPLY_QUEUE_EXPIRES", "open_connection", "delete_queue"]
+__all__ = ["Link", "CONNECT_TIMEOUT", "REPLY_QUEUE_EXPIRES", "open_connection", "delete_queue", "seen"]
 
 log = logging.getLogger("callme.proxy")
 
@@ -493,6 +493,13 @@ def is_unreadable(reason: Any) -> bool:
 
 class _ReplyQueueRefused(errors.AccessRefused):
     """The broker refused the proxy's reply exchange or queue."""
+
+
+def seen(future: "asyncio.Future[Any]") -> None:
+    """Takes ``future``'s error as seen, for a future nobody may await:
+    asyncio reports an error never looked at."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ack_done(ack: "asyncio.Future[None]") -> None:
