@@ -431,6 +431,45 @@ def test_an_awaited_call_made_while_the_broker_is_away_waits_for_it(
         node.cut()
 
 
+def test_a_call_made_as_the_connection_ends_waits_for_the_next(amqp_url: str, host: Host) -> None:
+    """aiormq takes some twenty passes of the event loop from reading the
+    end of its connection to telling the proxy: a call made in between
+    (the loop run for a few passes only, as a blocking proxy's caller
+    runs it) must not be sent on the connection that is going, and fail
+    with it, but wait for the next one and be answered."""
+    node = Forwarder(amqp_url)
+
+    async def main() -> None:
+        async with callme.AsyncProxy(node.url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 2) == 3
+            link = proxy._link
+            assert link is not None
+            going = link._connection
+            assert going is not None and going.transport is not None
+            underlay = going.transport.connection
+            node.cut()
+            # The end reaches the socket while the loop is not run.
+            time.sleep(0.3)
+            passes = 0
+            while underlay.is_opened:
+                passes += 1
+                assert passes < 100, "aiormq never read the end of its connection"
+                await asyncio.sleep(0)
+            # aiormq knows; the proxy does not, yet.
+            assert link._connection is going and not going.is_closed
+            call = asyncio.ensure_future(calc.add(2, 3))
+            await asyncio.sleep(1.5)
+            assert not call.done(), f"the call ended while the broker was away: {call}"
+            node.start()
+            assert await asyncio.wait_for(call, 15) == 5
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.cut()
+
+
 def _attempt(server: callme.ServerProxy) -> Any:
     try:
         return server.add(2, 3)

@@ -127,7 +127,7 @@ class Link:
             if self._closing:
                 raise errors.ConnectionError("the proxy is closed")
             connection = self._connection
-            if connection is not None and not connection.is_closed:
+            if connection is not None and _opened(connection):
                 return connection
             if self._refused is not None:
                 raise errors.AccessRefused(
@@ -139,7 +139,7 @@ class Link:
     @property
     def connected(self) -> bool:
         """Whether the reply queue is being consumed now."""
-        return self._connection is not None and not self._connection.is_closed
+        return self._connection is not None and _opened(self._connection)
 
     async def close(self) -> None:
         """Deletes the reply queue (its exchange goes with it), waiting at
@@ -505,6 +505,18 @@ def seen(future: "asyncio.Future[Any]") -> None:
 def _ack_done(ack: "asyncio.Future[None]") -> None:
     if not ack.cancelled() and ack.exception() is not None:
         log.debug("replies not acknowledged: %s", ack.exception())
+
+
+def _opened(connection: AbstractConnection) -> bool:
+    """Whether ``connection`` may carry a request: open, and its AMQP
+    connection's reader and writer still running. aiormq takes some twenty
+    passes of the event loop from reading the end of the socket to closing
+    aio-pika's connection (and telling the link); a request sent in
+    between would fail with it."""
+    if connection.is_closed:
+        return False
+    transport = getattr(connection, "transport", None)
+    return transport is not None and bool(transport.connection.is_opened)
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:
