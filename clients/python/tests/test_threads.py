@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import inspect
 import logging
 import os
 import random
@@ -173,9 +174,11 @@ def test_a_call_handed_over_as_the_proxy_closes_does_not_hang() -> None:
     async def forever() -> None:
         await asyncio.sleep(3600)
 
+    coroutine = forever()
+
     def call() -> None:
         try:
-            shared._hand_over(forever())
+            shared._hand_over(coroutine)
         except BaseException as e:
             outcome.append(e)
 
@@ -186,6 +189,8 @@ def test_a_call_handed_over_as_the_proxy_closes_does_not_hang() -> None:
     caller.join(10)
     assert not caller.is_alive(), "the call waits forever"
     assert len(outcome) == 1 and isinstance(outcome[0], callme.ConnectionError), outcome
+    # Closed, never run: not reported as never awaited.
+    assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CLOSED
 
 
 def test_a_signal_handler_may_call_and_close_the_proxy_its_thread_is_calling(

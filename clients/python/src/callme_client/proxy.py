@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
+import inspect
 import os
 import signal
 import threading
@@ -317,6 +318,7 @@ class _SharedLoop:
             while not future.done():
                 concurrent.futures.wait([future], timeout=_HANDED_LOOK)
                 if not future.done() and self.loop.is_closed():
+                    _close_unstarted(coroutine)
                     raise errors.ConnectionError("the proxy was closed") from None
             return future.result()
         except concurrent.futures.CancelledError:
@@ -451,6 +453,13 @@ async def _settle(loop: asyncio.AbstractEventLoop) -> None:
         # CPython's queue of callbacks ready to run; without it, every pass.
         if not getattr(loop, "_ready", True):
             return
+
+
+def _close_unstarted(coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Closes ``coroutine`` if it never ran (handed to a loop that closed
+    before it got to it), so that it is not reported as never awaited."""
+    if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+        coroutine.close()
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
