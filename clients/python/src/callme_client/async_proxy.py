@@ -41,7 +41,7 @@ from .protocol import (
     server_exchange,
     valid_server_id,
 )
-from .pending import Pending
+from .pending import LOST, Pending
 from .publisher import MAX_EXPIRATION_MS, Publisher
 
 __all__ = ["AsyncProxy", "AsyncServerProxy", "DEFAULT_TIMEOUT"]
@@ -375,7 +375,7 @@ class AsyncProxy:
         calls = self._pending.waiting_on(queue)
         if unreadable and calls and len(self._drains) < MAX_DRAINS:
             task = asyncio.ensure_future(
-                drain(self._options, queue, self._pending, calls, self._on_reply)
+                drain(self._options, queue, self._pending, calls)
             )
             self._drains.add(task)
 
@@ -385,13 +385,11 @@ class AsyncProxy:
                     log.error("reading the reply queue %s failed", queue, exc_info=task.exception())
                 # However it ended (an error not foreseen, a cancel aiormq
                 # raised for itself), no call of its waits out its timeout.
-                self._pending.fail(
-                    "the connection to the broker was lost before the reply came", queue, calls
-                )
+                self._pending.fail(LOST, queue, calls)
 
             task.add_done_callback(done)
             return True
-        self._pending.fail("the connection to the broker was lost before the reply came", queue)
+        self._pending.fail(LOST, queue)
         return False
 
 

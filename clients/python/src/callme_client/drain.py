@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, List, Set
+from typing import Any, List, Set
 
 import aiormq.exceptions
 from aio_pika.abc import AbstractConnection
@@ -47,7 +47,7 @@ from .link import (
     seen,
 )
 from .options import ConnectOptions
-from .pending import Pending
+from .pending import LOST, Pending
 
 __all__ = ["drain", "MAX_DRAINS"]
 
@@ -82,11 +82,10 @@ async def drain(
     queue: str,
     pending: Pending,
     calls: Set[str],
-    on_reply: Callable[[str, bytes], None],
 ) -> None:
     """Hands the replies that reach ``queue``, the reply queue of a
     connection lost to an unreadable reply, to ``calls`` (those waiting
-    for it then) through ``on_reply``, until none of them waits any more;
+    for it then) in ``pending``, until none of them waits any more;
     then deletes the queue. If the queue is gone or the broker cannot be
     reached, the calls still waiting fail."""
     lost = attempts = 0
@@ -109,7 +108,7 @@ async def drain(
             continue
         attempts = 0
         try:
-            await _take(connection, queue, pending, calls, on_reply)
+            await _take(connection, queue, pending, calls)
             await delete_queue(connection, queue)
             return
         except _Unreadable:
@@ -136,8 +135,7 @@ async def drain(
         queue, len(calls), failure,
     )
     pending.fail(
-        f"the connection to the broker was lost before the reply came, and its reply queue "
-        f"could not be read: {failure}",
+        f"{LOST}, and its reply queue could not be read: {failure}",
         queue,
         calls,
     )
@@ -148,10 +146,9 @@ async def _take(
     queue: str,
     pending: Pending,
     calls: Set[str],
-    on_reply: Callable[[str, bytes], None],
 ) -> None:
-    """Takes replies from ``queue`` with ``no-ack``, handing each to
-    ``on_reply``, until none of ``calls`` waits any more.
+    """Takes replies from ``queue`` with ``no-ack``, handing each to its
+    call in ``pending``, until none of ``calls`` waits any more.
 
     :raises _Unreadable: one could not be read, and ended ``connection``.
     :raises ConnectionError: the queue is gone, or the broker went away.
@@ -172,7 +169,7 @@ async def _take(
                 continue
             correlation_id = message.header.properties.correlation_id
             if correlation_id is not None:
-                on_reply(correlation_id, message.body)
+                pending.reply(correlation_id, message.body)
             pause = POLL_FIRST
     except asyncio.TimeoutError:
         raise errors.ConnectionError(

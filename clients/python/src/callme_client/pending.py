@@ -15,9 +15,12 @@ from typing import Dict, Optional, Set, Tuple
 
 from . import errors
 
-__all__ = ["Pending"]
+__all__ = ["Pending", "LOST"]
 
 log = logging.getLogger("callme.proxy")
+
+#: Why a call waiting for its reply fails when the connection goes.
+LOST = "the connection to the broker was lost before the reply came"
 
 
 class Pending:
