@@ -445,6 +445,34 @@ def test_a_server_that_stops_confirming_holds_a_quarter_of_the_lanes(
     asyncio.run(main())
 
 
+def test_a_request_on_a_connection_that_ended_without_an_error_fails_typed() -> None:
+    """aiormq fails what waits on a connection whose reader found the
+    socket's end between two frames (so the connection ended as if asked
+    to) with a bare ``Exception``: a request then fails ``ConnectionError``,
+    as with any other loss, never with an untyped error. Played by a lane
+    that fails its publish so, as aiormq's does then."""
+
+    class Connection:
+        is_closed = False
+
+    class Ended:
+        is_closed = False
+
+        async def basic_publish(self, *args: Any, **kwargs: Any) -> None:
+            raise Exception
+
+    async def main() -> None:
+        publisher = callme_publisher.Publisher(lanes=4)
+        connection: Any = Connection()
+        publisher._idle.append((connection, Ended()))
+        with pytest.raises(callme.ConnectionError, match="the connection was lost"):
+            await publisher.publish(
+                connection, "calc", "server_calc_ex", b"{}", aiormq.spec.Basic.Properties()
+            )
+
+    asyncio.run(main())
+
+
 def test_an_exchange_share_is_a_quarter_of_the_lanes_and_leaves_no_entry() -> None:
     """The share's bookkeeping alone: at most a quarter of the lanes for one
     exchange, and no entry left once nobody holds or waits for one, a

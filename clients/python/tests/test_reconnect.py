@@ -408,6 +408,34 @@ def test_a_call_made_while_the_broker_is_away_waits_for_it(
         node.cut()
 
 
+def test_a_call_made_right_after_another_as_the_broker_goes_waits_for_it(
+    amqp_url: str, host: Host
+) -> None:
+    """A thread that calls again a few milliseconds after its last call
+    ended, just after the broker went away: the end of the connection
+    waits unread, since nobody ran the loop in between, and the call must
+    take it in before it sends anything, then wait for the next
+    connection and be answered, not be sent on the connection that is
+    going and fail with it."""
+    node = Forwarder(amqp_url)
+    try:
+        with callme.Proxy(node.url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 2) == 3
+            node.cut()
+            time.sleep(0.005)
+            outcome: List[Any] = []
+            call = threading.Thread(target=lambda: outcome.append(_attempt(calc)))
+            call.start()
+            call.join(timeout=1.5)
+            assert call.is_alive(), f"the call ended while the broker was away: {outcome}"
+            node.start()
+            call.join(timeout=15)
+            assert outcome == [5]
+    finally:
+        node.cut()
+
+
 def test_an_awaited_call_made_while_the_broker_is_away_waits_for_it(
     amqp_url: str, host: Host
 ) -> None:

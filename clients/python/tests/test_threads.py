@@ -201,8 +201,8 @@ def test_a_signal_handler_may_call_and_close_the_proxy_its_thread_is_calling(
     proxy between taking the loop's turn and running the loop: its call
     is answered, and the close ends the call it interrupted. Both used to
     wait for ever for a turn only their own thread could give back. The
-    handler is made to run at that point: the comparison with
-    ``_SETTLE_AFTER`` there sends the signal."""
+    handler is made to run at that point: making the call's coroutine
+    there sends the signal."""
     import callme_client.proxy as proxy_module
 
     if not hasattr(signal, "SIGUSR1"):
@@ -219,23 +219,23 @@ def test_a_signal_handler_may_call_and_close_the_proxy_its_thread_is_calling(
                 answered.append(calc.add(2, 2))
                 proxy.close()
 
-            class Interrupting(float):
-                fired = False
+            settled = proxy_module._settled
+            fired: List[bool] = []
 
-                def __lt__(self, other: object) -> bool:
-                    if not Interrupting.fired:
-                        Interrupting.fired = True
-                        os.kill(os.getpid(), signal.SIGUSR1)
-                    return False
+            def interrupting(loop: Any, coroutine: Any) -> Any:
+                if not fired:
+                    fired.append(True)
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                return settled(loop, coroutine)
 
             previous = signal.signal(signal.SIGUSR1, handler)
             try:
-                monkeypatch.setattr(proxy_module, "_SETTLE_AFTER", Interrupting(0.0))
+                monkeypatch.setattr(proxy_module, "_settled", interrupting)
                 with pytest.raises(callme.ConnectionError):
                     calc.add(3, 3)
             finally:
                 signal.signal(signal.SIGUSR1, previous)
-            assert Interrupting.fired
+            assert fired
             assert answered == [4]
             with pytest.raises(callme.ConnectionError, match="closed"):
                 calc.add(4, 4)

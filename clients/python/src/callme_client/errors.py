@@ -136,6 +136,14 @@ _REMOTE: Dict[str, Type[RemoteError]] = {
 }
 
 
+def ended_without_error(e: BaseException) -> bool:
+    """Whether ``e`` is what aiormq (6 and 7) fails everything waiting on
+    a connection with when the connection ended without an error of its
+    own (its reader found the socket's end between two frames, and closed
+    it as if asked to): a bare ``Exception``."""
+    return type(e) is Exception
+
+
 def reply_text(e: BaseException) -> str:
     """The text of an AMQP library error: the broker's reply text when it
     has one (``args`` of ``(code, text)``), else its message."""

@@ -250,7 +250,9 @@ class Link:
                 raise _ReplyQueueRefused(
                     f"the broker refused the reply queue {self.queue!r}: {errors.reply_text(e)}"
                 ) from None
-            if isinstance(e, (aiormq.exceptions.AMQPError, OSError, RuntimeError)):
+            if isinstance(e, (aiormq.exceptions.AMQPError, OSError, RuntimeError)) or (
+                errors.ended_without_error(e)
+            ):
                 raise errors.ConnectionError(
                     f"cannot declare the reply queue {self.queue!r}: {errors.reply_text(e)}"
                 ) from None

@@ -190,6 +190,12 @@ class Publisher:
                 raise errors.ConnectionError(
                     f"the request to {server_id!r} could not be sent: {errors.reply_text(e)}"
                 ) from e
+            except Exception as e:
+                if not errors.ended_without_error(e):
+                    raise
+                raise errors.ConnectionError(
+                    f"the request to {server_id!r} could not be sent: the connection was lost"
+                ) from None
             self._give_back(connection, channel)
 
     def _take(self, connection: AbstractConnection) -> Optional[aiormq.abc.AbstractChannel]:
