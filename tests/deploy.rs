@@ -1074,7 +1074,14 @@ async fn a_stop_while_plugins_load_serves_no_plugin_after_it() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     host.terminate();
-    // Its trial (about a second) ends well within the call running.
+    assert!(
+        !host
+            .log_text()
+            .contains(&format!("serving server_id={late}")),
+        "{late}'s trial ended before the stop, which this test needs it to outlive: {}",
+        host.log_text()
+    );
+    // Its trial (a few seconds) would end within the call running.
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
         let r = p
@@ -1136,7 +1143,7 @@ const SLOW_BUT_STARTS: &str = r#"
     (func $count (local $i i32)
       (loop $again
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
-        (br_if $again (i32.lt_u (local.get $i) (i32.const 400000000)))))
+        (br_if $again (i32.lt_u (local.get $i) (i32.const 1600000000)))))
     (func (export "noop"))
     (start $count))
   (core instance $i (instantiate $m))

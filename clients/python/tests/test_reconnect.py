@@ -254,9 +254,14 @@ def test_a_ctrl_c_while_the_reply_queue_is_set_up_again_is_raised_once(
     reaches the thread running the loop once. Set up under
     ``asyncio.wait_for``, which before Python 3.12 runs it in a task of
     its own, it was raised there a second time, from the attempt awaiting
-    that task: one Ctrl-C interrupted two calls."""
+    that task: one Ctrl-C interrupted two calls. The proxy's own thread
+    is kept from running the loop: a reconnection it ran while nobody
+    called would take the interrupt there, where it is swallowed (a real
+    Ctrl-C never reaches that thread: Python runs signal handlers in the
+    main thread only)."""
     import aio_pika
 
+    monkeypatch.setattr(callme_proxy, "IDLE_TICK", 60.0)
     declare = aio_pika.Channel.declare_queue
     declares: List[int] = []
 
@@ -432,6 +437,35 @@ def test_a_call_made_right_after_another_as_the_broker_goes_waits_for_it(
             node.start()
             call.join(timeout=15)
             assert outcome == [5]
+    finally:
+        node.cut()
+
+
+def test_an_idle_proxy_reconnects_within_a_short_connection_timeout(
+    amqp_url: str, host: Host
+) -> None:
+    """A blocking proxy nobody calls has its loop run by its own thread a
+    few times a second; a reconnection, a dozen round trips to the
+    broker, must still go at the broker's pace: with each attempt given
+    1 s (``connection_timeout=1000``), the proxy is connected again while
+    idle once the broker is back. Run one round trip a tick, every attempt
+    ran out its second."""
+    node = Forwarder(amqp_url)
+    try:
+        with callme.Proxy(f"{node.url}?connection_timeout=1000", timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert calc.add(1, 2) == 3
+            link = proxy._async._link
+            assert link is not None
+            node.cut()
+            time.sleep(0.5)
+            node.start()
+            deadline = time.monotonic() + 20
+            # Looked at from here, a flag: no call runs the loop meanwhile.
+            while not link.connected:
+                assert time.monotonic() < deadline, "the idle proxy did not reconnect"
+                time.sleep(0.05)
+            assert calc.add(2, 3) == 5
     finally:
         node.cut()
 

@@ -362,6 +362,12 @@ class AsyncProxy:
                 "BadResponse", f"the reply of {server_id!r} is not a callme response: {e}"
             ) from None
 
+    def _reconnecting(self) -> bool:
+        """Whether the proxy, connected before and not closed, waits for
+        its connection to be made again."""
+        link = self._link
+        return link is not None and not self._closed and not link.connected
+
     def _on_reply(self, correlation_id: str, body: bytes) -> None:
         self._pending.reply(correlation_id, body)
 

@@ -62,6 +62,10 @@ T = TypeVar("T")
 IDLE_TICK = 0.2
 
 
+#: How often the proxy's thread looks whether a reconnection it runs the
+#: loop for is done (seconds).
+_RECONNECT_LOOK = 0.01
+
 #: At most this many passes of the loop settle it.
 _SETTLE_PASSES = 16
 
@@ -171,6 +175,18 @@ def _nothing() -> None:
     pass
 
 
+def _never() -> bool:
+    return False
+
+
+async def _run_while(condition: Callable[[], bool], limit: float) -> None:
+    """Returns once ``condition()`` is false, or after ``limit`` seconds;
+    the loop meanwhile runs."""
+    deadline = time.monotonic() + limit
+    while condition() and time.monotonic() < deadline:
+        await asyncio.sleep(_RECONNECT_LOOK)
+
+
 class _SharedLoop:
     """An event loop run by one thread at a time, the holder of ``_turn``:
     a caller whose call is the only one, else the daemon thread."""
@@ -201,6 +217,9 @@ class _SharedLoop:
         self._waker: "Optional[asyncio.Future[None]]" = None
         # When a thread last ran the loop (time.monotonic()).
         self._last_ran = time.monotonic()
+        # Whether the proxy waits for its connection to be made again (set
+        # by the proxy once it has one).
+        self.reconnecting: Callable[[], bool] = _never
         self._driver = threading.Thread(target=self._drive, name="callme-proxy", daemon=True)
         self._driver.start()
 
@@ -375,6 +394,15 @@ class _SharedLoop:
                         # What is due (timers, I/O ready now) and what that
                         # makes ready in turn.
                         self.loop.run_until_complete(_settle(self.loop))
+                        if self.reconnecting():
+                            # A reconnection is a dozen round trips to the
+                            # broker (the handshake, the reply queue set up
+                            # again): run at one a tick, an idle proxy
+                            # would take seconds, and every attempt would
+                            # run out a short ``connection_timeout``.
+                            self.loop.run_until_complete(
+                                _run_while(self.reconnecting, IDLE_TICK)
+                            )
                 # The thread must never end before the proxy: a close
                 # cancels what it drives (CancelledError, not an
                 # Exception), and a KeyboardInterrupt meant for the main
@@ -594,6 +622,7 @@ class Proxy:
         except BaseException:
             finalizer()
             raise
+        loop.reconnecting = connection._reconnecting
         self._async, self._loop, self._finalizer = connection, loop, finalizer
 
     def _set_aside(self) -> None:
