@@ -383,15 +383,23 @@ def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("idle_tick", ["as shipped", "never while the test runs"])
+@pytest.mark.parametrize(
+    "idle_tick, pause",
+    [("as shipped", 0.3), ("never while the test runs", 0.3), ("as shipped", 0.005)],
+    ids=["seen by the idle tick", "seen by the call", "right after the last call"],
+)
 def test_a_call_made_while_the_broker_is_away_waits_for_it(
-    amqp_url: str, host: Host, idle_tick: str, monkeypatch: pytest.MonkeyPatch
+    amqp_url: str, host: Host, idle_tick: str, pause: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A call made while the proxy reconnects waits for the connection,
     within its own timeout, and is answered: the broker (a forwarder) goes
-    away, a call is made 0.3 s later, and the broker is back 1.5 s after
-    that. Whether the proxy's idle tick has seen the loss by then, or (its
-    tick put off) the call must see it itself before it is sent."""
+    away, a call is made ``pause`` later, and the broker is back 1.5 s
+    after that. Whether the proxy's idle tick has seen the loss by then,
+    or (its tick put off) the call must see it itself before it is sent;
+    and a call made a few milliseconds after the last one, when the end of
+    the connection waits unread (nobody ran the loop in between), must
+    take it in before it sends anything, not be sent on the connection
+    that is going and fail with it."""
     if idle_tick != "as shipped":
         monkeypatch.setattr(callme_proxy, "IDLE_TICK", 60.0)
     node = Forwarder(amqp_url)
@@ -400,35 +408,7 @@ def test_a_call_made_while_the_broker_is_away_waits_for_it(
             calc = proxy.use_server(host.calc)
             assert calc.add(1, 2) == 3
             node.cut()
-            time.sleep(0.3)
-            outcome: List[Any] = []
-            call = threading.Thread(target=lambda: outcome.append(_attempt(calc)))
-            call.start()
-            call.join(timeout=1.5)
-            assert call.is_alive(), f"the call ended while the broker was away: {outcome}"
-            node.start()
-            call.join(timeout=15)
-            assert outcome == [5]
-    finally:
-        node.cut()
-
-
-def test_a_call_made_right_after_another_as_the_broker_goes_waits_for_it(
-    amqp_url: str, host: Host
-) -> None:
-    """A thread that calls again a few milliseconds after its last call
-    ended, just after the broker went away: the end of the connection
-    waits unread, since nobody ran the loop in between, and the call must
-    take it in before it sends anything, then wait for the next
-    connection and be answered, not be sent on the connection that is
-    going and fail with it."""
-    node = Forwarder(amqp_url)
-    try:
-        with callme.Proxy(node.url, timeout=10) as proxy:
-            calc = proxy.use_server(host.calc)
-            assert calc.add(1, 2) == 3
-            node.cut()
-            time.sleep(0.005)
+            time.sleep(pause)
             outcome: List[Any] = []
             call = threading.Thread(target=lambda: outcome.append(_attempt(calc)))
             call.start()
@@ -470,35 +450,16 @@ def test_an_idle_proxy_reconnects_within_a_short_connection_timeout(
         node.cut()
 
 
+@pytest.mark.parametrize("made", ["once the proxy knows", "before the proxy knows"])
 def test_an_awaited_call_made_while_the_broker_is_away_waits_for_it(
-    amqp_url: str, host: Host
+    amqp_url: str, host: Host, made: str
 ) -> None:
-    node = Forwarder(amqp_url)
-
-    async def main() -> None:
-        async with callme.AsyncProxy(node.url, timeout=10) as proxy:
-            calc = proxy.use_server(host.calc)
-            assert await calc.add(1, 2) == 3
-            node.cut()
-            await asyncio.sleep(0.3)
-            call = asyncio.ensure_future(calc.add(2, 3))
-            await asyncio.sleep(1.5)
-            assert not call.done(), f"the call ended while the broker was away: {call}"
-            node.start()
-            assert await asyncio.wait_for(call, 15) == 5
-
-    try:
-        asyncio.run(main())
-    finally:
-        node.cut()
-
-
-def test_a_call_made_as_the_connection_ends_waits_for_the_next(amqp_url: str, host: Host) -> None:
-    """aiormq takes some twenty passes of the event loop from reading the
-    end of its connection to telling the proxy: a call made in between
-    (the loop run for a few passes only, as a blocking proxy's caller
-    runs it) must not be sent on the connection that is going, and fail
-    with it, but wait for the next one and be answered."""
+    """As above, awaited: a call made 0.3 s after the broker went away
+    waits for the next connection and is answered. And one made in the
+    passes of the event loop (some twenty) aiormq takes from reading the
+    end of its connection to telling the proxy, the loop run for a few
+    passes only (as a blocking proxy's caller runs it): it must not be
+    sent on the connection that is going, and fail with it."""
     node = Forwarder(amqp_url)
 
     async def main() -> None:
@@ -511,15 +472,18 @@ def test_a_call_made_as_the_connection_ends_waits_for_the_next(amqp_url: str, ho
             assert going is not None and going.transport is not None
             underlay = going.transport.connection
             node.cut()
-            # The end reaches the socket while the loop is not run.
-            time.sleep(0.3)
-            passes = 0
-            while underlay.is_opened:
-                passes += 1
-                assert passes < 100, "aiormq never read the end of its connection"
-                await asyncio.sleep(0)
-            # aiormq knows; the proxy does not, yet.
-            assert link._connection is going and not going.is_closed
+            if made == "once the proxy knows":
+                await asyncio.sleep(0.3)
+            else:
+                # The end reaches the socket while the loop is not run.
+                time.sleep(0.3)
+                passes = 0
+                while underlay.is_opened:
+                    passes += 1
+                    assert passes < 100, "aiormq never read the end of its connection"
+                    await asyncio.sleep(0)
+                # aiormq knows; the proxy does not, yet.
+                assert link._connection is going and not going.is_closed
             call = asyncio.ensure_future(calc.add(2, 3))
             await asyncio.sleep(1.5)
             assert not call.done(), f"the call ended while the broker was away: {call}"
