@@ -1061,7 +1061,8 @@ async fn a_stop_while_plugins_load_serves_no_plugin_after_it() {
     .unwrap();
     std::fs::write(
         dir.join(format!("{late}.wasm")),
-        wat::parse_str(SLOW_BUT_STARTS).unwrap(),
+        // A few seconds: a trial the stop comes in the middle of.
+        slow_but_starts(1_600_000_000),
     )
     .unwrap();
     let mut host = Host::serve(&dir, &["--grace", "20"]);
@@ -1134,21 +1135,26 @@ async fn a_second_stop_signal_ends_the_host_at_once() {
     assert!(log.contains("a second stop signal"), "{log}");
 }
 
-/// A component whose module's start function counts to 400 million (a
-/// second or more) and then returns: trying its first instance takes that
-/// long, and it is served after.
-const SLOW_BUT_STARTS: &str = r#"
+/// A component whose module's start function counts to `count` (400
+/// million take a second or more) and then returns: trying its first
+/// instance takes that long, and it is served after.
+fn slow_but_starts(count: u32) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"
 (component
   (core module $m
     (func $count (local $i i32)
       (loop $again
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
-        (br_if $again (i32.lt_u (local.get $i) (i32.const 1600000000)))))
+        (br_if $again (i32.lt_u (local.get $i) (i32.const {count})))))
     (func (export "noop"))
     (start $count))
   (core instance $i (instantiate $m))
   (func (export "noop") (canon lift (core func $i "noop"))))
-"#;
+"#
+    ))
+    .unwrap()
+}
 
 /// The broker connection lost while the host serves its directory at
 /// start-up (a plugin still being tried when it goes) does not end the
@@ -1170,7 +1176,7 @@ async fn a_broker_lost_while_the_plugins_load_is_waited_for() {
     .unwrap();
     std::fs::write(
         dir.join(format!("{slow}.wasm")),
-        wat::parse_str(SLOW_BUT_STARTS).unwrap(),
+        slow_but_starts(400_000_000),
     )
     .unwrap();
     let url = forwarder.url();
