@@ -532,6 +532,58 @@ async fn a_request_that_waited_for_a_lane_expires_with_its_call() {
     );
 }
 
+/// A call waiting for a publish lane as its proxy's connection goes has
+/// sent nothing: it waits for the next connection and is sent there,
+/// within its timeout, though the proxy does not `retry`. A proxy of one
+/// lane, held by a request to a suspended queue; a second call waits for
+/// the lane; the broker closes the proxy's connection. The second call
+/// used to fail `Connection` as it opened a lane on the connection that
+/// had gone ("could not be sent").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_a_lane_as_the_connection_goes_is_sent_on_the_next() {
+    let (user, password) = dedicated_user("lane-lost");
+    let srv = server(ServerOptions::default()).await;
+    let (stuck, id) = (unique("lane-lost-held"), unique("lane-lost"));
+    srv.serve_native(&stuck, native_add()).await.unwrap();
+    srv.serve_native(&id, native_add()).await.unwrap();
+    let url = format!("{}?channel_max=5", amqp_url_as(&user, &password));
+    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
+        .await
+        .unwrap();
+    answers_add(&p, &stuck, 1).await;
+    let suspended = Suspended::queue(&server_queue(&stuck));
+    let holder = {
+        let sp = p.use_server(&stuck);
+        tokio::spawn(async move { sp.invoke::<_, i64>("add", (1, 2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = {
+        let sp = p.use_server(&id);
+        tokio::spawn(async move { sp.invoke::<_, i64>("add", (3, 4)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished() && !holder.is_finished(),
+        "the lane was not held"
+    );
+    let conn = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    broker_ctl(&["close_connection", &conn, "closed by the test"]);
+    let answered = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+    drop(suspended);
+    assert_eq!(
+        answered
+            .expect("answered within 20 s")
+            .expect("task")
+            .expect("answered on the next connection"),
+        7
+    );
+    // The held request was written: it goes with the connection.
+    assert!(matches!(
+        holder.await.expect("task"),
+        Err(Error::Connection(_) | Error::Disconnected(_))
+    ));
+}
+
 /// A reply the broker does not confirm (its caller's reply queue stopped
 /// confirming, as one on a node cut off from its cluster) holds its
 /// call's slot no longer than the server's `reply_confirm_limit`: the

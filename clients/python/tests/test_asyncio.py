@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, List
 
 import aiormq.connection
 import pytest
@@ -452,8 +452,13 @@ def test_a_request_on_a_connection_that_ended_without_an_error_fails_typed() -> 
     as with any other loss, never with an untyped error. Played by a lane
     that fails its publish so, as aiormq's does then."""
 
+    class Transport:
+        class connection:  # aiormq's, its reader and writer running
+            is_opened = True
+
     class Connection:
         is_closed = False
+        transport = Transport()
 
     class Ended:
         is_closed = False
@@ -465,10 +470,52 @@ def test_a_request_on_a_connection_that_ended_without_an_error_fails_typed() -> 
         publisher = callme_publisher.Publisher(lanes=4)
         connection: Any = Connection()
         publisher._idle.append((connection, Ended()))
-        with pytest.raises(callme.ConnectionError, match="the connection was lost"):
+        with pytest.raises(callme.ConnectionError, match="could not be sent") as failed:
             await publisher.publish(
                 connection, "calc", "server_calc_ex", b"{}", aiormq.spec.Basic.Properties()
             )
+        # Written, as far as the proxy can tell: not to be sent again.
+        assert not isinstance(failed.value, callme_publisher.NotSent)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("lane", ["idle", "new"])
+def test_a_request_whose_connection_is_lost_is_not_written_and_says_so(lane: str) -> None:
+    """A connection whose aiormq reader has ended (aio-pika not told yet):
+    the request is not written to a lane, idle or new, and the error says
+    it was not sent (:class:`NotSent`), so the call can send it again on
+    the next connection."""
+    written: List[bytes] = []
+
+    class Transport:
+        class connection:
+            is_opened = False
+
+            @staticmethod
+            async def channel(**kwargs: Any) -> Any:
+                raise Exception  # as aiormq's on a connection that ended
+
+    class Connection:
+        is_closed = False
+        transport = Transport()
+
+    class Lane:
+        is_closed = False
+
+        async def basic_publish(self, body: bytes, **kwargs: Any) -> None:
+            written.append(body)
+
+    async def main() -> None:
+        publisher = callme_publisher.Publisher(lanes=4)
+        connection: Any = Connection()
+        if lane == "idle":
+            publisher._idle.append((connection, Lane()))
+        with pytest.raises(callme_publisher.NotSent, match="was not sent"):
+            await publisher.publish(
+                connection, "calc", "server_calc_ex", b"{}", aiormq.spec.Basic.Properties()
+            )
+        assert written == []
 
     asyncio.run(main())
 

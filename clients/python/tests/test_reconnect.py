@@ -496,6 +496,78 @@ def test_an_awaited_call_made_while_the_broker_is_away_waits_for_it(
         node.cut()
 
 
+@pytest.mark.parametrize("lane", ["an idle lane", "a new lane", "a lane waited for"])
+def test_a_call_whose_connection_goes_before_its_request_is_written_is_sent_on_the_next(
+    amqp_url: str, host: Host, lane: str
+) -> None:
+    """A call that took the connection, and loses it before its request is
+    written (while it waits for a lane, or opens one, or before the proxy
+    is told), has sent nothing: it waits for the next connection, within
+    its timeout, and is answered there, rather than failing with a
+    ``ConnectionError`` it could do nothing about."""
+    node = Forwarder(amqp_url)
+
+    async def main() -> None:
+        async with callme.AsyncProxy(node.url, timeout=10) as proxy:
+            calc = proxy.use_server(host.calc)
+            assert await calc.add(1, 2) == 3
+            link, publisher = proxy._link, proxy._publisher
+            assert link is not None and publisher is not None
+            going = link._connection
+            assert going is not None and going.transport is not None
+            underlay = going.transport.connection
+
+            async def lose() -> None:
+                node.cut()
+                # The end reaches the socket while the loop is not run;
+                # then only until aiormq's reader has read it.
+                time.sleep(0.3)
+                passes = 0
+                while underlay.is_opened:
+                    passes += 1
+                    assert passes < 100, "aiormq never read the end of its connection"
+                    await asyncio.sleep(0)
+                assert link._connection is going and not going.is_closed, "the proxy knows"
+
+            if lane == "a lane waited for":
+                for _ in range(callme_publisher.LANES):
+                    await publisher._lanes.acquire()
+                call = asyncio.ensure_future(calc.add(2, 3))
+                await asyncio.sleep(0.1)
+                assert not call.done() and publisher._lanes.locked()
+                await lose()
+                for _ in range(callme_publisher.LANES):
+                    publisher._lanes.release()
+            else:
+                if lane == "a new lane":
+                    publisher.clear()
+                else:
+                    idle = publisher._take(going)
+                    assert idle is not None, "no idle lane"
+                    publisher._give_back(going, idle)
+                taken = link.connection
+                lost: List[bool] = []
+
+                async def lost_once_taken() -> Any:
+                    connection = await taken()
+                    if not lost:
+                        lost.append(True)
+                        await lose()
+                    return connection
+
+                setattr(link, "connection", lost_once_taken)
+                call = asyncio.ensure_future(calc.add(2, 3))
+            await asyncio.sleep(1.5)
+            assert not call.done(), f"the call ended while the broker was away: {call}"
+            node.start()
+            assert await asyncio.wait_for(call, 15) == 5
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.cut()
+
+
 def _attempt(server: callme.ServerProxy) -> Any:
     try:
         return server.add(2, 3)

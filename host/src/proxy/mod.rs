@@ -30,7 +30,7 @@ mod replies;
 mod unreadable;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
@@ -116,6 +116,18 @@ enum Attempt {
     Done(Result<Value, Error>),
     /// With the connection: the call may be sent again.
     Lost(Error),
+    /// Its connection was lost before any of its request was written
+    /// (while it waited for a lane, or opened one): it goes on the next
+    /// connection, with or without `retry`, since it cannot run twice.
+    NotSent(Error),
+}
+
+/// Why a request was not confirmed.
+enum Unsent {
+    /// Its connection was lost before any of it was written.
+    NotWritten(Error),
+    /// It failed, written or not.
+    Failed(Error),
 }
 
 /// The pause before a call is sent again.
@@ -436,6 +448,11 @@ impl Proxy {
     /// and for native functions only if they are idempotent. Every attempt carries the
     /// same `traceparent`.
     ///
+    /// Without `retry` too, a call whose connection is lost before any of
+    /// its request was written (while it waited for a publish lane, or
+    /// opened one) waits for the next connection and is sent there,
+    /// within its timeout: it cannot run twice.
+    ///
     /// # Errors
     ///
     /// As [`Proxy::call`].
@@ -498,6 +515,11 @@ impl Proxy {
         loop {
             match self.attempt(&call).await {
                 Attempt::Done(outcome) => return self.ended(server, func, outcome, started),
+                Attempt::NotSent(e) => {
+                    // `ready` waits for the next connection (the lost one
+                    // is no longer connected), within the call's time.
+                    debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, "not sent: waiting for the next connection");
+                }
                 Attempt::Lost(e) => {
                     if !options.retry || tokio::time::Instant::now() >= deadline {
                         return self.ended(server, func, Err(e), started);
@@ -546,7 +568,8 @@ impl Proxy {
         // Wait for the publisher confirm and the reply together: the
         // confirm tells an unroutable request (no server) at once, and the
         // reply needs no confirm to be trusted, so neither adds latency.
-        let mut publish = self.send_request(conn, names, call);
+        let claimed = Arc::new(AtomicBool::new(false));
+        let mut publish = self.send_request(conn, names, call, claimed.clone());
         let mut rx = rx;
         let mut confirmed = false;
         let outcome = tokio::time::timeout_at(call.deadline, async {
@@ -555,8 +578,9 @@ impl Proxy {
                     sent = &mut publish, if !confirmed => {
                         match sent {
                             Ok(Ok(())) => confirmed = true,
-                            Ok(Err(e @ (Error::Connection(_) | Error::Rejected { .. }))) => return Attempt::Lost(e),
-                            Ok(Err(e)) => return Attempt::Done(Err(e)),
+                            Ok(Err(Unsent::NotWritten(e))) => return Attempt::NotSent(e),
+                            Ok(Err(Unsent::Failed(e @ (Error::Connection(_) | Error::Rejected { .. })))) => return Attempt::Lost(e),
+                            Ok(Err(Unsent::Failed(e))) => return Attempt::Done(Err(e)),
                             // Given up unsent: the call's time ran out
                             // while it waited for a lane.
                             Err(_) => return timed_out(),
@@ -566,6 +590,12 @@ impl Proxy {
                     reply = &mut rx => {
                         return match reply {
                             Ok(body) => Attempt::Done(self.read_reply(&body).into_result().map_err(Error::Remote)),
+                            // Lost before its request task began writing
+                            // it (it waits for a lane, say): taken from the
+                            // task, to be sent on the next connection.
+                            Err(_) if !confirmed && !claimed.swap(true, Ordering::AcqRel) => Attempt::NotSent(Error::Disconnected(
+                                "the connection was lost before the request was sent".into(),
+                            )),
                             Err(_) => Attempt::Lost(Error::Disconnected(
                                 "the connection to the broker was lost before the reply came".into(),
                             )),
@@ -636,13 +666,17 @@ impl Proxy {
     /// (a slow stream of calls `buffered`, a `select!` on `&mut call`)
     /// keeps no other call from its lane. Its caller gone, the task
     /// sends nothing if it has no lane yet, and lets its lane go once the
-    /// request is written.
+    /// request is written. `claimed` is taken (set) by whichever comes
+    /// first: the task, as it begins writing the request, or the call,
+    /// as it learns that its connection was lost; a request the call
+    /// took is not written, and the call sends it on the next connection.
     fn send_request(
         &self,
         conn: Arc<Connection>,
         names: Arc<ReplyNames>,
         call: &Call<'_>,
-    ) -> tokio::sync::oneshot::Receiver<Result<(), Error>> {
+        claimed: Arc<AtomicBool>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), Unsent>> {
         let (mut tx, rx) = tokio::sync::oneshot::channel();
         let publisher = self.inner.publisher.clone();
         let server = call.server.to_string();
@@ -659,8 +693,12 @@ impl Proxy {
             };
             let held = match held {
                 Ok(held) => held,
+                Err(e) if !conn.status().connected() => {
+                    let _ = tx.send(Err(Unsent::NotWritten(e)));
+                    return;
+                }
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    let _ = tx.send(Err(Unsent::Failed(e)));
                     return;
                 }
             };
@@ -671,6 +709,18 @@ impl Proxy {
                 publisher.put_back(&conn, held);
                 return;
             }
+            if !conn.status().connected() {
+                // Lost while this waited for its lane (the link not told
+                // yet): nothing is written.
+                let _ = tx.send(Err(Unsent::NotWritten(Error::Disconnected(
+                    "the connection was lost before the request was sent".into(),
+                ))));
+                return;
+            }
+            if claimed.swap(true, Ordering::AcqRel) {
+                // Its call learnt first that the connection was lost.
+                return;
+            }
             let props = request_properties(&corr, headers, &names, left);
             let options = BasicPublishOptions {
                 mandatory: true,
@@ -679,7 +729,8 @@ impl Proxy {
             let published = publisher
                 .send(&conn, held, &exchange, options, &body, props, tx.closed())
                 .await;
-            let _ = tx.send(published.and_then(|published| request_outcome(&server, published)));
+            let outcome = published.and_then(|published| request_outcome(&server, published));
+            let _ = tx.send(outcome.map_err(Unsent::Failed));
         });
         rx
     }

@@ -42,7 +42,7 @@ from .protocol import (
     valid_server_id,
 )
 from .pending import LOST, Pending
-from .publisher import MAX_EXPIRATION_MS, Publisher
+from .publisher import MAX_EXPIRATION_MS, NotSent, Publisher
 
 __all__ = ["AsyncProxy", "AsyncServerProxy", "DEFAULT_TIMEOUT"]
 
@@ -320,38 +320,30 @@ class AsyncProxy:
         link, publisher = self._link, self._publisher
         if link is None or publisher is None:
             raise errors.ConnectionError("the proxy is closed")
-        connection = await link.connection()
-        stage[0] = "calling"
-        correlation_id = str(uuid.uuid4())
-        reply = self._pending.add(correlation_id, link.queue)
-        try:
-            sent_ms = time.time_ns() // 1_000_000
-            properties = aiormq.spec.Basic.Properties(
-                content_type=CONTENT_TYPE,
-                correlation_id=correlation_id,
-                reply_to=link.exchange,
-                # Set by the publisher once it may send: the time the call
-                # has left then.
-                expiration=str(MAX_EXPIRATION_MS),
-                delivery_mode=1,  # not persistent
-                # When it was sent, for the host's queue-wait metric
-                # (docs/protocol.md), and a W3C trace of its own.
-                timestamp=datetime.datetime.fromtimestamp(
-                    sent_ms // 1000, tz=datetime.timezone.utc
-                ),
-                headers={
-                    "timestamp_in_ms": sent_ms,
-                    "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
-                    REPLY_QUEUE: link.queue,
-                },
-            )
-            log.debug("call %s.%s correlation_id=%s", server_id, func, correlation_id)
-            await publisher.publish(
-                connection, server_id, server_exchange(server_id), body, properties, deadline
-            )
-            response = await reply
-        finally:
-            self._pending.remove(correlation_id)
+        while True:
+            stage[0] = "connecting"
+            connection = await link.connection()
+            stage[0] = "calling"
+            correlation_id = str(uuid.uuid4())
+            reply = self._pending.add(correlation_id, link.queue)
+            try:
+                properties = self._properties(correlation_id, link.exchange, link.queue)
+                log.debug("call %s.%s correlation_id=%s", server_id, func, correlation_id)
+                try:
+                    await publisher.publish(
+                        connection, server_id, server_exchange(server_id), body, properties,
+                        deadline,
+                    )
+                except NotSent:
+                    # The connection went as the request was about to be
+                    # sent: it goes on the next one, within the timeout.
+                    log.debug("call %s.%s correlation_id=%s waits for the next connection",
+                              server_id, func, correlation_id)
+                    continue
+                response = await reply
+                break
+            finally:
+                self._pending.remove(correlation_id)
         try:
             return decode_response(response, self._max_reply_bytes)
         except errors.RemoteError as e:
@@ -361,6 +353,29 @@ class AsyncProxy:
             raise errors.RemoteError(
                 "BadResponse", f"the reply of {server_id!r} is not a callme response: {e}"
             ) from None
+
+    @staticmethod
+    def _properties(correlation_id: str, exchange: str, queue: str) -> aiormq.spec.Basic.Properties:
+        """A request's properties, its replies to go to ``exchange`` (and
+        ``queue``, by the default exchange)."""
+        sent_ms = time.time_ns() // 1_000_000
+        return aiormq.spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            correlation_id=correlation_id,
+            reply_to=exchange,
+            # Set by the publisher once it may send: the time the call
+            # has left then.
+            expiration=str(MAX_EXPIRATION_MS),
+            delivery_mode=1,  # not persistent
+            # When it was sent, for the host's queue-wait metric
+            # (docs/protocol.md), and a W3C trace of its own.
+            timestamp=datetime.datetime.fromtimestamp(sent_ms // 1000, tz=datetime.timezone.utc),
+            headers={
+                "timestamp_in_ms": sent_ms,
+                "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+                REPLY_QUEUE: queue,
+            },
+        )
 
     def _reconnecting(self) -> bool:
         """Whether the proxy, connected before and not closed, waits for

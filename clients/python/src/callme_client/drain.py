@@ -44,6 +44,7 @@ from .link import (
     delete_queue,
     is_unreadable,
     open_connection,
+    aiormq_connection,
     seen,
 )
 from .options import ConnectOptions
@@ -203,8 +204,7 @@ async def _take(
 def _reader_failed(connection: AbstractConnection) -> bool:
     """Whether aiormq's reader of ``connection`` ended on a frame it could
     not read."""
-    underlay = getattr(getattr(connection, "transport", None), "connection", None)
-    reader = getattr(underlay, "_reader_task", None)
+    reader = getattr(aiormq_connection(connection), "_reader_task", None)
     if not isinstance(reader, asyncio.Future) or not reader.done() or reader.cancelled():
         return False
     return is_unreadable(reader.exception())

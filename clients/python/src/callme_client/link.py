@@ -127,7 +127,7 @@ class Link:
             if self._closing:
                 raise errors.ConnectionError("the proxy is closed")
             connection = self._connection
-            if connection is not None and _opened(connection):
+            if connection is not None and opened(connection):
                 return connection
             if self._refused is not None:
                 raise errors.AccessRefused(
@@ -139,7 +139,7 @@ class Link:
     @property
     def connected(self) -> bool:
         """Whether the reply queue is being consumed now."""
-        return self._connection is not None and _opened(self._connection)
+        return self._connection is not None and opened(self._connection)
 
     async def close(self) -> None:
         """Deletes the reply queue (its exchange goes with it), waiting at
@@ -509,7 +509,17 @@ def _ack_done(ack: "asyncio.Future[None]") -> None:
         log.debug("replies not acknowledged: %s", ack.exception())
 
 
-def _opened(connection: AbstractConnection) -> bool:
+def aiormq_connection(connection: AbstractConnection) -> Optional[aiormq.abc.AbstractConnection]:
+    """aiormq's connection under aio-pika's ``connection``; None once
+    aio-pika has let it go (closed)."""
+    transport = getattr(connection, "transport", None)
+    if transport is None:
+        return None
+    under: Optional[aiormq.abc.AbstractConnection] = getattr(transport, "connection", None)
+    return under
+
+
+def opened(connection: AbstractConnection) -> bool:
     """Whether ``connection`` may carry a request: open, and its AMQP
     connection's reader and writer still running. aiormq takes some twenty
     passes of the event loop from reading the end of the socket to closing
@@ -517,8 +527,8 @@ def _opened(connection: AbstractConnection) -> bool:
     between would fail with it."""
     if connection.is_closed:
         return False
-    transport = getattr(connection, "transport", None)
-    return transport is not None and bool(transport.connection.is_opened)
+    under = aiormq_connection(connection)
+    return under is not None and bool(under.is_opened)
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:
@@ -539,8 +549,7 @@ def _never_drop_frames(connection: AbstractConnection) -> None:
     call to a missing server would fail every call in flight. Requests
     here are bounded by the publisher's lanes, so the queue stays small.
     """
-    transport = getattr(connection, "transport", None)
-    queue = getattr(getattr(transport, "connection", None), "write_queue", None)
+    queue = getattr(aiormq_connection(connection), "write_queue", None)
     if isinstance(queue, asyncio.Queue):
         setattr(queue, "_maxsize", 0)
     else:

@@ -258,7 +258,7 @@ class _SharedLoop:
                     task = self.loop.create_task(settled)
                     # A task cancelled before its first step never starts
                     # ``settled``, which then cannot close ``coroutine``.
-                    task.add_done_callback(lambda _: coroutine.close())
+                    task.add_done_callback(lambda _: _close_unstarted(coroutine))
                     ctrl_c.arm(task)
                 except BaseException:
                     if settled is not None:
@@ -498,7 +498,8 @@ async def _settled(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, An
 
 def _close_unstarted(coroutine: Coroutine[Any, Any, Any]) -> None:
     """Closes ``coroutine`` if it never ran (handed to a loop that closed
-    before it got to it), so that it is not reported as never awaited."""
+    before it got to it, or its task cancelled before its first step), so
+    that it is not reported as never awaited."""
     if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
         coroutine.close()
 

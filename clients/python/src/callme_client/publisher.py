@@ -28,8 +28,9 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractConnection
 
 from . import errors
+from .link import aiormq_connection, opened
 
-__all__ = ["Publisher", "LANES"]
+__all__ = ["Publisher", "LANES", "NotSent"]
 
 log = logging.getLogger("callme.proxy")
 
@@ -37,6 +38,12 @@ log = logging.getLogger("callme.proxy")
 #: channel of its own until confirmed); more wait for a free lane. The Rust
 #: proxy's number.
 LANES = 64
+
+
+class NotSent(errors.ConnectionError):
+    """The connection was lost before any frame of the request was written
+    to it: the request can be sent again on the next one, with nothing to
+    run twice."""
 
 
 class _Share:
@@ -123,6 +130,9 @@ class Publisher:
         :raises AccessRefused: the user may not publish to the exchange.
         :raises Rejected: the broker refused the request (negative confirm).
         :raises TooLarge: the broker refused the request for its size.
+        :raises NotSent: ``connection`` was lost before the request was
+            written to it (while the request waited for a lane, or opened
+            one).
         :raises ConnectionError: the connection failed.
         """
         # The exchange's share first: calls to a server that holds its
@@ -131,9 +141,11 @@ class Publisher:
             channel = self._take(connection)
             try:
                 if channel is None:
-                    channel = await _underlay(connection).channel(
-                        publisher_confirms=True, on_return_raises=True
-                    )
+                    channel = await _open_lane(connection, server_id)
+                if not opened(connection):
+                    # Lost while this waited for a lane or opened one (or
+                    # before the link was told): nothing is written yet.
+                    raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}")
                 if deadline is not None:
                     properties.expiration = str(
                         expiration_ms(deadline - asyncio.get_running_loop().time())
@@ -145,6 +157,8 @@ class Publisher:
                     properties=properties,
                     mandatory=True,
                 )
+            except NotSent:
+                raise  # an OSError too, not to be taken for one of aiormq's
             except aiormq.exceptions.PublishError:
                 # Returned: the exchange exists but no queue is bound to it.
                 self._give_back(connection, channel)
@@ -183,7 +197,7 @@ class Publisher:
                     # (its heartbeat watchdog) with a CancelledError of
                     # its own: the connection is lost, nobody cancelled.
                     raise errors.ConnectionError(
-                        f"the request to {server_id!r} could not be sent: the connection was lost"
+                        f"the request to {server_id!r} could not be sent: {_LOST}"
                     ) from None
                 raise
             except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as e:
@@ -194,7 +208,7 @@ class Publisher:
                 if not errors.ended_without_error(e):
                     raise
                 raise errors.ConnectionError(
-                    f"the request to {server_id!r} could not be sent: the connection was lost"
+                    f"the request to {server_id!r} could not be sent: {_LOST}"
                 ) from None
             self._give_back(connection, channel)
 
@@ -238,16 +252,23 @@ def cancelled_by_caller() -> bool:
     return cancelling is None or cancelling() > 0
 
 
-def _underlay(connection: AbstractConnection) -> aiormq.abc.AbstractConnection:
-    """aiormq's connection under aio-pika's ``connection``.
+_LOST = "the connection was lost"
 
-    :raises RuntimeError: the connection is closed.
+
+async def _open_lane(connection: AbstractConnection, server_id: str) -> aiormq.abc.AbstractChannel:
+    """A new confirm-mode lane on aiormq's connection under ``connection``.
+
+    :raises NotSent: the connection is lost (or closed).
     """
-    transport = getattr(connection, "transport", None)
-    if transport is None:
-        raise RuntimeError("the connection is closed")
-    underlay: aiormq.abc.AbstractConnection = transport.connection
-    return underlay
+    under = aiormq_connection(connection)
+    if under is None:
+        raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}")
+    try:
+        return await under.channel(publisher_confirms=True, on_return_raises=True)
+    except Exception:
+        if opened(connection):
+            raise
+        raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}") from None
 
 
 def _close_later(channel: aiormq.abc.AbstractChannel) -> None:
