@@ -265,8 +265,10 @@ async def _open_lane(connection: AbstractConnection, server_id: str) -> aiormq.a
         raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}")
     try:
         return await under.channel(publisher_confirms=True, on_return_raises=True)
-    except Exception:
-        if opened(connection):
+    except (Exception, asyncio.CancelledError) as e:
+        # aiormq fails what waits on a connection it gave up (its
+        # heartbeat watchdog) with a CancelledError of its own.
+        if opened(connection) or (isinstance(e, asyncio.CancelledError) and cancelled_by_caller()):
             raise
         raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}") from None
 
