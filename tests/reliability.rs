@@ -15,6 +15,78 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use serde_json::{Value, json};
 
+/// A request whose `reply_to` names, in 229 bytes, an exchange that does
+/// not exist, with a two-byte character across byte 252 of the broker's
+/// `NOT_FOUND - no exchange '...'`: RabbitMQ cuts a channel close's reply
+/// text there (3.10 here, and 4.x), so a reply to it would have the host's
+/// channel closed with a text that is not UTF-8, which lapin cannot read:
+/// the host's whole connection would end, every call on it with it, and
+/// again each time the request came back. Such a request is dropped
+/// unanswered; the host keeps its connection and answers everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connection() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    let (user, password) = callme_tests::dedicated_user("reply-to-cut");
+    let url = callme_tests::amqp_url_as(&user, &password);
+    let srv = callme::Server::connect(&callme::ConnectOptions::new(url), ServerOptions::default())
+        .await
+        .unwrap();
+    let id = unique("reply-to-cut");
+    srv.serve_native(&id, callme_tests::native_add())
+        .await
+        .unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+    let before =
+        callme_tests::connection_pid(&user, "callme server").expect("the host's connection");
+
+    let reply_to = format!("{}éb", "a".repeat(226));
+    assert!(reply_to.len() == 229 && !callme::protocol::is_answerable_reply_to(&reply_to));
+    let (_raw, channel) = callme_tests::raw_channel().await;
+    channel
+        .basic_publish(
+            callme::protocol::server_exchange(&id).as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            br#"{"func":"add","args":[1,2]}"#,
+            BasicProperties::default()
+                .with_content_type(callme::protocol::CONTENT_TYPE.into())
+                .with_correlation_id("cut".into())
+                .with_reply_to(reply_to.as_str().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for i in 0..20i64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
+        assert_eq!(sum, i + 1);
+    }
+    assert_eq!(
+        callme_tests::connection_pid(&user, "callme server"),
+        Some(before),
+        "the host's connection was lost"
+    );
+    // Dropped (acked), not left to come back.
+    let queues = callme_tests::broker_ctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages",
+    ]);
+    let queue = callme::protocol::server_queue(&id);
+    let line = queues
+        .lines()
+        .find(|l| l.split('\t').next() == Some(queue.as_str()))
+        .expect("the server's queue");
+    assert_eq!(line.split('\t').nth(1), Some("0"), "{line}");
+}
+
 #[tokio::test]
 async fn bad_messages_get_bad_request_and_the_server_keeps_serving() {
     let s = server(ServerOptions::default()).await;

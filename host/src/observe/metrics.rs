@@ -609,7 +609,9 @@ pub(crate) fn call_finished(
 pub(crate) enum BadRequest {
     /// Answered with `BadRequest`.
     Answered,
-    /// Dropped: it named nowhere to reply (no `reply_to` or `correlation_id`).
+    /// Dropped: it named nowhere to reply (no `reply_to` or
+    /// `correlation_id`, or a `reply_to` the broker could not name back,
+    /// `protocol::is_answerable_reply_to`).
     Dropped,
 }
 
