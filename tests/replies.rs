@@ -14,7 +14,7 @@ use callme::{
 use callme_tests::{
     PlayedServer, RawClient, amqp_url, amqp_url_as, answer, answers_add, broker_ctl,
     connection_pid, declare_reply_exchange, dedicated_user, dedicated_vhost, load, native_add,
-    plugin_bytes, pos, proxy, raw_channel, runtime, server, slow_calls, unique,
+    plugin_bytes, pos, proxy, raw_channel, runtime, serve_calc, server, slow_calls, unique,
 };
 use futures_util::future::join_all;
 use lapin::options::{
@@ -582,6 +582,98 @@ async fn a_call_waiting_for_a_lane_as_the_connection_goes_is_sent_on_the_next() 
         holder.await.expect("task"),
         Err(Error::Connection(_) | Error::Disconnected(_))
     ));
+}
+
+/// A forwarder to the test broker on a port of its own that passes on
+/// what its clients write at about `bytes_per_second`, and what the
+/// broker writes at once: a proxy behind it has a slow uplink. Its
+/// receive buffer is small, so a client's large write waits for it.
+async fn slow_uplink(bytes_per_second: usize) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let broker = callme_tests::amqp_host_port();
+    let url = amqp_url().replacen(&broker, &format!("127.0.0.1:{port}"), 1);
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(&broker).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_broker, mut to_broker) = upstream.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_broker, &mut to_client).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match from_client.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if to_broker.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    let pause = n as f64 / bytes_per_second as f64;
+                    tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+                }
+                down.abort();
+            });
+        }
+    });
+    (url, task)
+}
+
+/// One caller's large request, written slowly (a slow uplink), holds up
+/// no other call's reply: two calls of 1 s and 2 s, then a 12 MiB
+/// request that takes many seconds to write (what the socket buffers do
+/// not take at once, at 512 KiB/s); both replies come meanwhile and must
+/// be handed over. The proxy used to await each acknowledgement of its
+/// replies in the loop that hands them over, and lapin writes an ack only
+/// after the rest of a publish it has begun: the ack due after the first
+/// reply held the second until the large request was written, past the
+/// second call's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_on_a_slow_link_holds_no_reply_back() {
+    let srv = server(ServerOptions::default()).await;
+    let id = serve_calc(&srv, &proxy(Duration::from_secs(10)).await, "slow-uplink").await;
+    let (url, forwarder) = slow_uplink(512 << 10).await;
+    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let _: String = p
+        .use_server(&id)
+        .invoke("slow-version", (1,))
+        .await
+        .unwrap();
+    let call = |ms: u32, timeout: u64| {
+        let sp = p.use_server(&id).with_timeout(Duration::from_secs(timeout));
+        tokio::spawn(async move { sp.invoke::<_, String>("slow-version", (ms,)).await })
+    };
+    let first = call(1000, 10);
+    let second = call(2000, 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let large = {
+        let sp = p.use_server(&id);
+        let arg = "x".repeat(12 << 20);
+        tokio::spawn(async move { sp.invoke::<_, i64>("add", (arg, 1)).await })
+    };
+    first.await.expect("task").expect("the first call answered");
+    second
+        .await
+        .expect("task")
+        .expect("the second call answered while the large request is written");
+    assert!(
+        !large.is_finished(),
+        "the large request was written and answered first: the link was not slow enough"
+    );
+    large.abort();
+    forwarder.abort();
 }
 
 /// A reply the broker does not confirm (its caller's reply queue stopped
@@ -1365,6 +1457,47 @@ async fn an_unreadable_reply_costs_the_calls_waiting_nothing() {
         Some(second),
         "the proxy's connection was lost again"
     );
+}
+
+/// Calls whose replies are taken from a queue left behind by an
+/// unreadable reply are not failed when the proxy's next connection is
+/// lost for an ordinary reason (here the broker closes it): their replies
+/// come to that queue, read on a connection of its own. Such a loss used
+/// to fail every call waiting, those being drained too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_connections_loss_costs_the_calls_being_drained_nothing() {
+    let (user, password) = dedicated_user("drained-then-lost");
+    let srv = server(ServerOptions::default()).await;
+    let id = unique("drained-then-lost");
+    srv.serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let url = amqp_url_as(&user, &password);
+    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
+        .await
+        .unwrap();
+    answers_add(&p, &id, 1).await;
+    let before = p.reply_exchange();
+    let first = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    let slow = slow_calls(&p, &id, 3, 5000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    callme_tests::publish_unreadable_to(&before).await;
+    let second = callme_tests::eventually(Duration::from_secs(15), || async {
+        connection_pid(&user, "callme proxy").filter(|pid| *pid != first)
+    })
+    .await
+    .expect("the unreadable reply did not end the proxy's connection");
+    broker_ctl(&["close_connection", &second, "closed by the test"]);
+    callme_tests::eventually(Duration::from_secs(15), || async {
+        connection_pid(&user, "callme proxy").filter(|pid| *pid != first && *pid != second)
+    })
+    .await
+    .expect("the proxy did not connect again");
+    for version in join_all(slow).await {
+        let version = version.unwrap();
+        assert!(version.is_ok(), "a call being drained: {version:?}");
+    }
+    answers_add(&p, &id, 2).await;
 }
 
 /// A proxy whose user may no longer declare its reply queue (the

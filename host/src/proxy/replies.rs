@@ -220,8 +220,11 @@ impl Subscription for Replies {
         }
         // Replies to calls sent on that connection may be lost with it (a
         // broker restarted, a node down): fail those calls now rather than
-        // let them wait out their timeouts.
-        self.pending.fail_all();
+        // let them wait out their timeouts. Only those: calls waiting on a
+        // queue left behind by an unreadable reply get their replies from
+        // it, on a connection of their own, and fail with that.
+        let waiting = self.pending.waiting_on(&self.names.queue);
+        self.pending.fail(&waiting, &self.names.queue);
     }
 
     fn wanted(&self) -> bool {
@@ -245,11 +248,18 @@ impl Replies {
     /// Takes replies until the consumer ends, acknowledging them in runs:
     /// every [`ACK_EVERY`], and what is left once none came for
     /// [`ACK_IDLE`]. Returns the error it ended with, if any.
+    ///
+    /// The acks are written by a task of their own ([`ack_runs`]): lapin
+    /// ends an ack's future only once its bytes are written, after the
+    /// rest of a publish it has begun, so an ack awaited here would hold
+    /// every reply behind one caller's large request on a slow link.
     async fn take_replies(
         &self,
         channel: &Channel,
         mut consumer: Consumer,
     ) -> Option<lapin::Error> {
+        let (acks, to_ack) = watch::channel(0);
+        tokio::spawn(ack_runs(channel.clone(), to_ack));
         let mut unacked = None;
         let mut taken = 0;
         loop {
@@ -258,7 +268,7 @@ impl Replies {
                 Some(tag) => tokio::select! {
                     next = consumer.next() => next,
                     () = tokio::time::sleep(ACK_IDLE) => {
-                        self.ack(channel, tag).await;
+                        acks.send_replace(tag);
                         unacked = None;
                         taken = 0;
                         continue;
@@ -285,21 +295,30 @@ impl Replies {
             if taken < ACK_EVERY {
                 unacked = Some(tag);
             } else {
-                self.ack(channel, tag).await;
+                acks.send_replace(tag);
                 unacked = None;
                 taken = 0;
             }
         }
     }
+}
 
-    /// Acknowledges every reply up to `tag`. A failure means the channel
-    /// is gone, and the consumer with it.
-    async fn ack(&self, channel: &Channel, tag: u64) {
+/// Acknowledges, on `channel`, every reply up to each tag `tags` is given,
+/// one ack at a time and in order: a tag given while an ack is written
+/// is taken into the next (acks are `multiple`), so a later tag is never
+/// acknowledged before an earlier one (the broker would close the
+/// channel for an unknown tag). Ends with the channel, or once the
+/// consumer is done with it.
+async fn ack_runs(channel: Channel, mut tags: watch::Receiver<u64>) {
+    while tags.changed().await.is_ok() {
+        let tag = *tags.borrow_and_update();
         let acked = channel
             .basic_ack(tag, BasicAckOptions { multiple: true })
             .await;
         if let Err(e) = acked {
+            // The channel is gone, and the consumer with it.
             debug!(target: "callme::proxy", error = %e, "replies not acknowledged");
+            return;
         }
     }
 }
