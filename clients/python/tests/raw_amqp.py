@@ -10,13 +10,14 @@ connection that receives it, as lapin does for the Rust proxy.
 from __future__ import annotations
 
 import socket
+import struct
 from urllib.parse import unquote, urlsplit
 
 from pamqp import commands, frame, header
 from pamqp.body import ContentBody
 from pamqp.exceptions import UnmarshalingException
 
-__all__ = ["publish_unreadable"]
+__all__ = ["publish_unreadable", "NOT_UTF8", "NESTED"]
 
 #: Written in place of a placeholder of the same length, once marshalled.
 _PLACEHOLDER = b"callme-not-utf8-id"
@@ -24,9 +25,17 @@ _UNREADABLE = b"\xff\xfe" + b" not UTF-8 here!"
 assert len(_PLACEHOLDER) == len(_UNREADABLE)
 
 
-def publish_unreadable(amqp_url: str, exchange: str) -> None:
+#: What makes a message unreadable: a short string that is not UTF-8, or
+#: headers nested deeper than pamqp's decoder (which recurses) can go.
+NOT_UTF8 = "a message_id not UTF-8"
+NESTED = "headers nested 2,000 deep"
+
+
+def publish_unreadable(amqp_url: str, exchange: str, kind: str = NOT_UTF8) -> None:
     """Publishes to ``exchange`` (routing key ``""``) a message whose
-    ``message_id`` is not UTF-8; returns once the broker has routed it."""
+    ``message_id`` is not UTF-8 (or, with ``kind`` :data:`NESTED`, whose
+    headers are nested 2,000 tables deep); returns once the broker has
+    routed it."""
     parts = urlsplit(amqp_url)
     user = unquote(parts.username or "guest")
     password = unquote(parts.password or "guest")
@@ -57,15 +66,40 @@ def publish_unreadable(amqp_url: str, exchange: str) -> None:
         ))
         marshalled = frame.marshal(content, 1)
         assert marshalled.count(_PLACEHOLDER) == 1
+        if kind == NESTED:
+            marshalled = _nested_header(len(body), 2000)
+        else:
+            marshalled = marshalled.replace(_PLACEHOLDER, _UNREADABLE)
         sock.sendall(
             frame.marshal(commands.Basic.Publish(exchange=exchange, routing_key=""), 1)
-            + marshalled.replace(_PLACEHOLDER, _UNREADABLE)
+            + marshalled
             + frame.marshal(ContentBody(body), 1)
         )
         # The broker handles a connection's frames in order: once the
         # close is answered, the message was routed.
         wire.send(0, commands.Connection.Close(reply_code=200, reply_text="done", class_id=0, method_id=0))
         wire.expect(commands.Connection.CloseOk)
+
+
+def _nested_header(body_size: int, depth: int) -> bytes:
+    """A content header frame on channel 1 whose properties are a content
+    type, a correlation id and headers ``{"a": {"a": ... {}}}``, ``depth``
+    tables deep. Written by hand: pamqp's encoder recurses too."""
+    table = struct.pack(">I", 0)
+    for _ in range(depth):
+        entry = b"\x01aF" + table
+        table = struct.pack(">I", len(entry)) + entry
+    content_type = b"application/json"
+    correlation_id = b"poison"
+    # Property flags (AMQP 0-9-1, basic): content-type, headers, correlation-id.
+    flags = (1 << 15) | (1 << 13) | (1 << 10)
+    payload = (
+        struct.pack(">HHQH", 60, 0, body_size, flags)
+        + bytes([len(content_type)]) + content_type
+        + table
+        + bytes([len(correlation_id)]) + correlation_id
+    )
+    return struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce"
 
 
 class _Wire:

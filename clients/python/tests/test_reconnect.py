@@ -21,7 +21,7 @@ import callme_client.link as callme_link
 import callme_client.proxy as callme_proxy
 import callme_client.publisher as callme_publisher
 from conftest import BrokerUser, Forwarder, Host, close_connection, rabbitmqctl, url_for
-from raw_amqp import publish_unreadable
+from raw_amqp import NESTED, NOT_UTF8, publish_unreadable
 
 
 def counting_sent(monkeypatch: pytest.MonkeyPatch) -> "List[int]":
@@ -330,15 +330,22 @@ def queue_gone(queue: str, limit: float = 10.0) -> bool:
     return True
 
 
+@pytest.mark.parametrize("kind", [NOT_UTF8, NESTED])
 def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
-    amqp_url: str, host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    amqp_url: str,
+    host: Host,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
 ) -> None:
     """Whoever may publish to a proxy's reply exchange (every server it
-    calls learns the name) can send it a message aiormq cannot read, and
-    that ends the proxy's connection. The reply queue outlives it: the
-    calls waiting get their replies from it all the same, taken on a
-    connection of its own, which a second such message to the old names
-    costs nothing but itself; the proxy goes on under new names."""
+    calls learns the name) can send it a message aiormq cannot read (a
+    short string that is not UTF-8, or headers nested deeper than pamqp's
+    decoder recurses), and that ends the proxy's connection. The reply
+    queue outlives it: the calls waiting get their replies from it all the
+    same, taken on a connection of its own, which a second such message
+    to the old names costs nothing but itself; the proxy goes on under new
+    names."""
     caplog.set_level(logging.INFO, logger="callme.proxy")
     name = f"callme-py-unreadable-{uuid.uuid4().hex[:8]}"
 
@@ -360,7 +367,7 @@ def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
             # Their requests confirmed (one still being sent when the
             # connection goes fails with it, by design).
             await until_sent(sent, 4)
-            await asyncio.to_thread(publish_unreadable, amqp_url, before)
+            await asyncio.to_thread(publish_unreadable, amqp_url, before, kind)
             deadline = time.monotonic() + 15
             while proxy.reply_exchange == before or not proxy._link or not proxy._link.connected:
                 assert time.monotonic() < deadline, "the proxy did not come back"
@@ -368,7 +375,7 @@ def test_an_unreadable_reply_costs_the_calls_waiting_nothing(
             assert await calc.add(2, 3) == 5
             # Again to the old names, while the slow calls wait: it ends
             # the connection reading the old queue, and nothing else.
-            await asyncio.to_thread(publish_unreadable, amqp_url, before)
+            await asyncio.to_thread(publish_unreadable, amqp_url, before, kind)
             answered = await asyncio.gather(*slow, return_exceptions=True)
             assert answered == ["1"] * 4, answered
             assert await calc.add(3, 4) == 7

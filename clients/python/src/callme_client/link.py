@@ -480,13 +480,15 @@ def is_unreadable(reason: Any) -> bool:
 
     aiormq 7 closes with ``InvalidFrameError`` (caused by pamqp's
     ``UnmarshalingException``), aiormq 6 with pamqp 3's bare
-    ``UnicodeDecodeError``.
+    ``UnicodeDecodeError``. Headers nested deeper than pamqp's decoder,
+    which recurses, can go (a few kilobytes of tables in tables, which
+    RabbitMQ passes on) end the reader with a ``RecursionError``.
     """
     seen = 0
     while isinstance(reason, BaseException) and seen < 8:
         if isinstance(reason, (aiormq.exceptions.InvalidFrameError,
                                pamqp.exceptions.UnmarshalingException,
-                               UnicodeDecodeError)):
+                               UnicodeDecodeError, RecursionError)):
             return True
         reason = reason.__cause__ or reason.__context__
         seen += 1
