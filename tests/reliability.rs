@@ -44,7 +44,6 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
         callme_tests::connection_pid(&user, "callme server").expect("the host's connection");
 
     let reply_to = format!("{}éb", "a".repeat(226));
-    assert!(reply_to.len() == 229 && !callme::protocol::is_answerable_reply_to(&reply_to));
     let (_raw, channel) = callme_tests::raw_channel().await;
     channel
         .basic_publish(
@@ -85,6 +84,88 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
         .find(|l| l.split('\t').next() == Some(queue.as_str()))
         .expect("the server's queue");
     assert_eq!(line.split('\t').nth(1), Some("0"), "{line}");
+}
+
+/// The same cut, in a virtual host whose name is not ASCII: an ASCII
+/// `reply_to` of 212 bytes, an exchange that does not exist, puts the
+/// `ö` of the vhost across byte 252 of `NOT_FOUND - no exchange '...' in
+/// vhost 'abö-...'`. The host drops the request, and keeps its
+/// connection; and a proxy there refuses, before sending anything, a
+/// call to a 200-character server id that would put the `ö` of `abcdö-...`
+/// there (`Config`), and keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    for (prefix, attack) in [("abö", "reply_to"), ("abcdö", "server id")] {
+        let (user, password) = callme_tests::dedicated_user("echo-vhost");
+        let url = callme_tests::dedicated_vhost(prefix, &user, &password);
+        let srv = callme::Server::connect(
+            &callme::ConnectOptions::new(url.clone()),
+            ServerOptions::default(),
+        )
+        .await
+        .unwrap();
+        let id = unique("echo-vhost");
+        srv.serve_native(&id, callme_tests::native_add())
+            .await
+            .unwrap();
+        let p = callme::Proxy::connect_with(
+            &callme::ConnectOptions::new(url.clone()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+        assert_eq!(sum, 3);
+        let host =
+            callme_tests::connection_pid(&user, "callme server").expect("the host's connection");
+        let proxy =
+            callme_tests::connection_pid(&user, "callme proxy").expect("the proxy's connection");
+        if attack == "reply_to" {
+            let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+            let channel = conn.create_channel().await.unwrap();
+            channel
+                .basic_publish(
+                    callme::protocol::server_exchange(&id).as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    br#"{"func":"add","args":[1,2]}"#,
+                    BasicProperties::default()
+                        .with_content_type(callme::protocol::CONTENT_TYPE.into())
+                        .with_correlation_id("cut".into())
+                        .with_reply_to("a".repeat(212).as_str().into()),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        } else {
+            let refused = p
+                .use_server(&"a".repeat(200))
+                .invoke::<_, i64>("add", (1, 2))
+                .await;
+            assert!(matches!(refused, Err(Error::Config(_))), "{refused:?}");
+        }
+        for i in 0..10i64 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
+            assert_eq!(sum, i + 1);
+        }
+        assert_eq!(
+            callme_tests::connection_pid(&user, "callme server"),
+            Some(host),
+            "{attack}: the host's connection was lost"
+        );
+        assert_eq!(
+            callme_tests::connection_pid(&user, "callme proxy"),
+            Some(proxy),
+            "{attack}: the proxy's connection was lost"
+        );
+    }
 }
 
 #[tokio::test]

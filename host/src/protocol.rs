@@ -65,32 +65,6 @@ pub fn is_reply_queue_of(queue: &str, reply_to: &str) -> bool {
         && paired == (user, id)
 }
 
-/// The longest `reply_to` a server answers that is not all ASCII.
-///
-/// A reply to an exchange that does not exist, or that the server's user
-/// may not write to, makes the broker close the channel it came on with a
-/// reply text naming the exchange: `NOT_FOUND - no exchange 'NAME' in
-/// vhost ...`, `ACCESS_REFUSED - cannot publish to internal exchange
-/// 'NAME' ...`, or, under topic authorisation, `ACCESS_REFUSED - write
-/// access to topic '' in exchange 'NAME' ...` (55 bytes before the name,
-/// the longest). RabbitMQ cuts a reply text longer than 255 bytes at byte
-/// 252 and adds `...` (`amqp_exception_explanation` in
-/// `rabbit_binary_generator`, 3.x and 4.x), whatever character that
-/// splits. A text that is not UTF-8 then reaches the server, whose AMQP
-/// client cannot read it and ends the whole connection: every call on
-/// it, each time the request came back. A name is never cut when it
-/// fits in 252 bytes after a prefix of 64 (the longest known, with room
-/// to spare), nor when it is ASCII, where every byte is a character.
-pub const MAX_NON_ASCII_REPLY_TO_BYTES: usize = 252 - 64;
-
-/// Whether a server may publish a reply to `reply_to`: a name the broker
-/// can echo in an error without cutting a character in two (see
-/// [`MAX_NON_ASCII_REPLY_TO_BYTES`]). Every name a proxy of this crate or
-/// the Python client gives is, for a user name of up to 141 bytes.
-pub fn is_answerable_reply_to(reply_to: &str) -> bool {
-    reply_to.is_ascii() || reply_to.len() <= MAX_NON_ASCII_REPLY_TO_BYTES
-}
-
 /// The user and ID of `client_USER{infix}ID`. The ID is hex digits and
 /// dashes, so the last `infix` is the one that ends the user's name.
 fn client_name_parts<'a>(name: &'a str, infix: &str) -> Option<(&'a str, &'a str)> {
@@ -627,26 +601,6 @@ mod tests {
         assert_eq!(shown_id("a\nb"), "a\\nb");
         let long = shown_id(&"é".repeat(300));
         assert_eq!(long, format!("{}…", "é".repeat(200)));
-    }
-
-    #[test]
-    fn a_reply_to_the_broker_could_cut_in_an_error_is_not_answered() {
-        assert_eq!(MAX_NON_ASCII_REPLY_TO_BYTES, 188);
-        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
-        assert!(is_answerable_reply_to(&client_exchange("guest", uid)));
-        assert!(is_answerable_reply_to(&client_exchange("josé", uid)));
-        assert!(is_answerable_reply_to(&client_exchange(
-            &"é".repeat(70),
-            uid
-        )));
-        // ASCII of any length a short string holds: no byte is half a character.
-        assert!(is_answerable_reply_to(&"a".repeat(255)));
-        let cut = format!("{}é", "a".repeat(186));
-        assert_eq!(cut.len(), 188);
-        assert!(is_answerable_reply_to(&cut));
-        // A character across byte 252 of the broker's NOT_FOUND text.
-        assert!(!is_answerable_reply_to(&format!("{}éb", "a".repeat(226))));
-        assert!(!is_answerable_reply_to(&format!("{cut}b")));
     }
 
     #[test]

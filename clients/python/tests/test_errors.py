@@ -10,6 +10,7 @@ import threading
 import time
 import traceback
 import uuid
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -338,3 +339,44 @@ def test_a_broker_that_stalls_after_the_handshake_is_given_up_on_in_time(
     with pytest.raises(callme.ConnectionError, match="did not set up the reply queue"):
         callme.Proxy(url, timeout=5).close()
     assert time.monotonic() - start < 8
+
+
+def test_a_server_id_the_broker_would_name_unreadably_is_refused_before_it_is_sent(
+    amqp_url: str,
+) -> None:
+    """In a vhost whose name is not ASCII (87 ``v``, then ``ö``), a call to
+    a missing 117-character server id would have the broker close the
+    lane with ``NOT_FOUND - no exchange 'server_aaa..._ex' in vhost
+    'vvv...\xc3...``, cut at byte 252 inside the ``ö``: a frame aiormq
+    cannot read, which ends the connection and every call on it. The call
+    is refused before anything is sent (``ValueError``), and the proxy
+    keeps its connection; a short missing id is ``NoSuchServer`` as ever,
+    and an id over 117 characters, which pamqp cannot write, is a
+    ``ValueError`` saying so."""
+    vhost = f"{'v' * 87}ö-{uuid.uuid4().hex[:8]}"
+    user = _add_user(f"py-echo-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}", ".*", ".*", ".*")
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, user.name, ".*", ".*", ".*")
+        url = url_for(amqp_url, user.name, user.password)
+        url = urlsplit(url)._replace(path="/" + quote(vhost, safe="")).geturl()
+
+        async def main() -> None:
+            async with callme.AsyncProxy(url, timeout=10) as proxy:
+                with pytest.raises(callme.NoSuchServer):
+                    await proxy.call("nobody-here", "add", [1, 2])
+                link = proxy._link
+                assert link is not None
+                connection = link._connection
+                with pytest.raises(ValueError, match="too long to call"):
+                    await proxy.call("a" * 117, "add", [1, 2])
+                with pytest.raises(ValueError, match="at most 117"):
+                    await proxy.call("a" * 118, "add", [1, 2])
+                with pytest.raises(callme.NoSuchServer):
+                    await proxy.call("nobody-here", "add", [1, 2])
+                assert link._connection is connection and link.connected
+
+        asyncio.run(main())
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_user", user.name)

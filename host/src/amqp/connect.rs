@@ -134,7 +134,7 @@ impl ConnectOptions {
     }
 
     /// Every broker URI, parsed.
-    fn parse_all(&self) -> Result<Vec<AMQPUri>, Error> {
+    pub(crate) fn parse_all(&self) -> Result<Vec<AMQPUri>, Error> {
         let entries = self.entries();
         let count = entries.len();
         entries

@@ -2,6 +2,8 @@
 //!
 //! - `connect`: connection options, URIs (with TLS), and how lapin's
 //!   errors map to callme's.
+//! - `echo`: exchange names the broker may echo in an error, and whether
+//!   that error stays readable.
 //! - `link`: one connection that replaces itself when lost.
 //! - `topology`: the exchanges, queues and bindings callme declares.
 //! - `publisher`: publishing with confirms, one publish per channel at a time.
@@ -14,6 +16,7 @@
 //!   out of a queue.
 
 pub(crate) mod connect;
+pub(crate) mod echo;
 pub(crate) mod link;
 #[cfg(feature = "server")]
 pub(crate) mod pipeline;

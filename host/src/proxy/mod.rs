@@ -46,6 +46,7 @@ pub use blocking::BlockingProxy;
 use pending::Pending;
 use replies::{Replies, ReplyNames};
 
+use crate::amqp::echo::Echo;
 use crate::amqp::link::State;
 use crate::amqp::publisher::{Published, Publisher};
 use crate::amqp::{ConnectOptions, Link, resubscribe, topology};
@@ -195,6 +196,9 @@ struct Inner {
     /// Whether this proxy makes a server's plugins' calls (which names the
     /// limit a refused reply broke).
     for_plugins: bool,
+    /// Which server ids the broker can name in an error this proxy can
+    /// read: only those are called.
+    echo: Echo,
     /// Where calls are counted, once the program gives a registry.
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<crate::observe::ClientMetrics>,
@@ -223,7 +227,8 @@ impl Proxy {
         let user = options.user(&uri);
         let link = Link::connect(options, "callme proxy").await?;
         let (conn, state) = (link.current(), link.subscribe());
-        let proxy = Proxy::start(link, conn, state, &user, timeout, None).await?;
+        let proxy =
+            Proxy::start(link, conn, state, &user, timeout, None, Echo::of(options)).await?;
         debug!(target: "callme::proxy", broker = %options.redacted(), reply_exchange = %proxy.reply_exchange(), "proxy ready");
         Ok(proxy)
     }
@@ -231,10 +236,15 @@ impl Proxy {
     /// A proxy over `link`, a connection its owner opened for it (a
     /// server's, for the calls its plugins make), as AMQP user `user`.
     #[cfg(feature = "server")]
-    pub(crate) async fn over(link: Link, user: &str, timeout: Duration) -> Result<Proxy, Error> {
+    pub(crate) async fn over(
+        link: Link,
+        user: &str,
+        echo: Echo,
+        timeout: Duration,
+    ) -> Result<Proxy, Error> {
         let (conn, state) = (link.current(), link.subscribe());
         let limit = Some(crate::protocol::DEFAULT_MAX_REQUEST_BYTES);
-        Proxy::start(link, conn, state, user, timeout, limit).await
+        Proxy::start(link, conn, state, user, timeout, limit, echo).await
     }
 
     /// Declares the reply queue on `conn`, the link's connection, and
@@ -246,6 +256,7 @@ impl Proxy {
         user: &str,
         timeout: Duration,
         reply_limit: Option<usize>,
+        echo: Echo,
     ) -> Result<Proxy, Error> {
         // AMQP names are at most 255 bytes; the reply queue's name carries
         // the user's.
@@ -292,6 +303,7 @@ impl Proxy {
                 reply_limit: AtomicUsize::new(reply_limit.unwrap_or(DEFAULT_MAX_REPLY_BYTES)),
                 request_limit: AtomicUsize::new(DEFAULT_MAX_PROXY_REQUEST_BYTES),
                 for_plugins: reply_limit.is_some(),
+                echo,
                 #[cfg(feature = "metrics")]
                 metrics: std::sync::OnceLock::new(),
             }),
@@ -467,6 +479,16 @@ impl Proxy {
             return Err(Error::Config(format!(
                 "invalid server id `{}`: 1 to 200 letters, digits, `-`, `_` and `.`",
                 shown_id(server)
+            )));
+        }
+        if !self.inner.echo.readable(&server_exchange(server)) {
+            // The broker names the exchange, the vhost and the user in an
+            // error about a publish, and cuts it at 252 bytes whatever
+            // character that splits: the connection, every call on it,
+            // would end for a text lapin cannot read.
+            return Err(Error::Config(format!(
+                "server id `{server}` is too long to call as this proxy's user on its vhost                  ({} bytes): with a vhost or user name that is not ASCII, an error of the                  broker about it could be cut in the middle of a character, which would end                  the connection",
+                server.len()
             )));
         }
         // A timeout of years still ends; one of centuries is taken as

@@ -28,8 +28,7 @@ use super::reply::{Replier, Sent};
 use super::service::{Context, QUIET_IN_FLIGHT, QUIET_MAX_REQUEST_BYTES, Service};
 use crate::observe::{self, BadRequest, ReplyLost};
 use crate::protocol::{
-    CALL_DEPTH, CONTENT_TYPE, MAX_NON_ASCII_REPLY_TO_BYTES, REPLY_QUEUE, Request, Response,
-    is_answerable_reply_to, is_reply_queue_of, shown_id,
+    CALL_DEPTH, CONTENT_TYPE, REPLY_QUEUE, Request, Response, is_reply_queue_of, shown_id,
 };
 use crate::{ErrorKind, RemoteError, TraceContext};
 
@@ -87,13 +86,13 @@ impl Job {
             ack(&self._channel, &delivery).await;
             return;
         };
-        if !is_answerable_reply_to(&reply_to) {
+        if !self.server.inner.echo.readable(&reply_to) {
             // The broker could answer a reply to it with an error this
             // host cannot read, which would end its connection: every
             // call on it, each time the request came back.
             observe::bad_request(&self.id, BadRequest::Dropped);
             if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
-                warn!(target: "callme::server", server_id = %self.id, held_back = held, reply_to = %shown_id(&reply_to).escape_debug(), "request dropped: its reply_to is not ASCII and over {MAX_NON_ASCII_REPLY_TO_BYTES} bytes, which the broker may cut in two in an error");
+                warn!(target: "callme::server", server_id = %self.id, held_back = held, reply_to = %shown_id(&reply_to).escape_debug(), "request dropped: an error of the broker naming its reply_to (with this host's vhost and user, not all ASCII) could be cut in the middle of a character, which would end the host's connection");
             }
             ack(&self._channel, &delivery).await;
             return;

@@ -51,6 +51,7 @@ use runtimes::Executor;
 pub use service::NativeFunctions;
 use service::Service;
 
+use crate::amqp::echo::Echo;
 use crate::amqp::pipeline::Pipeline;
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, ServerQueue};
@@ -211,6 +212,9 @@ struct Inner {
     pipeline: Arc<Pipeline>,
     /// Requests whose reply could never be delivered, acked without one.
     undeliverable: AtomicU64,
+    /// Which `reply_to` the broker can name in an error this host can
+    /// read: only those are answered.
+    echo: Echo,
     /// Warnings callers can cause at will, logged at a bounded rate.
     noisy: Noisy,
     /// The AMQP user, whose name the proxy's reply queue carries.
@@ -358,6 +362,7 @@ impl Server {
                 publisher: Arc::new(Publisher::new(REPLY_LANES)),
                 pipeline,
                 undeliverable: AtomicU64::new(0),
+                echo: Echo::of(connect),
                 own_links: std::sync::Mutex::new(Vec::new()),
                 retiring: std::sync::Mutex::default(),
                 own_slots: Arc::new(Semaphore::new(MAX_OWN_LINKS)),
@@ -433,7 +438,8 @@ impl Server {
                     };
                     let link =
                         Link::connect_auxiliary(&options, "callme server (calls out)").await?;
-                    let proxy = Proxy::over(link, &inner.user, DEFAULT_TIMEOUT).await?;
+                    let echo = Echo::of(&inner.connect);
+                    let proxy = Proxy::over(link, &inner.user, echo, DEFAULT_TIMEOUT).await?;
                     let server = inner.link.subscribe();
                     let calls_out = proxy.clone();
                     tokio::spawn(async move {

@@ -38,6 +38,7 @@ from .protocol import (
     REPLY_QUEUE,
     decode_response,
     encode_request,
+    readable_in_error,
     server_exchange,
     valid_server_id,
 )
@@ -259,13 +260,30 @@ class AsyncProxy:
         :raises AccessRefused: the user may not call this server.
         :raises ConnectionError: no connection to the broker, or it was
             lost before the reply came.
-        :raises TypeError, ValueError: an argument is not JSON-serialisable.
+        :raises TypeError, ValueError: an argument is not JSON-serialisable;
+            ValueError also for a server id over 117 characters (pamqp
+            writes exchange names of at most 127), or too long to be named
+            in the broker's errors readably with a vhost or user name that
+            is not ASCII (see :func:`protocol.readable_in_error`).
         """
         timeout = self._timeout if timeout is None else _positive(timeout)
         self._check_loop()
         body = encode_request(func, args, kwargs)
         if not valid_server_id(server_id):
             raise errors.NoSuchServer(server_id)
+        exchange = server_exchange(server_id)
+        if len(exchange) > MAX_EXCHANGE_NAME:
+            raise ValueError(
+                f"server id {server_id!r} is {len(server_id)} characters: the AMQP library "
+                f"(pamqp) takes exchange names of at most {MAX_EXCHANGE_NAME}, so this client "
+                f"calls ids of at most {MAX_EXCHANGE_NAME - len(server_exchange(''))}"
+            )
+        if not readable_in_error(exchange, self._options.vhost, self._options.login):
+            raise ValueError(
+                f"server id {server_id!r} is too long to call as this proxy's user on its vhost: "
+                "with a vhost or user name that is not ASCII, an error of the broker about it "
+                "could be cut in the middle of a character, which would end the connection"
+            )
         if len(body) > self._max_request_bytes:
             # Its frames would hold up every other call on the connection
             # while they are written, for the broker (or the server, 4 MiB
@@ -455,6 +473,10 @@ class AsyncServerProxy:
 #: How long closing a proxy waits for the reply queues being drained to be
 #: deleted (seconds); the broker deletes those left once they expire.
 _DRAINS_END_WITHIN = 2.0
+
+#: The longest exchange name pamqp (2.3 and 3.x) writes in a publish; AMQP
+#: allows 255 bytes, as the Rust client does.
+MAX_EXCHANGE_NAME = 127
 
 #: The longest a call waits: a longer timeout, ``math.inf`` included, is
 #: taken as this (a hundred years).

@@ -255,6 +255,17 @@ class ConnectOptions:
         Rust proxy does."""
         return unquote(urlsplit(self.url).username or "") or "external"
 
+    @property
+    def login(self) -> str:
+        """The user name the URL logs in as (empty for an EXTERNAL login
+        naming none, whose name the broker takes from the certificate)."""
+        return unquote(urlsplit(self.url).username or "")
+
+    @property
+    def vhost(self) -> str:
+        """The virtual host the URL names (``/`` when it names none)."""
+        return unquote(urlsplit(self.url).path[1:]) or "/"
+
     def connection_url(self, purpose: Optional[str] = None) -> str:
         """The URL handed to the AMQP library: with ``auth=external`` added
         when a client certificate is given and the URL names no mechanism

@@ -71,6 +71,32 @@ def valid_server_id(server_id: str) -> bool:
     return _SERVER_ID.fullmatch(server_id) is not None
 
 
+def readable_in_error(exchange: str, vhost: str, user: str) -> bool:
+    """Whether every error the broker could send about a publish to
+    ``exchange`` as ``user`` on ``vhost`` can be read.
+
+    Such an error names the exchange, the vhost and, for a refusal, the
+    user (``ACCESS_REFUSED - write access to exchange 'NAME' in vhost
+    'VHOST' refused for user 'USER'``; the longest prefix is 55 bytes), and
+    RabbitMQ cuts a text longer than 255 bytes at byte 252
+    (``rabbit_binary_generator``, 3.x and 4.x), whatever character that
+    splits. A text that is not UTF-8 is a frame the AMQP library cannot
+    read, which ends the connection, and every call on it. So: always
+    when all three are ASCII, otherwise only when the longest text fits
+    whole. The Rust client's rule (``amqp/echo.rs``).
+    """
+    if exchange.isascii() and vhost.isascii() and user.isascii():
+        return True
+    size = len(exchange.encode()) + len(vhost.encode()) + len(user.encode())
+    return _ERROR_BEFORE + size + _ERROR_AFTER <= 255
+
+
+#: Room for what comes before an exchange's name in a broker's error.
+_ERROR_BEFORE = 64
+#: What comes after it besides the vhost and the user.
+_ERROR_AFTER = len("' in vhost '") + len("' refused for user '") + len("'")
+
+
 def server_exchange(server_id: str) -> str:
     """The exchange requests for ``server_id`` are published to."""
     return f"server_{server_id}_ex"
