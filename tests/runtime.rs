@@ -563,6 +563,35 @@ async fn spares_are_fresh_and_get_their_limits_when_taken() {
     assert_eq!(p.call("counter", &Args::default()).await.unwrap(), json!(1));
 }
 
+/// A spare's monotonic clock stands still while it waits for its call:
+/// read at the start of a call, it says how long the instance took to
+/// make and little more, not how long ago the call before took the last
+/// spare (something of another caller's call). The host's clock counted
+/// from when the store was made: 3 s here.
+#[tokio::test]
+async fn a_spares_clock_says_nothing_of_how_long_it_waited() {
+    let p = load(
+        "hostile",
+        "hostile",
+        PluginSettings {
+            prewarm: 1,
+            ..PluginSettings::default()
+        },
+    );
+    p.start_prewarm(&tokio::runtime::Handle::current());
+    let ready = || async { (p.spares() == 1).then_some(()) };
+    assert!(eventually(Duration::from_secs(30), ready).await.is_some());
+    p.call("uptime", &Args::default()).await.unwrap();
+    assert!(eventually(Duration::from_secs(30), ready).await.is_some());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let uptime = p.call("uptime", &Args::default()).await.unwrap();
+    let ns = uptime.as_u64().expect("nanoseconds");
+    assert!(
+        ns < 1_000_000_000,
+        "a spare's clock read {ns} ns at the start of its call, after it waited 3 s"
+    );
+}
+
 /// Asks the kernel to page out every private writable mapping of this
 /// process (`MADV_PAGEOUT`, Linux 5.4 and later): with swap on, the pages
 /// written go to swap.

@@ -675,6 +675,9 @@ impl Instances {
             .with_deadline(deadline, self.pre.instantiate_async(&mut sandbox.store))
             .await?;
         sandbox.instance = Some(instance);
+        // Until its call begins (`arm`): the guest's clock says nothing of
+        // how long it waited.
+        sandbox.store.data().clock.pause();
         Ok(sandbox)
     }
 
@@ -711,11 +714,14 @@ impl Instances {
     }
 
     /// Refills fuel, sets the deadline (`deadline`), forgets any memory
-    /// refused before and resets the transfer allowances
-    /// ([`super::hostcall::rearm`]), for the next call in `sandbox`.
+    /// refused before, resets the transfer allowances
+    /// ([`super::hostcall::rearm`]) and lets the guest's clock run again
+    /// (a spare's stands still while it waits), for the next call in
+    /// `sandbox`.
     pub(super) fn arm(&self, sandbox: &mut Sandbox, deadline: Instant) {
         sandbox.deadline = deadline;
         let store = &mut sandbox.store;
+        store.data().clock.resume();
         store.data_mut().limiter.refused = None;
         super::hostcall::rearm(store);
         // Fuel is enabled on the engine, so setting it cannot fail.

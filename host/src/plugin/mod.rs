@@ -32,6 +32,7 @@ mod bind;
 mod cache;
 mod call;
 mod caps;
+mod clock;
 mod engine;
 mod export;
 mod hostcall;

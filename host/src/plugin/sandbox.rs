@@ -21,6 +21,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::caps::CallCaps;
+use super::clock::CallClock;
 use super::log_rate::{self, Admit};
 use super::output::{CapturedOutput, Excerpt, LOG_RECORD_BYTES, one_line};
 use super::settings::GuestLogLevel;
@@ -76,6 +77,9 @@ pub(crate) struct CallState {
     pub(crate) stdout: CapturedOutput,
     pub(crate) stderr: CapturedOutput,
     pub(crate) log_level: GuestLogLevel,
+    /// The guest's monotonic clock, which stands still while a spare
+    /// waits for its call.
+    pub(crate) clock: CallClock,
     /// What the sidecar grants and the call being served brings.
     pub(crate) caps: CallCaps,
     guest_log: GuestLogBudget,
@@ -92,11 +96,13 @@ impl CallState {
     ) -> Self {
         let stdout = CapturedOutput::new(output_bytes);
         let stderr = CapturedOutput::new(output_bytes);
+        let clock = CallClock::new();
         // Nothing is granted: the builder's defaults are a closed stdin, no
         // env, no args, no preopens, and every socket address denied.
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
+            .monotonic_clock(clock.clone())
             .allow_ip_name_lookup(false)
             .allow_tcp(false)
             .allow_udp(false)
@@ -119,6 +125,7 @@ impl CallState {
             stdout,
             stderr,
             log_level,
+            clock,
             caps: CallCaps::default(),
             guest_log: GuestLogBudget::default(),
             transfers: super::hostcall::Transfers::default(),

@@ -162,6 +162,10 @@ impl Guest for Hostile {
         wasip2::random::random::get_random_bytes(u64::from(mib) * MIB as u64).len() as u64
     }
 
+    fn uptime() -> u64 {
+        wasip2::clocks::monotonic_clock::now()
+    }
+
     fn hoard(mib: u32) -> Result<u64, String> {
         use wasip2::http::types::{Fields, OutgoingRequest};
         let goal = u64::from(mib) * MIB as u64;
