@@ -25,9 +25,6 @@ use serde_json::{Value, json};
 /// unanswered; the host keeps its connection and answers everyone else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connection() {
-    use lapin::BasicProperties;
-    use lapin::options::BasicPublishOptions;
-
     let (user, password) = callme_tests::dedicated_user("reply-to-cut");
     let url = callme_tests::amqp_url_as(&user, &password);
     let srv = callme::Server::connect(&callme::ConnectOptions::new(url), ServerOptions::default())
@@ -44,22 +41,7 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
         callme_tests::connection_pid(&user, "callme server").expect("the host's connection");
 
     let reply_to = format!("{}éb", "a".repeat(226));
-    let (_raw, channel) = callme_tests::raw_channel().await;
-    channel
-        .basic_publish(
-            callme::protocol::server_exchange(&id).as_str().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            br#"{"func":"add","args":[1,2]}"#,
-            BasicProperties::default()
-                .with_content_type(callme::protocol::CONTENT_TYPE.into())
-                .with_correlation_id("cut".into())
-                .with_reply_to(reply_to.as_str().into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    add_replying_to(&callme_tests::amqp_url(), &id, &reply_to).await;
     for i in 0..20i64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
@@ -95,9 +77,6 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
 /// there (`Config`), and keeps its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
-    use lapin::BasicProperties;
-    use lapin::options::BasicPublishOptions;
-
     for (prefix, attack) in [("abö", "reply_to"), ("abcdö", "server id")] {
         let (user, password) = callme_tests::dedicated_user("echo-vhost");
         let url = callme_tests::dedicated_vhost(prefix, &user, &password);
@@ -124,25 +103,7 @@ async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
         let proxy =
             callme_tests::connection_pid(&user, "callme proxy").expect("the proxy's connection");
         if attack == "reply_to" {
-            let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
-            let channel = conn.create_channel().await.unwrap();
-            channel
-                .basic_publish(
-                    callme::protocol::server_exchange(&id).as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    br#"{"func":"add","args":[1,2]}"#,
-                    BasicProperties::default()
-                        .with_content_type(callme::protocol::CONTENT_TYPE.into())
-                        .with_correlation_id("cut".into())
-                        .with_reply_to("a".repeat(212).as_str().into()),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            add_replying_to(&url, &id, &"a".repeat(212)).await;
         } else {
             let refused = p
                 .use_server(&"a".repeat(200))
@@ -166,6 +127,33 @@ async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
             "{attack}: the proxy's connection was lost"
         );
     }
+}
+
+/// Publishes to `id`, on the broker of `url` (its vhost), a request to
+/// `add` whose `reply_to` is `reply_to`, as a caller of its own would.
+async fn add_replying_to(url: &str, id: &str, reply_to: &str) {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            callme::protocol::server_exchange(id).as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            br#"{"func":"add","args":[1,2]}"#,
+            BasicProperties::default()
+                .with_content_type(callme::protocol::CONTENT_TYPE.into())
+                .with_correlation_id("cut".into())
+                .with_reply_to(reply_to.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
