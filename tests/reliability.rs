@@ -129,6 +129,42 @@ async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
     }
 }
 
+/// A host whose address space is limited (`ulimit -v`, here 16 GiB) cannot
+/// reserve the pooling allocator's slots, and makes instances on demand.
+/// Each used to reserve wasmtime's default 4 GiB (and a guard) for its
+/// memory: the spares and a few calls took the whole limit, and the next
+/// call failed `Trap` ("Cannot allocate memory") for instances other
+/// calls held. Now an instance reserves what its memory may grow to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_short_of_address_space_makes_its_instances_on_demand() {
+    let dir = tempdir();
+    let id = unique("short-of-space");
+    deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg(format!("--as={}", 16u64 << 30))
+        .arg("--")
+        .arg(callme_tests::callme_bin());
+    let mut host = Host::start(command, &dir, &[], "callme=info");
+    host.wait_ready(Duration::from_secs(120));
+    assert!(
+        host.log_text().contains("pooling allocator unavailable"),
+        "{}",
+        host.log_text()
+    );
+    let p = proxy(Duration::from_secs(20)).await;
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move { sp.invoke::<_, Value>("sleep", (1000,)).await })
+        })
+        .collect();
+    for call in join_all(calls).await {
+        call.unwrap()
+            .expect("a call on a host short of address space");
+    }
+}
+
 /// Publishes to `id`, on the broker of `url` (its vhost), a request to
 /// `add` whose `reply_to` is `reply_to`, as a caller of its own would.
 async fn add_replying_to(url: &str, id: &str, reply_to: &str) {

@@ -251,11 +251,11 @@ impl Runtime {
                         error = %format!("{e:#}"),
                         "pooling allocator unavailable, allocating instances on demand"
                     );
-                    (new_engine(&wasm)?, false)
+                    (new_engine(on_demand(&mut wasm))?, false)
                 }
             }
         } else {
-            (new_engine(&wasm)?, false)
+            (new_engine(on_demand(&mut wasm))?, false)
         };
 
         let mut linker = Linker::new(&engine);
@@ -341,6 +341,21 @@ impl Runtime {
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
     }
+}
+
+/// `config` for instances made on demand, each reserving no more address
+/// space than its memory takes, with room to grow by 16 MiB before it is
+/// moved. wasmtime 48's defaults reserve 4 GiB and a 32 MiB guard for
+/// every memory (and 2 GiB more for one that moves), so that bounds
+/// checks can be left out: a host runs without the pool when its address
+/// space is limited (`ulimit -v`), where a handful of instances would take
+/// all of it, and the next one fail (or the plugin be refused, its trial
+/// instance not made). Each access is bounds-checked instead.
+fn on_demand(config: &mut Config) -> &Config {
+    config
+        .memory_reservation(0)
+        .memory_guard_size(64 << 10)
+        .memory_reservation_for_growth(16 << 20)
 }
 
 fn new_engine(config: &Config) -> Result<Engine, PluginError> {
