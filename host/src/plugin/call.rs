@@ -165,10 +165,9 @@ async fn run(
 ) -> Result<Value, PluginError> {
     let started = Instant::now();
     let deadline = sandbox.deadline;
-    let caps = &mut sandbox.store.data_mut().caps;
-    caps.begin(&instances.settings.capabilities, context, deadline);
     let instance = sandbox.instance.take();
     let store = &mut sandbox.store;
+    let granted = &instances.settings.capabilities;
     let outcome = instances
         .with_deadline(deadline, async move {
             let instance = match instance {
@@ -178,6 +177,10 @@ async fn run(
                     instances.pre().instantiate_async(&mut *store).await?
                 }
             };
+            // Granted from here, not to start-up code: that of a spare,
+            // made before any call, never is, and the guest must not see
+            // a difference with whether a spare was ready.
+            store.data_mut().caps.begin(granted, context, deadline);
             let results = invoke(store, &instance, export, params).await?;
             Ok((instance, results))
         })
