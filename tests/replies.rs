@@ -556,7 +556,7 @@ async fn a_call_waiting_for_a_lane_as_the_connection_goes_is_sent_on_the_next() 
         let sp = p.use_server(&stuck);
         tokio::spawn(async move { sp.invoke::<_, i64>("add", (1, 2)).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let waiting = {
         let sp = p.use_server(&id);
         tokio::spawn(async move { sp.invoke::<_, i64>("add", (3, 4)).await })
