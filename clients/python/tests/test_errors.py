@@ -347,7 +347,7 @@ def test_a_server_id_the_broker_would_name_unreadably_is_refused_before_it_is_se
     """In a vhost whose name is not ASCII (87 ``v``, then ``ö``), a call to
     a missing 117-character server id would have the broker close the
     lane with ``NOT_FOUND - no exchange 'server_aaa..._ex' in vhost
-    'vvv...\xc3...``, cut at byte 252 inside the ``ö``: a frame aiormq
+    'vvv...\\xc3...``, cut at byte 252 inside the ``ö``: a frame aiormq
     cannot read, which ends the connection and every call on it. The call
     is refused before anything is sent (``ValueError``), and the proxy
     keeps its connection; a short missing id is ``NoSuchServer`` as ever,

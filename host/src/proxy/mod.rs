@@ -487,7 +487,10 @@ impl Proxy {
             // character that splits: the connection, every call on it,
             // would end for a text lapin cannot read.
             return Err(Error::Config(format!(
-                "server id `{server}` is too long to call as this proxy's user on its vhost                  ({} bytes): with a vhost or user name that is not ASCII, an error of the                  broker about it could be cut in the middle of a character, which would end                  the connection",
+                "server id `{server}` is too long to call as this proxy's user on its vhost \
+                 ({} bytes): with a vhost or user name that is not ASCII, an error of the \
+                 broker about it could be cut in the middle of a character, which would end \
+                 the connection",
                 server.len()
             )));
         }

@@ -92,7 +92,7 @@ impl Job {
             // call on it, each time the request came back.
             observe::bad_request(&self.id, BadRequest::Dropped);
             if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
-                warn!(target: "callme::server", server_id = %self.id, held_back = held, reply_to = %shown_id(&reply_to).escape_debug(), "request dropped: an error of the broker naming its reply_to (with this host's vhost and user, not all ASCII) could be cut in the middle of a character, which would end the host's connection");
+                warn!(target: "callme::server", server_id = %self.id, held_back = held, reply_to = %shown_id(&reply_to).escape_debug(), "request dropped: its reply_to is too long for the broker to name it in an error (where it, the vhost or the user is not ASCII, the error could be cut in the middle of a character, which would end the host's connection)");
             }
             ack(&self._channel, &delivery).await;
             return;
