@@ -109,6 +109,9 @@ class AsyncProxy:
         self._timeout = _positive(timeout)
         self._max_reply_bytes = _byte_limit("max_reply_bytes", max_reply_bytes)
         self._max_request_bytes = _byte_limit("max_request_bytes", max_request_bytes)
+        # What the broker names beside an exchange in its errors: read
+        # from the URL once, not at every call.
+        self._echo = (self._options.vhost, self._options.login)
         self._link: Optional[Link] = None
         self._publisher: Optional[Publisher] = None
         self._starting: Optional["asyncio.Future[None]"] = None
@@ -278,7 +281,7 @@ class AsyncProxy:
                 f"(pamqp) takes exchange names of at most {MAX_EXCHANGE_NAME}, so this client "
                 f"calls ids of at most {MAX_EXCHANGE_NAME - len(server_exchange(''))}"
             )
-        if not readable_in_error(exchange, self._options.vhost, self._options.login):
+        if not readable_in_error(exchange, *self._echo):
             raise ValueError(
                 f"server id {server_id!r} is too long to call as this proxy's user on its vhost: "
                 "with a vhost or user name that is not ASCII, an error of the broker about it "
