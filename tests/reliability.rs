@@ -129,33 +129,62 @@ async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
     }
 }
 
-/// A host whose address space is limited (`ulimit -v`, here 16 GiB) cannot
-/// reserve the pooling allocator's slots, and makes instances on demand.
-/// Each used to reserve wasmtime's default 4 GiB (and a guard) for its
-/// memory: the spares and a few calls took the whole limit, and the next
-/// call failed `Trap` ("Cannot allocate memory") for instances other
-/// calls held. Now an instance reserves what its memory may grow to.
+/// A host whose address space is limited (`ulimit -v`) cannot reserve the
+/// pooling allocator's slots, and makes instances on demand. Each used to
+/// reserve wasmtime's default 4 GiB (and a guard) for its memory: with
+/// 24 GiB to spare beyond what the host takes idle (its threads' stacks
+/// are most of that), a few instances took it all, and the next call
+/// failed `Trap` ("Cannot allocate memory"), or the plugin was refused
+/// outright, its trial instance not made. Two copies of `hostile`, 8
+/// calls in flight to each, and their spares: 20 instances, each now
+/// reserving what its memory may grow to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_short_of_address_space_makes_its_instances_on_demand() {
     let dir = tempdir();
-    let id = unique("short-of-space");
-    deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
-    let mut command = std::process::Command::new("prlimit");
-    command
-        .arg(format!("--as={}", 16u64 << 30))
-        .arg("--")
-        .arg(callme_tests::callme_bin());
-    let mut host = Host::start(command, &dir, &[], "callme=info");
-    host.wait_ready(Duration::from_secs(120));
-    assert!(
-        host.log_text().contains("pooling allocator unavailable"),
-        "{}",
-        host.log_text()
-    );
+    let ids = [unique("short-of-space"), unique("short-of-space")];
+    for id in &ids {
+        deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
+    }
     let p = proxy(Duration::from_secs(20)).await;
-    let calls: Vec<_> = (0..8)
-        .map(|_| {
-            let sp = p.use_server(&id);
+    // Under 1 TiB the pool (4 TiB for 1000 slots) cannot be reserved.
+    let short_of_space = |bytes: u64| {
+        let mut command = std::process::Command::new("prlimit");
+        command
+            .arg(format!("--as={bytes}"))
+            .arg("--")
+            .arg(callme_tests::callme_bin());
+        let mut host = Host::start(command, &dir, &[], "callme=info");
+        host.wait_ready(Duration::from_secs(120));
+        assert!(
+            host.log_text().contains("pooling allocator unavailable"),
+            "{}",
+            host.log_text()
+        );
+        host
+    };
+    // What such a host takes idle, having served a call of each id.
+    let idle = {
+        let mut host = short_of_space(1 << 40);
+        for id in &ids {
+            let _: Value = p.use_server(id).invoke("sleep", (1,)).await.unwrap();
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", host.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmSize");
+        host.terminate();
+        assert!(
+            host.wait(Duration::from_secs(60)).is_some(),
+            "the host did not stop"
+        );
+        kib << 10
+    };
+    let _host = short_of_space(idle + (24 << 30));
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let sp = p.use_server(&ids[i % 2]);
             tokio::spawn(async move { sp.invoke::<_, Value>("sleep", (1000,)).await })
         })
         .collect();
