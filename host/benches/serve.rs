@@ -20,6 +20,10 @@
 //! - **callme serve**: the release `callme` binary serving the calc
 //!   plugin (fresh sandbox per call, concurrency 64).
 //!
+//! `raw-server ID READY_FILE` runs only the raw + confirms server, under
+//! server id `ID`, until killed, writing `READY_FILE` once it consumes:
+//! the baseline `scripts/bench-host-cpu` measures beside `callme serve`.
+//!
 //! Memory (`memory`, or everything when no argument is given): resident
 //! memory of `callme serve` with 1 and with 100 copies of calc served,
 //! and before and after `CALLME_BENCH_CALLS` calls (default 200,000) with
@@ -408,6 +412,15 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let [mode, id, ready] = &which[..]
+        && mode == "raw-server"
+    {
+        return rt.block_on(async {
+            let _conn = raw_echo(id, true).await?;
+            std::fs::write(ready, "")?;
+            std::future::pending::<anyhow::Result<()>>().await
+        });
+    }
     rt.block_on(async {
         println!("broker: {}", callme::redact_uri(&url()));
         if wants("speed") {

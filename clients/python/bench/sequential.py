@@ -19,6 +19,11 @@ turn, so a machine that slows down during the run slows them alike):
   layer can do), under this interpreter, which holds pamqp through
   aio-pika: a reference for what a blocking Python caller could reach
   with no AMQP library between it and the socket;
+- ``lean asyncio client``: bench/lean_asyncio.py, the calls of the
+  blocking ``Proxy`` (the loop run in the caller's thread, a timer, the
+  client's properties and headers, acks in runs) with pamqp's framing
+  read in an ``asyncio.Protocol``, no aiormq: a reference for what a
+  client built on asyncio could reach with a leaner AMQP layer;
 - ``Proxy shared by 8 threads``: calls/s of 8 threads calling through one
   blocking proxy at once (8 × the round's calls), printed apart: its
   calls are not sequential.
@@ -206,6 +211,7 @@ def main() -> None:
         if opts.pika_python:
             lean_client(opts.pika_python, "lean_pika.py", "lean pika client")
         lean_client(sys.executable, "lean_pamqp.py", "lean pamqp client")
+        lean_client(sys.executable, "lean_asyncio.py", "lean asyncio client")
 
         def shared_round(n: int) -> float:
             """Calls/s of THREADS threads sharing the blocking proxy, n
@@ -271,6 +277,9 @@ def main() -> None:
                   "callme_client Proxy", "lean pika client")
 
         ratio("lean pamqp client / callme 0.2.0", "lean pamqp client", "callme 0.2.0 (kombu)")
+        ratio("lean asyncio client / callme 0.2.0", "lean asyncio client", "callme 0.2.0 (kombu)")
+        ratio("callme_client Proxy / lean asyncio client",
+              "callme_client Proxy", "lean asyncio client")
 
         proxy.close()
         loop.run_until_complete(aproxy.close())
