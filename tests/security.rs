@@ -487,6 +487,62 @@ async fn a_plugin_called_again_and_again_cannot_flood_the_host_log() {
     );
 }
 
+/// Guest lines the host's log filter does not write (here every line
+/// below `warn`) take nothing of a plugin's share of the log: a plugin
+/// that logs at `info` on every call, called a few hundred times, still
+/// has its next `error` line written, rather than held back for lines
+/// nobody could read.
+#[tokio::test]
+async fn lines_the_host_does_not_write_cost_a_plugin_none_of_its_log() {
+    let dir = tempdir();
+    let id = unique("quietlog");
+    deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::start(
+        std::process::Command::new(callme_bin()),
+        &dir,
+        &["--concurrency", "16"],
+        "callme=warn",
+    );
+    host.wait_ready(Duration::from_secs(30));
+    let p = proxy(Duration::from_secs(60)).await;
+    // 200 calls of 16 `info` lines and a few hundred bytes of stdout
+    // each: about 1 MB of log at the host's reckoning, four times the
+    // burst of 256 KiB, were they written.
+    let spam: Vec<_> = (0..200)
+        .map(|_| {
+            let sp = p.use_server(&id);
+            tokio::spawn(async move { sp.call("spam", pos(json!([16]))).await })
+        })
+        .collect();
+    for call in spam {
+        call.await.unwrap().unwrap();
+    }
+    // One `error` line: 1 MiB of '!', cut to a line's share.
+    p.use_server(&id)
+        .call("shout", pos(json!([1, 1])))
+        .await
+        .unwrap();
+    let written = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&id) && l.contains("!!!!!!!!"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !written(&host.log_text()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = host.log_text();
+    assert!(
+        written(&log),
+        "the plugin's error line was not written: {}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    assert!(
+        !log.contains("held back") && !log.contains("spam line"),
+        "lines below the filter were counted or written: {}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+}
+
 /// The seed's recipes are unanchored: `client_olivia_.*` also matches the
 /// reply exchange of a user `olivia_x`, so olivia may bind a queue of her
 /// own to it and read olivia_x's replies. The anchored recipes allow her

@@ -137,8 +137,9 @@ impl CallState {
     /// the budget. The next call (of a reused instance) starts afresh.
     pub(crate) fn log_output(&self) {
         let plugin = &*self.plugin;
+        let written = tracing::enabled!(target: "callme::plugin", tracing::Level::INFO);
         for (stream, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
-            if self.log_level > GuestLogLevel::Info {
+            if self.log_level > GuestLogLevel::Info || !written {
                 out.clear();
                 continue;
             }
@@ -208,6 +209,18 @@ macro_rules! guest_event {
     };
 }
 
+/// Whether the host's log filter writes a guest line at `level` (in the
+/// span of the call at hand).
+fn guest_enabled(level: Level) -> bool {
+    match level {
+        Level::Trace => tracing::enabled!(target: "callme::plugin", tracing::Level::TRACE),
+        Level::Debug => tracing::enabled!(target: "callme::plugin", tracing::Level::DEBUG),
+        Level::Info => tracing::enabled!(target: "callme::plugin", tracing::Level::INFO),
+        Level::Warn => tracing::enabled!(target: "callme::plugin", tracing::Level::WARN),
+        Level::Error => tracing::enabled!(target: "callme::plugin", tracing::Level::ERROR),
+    }
+}
+
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -226,7 +239,10 @@ impl Host for CallState {
             Level::Warn => GuestLogLevel::Warn,
             Level::Error => GuestLogLevel::Error,
         };
-        if wanted < self.log_level {
+        if wanted < self.log_level || !guest_enabled(level) {
+            // Not kept by the plugin's settings, or not written by the
+            // host's filter: a line nobody will read takes nothing of
+            // the call's share or the plugin's rate.
             return;
         }
         let budget = &mut self.guest_log;
