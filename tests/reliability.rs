@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use callme::protocol::{Args, Request};
 use callme::{Error, ErrorKind, PluginSettings, ServerOptions};
 use callme_tests::{
-    Host, RawClient, deploy, load, plugin_path, pos, proxy, serve_calc, server, slow_calls,
-    tempdir, unique,
+    Host, RawClient, answers_add, deploy, load, plugin_path, pos, proxy, serve_calc, server,
+    slow_calls, tempdir, unique,
 };
 use futures_util::future::join_all;
 use proptest::prelude::*;
@@ -44,8 +44,7 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
     add_replying_to(&callme_tests::amqp_url(), &id, &reply_to).await;
     for i in 0..20i64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
-        assert_eq!(sum, i + 1);
+        answers_add(&p, &id, i).await;
     }
     assert_eq!(
         callme_tests::connection_pid(&user, "callme server"),
@@ -113,8 +112,7 @@ async fn a_vhost_not_ascii_bounds_the_names_the_broker_would_echo() {
         }
         for i in 0..10i64 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let sum: i64 = p.use_server(&id).invoke("add", (i, 1)).await.unwrap();
-            assert_eq!(sum, i + 1);
+            answers_add(&p, &id, i).await;
         }
         assert_eq!(
             callme_tests::connection_pid(&user, "callme server"),

@@ -1377,6 +1377,45 @@ async fn a_proxy_names_its_reply_queue_anew_on_each_connection() {
     assert!(queues.contains(&after.replace("_ex_", "_queue_")));
 }
 
+/// A proxy of a user of its own calling calc, served under an id of its
+/// own, and answered once: what the unreadable-reply tests start from.
+struct CalcCaller {
+    user: String,
+    /// Serves `id` while kept.
+    _srv: Server,
+    id: String,
+    p: Proxy,
+    /// The proxy's reply exchange.
+    before: String,
+    /// The pid of the proxy's connection.
+    first: String,
+}
+
+/// [`CalcCaller`] for a user and an id named after `name`.
+async fn calc_caller(name: &str) -> CalcCaller {
+    let (user, password) = dedicated_user(name);
+    let srv = server(ServerOptions::default()).await;
+    let id = unique(name);
+    srv.serve_plugin(load("calc", &id, PluginSettings::default()))
+        .await
+        .unwrap();
+    let url = amqp_url_as(&user, &password);
+    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
+        .await
+        .unwrap();
+    answers_add(&p, &id, 1).await;
+    let before = p.reply_exchange();
+    let first = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    CalcCaller {
+        user,
+        _srv: srv,
+        id,
+        p,
+        before,
+        first,
+    }
+}
+
 /// A reply the AMQP client cannot read, sent to a proxy's reply exchange
 /// (by a server it calls, or anyone else who may write there), ends the
 /// proxy's connection. It used to fail every call waiting on it
@@ -1388,19 +1427,14 @@ async fn a_proxy_names_its_reply_queue_anew_on_each_connection() {
 /// connection nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_reply_costs_the_calls_waiting_nothing() {
-    let (user, password) = dedicated_user("unreadable-reply");
-    let srv = server(ServerOptions::default()).await;
-    let id = unique("unreadable-reply");
-    srv.serve_plugin(load("calc", &id, PluginSettings::default()))
-        .await
-        .unwrap();
-    let url = amqp_url_as(&user, &password);
-    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
-        .await
-        .unwrap();
-    answers_add(&p, &id, 1).await;
-    let before = p.reply_exchange();
-    let first = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    let CalcCaller {
+        user,
+        _srv,
+        id,
+        p,
+        before,
+        first,
+    } = calc_caller("unreadable-reply").await;
 
     // Replies ahead of the unreadable one: held in the queue's process
     // until it is resumed, then delivered in their order.
@@ -1466,19 +1500,14 @@ async fn an_unreadable_reply_costs_the_calls_waiting_nothing() {
 /// to fail every call waiting, those being drained too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_connections_loss_costs_the_calls_being_drained_nothing() {
-    let (user, password) = dedicated_user("drained-then-lost");
-    let srv = server(ServerOptions::default()).await;
-    let id = unique("drained-then-lost");
-    srv.serve_plugin(load("calc", &id, PluginSettings::default()))
-        .await
-        .unwrap();
-    let url = amqp_url_as(&user, &password);
-    let p = Proxy::connect_with(&ConnectOptions::new(url), Duration::from_secs(30))
-        .await
-        .unwrap();
-    answers_add(&p, &id, 1).await;
-    let before = p.reply_exchange();
-    let first = connection_pid(&user, "callme proxy").expect("the proxy's connection");
+    let CalcCaller {
+        user,
+        _srv,
+        id,
+        p,
+        before,
+        first,
+    } = calc_caller("drained-then-lost").await;
     let slow = slow_calls(&p, &id, 3, 5000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     callme_tests::publish_unreadable_to(&before).await;
