@@ -101,6 +101,8 @@ impl CallOptions {
 /// One call, across its attempts.
 struct Call<'a> {
     server: &'a str,
+    /// The server's exchange, where the request goes.
+    exchange: &'a str,
     func: &'a str,
     corr: &'a str,
     body: &'a Arc<[u8]>,
@@ -481,7 +483,8 @@ impl Proxy {
                 shown_id(server)
             )));
         }
-        if !self.inner.echo.readable(&server_exchange(server)) {
+        let exchange = server_exchange(server);
+        if !self.inner.echo.readable(&exchange) {
             // The broker names the exchange, the vhost and the user in an
             // error about a publish, and cuts it at 252 bytes whatever
             // character that splits: the connection, every call on it,
@@ -528,6 +531,7 @@ impl Proxy {
         }
         let call = Call {
             server,
+            exchange: &exchange,
             func,
             corr: &corr,
             body: &body,
@@ -705,7 +709,7 @@ impl Proxy {
         let (mut tx, rx) = tokio::sync::oneshot::channel();
         let publisher = self.inner.publisher.clone();
         let server = call.server.to_string();
-        let exchange = server_exchange(server.as_str());
+        let exchange = call.exchange.to_string();
         let corr = call.corr.to_string();
         let headers = call.headers.clone();
         let body = call.body.clone();

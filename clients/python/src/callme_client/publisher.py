@@ -145,7 +145,7 @@ class Publisher:
                 if not opened(connection):
                     # Lost while this waited for a lane or opened one (or
                     # before the link was told): nothing is written yet.
-                    raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}")
+                    raise _not_sent(server_id)
                 if deadline is not None:
                     properties.expiration = str(
                         expiration_ms(deadline - asyncio.get_running_loop().time())
@@ -255,6 +255,11 @@ def cancelled_by_caller() -> bool:
 _LOST = "the connection was lost"
 
 
+def _not_sent(server_id: str) -> NotSent:
+    """Why the request to ``server_id`` was not sent: its connection was lost."""
+    return NotSent(f"the request to {server_id!r} was not sent: {_LOST}")
+
+
 async def _open_lane(connection: AbstractConnection, server_id: str) -> aiormq.abc.AbstractChannel:
     """A new confirm-mode lane on aiormq's connection under ``connection``.
 
@@ -262,7 +267,7 @@ async def _open_lane(connection: AbstractConnection, server_id: str) -> aiormq.a
     """
     under = aiormq_connection(connection)
     if under is None:
-        raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}")
+        raise _not_sent(server_id)
     try:
         return await under.channel(publisher_confirms=True, on_return_raises=True)
     except (Exception, asyncio.CancelledError) as e:
@@ -270,7 +275,7 @@ async def _open_lane(connection: AbstractConnection, server_id: str) -> aiormq.a
         # heartbeat watchdog) with a CancelledError of its own.
         if opened(connection) or (isinstance(e, asyncio.CancelledError) and cancelled_by_caller()):
             raise
-        raise NotSent(f"the request to {server_id!r} was not sent: {_LOST}") from None
+        raise _not_sent(server_id) from None
 
 
 def _close_later(channel: aiormq.abc.AbstractChannel) -> None:
