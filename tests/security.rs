@@ -1407,21 +1407,28 @@ async fn a_flood_of_replies_waits_in_the_broker_not_in_the_caller() {
         other => panic!("no reply queue named: {other:?}"),
     };
 
-    let consumers = broker_ctl(&[
-        "list_consumers",
-        "-q",
-        "--no-table-headers",
-        "queue_name",
-        "ack_required",
-        "prefetch_count",
-    ]);
-    let reply_consumer: Vec<&str> = consumers
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&queue.as_str()))
-        .unwrap_or_else(|| panic!("no consumer of {queue}: {consumers}"))[1..]
-        .to_vec();
-    assert_eq!(reply_consumer, ["true", "64"], "{queue}: {consumers}");
+    // Read until the broker's listing shows the consumer (under load it
+    // has been seen to lag its consume-ok).
+    let list = || {
+        broker_ctl(&[
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "ack_required",
+            "prefetch_count",
+        ])
+    };
+    let reply_consumer = callme_tests::eventually(Duration::from_secs(20), || async {
+        list()
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&queue))
+            .map(|f| f[1..].to_vec())
+    })
+    .await
+    .unwrap_or_else(|| panic!("no consumer of {queue}: {}", list()));
+    assert_eq!(reply_consumer, ["true", "64"], "{queue}");
 
     let (_conn, flood) = callme_tests::raw_channel().await;
     let body = vec![b' '; 64 << 10];
