@@ -943,6 +943,56 @@ async fn a_request_whose_header_is_over_the_clients_frame_size_costs_the_other_c
     callme_tests::wait_queue_settled(&server_queue(&poisoned), Duration::from_secs(10)).await;
 }
 
+/// An id whose queue went while the host's connection was down (lost to
+/// a request the AMQP client cannot read, sent to another id) is served
+/// again: its queue is declared anew. The host used to ask how many
+/// requests the gone queue held, again and again, and never served the id
+/// again. Here the host may not reconnect (its user's connection limit at
+/// 0) until the queue is deleted, as an expiry or another host's stop
+/// would delete it.
+#[tokio::test]
+async fn an_id_whose_queue_went_while_the_connection_was_down_is_served_again() {
+    let (user, password) = callme_tests::dedicated_user("qgone");
+    let host = Server::connect(
+        &ConnectOptions::new(amqp_url_as(&user, &password)),
+        ServerOptions::default(),
+    )
+    .await
+    .unwrap();
+    let (poisoned, gone) = (unique("qgone-poison"), unique("qgone"));
+    host.serve_native(&poisoned, native_add()).await.unwrap();
+    host.serve_native(&gone, native_add()).await.unwrap();
+    let p = proxy(Duration::from_secs(10)).await;
+    callme_tests::answers_add(&p, &poisoned, 1).await;
+    callme_tests::answers_add(&p, &gone, 1).await;
+
+    broker_ctl(&["set_user_limits", &user, r#"{"max-connections": 0}"#]);
+    publish_unreadable(&poisoned).await;
+    let down = callme_tests::eventually(Duration::from_secs(20), || async {
+        callme_tests::connection_pid(&user, "callme server")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(down.is_some(), "the host's connection was not lost");
+    broker_ctl(&["delete_queue", &server_queue(&gone)]);
+    broker_ctl(&["clear_user_limits", &user, "max-connections"]);
+
+    let served = callme_tests::eventually(Duration::from_secs(30), || async {
+        let r = p
+            .use_server(&gone)
+            .call_timeout("add", pos(json!([2, 3])), Duration::from_secs(2))
+            .await;
+        matches!(r, Ok(v) if v == json!(5)).then_some(())
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "the id whose queue went is not served again"
+    );
+    callme_tests::answers_add(&p, &poisoned, 2).await;
+}
+
 /// A caller who keeps sending requests the host cannot read costs the
 /// callers of the host's other ids one reconnection at most: once one
 /// such request has taken the host's connection down, the id it was sent

@@ -47,7 +47,7 @@ use tracing::{debug, error, info, warn};
 
 use super::given_back::GivenBack;
 use crate::amqp::ConnectOptions;
-use crate::amqp::connect::classify_lapin;
+use crate::amqp::connect::{classify_lapin, is_not_found};
 pub(super) use crate::amqp::unreadable::is_unreadable;
 use crate::amqp::unreadable::{GET_WITHIN, Got, close, get_one};
 use crate::protocol::{server_exchange, server_queue};
@@ -87,12 +87,19 @@ static LOOKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 /// that took the connection down, and is not looked at, so the ids of a
 /// lost connection that were idle open no connection to look.
 ///
+/// A queue that is gone (it expired while the connection was down, or
+/// another host of the id or an operator deleted it) holds no request:
+/// 0, and subscribing declares it again.
+///
 /// # Errors
 ///
-/// When the broker cannot say (the queue is gone, the connection lost).
+/// When the broker cannot say (the connection lost).
 pub(super) async fn waiting(conn: &Connection, id: &str) -> Result<u32, crate::Error> {
     let channel = conn.create_channel().await.map_err(classify_lapin)?;
-    let waiting = waiting_on(&channel, id).await;
+    let waiting = match waiting_on(&channel, id).await {
+        Err(crate::Error::Connection(e)) if is_not_found(&e) => Ok(0),
+        other => other,
+    };
     if channel.status().connected() {
         crate::amqp::topology::close_soon(channel);
     }
