@@ -67,6 +67,55 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
     assert_eq!(line.split('\t').nth(1), Some("0"), "{line}");
 }
 
+/// A request dropped for such a `reply_to` is acked and done with, not
+/// noted as a request the host gave back (which its debug log says of
+/// each it notes). Each used to be noted: a caller sending them with fresh
+/// correlation ids could push out the notes that keep other callers'
+/// requests, given back through connection losses, from counting against
+/// the delivery limit (`host/src/server/given_back.rs`).
+#[tokio::test]
+async fn a_request_dropped_for_its_reply_to_is_not_noted_as_given_back() {
+    let dir = tempdir();
+    let id = unique("reply-to-noted");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        &dir,
+        &[],
+        "callme=debug",
+    );
+    host.wait_ready(Duration::from_secs(60));
+    let p = proxy(Duration::from_secs(10)).await;
+    answers_add(&p, &id, 1).await;
+    let reply_to = format!("{}éb", "a".repeat(226));
+    for _ in 0..3 {
+        add_replying_to(&callme_tests::amqp_url(), &id, &reply_to).await;
+    }
+    let dropped = callme_tests::eventually(Duration::from_secs(20), || async {
+        let log = host.log_text();
+        // The first is logged, the next held back (throttled).
+        log.contains("its reply_to is too long").then_some(())
+    })
+    .await;
+    assert!(dropped.is_some(), "not dropped:\n{}", host.log_text());
+    // Acked: nothing waits in the queue, and the calls after are answered.
+    callme_tests::wait_queue_settled(
+        &callme::protocol::server_queue(&id),
+        Duration::from_secs(10),
+    )
+    .await;
+    for i in 0..3 {
+        answers_add(&p, &id, i).await;
+    }
+    let log = host.log_text();
+    assert!(
+        !log.contains("noted as given back"),
+        "a dropped request was noted as given back:\n{log}"
+    );
+    host.terminate();
+    host.wait(Duration::from_secs(30));
+}
+
 /// The same cut, in a virtual host whose name is not ASCII: an ASCII
 /// `reply_to` of 212 bytes, an exchange that does not exist, puts the
 /// `ö` of the vhost across byte 252 of `NOT_FOUND - no exchange '...' in

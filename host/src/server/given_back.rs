@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tracing::debug;
+
 /// Requests noted at most; past half of it, the older half is let go.
 const MAX_NOTED: usize = 1 << 16;
 
@@ -162,12 +164,17 @@ impl GivenBack {
         if keys.peek().is_none() {
             return;
         }
-        let mut notes = self.lock();
-        notes.age(now);
-        for key in keys {
-            notes.note(key, now, reply_failed);
+        let mut noted = 0;
+        {
+            let mut notes = self.lock();
+            notes.age(now);
+            for key in keys {
+                notes.note(key, now, reply_failed);
+                noted += 1;
+            }
+            self.len.store(notes.len(), Ordering::Relaxed);
         }
-        self.len.store(notes.len(), Ordering::Relaxed);
+        debug!(target: "callme::server", requests = noted, "noted as given back: not counted against them when delivered again");
     }
 
     /// How many times this host gave the request back lately, up to

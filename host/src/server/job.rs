@@ -83,7 +83,7 @@ impl Job {
             if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
                 warn!(target: "callme::server", server_id = %self.id, held_back = held, "request without reply_to or correlation_id dropped");
             }
-            ack(&self._channel, &delivery).await;
+            ack(&self._channel, &delivery, holding).await;
             return;
         };
         if !self.server.inner.echo.readable(&reply_to) {
@@ -94,7 +94,7 @@ impl Job {
             if let Some(held) = self.server.inner.noisy.unanswerable.admit() {
                 warn!(target: "callme::server", server_id = %self.id, held_back = held, reply_to = %shown_id(&reply_to).escape_debug(), "request dropped: its reply_to is too long for the broker to name it in an error (where it, the vhost or the user is not ASCII, the error could be cut in the middle of a character, which would end the host's connection)");
             }
-            ack(&self._channel, &delivery).await;
+            ack(&self._channel, &delivery, holding).await;
             return;
         }
         // Only requests that can be answered: one dropped above costs its
@@ -183,9 +183,8 @@ impl Job {
                 if pipelined {
                     observe::reply_pipelined(&self.id);
                 }
-                if ack(&self._channel, &delivery).await {
+                if ack(&self._channel, &delivery, holding).await {
                     inner.answered.fetch_add(1, Ordering::Relaxed);
-                    settled(holding);
                 }
             }
             Sent::Undeliverable(why) => {
@@ -206,9 +205,7 @@ impl Job {
                 if let Some(held) = throttle.admit() {
                     info!(target: "callme::server", server_id = %self.id, reply_to = %reply_to.escape_debug(), held_back = held, "{reason}");
                 }
-                if ack(&self._channel, &delivery).await {
-                    settled(holding);
-                }
+                ack(&self._channel, &delivery, holding).await;
             }
             Sent::Failed(e) => {
                 // Given back once for another try (here or on another
@@ -379,8 +376,11 @@ fn call_depth(delivery: &Delivery) -> u32 {
     depth.map_or(0, |d| u32::try_from(d).unwrap_or(u32::MAX))
 }
 
-/// Acks a request; whether the broker took the ack.
-async fn ack(channel: &Channel, delivery: &Delivery) -> bool {
+/// Acks a request; whether the broker took the ack. Taken, it settles
+/// the request's `holding`, so that every request acked, answered or
+/// dropped, is done with; one whose ack failed goes back with its channel,
+/// noted as its holding is dropped.
+async fn ack(channel: &Channel, delivery: &Delivery, holding: Option<Holding>) -> bool {
     // On the channel the request came on, directly: the delivery's own
     // acker goes through lapin's internal task first, one more hand-off
     // between threads for every request.
@@ -388,7 +388,10 @@ async fn ack(channel: &Channel, delivery: &Delivery) -> bool {
         .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
         .await;
     match acked {
-        Ok(()) => true,
+        Ok(()) => {
+            settled(holding);
+            true
+        }
         Err(e) => {
             warn!(target: "callme::server", error = %e, "ack failed (the request's channel is closed?); the broker will redeliver");
             false
