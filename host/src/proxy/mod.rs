@@ -13,7 +13,10 @@
 //! reconnects, declares a reply queue under a new name, and calls made
 //! meanwhile wait for that within their timeouts. A connection lost to a
 //! reply the AMQP client cannot read fails no call waiting: the reply
-//! queue outlives it, and their replies are taken from it. Every
+//! queue outlives it, and their replies are taken from it (by a proxy
+//! that reconnects, as by default: one with
+//! [`ConnectOptions::auto_recover`] off is closed by any loss, this one
+//! too, and fails every call). Every
 //! request carries a W3C `traceparent`: the caller's trace when it gives
 //! one ([`ServerProxy::with_trace`], [`CallOptions::trace`]), a new trace
 //! otherwise.
