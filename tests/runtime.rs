@@ -777,6 +777,88 @@ fn two_memories() -> Plugin {
     from_text(TWO_MEMORIES, "two-memories", limits)
 }
 
+/// A component of `tables` instances of one core module with a function
+/// table of no elements: `grow{i}(n)` grows the table of instance `i` by
+/// `n` (`table.grow`: its old size, or -1 if refused).
+fn many_tables(tables: usize) -> Vec<u8> {
+    let instances: String = (0..tables)
+        .map(|i| format!("  (core instance $i{i} (instantiate $m))\n"))
+        .collect();
+    let exports: String = (0..tables)
+        .map(|i| {
+            format!(
+                "  (func (export \"grow{i}\") (param \"n\" u32) (result s32)\n\
+                 \x20   (canon lift (core func $i{i} \"grow\")))\n"
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"
+(component
+  (core module $m
+    (table $t 0 funcref)
+    (func (export "grow") (param i32) (result i32)
+      (table.grow $t (ref.null func) (local.get 0))))
+{instances}{exports})
+"#
+    );
+    wat::parse_str(&text).expect("the component's text")
+}
+
+/// A guest's tables are bounded alike with the pool and without it (as a
+/// host short of address space makes its instances): at most 32 tables, of
+/// at most 65,536 elements (512 KiB) each. Without the pool a store took
+/// wasmtime's own defaults, 10,000 tables, each allowed a million
+/// elements: the 30 tables here grown to that are 240 MiB of the host's
+/// memory, outside the call's memory limit, for a few units of fuel.
+#[tokio::test]
+async fn a_guests_tables_are_bounded_with_the_pool_and_without_it() {
+    let on_demand = callme::Runtime::with_config(callme::RuntimeConfig {
+        pooling: false,
+        cache_dir: None,
+        ..callme::RuntimeConfig::default()
+    })
+    .unwrap();
+    assert!(runtime().is_pooling() && !on_demand.is_pooling());
+    for (rt, how) in [(runtime(), "pooled"), (on_demand, "made on demand")] {
+        let load = |tables| {
+            Plugin::load(
+                &rt,
+                "tables",
+                &many_tables(tables),
+                PluginSettings::default(),
+            )
+        };
+        let p = load(30).unwrap_or_else(|e| panic!("{how}: {e}"));
+        let mut s = p.session().await.unwrap();
+        for i in 0..30 {
+            let grow = format!("grow{i}");
+            let mut grow = async |n: u32| s.call(&grow, &pos(json!([n]))).await.unwrap();
+            assert_eq!(
+                grow(1 << 20).await,
+                json!(-1),
+                "{how}: table {i} grown to a million"
+            );
+            assert_eq!(
+                grow(1 << 16).await,
+                json!(0),
+                "{how}: table {i} grown to 65,536"
+            );
+            assert_eq!(
+                grow(1).await,
+                json!(-1),
+                "{how}: table {i} grown past 65,536"
+            );
+        }
+        // 40 tables: refused as the plugin loads or as its instance is made.
+        let refused = match load(40) {
+            Err(_) => true,
+            Ok(p) => p.session().await.is_err(),
+        };
+        assert!(refused, "{how}: a component of 40 tables was instantiated");
+    }
+}
+
 /// `memory_bytes` caps a call's memory, however many linear memories the
 /// component has: with a cap of 16 pages, two memories of one page may
 /// grow by 14 pages in all, not by 15 each.

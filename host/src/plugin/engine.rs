@@ -55,13 +55,17 @@ const TABLES_PER_SLOT: u32 = 4;
 /// have 14). The pool only counts core instances, it reserves nothing for
 /// them, so their total is set to this many per slot and is never the
 /// limit.
-const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+pub(super) const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 
 /// Most memories one component may define.
-const MAX_MEMORIES_PER_COMPONENT: u32 = 8;
+pub(super) const MAX_MEMORIES_PER_COMPONENT: u32 = 8;
 
 /// Most tables one component may define.
-const MAX_TABLES_PER_COMPONENT: u32 = 32;
+pub(super) const MAX_TABLES_PER_COMPONENT: u32 = 32;
+
+/// Most elements one table may have (a function table's entry is a
+/// pointer: 512 KiB a table). componentize-js's guests fill 7,688.
+pub(super) const MAX_TABLE_ELEMENTS: usize = 1 << 16;
 
 /// Freed slots the pool keeps warm before it reuses them for other
 /// plugins instead of touching unused ones. A freed slot keeps up to
@@ -203,7 +207,7 @@ impl Runtime {
                 .max_memory_size(config.max_memory_bytes)
                 .max_component_instance_size(1 << 20)
                 .max_core_instance_size(1 << 20)
-                .table_elements(1 << 16)
+                .table_elements(MAX_TABLE_ELEMENTS)
                 .max_unused_warm_slots(MAX_UNUSED_WARM_SLOTS.min(n))
                 // A fresh instance per call is the default, so slot reuse
                 // is the hot path: reset guests' memory with memset

@@ -22,6 +22,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::caps::CallCaps;
 use super::clock::CallClock;
+use super::engine::{
+    MAX_CORE_INSTANCES_PER_COMPONENT, MAX_MEMORIES_PER_COMPONENT, MAX_TABLE_ELEMENTS,
+    MAX_TABLES_PER_COMPONENT,
+};
 use super::log_rate::{self, Admit};
 use super::output::{CapturedOutput, Excerpt, LOG_RECORD_BYTES, one_line};
 use super::settings::GuestLogLevel;
@@ -36,10 +40,6 @@ pub(crate) mod host_bindings {
 }
 
 use host_bindings::callme::plugin::host::{Host, Level};
-
-/// Tables are small in every guest we know (function tables); this bounds
-/// a guest that grows one without end.
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 /// Most random bytes a guest gets in one call to `wasi:random`.
 const MAX_RANDOM_BYTES: u64 = 1 << 20;
@@ -333,5 +333,21 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    // The counts and sizes the pool holds every instance to, held here
+    // too, for instances made without it (a host short of address
+    // space): wasmtime's own defaults are 10,000 of each a store, so a
+    // guest's tables alone could take gigabytes outside `memory_bytes`.
+    fn tables(&self) -> usize {
+        MAX_TABLES_PER_COMPONENT as usize
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES_PER_COMPONENT as usize
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES_PER_COMPONENT as usize
     }
 }
