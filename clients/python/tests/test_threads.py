@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import inspect
 import logging
@@ -160,8 +161,6 @@ def test_a_call_handed_over_as_the_proxy_closes_does_not_hang() -> None:
     """A call handed to the proxy's thread just after a close ran the
     loop's last turn was left to nobody: it waited forever. Played here
     by a loop whose thread has ended, closed while the call waits."""
-    import asyncio
-
     import callme_client.proxy as callme_proxy
 
     shared = callme_proxy._SharedLoop()
@@ -178,7 +177,7 @@ def test_a_call_handed_over_as_the_proxy_closes_does_not_hang() -> None:
 
     def call() -> None:
         try:
-            shared._hand_over(coroutine)
+            shared._wait_handed(shared._hand_over(coroutine), coroutine)
         except BaseException as e:
             outcome.append(e)
 
@@ -340,6 +339,51 @@ def test_a_signal_handler_that_closes_the_proxy_while_its_thread_runs_the_loop_c
             assert shared.loop.is_closed()
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def test_ctrl_c_as_a_call_is_handed_over_leaves_nothing_behind(
+    amqp_url: str, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C in the main thread just as its call is handed to the
+    thread running the loop (another thread's call holds it) interrupts
+    that call. It used to land between counting the call as handed and
+    asking to hear when it ends: the call went on with nobody waiting for
+    it, and stayed counted for ever, so that every later call was handed
+    to the proxy's thread. Played by a SIGINT raised right inside the
+    hand-over."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        pytest.skip("needs the main thread, with Python's own SIGINT handler")
+    handing = asyncio.run_coroutine_threadsafe
+    raised: List[int] = []
+
+    def handing_interrupted(coroutine: Any, loop: Any) -> Any:
+        future = handing(coroutine, loop)
+        if threading.current_thread() is threading.main_thread() and not raised:
+            raised.append(1)
+            signal.raise_signal(signal.SIGINT)
+        return future
+
+    with callme.Proxy(amqp_url, timeout=30) as proxy:
+        calc = proxy.use_server(host.calc)
+        assert calc.add(1, 1) == 2
+        holder = threading.Thread(target=lambda: calc.call("slow-version", 1500))
+        holder.start()
+        time.sleep(0.3)  # the other thread's call runs the loop
+        monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", handing_interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                calc.add(2, 2)
+        finally:
+            monkeypatch.undo()
+        holder.join(10)
+        assert raised == [1]
+        loop = proxy._loop
+        deadline = time.monotonic() + 5
+        while loop._handed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop._handed == 0, "the interrupted call is still counted as handed over"
+        assert calc.add(3, 3) == 6
 
 
 def test_ctrl_c_costs_only_the_call_it_interrupts(

@@ -241,6 +241,7 @@ class _SharedLoop:
         # Before the turn is taken: a Ctrl-C between taking it and the
         # ``try`` that gives it back would keep it for ever.
         ctrl_c = _CtrlC(self.loop)
+        handed: "Optional[concurrent.futures.Future[T]]" = None
         try:
             ctrl_c.install()
             if self._turn.acquire(blocking=False):
@@ -273,9 +274,20 @@ class _SharedLoop:
                     return self._run_here(task, ctrl_c)
                 finally:
                     self._end_turn()
+            # Handed over with SIGINT still held back: a Ctrl-C between
+            # counting the call as handed and asking to hear when it ends
+            # would leave it counted for ever (every later call then
+            # handed to the proxy's thread), and the call sent with nobody
+            # waiting for it.
+            handed = self._hand_over(coroutine)
         finally:
-            ctrl_c.restore()
-        return self._hand_over(coroutine)
+            try:
+                ctrl_c.restore()
+            except BaseException:
+                if handed is not None:
+                    handed.cancel()
+                raise
+        return self._wait_handed(handed, coroutine)
 
     def _end_turn(self) -> None:
         """Ends this thread's hold of ``_turn``; the outermost one runs a
@@ -316,7 +328,9 @@ class _SharedLoop:
         ctrl_c.raise_if_fired()
         return done
 
-    def _hand_over(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    def _hand_over(self, coroutine: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+        """Hands the call to the thread that runs the loop; counted as
+        handed until it ends."""
         with self._state:
             self._handed += 1
             self._state.notify()
@@ -327,6 +341,11 @@ class _SharedLoop:
             self._handed_done()
             raise errors.ConnectionError("the proxy is closed") from None
         future.add_done_callback(lambda _: self._handed_done())
+        return future
+
+    def _wait_handed(
+        self, future: "concurrent.futures.Future[T]", coroutine: Coroutine[Any, Any, T]
+    ) -> T:
         try:
             # Looked at now and then: a close that ran the loop's last turn
             # just before this was handed over leaves it to nobody.
