@@ -76,10 +76,11 @@ pub(super) enum TakenOut {
 /// at once costs the host's connection once, not once each.
 const MAX_TAKEN_OUT: usize = 64;
 
-/// Ids of the process looking for an unreadable request at once, each on
+/// Looks for an unreadable request the process makes at once, each on
 /// connections of its own: every consumer of a connection lost to one is
 /// told so, and a host of hundreds of busy ids would otherwise open
-/// hundreds of connections in one burst.
+/// hundreds of connections in one burst. A permit is held for one look,
+/// so an id taking out many takes its turn between looks with the others.
 static LOOKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// How many requests wait in `id`'s queue, asked on `conn` (the server's
@@ -137,13 +138,18 @@ pub(super) async fn take_out(
     look: usize,
     given_back: &GivenBack,
 ) -> Result<usize, crate::Error> {
-    let _turn = LOOKS
-        .acquire()
-        .await
-        .map_err(|_| crate::Error::Disconnected("the server is closing".into()))?;
     let mut removed = 0;
     while removed < MAX_TAKEN_OUT {
-        match take_out_one(connect, id, look, given_back).await {
+        // A turn a look, not one for all of them: the permits are handed
+        // out in turn, so other ids, which must look once before they
+        // consume again, wait for a few looks, not a few ids' 64.
+        let turn = LOOKS
+            .acquire()
+            .await
+            .map_err(|_| crate::Error::Disconnected("the server is closing".into()))?;
+        let looked = take_out_one(connect, id, look, given_back).await;
+        drop(turn);
+        match looked {
             Ok(TakenOut::Removed { .. }) => removed += 1,
             Ok(TakenOut::Nothing | TakenOut::Missed { .. }) => break,
             // What was taken out is gone all the same.
