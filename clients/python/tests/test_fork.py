@@ -72,6 +72,15 @@ CHILD_SCRIPT = textwrap.dedent(
     statuses = [os.waitpid(pid, 0)[1] for pid in children]
     assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
 
+    # The parent's loop still hears its wake-up (another thread handing it
+    # a call while it waits for I/O): a child's loop closed at its exit
+    # takes what it watched out of the epoll instance it shares with the
+    # parent. The kernel's own list of what that instance watches.
+    loop = proxy._loop.loop
+    with open(f"/proc/self/fdinfo/{loop._selector.fileno()}") as info:
+        watched = {int(l.split()[1]) for l in info if l.startswith("tfd:")}
+    assert loop._ssock.fileno() in watched, ("wake-up not watched", watched)
+
     # The parent's connection is whole: calls alone, and calls from many
     # threads at once (handed to the proxy's own thread, which the child's
     # clean-up could have cut off from its loop).
