@@ -327,6 +327,19 @@ impl Host {
         Host::start(command, dir, extra, "callme=info")
     }
 
+    /// `callme serve` of a directory of its own, with `plugin` (built
+    /// in `plugins/`) under each of `ids`, `extra` arguments and
+    /// `RUST_LOG=log_level`; returned ready.
+    pub fn serving(plugin: &str, ids: &[&str], extra: &[&str], log_level: &str) -> Host {
+        let dir = tempdir();
+        for id in ids {
+            deploy(&plugin_path(plugin), &dir, &format!("{id}.wasm"));
+        }
+        let mut host = Host::start(Command::new(callme_bin()), &dir, extra, log_level);
+        host.wait_ready(Duration::from_secs(60));
+        host
+    }
+
     /// Runs `command` (the `callme` binary, or a program that runs it with
     /// the arguments that follow) with `serve --plugins DIR`, a ready
     /// file, `extra` arguments and `RUST_LOG=log_level` (no `RUST_LOG` if

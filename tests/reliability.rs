@@ -75,16 +75,8 @@ async fn a_reply_to_the_broker_would_cut_in_two_costs_no_one_the_hosts_connectio
 /// the delivery limit (`host/src/server/given_back.rs`).
 #[tokio::test]
 async fn a_request_dropped_for_its_reply_to_is_not_noted_as_given_back() {
-    let dir = tempdir();
     let id = unique("reply-to-noted");
-    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::start(
-        std::process::Command::new(callme_tests::callme_bin()),
-        &dir,
-        &[],
-        "callme=debug",
-    );
-    host.wait_ready(Duration::from_secs(60));
+    let mut host = Host::serving("calc", &[&id], &[], "callme=debug");
     let p = proxy(Duration::from_secs(10)).await;
     answers_add(&p, &id, 1).await;
     let reply_to = format!("{}éb", "a".repeat(226));

@@ -494,16 +494,8 @@ async fn a_plugin_called_again_and_again_cannot_flood_the_host_log() {
 /// nobody could read.
 #[tokio::test]
 async fn lines_the_host_does_not_write_cost_a_plugin_none_of_its_log() {
-    let dir = tempdir();
     let id = unique("quietlog");
-    deploy(&plugin_path("hostile"), &dir, &format!("{id}.wasm"));
-    let mut host = Host::start(
-        std::process::Command::new(callme_bin()),
-        &dir,
-        &["--concurrency", "16"],
-        "callme=warn",
-    );
-    host.wait_ready(Duration::from_secs(30));
+    let host = Host::serving("hostile", &[&id], &["--concurrency", "16"], "callme=warn");
     let p = proxy(Duration::from_secs(60)).await;
     // 200 calls of 16 `info` lines and a few hundred bytes of stdout
     // each: about 1 MB of log at the host's reckoning, four times the
@@ -713,19 +705,7 @@ fn calc_host(ids: &[&str], log_level: &str) -> Host {
 
 /// [`calc_host`] with `extra` arguments to `callme serve`.
 fn calc_host_with(ids: &[&str], extra: &[&str], log_level: &str) -> Host {
-    let dir = tempdir();
-    let calc = plugin_path("calc");
-    for id in ids {
-        deploy(&calc, &dir, &format!("{id}.wasm"));
-    }
-    let mut host = Host::start(
-        std::process::Command::new(callme_tests::callme_bin()),
-        &dir,
-        extra,
-        log_level,
-    );
-    host.wait_ready(Duration::from_secs(60));
-    host
+    Host::serving("calc", ids, extra, log_level)
 }
 
 /// Whether the host's log says `id` was moved to a connection of its own.
