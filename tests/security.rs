@@ -798,12 +798,7 @@ async fn requests_put_back_past_an_unreadable_one_are_not_lost_to_a_callers_user
     // Three other callers' requests after it, all running when the
     // unreadable one comes: they go back to the queue behind hers.
     let p = proxy(Duration::from_secs(30)).await;
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let sp = p.use_server(&id);
-            tokio::spawn(async move { sp.call("slow-version", pos(json!([2000]))).await })
-        })
-        .collect();
+    let calls = callme_tests::slow_calls(&p, &id, 3, 2000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     publish_unreadable(&id).await;
     for call in calls {
