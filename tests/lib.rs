@@ -1040,3 +1040,28 @@ pub fn value_of(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
         .collect();
     (!found.is_empty()).then(|| found.iter().sum())
 }
+
+/// A component whose module's start function blocks in a WASI call (a
+/// 60 s sleep on a pollable), where no fuel or epoch can stop it.
+pub const BLOCKED_AT_START: &str = r#"
+(component
+  (import "wasi:io/poll@0.2.0" (instance $poll
+    (export "pollable" (type (sub resource)))
+    (export "[method]pollable.block" (func (param "self" (borrow 0))))))
+  (alias export $poll "pollable" (type $pollable))
+  (import "wasi:clocks/monotonic-clock@0.2.0" (instance $clock
+    (alias outer 1 $pollable (type))
+    (export "pollable" (type (eq 0)))
+    (export "subscribe-duration" (func (param "when" u64) (result (own 1))))))
+  (core func $sub (canon lower (func $clock "subscribe-duration")))
+  (core func $block (canon lower (func $poll "[method]pollable.block")))
+  (core module $m
+    (import "c" "sub" (func $sub (param i64) (result i32)))
+    (import "c" "block" (func $block (param i32)))
+    (func $sleep (call $block (call $sub (i64.const 60000000000))))
+    (func (export "noop"))
+    (start $sleep))
+  (core instance $i (instantiate $m
+    (with "c" (instance (export "sub" (func $sub)) (export "block" (func $block))))))
+  (func (export "noop") (canon lift (core func $i "noop"))))
+"#;

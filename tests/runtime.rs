@@ -1278,31 +1278,6 @@ async fn a_plugin_exports_at_most_1024_functions_of_short_names() {
     }
 }
 
-/// A component whose module's start function blocks in a WASI call (a
-/// 60 s sleep on a pollable), where no fuel or epoch can stop it.
-const BLOCKED_AT_START: &str = r#"
-(component
-  (import "wasi:io/poll@0.2.0" (instance $poll
-    (export "pollable" (type (sub resource)))
-    (export "[method]pollable.block" (func (param "self" (borrow 0))))))
-  (alias export $poll "pollable" (type $pollable))
-  (import "wasi:clocks/monotonic-clock@0.2.0" (instance $clock
-    (alias outer 1 $pollable (type))
-    (export "pollable" (type (eq 0)))
-    (export "subscribe-duration" (func (param "when" u64) (result (own 1))))))
-  (core func $sub (canon lower (func $clock "subscribe-duration")))
-  (core func $block (canon lower (func $poll "[method]pollable.block")))
-  (core module $m
-    (import "c" "sub" (func $sub (param i64) (result i32)))
-    (import "c" "block" (func $block (param i32)))
-    (func $sleep (call $block (call $sub (i64.const 60000000000))))
-    (func (export "noop"))
-    (start $sleep))
-  (core instance $i (instantiate $m
-    (with "c" (instance (export "sub" (func $sub)) (export "block" (func $block))))))
-  (func (export "noop") (canon lift (core func $i "noop"))))
-"#;
-
 /// A component whose `f` asks the host for 2 GB of random bytes from a
 /// function whose name (in the name section) is 100,000 characters: the
 /// host refuses, and wasmtime's text of that failure ends in a backtrace
@@ -1353,7 +1328,7 @@ async fn a_session_whose_instance_blocks_as_it_starts_ends_by_its_deadline() {
         deadline: Duration::from_millis(300),
         ..Limits::default()
     };
-    let p = from_text(BLOCKED_AT_START, "blocked-at-start", limits);
+    let p = from_text(callme_tests::BLOCKED_AT_START, "blocked-at-start", limits);
     let made = tokio::time::timeout(Duration::from_secs(20), p.session()).await;
     let Ok(made) = made else {
         panic!("making the session's instance was not stopped by its deadline");

@@ -281,6 +281,55 @@ async fn spares_give_way_to_calls_when_slots_run_short() {
     );
 }
 
+/// Spares still being made give way to calls as made ones do: a plugin
+/// whose start-up code blocks (a minute, here) holds a slot for each spare
+/// it is making, and a call short of slots takes one of those. Such spares
+/// used to hold their slots until their start-up ended or their deadline
+/// passed, and the call waited for them, here past its own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_being_made_give_way_to_calls() {
+    // 8 slots, 2 of them for spares: both are taken by spares being made,
+    // the other 6 by calls sleeping for a minute.
+    let rt = own_runtime(8);
+    assert_eq!(rt.stats().max_kept, 2);
+    let minute = |deadline: u64| PluginSettings {
+        limits: Limits {
+            deadline: Duration::from_secs(deadline),
+            ..Limits::default()
+        },
+        ..PluginSettings::default()
+    };
+    let blocked = wat::parse_str(callme_tests::BLOCKED_AT_START).expect("the component's text");
+    let blocked = Plugin::load(&rt, "blocked-at-start", &blocked, minute(60)).expect("loads");
+    blocked.start_prewarm(&tokio::runtime::Handle::current());
+    let making = eventually(Duration::from_secs(20), || async {
+        (rt.stats().instances == 2).then_some(())
+    })
+    .await;
+    assert!(making.is_some(), "{:?}", rt.stats());
+    let slow = Plugin::load(&rt, "hostile", &plugin_bytes("hostile"), minute(60)).expect("loads");
+    let slow = std::sync::Arc::new(slow);
+    let sleepers: Vec<_> = (0..6)
+        .map(|_| {
+            let slow = std::sync::Arc::clone(&slow);
+            tokio::spawn(async move { slow.call("sleep", &pos(json!([60_000]))).await })
+        })
+        .collect();
+    let full = eventually(Duration::from_secs(20), || async {
+        (rt.stats().instances == 8).then_some(())
+    })
+    .await;
+    assert!(full.is_some(), "{:?}", rt.stats());
+
+    let quick = Plugin::load(&rt, "calc", &plugin_bytes("calc"), minute(5)).expect("loads");
+    let sum = quick.call("add", &pos(json!([1, 2]))).await;
+    assert_eq!(sum.expect("a spare being made gave its slot up"), json!(3));
+    assert_eq!(blocked.spares(), 0);
+    for sleeper in sleepers {
+        sleeper.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waits_for_a_slot_up_to_its_deadline() {
     let rt = own_runtime(2);

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, UpdateDeadline};
 
@@ -134,6 +134,9 @@ pub(crate) struct Capacity {
     started: Instant,
     /// When calls were last said to wait, in ms since `started`.
     warned: AtomicU64,
+    /// Told when a call finds no slot and no spare to take one from:
+    /// spares being made give theirs up.
+    short: Notify,
 }
 
 /// One instance's share of the capacity, released when dropped.
@@ -168,6 +171,7 @@ impl Capacity {
             plugins: Mutex::new(Vec::new()),
             started: Instant::now(),
             warned: AtomicU64::new(0),
+            short: Notify::new(),
         }
     }
 
@@ -232,6 +236,10 @@ impl Capacity {
                 break;
             }
         }
+        // Spares still being made hold slots too, for as long as their
+        // start-up code runs (up to their plugin's deadline): they give
+        // way as made ones do. None starts while a call waits.
+        self.short.notify_waiters();
         self.counters.waited.fetch_add(1, Ordering::Relaxed);
         observe::instance_waited(plugin);
         self.warn_waiting(plugin);
@@ -643,10 +651,24 @@ impl Instances {
             let making = Making(Arc::clone(self));
             maker.run(async move {
                 let this = Arc::clone(&making.0);
-                let made = this.make(slot).await;
+                let capacity = this.capacity();
+                // Listening before the look at calls waiting: a call that
+                // came since is seen, or tells this.
+                let give_way = capacity.short.notified();
+                let made = if capacity.counters.waiting.load(Ordering::SeqCst) > 0 {
+                    None
+                } else {
+                    tokio::select! {
+                        made = this.make(slot) => Some(made),
+                        () = give_way => None,
+                    }
+                };
                 drop(making);
                 match made {
-                    Ok(sandbox) => {
+                    None => {
+                        tracing::debug!(target: "callme::plugin", plugin = &*this.name, "spare given up as it was made: a call waits for its slot")
+                    }
+                    Some(Ok(sandbox)) => {
                         let kept = Kept {
                             sandbox,
                             _quota: quota,
@@ -658,7 +680,7 @@ impl Instances {
                     }
                     // The call that finds no spare makes its own instance
                     // and reports the same failure to its caller.
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::debug!(target: "callme::plugin", plugin = &*this.name, error = %e, "spare instance failed")
                     }
                 }
