@@ -460,15 +460,7 @@ async fn a_plugin_called_again_and_again_cannot_flood_the_host_log() {
     let started = std::time::Instant::now();
     // Each call: 64 KiB on stdout and on stderr and 3300 `host.log`
     // records, some 13 KiB of log once cut to a call's share.
-    let spam: Vec<_> = (0..CALLS)
-        .map(|_| {
-            let sp = p.use_server(&noisy);
-            tokio::spawn(async move { sp.call("spam", pos(json!([3300]))).await })
-        })
-        .collect();
-    for call in spam {
-        call.await.unwrap().unwrap();
-    }
+    spam_at_once(&p, &noisy, CALLS, 3300).await;
     let seconds = started.elapsed().as_secs_f64();
     let log = host.log_text();
     let grown = (log.len() - before) as f64;
@@ -487,6 +479,20 @@ async fn a_plugin_called_again_and_again_cannot_flood_the_host_log() {
     );
 }
 
+/// Makes `calls` calls of `hostile.spam(records)` of `id` at once; each
+/// must succeed.
+async fn spam_at_once(p: &Proxy, id: &str, calls: usize, records: u32) {
+    let spam: Vec<_> = (0..calls)
+        .map(|_| {
+            let sp = p.use_server(id);
+            tokio::spawn(async move { sp.call("spam", pos(json!([records]))).await })
+        })
+        .collect();
+    for call in spam {
+        call.await.unwrap().unwrap();
+    }
+}
+
 /// Guest lines the host's log filter does not write (here every line
 /// below `warn`) take nothing of a plugin's share of the log: a plugin
 /// that logs at `info` on every call, called a few hundred times, still
@@ -500,15 +506,7 @@ async fn lines_the_host_does_not_write_cost_a_plugin_none_of_its_log() {
     // 200 calls of 16 `info` lines and a few hundred bytes of stdout
     // each: about 1 MB of log at the host's reckoning, four times the
     // burst of 256 KiB, were they written.
-    let spam: Vec<_> = (0..200)
-        .map(|_| {
-            let sp = p.use_server(&id);
-            tokio::spawn(async move { sp.call("spam", pos(json!([16]))).await })
-        })
-        .collect();
-    for call in spam {
-        call.await.unwrap().unwrap();
-    }
+    spam_at_once(&p, &id, 200, 16).await;
     // One `error` line: 1 MiB of '!', cut to a line's share.
     p.use_server(&id)
         .call("shout", pos(json!([1, 1])))
