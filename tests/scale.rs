@@ -292,22 +292,24 @@ async fn spares_being_made_give_way_to_calls() {
     // the other 6 by calls sleeping for a minute.
     let rt = own_runtime(8);
     assert_eq!(rt.stats().max_kept, 2);
-    let minute = |deadline: u64| PluginSettings {
+    let with_deadline = |seconds: u64| PluginSettings {
         limits: Limits {
-            deadline: Duration::from_secs(deadline),
+            deadline: Duration::from_secs(seconds),
             ..Limits::default()
         },
         ..PluginSettings::default()
     };
     let blocked = wat::parse_str(callme_tests::BLOCKED_AT_START).expect("the component's text");
-    let blocked = Plugin::load(&rt, "blocked-at-start", &blocked, minute(60)).expect("loads");
+    let blocked =
+        Plugin::load(&rt, "blocked-at-start", &blocked, with_deadline(60)).expect("loads");
     blocked.start_prewarm(&tokio::runtime::Handle::current());
     let making = eventually(Duration::from_secs(20), || async {
         (rt.stats().instances == 2).then_some(())
     })
     .await;
     assert!(making.is_some(), "{:?}", rt.stats());
-    let slow = Plugin::load(&rt, "hostile", &plugin_bytes("hostile"), minute(60)).expect("loads");
+    let slow =
+        Plugin::load(&rt, "hostile", &plugin_bytes("hostile"), with_deadline(60)).expect("loads");
     let slow = std::sync::Arc::new(slow);
     let sleepers: Vec<_> = (0..6)
         .map(|_| {
@@ -321,7 +323,7 @@ async fn spares_being_made_give_way_to_calls() {
     .await;
     assert!(full.is_some(), "{:?}", rt.stats());
 
-    let quick = Plugin::load(&rt, "calc", &plugin_bytes("calc"), minute(5)).expect("loads");
+    let quick = Plugin::load(&rt, "calc", &plugin_bytes("calc"), with_deadline(5)).expect("loads");
     let sum = quick.call("add", &pos(json!([1, 2]))).await;
     assert_eq!(sum.expect("a spare being made gave its slot up"), json!(3));
     assert_eq!(blocked.spares(), 0);
