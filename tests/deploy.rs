@@ -945,6 +945,104 @@ async fn a_sidecar_being_written_is_read_once_it_is_whole() {
     drop(sidecar);
 }
 
+/// A sidecar rewritten in place while its plugin's new `.wasm` is being
+/// read is not read cut. The `.wasm` here is `calc` with a custom section
+/// padding it to 240 MiB (sparse: no disk), so reading and hashing it
+/// takes a while; the sidecar is cut to nothing (opened for writing,
+/// truncated, left open) once the host logs that it reads the file. The
+/// sidecar was read after the `.wasm`, and its empty file served the new
+/// version with the default limits until its writer closed it.
+#[tokio::test]
+async fn a_sidecar_cut_while_its_plugin_is_read_is_not_served_cut() {
+    use std::io::Write;
+    let dir = tempdir();
+    let id = unique("cut-sidecar");
+    let sidecar = dir.join(format!("{id}.toml"));
+    std::fs::write(&sidecar, "fuel = 10000000\n").unwrap();
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = callme_tests::Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        &dir,
+        &[],
+        "callme=info,callme::server=debug",
+    );
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(20)).await;
+    let out_of_fuel = |r: &Result<Value, Error>| matches!(r, Err(Error::Remote(r)) if r.kind == ErrorKind::Timeout && r.data == json!("fuel"));
+    let fib35 = p.use_server(&id).call("fib", pos(json!([35]))).await;
+    assert!(out_of_fuel(&fib35), "{fib35:?}");
+
+    let padded_len: u64 = 240 << 20;
+    let incoming = dir.join(format!(".{id}.incoming"));
+    {
+        let mut file = std::fs::File::create(&incoming).unwrap();
+        let calc = std::fs::read(plugin_path("calc")).unwrap();
+        file.write_all(&calc).unwrap();
+        // A custom section (id 0) named "pad", its size in five bytes of
+        // LEB128.
+        let name = b"\x03pad";
+        let size = padded_len - calc.len() as u64 - 6;
+        let mut header = vec![0u8];
+        header.extend((0..5).map(|i| {
+            let byte = (size >> (7 * i)) as u8 & 0x7f;
+            if i < 4 { byte | 0x80 } else { byte }
+        }));
+        file.write_all(&header).unwrap();
+        file.write_all(name).unwrap();
+        file.set_len(padded_len).unwrap();
+    }
+    std::fs::rename(&incoming, dir.join(format!("{id}.wasm"))).unwrap();
+    let reading = format!("bytes={padded_len}");
+    let started = Instant::now();
+    while !host
+        .log_text()
+        .lines()
+        .any(|l| l.contains(&id) && l.contains("reading") && l.contains(&reading))
+    {
+        assert!(started.elapsed() < WAIT, "never read: {}", host.log_text());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&sidecar)
+        .unwrap();
+    let waiting = eventually(WAIT, || async {
+        host.log_text()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("being written"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "not left to the sidecar's writer: {}",
+        host.log_text()
+    );
+    let fib35 = p.use_server(&id).call("fib", pos(json!([35]))).await;
+    assert!(
+        out_of_fuel(&fib35),
+        "served with the sidecar read cut: {fib35:?}"
+    );
+
+    writer.write_all(b"fuel = 10000000\n").unwrap();
+    drop(writer);
+    let swapped = eventually(WAIT, || async {
+        host.log_text()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("swapped in"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        swapped.is_some(),
+        "the padded version is not served once its sidecar is whole: {}",
+        host.log_text()
+    );
+    let fib35 = p.use_server(&id).call("fib", pos(json!([35]))).await;
+    assert!(out_of_fuel(&fib35), "{fib35:?}");
+}
+
 /// A host told to stop while a version is still loading (its first
 /// instance spinning toward a 20 s deadline) gives that version up and
 /// exits at once, serving nothing new on its way out. It waited for the

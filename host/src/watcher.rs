@@ -841,6 +841,7 @@ async fn reconcile(
         return (name.to_string(), Some(known), Ok(()));
     }
     let stamped = stamps(&apply.dir, name);
+    debug!(target: "callme::server", plugin = name, bytes = stamped.0.as_ref().map_or(0, |s| s.len), "reading");
     // Reading and hashing up to 256 MiB is no work for the runtime
     // that talks to the broker.
     let reading = path.clone();
@@ -867,6 +868,14 @@ async fn reconcile(
         }
     };
     let settings = read_settings(&apply.dir, name);
+    // Either file written to since it was stamped may have been read cut:
+    // a sidecar rewritten in place while a large `.wasm` was read reads
+    // empty, as the default limits and no grants. The write's events
+    // bring the plugin back here (once its writer closes the file).
+    if stamps(&apply.dir, name) != stamped {
+        debug!(target: "callme::server", plugin = name, "left for its next event: its files changed while they were read");
+        return (name.to_string(), Some(known), Ok(()));
+    }
     // A version refused is tried again only once its files changed,
     // touched included: a refusal for a passing reason (a first instance
     // that ran out of time on a busy machine) is not for good.
