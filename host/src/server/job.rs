@@ -71,7 +71,7 @@ impl Job {
         self.run(delivery, trace).instrument(span).await;
     }
 
-    async fn run(mut self, delivery: Delivery, trace: TraceContext) {
+    async fn run(mut self, mut delivery: Delivery, trace: TraceContext) {
         let holding = self.holding.take();
         let started = Instant::now();
         let _in_flight = observe::call_started(&self.id);
@@ -102,6 +102,7 @@ impl Job {
         // any age it likes.
         observe::queue_wait(&self.id, props);
         let content_type = props.content_type().as_ref().map(|s| s.to_string());
+        let body_len = delivery.data.len();
         let limit = self.server.inner.options.delivery_limit;
         // Not counting the times this host gave it back and lived.
         let quorum = self.server.inner.options.queue_shape(&self.service).quorum;
@@ -131,15 +132,14 @@ impl Job {
                     format!("content type `{ct}` is not {CONTENT_TYPE}"),
                 ))
             }
-            _ => match Request::decode(&delivery.data, self.server.inner.options.max_request_bytes)
-            {
+            _ => match self.decode(std::mem::take(&mut delivery.data)).await {
                 Ok(request) => {
                     let inner = &self.server.inner;
                     let depth = call_depth(&delivery);
                     let cx = Context {
                         id: &self.id,
                         executor: inner.executor.handle(),
-                        quiet: self.is_quiet() && delivery.data.len() <= QUIET_MAX_REQUEST_BYTES,
+                        quiet: self.is_quiet() && body_len <= QUIET_MAX_REQUEST_BYTES,
                         default_concurrency: inner.options.concurrency,
                         depth,
                         ends_by: ends_by(&delivery, depth),
@@ -266,6 +266,30 @@ fn settled(holding: Option<Holding>) {
 impl Job {
     /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]
     /// requests taken and not yet settled, across its ids.
+    /// Decodes a request's body. One over [`QUIET_MAX_REQUEST_BYTES`] is
+    /// decoded on the plugin executor: parsing up to `max_request_bytes`
+    /// of JSON takes milliseconds, which on this runtime would hold up
+    /// the broker traffic of every other call (their replies, acks and
+    /// deliveries), as the calls themselves would.
+    async fn decode(&self, body: Vec<u8>) -> Result<Request, RemoteError> {
+        let max = self.server.inner.options.max_request_bytes;
+        if body.len() <= QUIET_MAX_REQUEST_BYTES {
+            return Request::decode(&body, max);
+        }
+        let decoding = self
+            .server
+            .inner
+            .executor
+            .handle()
+            .spawn(async move { Request::decode(&body, max) });
+        decoding.await.unwrap_or_else(|e| {
+            Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!("decoding the request failed: {e}"),
+            ))
+        })
+    }
+
     fn is_quiet(&self) -> bool {
         let in_flight = &self.server.inner.in_flight;
         MAX_IN_FLIGHT as usize - in_flight.available_permits() <= QUIET_IN_FLIGHT
