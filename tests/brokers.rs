@@ -574,6 +574,48 @@ async fn a_list_of_brokers_is_tried_in_turn_and_failed_over() {
     second.cut();
 }
 
+/// A host that loses its node fails over past a node of its list that
+/// refuses the login, back to one that takes it. The list here is a
+/// forwarder, then the broker itself with a wrong password. The refusal
+/// ended each round of the reconnection, and each round began at the
+/// node after the one lost: the refusing one, for good.
+#[tokio::test]
+async fn a_node_that_refuses_the_login_is_failed_over_past() {
+    let first = Forwarder::start().await;
+    let port = first.port();
+    let refusing = callme_tests::amqp_url_as("guest", "not-the-password");
+    let list = format!("{},{refusing}", first.url());
+    let host =
+        callme::Server::connect(&callme::ConnectOptions::new(list), ServerOptions::default())
+            .await
+            .unwrap();
+    let id = unique("refused-node");
+    host.serve_native(&id, native_add()).await.unwrap();
+    let p = callme::Proxy::connect_with(
+        &callme::ConnectOptions::new(amqp_url()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+
+    first.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = Forwarder::on(port).await;
+    let back = eventually(Duration::from_secs(20), || async {
+        let r: Result<i64, _> = p.use_server(&id).invoke("add", (2, 2)).await;
+        (r.ok() == Some(4)).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the host never came back past the node that refuses it ({} connections to the first node)",
+        first.accepted()
+    );
+    first.cut();
+}
+
 #[tokio::test]
 async fn a_malformed_entry_in_a_list_is_named_without_its_password() {
     let list = format!("{},amqp//guest:s3cretpw@127.0.0.1:5682", amqp_url());

@@ -316,7 +316,14 @@ impl ConnectOptions {
     /// Connects to the first broker that answers, trying them in turn
     /// from the one at `start` (round robin over the list); the
     /// connection and the index of the broker that answered. The error is
-    /// the last broker's.
+    /// the first refusal ([`Error::AccessRefused`], or an
+    /// [`Error::Config`] of one entry), else the last broker's.
+    ///
+    /// A broker that refuses the login does not end the round: another
+    /// node of the list may take it (this one's authentication backend
+    /// is down, or the entry names another broker), and a link that
+    /// lost its node starts each round at the next one, so ending there
+    /// would keep it from ever reaching the rest.
     pub(crate) async fn connect_from(
         &self,
         name: &str,
@@ -324,17 +331,20 @@ impl ConnectOptions {
     ) -> Result<(Connection, usize), Error> {
         let uris = self.parse_all()?;
         let entries = self.entries();
+        let mut refused = None;
         let mut last = None;
         for k in 0..uris.len() {
             let i = (start + k) % uris.len();
             match self.connect_one(name, uris[i].clone(), entries[i]).await {
                 Ok(conn) => return Ok((conn, i)),
-                // Waiting or trying elsewhere cannot cure these.
-                Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => return Err(e),
+                // Waiting cannot cure these; another broker may.
+                Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => {
+                    refused.get_or_insert(e);
+                }
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or(Error::BrokerLost))
+        Err(refused.or(last).unwrap_or(Error::BrokerLost))
     }
 
     async fn connect_one(
