@@ -1043,6 +1043,61 @@ async fn a_sidecar_cut_while_its_plugin_is_read_is_not_served_cut() {
     assert!(out_of_fuel(&fib35), "{fib35:?}");
 }
 
+/// An id served by native functions beside the plugins directory (a
+/// program's own `Host::server().serve_native`) is not withdrawn by a
+/// file of its name coming and going in the directory: the removal of
+/// `N.toml` (or of a `N.wasm` the host refused) stopped serving `N`,
+/// whatever served it.
+#[tokio::test]
+async fn a_file_removed_from_the_directory_leaves_a_native_id_of_its_name_served() {
+    let dir = tempdir();
+    let host = callme::serve::Host::start(callme::serve::ServeOptions {
+        connect: callme::ConnectOptions::new(callme_tests::amqp_url()),
+        plugins_dir: dir.clone(),
+        server: callme::ServerOptions::default(),
+        runtime: callme::RuntimeConfig::default(),
+        grace: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let id = unique("native-beside");
+    let server = host.server().clone();
+    server
+        .serve_native(&id, callme_tests::native_add())
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let following = tokio::spawn(host.run_until(async {
+        let _ = stopped.await;
+    }));
+    let p = proxy(Duration::from_secs(5)).await;
+    let add = || async { p.use_server(&id).invoke::<_, i64>("add", (1, 2)).await };
+    assert_eq!(add().await.unwrap(), 3);
+
+    let sidecar = dir.join(format!("{id}.toml"));
+    std::fs::write(&sidecar, "concurrency = 2\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::remove_file(&sidecar).unwrap();
+    let wasm = dir.join(format!("{id}.wasm"));
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::remove_file(&wasm).unwrap();
+    // Each removal is acted on within moments; calls must go on being
+    // answered meanwhile and after.
+    let watching = Instant::now();
+    while watching.elapsed() < Duration::from_secs(3) {
+        let sum = add().await;
+        assert_eq!(
+            sum.as_ref().ok(),
+            Some(&3),
+            "a removed file withdrew the native id: {sum:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    following.await.unwrap().unwrap();
+}
+
 /// A host told to stop while a version is still loading (its first
 /// instance spinning toward a 20 s deadline) gives that version up and
 /// exits at once, serving nothing new on its way out. It waited for the

@@ -782,7 +782,7 @@ async fn remove(apply: &Apply, name: &str, mut known: Known) -> Applied {
         known.applied = None;
         return (name.to_string(), Some(known), Ok(()));
     }
-    match apply.server.stop_serving(name).await {
+    match apply.server.stop_serving_plugin(name).await {
         Ok(stopped) => {
             observe::plugin_removed(name);
             if stopped {

@@ -551,9 +551,23 @@ impl Server {
     ///
     /// Broker errors while cancelling.
     pub async fn stop_serving(&self, server_id: &str) -> Result<bool, Error> {
+        self.stop_serving_if(server_id, false).await
+    }
+
+    /// [`Server::stop_serving`] if a plugin serves `server_id`: an id
+    /// served by native functions stays served (a file of the plugins
+    /// directory named after it has no say over it).
+    pub(crate) async fn stop_serving_plugin(&self, server_id: &str) -> Result<bool, Error> {
+        self.stop_serving_if(server_id, true).await
+    }
+
+    async fn stop_serving_if(&self, server_id: &str, plugin_only: bool) -> Result<bool, Error> {
         // Held until its retirement is known: no serving of the id comes
         // in between (see [`Inner::retiring`]).
         let _changing = self.inner.changes.lock(server_id).await;
+        if plugin_only && self.inner.registry.plugin(server_id).is_none() {
+            return Ok(false);
+        }
         let Some(served) = self.stop_locked(server_id).await? else {
             return Ok(false);
         };
