@@ -1098,6 +1098,63 @@ async fn a_file_removed_from_the_directory_leaves_a_native_id_of_its_name_served
     following.await.unwrap().unwrap();
 }
 
+/// A change the broker failed half-way, then undone, is undone: the
+/// host's link stalls, a sidecar raising `concurrency` from 3 to 4 is
+/// swapped in and its new prefetch never confirmed, and the sidecar is
+/// put back. The host compared the sidecar put back with what it had
+/// last served, found them the same, and left concurrency 4 serving for
+/// good (with whatever grants came with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_broker_failed_half_way_and_then_undone_is_undone() {
+    let node = callme_tests::Forwarder::start().await;
+    let port = node.port();
+    let dir = tempdir();
+    let id = unique("undone");
+    let put = |text: &str| {
+        let incoming = dir.join(format!(".{id}.toml.incoming"));
+        std::fs::write(&incoming, text).unwrap();
+        std::fs::rename(&incoming, dir.join(format!("{id}.toml"))).unwrap();
+    };
+    put("concurrency = 3\n");
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let mut host = Host::serve(&dir, &["--amqp-url", &node.url()]);
+    host.wait_ready(WAIT);
+    let p = proxy(Duration::from_secs(10)).await;
+    let concurrency = async || {
+        let d = p.use_server(&id).describe().await.ok()?;
+        d["concurrency"].as_u64()
+    };
+    assert_eq!(concurrency().await, Some(3));
+
+    node.stall();
+    put("concurrency = 4\n");
+    let swapped = eventually(WAIT, || async {
+        host.log_text()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("concurrency changed"))
+            .then_some(())
+    })
+    .await;
+    assert!(swapped.is_some(), "never swapped: {}", host.log_text());
+    put("concurrency = 3\n");
+    // The new prefetch waits 5 s for the broker before it fails.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    node.cut();
+    // Its listener is closed once its task is: a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _node = callme_tests::Forwarder::on(port).await;
+    let undone = eventually(WAIT, || async {
+        (concurrency().await == Some(3)).then_some(())
+    })
+    .await;
+    assert!(
+        undone.is_some(),
+        "the change undone still serves: concurrency {:?}; {}",
+        concurrency().await,
+        host.log_text()
+    );
+}
+
 /// A host told to stop while a version is still loading (its first
 /// instance spinning toward a 20 s deadline) gives that version up and
 /// exits at once, serving nothing new on its way out. It waited for the

@@ -883,14 +883,19 @@ async fn reconcile(
     // Until this ends in a version served or refused; a change that
     // could not be applied (the broker away) is tried again.
     known.applied = None;
+    // What serves is asked of the server, not of what this knew: a
+    // change the broker failed half-way (a version swapped in, then its
+    // new prefetch not confirmed; an id taken out, then its consumer not
+    // cancelled) leaves the server apart from it.
     if let Ok(limits) = &settings
-        && known
-            .serving
-            .as_ref()
-            .is_some_and(|(h, l)| h == &hash && l == limits)
+        && apply
+            .server
+            .plugin(name)
+            .is_some_and(|p| p.hash() == hash && p.settings() == limits)
     {
         // Back to what serves (a bad sidecar undone, say): a later
         // failure is news again.
+        known.serving = Some((hash, limits.clone()));
         known.refused = None;
         known.applied = Some(stamped);
         return (name.to_string(), Some(known), Ok(()));
