@@ -945,6 +945,31 @@ async fn a_sidecar_being_written_is_read_once_it_is_whole() {
     drop(sidecar);
 }
 
+/// The size of a plugin padded by [`deploy_padded`].
+const PADDED_BYTES: u64 = 240 << 20;
+
+/// Deploys the component `bytes` as `id`, padded to [`PADDED_BYTES`] with
+/// a custom section (sparse: no disk), so that reading and hashing it
+/// takes the host a while.
+fn deploy_padded(bytes: &[u8], dir: &Path, id: &str) {
+    use std::io::Write;
+    let incoming = dir.join(format!(".{id}.incoming"));
+    let mut file = std::fs::File::create(&incoming).unwrap();
+    file.write_all(bytes).unwrap();
+    // A custom section (id 0) named "pad", its size in five bytes of
+    // LEB128.
+    let size = PADDED_BYTES - bytes.len() as u64 - 6;
+    let mut header = vec![0u8];
+    header.extend((0..5).map(|i| {
+        let byte = (size >> (7 * i)) as u8 & 0x7f;
+        if i < 4 { byte | 0x80 } else { byte }
+    }));
+    file.write_all(&header).unwrap();
+    file.write_all(b"\x03pad").unwrap();
+    file.set_len(PADDED_BYTES).unwrap();
+    std::fs::rename(&incoming, dir.join(format!("{id}.wasm"))).unwrap();
+}
+
 /// A sidecar rewritten in place while its plugin's new `.wasm` is being
 /// read is not read cut. The `.wasm` here is `calc` with a custom section
 /// padding it to 240 MiB (sparse: no disk), so reading and hashing it
@@ -972,27 +997,8 @@ async fn a_sidecar_cut_while_its_plugin_is_read_is_not_served_cut() {
     let fib35 = p.use_server(&id).call("fib", pos(json!([35]))).await;
     assert!(out_of_fuel(&fib35), "{fib35:?}");
 
-    let padded_len: u64 = 240 << 20;
-    let incoming = dir.join(format!(".{id}.incoming"));
-    {
-        let mut file = std::fs::File::create(&incoming).unwrap();
-        let calc = std::fs::read(plugin_path("calc")).unwrap();
-        file.write_all(&calc).unwrap();
-        // A custom section (id 0) named "pad", its size in five bytes of
-        // LEB128.
-        let name = b"\x03pad";
-        let size = padded_len - calc.len() as u64 - 6;
-        let mut header = vec![0u8];
-        header.extend((0..5).map(|i| {
-            let byte = (size >> (7 * i)) as u8 & 0x7f;
-            if i < 4 { byte | 0x80 } else { byte }
-        }));
-        file.write_all(&header).unwrap();
-        file.write_all(name).unwrap();
-        file.set_len(padded_len).unwrap();
-    }
-    std::fs::rename(&incoming, dir.join(format!("{id}.wasm"))).unwrap();
-    let reading = format!("bytes={padded_len}");
+    deploy_padded(&std::fs::read(plugin_path("calc")).unwrap(), &dir, &id);
+    let reading = format!("bytes={PADDED_BYTES}");
     let started = Instant::now();
     while !host
         .log_text()
@@ -1153,6 +1159,89 @@ async fn a_change_the_broker_failed_half_way_and_then_undone_is_undone() {
         concurrency().await,
         host.log_text()
     );
+}
+
+/// Plugins replaced by larger files while they wait for their turn to
+/// load take the share of the loads the larger files need: two plugins
+/// waiting with the share of a small file, each replaced by a 240 MiB
+/// one while a third (240 MiB, slow to start) loads, are read one after
+/// the other, not together. Each took the share its file had when it
+/// began waiting, so four such could read and compile a gibibyte at once
+/// where the loads allow 256 MiB.
+#[tokio::test]
+async fn a_plugin_replaced_by_a_larger_file_while_it_waits_to_load_takes_its_share() {
+    let dir = tempdir();
+    let mut host = callme_tests::Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        &dir,
+        &[],
+        "callme=info,callme::server=debug",
+    );
+    host.wait_ready(WAIT);
+    let reading = format!("bytes={PADDED_BYTES}");
+    let read = |id: &str| {
+        host.log_text()
+            .lines()
+            .position(|l| l.contains(id) && l.contains("reading") && l.contains(&reading))
+    };
+    let slow = unique("share-slow");
+    std::fs::write(
+        dir.join(format!("{slow}.toml")),
+        "deadline_ms = 6000\nfuel = 100000000000000\n",
+    )
+    .unwrap();
+    deploy_padded(&wat::parse_str(SLOW_TO_START).unwrap(), &dir, &slow);
+    let loading = eventually(WAIT, || async { read(&slow) }).await;
+    assert!(loading.is_some(), "{}", host.log_text());
+
+    let waiting = [unique("share-a"), unique("share-b")];
+    let calc = std::fs::read(plugin_path("calc")).unwrap();
+    for id in &waiting {
+        deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for id in &waiting {
+        deploy_padded(&calc, &dir, id);
+    }
+    let loaded = |id: &str| {
+        host.log_text()
+            .lines()
+            .position(|l| l.contains(id) && l.contains(" loaded"))
+    };
+    let both = eventually(Duration::from_secs(90), || async {
+        Some((loaded(&waiting[0])?, loaded(&waiting[1])?))
+    })
+    .await;
+    assert!(both.is_some(), "not loaded: {}", host.log_text());
+    // Read together, both begin as the slow one's share is given back,
+    // within moments; one after the other, the second waits for the
+    // first to be read, hashed, compiled and tried.
+    let log = host.log_text();
+    let began = |id: &str| {
+        let line = log
+            .lines()
+            .find(|l| l.contains(id) && l.contains("reading") && l.contains(&reading))
+            .unwrap_or_else(|| panic!("{id} not read as padded: {log}"));
+        let stamp = line.split_whitespace().next().unwrap();
+        seconds_of_day(stamp)
+    };
+    let apart = (began(&waiting[0]) - began(&waiting[1])).abs();
+    assert!(
+        apart >= 0.1,
+        "the two were read at once ({apart:.3} s apart): {log}"
+    );
+}
+
+/// Seconds since midnight of a log line's RFC 3339 time
+/// (`2026-11-30T01:55:54.250555Z`).
+fn seconds_of_day(stamp: &str) -> f64 {
+    let time = stamp
+        .split_once('T')
+        .and_then(|(_, t)| t.strip_suffix('Z'))
+        .unwrap_or_else(|| panic!("not a log time: {stamp}"));
+    time.split(':')
+        .map(|part| part.parse::<f64>().unwrap())
+        .fold(0.0, |total, part| total * 60.0 + part)
 }
 
 /// A host told to stop while a version is still loading (its first

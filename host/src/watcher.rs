@@ -830,17 +830,27 @@ async fn reconcile(
     {
         return remove(&apply, name, known).await;
     }
-    let share = load_share(std::fs::metadata(&path).map_or(0, |m| m.len()));
-    let Some(Ok(permit)) = unless_stopped(&mut stop, apply.loads.acquire_many(share)).await else {
-        return given_up(name, known);
+    let mut share = load_share(std::fs::metadata(&path).map_or(0, |m| m.len()));
+    let (permit, stamped) = loop {
+        let Some(Ok(permit)) = unless_stopped(&mut stop, apply.loads.acquire_many(share)).await
+        else {
+            return given_up(name, known);
+        };
+        // Looked at again now that it may be read: the sidecar may have
+        // been opened for writing while this waited; its close says when.
+        if let Some(file) = apply.writing.of(name) {
+            debug!(target: "callme::server", plugin = name, file = %file, "left until its writer closes it: it is being written");
+            return (name.to_string(), Some(known), Ok(()));
+        }
+        // And the file may have been replaced by a larger one: its share
+        // is taken anew, so what is read at once stays within the loads'.
+        let stamped = stamps(&apply.dir, name);
+        let needed = load_share(stamped.0.as_ref().map_or(0, |s| s.len));
+        if needed <= share {
+            break (permit, stamped);
+        }
+        share = needed;
     };
-    // Looked at again now that it may be read: the sidecar may have been
-    // opened for writing while this waited; its close says when.
-    if let Some(file) = apply.writing.of(name) {
-        debug!(target: "callme::server", plugin = name, file = %file, "left until its writer closes it: it is being written");
-        return (name.to_string(), Some(known), Ok(()));
-    }
-    let stamped = stamps(&apply.dir, name);
     debug!(target: "callme::server", plugin = name, bytes = stamped.0.as_ref().map_or(0, |s| s.len), "reading");
     // Reading and hashing up to 256 MiB is no work for the runtime
     // that talks to the broker.
