@@ -642,6 +642,9 @@ enum Answer {
     /// `200 OK` with a header this many bytes long, and the body of
     /// [`Answer::Body`]`(0)`.
     BigHead(usize),
+    /// As [`Answer::BigHead`], the header's value this many spaces and one
+    /// letter: its value, once read, is one byte.
+    PaddedHead(usize),
 }
 
 /// The `relay` plugin served under a new id (`prefix` and a number) by a
@@ -714,6 +717,14 @@ impl HttpServer {
                             format!(
                                 "HTTP/1.1 200 OK\r\nx-padding: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                                 "x".repeat(n),
+                                body.len()
+                            )
+                        }
+                        Answer::PaddedHead(n) => {
+                            let body = answer_body(0);
+                            format!(
+                                "HTTP/1.1 200 OK\r\nx-padding: {}a\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                " ".repeat(n),
                                 body.len()
                             )
                         }
@@ -924,6 +935,35 @@ async fn the_response_heads_a_call_and_a_kept_instance_receive_are_bounded() {
         &[("server_id", &relay), ("outcome", "too_large")],
     );
     assert!(too_large >= 60.0, "{text}");
+    host.terminate();
+    host.wait(Duration::from_secs(30));
+}
+
+/// A head counts as what its connection read with it, not only as the
+/// headers it holds: a head padded with 60 KiB of spaces around a one-byte
+/// value counted as that byte, while the body read with it kept hyper's
+/// whole read buffer (64 KiB and more) for as long as the guest kept the
+/// response, so a call could hold hundreds of them, and a kept instance
+/// thousands, outside every limit. Now about 68 fit in a call's 4 MiB, as
+/// for heads of 60 KiB of letters.
+#[tokio::test]
+async fn a_head_padded_with_blanks_counts_as_what_was_read_with_it() {
+    let p = proxy(Duration::from_secs(60)).await;
+    let web = HttpServer::start(Answer::PaddedHead(60 << 10)).await;
+    let sidecar = format!(
+        "allowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
+        web.authority()
+    );
+    let (mut host, relay, _port) = serve_relay("cap-padded", &sidecar, "callme=info");
+    let fetched = p
+        .use_server(&relay)
+        .call("fetch-all", pos(json!([web.url("/"), 100])))
+        .await;
+    let fetched = fetched.unwrap().as_u64().unwrap();
+    assert!(
+        (60..=70).contains(&fetched),
+        "{fetched} heads padded to 60 KiB in a call"
+    );
     host.terminate();
     host.wait(Duration::from_secs(30));
 }

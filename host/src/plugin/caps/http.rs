@@ -56,6 +56,7 @@ use crate::plugin::sandbox::CallState;
 
 mod heads;
 pub(super) mod parts;
+mod read_count;
 mod send;
 
 use heads::Heads;

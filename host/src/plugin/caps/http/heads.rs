@@ -4,7 +4,10 @@
 //! guest's memory and limits, for as long as the guest keeps the
 //! response: up to twice hyper's read buffer each (`send.rs`), and as
 //! many as the store's handle limit lets a guest keep. So the heads a
-//! call receives count against [`CALL_HEAD_BYTES`]: a head past it is
+//! call receives count against [`CALL_HEAD_BYTES`], each as its headers or
+//! as what its connection had read with it, if more (`read_count.rs`:
+//! the part of the body read with a head keeps the buffer it was read
+//! into, whatever the headers hold once made their own): a head past it is
 //! refused (`HttpResponseHeaderSectionSize`) and its connection closed.
 //! A guest may keep responses from one call to the next in an instance
 //! kept between calls (`reuse_instances`), so the heads an instance has
@@ -17,6 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hyper::http::{self, HeaderMap, HeaderValue};
 use wasmtime_wasi_http::Error as HttpError;
+
+use super::read_count::ReadWithHead;
 
 /// Bytes of response heads one call may receive: 256 requests (the
 /// default `http_max_requests`) with 16 KiB of headers each.
@@ -51,11 +56,19 @@ impl Heads {
     /// values are slices of its whole read buffer (up to twice
     /// `send::MAX_HEAD_BYTES`), so a value of one byte written after 60 KiB
     /// of blanks held those 60 KiB, and so did extensions made from it.
+    ///
+    /// A head counts as what its headers hold, or as what its connection
+    /// had read with it ([`ReadWithHead`]) if that is more: the part of the
+    /// body read with the head keeps hyper's whole read buffer.
     pub(super) fn take<B>(&self, response: &mut http::Response<B>) -> Result<(), HttpError> {
+        let read = response
+            .extensions()
+            .get::<ReadWithHead>()
+            .map_or(0, |read| read.0);
         response.extensions_mut().clear();
         let headers = owned(response.headers());
         *response.headers_mut() = headers;
-        let size = head_size(response.headers());
+        let size = head_size(response.headers()).max(read);
         let before = self.call.fetch_add(size, Ordering::Relaxed);
         if before.saturating_add(size) > CALL_HEAD_BYTES {
             self.call.fetch_sub(size, Ordering::Relaxed);
@@ -128,6 +141,29 @@ mod tests {
             "the response still holds its read buffer"
         );
         assert_eq!(kept.headers()["x-a"], "b");
+    }
+
+    #[test]
+    fn a_head_counts_as_what_was_read_with_it_when_that_is_more() {
+        let heads = Heads::default();
+        // 60 KiB of spaces around a one-byte value, as read.
+        let padded = || {
+            let mut r = response(head(1));
+            r.extensions_mut().insert(ReadWithHead(60 << 10));
+            r
+        };
+        let mut taken = 0;
+        while heads.take(&mut padded()).is_ok() {
+            taken += 1;
+        }
+        assert_eq!(taken, CALL_HEAD_BYTES / (60 << 10));
+        // Headers holding more than was read (their entries' cost) count
+        // as their own.
+        let fresh = Heads::default();
+        let mut big = response(head(100 << 10));
+        big.extensions_mut().insert(ReadWithHead(1));
+        fresh.take(&mut big).unwrap();
+        assert!(fresh.call.load(Ordering::Relaxed) > 100 << 10);
     }
 
     #[test]

@@ -46,6 +46,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
 
+use super::read_count::{ReadCount, ReadWithHead};
+
 /// Lookups one plugin may have running at once.
 pub(crate) const LOOKUPS_PER_PLUGIN: usize = 4;
 
@@ -130,13 +132,15 @@ pub(super) async fn send(
         } else {
             Box::new(stream)
         };
+        let (stream, read) = ReadCount::new(stream);
         hyper::client::conn::http1::Builder::new()
             .max_buf_size(MAX_HEAD_BYTES)
             .handshake::<_, WasiBody>(TokioIo::new(stream))
             .await
+            .map(|handshake| (handshake, read))
             .map_err(HttpError::from)
     };
-    let (mut sender, connection) = tokio::time::timeout(connect_timeout, connecting)
+    let ((mut sender, connection), read) = tokio::time::timeout(connect_timeout, connecting)
         .await
         .map_err(|_| HttpError::ConnectionTimeout)??;
 
@@ -176,7 +180,8 @@ pub(super) async fn send(
     .map_err(|_| HttpError::ConnectionReadTimeout)?
     .map_err(HttpError::from)?;
 
-    let head = head.map(|body| body.map_err(HttpError::from).boxed_unsync());
+    let mut head = head.map(|body| body.map_err(HttpError::from).boxed_unsync());
+    head.extensions_mut().insert(ReadWithHead::of(&read));
     let driven: Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>> =
         Box::pin(async move {
             let _permits = permits;
