@@ -645,6 +645,9 @@ enum Answer {
     /// As [`Answer::BigHead`], the header's value this many spaces and one
     /// letter: its value, once read, is one byte.
     PaddedHead(usize),
+    /// `200 OK`, a chunked body of [`Answer::Body`]`(0)`, then a trailer
+    /// this many bytes long.
+    Trailer(usize),
 }
 
 /// The `relay` plugin served under a new id (`prefix` and a number) by a
@@ -726,6 +729,14 @@ impl HttpServer {
                                 "HTTP/1.1 200 OK\r\nx-padding: {}a\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                                 " ".repeat(n),
                                 body.len()
+                            )
+                        }
+                        Answer::Trailer(n) => {
+                            let body = answer_body(0);
+                            format!(
+                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailing\r\nconnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\nx-trailing: {}\r\n\r\n",
+                                body.len(),
+                                "t".repeat(n)
                             )
                         }
                         Answer::Unsized(n) => format!(
@@ -963,6 +974,40 @@ async fn a_head_padded_with_blanks_counts_as_what_was_read_with_it() {
     assert!(
         (60..=70).contains(&fetched),
         "{fetched} heads padded to 60 KiB in a call"
+    );
+    host.terminate();
+    host.wait(Duration::from_secs(30));
+}
+
+/// Trailers count with the heads a call receives: a plugin fetching 300
+/// bodies that end in a 15 KiB trailer gets at most about 270 of them
+/// within the call's 4 MiB (fewer as their heads count what was read with
+/// them, here part of the trailer), the rest failing
+/// `HttpResponseTrailerSectionSize`.
+/// Trailers were not counted at all, and a guest may keep them as long as
+/// it keeps the body's handle.
+#[tokio::test]
+async fn trailers_count_with_the_heads_a_call_receives() {
+    let p = proxy(Duration::from_secs(60)).await;
+    let web = HttpServer::start(Answer::Trailer(15 << 10)).await;
+    let sidecar = format!(
+        "allowed_hosts = [\"{}\"]\nhttp_max_requests = 300\n",
+        web.authority()
+    );
+    let (mut host, relay, _port) = serve_relay("cap-trailers", &sidecar, "callme=info");
+    let one = p
+        .use_server(&relay)
+        .call("fetch", pos(json!([web.url("/")])))
+        .await;
+    assert_eq!(one.unwrap(), json!(answer_body(0)), "a body with a trailer");
+    let fetched = p
+        .use_server(&relay)
+        .call("fetch-all", pos(json!([web.url("/"), 300])))
+        .await;
+    let fetched = fetched.unwrap().as_u64().unwrap();
+    assert!(
+        (100..=275).contains(&fetched),
+        "{fetched} bodies with a 15 KiB trailer in a call"
     );
     host.terminate();
     host.wait(Duration::from_secs(30));

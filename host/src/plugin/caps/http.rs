@@ -415,8 +415,10 @@ impl WasiHttpHooks for HttpHooks {
         self.sent += 1;
         let (cap, timeout) = (grant.max_response_bytes, grant.timeout);
         tracing::debug!(target: "callme::plugin", plugin = &*plugin, %authority, "http request");
+        let heads = self.heads.clone();
         let sent = io_runtime().map(|io| {
             let connections = self.connections.clone();
+            let trailers = heads.clone();
             let (task, sent) = run_on(
                 io,
                 send(
@@ -424,8 +426,11 @@ impl WasiHttpHooks for HttpHooks {
                     plugin.clone(),
                     request,
                     options,
-                    cap,
-                    timeout,
+                    Limits {
+                        cap,
+                        timeout,
+                        trailers,
+                    },
                     connections,
                 ),
             );
@@ -439,7 +444,6 @@ impl WasiHttpHooks for HttpHooks {
             started: Instant::now(),
             outcome: None,
         };
-        let heads = self.heads.clone();
         Box::new(async move {
             let result = async {
                 let (mut response, connection) = sent?.await??;
@@ -577,18 +581,33 @@ fn run_on<T: Send + 'static>(
     (handle, outcome)
 }
 
+/// What bounds a response past its head.
+struct Limits {
+    /// The most bytes its body may hold.
+    cap: u64,
+    /// Time from the request until its last byte.
+    timeout: Duration,
+    /// Where its trailers count, as heads do.
+    trailers: Heads,
+}
+
 /// Sends an allowed request on `io`: at most `timeout` until the last
-/// byte of the response, a body of at most `cap` bytes. The response's
-/// connection goes into `connections`, to end with the call.
+/// byte of the response, a body of at most `cap` bytes, trailers counted
+/// with the call's heads. The response's connection goes into
+/// `connections`, to end with the call.
 async fn send(
     io: tokio::runtime::Handle,
     plugin: Arc<str>,
     request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
-    cap: u64,
-    timeout: Duration,
+    limits: Limits,
     connections: Connections,
 ) -> Sent {
+    let Limits {
+        cap,
+        timeout,
+        trailers,
+    } = limits;
     let deadline = tokio::time::Instant::now() + timeout;
     let between_bytes = options.and_then(|o| o.between_bytes_timeout);
     let sent = tokio::time::timeout_at(deadline, send::send(&plugin, request, options)).await;
@@ -606,6 +625,7 @@ async fn send(
             inner: body,
             received: 0,
             cap,
+            trailers,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             between_bytes: between_bytes.map(|gap| (gap, Box::pin(tokio::time::sleep(gap)))),
             done: false,
@@ -634,11 +654,15 @@ async fn send(
     Ok((response, Box::new(ended)))
 }
 
-/// A response body that fails once it passes `cap` bytes or its deadline.
+/// A response body that fails once it passes `cap` bytes or its deadline,
+/// or once its trailers pass what the call may still receive in heads.
 struct CappedBody {
     inner: WasiBody,
     received: u64,
     cap: u64,
+    /// The call's and the instance's heads, which its trailers count with:
+    /// the guest may keep them as long as it keeps the body's handle.
+    trailers: Heads,
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// The longest wait the guest accepts between two frames, and the
     /// timer of the current wait.
@@ -660,6 +684,16 @@ impl Body for CappedBody {
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        if let Err(e) = self.trailers.take_trailers(&mut trailers) {
+                            self.done = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                };
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 self.received = self.received.saturating_add(len);
                 if self.received > self.cap {

@@ -1,4 +1,4 @@
-//! What the response heads a plugin's requests bring in may hold of the host's memory, per call and per kept instance.
+//! What the response heads (and trailers) a plugin's requests bring in may hold of the host's memory, per call and per kept instance.
 //!
 //! A response's head (its headers) is held by the host, outside the
 //! guest's memory and limits, for as long as the guest keeps the
@@ -69,12 +69,28 @@ impl Heads {
         let headers = owned(response.headers());
         *response.headers_mut() = headers;
         let size = head_size(response.headers()).max(read);
+        self.count(size)
+            .map_err(|()| HttpError::HttpResponseHeaderSectionSize(u32::try_from(size).ok()))
+    }
+
+    /// Counts a response's trailers as [`Heads::take`] counts a head, or
+    /// refuses them (`HttpResponseTrailerSectionSize`) when the call has
+    /// received its share: the guest keeps them as long as it keeps the
+    /// body's handle. Their values are made their own.
+    pub(super) fn take_trailers(&self, trailers: &mut HeaderMap) -> Result<(), HttpError> {
+        *trailers = owned(trailers);
+        let size = head_size(trailers);
+        self.count(size)
+            .map_err(|()| HttpError::HttpResponseTrailerSectionSize(u32::try_from(size).ok()))
+    }
+
+    /// Adds `size` to the call's and the instance's counts, unless it
+    /// takes the call's past [`CALL_HEAD_BYTES`].
+    fn count(&self, size: usize) -> Result<(), ()> {
         let before = self.call.fetch_add(size, Ordering::Relaxed);
         if before.saturating_add(size) > CALL_HEAD_BYTES {
             self.call.fetch_sub(size, Ordering::Relaxed);
-            return Err(HttpError::HttpResponseHeaderSectionSize(
-                u32::try_from(size).ok(),
-            ));
+            return Err(());
         }
         self.instance.fetch_add(size, Ordering::Relaxed);
         Ok(())
