@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use serde_json::Value;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::MAX_IN_FLIGHT;
@@ -167,7 +168,7 @@ impl Job {
             },
         };
         let failed = outcome.as_ref().err().map(|e| e.kind);
-        let body = Response::from(outcome).encode();
+        let body = self.encode(outcome).await;
         let inner = &self.server.inner;
         // A lone reply goes by the caller's exchange: a pipeline saves
         // nothing without others to share it, and that way it stays on the
@@ -255,6 +256,41 @@ impl Job {
     }
 }
 
+/// Whether `value` encodes to more than `limit` bytes of JSON, about: a
+/// walk that ends as soon as it knows, so a small value costs a look or
+/// two and a large one at most `limit / 2` of its items.
+fn encodes_past(value: &Value, limit: usize) -> bool {
+    match value {
+        Value::Array(_) | Value::Object(_) => {}
+        Value::String(s) => return s.len() + 2 > limit,
+        _ => return false,
+    }
+    let mut size = 0usize;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        size += match value {
+            Value::Null | Value::Bool(_) => 5,
+            Value::Number(_) => 2,
+            Value::String(s) => s.len() + 2,
+            Value::Array(items) => {
+                pending.extend(items);
+                2
+            }
+            Value::Object(entries) => {
+                for (key, item) in entries {
+                    size += key.len() + 3;
+                    pending.push(item);
+                }
+                2
+            }
+        };
+        if size > limit {
+            return true;
+        }
+    }
+    false
+}
+
 /// The request is acked, or dropped for good: nothing of it is noted any
 /// more.
 fn settled(holding: Option<Holding>) {
@@ -287,6 +323,35 @@ impl Job {
                 ErrorKind::Internal,
                 format!("decoding the request failed: {e}"),
             ))
+        })
+    }
+
+    /// Encodes a reply's body: one over [`QUIET_MAX_REQUEST_BYTES`] on the
+    /// plugin executor, as a request that large is decoded there
+    /// ([`Job::decode`]): a result of megabytes takes milliseconds to write.
+    async fn encode(&self, outcome: Result<Value, RemoteError>) -> Vec<u8> {
+        let large = match &outcome {
+            Ok(value) => encodes_past(value, QUIET_MAX_REQUEST_BYTES),
+            Err(e) => {
+                e.message.len() > QUIET_MAX_REQUEST_BYTES
+                    || encodes_past(&e.data, QUIET_MAX_REQUEST_BYTES)
+            }
+        };
+        if !large {
+            return Response::from(outcome).encode();
+        }
+        let encoding = self
+            .server
+            .inner
+            .executor
+            .handle()
+            .spawn(async move { Response::from(outcome).encode() });
+        encoding.await.unwrap_or_else(|e| {
+            Response::from(Err(RemoteError::new(
+                ErrorKind::Internal,
+                format!("encoding the reply failed: {e}"),
+            )))
+            .encode()
         })
     }
 
@@ -420,5 +485,37 @@ async fn ack(channel: &Channel, delivery: &Delivery, holding: Option<Holding>) -
             warn!(target: "callme::server", error = %e, "ack failed (the request's channel is closed?); the broker will redeliver");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_values_encoded_size_is_told_about_and_early() {
+        let limit = 16 << 10;
+        assert!(!encodes_past(&json!(3), limit));
+        assert!(!encodes_past(
+            &json!({"a": [1, 2, "three"], "b": null}),
+            limit
+        ));
+        assert!(encodes_past(&json!("x".repeat(limit)), limit));
+        assert!(!encodes_past(&json!("x".repeat(limit - 100)), limit));
+        // Many small items, nested.
+        let numbers: Vec<u32> = (0..10_000).collect();
+        assert!(encodes_past(&json!({"n": [numbers]}), limit));
+        assert!(!encodes_past(&json!([[1, 2], [3, 4]]), limit));
+        // Keys count too.
+        let keys: serde_json::Map<String, Value> = (0..1000)
+            .map(|i| (format!("key-{i:020}"), Value::Null))
+            .collect();
+        assert!(encodes_past(&Value::Object(keys), limit));
+        // As told: never far below what it encodes to.
+        let item = json!({"id": 1, "name": "a name", "tags": ["x", "y"], "ok": true});
+        let mixed = Value::Array(vec![item; 400]);
+        let encoded = serde_json::to_vec(&mixed).unwrap().len();
+        assert!(encoded > limit && encodes_past(&mixed, limit), "{encoded}");
     }
 }
