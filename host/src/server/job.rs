@@ -256,39 +256,78 @@ impl Job {
     }
 }
 
-/// Whether `value` encodes to more than `limit` bytes of JSON, about: a
-/// walk that ends as soon as it knows, so a small value costs a look or
-/// two and a large one at most `limit / 2` of its items.
+/// Whether `value` encodes to more than `limit` bytes of JSON, never
+/// told less than it encodes to by much: a walk that ends as soon as it
+/// knows, so a small value costs a look at each of its items (and no
+/// allocation unless it nests), a large one a look at `limit` bytes' worth.
 fn encodes_past(value: &Value, limit: usize) -> bool {
-    match value {
-        Value::Array(_) | Value::Object(_) => {}
-        Value::String(s) => return s.len() + 2 > limit,
-        _ => return false,
-    }
     let mut size = 0usize;
-    let mut pending = vec![value];
-    while let Some(value) = pending.pop() {
-        size += match value {
-            Value::Null | Value::Bool(_) => 5,
-            Value::Number(_) => 2,
-            Value::String(s) => s.len() + 2,
+    // The arrays and objects still to look into.
+    let mut nested = Vec::new();
+    let mut current = value;
+    loop {
+        match current {
             Value::Array(items) => {
-                pending.extend(items);
-                2
+                size += 2;
+                for item in items {
+                    size += item_size(item, &mut nested) + 1;
+                    if size > limit {
+                        return true;
+                    }
+                }
             }
             Value::Object(entries) => {
+                size += 2;
                 for (key, item) in entries {
-                    size += key.len() + 3;
-                    pending.push(item);
+                    size += string_size(key) + item_size(item, &mut nested) + 2;
+                    if size > limit {
+                        return true;
+                    }
                 }
-                2
             }
-        };
+            scalar => size += item_size(scalar, &mut nested),
+        }
         if size > limit {
             return true;
         }
+        match nested.pop() {
+            Some(next) => current = next,
+            None => return false,
+        }
     }
-    false
+}
+
+/// What a scalar encodes to, at most; an array or object is put in
+/// `nested`, to be looked into, and counts nothing here.
+fn item_size<'a>(value: &'a Value, nested: &mut Vec<&'a Value>) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                u.checked_ilog10().unwrap_or(0) as usize + 1
+            } else if let Some(i) = n.as_i64() {
+                i.unsigned_abs().checked_ilog10().unwrap_or(0) as usize + 2
+            } else {
+                // The longest a double is written: `-1.2345678901234567e-308`.
+                25
+            }
+        }
+        Value::String(s) => string_size(s),
+        Value::Array(_) | Value::Object(_) => {
+            nested.push(value);
+            0
+        }
+    }
+}
+
+/// What a string encodes to: its quotes, and an escape for each byte
+/// that needs one (at most six bytes, `\u001f`).
+fn string_size(s: &str) -> usize {
+    let escaped = s
+        .bytes()
+        .filter(|&b| b < 0x20 || b == b'"' || b == b'\\')
+        .count();
+    s.len() + 2 + escaped * 5
 }
 
 /// The request is acked, or dropped for good: nothing of it is noted any
@@ -300,8 +339,6 @@ fn settled(holding: Option<Holding>) {
 }
 
 impl Job {
-    /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]
-    /// requests taken and not yet settled, across its ids.
     /// Decodes a request's body. One over [`QUIET_MAX_REQUEST_BYTES`] is
     /// decoded on the plugin executor: parsing up to `max_request_bytes`
     /// of JSON takes milliseconds, which on this runtime would hold up
@@ -355,6 +392,8 @@ impl Job {
         })
     }
 
+    /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]
+    /// requests taken and not yet settled, across its ids.
     fn is_quiet(&self) -> bool {
         let in_flight = &self.server.inner.in_flight;
         MAX_IN_FLIGHT as usize - in_flight.available_permits() <= QUIET_IN_FLIGHT
@@ -517,5 +556,21 @@ mod tests {
         let mixed = Value::Array(vec![item; 400]);
         let encoded = serde_json::to_vec(&mixed).unwrap().len();
         assert!(encoded > limit && encodes_past(&mixed, limit), "{encoded}");
+        // Doubles and escapes are written longer than they hold.
+        let doubles: Vec<f64> = (0..2000).map(|i| f64::from(i) / 3.0).collect();
+        let doubles = json!(doubles);
+        assert!(serde_json::to_vec(&doubles).unwrap().len() > limit);
+        assert!(encodes_past(&doubles, limit));
+        let controls = json!("\u{1}".repeat(3000));
+        assert!(serde_json::to_vec(&controls).unwrap().len() > limit);
+        assert!(encodes_past(&controls, limit));
+        // Never told much more than it is, either.
+        for value in [
+            json!([1, 22, 333]),
+            json!({"a": "b\"c", "d": [true, null, -7, 1.5]}),
+        ] {
+            let encoded = serde_json::to_vec(&value).unwrap().len();
+            assert!(!encodes_past(&value, encoded + 30), "{value}");
+        }
     }
 }
