@@ -951,29 +951,65 @@ async fn the_response_heads_a_call_and_a_kept_instance_receive_are_bounded() {
 }
 
 /// A head counts as what its connection read with it, not only as the
-/// headers it holds: a head padded with 60 KiB of spaces around a one-byte
-/// value counted as that byte, while the body read with it kept hyper's
-/// whole read buffer (64 KiB and more) for as long as the guest kept the
-/// response, so a call could hold hundreds of them, and a kept instance
-/// thousands, outside every limit. Now about 68 fit in a call's 4 MiB, as
-/// for heads of 60 KiB of letters.
+/// headers it holds, while the guest keeps its response unread: a head
+/// padded with 60 KiB of spaces around a one-byte value counted as that
+/// byte, while the body read with it kept hyper's whole read buffer
+/// (64 KiB and more) for as long as the guest kept the response. So an
+/// instance kept between calls (`reuse_instances`) could keep thousands of
+/// them, never spent. `hostile`'s `fire` keeps every response unread: five
+/// calls of 60 pass the instance's 16 MiB, and the next call gets a fresh
+/// instance, as with heads of 60 KiB of letters.
 #[tokio::test]
 async fn a_head_padded_with_blanks_counts_as_what_was_read_with_it() {
     let p = proxy(Duration::from_secs(60)).await;
     let web = HttpServer::start(Answer::PaddedHead(60 << 10)).await;
-    let sidecar = format!(
-        "allowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
-        web.authority()
+    let dir = tempdir();
+    let hostile = unique("cap-padded");
+    std::fs::write(
+        dir.join(format!("{hostile}.toml")),
+        format!(
+            "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
+            web.authority()
+        ),
+    )
+    .unwrap();
+    deploy(&plugin_path("hostile"), &dir, &format!("{hostile}.wasm"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut host = Host::start(
+        Command::new(callme_bin()),
+        &dir,
+        &["--metrics-addr", &addr],
+        "callme=info",
     );
-    let (mut host, relay, _port) = serve_relay("cap-padded", &sidecar, "callme=info");
-    let fetched = p
-        .use_server(&relay)
-        .call("fetch-all", pos(json!([web.url("/"), 100])))
-        .await;
-    let fetched = fetched.unwrap().as_u64().unwrap();
-    assert!(
-        (60..=70).contains(&fetched),
-        "{fetched} heads padded to 60 KiB in a call"
+    host.wait_ready(Duration::from_secs(60));
+    let sp = p.use_server(&hostile);
+    let made = async || {
+        let text = scrape(port).await;
+        value(
+            &text,
+            "callme_instances_made_total",
+            &[("server_id", &hostile), ("purpose", "call")],
+        )
+    };
+    let fire = async |n: u32| {
+        let fired = sp.call("fire", pos(json!([web.authority(), n]))).await;
+        assert_eq!(fired.unwrap(), json!(n));
+    };
+    fire(60).await;
+    let before = made().await;
+    // 4 × 60 heads counted 60 KiB each: 14 MiB, kept.
+    for _ in 0..3 {
+        fire(60).await;
+    }
+    assert_eq!(made().await, before, "the instance was not kept");
+    // Past 16 MiB: the next call gets a fresh instance.
+    fire(60).await;
+    fire(0).await;
+    assert_eq!(
+        made().await,
+        before + 1.0,
+        "an instance holding 300 responses padded to 60 KiB was kept"
     );
     host.terminate();
     host.wait(Duration::from_secs(30));

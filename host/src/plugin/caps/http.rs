@@ -418,7 +418,6 @@ impl WasiHttpHooks for HttpHooks {
         let heads = self.heads.clone();
         let sent = io_runtime().map(|io| {
             let connections = self.connections.clone();
-            let trailers = heads.clone();
             let (task, sent) = run_on(
                 io,
                 send(
@@ -429,7 +428,7 @@ impl WasiHttpHooks for HttpHooks {
                     Limits {
                         cap,
                         timeout,
-                        trailers,
+                        heads,
                     },
                     connections,
                 ),
@@ -446,8 +445,7 @@ impl WasiHttpHooks for HttpHooks {
         };
         Box::new(async move {
             let result = async {
-                let (mut response, connection) = sent?.await??;
-                heads.take(&mut response)?;
+                let (response, connection) = sent?.await??;
                 Ok((response, connection))
             }
             .await;
@@ -587,8 +585,8 @@ struct Limits {
     cap: u64,
     /// Time from the request until its last byte.
     timeout: Duration,
-    /// Where its trailers count, as heads do.
-    trailers: Heads,
+    /// Where its head and trailers count.
+    heads: Heads,
 }
 
 /// Sends an allowed request on `io`: at most `timeout` until the last
@@ -606,12 +604,12 @@ async fn send(
     let Limits {
         cap,
         timeout,
-        trailers,
+        heads,
     } = limits;
     let deadline = tokio::time::Instant::now() + timeout;
     let between_bytes = options.and_then(|o| o.between_bytes_timeout);
     let sent = tokio::time::timeout_at(deadline, send::send(&plugin, request, options)).await;
-    let (response, connection) = sent.map_err(|_| HttpError::HttpResponseTimeout)??;
+    let (mut response, connection) = sent.map_err(|_| HttpError::HttpResponseTimeout)??;
     let length = response
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -620,12 +618,14 @@ async fn send(
     if let Some(length) = length.filter(|&n| n > cap) {
         return Err(HttpError::HttpResponseBodySize(Some(length)));
     }
+    let held = heads.take(&mut response)?;
     let response = response.map(|body| {
         CappedBody {
             inner: body,
             received: 0,
             cap,
-            trailers,
+            heads,
+            held,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             between_bytes: between_bytes.map(|gap| (gap, Box::pin(tokio::time::sleep(gap)))),
             done: false,
@@ -662,7 +662,12 @@ struct CappedBody {
     cap: u64,
     /// The call's and the instance's heads, which its trailers count with:
     /// the guest may keep them as long as it keeps the body's handle.
-    trailers: Heads,
+    heads: Heads,
+    /// What its head counted beyond its headers, for the part of the body
+    /// read with it (which keeps hyper's read buffer): given back once
+    /// the first frame is taken (its data copied out of that buffer), or
+    /// the body dropped.
+    held: usize,
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// The longest wait the guest accepts between two frames, and the
     /// timer of the current wait.
@@ -682,17 +687,25 @@ impl Body for CappedBody {
         if self.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() && self.held > 0 {
+            let held = std::mem::take(&mut self.held);
+            self.heads.give_back(held);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match frame.into_trailers() {
                     Ok(mut trailers) => {
-                        if let Err(e) = self.trailers.take_trailers(&mut trailers) {
+                        if let Err(e) = self.heads.take_trailers(&mut trailers) {
                             self.done = true;
                             return Poll::Ready(Some(Err(e)));
                         }
                         Frame::trailers(trailers)
                     }
-                    Err(frame) => frame,
+                    // Its own copy: hyper's frames are slices of its read
+                    // buffer, which one the guest holds unread would keep
+                    // whole.
+                    Err(frame) => frame.map_data(|data| Bytes::copy_from_slice(&data)),
                 };
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 self.received = self.received.saturating_add(len);
@@ -731,6 +744,12 @@ impl Body for CappedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for CappedBody {
+    fn drop(&mut self) {
+        self.heads.give_back(self.held);
     }
 }
 

@@ -24,7 +24,9 @@ use wasmtime_wasi_http::Error as HttpError;
 use super::read_count::ReadWithHead;
 
 /// Bytes of response heads one call may receive: 256 requests (the
-/// default `http_max_requests`) with 16 KiB of headers each.
+/// default `http_max_requests`) with 16 KiB of headers each, their bodies
+/// read (one held unread counts what hyper read with it too, 24 KiB for
+/// such a head).
 pub(crate) const CALL_HEAD_BYTES: usize = 4 << 20;
 
 /// Bytes of response heads an instance may have received over its life
@@ -60,7 +62,11 @@ impl Heads {
     /// A head counts as what its headers hold, or as what its connection
     /// had read with it ([`ReadWithHead`]) if that is more: the part of the
     /// body read with the head keeps hyper's whole read buffer.
-    pub(super) fn take<B>(&self, response: &mut http::Response<B>) -> Result<(), HttpError> {
+    ///
+    /// What is counted beyond the headers (the part of the buffer the body
+    /// holds) is given back with [`Heads::give_back`] once the body no
+    /// longer holds it: `Ok` says how much that is.
+    pub(super) fn take<B>(&self, response: &mut http::Response<B>) -> Result<usize, HttpError> {
         let read = response
             .extensions()
             .get::<ReadWithHead>()
@@ -68,9 +74,18 @@ impl Heads {
         response.extensions_mut().clear();
         let headers = owned(response.headers());
         *response.headers_mut() = headers;
-        let size = head_size(response.headers()).max(read);
+        let headers = head_size(response.headers());
+        let size = headers.max(read);
         self.count(size)
-            .map_err(|()| HttpError::HttpResponseHeaderSectionSize(u32::try_from(size).ok()))
+            .map_err(|()| HttpError::HttpResponseHeaderSectionSize(u32::try_from(size).ok()))?;
+        Ok(size - headers)
+    }
+
+    /// Gives back `bytes` counted by [`Heads::take`] beyond a head's
+    /// headers, once the buffer they stood for is let go.
+    pub(super) fn give_back(&self, bytes: usize) {
+        self.call.fetch_sub(bytes, Ordering::Relaxed);
+        self.instance.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Counts a response's trailers as [`Heads::take`] counts a head, or
@@ -178,8 +193,15 @@ mod tests {
         let fresh = Heads::default();
         let mut big = response(head(100 << 10));
         big.extensions_mut().insert(ReadWithHead(1));
-        fresh.take(&mut big).unwrap();
+        assert_eq!(fresh.take(&mut big).unwrap(), 0);
         assert!(fresh.call.load(Ordering::Relaxed) > 100 << 10);
+        // What was counted beyond the headers is given back.
+        let heads = Heads::default();
+        let beyond = heads.take(&mut padded()).unwrap();
+        assert!(beyond > 59 << 10, "{beyond}");
+        heads.give_back(beyond);
+        assert!(heads.call.load(Ordering::Relaxed) < 1 << 10);
+        assert!(heads.instance.load(Ordering::Relaxed) < 1 << 10);
     }
 
     #[test]
