@@ -494,6 +494,73 @@ async fn call_with_retry_is_sent_again_when_its_node_goes() {
     nodes[1].cut();
 }
 
+/// A call's stderr holds its outcome and nothing else: a call with
+/// `--retry` whose node goes before its reply is sent again on the next
+/// node and answered, with nothing on stderr (the link's warning that it
+/// lost the broker, and the proxy's that its reply consumer was lost,
+/// were written there, in front of the JSON a failed call prints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_connection_goes_writes_no_log_line_to_stderr() {
+    let id = unique("cli-quiet");
+    let mut server = callme_tests::PlayedServer::start(&id).await;
+    let nodes = [Forwarder::start().await, Forwarder::start().await];
+    let mut child = KillOnDrop(Some(
+        Command::new(callme_bin())
+            .args(["call", "--retry", "--timeout", "30", "--amqp-url"])
+            .arg(Forwarder::list(&nodes))
+            .args([id.as_str(), "add", "1", "2"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run callme"),
+    ));
+    let _first = server.requests.next_reply(None).await;
+    nodes[0].cut();
+    let again = server.requests.next_reply(None).await;
+    callme_tests::answer(&server.channel, &again, serde_json::json!(3)).await;
+    let child = child.0.take().expect("the child");
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("callme ran");
+    assert_eq!(stdout(&o), "3", "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stderr.is_empty(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    nodes[1].cut();
+}
+
+/// A grace period too long for the clock (`--grace` of `u64::MAX`
+/// seconds, as "wait for every call") is a grace period: the host stops
+/// gracefully, exit 0, its ready file removed. It panicked on the stop
+/// signal ("overflow when adding duration to instant") and left its ready
+/// file behind.
+#[test]
+fn a_grace_period_too_long_for_the_clock_ends_in_a_graceful_stop() {
+    let dir = tempdir();
+    deploy(
+        &plugin_path("calc"),
+        &dir,
+        &format!("{}.wasm", unique("long-grace")),
+    );
+    let mut host = Host::serve(&dir, &["--grace", &u64::MAX.to_string()]);
+    host.wait_ready(Duration::from_secs(30));
+    host.terminate();
+    assert_eq!(
+        host.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        host.log_text()
+    );
+    assert!(
+        !host.ready_file.exists(),
+        "the ready file outlived the host"
+    );
+}
+
 #[test]
 fn negative_numbers_are_arguments() {
     let calc = plugin_path("calc");

@@ -90,7 +90,7 @@ impl Host {
             // As in [`Host::run_until`]: what is being loaded is given up
             // (or, being swapped in, finished) before the ids are stopped,
             // all within the one grace period.
-            let by = tokio::time::Instant::now() + options.grace;
+            let by = crate::server::grace_ends(options.grace);
             let _ = tokio::time::timeout_at(by, deployer.stop()).await;
             info!(target: "callme::server", grace = ?options.grace, "stopping before every plugin was served: finishing running calls");
             server.shutdown_by(by).await;
@@ -158,7 +158,7 @@ impl Host {
                 // ([`Server::shutdown`]), as an orchestrator's own limit
                 // set from `--grace` expects.
                 observe::set_phase(Phase::Stopping);
-                let by = tokio::time::Instant::now() + grace;
+                let by = crate::server::grace_ends(grace);
                 let _ = stop_watching.send(true);
                 if tokio::time::timeout_at(by, &mut watch).await.is_err() {
                     watch.abort();

@@ -65,7 +65,8 @@ impl Broker {
 struct CallArgs {
     /// Function name (dotted for interface functions: `stats.mean`).
     func: String,
-    /// Positional arguments, each parsed as JSON (`1`, `-1`, `"text"`, `[1,2]`).
+    /// Positional arguments, each parsed as JSON (`1`, `-1`, `"text"`, `[1,2]`);
+    /// a negative number with a signed exponent (`-1e-5`) after `--`.
     #[arg(allow_negative_numbers = true)]
     args: Vec<String>,
     /// Keyword arguments as a JSON object: `--kwargs '{"a": 1, "b": 2}'`.
@@ -319,7 +320,12 @@ fn main() -> ExitCode {
         // could write them by the hundred thousand a call, outside its log
         // budget. The plugin gets each as an error; its calls are counted.
         Command::Serve { .. } => "info,lapin=off,wasmtime_wasi_http=error,rustls=error",
-        _ => "warn,lapin=off,wasmtime_wasi_http=error,rustls=error",
+        // A one-shot command's outcome, a lost connection included, is the
+        // JSON it prints: the link or the proxy saying so too would put a
+        // log line in front of the JSON on stderr.
+        _ => {
+            "warn,callme::link=off,callme::proxy=off,lapin=off,wasmtime_wasi_http=error,rustls=error"
+        }
     };
     {
         use tracing_subscriber::layer::SubscriberExt;

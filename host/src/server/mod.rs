@@ -612,10 +612,11 @@ impl Server {
     /// however slow the broker: a broker that does not answer only makes
     /// it skip the tidying up.
     pub async fn shutdown(&self, grace: Duration) {
-        self.shutdown_by(tokio::time::Instant::now() + grace).await;
+        self.shutdown_by(grace_ends(grace)).await;
     }
 
-    /// [`Server::shutdown`] with its grace period ending at `by`.
+    /// [`Server::shutdown`] with its grace period ending at `by`
+    /// ([`grace_ends`]).
     pub(crate) async fn shutdown_by(&self, by: tokio::time::Instant) {
         let mut stopped = Vec::new();
         // Every id at once: one at a time, with many ids and a slow
@@ -896,6 +897,15 @@ async fn closed_for_good(mut server: tokio::sync::watch::Receiver<crate::amqp::l
     let _ = server
         .wait_for(|s| matches!(s, crate::amqp::link::State::Closed))
         .await;
+}
+
+/// When a grace period of `grace` from now ends: a period too long for
+/// the clock (`--grace` of `u64::MAX` seconds, meant as "wait for every
+/// call") ends 30 years from now rather than overflowing.
+pub(crate) fn grace_ends(grace: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(grace)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 #[cfg(test)]
