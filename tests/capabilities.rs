@@ -654,10 +654,15 @@ enum Answer {
 /// `callme serve` of its own, with `sidecar` as its sidecar, logging at
 /// `log_level`, its metrics on a free port: the host, the id and the port.
 fn serve_relay(prefix: &str, sidecar: &str, log_level: &str) -> (Host, String, u16) {
+    serve_plugin("relay", prefix, sidecar, log_level)
+}
+
+/// [`serve_relay`] for any plugin of `plugins/`.
+fn serve_plugin(plugin: &str, prefix: &str, sidecar: &str, log_level: &str) -> (Host, String, u16) {
     let dir = tempdir();
     let relay = unique(prefix);
     std::fs::write(dir.join(format!("{relay}.toml")), sidecar).unwrap();
-    deploy(&plugin_path("relay"), &dir, &format!("{relay}.wasm"));
+    deploy(&plugin_path(plugin), &dir, &format!("{relay}.wasm"));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let command = Command::new(callme_bin());
@@ -963,26 +968,11 @@ async fn the_response_heads_a_call_and_a_kept_instance_receive_are_bounded() {
 async fn a_head_padded_with_blanks_counts_as_what_was_read_with_it() {
     let p = proxy(Duration::from_secs(60)).await;
     let web = HttpServer::start(Answer::PaddedHead(60 << 10)).await;
-    let dir = tempdir();
-    let hostile = unique("cap-padded");
-    std::fs::write(
-        dir.join(format!("{hostile}.toml")),
-        format!(
-            "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
-            web.authority()
-        ),
-    )
-    .unwrap();
-    deploy(&plugin_path("hostile"), &dir, &format!("{hostile}.wasm"));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut host = Host::start(
-        Command::new(callme_bin()),
-        &dir,
-        &["--metrics-addr", &addr],
-        "callme=info",
+    let sidecar = format!(
+        "reuse_instances = true\nallowed_hosts = [\"{}\"]\nhttp_max_requests = 100\n",
+        web.authority()
     );
-    host.wait_ready(Duration::from_secs(60));
+    let (mut host, hostile, port) = serve_plugin("hostile", "cap-padded", &sidecar, "callme=info");
     let sp = p.use_server(&hostile);
     let made = async || {
         let text = scrape(port).await;

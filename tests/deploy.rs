@@ -41,6 +41,32 @@ async fn wait_withdrawn(p: &Proxy, id: &str) -> bool {
     .is_some()
 }
 
+/// A host serving `dir`, ready, its watcher's debug lines in its log
+/// (what it reads, and what it leaves for a writer).
+fn watcher_told(dir: &Path) -> Host {
+    let mut host = Host::start(
+        std::process::Command::new(callme_tests::callme_bin()),
+        dir,
+        &[],
+        "callme=info,callme::server=debug",
+    );
+    host.wait_ready(WAIT);
+    host
+}
+
+/// Waits up to [`WAIT`] for a line of `host`'s log that names `id` and
+/// says `what`.
+async fn logged(host: &Host, id: &str, what: &str) -> bool {
+    eventually(WAIT, || async {
+        host.log_text()
+            .lines()
+            .any(|l| l.contains(id) && l.contains(what))
+            .then_some(())
+    })
+    .await
+    .is_some()
+}
+
 /// Serves `dir` as [`Host::serve`] does, with a metrics endpoint for
 /// [`barrier`].
 fn observed(dir: &Path, extra: &[&str]) -> Host {
@@ -877,13 +903,7 @@ async fn a_plugin_slow_to_load_holds_up_no_other_deploy() {
 async fn a_sidecar_being_written_is_read_once_it_is_whole() {
     use std::io::Write;
     let dir = tempdir();
-    let mut host = callme_tests::Host::start(
-        std::process::Command::new(callme_tests::callme_bin()),
-        &dir,
-        &[],
-        "callme=info,callme::server=debug",
-    );
-    host.wait_ready(WAIT);
+    let host = watcher_told(&dir);
     let p = proxy(Duration::from_secs(20)).await;
     let id = unique("half-sidecar");
 
@@ -891,15 +911,9 @@ async fn a_sidecar_being_written_is_read_once_it_is_whole() {
     sidecar.write_all(b"# calls of this plugin get\n").unwrap();
     sidecar.flush().unwrap();
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let waiting = eventually(WAIT, || async {
-        host.log_text()
-            .lines()
-            .any(|l| l.contains(&id) && l.contains("being written"))
-            .then_some(())
-    })
-    .await;
+    let waiting = logged(&host, &id, "being written").await;
     assert!(
-        waiting.is_some(),
+        waiting,
         "not left to the sidecar's writer: {}",
         host.log_text()
     );
@@ -985,13 +999,7 @@ async fn a_sidecar_cut_while_its_plugin_is_read_is_not_served_cut() {
     let sidecar = dir.join(format!("{id}.toml"));
     std::fs::write(&sidecar, "fuel = 10000000\n").unwrap();
     deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
-    let mut host = callme_tests::Host::start(
-        std::process::Command::new(callme_tests::callme_bin()),
-        &dir,
-        &[],
-        "callme=info,callme::server=debug",
-    );
-    host.wait_ready(WAIT);
+    let host = watcher_told(&dir);
     let p = proxy(Duration::from_secs(20)).await;
     let out_of_fuel = |r: &Result<Value, Error>| matches!(r, Err(Error::Remote(r)) if r.kind == ErrorKind::Timeout && r.data == json!("fuel"));
     let fib35 = p.use_server(&id).call("fib", pos(json!([35]))).await;
@@ -1013,15 +1021,9 @@ async fn a_sidecar_cut_while_its_plugin_is_read_is_not_served_cut() {
         .truncate(true)
         .open(&sidecar)
         .unwrap();
-    let waiting = eventually(WAIT, || async {
-        host.log_text()
-            .lines()
-            .any(|l| l.contains(&id) && l.contains("being written"))
-            .then_some(())
-    })
-    .await;
+    let waiting = logged(&host, &id, "being written").await;
     assert!(
-        waiting.is_some(),
+        waiting,
         "not left to the sidecar's writer: {}",
         host.log_text()
     );
@@ -1033,15 +1035,9 @@ async fn a_sidecar_cut_while_its_plugin_is_read_is_not_served_cut() {
 
     writer.write_all(b"fuel = 10000000\n").unwrap();
     drop(writer);
-    let swapped = eventually(WAIT, || async {
-        host.log_text()
-            .lines()
-            .any(|l| l.contains(&id) && l.contains("swapped in"))
-            .then_some(())
-    })
-    .await;
+    let swapped = logged(&host, &id, "swapped in").await;
     assert!(
-        swapped.is_some(),
+        swapped,
         "the padded version is not served once its sidecar is whole: {}",
         host.log_text()
     );
@@ -1134,14 +1130,8 @@ async fn a_change_the_broker_failed_half_way_and_then_undone_is_undone() {
 
     node.stall();
     put("concurrency = 4\n");
-    let swapped = eventually(WAIT, || async {
-        host.log_text()
-            .lines()
-            .any(|l| l.contains(&id) && l.contains("concurrency changed"))
-            .then_some(())
-    })
-    .await;
-    assert!(swapped.is_some(), "never swapped: {}", host.log_text());
+    let swapped = logged(&host, &id, "concurrency changed").await;
+    assert!(swapped, "never swapped: {}", host.log_text());
     put("concurrency = 3\n");
     // The new prefetch waits 5 s for the broker before it fails.
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -1171,13 +1161,7 @@ async fn a_change_the_broker_failed_half_way_and_then_undone_is_undone() {
 #[tokio::test]
 async fn a_plugin_replaced_by_a_larger_file_while_it_waits_to_load_takes_its_share() {
     let dir = tempdir();
-    let mut host = callme_tests::Host::start(
-        std::process::Command::new(callme_tests::callme_bin()),
-        &dir,
-        &[],
-        "callme=info,callme::server=debug",
-    );
-    host.wait_ready(WAIT);
+    let host = watcher_told(&dir);
     let reading = format!("bytes={PADDED_BYTES}");
     let read = |id: &str| {
         host.log_text()
