@@ -81,7 +81,10 @@ impl std::error::Error for Error {
 ///
 /// `args` serialises to the call's arguments: a tuple or array gives
 /// positional arguments (`(1, 2)`), a struct or map keyword arguments,
-/// `()` none, any other value one positional argument.
+/// `()` none, any other value one positional argument. `()` is JSON
+/// `null`, so any value that serialises to `null` (`None`, a NaN) also
+/// gives none: pass one `null` argument as a tuple of one,
+/// `(None::<i64>,)`.
 ///
 /// # Errors
 ///
