@@ -616,6 +616,46 @@ async fn a_node_that_refuses_the_login_is_failed_over_past() {
     first.cut();
 }
 
+/// A node that closes every connection as soon as it is open (a node
+/// being drained, a balancer in front of one) is not reconnected to at
+/// the rate of handshakes: such losses back off as failed attempts do,
+/// and the link is back at once when a connection lasts again. A proxy
+/// reconnected to it every 150 ms or so, logging twice each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_as_soon_as_open_are_reopened_with_backoff() {
+    let s = server(ServerOptions::default()).await;
+    let id = unique("short-lived");
+    s.serve_native(&id, native_add()).await.unwrap();
+    let node = Forwarder::start().await;
+    let p = callme::Proxy::connect_with(
+        &callme::ConnectOptions::new(node.url()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
+    assert_eq!(sum, 3);
+
+    node.cut_short(Duration::from_millis(100));
+    let before = node.accepted();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let opened = node.accepted() - before;
+    // Backing off from 100 ms: about 5 in 3 s; at once: 20 and more.
+    assert!(opened <= 10, "{opened} connections in 3 s");
+
+    node.carry_on();
+    let back = eventually(Duration::from_secs(10), || async {
+        let r: Result<i64, _> = p
+            .use_server(&id)
+            .with_timeout(Duration::from_secs(2))
+            .invoke("add", (2, 2))
+            .await;
+        (r.ok() == Some(4)).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "not back once connections last");
+}
+
 #[tokio::test]
 async fn a_malformed_entry_in_a_list_is_named_without_its_password() {
     let list = format!("{},amqp//guest:s3cretpw@127.0.0.1:5682", amqp_url());

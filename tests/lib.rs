@@ -554,6 +554,7 @@ pub struct Forwarder {
     task: tokio::task::JoinHandle<()>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stalled: tokio::sync::watch::Sender<bool>,
+    lifetime: tokio::sync::watch::Sender<Option<std::time::Duration>>,
 }
 
 impl Forwarder {
@@ -572,6 +573,7 @@ impl Forwarder {
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = accepted.clone();
         let (stalled, stall) = tokio::sync::watch::channel(false);
+        let (lifetime, lifetimes) = tokio::sync::watch::channel(None);
         let task = tokio::spawn(async move {
             // Dropped with the task: every connection ends with it.
             let mut carried = tokio::task::JoinSet::new();
@@ -579,11 +581,26 @@ impl Forwarder {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let broker = broker.clone();
                 let mut stall = stall.clone();
+                let mut lifetime = lifetimes.clone();
                 carried.spawn(async move {
+                    // Accepted while connections are cut short, it lives
+                    // that long; accepted before, it ends as they begin to be.
+                    let short = *lifetime.borrow_and_update();
+                    let ends = async move {
+                        match short {
+                            Some(lives) => tokio::time::sleep(lives).await,
+                            None => {
+                                if lifetime.wait_for(Option::is_some).await.is_err() {
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                        }
+                    };
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await {
                         let stalled = tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
                             r = stall.wait_for(|s| *s) => r.is_ok(),
+                            () = ends => false,
                         };
                         if stalled {
                             // Both ends stay open, carrying nothing.
@@ -599,7 +616,21 @@ impl Forwarder {
             task,
             accepted,
             stalled,
+            lifetime,
         }
+    }
+
+    /// Ends every connection it carries, and each one it takes from now
+    /// on `lives` after it is taken: a node (or a balancer in front of
+    /// it) that closes connections as soon as they are open.
+    pub fn cut_short(&self, lives: std::time::Duration) {
+        let _ = self.lifetime.send(Some(lives));
+    }
+
+    /// Carries the connections it takes from now on for as long as they
+    /// last, again.
+    pub fn carry_on(&self) {
+        let _ = self.lifetime.send(None);
     }
 
     /// Its port.

@@ -49,6 +49,10 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 /// How long the link may be down before that is logged as an error.
 const DOWN_REPORT_AFTER: Duration = Duration::from_secs(30);
 
+/// A connection lost sooner than this after it was opened counts as a
+/// failed attempt: the next is made after a backoff, not at once.
+const SHORT_LIVED: Duration = Duration::from_millis(250);
+
 /// The owner's handle: dropping it closes the connection.
 pub(crate) struct Link {
     state: watch::Receiver<State>,
@@ -207,12 +211,15 @@ async fn supervise(
     let mut observed = observed.then(|| crate::observe::LinkWatch::up(name));
     #[cfg(not(feature = "server"))]
     let _ = observed;
+    let mut opened = Instant::now();
+    // Connections in a row lost as soon as they were opened.
+    let mut brief = 0u32;
     loop {
         let lost = tokio::select! {
             lost = lost(&conn) => Some(lost),
             _ = stop.wait_for(|s| *s) => None,
         };
-        let Some(why) = lost else {
+        let Some((why, unreadable)) = lost else {
             let close = conn.close(200, "closed".into());
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
             state.send_replace(State::Closed);
@@ -233,6 +240,25 @@ async fn supervise(
         let down_since = Instant::now();
         let mut reported = false;
         let mut attempt = 0;
+        // A broker (or a balancer in front of it) that closes each
+        // connection as soon as it is open, as a node being drained may,
+        // is not reconnected to at the rate of handshakes: such losses
+        // back off as failed attempts do, until a connection lasts. A loss
+        // to a message the connection could not read is not one of them:
+        // whoever consumes looks for that message as soon as it is back.
+        if opened.elapsed() < SHORT_LIVED && !unreadable {
+            brief += 1;
+            debug!(target: "callme::link", connection = name, %broker, lived = ?opened.elapsed(), "the connection was lost as soon as it was open: waiting before the next");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff(brief - 1)) => {}
+                _ = stop.wait_for(|s| *s) => {
+                    state.send_replace(State::Closed);
+                    return;
+                }
+            }
+        } else {
+            brief = 0;
+        }
         conn = loop {
             let connect = tokio::select! {
                 // The next broker of the list first: the one just lost
@@ -266,6 +292,7 @@ async fn supervise(
                 }
             }
         };
+        opened = Instant::now();
         let reached = options.redacted_node(node);
         info!(target: "callme::link", connection = name, %broker, node = %reached, down_for = ?down_since.elapsed(), attempts = attempt + 1, "reconnected");
         state.send_replace(State::Up(conn.clone()));
@@ -276,15 +303,19 @@ async fn supervise(
     }
 }
 
-/// Resolves when `conn` is no longer usable, with the reason.
-async fn lost(conn: &Connection) -> String {
+/// Resolves when `conn` is no longer usable, with the reason, and whether
+/// it was a message the connection could not read
+/// ([`super::unreadable::is_unreadable`]).
+async fn lost(conn: &Connection) -> (String, bool) {
     let mut events = conn.events_listener();
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(lapin::Event::Error(e)) if !conn.status().connected() => return e.to_string(),
+                Some(lapin::Event::Error(e)) if !conn.status().connected() => {
+                    return (e.to_string(), super::unreadable::is_unreadable(&e));
+                }
                 Some(_) => {}
-                None => return "the connection ended".into(),
+                None => return ("the connection ended".into(), false),
             },
             _ = tokio::time::sleep(POLL_EVERY) => {}
         }
@@ -297,7 +328,7 @@ async fn lost(conn: &Connection) -> String {
             } else {
                 "not connected"
             };
-            return format!("the connection {state}");
+            return (format!("the connection {state}"), false);
         }
     }
 }
