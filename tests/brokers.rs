@@ -591,14 +591,8 @@ async fn a_node_that_refuses_the_login_is_failed_over_past() {
             .unwrap();
     let id = unique("refused-node");
     host.serve_native(&id, native_add()).await.unwrap();
-    let p = callme::Proxy::connect_with(
-        &callme::ConnectOptions::new(amqp_url()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
-    assert_eq!(sum, 3);
+    let p = proxy(Duration::from_secs(5)).await;
+    answers_add(&p, &id, 2).await;
 
     first.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -627,14 +621,8 @@ async fn connections_closed_as_soon_as_open_are_reopened_with_backoff() {
     let id = unique("short-lived");
     s.serve_native(&id, native_add()).await.unwrap();
     let node = Forwarder::start().await;
-    let p = callme::Proxy::connect_with(
-        &callme::ConnectOptions::new(node.url()),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let sum: i64 = p.use_server(&id).invoke("add", (1, 2)).await.unwrap();
-    assert_eq!(sum, 3);
+    let p = proxy_through(std::slice::from_ref(&node)).await;
+    answers_add(&p, &id, 2).await;
 
     node.cut_short(Duration::from_millis(100));
     let before = node.accepted();
