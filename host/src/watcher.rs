@@ -797,6 +797,13 @@ async fn remove(apply: &Apply, name: &str, mut known: Known) -> Applied {
     }
 }
 
+/// The files of `name` changed while they were read: what was read may
+/// be cut, and the change's own events bring the plugin back.
+fn changed_while_read(name: &str, known: Known) -> Applied {
+    debug!(target: "callme::server", plugin = name, "left for its next event: its files changed while they were read");
+    (name.to_string(), Some(known), Ok(()))
+}
+
 /// The host stops: the version of `name` being loaded is not served.
 fn given_up(name: &str, known: Known) -> Applied {
     info!(target: "callme::server", plugin = name, "stopping: the version being loaded is given up");
@@ -871,10 +878,7 @@ async fn reconcile(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return remove(&apply, name, known).await;
         }
-        Err(_) if stamps(&apply.dir, name) != stamped => {
-            debug!(target: "callme::server", plugin = name, "left for its next event: its files changed while they were read");
-            return (name.to_string(), Some(known), Ok(()));
-        }
+        Err(_) if stamps(&apply.dir, name) != stamped => return changed_while_read(name, known),
         Err(e) => {
             // Reported once until the file changes.
             if known.applied.as_ref() != Some(&stamped) {
@@ -890,8 +894,7 @@ async fn reconcile(
     // empty, as the default limits and no grants. The write's events
     // bring the plugin back here (once its writer closes the file).
     if stamps(&apply.dir, name) != stamped {
-        debug!(target: "callme::server", plugin = name, "left for its next event: its files changed while they were read");
-        return (name.to_string(), Some(known), Ok(()));
+        return changed_while_read(name, known);
     }
     // A version refused is tried again only once its files changed,
     // touched included: a refusal for a passing reason (a first instance

@@ -349,18 +349,14 @@ impl Job {
         if body.len() <= QUIET_MAX_REQUEST_BYTES {
             return Request::decode(&body, max);
         }
-        let decoding = self
-            .server
-            .inner
-            .executor
-            .handle()
-            .spawn(async move { Request::decode(&body, max) });
-        decoding.await.unwrap_or_else(|e| {
-            Err(RemoteError::new(
-                ErrorKind::Internal,
-                format!("decoding the request failed: {e}"),
-            ))
-        })
+        self.on_executor(move || Request::decode(&body, max))
+            .await
+            .unwrap_or_else(|e| {
+                Err(RemoteError::new(
+                    ErrorKind::Internal,
+                    format!("decoding the request failed: {e}"),
+                ))
+            })
     }
 
     /// Encodes a reply's body: one over [`QUIET_MAX_REQUEST_BYTES`] on the
@@ -377,19 +373,25 @@ impl Job {
         if !large {
             return Response::from(outcome).encode();
         }
-        let encoding = self
-            .server
-            .inner
-            .executor
-            .handle()
-            .spawn(async move { Response::from(outcome).encode() });
-        encoding.await.unwrap_or_else(|e| {
-            Response::from(Err(RemoteError::new(
-                ErrorKind::Internal,
-                format!("encoding the reply failed: {e}"),
-            )))
-            .encode()
-        })
+        self.on_executor(move || Response::from(outcome).encode())
+            .await
+            .unwrap_or_else(|e| {
+                Response::from(Err(RemoteError::new(
+                    ErrorKind::Internal,
+                    format!("encoding the reply failed: {e}"),
+                )))
+                .encode()
+            })
+    }
+
+    /// Runs `work` on the plugin executor, off the runtime that carries
+    /// the broker traffic.
+    async fn on_executor<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let handle = self.server.inner.executor.handle();
+        handle.spawn(async move { work() }).await
     }
 
     /// Whether the host is nearly idle: at most [`QUIET_IN_FLIGHT`]

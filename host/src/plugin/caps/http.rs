@@ -444,11 +444,7 @@ impl WasiHttpHooks for HttpHooks {
             outcome: None,
         };
         Box::new(async move {
-            let result = async {
-                let (response, connection) = sent?.await??;
-                Ok((response, connection))
-            }
-            .await;
+            let result = async { sent?.await? }.await;
             counted.ended(match &result {
                 Ok(_) => "ok",
                 Err(
