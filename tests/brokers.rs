@@ -406,6 +406,62 @@ async fn stopping_a_quorum_id_deletes_its_queue_and_keeps_the_hosts_connection()
     );
 }
 
+/// A classic id stays classic on a vhost whose default queue type is
+/// quorum (`rabbitmqctl add_vhost --default-queue-type quorum`, as 4.x
+/// deployments are advised to set): without naming its type, its queue
+/// would be made a quorum queue, and stopping the id would delete it with
+/// `if-unused`, which the broker answers by closing the host's connection.
+#[tokio::test]
+async fn a_classic_id_stays_classic_on_a_vhost_that_defaults_to_quorum() {
+    let (user, password) = dedicated_user("dqt");
+    let vhost = unique("dqt");
+    broker_ctl(&["add_vhost", &vhost, "--default-queue-type", "quorum"]);
+    broker_ctl(&["set_permissions", "-p", &vhost, &user, ".*", ".*", ".*"]);
+    let url = amqp_url_as(&user, &password);
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    let options = callme::ConnectOptions::new(format!("{base}/{vhost}"));
+    let host = callme::Server::connect(&options, ServerOptions::default())
+        .await
+        .unwrap();
+    let (gone, kept) = (unique("dgone"), unique("dkept"));
+    host.serve_native(&gone, native_add()).await.unwrap();
+    host.serve_native(&kept, native_add()).await.unwrap();
+    let types = broker_ctl(&[
+        "list_queues",
+        "-p",
+        &vhost,
+        "-q",
+        "--no-table-headers",
+        "name",
+        "type",
+    ]);
+    for id in [&gone, &kept] {
+        let queue = server_queue(id);
+        assert!(
+            types.lines().any(|l| l == format!("{queue}\tclassic")),
+            "{queue} is not classic: {types}"
+        );
+    }
+    let before = connection_pid(&user, "callme server").expect("the host's connection");
+    let p = callme::Proxy::connect_with(&options, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(host.stop_serving(&gone).await.unwrap());
+    assert!(
+        refused_within(&p, &gone, Duration::from_secs(30)).await,
+        "the queue of {gone} outlived its last host"
+    );
+    for i in 0..10 {
+        answers_add(&p, &kept, i).await;
+    }
+    assert_eq!(
+        connection_pid(&user, "callme server").as_deref(),
+        Some(before.as_str()),
+        "stopping one id cost the host its connection"
+    );
+    host.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn a_crashed_host_leaves_its_queue_until_it_expires() {
     let id = unique("crashed");

@@ -111,12 +111,17 @@ pub(crate) async fn declare_server(
 ) -> Result<(), lapin::Error> {
     use lapin::types::{AMQPValue, LongString};
     let mut arguments = FieldTable::default();
-    if shape.quorum {
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-    }
+    // Named either way: a vhost whose default queue type is quorum (or
+    // stream) would otherwise make a classic id's queue one (RabbitMQ's
+    // "Virtual Hosts" guide, "Default Queue Type"; seen on 3.10.8), which
+    // the host would then delete with `if-unused`, a connection error on
+    // a quorum queue. A queue declared before without the argument is the
+    // same queue to the broker (`x-queue-type` absent equals `classic`).
+    let queue_type = if shape.quorum { "quorum" } else { "classic" };
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(queue_type)),
+    );
     if let Some(expires) = shape.expires {
         arguments.insert("x-expires".into(), expires_argument(expires));
     }
