@@ -206,6 +206,81 @@ async fn metrics_count_every_call_and_unknown_names_add_no_series() {
     drop(host);
 }
 
+/// A new version swapped in by a change the broker then failed half-way
+/// (its new concurrency's prefetch never confirmed, the connection lost)
+/// serves, and the metrics say so once the host is back: the version
+/// served, and a reload that went well. They went on naming the version
+/// before it until the next deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_swapped_in_by_a_change_that_failed_half_way_is_the_one_reported() {
+    let node = Forwarder::start().await;
+    let broker_port = node.port();
+    let dir = tempdir();
+    let id = unique("halfway");
+    std::fs::write(dir.join(format!("{id}.toml")), "concurrency = 2\n").unwrap();
+    deploy(&plugin_path("calc"), &dir, &format!("{id}.wasm"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut host = Host::serve(&dir, &["--amqp-url", &node.url(), "--metrics-addr", &addr]);
+    host.wait_ready(Duration::from_secs(60));
+    let old = callme::plugin::content_hash(&plugin_bytes("calc"));
+    let new = callme::plugin::content_hash(&plugin_bytes("calc-v2"));
+    let info = |text: &str, version: &str| {
+        value(
+            text,
+            "callme_plugin_info",
+            &[("server_id", &id), ("version", version)],
+        )
+    };
+    assert_eq!(info(&scrape(port).await, &old), 1.0);
+
+    node.stall();
+    // Both files of the new version at once: one change, which swaps the
+    // version in and then waits on the broker for the new prefetch.
+    let incoming = dir.join(format!(".{id}.toml.incoming"));
+    std::fs::write(&incoming, "concurrency = 4\n").unwrap();
+    std::fs::rename(&incoming, dir.join(format!("{id}.toml"))).unwrap();
+    deploy(&plugin_path("calc-v2"), &dir, &format!("{id}.wasm"));
+    // The new prefetch waits 5 s for the broker before it fails.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    node.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _node = Forwarder::on(broker_port).await;
+
+    let p = proxy(Duration::from_secs(10)).await;
+    let serving = eventually(Duration::from_secs(30), || async {
+        let v = p
+            .use_server(&id)
+            .call("version", Args::default())
+            .await
+            .ok()?;
+        (v == json!("2")).then_some(())
+    })
+    .await;
+    assert!(
+        serving.is_some(),
+        "the new version is not served: {}",
+        host.log_text()
+    );
+    let told = eventually(Duration::from_secs(20), || async {
+        let text = scrape(port).await;
+        (info(&text, &new) == 1.0).then_some(text)
+    })
+    .await;
+    let text =
+        told.unwrap_or_else(|| panic!("the metrics name another version: {}", host.log_text()));
+    assert_eq!(info(&text, &old), 0.0, "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "callme_plugin_loads_total",
+            &[("server_id", &id), ("action", "reload"), ("outcome", "ok")]
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
 // Multi-threaded: the forwarder keeps running while the test waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker_connection() {

@@ -913,6 +913,17 @@ async fn reconcile(
             .plugin(name)
             .is_some_and(|p| p.hash() == hash && p.settings() == limits)
     {
+        // A version the server took in a change that then failed (swapped
+        // in, its new prefetch not confirmed) is told as served now.
+        if known
+            .serving
+            .as_ref()
+            .is_none_or(|(served, _)| *served != hash)
+        {
+            let swapped = known.serving.is_some();
+            observe::plugin_served(name, &hash, swapped);
+            info!(target: "callme::server", plugin = name, version = %&hash[..12], "{}", if swapped { "swapped in" } else { "loaded" });
+        }
         // Back to what serves (a bad sidecar undone, say): a later
         // failure is news again.
         known.serving = Some((hash, limits.clone()));
@@ -1007,6 +1018,18 @@ async fn reconcile(
                 // it): the others are not concerned. Not remembered
                 // as refused: what made it fail is outside the file,
                 // so the next event about it (a `touch`) tries again.
+                // Swapped in, then its new concurrency refused: the
+                // version serves (with the prefetch it had), and is told.
+                Err(e @ (Error::Config(_) | Error::AccessRefused(_)))
+                    if apply.server.plugin(name).is_some_and(|p| p.hash() == hash) =>
+                {
+                    warn!(target: "callme::server", plugin = name, version = %&hash[..12], reason = %e, "swapped in; its concurrency change was refused");
+                    known.serving = Some((hash.clone(), limits));
+                    known.refused = None;
+                    known.applied = Some(stamped);
+                    observe::plugin_served(name, &hash, swapped);
+                    return (name.to_string(), Some(known), Ok(()));
+                }
                 Err(e @ (Error::Config(_) | Error::AccessRefused(_))) => {
                     error!(target: "callme::server", plugin = name, file = %path.display(), version = %&hash[..12], reason = %e, "refused: {outcome}");
                     observe::plugin_refused(name, known.serving.is_some(), LoadFailure::Failed);
