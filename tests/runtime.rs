@@ -1498,11 +1498,109 @@ async fn absent_optional_fields_cannot_make_a_small_request_huge() {
     }
 }
 
+/// A record type of 4 optional fields named in 50,000 bytes each (a
+/// plugin may name them so) makes each `{}` of a request 200 KB of names
+/// on the host: a request of 4,000 of them (12 KB) would have been 800 MB
+/// before its values were counted. An absent field counts its name's
+/// length too.
+#[tokio::test]
+async fn absent_optional_fields_with_long_names_cannot_make_a_small_request_huge() {
+    let p = from_text(
+        &sparse_records_named(4, &"a".repeat(50_000)),
+        "long-names",
+        Limits::default(),
+    );
+    let few = vec![json!({}); 3];
+    assert_eq!(
+        p.call("f", &pos(json!([few, few]))).await.unwrap(),
+        json!(3)
+    );
+    let many = vec![json!({}); 4000];
+    match p.call("f", &pos(json!([many, few]))).await {
+        Err(PluginError::InvalidArguments { message }) => {
+            assert!(message.contains("make more than"), "{message}")
+        }
+        other => panic!("4,000 empty records of long-named fields: {other:?}"),
+    }
+}
+
+/// A value of an enum or variant type of 10,000 names is found by looking
+/// the names over one by one, outside the call's fuel and deadline: 30,000
+/// values of the last name (a 390 KB request) were 300 million comparisons
+/// (for a variant, each with a type made), and a 4 MiB request billions.
+/// Names looked past count as values made; the first name costs nothing.
+#[tokio::test]
+async fn names_of_a_wide_enum_or_variant_cost_what_they_are_looked_past() {
+    const NAMES: usize = 10_000;
+    let p = from_text(&wide_types(NAMES), "wide", Limits::default());
+    let last_name = format!("n{}", NAMES - 1);
+    let last_case = format!("c{}", NAMES - 1);
+    for (f, first, last) in [
+        ("enums", json!("n0"), json!(last_name)),
+        ("cases", json!({"c0": null}), json!({ last_case: null })),
+    ] {
+        let firsts = vec![first; 30_000];
+        assert_eq!(
+            p.call(f, &pos(json!([firsts]))).await.unwrap(),
+            json!(30_000),
+            "{f}"
+        );
+        let lasts = vec![last.clone(); 100];
+        assert_eq!(
+            p.call(f, &pos(json!([lasts]))).await.unwrap(),
+            json!(100),
+            "{f}"
+        );
+        let lasts = vec![last; 30_000];
+        match p.call(f, &pos(json!([lasts]))).await {
+            Err(PluginError::InvalidArguments { message }) => {
+                assert!(message.contains("make more than"), "{f}: {message}")
+            }
+            other => panic!("{f}: 30,000 values of the last of 10,000 names: {other:?}"),
+        }
+    }
+}
+
+/// A component whose `enums(xs)` takes a list of an enum of `n` names
+/// (`n0`, `n1`, ...) and `cases(xs)` a list of a variant of `n` cases
+/// without payloads (`c0`, ...); each returns how many it was given.
+fn wide_types(n: usize) -> String {
+    let names: String = (0..n).map(|i| format!(" \"n{i}\"")).collect();
+    let cases: String = (0..n).map(|i| format!(" (case \"c{i}\")")).collect();
+    format!(
+        r#"
+(component
+  (core module $m
+    (memory (export "mem") 2)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "f") (param i32 i32) (result i32) (local.get 1)))
+  (core instance $i (instantiate $m))
+  (type $e (enum{names}))
+  (export $e2 "e" (type $e))
+  (type $v (variant{cases}))
+  (export $v2 "v" (type $v))
+  (type $le (list $e2))
+  (type $lv (list $v2))
+  (func (export "enums") (param "xs" $le) (result u32)
+    (canon lift (core func $i "f") (memory (core memory $i "mem"))
+      (realloc (core func $i "realloc"))))
+  (func (export "cases") (param "xs" $lv) (result u32)
+    (canon lift (core func $i "f") (memory (core memory $i "mem"))
+      (realloc (core func $i "realloc")))))
+"#
+    )
+}
+
 /// A component whose `f(xs, ys)` takes two lists of records of `n`
 /// `option<u8>` fields and returns how many the first had.
 fn sparse_records(n: usize) -> String {
+    sparse_records_named(n, "f")
+}
+
+/// As [`sparse_records`], the fields named `{prefix}b0`, `{prefix}b1`, ...
+fn sparse_records_named(n: usize, prefix: &str) -> String {
     let fields: String = (0..n)
-        .map(|i| format!(" (field \"f{i}\" (option u8))"))
+        .map(|i| format!(" (field \"{prefix}b{i}\" (option u8))"))
         .collect();
     format!(
         r#"

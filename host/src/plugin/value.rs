@@ -65,10 +65,26 @@ impl fmt::Display for Path<'_> {
 }
 
 /// Most values one call's arguments may become, an absent optional field
-/// counting two (its `none` and its name): twice what a 4 MiB request of
-/// small numbers makes. A record type of many optional fields would
-/// otherwise make each `{}` in a request thousands of values.
+/// counting two (its `none` and its name) and one more per
+/// [`NAME_BYTES_PER_VALUE`] bytes of its name: twice what a 4 MiB request
+/// of small numbers makes. A record type of many optional fields would
+/// otherwise make each `{}` in a request thousands of values, and one of
+/// long field names (a plugin's type may name a field in 100,000 bytes)
+/// gigabytes of names.
 pub(crate) const MAX_BOUND_VALUES: usize = 1 << 22;
+
+/// Bytes of an absent optional field's name that count as one value: its
+/// name is copied into the value made for it, though the request holds
+/// nothing of it.
+const NAME_BYTES_PER_VALUE: usize = 16;
+
+/// Names of an enum, flags or variant type looked past to find the one a
+/// value names that count as one value made. The names are compared one
+/// by one, outside the call's fuel and deadline: a type of thousands of
+/// names would otherwise have a request of its last name cost billions of
+/// comparisons. The types of ordinary plugins (a few dozen names) count
+/// nothing more.
+const NAMES_LOOKED_PAST_PER_VALUE: usize = 64;
 
 /// Values made so far for one call's arguments: one for all of them.
 #[derive(Default)]
@@ -82,7 +98,10 @@ impl Made {
                 path: path.to_string(),
                 message: format!(
                     "the arguments make more than {MAX_BOUND_VALUES} values \
-                     (an absent optional field counts two)"
+                     (an absent optional field counts two and one per \
+                     {NAME_BYTES_PER_VALUE} bytes of its name, a name of an \
+                     enum, flags or variant one per \
+                     {NAMES_LOOKED_PAST_PER_VALUE} names before it)"
                 ),
             });
         }
@@ -241,14 +260,18 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
         Type::Record(record) => {
             let obj = json.as_object().ok_or_else(err)?;
             let mut fields = Vec::new();
+            let mut given = 0;
             for field in record.fields() {
                 let p = Path::Field(path, field.name);
                 match obj.get(field.name) {
-                    Some(v) => fields.push((field.name.to_string(), bind(&field.ty, v, &p, made)?)),
+                    Some(v) => {
+                        given += 1;
+                        fields.push((field.name.to_string(), bind(&field.ty, v, &p, made)?))
+                    }
                     // An absent optional field is `none`: records grow
                     // optional fields without breaking old callers.
                     None if matches!(field.ty, Type::Option(_)) => {
-                        made.add(2, &p)?;
+                        made.add(2 + field.name.len() / NAME_BYTES_PER_VALUE, &p)?;
                         fields.push((field.name.to_string(), Val::Option(None)))
                     }
                     None => {
@@ -259,9 +282,12 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
                     }
                 }
             }
-            if let Some(extra) = obj
-                .keys()
-                .find(|k| !record.fields().any(|f| f.name == k.as_str()))
+            // Looked for only when there is one: a key per field, each
+            // compared with every field, is a type's width squared.
+            if given < obj.len()
+                && let Some(extra) = obj
+                    .keys()
+                    .find(|k| !record.fields().any(|f| f.name == k.as_str()))
             {
                 return Err(Mismatch {
                     path: Path::Field(path, extra).to_string(),
@@ -272,13 +298,15 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
         }
         Type::Variant(variant) => {
             let (name, payload) = single_key(json).ok_or_else(err)?;
-            let case = variant
+            let (past, case) = variant
                 .cases()
-                .find(|c| c.name == name)
+                .enumerate()
+                .find(|(_, c)| c.name == name)
                 .ok_or_else(|| Mismatch {
                     path: path.to_string(),
                     message: format!("unknown case `{name}` for {}", type_name(ty)),
                 })?;
+            made.add(past / NAMES_LOOKED_PAST_PER_VALUE, path)?;
             let payload = match (&case.ty, payload) {
                 (None, None | Some(Value::Null)) => None,
                 (Some(t), Some(v)) => Some(Box::new(bind(t, v, &Path::Field(path, name), made)?)),
@@ -288,9 +316,8 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
         }
         Type::Enum(e) => {
             let name = json.as_str().ok_or_else(err)?;
-            if !e.names().any(|n| n == name) {
-                return Err(err());
-            }
+            let past = e.names().position(|n| n == name).ok_or_else(err)?;
+            made.add(past / NAMES_LOOKED_PAST_PER_VALUE, path)?;
             Val::Enum(name.to_string())
         }
         Type::Flags(flags) => {
@@ -298,12 +325,14 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
             let mut set = Vec::new();
             for item in items {
                 let name = item.as_str().ok_or_else(err)?;
-                if !flags.names().any(|n| n == name) {
-                    return Err(Mismatch {
+                let past = flags
+                    .names()
+                    .position(|n| n == name)
+                    .ok_or_else(|| Mismatch {
                         path: path.to_string(),
                         message: format!("unknown flag `{name}` for {}", type_name(ty)),
-                    });
-                }
+                    })?;
+                made.add(past / NAMES_LOOKED_PAST_PER_VALUE, path)?;
                 if !set.iter().any(|s: &String| s == name) {
                     set.push(name.to_string());
                 }
