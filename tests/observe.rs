@@ -614,6 +614,39 @@ async fn prometheus_counts_exactly_the_calls_made() {
     drop(host);
 }
 
+/// A call its caller gives up on (a timeout of the caller's own, a
+/// request handler whose client left) is counted and timed by the proxy
+/// as `cancelled`: the calls that went uncounted were the slow ones.
+#[tokio::test]
+async fn a_call_its_caller_drops_is_counted_as_cancelled() {
+    let (host, id, _port) = host_with_calc("dropped", &[]).await;
+    let p = proxy(Duration::from_secs(10)).await;
+    let mut registry = callme::observe::Registry::default();
+    p.register_metrics(&mut registry);
+    let calc = p.use_server(&id);
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        calc.call("slow-version", callme_tests::pos(json!([3000]))),
+    )
+    .await;
+    assert!(given_up.is_err(), "{given_up:?}");
+    let mut text = String::new();
+    callme::observe::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let labels = [("server_id", id.as_str()), ("function", "slow-version")];
+    let outcome = [labels[0], labels[1], ("outcome", "cancelled")];
+    assert_eq!(
+        value(&text, "callme_client_calls_total", &outcome),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "callme_client_call_duration_seconds_count", &labels),
+        1.0,
+        "{text}"
+    );
+    drop(host);
+}
+
 #[tokio::test]
 async fn limits_fuel_and_instances_are_counted() {
     let sidecar = "fuel = 10000000\ndeadline_ms = 300\nmemory_bytes = 8388608\nprewarm = 0\n";

@@ -185,12 +185,16 @@ impl TraceContext {
 
     /// The same context with this `tracestate`, passed on as it is. A
     /// value longer than 512 bytes, empty, or with characters outside
-    /// printable ASCII is left out, as if there were none.
+    /// printable ASCII and tabs (the optional white space around its
+    /// commas, W3C Trace Context, "tracestate Header Field Values") is left
+    /// out, as if there were none.
     pub fn with_tracestate(mut self, tracestate: &str) -> TraceContext {
         let tracestate = tracestate.trim_matches([' ', '\t']);
         let valid = !tracestate.is_empty()
             && tracestate.len() <= MAX_TRACESTATE
-            && tracestate.bytes().all(|b| (0x20..0x7f).contains(&b));
+            && tracestate
+                .bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
         self.state = valid.then(|| tracestate.into());
         self
     }
@@ -424,6 +428,10 @@ mod tests {
                 .with_tracestate(" rojo=00f067aa0ba902b7 ")
                 .tracestate(),
             Some("rojo=00f067aa0ba902b7")
+        );
+        assert_eq!(
+            t.clone().with_tracestate("a=1,\tb=2").tracestate(),
+            Some("a=1,\tb=2")
         );
         assert_eq!(t.clone().with_tracestate("").tracestate(), None);
         assert_eq!(t.clone().with_tracestate("a=\u{1}").tracestate(), None);

@@ -118,7 +118,9 @@ enum Command {
         /// Deliveries after which a request is refused rather than run
         /// again. Quorum queues count them; a classic queue tells only
         /// whether a request was delivered before, so there any limit
-        /// above 1 never refuses.
+        /// above 1 never refuses. RabbitMQ 4.x drops a quorum queue's
+        /// message after 20 deliveries unless a policy raises that: above
+        /// 3, see docs/deploy.md.
         #[arg(long, env = "CALLME_DELIVERY_LIMIT", default_value_t = callme::DEFAULT_DELIVERY_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
         delivery_limit: u32,
         /// Seconds a reply may wait for the broker's confirm before it

@@ -64,6 +64,20 @@ impl ClientMetrics {
         outcome: &Result<T, Error>,
         elapsed: Duration,
     ) {
+        let outcome = match outcome {
+            Ok(_) => "ok",
+            Err(e) => e.type_name(),
+        };
+        self.record(server_id, function, outcome, elapsed);
+    }
+
+    /// A call of `function` on `server_id` was dropped by its caller
+    /// after `elapsed`, before it ended.
+    pub(crate) fn call_cancelled(&self, server_id: &str, function: &str, elapsed: Duration) {
+        self.record(server_id, function, "cancelled", elapsed);
+    }
+
+    fn record(&self, server_id: &str, function: &str, outcome: &'static str, elapsed: Duration) {
         let labels = FunctionLabels {
             server_id: escaped(server_id).into_owned(),
             function: escaped(function).into_owned(),
@@ -75,10 +89,6 @@ impl ClientMetrics {
             server_id,
             function,
         } = labels;
-        let outcome = match outcome {
-            Ok(_) => "ok",
-            Err(e) => e.type_name(),
-        };
         self.calls
             .get_or_create(&CallLabels {
                 server_id,

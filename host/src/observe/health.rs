@@ -66,9 +66,16 @@ impl Health {
         self.lock().phase = phase;
     }
 
-    /// A connection of kind `kind` went from `from` to `to`; whether every
-    /// connection of that kind is up now.
-    pub(super) fn link_moved(&self, kind: &'static str, from: LinkState, to: LinkState) -> bool {
+    /// A connection of kind `kind` went from `from` to `to`; `report` is
+    /// told whether every connection of that kind is up now, under the
+    /// lock, so that reports of moves made at once come in their order.
+    pub(super) fn link_moved(
+        &self,
+        kind: &'static str,
+        from: LinkState,
+        to: LinkState,
+        report: impl FnOnce(bool),
+    ) -> bool {
         let mut state = self.lock();
         let links = state.links.entry(kind).or_default();
         for (s, delta) in [(from, -1i64), (to, 1)] {
@@ -79,7 +86,9 @@ impl Health {
             };
             *count = count.saturating_add_signed(delta as i32);
         }
-        links.connected()
+        let connected = links.connected();
+        report(connected);
+        connected
     }
 
     /// `id` serves `version` now; the version it served before, if any.
@@ -94,8 +103,9 @@ impl Health {
         self.lock().plugins.remove(id)
     }
 
-    /// A consumer of `id` started (`true`) or ended; how many `id` has now.
-    pub(super) fn consumer(&self, id: &str, started: bool) -> u32 {
+    /// A consumer of `id` started (`true`) or ended; `report` is told how
+    /// many `id` has now, under the lock (as for [`Health::link_moved`]).
+    pub(super) fn consumer(&self, id: &str, started: bool, report: impl FnOnce(u32)) -> u32 {
         let mut state = self.lock();
         let count = state.consumers.entry(id.to_string()).or_default();
         *count = if started {
@@ -107,6 +117,7 @@ impl Health {
         if now == 0 {
             state.consumers.remove(id);
         }
+        report(now);
         now
     }
 
@@ -161,43 +172,43 @@ mod tests {
     fn ready_only_while_serving_connected_and_consuming() {
         let h = fresh();
         assert!(h.readiness().unwrap_err().contains("starting"));
-        assert!(h.link_moved("server", LinkState::Closed, LinkState::Up));
+        assert!(h.link_moved("server", LinkState::Closed, LinkState::Up, |_| ()));
         h.plugin_served("calc", "abc");
         h.set_phase(Phase::Serving);
         assert_eq!(
             h.readiness().unwrap_err(),
             "server id calc is not consuming"
         );
-        assert_eq!(h.consumer("calc", true), 1);
+        assert_eq!(h.consumer("calc", true, |_| ()), 1);
         assert_eq!(h.readiness(), Ok(()));
 
-        assert!(!h.link_moved("server", LinkState::Up, LinkState::Down));
+        assert!(!h.link_moved("server", LinkState::Up, LinkState::Down, |_| ()));
         assert!(h.readiness().unwrap_err().contains("server connection"));
-        assert_eq!(h.consumer("calc", false), 0);
-        assert!(h.link_moved("server", LinkState::Down, LinkState::Up));
+        assert_eq!(h.consumer("calc", false, |_| ()), 0);
+        assert!(h.link_moved("server", LinkState::Down, LinkState::Up, |_| ()));
         assert!(h.readiness().unwrap_err().contains("calc"));
-        h.consumer("calc", true);
+        h.consumer("calc", true, |_| ());
         assert_eq!(h.readiness(), Ok(()));
 
         // A removed plugin is not waited for.
-        h.consumer("calc", false);
+        h.consumer("calc", false, |_| ());
         assert_eq!(h.plugin_removed("calc").as_deref(), Some("abc"));
         assert_eq!(h.readiness(), Ok(()));
 
         h.set_phase(Phase::Stopping);
         assert_eq!(h.readiness().unwrap_err(), "stopping");
         h.set_phase(Phase::Serving);
-        h.link_moved("server", LinkState::Up, LinkState::Closed);
+        h.link_moved("server", LinkState::Up, LinkState::Closed, |_| ());
         assert!(h.readiness().unwrap_err().contains("no connection"));
     }
 
     #[test]
     fn a_consumer_replaced_on_the_same_id_keeps_it_consuming() {
         let h = fresh();
-        h.consumer("calc", true);
-        h.consumer("calc", true);
-        assert_eq!(h.consumer("calc", false), 1);
-        assert_eq!(h.consumer("calc", false), 0);
-        assert_eq!(h.consumer("calc", false), 0, "never below zero");
+        h.consumer("calc", true, |_| ());
+        h.consumer("calc", true, |_| ());
+        assert_eq!(h.consumer("calc", false, |_| ()), 1);
+        assert_eq!(h.consumer("calc", false, |_| ()), 0);
+        assert_eq!(h.consumer("calc", false, |_| ()), 0, "never below zero");
     }
 }

@@ -738,21 +738,23 @@ pub(crate) struct Consuming(String);
 
 impl Drop for Consuming {
     fn drop(&mut self) {
-        let now = HEALTH.consumer(&self.0, false);
-        METRICS
-            .consumers
-            .get_or_create(&id(&self.0))
-            .set(now.into());
+        HEALTH.consumer(&self.0, false, |now| {
+            METRICS
+                .consumers
+                .get_or_create(&id(&self.0))
+                .set(now.into());
+        });
     }
 }
 
 /// A consumer of `server_id` started taking requests.
 pub(crate) fn consuming(server_id: &str) -> Consuming {
-    let now = HEALTH.consumer(server_id, true);
-    METRICS
-        .consumers
-        .get_or_create(&id(server_id))
-        .set(now.into());
+    HEALTH.consumer(server_id, true, |now| {
+        METRICS
+            .consumers
+            .get_or_create(&id(server_id))
+            .set(now.into());
+    });
     Consuming(server_id.to_string())
 }
 
@@ -871,13 +873,14 @@ impl LinkWatch {
 
     fn moved(&mut self, to: LinkState) {
         let from = std::mem::replace(&mut self.state, to);
-        let connected = HEALTH.link_moved(self.kind, from, to);
-        METRICS
-            .connected
-            .get_or_create(&ConnectionLabels {
-                connection: self.kind,
-            })
-            .set(connected.into());
+        HEALTH.link_moved(self.kind, from, to, |connected| {
+            METRICS
+                .connected
+                .get_or_create(&ConnectionLabels {
+                    connection: self.kind,
+                })
+                .set(connected.into());
+        });
     }
 }
 
@@ -890,6 +893,28 @@ impl Drop for LinkWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Consumers of one id started and ended on several threads at once
+    /// (a plugin removed and deployed again while its old consumer ends)
+    /// leave the gauge at the count: each sets it with the count it made.
+    #[test]
+    fn consumers_started_and_ended_at_once_leave_the_gauge_at_their_count() {
+        let server_id = "gauge-race";
+        let kept = consuming(server_id);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..20_000 {
+                        drop(consuming(server_id));
+                    }
+                });
+            }
+        });
+        let gauge = || METRICS.consumers.get_or_create(&id(server_id)).get();
+        assert_eq!(gauge(), 1);
+        drop(kept);
+        assert_eq!(gauge(), 0);
+    }
 
     #[test]
     fn a_wait_longer_than_the_request_could_have_waited_is_not_believed() {

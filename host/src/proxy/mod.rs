@@ -337,21 +337,16 @@ impl Proxy {
         }
     }
 
-    /// Records how a call ended, when the proxy has metrics.
-    fn ended<T>(
-        &self,
-        server: &str,
-        func: &str,
-        outcome: Result<T, Error>,
-        started: tokio::time::Instant,
-    ) -> Result<T, Error> {
-        #[cfg(feature = "metrics")]
-        if let Some(metrics) = self.inner.metrics.get() {
-            metrics.call_ended(server, func, &outcome, started.elapsed());
+    /// A call of `func` on `server` started now, to be recorded in the
+    /// proxy's metrics (when it has them) as it ends.
+    fn recorded<'a>(&'a self, server: &'a str, func: &'a str) -> Recorded<'a> {
+        Recorded {
+            proxy: self,
+            server,
+            func,
+            started: tokio::time::Instant::now(),
+            ended: false,
         }
-        #[cfg(not(feature = "metrics"))]
-        let _ = (server, func, started);
-        outcome
     }
 
     /// Closes its connection now, telling the broker (which otherwise logs
@@ -503,8 +498,8 @@ impl Proxy {
         // A timeout of years still ends; one of centuries is taken as
         // "as long as can be" rather than overflow a clock.
         let timeout = options.timeout.min(MAX_TIMEOUT);
-        let started = tokio::time::Instant::now();
-        let deadline = started + timeout;
+        let record = self.recorded(server, func);
+        let deadline = record.started + timeout;
         let corr = uuid::Uuid::new_v4().to_string();
         let body: Arc<[u8]> = Request {
             func: func.to_string(),
@@ -522,7 +517,7 @@ impl Proxy {
                     body.len()
                 ),
             };
-            return self.ended(server, func, Err(e), started);
+            return record.ended(Err(e));
         }
         let trace = match options.trace {
             Some(trace) => trace,
@@ -546,7 +541,7 @@ impl Proxy {
         let mut pause = RETRY_PAUSE;
         loop {
             match self.attempt(&call).await {
-                Attempt::Done(outcome) => return self.ended(server, func, outcome, started),
+                Attempt::Done(outcome) => return record.ended(outcome),
                 Attempt::NotSent(e) => {
                     // `ready` waits for the next connection (the lost one
                     // is no longer connected), within the call's time.
@@ -554,7 +549,7 @@ impl Proxy {
                 }
                 Attempt::Lost(e) => {
                     if !options.retry || tokio::time::Instant::now() >= deadline {
-                        return self.ended(server, func, Err(e), started);
+                        return record.ended(Err(e));
                     }
                     debug!(target: "callme::proxy", server, func, correlation_id = %corr, trace_id = %call.trace_id, error = %e, ?pause, "sending again");
                     // Give the link a moment to notice a dead connection,
@@ -566,7 +561,7 @@ impl Proxy {
                     // Out of time while pausing: the call ends with what
                     // it was lost to, not a timeout of its own.
                     if tokio::time::Instant::now() >= deadline {
-                        return self.ended(server, func, Err(e), started);
+                        return record.ended(Err(e));
                     }
                 }
             }
@@ -944,5 +939,44 @@ pub fn args_from<A: Serialize>(args: A) -> Result<Args, Error> {
         Value::Object(o) => Ok(Args::keywords(o)),
         Value::Null => Ok(Args::default()),
         single => Ok(Args::positional(vec![single])),
+    }
+}
+
+/// A call being made, recorded in its proxy's metrics as it ends: how it
+/// ended, or `cancelled` when its caller dropped it first (a timeout of
+/// the caller's own, a request handler whose client left), so that the
+/// calls counted and timed include the slow ones given up on.
+#[cfg_attr(
+    not(feature = "metrics"),
+    expect(dead_code, reason = "read only to record metrics")
+)]
+struct Recorded<'a> {
+    proxy: &'a Proxy,
+    server: &'a str,
+    func: &'a str,
+    started: tokio::time::Instant,
+    ended: bool,
+}
+
+impl Recorded<'_> {
+    /// The call ended with `outcome`.
+    fn ended<T>(mut self, outcome: Result<T, Error>) -> Result<T, Error> {
+        self.ended = true;
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = self.proxy.inner.metrics.get() {
+            metrics.call_ended(self.server, self.func, &outcome, self.started.elapsed());
+        }
+        outcome
+    }
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        #[cfg(feature = "metrics")]
+        if !self.ended
+            && let Some(metrics) = self.proxy.inner.metrics.get()
+        {
+            metrics.call_cancelled(self.server, self.func, self.started.elapsed());
+        }
     }
 }
