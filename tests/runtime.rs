@@ -1561,6 +1561,34 @@ async fn names_of_a_wide_enum_or_variant_cost_what_they_are_looked_past() {
     }
 }
 
+/// What a caller named and the plugin does not have (a function, a
+/// keyword, a record field, a variant case, a flag) comes back in its
+/// error cut, as an id is: a made-up name as long as the request made a
+/// reply as long.
+#[tokio::test]
+async fn names_a_caller_made_up_come_back_cut() {
+    let p = load("types", "types", PluginSettings::default());
+    let long = "x".repeat(1 << 20);
+    let point = json!({"x": 1, "y": 2, "label": "p", long.clone(): 3});
+    let calls = [
+        (long.as_str(), Args::default()),
+        ("echo-s32", kw(json!({ long.clone(): 1 }))),
+        ("echo-record", pos(json!([point]))),
+        ("echo-variant", pos(json!([{ long.clone(): null }]))),
+        ("echo-flags", pos(json!([[long.clone()]]))),
+    ];
+    for (func, args) in calls {
+        let e = p.call(func, &args).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.len() < 2_000 && text.contains("xxxx"),
+            "{}: {} bytes",
+            &func[..func.len().min(20)],
+            text.len()
+        );
+    }
+}
+
 /// A component whose `enums(xs)` takes a list of an enum of `n` names
 /// (`n0`, `n1`, ...) and `cases(xs)` a list of a variant of `n` cases
 /// without payloads (`c0`, ...); each returns how many it was given.

@@ -45,7 +45,8 @@ pub(super) fn bind_args(
         .find(|k| !params.iter().any(|(n, _)| n == *k))
     {
         return Err(invalid(format!(
-            "unknown keyword argument `{unknown}` ({})",
+            "unknown keyword argument `{}` ({})",
+            crate::protocol::shown_id(unknown),
             func.signature
         )));
     }

@@ -164,7 +164,8 @@ impl Plugin {
         self.exports
             .get(func)
             .ok_or_else(|| PluginError::NoSuchFunction {
-                name: func.to_string(),
+                // As long as a request: shown cut, as an id is.
+                name: crate::protocol::shown_id(func),
                 available: self.exports.keys().cloned().collect(),
             })
     }

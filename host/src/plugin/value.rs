@@ -289,8 +289,10 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
                     .keys()
                     .find(|k| !record.fields().any(|f| f.name == k.as_str()))
             {
+                // A key as long as the request: shown cut, as an id is.
+                let extra = crate::protocol::shown_id(extra);
                 return Err(Mismatch {
-                    path: Path::Field(path, extra).to_string(),
+                    path: Path::Field(path, &extra).to_string(),
                     message: format!("unknown field for {}", type_name(ty)),
                 });
             }
@@ -304,7 +306,11 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
                 .find(|(_, c)| c.name == name)
                 .ok_or_else(|| Mismatch {
                     path: path.to_string(),
-                    message: format!("unknown case `{name}` for {}", type_name(ty)),
+                    message: format!(
+                        "unknown case `{}` for {}",
+                        crate::protocol::shown_id(name),
+                        type_name(ty)
+                    ),
                 })?;
             made.add(past / NAMES_LOOKED_PAST_PER_VALUE, path)?;
             let payload = match (&case.ty, payload) {
@@ -330,7 +336,11 @@ fn bind(ty: &Type, json: &Value, path: &Path<'_>, made: &mut Made) -> Result<Val
                     .position(|n| n == name)
                     .ok_or_else(|| Mismatch {
                         path: path.to_string(),
-                        message: format!("unknown flag `{name}` for {}", type_name(ty)),
+                        message: format!(
+                            "unknown flag `{}` for {}",
+                            crate::protocol::shown_id(name),
+                            type_name(ty)
+                        ),
                     })?;
                 made.add(past / NAMES_LOOKED_PAST_PER_VALUE, path)?;
                 if !set.iter().any(|s: &String| s == name) {

@@ -326,7 +326,11 @@ impl NativeFunctions {
             names.sort();
             return Err(RemoteError::new(
                 ErrorKind::NoSuchFunction,
-                format!("no function `{func}` (available: {})", names.join(", ")),
+                format!(
+                    "no function `{}` (available: {})",
+                    crate::protocol::shown_id(func),
+                    names.join(", ")
+                ),
             ));
         };
         let f = f.clone();
