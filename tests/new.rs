@@ -174,7 +174,9 @@ fn run_unittest(python: &Path, dir: &Path) -> String {
 
 #[tokio::test]
 async fn new_javascript_plugin_builds_tests_and_answers() {
-    let dir = new_project("hello-js", "js");
+    // Named as componentize-js's engine names its own WIT package's world
+    // (`local:bindings`): the plugin's package must not be merged with it.
+    let dir = new_project("bindings", "js");
     let bin = repo().join("plugins/calc-js/node_modules/.bin");
     assert!(
         bin.join("componentize-js").exists(),
@@ -201,7 +203,7 @@ async fn new_javascript_plugin_builds_tests_and_answers() {
     timed("componentize-js (JavaScript template)", || {
         run_ok(&mut npm(&["run", "build"]))
     });
-    greet_answers(&dir.join("hello-js.wasm"), "new-js").await;
+    greet_answers(&dir.join("bindings.wasm"), "new-js").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -254,6 +256,41 @@ fn new_refuses_a_non_empty_directory_without_touching_it() {
         std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
         "mine"
     );
+}
+
+#[test]
+fn new_refuses_a_path_up_out_of_a_missing_folder() {
+    // `missing/../full` is `full` once `missing` is made: refused before
+    // anything is, whether `full` is empty or not.
+    let parent = tempdir();
+    std::fs::create_dir(parent.join("full")).unwrap();
+    std::fs::write(parent.join("full/notes.txt"), "mine").unwrap();
+    for dir in ["missing/../full", "missing/..", "missing/../new"] {
+        let o = Command::new(callme_bin())
+            .args(["new", "hello", "--lang", "python", "--dir", dir])
+            .current_dir(&parent)
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run callme");
+        assert!(!o.status.success(), "{dir}: written");
+        let err: Value = serde_json::from_slice(&o.stderr).expect("stderr is JSON");
+        let message = err["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("out of missing, which does not exist"),
+            "{dir}: {message}"
+        );
+        let left: Vec<_> = std::fs::read_dir(parent.join("full"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["notes.txt"], "{dir}");
+        let mut here: Vec<_> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        here.sort();
+        assert_eq!(here, ["full"], "{dir}: left behind");
+    }
 }
 
 #[test]

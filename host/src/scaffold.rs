@@ -19,7 +19,8 @@ pub const MAX_NAME_LEN: usize = 64;
 /// The rule a plugin name follows, as the refusal of a bad one states it.
 pub const NAME_RULE: &str = "a plugin name is lowercase words of ASCII letters and digits \
      joined by single `-`, each word starting with a letter (`hello`, `my-plugin`, `calc2`), \
-     at most 64 characters, and not a keyword of WIT or Rust";
+     at most 64 characters, not a keyword of WIT or Rust, not the name of a Rust built-in \
+     crate (`core`, `std`, `test`) and not a device name on Windows (`con`, `nul`, `com1`)";
 
 /// The callme contract every project carries in `wit/deps/callme/`.
 const CONTRACT: &str = include_str!("../../wit/callme.wit");
@@ -27,11 +28,9 @@ const CONTRACT: &str = include_str!("../../wit/callme.wit");
 /// The world every template shares: the contract and one function.
 const WORLD: &str = include_str!("../templates/world.wit");
 
-/// Names a WIT world or a Rust crate cannot take: WIT keywords (a world
-/// named `list` does not parse) and Rust keywords and built-in crates
-/// (Cargo refuses those package names).
-const RESERVED: &[&str] = &[
-    // WIT
+/// WIT keywords (wit-parser's lexer, 0.239 to 0.261): a world named `list`
+/// does not parse.
+const WIT_KEYWORDS: &[&str] = &[
     "as",
     "async",
     "bool",
@@ -44,8 +43,6 @@ const RESERVED: &[&str] = &[
     "f32",
     "f64",
     "flags",
-    "float32",
-    "float64",
     "from",
     "func",
     "future",
@@ -77,56 +74,27 @@ const RESERVED: &[&str] = &[
     "variant",
     "with",
     "world",
-    // Rust, and its built-in crates
-    "abstract",
-    "alloc",
-    "await",
-    "become",
-    "box",
-    "break",
-    "const",
-    "continue",
-    "core",
-    "crate",
-    "do",
-    "dyn",
-    "else",
-    "extern",
-    "false",
-    "final",
-    "fn",
-    "for",
-    "gen",
-    "if",
-    "impl",
-    "in",
-    "let",
-    "loop",
-    "macro",
-    "match",
-    "mod",
-    "move",
-    "mut",
-    "override",
-    "priv",
-    "pub",
-    "ref",
-    "return",
-    "self",
-    "std",
-    "struct",
-    "super",
-    "test",
-    "trait",
-    "true",
-    "try",
-    "typeof",
-    "unsafe",
-    "unsized",
-    "virtual",
-    "where",
-    "while",
-    "yield",
+];
+
+/// Rust keywords, strict and reserved, of every edition: Cargo refuses
+/// them as package names.
+const RUST_KEYWORDS: &[&str] = &[
+    "abstract", "as", "async", "await", "become", "box", "break", "const", "continue", "crate",
+    "do", "dyn", "else", "enum", "extern", "false", "final", "fn", "for", "gen", "if", "impl",
+    "in", "let", "loop", "macro", "match", "mod", "move", "mut", "override", "priv", "pub", "ref",
+    "return", "self", "static", "struct", "super", "trait", "true", "try", "type", "typeof",
+    "unsafe", "unsized", "use", "virtual", "where", "while", "yield",
+];
+
+/// Rust's built-in crates (`proc-macro` is `proc_macro` to Cargo): a crate
+/// of the same name clashes with them, and Cargo refuses or warns.
+const RUST_CRATES: &[&str] = &["alloc", "core", "proc-macro", "std", "test"];
+
+/// Windows device names: a folder or file of that name (`con`, `con.wasm`)
+/// cannot be made there, and Cargo refuses them as package names.
+const WINDOWS_DEVICES: &[&str] = &[
+    "aux", "con", "nul", "prn", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
+    "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
 ];
 
 /// The language of a new plugin project.
@@ -246,11 +214,20 @@ pub enum ScaffoldError {
         /// What is wrong with it.
         problem: String,
     },
-    /// The target exists and is not an empty directory: nothing was written.
+    /// The target is a directory that is not empty: nothing was written.
     #[error("{} is not empty: a new plugin goes into a new or empty directory", path.display())]
     NotEmpty {
         /// The target directory.
         path: PathBuf,
+    },
+    /// The target cannot be a directory, or is reached through `..` out
+    /// of a folder that does not exist: nothing was written.
+    #[error("{problem}: a new plugin goes into a new or empty directory")]
+    NotADirectory {
+        /// The target directory.
+        path: PathBuf,
+        /// What is in the way, naming the target (`notes.txt is a file`).
+        problem: String,
     },
     /// Reading or writing the project failed.
     #[error("cannot write {}", path.display())]
@@ -301,8 +278,18 @@ pub fn check_name(name: &str) -> Result<(), ScaffoldError> {
             Some(_) => {}
         }
     }
-    if RESERVED.contains(&name) {
-        return refuse("it is a keyword".to_string());
+    let reserved = match (WIT_KEYWORDS.contains(&name), RUST_KEYWORDS.contains(&name)) {
+        (true, true) => Some("it is a WIT keyword and a Rust keyword"),
+        (true, false) => Some("it is a WIT keyword"),
+        (false, true) => Some("it is a Rust keyword"),
+        (false, false) if RUST_CRATES.contains(&name) => {
+            Some("it is the name of a Rust built-in crate")
+        }
+        (false, false) if WINDOWS_DEVICES.contains(&name) => Some("it is a device name on Windows"),
+        (false, false) => None,
+    };
+    if let Some(problem) = reserved {
+        return refuse(problem.to_string());
     }
     Ok(())
 }
@@ -323,28 +310,7 @@ pub fn create(dir: &Path, name: &str, language: Language) -> Result<Vec<PathBuf>
     } else {
         dir
     };
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(ScaffoldError::NotEmpty {
-                    path: dir.to_path_buf(),
-                });
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        // A file, or a directory we cannot read: not a place to write into.
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory || dir.is_file() => {
-            return Err(ScaffoldError::NotEmpty {
-                path: dir.to_path_buf(),
-            });
-        }
-        Err(source) => {
-            return Err(ScaffoldError::Io {
-                path: dir.to_path_buf(),
-                source,
-            });
-        }
-    }
+    check_target(dir)?;
     let crate_name = crate_file_name(name);
     let mut files: Vec<(PathBuf, String)> = language
         .files()
@@ -358,6 +324,12 @@ pub fn create(dir: &Path, name: &str, language: Language) -> Result<Vec<PathBuf>
         .collect();
     files.push((dir.join("wit/deps/callme/callme.wit"), CONTRACT.to_string()));
     let mut written = Written::default();
+    // The target, made if missing, is empty still: whatever way the path
+    // takes to it, and whatever appeared there since it was checked.
+    if let Err(e) = written.dir(dir).and_then(|()| require_empty(dir)) {
+        written.undo();
+        return Err(e);
+    }
     for (path, text) in &files {
         if let Err(e) = written.file(path, text) {
             // A project half written is no project: the directory is left
@@ -367,6 +339,66 @@ pub fn create(dir: &Path, name: &str, language: Language) -> Result<Vec<PathBuf>
         }
     }
     Ok(files.into_iter().map(|(path, _)| path).collect())
+}
+
+/// Checks, before anything is made, that `dir` is an empty directory or
+/// can become one.
+fn check_target(dir: &Path) -> Result<(), ScaffoldError> {
+    let refuse = |problem: String| {
+        Err(ScaffoldError::NotADirectory {
+            path: dir.to_path_buf(),
+            problem,
+        })
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => require_empty(dir),
+        Ok(meta) if meta.is_file() => refuse(format!("{} is a file", dir.display())),
+        Ok(_) => refuse(format!("{} is not a directory", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            refuse(format!("a parent of {} is not a directory", dir.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // `missing/..` names no folder until `missing` is made, and then
+            // one that exists already (`missing/../full` is `full`): such
+            // a path is refused before anything is made.
+            let mut prefix = PathBuf::new();
+            let mut absent: Option<PathBuf> = None;
+            for part in dir.components() {
+                if part == std::path::Component::ParentDir
+                    && let Some(absent) = &absent
+                {
+                    return refuse(format!(
+                        "{} goes up (`..`) out of {}, which does not exist",
+                        dir.display(),
+                        absent.display()
+                    ));
+                }
+                prefix.push(part);
+                if absent.is_none() && std::fs::metadata(&prefix).is_err() {
+                    absent = Some(prefix.clone());
+                }
+            }
+            Ok(())
+        }
+        Err(source) => Err(ScaffoldError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Refuses `dir`, an existing directory, unless it is empty.
+fn require_empty(dir: &Path) -> Result<(), ScaffoldError> {
+    let mut entries = std::fs::read_dir(dir).map_err(|source| ScaffoldError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(ScaffoldError::NotEmpty {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// What one [`create`] has made so far, so that a failure part-way can
@@ -505,18 +537,57 @@ mod tests {
         for name in ["-x", "x-", "a--b"] {
             assert!(problem(name).contains("empty word"), "{name}");
         }
-        // Every keyword of WIT (wit-parser 0.254's lexer), and some of Rust.
-        let wit = "use type func u8 u16 u32 u64 s8 s16 s32 s64 f32 f64 char resource own \
-                   borrow record flags variant enum bool string option result future stream \
-                   error-context list map as from static interface tuple world import export \
-                   package constructor include with async";
-        for name in wit.split_whitespace().chain(["fn", "test", "std"]) {
-            assert_eq!(problem(name), "it is a keyword", "{name}");
-        }
+        assert_eq!(problem("list"), "it is a WIT keyword");
         // The rule a name breaks first is its characters, then its length.
         assert_eq!(problem(&"é".repeat(33)), "it contains 'é'");
         let message = check_name("Hello").unwrap_err().to_string();
         assert!(message.contains(NAME_RULE), "{message}");
+    }
+
+    /// Each reserved name is refused saying which rule makes it so.
+    #[test]
+    fn reserved_names_are_refused_saying_why() {
+        // Every keyword of WIT (wit-parser 0.254's lexer).
+        let wit = "func u8 u16 u32 u64 s8 s16 s32 s64 f32 f64 char resource own \
+                   borrow record flags variant bool string option result future stream \
+                   error-context list map from interface tuple world import export \
+                   package constructor include with";
+        for name in wit.split_whitespace() {
+            assert_eq!(problem(name), "it is a WIT keyword", "{name}");
+        }
+        for name in ["as", "async", "enum", "static", "type", "use"] {
+            assert_eq!(problem(name), "it is a WIT keyword and a Rust keyword");
+        }
+        for name in ["fn", "gen", "struct", "self", "crate", "yield"] {
+            assert_eq!(problem(name), "it is a Rust keyword", "{name}");
+        }
+        for name in ["core", "alloc", "std", "test", "proc-macro"] {
+            assert_eq!(problem(name), "it is the name of a Rust built-in crate");
+        }
+        // Spelled `f32` and `f64` in WIT since wit-parser 0.239 (by default;
+        // the old spellings are gone from 0.254), and no Rust keyword.
+        for name in ["float32", "float64", "tests", "standard", "listing"] {
+            check_name(name).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        }
+    }
+
+    /// A folder or file named after a Windows device cannot be made there.
+    #[test]
+    fn windows_device_names_are_refused() {
+        let devices = ["con", "prn", "aux", "nul"]
+            .into_iter()
+            .map(str::to_string)
+            .chain((1..=9).flat_map(|n| [format!("com{n}"), format!("lpt{n}")]));
+        for name in devices {
+            assert_eq!(problem(&name), "it is a device name on Windows", "{name}");
+        }
+        for name in [
+            "com", "com0", "com10", "lpt", "console", "null", "con-x", "aux2",
+        ] {
+            check_name(name).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        }
+        let message = check_name("nul").unwrap_err().to_string();
+        assert!(message.contains("device name on Windows"), "{message}");
     }
 
     #[test]
@@ -539,13 +610,64 @@ mod tests {
     }
 
     #[test]
-    fn refuses_a_file_in_the_way() {
+    fn refuses_a_file_in_the_way_saying_so() {
         let file = scratch("file");
         std::fs::write(&file, "mine").unwrap();
         let e = create(&file, "hello", Language::Python).unwrap_err();
-        assert!(matches!(e, ScaffoldError::NotEmpty { .. }), "{e:?}");
+        assert!(matches!(e, ScaffoldError::NotADirectory { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a file: a new plugin goes into a new or empty directory",
+                file.display()
+            )
+        );
+        let under = file.join("sub");
+        let e = create(&under, "hello", Language::Python).unwrap_err();
+        assert!(matches!(e, ScaffoldError::NotADirectory { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "a parent of {} is not a directory: a new plugin goes into a new or empty directory",
+                under.display()
+            )
+        );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
         std::fs::remove_file(&file).unwrap();
+    }
+
+    /// `missing/..` exists only once `missing` is made: a path through it
+    /// cannot reach a directory that is not empty, and leaves no `missing`.
+    #[test]
+    fn refuses_a_path_going_up_out_of_a_missing_folder() {
+        let parent = scratch("up");
+        let full = parent.join("full");
+        std::fs::create_dir_all(&full).unwrap();
+        std::fs::write(full.join("notes.txt"), "mine").unwrap();
+        let missing = parent.join("missing");
+        for dir in [
+            missing.join("../full"),
+            missing.join(".."),
+            missing.join("../new"),
+        ] {
+            let e = create(&dir, "hello", Language::Python).unwrap_err();
+            assert!(matches!(e, ScaffoldError::NotADirectory { .. }), "{e:?}");
+            let message = e.to_string();
+            let says = format!("out of {}, which does not exist", missing.display());
+            assert!(message.contains(&says), "{message}");
+            let left: Vec<_> = std::fs::read_dir(&full)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, ["notes.txt"], "{}", dir.display());
+            assert!(!missing.exists(), "{}", dir.display());
+            assert!(!parent.join("new").exists(), "{}", dir.display());
+        }
+        // Up out of a folder that exists is fine.
+        let dir = full.join("../new");
+        create(&dir, "hello", Language::Python).unwrap();
+        assert!(parent.join("new/src/app.py").is_file());
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]
@@ -588,6 +710,36 @@ mod tests {
         }
     }
 
+    /// The world's package is of a namespace no toolchain brings a package
+    /// of: componentize-js 0.23's engine has `local:bindings`, and a
+    /// plugin named `bindings` in `local:` failed to build.
+    #[test]
+    fn the_world_is_in_a_namespace_of_its_own() {
+        let dir = scratch("package");
+        create(&dir, "bindings", Language::JavaScript).unwrap();
+        let world = std::fs::read_to_string(dir.join("wit/world.wit")).unwrap();
+        let package = world.lines().find(|l| l.starts_with("package "));
+        assert_eq!(package, Some("package callme-plugin:bindings;"), "{world}");
+        assert!(!world.contains("package local:"), "{world}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The Rust template turns on wit-bindgen's `bitflags`, as
+    /// `callme-guest` does: without it a WIT `flags` type gets a minimal
+    /// stand-in, without `contains` and the other methods of `bitflags`.
+    #[test]
+    fn the_rust_template_has_the_bitflags_feature() {
+        let guest = include_str!("../../guest-sdk/Cargo.toml");
+        assert!(
+            guest.contains(r#"wit-bindgen = { workspace = true, features = ["bitflags"] }"#),
+            "callme-guest moved off wit-bindgen's bitflags"
+        );
+        let manifest = template(Language::Rust, "Cargo.toml");
+        let line = manifest.lines().find(|l| l.starts_with("wit-bindgen = "));
+        let line = line.expect("the template depends on wit-bindgen");
+        assert!(line.contains(r#""bitflags""#), "{line}");
+    }
+
     /// The templates use the toolchains the repository's own plugins are
     /// built and tested with.
     #[test]
@@ -598,7 +750,9 @@ mod tests {
             workspace.contains(pin),
             "the workspace moved off wit-bindgen 0.46"
         );
-        assert!(template(Language::Rust, "Cargo.toml").contains(pin));
+        // The workspace's, with callme-guest's `bitflags` added.
+        let template_pin = r#"wit-bindgen = { version = "0.46", default-features = false, features = ["macros", "realloc", "bitflags"] }"#;
+        assert!(template(Language::Rust, "Cargo.toml").contains(template_pin));
 
         let py = |text: &str| {
             text.lines()
