@@ -169,7 +169,12 @@ async fn arguments_larger_than_a_request_may_be_are_refused_before_they_are_pars
         .await
         .unwrap();
     let guest = p.use_server(&hostile);
-    let flood = |kib: u32| guest.call("flood-call", callme::args_from((&target, kib)).unwrap());
+    let flood = |kib: u32| {
+        guest.call(
+            "flood-call",
+            callme::args_from((&target, kib, "0")).unwrap(),
+        )
+    };
     let refused = guest_error(flood(5 * 1024).await);
     assert!(
         refused.starts_with("InvalidArguments: the arguments are 5242")
@@ -180,6 +185,28 @@ async fn arguments_larger_than_a_request_may_be_are_refused_before_they_are_pars
     // 1 KiB goes out, and the target adds its 500 zeros.
     assert_eq!(flood(1).await.unwrap(), json!("0"));
     assert!(depth_sent(&mut overheard).await.is_some(), "not published");
+    srv.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Arguments within the limit as the plugin wrote them, but over it as
+/// the request is written out (`9e15` is sent as `9000000000000000.0`,
+/// 18 bytes for 4), are refused before anything is published: they went
+/// out at up to 16 MiB on the connection every plugin's calls share,
+/// for the server to refuse.
+#[tokio::test]
+async fn arguments_that_grow_past_a_requests_limit_as_written_out_are_not_sent() {
+    let srv = server(ServerOptions::default()).await;
+    let p = proxy(Duration::from_secs(30)).await;
+    let (target, _calls, mut overheard) = watched_target(&srv).await;
+    let hostile = unique("cap-grown");
+    srv.serve_plugin(load("hostile", &hostile, granted(&[], &[&target])))
+        .await
+        .unwrap();
+    let guest = p.use_server(&hostile);
+    let args = callme::args_from((&target, 3 * 1024u32, "9e15")).unwrap();
+    let refused = guest_error(guest.call("flood-call", args).await);
+    assert!(refused.starts_with("TooLarge"), "{refused}");
+    nothing_published(&mut overheard).await;
     srv.shutdown(Duration::from_secs(5)).await;
 }
 

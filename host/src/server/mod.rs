@@ -440,6 +440,10 @@ impl Server {
                         Link::connect_auxiliary(&options, "callme server (calls out)").await?;
                     let echo = Echo::of(&inner.connect);
                     let proxy = Proxy::over(link, &inner.user, echo, DEFAULT_TIMEOUT).await?;
+                    // What a server takes by default: the guest's text is
+                    // held to it, but written out again a request can
+                    // grow (`9e15` is `9000000000000000.0`).
+                    proxy.set_max_request_bytes(crate::protocol::DEFAULT_MAX_REQUEST_BYTES);
                     let server = inner.link.subscribe();
                     let calls_out = proxy.clone();
                     tokio::spawn(async move {

@@ -147,13 +147,15 @@ impl Guest for Hostile {
         refused
     }
 
-    fn flood_call(server: String, kib: u32) -> Result<String, String> {
-        let mut args = String::with_capacity(kib as usize * 1024 + 2);
+    fn flood_call(server: String, kib: u32, item: String) -> Result<String, String> {
+        let mut args = String::with_capacity(kib as usize * 1024 + item.len() + 2);
         args.push('[');
         while args.len() < kib as usize * 1024 {
-            args.push_str("0,");
+            args.push_str(&item);
+            args.push(',');
         }
-        args.push_str("0]");
+        args.push_str(&item);
+        args.push(']');
         callme_guest::v0_2::rpc::call(&server, "add", &args)
             .map_err(|e| format!("{}: {}", e.type_, e.message))
     }
