@@ -10,6 +10,7 @@ import threading
 import time
 import traceback
 import uuid
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -17,6 +18,23 @@ import pytest
 import callme_client as callme
 from callme_client.protocol import decode_response
 from conftest import BrokerUser, Host, _add_user, rabbitmqctl, url_for
+
+
+def test_every_error_is_exported() -> None:
+    """``TooLarge`` was left out of ``errors.__all__``: a star import of
+    the module missed it."""
+    from callme_client import errors
+
+    raised = {
+        name for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.CallmeError)
+    }
+    assert "TooLarge" in raised
+    assert raised <= set(errors.__all__), raised - set(errors.__all__)
+    assert raised <= set(callme.__all__), raised - set(callme.__all__)
+    starred: dict = {}
+    exec("from callme_client.errors import *", starred)
+    assert starred["TooLarge"] is callme.TooLarge
 
 
 def test_a_missing_server_fails_at_once(proxy: callme.Proxy, host: Host) -> None:
@@ -158,6 +176,52 @@ def test_a_connection_limit_is_a_connection_error_not_a_refusal(amqp_url: str) -
         assert user.password not in str(caught.value)
     finally:
         rabbitmqctl("delete_user", user.name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CN=py-{tag},O=acme",  # a certificate's distinguished name
+        "josé-{tag}",
+        "py-long-{tag}-" + "x" * 140,  # past pamqp's 127 characters
+    ],
+)
+def test_any_user_name_the_broker_takes_names_the_reply_queue(
+    amqp_url: str, host: Host, name: str
+) -> None:
+    """The reply exchange and queue carry the user's name as it is, as the
+    Rust proxy's do (``client_USER_ex_UUID``); the AMQP library here
+    refuses names of more than 127 characters or of any but a few
+    (``ValueError: Invalid value for exchange``), which RabbitMQ takes."""
+    user = _add_user(name.format(tag=uuid.uuid4().hex[:8]), f"pw-{uuid.uuid4().hex}",
+                     ".*", ".*", ".*")
+    try:
+        url = url_for(amqp_url, quote(user.name, safe=""), user.password)
+        with callme.Proxy(url, timeout=10) as proxy:
+            assert proxy.use_server(host.calc).add(1, 1) == 2
+            exchange = proxy.reply_exchange
+            assert exchange is not None and exchange.startswith(f"client_{user.name}_ex_")
+            assert proxy.use_server(host.calc).add(2, 3) == 5
+        # Deleted when the proxy closed, as any reply queue.
+        queue = exchange.replace("_ex_", "_queue_", 1)
+        deadline = time.monotonic() + 10
+        while queue in rabbitmqctl("list_queues", "name").splitlines():
+            assert time.monotonic() < deadline, "the reply queue was left"
+            time.sleep(0.2)
+    finally:
+        rabbitmqctl("delete_user", user.name)
+
+
+def test_a_user_name_too_long_for_the_reply_names_is_refused_at_once() -> None:
+    """AMQP names are at most 255 bytes, and the reply queue's is the
+    user's and 50 more: refused before anything is sent, saying so, as
+    the Rust proxy does."""
+    callme.AsyncProxy(f"amqp://{'é' * 102}:pw@127.0.0.1:1/%2f")
+    for user in ("u" * 206, "é" * 103):
+        with pytest.raises(ValueError, match="user name is .* bytes.* at most 205"):
+            callme.Proxy(f"amqp://{quote(user)}:pw@127.0.0.1:1/%2f")
+        with pytest.raises(ValueError, match="user name is .* bytes.* at most 205"):
+            callme.AsyncProxy(amqp_user=user, amqp_host="127.0.0.1", amqp_port=1)
 
 
 def test_a_server_the_user_may_not_call_is_access_refused(
@@ -328,12 +392,17 @@ def test_a_broker_that_stalls_after_the_handshake_is_given_up_on_in_time(
     never answers a declare (a node cut off from its cluster's majority)
     fails the proxy's start with ``ConnectionError``, where it waited
     until the heartbeat gave up (minutes), or for ever without one."""
-    import aio_pika.channel
+    import aiormq
+    import pamqp.commands
 
-    async def stalls(*_: object, **__: object) -> None:
-        await asyncio.sleep(3600)
+    rpc = aiormq.Channel.rpc
 
-    monkeypatch.setattr(aio_pika.channel.Channel, "declare_queue", stalls)
+    async def stalls(self: Any, frame: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(frame, pamqp.commands.Queue.Declare):
+            await asyncio.sleep(3600)
+        return await rpc(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(aiormq.Channel, "rpc", stalls)
     url = amqp_url + ("&" if "?" in amqp_url else "?") + "connection_timeout=2000"
     start = time.monotonic()
     with pytest.raises(callme.ConnectionError, match="did not set up the reply queue"):

@@ -259,19 +259,23 @@ def test_a_ctrl_c_while_the_reply_queue_is_set_up_again_is_raised_once(
     called would take the interrupt there, where it is swallowed (a real
     Ctrl-C never reaches that thread: Python runs signal handlers in the
     main thread only)."""
-    import aio_pika
+    import aiormq
+    import pamqp.commands
 
     monkeypatch.setattr(callme_proxy, "IDLE_TICK", 60.0)
-    declare = aio_pika.Channel.declare_queue
+    rpc = aiormq.Channel.rpc
     declares: List[int] = []
 
-    async def interrupted_once_when_declared_again(self: Any, *args: Any, **kwargs: Any) -> Any:
-        declares.append(1)
-        if len(declares) == 2:
-            raise KeyboardInterrupt()
-        return await declare(self, *args, **kwargs)
+    async def interrupted_once_when_declared_again(
+        self: Any, frame: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        if isinstance(frame, pamqp.commands.Queue.Declare):
+            declares.append(1)
+            if len(declares) == 2:
+                raise KeyboardInterrupt()
+        return await rpc(self, frame, *args, **kwargs)
 
-    monkeypatch.setattr(aio_pika.Channel, "declare_queue", interrupted_once_when_declared_again)
+    monkeypatch.setattr(aiormq.Channel, "rpc", interrupted_once_when_declared_again)
     name = f"callme-py-reconnect-ctrl-c-{uuid.uuid4().hex[:8]}"
     interrupted = 0
     with callme.Proxy(amqp_url, timeout=3, connection_name=name) as proxy:

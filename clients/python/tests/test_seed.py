@@ -27,6 +27,17 @@ def test_url_comes_from_callme_amqp_url_by_default(
         assert proxy.use_server(host.calc).add(20, 22) == 42
 
 
+def test_a_timeout_of_none_is_the_default(amqp_url: str, host: Host) -> None:
+    """As for ``use_server`` and ``call``; the constructors raised a bare
+    ``TypeError``."""
+    assert callme.AsyncProxy(amqp_url, timeout=None).timeout == callme.DEFAULT_TIMEOUT
+    with callme.Proxy(amqp_url, timeout=None) as proxy:
+        assert proxy.timeout == callme.DEFAULT_TIMEOUT == 60
+        calc = proxy.use_server(host.calc, timeout=None)
+        assert calc.timeout == callme.DEFAULT_TIMEOUT
+        assert calc.add(1, 2) == 3
+
+
 def test_keyword_arguments(proxy: callme.Proxy, host: Host) -> None:
     calc = proxy.use_server(host.calc)
     assert calc.add(a=1, b=2) == 3

@@ -17,7 +17,7 @@ from typing import Any, List
 import pytest
 
 import callme_client as callme
-from conftest import Host
+from conftest import Host, rabbitmqctl, unique
 
 THREADS = 8
 CALLS = 200
@@ -90,6 +90,38 @@ def test_closing_a_proxy_ends_every_call_waiting_on_it(
     assert time.monotonic() - closed_at < 5
     assert len(outcome) == callers
     assert all(isinstance(e, callme.ConnectionError) for e in outcome), outcome
+    with pytest.raises(callme.ConnectionError, match="closed"):
+        proxy.use_server(host.calc).add(1, 1)
+
+
+def test_a_proxy_closed_where_an_event_loop_runs_closes_its_connection(
+    amqp_url: str, host: Host
+) -> None:
+    """``close`` (or the finalizer) called in async code, in a thread
+    whose event loop runs: the proxy's own loop cannot run there, and the
+    close was skipped in silence, the connection left open and the reply
+    queue to the broker's expiry."""
+    name = unique("py-close-in-async")
+    proxy = callme.Proxy(amqp_url, timeout=10, connection_name=name)
+    assert proxy.use_server(host.calc).add(1, 1) == 2
+    exchange = proxy.reply_exchange
+    assert exchange is not None
+    queue = exchange.replace("_ex_", "_queue_", 1)
+
+    def open_connections() -> int:
+        listing = rabbitmqctl("list_connections", "--no-table-headers", "-q", "client_properties")
+        return sum(f'{{"connection_name","{name}"}}' in line for line in listing.splitlines())
+
+    assert open_connections() == 1
+
+    async def shutdown() -> None:
+        proxy.close()
+
+    asyncio.run(shutdown())
+    deadline = time.monotonic() + 5
+    while open_connections() or queue in rabbitmqctl("list_queues", "name").split():
+        assert time.monotonic() < deadline, "the connection or the reply queue was left"
+        time.sleep(0.2)
     with pytest.raises(callme.ConnectionError, match="closed"):
         proxy.use_server(host.calc).add(1, 1)
 

@@ -36,6 +36,7 @@ from .protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     DESCRIBE,
     REPLY_QUEUE,
+    check_reply_user,
     decode_response,
     encode_request,
     readable_in_error,
@@ -61,7 +62,9 @@ class AsyncProxy:
     ``amqp_password``, ``amqp_vhost``, ``amqp_port`` and ``ssl`` arguments
     work too. ``ca_file`` verifies the broker with that CA; ``cert_file``
     and ``key_file`` log in with a client certificate (EXTERNAL).
-    ``timeout`` (seconds) is the default for every call;
+    ``timeout`` (seconds) is the default for every call
+    (:data:`DEFAULT_TIMEOUT`, 60 s, when it is ``None``, as for
+    :meth:`use_server` and :meth:`call`);
     ``connection_name`` is shown by the broker's management tools.
     ``max_reply_bytes`` is the largest reply taken (16 MiB by default),
     with at most one JSON object per 32 bytes of it: a larger reply fails
@@ -78,7 +81,7 @@ class AsyncProxy:
     def __init__(
         self,
         amqp_url: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
         *,
         amqp_host: Optional[str] = None,
         amqp_user: Optional[str] = None,
@@ -106,7 +109,10 @@ class AsyncProxy:
             key_file=key_file,
             connection_name=connection_name,
         )
-        self._timeout = _positive(timeout)
+        # Its reply names carry the user's name: refused now if they
+        # cannot be AMQP names.
+        check_reply_user(self._options.user)
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else _positive(timeout)
         self._max_reply_bytes = _byte_limit("max_reply_bytes", max_reply_bytes)
         self._max_request_bytes = _byte_limit("max_request_bytes", max_request_bytes)
         # What the broker names beside an exchange in its errors: read
@@ -389,11 +395,12 @@ class AsyncProxy:
             expiration=str(MAX_EXPIRATION_MS),
             delivery_mode=1,  # not persistent
             # When it was sent, for the host's queue-wait metric
-            # (docs/protocol.md), and a W3C trace of its own.
+            # (docs/protocol.md), and a W3C trace of its own: new, so not
+            # sampled (flags 00), as the Rust proxy's new traces.
             timestamp=datetime.datetime.fromtimestamp(sent_ms // 1000, tz=datetime.timezone.utc),
             headers={
                 "timestamp_in_ms": sent_ms,
-                "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+                "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00",
                 REPLY_QUEUE: queue,
             },
         )

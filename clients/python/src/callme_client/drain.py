@@ -39,8 +39,10 @@ from aio_pika.abc import AbstractConnection
 from . import errors
 from .link import (
     CONNECT_TIMEOUT,
+    LAST_DECLARED,
     _by,
     _close_quietly,
+    _QueueDeclare,
     delete_queue,
     is_unreadable,
     open_connection,
@@ -162,8 +164,13 @@ async def _take(
     try:
         channel = await _by(loop.time() + GET_WITHIN, connection.channel(publisher_confirms=False))
         underlay = await channel.get_underlay_channel()
+        # Declared (passively: it fails if the queue is gone) so as to be
+        # read by the empty name, whatever its own (see link._QueueDeclare).
+        await _by(loop.time() + GET_WITHIN, underlay.rpc(_QueueDeclare(queue=queue, passive=True)))
         while pending.still_waiting(calls, queue):
-            message = await _by(loop.time() + GET_WITHIN, underlay.basic_get(queue, no_ack=True))
+            message = await _by(
+                loop.time() + GET_WITHIN, underlay.basic_get(LAST_DECLARED, no_ack=True)
+            )
             if message.delivery_tag is None:  # Basic.GetEmpty
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, POLL_MAX)

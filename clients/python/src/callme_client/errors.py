@@ -22,6 +22,7 @@ __all__ = [
     "AccessRefused",
     "ConnectionError",
     "Rejected",
+    "TooLarge",
     "RemoteError",
     "NoSuchFunction",
     "InvalidArguments",

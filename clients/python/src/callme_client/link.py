@@ -29,11 +29,13 @@ from typing import Any, Awaitable, Callable, Optional, Set, TypeVar
 import aio_pika
 import aiormq.abc
 import aiormq.exceptions
+import pamqp.commands
 import pamqp.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from . import errors
 from .options import ConnectOptions
+from .protocol import MAX_NAME_BYTES, client_exchange, client_queue
 
 __all__ = ["Link", "CONNECT_TIMEOUT", "REPLY_QUEUE_EXPIRES", "open_connection", "delete_queue", "seen"]
 
@@ -186,8 +188,8 @@ class Link:
         moment it is back: a server has to be called again to learn them.
         """
         uid = str(uuid.uuid4())
-        self.exchange = f"client_{self.options.user}_ex_{uid}"
-        self.queue = f"client_{self.options.user}_queue_{uid}"
+        self.exchange = client_exchange(self.options.user, uid)
+        self.queue = client_queue(self.options.user, uid)
 
     async def _open(self) -> "tuple[AbstractConnection, AbstractChannel]":
         options = self.options
@@ -208,31 +210,34 @@ class Link:
 
         async def set_up() -> Any:
             channel = await connection.channel(publisher_confirms=False)
-            exchange = await channel.declare_exchange(
-                self.exchange, aio_pika.ExchangeType.DIRECT, durable=False, auto_delete=True
-            )
+            # Declared and consumed on aiormq's channel under aio-pika's,
+            # by frames that take any name (see `_ExchangeDeclare`); a
+            # reply needs its correlation id and body only, not an
+            # IncomingMessage.
+            underlay = await channel.get_underlay_channel()
+            await underlay.rpc(_ExchangeDeclare(
+                exchange=self.exchange, exchange_type="direct", durable=False, auto_delete=True
+            ))
             # Durable, so that RabbitMQ 4.x takes a queue that is not
             # exclusive (its "Deprecated Features" guide:
             # transient_nonexcl_queues); classic whatever the vhost's
             # default queue type (3.13 and 4.x), since a quorum queue per
             # proxy would cost a Raft group and a stream takes no expiry.
-            queue = await channel.declare_queue(
-                self.queue,
+            await underlay.rpc(_QueueDeclare(
+                queue=self.queue,
                 durable=True,
                 arguments={
                     "x-queue-type": "classic",
                     "x-expires": int(REPLY_QUEUE_EXPIRES * 1000),
                 },
-            )
-            await queue.bind(exchange, routing_key="")
-            # Consumed on aiormq's channel under aio-pika's: a reply needs
-            # its correlation id and body only, not an IncomingMessage.
-            underlay = await channel.get_underlay_channel()
+            ))
+            await underlay.rpc(_QueueBind(queue=self.queue, exchange=self.exchange, routing_key=""))
             await underlay.basic_qos(prefetch_count=REPLY_PREFETCH)
             # Exclusively: the queue is not exclusive to the connection,
-            # and nobody else is to take its replies.
+            # and nobody else is to take its replies. By the empty name:
+            # the queue last declared on the channel, this one.
             consume = await underlay.basic_consume(
-                self.queue, self._deliver, no_ack=False, exclusive=True
+                LAST_DECLARED, self._deliver, no_ack=False, exclusive=True
             )
             self._consumer = (underlay, consume.consumer_tag)
             return channel
@@ -464,7 +469,8 @@ async def delete_queue(connection: AbstractConnection, queue: str) -> None:
 
     async def delete() -> None:
         channel = await connection.channel(publisher_confirms=False)
-        await channel.queue_delete(queue)
+        underlay = await channel.get_underlay_channel()
+        await underlay.rpc(_QueueDelete(queue=queue))
         await channel.close()
 
     try:
@@ -493,6 +499,55 @@ def is_unreadable(reason: Any) -> bool:
         reason = reason.__cause__ or reason.__context__
         seen += 1
     return False
+
+
+#: The queue name AMQP 0-9-1 takes for the queue last declared on the
+#: channel (in ``basic.consume``, ``basic.get``, ``queue.bind``...), which
+#: RabbitMQ follows.
+LAST_DECLARED = ""
+
+
+def _check_name(*names: str) -> None:
+    """Raises ``ValueError`` for a name AMQP cannot carry (a short string:
+    at most :data:`MAX_NAME_BYTES` of UTF-8)."""
+    for name in names:
+        size = len(name.encode())
+        if size > MAX_NAME_BYTES:
+            raise ValueError(f"an AMQP name is at most {MAX_NAME_BYTES} bytes, not {size}")
+
+
+# The frames that name the reply exchange and queue, which carry the broker
+# user's name as it is (``client_USER_ex_UUID``, as the Rust proxy's):
+# pamqp's own, but for the check of their names. pamqp (3.3 and 4.x)
+# checks a frame in ``validate``, called when it is made and when it is
+# written, and takes for names only ASCII letters, digits and
+# ``-_.:@#,/`` (4.x also ``+``) and space, and at most 127 characters for
+# an exchange's: ``ValueError('Invalid value for exchange')`` for users
+# that RabbitMQ takes, such as a certificate's distinguished name
+# (``CN=client,O=acme``) or ``josé``. AMQP takes any UTF-8 of up to 255
+# bytes, and so do these; aiormq's ``Channel.rpc`` sends them as it sends
+# pamqp's. The queue is consumed and read (``basic.consume``,
+# ``basic.get``, whose frames aiormq makes itself) by :data:`LAST_DECLARED`.
+
+
+class _ExchangeDeclare(pamqp.commands.Exchange.Declare):
+    def validate(self) -> None:
+        _check_name(self.exchange)
+
+
+class _QueueDeclare(pamqp.commands.Queue.Declare):
+    def validate(self) -> None:
+        _check_name(self.queue)
+
+
+class _QueueBind(pamqp.commands.Queue.Bind):
+    def validate(self) -> None:
+        _check_name(self.queue, self.exchange)
+
+
+class _QueueDelete(pamqp.commands.Queue.Delete):
+    def validate(self) -> None:
+        _check_name(self.queue)
 
 
 class _ReplyQueueRefused(errors.AccessRefused):

@@ -17,8 +17,8 @@ from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urls
 
 __all__ = ["ConnectOptions", "redact_url", "ENV_URL"]
 
-#: The environment variable read when no URL and no host is given, as the
-#: ``callme`` command does.
+#: The environment variable read when no URL is given, as the ``callme``
+#: command does: the URL the seed's arguments then override parts of.
 ENV_URL = "CALLME_AMQP_URL"
 
 _DEFAULT_URL = "amqp://guest:guest@localhost/%2f"
@@ -88,6 +88,33 @@ def _split(url: str) -> SplitResult:
         raise ValueError(f"invalid AMQP URL {redact_url(url)!r}") from None
 
 
+def _check_authority(url: str) -> None:
+    """Raises ``ValueError`` for a URL whose user name or password holds a
+    ``/``, ``?``, ``#`` or ``@`` that is not percent-encoded.
+
+    Such a character ends the URL's host part early: ``amqp://bob:s3cr3t/x@h``
+    is the host ``bob`` with the port ``s3cr3t``, which the AMQP library
+    fails to read when it connects, quoting it, and ``amqp://bob:123/x@h``
+    goes to port 123 of the host ``bob``. So a port that is not a number,
+    or an ``@`` after the host part (where, in the vhost or the query, it
+    must be written ``%40`` too), is refused here, quoting nothing of the
+    password, and with no error chained to this one that would."""
+    parts = _split(url)
+    problem: Optional[str] = None
+    try:
+        parts.port
+    except ValueError:
+        problem = "its port is not a number from 0 to 65535"
+    if problem is None and "@" not in parts.netloc:
+        if "@" in parts.path + parts.query + parts.fragment:
+            problem = "an '@' comes after its host (in a vhost or a query it is written %40)"
+    if problem is not None:
+        raise ValueError(
+            f"invalid AMQP URL {redact_url(url)!r}: {problem}; a user name or password "
+            "holding '/', '?', '#' or '@' must be percent-encoded (%2F, %3F, %23, %40)"
+        ) from None
+
+
 @dataclass(frozen=True, repr=False)
 class ConnectOptions:
     """A broker to connect to.
@@ -105,6 +132,7 @@ class ConnectOptions:
     connection_name: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check_authority(self.url)
         pairs = parse_qsl(_split(self.url).query, keep_blank_values=True)
         for key, _ in pairs:
             if key not in _QUERY_KEYS:
@@ -148,25 +176,25 @@ class ConnectOptions:
 
         The seed's arguments (``amqp_host``, ``amqp_user``,
         ``amqp_password``, ``amqp_vhost``, ``amqp_port``, ``ssl``) override
-        the matching parts of ``amqp_url``; with none of them and no URL,
-        ``CALLME_AMQP_URL`` is used, then
-        ``amqp://guest:guest@localhost:5672/%2f``.
+        the matching parts of ``amqp_url``; with no URL, of
+        ``CALLME_AMQP_URL``, then of ``amqp://guest:guest@localhost:5672/%2f``.
 
         :raises ValueError: for a URL that is not ``amqp://`` or
-            ``amqps://``, TLS files with a plain ``amqp://`` URL, a
+            ``amqps://``, or whose user name or password holds a ``/``,
+            ``?``, ``#`` or ``@`` not percent-encoded (quoting neither),
+            TLS files with a plain ``amqp://`` URL, a
             certificate without its key, or a TLS file that cannot be read
             or holds no PEM certificate or key (naming it).
         """
-        seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
+        # With no URL, the seed's arguments override the parts of this one.
+        base = os.environ.get(ENV_URL) or _DEFAULT_URL
         if amqp_url is None:
-            if all(a is None for a in seed_args):
-                amqp_url = os.environ.get(ENV_URL) or _DEFAULT_URL
-            else:
-                amqp_url = _DEFAULT_URL
+            amqp_url = base
         if "://" not in amqp_url and amqp_host is None:
-            # The seed's first positional argument was the host name.
-            amqp_host, amqp_url = amqp_url, _DEFAULT_URL
-            seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
+            # The seed's first positional argument (or CALLME_AMQP_URL) was
+            # the host name.
+            amqp_host, amqp_url = amqp_url, base if "://" in base else _DEFAULT_URL
+        seed_args = (amqp_host, amqp_user, amqp_password, amqp_vhost, amqp_port)
         if amqp_host is not None and any(c in amqp_host for c in "@/?#"):
             # Not quoted: it may be `user:password@host`.
             raise ValueError(
@@ -180,6 +208,9 @@ class ConnectOptions:
                 f"invalid AMQP URL {redact_url(amqp_url)!r}: expected "
                 "amqp://user:password@host:port/vhost or amqps://..."
             )
+        # Before its parts are read: a password that is not percent-encoded
+        # would give them wrong (and be quoted by urllib's errors).
+        _check_authority(amqp_url)
         tls = parts.scheme == "amqps" or ssl or any((ca_file, cert_file, key_file))
         if not any(a is not None for a in seed_args) and not ssl:
             url = amqp_url
@@ -191,15 +222,8 @@ class ConnectOptions:
             host = amqp_host if amqp_host is not None else (parts.hostname or "localhost")
             if ":" in host and not host.startswith("["):
                 host = f"[{host}]"
-            try:
-                port = amqp_port if amqp_port is not None else parts.port
-            except ValueError:
-                # urllib's message quotes what it took for the port, which
-                # may be part of the password.
-                raise ValueError(
-                    f"invalid AMQP URL {redact_url(amqp_url)!r}: its port is not a number "
-                    "(a password holding '/', '?', '#' or '@' must be percent-encoded)"
-                ) from None
+            # Read (checked above).
+            port = amqp_port if amqp_port is not None else parts.port
             if port is None:
                 port = 5671 if tls else 5672
             vhost = amqp_vhost if amqp_vhost is not None else (unquote(parts.path[1:]) or "/")

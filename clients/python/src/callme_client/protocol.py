@@ -20,6 +20,10 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "DESCRIBE",
     "REPLY_QUEUE",
+    "MAX_NAME_BYTES",
+    "check_reply_user",
+    "client_exchange",
+    "client_queue",
     "encode_request",
     "decode_response",
     "server_exchange",
@@ -100,6 +104,36 @@ _ERROR_AFTER = len("' in vhost '") + len("' refused for user '") + len("'")
 def server_exchange(server_id: str) -> str:
     """The exchange requests for ``server_id`` are published to."""
     return f"server_{server_id}_ex"
+
+
+def client_exchange(user: str, uid: str) -> str:
+    """The reply exchange of a proxy of broker user ``user``, unique by
+    ``uid``: ``user`` as it is, whatever its characters, as the Rust
+    proxy names it."""
+    return f"client_{user}_ex_{uid}"
+
+
+def client_queue(user: str, uid: str) -> str:
+    """The reply queue bound to :func:`client_exchange`."""
+    return f"client_{user}_queue_{uid}"
+
+
+#: The longest name AMQP (and RabbitMQ) takes, in bytes of UTF-8.
+MAX_NAME_BYTES = 255
+
+
+def check_reply_user(user: str) -> None:
+    """Raises ``ValueError`` when the reply names of broker user ``user``
+    (``client_USER_queue_UUID`` the longer) are over :data:`MAX_NAME_BYTES`,
+    as the Rust proxy does."""
+    size = len(user.encode())
+    longest = len(client_queue(user, "0" * 36).encode())
+    if longest > MAX_NAME_BYTES:
+        raise ValueError(
+            f"the broker user name is {size} bytes: callme's reply names (client_USER_queue_ID) "
+            f"must fit AMQP's {MAX_NAME_BYTES} bytes, so it may have at most "
+            f"{size - (longest - MAX_NAME_BYTES)}"
+        )
 
 
 def encode_request(

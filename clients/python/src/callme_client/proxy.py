@@ -74,6 +74,11 @@ _SETTLE_PASSES = 16
 #: was closed under it (seconds).
 _HANDED_LOOK = 0.5
 
+#: How long closing a proxy waits for its connection to close (seconds),
+#: and for what it cancels then to end, at most, besides.
+_CLOSE_WITHIN = 10.0
+_CLOSE_SLACK = 5.0
+
 
 class _CtrlC:
     """While the main thread runs the loop for a call, SIGINT cancels
@@ -469,6 +474,22 @@ class _SharedLoop:
             closing = asyncio.run_coroutine_threadsafe(_close(proxy), self.loop)
         except RuntimeError:
             return
+        if _running_loop() is not None:
+            # Another event loop runs in this thread (a close from async
+            # code, or the finalizer run there), and this one cannot run
+            # while it does: the close runs on a thread of its own, waited
+            # for as long as a close may take.
+            closer = threading.Thread(
+                target=self._run_close, args=(closing,), name="callme-proxy-close", daemon=True
+            )
+            closer.start()
+            closer.join(_CLOSE_WITHIN + _CLOSE_SLACK)
+            return
+        self._run_close(closing)
+
+    def _run_close(self, closing: "concurrent.futures.Future[None]") -> None:
+        """Runs the loop, once this thread has its turn, until ``closing``
+        (the proxy's close, handed to the loop) is done; then closes it."""
         with self._turn:
             if self.loop.is_closed():
                 return
@@ -569,7 +590,7 @@ async def _close(proxy: AsyncProxy) -> None:
     """Closes ``proxy``, then ends every call still running on its loop, so
     no thread waits for a call that cannot end."""
     try:
-        await asyncio.wait_for(proxy.close(), 10)
+        await asyncio.wait_for(proxy.close(), _CLOSE_WITHIN)
     except Exception:  # at exit, a broker that is gone cannot be said goodbye to
         pass
     current = asyncio.current_task()
@@ -594,7 +615,7 @@ class Proxy:
     def __init__(
         self,
         amqp_url: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
         *,
         amqp_host: Optional[str] = None,
         amqp_user: Optional[str] = None,
@@ -711,7 +732,9 @@ class Proxy:
         return loop.run(connection.call(server_id, func, args, kwargs, timeout=timeout))
 
     def close(self) -> None:
-        """Closes the connection and stops the proxy's thread. In a forked
+        """Closes the connection and stops the proxy's thread, waiting for
+        it (in async code too, where the close runs on a thread of its own:
+        the proxy's event loop cannot run where another runs). In a forked
         child that has not called yet, there is nothing of its own to close."""
         with self._renewing:
             self._closed = True
