@@ -211,6 +211,46 @@ async fn contained(p: &Plugin, func: &str, args: Args) -> PluginError {
     err
 }
 
+/// A plugin's start-up code does not take its fuel from the call that
+/// makes the instance: a call that makes its own (no spare ready) and one
+/// served from a spare (made ahead, its start-up on a tank of its own)
+/// have the same fuel, so a call's outcome does not depend on whether a
+/// spare was ready. Before, start-up code using over half the fuel left
+/// too little for the call that made its instance, and only for that one.
+#[tokio::test]
+async fn start_up_code_takes_no_fuel_from_the_call_that_makes_the_instance() {
+    let limits = Limits {
+        fuel: 20_000_000,
+        ..Limits::default()
+    };
+    let p = from_text(STARTS_HEAVY, "starts-heavy", limits);
+    assert_eq!(p.spares(), 0);
+    assert_eq!(p.call("work", &Args::default()).await.unwrap(), json!(1));
+    p.start_prewarm(&tokio::runtime::Handle::current());
+    let spare = eventually(Duration::from_secs(10), || async {
+        (p.spares() > 0).then_some(())
+    })
+    .await;
+    assert!(spare.is_some(), "no spare was made");
+    assert_eq!(p.call("work", &Args::default()).await.unwrap(), json!(1));
+}
+
+/// A component whose start-up code (a core `start` function) and whose
+/// `work` each burn about 13 million units of fuel; `work` returns 1.
+const STARTS_HEAVY: &str = r#"
+(component
+  (core module $m
+    (func $burn (param $n i32)
+      (loop $l
+        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+        (br_if $l (local.get $n))))
+    (func $start (call $burn (i32.const 2000000)))
+    (start $start)
+    (func (export "work") (result i32) (call $burn (i32.const 2000000)) (i32.const 1)))
+  (core instance $i (instantiate $m))
+  (func (export "work") (result u32) (canon lift (core func $i "work"))))
+"#;
+
 #[tokio::test]
 async fn runaway_loop_runs_out_of_fuel() {
     let p = load("hostile", "hostile", PluginSettings::default());

@@ -168,13 +168,20 @@ async fn run(
     let instance = sandbox.instance.take();
     let store = &mut sandbox.store;
     let granted = &instances.settings.capabilities;
+    let fuel = instances.settings.limits.fuel;
     let outcome = instances
         .with_deadline(deadline, async move {
             let instance = match instance {
                 Some(i) => i,
                 None => {
                     observe::instance_made(&instances.name, observe::Made::Call);
-                    instances.pre().instantiate_async(&mut *store).await?
+                    let instance = instances.pre().instantiate_async(&mut *store).await?;
+                    // Start-up code runs on a tank of its own, as a
+                    // spare's does: the call's fuel is the same whether a
+                    // spare was ready or not. (Fuel is enabled on the
+                    // engine, so setting it cannot fail.)
+                    let _ = store.set_fuel(fuel);
+                    instance
                 }
             };
             // Granted from here, not to start-up code: that of a spare,
@@ -193,7 +200,6 @@ async fn run(
         Err(e) => Err(failure(e, sandbox.store.data())),
     };
     sandbox.store.data_mut().caps.end();
-    let fuel = instances.settings.limits.fuel;
     let consumed = fuel.saturating_sub(sandbox.store.get_fuel().unwrap_or(fuel));
     let ran = result.as_ref().map(drop);
     observe::plugin_call_ran(&instances.name, &export.info.name, consumed, ran);
