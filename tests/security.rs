@@ -1032,6 +1032,96 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
     assert!(own >= 1, "the id's own connection was never lost:\n{log}");
 }
 
+/// An unreadable request behind requests the host cannot put back (its
+/// queue at a length limit with `reject-publish`, as docs/deploy.md
+/// advises, kept full by a caller flooding it while the host looks) costs
+/// no caller its request, and the id is moved to a connection of its own
+/// all the same. The host took each request ahead of the unreadable one
+/// out for good before putting it back: one the broker refused was lost,
+/// and, the unreadable one not taken out, the id stayed on the shared
+/// connection, which it took down again each time it came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_ahead_of_an_unreadable_one_in_a_full_queue_are_not_lost() {
+    let (poisoned, beside) = (unique("unreadable-full"), unique("beside-full"));
+    let policy = format!("callme-{poisoned}");
+    broker_ctl(&[
+        "set_policy",
+        &policy,
+        &format!("^{}$", server_queue(&poisoned)),
+        r#"{"max-length":20,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let host = calc_host(&[&poisoned, &beside], "callme=info");
+    let p = proxy(Duration::from_secs(60)).await;
+    callme_tests::answers_add(&p, &poisoned, 1).await;
+    // Seven calls in flight (of the id's eight), so that the unreadable
+    // one, delivered eighth, has seven ahead of it once they go back.
+    let slow: Vec<_> = (0..7)
+        .map(|_| {
+            let server = p.use_server(&poisoned);
+            tokio::spawn(async move { server.call("slow-version", pos(json!([1500]))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flood = {
+        let flooding = flooding.clone();
+        let exchange = server_exchange(&poisoned);
+        tokio::spawn(async move {
+            let conn = lapin::Connection::connect(
+                &callme_tests::amqp_url(),
+                lapin::ConnectionProperties::default(),
+            )
+            .await
+            .unwrap();
+            let channel = conn.create_channel().await.unwrap();
+            let body = br#"{"func":"add","args":[1,1]}"#;
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                // Without a reply address: dropped by the host unanswered.
+                let _ = channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        body,
+                        lapin::BasicProperties::default()
+                            .with_content_type("application/json".into()),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    publish_unreadable(&poisoned).await;
+    wait_moved(&host, &poisoned).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    flood.await.unwrap();
+    for call in slow {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "{answer:?}\n{}", host.log_text());
+    }
+    // The flood drained (the queue refuses requests while full).
+    callme_tests::wait_queue_settled(&server_queue(&poisoned), Duration::from_secs(30)).await;
+    for i in 0..5 {
+        callme_tests::answers_add(&p, &poisoned, i).await;
+        callme_tests::answers_add(&p, &beside, i).await;
+    }
+    broker_ctl(&["clear_policy", &policy]);
+    let log = host.log_text();
+    assert!(!log.contains("it is lost"), "{log}");
+    // The id moved at the first: the other ids' connection was lost once.
+    let shared = log
+        .lines()
+        .filter(|l| l.contains("reconnected") && l.contains("connection=\"callme server\""))
+        .count();
+    assert!(
+        shared <= 1,
+        "the host's connection was lost {shared} times:\n{log}"
+    );
+}
+
 /// Calls `add-via` of `relay` (relay granted `rpc` to `target`, an `add`)
 /// once; the reply address its calls out name, read off the request it
 /// sent.

@@ -310,20 +310,23 @@ impl Subscription for Consuming {
                     return Err(e);
                 }
             };
-            let removed = if waiting == 0 {
+            let looked = if waiting == 0 {
                 debug!(target: "callme::server", server_id = %self.id, "no request waiting: not looked at for one the AMQP client cannot read, no connection opened");
-                0
+                unreadable::Looked::default()
             } else {
                 match unreadable::take_out(&inner.connect, &self.id, look, &inner.given_back).await
                 {
-                    Ok(removed) => removed,
+                    Ok(looked) => looked,
                     Err(e) => {
                         warn!(target: "callme::server", server_id = %self.id, error = %e, "cannot look for an unreadable request");
-                        0
+                        unreadable::Looked::default()
                     }
                 }
             };
-            if removed > 0 && self.own.is_none() {
+            // Moved once one is found, taken out or not: one left in the
+            // queue (its look stopped by a full queue) costs only the
+            // id's own connection when it comes back.
+            if looked.found && self.own.is_none() {
                 match inner.own_link().await {
                     Ok(Some((own, replier, shared))) => {
                         if shared {

@@ -270,7 +270,7 @@ fn encodes_past(value: &Value, limit: usize) -> bool {
             Value::Array(items) => {
                 size += 2;
                 for item in items {
-                    size += item_size(item, &mut nested) + 1;
+                    size += item_size(item, limit, &mut nested) + 1;
                     if size > limit {
                         return true;
                     }
@@ -279,13 +279,13 @@ fn encodes_past(value: &Value, limit: usize) -> bool {
             Value::Object(entries) => {
                 size += 2;
                 for (key, item) in entries {
-                    size += string_size(key) + item_size(item, &mut nested) + 2;
+                    size += string_size(key, limit) + item_size(item, limit, &mut nested) + 2;
                     if size > limit {
                         return true;
                     }
                 }
             }
-            scalar => size += item_size(scalar, &mut nested),
+            scalar => size += item_size(scalar, limit, &mut nested),
         }
         if size > limit {
             return true;
@@ -297,9 +297,10 @@ fn encodes_past(value: &Value, limit: usize) -> bool {
     }
 }
 
-/// What a scalar encodes to, at most; an array or object is put in
-/// `nested`, to be looked into, and counts nothing here.
-fn item_size<'a>(value: &'a Value, nested: &mut Vec<&'a Value>) -> usize {
+/// What a scalar encodes to, at most (past `limit`, at least its length);
+/// an array or object is put in `nested`, to be looked into, and counts
+/// nothing here.
+fn item_size<'a>(value: &'a Value, limit: usize, nested: &mut Vec<&'a Value>) -> usize {
     match value {
         Value::Null | Value::Bool(_) => 5,
         Value::Number(n) => {
@@ -312,7 +313,7 @@ fn item_size<'a>(value: &'a Value, nested: &mut Vec<&'a Value>) -> usize {
                 25
             }
         }
-        Value::String(s) => string_size(s),
+        Value::String(s) => string_size(s, limit),
         Value::Array(_) | Value::Object(_) => {
             nested.push(value);
             0
@@ -321,8 +322,12 @@ fn item_size<'a>(value: &'a Value, nested: &mut Vec<&'a Value>) -> usize {
 }
 
 /// What a string encodes to: its quotes, and an escape for each byte
-/// that needs one (at most six bytes, `\u001f`).
-fn string_size(s: &str) -> usize {
+/// that needs one (at most six bytes, `\u001f`). One whose length alone is
+/// past `limit` is not read: past is all there is to know.
+fn string_size(s: &str, limit: usize) -> usize {
+    if s.len() > limit {
+        return s.len() + 2;
+    }
     let escaped = s
         .bytes()
         .filter(|&b| b < 0x20 || b == b'"' || b == b'\\')

@@ -20,25 +20,26 @@
 //!    when that connection closes). If none of them kills the
 //!    connection, the request was in another id's queue, and nothing
 //!    moved here;
-//! 2. if one did, it takes the requests before it again with `no-ack`
-//!    (the broker forgets a request as it hands it over), publishing each
-//!    back to the id's exchange and waiting for its confirm before taking
-//!    the next, until the unreadable one: delivered with `no-ack`, it is
-//!    gone from the queue even though it ends that connection.
+//! 2. if one did, it takes the requests before it again, held unacked as
+//!    in the first look, then the unreadable one with `no-ack` (the broker
+//!    forgets a request as it hands it over): it is gone from the queue
+//!    even though it ends that connection, and the requests held go back
+//!    to the queue. Nothing is published, so nothing can be refused (a
+//!    queue at a `reject-publish` length limit takes back what it gave).
 //!
 //! This is repeated while the first requests hold another unreadable
 //! one (up to 64): a caller who sent many at once costs the host's
 //! connection once. (The id is then consumed on a connection of its own,
 //! see [`super::consumer`].)
 //!
-//! What this costs: the requests ahead of it move to the back of the queue
-//! (callme does not order requests), without the `user_id` their callers
-//! may have set (the broker takes it only from that user), and a quorum queue counts each
-//! request looked at as delivered once more (this host does not hold that
-//! against it, see [`super::given_back`]); one whose
-//! republishing fails is lost (logged), as is one in a moment where another
-//! host consumed ahead of this one. Only after a connection was lost to an
-//! unreadable message.
+//! What this costs: a quorum queue counts each request looked at as
+//! delivered once more per look (this host does not hold that against
+//! it, see [`super::given_back`]); one taken where the unreadable one was
+//! expected (another host consumed ahead of this one in the moment
+//! between the two looks) is published back to the end of the queue,
+//! without the `user_id` its caller may have set (the broker takes it
+//! only from that user), and is lost if that is refused (logged). Only
+//! after a connection was lost to an unreadable message.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -59,14 +60,26 @@ pub(super) fn look_ahead(prefetch: usize) -> usize {
     prefetch.saturating_mul(2).saturating_add(16)
 }
 
-/// What [`take_out`] found.
+/// What [`take_out`] did: how many unreadable requests it took out, and
+/// whether it found one at all (one it could not take out, its look
+/// stopped by a request the broker would not take back, still holds the
+/// id's queue).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Looked {
+    /// Unreadable requests taken out.
+    pub(super) removed: usize,
+    /// Whether an unreadable request was found.
+    pub(super) found: bool,
+}
+
+/// What one look found.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum TakenOut {
+enum TakenOut {
     /// No request among the first ones looked at could not be read.
     Nothing,
-    /// The unreadable request is gone; `moved` requests ahead of it were
-    /// put back at the end of the queue.
-    Removed { moved: usize },
+    /// The unreadable request is gone; `held` requests ahead of it went
+    /// back to the queue.
+    Removed { held: usize },
     /// It was not found the second time (another host took requests in
     /// between); `moved` were put back.
     Missed { moved: usize },
@@ -126,19 +139,20 @@ async fn waiting_on(channel: &Channel, id: &str) -> Result<u32, crate::Error> {
 
 /// Looks at the first `look` requests of `id`'s queue and takes out those
 /// that cannot be read, one at a time, until none is left among them or
-/// [`MAX_TAKEN_OUT`] are gone (see the module's docs). Returns how many
-/// were taken out.
+/// [`MAX_TAKEN_OUT`] are gone (see the module's docs).
 ///
 /// # Errors
 ///
-/// A broker error other than the connection failing to read a request.
+/// A broker error other than the connection failing to read a request,
+/// before any was found.
 pub(super) async fn take_out(
     connect: &ConnectOptions,
     id: &str,
     look: usize,
     given_back: &GivenBack,
-) -> Result<usize, crate::Error> {
+) -> Result<Looked, crate::Error> {
     let mut removed = 0;
+    let mut found = false;
     while removed < MAX_TAKEN_OUT {
         // A turn a look, not one for all of them: the permits are handed
         // out in turn, so other ids, which must look once before they
@@ -150,17 +164,24 @@ pub(super) async fn take_out(
         let looked = take_out_one(connect, id, look, given_back).await;
         drop(turn);
         match looked {
-            Ok(TakenOut::Removed { .. }) => removed += 1,
-            Ok(TakenOut::Nothing | TakenOut::Missed { .. }) => break,
+            Ok(TakenOut::Removed { .. }) => {
+                removed += 1;
+                found = true;
+            }
+            Ok(TakenOut::Missed { .. }) => {
+                found = true;
+                break;
+            }
+            Ok(TakenOut::Nothing) => break,
             // What was taken out is gone all the same.
-            Err(e) if removed > 0 => {
+            Err(e) if found => {
                 warn!(target: "callme::server", server_id = id, removed, error = %e, "stopped taking out unreadable requests");
                 break;
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(removed)
+    Ok(Looked { removed, found })
 }
 
 /// Looks at the first `look` requests of `id`'s queue and takes out the
@@ -171,16 +192,16 @@ async fn take_out_one(
     look: usize,
     given_back: &GivenBack,
 ) -> Result<TakenOut, crate::Error> {
-    if !unreadable_within(connect, id, look, given_back).await? {
+    let Some(ahead) = unreadable_within(connect, id, look, given_back).await? else {
         return Ok(TakenOut::Nothing);
-    }
+    };
     let conn = connect.connect("callme unreadable request").await?;
-    let taken = take_until_unreadable(&conn, id, look).await;
+    let taken = take_until_unreadable(&conn, id, ahead, look, given_back).await;
     close(&conn).await;
     let outcome = taken?;
     match &outcome {
-        TakenOut::Removed { moved } => {
-            warn!(target: "callme::server", server_id = id, moved, "removed a request the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size): it had closed the host's connection")
+        TakenOut::Removed { held } => {
+            warn!(target: "callme::server", server_id = id, held, "removed a request the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size): it had closed the host's connection")
         }
         TakenOut::Missed { moved } => {
             info!(target: "callme::server", server_id = id, moved, "an unreadable request was not found again")
@@ -190,15 +211,16 @@ async fn take_out_one(
     Ok(outcome)
 }
 
-/// Whether one of the first `look` requests of `id`'s queue cannot be
-/// read: they are taken unacked, and all go back when the connection
-/// closes (or is lost to the unreadable one), noted in `given_back`.
+/// How many requests are ahead of the first of the first `look` requests
+/// of `id`'s queue that cannot be read, if one cannot: they are taken
+/// unacked, and all go back when the connection closes (or is lost to the
+/// unreadable one), noted in `given_back`.
 async fn unreadable_within(
     connect: &ConnectOptions,
     id: &str,
     look: usize,
     given_back: &GivenBack,
-) -> Result<bool, crate::Error> {
+) -> Result<Option<usize>, crate::Error> {
     let conn = connect.connect("callme request check").await?;
     let mut events = Box::pin(conn.events_listener());
     let mut looked_at = Vec::new();
@@ -211,10 +233,10 @@ async fn unreadable_within(
         let waiting = waiting_on(&channel, id).await?;
         if waiting == 0 {
             debug!(target: "callme::server", server_id = id, "no request waiting: not looked at for one the AMQP client cannot read");
-            return Ok(false);
+            return Ok(None);
         }
         debug!(target: "callme::server", server_id = id, waiting, "looking for a request the AMQP client cannot read");
-        for _ in 0..look {
+        for ahead in 0..look {
             match get_one(&channel, &mut events, &server_queue(id), false).await? {
                 // Held unacked until the connection closes.
                 Got::Message(held) => {
@@ -224,11 +246,11 @@ async fn unreadable_within(
                         looked_at.push(given_back.key(id, reply_to.as_str(), corr.as_str()));
                     }
                 }
-                Got::Empty => return Ok(false),
-                Got::Unreadable => return Ok(true),
+                Got::Empty => return Ok(None),
+                Got::Unreadable => return Ok(Some(ahead)),
             }
         }
-        Ok(false)
+        Ok(None)
     };
     let found = looked.await;
     close(&conn).await;
@@ -236,37 +258,70 @@ async fn unreadable_within(
     found
 }
 
-/// Takes requests of `id` with `no-ack` until the one that cannot be
-/// read, putting each readable one back by the id's exchange.
+/// Takes requests of `id` until the one that cannot be read: the `ahead`
+/// found before it held unacked (they go back to the queue as the
+/// connection closes, noted in `given_back`), then the unreadable one
+/// with `no-ack`. One found in its place that can be read (another host
+/// took requests between the two looks) was taken for good: it is put
+/// back by the id's exchange.
 async fn take_until_unreadable(
     conn: &Connection,
     id: &str,
+    ahead: usize,
     look: usize,
+    given_back: &GivenBack,
 ) -> Result<TakenOut, crate::Error> {
     let mut events = Box::pin(conn.events_listener());
     let taking = conn.create_channel().await.map_err(classify_lapin)?;
-    let back = conn.create_channel().await.map_err(classify_lapin)?;
-    back.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(classify_lapin)?;
+    let mut held = Vec::new();
     let mut moved = 0;
-    for _ in 0..look {
-        match get_one(&taking, &mut events, &server_queue(id), true).await? {
-            Got::Message(message) => {
+    let mut outcome = Ok(TakenOut::Missed { moved });
+    for i in 0..look {
+        let hold = i < ahead;
+        match get_one(&taking, &mut events, &server_queue(id), !hold).await {
+            Ok(Got::Message(message)) if hold => {
+                let props = &message.delivery.properties;
+                if let (Some(reply_to), Some(corr)) = (props.reply_to(), props.correlation_id()) {
+                    held.push(given_back.key(id, reply_to.as_str(), corr.as_str()));
+                }
+            }
+            Ok(Got::Message(message)) => {
                 let delivery = &message.delivery;
-                if let Err(e) = put_back(&back, id, &delivery.data, &delivery.properties).await {
-                    // Taking more would lose them too, on a channel the
-                    // refusal may have closed.
-                    error!(target: "callme::server", server_id = id, error = %e, "a request taken out to reach an unreadable one could not be put back: it is lost, and no more are taken");
-                    return Ok(TakenOut::Missed { moved });
+                let back = match conn.create_channel().await {
+                    Ok(back) => back,
+                    Err(e) => {
+                        outcome = Err(classify_lapin(e));
+                        break;
+                    }
+                };
+                let put = match back.confirm_select(ConfirmSelectOptions::default()).await {
+                    Ok(()) => put_back(&back, id, &delivery.data, &delivery.properties).await,
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = put {
+                    error!(target: "callme::server", server_id = id, error = %e, "a request taken where an unreadable one was could not be put back: it is lost");
+                    outcome = Ok(TakenOut::Missed { moved });
+                    break;
                 }
                 moved += 1;
+                outcome = Ok(TakenOut::Missed { moved });
             }
-            Got::Empty => return Ok(TakenOut::Missed { moved }),
-            Got::Unreadable => return Ok(TakenOut::Removed { moved }),
+            Ok(Got::Empty) => {
+                outcome = Ok(TakenOut::Missed { moved });
+                break;
+            }
+            Ok(Got::Unreadable) => {
+                outcome = Ok(TakenOut::Removed { held: held.len() });
+                break;
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
         }
     }
-    Ok(TakenOut::Missed { moved })
+    given_back.note(held);
+    outcome
 }
 
 /// `properties` without `user_id`: RabbitMQ checks it against the user
