@@ -460,6 +460,8 @@ async fn a_classic_id_stays_classic_on_a_vhost_that_defaults_to_quorum() {
         "stopping one id cost the host its connection"
     );
     host.shutdown(Duration::from_secs(5)).await;
+    p.close().await;
+    broker_ctl(&["delete_vhost", &vhost]);
 }
 
 #[tokio::test]

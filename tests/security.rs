@@ -1043,10 +1043,17 @@ async fn a_flood_of_unreadable_requests_costs_the_other_ids_one_reconnection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_ahead_of_an_unreadable_one_in_a_full_queue_are_not_lost() {
     let (poisoned, beside) = (unique("unreadable-full"), unique("beside-full"));
-    let policy = format!("callme-{poisoned}");
+    /// Cleared however the test ends.
+    struct Policy(String);
+    impl Drop for Policy {
+        fn drop(&mut self) {
+            broker_ctl(&["clear_policy", &self.0]);
+        }
+    }
+    let policy = Policy(format!("callme-{poisoned}"));
     broker_ctl(&[
         "set_policy",
-        &policy,
+        &policy.0,
         &format!("^{}$", server_queue(&poisoned)),
         r#"{"max-length":20,"overflow":"reject-publish"}"#,
         "--apply-to",
@@ -1108,7 +1115,7 @@ async fn requests_ahead_of_an_unreadable_one_in_a_full_queue_are_not_lost() {
         callme_tests::answers_add(&p, &poisoned, i).await;
         callme_tests::answers_add(&p, &beside, i).await;
     }
-    broker_ctl(&["clear_policy", &policy]);
+    drop(policy);
     let log = host.log_text();
     assert!(!log.contains("it is lost"), "{log}");
     // The id moved at the first: the other ids' connection was lost once.

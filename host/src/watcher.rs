@@ -1021,7 +1021,10 @@ async fn reconcile(
                 // Swapped in, then its new concurrency refused: the
                 // version serves (with the prefetch it had), and is told.
                 Err(e @ (Error::Config(_) | Error::AccessRefused(_)))
-                    if apply.server.plugin(name).is_some_and(|p| p.hash() == hash) =>
+                    if apply
+                        .server
+                        .plugin(name)
+                        .is_some_and(|p| p.hash() == hash && p.settings() == &limits) =>
                 {
                     warn!(target: "callme::server", plugin = name, version = %&hash[..12], reason = %e, "swapped in; its concurrency change was refused");
                     known.serving = Some((hash.clone(), limits));

@@ -115,8 +115,10 @@ pub(crate) async fn declare_server(
     // stream) would otherwise make a classic id's queue one (RabbitMQ's
     // "Virtual Hosts" guide, "Default Queue Type"; seen on 3.10.8), which
     // the host would then delete with `if-unused`, a connection error on
-    // a quorum queue. A queue declared before without the argument is the
-    // same queue to the broker (`x-queue-type` absent equals `classic`).
+    // a quorum queue. A classic queue declared before without the argument
+    // is the same queue to the broker (`x-queue-type` absent equals
+    // `classic`); a quorum one made so is refused as any queue of another
+    // type is, saying what differs.
     let queue_type = if shape.quorum { "quorum" } else { "classic" };
     arguments.insert(
         "x-queue-type".into(),

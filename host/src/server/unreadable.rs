@@ -20,28 +20,33 @@
 //!    when that connection closes). If none of them kills the
 //!    connection, the request was in another id's queue, and nothing
 //!    moved here;
-//! 2. if one did, it takes the requests before it again, held unacked as
-//!    in the first look, then the unreadable one with `no-ack` (the broker
-//!    forgets a request as it hands it over): it is gone from the queue
-//!    even though it ends that connection, and the requests held go back
-//!    to the queue. Nothing is published, so nothing can be refused (a
-//!    queue at a `reject-publish` length limit takes back what it gave).
+//! 2. if one did, it takes the requests before it again, publishing each
+//!    back to the id's exchange and acking it once that is confirmed (its
+//!    copy waits at the end of the queue, its delivery count started
+//!    anew); one the broker will not take back (a queue at a
+//!    `reject-publish` length limit) is held unacked instead, and goes
+//!    back to the queue as the connection closes. Then the unreadable one
+//!    is taken with `no-ack` (the broker forgets a request as it hands it
+//!    over): it is gone from the queue even though it ends that connection.
 //!
 //! This is repeated while the first requests hold another unreadable
 //! one (up to 64): a caller who sent many at once costs the host's
 //! connection once. (The id is then consumed on a connection of its own,
 //! see [`super::consumer`].)
 //!
-//! What this costs: a quorum queue counts each request looked at as
-//! delivered once more per look (this host does not hold that against
-//! it, see [`super::given_back`]); one taken where the unreadable one was
+//! What this costs: the requests ahead of it move to the back of the queue
+//! (callme does not order requests), without the `user_id` their callers
+//! may have set (the broker takes it only from that user); a quorum queue
+//! counts each request looked at as delivered once more (this host does
+//! not hold that against it, see [`super::given_back`]), and one held in
+//! the second look once more; one taken where the unreadable one was
 //! expected (another host consumed ahead of this one in the moment
-//! between the two looks) is published back to the end of the queue,
-//! without the `user_id` its caller may have set (the broker takes it
-//! only from that user), and is lost if that is refused (logged). Only
-//! after a connection was lost to an unreadable message.
+//! between the two looks) is lost if putting it back is refused (logged).
+//! Only after a connection was lost to an unreadable message.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tracing::{debug, error, info, warn};
@@ -77,9 +82,9 @@ pub(super) struct Looked {
 enum TakenOut {
     /// No request among the first ones looked at could not be read.
     Nothing,
-    /// The unreadable request is gone; `held` requests ahead of it went
-    /// back to the queue.
-    Removed { held: usize },
+    /// The unreadable request is gone; `moved` requests ahead of it were
+    /// put back at the end of the queue (any others went back in place).
+    Removed { moved: usize },
     /// It was not found the second time (another host took requests in
     /// between); `moved` were put back.
     Missed { moved: usize },
@@ -195,13 +200,22 @@ async fn take_out_one(
     let Some(ahead) = unreadable_within(connect, id, look, given_back).await? else {
         return Ok(TakenOut::Nothing);
     };
-    let conn = connect.connect("callme unreadable request").await?;
-    let taken = take_until_unreadable(&conn, id, ahead, look, given_back).await;
-    close(&conn).await;
-    let outcome = taken?;
+    // Found: whatever happens to the taking, it was there (the id moves).
+    let taken = match connect.connect("callme unreadable request").await {
+        Ok(conn) => {
+            let taken = take_until_unreadable(&conn, id, ahead, look, given_back).await;
+            close(&conn).await;
+            taken
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = taken.unwrap_or_else(|e| {
+        warn!(target: "callme::server", server_id = id, error = %e, "cannot take out an unreadable request found");
+        TakenOut::Missed { moved: 0 }
+    });
     match &outcome {
-        TakenOut::Removed { held } => {
-            warn!(target: "callme::server", server_id = id, held, "removed a request the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size): it had closed the host's connection")
+        TakenOut::Removed { moved } => {
+            warn!(target: "callme::server", server_id = id, moved, "removed a request the AMQP client cannot read (a short string that is not UTF-8, or a header over the frame size): it had closed the host's connection")
         }
         TakenOut::Missed { moved } => {
             info!(target: "callme::server", server_id = id, moved, "an unreadable request was not found again")
@@ -258,12 +272,16 @@ async fn unreadable_within(
     found
 }
 
-/// Takes requests of `id` until the one that cannot be read: the `ahead`
-/// found before it held unacked (they go back to the queue as the
-/// connection closes, noted in `given_back`), then the unreadable one
-/// with `no-ack`. One found in its place that can be read (another host
-/// took requests between the two looks) was taken for good: it is put
-/// back by the id's exchange.
+/// Takes requests of `id` until the one that cannot be read: each of the
+/// `ahead` found before it is published back by the id's exchange and,
+/// once that is confirmed, acked (a copy of it waits at the end of the
+/// queue, its delivery count started anew); one the broker will not take
+/// back (a queue at a `reject-publish` length limit) is held unacked, and
+/// goes back to the queue as the connection closes, noted in
+/// `given_back`. Then the unreadable one is taken with `no-ack`: gone,
+/// though it ends the connection. One found in its place that can be read
+/// (another host took requests between the two looks) was taken for good,
+/// and is published back as the others are; it is lost if that is refused.
 async fn take_until_unreadable(
     conn: &Connection,
     id: &str,
@@ -273,51 +291,72 @@ async fn take_until_unreadable(
 ) -> Result<TakenOut, crate::Error> {
     let mut events = Box::pin(conn.events_listener());
     let taking = conn.create_channel().await.map_err(classify_lapin)?;
+    let back = conn.create_channel().await.map_err(classify_lapin)?;
+    back.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(classify_lapin)?;
+    // Refused once, the rest are held: publishing more would meet the
+    // same refusal, on a channel it may have closed.
+    let mut publishing = true;
     let mut held = Vec::new();
     let mut moved = 0;
     let mut outcome = Ok(TakenOut::Missed { moved });
     for i in 0..look {
         let hold = i < ahead;
-        match get_one(&taking, &mut events, &server_queue(id), !hold).await {
-            Ok(Got::Message(message)) if hold => {
-                let props = &message.delivery.properties;
-                if let (Some(reply_to), Some(corr)) = (props.reply_to(), props.correlation_id()) {
-                    held.push(given_back.key(id, reply_to.as_str(), corr.as_str()));
-                }
-            }
-            Ok(Got::Message(message)) => {
-                let delivery = &message.delivery;
-                let back = match conn.create_channel().await {
-                    Ok(back) => back,
-                    Err(e) => {
-                        outcome = Err(classify_lapin(e));
-                        break;
-                    }
-                };
-                let put = match back.confirm_select(ConfirmSelectOptions::default()).await {
-                    Ok(()) => put_back(&back, id, &delivery.data, &delivery.properties).await,
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = put {
-                    error!(target: "callme::server", server_id = id, error = %e, "a request taken where an unreadable one was could not be put back: it is lost");
-                    outcome = Ok(TakenOut::Missed { moved });
-                    break;
-                }
-                moved += 1;
-                outcome = Ok(TakenOut::Missed { moved });
-            }
-            Ok(Got::Empty) => {
-                outcome = Ok(TakenOut::Missed { moved });
-                break;
-            }
-            Ok(Got::Unreadable) => {
-                outcome = Ok(TakenOut::Removed { held: held.len() });
-                break;
-            }
+        let got = match get_one(&taking, &mut events, &server_queue(id), !hold).await {
+            Ok(got) => got,
             Err(e) => {
                 outcome = Err(e);
                 break;
             }
+        };
+        match got {
+            Got::Message(message) => {
+                let delivery = &message.delivery;
+                let props = &delivery.properties;
+                let put = if publishing {
+                    put_back(&back, id, &delivery.data, props).await
+                } else {
+                    Err("an earlier one was refused".to_string())
+                };
+                match put {
+                    Ok(()) => {
+                        moved += 1;
+                        if hold
+                            && let Err(e) = taking
+                                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                                .await
+                        {
+                            outcome = Err(classify_lapin(e));
+                            break;
+                        }
+                    }
+                    Err(e) if hold => {
+                        if publishing {
+                            warn!(target: "callme::server", server_id = id, error = %e, "a request ahead of an unreadable one could not be put back: it and those after it are held, and go back to the queue");
+                        }
+                        publishing = false;
+                        if let (Some(reply_to), Some(corr)) =
+                            (props.reply_to(), props.correlation_id())
+                        {
+                            held.push(given_back.key(id, reply_to.as_str(), corr.as_str()));
+                        }
+                    }
+                    Err(e) => {
+                        error!(target: "callme::server", server_id = id, error = %e, "a request taken where an unreadable one was could not be put back: it is lost");
+                        break;
+                    }
+                }
+                outcome = Ok(TakenOut::Missed { moved });
+            }
+            Got::Empty => break,
+            // Taken with `no-ack`, it is gone; held, it goes back (it
+            // moved up: another host took requests ahead of it).
+            Got::Unreadable if !hold => {
+                outcome = Ok(TakenOut::Removed { moved });
+                break;
+            }
+            Got::Unreadable => break,
         }
     }
     given_back.note(held);
