@@ -324,8 +324,9 @@ impl Subscription for Consuming {
                 }
             };
             // Moved once one is found, taken out or not: one left in the
-            // queue (its look stopped by a full queue) costs only the
-            // id's own connection when it comes back.
+            // queue (its taking failed, or another host took requests
+            // between the looks) costs only the id's own connection when
+            // it comes back.
             if looked.found && self.own.is_none() {
                 match inner.own_link().await {
                     Ok(Some((own, replier, shared))) => {

@@ -66,9 +66,9 @@ pub(super) fn look_ahead(prefetch: usize) -> usize {
 }
 
 /// What [`take_out`] did: how many unreadable requests it took out, and
-/// whether it found one at all (one it could not take out, its look
-/// stopped by a request the broker would not take back, still holds the
-/// id's queue).
+/// whether it found one at all (one it could not take out, the look's
+/// connection refused or another host taking requests between the looks,
+/// still holds the id's queue).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Looked {
     /// Unreadable requests taken out.
